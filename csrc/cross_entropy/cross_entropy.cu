@@ -1,0 +1,644 @@
+// CUDA kernels of the fused cross-entropy: forward (per-row loss and logsumexp, one read of
+// the logits) and backward (the logits' gradient, one read and one write, optionally in
+// place over the logits). Torch-free; the glue is cross_entropy_ops.cpp. The same source
+// also builds for the host against the SIMT emulation (FASTLLM_SIMT_EMU), so it uses only
+// what csrc/common/cuda_compat.h promises: launches through FASTLLM_LAUNCH_KERNEL, static
+// shared arrays, barriers reached by every thread of the block, warp shuffles executed by
+// all 32 lanes, no inline PTX.
+//
+// Math (cross_entropy.h), per row of V logits x, target t, accumulated in float:
+//   z = softcap > 0 ? softcap * tanh(x / softcap) : x     (tanh: see precise_tanh)
+//   forward, in ONE pass over the row: each thread keeps an online (max m, sum_exp s) with
+//     s = sum exp(z_c - m), one exp per logit (accumulate_logit), plus sum(z) and, with a
+//     class weight w, sum(w) and sum(w * z); the threads' states are merged by warp
+//     shuffles and, when a block owns the row, one shared-memory step. Then
+//       lse = m + log(s),  loss = (1 - ls) * w_t * (lse - z_t) + ls * smooth + z_loss * lse^2,
+//       smooth = lse - sum(z) / V,  or with weights (lse * sum(w) - sum(w * z)) / V;
+//     0 for rows with t == ignore_index, NaN for a target outside [0, V) (the CUDA way of
+//     refusing it: it cannot pass silently). lse is written for every row.
+//   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value):
+//     dz_c = g * ((1 - ls) * w_t + ls * W_s + 2 * z_loss * lse) * p_c
+//            - g * ls * w_c / V - [c == t] * g * (1 - ls) * w_t,     W_s = sum(w) / V (or 1)
+//     dx_c = dz_c * (1 - tanh^2) with softcap; zeros for ignored rows, NaN for a target out
+//     of range. Each thread reads an element before it writes the same element, so
+//     grad_logits may be the logits' own storage (in-place backward).
+//
+// Variants, and why:
+//   - Warp per row (V <= 1024): 8 rows per 256-thread block, reductions by shuffles only,
+//     no barriers; a block per row would leave most of its threads idle on small rows.
+//   - Block per row (V > 1024): 128 threads up to V = 4096, 256 above; warp shuffles, then
+//     one shared-memory merge per row, double-buffered so a single barrier per row
+//     suffices. The row is streamed, not held in registers, so every V (up to 2^30) runs
+//     the same kernel.
+//   - Persistent grid: at most one wave of resident blocks (SM count x blocks per SM
+//     guaranteed by the register budget), striding over the rows. Millions of rows need
+//     no huge grid, and the backward's W_s is computed once per block, not once per row.
+//   - 16-byte vector accesses (4 float or 8 bf16/fp16 elements): every row is split into a
+//     scalar head up to its first 16-byte boundary, aligned packs and a scalar tail, so
+//     rows whose stride is not a multiple of the vector width (V = 50257) are vectorised
+//     too. Backward reads the logits and writes the gradient with the same packs, which
+//     needs both rows at the same offset from a 16-byte boundary (checked once by the
+//     launcher; always true in place); otherwise it falls back to element accesses.
+//   - Ignored rows: forward still computes their lse (it is an output); backward writes
+//     their zero gradient without reading the logits.
+//
+// Glossary: rows = N (tokens), vocab = V (classes), T = logits dtype (float, __nv_bfloat16,
+// __half); loss, lse, grad_loss and class_weight are float. t = target[row], ls = label
+// smoothing, w_t = class_weight[t] (1 without weights), "rank" = a thread's index among
+// the threads that own its row (lane or threadIdx.x), "pack" = kPackElems<T> consecutive
+// elements accessed as one 16-byte vector.
+#include <cstdint>
+#include <limits>
+
+#include "common/cuda_compat.h"
+#include "cross_entropy/cross_entropy_cuda.h"
+
+#if defined(__CUDA_ARCH__)
+#define FASTLLM_CE_UNROLL _Pragma("unroll")
+#define FASTLLM_CE_NO_UNROLL _Pragma("unroll 1")
+#else
+#define FASTLLM_CE_UNROLL
+#define FASTLLM_CE_NO_UNROLL
+#endif
+
+namespace fastllm {
+namespace cross_entropy {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Rows up to this many classes are owned by one warp, larger ones by a block.
+constexpr int64_t kMaxWarpPerRowVocab = 1024;
+// Every block has at most kBlockThreads threads: warp-per-row blocks hold
+// kBlockThreads / 32 rows; a row block has kMinRowThreads (rows up to
+// kMinRowThreads * kElemsPerThread classes) or kBlockThreads threads.
+constexpr int kBlockThreads = 256;
+constexpr int kMinRowThreads = 128;
+constexpr int64_t kElemsPerThread = 32;
+constexpr int kMaxWarps = kBlockThreads / kWarpSize;
+// Register budget, through __launch_bounds__(kBlockThreads, kMinBlocksPerSm): at most 48
+// registers per thread, so kResidentThreadsPerSm threads are resident on every SM of
+// sm_80+ (64K registers). Without an explicit budget ptxas aimed at 32 or 40 registers
+// and spilled a few bytes in some instantiations.
+constexpr int kMinBlocksPerSm = 5;
+constexpr int kResidentThreadsPerSm = kMinBlocksPerSm * kBlockThreads;
+// Class indices are int; the bound leaves room for index arithmetic that runs up to one
+// block of threads past the end of a row.
+constexpr int64_t kMaxVocab = int64_t(1) << 30;
+
+// ---- element access ------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half(v);
+}
+
+constexpr int kAccessBytes = 16;
+template <class T>
+constexpr int kPackElems = kAccessBytes / static_cast<int>(sizeof(T));
+
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// A chunk of a row handed to a row visitor: elements [first(), first() + N), N = 1 (head,
+// tail, unaligned rows) or kPackElems<T>. Packs are addressed as element `index` of a Pack
+// array starting at the (16-byte aligned) element `base`: nvcc keeps such an access one
+// 16-byte load / store, while a Pack pointer cast from `row + first()` was stored in 2- or
+// 4-byte pieces inside the row loop.
+template <int N>
+struct Chunk {
+  static constexpr int kSize = N;
+  int base;
+  int index;
+  __device__ __forceinline__ int first() const { return base + index * N; }
+};
+
+// Elements before the first 16-byte boundary of a row (the scalar head): fewer than a pack,
+// at most vocab. row must be aligned to sizeof(T), as every tensor's data is.
+template <class T>
+__device__ __forceinline__ int aligned_head(const T* row, int vocab) {
+  const int misalignment = static_cast<int>(reinterpret_cast<uintptr_t>(row) % kAccessBytes);
+  const int head = misalignment == 0 ? 0 : (kAccessBytes - misalignment) / int(sizeof(T));
+  return head < vocab ? head : vocab;
+}
+
+// Calls visit(Chunk<n>) for this thread's chunks of a row, dealt round-robin to the
+// nthreads threads of the row (coalesced). Vectorised: the head [0, head) and the tail
+// after the last whole pack are shorter than a pack, hence than nthreads (>= 32), so each
+// thread has at most one element of each; the packs start at element head, 16-byte
+// aligned. Not vectorised (head < 0): element by element. The loops are kept rolled:
+// unrolled, they overflow the register budget (ptxas spilled); one 16-byte access in
+// flight per thread, with >= 1280 resident threads per SM, is the latency hiding.
+template <class T, class Visit>
+__device__ __forceinline__ void for_each_chunk(int vocab, int head, int rank, int nthreads,
+                                               Visit&& visit) {
+  if (head < 0) {
+    FASTLLM_CE_NO_UNROLL
+    for (int c = rank; c < vocab; c += nthreads) visit(Chunk<1>{c, 0});
+    return;
+  }
+  constexpr int kPack = kPackElems<T>;
+  if (rank < head) visit(Chunk<1>{rank, 0});
+  const int packs = (vocab - head) / kPack;
+  FASTLLM_CE_NO_UNROLL
+  for (int k = rank; k < packs; k += nthreads) visit(Chunk<kPack>{head, k});
+  const int tail = head + packs * kPack;
+  if (rank < vocab - tail) visit(Chunk<1>{tail + rank, 0});
+}
+
+template <int N, class T>
+__device__ __forceinline__ Pack<T, N> load_chunk(const T* row, Chunk<N> chunk) {
+  return reinterpret_cast<const Pack<T, N>*>(row + chunk.base)[chunk.index];
+}
+
+template <int N, class T>
+__device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Pack<T, N>& v) {
+  reinterpret_cast<Pack<T, N>*>(row + chunk.base)[chunk.index] = v;
+}
+
+// ---- row statistics ------------------------------------------------------------------
+
+// A thread's (or a merged group's) share of a row: online max / sum of exp(z - max), and
+// the plain sums label smoothing needs. sum_w / sum_wz stay 0 without a class weight.
+struct RowStats {
+  float max;
+  float sum_exp;
+  float sum_z;
+  float sum_w;
+  float sum_wz;
+};
+
+__device__ __forceinline__ RowStats empty_row_stats() { return {-kInf, 0.f, 0.f, 0.f, 0.f}; }
+
+// exp(v - max) stays finite for max = -inf (every value so far was -inf): subtract 0 then.
+__device__ __forceinline__ float finite_shift(float max) { return max == -kInf ? 0.f : max; }
+
+// Online softmax step for one logit, one exp: exp(-|z - max|) is the new term when z does
+// not raise the max, else the factor that rescales the old sum. Before the first finite
+// logit (max = -inf, sum_exp = 0) the shift is 0, so -inf logits add exp(-inf) = 0 and the
+// first finite one sets sum_exp = 0 * e + 1. A NaN z makes sum_exp NaN (fmaxf drops NaN
+// from max, so this is how a NaN logit reaches lse).
+__device__ __forceinline__ void accumulate_logit(RowStats& s, float z) {
+  const float e = expf(-fabsf(z - finite_shift(s.max)));
+  s.sum_exp = z > s.max ? fmaf(s.sum_exp, e, 1.f) : s.sum_exp + e;
+  s.max = fmaxf(s.max, z);
+  s.sum_z += z;
+}
+
+__device__ __forceinline__ RowStats merge_row_stats(const RowStats& a, const RowStats& b) {
+  const float max = fmaxf(a.max, b.max);
+  const float shift = finite_shift(max);
+  return {max, a.sum_exp * expf(a.max - shift) + b.sum_exp * expf(b.max - shift),
+          a.sum_z + b.sum_z, a.sum_w + b.sum_w, a.sum_wz + b.sum_wz};
+}
+
+// Butterfly merge over the warp: every lane ends with the state of the whole warp. The
+// weight sums travel only when a class weight is given (uniform over the grid).
+__device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_weight) {
+  FASTLLM_CE_UNROLL
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    RowStats other;
+    other.max = __shfl_xor_sync(kFullWarpMask, s.max, offset);
+    other.sum_exp = __shfl_xor_sync(kFullWarpMask, s.sum_exp, offset);
+    other.sum_z = __shfl_xor_sync(kFullWarpMask, s.sum_z, offset);
+    other.sum_w = 0.f;
+    other.sum_wz = 0.f;
+    if (has_weight) {
+      other.sum_w = __shfl_xor_sync(kFullWarpMask, s.sum_w, offset);
+      other.sum_wz = __shfl_xor_sync(kFullWarpMask, s.sum_wz, offset);
+    }
+    s = merge_row_stats(s, other);
+  }
+  return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  FASTLLM_CE_UNROLL
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  }
+  return v;
+}
+
+// tanh(y), and 1 - |tanh(y)| without cancellation (the softcap derivative is
+// 1 - tanh^2 = (1 - |tanh|)(1 + |tanh|), where 1 - tanh*tanh would lose every digit for large
+// |y|). Not tanhf: --use_fast_math compiles it to tanh.approx.f32, whose 2^-11 relative
+// error moves a logit capped at 30 by up to 0.015, far above float32 rounding. Here:
+// |y| < 0.6, y + y^3 P(y^2) (P fitted for relative error, about 1 ulp); above,
+// 1 - 2 / (exp(2|y|) + 1), which saturates to 1 without overflow trouble.
+struct TanhResult {
+  float value;
+  float complement;  // 1 - |value|
+};
+
+__device__ __forceinline__ TanhResult precise_tanh(float y) {
+  const float a = fabsf(y);
+  float magnitude;
+  float complement;
+  if (a < 0.6f) {
+    const float u = a * a;
+    float p = -5.9090466e-3f;
+    p = fmaf(p, u, 2.0808801e-2f);
+    p = fmaf(p, u, -5.3787984e-2f);
+    p = fmaf(p, u, 1.3331978e-1f);
+    p = fmaf(p, u, -3.3333302e-1f);
+    magnitude = fmaf(a * u, p, a);
+    complement = 1.f - magnitude;
+  } else {
+    complement = 2.f / (expf(2.f * a) + 1.f);
+    magnitude = 1.f - complement;
+  }
+  return {copysignf(magnitude, y), complement};
+}
+
+// z = softcap * tanh(x / softcap), or x without soft-capping (softcap == 0).
+__device__ __forceinline__ float soft_cap(float x, float softcap, float inv_softcap) {
+  return softcap > 0.f ? softcap * precise_tanh(x * inv_softcap).value : x;
+}
+
+// Block and row-group geometry shared by both kernels: a row is owned by one warp
+// (kWarpPerRow) or by the whole block; rows are visited grid-stride.
+template <bool kWarpPerRow>
+struct RowGroup {
+  int rank;          // index of this thread among the threads of its row
+  int nthreads;      // threads per row
+  int64_t first_row;
+  int64_t row_step;
+
+  __device__ __forceinline__ static RowGroup current() {
+    const int tid = static_cast<int>(threadIdx.x);
+    const int64_t rows_per_block = kWarpPerRow ? blockDim.x / kWarpSize : 1;
+    RowGroup g;
+    g.rank = kWarpPerRow ? tid % kWarpSize : tid;
+    g.nthreads = kWarpPerRow ? kWarpSize : static_cast<int>(blockDim.x);
+    g.first_row = int64_t(blockIdx.x) * rows_per_block + (kWarpPerRow ? tid / kWarpSize : 0);
+    g.row_step = int64_t(gridDim.x) * rows_per_block;
+    return g;
+  }
+};
+
+// ---- forward -------------------------------------------------------------------------
+
+template <class T>
+struct FwdArgs {
+  const T* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;
+  const float* class_weight;  // nullptr: no class weight
+  float* loss;
+  float* lse;
+  int64_t rows;
+  int vocab;
+  int64_t ignore_index;
+  float label_smoothing;
+  float z_loss;
+  float softcap;  // 0: no soft-capping
+  float inv_softcap;
+  float inv_vocab;
+};
+
+// Final per-row combination, by the thread of rank 0 holding the merged stats.
+template <class T>
+__device__ __forceinline__ void write_row_loss(const FwdArgs<T>& a, int64_t row, int64_t target,
+                                               float z_target, const RowStats& s) {
+  const float log_sum_exp = logf(s.sum_exp);
+  const float lse = s.max + log_sum_exp;
+  a.lse[row] = lse;
+  float loss;
+  if (target == a.ignore_index) {
+    loss = 0.f;
+  } else if (target < 0 || target >= a.vocab) {
+    loss = kNaN;
+  } else {
+    const bool has_weight = a.class_weight != nullptr;
+    const float weight_t = has_weight ? a.class_weight[target] : 1.f;
+    // (max - z_t) + log(s) rather than lse - z_t: no cancellation of two large numbers.
+    loss = (1.f - a.label_smoothing) * weight_t * ((s.max - z_target) + log_sum_exp);
+    // Terms added only when enabled, so an infinite smooth part (a -inf logit) cannot turn
+    // a disabled term into 0 * inf = NaN.
+    if (a.label_smoothing > 0.f) {
+      const float smooth = has_weight ? (lse * s.sum_w - s.sum_wz) * a.inv_vocab
+                                      : (s.max - s.sum_z * a.inv_vocab) + log_sum_exp;
+      loss += a.label_smoothing * smooth;
+    }
+    if (a.z_loss != 0.f) loss += a.z_loss * lse * lse;
+  }
+  a.loss[row] = loss;
+}
+
+template <class T, bool kWarpPerRow>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+    cross_entropy_fwd_kernel(const FwdArgs<T> a) {
+  // Block per row: the warps' merged stats, double-buffered by row parity so one barrier per
+  // row suffices (a warp can only overwrite a buffer after the barrier of the next row,
+  // which warp 0 reaches after it finished reading it).
+  __shared__ RowStats warp_stats[2][kWarpPerRow ? 1 : kMaxWarps];
+  const RowGroup<kWarpPerRow> group = RowGroup<kWarpPerRow>::current();
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const bool has_weight = a.class_weight != nullptr;
+
+  int parity = 0;
+  for (int64_t row = group.first_row; row < a.rows; row += group.row_step, parity ^= 1) {
+    const T* x = a.logits + row * a.logits_row_stride;
+    int64_t target = 0;
+    float z_target = 0.f;
+    if (group.rank == 0) {
+      target = a.target[row];
+      if (target >= 0 && target < a.vocab) {
+        z_target = soft_cap(to_float(x[target]), a.softcap, a.inv_softcap);
+      }
+    }
+
+    RowStats s = empty_row_stats();
+    for_each_chunk<T>(a.vocab, aligned_head(x, a.vocab), group.rank, group.nthreads,
+                      [&](auto chunk) {
+      constexpr int n = decltype(chunk)::kSize;
+      const Pack<T, n> pack = load_chunk(x, chunk);
+      FASTLLM_CE_UNROLL
+      for (int i = 0; i < n; ++i) {
+        const float z = soft_cap(to_float(pack.v[i]), a.softcap, a.inv_softcap);
+        accumulate_logit(s, z);
+        if (has_weight) {
+          const float w = a.class_weight[chunk.first() + i];
+          s.sum_w += w;
+          s.sum_wz += w * z;
+        }
+      }
+    });
+
+    s = warp_merge_row_stats(s, has_weight);
+    if constexpr (!kWarpPerRow) {
+      if (lane == 0) warp_stats[parity][warp] = s;
+      __syncthreads();
+      if (warp == 0) {
+        const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+        s = lane < warps ? warp_stats[parity][lane] : empty_row_stats();
+        s = warp_merge_row_stats(s, has_weight);
+      }
+    }
+    if (group.rank == 0) write_row_loss(a, row, target, z_target, s);
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------
+
+template <class T>
+struct BwdArgs {
+  const float* grad_loss;
+  int64_t grad_loss_stride;  // 0: one value for every row
+  const T* logits;           // may equal grad_logits: no __restrict__
+  int64_t logits_row_stride;
+  const int64_t* target;
+  const float* class_weight;  // nullptr: no class weight
+  const float* lse;
+  T* grad_logits;
+  int64_t grad_row_stride;
+  int64_t rows;
+  int vocab;
+  int64_t ignore_index;
+  float label_smoothing;
+  float z_loss;
+  float softcap;  // 0: no soft-capping
+  float inv_softcap;
+  float inv_vocab;
+  bool vectorized;  // logits and grad rows sit at the same offset from a 16-byte boundary
+};
+
+// sum(class_weight) / V over the whole block; every thread of the block must call it.
+__device__ __forceinline__ float block_mean_weight(const float* class_weight, int vocab,
+                                                   float inv_vocab) {
+  __shared__ float warp_sums[kMaxWarps];
+  float sum = 0.f;
+  for (int c = static_cast<int>(threadIdx.x); c < vocab; c += static_cast<int>(blockDim.x)) {
+    sum += class_weight[c];
+  }
+  sum = warp_sum(sum);
+  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum;
+  __syncthreads();
+  float total = 0.f;
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  for (int w = 0; w < warps; ++w) total += warp_sums[w];
+  return total * inv_vocab;
+}
+
+template <class T, bool kWarpPerRow>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+    cross_entropy_bwd_kernel(const BwdArgs<T> a) {
+  const RowGroup<kWarpPerRow> group = RowGroup<kWarpPerRow>::current();
+  const bool has_weight = a.class_weight != nullptr;
+  // W_s, once per block (the condition is uniform over the grid, so all threads reach the
+  // barrier inside).
+  const float mean_weight =
+      has_weight ? block_mean_weight(a.class_weight, a.vocab, a.inv_vocab) : 1.f;
+
+  for (int64_t row = group.first_row; row < a.rows; row += group.row_step) {
+    const T* x = a.logits + row * a.logits_row_stride;
+    T* dx = a.grad_logits + row * a.grad_row_stride;
+    const int head = a.vectorized ? aligned_head(dx, a.vocab) : -1;
+    const int64_t target = a.target[row];
+
+    if (target == a.ignore_index) {
+      for_each_chunk<T>(a.vocab, head, group.rank, group.nthreads, [&](auto chunk) {
+        constexpr int n = decltype(chunk)::kSize;
+        Pack<T, n> zeros;
+        FASTLLM_CE_UNROLL
+        for (int i = 0; i < n; ++i) zeros.v[i] = from_float<T>(0.f);
+        store_chunk(dx, chunk, zeros);
+      });
+      continue;
+    }
+
+    const float g = a.grad_loss[row * a.grad_loss_stride];
+    const float lse = a.lse[row];
+    const bool target_ok = target >= 0 && target < a.vocab;
+    const float weight_t = has_weight && target_ok ? a.class_weight[target] : 1.f;
+    const float ls = a.label_smoothing;
+    // dz_c = coef_p * p_c - coef_w * w_c - [c == t] * coef_t.
+    const float coef_p = target_ok ? g * ((1.f - ls) * weight_t + ls * mean_weight +
+                                          2.f * a.z_loss * lse)
+                                   : kNaN;
+    const float coef_w = g * ls * a.inv_vocab;
+    const float coef_t = g * (1.f - ls) * weight_t;
+    const int t = static_cast<int>(target);  // compared with c only when target_ok
+
+    for_each_chunk<T>(a.vocab, head, group.rank, group.nthreads, [&](auto chunk) {
+      constexpr int n = decltype(chunk)::kSize;
+      const int c = chunk.first();
+      const Pack<T, n> in = load_chunk(x, chunk);
+      Pack<T, n> out;
+      FASTLLM_CE_UNROLL
+      for (int i = 0; i < n; ++i) {
+        const float xi = to_float(in.v[i]);
+        const TanhResult capped =
+            a.softcap > 0.f ? precise_tanh(xi * a.inv_softcap) : TanhResult{0.f, 0.f};
+        const float z = a.softcap > 0.f ? a.softcap * capped.value : xi;
+        float dz = coef_p * expf(z - lse);
+        dz -= has_weight ? coef_w * a.class_weight[c + i] : coef_w;
+        if (c + i == t) dz -= coef_t;
+        if (a.softcap > 0.f) dz *= capped.complement * (2.f - capped.complement);
+        out.v[i] = from_float<T>(dz);
+      }
+      store_chunk(dx, chunk, out);
+    });
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct LaunchShape {
+  bool warp_per_row;
+  int threads;
+  unsigned blocks;
+};
+
+// One wave of resident blocks at most (a persistent grid): the blocks stride over the rows,
+// each row's work is the same, so the waves stay balanced, the grid stays small for any
+// number of rows, and the backward's W_s is computed once per block.
+cudaError_t launch_shape(int64_t rows, int64_t vocab, LaunchShape* shape) {
+  int device = 0;
+  int num_sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  int64_t rows_per_block = 1;
+  if (vocab <= kMaxWarpPerRowVocab) {
+    shape->warp_per_row = true;
+    shape->threads = kBlockThreads;
+    rows_per_block = kBlockThreads / kWarpSize;
+  } else {
+    shape->warp_per_row = false;
+    shape->threads = vocab <= kMinRowThreads * kElemsPerThread ? kMinRowThreads : kBlockThreads;
+  }
+  const int64_t resident = int64_t(num_sms) * (kResidentThreadsPerSm / shape->threads);
+  const int64_t needed = ceil_div(rows, rows_per_block);
+  shape->blocks = static_cast<unsigned>(needed < resident ? needed : resident);
+  return cudaSuccess;
+}
+
+template <class T>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  FwdArgs<T> a;
+  a.logits = static_cast<const T*>(p.logits);
+  a.logits_row_stride = p.logits_row_stride;
+  a.target = p.target;
+  a.class_weight = static_cast<const float*>(p.class_weight);
+  a.loss = static_cast<float*>(p.loss);
+  a.lse = static_cast<float*>(p.lse);
+  a.rows = p.rows;
+  a.vocab = static_cast<int>(p.vocab);
+  a.ignore_index = p.ignore_index;
+  a.label_smoothing = static_cast<float>(p.label_smoothing);
+  a.z_loss = static_cast<float>(p.z_loss);
+  a.softcap = static_cast<float>(p.softcap);
+  a.inv_softcap = p.softcap > 0.0 ? static_cast<float>(1.0 / p.softcap) : 0.f;
+  a.inv_vocab = static_cast<float>(1.0 / static_cast<double>(p.vocab));
+
+  LaunchShape shape;
+  const cudaError_t err = launch_shape(p.rows, p.vocab, &shape);
+  if (err != cudaSuccess) return err;
+  if (shape.warp_per_row) {
+    auto kernel = cross_entropy_fwd_kernel<T, true>;
+    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
+  } else {
+    auto kernel = cross_entropy_fwd_kernel<T, false>;
+    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
+  }
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  BwdArgs<T> a;
+  a.grad_loss = static_cast<const float*>(p.grad_loss);
+  a.grad_loss_stride = p.grad_loss_stride;
+  a.logits = static_cast<const T*>(p.logits);
+  a.logits_row_stride = p.logits_row_stride;
+  a.target = p.target;
+  a.class_weight = static_cast<const float*>(p.class_weight);
+  a.lse = static_cast<const float*>(p.lse);
+  a.grad_logits = static_cast<T*>(p.grad_logits);
+  a.grad_row_stride = p.grad_row_stride;
+  a.rows = p.rows;
+  a.vocab = static_cast<int>(p.vocab);
+  a.ignore_index = p.ignore_index;
+  a.label_smoothing = static_cast<float>(p.label_smoothing);
+  a.z_loss = static_cast<float>(p.z_loss);
+  a.softcap = static_cast<float>(p.softcap);
+  a.inv_softcap = p.softcap > 0.0 ? static_cast<float>(1.0 / p.softcap) : 0.f;
+  a.inv_vocab = static_cast<float>(1.0 / static_cast<double>(p.vocab));
+  // Row i of both tensors has the same offset from a 16-byte boundary for every i iff the
+  // base addresses and the row strides (in bytes) agree modulo 16.
+  const uintptr_t base_gap =
+      reinterpret_cast<uintptr_t>(p.logits) - reinterpret_cast<uintptr_t>(p.grad_logits);
+  const int64_t stride_gap =
+      (p.logits_row_stride - p.grad_row_stride) * static_cast<int64_t>(sizeof(T));
+  a.vectorized = base_gap % kAccessBytes == 0 && stride_gap % kAccessBytes == 0;
+
+  LaunchShape shape;
+  const cudaError_t err = launch_shape(p.rows, p.vocab, &shape);
+  if (err != cudaSuccess) return err;
+  if (shape.warp_per_row) {
+    auto kernel = cross_entropy_bwd_kernel<T, true>;
+    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
+  } else {
+    auto kernel = cross_entropy_bwd_kernel<T, false>;
+    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t stream) {
+  if (p.rows <= 0) return cudaSuccess;
+  if (p.vocab < 1 || p.vocab > kMaxVocab || p.logits == nullptr || p.target == nullptr ||
+      p.loss == nullptr || p.lse == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_fwd<float>(p, stream);
+    case DType::kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_fwd<__half>(p, stream);
+    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
+  }
+}
+
+cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t stream) {
+  if (p.rows <= 0) return cudaSuccess;
+  if (p.vocab < 1 || p.vocab > kMaxVocab || p.grad_loss == nullptr || p.logits == nullptr ||
+      p.target == nullptr || p.lse == nullptr || p.grad_logits == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_bwd<float>(p, stream);
+    case DType::kBFloat16: return launch_bwd<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_bwd<__half>(p, stream);
+    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
+  }
+}
+
+}  // namespace cross_entropy
+}  // namespace fastllm

@@ -1,0 +1,596 @@
+// Cross-entropy on the CPU: cross_entropy_fwd_cpu and cross_entropy_bwd_cpu of
+// cross_entropy.h, for float32, bfloat16, float16 and float64 logits. Torch-free: C++17,
+// OpenMP and x86 intrinsics.
+//
+// Math (cross_entropy.h holds the contract), per row of V logits x, target t, computed in
+// Acc (float, or double for float64 logits):
+//   z      = softcap > 0 ? softcap * tanh(x / softcap) : x
+//   lse    = log(sum_c exp(z_c))
+//   loss   = (1 - ls) * w_t * (lse - z_t) + ls * (w_sum * lse - sum_c w_c z_c) / V
+//            + z_loss * lse^2              (w_c = 1 and w_sum = V without class weights,
+//                                           w_sum = sum_c w_c with them; ls = smoothing)
+//   dL/dz_c = g * ((1 - ls) * w_t + ls * w_sum / V + 2 * z_loss * lse) * p_c
+//             - g * ls * w_c / V  - [c == t] * g * (1 - ls) * w_t,     p_c = exp(z_c - lse)
+//   dL/dx_c = dL/dz_c * (1 - tanh^2(x_c / softcap))  with soft-capping.
+// Rows whose target is ignore_index get loss 0 and a zero gradient row.
+//
+// Design. Per element, one exp (plus a tanh with soft-capping) in each direction, and as few
+// passes over memory as the math allows:
+//   - Forward reads each row from memory once. The log-sum-exp is an online reduction: a
+//     running max m and a sum s of exp(z - m), rescaled by exp(m_old - m_new) when m grows
+//     (per element in the scalar path, per L1-sized block in the AVX2 path, see below). The
+//     label-smoothing sum of z (or of w_c * z_c) rides along in the same pass.
+//   - Backward reads each row once and writes the gradient row once; it may write over the
+//     logits (in-place backward), so the target's logit is read before the row is
+//     overwritten and the target's gradient is written last.
+//   - Running maxima start at the lowest finite float, not -inf, so -inf logits (masked
+//     vocabulary) contribute exp(-inf) = 0 instead of exp(-inf - -inf) = NaN.
+//   - Precision when the logits share a large offset (|x| ~ 1e4, where a float's ulp is
+//     1e-3): the loss is formed from the row max m and log(sum exp(z - m)) kept apart,
+//     (m - z_t) + log_sum, and the smoothing sum is taken around the row's first logit, so
+//     neither cancels. The backward's p = exp(z - lse) inherits the rounding of the float
+//     lse the forward stored (relative error about ulp(lse)), a limit of the op's contract
+//     that every backend shares.
+//   - OpenMP gives each thread a contiguous block of rows; small problems use fewer threads.
+//   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C on 8
+//     floats with a Cephes-style exp and tanh (about 1 ulp; exp flushes results below
+//     FLT_MIN to 0), and a portable scalar path built on std::exp / std::tanh, which is
+//     also the plainest statement of the algorithm. float64 logits (used for gradcheck)
+//     always take the scalar path.
+//   - A target outside [0, V) that is not ignore_index is never used as an index: forward
+//     gives the row a NaN loss and reports the first such row in bad_target_row (the glue
+//     raises an error naming it); backward gives the row NaN gradients.
+//
+// Glossary: rows = N (tokens), vocab = V (classes), T = storage dtype, Acc = accumulation
+// type, W = vector lanes (8 floats), ls = label_smoothing, g = upstream gradient of a row.
+#include <omp.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/cpu_dtypes.h"
+#include "common/cpu_features.h"
+#include "cross_entropy/cross_entropy.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include "common/cpu_avx2.h"
+#define FASTLLM_CROSS_ENTROPY_CPU_AVX2 1
+#endif
+
+namespace fastllm {
+namespace cross_entropy {
+namespace {
+
+using cpu::AccOf;
+using cpu::BFloat16;
+using cpu::from_acc;
+using cpu::Half;
+using cpu::to_acc;
+
+// About 16K logits per thread: each costs an exp, so the fork/join pays off early.
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 14;
+
+int threads_for(int64_t rows, int64_t vocab) {
+  const int64_t by_work = rows * vocab / kMinElementsPerThread;
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({omp_get_max_threads(), rows, by_work})));
+}
+
+// First row of block `t` when `rows` are split into `n` contiguous blocks.
+int64_t block_begin(int64_t rows, int t, int n) { return rows * t / n; }
+
+// Which label-smoothing sum the forward accumulates: none, sum_c z_c, or sum_c w_c z_c.
+enum class Smoothing { kNone, kUniform, kWeighted };
+
+// Per-call constants in the accumulation type.
+template <class Acc>
+struct Consts {
+  const Acc* weight = nullptr;  // class weights (V,) or nullptr
+  Acc ls = 0;                   // label smoothing
+  Acc z_loss = 0;
+  Acc softcap = 0;
+  Acc inv_softcap = 0;
+  Acc inv_vocab = 0;
+  Acc weight_total = 0;         // w_sum: sum of the class weights, or V without them
+};
+
+template <class Acc>
+Consts<Acc> make_consts(const void* weight, int64_t vocab, double ls, double z_loss,
+                        double softcap) {
+  Consts<Acc> c;
+  c.weight = static_cast<const Acc*>(weight);
+  c.ls = static_cast<Acc>(ls);
+  c.z_loss = static_cast<Acc>(z_loss);
+  c.softcap = static_cast<Acc>(softcap);
+  c.inv_softcap = softcap > 0 ? static_cast<Acc>(1.0 / softcap) : Acc(0);
+  c.inv_vocab = static_cast<Acc>(1.0 / static_cast<double>(vocab));
+  double total = static_cast<double>(vocab);
+  if (c.weight != nullptr) {
+    total = 0;
+    for (int64_t j = 0; j < vocab; ++j) total += static_cast<double>(c.weight[j]);
+  }
+  c.weight_total = static_cast<Acc>(total);
+  return c;
+}
+
+bool target_in_range(int64_t t, int64_t vocab) { return t >= 0 && t < vocab; }
+
+template <class Acc>
+Acc capped_logit(Acc x, const Consts<Acc>& c) {
+  return c.softcap > 0 ? c.softcap * std::tanh(x * c.inv_softcap) : x;
+}
+
+// The loss of a row from its running max m and log(sum_c exp(z_c - m)), kept apart so that
+// lse - z_t = (m - z_t) + log_sum does not cancel when the logits share a large offset. The
+// smoothing sum is sum_c (w_c *) (z_c - ref) around the row's first logit `ref`, for the same
+// reason: lse - mean(z) = (m - ref) + log_sum - mean(z - ref).
+template <class Acc>
+Acc row_loss(const Consts<Acc>& c, Acc m, Acc log_sum, Acc z_t, Acc w_t, Acc ref,
+             Acc smoothing_sum) {
+  const Acc lse = m + log_sum;
+  Acc loss = (Acc(1) - c.ls) * w_t * ((m - z_t) + log_sum) + c.z_loss * lse * lse;
+  if (c.ls > 0) {
+    loss += c.ls * (c.weight_total * ((m - ref) + log_sum) - smoothing_sum) * c.inv_vocab;
+  }
+  return loss;
+}
+
+// The reference point of the smoothing sum: the row's first (capped) logit, or 0 if that is
+// not finite (a -inf first logit would turn every z_c - ref into +inf).
+template <class Acc>
+Acc smoothing_ref(Acc z0) {
+  return std::isfinite(z0) ? z0 : Acc(0);
+}
+
+// The gradient of a row, dL/dz_c = coef_p * p_c - coef_w * w_c - [c == t] * coef_t (before
+// the soft-capping factor).
+template <class Acc>
+struct GradCoefs {
+  Acc coef_p, coef_w, coef_t;
+};
+
+template <class Acc>
+GradCoefs<Acc> grad_coefs(const Consts<Acc>& c, Acc g, Acc lse, Acc w_t) {
+  GradCoefs<Acc> k;
+  k.coef_p = g * ((Acc(1) - c.ls) * w_t + c.ls * c.weight_total * c.inv_vocab +
+                  Acc(2) * c.z_loss * lse);
+  k.coef_w = g * c.ls * c.inv_vocab;
+  k.coef_t = g * (Acc(1) - c.ls) * w_t;
+  return k;
+}
+
+// Gradient of the target element, computed from its logit in Acc (scalar in both paths).
+template <class Acc>
+Acc target_grad(const Consts<Acc>& c, const GradCoefs<Acc>& k, Acc x_t, Acc lse, Acc w_t_smooth) {
+  Acc tanh_t = 0, z_t = x_t;
+  if (c.softcap > 0) {
+    tanh_t = std::tanh(x_t * c.inv_softcap);
+    z_t = c.softcap * tanh_t;
+  }
+  Acc d = k.coef_p * std::exp(z_t - lse) - k.coef_w * w_t_smooth - k.coef_t;
+  if (c.softcap > 0) d *= Acc(1) - tanh_t * tanh_t;
+  return d;
+}
+
+// ---- portable scalar path ---------------------------------------------------------------
+
+template <class T, bool kSoftcap, Smoothing kSmooth>
+int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t row_begin,
+                        int64_t row_end) {
+  using Acc = AccOf<T>;
+  const int64_t vocab = p.vocab;
+  Acc* loss_out = static_cast<Acc*>(p.loss);
+  Acc* lse_out = static_cast<Acc*>(p.lse);
+  int64_t bad_row = -1;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    const Acc ref =
+        kSmooth == Smoothing::kNone ? Acc(0) : smoothing_ref(capped_logit(to_acc(x[0]), c));
+    // One running sum per row: double keeps its rounding error below the float result's
+    // ulp for any vocab size (the AVX2 path gets there with 32 partial sums instead).
+    Acc m = std::numeric_limits<Acc>::lowest();
+    double s = 0, smoothing_sum = 0;
+    for (int64_t j = 0; j < vocab; ++j) {
+      Acc z = to_acc(x[j]);
+      if (kSoftcap) z = c.softcap * std::tanh(z * c.inv_softcap);
+      if (z > m) {
+        s = s * std::exp(static_cast<double>(m) - z) + 1.0;
+        m = z;
+      } else {
+        s += std::exp(z - m);
+      }
+      if (kSmooth == Smoothing::kUniform) smoothing_sum += z - ref;
+      if (kSmooth == Smoothing::kWeighted) smoothing_sum += c.weight[j] * (z - ref);
+    }
+    const Acc log_sum = static_cast<Acc>(std::log(s));
+    lse_out[r] = m + log_sum;
+    const int64_t t = p.target[r];
+    if (t == p.ignore_index) {
+      loss_out[r] = 0;
+    } else if (!target_in_range(t, vocab)) {
+      loss_out[r] = std::numeric_limits<Acc>::quiet_NaN();
+      if (bad_row < 0) bad_row = r;
+    } else {
+      const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
+      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, ref,
+                             static_cast<Acc>(smoothing_sum));
+    }
+  }
+  return bad_row;
+}
+
+// Writes a row of `value` (0 for ignored rows, NaN for rows with a bad target).
+template <class T>
+void fill_row(T* row, int64_t vocab, AccOf<T> value) {
+  const T v = from_acc<T>(value);
+  std::fill_n(row, vocab, v);
+}
+
+template <class T, bool kSoftcap, bool kWeighted>
+void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_begin,
+                     int64_t row_end) {
+  using Acc = AccOf<T>;
+  const int64_t vocab = p.vocab;
+  const Acc* grad_loss = static_cast<const Acc*>(p.grad_loss);
+  const Acc* lse_in = static_cast<const Acc*>(p.lse);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
+    const int64_t t = p.target[r];
+    if (t == p.ignore_index) {
+      fill_row(dx, vocab, Acc(0));
+      continue;
+    }
+    if (!target_in_range(t, vocab)) {
+      fill_row(dx, vocab, std::numeric_limits<Acc>::quiet_NaN());
+      continue;
+    }
+    const Acc g = grad_loss[r * p.grad_loss_stride];
+    const Acc lse = lse_in[r];
+    const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
+    const GradCoefs<Acc> k = grad_coefs(c, g, lse, w_t);
+    // Read before the row is overwritten (dx may alias x).
+    const Acc grad_t = target_grad(c, k, to_acc(x[t]), lse, kWeighted ? c.weight[t] : Acc(1));
+    for (int64_t j = 0; j < vocab; ++j) {
+      const Acc xj = to_acc(x[j]);
+      Acc tanh_j = 0, z = xj;
+      if (kSoftcap) {
+        tanh_j = std::tanh(xj * c.inv_softcap);
+        z = c.softcap * tanh_j;
+      }
+      Acc d = k.coef_p * std::exp(z - lse) - k.coef_w * (kWeighted ? c.weight[j] : Acc(1));
+      if (kSoftcap) d *= Acc(1) - tanh_j * tanh_j;
+      dx[j] = from_acc<T>(d);
+    }
+    dx[t] = from_acc<T>(grad_t);
+  }
+}
+
+// ---- AVX2 / FMA / F16C path -------------------------------------------------------------
+// The scalar path's algorithm on vectors of 8 floats. The forward's online max is kept per
+// block of kBlock logits rather than per element: a first sweep over the block takes its
+// max, the running sum is rescaled once if the max grew, and a second sweep, which finds
+// the block in L1, adds exp(z - max). That costs one max per element instead of a compare
+// and an unpredictable branch per vector, and the row is still read from memory once.
+// Four independent accumulator slots (for_each_chunk's k) hide the latency of the running
+// sums; the partial vector at a row's end has its padding lanes set to -inf for the max and
+// the exp-sum (exp(-inf) = 0) and to 0 for the smoothing sum.
+
+#if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
+FASTLLM_AVX2_BEGIN
+
+// Logits per block of the forward: 8 KiB of float32, re-read from L1 by the second sweep.
+constexpr int64_t kBlock = 2048;
+
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
+// product), exp(r) by Cephes' degree-6 polynomial, 2^n built in the exponent bits. n is
+// rounded by adding 1.5 * 2^23, which leaves it as an integer in the sum's low bits, so no
+// separate round and convert are needed. Below ln(FLT_MIN) the result is 0 (the softmax
+// terms of -inf logits must be exactly 0); NaN in, NaN out (the clamps keep x when NaN).
+FASTLLM_INLINE __m256 exp_ps(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);  // ln(FLT_MIN)
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 round_magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+  const __m256 n_plus_magic = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round_magic);
+  const __m256 n = _mm256_sub_ps(n_plus_magic, round_magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // The sum's bits are those of 1.5 * 2^23 plus n: rebias n by 127 into the exponent field.
+  const __m256i pow2n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_castps_si256(n_plus_magic), _mm256_set1_epi32(127 - 0x4B400000)),
+      23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+// tanh(x) for 8 floats: Cephes' odd polynomial for |x| < 0.625, else (1 - e) / (1 + e) with
+// e = exp(-2|x|) <= 0.29, which does not cancel; the sign is copied back from x.
+FASTLLM_INLINE __m256 tanh_ps(__m256 x) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign_mask, x);
+  const __m256 a2 = _mm256_mul_ps(a, a);
+  __m256 small = _mm256_set1_ps(-5.70498872745e-3f);
+  small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(2.06390887954e-2f));
+  small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(-5.37397155531e-2f));
+  small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(1.33314422036e-1f));
+  small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(-3.33332819422e-1f));
+  small = _mm256_fmadd_ps(_mm256_mul_ps(small, a2), a, a);
+  const __m256 e = exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  const __m256 t = _mm256_blendv_ps(large, small, use_small);
+  return _mm256_or_ps(t, _mm256_and_ps(sign_mask, x));
+}
+
+// Lanes n.. replaced by `fill` (0 <= n <= 8).
+FASTLLM_INLINE __m256 fill_from(__m256 v, int n, float fill) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(keep));
+}
+
+FASTLLM_INLINE float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+template <class T, bool kSoftcap, Smoothing kSmooth>
+int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
+                      int64_t row_end) {
+  using namespace cpu::avx2;
+  constexpr int W = 8;
+  const int64_t vocab = p.vocab;
+  const __m256 softcap = _mm256_set1_ps(c.softcap);
+  const __m256 inv_softcap = _mm256_set1_ps(c.inv_softcap);
+  float* loss_out = static_cast<float*>(p.loss);
+  float* lse_out = static_cast<float*>(p.lse);
+  int64_t bad_row = -1;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    const float ref =
+        kSmooth == Smoothing::kNone ? 0.0f : smoothing_ref(capped_logit(to_acc(x[0]), c));
+    const __m256 ref_v = _mm256_set1_ps(ref);
+    float m = -FLT_MAX;  // running max of the capped logits
+    __m256 s[kSlots], smoothing_sum[kSlots];  // s: sum of exp(z - m), lane-wise partials
+    for (int k = 0; k < kSlots; ++k) {
+      s[k] = _mm256_setzero_ps();
+      smoothing_sum[k] = _mm256_setzero_ps();
+    }
+    for (int64_t begin = 0; begin < vocab; begin += kBlock) {
+      const T* xb = x + begin;
+      const int64_t len = std::min(kBlock, vocab - begin);
+      // The block's max, on the raw logits: tanh is increasing, so capping commutes with it.
+      __m256 block_max[kSlots];
+      for (int k = 0; k < kSlots; ++k) block_max[k] = _mm256_set1_ps(-INFINITY);
+      for_each_chunk<W>(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        __m256 v = loadn(xb + j, n);
+        if (n < W) v = fill_from(v, n, -INFINITY);
+        block_max[k] = _mm256_max_ps(block_max[k], v);
+      });
+      const float new_max = capped_logit(
+          hmax(_mm256_max_ps(_mm256_max_ps(block_max[0], block_max[1]),
+                             _mm256_max_ps(block_max[2], block_max[3]))),
+          c);
+      if (new_max > m) {
+        const __m256 rescale = _mm256_set1_ps(std::exp(m - new_max));
+        for (int k = 0; k < kSlots; ++k) s[k] = _mm256_mul_ps(s[k], rescale);
+        m = new_max;
+      }
+      const __m256 m_v = _mm256_set1_ps(m);
+      for_each_chunk<W>(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        __m256 z = loadn(xb + j, n);  // padding lanes load as 0
+        if (kSoftcap) z = _mm256_mul_ps(softcap, tanh_ps(_mm256_mul_ps(z, inv_softcap)));
+        if (kSmooth != Smoothing::kNone) {
+          __m256 z_rel = _mm256_sub_ps(z, ref_v);
+          if (n < W) z_rel = keep_first(z_rel, n);
+          smoothing_sum[k] =
+              kSmooth == Smoothing::kUniform
+                  ? _mm256_add_ps(smoothing_sum[k], z_rel)
+                  : _mm256_fmadd_ps(loadn(c.weight + begin + j, n), z_rel, smoothing_sum[k]);
+        }
+        if (n < W) z = fill_from(z, n, -INFINITY);
+        s[k] = _mm256_add_ps(s[k], exp_ps(_mm256_sub_ps(z, m_v)));
+      });
+    }
+    const float log_sum = std::log(hsum(s));
+    lse_out[r] = m + log_sum;
+    const int64_t t = p.target[r];
+    if (t == p.ignore_index) {
+      loss_out[r] = 0;
+    } else if (!target_in_range(t, vocab)) {
+      loss_out[r] = std::numeric_limits<float>::quiet_NaN();
+      if (bad_row < 0) bad_row = r;
+    } else {
+      const float smooth = kSmooth == Smoothing::kNone ? 0.0f : hsum(smoothing_sum);
+      const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
+      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, ref, smooth);
+    }
+  }
+  return bad_row;
+}
+
+template <class T, bool kSoftcap, bool kWeighted>
+void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin,
+                   int64_t row_end) {
+  using namespace cpu::avx2;
+  constexpr int W = 8;
+  const int64_t vocab = p.vocab;
+  const float* grad_loss = static_cast<const float*>(p.grad_loss);
+  const float* lse_in = static_cast<const float*>(p.lse);
+  const __m256 softcap = _mm256_set1_ps(c.softcap);
+  const __m256 inv_softcap = _mm256_set1_ps(c.inv_softcap);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
+    const int64_t t = p.target[r];
+    if (t == p.ignore_index || !target_in_range(t, vocab)) {
+      const __m256 v = _mm256_set1_ps(t == p.ignore_index ? 0.0f : NAN);
+      for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
+        storen(dx + j, v, n);
+      });
+      continue;
+    }
+    const float g = grad_loss[r * p.grad_loss_stride];
+    const float lse = lse_in[r];
+    const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
+    const GradCoefs<float> k = grad_coefs(c, g, lse, w_t);
+    // Read before the row is overwritten (dx may alias x).
+    const float grad_t = target_grad(c, k, to_acc(x[t]), lse, kWeighted ? c.weight[t] : 1.0f);
+    const __m256 lse_v = _mm256_set1_ps(lse);
+    const __m256 coef_p = _mm256_set1_ps(k.coef_p);
+    const __m256 coef_w = _mm256_set1_ps(k.coef_w);
+    for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
+      __m256 z = loadn(x + j, n);
+      __m256 tanh_j = z;
+      if (kSoftcap) {
+        tanh_j = tanh_ps(_mm256_mul_ps(z, inv_softcap));
+        z = _mm256_mul_ps(softcap, tanh_j);
+      }
+      const __m256 w = kWeighted ? loadn(c.weight + j, n) : one;
+      const __m256 p_j = exp_ps(_mm256_sub_ps(z, lse_v));
+      __m256 d = _mm256_fnmadd_ps(coef_w, w, _mm256_mul_ps(coef_p, p_j));
+      if (kSoftcap) d = _mm256_mul_ps(d, _mm256_fnmadd_ps(tanh_j, tanh_j, one));
+      storen(dx + j, d, n);
+    });
+    dx[t] = from_acc<T>(grad_t);
+  }
+}
+
+FASTLLM_AVX2_END
+#endif  // FASTLLM_CROSS_ENTROPY_CPU_AVX2
+
+// ---- dispatch over variants, threads and instruction sets --------------------------------
+
+template <class T>
+using FwdRowsFn = int64_t (*)(const FwdParams&, const Consts<AccOf<T>>&, int64_t, int64_t);
+template <class T>
+using BwdRowsFn = void (*)(const BwdParams&, const Consts<AccOf<T>>&, int64_t, int64_t);
+
+// The row functions instantiated for the run-time flags and instruction set.
+template <class T, bool kSoftcap>
+FwdRowsFn<T> pick_fwd_smoothing(Smoothing smooth, bool avx2) {
+#if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (avx2) {
+      switch (smooth) {
+        case Smoothing::kNone: return &fwd_rows_avx2<T, kSoftcap, Smoothing::kNone>;
+        case Smoothing::kUniform: return &fwd_rows_avx2<T, kSoftcap, Smoothing::kUniform>;
+        case Smoothing::kWeighted: return &fwd_rows_avx2<T, kSoftcap, Smoothing::kWeighted>;
+      }
+    }
+  }
+#endif
+  (void)avx2;
+  switch (smooth) {
+    case Smoothing::kNone: return &fwd_rows_scalar<T, kSoftcap, Smoothing::kNone>;
+    case Smoothing::kUniform: return &fwd_rows_scalar<T, kSoftcap, Smoothing::kUniform>;
+    case Smoothing::kWeighted: return &fwd_rows_scalar<T, kSoftcap, Smoothing::kWeighted>;
+  }
+  return nullptr;
+}
+
+template <class T, bool kSoftcap>
+BwdRowsFn<T> pick_bwd_weighted(bool weighted, bool avx2) {
+#if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
+  if constexpr (!std::is_same_v<T, double>) {
+    if (avx2) {
+      return weighted ? &bwd_rows_avx2<T, kSoftcap, true> : &bwd_rows_avx2<T, kSoftcap, false>;
+    }
+  }
+#endif
+  (void)avx2;
+  return weighted ? &bwd_rows_scalar<T, kSoftcap, true> : &bwd_rows_scalar<T, kSoftcap, false>;
+}
+
+bool use_avx2() { return cpu::cpu_isa() == cpu::CpuIsa::kAvx2; }
+
+template <class T>
+void fwd_typed(const FwdParams& p) {
+  using Acc = AccOf<T>;
+  const Consts<Acc> c =
+      make_consts<Acc>(p.class_weight, p.vocab, p.label_smoothing, p.z_loss, p.softcap);
+  const Smoothing smooth = p.label_smoothing == 0.0 ? Smoothing::kNone
+                           : p.class_weight == nullptr ? Smoothing::kUniform
+                                                       : Smoothing::kWeighted;
+  const FwdRowsFn<T> rows_fn = p.softcap > 0 ? pick_fwd_smoothing<T, true>(smooth, use_avx2())
+                                             : pick_fwd_smoothing<T, false>(smooth, use_avx2());
+  int64_t bad_row = std::numeric_limits<int64_t>::max();
+#pragma omp parallel num_threads(threads_for(p.rows, p.vocab)) reduction(min : bad_row)
+  {
+    const int t = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    const int64_t bad = rows_fn(p, c, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
+    if (bad >= 0) bad_row = std::min(bad_row, bad);
+  }
+  if (p.bad_target_row != nullptr) {
+    *p.bad_target_row = bad_row == std::numeric_limits<int64_t>::max() ? -1 : bad_row;
+  }
+}
+
+template <class T>
+void bwd_typed(const BwdParams& p) {
+  using Acc = AccOf<T>;
+  const Consts<Acc> c =
+      make_consts<Acc>(p.class_weight, p.vocab, p.label_smoothing, p.z_loss, p.softcap);
+  const bool weighted = p.label_smoothing != 0.0 && p.class_weight != nullptr;
+  const BwdRowsFn<T> rows_fn = p.softcap > 0 ? pick_bwd_weighted<T, true>(weighted, use_avx2())
+                                             : pick_bwd_weighted<T, false>(weighted, use_avx2());
+#pragma omp parallel num_threads(threads_for(p.rows, p.vocab))
+  {
+    const int t = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    rows_fn(p, c, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
+  }
+}
+
+std::string dtype_error(const char* fn, DType dtype) {
+  return std::string(fn) + ": dtype must be one of kFloat32, kBFloat16, kFloat16, kFloat64, got " +
+         std::to_string(static_cast<int32_t>(dtype));
+}
+
+}  // namespace
+
+void cross_entropy_fwd_cpu(const FwdParams& p) {
+  if (p.bad_target_row != nullptr) *p.bad_target_row = -1;
+  if (p.rows == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return fwd_typed<float>(p);
+    case DType::kBFloat16: return fwd_typed<BFloat16>(p);
+    case DType::kFloat16: return fwd_typed<Half>(p);
+    case DType::kFloat64: return fwd_typed<double>(p);
+  }
+  throw std::invalid_argument(dtype_error("cross_entropy_fwd_cpu", p.dtype));
+}
+
+void cross_entropy_bwd_cpu(const BwdParams& p) {
+  if (p.rows == 0) return;
+  switch (p.dtype) {
+    case DType::kFloat32: return bwd_typed<float>(p);
+    case DType::kBFloat16: return bwd_typed<BFloat16>(p);
+    case DType::kFloat16: return bwd_typed<Half>(p);
+    case DType::kFloat64: return bwd_typed<double>(p);
+  }
+  throw std::invalid_argument(dtype_error("cross_entropy_bwd_cpu", p.dtype));
+}
+
+}  // namespace cross_entropy
+}  // namespace fastllm

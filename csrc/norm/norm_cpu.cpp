@@ -1,0 +1,520 @@
+// LayerNorm / RMSNorm on the CPU: norm_fwd_cpu and norm_bwd_cpu of norm.h, for float32,
+// bfloat16, float16 and float64 rows. Torch-free: C++17, OpenMP and x86 intrinsics.
+//
+// Math (norm.h holds the contract), per row of N = cols elements, computed in Acc (float,
+// or double for float64) and rounded to T once per stored value:
+//   forward   s = x, or s = round_to_T(x + residual), stored to residual_out (add_* ops)
+//             layer: mean = sum(s) / N,  var = sum((s - mean)^2) / N
+//             rms:   mean = 0,           var = sum(s^2) / N
+//             rstd = 1 / sqrt(var + eps),  y = (s - mean) * rstd * w + b
+//   backward  xhat = (x - mean) * rstd,  g = dy * w
+//             dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  [+ dresidual_out]
+//             (rms: no mean(g) term),  dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+// rms is layer norm with mean = 0 and no bias, so one kernel serves both.
+//
+// Design. The op is memory-bound once it is vectorised, so every row is read from memory
+// once and written once, and the arithmetic per element is kept low enough that two cores
+// stay at memory speed:
+//   - OpenMP gives each thread one contiguous block of rows. A row (256 KiB at N = 65536
+//     float32) stays in L1/L2 while it is worked on; every further pass reads the cache.
+//   - Forward takes mean and variance in one pass over the row, as sums of d = s - shift and
+//     d^2 with shift = the mean of the row's first W elements (the shifted-data algorithm):
+//     E[d^2] - E[d]^2 cancels only as much as (mean - shift)^2 is large against var. A row
+//     whose shift is too far off (E[d^2] > kShiftedVarLimit * var, e.g. an outlier up front)
+//     gets the variance again from a centred pass, as in the two-pass algorithm, so no row
+//     suffers the cancellation of E[x^2] - E[x]^2 when |mean| >> std. The scalar path is
+//     the plain two-pass algorithm.
+//   - Row sums are blocked: kSumBlock elements are summed in fresh accumulators, then the
+//     block totals are added, so rounding error grows with the block size and the number of
+//     blocks rather than with N.
+//   - The add_* ops form s in the statistics pass and read it back from the just-written
+//     residual_out, so they normalise exactly the rounded s that backward will see.
+//   - Backward sweeps groups of rows together: per-row sums first, then one pass over the
+//     columns writing dx for the whole group and adding the group's dweight/dbias terms to
+//     the thread's Acc partial rows, in blocks of 64 rows whose sums are then added to the
+//     thread's totals (a two-level sum). The threads then add up the totals column block by
+//     column block in thread order: deterministic for a given thread count, no atomics,
+//     any number of rows.
+//   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C
+//     vectors of 8 floats or 4 doubles, whose row tails are partial vectors
+//     (common/cpu_avx2.h), and a portable scalar path for every other CPU, which is also the
+//     plainest statement of the algorithm.
+//   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
+//     fork/join costs more than the work. Large inputs are prefetched a row ahead
+//     (kPrefetchMinBytes).
+//
+// Glossary: rows = M (product of the leading dims), cols = N (normalized size),
+// T = storage dtype, Acc = accumulation type, W = vector lanes, s = the row normalised.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/cpu_dtypes.h"
+#include "common/cpu_features.h"
+#include "norm/norm.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include "common/cpu_avx2.h"
+#define FASTLLM_NORM_CPU_AVX2 1
+#endif
+
+namespace fastllm {
+namespace norm {
+namespace {
+
+using cpu::AccOf;
+using cpu::BFloat16;
+using cpu::from_acc;
+using cpu::Half;
+using cpu::to_acc;
+
+// About 128 KiB of float32 in and out per thread: below that, one thread is faster.
+constexpr int64_t kMinElementsPerThread = int64_t{1} << 15;
+// Elements per block of a blocked row sum.
+constexpr int64_t kSumBlock = 1024;
+// Above this ratio of E[d^2] to var, forward redoes the variance as a centred pass.
+constexpr int kShiftedVarLimit = 4;
+// Rows per backward column sweep.
+constexpr int kRowGroup = 4;
+// The AVX2 forward fetches the next row in software while it writes the current one from
+// the cache: the hardware streamer stops at 4 KiB pages, and a row is often a page or a
+// few. On the 2-core dev machine that made inputs coming from DRAM (8192 x 4096) 15-40%
+// faster, but float32 inputs that sit in the L3 (4096 x 1024, 16 MiB) 10% slower (the
+// prefetches add load and fill-buffer traffic that stream does not need): so only inputs of
+// at least kPrefetchMinBytes are prefetched.
+constexpr int64_t kPrefetchMinBytes = int64_t{32} << 20;
+
+int threads_for(int64_t rows, int64_t cols) {
+  const int64_t by_work = rows * cols / kMinElementsPerThread;
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({omp_get_max_threads(), rows, by_work})));
+}
+
+// First row (or column) of block `t` when `len` is split into `n` contiguous blocks.
+int64_t block_begin(int64_t len, int t, int n) { return len * t / n; }
+
+// ---- portable scalar path ---------------------------------------------------------------
+
+// Sum of term(j) over [0, n) in blocks of kSumBlock.
+template <class Acc, class Term>
+Acc sum_row_scalar(int64_t n, Term&& term) {
+  Acc total = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    Acc block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t j = j0; j < j1; ++j) block += term(j);
+    total += block;
+  }
+  return total;
+}
+
+template <class T>
+void norm_fwd_rows_scalar(const FwdParams& p, int64_t row_begin, int64_t row_end) {
+  using Acc = AccOf<T>;
+  const int64_t n = p.cols;
+  const Acc* w = static_cast<const Acc*>(p.weight);
+  const Acc* b = static_cast<const Acc*>(p.bias);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* s = static_cast<const T*>(p.x) + r * p.x_row_stride;
+    if (p.residual != nullptr) {
+      const T* res = static_cast<const T*>(p.residual) + r * p.residual_row_stride;
+      T* s_out = static_cast<T*>(p.residual_out) + r * n;
+      for (int64_t j = 0; j < n; ++j) s_out[j] = from_acc<T>(to_acc(s[j]) + to_acc(res[j]));
+      s = s_out;
+    }
+    const Acc mean =
+        p.rms ? Acc(0) : sum_row_scalar<Acc>(n, [&](int64_t j) { return to_acc(s[j]); }) / n;
+    const Acc var = sum_row_scalar<Acc>(n, [&](int64_t j) {
+                      const Acc d = to_acc(s[j]) - mean;
+                      return d * d;
+                    }) / n;
+    const Acc rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps));
+    if (!p.rms) static_cast<Acc*>(p.mean)[r] = mean;
+    static_cast<Acc*>(p.rstd)[r] = rstd;
+    T* y = static_cast<T*>(p.out) + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      Acc v = (to_acc(s[j]) - mean) * rstd;
+      if (w != nullptr) v *= w[j];
+      if (b != nullptr) v += b[j];
+      y[j] = from_acc<T>(v);
+    }
+  }
+}
+
+template <class T>
+void norm_bwd_rows_scalar(const BwdParams& p, int64_t row_begin, int64_t row_end,
+                          AccOf<T>* dw_partial, AccOf<T>* db_partial) {
+  using Acc = AccOf<T>;
+  const int64_t n = p.cols;
+  const Acc* w = static_cast<const Acc*>(p.weight);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
+    const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
+    const Acc mean = p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r];
+    const Acc rstd = static_cast<const Acc*>(p.rstd)[r];
+    auto g = [&](int64_t j) { return w != nullptr ? to_acc(dy[j]) * w[j] : to_acc(dy[j]); };
+    auto xhat = [&](int64_t j) { return (to_acc(x[j]) - mean) * rstd; };
+    const Acc mean_g = p.rms ? Acc(0) : sum_row_scalar<Acc>(n, g) / n;
+    const Acc mean_g_xhat = sum_row_scalar<Acc>(n, [&](int64_t j) { return g(j) * xhat(j); }) / n;
+    const T* dres = p.dresidual_out == nullptr
+                        ? nullptr
+                        : static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride;
+    T* dx = static_cast<T*>(p.dx) + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      Acc d = (g(j) - mean_g - xhat(j) * mean_g_xhat) * rstd;
+      if (dres != nullptr) d += to_acc(dres[j]);
+      dx[j] = from_acc<T>(d);
+      if (dw_partial != nullptr) dw_partial[j] += to_acc(dy[j]) * xhat(j);
+      if (db_partial != nullptr) db_partial[j] += to_acc(dy[j]);
+    }
+  }
+}
+
+// ---- AVX2 / FMA / F16C path -------------------------------------------------------------
+// The same math on vectors of W lanes. for_each_chunk hands each body either a full vector
+// (with one of kSlots accumulator slots) or the row's partial tail, whose padding lanes
+// load as zero.
+
+#if defined(FASTLLM_NORM_CPU_AVX2)
+FASTLLM_AVX2_BEGIN
+
+// kSums vector sums over [0, n) in blocks of kSumBlock: body(j, m, acc) adds the terms of
+// chunk [j, j + m) into acc[0..kSums), one of kSlots sets of block accumulators.
+template <int W, int kSums, class V, class Body>
+FASTLLM_INLINE void sum_row_avx2(int64_t n, V (&sums)[kSums], Body&& body) {
+  using cpu::avx2::kSlots;
+  for (V& sum : sums) sum = V{};
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    V block[kSlots][kSums] = {};
+    cpu::avx2::for_each_chunk<W>(std::min(kSumBlock, n - j0),
+                                 [&](int64_t j, int m, int k) FASTLLM_INLINE_LAMBDA {
+                                   body(j0 + j, m, block[k]);
+                                 });
+    for (int i = 0; i < kSums; ++i) {
+      sums[i] += (block[0][i] + block[1][i]) + (block[2][i] + block[3][i]);
+    }
+  }
+}
+
+// See kPrefetchMinBytes. A prefetch never faults, so fetching one row past the last is fine.
+FASTLLM_INLINE void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
+// Whether chunk slot k of for_each_chunk starts a new 64-byte line of T elements (the
+// group of kSlots chunks starts at a multiple of kSlots * W elements).
+template <class T, int W>
+FASTLLM_INLINE constexpr bool starts_cache_line(int k) {
+  return (static_cast<int64_t>(k) * W * sizeof(T)) % 64 == 0;
+}
+
+template <class T>
+void norm_fwd_rows_avx2(const FwdParams& p, int64_t row_begin, int64_t row_end) {
+  using namespace cpu::avx2;
+  using Acc = AccOf<T>;
+  using V = Vec<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t n = p.cols;
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  const Acc* w = static_cast<const Acc*>(p.weight);
+  const Acc* b = static_cast<const Acc*>(p.bias);
+  const bool prefetch_rows =
+      p.rows * std::max<int64_t>(p.x_row_stride, n) * static_cast<int64_t>(sizeof(T)) >=
+      kPrefetchMinBytes;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
+    const T* res = p.residual == nullptr
+                       ? nullptr
+                       : static_cast<const T*>(p.residual) + r * p.residual_row_stride;
+    T* s_out = res == nullptr ? nullptr : static_cast<T*>(p.residual_out) + r * n;
+    // s, chunk by chunk: x, or x + residual rounded to T as stored to residual_out.
+    auto load_s = [&](int64_t j, int m) FASTLLM_INLINE_LAMBDA {
+      if (res == nullptr) return loadn(x + j, m);
+      const V sum = loadn(x + j, m) + loadn(res + j, m);
+      storen(s_out + j, sum, m);
+      if constexpr (std::is_same_v<T, Acc>) return sum;
+      return loadn(s_out + j, m);
+    };
+
+    Acc mean = 0, var = 0;
+    if (p.rms) {
+      V sum_sq[1];
+      sum_row_avx2<W>(n, sum_sq, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
+        const V v = load_s(j, m);
+        acc[0] = fmadd(v, v, acc[0]);
+      });
+      var = hsum(sum_sq[0]) * inv_n;
+    } else {
+      const int head = static_cast<int>(std::min<int64_t>(n, W));
+      V head_sum = loadn(x, head);
+      if (res != nullptr) head_sum += loadn(res, head);
+      const Acc shift = hsum(head_sum) / static_cast<Acc>(head);
+      const V shift_v = broadcast(shift);
+      V sums[2];  // d, d^2 with d = s - shift
+      sum_row_avx2<W>(n, sums, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
+        V d = load_s(j, m) - shift_v;
+        if (m < W) d = keep_first(d, m);  // a padding lane is 0 - shift, not 0
+        acc[0] += d;
+        acc[1] = fmadd(d, d, acc[1]);
+      });
+      const Acc mean_d = hsum(sums[0]) * inv_n;
+      const Acc mean_dd = hsum(sums[1]) * inv_n;
+      mean = shift + mean_d;
+      var = mean_dd - mean_d * mean_d;
+      if (!(mean_dd <= kShiftedVarLimit * var)) {  // also catches var <= 0 and NaN
+        const T* s = res == nullptr ? x : s_out;
+        const V mean_v = broadcast(mean);
+        V sum_sq[1];
+        sum_row_avx2<W>(n, sum_sq, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
+          V d = loadn(s + j, m) - mean_v;
+          if (m < W) d = keep_first(d, m);
+          acc[0] = fmadd(d, d, acc[0]);
+        });
+        var = hsum(sum_sq[0]) * inv_n;
+      }
+      static_cast<Acc*>(p.mean)[r] = mean;
+    }
+    const Acc rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps));
+    static_cast<Acc*>(p.rstd)[r] = rstd;
+
+    const T* s = res == nullptr ? x : s_out;
+    const V mean_v = broadcast(mean);
+    const V rstd_v = broadcast(rstd);
+    T* y = static_cast<T*>(p.out) + r * n;
+    const T* next_x = prefetch_rows ? x + p.x_row_stride : nullptr;
+    const T* next_res = prefetch_rows && res != nullptr ? res + p.residual_row_stride : nullptr;
+    // One loop per weight/bias combination, so the common affine case is a single FMA.
+    auto write_y = [&](auto affine) FASTLLM_INLINE_LAMBDA {
+      for_each_chunk<W>(n, [&](int64_t j, int m, int k) FASTLLM_INLINE_LAMBDA {
+        if (next_x != nullptr && starts_cache_line<T, W>(k)) {
+          prefetch(next_x + j);
+          if (next_res != nullptr) prefetch(next_res + j);
+        }
+        storen(y + j, affine((loadn(s + j, m) - mean_v) * rstd_v, j, m), m);
+      });
+    };
+    if (w != nullptr && b != nullptr) {
+      write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA {
+        return fmadd(xhat, loadn(w + j, m), loadn(b + j, m));
+      });
+    } else if (w != nullptr) {
+      write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA { return xhat * loadn(w + j, m); });
+    } else if (b != nullptr) {
+      write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA { return xhat + loadn(b + j, m); });
+    } else {
+      write_y([&](V xhat, int64_t, int) FASTLLM_INLINE_LAMBDA { return xhat; });
+    }
+  }
+}
+
+// What the column sweep of backward needs of one row.
+// dx = rstd * (g - mean_g - xhat * mean_g_xhat) = fma(g, rstd, dx_bias) - xhat * dx_xhat.
+template <class T>
+struct BwdRowTerms {
+  const T* x;
+  const T* dy;
+  const T* dres;
+  T* dx;
+  cpu::avx2::Vec<T> mean, rstd, dx_bias, dx_xhat;
+};
+
+// The column sweep of backward over kRows rows at once: dx of every row, and the rows'
+// summed contribution to the dweight/dbias partials, which are thus read and written once
+// per kRows rows. All loads of a chunk come before its stores: dx rows typically sit at a
+// multiple of 4 KiB from the x / dy rows, and a load issued behind a store to the same
+// address modulo 4 KiB waits for it (4K aliasing).
+template <int kRows, class T>
+void norm_bwd_sweep_avx2(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
+                         AccOf<T>* dw_partial, AccOf<T>* db_partial) {
+  using namespace cpu::avx2;
+  using V = Vec<T>;
+  constexpr int W = kLanes<T>;
+  for_each_chunk<W>(n, [&](int64_t j, int m, int) FASTLLM_INLINE_LAMBDA {
+    V xhat[kRows], dy[kRows], dx[kRows];
+    for (int i = 0; i < kRows; ++i) {
+      xhat[i] = (loadn(rows[i].x + j, m) - rows[i].mean) * rows[i].rstd;
+      dy[i] = loadn(rows[i].dy + j, m);
+      dx[i] = rows[i].dx_bias;
+      if (rows[i].dres != nullptr) dx[i] += loadn(rows[i].dres + j, m);
+    }
+    const V wv = w != nullptr ? loadn(w + j, m) : broadcast(AccOf<T>(1));
+    V dw_sum = {}, db_sum = {};
+    for (int i = 0; i < kRows; ++i) {
+      dx[i] = fnmadd(xhat[i], rows[i].dx_xhat, fmadd(dy[i] * wv, rows[i].rstd, dx[i]));
+      dw_sum = fmadd(dy[i], xhat[i], dw_sum);
+      db_sum += dy[i];
+    }
+    for (int i = 0; i < kRows; ++i) storen(rows[i].dx + j, dx[i], m);
+    if (dw_partial != nullptr) storen(dw_partial + j, loadn(dw_partial + j, m) + dw_sum, m);
+    if (db_partial != nullptr) storen(db_partial + j, loadn(db_partial + j, m) + db_sum, m);
+  });
+}
+
+template <class T>
+void norm_bwd_rows_avx2(const BwdParams& p, int64_t row_begin, int64_t row_end,
+                        AccOf<T>* dw_partial, AccOf<T>* db_partial) {
+  using namespace cpu::avx2;
+  using Acc = AccOf<T>;
+  using V = Vec<T>;
+  constexpr int W = kLanes<T>;
+  const int64_t n = p.cols;
+  const Acc* w = static_cast<const Acc*>(p.weight);
+  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
+  BwdRowTerms<T> rows[kRowGroup];
+  for (int64_t group = row_begin; group < row_end; group += kRowGroup) {
+    const int group_rows = static_cast<int>(std::min<int64_t>(kRowGroup, row_end - group));
+    for (int i = 0; i < group_rows; ++i) {
+      const int64_t r = group + i;
+      BwdRowTerms<T>& t = rows[i];
+      t.x = static_cast<const T*>(p.x) + r * p.x_row_stride;
+      t.dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
+      t.dres = p.dresidual_out == nullptr
+                   ? nullptr
+                   : static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride;
+      t.dx = static_cast<T*>(p.dx) + r * n;
+      t.mean = broadcast(p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r]);
+      const Acc rstd = static_cast<const Acc*>(p.rstd)[r];
+      t.rstd = broadcast(rstd);
+      // Padding lanes have dy = 0, hence g = 0: they add nothing to either sum.
+      V sums[2];  // g, g * (x - mean)
+      sum_row_avx2<W>(n, sums, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
+        V g = loadn(t.dy + j, m);
+        if (w != nullptr) g *= loadn(w + j, m);
+        acc[0] += g;
+        acc[1] = fmadd(g, loadn(t.x + j, m) - t.mean, acc[1]);
+      });
+      const Acc mean_g = p.rms ? Acc(0) : hsum(sums[0]) * inv_n;
+      const Acc mean_g_xhat = hsum(sums[1]) * rstd * inv_n;
+      t.dx_bias = broadcast(-rstd * mean_g);
+      t.dx_xhat = broadcast(rstd * mean_g_xhat);
+    }
+    if (group_rows == kRowGroup) {
+      norm_bwd_sweep_avx2<kRowGroup>(rows, w, n, dw_partial, db_partial);
+    } else {
+      for (int i = 0; i < group_rows; ++i) {
+        norm_bwd_sweep_avx2<1>(rows + i, w, n, dw_partial, db_partial);
+      }
+    }
+  }
+}
+
+FASTLLM_AVX2_END
+#endif  // FASTLLM_NORM_CPU_AVX2
+
+// ---- dispatch over threads and instruction sets -----------------------------------------
+
+template <class T>
+void norm_fwd_typed(const FwdParams& p) {
+  void (*rows_fn)(const FwdParams&, int64_t, int64_t) = &norm_fwd_rows_scalar<T>;
+#if defined(FASTLLM_NORM_CPU_AVX2)
+  if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) rows_fn = &norm_fwd_rows_avx2<T>;
+#endif
+  const int threads = threads_for(p.rows, p.cols);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int t = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    rows_fn(p, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
+  }
+}
+
+template <class T>
+void norm_bwd_typed(const BwdParams& p) {
+  using Acc = AccOf<T>;
+  void (*rows_fn)(const BwdParams&, int64_t, int64_t, Acc*, Acc*) = &norm_bwd_rows_scalar<T>;
+#if defined(FASTLLM_NORM_CPU_AVX2)
+  if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) rows_fn = &norm_bwd_rows_avx2<T>;
+#endif
+  const int64_t n = p.cols;
+  const int max_threads = threads_for(p.rows, n);
+  Acc* dweight = static_cast<Acc*>(p.dweight);
+  Acc* dbias = static_cast<Acc*>(p.dbias);
+  // Thread t's partial rows, `stride` apart: its dweight and dbias totals (slots 4t, 4t+1)
+  // and the sums of its current block of rows (4t+2, 4t+3). Summing kParamGradBlockRows
+  // rows at a time and then adding the block into the total keeps the rounding error of
+  // a long column sum close to a pairwise sum's, not a running sum's. The stride is 256
+  // bytes more than a multiple of 4 KiB, so the rows never alias modulo 4 KiB. Each thread
+  // zeroes its own partials, so they start in its cache.
+  constexpr int64_t kParamGradBlockRows = 64;
+  const int64_t stride = (n * sizeof(Acc) + 4095) / 4096 * 4096 / sizeof(Acc) + 256 / sizeof(Acc);
+  const bool param_grads = dweight != nullptr || dbias != nullptr;
+  std::unique_ptr<Acc[]> partials;
+  if (param_grads) partials.reset(new Acc[4 * max_threads * stride]);
+#pragma omp parallel num_threads(max_threads) if (max_threads > 1)
+  {
+    const int t = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    const int64_t row_begin = block_begin(p.rows, t, nt);
+    const int64_t row_end = block_begin(p.rows, t + 1, nt);
+    if (!param_grads) {
+      rows_fn(p, row_begin, row_end, nullptr, nullptr);
+    } else {
+      Acc* slot_ptr[4];
+      for (int k = 0; k < 4; ++k) slot_ptr[k] = partials.get() + (4 * t + k) * stride;
+      Acc* dw_total = dweight != nullptr ? slot_ptr[0] : nullptr;
+      Acc* db_total = dbias != nullptr ? slot_ptr[1] : nullptr;
+      Acc* dw_block = dweight != nullptr ? slot_ptr[2] : nullptr;
+      Acc* db_block = dbias != nullptr ? slot_ptr[3] : nullptr;
+      if (dw_total != nullptr) std::fill_n(dw_total, n, Acc(0));
+      if (db_total != nullptr) std::fill_n(db_total, n, Acc(0));
+      for (int64_t b = row_begin; b < row_end; b += kParamGradBlockRows) {
+        if (dw_block != nullptr) std::fill_n(dw_block, n, Acc(0));
+        if (db_block != nullptr) std::fill_n(db_block, n, Acc(0));
+        rows_fn(p, b, std::min(b + kParamGradBlockRows, row_end), dw_block, db_block);
+        for (int64_t j = 0; dw_total != nullptr && j < n; ++j) dw_total[j] += dw_block[j];
+        for (int64_t j = 0; db_total != nullptr && j < n; ++j) db_total[j] += db_block[j];
+      }
+#pragma omp barrier
+      // Thread t sums columns [col_begin, col_end) over all threads' totals, in thread order.
+      const int64_t col_begin = block_begin(n, t, nt);
+      const int64_t col_end = block_begin(n, t + 1, nt);
+      for (int slot = 0; slot < 2; ++slot) {
+        Acc* dst = slot == 0 ? dweight : dbias;
+        if (dst == nullptr) continue;
+        std::copy(partials.get() + slot * stride + col_begin,
+                  partials.get() + slot * stride + col_end, dst + col_begin);
+        for (int u = 1; u < nt; ++u) {
+          const Acc* src = partials.get() + (4 * u + slot) * stride;
+          for (int64_t j = col_begin; j < col_end; ++j) dst[j] += src[j];
+        }
+      }
+    }
+  }
+}
+
+std::string dtype_error(const char* fn, DType dtype) {
+  return std::string(fn) + ": dtype must be one of kFloat32, kBFloat16, kFloat16, kFloat64, got " +
+         std::to_string(static_cast<int32_t>(dtype));
+}
+
+}  // namespace
+
+void norm_fwd_cpu(const FwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return norm_fwd_typed<float>(p);
+    case DType::kBFloat16: return norm_fwd_typed<BFloat16>(p);
+    case DType::kFloat16: return norm_fwd_typed<Half>(p);
+    case DType::kFloat64: return norm_fwd_typed<double>(p);
+  }
+  throw std::invalid_argument(dtype_error("norm_fwd_cpu", p.dtype));
+}
+
+void norm_bwd_cpu(const BwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return norm_bwd_typed<float>(p);
+    case DType::kBFloat16: return norm_bwd_typed<BFloat16>(p);
+    case DType::kFloat16: return norm_bwd_typed<Half>(p);
+    case DType::kFloat64: return norm_bwd_typed<double>(p);
+  }
+  throw std::invalid_argument(dtype_error("norm_bwd_cpu", p.dtype));
+}
+
+}  // namespace norm
+}  // namespace fastllm

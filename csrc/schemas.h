@@ -1,0 +1,36 @@
+// Every fastllm op schema, in one list. registration.cpp defines them in the `fastllm`
+// library; the host build of the CUDA kernels (SIMT emulation, tests only) defines the
+// same schemas in `fastllm_emu`, so the emulated CUDA path is called exactly like the
+// real one.
+#pragma once
+
+#define FASTLLM_NORM_SCHEMAS(X)                                                           \
+  X("layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, " \
+    "float eps) -> (Tensor out, Tensor mean, Tensor rstd)")                               \
+  X("add_layer_norm_fwd(Tensor input, Tensor residual, int[] normalized_shape, "       \
+    "Tensor? weight, Tensor? bias, float eps) -> (Tensor out, Tensor residual_out, "       \
+    "Tensor mean, Tensor rstd)")                                                          \
+  X("layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, "           \
+    "int[] normalized_shape, Tensor? weight, Tensor mean, Tensor rstd, "               \
+    "bool weight_grad, bool bias_grad) -> (Tensor grad_input, Tensor grad_weight, "       \
+    "Tensor grad_bias)")                                                                  \
+  X("rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps) "   \
+    "-> (Tensor out, Tensor rstd)")                                                       \
+  X("add_rms_norm_fwd(Tensor input, Tensor residual, int[] normalized_shape, "         \
+    "Tensor? weight, float eps) -> (Tensor out, Tensor residual_out, Tensor rstd)")       \
+  X("rms_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor input, "             \
+    "int[] normalized_shape, Tensor? weight, Tensor rstd, bool weight_grad) "          \
+    "-> (Tensor grad_input, Tensor grad_weight)")
+
+#define FASTLLM_CROSS_ENTROPY_SCHEMAS(X)                                                  \
+  X("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "  \
+    "float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse)")   \
+  X("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "  \
+    "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) "  \
+    "-> Tensor grad_logits")                                                              \
+  X("cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, "      \
+    "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, " \
+    "float softcap) -> ()")
+
+// Every family's list; registration.cpp and the emulation build define exactly these.
+#define FASTLLM_ALL_SCHEMAS(X) FASTLLM_NORM_SCHEMAS(X) FASTLLM_CROSS_ENTROPY_SCHEMAS(X)

@@ -1,0 +1,57 @@
+"""The one place that decides which implementation an op runs.
+
+Backends:
+  ``"native"``     hand-written kernels by device: C++ CPU kernels for CPU tensors, CUDA C++
+                   kernels for CUDA tensors (the default);
+  ``"triton"``     the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
+  ``"reference"``  plain PyTorch, anywhere;
+  ``"cuda_emu"``   test-only: the CUDA kernels' own source, compiled for the host and run on
+                   CPU tensors through fastllm's SIMT emulation (see ``fastllm/_emu.py``).
+
+Choose with ``FASTLLM_BACKEND=<name>`` in the environment, or for a block of code with
+``with fastllm.use_backend(name): ...`` (which wins over the environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+BACKENDS = ("native", "triton", "reference", "cuda_emu")
+DEFAULT_BACKEND = "native"
+
+# Stack of active `use_backend` blocks (innermost last). Process-wide, like torch's own
+# `sdpa_kernel` context manager.
+_override: list[str] = []
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost ``use_backend`` block, else ``FASTLLM_BACKEND``,
+    else ``"native"``."""
+    if _override:
+        return _override[-1]
+    env = os.environ.get("FASTLLM_BACKEND")
+    if env:
+        return _validate(env, "FASTLLM_BACKEND")
+    return DEFAULT_BACKEND
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block with backend ``name`` (see the module docstring)."""
+    _override.append(_validate(name, "backend"))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,27 @@
+"""``fastllm bench``: fastllm against torch eager and torch.compile, in the same run.
+
+Each op family is a module listed in ``FAMILIES`` that provides
+  ``FAMILY``         its name on the command line;
+  ``PARAM_COLUMNS``  the case columns of its table (e.g. op, mode, shape, dtype);
+  ``cases(quick)``   its cases, objects following ``fastllm.bench.common.Case``.
+The timing rule, ceilings, table and JSON are shared (``fastllm.bench.common``), and the
+pytest-benchmark suite in ``benchmarks/`` builds its tests from the same ``cases()``.
+Adding a family is one module and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> module; imported only when benchmarked (torch.compile and friends are slow to load)
+FAMILIES: dict[str, str] = {
+    "norm": "fastllm.bench.norm",
+    "cross_entropy": "fastllm.bench.cross_entropy",
+}
+
+
+def load_family(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise ValueError(f"benchmark family must be one of {', '.join(FAMILIES)}; got {name!r}")
+    return importlib.import_module(FAMILIES[name])

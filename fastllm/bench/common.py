@@ -1,0 +1,492 @@
+"""What every ``fastllm bench`` family shares: the timing rule, the machine's ceilings,
+peak memory, the result record and the table.
+
+Timing rule (every family, every contender, the same):
+  * compile-style set-up (``torch.compile``) happens once per case, before timing;
+  * warm-up: at least one call and at least ``warmup_s`` of calls, not timed;
+  * then calls are timed one by one until at least ``min_repeats`` calls *and*
+    ``min_time_s`` seconds have been measured (or ``max_repeats`` calls); the reported
+    time is the median call. A case whose calls take a second still gets ``min_repeats``
+    calls: nothing is cut short silently, the budget is set per case by these numbers.
+  * CPU calls are timed with ``time.perf_counter``; CUDA calls with CUDA events, so a GPU
+    number is only ever a GPU measurement. The garbage collector is off while timing.
+  * Caches are not flushed between calls: a norm's input is usually what the previous op
+    just wrote, and flushing a CPU's last-level cache costs more than the ops measured.
+
+Ceilings: the copy bandwidth is ``dst.copy_(src)`` between two preallocated 256 MiB
+buffers (best of several), counting the bytes read plus the bytes written — the same
+accounting as the effective bandwidth of an op. The first-touch rate times
+``torch.empty(n).fill_(1)`` on fresh memory: on the CPU that is bound by page faults,
+which is what ops allocating large fresh outputs pay (see ``fresh_pages_every_call``).
+
+Peak memory: on Linux CPUs, the peak resident set size (``VmHWM``) is reset through
+``/proc/self/clear_refs`` before one untimed call, after ``malloc_trim(0)`` has returned
+freed heap memory to the system; the increase of ``VmHWM`` over the RSS before the call
+is what the call needed (it sees torch's CPU allocations, unlike ``ru_maxrss`` which never
+goes down). On CUDA: ``torch.cuda.max_memory_allocated`` over the allocation before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+# Contender names, shared by every family (ratios are computed against the two torch ones).
+FASTLLM = "fastllm"
+EAGER = "torch eager"
+COMPILE = "torch.compile"
+CONTENDERS = (FASTLLM, EAGER, COMPILE)
+
+# glibc serves an allocation above its mmap threshold with a fresh mmap and unmaps it on
+# free; the threshold adapts upwards but never beyond 32 MiB on 64-bit Linux
+# (DEFAULT_MMAP_THRESHOLD_MAX). So on the CPU an op whose output exceeds this gets fresh
+# pages, and pays their first-touch page faults, on every call. Smaller allocations may or
+# may not be recycled from the heap, depending on the allocation history.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
+
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingBudget:
+    warmup_s: float  # warm-up: at least one call and at least this long
+    min_repeats: int  # timed calls: at least this many ...
+    min_time_s: float  # ... and at least this long in total ...
+    max_repeats: int  # ... but never more than this many
+
+    @classmethod
+    def full(cls) -> "TimingBudget":
+        return cls(warmup_s=0.05, min_repeats=5, min_time_s=0.3, max_repeats=100)
+
+    @classmethod
+    def quick(cls) -> "TimingBudget":
+        return cls(warmup_s=0.01, min_repeats=3, min_time_s=0.02, max_repeats=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_s: float
+    repeats: int
+
+
+def _call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def time_callable(
+    fn: Callable[[], object], device: torch.device, budget: TimingBudget, warmed_up_s: float = 0.0
+) -> Timing:
+    """Median seconds per call of ``fn`` under the timing rule of this module.
+    ``warmed_up_s``: seconds the caller already spent calling ``fn`` (counts as warm-up)."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        warm = warmed_up_s if warmed_up_s > 0 else _call_seconds(fn, device)
+        while warm < budget.warmup_s:
+            warm += _call_seconds(fn, device)
+        samples: list[float] = []
+        while len(samples) < budget.max_repeats and (
+            len(samples) < budget.min_repeats or sum(samples) < budget.min_time_s
+        ):
+            samples.append(_call_seconds(fn, device))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(median_s=statistics.median(samples), repeats=len(samples))
+
+
+def compile_once(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` (inductor, static shapes) for one case. Dynamo's cache is reset
+    first: it is keyed by the code object, so the cases of one function would otherwise
+    pile up recompiles until dynamo's recompile limit silently falls back to eager.
+    ``fullgraph=True`` turns a graph break into an error instead of a slower number."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+# ------------------------------------------------------------------ machine ceilings
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * MiB, repeats: int = 5) -> float:
+    """Best ``dst.copy_(src)`` rate between two preallocated buffers, in GB/s counting the
+    bytes read and the bytes written (2 * nbytes per copy)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.zeros_like(src)
+    best = math.inf
+    dst.copy_(src)  # touch every page of both buffers before timing
+    for _ in range(repeats):
+        best = min(best, _call_seconds(lambda: dst.copy_(src), device))
+    return 2 * nbytes / best / 1e9
+
+
+def first_touch_gbs(device: torch.device, nbytes: int = 128 * MiB, repeats: int = 3) -> float:
+    """Best rate of ``torch.empty(n).fill_(1)`` on a fresh allocation, in GB/s written."""
+    numel = nbytes // 4
+    best = math.inf
+    for _ in range(repeats):
+        best = min(
+            best,
+            _call_seconds(lambda: torch.empty(numel, device=device).fill_(1), device),
+        )
+    return nbytes / best / 1e9
+
+
+def thp_setting(device: torch.device) -> str:
+    """How torch's CPU allocator was set up in this process: ``"on"`` if it was started
+    with ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for large allocations), else
+    ``"off"``; ``"n/a"`` for a GPU."""
+    if device.type != "cpu":
+        return "n/a"
+    return "on" if os.environ.get(THP_ENV) == "1" else "off"
+
+
+def fresh_pages_every_call(device: torch.device, largest_output_bytes: int) -> bool:
+    """Whether an op on ``device`` whose largest fresh output has this size pays first-touch
+    page faults on every call (see GLIBC_MMAP_THRESHOLD_MAX), so that its time depends on
+    the THP setting."""
+    return device.type == "cpu" and largest_output_bytes > GLIBC_MMAP_THRESHOLD_MAX
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _kernel_thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as mode:
+            return mode.read().strip()
+    except OSError:
+        return "unknown"
+
+
+@dataclasses.dataclass
+class Machine:
+    """The process's device and its measured ceilings."""
+
+    device: str
+    device_name: str
+    torch_version: str
+    threads: int
+    thp: str  # this process's THP_MEM_ALLOC_ENABLE setting: "on", "off" or "n/a"
+    kernel_thp_mode: str
+    copy_gbs: float
+    first_touch_gbs: Optional[float]  # CPU only: a GPU's caching allocator hides it
+
+
+def measure_machine(device: torch.device, quick: bool) -> Machine:
+    repeats = 2 if quick else 5
+    cpu = device.type == "cpu"
+    return Machine(
+        device=str(device),
+        device_name=_cpu_model() if cpu else torch.cuda.get_device_name(device),
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        thp=thp_setting(device),
+        kernel_thp_mode=_kernel_thp_mode() if cpu else "n/a",
+        copy_gbs=copy_bandwidth_gbs(device, repeats=repeats),
+        first_touch_gbs=first_touch_gbs(device, repeats=repeats) if cpu else None,
+    )
+
+
+# ---------------------------------------------------------------------- peak memory
+
+
+def _read_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _malloc_trim() -> None:
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak memory one call of ``fn`` needs above what was allocated before it (see the
+    module docstring for the method); None where it cannot be measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        gc.collect()
+        _malloc_trim()
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current RSS
+        before = _read_status_bytes("VmRSS")
+        fn()
+        return max(0, _read_status_bytes("VmHWM") - before)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- backend
+
+
+def resolve_backend(requested: Optional[str], device: torch.device) -> tuple[str, str]:
+    """The fastllm backend to time, and how to describe it. ``requested=None`` means the
+    process's backend (``FASTLLM_BACKEND``, else native); the default native falls back to
+    the reference, with a warning, while fastllm._C is not built. Raises ValueError for a
+    backend that cannot run here."""
+    from fastllm import _native
+    from fastllm.backend import get_backend, triton_interpret
+
+    backend = requested or get_backend()
+    if backend == "native" and not _native.AVAILABLE:
+        if requested:
+            raise ValueError(f"backend native needs fastllm._C, which is not built: {_native._error}")
+        logger.warning(
+            "fastllm._C is not built (%s): timing fastllm's reference backend instead", _native._error
+        )
+        return "reference", "reference (plain PyTorch, because fastllm._C is not built)"
+    if backend == "triton" and device.type == "cpu" and not triton_interpret():
+        raise ValueError("backend triton on the CPU needs TRITON_INTERPRET=1 in the environment")
+    if backend == "native":
+        kernels = "C++ CPU" if device.type == "cpu" else "CUDA"
+        return backend, f"native (fastllm's {kernels} kernels)"
+    if backend == "triton" and device.type == "cpu":
+        return backend, "triton (under TRITON_INTERPRET=1: the interpreter, not a GPU)"
+    if backend == "reference":
+        return backend, "reference (plain PyTorch)"
+    return backend, backend
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class Result:
+    """One contender on one case, as printed and as written to JSON."""
+
+    family: str
+    case: str  # the case id, also the pytest-benchmark id
+    params: dict[str, str]  # the case's table columns (op, mode, shape, dtype, ...)
+    contender: str
+    label: str  # the contender as shown, e.g. "fastllm[native]"
+    device: str
+    thp: str
+    time_s: Optional[float] = None
+    repeats: int = 0
+    bytes_moved: Optional[int] = None
+    gbs: Optional[float] = None
+    copy_gbs: Optional[float] = None  # the ceiling measured under the same THP setting
+    speedup_vs_eager: Optional[float] = None  # eager time / this time
+    speedup_vs_compile: Optional[float] = None  # torch.compile time / this time
+    peak_memory_bytes: Optional[int] = None
+    error: Optional[str] = None
+
+
+def fill_ratios(results: Sequence[Result]) -> None:
+    """Bandwidth and speedups, within each group of one case and THP setting."""
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for result in results:
+        groups.setdefault((result.family, result.case, result.thp), []).append(result)
+    for group in groups.values():
+        base = {r.contender: r.time_s for r in group if r.time_s is not None}
+        for result in group:
+            if result.time_s is None:
+                continue
+            if result.bytes_moved is not None:
+                result.gbs = result.bytes_moved / result.time_s / 1e9
+            if EAGER in base:
+                result.speedup_vs_eager = base[EAGER] / result.time_s
+            if COMPILE in base:
+                result.speedup_vs_compile = base[COMPILE] / result.time_s
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """Plain-text table; ``right[i]`` right-aligns column i (numbers). An empty row prints
+    as a blank separator line; a cell beyond the last column is a note, printed unaligned
+    after the row."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row[: len(headers)]):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        aligned = [
+            cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(cells, widths, right)
+        ]
+        return "  ".join(aligned + list(cells[len(headers):])).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(row) if row else "" for row in rows]
+    return "\n".join(out)
+
+
+def _fmt(value: Optional[float], suffix: str = "", digits: int = 3) -> str:
+    """At least ``digits`` significant digits (all of the integer part), no exponent."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return f"0{suffix}"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - magnitude)
+    text = f"{value:.{decimals}f}"
+    if decimals and abs(float(text)) >= 10 ** (magnitude + 1):  # 0.9996 rounded up to 1.000
+        text = f"{value:.{decimals - 1}f}"
+    return text + suffix
+
+
+def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> str:
+    """One row per contender, cases separated by a blank line; the case columns are shown
+    on the first row of each case only."""
+    headers = [*param_columns, "THP", "contender", "time ms", "GB/s", "% copy", "vs eager",
+               "vs compile", "peak MiB"]
+    right = [False] * (len(param_columns) + 2) + [True] * 6
+    rows: list[list[str]] = []
+    previous: Optional[tuple[str, str]] = None
+    for result in results:
+        key = (result.case, result.thp)
+        if previous is not None and key != previous:
+            rows.append([])
+        case_cells = (
+            [result.params[c] for c in param_columns] if key != previous
+            else [""] * len(param_columns)
+        )
+        previous = key
+        if result.error is not None:
+            rows.append([*case_cells, result.thp, result.label, "FAILED", *["-"] * 5, result.error])
+            continue
+        copy_fraction = (
+            None if result.gbs is None or not result.copy_gbs else 100 * result.gbs / result.copy_gbs
+        )
+        peak = None if result.peak_memory_bytes is None else result.peak_memory_bytes / MiB
+        rows.append([
+            *case_cells,
+            result.thp,
+            result.label,
+            _fmt(result.time_s * 1e3),
+            _fmt(result.gbs),
+            _fmt(copy_fraction, "%", digits=2),
+            _fmt(result.speedup_vs_eager, "x"),
+            _fmt(result.speedup_vs_compile, "x"),
+            _fmt(peak, digits=1),
+        ])
+    return format_table(headers, rows, right)
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+class Case(Protocol):
+    """What a family's case provides to the runner (and to benchmarks/)."""
+
+    id: str
+
+    def params(self) -> dict[str, str]:
+        """The table's case columns."""
+
+    def bytes_moved(self) -> int:
+        """Unavoidable bytes read and written once (the effective-bandwidth numerator)."""
+
+    def largest_output_bytes(self) -> int:
+        """Size of the largest tensor a call allocates (decides page-fault sensitivity)."""
+
+    def make_inputs(self, device: torch.device) -> Any:
+        """The tensors every contender of this case shares."""
+
+    def build(self, contender: str, inputs: Any, backend: str) -> Callable[[], object]:
+        """A no-argument callable running one call of ``contender``; compiled and run once
+        already where the contender compiles."""
+
+
+def fastllm_label(backend: str) -> str:
+    return f"{FASTLLM}[{backend}]"
+
+
+def run_cases(
+    family: str,
+    cases: Sequence[Case],
+    *,
+    device: torch.device,
+    backend: str,
+    budget: TimingBudget,
+    copy_gbs: float,
+    contenders: Sequence[str] = CONTENDERS,
+) -> list[Result]:
+    """Times every contender on every case, in this process. A contender that raises is
+    recorded with its error (and logged), never dropped."""
+    thp = thp_setting(device)
+    results: list[Result] = []
+    progress = tqdm(
+        total=len(cases) * len(contenders), desc=f"bench {family} (THP {thp})",
+        unit="run", file=sys.stderr, disable=None, leave=False,
+    )
+    with progress:
+        for index, case in enumerate(cases):
+            if progress.disable:  # no terminal: progress goes to the log
+                logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
+            inputs = case.make_inputs(device)
+            for contender in contenders:
+                progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
+                result = Result(
+                    family=family, case=case.id, params=case.params(), contender=contender,
+                    label=fastllm_label(backend) if contender == FASTLLM else contender,
+                    device=str(device), thp=thp, bytes_moved=case.bytes_moved(),
+                    copy_gbs=copy_gbs,
+                )
+                try:
+                    call = case.build(contender, inputs, backend)
+                    begin = time.perf_counter()
+                    result.peak_memory_bytes = peak_memory_bytes(call, device)  # 1st warm-up call
+                    timing = time_callable(
+                        call, device, budget, warmed_up_s=time.perf_counter() - begin
+                    )
+                    result.time_s, result.repeats = timing.median_s, timing.repeats
+                except Exception as exc:  # reported in the table and the exit status
+                    logger.exception("%s %s: %s failed", family, case.id, contender)
+                    result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+                finally:
+                    call = None  # free the compiled graph and its buffers before the next
+                results.append(result)
+                progress.update()
+            del inputs
+    fill_ratios(results)
+    return results

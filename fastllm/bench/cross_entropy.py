@@ -1,0 +1,217 @@
+"""The cross-entropy family's benchmark cases: the fused cross-entropy on (N, V) logits and
+linear + cross-entropy on (N, H) hidden states and a (V, H) output projection, forward and
+forward+backward, fastllm against torch eager and torch.compile — and, for linear +
+cross-entropy, torch's own chunked ``F.linear_cross_entropy`` too.
+
+Shape glossary: N rows (tokens), V classes (vocabulary), H hidden size; logits (N, V),
+target (N,) int64 with every 16th row ignored (ignore_index=-100, like padding), hidden
+(N, H), linear_weight (V, H). reduction="mean" everywhere (what training uses).
+
+The contenders compute the same thing:
+  fastllm                    fastllm.functional.cross_entropy / linear_cross_entropy on the
+                             backend being benchmarked (linear: default chunk size);
+  torch eager                F.cross_entropy(logits, target); linear: the unfused
+                             F.cross_entropy(F.linear(hidden, weight), target);
+  torch.compile              the eager function through inductor (static shapes, compiled
+                             once per case, compilation and its first call not timed);
+  torch linear_cross_entropy linear cases only: torch's F.linear_cross_entropy with
+                             ``options=LinearCrossEntropyOptions()``, its chunked path (the
+                             default options=None is the unfused composition, i.e. eager).
+
+Forward+backward times one forward and one backward (``torch.autograd.grad`` of the loss
+with respect to the logits, or to hidden and weight), gradients returned, not accumulated.
+
+Peak memory is the increase of the process's peak resident set size (VmHWM, reset through
+/proc/self/clear_refs after malloc_trim) over one untimed call: it sees every CPU allocation
+torch makes, which torch's own memory statistics do not on the CPU
+(fastllm.bench.common.peak_memory_bytes). The inputs (logits; hidden and weight) exist
+before the call and are not counted; outputs (the gradients) are.
+
+Effective bandwidth counts the bytes an implementation cannot avoid, each once (e = bytes
+per element): cross-entropy forward reads the logits, N * V * e; forward+backward also
+writes their gradient, 2 * N * V * e (the targets, N * 8 bytes, are not counted). Linear +
+cross-entropy is bound by its three GEMMs (2 * N * H * V flops each), not by memory: its
+GB/s column counts hidden and weight read and (fwd+bwd) their gradients written, and is
+small on purpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastllm.functional as fastllm_functional
+from fastllm.backend import use_backend
+from fastllm.bench.common import COMPILE, CONTENDERS, EAGER, FASTLLM, compile_once
+
+FAMILY = "cross_entropy"
+PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
+
+TORCH_LINEAR_CROSS_ENTROPY = "torch linear_cross_entropy"
+
+MODES = ("fwd", "fwd+bwd")
+DTYPES = (torch.float32, torch.bfloat16)
+# (N, V). The issue's (8192, 128256) would need about 20 GB for torch eager's forward and
+# backward in float32 (logits, log-probabilities and two gradients of 4.2 GB each): N is
+# scaled down to 2048 to fit a 24 GB machine.
+CROSS_ENTROPY_SHAPES = ((4096, 32000), (2048, 128256))
+QUICK_CROSS_ENTROPY_SHAPES = ((256, 8000),)
+# (N, H, V)
+LINEAR_SHAPES = ((4096, 1024, 32000),)
+QUICK_LINEAR_SHAPES = ((256, 256, 8000),)
+IGNORED_EVERY = 16
+
+
+# ------------------------------------------------------------------ the contenders
+
+
+def torch_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits, target)
+
+
+def fastllm_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return fastllm_functional.cross_entropy(logits, target)
+
+
+def torch_linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(hidden, weight), target)
+
+
+def torch_linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    options = torch.nn.LinearCrossEntropyOptions()
+    return F.linear_cross_entropy(hidden, weight, target, options=options)
+
+
+def fastllm_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    return fastllm_functional.linear_cross_entropy(hidden, weight, target)
+
+
+@dataclasses.dataclass
+class CrossEntropyInputs:
+    args: tuple[Tensor, ...]  # logits, target; or hidden, weight, target
+    differentiable: tuple[Tensor, ...]  # forward+backward: what the gradients are taken of
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyCase:
+    op: str  # "cross_entropy" or "linear_cross_entropy"
+    mode: str  # one of MODES
+    shape: tuple[int, ...]  # (N, V) or (N, H, V)
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.mode}-{'x'.join(map(str, self.shape))}-{self.dtype_name}"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def linear(self) -> bool:
+        return self.op == "linear_cross_entropy"
+
+    @property
+    def backward(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    @property
+    def contenders(self) -> tuple[str, ...]:
+        """Who runs this case (the runner times exactly these, in this order)."""
+        return CONTENDERS + ((TORCH_LINEAR_CROSS_ENTROPY,) if self.linear else ())
+
+    def params(self) -> dict[str, str]:
+        return {"op": self.op, "mode": self.mode, "shape": "x".join(map(str, self.shape)),
+                "dtype": self.dtype_name}
+
+    def _rows_vocab(self) -> tuple[int, int]:
+        return (self.shape[0], self.shape[2]) if self.linear else self.shape
+
+    def bytes_moved(self) -> int:
+        """The totals of the module docstring."""
+        e = self.dtype.itemsize
+        times = 2 if self.backward else 1
+        if self.linear:
+            n_rows, hidden, vocab = self.shape
+            return times * (n_rows + vocab) * hidden * e
+        n_rows, vocab = self.shape
+        return times * n_rows * vocab * e
+
+    def largest_output_bytes(self) -> int:
+        """torch eager's (N, V) logits / log-probabilities / gradient."""
+        n_rows, vocab = self._rows_vocab()
+        return n_rows * vocab * self.dtype.itemsize
+
+    def make_inputs(self, device: torch.device) -> CrossEntropyInputs:
+        generator = torch.Generator(device=device).manual_seed(0)
+        n_rows, vocab = self._rows_vocab()
+        target = torch.randint(0, vocab, (n_rows,), generator=generator, device=device)
+        target[::IGNORED_EVERY] = -100
+        if self.linear:
+            _, hidden_size, _ = self.shape
+            hidden = torch.randn(n_rows, hidden_size, generator=generator, device=device)
+            weight = torch.randn(vocab, hidden_size, generator=generator, device=device)
+            weight /= hidden_size**0.5  # logits of order 1, as in a trained model
+            hidden = hidden.to(self.dtype).requires_grad_(self.backward)
+            weight = weight.to(self.dtype).requires_grad_(self.backward)
+            return CrossEntropyInputs((hidden, weight, target), (hidden, weight))
+        logits = torch.randn(n_rows, vocab, generator=generator, device=device, dtype=self.dtype)
+        logits.requires_grad_(self.backward)
+        return CrossEntropyInputs((logits, target), (logits,))
+
+    def function(self, contender: str, backend: str) -> Callable:
+        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
+        eager = torch_linear_cross_entropy_unfused if self.linear else torch_cross_entropy
+        if contender == FASTLLM:
+            fastllm_fn = fastllm_linear_cross_entropy if self.linear else fastllm_cross_entropy
+
+            def on_backend(*args: Tensor) -> Tensor:
+                with use_backend(backend):
+                    return fastllm_fn(*args)
+
+            return on_backend
+        if contender == EAGER:
+            return eager
+        if contender == COMPILE:
+            return compile_once(eager)
+        if contender == TORCH_LINEAR_CROSS_ENTROPY and self.linear:
+            return torch_linear_cross_entropy_chunked
+        raise ValueError(f"contender must be one of {self.contenders}; got {contender!r}")
+
+    def build(self, contender: str, inputs: CrossEntropyInputs, backend: str) -> Callable[[], None]:
+        """One call of ``contender`` on ``inputs``: the forward, or the forward and the
+        backward. For torch.compile it is run once here, so compilation is never timed."""
+        fn = self.function(contender, backend)
+        args = inputs.args
+        if self.backward:
+            differentiable = inputs.differentiable
+
+            def call() -> None:
+                torch.autograd.grad(fn(*args), differentiable)
+        else:
+
+            def call() -> None:
+                fn(*args)
+
+        if contender == COMPILE:
+            call()
+        return call
+
+
+def cases(quick: bool = False) -> list[CrossEntropyCase]:
+    """Every case, in table order: op, shape, dtype, mode. ``quick``: small shapes. Linear +
+    cross-entropy is float32 only: its time is three GEMMs, and a CPU without bfloat16
+    matrix units runs bfloat16 GEMMs through slow emulation, timing torch's GEMM, not fastllm."""
+    ce_shapes = QUICK_CROSS_ENTROPY_SHAPES if quick else CROSS_ENTROPY_SHAPES
+    linear_shapes = QUICK_LINEAR_SHAPES if quick else LINEAR_SHAPES
+    return [
+        CrossEntropyCase("cross_entropy", mode, shape, dtype)
+        for shape in ce_shapes for dtype in DTYPES for mode in MODES
+    ] + [
+        CrossEntropyCase("linear_cross_entropy", mode, shape, torch.float32)
+        for shape in linear_shapes for mode in MODES
+    ]

@@ -1,0 +1,6 @@
+"""Drop-in ``nn.Module`` layers backed by fastllm's kernels."""
+
+from fastllm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from fastllm.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss"]

@@ -1,0 +1,98 @@
+"""CrossEntropyLoss and LinearCrossEntropyLoss: drop-in replacements for
+torch.nn.CrossEntropyLoss and torch.nn.LinearCrossEntropyLoss.
+
+They subclass torch's modules, so constructor arguments, the ``weight`` buffer, the owned
+``linear`` layer, ``state_dict`` keys and ``isinstance`` checks are torch's own; ``forward``
+runs fastllm's fused kernels. Extra keyword-only options: ``z_loss`` and ``softcap`` (both),
+``inplace_backward`` (CrossEntropyLoss) and ``chunk_size`` (LinearCrossEntropyLoss).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastllm import functional as F
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float = 0.0,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(
+            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+            self.z_loss, self.softcap, inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        extras = [f"{k}={getattr(self, k)}" for k in ("z_loss", "softcap") if getattr(self, k)]
+        if self.inplace_backward:
+            extras.append("inplace_backward=True")
+        return ", ".join(extras)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """Owns ``self.linear`` (``Linear(in_features, num_classes, bias=bias)``) like torch's
+    module and computes ``cross_entropy(self.linear(input), target)`` chunk by chunk.
+    ``options`` (torch's chunking options) is accepted and ignored: ``chunk_size`` picks the
+    chunking here. K-dimensional losses (``out_features != ()``) run torch's own module."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options=None,
+        z_loss: float = 0.0,
+        softcap: float = 0.0,
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            in_features, num_classes, out_features=out_features, bias=bias, device=device,
+            dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, options=options,
+        )
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.out_features != ():
+            if self.z_loss or self.softcap:
+                raise ValueError(
+                    "LinearCrossEntropyLoss: z_loss and softcap need out_features=(), got "
+                    f"out_features={self.out_features}"
+                )
+            return super().forward(input, target)
+        return F.linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )

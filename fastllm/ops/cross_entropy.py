@@ -1,0 +1,751 @@
+"""Cross-entropy ops: fake and autograd registrations, Triton ops, the chunked
+linear + cross-entropy op, and the backend choice.
+
+The kernels (C++ CPU, CUDA, Triton) work on 2-D logits ``(rows, vocab)`` and return the
+per-row loss and log-sum-exp in float32 (float64 for float64 logits); everything torch's
+``cross_entropy`` adds on top — the class dimension at dim 1, the reductions and their
+weighted mean, the loss in the input's dtype — happens here, on metadata and on per-row
+vectors, so that one pair of kernels serves every reduction.
+
+Implementations of the same schemas (csrc/schemas.h):
+  torch.ops.fastllm.cross_entropy_*          C++ CPU kernels and CUDA kernels
+  torch.ops.fastllm.cross_entropy_*_triton   Triton kernels (fastllm/triton/cross_entropy.py)
+  torch.ops.fastllm_emu.cross_entropy_*      the CUDA kernels run on CPU tensors by the SIMT
+                                             emulation (tests only, registered by fastllm._emu)
+
+linear + cross-entropy (``fastllm::linear_cross_entropy_fwd`` / ``_bwd``, defined here as
+Python custom ops so that torch.compile(fullgraph=True) sees one opaque op) runs the rows in
+chunks: per chunk, logits = x_c @ W.T + b (one GEMM), the fused cross-entropy forward, and —
+when the loss is reduced to a scalar (mean / sum), so the upstream gradient of every row is
+the same number g known up to that factor — the gradient of the chunk's logits written over
+them in place and the two gradient GEMMs (dX_c = dlogits @ W, dW += dlogits.T @ x_c). Backward
+then only scales dX, dW, db by g: 3 GEMMs in all, as in the unfused path, and the peak extra
+memory is one chunk of logits instead of (N, V) logits and their gradient. With
+reduction="none" the rows' gradients are only known in backward, which recomputes each
+chunk's logits (a 4th GEMM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from fastllm import _native
+from fastllm.backend import get_backend, triton_interpret
+from fastllm.reference import cross_entropy as ref
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- checks
+# Metadata-only checks shared by every backend (the C++ glue repeats them for direct callers
+# of torch.ops.fastllm.*). Values are never looked at here: a target out of range is
+# reported by the op itself, so these trace under torch.compile(fullgraph=True).
+
+
+def _check_options(
+    op: str, reduction: str, label_smoothing: float, z_loss: float, softcap: float
+) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"{op}: z_loss must be non-negative, got {z_loss}")
+    if softcap < 0:
+        raise ValueError(f"{op}: softcap must be non-negative (0 disables it), got {softcap}")
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}"
+        )
+
+
+def _check_class_weight(op: str, weight: Optional[Tensor], vocab: int, like: Tensor) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.shape[0] != vocab:
+        raise ValueError(
+            f"{op}: weight must have shape [{vocab}] (one weight per class), "
+            f"got {list(weight.shape)}"
+        )
+    _check_float(op, "weight", weight)
+    if weight.device != like.device:
+        raise ValueError(
+            f"{op}: weight must be on input's device {like.device}, got {weight.device}"
+        )
+
+
+def _class_index_target(op: str, target: Tensor, like: Tensor) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
+    if target.dtype == torch.uint8:  # torch accepts Byte class indices too
+        target = target.long()
+    if target.dtype != torch.int64:
+        raise TypeError(
+            f"{op}: target must be int64 class indices (or uint8), got {target.dtype}"
+        )
+    if target.device != like.device:
+        raise ValueError(
+            f"{op}: target must be on input's device {like.device}, got {target.device}"
+        )
+    return target
+
+
+def _as_rows(op: str, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    """torch's layouts -> (logits (rows, vocab), target (rows,), shape of the per-row loss).
+
+    input (C,) with target (); input (N, C) with target (N,); input (N, C, d1, ...) with
+    target (N, d1, ...): the class dimension is dim 1, as in torch.nn.functional.cross_entropy.
+    """
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input must have a class dimension, got a 0-d tensor")
+    if input.dim() == 1:
+        expected: list[int] = []
+    else:
+        expected = [input.shape[0]] + list(input.shape[2:])
+    if list(target.shape) != expected:
+        class_dim = "0" if input.dim() == 1 else "1"
+        raise ValueError(
+            f"{op}: target must have shape {expected} (input's shape {list(input.shape)} without "
+            f"the class dimension {class_dim}), got {list(target.shape)}"
+        )
+    vocab = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if input.dim() <= 2:
+        logits = input.reshape(-1, vocab)
+    else:
+        logits = input.movedim(1, -1).reshape(-1, vocab)  # copies: classes become contiguous
+    return logits, target.reshape(-1), expected
+
+
+# ---------------------------------------------------------------- op sets per backend
+
+
+_OP_NAMES = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace")
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyOps:
+    """The three ops of one implementation of the cross-entropy schemas, and the
+    autograd.Function that ``inplace_backward=True`` runs on them."""
+
+    cross_entropy_fwd: Any
+    cross_entropy_bwd: Any
+    cross_entropy_bwd_inplace: Any
+    inplace_backward_function: Any
+
+
+def _make_inplace_backward_function(fwd: Any, bwd_inplace: Any) -> type:
+    """Forward through ``fwd``; backward writes d(loss)/d(logits) over the saved logits with
+    ``bwd_inplace`` and returns them as the gradient, so the logits' storage is reused
+    instead of allocating a (rows, vocab) gradient. A second backward through the same graph
+    fails autograd's saved-tensor version check instead of reading overwritten logits.
+    (A class per op set, made once at import: torch.compile cannot trace class creation.)"""
+
+    class CrossEntropyInplaceBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+            loss, lse = fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+            ctx.save_for_backward(logits, target, weight, lse)
+            ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            logits, target, weight, lse = ctx.saved_tensors
+            bwd_inplace(grad_loss, logits, target, weight, lse, *ctx.options)
+            # The C++ op's schema marks logits as mutated, but nothing bumps their version for
+            # an op without an autograd kernel; do it, so that autograd's saved-tensor check
+            # catches any later use of the overwritten logits.
+            torch.autograd.graph.increment_version(logits)
+            return logits, None, None, None, None, None, None
+
+    return CrossEntropyInplaceBackward
+
+
+def _ops_in(namespace: Any, suffix: str = "") -> CrossEntropyOps:
+    # register_autograd takes OpOverloads, not the packets torch.ops.<lib>.<name> returns.
+    fwd, bwd, bwd_inplace = (getattr(namespace, name + suffix).default for name in _OP_NAMES)
+    return CrossEntropyOps(fwd, bwd, bwd_inplace, _make_inplace_backward_function(fwd, bwd_inplace))
+
+
+def register_fakes(lib: str) -> None:
+    """Fake (meta) implementations of the C++ schemas in library ``lib``."""
+
+    @torch.library.register_fake(f"{lib}::cross_entropy_fwd")
+    def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+        rows = logits.shape[0]
+        acc = _acc_dtype(logits)
+        return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
+
+    @torch.library.register_fake(f"{lib}::cross_entropy_bwd")
+    def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{lib}::cross_entropy_bwd_inplace")
+    def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+        return None
+
+
+def register_autograd(ops: CrossEntropyOps) -> None:
+    """d(loss per row)/d(logits) through the set's own backward op; lse is not
+    differentiable, and neither are the class weights (as in torch)."""
+
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs
+        _loss, lse = output
+        ctx.save_for_backward(logits, target, weight, lse)
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_loss, _grad_lse):
+        logits, target, weight, lse = ctx.saved_tensors
+        grad_logits = None
+        if grad_loss is not None and ctx.needs_input_grad[0]:
+            grad_logits = ops.cross_entropy_bwd(
+                grad_loss, logits, target, weight, lse, *ctx.options
+            )
+        return grad_logits, None, None, None, None, None, None
+
+    torch.library.register_autograd(ops.cross_entropy_fwd, backward, setup_context=setup_context)
+
+
+_native_ops: Optional[CrossEntropyOps] = None
+if _native.AVAILABLE:
+    register_fakes("fastllm")
+    _native_ops = _ops_in(torch.ops.fastllm)
+    register_autograd(_native_ops)
+
+
+def _define_triton_ops() -> Optional[CrossEntropyOps]:
+    try:
+        from fastllm.triton import cross_entropy as triton_ce
+    except ImportError:  # triton not installed (e.g. a CPU-only torch)
+        return None
+    mutated = {"cross_entropy_bwd_inplace": ("logits",)}
+    for name in _OP_NAMES:
+        torch.library.triton_op(
+            f"fastllm::{name}_triton", getattr(triton_ce, name), mutates_args=mutated.get(name, ())
+        )
+    result = _ops_in(torch.ops.fastllm, "_triton")
+    register_autograd(result)
+    return result
+
+
+_triton_ops = _define_triton_ops()
+
+# Set by fastllm._emu when the test-only SIMT emulation extension is loaded.
+emulated_ops: Optional[CrossEntropyOps] = None
+
+
+def register_emulated(lib: str) -> None:
+    global emulated_ops
+    register_fakes(lib)
+    emulated_ops = _ops_in(getattr(torch.ops, lib))
+    register_autograd(emulated_ops)
+
+
+def _ops_for_backend(backend: str, device: torch.device) -> Optional[CrossEntropyOps]:
+    """The op set of ``backend`` for tensors on ``device``; None means the reference."""
+    if backend == "reference":
+        return None
+    if backend == "cuda_emu":
+        if emulated_ops is None:
+            raise RuntimeError(
+                "backend 'cuda_emu' needs the SIMT emulation extension: call "
+                "fastllm._emu.load() first (tests only)"
+            )
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cuda_emu' runs on CPU tensors, got {device}")
+        return emulated_ops
+    if backend == "triton":
+        if _triton_ops is None:
+            raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
+        if device.type == "cpu" and not triton_interpret():
+            raise RuntimeError(
+                "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
+                "tensor without it (use a CUDA tensor or the 'native' backend)"
+            )
+        return _triton_ops
+    # native
+    if device.type not in ("cpu", "cuda"):
+        return None  # no hand-written kernel for this device: the reference runs
+    _native.require()
+    return _native_ops
+
+
+def select_ops(input: Tensor) -> Optional[CrossEntropyOps]:
+    """The op set for ``input`` under the current backend; None means the reference."""
+    return _ops_for_backend(get_backend(), input.device)
+
+
+# ---------------------------------------------------------------------- reductions
+
+
+def _mean_denominator(
+    target: Tensor, weight: Optional[Tensor], ignore_index: int, vocab: int, dtype: torch.dtype
+) -> Tensor:
+    """What torch's mean divides by: the number of non-ignored rows, or the sum of their
+    class weights. Targets are clamped before the gather so that an out-of-range one (which
+    the op itself reports) is never used as an index here."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).clamp(0, vocab - 1)
+    return (weight.to(dtype)[safe_target] * valid).sum()
+
+
+def _reduce(
+    loss_rows: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    vocab: int,
+) -> Tensor:
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    # 0 / 0 = nan when every row is ignored, as in torch.
+    return loss_rows.sum() / _mean_denominator(target, weight, ignore_index, vocab, loss_rows.dtype)
+
+
+# ------------------------------------------------------------------ cross_entropy
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    inplace_backward: bool = False,
+) -> Tensor:
+    op = "cross_entropy"
+    _check_float(op, "input", input)
+    _check_options(op, reduction, label_smoothing, z_loss, softcap)
+    if isinstance(target, Tensor) and target.is_floating_point():
+        # Class probabilities: torch's own op (no fused kernel; z-loss / soft-capping are
+        # defined here for class-index targets only).
+        if z_loss != 0 or softcap != 0:
+            raise ValueError(
+                f"{op}: z_loss and softcap need class-index targets, got a {target.dtype} "
+                "target (class probabilities)"
+            )
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+    target = _class_index_target(op, target, input)
+    logits, rows_target, loss_shape = _as_rows(op, input, target)
+    vocab = logits.shape[1]
+    _check_class_weight(op, weight, vocab, input)
+
+    ops = select_ops(input)
+    if ops is None:
+        loss = ref.cross_entropy_ref(
+            logits, rows_target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+        return loss.reshape(loss_shape) if reduction == "none" else loss
+
+    options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap))
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()  # the gradient needs row-major storage to land in
+        loss_rows = ops.inplace_backward_function.apply(logits, rows_target, weight, *options)
+    else:
+        loss_rows, _lse = ops.cross_entropy_fwd(logits, rows_target, weight, *options)
+    loss = _reduce(loss_rows, rows_target, weight, ignore_index, reduction, vocab)
+    if reduction == "none":
+        loss = loss.reshape(loss_shape)
+    return loss.to(input.dtype)
+
+
+# ---------------------------------------------------------- linear + cross_entropy
+
+# A chunk's logits hold at least this many elements (16 MiB in float32): below it, the
+# per-chunk overheads (kernel launches, GEMM set-up, the dW read-modify-write) dominate.
+_MIN_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk such that a chunk's logits take about as much memory as the input
+    (rows x hidden) — the logits are then never the largest tensor — and at least
+    _MIN_CHUNK_ELEMENTS. (torch's LinearCrossEntropyOptions "aspect_ratio" rule, likewise.)"""
+    elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
+    return max(1, min(rows, -(-elements // vocab)))
+
+
+class _ChunkedLinear:
+    """The chunk loop's state: one logits buffer reused by every chunk (a fresh (C, V)
+    allocation per chunk would pay its page faults every time), and dX, dW, db summed chunk
+    by chunk from each chunk's d(loss)/d(logits). dW and db accumulate in float32 for
+    bfloat16/float16 (through a float32 copy of the chunk's logit gradient): summing chunk
+    products in the storage dtype would round once per chunk."""
+
+    def __init__(self, input, linear_weight, linear_bias, chunk_size,
+                 need_input, need_weight, need_bias):
+        rows, hidden = input.shape
+        vocab = linear_weight.shape[0]
+        self.chunk_size = chunk_size
+        self.linear_weight = linear_weight
+        self.linear_bias = linear_bias
+        self.low_precision = input.dtype in (torch.bfloat16, torch.float16)
+        acc = torch.float32 if self.low_precision else input.dtype
+        self.weight_dtype = linear_weight.dtype
+        self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+        chunk_rows = min(chunk_size, rows)
+        self.logits_buffer = input.new_empty((chunk_rows, vocab))
+        self.widened_buffer = (
+            input.new_empty((chunk_rows, vocab), dtype=acc)
+            if self.low_precision and need_weight else None
+        )
+        self.grad_input = input.new_empty((rows, hidden)) if need_input else None
+        self.grad_weight = input.new_zeros((vocab, hidden), dtype=acc) if need_weight else None
+        self.grad_bias = input.new_zeros((vocab,), dtype=acc) if need_bias else None
+
+    def chunks(self, input: Tensor) -> list[tuple[int, int]]:
+        rows = input.shape[0]
+        return [(s, min(s + self.chunk_size, rows)) for s in range(0, rows, self.chunk_size)]
+
+    def logits(self, x_chunk: Tensor) -> Tensor:
+        """(C, H) @ (V, H).T + b -> (C, V) in the input's dtype, torch's GEMM (as F.linear),
+        written into the shared buffer."""
+        out = self.logits_buffer[: x_chunk.shape[0]]
+        if self.linear_bias is None:
+            return torch.mm(x_chunk, self.linear_weight.t(), out=out)
+        return torch.addmm(self.linear_bias, x_chunk, self.linear_weight.t(), out=out)
+
+    def add_chunk(self, start: int, grad_logits: Tensor, x_chunk: Tensor) -> None:
+        end = start + grad_logits.shape[0]
+        if self.grad_input is not None:
+            torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
+        if self.grad_weight is not None:
+            if self.low_precision:
+                widened = self.widened_buffer[: end - start].copy_(grad_logits)
+                self.grad_weight.addmm_(widened.t(), x_chunk.float())
+            else:
+                self.grad_weight.addmm_(grad_logits.t(), x_chunk)
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+
+    def results(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(dX, dW, db) in their parameters' dtypes; an empty tensor for each one not wanted
+        (custom ops cannot return None)."""
+        grad_input, grad_weight, grad_bias = (like.new_empty(0) for _ in range(3))
+        if self.grad_input is not None:
+            grad_input = self.grad_input
+        if self.grad_weight is not None:
+            grad_weight = self.grad_weight.to(self.weight_dtype)
+        if self.grad_bias is not None:
+            grad_bias = self.grad_bias.to(self.bias_dtype)
+        return grad_input, grad_weight, grad_bias
+
+
+def _check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
+    """The error the CPU kernel raises, with the row counted over all rows rather than within
+    a chunk. Runs inside the op (never while tracing), on CPU only: on a GPU it would need a
+    device synchronisation, and the CUDA kernels mark such rows with a NaN loss instead."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"cross_entropy: target[{row}] = {int(target[row])} is out of range for {vocab} "
+            f"classes (ignore_index={ignore_index})"
+        )
+
+
+def _row_grad_of_reduction(
+    reduction: str, target: Tensor, weight: Optional[Tensor], ignore_index: int, vocab: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """d(reduced loss)/d(loss of a row), a 0-d tensor: 1 / denominator for mean, 1 for sum."""
+    if reduction == "mean":
+        return 1.0 / _mean_denominator(target, weight, ignore_index, vocab, dtype)
+    return torch.ones((), dtype=dtype, device=target.device)
+
+
+@torch.library.custom_op("fastllm::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    scale_grads_in_place: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """input (N, H), linear_weight (V, H), linear_bias (V,), target (N,) ->
+    (loss: () or (N,) float32, lse (N,) float32, dX, dW, db). The gradients are those of
+    the loss as returned (for reduction mean / sum) and empty when not wanted or when
+    reduction="none" (computed in backward then). scale_grads_in_place: see backward."""
+    ops = _ops_for_backend(backend, input.device)
+    rows = input.shape[0]
+    vocab = linear_weight.shape[0]
+    acc = _acc_dtype(input)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    if input.device.type == "cpu":
+        _check_target_range(target, vocab, ignore_index)
+    loss_rows = input.new_empty((rows,), dtype=acc)
+    lse = input.new_empty((rows,), dtype=acc)
+    with_grad = reduction != "none" and (need_grad_input or need_grad_weight or need_grad_bias)
+    loop = _ChunkedLinear(
+        input, linear_weight, linear_bias, chunk_size,
+        with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
+    )
+    row_grad = _row_grad_of_reduction(reduction, target, weight, ignore_index, vocab, acc)
+    for start, end in loop.chunks(input):
+        x_chunk = input[start:end]
+        logits = loop.logits(x_chunk)  # (C, V)
+        chunk_loss, chunk_lse = ops.cross_entropy_fwd(logits, target[start:end], weight, *options)
+        loss_rows[start:end] = chunk_loss
+        lse[start:end] = chunk_lse
+        if with_grad:
+            ops.cross_entropy_bwd_inplace(
+                row_grad.expand(end - start), logits, target[start:end], weight, chunk_lse, *options
+            )
+            loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
+    loss = _reduce(loss_rows, target, weight, ignore_index, reduction, vocab)
+    return (loss, lse, *loop.results(input))
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+      z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
+      scale_grads_in_place, backend):
+    rows, hidden = input.shape
+    vocab = linear_weight.shape[0]
+    acc = _acc_dtype(input)
+    with_grad = reduction != "none"
+    loss = input.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+    lse = input.new_empty((rows,), dtype=acc)
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return (
+        loss,
+        lse,
+        input.new_empty((rows, hidden) if with_grad and need_grad_input else (0,)),
+        input.new_empty((vocab, hidden) if with_grad and need_grad_weight else (0,),
+                        dtype=linear_weight.dtype),
+        input.new_empty((vocab,) if with_grad and need_grad_bias else (0,), dtype=bias_dtype),
+    )
+
+
+@torch.library.custom_op("fastllm::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd(
+    grad_loss: Tensor,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_loss (N,), the upstream gradient of every row's loss -> (dX, dW, db).
+    Recomputes each chunk's logits, overwrites them with their gradient and adds the chunk
+    to dX, dW, db."""
+    ops = _ops_for_backend(backend, input.device)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    loop = _ChunkedLinear(
+        input, linear_weight, linear_bias, chunk_size,
+        need_grad_input, need_grad_weight, need_grad_bias,
+    )
+    grad_loss = grad_loss.to(_acc_dtype(input))
+    for start, end in loop.chunks(input):
+        x_chunk = input[start:end]
+        logits = loop.logits(x_chunk)
+        ops.cross_entropy_bwd_inplace(
+            grad_loss[start:end], logits, target[start:end], weight, lse[start:end], *options
+        )
+        loop.add_chunk(start, logits, x_chunk)
+    return loop.results(input)
+
+
+@_linear_cross_entropy_bwd.register_fake
+def _(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
+      label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+      need_grad_bias, backend):
+    rows, hidden = input.shape
+    vocab = linear_weight.shape[0]
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return (
+        input.new_empty((rows, hidden) if need_grad_input else (0,)),
+        input.new_empty((vocab, hidden) if need_grad_weight else (0,), dtype=linear_weight.dtype),
+        input.new_empty((vocab,) if need_grad_bias else (0,), dtype=bias_dtype),
+    )
+
+
+def _setup_linear_cross_entropy(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+     z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
+     scale_grads_in_place, backend) = inputs
+    _loss, lse, grad_input, grad_weight, grad_bias = output
+    # Only the loss is differentiable; without this, autograd would hand backward zero-filled
+    # (N, H) and (V, H) gradients for the gradient outputs, an extra dW-sized allocation.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, grad_input, grad_weight, grad_bias)
+    ctx.reduction = reduction
+    ctx.needs = (need_grad_input, need_grad_weight, need_grad_bias)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+    ctx.backend = backend
+    # The inputs and lse (N floats) let any backward recompute the gradients.
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
+    ctx.scale_grads_in_place = scale_grads_in_place
+    # The gradients the forward computed (mean / sum), kept as attributes rather than saved
+    # tensors so that backward can hand them out and drop its reference (see backward).
+    ctx.precomputed = (grad_input, grad_weight, grad_bias) if reduction != "none" else None
+
+
+def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weight, _grad_bias):
+    need_input, need_weight, need_bias = ctx.needs
+    if grad_loss is None:
+        return (None,) * 16
+    if ctx.precomputed is not None:
+        # mean / sum: the forward computed the gradients of the reduced loss; scale them by its
+        # upstream gradient, a scalar. In eager mode in place, and the node gives them away:
+        # no second (V, H) buffer, and autograd can move them into .grad without a copy; a
+        # later backward through the same graph (retain_graph) recomputes below instead.
+        # Under torch.compile (decided at the call) out of place, which AOTAutograd traces.
+        if ctx.scale_grads_in_place:
+            grads = tuple(g.mul_(grad_loss) for g in ctx.precomputed)
+            ctx.precomputed = None
+        else:
+            grads = tuple(g * grad_loss for g in ctx.precomputed)
+    else:
+        input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, softcap, chunk_size = ctx.options
+        if ctx.reduction == "none":
+            grad_rows = grad_loss
+        else:
+            row_grad = _row_grad_of_reduction(
+                ctx.reduction, target, weight, ignore_index, linear_weight.shape[0], lse.dtype
+            )
+            grad_rows = (grad_loss * row_grad).expand(input.shape[0])
+        grads = _linear_cross_entropy_bwd(
+            grad_rows, input, linear_weight, linear_bias, target, weight, lse, *ctx.options,
+            need_input, need_weight, need_bias, ctx.backend,
+        )
+    grad_input, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
+    return (grad_input, grad_weight, grad_bias) + (None,) * 13
+
+
+torch.library.register_autograd(
+    "fastllm::linear_cross_entropy_fwd",
+    _backward_linear_cross_entropy,
+    setup_context=_setup_linear_cross_entropy,
+)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: Optional[int] = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    op = "linear_cross_entropy"
+    ignore_index = -100 if ignore_index is None else ignore_index  # torch's None default
+    _check_float(op, "input", input)
+    _check_float(op, "linear_weight", linear_weight)
+    _check_options(op, reduction, label_smoothing, z_loss, softcap)
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input must be (..., in_features), got a 0-d tensor")
+    hidden = input.shape[-1]
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
+        raise ValueError(
+            f"{op}: linear_weight must have shape [num_classes, {hidden}] (in_features = "
+            f"input.shape[-1]), got {list(linear_weight.shape)}"
+        )
+    vocab = linear_weight.shape[0]
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
+            )
+        if t.device != input.device:
+            raise ValueError(
+                f"{op}: {name} must be on input's device {input.device}, got {t.device}"
+            )
+    if linear_bias is not None and list(linear_bias.shape) != [vocab]:
+        raise ValueError(
+            f"{op}: linear_bias must have shape [{vocab}] (num_classes), "
+            f"got {list(linear_bias.shape)}"
+        )
+    target = _class_index_target(op, target, input)
+    if list(target.shape) != list(input.shape[:-1]):
+        raise ValueError(
+            f"{op}: target must have shape {list(input.shape[:-1])} (input's shape without "
+            f"in_features), got {list(target.shape)}"
+        )
+    _check_class_weight(op, weight, vocab, input)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size!r}")
+
+    x = input.reshape(-1, hidden)
+    rows_target = target.reshape(-1)
+    backend = get_backend()
+    if _ops_for_backend(backend, input.device) is None:
+        loss = ref.linear_cross_entropy_ref(
+            x, linear_weight, rows_target, linear_bias, weight, ignore_index, reduction,
+            label_smoothing, z_loss, softcap,
+        )
+        return loss.reshape(target.shape) if reduction == "none" else loss
+
+    rows = x.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, hidden, vocab)
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = _linear_cross_entropy_fwd(
+        x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,
+        float(label_smoothing), float(z_loss), float(softcap), chunk_size,
+        grad_on and input.requires_grad,
+        grad_on and linear_weight.requires_grad,
+        grad_on and linear_bias is not None and linear_bias.requires_grad,
+        not torch.compiler.is_compiling(),
+        backend,
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.to(input.dtype)

@@ -1,0 +1,374 @@
+"""LayerNorm / RMSNorm ops: fake and autograd registrations, Triton ops, backend choice.
+
+The forward ops return the per-row statistics (mean, rstd) that backward needs, so the
+backward never recomputes them; the fused residual-add variants also return the sum,
+which is both the next block's residual and what backward differentiates through.
+
+Implementations of the same schemas:
+  torch.ops.fastllm.*        C++ CPU kernels and CUDA kernels (csrc/norm/)
+  torch.ops.fastllm.*_triton Triton kernels (fastllm/triton/norm.py), via triton_op
+  torch.ops.fastllm_emu.*    the CUDA kernels run on CPU tensors by the SIMT emulation
+                             (tests only, registered by fastllm._emu)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastllm import _native
+from fastllm.backend import get_backend, triton_interpret
+from fastllm.reference import norm as ref
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# --------------------------------------------------------------------------- checks
+# Shape/dtype/device checks shared by every backend (the C++ glue repeats them for direct
+# callers of torch.ops.fastllm.*). They look at metadata only, never at tensor values, so
+# they trace under torch.compile(fullgraph=True).
+
+
+def _shape(s: int | Sequence[int]) -> list[int]:
+    if isinstance(s, int):
+        return [s]
+    return [int(d) for d in s]
+
+
+def check_norm_args(
+    op: str,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    *,
+    rms: bool,
+    residual: Optional[Tensor] = None,
+) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: input must be float32, bfloat16, float16 or float64, got {input.dtype}"
+        )
+    shape = _shape(normalized_shape)
+    if len(shape) == 0:
+        raise ValueError(f"{op}: normalized_shape must have at least one dimension, got []")
+    if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"{op}: normalized_shape {shape} must match the trailing dimensions of input, "
+            f"got input of shape {list(input.shape)}"
+        )
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if list(p.shape) != shape:
+            raise ValueError(
+                f"{op}: {name} must have shape {shape} (normalized_shape), got {list(p.shape)}"
+            )
+        if p.device != input.device:
+            raise ValueError(f"{op}: {name} must be on input's device {input.device}, got {p.device}")
+        if p.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {p.dtype}")
+        if not rms and not (
+            p.dtype == input.dtype
+            or (p.dtype == torch.float32 and input.dtype in (torch.bfloat16, torch.float16))
+        ):
+            raise TypeError(
+                f"{op}: {name} must have the input's dtype {input.dtype} "
+                f"(or float32 with a bfloat16/float16 input), got {p.dtype}"
+            )
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise ValueError(
+                f"{op}: residual must have the shape of input {list(input.shape)}, "
+                f"got {list(residual.shape)}"
+            )
+        if residual.dtype != input.dtype:
+            raise TypeError(
+                f"{op}: residual must have the dtype of input {input.dtype}, got {residual.dtype}"
+            )
+        if residual.device != input.device:
+            raise ValueError(
+                f"{op}: residual must be on input's device {input.device}, got {residual.device}"
+            )
+
+
+def default_rms_eps(input: Tensor) -> float:
+    """torch.rms_norm's eps=None: the float32 epsilon for float32/bfloat16/float16 inputs
+    (torch's kernel computes in float32), the float64 one for float64."""
+    return torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+
+
+# ---------------------------------------------------------------- op sets per backend
+
+
+@dataclasses.dataclass(frozen=True)
+class NormOps:
+    """The six ops of one implementation of the norm family."""
+
+    layer_norm_fwd: Any
+    add_layer_norm_fwd: Any
+    layer_norm_bwd: Any
+    rms_norm_fwd: Any
+    add_rms_norm_fwd: Any
+    rms_norm_bwd: Any
+
+
+def _ops_in(namespace: Any, suffix: str = "") -> NormOps:
+    return NormOps(
+        *(getattr(namespace, f.name + suffix) for f in dataclasses.fields(NormOps))
+    )
+
+
+def _stats_like(input: Tensor, normalized_shape: Sequence[int]) -> Tensor:
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return input.new_empty(input.shape[: input.dim() - len(normalized_shape)], dtype=acc)
+
+
+def _param_grad_like(
+    input: Tensor, normalized_shape: Sequence[int], param: Optional[Tensor], wanted: bool
+) -> Tensor:
+    if not wanted:
+        return input.new_empty(0)
+    dtype = param.dtype if param is not None else input.dtype
+    return input.new_empty(_shape(normalized_shape), dtype=dtype)
+
+
+def register_fakes(lib: str, suffix: str = "") -> None:
+    """Fake (meta) implementations of the norm schemas ``{lib}::<op>{suffix}``. (The Triton
+    ops need them too: triton_op's own fake would run the interpreter on fake tensors.)"""
+
+    def out_like(x: Tensor) -> Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{lib}::layer_norm_fwd{suffix}")
+    def _(input, normalized_shape, weight, bias, eps):
+        return out_like(input), _stats_like(input, normalized_shape), _stats_like(input, normalized_shape)
+
+    @torch.library.register_fake(f"{lib}::add_layer_norm_fwd{suffix}")
+    def _(input, residual, normalized_shape, weight, bias, eps):
+        stats = _stats_like(input, normalized_shape)
+        return out_like(input), out_like(input), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(f"{lib}::layer_norm_bwd{suffix}")
+    def _(grad_out, grad_residual_out, input, normalized_shape, weight, mean, rstd, weight_grad, bias_grad):
+        return (
+            out_like(input),
+            _param_grad_like(input, normalized_shape, weight, weight_grad),
+            _param_grad_like(input, normalized_shape, weight, bias_grad),
+        )
+
+    @torch.library.register_fake(f"{lib}::rms_norm_fwd{suffix}")
+    def _(input, normalized_shape, weight, eps):
+        return out_like(input), _stats_like(input, normalized_shape)
+
+    @torch.library.register_fake(f"{lib}::add_rms_norm_fwd{suffix}")
+    def _(input, residual, normalized_shape, weight, eps):
+        return out_like(input), out_like(input), _stats_like(input, normalized_shape)
+
+    @torch.library.register_fake(f"{lib}::rms_norm_bwd{suffix}")
+    def _(grad_out, grad_residual_out, input, normalized_shape, weight, rstd, weight_grad):
+        return out_like(input), _param_grad_like(input, normalized_shape, weight, weight_grad)
+
+
+def register_autograd(ops: NormOps) -> None:
+    """Backward formulas of one op set, expressed with that set's own backward ops."""
+
+    def grad_or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
+        return torch.zeros_like(like) if grad is None else grad
+
+    def bias_grad(db: Tensor, bias: Optional[Tensor]) -> Tensor:
+        # The backward op returns the bias gradient in the weight's dtype; a bias of its
+        # own dtype (e.g. float32 with a bfloat16 input and no weight) gets it in that dtype.
+        return db.to(bias.dtype) if bias is not None else db
+
+    def setup_layer_norm(ctx, inputs, output):
+        input, normalized_shape, weight, bias, _eps = inputs
+        out, mean, rstd = output
+        ctx.normalized_shape = normalized_shape
+        ctx.bias_meta = bias.new_empty(0) if bias is not None else None
+        ctx.save_for_backward(input, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward_layer_norm(ctx, grad_out, _grad_mean, _grad_rstd):
+        input, weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = ops.layer_norm_bwd(
+            grad_or_zeros(grad_out, input), None, input, ctx.normalized_shape, weight,
+            mean, rstd, bool(need[2]), bool(need[3]),
+        )
+        return dx, None, dw if need[2] else None, bias_grad(db, ctx.bias_meta) if need[3] else None, None
+
+    def setup_add_layer_norm(ctx, inputs, output):
+        _input, _residual, normalized_shape, weight, bias, _eps = inputs
+        out, summed, mean, rstd = output
+        ctx.normalized_shape = normalized_shape
+        ctx.bias_meta = bias.new_empty(0) if bias is not None else None
+        ctx.save_for_backward(summed, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward_add_layer_norm(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd):
+        summed, weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = ops.layer_norm_bwd(
+            grad_or_zeros(grad_out, summed), grad_summed, summed, ctx.normalized_shape,
+            weight, mean, rstd, bool(need[3]), bool(need[4]),
+        )
+        return dx, dx, None, dw if need[3] else None, bias_grad(db, ctx.bias_meta) if need[4] else None, None
+
+    def setup_rms_norm(ctx, inputs, output):
+        input, normalized_shape, weight, _eps = inputs
+        out, rstd = output
+        ctx.normalized_shape = normalized_shape
+        ctx.save_for_backward(input, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+
+    def backward_rms_norm(ctx, grad_out, _grad_rstd):
+        input, weight, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw = ops.rms_norm_bwd(
+            grad_or_zeros(grad_out, input), None, input, ctx.normalized_shape, weight, rstd,
+            bool(need[2]),
+        )
+        return dx, None, dw if need[2] else None, None
+
+    def setup_add_rms_norm(ctx, inputs, output):
+        _input, _residual, normalized_shape, weight, _eps = inputs
+        out, summed, rstd = output
+        ctx.normalized_shape = normalized_shape
+        ctx.save_for_backward(summed, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+
+    def backward_add_rms_norm(ctx, grad_out, grad_summed, _grad_rstd):
+        summed, weight, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw = ops.rms_norm_bwd(
+            grad_or_zeros(grad_out, summed), grad_summed, summed, ctx.normalized_shape,
+            weight, rstd, bool(need[3]),
+        )
+        return dx, dx, None, dw if need[3] else None, None
+
+    for op, backward, setup in (
+        (ops.layer_norm_fwd, backward_layer_norm, setup_layer_norm),
+        (ops.add_layer_norm_fwd, backward_add_layer_norm, setup_add_layer_norm),
+        (ops.rms_norm_fwd, backward_rms_norm, setup_rms_norm),
+        (ops.add_rms_norm_fwd, backward_add_rms_norm, setup_add_rms_norm),
+    ):
+        torch.library.register_autograd(op.default, backward, setup_context=setup)
+
+
+_native_ops: Optional[NormOps] = None
+if _native.AVAILABLE:
+    register_fakes("fastllm")
+    _native_ops = _ops_in(torch.ops.fastllm)
+    register_autograd(_native_ops)
+
+
+def _define_triton_ops() -> Optional[NormOps]:
+    try:
+        from fastllm.triton import norm as triton_norm
+    except ImportError:  # triton not installed (e.g. a CPU-only torch)
+        return None
+    for field in dataclasses.fields(NormOps):
+        torch.library.triton_op(
+            f"fastllm::{field.name}_triton", getattr(triton_norm, field.name), mutates_args=()
+        )
+    register_fakes("fastllm", "_triton")
+    result = _ops_in(torch.ops.fastllm, "_triton")
+    register_autograd(result)
+    return result
+
+
+_triton_ops = _define_triton_ops()
+
+# Set by fastllm._emu when the test-only SIMT emulation extension is loaded.
+emulated_ops: Optional[NormOps] = None
+
+
+def register_emulated(lib: str) -> None:
+    global emulated_ops
+    register_fakes(lib)
+    emulated_ops = _ops_in(getattr(torch.ops, lib))
+    register_autograd(emulated_ops)
+
+
+def select_ops(input: Tensor) -> Optional[NormOps]:
+    """The op set for ``input`` under the current backend; None means the reference."""
+    backend = get_backend()
+    if backend == "reference":
+        return None
+    if backend == "cuda_emu":
+        if emulated_ops is None:
+            raise RuntimeError(
+                "backend 'cuda_emu' needs the SIMT emulation extension: call "
+                "fastllm._emu.load() first (tests only)"
+            )
+        if input.device.type != "cpu":
+            raise ValueError(f"backend 'cuda_emu' runs on CPU tensors, got {input.device}")
+        return emulated_ops
+    if backend == "triton":
+        if _triton_ops is None:
+            raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
+        if input.device.type == "cpu" and not triton_interpret():
+            raise RuntimeError(
+                "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
+                "tensor without it (use a CUDA tensor or the 'native' backend)"
+            )
+        return _triton_ops
+    # native
+    if input.device.type not in ("cpu", "cuda"):
+        return None  # no hand-written kernel for this device: the reference runs
+    _native.require()
+    return _native_ops
+
+
+# ------------------------------------------------------------------ public entry points
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> Tensor:
+    check_norm_args("layer_norm", input, normalized_shape, weight, bias, eps, rms=False)
+    ops = select_ops(input)
+    if ops is None:
+        return ref.layer_norm_ref(input, normalized_shape, weight, bias, eps)
+    return ops.layer_norm_fwd(input, _shape(normalized_shape), weight, bias, eps)[0]
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None) -> Tensor:
+    eps = default_rms_eps(input) if eps is None else eps
+    check_norm_args("rms_norm", input, normalized_shape, weight, None, eps, rms=True)
+    ops = select_ops(input)
+    if ops is None:
+        return ref.rms_norm_ref(input, normalized_shape, weight, eps)
+    return ops.rms_norm_fwd(input, _shape(normalized_shape), weight, eps)[0]
+
+
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    check_norm_args(
+        "add_layer_norm", input, normalized_shape, weight, bias, eps, rms=False, residual=residual
+    )
+    ops = select_ops(input)
+    if ops is None:
+        return ref.add_layer_norm_ref(input, residual, normalized_shape, weight, bias, eps)
+    out, summed, _, _ = ops.add_layer_norm_fwd(
+        input, residual, _shape(normalized_shape), weight, bias, eps
+    )
+    return out, summed
+
+
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
+    eps = default_rms_eps(input) if eps is None else eps
+    check_norm_args(
+        "add_rms_norm", input, normalized_shape, weight, None, eps, rms=True, residual=residual
+    )
+    ops = select_ops(input)
+    if ops is None:
+        return ref.add_rms_norm_ref(input, residual, normalized_shape, weight, eps)
+    out, summed, _ = ops.add_rms_norm_fwd(input, residual, _shape(normalized_shape), weight, eps)
+    return out, summed

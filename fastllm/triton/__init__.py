@@ -1,0 +1,1 @@
+"""Triton kernels of fastllm and their launchers (no autograd here; see fastllm/ops)."""

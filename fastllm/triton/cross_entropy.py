@@ -1,0 +1,358 @@
+"""Cross-entropy in Triton: forward and backward kernels over (rows, vocab) logits and their
+launchers.
+
+Math, per row x of length V (vocab), target t, arithmetic in float32:
+    z      = softcap * tanh(x / softcap) when softcap > 0, else x     (logit soft-capping)
+    lse    = log(sum_c exp(z_c))
+    ce     = w_t * (lse - z_t)                        (w = class weight, or 1 without one)
+    smooth = sum_c w_c * (lse - z_c) / V              (torch's label-smoothing term)
+    loss   = (1 - ls) * ce + ls * smooth + z_loss * lse^2
+Rows whose target is ignore_index get loss 0 and a zero gradient; a target that is neither
+ignore_index nor in [0, V) gives that row a NaN loss and a NaN gradient (there is no cheap
+error path out of a GPU kernel; the NaN cannot pass unnoticed). Backward, with p = exp(z - lse),
+W_s = sum_c w_c / V (1 without weights) and g the row's upstream gradient:
+    dL/dz_c = g * [(1 - ls) * w_t * (p_c - [c == t]) + ls * (p_c * W_s - w_c / V)
+                   + 2 * z_loss * lse * p_c]
+    dL/dx_c = dL/dz_c * (1 - tanh(x_c / softcap)^2) when soft-capping.
+This is the math of csrc/cross_entropy/cross_entropy.h; the launchers mirror the schemas in
+csrc/schemas.h. Reductions over rows (mean over non-ignored rows, sum) are the caller's, on
+the per-row losses, so one pair of kernels serves every reduction.
+
+Kernels:
+    cross_entropy_fwd_kernel  one program per row. It reads the row once, in BLOCK_V chunks,
+        keeping a running max m and sum(exp(z - m)) rescaled whenever m grows (online
+        logsumexp), so any vocab size streams through a fixed register budget. For label
+        smoothing it also keeps sum_c w_c * (z_c - m), rebased with m, so that lse - mean(z)
+        comes out as a difference of O(1) numbers even when the logits share a large
+        offset. lse is written for every row, ignored ones included.
+    cross_entropy_bwd_kernel  one program per (row, BLOCK_V chunk): the gradient of a chunk
+        needs only that chunk's logits and per-row scalars (lse, target, g), so short rows and
+        long rows alike fill the GPU, and writing over the logits in place is safe because each
+        element is read and then written by the same program. Ignored rows write zeros
+        without reading the logits. p comes from the float32 lse the forward saved, so
+        that lse's rounding (half an ulp of |lse|) is a relative error of the row's p: below
+        4e-6 for |lse| < 64, but 5e-4 when the logits sit near 1e4, where torch's
+        log_softmax, which subtracts the max first, stays near 1e-6. Every backend of
+        csrc/cross_entropy/cross_entropy.h shares this; fixing it needs a wider saved lse.
+Constexpr flags select the variants at compile time: HAS_WEIGHT (class weights),
+HAS_SMOOTHING (label_smoothing > 0: the forward skips the smoothing sums, and a -inf logit
+cannot turn a 0 * inf into NaN), HAS_SOFTCAP (softcap > 0).
+
+Shapes: rows (N) = tokens, vocab (V) = classes. logits (N, V) with unit column stride and any
+row stride, float32/bfloat16/float16; target (N,) int64; weight (V,) float32 or None; loss and
+lse (N,) float32; grad_loss (N,) float, any stride (0 for one value broadcast to every row);
+grad_logits (N, V) contiguous in the logits' dtype, or the logits' own storage (in place).
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter's float32 -> bfloat16 cast truncates; norm.py holds the workaround.
+from fastllm.triton.norm import _round_bf16_in_software, _round_to_dtype
+
+# Longest vocab chunk held in registers at once: 4096 float32 values over 8 warps is 16 per
+# thread for each live chunk-sized tensor (x, z, exp, weight).
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _tanh(y):
+    """tanh in float32 from exp (Triton has no tl.tanh, and libdevice.tanh returns None
+    under the interpreter, TRITON_INTERPRET=1). (1 - e) / (1 + e) with e = exp(-2|y|) loses
+    relative accuracy as |y| -> 0, so |y| < 0.25 uses the odd Taylor series to y^9, whose
+    truncation error there is below 1e-8 relative."""
+    abs_y = tl.abs(y)
+    e = tl.exp(-2.0 * abs_y)
+    tanh_abs = (1.0 - e) / (1.0 + e)
+    y2 = y * y
+    series = y * (
+        1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
+            -0.05396825396825397 + y2 * 0.021869488536155203)))
+    )
+    return tl.where(abs_y < 0.25, series, tl.where(y < 0.0, -tanh_abs, tanh_abs))
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    logits_ptr,  # (N, V), row stride stride_logits_row
+    target_ptr,  # (N,) int64
+    weight_ptr,  # (V,) float32; None unless HAS_WEIGHT
+    loss_ptr,  # (N,) float32
+    lse_ptr,  # (N,) float32
+    stride_logits_row,
+    vocab,  # V
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # power of two
+):
+    """Writes loss and lse of row program_id(0)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row_ptr = logits_ptr + row * stride_logits_row
+
+    # Online logsumexp over the row. The running max starts at the most negative finite
+    # float32 rather than -inf so that a chunk of -inf logits (padded vocab) never forms
+    # -inf - (-inf) = NaN in the rescaling.
+    running_max = -3.4028234663852886e38
+    sum_exp = 0.0  # sum_c exp(z_c - running_max) over the columns seen
+    sum_weight = 0.0  # sum_c w_c over the columns seen (their count without weights)
+    sum_weighted_z = 0.0  # sum_c w_c * (z_c - running_max) over the columns seen
+    for block_start in range(0, vocab, BLOCK_V):
+        cols = block_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < vocab
+        z = tl.load(logits_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(col_mask, z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                block_weight = tl.sum(w, axis=0)
+                block_weighted_z = tl.sum(w * tl.where(col_mask, z - new_max, 0.0), axis=0)
+            else:
+                block_weight = tl.minimum(vocab - block_start, BLOCK_V).to(tl.float32)
+                block_weighted_z = tl.sum(tl.where(col_mask, z - new_max, 0.0), axis=0)
+            # Rebase the columns seen so far from the old max to the new one.
+            sum_weighted_z += sum_weight * (running_max - new_max) + block_weighted_z
+            sum_weight += block_weight
+        running_max = new_max
+    log_sum_exp = tl.log(sum_exp)  # lse - running_max
+    lse = running_max + log_sum_exp
+
+    target = tl.load(target_ptr + row)
+    target_in_range = (target >= 0) & (target < vocab)
+    z_target = tl.load(logits_row_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_target = softcap * _tanh(z_target / softcap)
+    target_weight = 1.0
+    if HAS_WEIGHT:
+        target_weight = tl.load(weight_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+    # lse - z_t without forming lse first: exact cancellation when z_t is near the max.
+    loss = (1.0 - label_smoothing) * target_weight * ((running_max - z_target) + log_sum_exp)
+    if HAS_SMOOTHING:
+        loss += label_smoothing * (sum_weight * log_sum_exp - sum_weighted_z) / vocab
+    loss += z_loss * lse * lse
+    loss = tl.where(target_in_range, loss, float("nan"))
+    loss = tl.where(target == ignore_index, 0.0, loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    grad_loss_ptr,  # (N,) float, stride stride_grad_loss (0 = broadcast)
+    logits_ptr,  # (N, V), row stride stride_logits_row
+    target_ptr,  # (N,) int64
+    weight_ptr,  # (V,) float32; None unless HAS_WEIGHT
+    weight_sum_ptr,  # (1,) float32 = sum(weight); None unless HAS_WEIGHT and HAS_SMOOTHING
+    lse_ptr,  # (N,) float32, from the forward
+    grad_logits_ptr,  # (N, V) in the logits' dtype, row stride stride_grad_row; may be logits_ptr
+    stride_grad_loss,
+    stride_logits_row,
+    stride_grad_row,
+    vocab,  # V
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # power of two
+    ROUND_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """Writes the gradient of row program_id(0), columns [program_id(1) * BLOCK_V, ...)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < vocab
+    grad_row_ptr = grad_logits_ptr + row * stride_grad_row
+    target = tl.load(target_ptr + row)
+    if target == ignore_index:
+        zeros = tl.zeros([BLOCK_V], dtype=grad_logits_ptr.dtype.element_ty)
+        tl.store(grad_row_ptr + cols, zeros, mask=col_mask)
+    else:
+        target_in_range = (target >= 0) & (target < vocab)
+        grad_loss = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        target_weight = 1.0
+        if HAS_WEIGHT:
+            target_weight = tl.load(weight_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+        # dL/dz_c = p_c * p_coef - [c == t] * target_coef - w_c * smooth_coef
+        target_coef = grad_loss * (1.0 - label_smoothing) * target_weight
+        p_coef = target_coef + grad_loss * 2.0 * z_loss * lse
+        if HAS_SMOOTHING:
+            mean_weight = 1.0
+            if HAS_WEIGHT:
+                mean_weight = tl.load(weight_sum_ptr) / vocab
+            p_coef += grad_loss * label_smoothing * mean_weight
+            smooth_coef = grad_loss * label_smoothing / vocab
+
+        x = tl.load(logits_ptr + row * stride_logits_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        z = x
+        if HAS_SOFTCAP:
+            tanh_x = _tanh(x / softcap)
+            z = softcap * tanh_x
+        grad = tl.exp(z - lse) * p_coef - tl.where(cols == target, target_coef, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                grad -= tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * smooth_coef
+            else:
+                grad -= smooth_coef
+        if HAS_SOFTCAP:
+            grad *= 1.0 - tanh_x * tanh_x
+        grad = tl.where(target_in_range, grad, float("nan"))
+        grad = _round_to_dtype(grad, grad_logits_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
+        tl.store(grad_row_ptr + cols, grad, mask=col_mask)
+
+
+# ---- launchers: schema-shaped, no argument checks (fastllm/ops validates) ----------------
+
+
+def _with_unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` itself when its columns are contiguous, else a contiguous copy."""
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        return logits.contiguous()
+    return logits
+
+
+def _block_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of `vocab` logits."""
+    block_v = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    num_warps = min(max(block_v // 512, 1), 8)
+    return block_v, num_warps
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastllm::cross_entropy_fwd -> (loss, lse), both (N,) float32; loss is 0 on ignored rows."""
+    logits = _with_unit_column_stride(logits)
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    block_v, num_warps = _block_config(vocab)
+    torch.library.wrap_triton(cross_entropy_fwd_kernel)[(rows,)](
+        logits,
+        target.contiguous(),
+        None if weight is None else weight.contiguous(),
+        loss,
+        lse,
+        logits.stride(0),
+        vocab,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return loss, lse
+
+
+def _launch_bwd(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    grad_logits: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> None:
+    """Writes the gradient into `grad_logits` ((N, V), unit column stride; may be `logits`)."""
+    rows, vocab = logits.shape
+    has_smoothing = label_smoothing > 0.0
+    weight_sum = None
+    if weight is not None:
+        weight = weight.contiguous()
+        if has_smoothing:
+            weight_sum = weight.sum(dtype=torch.float32).reshape(1)
+    block_v, num_warps = _block_config(vocab)
+    torch.library.wrap_triton(cross_entropy_bwd_kernel)[(rows, triton.cdiv(vocab, block_v))](
+        grad_loss,
+        logits,
+        target.contiguous(),
+        weight,
+        weight_sum,
+        lse.contiguous(),
+        grad_logits,
+        grad_loss.stride(0),
+        logits.stride(0),
+        grad_logits.stride(0),
+        vocab,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=has_smoothing,
+        HAS_SOFTCAP=softcap > 0.0,
+        BLOCK_V=block_v,
+        ROUND_BF16_IN_SOFTWARE=_round_bf16_in_software(),
+        num_warps=num_warps,
+    )
+
+
+def cross_entropy_bwd(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> torch.Tensor:
+    """fastllm::cross_entropy_bwd -> grad_logits, (N, V) contiguous in the logits' dtype."""
+    logits = _with_unit_column_stride(logits)
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_bwd(
+        grad_loss, logits, target, weight, lse, grad_logits,
+        ignore_index, label_smoothing, z_loss, softcap,
+    )
+    return grad_logits
+
+
+def cross_entropy_bwd_inplace(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> None:
+    """fastllm::cross_entropy_bwd_inplace: overwrites `logits` with its gradient."""
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        # The kernel needs unit column stride; go through a contiguous buffer.
+        logits.copy_(cross_entropy_bwd(
+            grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+        ))
+        return
+    _launch_bwd(
+        grad_loss, logits, target, weight, lse, logits,
+        ignore_index, label_smoothing, z_loss, softcap,
+    )

@@ -1,0 +1,209 @@
+// The CPU building blocks under the kernels: bfloat16 / float16 conversions (cpu_dtypes.h)
+// against independent definitions, the AVX2 loads / stores / tails (cpu_avx2.h) bit for bit
+// against the scalar conversions, and the FASTLLM_CPU_ISA switch (cpu_features.h).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "common/cpu_dtypes.h"
+#include "common/cpu_features.h"
+#if defined(__x86_64__) || defined(__i386__)
+#include "common/cpu_avx2.h"
+#endif
+
+namespace {
+
+using fastllm::cpu::BFloat16;
+using fastllm::cpu::bits_of;
+using fastllm::cpu::float_of;
+using fastllm::cpu::Half;
+
+// Float bit patterns to test conversions on: a stride through all 2^32 patterns, every
+// bfloat16 rounding tie (low half exactly 0x8000) and its neighbours, and special values.
+std::vector<uint32_t> sample_float_bits() {
+  std::vector<uint32_t> bits;
+  for (uint64_t u = 0; u < (uint64_t{1} << 32); u += 4099) bits.push_back(static_cast<uint32_t>(u));
+  for (uint32_t hi = 0; hi < 0x10000; hi += 7) {
+    for (uint32_t lo : {0x7FFFu, 0x8000u, 0x8001u, 0x0001u, 0xFFFFu}) bits.push_back((hi << 16) | lo);
+  }
+  for (uint32_t special : {0x00000000u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
+                           0xFFC00000u, 0x7F800001u, 0xFF800001u, 0x7F7FFFFFu, 0x00000001u,
+                           0x477FF000u, 0x477FE000u, 0x33000000u, 0x33000001u, 0x387FC000u}) {
+    bits.push_back(special);
+  }
+  return bits;
+}
+
+// Round to nearest even, defined directly: the two bfloat16 neighbours of f and the nearer
+// one (the even one on a tie); above the largest finite value the upper neighbour is inf.
+uint16_t bfloat16_reference(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  const uint32_t u = bits_of(f);
+  const uint32_t lo = u & 0xFFFF0000u;
+  const uint32_t hi = lo + 0x10000u;
+  auto value = [](uint32_t b) {
+    if ((b & 0x7FFFFFFFu) == 0x7F800000u) return std::copysign(std::ldexp(1.0, 128), b >> 31 ? -1.0 : 1.0);
+    return static_cast<double>(float_of(b));
+  };
+  const double d_lo = std::fabs(static_cast<double>(f) - value(lo));
+  const double d_hi = std::fabs(value(hi) - static_cast<double>(f));
+  if (d_lo < d_hi) return static_cast<uint16_t>(lo >> 16);
+  if (d_hi < d_lo) return static_cast<uint16_t>(hi >> 16);
+  return static_cast<uint16_t>(((lo >> 16) & 1u) == 0 ? lo >> 16 : hi >> 16);
+}
+
+TEST_CASE(bfloat16_to_float_is_exact) {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const float f = fastllm::cpu::to_float(BFloat16{static_cast<uint16_t>(h)});
+    CHECK(bits_of(f) == h << 16, "bfloat16 0x%04x -> float bits 0x%08x", h, bits_of(f));
+  }
+}
+
+TEST_CASE(float_to_bfloat16_rounds_to_nearest_even) {
+  for (uint32_t u : sample_float_bits()) {
+    const uint16_t got = fastllm::cpu::to_bfloat16(float_of(u)).bits;
+    const uint16_t want = bfloat16_reference(float_of(u));
+    CHECK(got == want, "float 0x%08x -> bfloat16 0x%04x, want 0x%04x", u, got, want);
+  }
+}
+
+#if defined(__FLT16_MAX__)
+// GCC's _Float16 conversions (libgcc's soft-float or the hardware's) are the reference.
+TEST_CASE(float16_matches_Float16) {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    _Float16 ref;
+    const uint16_t h16 = static_cast<uint16_t>(h);
+    std::memcpy(&ref, &h16, sizeof(ref));
+    const float got = fastllm::cpu::to_float(Half{h16});
+    const float want = static_cast<float>(ref);
+    CHECK(bits_of(got) == bits_of(want) || (std::isnan(got) && std::isnan(want)),
+          "float16 0x%04x -> %g, want %g", h, got, want);
+  }
+  for (uint32_t u : sample_float_bits()) {
+    const float f = float_of(u);
+    const uint16_t got = fastllm::cpu::to_half(f).bits;
+    const _Float16 ref = static_cast<_Float16>(f);
+    uint16_t want;
+    std::memcpy(&want, &ref, sizeof(want));
+    const bool both_nan = std::isnan(f) && (got & 0x7C00u) == 0x7C00u && (got & 0x03FFu) != 0;
+    CHECK(got == want || both_nan, "float 0x%08x -> float16 0x%04x, want 0x%04x", u, got, want);
+  }
+}
+#endif
+
+TEST_CASE(cpu_isa_switch) {
+  const char* saved = std::getenv("FASTLLM_CPU_ISA");
+  const std::string saved_value = saved ? saved : "";
+  using fastllm::cpu::CpuIsa;
+  setenv("FASTLLM_CPU_ISA", "scalar", 1);
+  CHECK(fastllm::cpu::detect_cpu_isa() == CpuIsa::kScalar, "FASTLLM_CPU_ISA=scalar not honoured");
+  setenv("FASTLLM_CPU_ISA", "avx2", 1);
+  const CpuIsa best = fastllm::cpu::cpu_has_avx2_fma_f16c() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
+  CHECK(fastllm::cpu::detect_cpu_isa() == best, "FASTLLM_CPU_ISA=avx2 must mean the best available");
+  setenv("FASTLLM_CPU_ISA", "avx512", 1);
+  bool threw = false;
+  try {
+    fastllm::cpu::detect_cpu_isa();
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("'avx512'") != std::string::npos;
+  }
+  CHECK(threw, "FASTLLM_CPU_ISA=avx512 must throw std::invalid_argument naming the value");
+  if (saved) {
+    setenv("FASTLLM_CPU_ISA", saved_value.c_str(), 1);
+  } else {
+    unsetenv("FASTLLM_CPU_ISA");
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+FASTLLM_AVX2_BEGIN
+
+void check_avx2_conversions() {
+  namespace avx2 = fastllm::cpu::avx2;
+  const std::vector<uint32_t> bits = sample_float_bits();
+  for (size_t i = 0; i + 8 <= bits.size(); i += 8) {
+    float in[8];
+    for (int k = 0; k < 8; ++k) in[k] = float_of(bits[i + k]);
+    BFloat16 bf[8];
+    Half hf[8];
+    avx2::store(bf, avx2::load(in));
+    avx2::store(hf, avx2::load(in));
+    float bf_back[8], hf_back[8];
+    avx2::store(bf_back, avx2::load(bf));
+    avx2::store(hf_back, avx2::load(hf));
+    for (int k = 0; k < 8; ++k) {
+      const uint16_t want_bf = fastllm::cpu::to_bfloat16(in[k]).bits;
+      CHECK(bf[k].bits == want_bf, "avx2 float 0x%08x -> bfloat16 0x%04x, want 0x%04x",
+            bits[i + k], bf[k].bits, want_bf);
+      CHECK(bits_of(bf_back[k]) == bits_of(fastllm::cpu::to_float(bf[k])), "avx2 bfloat16 load");
+      const uint16_t want_h = fastllm::cpu::to_half(in[k]).bits;
+      const bool nan_ok = std::isnan(in[k]) && std::isnan(fastllm::cpu::to_float(hf[k]));
+      CHECK(hf[k].bits == want_h || nan_ok, "avx2 float 0x%08x -> float16 0x%04x, want 0x%04x",
+            bits[i + k], hf[k].bits, want_h);
+      const float want_back = fastllm::cpu::to_float(hf[k]);
+      CHECK(bits_of(hf_back[k]) == bits_of(want_back) || (std::isnan(hf_back[k]) && std::isnan(want_back)),
+            "avx2 float16 0x%04x load", hf[k].bits);
+    }
+  }
+}
+
+void check_avx2_tails() {
+  namespace avx2 = fastllm::cpu::avx2;
+  const float src[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  const double src_d[4] = {1, 2, 3, 4};
+  for (int n = 1; n <= 8; ++n) {
+    float lanes[8];
+    avx2::store(lanes, avx2::loadn(src, n));
+    for (int k = 0; k < 8; ++k) {
+      CHECK(lanes[k] == (k < n ? src[k] : 0.0f), "loadn(float, %d) lane %d = %g", n, k, lanes[k]);
+    }
+    float dst[9];
+    std::fill(dst, dst + 9, -1.0f);
+    avx2::storen(dst, avx2::load(src), n);
+    for (int k = 0; k < 9; ++k) {
+      CHECK(dst[k] == (k < n ? src[k] : -1.0f), "storen(float, %d) element %d = %g", n, k, dst[k]);
+    }
+    avx2::store(lanes, avx2::keep_first(avx2::load(src), n));
+    for (int k = 0; k < 8; ++k) {
+      CHECK(lanes[k] == (k < n ? src[k] : 0.0f), "keep_first(float, %d) lane %d = %g", n, k, lanes[k]);
+    }
+    BFloat16 bsrc[8], bdst[9];
+    for (int k = 0; k < 8; ++k) bsrc[k] = fastllm::cpu::to_bfloat16(src[k]);
+    std::fill(bdst, bdst + 9, BFloat16{0xFFFF});
+    avx2::storen(bdst, avx2::loadn(bsrc, n), n);
+    for (int k = 0; k < 9; ++k) {
+      CHECK(bdst[k].bits == (k < n ? bsrc[k].bits : 0xFFFF), "bfloat16 loadn/storen(%d) element %d", n, k);
+    }
+  }
+  for (int n = 1; n <= 4; ++n) {
+    double lanes[4];
+    avx2::store(lanes, avx2::keep_first(avx2::loadn(src_d, n), n));
+    for (int k = 0; k < 4; ++k) {
+      CHECK(lanes[k] == (k < n ? src_d[k] : 0.0), "loadn/keep_first(double, %d) lane %d", n, k);
+    }
+  }
+  CHECK(avx2::hsum(avx2::load(src)) == 36.0f, "hsum(float)");
+  CHECK(avx2::hsum(avx2::load(src_d)) == 10.0, "hsum(double)");
+}
+
+FASTLLM_AVX2_END
+
+TEST_CASE(avx2_conversions_match_scalar) {
+  if (fastllm::cpu::cpu_has_avx2_fma_f16c()) check_avx2_conversions();
+}
+
+TEST_CASE(avx2_partial_vectors) {
+  if (fastllm::cpu::cpu_has_avx2_fma_f16c()) check_avx2_tails();
+}
+#endif
+
+}  // namespace
+
+TEST_MAIN()

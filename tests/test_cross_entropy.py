@@ -1,0 +1,265 @@
+"""Cross-entropy family, numerics: every backend against torch in float64, with the
+2x-PyTorch's-own-error rule (tests/accuracy.py) for the loss and the logits' gradient, in
+every reduction (reduction="none" with a random gradient per row, on purpose), with class
+weights, label smoothing, z-loss, soft-capping, ignored rows, extreme logits, odd and large
+vocabularies and non-contiguous logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastllm
+import fastllm.functional as F
+from fastllm.ops import cross_entropy as ce_ops
+from tests.accuracy import assert_within_torch_error
+
+REDUCTIONS = ("none", "mean", "sum")
+
+# Feature combinations: class weights, label smoothing, z-loss, soft-capping.
+FEATURES = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight": {"weighted": True},
+    "weight_smoothing": {"weighted": True, "label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 5.0},
+    "all": {"weighted": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0},
+}
+
+# (rows, vocab) per backend: the interpreted Triton and emulated CUDA kernels are slow, so
+# they get small shapes, odd sizes kept.
+SHAPES = {
+    "native": [(37, 1000), (5, 7), (3, 4099), (4, 50257)],
+    "triton": [(9, 1000), (5, 7), (2, 4099)],
+    "cuda_emu": [(9, 1000), (5, 7), (2, 4099)],
+}
+DTYPES = {
+    "native": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda_emu": (torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+@pytest.fixture(params=["native", "triton", "cuda_emu"])
+def backend(request):
+    name = request.param
+    if name == "native" and ce_ops._native_ops is None:
+        pytest.skip("fastllm._C is not built")
+    if name == "triton" and ce_ops._triton_ops is None:
+        pytest.skip("triton is not installed")
+    if name == "cuda_emu":
+        request.getfixturevalue("emulated_cuda")
+        if ce_ops.emulated_ops is None:  # fastllm._emu registers the norm family only
+            ce_ops.register_emulated("fastllm_emu")
+    with fastllm.use_backend(name):
+        yield name
+
+
+def torch_cross_entropy(x, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The loss in plain PyTorch, in x's dtype: torch's own cross_entropy where it has the
+    feature, plus the z-loss and soft-capping formulas."""
+    z = x if softcap == 0 else softcap * torch.tanh(x / softcap)
+    if z_loss == 0:
+        return TF.cross_entropy(
+            z, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+    valid = t != ignore_index
+    rows = TF.cross_entropy(
+        z, t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    rows = rows + z_loss * torch.logsumexp(z, dim=-1).square() * valid
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    denom = valid.sum() if w is None else (w[safe_t] * valid).sum()
+    return rows.sum() / denom
+
+
+def make_target(rows, vocab, ignore="some", ignore_index=-100):
+    t = torch.randint(0, vocab, (rows,))
+    if ignore == "some":
+        t[::4] = ignore_index
+    elif ignore == "all":
+        t[:] = ignore_index
+    return t
+
+
+def run(fn, x, grad_out):
+    leaf = x.detach().clone().requires_grad_(True)
+    loss = fn(leaf)
+    loss.backward(grad_out)
+    return loss.detach(), leaf.grad
+
+
+def check_case(rows, vocab, dtype, reduction, weighted=False, label_smoothing=0.0, z_loss=0.0,
+               softcap=0.0, ignore="some", scale=2.0, layout="contiguous", ignore_index=-100):
+    if layout == "contiguous":
+        x = (torch.randn(rows, vocab) * scale).to(dtype)
+    elif layout == "strided_rows":  # row stride > vocab
+        x = (torch.randn(rows, vocab + 5) * scale).to(dtype)[:, :vocab]
+    else:  # "transposed": unit row stride, the vocab dimension strided
+        x = (torch.randn(vocab, rows) * scale).to(dtype).t()
+    t = make_target(rows, vocab, ignore, ignore_index)
+    w = (torch.rand(vocab) + 0.5).to(dtype) if weighted else None
+    g = torch.randn(rows if reduction == "none" else ()).to(dtype)
+    opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+    def ours(xl):
+        return F.cross_entropy(xl, t, w, *opts[:2], label_smoothing, z_loss, softcap)
+
+    ref_loss, ref_grad = run(
+        lambda xl: torch_cross_entropy(xl, t, None if w is None else w.double(), *opts),
+        x.double(), g.double(),
+    )
+    torch_loss, torch_grad = run(lambda xl: torch_cross_entropy(xl, t, w, *opts), x, g)
+    our_loss, our_grad = run(ours, x, g)
+    assert our_loss.dtype == dtype and our_grad.dtype == dtype
+    assert our_loss.shape == torch_loss.shape
+    name = f"{rows}x{vocab} {reduction}"
+    assert_within_torch_error(f"loss {name}", our_loss, torch_loss, ref_loss, dtype)
+    assert_within_torch_error(f"grad {name}", our_grad, torch_grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_matches_torch(backend, reduction, feature):
+    for dtype in DTYPES[backend]:
+        for rows, vocab in SHAPES[backend]:
+            if dtype in (torch.float64, torch.float16) and vocab > 5000:
+                continue  # the big vocabulary is covered in float32 / bfloat16
+            check_case(rows, vocab, dtype, reduction, **FEATURES[feature])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_vocab_sizes(backend, reduction):
+    """Vocabularies from 2 to 262147, not powers of two; the big ones with few rows."""
+    vocabs = {
+        "native": [(8, 2), (8, 3), (4, 131072), (2, 262147)],
+        "triton": [(8, 2), (8, 3), (2, 8193)],
+        "cuda_emu": [(8, 2), (8, 3), (2, 8193)],
+    }[backend]
+    for rows, vocab in vocabs:
+        check_case(rows, vocab, torch.float32, reduction, label_smoothing=0.1)
+        check_case(rows, vocab, torch.bfloat16, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("feature", ["plain", "weight_smoothing", "all"])
+def test_cross_entropy_every_row_ignored(backend, reduction, feature):
+    """As torch: mean is nan (0 / 0), sum and none are 0, and every gradient is 0."""
+    opts = {k: v for k, v in FEATURES[feature].items() if k != "weighted"}
+    weighted = FEATURES[feature].get("weighted", False)
+    x = torch.randn(6, 33)
+    t = make_target(6, 33, ignore="all")
+    w = torch.rand(33) + 0.5 if weighted else None
+    ours, our_grad = run(lambda xl: F.cross_entropy(xl, t, w, reduction=reduction, **opts), x, None
+                         if reduction != "none" else torch.ones(6))
+    theirs, _ = run(lambda xl: torch_cross_entropy(
+        xl, t, w, -100, reduction, opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0),
+        opts.get("softcap", 0.0)), x, None if reduction != "none" else torch.ones(6))
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert torch.equal(our_grad, torch.zeros_like(x))
+
+
+def test_cross_entropy_custom_ignore_index(backend):
+    check_case(9, 100, torch.float32, "mean", ignore_index=5, label_smoothing=0.1)
+    check_case(9, 100, torch.float32, "none", ignore_index=0, weighted=True)
+
+
+@pytest.mark.parametrize("layout", ["strided_rows", "transposed"])
+def test_cross_entropy_non_contiguous_logits(backend, layout):
+    check_case(11, 301, torch.float32, "none", layout=layout, label_smoothing=0.1)
+    check_case(11, 301, torch.bfloat16, "mean", layout=layout, softcap=4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cross_entropy_extreme_logits_stay_finite(backend, dtype):
+    """+-1e4 logits, a large common offset, all-equal rows and -inf (masked) classes: no inf
+    or NaN in the loss or the gradient, and the values of a float64 computation."""
+    rows, vocab = 8, 300
+    big = 3e4 if dtype == torch.float16 else 1e4  # float16's losses must stay below 65504
+    cases = {
+        "pm_big": (torch.randint(0, 2, (rows, vocab)) * 2 - 1).float() * big,
+        "offset": torch.randn(rows, vocab) + big,
+        "neg_offset": torch.randn(rows, vocab) - big,
+        "all_equal": torch.full((rows, vocab), 3.0),
+        "all_equal_big": torch.full((rows, vocab), big),
+        "masked": torch.randn(rows, vocab).masked_fill(torch.rand(rows, vocab) < 0.5, -math.inf),
+    }
+    t = torch.randint(0, vocab, (rows,))
+    for name, x in cases.items():
+        x = x.to(dtype)
+        if name == "masked":  # the target itself is never masked
+            x[torch.arange(rows), t] = 0.0
+        for reduction, opts in (("none", {}), ("mean", {"z_loss": 1e-6}), ("sum", {"softcap": 30.0})):
+            g = torch.ones(rows if reduction == "none" else ())
+            loss, grad = run(lambda xl: F.cross_entropy(xl, t, reduction=reduction, **opts), x, g.to(dtype))
+            ref_loss, ref_grad = run(lambda xl: torch_cross_entropy(
+                xl, t, None, -100, reduction, 0.0, opts.get("z_loss", 0.0),
+                opts.get("softcap", 0.0)), x.double(), g.double())
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (name, reduction)
+            # The backward uses the float32 lse the forward stored: with logits near 1e4 its
+            # rounding (ulp 1e-3) bounds the gradient's accuracy, for every backend.
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-2, atol=2e-2, msg=name)
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=2e-2, msg=name)
+            if name == "masked":
+                assert torch.equal(grad[x == -math.inf], torch.zeros_like(grad[x == -math.inf]))
+
+
+def test_cross_entropy_layouts_as_torch(backend):
+    """(C,) with a 0-d target, and (N, C, d1, d2) with the class dimension at 1."""
+    x1 = torch.randn(10)
+    t1 = torch.tensor(3)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(F.cross_entropy(x1, t1, reduction=reduction),
+                                   TF.cross_entropy(x1, t1, reduction=reduction))
+    x = torch.randn(3, 17, 4, 5, requires_grad=True)
+    t = torch.randint(0, 17, (3, 4, 5))
+    t[0, 1] = -100
+    for reduction in REDUCTIONS:
+        ours = F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+        theirs = TF.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+        torch.testing.assert_close(ours, theirs)
+        g = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0],
+                                   torch.autograd.grad(theirs, x, g)[0])
+
+
+def test_cross_entropy_uint8_and_probability_targets(backend):
+    x = torch.randn(4, 10)
+    t = torch.tensor([1, 2, 3, 9], dtype=torch.uint8)
+    torch.testing.assert_close(F.cross_entropy(x, t), TF.cross_entropy(x, t))
+    probs = torch.rand(4, 10).softmax(-1)
+    torch.testing.assert_close(F.cross_entropy(x, probs, label_smoothing=0.1),
+                               TF.cross_entropy(x, probs, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_and_inplace_backward(backend, reduction):
+    """The backend's in-place backward op, through linear + cross-entropy (chunks of 5 rows
+    over 13) and through cross_entropy(inplace_backward=True), against the unfused path."""
+    x = torch.randn(13, 16, requires_grad=True)
+    w = torch.randn(300, 16, requires_grad=True)
+    b = torch.randn(300, requires_grad=True)
+    t = make_target(13, 300)
+    g = torch.randn(13 if reduction == "none" else ())
+    ref = TF.cross_entropy(TF.linear(x, w, b), t, reduction=reduction, label_smoothing=0.1)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    ours = F.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                  label_smoothing=0.1, chunk_size=5)
+    torch.testing.assert_close(ours, ref)
+    for got, want in zip(torch.autograd.grad(ours, (x, w, b), g), ref_grads):
+        torch.testing.assert_close(got, want)
+
+    logits = TF.linear(x, w, b)
+    ours = F.cross_entropy(logits, t, reduction=reduction, label_smoothing=0.1, inplace_backward=True)
+    torch.testing.assert_close(ours, ref)
+    for got, want in zip(torch.autograd.grad(ours, (x, w, b), g), ref_grads):
+        torch.testing.assert_close(got, want)

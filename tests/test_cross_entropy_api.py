@@ -1,0 +1,457 @@
+"""Cross-entropy family beyond the kernels' numerics: linear + cross-entropy against the
+unfused composition, gradcheck, opcheck, torch.compile, the in-place backward, drop-in
+modules and error messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastllm
+import fastllm.functional as F
+from fastllm.ops import cross_entropy as ce_ops
+from tests.accuracy import assert_within_torch_error
+
+native = pytest.mark.skipif(ce_ops._native_ops is None, reason="fastllm._C not built")
+
+
+@pytest.fixture(autouse=True)
+def _native_backend():
+    with fastllm.use_backend("native"):
+        yield
+
+
+# ------------------------------------------------- linear + cross-entropy vs unfused
+
+
+def unfused(x, w, t, b=None, **kw):
+    """The composition linear_cross_entropy must equal, in plain PyTorch (z-loss and
+    soft-capping written out)."""
+    z_loss = kw.pop("z_loss", 0.0)
+    softcap = kw.pop("softcap", 0.0)
+    logits = TF.linear(x, w, b)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    reduction = kw.pop("reduction", "mean")
+    ignore_index = kw.get("ignore_index", -100)
+    if not z_loss:
+        return TF.cross_entropy(logits, t, reduction=reduction, **kw)
+    rows = TF.cross_entropy(logits, t, reduction="none", **kw)
+    valid = t != ignore_index
+    rows = rows + z_loss * torch.logsumexp(logits, -1).square() * valid
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    weight = kw.get("weight")
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    return rows.sum() / (valid.sum() if weight is None else (weight[safe_t] * valid).sum())
+
+
+def run_linear(fn, x, w, b, t, g, **kw):
+    leaves = [p.detach().clone().requires_grad_(True) if p is not None else None for p in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], t, leaves[2], **kw)
+    loss.backward(g)
+    return loss.detach(), [p.grad if p is not None else None for p in leaves]
+
+
+def ours_linear(x, w, t, b=None, chunk_size=None, **kw):
+    return F.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk_size, **kw)
+
+
+def check_linear(rows, hidden, vocab, dtype, chunk_size, bias=True, reduction="mean", **kw):
+    x = torch.randn(rows, hidden).to(dtype)
+    w = (torch.randn(vocab, hidden) / hidden**0.5).to(dtype)
+    b = torch.randn(vocab).to(dtype) if bias else None
+    t = torch.randint(0, vocab, (rows,))
+    t[::5] = kw.get("ignore_index", -100)
+    if kw.pop("weighted", False):
+        kw["weight"] = (torch.rand(vocab) + 0.5).to(dtype)
+    g = torch.randn(rows if reduction == "none" else ()).to(dtype)
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    d = lambda p: None if p is None else p.double()  # noqa: E731
+    ref_loss, ref_grads = run_linear(unfused, d(x), d(w), d(b), t, g.double(), reduction=reduction, **kw64)
+    torch_loss, torch_grads = run_linear(unfused, x, w, b, t, g, reduction=reduction, **kw)
+    our_loss, our_grads = run_linear(
+        ours_linear, x, w, b, t, g, reduction=reduction, chunk_size=chunk_size, **kw
+    )
+    assert our_loss.dtype == dtype
+    name = f"chunk {chunk_size} {reduction}"
+    assert_within_torch_error(f"loss {name}", our_loss, torch_loss, ref_loss, dtype)
+    for what, ours, theirs, ref in zip(("input", "weight", "bias"), our_grads, torch_grads, ref_grads):
+        assert_within_torch_error(f"grad {what} {name}", ours, theirs, ref, dtype)
+
+
+@native
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 40, 1000, None])
+def test_linear_cross_entropy_equals_unfused(reduction, chunk_size):
+    """Chunk sizes that divide N = 48 (1, 16), that do not (7, 40), above N, and the default."""
+    check_linear(48, 24, 301, torch.float32, chunk_size, reduction=reduction)
+
+
+@native
+@pytest.mark.parametrize(
+    "features",
+    [
+        {"label_smoothing": 0.1},
+        {"weighted": True, "label_smoothing": 0.2},
+        {"z_loss": 1e-2, "softcap": 4.0},
+        {"ignore_index": 3},
+    ],
+    ids=["smoothing", "weight_smoothing", "z_loss_softcap", "ignore_index_3"],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_features(reduction, features):
+    check_linear(29, 16, 257, torch.float32, 8, bias=False, reduction=reduction, **dict(features))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_dtypes(dtype, reduction):
+    check_linear(33, 32, 500, dtype, 10, reduction=reduction)
+
+
+@native
+def test_linear_cross_entropy_batched_input_and_no_grad():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    t = torch.randint(0, 40, (2, 5))
+    ours = F.linear_cross_entropy(x, w, t, reduction="none", chunk_size=3)
+    assert ours.shape == (2, 5)
+    torch.testing.assert_close(ours, TF.cross_entropy((x @ w.T).transpose(1, 2), t, reduction="none"))
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear_cross_entropy(x, w, t), TF.cross_entropy(x.view(10, 8) @ w.T, t.view(10)))
+
+
+@native
+def test_linear_cross_entropy_every_row_ignored():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t = torch.full((6,), -100)
+    loss = F.linear_cross_entropy(x, w, t, chunk_size=4)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@native
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_backward_twice(reduction):
+    """retain_graph works: the first backward hands out the gradients the forward computed
+    (scaled in place), a second one recomputes them."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = F.linear_cross_entropy(x, w, torch.randint(0, 20, (6,)), reduction=reduction).sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone(), w.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first[0])
+    torch.testing.assert_close(w.grad, 2 * first[1])
+
+
+# --------------------------------------------------------------- gradcheck (float64)
+
+
+@native
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "features",
+    [{}, {"label_smoothing": 0.1, "weighted": True}, {"z_loss": 0.05, "softcap": 2.0}],
+    ids=["plain", "weight_smoothing", "z_loss_softcap"],
+)
+def test_gradcheck_cpu_float64(reduction, features):
+    features = dict(features)
+    weight = torch.rand(13, dtype=torch.float64) + 0.5 if features.pop("weighted", False) else None
+    x = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (7,))
+    t[2] = -100
+    assert torch.autograd.gradcheck(
+        lambda x: F.cross_entropy(x, t, weight, reduction=reduction, **features), (x,)
+    )
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    # nondet_tol: gradcheck runs backward twice, and the second one recomputes the gradients
+    # the first took from the forward (same math, another rounding).
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: F.linear_cross_entropy(
+            h, w, t, linear_bias=b, weight=weight, reduction=reduction, chunk_size=3, **features
+        ),
+        (h, w, b),
+        nondet_tol=1e-12,
+    )
+
+
+# --------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_samples():
+    x = torch.randn(6, 33)
+    t = torch.randint(0, 33, (6,))
+    t[1] = -100
+    w = torch.rand(33) + 0.5
+    xb = x.to(torch.bfloat16)
+    return [
+        (x, t, None, -100, 0.0, 0.0, 0.0),
+        (x, t, w, -100, 0.1, 1e-3, 0.0),
+        (xb, t, w, -100, 0.2, 0.0, 5.0),
+        (torch.randn(3, 40)[:, :33], torch.tensor([0, 7, 32]), None, 7, 0.0, 0.0, 0.0),
+    ]
+
+
+@native
+@pytest.mark.parametrize("idx", range(len(_opcheck_samples())))
+def test_opcheck_native(idx):
+    args = _opcheck_samples()[idx]
+    logits = args[0].clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastllm.cross_entropy_fwd, (logits,) + args[1:])
+    loss, lse = torch.ops.fastllm.cross_entropy_fwd(*args)
+    grad = torch.randn_like(loss)
+    torch.library.opcheck(torch.ops.fastllm.cross_entropy_bwd, (grad, args[0], *args[1:3], lse, *args[3:]))
+    torch.library.opcheck(
+        torch.ops.fastllm.cross_entropy_bwd_inplace,
+        (grad, args[0].contiguous(), *args[1:3], lse, *args[3:]),
+    )
+
+
+@native
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_linear_cross_entropy(reduction):
+    x = torch.randn(9, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    b = torch.randn(30, requires_grad=True)
+    t = torch.randint(0, 30, (9,))
+    torch.library.opcheck(
+        torch.ops.fastllm.linear_cross_entropy_fwd,
+        (x, w, b, t, None, -100, reduction, 0.1, 0.0, 0.0, 4, True, True, True, False, "native"),
+    )
+
+
+# ---------------------------------------------------------------------- torch.compile
+
+
+@native
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph_matches_eager(reduction):
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(70, 16, requires_grad=True)
+    b = torch.randn(70, requires_grad=True)
+    t = torch.randint(0, 70, (12,))
+    t[3] = -100
+
+    def fused_head(h, w, b):
+        return F.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction, chunk_size=5,
+                                      z_loss=1e-3).sum()
+
+    def logits_then_loss(h, w, b):
+        logits = torch.tanh(h) @ w.T + b
+        loss = F.cross_entropy(logits, t, reduction=reduction, label_smoothing=0.1)
+        return loss.sum() + F.cross_entropy(logits * 2, t, inplace_backward=True)
+
+    for fn in (fused_head, logits_then_loss):
+        eager = fn(h, w, b)
+        eager_grads = torch.autograd.grad(eager, (h, w, b))
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="inductor")(h, w, b)
+        grads = torch.autograd.grad(compiled, (h, w, b))
+        torch.testing.assert_close(compiled, eager)
+        for g, ref in zip(grads, eager_grads):
+            torch.testing.assert_close(g, ref)
+
+
+# ------------------------------------------------------------------ in-place backward
+
+
+@native
+def test_logits_are_not_written_unless_asked():
+    x = torch.randn(5, 50, requires_grad=True)
+    t = torch.randint(0, 50, (5,))
+    logits = x * 1.0
+    before = logits.detach().clone()
+    F.cross_entropy(logits, t).backward()
+    assert torch.equal(logits.detach(), before)
+    grad_plain = x.grad.clone()
+    x.grad = None
+    # Asked: the logits' storage receives their gradient, and the gradient is right.
+    logits = x * 1.0
+    F.cross_entropy(logits, t, inplace_backward=True).backward()
+    torch.testing.assert_close(x.grad, grad_plain)
+    torch.testing.assert_close(logits.detach(), grad_plain)
+
+
+@native
+def test_inplace_backward_second_backward_is_an_error():
+    x = torch.randn(5, 50, requires_grad=True)
+    loss = F.cross_entropy(x * 1.0, torch.randint(0, 50, (5,)), inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+# ------------------------------------------------------------------------- modules
+
+
+@native
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"reduction": "sum", "label_smoothing": 0.1}, {"ignore_index": 2, "reduction": "none"}],
+)
+def test_cross_entropy_loss_is_drop_in(kwargs):
+    weight = torch.rand(20) + 0.5
+    ours = fastllm.nn.CrossEntropyLoss(weight=weight, **kwargs)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, **kwargs)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(8, 20)
+    t = torch.randint(0, 20, (8,))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+
+
+@native
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_loss_is_drop_in(bias):
+    kwargs = dict(bias=bias, reduction="mean", label_smoothing=0.05)
+    theirs = torch.nn.LinearCrossEntropyLoss(16, 90, **kwargs)
+    ours = fastllm.nn.LinearCrossEntropyLoss(16, 90, chunk_size=4, **kwargs)
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(11, 16, requires_grad=True)
+    t = torch.randint(0, 90, (11,))
+    ours_loss, theirs_loss = ours(x, t), theirs(x, t)
+    torch.testing.assert_close(ours_loss, theirs_loss)
+    ours_loss.backward()
+    theirs_loss.backward()
+    torch.testing.assert_close(ours.linear.weight.grad, theirs.linear.weight.grad)
+    if bias:
+        torch.testing.assert_close(ours.linear.bias.grad, theirs.linear.bias.grad)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@native
+def test_out_of_range_target_names_row_and_value():
+    x = torch.randn(5, 32000)
+    t = torch.tensor([1, 2, 3, 70000, 4])
+    with pytest.raises(IndexError, match=r"cross_entropy: target\[3\] = 70000 is out of range for "
+                                         r"32000 classes \(ignore_index=-100\)"):
+        F.cross_entropy(x, t)
+    with pytest.raises(IndexError, match=r"target\[1\] = -1 is out of range"):
+        F.cross_entropy(x, torch.tensor([0, -1, -100, 5, 6]))
+    with pytest.raises(IndexError, match=r"target\[2\] = 40 is out of range for 40 classes"):
+        F.linear_cross_entropy(torch.randn(4, 8), torch.randn(40, 8), torch.tensor([0, 1, 40, 2]),
+                               chunk_size=2)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: F.cross_entropy(torch.randn(4, 8), torch.randint(0, 8, (3,))), ValueError,
+         r"target must have shape \[4\] \(input's shape \[4, 8\] without the class dimension 1\), got \[3\]"),
+        (lambda: F.cross_entropy(torch.randn(4, 8), torch.randint(0, 8, (4,)), torch.rand(7)), ValueError,
+         r"weight must have shape \[8\] \(one weight per class\), got \[7\]"),
+        (lambda: F.cross_entropy(torch.randn(4, 8), torch.randint(0, 8, (4,)).int()), TypeError,
+         r"target must be int64 class indices \(or uint8\), got torch.int32"),
+        (lambda: F.cross_entropy(torch.randn(4, 8), torch.randint(0, 8, (4,)), reduction="avg"), ValueError,
+         r"reduction must be 'none', 'mean' or 'sum', got 'avg'"),
+        (lambda: F.cross_entropy(torch.randn(4, 8), torch.randint(0, 8, (4,)), label_smoothing=1.5),
+         ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (lambda: F.cross_entropy(torch.randn(4, 8), torch.randint(0, 8, (4,)), z_loss=-1.0), ValueError,
+         r"z_loss must be non-negative, got -1.0"),
+        (lambda: F.cross_entropy(torch.arange(8).view(1, 8), torch.zeros(1, dtype=torch.long)), TypeError,
+         r"input must be float32, bfloat16, float16 or float64, got torch.int64"),
+        (lambda: F.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long)),
+         ValueError, r"linear_weight must have shape \[num_classes, 8\] \(in_features = input.shape\[-1\]\), got \[10, 9\]"),
+        (lambda: F.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long),
+                                        linear_bias=torch.randn(9)),
+         ValueError, r"linear_bias must have shape \[10\] \(num_classes\), got \[9\]"),
+        (lambda: F.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8).double(), torch.zeros(4, dtype=torch.long)),
+         TypeError, r"linear_weight must have the input's dtype torch.float32, got torch.float64"),
+        (lambda: F.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long)),
+         ValueError, r"target must have shape \[4\] \(input's shape without in_features\), got \[5\]"),
+        (lambda: F.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long),
+                                        chunk_size=0),
+         ValueError, r"chunk_size must be a positive number of rows, got 0"),
+    ],
+)
+def test_bad_input_is_named(backend, call, exc, match):
+    with fastllm.use_backend(backend), pytest.raises(exc, match=match):
+        call()
+
+
+@native
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: torch.ops.fastllm.cross_entropy_fwd(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long),
+                                                     None, -100, 0.0, 0.0, 0.0),
+         r"logits must be 2-D \(rows, vocab\), got shape \[2, 3, 4\]"),
+        (lambda: torch.ops.fastllm.cross_entropy_fwd(torch.randn(4, 8), torch.zeros(3, dtype=torch.long),
+                                                     None, -100, 0.0, 0.0, 0.0),
+         r"target must have shape \[4\] \(one class index per row of logits\), got \[3\]"),
+        (lambda: torch.ops.fastllm.cross_entropy_fwd(torch.randn(4, 8), torch.zeros(4, dtype=torch.long),
+                                                     torch.ones(9), -100, 0.0, 0.0, 0.0),
+         r"weight must have shape \[8\] \(one weight per class\), got \[9\]"),
+        (lambda: torch.ops.fastllm.cross_entropy_fwd(torch.randn(4, 8), torch.zeros(4, dtype=torch.long),
+                                                     None, -100, 0.0, 0.0, -1.0),
+         r"softcap must be non-negative \(0 disables it\), got -1"),
+        (lambda: torch.ops.fastllm.cross_entropy_bwd(torch.ones(4), torch.randn(4, 8), torch.zeros(4, dtype=torch.long),
+                                                     None, torch.zeros(3), -100, 0.0, 0.0, 0.0),
+         r"lse must have shape \[4\] \(one value per row of logits\), got \[3\]"),
+        (lambda: torch.ops.fastllm.cross_entropy_bwd_inplace(torch.ones(4), torch.randn(8, 4).t(),
+                                                             torch.zeros(4, dtype=torch.long), None,
+                                                             torch.zeros(4), -100, 0.0, 0.0, 0.0),
+         r"logits must have unit stride along the vocab dimension to receive the gradient in place"),
+    ],
+)
+def test_bad_input_direct_op_call_is_named(call, match):
+    with pytest.raises((RuntimeError, TypeError, ValueError, IndexError), match=match):
+        call()
+
+
+# ------------------------------------------------------------- scalar CPU code path
+
+
+SCALAR_PATH_SCRIPT = r"""
+import torch, torch.nn.functional as TF
+import fastllm.functional as F
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    x = (torch.randn(7, 1003) * 3).to(dtype).requires_grad_(True)
+    t = torch.randint(0, 1003, (7,)); t[2] = -100
+    w = torch.rand(1003).to(dtype) + 0.5
+    for kw in ({}, {"label_smoothing": 0.1, "weight": w}, {"softcap": 4.0, "z_loss": 1e-3}):
+        ours = F.cross_entropy(x, t, reduction="none", **kw)
+        g, = torch.autograd.grad(ours.sum(), x)
+        x64 = x.detach().double().requires_grad_(True)
+        kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        z = x64 if not kw64.get("softcap") else kw64["softcap"] * torch.tanh(x64 / kw64["softcap"])
+        ref = TF.cross_entropy(z, t, reduction="none", weight=kw64.get("weight"),
+                               label_smoothing=kw64.get("label_smoothing", 0.0))
+        ref = ref + kw64.get("z_loss", 0.0) * torch.logsumexp(z, -1).square() * (t != -100)
+        g64, = torch.autograd.grad(ref.sum(), x64)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(ours.double(), ref.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(g.double(), g64, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@native
+def test_scalar_cpu_path_matches_torch():
+    """FASTLLM_CPU_ISA=scalar runs the portable kernels (chosen once per process, hence the
+    subprocess), which every non-AVX2 CPU uses."""
+    env = dict(os.environ, FASTLLM_CPU_ISA="scalar", FASTLLM_BACKEND="native")
+    result = subprocess.run([sys.executable, "-c", SCALAR_PATH_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

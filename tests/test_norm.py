@@ -1,0 +1,184 @@
+"""LayerNorm / RMSNorm family: every backend against a float64 reference, with the
+2x-PyTorch's-own-error rule (tests/accuracy.py), forward and all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastllm
+import fastllm.functional as F
+from fastllm.ops import norm as norm_ops
+from tests.accuracy import assert_within_torch_error
+
+KINDS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Emulated CUDA and interpreted Triton are slow: small shapes there, the odd ones kept.
+SHAPES = {
+    "native": [(3, 5, 1000), (1, 1), (7, 65536), (4, 97), (2, 3, 128), (33, 4099)],
+    "triton": [(3, 5, 1000), (1, 1), (4, 97), (2, 3, 128), (3, 4099)],
+    "cuda_emu": [(3, 5, 1000), (1, 1), (4, 97), (2, 3, 128), (3, 4099)],
+}
+
+
+@pytest.fixture(params=["native", "triton", "cuda_emu"])
+def backend(request):
+    name = request.param
+    if name == "triton" and norm_ops._triton_ops is None:
+        pytest.skip("triton is not installed")
+    if name == "cuda_emu":
+        request.getfixturevalue("emulated_cuda")
+        from fastllm import _emu
+
+        # Random thread interleavings between barriers (seeded): a missing barrier or a
+        # wrong shuffle partner changes the answer instead of passing by luck.
+        with _emu.schedule_seed(1), fastllm.use_backend(name):
+            yield name
+        return
+    with fastllm.use_backend(name):
+        yield name
+
+
+def torch_impl(kind, x, r, shape, w, b, eps):
+    """PyTorch's own ops, in the inputs' dtype (used both for its error and, on float64
+    copies, as the reference)."""
+    if kind == "layer_norm":
+        return TF.layer_norm(x, shape, w, b, eps)
+    if kind == "rms_norm":
+        return TF.rms_norm(x, shape, w, eps)
+    s = x + r
+    if kind == "add_layer_norm":
+        return TF.layer_norm(s, shape, w, b, eps), s
+    return TF.rms_norm(s, shape, w, eps), s
+
+
+def fastllm_impl(kind, x, r, shape, w, b, eps):
+    if kind == "layer_norm":
+        return F.layer_norm(x, shape, w, b, eps)
+    if kind == "rms_norm":
+        return F.rms_norm(x, shape, w, eps)
+    if kind == "add_layer_norm":
+        return F.add_layer_norm(x, r, shape, w, b, eps)
+    return F.add_rms_norm(x, r, shape, w, eps)
+
+
+def run(fn, kind, inputs, shape, eps, grads_out):
+    """Forward + backward; returns the outputs and the gradients of every input."""
+    x, r, w, b = inputs
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    lx, lr, lw, lb = leaves
+    out = fn(kind, lx, lr, shape, lw, lb, eps)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, grads_out[: len(outs)])
+    return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
+
+
+def make_inputs(kind, full_shape, nd, dtype, affine, layout, gen_dtype=torch.float32):
+    norm_shape = list(full_shape[len(full_shape) - nd:])
+
+    def rand(shape, scale=1.0, shift=0.0):
+        return (torch.randn(shape, dtype=gen_dtype) * scale + shift).to(dtype)
+
+    if layout == "contiguous":
+        x = rand(full_shape, 2.0, 0.5)
+    elif layout == "strided_rows":  # rows with a gap: a view with row stride > cols
+        x = rand(list(full_shape[:-1]) + [full_shape[-1] + 3], 2.0, 0.5)[..., : full_shape[-1]]
+    else:  # "transposed": leading dims permuted, last dim contiguous
+        x = rand(list(reversed(full_shape[:-1])) + [full_shape[-1]], 2.0, 0.5)
+        x = x.permute(*reversed(range(len(full_shape) - 1)), len(full_shape) - 1)
+    r = rand(full_shape) if kind.startswith("add_") else None
+    w = rand(norm_shape, 0.5, 1.0) if affine else None
+    b = rand(norm_shape, 0.3) if affine and "layer" in kind else None
+    return (x, r, w, b), norm_shape
+
+
+def check_kind(kind, full_shape, dtype, affine, layout="contiguous", nd=1, eps=1e-5):
+    (x, r, w, b), norm_shape = make_inputs(kind, full_shape, nd, dtype, affine, layout)
+    assert tuple(x.shape) == tuple(full_shape)
+    dy = torch.randn(full_shape).to(dtype)
+    dsum = torch.randn(full_shape).to(dtype)
+    grads_out = (dy, dsum)
+    to64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref_outs, ref_grads = run(
+        torch_impl, kind, [to64(t) for t in (x, r, w, b)], norm_shape, eps,
+        tuple(g.double() for g in grads_out),
+    )
+    torch_outs, torch_grads = run(torch_impl, kind, (x, r, w, b), norm_shape, eps, grads_out)
+    our_outs, our_grads = run(fastllm_impl, kind, (x, r, w, b), norm_shape, eps, grads_out)
+    for i, (o, t, ref) in enumerate(zip(our_outs, torch_outs, ref_outs)):
+        assert o.dtype == t.dtype, f"output {i}: dtype {o.dtype}, torch gives {t.dtype}"
+        assert_within_torch_error(f"{kind} output {i}", o, t, ref, dtype)
+    for name, o, t, ref in zip(("input", "residual", "weight", "bias"), our_grads, torch_grads, ref_grads):
+        if o is not None and t is not None:
+            assert o.dtype == t.dtype, f"grad {name}: dtype {o.dtype}, torch gives {t.dtype}"
+        assert_within_torch_error(f"{kind} grad {name}", o, t, ref, dtype)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_matches_reference(backend, kind, dtype, affine):
+    for shape in SHAPES[backend]:
+        check_kind(kind, shape, dtype, affine)
+
+
+@pytest.mark.parametrize("layout", ["strided_rows", "transposed"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_non_contiguous(backend, kind, layout):
+    check_kind(kind, (3, 6, 257), torch.bfloat16, True, layout=layout)
+    check_kind(kind, (5, 2, 96), torch.float32, True, layout=layout)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_multi_dim_normalized_shape(backend, kind):
+    check_kind(kind, (3, 4, 5, 7), torch.float32, True, nd=2)
+    check_kind(kind, (2, 3, 4, 5), torch.float16, True, nd=3)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_norm_float32_weight_with_low_precision_input(backend, kind):
+    """torch accepts a float32 weight with a bfloat16/float16 input; so do we."""
+    x = torch.randn(6, 300).to(torch.bfloat16)
+    w = torch.rand(300) + 0.5
+    b = torch.randn(300) if kind == "layer_norm" else None
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ws = [w.clone().requires_grad_(True) for _ in range(2)]
+    bs = [b.clone().requires_grad_(True) if b is not None else None for _ in range(2)]
+    ours = fastllm_impl(kind, xs[0], None, [300], ws[0], bs[0], 1e-5)
+    theirs = torch_impl(kind, xs[1], None, [300], ws[1], bs[1], 1e-5)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    dy = torch.randn(6, 300).to(torch.bfloat16)
+    ours.backward(dy)
+    theirs.backward(dy)
+    assert ws[0].grad.dtype == torch.float32
+    ref = torch_impl(kind, x.double(), None, [300], w.double(), None if b is None else b.double(), 1e-5)
+    assert_within_torch_error("out", ours.detach(), theirs.detach(), ref, torch.bfloat16)
+    torch.testing.assert_close(ws[0].grad, ws[1].grad, rtol=2e-2, atol=2e-2)
+
+
+def test_rms_norm_default_eps(backend):
+    """eps=None is torch.finfo(float32).eps for low-precision input, as in torch's kernel."""
+    x = torch.randn(4, 64).to(torch.bfloat16) * 1e-4
+    ref = TF.rms_norm(x.float(), [64], eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(F.rms_norm(x, [64]).float(), ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(F.rms_norm(x, [64]), TF.rms_norm(x, [64]), rtol=1.6e-2, atol=1e-5)
+
+
+def test_norm_zero_rows(backend):
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    y = F.layer_norm(x, [16], w)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(16))
+
+
+def test_norm_weight_grad_many_rows_reduced_correctly(backend):
+    """Weight/bias gradients are reductions over rows: check row counts around any
+    partial-sum chunking the kernels use."""
+    rows = {"native": [1, 2, 3, 31, 257, 2049], "triton": [1, 3, 257], "cuda_emu": [1, 3, 70]}[backend]
+    for n in rows:
+        check_kind("layer_norm", (n, 40), torch.float32, True)
+        check_kind("rms_norm", (n, 40), torch.float32, True)

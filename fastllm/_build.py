@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
 # Torch-free kernel sources: plain C++ (CPU kernels) and CUDA C++ (GPU kernels).
-CPU_KERNEL_SOURCES = ["csrc/norm/norm_cpu.cpp", "csrc/cross_entropy/cross_entropy_cpu.cpp"]
+CPU_KERNEL_SOURCES = [
+    "csrc/norm/norm_cpu.cpp",
+    "csrc/cross_entropy/cross_entropy_cpu.cpp",
+    "csrc/attention/attention_cpu.cpp",
+]
 CUDA_KERNEL_SOURCES = ["csrc/norm/norm.cu", "csrc/cross_entropy/cross_entropy.cu"]
 # Torch glue: schema registration and per-device implementations.
 GLUE_SOURCES = [

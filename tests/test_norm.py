@@ -26,7 +26,7 @@ SHAPES = {
 @pytest.fixture(params=["native", "triton", "cuda_emu"])
 def backend(request):
     name = request.param
-    if name == "triton" and norm_ops._triton_ops is None:
+    if name == "triton" and norm_ops.IMPLS.triton is None:
         pytest.skip("triton is not installed")
     if name == "cuda_emu":
         request.getfixturevalue("emulated_cuda")

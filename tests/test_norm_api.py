@@ -10,7 +10,7 @@ import fastllm
 import fastllm.functional as F
 from fastllm.ops import norm as norm_ops
 
-native = pytest.mark.skipif(norm_ops._native_ops is None, reason="fastllm._C not built")
+native = pytest.mark.skipif(norm_ops.IMPLS.native is None, reason="fastllm._C not built")
 
 
 # ------------------------------------------------------------------ gradcheck (float64)

@@ -456,7 +456,8 @@ def run_cases(
     thp = thp_setting(device)
     results: list[Result] = []
     progress = tqdm(
-        total=len(cases) * len(contenders), desc=f"bench {family} (THP {thp})",
+        total=sum(len(getattr(c, "contenders", contenders)) for c in cases),
+        desc=f"bench {family} (THP {thp})",
         unit="run", file=sys.stderr, disable=None, leave=False,
     )
     with progress:
@@ -464,7 +465,8 @@ def run_cases(
             if progress.disable:  # no terminal: progress goes to the log
                 logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
             inputs = case.make_inputs(device)
-            for contender in contenders:
+            # a case may name its own contenders (e.g. a peer library that only it has)
+            for contender in getattr(case, "contenders", contenders):
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
                 result = Result(
                     family=family, case=case.id, params=case.params(), contender=contender,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastllm import _native
-from fastllm.backend import get_backend, triton_interpret
+from fastllm.backend import Implementations
 from fastllm.reference import norm as ref
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -264,11 +264,11 @@ def register_autograd(ops: NormOps) -> None:
         torch.library.register_autograd(op.default, backward, setup_context=setup)
 
 
-_native_ops: Optional[NormOps] = None
+IMPLS: Implementations[NormOps] = Implementations("norm")
 if _native.AVAILABLE:
     register_fakes("fastllm")
-    _native_ops = _ops_in(torch.ops.fastllm)
-    register_autograd(_native_ops)
+    IMPLS.native = _ops_in(torch.ops.fastllm)
+    register_autograd(IMPLS.native)
 
 
 def _define_triton_ops() -> Optional[NormOps]:
@@ -286,47 +286,19 @@ def _define_triton_ops() -> Optional[NormOps]:
     return result
 
 
-_triton_ops = _define_triton_ops()
-
-# Set by fastllm._emu when the test-only SIMT emulation extension is loaded.
-emulated_ops: Optional[NormOps] = None
+IMPLS.triton = _define_triton_ops()
 
 
 def register_emulated(lib: str) -> None:
-    global emulated_ops
+    """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
     register_fakes(lib)
-    emulated_ops = _ops_in(getattr(torch.ops, lib))
-    register_autograd(emulated_ops)
+    IMPLS.emulated = _ops_in(getattr(torch.ops, lib))
+    register_autograd(IMPLS.emulated)
 
 
 def select_ops(input: Tensor) -> Optional[NormOps]:
     """The op set for ``input`` under the current backend; None means the reference."""
-    backend = get_backend()
-    if backend == "reference":
-        return None
-    if backend == "cuda_emu":
-        if emulated_ops is None:
-            raise RuntimeError(
-                "backend 'cuda_emu' needs the SIMT emulation extension: call "
-                "fastllm._emu.load() first (tests only)"
-            )
-        if input.device.type != "cpu":
-            raise ValueError(f"backend 'cuda_emu' runs on CPU tensors, got {input.device}")
-        return emulated_ops
-    if backend == "triton":
-        if _triton_ops is None:
-            raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
-        if input.device.type == "cpu" and not triton_interpret():
-            raise RuntimeError(
-                "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
-                "tensor without it (use a CUDA tensor or the 'native' backend)"
-            )
-        return _triton_ops
-    # native
-    if input.device.type not in ("cpu", "cuda"):
-        return None  # no hand-written kernel for this device: the reference runs
-    _native.require()
-    return _native_ops
+    return IMPLS.select(input.device)
 
 
 # ------------------------------------------------------------------ public entry points

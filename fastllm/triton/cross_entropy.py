@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 # The interpreter's float32 -> bfloat16 cast truncates; norm.py holds the workaround.
-from fastllm.triton.norm import _round_bf16_in_software, _round_to_dtype
+from fastllm.triton._common import interpreted, round_to_dtype
 
 # Longest vocab chunk held in registers at once: 4096 float32 values over 8 warps is 16 per
 # thread for each live chunk-sized tensor (x, z, exp, weight).
@@ -210,7 +210,7 @@ def cross_entropy_bwd_kernel(
         if HAS_SOFTCAP:
             grad *= 1.0 - tanh_x * tanh_x
         grad = tl.where(target_in_range, grad, float("nan"))
-        grad = _round_to_dtype(grad, grad_logits_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
+        grad = round_to_dtype(grad, grad_logits_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
         tl.store(grad_row_ptr + cols, grad, mask=col_mask)
 
 
@@ -308,7 +308,7 @@ def _launch_bwd(
         HAS_SMOOTHING=has_smoothing,
         HAS_SOFTCAP=softcap > 0.0,
         BLOCK_V=block_v,
-        ROUND_BF16_IN_SOFTWARE=_round_bf16_in_software(),
+        ROUND_BF16_IN_SOFTWARE=interpreted(),
         num_warps=num_warps,
     )
 

@@ -23,7 +23,7 @@ Variants, all selected by constexpr flags of one forward and one backward kernel
                        blocks and reading the row twice: the forward merges per-block statistics
                        with Chan's parallel variance formula (as safe as the two-pass form), the
                        backward first reduces mean(g) and mean(g * xhat), then writes dx.
-    ROUND_BF16_IN_SOFTWARE  set only under TRITON_INTERPRET=1; see _round_to_dtype.
+    ROUND_BF16_IN_SOFTWARE  set only under TRITON_INTERPRET=1; see fastllm/triton/_common.py.
 The forward program normalises BLOCK_M consecutive rows. Each backward program owns a
 contiguous chunk of rows and one row of a (programs, N) float32 partial-sum buffer for dw and
 db; the launcher sums that buffer over programs. No atomics, so gradients are deterministic.
@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from fastllm.triton._common import interpreted, round_to_dtype
 
 # Longest row held in registers at once (8 warps, 32 values per thread per row-sized tensor;
 # the backward then needs about 250 registers per thread). Longer rows loop over column
@@ -62,21 +64,6 @@ ROW_TILE_ELEMENTS = 2048
 _INTERPRETER_ROW_TILE_ELEMENTS = 16384
 _INTERPRETER_LOOP_BLOCK_N = 8192
 _INTERPRETER_BWD_PROGRAMS = 4
-
-
-@triton.jit
-def _round_to_dtype(x, dtype: tl.constexpr, ROUND_BF16_IN_SOFTWARE: tl.constexpr):
-    """Rounds float32 `x` to `dtype`, to nearest with ties to even (what torch does)."""
-    if ROUND_BF16_IN_SOFTWARE and dtype == tl.bfloat16:
-        # Works around the Triton interpreter (TRITON_INTERPRET=1), whose float32 -> bfloat16
-        # cast truncates (triton/runtime/interpreter.py, _convert_float with no rounding mode).
-        # Same bit trick as c10::BFloat16's round_to_nearest_even, NaN kept as a quiet NaN.
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -106,7 +93,7 @@ def _load_normalised_input(
     if HAS_RESIDUAL:
         residual = tl.load(residual_rows_ptr + col_offsets[None, :], mask=mask, other=0.0)
         # Round to the input dtype before normalising, as torch's eager `x + residual` does.
-        s = _round_to_dtype(
+        s = round_to_dtype(
             x + residual.to(tl.float32), residual_out_rows_ptr.dtype.element_ty,
             ROUND_BF16_IN_SOFTWARE,
         )
@@ -138,7 +125,7 @@ def _store_normalised(
         y = y * tl.load(weight_ptr + col_offsets, mask=col_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + col_offsets, mask=col_mask, other=0.0)[None, :]
-    y = _round_to_dtype(y, out_rows_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
+    y = round_to_dtype(y, out_rows_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
     tl.store(out_rows_ptr + col_offsets[None, :], y, mask=mask)
 
 
@@ -300,7 +287,7 @@ def _store_grad_input(
     if HAS_DRESIDUAL:
         dresidual_out = tl.load(dresidual_out_rows_ptr + col_offsets[None, :], mask=mask, other=0.0)
         dx += dresidual_out.to(tl.float32)
-    dx = _round_to_dtype(dx, dx_rows_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
+    dx = round_to_dtype(dx, dx_rows_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
     tl.store(dx_rows_ptr + col_offsets[None, :], dx, mask=mask)
 
 
@@ -453,24 +440,20 @@ def _as_float32_param(param: Optional[torch.Tensor], cols: int) -> Optional[torc
     return param.reshape(cols).to(torch.float32).contiguous()
 
 
-def _interpreted() -> bool:
-    return triton.knobs.runtime.interpret
-
-
 def _tile_config(rows: int, cols: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, ROW_FITS_BLOCK, num_warps) for `rows` rows of `cols` elements."""
-    interpreted = _interpreted()
+    in_interpreter = interpreted()
     row_fits_block = cols <= MAX_BLOCK_N
     if row_fits_block:
         block_n = triton.next_power_of_2(cols)
-        if interpreted:
+        if in_interpreter:
             # Not beyond the rows there are; on a GPU that would only add specialisations.
             tile_rows = max(_INTERPRETER_ROW_TILE_ELEMENTS // block_n, 1)
             block_m = min(tile_rows, triton.next_power_of_2(max(rows, 1)))
         else:
             block_m = max(ROW_TILE_ELEMENTS // block_n, 1)
     else:
-        block_n = _INTERPRETER_LOOP_BLOCK_N if interpreted else LOOP_BLOCK_N
+        block_n = _INTERPRETER_LOOP_BLOCK_N if in_interpreter else LOOP_BLOCK_N
         block_m = 1
     # 8 elements per thread up to 8 warps, as in FlashAttention's Triton layer norm. ptxas
     # reports no spills for any variant at N in {3, 1000, 4096, 8192, 9000, 65536} on sm_80
@@ -536,7 +519,7 @@ def _norm_fwd(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         ROW_FITS_BLOCK=row_fits_block,
-        ROUND_BF16_IN_SOFTWARE=_interpreted(),
+        ROUND_BF16_IN_SOFTWARE=interpreted(),
         num_warps=num_warps,
     )
     return out, residual_out, mean, rstd
@@ -597,7 +580,7 @@ def _norm_bwd(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         ROW_FITS_BLOCK=row_fits_block,
-        ROUND_BF16_IN_SOFTWARE=_interpreted(),
+        ROUND_BF16_IN_SOFTWARE=interpreted(),
         num_warps=num_warps,
     )
     # Parameter gradients come back in the parameter's dtype (the input's for a bias

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
 
@@ -649,11 +650,6 @@ void check_problem(const char* fn, const Problem& p) {
   }
 }
 
-std::string dtype_error(const char* fn, DType dtype) {
-  return std::string(fn) + ": dtype must be one of kFloat32, kBFloat16, kFloat16, kFloat64, got " +
-         std::to_string(static_cast<int32_t>(dtype));
-}
-
 // The float-acc dtypes run the AVX2 tiles when the CPU has them; float64 runs scalar.
 template <class T>
 void attention_fwd_dtype(const FwdParams& p) {
@@ -680,25 +676,17 @@ void attention_bwd_dtype(const BwdParams& p) {
 void attention_fwd_cpu(const FwdParams& p) {
   check_problem("attention_fwd_cpu", p);
   if (p.batch == 0 || p.seqlen_q == 0) return;
-  switch (p.dtype) {
-    case DType::kFloat32: return attention_fwd_dtype<float>(p);
-    case DType::kBFloat16: return attention_fwd_dtype<BFloat16>(p);
-    case DType::kFloat16: return attention_fwd_dtype<Half>(p);
-    case DType::kFloat64: return attention_fwd_dtype<double>(p);
-  }
-  throw std::invalid_argument(dtype_error("attention_fwd_cpu", p.dtype));
+  cpu::dispatch_dtype(p.dtype, "attention_fwd_cpu", [&](auto tag) {
+    attention_fwd_dtype<typename decltype(tag)::type>(p);
+  });
 }
 
 void attention_bwd_cpu(const BwdParams& p) {
   check_problem("attention_bwd_cpu", p);
   if (p.batch == 0) return;
-  switch (p.dtype) {
-    case DType::kFloat32: return attention_bwd_dtype<float>(p);
-    case DType::kBFloat16: return attention_bwd_dtype<BFloat16>(p);
-    case DType::kFloat16: return attention_bwd_dtype<Half>(p);
-    case DType::kFloat64: return attention_bwd_dtype<double>(p);
-  }
-  throw std::invalid_argument(dtype_error("attention_bwd_cpu", p.dtype));
+  cpu::dispatch_dtype(p.dtype, "attention_bwd_cpu", [&](auto tag) {
+    attention_bwd_dtype<typename decltype(tag)::type>(p);
+  });
 }
 
 }  // namespace attention

@@ -51,9 +51,9 @@
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
+#include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
 #include "cross_entropy/cross_entropy.h"
@@ -562,34 +562,21 @@ void bwd_typed(const BwdParams& p) {
   }
 }
 
-std::string dtype_error(const char* fn, DType dtype) {
-  return std::string(fn) + ": dtype must be one of kFloat32, kBFloat16, kFloat16, kFloat64, got " +
-         std::to_string(static_cast<int32_t>(dtype));
-}
-
 }  // namespace
 
 void cross_entropy_fwd_cpu(const FwdParams& p) {
   if (p.bad_target_row != nullptr) *p.bad_target_row = -1;
   if (p.rows == 0) return;
-  switch (p.dtype) {
-    case DType::kFloat32: return fwd_typed<float>(p);
-    case DType::kBFloat16: return fwd_typed<BFloat16>(p);
-    case DType::kFloat16: return fwd_typed<Half>(p);
-    case DType::kFloat64: return fwd_typed<double>(p);
-  }
-  throw std::invalid_argument(dtype_error("cross_entropy_fwd_cpu", p.dtype));
+  cpu::dispatch_dtype(p.dtype, "cross_entropy_fwd_cpu", [&](auto tag) {
+    fwd_typed<typename decltype(tag)::type>(p);
+  });
 }
 
 void cross_entropy_bwd_cpu(const BwdParams& p) {
   if (p.rows == 0) return;
-  switch (p.dtype) {
-    case DType::kFloat32: return bwd_typed<float>(p);
-    case DType::kBFloat16: return bwd_typed<BFloat16>(p);
-    case DType::kFloat16: return bwd_typed<Half>(p);
-    case DType::kFloat64: return bwd_typed<double>(p);
-  }
-  throw std::invalid_argument(dtype_error("cross_entropy_bwd_cpu", p.dtype));
+  cpu::dispatch_dtype(p.dtype, "cross_entropy_bwd_cpu", [&](auto tag) {
+    bwd_typed<typename decltype(tag)::type>(p);
+  });
 }
 
 }  // namespace cross_entropy

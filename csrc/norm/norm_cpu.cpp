@@ -52,9 +52,9 @@
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
+#include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
 #include "norm/norm.h"
@@ -489,31 +489,18 @@ void norm_bwd_typed(const BwdParams& p) {
   }
 }
 
-std::string dtype_error(const char* fn, DType dtype) {
-  return std::string(fn) + ": dtype must be one of kFloat32, kBFloat16, kFloat16, kFloat64, got " +
-         std::to_string(static_cast<int32_t>(dtype));
-}
-
 }  // namespace
 
 void norm_fwd_cpu(const FwdParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32: return norm_fwd_typed<float>(p);
-    case DType::kBFloat16: return norm_fwd_typed<BFloat16>(p);
-    case DType::kFloat16: return norm_fwd_typed<Half>(p);
-    case DType::kFloat64: return norm_fwd_typed<double>(p);
-  }
-  throw std::invalid_argument(dtype_error("norm_fwd_cpu", p.dtype));
+  cpu::dispatch_dtype(p.dtype, "norm_fwd_cpu", [&](auto tag) {
+    norm_fwd_typed<typename decltype(tag)::type>(p);
+  });
 }
 
 void norm_bwd_cpu(const BwdParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat32: return norm_bwd_typed<float>(p);
-    case DType::kBFloat16: return norm_bwd_typed<BFloat16>(p);
-    case DType::kFloat16: return norm_bwd_typed<Half>(p);
-    case DType::kFloat64: return norm_bwd_typed<double>(p);
-  }
-  throw std::invalid_argument(dtype_error("norm_bwd_cpu", p.dtype));
+  cpu::dispatch_dtype(p.dtype, "norm_bwd_cpu", [&](auto tag) {
+    norm_bwd_typed<typename decltype(tag)::type>(p);
+  });
 }
 
 }  // namespace norm

@@ -32,5 +32,18 @@
     "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, " \
     "float softcap) -> ()")
 
+// q (B, Tq, H, D) / k, v (B, Tk, Hkv, D), or packed (total, heads, D) with cu_seqlens; see
+// csrc/attention/attention.h for the math and csrc/attention/attention_glue.h for the checks.
+#define FASTLLM_ATTENTION_OPTIONS                                                         \
+  "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, "     \
+  "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, " \
+  "float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? dropout_seed"
+#define FASTLLM_ATTENTION_SCHEMAS(X)                                                      \
+  X("attention_fwd(Tensor q, Tensor k, Tensor v, " FASTLLM_ATTENTION_OPTIONS              \
+    ") -> (Tensor out, Tensor lse)")                                                      \
+  X("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "   \
+    FASTLLM_ATTENTION_OPTIONS ") -> (Tensor dq, Tensor dk, Tensor dv)")
+
 // Every family's list; registration.cpp and the emulation build define exactly these.
-#define FASTLLM_ALL_SCHEMAS(X) FASTLLM_NORM_SCHEMAS(X) FASTLLM_CROSS_ENTROPY_SCHEMAS(X)
+#define FASTLLM_ALL_SCHEMAS(X) \
+  FASTLLM_NORM_SCHEMAS(X) FASTLLM_CROSS_ENTROPY_SCHEMAS(X) FASTLLM_ATTENTION_SCHEMAS(X)

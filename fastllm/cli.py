@@ -151,6 +151,9 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         f"{machine.threads} threads (torch.get_num_threads())",
         f"fastllm timed on backend: {backend_note}",
     ]
+    if machine.sgemm_gflops is not None:
+        lines.append(f"float32 GEMM ceiling (torch.mm of 2048 x 2048 matrices, best of several): "
+                     f"{machine.sgemm_gflops:.1f} GFLOP/s")
     if machine.device.startswith("cuda"):
         lines.append(f"copy bandwidth ceiling (copy_ of 256 MiB, read + write): {machine.copy_gbs:.1f} GB/s")
     else:
@@ -170,7 +173,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
     lines += [
         f"time: median of >= {budget.min_repeats} calls (and >= {budget.min_time_s:g} s of calls) "
         "after warm-up; GB/s: unavoidable bytes read + written once / time; % copy: of the ceiling "
-        "measured under the row's THP setting;",
+        "measured under the row's THP setting; GFLOP/s (compute-bound families, instead of GB/s): "
+        "the family's FLOP count / time; % sgemm: of the GEMM ceiling;",
         "vs eager / vs compile: torch eager time / this time, torch.compile time / this time "
         "(> 1 is faster); peak MiB: memory one call needs above its inputs",
     ]
@@ -184,6 +188,7 @@ def _bench(args) -> int:
     from fastllm.bench.common import (
         GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
         fresh_pages_every_call, measure_machine, resolve_backend, results_table, run_cases,
+        sgemm_gflops,
     )
 
     started = time.perf_counter()
@@ -210,13 +215,16 @@ def _bench(args) -> int:
 
     logger.info("measuring the copy bandwidth and first-touch ceilings on %s", device)
     machine = measure_machine(device, args.quick)
+    if any(hasattr(case, "flops") for _, _, selected in plan for case in selected):
+        logger.info("measuring the float32 GEMM ceiling on %s", device)
+        machine.sgemm_gflops = sgemm_gflops(device, repeats=2 if args.quick else 5)
     other_machine = None
     sections: list[tuple[str, Sequence[str], list[Result]]] = []
     any_rerun = False
     for name, family, selected in plan:
         logger.info("%s: %d cases x 3 contenders (THP %s)", name, len(selected), machine.thp)
         results = run_cases(name, selected, device=device, backend=backend, budget=budget,
-                            copy_gbs=machine.copy_gbs)
+                            copy_gbs=machine.copy_gbs, sgemm_gflops=machine.sgemm_gflops)
         fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
         if fault_bound and not args.no_thp_rerun:
             any_rerun = True

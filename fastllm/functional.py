@@ -6,10 +6,11 @@ Each runs on the backend chosen by ``fastllm.use_backend`` / ``FASTLLM_BACKEND``
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from fastllm.ops import attention as _attention
 from fastllm.ops import cross_entropy as _cross_entropy
 from fastllm.ops import norm as _norm
 
@@ -159,3 +160,109 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
 ]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+    *,
+    seqused_k: Optional[Tensor] = None,
+):
+    """Fused (FlashAttention-style) attention: softmax(q k^T * scale) v without ever forming
+    the (Tq, Tk) matrix, in forward and in backward (which recomputes it tile by tile).
+
+    - ``q`` ``(B, Tq, H, D)``, ``k`` / ``v`` ``(B, Tk, Hkv, D)`` with ``H % Hkv == 0``
+      (GQA / MQA: query head h uses kv head ``h // (H // Hkv)``; dk / dv are summed over
+      the group). Any strides; float32, bfloat16, float16, float64 (CPU), float16 /
+      bfloat16 on CUDA. Head dim up to 256. Out has q's shape and dtype.
+    - ``causal=True`` with ``Tq != Tk`` is aligned bottom-right (the last query sees the
+      last key: the KV-cache convention, as FlashAttention). ``scaled_dot_product_attention``
+      below keeps torch's top-left alignment instead.
+    - ``window_size=(left, right)``: query i sees keys ``[i + d - left, i + d + right]``
+      (d = Tk - Tq; -1 = unbounded). ``softcap > 0``: scores become
+      ``softcap * tanh(s / softcap)`` (Gemma 2). ``alibi_slopes`` float32 ``(H,)`` or
+      ``(B, H)``: adds ``-slope * |i + Tk - Tq - j|`` to the scores.
+    - ``dropout_p``: dropout on the attention probabilities (applied whenever > 0, as
+      FlashAttention; modules pass 0 in eval). The mask is a hash of a seed drawn from
+      torch's generator, recomputed in backward, never stored.
+    - Packed variable-length batches: ``q`` ``(total_q, H, D)``, ``k`` / ``v``
+      ``(total_k, Hkv, D)`` with int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` ``(B + 1,)`` and
+      ``max_seqlen_q`` / ``max_seqlen_k`` (computed from cu_seqlens when omitted, which reads
+      values: pass them under torch.compile). ``seqused_k`` int32 ``(B,)``: use only the
+      first ``seqused_k[b]`` keys of sequence b.
+    - A query row with no allowed key gets zeros (and zero gradients), never NaN.
+    - ``return_lse=True`` returns ``(out, lse)``, lse float32 ``(B, H, Tq)`` (packed:
+      ``(H, total_q)``), natural log, ``-inf`` for rows without keys; not differentiable.
+    """
+    return _attention.attention(
+        q, k, v, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse, seqused_k=seqused_k,
+    )
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: ``(..., H, L, E)``
+    query, ``(..., Hkv, S, E)`` key, ``(..., Hkv, S, Ev)`` value (3-D inputs are one head),
+    ``is_causal`` aligned top-left exactly like torch's, ``enable_gqa`` as torch.
+
+    Without ``attn_mask`` it runs the fused kernels on transposed views (no copies). With a
+    boolean (True = take part) or additive ``attn_mask`` — or ``Ev != E`` — it runs a slower
+    plain-PyTorch path with O(L * S) memory that gives the same results. One deliberate
+    difference from torch: a query row whose keys are all masked gives zeros, not NaN.
+    ``dropout_p > 0`` uses fastllm's dropout mask (torch's own on the masked path), so the
+    dropped entries differ from torch's for the same seed.
+    """
+    return _attention.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+    )
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    cache_seqlens: Union[int, Tensor, None] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """Decoding with a KV cache, as FlashAttention's ``flash_attn_with_kvcache``.
+
+    ``q`` ``(B, Tq, H, D)`` (Tq = 1 for one decoding step); ``k_cache`` / ``v_cache``
+    ``(B, Tcache, Hkv, D)`` hold ``cache_seqlens[b]`` valid positions for sequence b
+    (int32 ``(B,)`` or one int). When ``k_new`` / ``v_new`` ``(B, Tnew, Hkv, D)`` are given
+    they are written into the caches in place at positions ``cache_seqlens[b] ...``, and
+    the queries attend over the ``cache_seqlens[b] + Tnew`` keys of their sequence (causal:
+    bottom-right aligned, so new token t sees the cache and new tokens up to t). The caller
+    advances ``cache_seqlens``. Returns out (and lse with ``return_lse=True``).
+    """
+    return _attention.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale, window_size,
+        alibi_slopes, softcap, return_lse,
+    )

@@ -50,3 +50,24 @@ def test_bench_norm_quick(tmp_path):
     backend, _ = resolve_backend(None, torch.device("cpu"))
     for label in (f"fastllm[{backend}]", "torch eager", "torch.compile", "copy bandwidth ceiling"):
         assert label in run.stdout
+
+
+ATTENTION_CASES = ("attention-full-fwd-*-float32", "attention-causal-fwd+bwd-*-bfloat16")
+
+
+def test_bench_attention_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    only = [arg for pattern in ATTENTION_CASES for arg in ("--only", pattern)]
+    run = _fastllm_bench("attention", "--quick", "--device", "cpu", "--json", str(out), *only,
+                         env=dict(os.environ))
+    assert run.returncode == 0, run.stderr
+
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == len(ATTENTION_CASES) * len(CONTENDERS)
+    assert {r["contender"] for r in results} == set(CONTENDERS)
+    for r in results:
+        assert r["error"] is None
+        for key in ("time_s", "gflops", "sgemm_gflops", "speedup_vs_eager", "speedup_vs_compile"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["case"], r["contender"], key, r[key])
+        assert r["peak_memory_bytes"] is not None
+    assert "GFLOP/s" in run.stdout and "float32 GEMM ceiling" in run.stdout

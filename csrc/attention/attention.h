@@ -14,21 +14,49 @@
 //           (softcap > 0: ds_ij *= 1 - tanh^2(s_raw_ij / softcap), the derivative of the cap)
 //   dq_i  = softmax_scale * sum_j ds_ij k_j
 //   dk_j  = softmax_scale * sum_{h in group(hk), i} ds_ij q_i
-// Mask: key j is allowed for query i iff j < Tk and
-//   lo(i) <= j <= hi(i),  with d = Tk - Tq (bottom-right alignment, FlashAttention's and the
-//   KV-cache convention: the last query sees the last key),
+// Scores also get, when enabled (in this order):
+//   ALiBi:    s_ij += -slope_{b,h} * |i + Tk_b - Tq_b - j|   (bottom-right aligned positions,
+//             FlashAttention's convention; added after the softcap)
+// Mask: key j is allowed for query i iff j < Tk_b and
+//   lo(i) <= j <= hi(i),  with d = Tk_b - Tq_b (bottom-right alignment, FlashAttention's and
+//   the KV-cache convention: the last query sees the last key),
 //   lo(i) = i + d - window_left   (or 0 when window_left < 0),
-//   hi(i) = i + d + window_right  (or Tk - 1 when window_right < 0; causal sets
+//   hi(i) = i + d + window_right  (or Tk_b - 1 when window_right < 0; causal sets
 //                                  window_right = min(window_right, 0), i.e. 0 when unbounded).
 // A row with no allowed key (e.g. causal with Tq > Tk: rows i < Tq - Tk) gets out = 0,
 // lse = -inf and zero gradients, never NaN.
+// Dropout (dropout_p > 0): after the softmax, p_ij is kept with probability 1 - dropout_p
+// and scaled by 1 / (1 - dropout_p), else zeroed; lse is that of the undropped scores. The
+// keep decision is a pure function of (seed, b, h, i, j) (dropout_keep below), so every
+// backend draws the same mask and backward recomputes it; no mask is ever stored.
+// Backward with dropout: dv_j = sum_i z_ij p_ij dout_i, dp_ij = z_ij <dout_i, v_j>, with
+// z_ij = keep_ij / (1 - dropout_p), and D_i = <dout_i, out_i> as above.
 // Arithmetic accumulates in the "acc type": double for kFloat64, float otherwise.
 //
-// Glossary: B batch, Tq / Tk query / key sequence lengths, H query heads, Hkv kv heads
-// (H % Hkv == 0), D head dim (any D >= 1; the kernels pad to their vector width internally).
+// Per-sequence lengths (b = batch index):
+//   - padded batches (cu_seqlens_q == nullptr): Tq_b = Tq;  q/out/dout/dq row (b, i) at
+//     b * stride.b + i * stride.t.
+//   - packed variable-length batches (cu_seqlens_q != nullptr, (B + 1,) int32 prefix sums):
+//     Tq_b = cu_seqlens_q[b + 1] - cu_seqlens_q[b] <= Tq (= max_seqlen_q); row (b, i) at
+//     (cu_seqlens_q[b] + i) * stride.t (stride.b is ignored). Likewise cu_seqlens_k for k, v,
+//     dk, dv with Tk.
+//   - seqused_k ((B,) int32, optional; the KV cache): only the first Tk_b = seqused_k[b]
+//     keys of sequence b are used (Tk_b <= the sequence's key count); it wins over the length
+//     from cu_seqlens_k.
+//   cu_seqlens_q and cu_seqlens_k are independent (packed queries may attend a padded
+//   cache). dk / dv rows of stored keys past seqused_k[b] are written as 0.
+//   The caller guarantees these values (the torch glue checks them on the CPU); the CPU
+//   kernels only check each length against seqlen_q / seqlen_k / the stored key count.
+//   lse_stride_h (and lse_stride_b for padded B > 1) must be set; 0 is rejected.
+//
+// Glossary: B batch, Tq / Tk query / key sequence lengths (maxima in varlen mode), H query
+// heads, Hkv kv heads (H % Hkv == 0), D head dim (any D >= 1; the kernels pad to their
+// vector width internally).
 // Layout: every (B, T, H, D) tensor is given by its base pointer and its strides in elements,
 // one per dim (Strides4), so transposed or sliced inputs and outputs need no copy. lse is
-// contiguous (B, H, Tq) in the acc type (float32; double for kFloat64).
+// indexed lse[b * lse_stride_b + h * lse_stride_h + (cu_seqlens_q ? cu_seqlens_q[b] : 0) + i]
+// in the acc type (float32; double for kFloat64): (B, H, Tq) contiguous for padded batches,
+// (H, total_q) for packed ones, FlashAttention's layouts.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +88,25 @@ struct Problem {
   int64_t window_right = -1;
   double softcap = 0;        // logit soft-capping; 0 = off
   DType dtype = DType::kFloat32;  // of q, k, v, out, dout, dq, dk, dv
+
+  // Variable lengths (see above); all optional. On CUDA these are device pointers.
+  const int32_t* cu_seqlens_q = nullptr;  // (B + 1,) packed queries
+  const int32_t* cu_seqlens_k = nullptr;  // (B + 1,) packed keys / values
+  const int32_t* seqused_k = nullptr;     // (B,) keys used per sequence (KV cache)
+
+  // ALiBi: slope of (b, h) at alibi_slopes[b * alibi_stride_b + h] (float32; stride 0 for
+  // per-head (H,) slopes); nullptr = off.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_stride_b = 0;
+
+  // Dropout on the attention probabilities; 0 = off. dropout_seed points at one int64 (a
+  // device pointer on CUDA, so a seed drawn on the GPU needs no host sync).
+  double dropout_p = 0;
+  const int64_t* dropout_seed = nullptr;
+
+  // lse strides (see above), in elements.
+  int64_t lse_stride_b = 0;
+  int64_t lse_stride_h = 0;
 };
 
 struct FwdParams : Problem {
@@ -71,7 +118,7 @@ struct FwdParams : Problem {
   Strides4 stride_v;
   void* out = nullptr;  // (B, Tq, H, D)
   Strides4 stride_out;
-  void* lse = nullptr;  // (B, H, Tq) contiguous, acc type (float32; double for kFloat64)
+  void* lse = nullptr;  // acc type (float32; double for kFloat64), strides in Problem
 };
 
 struct BwdParams : Problem {
@@ -85,7 +132,7 @@ struct BwdParams : Problem {
   Strides4 stride_out;
   const void* dout = nullptr;  // (B, Tq, H, D)
   Strides4 stride_dout;
-  const void* lse = nullptr;  // (B, H, Tq) contiguous, acc type: forward's lse
+  const void* lse = nullptr;  // forward's lse, acc type, strides in Problem
   void* dq = nullptr;         // (B, Tq, H, D)
   Strides4 stride_dq;
   void* dk = nullptr;  // (B, Tk, Hkv, D), summed over the H / Hkv query heads of each kv head
@@ -100,6 +147,47 @@ struct BwdParams : Problem {
 // Extra memory: forward O(threads * block tiles); backward also (B, H, Tq) acc-type D_i.
 void attention_fwd_cpu(const FwdParams& p);
 void attention_bwd_cpu(const BwdParams& p);
+
+// ---- dropout's keep decision, shared by every backend (and mirrored in Python by
+// fastllm/reference/attention.py and in fastllm/triton/attention.py) ---------------------
+// u = mix(mix(mix(mix(seed_lo ^ mix(seed_hi)) ^ (b * H + h)) ^ i) ^ mix(j ^ 0x9e3779b9))
+// with Chris Wellons' "lowbias32" integer mixer; keep iff u >= dropout_threshold(p)
+// = floor(p * 2^32) (p < 1). i and j are positions inside sequence b (not packed offsets), h
+// is the query head. One mix per (row) and per (column) is hoisted out of the tile loops,
+// so an element costs one xor, one mix and one compare.
+#if defined(__CUDACC__)
+#define FASTLLM_HD __host__ __device__ __forceinline__
+#else
+#define FASTLLM_HD inline
+#endif
+FASTLLM_HD uint32_t dropout_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+// Per (seed, b, h): the key of the (batch, head) slice.
+FASTLLM_HD uint32_t dropout_head_key(int64_t seed, int64_t b, int64_t h, int64_t num_heads) {
+  uint32_t k0 = dropout_mix(static_cast<uint32_t>(seed) ^
+                            dropout_mix(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)));
+  return dropout_mix(k0 ^ static_cast<uint32_t>(b * num_heads + h));
+}
+FASTLLM_HD uint32_t dropout_row_key(uint32_t head_key, int64_t i) {
+  return dropout_mix(head_key ^ static_cast<uint32_t>(i));
+}
+FASTLLM_HD uint32_t dropout_col_key(int64_t j) {
+  return dropout_mix(static_cast<uint32_t>(j) ^ 0x9e3779b9u);
+}
+FASTLLM_HD bool dropout_keep(uint32_t row_key, uint32_t col_key, uint32_t threshold) {
+  return dropout_mix(row_key ^ col_key) >= threshold;
+}
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+#undef FASTLLM_HD
 
 }  // namespace attention
 }  // namespace fastllm

@@ -1,34 +1,50 @@
 // Fused attention on the CPU: attention_fwd_cpu and attention_bwd_cpu of attention.h, for
 // float32, bfloat16, float16 and float64. Torch-free: C++17, OpenMP and x86 intrinsics.
 //
-// Math (attention.h holds the contract, mask included): s = scale * q k^T (soft-capped when
-// softcap > 0), online softmax,
-// out = softmax(s) v, lse = logsumexp(s); backward recomputes p = exp(s - lse) and forms
-// dv = p^T dout, dp = dout v^T, ds = p (dp - D), dq = scale ds k, dk = scale ds^T q.
+// Math (attention.h holds the contract: mask, per-sequence lengths, dropout hash): per
+// (batch b, query head h), s = scale * q k^T, soft-capped when softcap > 0, plus the ALiBi
+// bias -slope * |i + Tk_b - Tq_b - j| when slopes are given; online softmax; p is dropped
+// (kept p scaled by 1 / (1 - dropout_p)) when dropout_p > 0;
+// out = p v, lse = logsumexp(s) of the undropped scores. Backward recomputes p = exp(s - lse)
+// and forms dv = (z p)^T dout, dp = z (dout v^T), ds = p (dp - D), dq = scale ds k,
+// dk = scale ds^T q, with z the dropout factor (1 without dropout) and D_i = <dout_i, out_i>.
+//
+// Variants, all in both passes and both instruction paths:
+//   - padded batches (B, T, H, D), or packed variable-length ones (cu_seqlens_q / _k, rows of
+//     sequence b at cu_seqlens[b] + i), and seqused_k (only the first seqused_k[b] keys, the
+//     KV cache); the mask, ALiBi and the dropout hash all use positions inside sequence b;
+//   - causal (bottom-right aligned) and sliding-window masks, soft-capping, ALiBi, dropout,
+//     GQA / MQA. A feature that is off costs one branch per tile.
 //
 // Design (FlashAttention-2 on a CPU):
 //   - Tiles of kBlockQ queries x kBlockK keys. The Tq x Tk score matrix never exists; extra
 //     memory is a few tiles per thread plus, in backward, D_i = <dout_i, out_i> (B, H, Tq).
+//     The dropout mask is never stored either: its keep decision is a hash of (seed, b, h, i,
+//     j), recomputed per tile from one key per row and one per column.
 //   - Each tile of q, k, v (and dout) is first packed into the thread's acc-type buffers:
-//     any dtype and any strides become one dense layout, q is pre-multiplied by the scale,
-//     and key counts / head dims are zero-padded to the vector width, so one GEMM
-//     primitive serves all products. Packing costs O(tile) against the O(tile * D) products.
+//     any dtype and any strides (padded or packed rows) become one dense layout, q is
+//     pre-multiplied by the scale, and key counts / head dims are zero-padded to the vector
+//     width, so one GEMM primitive serves all products. Packing costs O(tile) against the
+//     O(tile * D) products.
 //   - Every product is C (+)= A B with B row-major (the packed k^T, v, v^T or dout) and A
 //     read through a row and a column stride, so p^T and ds^T in backward are read in place.
 //     The AVX2 micro-kernel keeps a 6 x 16 block of C in 12 registers and does 12 FMAs per
 //     2 vector loads and 6 broadcasts (kMicroRows).
-//   - Forward: parallel over (batch, head, query block); online softmax keeps per-row max m
+//   - Forward: parallel over (batch, head, query block), query blocks counted on the longest
+//     sequence (blocks past a sequence's end do nothing); online softmax keeps per-row max m
 //     and sum l and rescales the fp32 output tile when m grows; key blocks that the mask
 //     excludes for every row of the tile are skipped (causal / window).
 //   - Backward: D first; then dk/dv parallel over (batch, kv head, key block), looping over
 //     the query heads of the group and the query blocks that see the key block, so dk/dv of
 //     a GQA group are summed without atomics; then dq parallel over (batch, head, query
 //     block). s, p and dp are recomputed in both passes (7 tile products instead of 5): no
-//     races, no per-thread dq copies, deterministic for any thread count.
+//     races, no per-thread dq copies, deterministic for any thread count. Keys stored past
+//     seqused_k get dk = dv = 0.
 //   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA for the
 //     float acc type and a portable scalar path (also the float64 path).
 //
-// Glossary: B, Tq, Tk, H, Hkv, D as in attention.h; T = storage dtype, Acc = acc type;
+// Glossary: B, Tq, Tk, H, Hkv, D as in attention.h (Tq, Tk the maxima of packed batches);
+// Tq_b / Tk_b the query / used key counts of sequence b; T = storage dtype, Acc = acc type;
 // mq / nk = the rows of a query / key tile, Np = nk padded to kColPad, Dp = D padded to
 // kColPad (the padding is zeros, so it adds nothing to any product).
 #include <omp.h>
@@ -74,20 +90,62 @@ constexpr int kColPad = 8;
 
 int round_up(int64_t n, int to) { return static_cast<int>((n + to - 1) / to * to); }
 
-// The band of keys [begin, end) a query row may see (attention.h's mask), in absolute keys.
+// ---- sequences, rows and the mask ----------------------------------------------------------
+
+// Lengths of sequence b (attention.h's per-sequence lengths).
+struct SeqLens {
+  int64_t q;         // Tq_b
+  int64_t k;         // Tk_b: the keys used (seqused_k wins over the stored count)
+  int64_t k_stored;  // the key rows stored for b (dk / dv are written for all of them)
+};
+
+SeqLens seq_lens(const Problem& p, int64_t b) {
+  const int64_t q =
+      p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : p.seqlen_q;
+  const int64_t k_stored =
+      p.cu_seqlens_k != nullptr ? p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b] : p.seqlen_k;
+  const int64_t k = p.seqused_k != nullptr ? p.seqused_k[b] : k_stored;
+  return {q, k, k_stored};
+}
+
+// Where lse row (b, h, 0) lives (attention.h's lse indexing).
+int64_t lse_offset(const Problem& p, int64_t b, int64_t h) {
+  return b * p.lse_stride_b + h * p.lse_stride_h +
+         (p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[b] : 0);
+}
+
+// A (B, T, heads, D) tensor seen as rows of D elements: row (b, t, h) of a padded batch at
+// b * stride.b + t * stride.t + h * stride.h, of a packed one at (cu_seqlens[b] + t) *
+// stride.t + h * stride.h. E is the element type, const for inputs.
+template <class E>
+struct Rows {
+  E* base;
+  Strides4 stride;
+  const int32_t* cu_seqlens;  // nullptr: padded
+
+  Rows(std::conditional_t<std::is_const_v<E>, const void*, void*> data, const Strides4& s,
+       const int32_t* cu)
+      : base(static_cast<E*>(data)), stride(s), cu_seqlens(cu) {}
+  E* row(int64_t b, int64_t t, int64_t h) const {
+    const int64_t first = cu_seqlens != nullptr ? cu_seqlens[b] * stride.t : b * stride.b;
+    return base + first + t * stride.t + h * stride.h;
+  }
+};
+
+// The band of keys [begin, end) a query row of one sequence may see (attention.h's mask).
 struct Mask {
-  int64_t offset;  // Tk - Tq
+  int64_t offset;  // Tk_b - Tq_b
   int64_t left;    // -1: unbounded
   int64_t right;   // -1: unbounded
   int64_t seqlen_q, seqlen_k;
 
-  explicit Mask(const Problem& p)
-      : offset(p.seqlen_k - p.seqlen_q),
+  Mask(const Problem& p, const SeqLens& len)
+      : offset(len.k - len.q),
         left(p.window_left),
         right(p.causal ? (p.window_right < 0 ? 0 : std::min<int64_t>(p.window_right, 0))
                        : p.window_right),
-        seqlen_q(p.seqlen_q),
-        seqlen_k(p.seqlen_k) {}
+        seqlen_q(len.q),
+        seqlen_k(len.k) {}
 
   int64_t key_begin(int64_t i) const {
     return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, seqlen_k);
@@ -106,18 +164,20 @@ struct Mask {
 
 // ---- packing: strided storage <-> dense acc-type tiles -----------------------------------
 
-// dst[r * Dp + c] = scale * src(row r, dim c) for r < rows, c < D; zero padding up to
+// dst[r * Dp + c] = scale * row (b, t0 + r, h)[c] for r < rows, c < D; zero padding up to
 // rows_padded x Dp.
 template <class T, class Acc>
-void pack_rows(const T* src, int64_t stride_t, int64_t stride_d, int rows, int rows_padded,
-               int D, int Dp, Acc scale, Acc* dst) {
+void pack_rows(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h, int rows,
+               int rows_padded, int D, int Dp, Acc scale, Acc* dst) {
+  const T* first = src.row(b, t0, h);
+  const int64_t stride_d = src.stride.d;
   for (int r = 0; r < rows_padded; ++r) {
     Acc* out = dst + static_cast<int64_t>(r) * Dp;
     if (r >= rows) {
       std::fill_n(out, Dp, Acc(0));
       continue;
     }
-    const T* in = src + r * stride_t;
+    const T* in = first + r * src.stride.t;
     if (stride_d == 1) {  // the usual layout: a loop the compiler vectorises
       for (int c = 0; c < D; ++c) out[c] = scale * to_acc(in[c]);
     } else {
@@ -127,24 +187,30 @@ void pack_rows(const T* src, int64_t stride_t, int64_t stride_d, int rows, int r
   }
 }
 
-// dst[c * Np + r] = src(row r, dim c): the transposed tile (k^T, v^T), zero-padded. Reads
-// go along the rows of src (contiguous in the usual layout), writes down the columns of dst.
+// dst[c * Np + r] = row (b, t0 + r, h)[c]: the transposed tile (k^T, v^T), zero-padded.
+// Reads go along the rows of src (contiguous in the usual layout), writes down the columns
+// of dst.
 template <class T, class Acc>
-void pack_transposed(const T* src, int64_t stride_t, int64_t stride_d, int rows, int Np, int D,
-                     int Dp, Acc* dst) {
+void pack_transposed(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h, int rows,
+                     int Np, int D, int Dp, Acc* dst) {
+  const T* first = src.row(b, t0, h);
+  const int64_t stride_d = src.stride.d;
   std::fill_n(dst, static_cast<int64_t>(Dp) * Np, Acc(0));
   for (int r = 0; r < rows; ++r) {
-    const T* in = src + r * stride_t;
+    const T* in = first + r * src.stride.t;
     for (int c = 0; c < D; ++c) dst[static_cast<int64_t>(c) * Np + r] = to_acc(in[c * stride_d]);
   }
 }
 
+// row (b, t0 + r, h)[c] = scale * src[r * Dp + c] for r < rows, c < D.
 template <class T, class Acc>
-void store_rows(const Acc* src, int Dp, int rows, int D, Acc scale, T* dst, int64_t stride_t,
-                int64_t stride_d) {
+void store_rows(const Acc* src, int Dp, int rows, int D, Acc scale, const Rows<T>& dst,
+                int64_t b, int64_t t0, int64_t h) {
+  T* first = dst.row(b, t0, h);
+  const int64_t stride_d = dst.stride.d;
   for (int r = 0; r < rows; ++r) {
     const Acc* in = src + static_cast<int64_t>(r) * Dp;
-    T* out = dst + r * stride_t;
+    T* out = first + r * dst.stride.t;
     for (int c = 0; c < D; ++c) out[c * stride_d] = from_acc<T>(scale * in[c]);
   }
 }
@@ -371,15 +437,6 @@ FASTLLM_AVX2_END
 
 // ---- the tiled algorithm, generic over dtype and instruction path ------------------------
 
-template <class T>
-const T* head_ptr(const void* base, const Strides4& s, int64_t b, int64_t t, int64_t h) {
-  return static_cast<const T*>(base) + b * s.b + t * s.t + h * s.h;
-}
-template <class T>
-T* head_ptr(void* base, const Strides4& s, int64_t b, int64_t t, int64_t h) {
-  return static_cast<T*>(base) + b * s.b + t * s.t + h * s.h;
-}
-
 // Rows [first, last) of a query tile that see at least one key of a key tile. The band is
 // monotone in the query, so they are contiguous; the tile products skip the other rows,
 // which is what makes causal and windowed attention cost about half / the window.
@@ -404,45 +461,113 @@ ActiveRows tile_bands(const Mask& mask, int64_t i0, int rows, int64_t j0, int nk
   return active;
 }
 
-// Logit soft-capping (Gemma 2, Grok): s <- softcap * tanh(s / softcap) on n scores, and with
-// dcap != nullptr the derivative dcap = 1 - tanh^2 that backward multiplies ds by. Scalar:
-// it only runs when softcap > 0.
-template <class Acc>
-void apply_softcap(Acc* s, int64_t n, Acc softcap, Acc* dcap) {
-  for (int64_t e = 0; e < n; ++e) {
-    const Acc t = std::tanh(s[e] / softcap);
-    s[e] = softcap * t;
-    if (dcap != nullptr) dcap[e] = Acc(1) - t * t;
-  }
+// dropout_col_key of keys [j0, j0 + nk): one mix per key, shared by every row and head.
+void dropout_col_keys(int64_t j0, int nk, uint32_t* keys) {
+  for (int c = 0; c < nk; ++c) keys[c] = dropout_col_key(j0 + c);
 }
+
+// What attention.h does to the scores of one (batch, query head) besides the product:
+// soft-capping and ALiBi before the softmax, dropout after it. These loops are scalar (the
+// compiler vectorises the ALiBi one): they only run when their feature is on, and cost
+// O(tile) against the O(tile * D) products.
+template <class Acc>
+struct ScoreMods {
+  Acc softcap;           // 0: off
+  bool alibi;
+  Acc alibi_slope;
+  int64_t diagonal;      // Tk_b - Tq_b: ALiBi's distance is |i + diagonal - j|
+  bool dropout;
+  uint32_t head_key;     // dropout_head_key(seed, b, h, H)
+  uint32_t threshold;    // dropout_threshold(dropout_p)
+  Acc keep_scale;        // 1 / (1 - dropout_p)
+
+  ScoreMods(const Problem& p, int64_t b, int64_t h, const SeqLens& len)
+      : softcap(static_cast<Acc>(p.softcap)),
+        alibi(p.alibi_slopes != nullptr),
+        alibi_slope(alibi ? static_cast<Acc>(p.alibi_slopes[b * p.alibi_stride_b + h]) : Acc(0)),
+        diagonal(len.k - len.q),
+        dropout(p.dropout_p > 0),
+        head_key(dropout ? dropout_head_key(*p.dropout_seed, b, h, p.num_heads) : 0),
+        threshold(dropout ? dropout_threshold(p.dropout_p) : 0),
+        keep_scale(static_cast<Acc>(1.0 / (1.0 - p.dropout_p))) {}
+
+  // Scores s (rows x Np; row r is query i + r, column c key j0 + c) before the softmax:
+  // s <- softcap * tanh(s / softcap), then s -= slope * |i + r + diagonal - j0 - c|. With
+  // dcap != nullptr it also gets the cap's derivative 1 - tanh^2 that backward multiplies
+  // ds by (the ALiBi bias is constant: no factor).
+  void transform(Acc* s, Acc* dcap, int rows, int Np, int64_t i, int64_t j0) const {
+    const int64_t n = int64_t{rows} * Np;
+    if (softcap > 0) {
+      for (int64_t e = 0; e < n; ++e) {
+        const Acc t = std::tanh(s[e] / softcap);
+        s[e] = softcap * t;
+        if (dcap != nullptr) dcap[e] = Acc(1) - t * t;
+      }
+    }
+    if (alibi) {
+      for (int r = 0; r < rows; ++r) {
+        // Exact in float for distances below 2^24.
+        const Acc distance0 = static_cast<Acc>(i + r + diagonal - j0);
+        Acc* row = s + static_cast<int64_t>(r) * Np;
+        for (int c = 0; c < Np; ++c) {
+          row[c] -= alibi_slope * std::abs(distance0 - static_cast<Acc>(c));
+        }
+      }
+    }
+  }
+
+  // dropout_row_key of queries [i0, i0 + rows).
+  void row_keys(int64_t i0, int rows, uint32_t* keys) const {
+    for (int r = 0; r < rows; ++r) keys[r] = dropout_row_key(head_key, i0 + r);
+  }
+
+  // x <- z x on the first nk columns of a rows x Np tile, z = keep / (1 - dropout_p); the
+  // padding columns are masked (0) already.
+  void drop(Acc* x, int rows, int Np, int nk, const uint32_t* row_keys,
+            const uint32_t* col_keys) const {
+    for (int r = 0; r < rows; ++r) {
+      Acc* row = x + static_cast<int64_t>(r) * Np;
+      for (int c = 0; c < nk; ++c) {
+        row[c] = dropout_keep(row_keys[r], col_keys[c], threshold) ? row[c] * keep_scale
+                                                                   : Acc(0);
+      }
+    }
+  }
+};
 
 template <class T, class Ops>
 void attention_fwd_typed(const FwdParams& p) {
   using Acc = AccOf<T>;
-  const Mask mask(p);
   const int D = static_cast<int>(p.head_dim);
   const int Dp = round_up(D, kColPad);
   const int64_t group = p.num_heads / p.num_kv_heads;
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = p.batch * p.num_heads * q_blocks;
   const Acc scale = static_cast<Acc>(p.softmax_scale);
-  const Acc softcap = static_cast<Acc>(p.softcap);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
+      v(p.v, p.stride_v, p.cu_seqlens_k);
+  const Rows<T> out(p.out, p.stride_out, p.cu_seqlens_q);
 #pragma omp parallel
   {
     std::vector<Acc> q_tile(kBlockQ * Dp), kt_tile(Dp * kBlockK), v_tile(kBlockK * Dp);
     std::vector<Acc> s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
     int begin[kBlockQ], end[kBlockQ];
+    uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t h = task / q_blocks % p.num_heads;
       const int64_t b = task / q_blocks / p.num_heads;
       const int64_t hk = h / group;
+      const SeqLens len = seq_lens(p, b);
       const int64_t i0 = qb * kBlockQ;
-      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, p.seqlen_q - i0));
-      pack_rows(head_ptr<T>(p.q, p.stride_q, b, i0, h), p.stride_q.t, p.stride_q.d, mq, mq, D, Dp,
-                scale, q_tile.data());
+      if (i0 >= len.q) continue;
+      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+      const Mask mask(p, len);
+      const ScoreMods<Acc> mods(p, b, h, len);
+      pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, q_tile.data());
+      if (mods.dropout) mods.row_keys(i0, mq, row_keys);
       std::fill_n(o_tile.data(), mq * Dp, Acc(0));
       std::fill_n(m.data(), mq, neg_inf);
       std::fill_n(l.data(), mq, Acc(0));
@@ -450,58 +575,78 @@ void attention_fwd_typed(const FwdParams& p) {
       const int64_t k_begin = mask.key_begin(i0);
       const int64_t k_end = mask.key_end(i0 + mq - 1);
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - j0));
+        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
         const int Np = round_up(nk, kColPad);
-        pack_transposed(head_ptr<T>(p.k, p.stride_k, b, j0, hk), p.stride_k.t, p.stride_k.d, nk,
-                        Np, D, Dp, kt_tile.data());
-        pack_rows(head_ptr<T>(p.v, p.stride_v, b, j0, hk), p.stride_v.t, p.stride_v.d, nk, Np, D,
-                  Dp, Acc(1), v_tile.data());
+        pack_transposed(k, b, j0, hk, nk, Np, D, Dp, kt_tile.data());
+        pack_rows(v, b, j0, hk, nk, Np, D, Dp, Acc(1), v_tile.data());
         const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, begin, end);
         const int r0 = rows.first;
         Acc* s = s_tile.data() + r0 * Np;
         Acc* o = o_tile.data() + r0 * Dp;
         Ops::gemm(rows.count(), Np, Dp, q_tile.data() + r0 * Dp, Dp, 1, kt_tile.data(), Np, s, Np,
                   false);
-        if (softcap > 0) apply_softcap<Acc>(s, int64_t{rows.count()} * Np, softcap, nullptr);
+        mods.transform(s, nullptr, rows.count(), Np, i0 + r0, j0);
         Ops::online_softmax(s, rows.count(), Np, begin + r0, end + r0, m.data() + r0,
                             l.data() + r0, o, Dp);
+        if (mods.dropout) {  // after the softmax: l (and lse) keep the undropped sum
+          dropout_col_keys(j0, nk, col_keys);
+          mods.drop(s, rows.count(), Np, nk, row_keys + r0, col_keys);
+        }
         Ops::gemm(rows.count(), Dp, Np, s, Np, 1, v_tile.data(), Dp, o, Dp, true);
       }
-      Acc* lse = static_cast<Acc*>(p.lse) + (b * p.num_heads + h) * p.seqlen_q + i0;
+      Acc* lse = static_cast<Acc*>(p.lse) + lse_offset(p, b, h) + i0;
       for (int r = 0; r < mq; ++r) {
         const bool any_key = l[r] > 0;
         lse[r] = any_key ? m[r] + std::log(l[r]) : neg_inf;
-        const Acc inv_l = any_key ? Acc(1) / l[r] : Acc(0);
-        T* out = head_ptr<T>(p.out, p.stride_out, b, i0 + r, h);
-        for (int c = 0; c < D; ++c) {
-          out[c * p.stride_out.d] = from_acc<T>(o_tile[r * Dp + c] * inv_l);
-        }
+        store_rows(o_tile.data() + r * Dp, Dp, 1, D, any_key ? Acc(1) / l[r] : Acc(0), out, b,
+                   i0 + r, h);
       }
     }
   }
 }
 
-// The recomputed tile of backward: S <- p, dP <- ds for query tile (q_tile, dout_tile, rows
-// [i0, i0 + mq)) against key tile (kt_tile, vt_tile, keys [j0, j0 + nk)).
-// Only the tile's active rows are computed (and returned); the products that follow must use
-// just those rows.
+// A thread's tiles in backward.
+template <class Acc>
+struct BwdTiles {
+  std::vector<Acc> q, dout, kt, vt, k, s, dp, dcap, dk, dv, dq;
+  int begin[kBlockQ], end[kBlockQ];
+  uint32_t row_keys[kBlockQ], col_keys[kBlockK];
+
+  BwdTiles(int Dp, bool softcap)
+      : q(kBlockQ * Dp),
+        dout(kBlockQ * Dp),
+        kt(Dp * kBlockK),
+        vt(Dp * kBlockK),
+        k(kBlockK * Dp),
+        s(kBlockQ * kBlockK),
+        dp(kBlockQ * kBlockK),
+        dcap(softcap ? kBlockQ * kBlockK : 0),
+        dk(kBlockK * Dp),
+        dv(kBlockK * Dp),
+        dq(kBlockQ * Dp) {}
+};
+
+// The recomputed tile of backward: t.s <- p (undropped), t.dp <- ds for the query tile in
+// t.q, t.dout (rows [i0, i0 + mq)) against the key tile in t.kt, t.vt (keys [j0, j0 + nk));
+// t.row_keys / t.col_keys hold the tile's dropout keys when dropout is on. Only the tile's
+// active rows are computed (and returned); the products that follow must use just those.
 template <class Ops, class Acc>
-ActiveRows recompute_ds(const Mask& mask, int64_t i0, int mq, int64_t j0, int nk, int Np, int Dp,
-                        const Acc* q_tile, const Acc* dout_tile, const Acc* kt_tile,
-                        const Acc* vt_tile, const Acc* lse, const Acc* delta, Acc softcap,
-                        Acc* s_tile, Acc* dp_tile, Acc* dcap_tile, int* begin, int* end) {
-  const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, begin, end);
+ActiveRows recompute_ds(const Mask& mask, const ScoreMods<Acc>& mods, int64_t i0, int mq,
+                        int64_t j0, int nk, int Np, int Dp, const Acc* lse, const Acc* delta,
+                        BwdTiles<Acc>& t) {
+  const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, t.begin, t.end);
   const int r0 = rows.first;
-  const int64_t n = int64_t{rows.count()} * Np;
-  Ops::gemm(rows.count(), Np, Dp, q_tile + r0 * Dp, Dp, 1, kt_tile, Np, s_tile + r0 * Np, Np,
+  Acc* s = t.s.data() + r0 * Np;
+  Acc* dp = t.dp.data() + r0 * Np;
+  Acc* dcap = mods.softcap > 0 ? t.dcap.data() + r0 * Np : nullptr;
+  Ops::gemm(rows.count(), Np, Dp, t.q.data() + r0 * Dp, Dp, 1, t.kt.data(), Np, s, Np, false);
+  mods.transform(s, dcap, rows.count(), Np, i0 + r0, j0);
+  Ops::gemm(rows.count(), Np, Dp, t.dout.data() + r0 * Dp, Dp, 1, t.vt.data(), Np, dp, Np,
             false);
-  if (softcap > 0) apply_softcap(s_tile + r0 * Np, n, softcap, dcap_tile + r0 * Np);
-  Ops::gemm(rows.count(), Np, Dp, dout_tile + r0 * Dp, Dp, 1, vt_tile, Np, dp_tile + r0 * Np, Np,
-            false);
-  Ops::softmax_grad(s_tile + r0 * Np, dp_tile + r0 * Np, rows.count(), Np, begin + r0, end + r0,
-                    lse + r0, delta + r0);
-  if (softcap > 0) {
-    for (int64_t e = 0; e < n; ++e) dp_tile[r0 * Np + e] *= dcap_tile[r0 * Np + e];
+  if (mods.dropout) mods.drop(dp, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
+  Ops::softmax_grad(s, dp, rows.count(), Np, t.begin + r0, t.end + r0, lse + r0, delta + r0);
+  if (dcap != nullptr) {
+    for (int64_t e = 0; e < int64_t{rows.count()} * Np; ++e) dp[e] *= dcap[e];
   }
   return rows;
 }
@@ -509,40 +654,38 @@ ActiveRows recompute_ds(const Mask& mask, int64_t i0, int mq, int64_t j0, int nk
 template <class T, class Ops>
 void attention_bwd_typed(const BwdParams& p) {
   using Acc = AccOf<T>;
-  const Mask mask(p);
   const int D = static_cast<int>(p.head_dim);
   const int Dp = round_up(D, kColPad);
   const int64_t group = p.num_heads / p.num_kv_heads;
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t k_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
   const Acc scale = static_cast<Acc>(p.softmax_scale);
-  const Acc softcap = static_cast<Acc>(p.softcap);
   const Acc* lse_all = static_cast<const Acc*>(p.lse);
+  const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
+      v(p.v, p.stride_v, p.cu_seqlens_k), out(p.out, p.stride_out, p.cu_seqlens_q),
+      dout(p.dout, p.stride_dout, p.cu_seqlens_q);
+  const Rows<T> dq(p.dq, p.stride_dq, p.cu_seqlens_q), dk(p.dk, p.stride_dk, p.cu_seqlens_k),
+      dv(p.dv, p.stride_dv, p.cu_seqlens_k);
 
-  // D_i = <dout_i, out_i>, (B, H, Tq).
-  std::vector<Acc> delta(p.batch * p.num_heads * p.seqlen_q);
+  // D_i = <dout_i, out_i>, (B, H, Tq); rows past a sequence's end unused.
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+  std::vector<Acc> delta(rows);
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t i = row % p.seqlen_q;
     const int64_t h = row / p.seqlen_q % p.num_heads;
     const int64_t b = row / p.seqlen_q / p.num_heads;
-    const T* o = head_ptr<T>(p.out, p.stride_out, b, i, h);
-    const T* dout = head_ptr<T>(p.dout, p.stride_dout, b, i, h);
+    if (i >= seq_lens(p, b).q) continue;
+    const T* o = out.row(b, i, h);
+    const T* g = dout.row(b, i, h);
     Acc sum = 0;
-    for (int c = 0; c < D; ++c) {
-      sum += to_acc(o[c * p.stride_out.d]) * to_acc(dout[c * p.stride_dout.d]);
-    }
+    for (int c = 0; c < D; ++c) sum += to_acc(o[c * out.stride.d]) * to_acc(g[c * dout.stride.d]);
     delta[row] = sum;
   }
 
 #pragma omp parallel
   {
-    std::vector<Acc> q_tile(kBlockQ * Dp), dout_tile(kBlockQ * Dp), kt_tile(Dp * kBlockK);
-    std::vector<Acc> vt_tile(Dp * kBlockK), k_tile(kBlockK * Dp), s_tile(kBlockQ * kBlockK);
-    std::vector<Acc> dp_tile(kBlockQ * kBlockK), dk_tile(kBlockK * Dp), dv_tile(kBlockK * Dp);
-    std::vector<Acc> dq_tile(kBlockQ * Dp), dcap_tile(softcap > 0 ? kBlockQ * kBlockK : 0);
-    int begin[kBlockQ], end[kBlockQ];
+    BwdTiles<Acc> t(Dp, p.softcap > 0);
 
     // dk, dv: one task per (batch, kv head, key block).
 #pragma omp for schedule(dynamic)
@@ -550,78 +693,81 @@ void attention_bwd_typed(const BwdParams& p) {
       const int64_t kb = task % k_blocks;
       const int64_t hk = task / k_blocks % p.num_kv_heads;
       const int64_t b = task / k_blocks / p.num_kv_heads;
+      const SeqLens len = seq_lens(p, b);
       const int64_t j0 = kb * kBlockK;
-      const int nk = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - j0));
+      if (j0 >= len.k_stored) continue;
+      // Keys [j0, j0 + nk) are used, the rest of the block's stored keys get zero gradients.
+      const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
+      const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
       const int Np = round_up(nk, kColPad);
-      pack_transposed(head_ptr<T>(p.k, p.stride_k, b, j0, hk), p.stride_k.t, p.stride_k.d, nk, Np,
-                      D, Dp, kt_tile.data());
-      pack_transposed(head_ptr<T>(p.v, p.stride_v, b, j0, hk), p.stride_v.t, p.stride_v.d, nk, Np,
-                      D, Dp, vt_tile.data());
-      std::fill_n(dk_tile.data(), Np * Dp, Acc(0));
-      std::fill_n(dv_tile.data(), Np * Dp, Acc(0));
+      const Mask mask(p, len);
+      std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
+      std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
+      pack_transposed(k, b, j0, hk, nk, Np, D, Dp, t.kt.data());
+      pack_transposed(v, b, j0, hk, nk, Np, D, Dp, t.vt.data());
+      if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
       const int64_t q_begin = mask.query_begin(j0);
-      const int64_t q_end = mask.query_end(j0 + nk);
+      const int64_t q_end = nk > 0 ? mask.query_end(j0 + nk) : 0;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const ScoreMods<Acc> mods(p, b, h, len);
         for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
-          const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, p.seqlen_q - i0));
-          pack_rows(head_ptr<T>(p.q, p.stride_q, b, i0, h), p.stride_q.t, p.stride_q.d, mq, mq, D,
-                    Dp, scale, q_tile.data());
-          pack_rows(head_ptr<T>(p.dout, p.stride_dout, b, i0, h), p.stride_dout.t,
-                    p.stride_dout.d, mq, mq, D, Dp, Acc(1), dout_tile.data());
+          const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+          pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q.data());
+          pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout.data());
+          if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
           const int64_t row0 = (b * p.num_heads + h) * p.seqlen_q + i0;
-          const ActiveRows rows = recompute_ds<Ops>(
-              mask, i0, mq, j0, nk, Np, Dp, q_tile.data(), dout_tile.data(), kt_tile.data(),
-              vt_tile.data(), lse_all + row0, delta.data() + row0, softcap, s_tile.data(),
-              dp_tile.data(), dcap_tile.data(), begin, end);
-          // dv += p^T dout, dk += ds^T (scale q): p and ds read transposed in place.
+          const ActiveRows rows = recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp,
+                                                    lse_all + lse_offset(p, b, h) + i0,
+                                                    delta.data() + row0, t);
+          // dv += (z p)^T dout, dk += ds^T (scale q): p and ds read transposed in place.
           const int r0 = rows.first;
-          Ops::gemm(Np, Dp, rows.count(), s_tile.data() + r0 * Np, 1, Np,
-                    dout_tile.data() + r0 * Dp, Dp, dv_tile.data(), Dp, true);
-          Ops::gemm(Np, Dp, rows.count(), dp_tile.data() + r0 * Np, 1, Np,
-                    q_tile.data() + r0 * Dp, Dp, dk_tile.data(), Dp, true);
+          Acc* p_tile = t.s.data() + r0 * Np;
+          if (mods.dropout) mods.drop(p_tile, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
+          Ops::gemm(Np, Dp, rows.count(), p_tile, 1, Np, t.dout.data() + r0 * Dp, Dp,
+                    t.dv.data(), Dp, true);
+          Ops::gemm(Np, Dp, rows.count(), t.dp.data() + r0 * Np, 1, Np, t.q.data() + r0 * Dp,
+                    Dp, t.dk.data(), Dp, true);
         }
       }
-      store_rows(dk_tile.data(), Dp, nk, D, Acc(1), head_ptr<T>(p.dk, p.stride_dk, b, j0, hk),
-                 p.stride_dk.t, p.stride_dk.d);
-      store_rows(dv_tile.data(), Dp, nk, D, Acc(1), head_ptr<T>(p.dv, p.stride_dv, b, j0, hk),
-                 p.stride_dv.t, p.stride_dv.d);
+      store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), dk, b, j0, hk);
+      store_rows(t.dv.data(), Dp, nk_stored, D, Acc(1), dv, b, j0, hk);
     }
 
-    // dq: one task per (batch, head, query block); dq_tile = dq / scale.
+    // dq: one task per (batch, head, query block); t.dq = dq / scale.
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t h = task / q_blocks % p.num_heads;
       const int64_t b = task / q_blocks / p.num_heads;
       const int64_t hk = h / group;
+      const SeqLens len = seq_lens(p, b);
       const int64_t i0 = qb * kBlockQ;
-      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, p.seqlen_q - i0));
-      pack_rows(head_ptr<T>(p.q, p.stride_q, b, i0, h), p.stride_q.t, p.stride_q.d, mq, mq, D, Dp,
-                scale, q_tile.data());
-      pack_rows(head_ptr<T>(p.dout, p.stride_dout, b, i0, h), p.stride_dout.t, p.stride_dout.d,
-                mq, mq, D, Dp, Acc(1), dout_tile.data());
-      std::fill_n(dq_tile.data(), mq * Dp, Acc(0));
-      const int64_t row0 = (b * p.num_heads + h) * p.seqlen_q + i0;
+      if (i0 >= len.q) continue;
+      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+      const Mask mask(p, len);
+      const ScoreMods<Acc> mods(p, b, h, len);
+      pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q.data());
+      pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout.data());
+      if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+      std::fill_n(t.dq.data(), mq * Dp, Acc(0));
+      const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
+      const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
       const int64_t k_begin = mask.key_begin(i0);
       const int64_t k_end = mask.key_end(i0 + mq - 1);
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - j0));
+        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
         const int Np = round_up(nk, kColPad);
-        const T* k = head_ptr<T>(p.k, p.stride_k, b, j0, hk);
-        pack_transposed(k, p.stride_k.t, p.stride_k.d, nk, Np, D, Dp, kt_tile.data());
-        pack_transposed(head_ptr<T>(p.v, p.stride_v, b, j0, hk), p.stride_v.t, p.stride_v.d, nk,
-                        Np, D, Dp, vt_tile.data());
-        pack_rows(k, p.stride_k.t, p.stride_k.d, nk, Np, D, Dp, Acc(1), k_tile.data());
-        const ActiveRows rows = recompute_ds<Ops>(
-            mask, i0, mq, j0, nk, Np, Dp, q_tile.data(), dout_tile.data(), kt_tile.data(),
-            vt_tile.data(), lse_all + row0, delta.data() + row0, softcap, s_tile.data(),
-            dp_tile.data(), dcap_tile.data(), begin, end);
+        pack_transposed(k, b, j0, hk, nk, Np, D, Dp, t.kt.data());
+        pack_transposed(v, b, j0, hk, nk, Np, D, Dp, t.vt.data());
+        pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), t.k.data());
+        if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
+        const ActiveRows rows =
+            recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
         const int r0 = rows.first;
-        Ops::gemm(rows.count(), Dp, Np, dp_tile.data() + r0 * Np, Np, 1, k_tile.data(), Dp,
-                  dq_tile.data() + r0 * Dp, Dp, true);
+        Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, t.k.data(), Dp,
+                  t.dq.data() + r0 * Dp, Dp, true);
       }
-      store_rows(dq_tile.data(), Dp, mq, D, scale, head_ptr<T>(p.dq, p.stride_dq, b, i0, h),
-                 p.stride_dq.t, p.stride_dq.d);
+      store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
     }
   }
 }
@@ -632,21 +778,58 @@ void check_problem(const char* fn, const Problem& p) {
   auto fail = [&](const std::string& what) {
     throw std::invalid_argument(std::string(fn) + ": " + what);
   };
+  auto str = [](auto x) { return std::to_string(x); };
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0) {
-    fail("batch, seqlen_q and seqlen_k must be >= 0, got " + std::to_string(p.batch) + ", " +
-         std::to_string(p.seqlen_q) + ", " + std::to_string(p.seqlen_k));
+    fail("batch, seqlen_q and seqlen_k must be >= 0, got " + str(p.batch) + ", " +
+         str(p.seqlen_q) + ", " + str(p.seqlen_k));
   }
   if (p.num_heads < 1 || p.num_kv_heads < 1 || p.num_heads % p.num_kv_heads != 0) {
-    fail("num_kv_heads must divide num_heads, got num_heads=" + std::to_string(p.num_heads) +
-         ", num_kv_heads=" + std::to_string(p.num_kv_heads));
+    fail("num_kv_heads must divide num_heads, got num_heads=" + str(p.num_heads) +
+         ", num_kv_heads=" + str(p.num_kv_heads));
   }
   if (p.head_dim < 1 || p.head_dim > 1024) {
-    fail("head_dim must be in [1, 1024], got " + std::to_string(p.head_dim));
+    fail("head_dim must be in [1, 1024], got " + str(p.head_dim));
   }
-  if (!(p.softcap >= 0)) fail("softcap must be >= 0 (0 = off), got " + std::to_string(p.softcap));
+  if (!(p.softcap >= 0)) fail("softcap must be >= 0 (0 = off), got " + str(p.softcap));
   if (p.window_left < -1 || p.window_right < -1) {
-    fail("window_size must be (-1 or >= 0, -1 or >= 0), got (" + std::to_string(p.window_left) +
-         ", " + std::to_string(p.window_right) + ")");
+    fail("window_size must be (-1 or >= 0, -1 or >= 0), got (" + str(p.window_left) + ", " +
+         str(p.window_right) + ")");
+  }
+  if (!(p.dropout_p >= 0 && p.dropout_p < 1)) {
+    fail("dropout_p must be in [0, 1), got " + str(p.dropout_p));
+  }
+  if (p.dropout_p > 0 && p.dropout_seed == nullptr) {
+    fail("dropout_seed must be given when dropout_p > 0 (dropout_p = " + str(p.dropout_p) + ")");
+  }
+  if (p.alibi_slopes != nullptr && p.alibi_stride_b < 0) {
+    fail("alibi_stride_b must be >= 0, got " + str(p.alibi_stride_b));
+  }
+  // lse rows of different heads (or padded sequences) must not alias: a stride left at its
+  // default 0 would make every thread write the same row.
+  const bool any_query = p.batch > 0 && p.seqlen_q > 0;
+  if (p.lse_stride_h < 0 || (any_query && p.num_heads > 1 && p.lse_stride_h == 0)) {
+    fail("lse_stride_h must be >= 1 when num_heads > 1, got " + str(p.lse_stride_h));
+  }
+  if (p.lse_stride_b < 0 ||
+      (any_query && p.cu_seqlens_q == nullptr && p.batch > 1 && p.lse_stride_b == 0)) {
+    fail("lse_stride_b must be >= 1 for a padded batch of B > 1, got " + str(p.lse_stride_b));
+  }
+  // Cheap O(B) sanity of the per-sequence lengths, which bound every loop and row address
+  // (the torch glue checks the values fully).
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqLens len = seq_lens(p, b);
+    if (len.q < 0 || len.q > p.seqlen_q) {
+      fail("cu_seqlens_q[" + str(b + 1) + "] - cu_seqlens_q[" + str(b) + "] must be in [0, " +
+           "seqlen_q = " + str(p.seqlen_q) + "], got " + str(len.q));
+    }
+    if (len.k_stored < 0 || len.k_stored > p.seqlen_k) {
+      fail("cu_seqlens_k[" + str(b + 1) + "] - cu_seqlens_k[" + str(b) + "] must be in [0, " +
+           "seqlen_k = " + str(p.seqlen_k) + "], got " + str(len.k_stored));
+    }
+    if (len.k < 0 || len.k > len.k_stored) {
+      fail("seqused_k[" + str(b) + "] must be in [0, " + str(len.k_stored) +
+           "] (the keys stored for sequence " + str(b) + "), got " + str(len.k));
+    }
   }
 }
 

@@ -18,6 +18,7 @@ from types import ModuleType
 FAMILIES: dict[str, str] = {
     "norm": "fastllm.bench.norm",
     "cross_entropy": "fastllm.bench.cross_entropy",
+    "attention": "fastllm.bench.attention",
 }
 
 

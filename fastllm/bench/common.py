@@ -158,6 +158,21 @@ def first_touch_gbs(device: torch.device, nbytes: int = 128 * MiB, repeats: int 
     return nbytes / best / 1e9
 
 
+def sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 ``torch.mm`` rate of two preallocated (n, n) matrices into a preallocated
+    output, in GFLOP/s (2 * n**3 flops per product): the compute ceiling of a GEMM-bound op.
+    A square product this size runs near the BLAS library's peak; an op's skinnier products
+    (attention's (T x D) by (D x T), D = 64) reach less, and its fraction of this includes that."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=out)  # touch the pages and load the BLAS kernels before timing
+    best = math.inf
+    for _ in range(repeats):
+        best = min(best, _call_seconds(lambda: torch.mm(a, b, out=out), device))
+    return 2 * n**3 / best / 1e9
+
+
 def thp_setting(device: torch.device) -> str:
     """How torch's CPU allocator was set up in this process: ``"on"`` if it was started
     with ``THP_MEM_ALLOC_ENABLE=1`` (transparent huge pages for large allocations), else
@@ -205,6 +220,7 @@ class Machine:
     kernel_thp_mode: str
     copy_gbs: float
     first_touch_gbs: Optional[float]  # CPU only: a GPU's caching allocator hides it
+    sgemm_gflops: Optional[float] = None  # measured only for families that count FLOPs
 
 
 def measure_machine(device: torch.device, quick: bool) -> Machine:
@@ -313,6 +329,9 @@ class Result:
     bytes_moved: Optional[int] = None
     gbs: Optional[float] = None
     copy_gbs: Optional[float] = None  # the ceiling measured under the same THP setting
+    flops: Optional[int] = None  # compute-bound families: the case's FLOPs per call
+    gflops: Optional[float] = None
+    sgemm_gflops: Optional[float] = None  # their ceiling
     speedup_vs_eager: Optional[float] = None  # eager time / this time
     speedup_vs_compile: Optional[float] = None  # torch.compile time / this time
     peak_memory_bytes: Optional[int] = None
@@ -331,6 +350,8 @@ def fill_ratios(results: Sequence[Result]) -> None:
                 continue
             if result.bytes_moved is not None:
                 result.gbs = result.bytes_moved / result.time_s / 1e9
+            if result.flops is not None:
+                result.gflops = result.flops / result.time_s / 1e9
             if EAGER in base:
                 result.speedup_vs_eager = base[EAGER] / result.time_s
             if COMPILE in base:
@@ -376,8 +397,11 @@ def _fmt(value: Optional[float], suffix: str = "", digits: int = 3) -> str:
 
 def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> str:
     """One row per contender, cases separated by a blank line; the case columns are shown
-    on the first row of each case only."""
-    headers = [*param_columns, "THP", "contender", "time ms", "GB/s", "% copy", "vs eager",
+    on the first row of each case only. A family whose cases count FLOPs shows GFLOP/s and
+    the fraction of the sgemm ceiling instead of GB/s and the fraction of the copy one."""
+    compute_bound = any(r.flops is not None for r in results)
+    rate_headers = ["GFLOP/s", "% sgemm"] if compute_bound else ["GB/s", "% copy"]
+    headers = [*param_columns, "THP", "contender", "time ms", *rate_headers, "vs eager",
                "vs compile", "peak MiB"]
     right = [False] * (len(param_columns) + 2) + [True] * 6
     rows: list[list[str]] = []
@@ -394,17 +418,18 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
         if result.error is not None:
             rows.append([*case_cells, result.thp, result.label, "FAILED", *["-"] * 5, result.error])
             continue
-        copy_fraction = (
-            None if result.gbs is None or not result.copy_gbs else 100 * result.gbs / result.copy_gbs
+        rate, ceiling = (
+            (result.gflops, result.sgemm_gflops) if compute_bound else (result.gbs, result.copy_gbs)
         )
+        ceiling_fraction = None if rate is None or not ceiling else 100 * rate / ceiling
         peak = None if result.peak_memory_bytes is None else result.peak_memory_bytes / MiB
         rows.append([
             *case_cells,
             result.thp,
             result.label,
             _fmt(result.time_s * 1e3),
-            _fmt(result.gbs),
-            _fmt(copy_fraction, "%", digits=2),
+            _fmt(rate),
+            _fmt(ceiling_fraction, "%", digits=2),
             _fmt(result.speedup_vs_eager, "x"),
             _fmt(result.speedup_vs_compile, "x"),
             _fmt(peak, digits=1),
@@ -425,6 +450,9 @@ class Case(Protocol):
 
     def bytes_moved(self) -> int:
         """Unavoidable bytes read and written once (the effective-bandwidth numerator)."""
+
+    # Optional, for compute-bound families: ``def flops(self) -> int``, the FLOPs of one
+    # call (the GFLOP/s numerator; the table then shows GFLOP/s against the sgemm ceiling).
 
     def largest_output_bytes(self) -> int:
         """Size of the largest tensor a call allocates (decides page-fault sensitivity)."""
@@ -449,6 +477,7 @@ def run_cases(
     backend: str,
     budget: TimingBudget,
     copy_gbs: float,
+    sgemm_gflops: Optional[float] = None,
     contenders: Sequence[str] = CONTENDERS,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
@@ -472,7 +501,8 @@ def run_cases(
                     family=family, case=case.id, params=case.params(), contender=contender,
                     label=fastllm_label(backend) if contender == FASTLLM else contender,
                     device=str(device), thp=thp, bytes_moved=case.bytes_moved(),
-                    copy_gbs=copy_gbs,
+                    copy_gbs=copy_gbs, sgemm_gflops=sgemm_gflops,
+                    flops=case.flops() if hasattr(case, "flops") else None,
                 )
                 try:
                     call = case.build(contender, inputs, backend)

@@ -1,6 +1,13 @@
 """Drop-in ``nn.Module`` layers backed by fastllm's kernels."""
 
+from fastllm.nn.attention import MultiheadAttention
 from fastllm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastllm.nn.norm import LayerNorm, RMSNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "MultiheadAttention",
+]

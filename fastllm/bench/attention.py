@@ -1,0 +1,212 @@
+"""The attention family's benchmark cases: softmax attention, causal and not, forward and
+forward+backward, fastllm against torch's scaled_dot_product_attention (SDPA) eager and
+torch.compile.
+
+Shape glossary: B batch, H heads (as many key/value heads as query heads), T sequence
+length (queries and keys alike), D head dim. fastllm takes (B, T, H, D), torch's SDPA
+(B, H, T, D): each contender gets contiguous tensors in its own natural layout (the same
+values, transposed once while building the inputs), so neither pays for a layout copy
+or a strided read that the other does not. softmax_scale is 1/sqrt(D) on both sides.
+
+The contenders compute the same thing:
+  fastllm        fastllm.functional.attention(q, k, v, causal=...) on the backend being
+                 benchmarked (the per-row logsumexp it keeps for the backward is part of
+                 its cost, as it is of torch's flash kernel);
+  torch eager    F.scaled_dot_product_attention(q, k, v, is_causal=...), torch picking its
+                 own kernel (on the CPU: its flash-attention kernel for float32 and bfloat16);
+  torch.compile  the same SDPA call through inductor (static shapes, compiled once per case;
+                 compilation and its first call are not timed).
+With T_q == T_k the causal mask is the same for both conventions (fastllm's bottom-right,
+SDPA's top-left).
+
+Forward+backward times one forward and one backward (``torch.autograd.grad`` of out with
+respect to q, k, v, from a precomputed output gradient), gradients returned, not
+accumulated.
+
+FLOPs (the issue's convention, the one FlashAttention's benchmarks use): the forward is two
+(T x D) by (D x T) sized matrix products per (batch, head), 4 * B * H * T * T * D, half of
+it when causal; the backward counts 2.5 times the forward (five such products, two of them
+recomputing the scores), so forward+backward is 3.5 times the forward. The exp and the
+row reductions are not counted. The ceiling is the machine's measured float32 GEMM rate
+(``fastllm.bench.common.sgemm_gflops``): attention is at best two GEMMs per tile, so the
+fraction of it is how much of the matrix units' rate the kernel keeps.
+
+Bytes (what the GB/s column counts, small on purpose: attention is compute bound; n =
+B * T * H * D, e = bytes per element): forward reads q, k, v and writes out, 4 * n * e;
+forward+backward adds reading dout, q, k, v, out and writing dq, dk, dv, 12 * n * e in all.
+The per-row statistics (lse, B * H * T floats) are not counted.
+
+Peak memory is the increase of the process's peak resident set size over one untimed call
+(fastllm.bench.common.peak_memory_bytes): the inputs exist before and are not counted; out,
+the saved statistics, the gradients and every temporary are. A kernel that never forms the
+(T x T) score matrix needs O(B * T * H * D) extra memory: from the (B=2, T=1024) cases to
+the (B=1, T=4096) ones, B * T doubles, so a linear-in-T kernel's peak about doubles while a
+kernel forming the scores for a whole (batch, head) would grow eightfold (B * T * T). Small
+peaks are noisy: an allocation that reuses freed heap memory adds nothing to the resident
+set, so a few MiB either way mean little. Measured on 2026-11-24 (2 shared cores, torch
+2.14.1), from the T=1024 to the T=4096 cases fastllm's peak went 4 -> 8 MiB (forward) and
+18 -> 33 MiB (forward+backward) in float32, 2 -> 4 and 9 -> 17 MiB in bfloat16: linear in
+T; torch's SDPA (its CPU flash kernel) grew the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastllm.functional as fastllm_functional
+from fastllm.backend import use_backend
+from fastllm.bench.common import COMPILE, EAGER, FASTLLM, compile_once
+
+FAMILY = "attention"
+PARAM_COLUMNS = ("mask", "mode", "shape", "dtype")
+
+MODES = ("fwd", "fwd+bwd")
+MASKS = ("full", "causal")
+# (B, H, T, D), the issue's shapes
+SHAPES = ((2, 8, 1024, 64), (1, 8, 4096, 64))
+QUICK_SHAPES = ((1, 2, 256, 64),)
+DTYPES = (torch.float32, torch.bfloat16)
+
+BACKWARD_FLOPS_FACTOR = 2.5  # backward FLOPs / forward FLOPs (see the module docstring)
+
+
+# ------------------------------------------------------------------ the contenders
+# Taking the tensors positionally, so that torch.compile sees plain tensor arguments.
+
+
+def torch_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """q, k, v: (B, H, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def fastllm_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """q, k, v: (B, T, H, D)."""
+    return fastllm_functional.attention(q, k, v, causal=causal)
+
+
+@dataclasses.dataclass
+class AttentionInputs:
+    fastllm_qkv: tuple[Tensor, Tensor, Tensor]  # (B, T, H, D) each, contiguous
+    torch_qkv: tuple[Tensor, Tensor, Tensor]  # the same values as (B, H, T, D), contiguous
+    fastllm_grad_out: Tensor | None  # forward+backward: (B, T, H, D)
+    torch_grad_out: Tensor | None  # forward+backward: (B, H, T, D)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    mask: str  # one of MASKS
+    mode: str  # one of MODES
+    shape: tuple[int, int, int, int]  # (B, H, T, D)
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        return f"attention-{self.mask}-{self.mode}-{'x'.join(map(str, self.shape))}-{self.dtype_name}"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def causal(self) -> bool:
+        return self.mask == "causal"
+
+    @property
+    def backward(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    def params(self) -> dict[str, str]:
+        batch, heads, seqlen, head_dim = self.shape
+        return {"mask": self.mask, "mode": self.mode,
+                "shape": f"B{batch} H{heads} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
+
+    def flops(self) -> int:
+        """The module docstring's count: 4 * B * H * T * T * D forward (half when causal),
+        times 3.5 for forward+backward."""
+        batch, heads, seqlen, head_dim = self.shape
+        forward = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if self.causal else 1)
+        return round(forward * (1 + BACKWARD_FLOPS_FACTOR)) if self.backward else forward
+
+    def _elements(self) -> int:
+        batch, heads, seqlen, head_dim = self.shape
+        return batch * heads * seqlen * head_dim
+
+    def bytes_moved(self) -> int:
+        """The totals of the module docstring."""
+        return (12 if self.backward else 4) * self._elements() * self.dtype.itemsize
+
+    def largest_output_bytes(self) -> int:
+        """out, or one of dq, dk, dv."""
+        return self._elements() * self.dtype.itemsize
+
+    def make_inputs(self, device: torch.device) -> AttentionInputs:
+        generator = torch.Generator(device=device).manual_seed(0)
+        batch, heads, seqlen, head_dim = self.shape
+
+        def randn_pair(requires_grad: bool) -> tuple[Tensor, Tensor]:
+            # (B, T, H, D) and the same values as (B, H, T, D), both contiguous
+            bthd = torch.randn(batch, seqlen, heads, head_dim, generator=generator,
+                               device=device, dtype=self.dtype)
+            bhtd = bthd.transpose(1, 2).contiguous()
+            return bthd.requires_grad_(requires_grad), bhtd.requires_grad_(requires_grad)
+
+        q, k, v = (randn_pair(self.backward) for _ in range(3))
+        grad_out = randn_pair(False) if self.backward else (None, None)
+        return AttentionInputs(
+            fastllm_qkv=(q[0], k[0], v[0]), torch_qkv=(q[1], k[1], v[1]),
+            fastllm_grad_out=grad_out[0], torch_grad_out=grad_out[1],
+        )
+
+    def function(self, contender: str, backend: str) -> Callable:
+        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
+        if contender == FASTLLM:
+
+            def on_backend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+                with use_backend(backend):
+                    return fastllm_attention(q, k, v, causal)
+
+            return on_backend
+        if contender == EAGER:
+            return torch_sdpa
+        if contender == COMPILE:
+            return compile_once(torch_sdpa)
+        raise ValueError(f"contender must be one of {FASTLLM!r}, {EAGER!r}, {COMPILE!r}; got {contender!r}")
+
+    def build(self, contender: str, inputs: AttentionInputs, backend: str) -> Callable[[], None]:
+        """One call of ``contender`` on its own layout of ``inputs``: the forward, or the
+        forward and the backward. For torch.compile it is run once here, so compilation is
+        never timed."""
+        fn = self.function(contender, backend)
+        causal = self.causal
+        if contender == FASTLLM:
+            qkv, grad_out = inputs.fastllm_qkv, inputs.fastllm_grad_out
+        else:
+            qkv, grad_out = inputs.torch_qkv, inputs.torch_grad_out
+        if self.backward:
+
+            def call() -> None:
+                torch.autograd.grad(fn(*qkv, causal), qkv, grad_out)
+        else:
+
+            def call() -> None:
+                fn(*qkv, causal)
+
+        if contender == COMPILE:
+            call()
+        return call
+
+
+def cases(quick: bool = False) -> list[AttentionCase]:
+    """Every case, in table order: shape, dtype, mask, mode. ``quick``: one small shape."""
+    return [
+        AttentionCase(mask, mode, shape, dtype)
+        for shape in (QUICK_SHAPES if quick else SHAPES)
+        for dtype in DTYPES
+        for mask in MASKS
+        for mode in MODES
+    ]

@@ -1,0 +1,417 @@
+"""Attention ops: fake and autograd registrations, the Triton ops, and the backend choice.
+
+Implementations of the same two schemas (csrc/schemas.h, math in csrc/attention/attention.h):
+  torch.ops.fastllm.attention_fwd / _bwd            C++ CPU kernels and CUDA kernels
+  torch.ops.fastllm.attention_fwd_triton / _bwd_..  Triton kernels (fastllm/triton/attention.py)
+  torch.ops.fastllm_emu.attention_fwd / _bwd        the CUDA kernels run on CPU tensors by the
+                                                    SIMT emulation (tests only, fastllm._emu)
+``backend="reference"`` (or a device without kernels) runs fastllm/reference/attention.py.
+
+Forward returns ``(out, lse)``; lse is not differentiable (as in FlashAttention). Backward
+recomputes the scores from q, k, v and the saved lse (and the same dropout seed), so the
+autograd graph keeps O(B * H * T) extra memory, never a (Tq, Tk) matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from fastllm import _native
+from fastllm.backend import Implementations
+from fastllm.reference import attention as ref
+
+# Argument positions of the options in both schemas (after q, k, v / dout, q, k, v, out, lse).
+_NUM_OPTIONS = 13
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
+    if cu_seqlens_q is not None:  # packed: (H, total_q)
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Tq)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOps:
+    """The two ops of one implementation of the attention schemas."""
+
+    attention_fwd: Any
+    attention_bwd: Any
+
+
+def _ops_in(namespace: Any, suffix: str = "") -> AttentionOps:
+    return AttentionOps(
+        getattr(namespace, "attention_fwd" + suffix).default,
+        getattr(namespace, "attention_bwd" + suffix).default,
+    )
+
+
+def register_fakes(lib: str, suffix: str = "") -> None:
+    """Fake (meta) implementations of ``{lib}::attention_fwd{suffix}`` / ``_bwd``."""
+
+    @torch.library.register_fake(f"{lib}::attention_fwd{suffix}")
+    def _(q, k, v, cu_seqlens_q, *options):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_acc_dtype(q))
+        return out, lse
+
+    @torch.library.register_fake(f"{lib}::attention_bwd{suffix}")
+    def _(dout, q, k, v, out, lse, *options):
+        fmt = torch.contiguous_format
+        return (
+            torch.empty_like(q, memory_format=fmt),
+            torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt),
+        )
+
+
+def register_autograd(ops: AttentionOps) -> None:
+    """dq, dk, dv through the set's own backward op; lse is not differentiable, and neither
+    are the lengths, the ALiBi slopes or the seed."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *options = inputs
+        out, lse = output
+        (cu_q, cu_k, used, max_q, max_k, scale, causal, wl, wr, softcap, alibi, p, seed) = options
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used, alibi, seed)
+        ctx.scalars = (max_q, max_k, scale, causal, wl, wr, softcap, p)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, used, alibi, seed = ctx.saved_tensors
+        max_q, max_k, scale, causal, wl, wr, softcap, p = ctx.scalars
+        dq, dk, dv = ops.attention_bwd(
+            dout, q, k, v, out, lse, cu_q, cu_k, used, max_q, max_k, scale, causal, wl, wr,
+            softcap, alibi, p, seed,
+        )
+        return (dq, dk, dv) + (None,) * _NUM_OPTIONS
+
+    torch.library.register_autograd(ops.attention_fwd, backward, setup_context=setup_context)
+
+
+IMPLS: Implementations[AttentionOps] = Implementations("attention")
+if _native.AVAILABLE:
+    register_fakes("fastllm")
+    IMPLS.native = _ops_in(torch.ops.fastllm)
+    register_autograd(IMPLS.native)
+
+
+def _define_triton_ops() -> Optional[AttentionOps]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # e.g. a CPU-only torch
+        return None
+    try:
+        from fastllm.triton import attention as triton_attention
+    except ImportError as exc:  # a broken kernel module must not break `import fastllm`
+        IMPLS.triton_unavailable = (
+            f"backend 'triton': fastllm.triton.attention failed to import: {exc}"
+        )
+        return None
+    for name in ("attention_fwd", "attention_bwd"):
+        torch.library.triton_op(
+            f"fastllm::{name}_triton", getattr(triton_attention, name), mutates_args=()
+        )
+    register_fakes("fastllm", "_triton")
+    result = _ops_in(torch.ops.fastllm, "_triton")
+    register_autograd(result)
+    return result
+
+
+IMPLS.triton = _define_triton_ops()
+
+
+def register_emulated(lib: str) -> None:
+    """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
+    register_fakes(lib)
+    IMPLS.emulated = _ops_in(getattr(torch.ops, lib))
+    register_autograd(IMPLS.emulated)
+
+
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    dropout_p: float,
+    dropout_seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) from the selected backend, differentiable in q, k, v."""
+    args = (
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+        dropout_seed,
+    )
+    ops = IMPLS.select(q.device)
+    if ops is None:
+        return ref.attention_ref(*args)
+    return ops.attention_fwd(*args)
+
+
+# --------------------------------------------------------------------------- public API
+# Metadata-only checks here (shapes, dtypes, options); values (cu_seqlens, seqused_k) are
+# checked by the op itself, so these trace under torch.compile(fullgraph=True).
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_tensor(op: str, name: str, t: Any) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def _window(op: str, window_size: Any) -> tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: window_size must be a pair (left, right), got {window_size!r}")
+    if left < -1 or right < -1:
+        raise ValueError(
+            f"{op}: window_size entries must be >= 0 or -1 (unbounded), got {(left, right)}"
+        )
+    return left, right
+
+
+def _new_dropout_seed(q: Tensor) -> Tensor:
+    """A fresh int64 seed drawn from torch's generator of q's device: reproducible under
+    torch.manual_seed, and traced (not baked in) by torch.compile."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+
+
+def _max_seqlen(cu_seqlens: Tensor) -> int:
+    # Reads values (a host sync / graph break): pass max_seqlen_* to avoid it.
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+    *,
+    seqused_k: Optional[Tensor] = None,
+):
+    op = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op, name, t)
+    window_left, window_right = _window(op, window_size)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if softcap < 0:
+        raise ValueError(f"{op}: softcap must be >= 0 (0 disables it), got {softcap}")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together")
+        if max_seqlen_q is None:
+            max_seqlen_q = _max_seqlen(cu_seqlens_q)
+        if max_seqlen_k is None:
+            max_seqlen_k = _max_seqlen(cu_seqlens_k)
+    else:
+        max_seqlen_q = max_seqlen_k = 0
+    seed = _new_dropout_seed(q) if dropout_p > 0 else None
+    out, lse = attention_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, int(max_seqlen_q), int(max_seqlen_k),
+        float(softmax_scale), bool(causal), window_left, window_right, float(softcap),
+        alibi_slopes, float(dropout_p), seed,
+    )
+    return (out, lse) if return_lse else out
+
+
+def _needs_reference_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any) -> bool:
+    return attn_mask is not None or value.shape[-1] != query.shape[-1]
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    op = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(op, name, t)
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(
+            f"{op}: query, key and value must be (..., L, E) / (..., S, E) / (..., S, Ev) with "
+            f"the same number of dims (>= 3), got {tuple(query.shape)}, {tuple(key.shape)}, "
+            f"{tuple(value.shape)}"
+        )
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"{op}: key must have query's embedding dim {query.shape[-1]}, got {key.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"{op}: key and value must have the same length S, got {key.shape[-2]} and "
+            f"{value.shape[-2]}"
+        )
+    if attn_mask is not None and is_causal:
+        # torch raises here too: the two masks would have to be merged by the caller.
+        raise ValueError(f"{op}: attn_mask and is_causal=True cannot be given together")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if query.dim() == 3:  # (N, L, E): one head
+        q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    else:  # (..., H, L, E): flatten the leading batch dims
+        q4 = query.reshape(-1, *query.shape[-3:])
+        k4 = key.reshape(-1, *key.shape[-3:])
+        v4 = value.reshape(-1, *value.shape[-3:])
+        if k4.shape[0] != q4.shape[0] or v4.shape[0] != q4.shape[0]:
+            raise ValueError(
+                f"{op}: query, key and value must have the same batch dims, got "
+                f"{tuple(query.shape[:-3])}, {tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}"
+            )
+    hq, hk = q4.shape[1], k4.shape[1]
+    if hk != hq and not enable_gqa:
+        raise ValueError(
+            f"{op}: query has {hq} heads but key/value have {hk}; pass enable_gqa=True for "
+            "grouped-query attention"
+        )
+    if hq % hk != 0 or v4.shape[1] != hk:
+        raise ValueError(
+            f"{op}: query heads ({hq}) must be a multiple of key heads ({hk}) and value must "
+            f"have key's heads, got value heads {v4.shape[1]}"
+        )
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+
+    if _needs_reference_sdpa(query, key, value, attn_mask) or IMPLS.select(query.device) is None:
+        # The slower path: masks (and Ev != E) run the reference composition, O(L * S)
+        # memory, with the fused kernels' semantics (a fully masked row gives zeros).
+        if dropout_p > 0:
+            return _reference_sdpa_dropout(query, key, value, attn_mask, dropout_p, is_causal,
+                                           scale, enable_gqa)
+        return ref.sdpa_ref(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+    L, S = q4.shape[2], k4.shape[2]
+    causal, window_right = False, -1
+    if is_causal:
+        # torch aligns the causal mask top-left (row i sees keys 0..i); the kernels align it
+        # bottom-right. S > L: keys past L are never seen, so drop them and align both ends.
+        # S < L: a right window of L - S from the bottom-right diagonal is the same mask.
+        if S >= L:
+            k4, v4, causal = k4[:, :, :L], v4[:, :, :L], True
+        else:
+            window_right = L - S
+    # (B, H, T, E) -> (B, T, H, E) views: the kernels take any strides.
+    out = attention(
+        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), causal=causal,
+        softmax_scale=scale, window_size=(-1, window_right), dropout_p=dropout_p,
+    )
+    out = out.transpose(1, 2)  # (B, H, L, E)
+    return out.reshape(query.shape[:-1] + (value.shape[-1],))
+
+
+def _reference_sdpa_dropout(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The masked path with dropout: torch's own math (its dropout mask, not fastllm's hash)."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        # A fully masked row must give zeros, not torch's NaN: give it one harmless key.
+        attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2])
+        empty_row = ~attn_mask.any(dim=-1, keepdim=True)
+        attn_mask = torch.where(empty_row, torch.zeros_like(attn_mask), attn_mask)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        return out.masked_fill(empty_row, 0)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    cache_seqlens: Any = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    op = "attention_with_kvcache"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(op, name, t)
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"{op}: q must be (B, Tq, H, D) and k_cache / v_cache (B, Tcache, Hkv, D) of one "
+            f"shape, got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
+            f"{tuple(v_cache.shape)}"
+        )
+    batch = q.shape[0]
+    if k_cache.shape[0] != batch:
+        raise ValueError(f"{op}: k_cache must have q's batch {batch}, got {k_cache.shape[0]}")
+    if cache_seqlens is None:
+        raise ValueError(f"{op}: cache_seqlens (int32 (B,) or an int) is required")
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (batch,):
+        raise ValueError(
+            f"{op}: cache_seqlens must be an int or a tensor of shape ({batch},), got "
+            f"{cache_seqlens!r}"
+        )
+    if cache_seqlens.dtype != torch.int32:
+        cache_seqlens = cache_seqlens.to(torch.int32)
+    seqused_k = cache_seqlens
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: k_new and v_new must be given together")
+    if k_new is not None:
+        expected = (batch, k_new.shape[1]) + tuple(k_cache.shape[2:])
+        if tuple(k_new.shape) != expected or tuple(v_new.shape) != expected:
+            raise ValueError(
+                f"{op}: k_new and v_new must be (B, Tnew, Hkv, D) = {expected}, got "
+                f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
+            )
+        # Append in place at each sequence's end (index_put_ is traced by torch.compile);
+        # a position past the cache raises an IndexError.
+        t_new = k_new.shape[1]
+        pos = cache_seqlens.long()[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
+        rows = torch.arange(batch, device=q.device)[:, None].expand(batch, t_new)
+        with torch.no_grad():
+            k_cache.index_put_((rows, pos), k_new.to(k_cache.dtype))
+            v_cache.index_put_((rows, pos), v_new.to(v_cache.dtype))
+        seqused_k = cache_seqlens + t_new
+    return attention(
+        q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
+        window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+        return_lse=return_lse, seqused_k=seqused_k,
+    )

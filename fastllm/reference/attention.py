@@ -121,8 +121,11 @@ def _sequence(
     allowed = _allowed(tq, tk, causal, window_left, window_right, q.device)
     s = s.masked_fill(~allowed, float("-inf"))
     # Softmax with fully-masked rows made safe for autograd: shift by a detached finite max.
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if tk == 0:  # no key at all: amax has nothing to reduce
+        m = s.new_zeros(h, tq, 1)
+    else:
+        m = s.amax(dim=-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
     has_key = l > 0

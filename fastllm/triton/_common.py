@@ -24,3 +24,20 @@ def round_to_dtype(x, dtype: tl.constexpr, ROUND_BF16_IN_SOFTWARE: tl.constexpr)
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def tanh(y):
+    """tanh in float32 from exp (Triton has no tl.tanh, and libdevice.tanh returns None
+    under the interpreter, TRITON_INTERPRET=1). (1 - e) / (1 + e) with e = exp(-2|y|) loses
+    relative accuracy as |y| -> 0, so |y| < 0.25 uses the odd Taylor series to y^9, whose
+    truncation error there is below 1e-8 relative."""
+    abs_y = tl.abs(y)
+    e = tl.exp(-2.0 * abs_y)
+    tanh_abs = (1.0 - e) / (1.0 + e)
+    y2 = y * y
+    series = y * (
+        1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
+            -0.05396825396825397 + y2 * 0.021869488536155203)))
+    )
+    return tl.where(abs_y < 0.25, series, tl.where(y < 0.0, -tanh_abs, tanh_abs))

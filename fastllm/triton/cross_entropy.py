@@ -51,28 +51,11 @@ import triton
 import triton.language as tl
 
 # The interpreter's float32 -> bfloat16 cast truncates; norm.py holds the workaround.
-from fastllm.triton._common import interpreted, round_to_dtype
+from fastllm.triton._common import interpreted, round_to_dtype, tanh
 
 # Longest vocab chunk held in registers at once: 4096 float32 values over 8 warps is 16 per
 # thread for each live chunk-sized tensor (x, z, exp, weight).
 MAX_BLOCK_V = 4096
-
-
-@triton.jit
-def _tanh(y):
-    """tanh in float32 from exp (Triton has no tl.tanh, and libdevice.tanh returns None
-    under the interpreter, TRITON_INTERPRET=1). (1 - e) / (1 + e) with e = exp(-2|y|) loses
-    relative accuracy as |y| -> 0, so |y| < 0.25 uses the odd Taylor series to y^9, whose
-    truncation error there is below 1e-8 relative."""
-    abs_y = tl.abs(y)
-    e = tl.exp(-2.0 * abs_y)
-    tanh_abs = (1.0 - e) / (1.0 + e)
-    y2 = y * y
-    series = y * (
-        1.0 + y2 * (-0.3333333333333333 + y2 * (0.13333333333333333 + y2 * (
-            -0.05396825396825397 + y2 * 0.021869488536155203)))
-    )
-    return tl.where(abs_y < 0.25, series, tl.where(y < 0.0, -tanh_abs, tanh_abs))
 
 
 @triton.jit
@@ -109,7 +92,7 @@ def cross_entropy_fwd_kernel(
         col_mask = cols < vocab
         z = tl.load(logits_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * tanh(z / softcap)
         z = tl.where(col_mask, z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -132,7 +115,7 @@ def cross_entropy_fwd_kernel(
     target_in_range = (target >= 0) & (target < vocab)
     z_target = tl.load(logits_row_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        z_target = softcap * _tanh(z_target / softcap)
+        z_target = softcap * tanh(z_target / softcap)
     target_weight = 1.0
     if HAS_WEIGHT:
         target_weight = tl.load(weight_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
@@ -199,7 +182,7 @@ def cross_entropy_bwd_kernel(
         x = tl.load(logits_ptr + row * stride_logits_row + cols, mask=col_mask, other=0.0).to(tl.float32)
         z = x
         if HAS_SOFTCAP:
-            tanh_x = _tanh(x / softcap)
+            tanh_x = tanh(x / softcap)
             z = softcap * tanh_x
         grad = tl.exp(z - lse) * p_coef - tl.where(cols == target, target_coef, 0.0)
         if HAS_SMOOTHING:

@@ -32,6 +32,7 @@ SHAPES = {
         (2, 33, 77, 6, 2, 96),  # GQA, Tq < Tk
         (1, 77, 33, 4, 1, 128),  # MQA, Tq > Tk: causal leaves rows without keys
         (1, 300, 257, 2, 2, 33),  # odd head dim
+        (1, 1023, 1023, 1, 1, 32),  # many key blocks, a partial last one
     ],
     "triton": [(1, 17, 17, 2, 2, 32), (1, 9, 23, 4, 2, 64), (1, 23, 9, 2, 1, 32)],
     "cuda_emu": [(1, 17, 17, 2, 2, 32), (1, 9, 23, 4, 2, 64), (1, 23, 9, 2, 1, 64)],
@@ -238,3 +239,30 @@ def test_dropout_reproducible_from_torch_seed():
     b = F.attention(q, k, v, dropout_p=0.2)
     c = F.attention(q, k, v, dropout_p=0.2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- KV cache
+def test_kvcache_decode_matches_full_attention(backend):
+    """Decode two tokens per step into caches of different lengths per sequence: the
+    outputs equal the last rows of full causal attention over each sequence."""
+    dtype = DTYPES[backend][-1]
+    b, h, hkv, d, t_cache = 2, 4, 2, 32, 24
+    lengths = torch.tensor([5, 13], dtype=torch.int32)
+    k_seq = torch.randn(b, t_cache, hkv, d, dtype=dtype)
+    v_seq = torch.randn(b, t_cache, hkv, d, dtype=dtype)
+    k_cache, v_cache = k_seq.clone(), v_seq.clone()
+    idx = torch.arange(b)[:, None]
+    pos = lengths.long()[:, None] + torch.arange(2)
+    k_cache[idx, pos] = 0  # the new tokens' slots hold stale values until written
+    q = torch.randn(b, 2, h, d, dtype=dtype)
+    out = F.attention_with_kvcache(q, k_cache, v_cache, k_seq[idx, pos], v_seq[idx, pos],
+                                   cache_seqlens=lengths)
+    for i in range(b):
+        n = int(lengths[i]) + 2
+        with fastllm.use_backend("reference"):
+            full = F.attention(q[i : i + 1].double(), k_seq[i : i + 1, :n].double(),
+                               v_seq[i : i + 1, :n].double(), causal=True)
+        low, _ = attention_ref(q[i : i + 1], k_seq[i : i + 1, :n], v_seq[i : i + 1, :n],
+                               causal=True, compute_dtype=dtype)
+        assert_within_torch_error("out", out[i : i + 1], low, full, dtype)
+    assert torch.equal(k_cache[idx, pos], k_seq[idx, pos])

@@ -37,6 +37,7 @@ GLUE_SOURCES = [
     "csrc/norm/norm_ops.cpp",
     "csrc/cross_entropy/cross_entropy_ops.cpp",
     "csrc/attention/attention_ops.cpp",
+    "csrc/attention/attention_cuda_ops.cpp",
 ]
 
 DEFAULT_CUDA_ARCHS = "80;90"

@@ -39,7 +39,7 @@ SHAPES = {
 }
 
 
-@pytest.fixture(params=["native", "triton"])
+@pytest.fixture(params=["native", "triton", "cuda_emu"])
 def backend(request):
     name = request.param
     if name == "native" and attn_ops.IMPLS.native is None:

@@ -350,12 +350,9 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, bool unit_head_dim
   c.lse = lse_in.stride(-1) == 1 ? lse_in : lse_in.contiguous();
   const auto contiguous = at::MemoryFormat::Contiguous;
   c.dq = at::empty(c.q.sizes(), c.q.options().memory_format(contiguous));
-  // Keys past seqused_k take no part, so no kernel writes their gradient rows.
-  const bool partial_keys = c.prepared.seqused_k.defined();
-  c.dk = partial_keys ? at::zeros(c.k.sizes(), c.k.options().memory_format(contiguous))
-                      : at::empty(c.k.sizes(), c.k.options().memory_format(contiguous));
-  c.dv = partial_keys ? at::zeros(c.v.sizes(), c.v.options().memory_format(contiguous))
-                      : at::empty(c.v.sizes(), c.v.options().memory_format(contiguous));
+  // The kernels write every row of dk / dv, zeros for stored keys past seqused_k.
+  c.dk = at::empty(c.k.sizes(), c.k.options().memory_format(contiguous));
+  c.dv = at::empty(c.v.sizes(), c.v.options().memory_format(contiguous));
   BwdParams& p = c.params;
   static_cast<Problem&>(p) = c.prepared.problem;
   p.q = c.q.data_ptr();

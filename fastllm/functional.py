@@ -185,8 +185,9 @@ def attention(
 
     - ``q`` ``(B, Tq, H, D)``, ``k`` / ``v`` ``(B, Tk, Hkv, D)`` with ``H % Hkv == 0``
       (GQA / MQA: query head h uses kv head ``h // (H // Hkv)``; dk / dv are summed over
-      the group). Any strides; float32, bfloat16, float16, float64 (CPU), float16 /
-      bfloat16 on CUDA. Head dim up to 256. Out has q's shape and dtype.
+      the group). Any strides; float32, bfloat16, float16, float64. On CUDA, float16 /
+      bfloat16 run the CUDA kernels (head dims a multiple of 8), float32 the Triton kernel,
+      float64 the reference. Head dim up to 256. Out has q's shape and dtype.
     - ``causal=True`` with ``Tq != Tk`` is aligned bottom-right (the last query sees the
       last key: the KV-cache convention, as FlashAttention). ``scaled_dot_product_attention``
       below keeps torch's top-left alignment instead.

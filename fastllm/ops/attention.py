@@ -159,10 +159,25 @@ def attention_fwd(
         softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
         dropout_seed,
     )
-    ops = IMPLS.select(q.device)
+    ops = _select(q)
     if ops is None:
         return ref.attention_ref(*args)
     return ops.attention_fwd(*args)
+
+
+def _select(q: Tensor) -> Optional[AttentionOps]:
+    """The backend's op set, except that on the default backend a float32 / float64 CUDA
+    tensor (the CUDA kernels are tensor-core float16 / bfloat16 only) runs the Triton kernel
+    (float32) or the reference (float64) instead of failing, as torch's SDPA would not."""
+    ops = IMPLS.select(q.device)
+    if (
+        ops is not None
+        and ops is IMPLS.native
+        and q.device.type == "cuda"
+        and q.dtype not in (torch.float16, torch.bfloat16)
+    ):
+        return IMPLS.triton if q.dtype == torch.float32 else None
+    return ops
 
 
 # --------------------------------------------------------------------------- public API
@@ -311,7 +326,7 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
 
-    if _needs_reference_sdpa(query, key, value, attn_mask) or IMPLS.select(query.device) is None:
+    if _needs_reference_sdpa(query, key, value, attn_mask) or _select(query) is None:
         # The slower path: masks (and Ev != E) run the reference composition, O(L * S)
         # memory, with the fused kernels' semantics (a fully masked row gives zeros).
         if dropout_p > 0:

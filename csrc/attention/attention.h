@@ -141,10 +141,14 @@ struct BwdParams : Problem {
   Strides4 stride_dv;
 };
 
-// CPU kernels: OpenMP over (batch, head, query block) in forward and in backward's dq pass,
-// over (batch, kv head, key block) in backward's dk/dv pass; AVX2/FMA when the CPU has it,
-// scalar otherwise. All four dtypes. Throw std::invalid_argument on a bad problem.
-// Extra memory: forward O(threads * block tiles); backward also (B, H, Tq) acc-type D_i.
+// CPU kernels (attention_cpu.cpp has the design): OpenMP over (batch, head, query block) in
+// forward; backward in one pass per (batch, kv head) when there are enough of them for the
+// threads, else a dk/dv pass over (batch, kv head, key block) and a dq pass, with
+// bit-identical results either way and for any thread count. AVX-512 or AVX2/FMA when the
+// CPU has it, scalar otherwise. All four dtypes. Throw std::invalid_argument on a bad problem.
+// Extra memory, all linear in T: per thread a few block tiles plus the packed K/V of one
+// (batch, kv head) (at most 32 MiB per cache); backward also (B, H, Tq) acc-type D_i and, in
+// the one-pass scheme, a (Tk, D) float dk / dv accumulator per thread.
 void attention_fwd_cpu(const FwdParams& p);
 void attention_bwd_cpu(const BwdParams& p);
 

@@ -18,30 +18,40 @@
 //
 // Design (FlashAttention-2 on a CPU):
 //   - Tiles of kBlockQ queries x kBlockK keys. The Tq x Tk score matrix never exists; extra
-//     memory is a few tiles per thread plus, in backward, D_i = <dout_i, out_i> (B, H, Tq).
+//     memory is a few tiles per thread, the thread's packed copies of one (batch, kv head)'s
+//     tiles (TileCache, at most kTileCacheBytes each) and, in backward, D_i = <dout_i, out_i>
+//     (B, H, Tq) plus, in the single-pass scheme, one (Tk, D) fp32 dk and dv per thread.
 //     The dropout mask is never stored either: its keep decision is a hash of (seed, b, h, i,
 //     j), recomputed per tile from one key per row and one per column.
-//   - Each tile of q, k, v (and dout) is first packed into the thread's acc-type buffers:
-//     any dtype and any strides (padded or packed rows) become one dense layout, q is
-//     pre-multiplied by the scale, and key counts / head dims are zero-padded to the vector
-//     width, so one GEMM primitive serves all products. Packing costs O(tile) against the
-//     O(tile * D) products.
+//   - Each tile of q, k, v (and dout) is first packed into acc-type buffers: any dtype and
+//     any strides (padded or packed rows) become one dense layout, q is pre-multiplied by the
+//     scale, and key counts / head dims are zero-padded to the vector width, so one GEMM
+//     primitive serves all products. Key tiles (and backward's q / dout tiles) are packed
+//     once per thread and (batch, kv head) and reused by the thread's next tasks (TileCache):
+//     re-packing them per task cost ~15% of forward.
 //   - Every product is C (+)= A B with B row-major (the packed k^T, v, v^T or dout) and A
 //     read through a row and a column stride, so p^T and ds^T in backward are read in place.
-//     The AVX2 micro-kernel keeps a 6 x 16 block of C in 12 registers and does 12 FMAs per
-//     2 vector loads and 6 broadcasts (kMicroRows).
+//     The AVX-512 micro-kernel keeps 24 zmm accumulators (6 x 64 floats of C) and runs at
+//     ~170 GFLOP/s per core on the dev machine (Sapphire Rapids; torch's sgemm: ~150); the
+//     AVX2 one keeps a 6 x 16 block in 12 ymm registers.
 //   - Forward: parallel over (batch, head, query block), query blocks counted on the longest
 //     sequence (blocks past a sequence's end do nothing); online softmax keeps per-row max m
-//     and sum l and rescales the fp32 output tile when m grows; key blocks that the mask
+//     and sum l and rescales the fp32 output tile when m grows (the AVX-512 path only when a
+//     score exceeds m by more than 8, see online_softmax_row); key blocks that the mask
 //     excludes for every row of the tile are skipped (causal / window).
-//   - Backward: D first; then dk/dv parallel over (batch, kv head, key block), looping over
-//     the query heads of the group and the query blocks that see the key block, so dk/dv of
-//     a GQA group are summed without atomics; then dq parallel over (batch, head, query
-//     block). s, p and dp are recomputed in both passes (7 tile products instead of 5): no
-//     races, no per-thread dq copies, deterministic for any thread count. Keys stored past
-//     seqused_k get dk = dv = 0.
-//   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA for the
-//     float acc type and a portable scalar path (also the float64 path).
+//   - Backward: D first, then one of two schemes with the same tiles, products and summation
+//     orders (so the same bits for any thread count):
+//       single pass: one task per (batch, kv head) loops over the group's query heads and
+//       query blocks and forms dq, dk and dv from one recomputation of p and ds (5 tile
+//       products); dk / dv of the slice accumulate in per-thread fp32 rows;
+//       two passes: dk/dv parallel over (batch, kv head, key block), then dq parallel over
+//       (batch, head, query block), recomputing p and ds in both (7 products), for problems
+//       with too few (batch, kv head) pairs to keep the threads busy (MQA, batch 1).
+//     No atomics, no per-thread dq copies. Keys stored past seqused_k get dk = dv = 0.
+//   - Three instruction paths, chosen at run time (common/cpu_features.h): AVX-512
+//     (attention_cpu_avx512.h) and AVX2/FMA for the float acc type, and a portable scalar
+//     path (also the float64 path). bfloat16 / float16 inputs are widened to fp32 tiles when
+//     packed and computed like float32 (fp32 products, no bf16 rounding of p).
 //
 // Glossary: B, Tq, Tk, H, Hkv, D as in attention.h (Tq, Tk the maxima of packed batches);
 // Tq_b / Tk_b the query / used key counts of sequence b; T = storage dtype, Acc = acc type;
@@ -64,8 +74,9 @@
 #include "common/cpu_features.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include "attention/attention_cpu_avx512.h"
 #include "common/cpu_avx2.h"
-#define FASTLLM_ATTENTION_CPU_AVX2 1
+#define FASTLLM_ATTENTION_CPU_X86 1
 #endif
 
 namespace fastllm {
@@ -85,8 +96,8 @@ using cpu::to_acc;
 // x86 server cores (1-2 MiB L2).
 constexpr int kBlockQ = 128;
 constexpr int kBlockK = 64;
-// The vector width that tiles pad their key count and head dim to.
-constexpr int kColPad = 8;
+// The vector width that tiles pad their key count and head dim to (16 floats: AVX-512).
+constexpr int kColPad = 16;
 
 int round_up(int64_t n, int to) { return static_cast<int>((n + to - 1) / to * to); }
 
@@ -189,12 +200,16 @@ void pack_rows(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h, int r
 
 // dst[c * Np + r] = row (b, t0 + r, h)[c]: the transposed tile (k^T, v^T), zero-padded.
 // Reads go along the rows of src (contiguous in the usual layout), writes down the columns
-// of dst.
-template <class T, class Acc>
+// of dst. An instruction path may transpose float tiles itself (Ops::transpose_floats, the
+// AVX-512 gathers); it returns false where it does not apply.
+template <class Ops, class T, class Acc>
 void pack_transposed(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h, int rows,
                      int Np, int D, int Dp, Acc* dst) {
   const T* first = src.row(b, t0, h);
   const int64_t stride_d = src.stride.d;
+  if constexpr (std::is_same_v<T, float> && requires { &Ops::transpose_floats; }) {
+    if (Ops::transpose_floats(first, src.stride.t, stride_d, rows, Np, D, Dp, dst)) return;
+  }
   std::fill_n(dst, static_cast<int64_t>(Dp) * Np, Acc(0));
   for (int r = 0; r < rows; ++r) {
     const T* in = first + r * src.stride.t;
@@ -214,6 +229,51 @@ void store_rows(const Acc* src, int Dp, int rows, int D, Acc scale, const Rows<T
     for (int c = 0; c < D; ++c) out[c * stride_d] = from_acc<T>(scale * in[c]);
   }
 }
+
+// A thread's packed tiles of one (batch, kv head) slice -- the k^T / v tiles of every key
+// block, or the q / dout tiles of every query block of the group's heads -- packed on first
+// use and reused by the thread's following tasks on the same slice. Tasks run in (batch,
+// head, block) order, so a thread packs a slice's tiles about once instead of once per task
+// (packing took ~15% of forward when each query block repacked its keys). Packing is a pure
+// copy, so results do not depend on which thread packed. A slice larger than
+// kTileCacheBytes is not cached: its tiles are repacked into one scratch tile at each use.
+constexpr int64_t kTileCacheBytes = int64_t{32} << 20;
+
+template <class Acc>
+class TileCache {
+ public:
+  TileCache(int64_t tiles, int64_t tile_elems)
+      : tile_elems_(tile_elems),
+        cached_(tiles * tile_elems * static_cast<int64_t>(sizeof(Acc)) <= kTileCacheBytes),
+        data_(cached_ ? tiles * tile_elems : tile_elems),
+        packed_(cached_ ? tiles : 0, 0) {}
+
+  // Tile `tile` of slice `slice`; pack(Acc* dst) fills it when it is not packed yet.
+  template <class Pack>
+  const Acc* get(int64_t slice, int64_t tile, Pack&& pack) {
+    if (!cached_) {
+      pack(data_.data());
+      return data_.data();
+    }
+    if (slice != slice_) {
+      std::fill(packed_.begin(), packed_.end(), 0);
+      slice_ = slice;
+    }
+    Acc* dst = data_.data() + tile * tile_elems_;
+    if (!packed_[tile]) {
+      pack(dst);
+      packed_[tile] = 1;
+    }
+    return dst;
+  }
+
+ private:
+  int64_t tile_elems_;
+  bool cached_;
+  std::vector<Acc> data_;
+  std::vector<char> packed_;
+  int64_t slice_ = -1;
+};
 
 // ---- tile primitives, portable scalar path -----------------------------------------------
 // gemm:            C[m][n] (+)= sum_k A[m * a_rs + k * a_ks] * B[k * ldb + n]
@@ -282,7 +342,7 @@ struct ScalarOps {
 
 // ---- tile primitives, AVX2 / FMA path (float acc type) -----------------------------------
 
-#if defined(FASTLLM_ATTENTION_CPU_AVX2)
+#if defined(FASTLLM_ATTENTION_CPU_X86)
 FASTLLM_AVX2_BEGIN
 
 // exp of 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial),
@@ -433,7 +493,7 @@ struct Avx2Ops {
 };
 
 FASTLLM_AVX2_END
-#endif  // FASTLLM_ATTENTION_CPU_AVX2
+#endif  // FASTLLM_ATTENTION_CPU_X86
 
 // ---- the tiled algorithm, generic over dtype and instruction path ------------------------
 
@@ -542,6 +602,7 @@ void attention_fwd_typed(const FwdParams& p) {
   const int Dp = round_up(D, kColPad);
   const int64_t group = p.num_heads / p.num_kv_heads;
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t k_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
   const int64_t tasks = p.batch * p.num_heads * q_blocks;
   const Acc scale = static_cast<Acc>(p.softmax_scale);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -550,8 +611,9 @@ void attention_fwd_typed(const FwdParams& p) {
   const Rows<T> out(p.out, p.stride_out, p.cu_seqlens_q);
 #pragma omp parallel
   {
-    std::vector<Acc> q_tile(kBlockQ * Dp), kt_tile(Dp * kBlockK), v_tile(kBlockK * Dp);
-    std::vector<Acc> s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp), m(kBlockQ), l(kBlockQ);
+    std::vector<Acc> q_tile(kBlockQ * Dp), s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp);
+    std::vector<Acc> m(kBlockQ), l(kBlockQ);
+    TileCache<Acc> kt_tiles(k_blocks, Dp * kBlockK), v_tiles(k_blocks, kBlockK * Dp);
     int begin[kBlockQ], end[kBlockQ];
     uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 #pragma omp for schedule(dynamic)
@@ -577,14 +639,18 @@ void attention_fwd_typed(const FwdParams& p) {
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
         const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
         const int Np = round_up(nk, kColPad);
-        pack_transposed(k, b, j0, hk, nk, Np, D, Dp, kt_tile.data());
-        pack_rows(v, b, j0, hk, nk, Np, D, Dp, Acc(1), v_tile.data());
+        const int64_t slice = b * p.num_kv_heads + hk;
+        const Acc* kt_tile = kt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+          pack_transposed<Ops>(k, b, j0, hk, nk, Np, D, Dp, dst);
+        });
+        const Acc* v_tile = v_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+          pack_rows(v, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
+        });
         const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, begin, end);
         const int r0 = rows.first;
         Acc* s = s_tile.data() + r0 * Np;
         Acc* o = o_tile.data() + r0 * Dp;
-        Ops::gemm(rows.count(), Np, Dp, q_tile.data() + r0 * Dp, Dp, 1, kt_tile.data(), Np, s, Np,
-                  false);
+        Ops::gemm(rows.count(), Np, Dp, q_tile.data() + r0 * Dp, Dp, 1, kt_tile, Np, s, Np, false);
         mods.transform(s, nullptr, rows.count(), Np, i0 + r0, j0);
         Ops::online_softmax(s, rows.count(), Np, begin + r0, end + r0, m.data() + r0,
                             l.data() + r0, o, Dp);
@@ -592,7 +658,7 @@ void attention_fwd_typed(const FwdParams& p) {
           dropout_col_keys(j0, nk, col_keys);
           mods.drop(s, rows.count(), Np, nk, row_keys + r0, col_keys);
         }
-        Ops::gemm(rows.count(), Dp, Np, s, Np, 1, v_tile.data(), Dp, o, Dp, true);
+        Ops::gemm(rows.count(), Dp, Np, s, Np, 1, v_tile, Dp, o, Dp, true);
       }
       Acc* lse = static_cast<Acc*>(p.lse) + lse_offset(p, b, h) + i0;
       for (int r = 0; r < mq; ++r) {
@@ -605,19 +671,18 @@ void attention_fwd_typed(const FwdParams& p) {
   }
 }
 
-// A thread's tiles in backward.
+// A thread's tiles in backward: q, dout, kt, vt point at the packed input tiles of the
+// current product (in the thread's TileCaches, or q_own / dout_own in the dq pass).
 template <class Acc>
 struct BwdTiles {
-  std::vector<Acc> q, dout, kt, vt, k, s, dp, dcap, dk, dv, dq;
+  const Acc *q = nullptr, *dout = nullptr, *kt = nullptr, *vt = nullptr;
+  std::vector<Acc> q_own, dout_own, s, dp, dcap, dk, dv, dq;
   int begin[kBlockQ], end[kBlockQ];
   uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 
   BwdTiles(int Dp, bool softcap)
-      : q(kBlockQ * Dp),
-        dout(kBlockQ * Dp),
-        kt(Dp * kBlockK),
-        vt(Dp * kBlockK),
-        k(kBlockK * Dp),
+      : q_own(kBlockQ * Dp),
+        dout_own(kBlockQ * Dp),
         s(kBlockQ * kBlockK),
         dp(kBlockQ * kBlockK),
         dcap(softcap ? kBlockQ * kBlockK : 0),
@@ -639,16 +704,28 @@ ActiveRows recompute_ds(const Mask& mask, const ScoreMods<Acc>& mods, int64_t i0
   Acc* s = t.s.data() + r0 * Np;
   Acc* dp = t.dp.data() + r0 * Np;
   Acc* dcap = mods.softcap > 0 ? t.dcap.data() + r0 * Np : nullptr;
-  Ops::gemm(rows.count(), Np, Dp, t.q.data() + r0 * Dp, Dp, 1, t.kt.data(), Np, s, Np, false);
+  Ops::gemm(rows.count(), Np, Dp, t.q + r0 * Dp, Dp, 1, t.kt, Np, s, Np, false);
   mods.transform(s, dcap, rows.count(), Np, i0 + r0, j0);
-  Ops::gemm(rows.count(), Np, Dp, t.dout.data() + r0 * Dp, Dp, 1, t.vt.data(), Np, dp, Np,
-            false);
+  Ops::gemm(rows.count(), Np, Dp, t.dout + r0 * Dp, Dp, 1, t.vt, Np, dp, Np, false);
   if (mods.dropout) mods.drop(dp, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
   Ops::softmax_grad(s, dp, rows.count(), Np, t.begin + r0, t.end + r0, lse + r0, delta + r0);
   if (dcap != nullptr) {
     for (int64_t e = 0; e < int64_t{rows.count()} * Np; ++e) dp[e] *= dcap[e];
   }
   return rows;
+}
+
+// dv += (z p)^T dout and dk += ds^T (scale q) for the tile recompute_ds just formed, into the
+// key tile's rows dk / dv (Np x Dp); p and ds are read transposed in place.
+template <class Ops, class Acc>
+void accumulate_dk_dv(const ScoreMods<Acc>& mods, const ActiveRows& rows, int nk, int Np,
+                      int Dp, BwdTiles<Acc>& t, Acc* dk, Acc* dv) {
+  const int r0 = rows.first;
+  Acc* p_tile = t.s.data() + r0 * Np;
+  if (mods.dropout) mods.drop(p_tile, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
+  Ops::gemm(Np, Dp, rows.count(), p_tile, 1, Np, t.dout + r0 * Dp, Dp, dv, Dp, true);
+  Ops::gemm(Np, Dp, rows.count(), t.dp.data() + r0 * Np, 1, Np, t.q + r0 * Dp, Dp, dk, Dp,
+            true);
 }
 
 template <class T, class Ops>
@@ -683,91 +760,171 @@ void attention_bwd_typed(const BwdParams& p) {
     delta[row] = sum;
   }
 
+  // Two schemes with the same tiles, products and summation orders, hence the same bits:
+  //   - single pass (5 tile products): one task per (batch, kv head) forms dq, dk and dv;
+  //     used with one thread, or when those tasks keep every thread busy, and while the
+  //     per-thread dk / dv rows (Tk x Dp each) stay within kTileCacheBytes;
+  //   - two passes (7 products, s and dp recomputed twice): dk/dv per (batch, kv head, key
+  //     block), then dq per (batch, head, query block); enough tasks for any batch and head
+  //     count (MQA, batch 1).
+  const int64_t threads = omp_get_max_threads();
+  const bool single_pass =
+      (threads == 1 || p.batch * p.num_kv_heads >= 4 * threads) &&
+      k_blocks * kBlockK * Dp * static_cast<int64_t>(sizeof(Acc)) <= kTileCacheBytes;
 #pragma omp parallel
   {
     BwdTiles<Acc> t(Dp, p.softcap > 0);
+    // The packed tiles of a (batch, kv head): q (pre-scaled) and dout of its query heads for
+    // the dk/dv pass, k^T and v^T for both passes, k for the dq pass.
+    TileCache<Acc> q_tiles(group * q_blocks, kBlockQ * Dp),
+        dout_tiles(group * q_blocks, kBlockQ * Dp);
+    TileCache<Acc> kt_tiles(k_blocks, Dp * kBlockK), vt_tiles(k_blocks, Dp * kBlockK),
+        k_tiles(k_blocks, kBlockK * Dp);
+    auto pack_key_tiles = [&](int64_t b, int64_t hk, int64_t j0, int nk, int Np) {
+      const int64_t slice = b * p.num_kv_heads + hk;
+      t.kt = kt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+        pack_transposed<Ops>(k, b, j0, hk, nk, Np, D, Dp, dst);
+      });
+      t.vt = vt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+        pack_transposed<Ops>(v, b, j0, hk, nk, Np, D, Dp, dst);
+      });
+    };
 
-    // dk, dv: one task per (batch, kv head, key block).
+    if (single_pass) {
+      // dq, dk, dv: one task per (batch, kv head); dk / dv of the whole slice accumulate in
+      // the thread's fp32 rows, in the order of the two-pass dk/dv loop (heads of the group,
+      // then query blocks), so both schemes give the same bits.
+      std::vector<Acc> dk_rows(k_blocks * kBlockK * Dp), dv_rows(k_blocks * kBlockK * Dp);
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < p.batch * p.num_kv_heads * k_blocks; ++task) {
-      const int64_t kb = task % k_blocks;
-      const int64_t hk = task / k_blocks % p.num_kv_heads;
-      const int64_t b = task / k_blocks / p.num_kv_heads;
-      const SeqLens len = seq_lens(p, b);
-      const int64_t j0 = kb * kBlockK;
-      if (j0 >= len.k_stored) continue;
-      // Keys [j0, j0 + nk) are used, the rest of the block's stored keys get zero gradients.
-      const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
-      const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
-      const int Np = round_up(nk, kColPad);
-      const Mask mask(p, len);
-      std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
-      std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
-      pack_transposed(k, b, j0, hk, nk, Np, D, Dp, t.kt.data());
-      pack_transposed(v, b, j0, hk, nk, Np, D, Dp, t.vt.data());
-      if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
-      const int64_t q_begin = mask.query_begin(j0);
-      const int64_t q_end = nk > 0 ? mask.query_end(j0 + nk) : 0;
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const ScoreMods<Acc> mods(p, b, h, len);
-        for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
-          const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-          pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q.data());
-          pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout.data());
-          if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-          const int64_t row0 = (b * p.num_heads + h) * p.seqlen_q + i0;
-          const ActiveRows rows = recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp,
-                                                    lse_all + lse_offset(p, b, h) + i0,
-                                                    delta.data() + row0, t);
-          // dv += (z p)^T dout, dk += ds^T (scale q): p and ds read transposed in place.
-          const int r0 = rows.first;
-          Acc* p_tile = t.s.data() + r0 * Np;
-          if (mods.dropout) mods.drop(p_tile, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
-          Ops::gemm(Np, Dp, rows.count(), p_tile, 1, Np, t.dout.data() + r0 * Dp, Dp,
-                    t.dv.data(), Dp, true);
-          Ops::gemm(Np, Dp, rows.count(), t.dp.data() + r0 * Np, 1, Np, t.q.data() + r0 * Dp,
-                    Dp, t.dk.data(), Dp, true);
+      for (int64_t task = 0; task < p.batch * p.num_kv_heads; ++task) {
+        const int64_t hk = task % p.num_kv_heads;
+        const int64_t b = task / p.num_kv_heads;
+        const SeqLens len = seq_lens(p, b);
+        const Mask mask(p, len);
+        const int64_t slice = b * p.num_kv_heads + hk;
+        std::fill_n(dk_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
+        std::fill_n(dv_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const ScoreMods<Acc> mods(p, b, h, len);
+          for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
+            const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+            pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q_own.data());
+            pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
+            t.q = t.q_own.data();
+            t.dout = t.dout_own.data();
+            if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+            std::fill_n(t.dq.data(), mq * Dp, Acc(0));
+            const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
+            const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
+            const int64_t k_begin = mask.key_begin(i0);
+            const int64_t k_end = mask.key_end(i0 + mq - 1);
+            for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+              const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
+              const int Np = round_up(nk, kColPad);
+              pack_key_tiles(b, hk, j0, nk, Np);
+              const Acc* k_tile = k_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+                pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
+              });
+              if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
+              const ActiveRows rows =
+                  recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
+              const int r0 = rows.first;
+              Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
+                        t.dq.data() + r0 * Dp, Dp, true);
+              accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, dk_rows.data() + j0 * Dp,
+                                    dv_rows.data() + j0 * Dp);
+            }
+            store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
+          }
         }
+        store_rows(dk_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), dk, b, 0, hk);
+        store_rows(dv_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), dv, b, 0, hk);
       }
-      store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), dk, b, j0, hk);
-      store_rows(t.dv.data(), Dp, nk_stored, D, Acc(1), dv, b, j0, hk);
-    }
-
-    // dq: one task per (batch, head, query block); t.dq = dq / scale.
+    } else {
+      // dk, dv: one task per (batch, kv head, key block).
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
-      const int64_t qb = task % q_blocks;
-      const int64_t h = task / q_blocks % p.num_heads;
-      const int64_t b = task / q_blocks / p.num_heads;
-      const int64_t hk = h / group;
-      const SeqLens len = seq_lens(p, b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= len.q) continue;
-      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-      const Mask mask(p, len);
-      const ScoreMods<Acc> mods(p, b, h, len);
-      pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q.data());
-      pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout.data());
-      if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-      std::fill_n(t.dq.data(), mq * Dp, Acc(0));
-      const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
-      const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
-      const int64_t k_begin = mask.key_begin(i0);
-      const int64_t k_end = mask.key_end(i0 + mq - 1);
-      for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
+      for (int64_t task = 0; task < p.batch * p.num_kv_heads * k_blocks; ++task) {
+        const int64_t kb = task % k_blocks;
+        const int64_t hk = task / k_blocks % p.num_kv_heads;
+        const int64_t b = task / k_blocks / p.num_kv_heads;
+        const SeqLens len = seq_lens(p, b);
+        const int64_t j0 = kb * kBlockK;
+        if (j0 >= len.k_stored) continue;
+        // Keys [j0, j0 + nk) are used, the rest of the block's stored keys get zero gradients.
+        const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
+        const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
         const int Np = round_up(nk, kColPad);
-        pack_transposed(k, b, j0, hk, nk, Np, D, Dp, t.kt.data());
-        pack_transposed(v, b, j0, hk, nk, Np, D, Dp, t.vt.data());
-        pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), t.k.data());
-        if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
-        const ActiveRows rows =
-            recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
-        const int r0 = rows.first;
-        Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, t.k.data(), Dp,
-                  t.dq.data() + r0 * Dp, Dp, true);
+        const Mask mask(p, len);
+        std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
+        std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
+        const int64_t slice = b * p.num_kv_heads + hk;
+        pack_key_tiles(b, hk, j0, nk, Np);
+        if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
+        const int64_t q_begin = mask.query_begin(j0);
+        const int64_t q_end = nk > 0 ? mask.query_end(j0 + nk) : 0;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const ScoreMods<Acc> mods(p, b, h, len);
+          for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
+            const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+            const int64_t q_tile = (h - hk * group) * q_blocks + i0 / kBlockQ;
+            t.q = q_tiles.get(slice, q_tile, [&](Acc* dst) {
+              pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, dst);
+            });
+            t.dout = dout_tiles.get(slice, q_tile, [&](Acc* dst) {
+              pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
+            });
+            if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+            const int64_t row0 = (b * p.num_heads + h) * p.seqlen_q + i0;
+            const ActiveRows rows = recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp,
+                                                      lse_all + lse_offset(p, b, h) + i0,
+                                                      delta.data() + row0, t);
+            accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, t.dk.data(), t.dv.data());
+          }
+        }
+        store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), dk, b, j0, hk);
+        store_rows(t.dv.data(), Dp, nk_stored, D, Acc(1), dv, b, j0, hk);
       }
-      store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
+
+      // dq: one task per (batch, head, query block); t.dq = dq / scale.
+#pragma omp for schedule(dynamic)
+      for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
+        const int64_t qb = task % q_blocks;
+        const int64_t h = task / q_blocks % p.num_heads;
+        const int64_t b = task / q_blocks / p.num_heads;
+        const int64_t hk = h / group;
+        const SeqLens len = seq_lens(p, b);
+        const int64_t i0 = qb * kBlockQ;
+        if (i0 >= len.q) continue;
+        const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+        const Mask mask(p, len);
+        const ScoreMods<Acc> mods(p, b, h, len);
+        // This task's own query tile: packed once, used against every key tile.
+        pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q_own.data());
+        pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
+        t.q = t.q_own.data();
+        t.dout = t.dout_own.data();
+        if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+        std::fill_n(t.dq.data(), mq * Dp, Acc(0));
+        const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
+        const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
+        const int64_t k_begin = mask.key_begin(i0);
+        const int64_t k_end = mask.key_end(i0 + mq - 1);
+        for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+          const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
+          const int Np = round_up(nk, kColPad);
+          pack_key_tiles(b, hk, j0, nk, Np);
+          const Acc* k_tile = k_tiles.get(b * p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
+            pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
+          });
+          if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
+          const ActiveRows rows =
+              recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
+          const int r0 = rows.first;
+          Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
+                    t.dq.data() + r0 * Dp, Dp, true);
+        }
+        store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
+      }
     }
   }
 }
@@ -836,8 +993,9 @@ void check_problem(const char* fn, const Problem& p) {
 // The float-acc dtypes run the AVX2 tiles when the CPU has them; float64 runs scalar.
 template <class T>
 void attention_fwd_dtype(const FwdParams& p) {
-#if defined(FASTLLM_ATTENTION_CPU_AVX2)
+#if defined(FASTLLM_ATTENTION_CPU_X86)
   if constexpr (!std::is_same_v<T, double>) {
+    if (cpu::cpu_avx512()) return attention_fwd_typed<T, avx512::Ops>(p);
     if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) return attention_fwd_typed<T, Avx2Ops>(p);
   }
 #endif
@@ -846,8 +1004,9 @@ void attention_fwd_dtype(const FwdParams& p) {
 
 template <class T>
 void attention_bwd_dtype(const BwdParams& p) {
-#if defined(FASTLLM_ATTENTION_CPU_AVX2)
+#if defined(FASTLLM_ATTENTION_CPU_X86)
   if constexpr (!std::is_same_v<T, double>) {
+    if (cpu::cpu_avx512()) return attention_bwd_typed<T, avx512::Ops>(p);
     if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) return attention_bwd_typed<T, Avx2Ops>(p);
   }
 #endif

@@ -14,11 +14,12 @@
 //   - logit soft-capping, ALiBi with (H,) and (B, H) slopes, dropout (the reference draws
 //     the same hash from attention.h), each alone and combined with the others and with GQA,
 //     windows and varlen;
-// and: one OpenMP thread; bitwise equal results for 1 and 3 threads (with every feature on);
+// and: both backward schemes (1 and 16 OpenMP threads); bitwise equal results for 1 and 3
+// threads (with every feature on; they also run different backward schemes);
 // dropout's kept fraction (v = identity makes out = z p visible), same seed -> same bits,
 // another seed -> other output; bad problems rejected with the argument named.
-// ctest runs this binary twice: on the best instruction set of the machine and with
-// FASTLLM_CPU_ISA=scalar.
+// ctest runs this binary on the best instruction set of the machine (AVX-512 where the CPU
+// has it) and with FASTLLM_CPU_ISA=scalar; FASTLLM_CPU_ISA=avx2 runs the AVX2 path.
 //
 // Storage outside a tensor's elements is NaN, so a kernel that reads it shows up as NaN, and
 // one that writes it is caught by written_outside() (lse included).
@@ -532,6 +533,12 @@ const Case kBiasDropoutCases[] = {
     // ALiBi (B, H), varlen, causal, window, softcap, GQA.
     {.H = 4, .Hkv = 2, .D = 64, .causal = true, .window_left = 50, .layout = kS, .softcap = 2.0,
      .seqlens_q = {1, 130, 40}, .seqlens_k = {50, 130, 0}, .alibi = Alibi::kPerBatchHead},
+    // ALiBi (B, H) with slopes up to 0.28, not causal, 300 keys: a row's scores rise by
+    // ~18 per 64-key tile towards its diagonal, so the online softmax raises its running max
+    // (and rescales) several times per row -- forward keeps a stale max until a score
+    // exceeds it by 8.
+    {.B = 3, .Tq = 300, .Tk = 300, .H = 2, .Hkv = 2, .D = 32, .layout = kC,
+     .alibi = Alibi::kPerBatchHead},
     kDropout,
     // Dropout, causal with fully masked rows (Tq > Tk), MQA, a 64-bit seed.
     {.B = 1, .Tq = 130, .Tk = 70, .H = 2, .Hkv = 1, .D = 32, .causal = true, .layout = kP,
@@ -551,11 +558,16 @@ TEST_CASE(attention_bfloat16) { run_all_cases<BFloat16>(); }
 TEST_CASE(attention_float16) { run_all_cases<Half>(); }
 TEST_CASE(attention_float64) { run_all_cases<double>(); }
 
-TEST_CASE(attention_one_thread) {
+// Backward has two schemes (single pass per (batch, kv head) with one thread or many
+// (batch, kv head) pairs, two passes otherwise): one thread runs every case through the
+// first, 16 threads through the second.
+TEST_CASE(attention_backward_schemes) {
   const int threads = omp_get_max_threads();
-  omp_set_num_threads(1);
-  run_case<float>({1, 97, 150, 4, 2, 64, true, -1, -1, kP});
-  run_case<float>(kAllFeatures);
+  for (int n : {1, 16}) {
+    omp_set_num_threads(n);
+    run_all_cases<float>();
+    run_all_cases<BFloat16>();
+  }
   omp_set_num_threads(threads);
 }
 
@@ -565,7 +577,8 @@ bool same_bits(const A& a, const A& b) {
 }
 
 // Every tile is computed by one thread in a fixed order, so the results do not depend on the
-// number of threads, bit for bit (dk / dv of a GQA group included).
+// number of threads, bit for bit (dk / dv of a GQA group included). One thread runs the
+// single-pass backward, three threads the two-pass one here: their bits agree too.
 TEST_CASE(attention_bitwise_same_for_any_thread_count) {
   const Case cases[] = {{2, 200, 170, 4, 2, 64, true, -1, -1, kC}, kAllFeatures};
   const int threads = omp_get_max_threads();

@@ -1,0 +1,248 @@
+// The AVX-512 tile primitives of the CPU attention kernel (attention_cpu.cpp): the same
+// operations as its scalar and AVX2 paths, on 16-float vectors (x86 only; run only after
+// cpu::cpu_avx512() returned true), plus a gather-based transpose for packing float k^T / v^T.
+//   gemm:             C[m][n] (+)= sum_k A[m * a_rs + k * a_ks] * B[k * ldb + n]
+//   online_softmax:   forward's update of a score tile S (M x N) into the running row max m,
+//                     sum l and output tile O (M x Dp); S becomes p.
+//   softmax_grad:     backward's p = exp(S - lse) into S and ds = p (dP - D) into dP.
+//   transpose_floats: dst = the transposed, zero-padded tile of strided float rows.
+// exp is computed as 2^(s log2 e - m log2 e) (cpu::avx512::exp2), whose error (a few ulp)
+// is far inside the kernel's tolerances.
+// begin[r], end[r] are row r's allowed keys relative to the tile (begin >= end: none).
+// N, ldb, ldc and Dp are multiples of 16 (the tiles pad to that with zeros).
+//
+// The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers, 24 of the 32
+// (6 x 64, 8 x 48 or 12 x 32 floats): 24 independent FMA chains cover the FMA latency (4
+// cycles) on both 512-bit FMA ports, and each k step loads NV vectors of B and broadcasts
+// R scalars of A straight from memory into the FMAs ({1to16} operands).
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/cpu_avx512.h"
+
+FASTLLM_AVX512_BEGIN
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
+
+namespace fastllm {
+namespace attention {
+namespace avx512 {
+
+template <int R, int NV>
+FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
+                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  __m512 c[R][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    }
+  }
+#pragma GCC unroll 2
+  for (int k = 0; k < K; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * a_rs + k * a_ks]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+  }
+}
+
+// The micro-kernel rows for NV column vectors: 24 accumulators (12 for one vector).
+template <int NV>
+inline constexpr int kMicroRows = NV == 4 ? 6 : NV == 3 ? 8 : 12;
+
+// A tail of rows < R (the last rows of M): the largest micro-kernel that fits, then recurse.
+template <int NV, int R>
+FASTLLM_INLINE void gemm_row_tail(int rows, int K, const float* A, int64_t a_rs, int64_t a_ks,
+                                  const float* B, int64_t ldb, float* C, int64_t ldc,
+                                  bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows >= R) {
+      gemm_tile<R, NV>(K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+      rows -= R;
+      A += R * a_rs;
+      C += R * ldc;
+    }
+    gemm_row_tail<NV, R / 2>(rows, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+  }
+}
+
+template <int NV>
+void gemm_columns(int M, int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
+                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  constexpr int R = kMicroRows<NV>;
+  int m = 0;
+  for (; m + R <= M; m += R) {
+    gemm_tile<R, NV>(K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, accumulate);
+  }
+  // R - 1 <= 11 rows left: micro-kernels of 8, 4, 2 and 1 rows (as needed) cover them.
+  gemm_row_tail<NV, 8>(M - m, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc,
+                       accumulate);
+}
+
+struct Ops {
+  static void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_ks,
+                   const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+    int n = 0;
+    for (; n + 64 <= N; n += 64) {
+      gemm_columns<4>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
+    }
+    switch ((N - n) / 16) {
+      case 3: return gemm_columns<3>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
+      case 2: return gemm_columns<2>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
+      case 1: return gemm_columns<1>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
+      default: return;
+    }
+  }
+
+  // dst[c * Np + r] = first[r * stride_t + c * stride_d] for r < rows, c < D, zeros in the
+  // rest of the Dp x Np tile: one 16-row gather per column and row group, instead of a
+  // scalar store per element. false (nothing written) when 15 rows do not fit the gather's
+  // int32 offsets.
+  static bool transpose_floats(const float* first, int64_t stride_t, int64_t stride_d,
+                               int rows, int Np, int D, int Dp, float* dst) {
+    if (stride_t < 0 || stride_t > std::numeric_limits<int32_t>::max() / 16) return false;
+    const __m512i row_offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(stride_t)));
+    for (int r0 = 0; r0 < Np; r0 += 16) {
+      float* out = dst + r0;
+      int c = 0;
+      if (r0 < rows) {
+        const __mmask16 live =
+            rows - r0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (rows - r0)) - 1);
+        const float* in = first + r0 * stride_t;
+        for (; c < D; ++c) {
+          _mm512_storeu_ps(out + static_cast<int64_t>(c) * Np,
+                           _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, row_offsets,
+                                                    in + c * stride_d, 4));
+        }
+      }
+      for (; c < Dp; ++c) _mm512_storeu_ps(out + static_cast<int64_t>(c) * Np, _mm512_setzero_ps());
+    }
+    return true;
+  }
+
+  // Columns outside [begin[r], end[r]) (the mask and the tile's padding) read as -inf for
+  // the max and are written as exact zeros.
+  static void online_softmax(float* S, int M, int N, const int* begin, const int* end,
+                             float* m, float* l, float* O, int Dp) {
+    for (int r = 0; r < M; ++r) {
+      float* s = S + static_cast<int64_t>(r) * N;
+      float* o = O + static_cast<int64_t>(r) * Dp;
+      if (begin[r] >= end[r]) {
+        for (int j = 0; j < N; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+      } else if (begin[r] == 0 && end[r] == N) {
+        if (N == 64) {
+          online_softmax_row<true, 4>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+        } else {
+          online_softmax_row<true, 0>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+        }
+      } else {
+        online_softmax_row<false, 0>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+      }
+    }
+  }
+
+  // One row of online_softmax. kFull: every column is allowed (no masks); kVectors > 0: the
+  // row is 16 kVectors columns, a trip count the compiler unrolls (the usual 64-key tile).
+  template <bool kFull, int kVectors>
+  FASTLLM_INLINE static void online_softmax_row(float* s, int N, int begin, int end, float& m,
+                                                float& l, float* o, int Dp) {
+    if constexpr (kVectors > 0) N = 16 * kVectors;
+    auto allowed = [&](int j) FASTLLM_INLINE_LAMBDA {
+      if constexpr (kFull) return __mmask16(0xFFFF);
+      return cpu::avx512::band_mask(j, begin, end);
+    };
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int j = 0; j < N; j += 16) {
+      vmax = _mm512_mask_max_ps(vmax, allowed(j), vmax, _mm512_loadu_ps(s + j));
+    }
+    // The running max m only has to bound the scores closely enough that p = e^(s - m) cannot
+    // overflow: it is raised (with the rescale of l and the output row it implies) only when
+    // a score exceeds it by more than kMaxGrowth, so p <= e^8 and the common step -- no
+    // score far above the running max -- skips the horizontal max, alpha and the rescale.
+    // (FlashAttention-4's conditional rescaling; lse = m + log(l) holds for any such m.)
+    constexpr float kMaxGrowth = 8.0f;
+    if (_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(m + kMaxGrowth), _CMP_GT_OQ) != 0) {
+      const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+      // 0 while the row had no key yet (m = -inf).
+      const float alpha =
+          m == -std::numeric_limits<float>::infinity()
+              ? 0.0f
+              : _mm512_cvtss_f32(
+                    cpu::avx512::exp2(_mm512_set1_ps((m - m_new) * cpu::avx512::kLog2e)));
+      l *= alpha;
+      const __m512 valpha = _mm512_set1_ps(alpha);
+      for (int c = 0; c < Dp; c += 16) {
+        _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), valpha));
+      }
+      m = m_new;
+    }
+    const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
+    const __m512 neg_m_log2e = _mm512_set1_ps(-m * cpu::avx512::kLog2e);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int j = 0; j < N; j += 16) {
+      __m512 p = cpu::avx512::exp2(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), log2e, neg_m_log2e));
+      if constexpr (!kFull) p = _mm512_maskz_mov_ps(allowed(j), p);
+      _mm512_storeu_ps(s + j, p);
+      vsum = _mm512_add_ps(vsum, p);
+    }
+    l += _mm512_reduce_add_ps(vsum);
+  }
+
+  static void softmax_grad(float* S, float* dP, int M, int N, const int* begin, const int* end,
+                           const float* lse, const float* D) {
+    for (int r = 0; r < M; ++r) {
+      float* s = S + static_cast<int64_t>(r) * N;
+      float* dp = dP + static_cast<int64_t>(r) * N;
+      if (begin[r] >= end[r] || std::isinf(lse[r])) {
+        for (int j = 0; j < N; j += 16) {
+          _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+          _mm512_storeu_ps(dp + j, _mm512_setzero_ps());
+        }
+        continue;
+      }
+      const bool full = begin[r] == 0 && end[r] == N;
+      const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
+      const __m512 neg_lse_log2e = _mm512_set1_ps(-lse[r] * cpu::avx512::kLog2e);
+      const __m512 vd = _mm512_set1_ps(D[r]);
+      for (int j = 0; j < N; j += 16) {
+        const __mmask16 allowed =
+            full ? __mmask16(0xFFFF) : cpu::avx512::band_mask(j, begin[r], end[r]);
+        const __m512 p = _mm512_maskz_mov_ps(
+            allowed,
+            cpu::avx512::exp2(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), log2e, neg_lse_log2e)));
+        _mm512_storeu_ps(s + j, p);
+        _mm512_storeu_ps(dp + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd)));
+      }
+    }
+  }
+};
+
+}  // namespace avx512
+}  // namespace attention
+}  // namespace fastllm
+
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_END
+FASTLLM_AVX512_END
+
+#endif  // x86

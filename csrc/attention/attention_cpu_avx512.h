@@ -6,6 +6,7 @@
 //                     sum l and output tile O (M x Dp); S becomes p.
 //   softmax_grad:     backward's p = exp(S - lse) into S and ds = p (dP - D) into dP.
 //   transpose_floats: dst = the transposed, zero-padded tile of strided float rows.
+//   dropout:          x <- z x with z the dropout factor of attention.h's keep hash.
 // exp is computed as 2^(s log2 e - m log2 e) (cpu::avx512::exp2), whose error (a few ulp)
 // is far inside the kernel's tolerances.
 // begin[r], end[r] are row r's allowed keys relative to the tile (begin >= end: none).
@@ -34,6 +35,15 @@ FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
 namespace fastllm {
 namespace attention {
 namespace avx512 {
+
+// attention.h's dropout_mix on 16 lanes.
+FASTLLM_INLINE __m512i dropout_mix(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x7feb352du)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
 
 template <int R, int NV>
 FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
@@ -142,31 +152,65 @@ struct Ops {
   }
 
   // Columns outside [begin[r], end[r]) (the mask and the tile's padding) read as -inf for
-  // the max and are written as exact zeros.
+  // the max and are written as exact zeros. The rows' sums of p are added to l 16 rows at a
+  // time (row_sums): one horizontal reduction per row was ~half of this function's time.
   static void online_softmax(float* S, int M, int N, const int* begin, const int* end,
                              float* m, float* l, float* O, int Dp) {
-    for (int r = 0; r < M; ++r) {
-      float* s = S + static_cast<int64_t>(r) * N;
-      float* o = O + static_cast<int64_t>(r) * Dp;
-      if (begin[r] >= end[r]) {
-        for (int j = 0; j < N; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
-      } else if (begin[r] == 0 && end[r] == N) {
-        if (N == 64) {
-          online_softmax_row<true, 4>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
-        } else {
-          online_softmax_row<true, 0>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+    for (int r0 = 0; r0 < M; r0 += 16) {
+      const int rows = std::min(16, M - r0);
+      __m512 sums[16];
+      for (int i = 0; i < 16; ++i) {
+        const int r = r0 + i;
+        if (i >= rows) {
+          sums[i] = _mm512_setzero_ps();
+          continue;
         }
-      } else {
-        online_softmax_row<false, 0>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+        float* s = S + static_cast<int64_t>(r) * N;
+        float* o = O + static_cast<int64_t>(r) * Dp;
+        if (begin[r] >= end[r]) {
+          for (int j = 0; j < N; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+          sums[i] = _mm512_setzero_ps();
+        } else if (begin[r] == 0 && end[r] == N && N == 64) {
+          sums[i] = online_softmax_row<true, 4>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+        } else if (begin[r] == 0 && end[r] == N) {
+          sums[i] = online_softmax_row<true, 0>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+        } else {
+          sums[i] = online_softmax_row<false, 0>(s, N, begin[r], end[r], m[r], l[r], o, Dp);
+        }
       }
+      const __mmask16 live = rows == 16 ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+      _mm512_mask_storeu_ps(
+          l + r0, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, l + r0), row_sums(sums)));
     }
+  }
+
+  // Lane i = the sum of the 16 lanes of v[i]: a transposing tree of 15 adds (pairs of rows,
+  // then quads, within 128-bit chunks, then across chunks).
+  FASTLLM_INLINE static __m512 row_sums(const __m512 (&v)[16]) {
+    __m512 pairs[8], quads[4];
+    for (int i = 0; i < 8; ++i) {  // chunk lanes: [a0+a2, b0+b2, a1+a3, b1+b3]
+      pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                               _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    }
+    for (int i = 0; i < 4; ++i) {  // chunk lanes: rows 4i .. 4i + 3, summed within the chunk
+      quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                               _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+    }
+    // Chunks [q0 c0+c1, q0 c2+c3, q1 c0+c1, q1 c2+c3], then chunk k = the rows of quads[k].
+    const __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                     _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+    const __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                     _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88),
+                         _mm512_shuffle_f32x4(h01, h23, 0xDD));
   }
 
   // One row of online_softmax. kFull: every column is allowed (no masks); kVectors > 0: the
   // row is 16 kVectors columns, a trip count the compiler unrolls (the usual 64-key tile).
+  // Returns the row's p summed per lane (the caller adds it to l); l is only rescaled here.
   template <bool kFull, int kVectors>
-  FASTLLM_INLINE static void online_softmax_row(float* s, int N, int begin, int end, float& m,
-                                                float& l, float* o, int Dp) {
+  FASTLLM_INLINE static __m512 online_softmax_row(float* s, int N, int begin, int end, float& m,
+                                                  float& l, float* o, int Dp) {
     if constexpr (kVectors > 0) N = 16 * kVectors;
     auto allowed = [&](int j) FASTLLM_INLINE_LAMBDA {
       if constexpr (kFull) return __mmask16(0xFFFF);
@@ -206,7 +250,28 @@ struct Ops {
       _mm512_storeu_ps(s + j, p);
       vsum = _mm512_add_ps(vsum, p);
     }
-    l += _mm512_reduce_add_ps(vsum);
+    return vsum;
+  }
+
+  // x <- z x on the first nk columns of a rows x Np tile, z = keep / (1 - dropout_p), keep
+  // decided by attention.h's hash: dropout_mix (lowbias32) on 16 uint32 lanes, the same bits
+  // as the scalar dropout_keep, and the unsigned compare against the threshold straight into
+  // the lane mask that zeroes the dropped products. Columns from nk on are left unchanged.
+  static void dropout(float* x, int rows, int Np, int nk, const uint32_t* row_keys,
+                      const uint32_t* col_keys, uint32_t threshold, float keep_scale) {
+    const __m512i vthreshold = _mm512_set1_epi32(static_cast<int32_t>(threshold));
+    const __m512 vscale = _mm512_set1_ps(keep_scale);
+    for (int c = 0; c < nk; c += 16) {
+      const __mmask16 live = nk - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - c)) - 1);
+      const __m512i col_key = _mm512_maskz_loadu_epi32(live, col_keys + c);
+      for (int r = 0; r < rows; ++r) {
+        float* xr = x + static_cast<int64_t>(r) * Np + c;
+        const __m512i u = dropout_mix(
+            _mm512_xor_si512(_mm512_set1_epi32(static_cast<int32_t>(row_keys[r])), col_key));
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(u, vthreshold);
+        _mm512_mask_storeu_ps(xr, live, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(xr), vscale));
+      }
+    }
   }
 
   static void softmax_grad(float* S, float* dP, int M, int N, const int* begin, const int* end,

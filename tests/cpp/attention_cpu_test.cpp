@@ -16,7 +16,8 @@
 //     windows and varlen;
 // and: both backward schemes (1 and 16 OpenMP threads); bitwise equal results for 1 and 3
 // threads (with every feature on; they also run different backward schemes);
-// dropout's kept fraction (v = identity makes out = z p visible), same seed -> same bits,
+// dropout's mask element for element and its kept fraction (v = identity makes out = z p
+// visible), same seed -> same bits,
 // another seed -> other output; bad problems rejected with the argument named.
 // ctest runs this binary on the best instruction set of the machine (AVX-512 where the CPU
 // has it) and with FASTLLM_CPU_ISA=scalar; FASTLLM_CPU_ISA=avx2 runs the AVX2 path.
@@ -598,12 +599,14 @@ TEST_CASE(attention_bitwise_same_for_any_thread_count) {
 }
 
 // With v_j = e_j (the identity, D = Tk), out_ij = z_ij p_ij: the dropped elements are
-// exactly the zeros of out (softmax of these scores never underflows), so the kernel's kept
-// fraction is visible. n = 2 * 2 * 200 * 64 = 51200 draws: the standard deviation of the
-// fraction is below 0.0025, the bound 0.01 is 4 of them.
-TEST_CASE(attention_dropout_kept_fraction) {
+// exactly the zeros of out (softmax of these scores never underflows), so the kernel's mask
+// is visible. It must be attention.h's dropout_keep element for element (the vectorised
+// hashes of the AVX2 / AVX-512 paths included: Tk = 100 leaves a 36-key tile, partial
+// vectors of both widths), and its kept fraction 1 - p: n = 2 * 2 * 200 * 100 = 80000
+// draws, the standard deviation of the fraction is below 0.002, the bound 0.01 is 5 of them.
+TEST_CASE(attention_dropout_mask) {
   for (double p : {0.1, 0.5, 0.9}) {
-    const Case c{.B = 2, .Tq = 200, .Tk = 64, .H = 2, .Hkv = 2, .D = 64, .layout = kC,
+    const Case c{.B = 2, .Tq = 200, .Tk = 100, .H = 2, .Hkv = 2, .D = 100, .layout = kC,
                  .dropout_p = p, .seed = 2024};
     const Run<float> run = run_kernels<float>(c, [](Run<float>& r) {
       for (int64_t b = 0; b < r.v.B; ++b)
@@ -611,11 +614,23 @@ TEST_CASE(attention_dropout_kept_fraction) {
           for (int64_t h = 0; h < r.v.Hx; ++h)
             for (int64_t d = 0; d < r.v.D; ++d) r.v.set(b, j, h, d, j == d ? 1.0 : 0.0);
     });
-    long dropped = 0, total = 0;
+    const uint32_t threshold = fastllm::attention::dropout_threshold(p);
+    long dropped = 0, total = 0, wrong = 0;
     for (int64_t b = 0; b < c.B; ++b)
-      for (int64_t i = 0; i < c.Tq; ++i)
-        for (int64_t h = 0; h < c.H; ++h)
-          for (int64_t j = 0; j < c.Tk; ++j) dropped += run.out.get(b, i, h, j) == 0, ++total;
+      for (int64_t h = 0; h < c.H; ++h) {
+        const uint32_t head_key = fastllm::attention::dropout_head_key(c.seed, b, h, c.H);
+        for (int64_t i = 0; i < c.Tq; ++i) {
+          const uint32_t row_key = fastllm::attention::dropout_row_key(head_key, i);
+          for (int64_t j = 0; j < c.Tk; ++j) {
+            const bool is_dropped = run.out.get(b, i, h, j) == 0;
+            const bool keep = fastllm::attention::dropout_keep(
+                row_key, fastllm::attention::dropout_col_key(j), threshold);
+            dropped += is_dropped, ++total, wrong += is_dropped == keep;
+          }
+        }
+      }
+    CHECK(wrong == 0, "dropout_p=%g: %ld of %ld elements disagree with dropout_keep", p, wrong,
+          total);
     const double kept = 1.0 - static_cast<double>(dropped) / total;
     CHECK(std::fabs(kept - (1 - p)) < 0.01, "dropout_p=%g: kept fraction %.4f, want %.4f +- 0.01",
           p, kept, 1 - p);

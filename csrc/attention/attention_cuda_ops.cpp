@@ -6,10 +6,11 @@
 // No device synchronisation: the values of cu_seqlens / seqused_k are trusted (as in
 // FlashAttention), and the dropout seed stays on the device (the kernels read it).
 //
-// The kernels take fp16 / bf16 and head dims that are multiples of 8 up to 256; anything else is refused with a message naming the argument. Inputs whose
-// layout the 16-byte tile copies cannot read directly (strides not multiples of 8
-// elements, misaligned data, non-unit head-dim stride) are copied to contiguous tensors
-// first.
+// The kernels take fp16 / bf16 and head dims that are multiples of 8 up to 256; anything
+// else is refused with a message naming the argument. Inputs whose layout the 16-byte tile
+// copies cannot read directly (strides not multiples of 8 elements, misaligned data,
+// non-unit head-dim stride) are copied to contiguous tensors first (vector_readable, the
+// KernelInput handed to attention_glue.h).
 //
 // Built three ways:
 //   - fastllm._C without CUDA: nothing;
@@ -82,23 +83,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda_op(const at::Tensor& q,
                                                          const at::Tensor& v,
                                                          FASTLLM_ATTENTION_OPTION_PARAMS) {
   const char* op = "attention";
-  FwdCall c = prepare_fwd(op, /*check_values=*/false, /*unit_head_dim_stride=*/true, q, k, v,
+  FwdCall c = prepare_fwd(op, /*check_values=*/false, vector_readable, q, k, v,
                           make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   check_supported(op, q);
   if (empty_problem(c.params)) {
     fill_empty_fwd(c);
     return {c.out, c.lse};
   }
-  const bool packed = c.prepared.packed;
-  c.q = vector_readable(c.q);
-  c.k = vector_readable(c.k);
-  c.v = vector_readable(c.v);
-  c.params.q = c.q.data_ptr();
-  c.params.stride_q = strides_of(c.q, packed);
-  c.params.k = c.k.data_ptr();
-  c.params.stride_k = strides_of(c.k, packed);
-  c.params.v = c.v.data_ptr();
-  c.params.stride_v = strides_of(c.v, packed);
 #if !defined(FASTLLM_SIMT_EMU)
   c10::cuda::CUDAGuard guard(q.device());
 #endif
@@ -113,34 +104,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, FASTLLM_ATTENTION_OPTION_PARAMS) {
   const char* op = "attention_bwd";
-  BwdCall c = prepare_bwd(op, /*check_values=*/false, /*unit_head_dim_stride=*/true, dout, q, k,
-                          v, out, lse, make_options(FASTLLM_ATTENTION_OPTION_ARGS));
+  BwdCall c = prepare_bwd(op, /*check_values=*/false, vector_readable, dout, q, k, v, out, lse,
+                          make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   check_supported(op, q);
   if (empty_problem(c.params)) {
     fill_empty_bwd(c);
     return {c.dq, c.dk, c.dv};
   }
-  const bool packed = c.prepared.packed;
-  BwdParams& p = c.params;
-  c.q = vector_readable(c.q);
-  c.k = vector_readable(c.k);
-  c.v = vector_readable(c.v);
-  c.out = vector_readable(c.out);
-  c.dout = vector_readable(c.dout);
-  // The D_i workspace is laid out like lse, with lse's strides: make them compact.
-  c.lse = c.lse.contiguous();
-  p.q = c.q.data_ptr();
-  p.stride_q = strides_of(c.q, packed);
-  p.k = c.k.data_ptr();
-  p.stride_k = strides_of(c.k, packed);
-  p.v = c.v.data_ptr();
-  p.stride_v = strides_of(c.v, packed);
-  p.out = c.out.data_ptr();
-  p.stride_out = strides_of(c.out, packed);
-  p.dout = c.dout.data_ptr();
-  p.stride_dout = strides_of(c.dout, packed);
-  p.lse = c.lse.data_ptr();
-  set_lse_strides(p, c.prepared, c.lse);
+  const BwdParams& p = c.params;
+  // The D_i workspace is laid out like lse, with lse's strides (prepare_bwd made them compact).
   const at::Tensor workspace = at::empty(
       {static_cast<int64_t>(attention_cuda_bwd_workspace_bytes(c.lse.numel()))},
       q.options().dtype(at::kByte));

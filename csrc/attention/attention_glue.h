@@ -263,11 +263,17 @@ inline void set_lse_strides(Problem& p, const Prepared& r, const at::Tensor& lse
   }
 }
 
-// `unit_head_dim_stride`: kernels that load rows as vectors (CUDA) need stride(-1) == 1;
-// a tensor without it is copied.
-inline at::Tensor with_unit_last_stride(const at::Tensor& t, bool unit_head_dim_stride) {
-  if (unit_head_dim_stride && t.size(-1) > 1 && t.stride(-1) != 1) return t.contiguous();
-  return t;
+// How a device's kernels want an input tensor: the tensor itself when they can read its
+// layout, else a copy (CUDA's 16-byte tile loads need aligned rows; the CPU kernels read any
+// strides and pass `as_is`).
+using KernelInput = at::Tensor (*)(const at::Tensor&);
+inline at::Tensor as_is(const at::Tensor& t) { return t; }
+
+// Points a kernel operand at `t`: its data and its (B, T, heads, D) strides.
+template <class Ptr>
+inline void bind(const at::Tensor& t, bool packed, Ptr& data, Strides4& strides) {
+  data = t.data_ptr();
+  strides = strides_of(t, packed);
 }
 
 struct FwdCall {
@@ -277,27 +283,23 @@ struct FwdCall {
   at::Tensor out, lse;
 };
 
-inline FwdCall prepare_fwd(const char* op, bool check_values, bool unit_head_dim_stride,
+inline FwdCall prepare_fwd(const char* op, bool check_values, KernelInput kernel_input,
                            const at::Tensor& q_in, const at::Tensor& k_in,
                            const at::Tensor& v_in, const Options& o) {
   FwdCall c;
   c.prepared = prepare(op, check_values, q_in, k_in, v_in, o);
-  c.q = with_unit_last_stride(q_in, unit_head_dim_stride);
-  c.k = with_unit_last_stride(k_in, unit_head_dim_stride);
-  c.v = with_unit_last_stride(v_in, unit_head_dim_stride);
+  c.q = kernel_input(q_in);
+  c.k = kernel_input(k_in);
+  c.v = kernel_input(v_in);
   c.out = at::empty(c.q.sizes(), c.q.options().memory_format(at::MemoryFormat::Contiguous));
   c.lse = at::empty(lse_shape(c.prepared, c.q), c.q.options().dtype(lse_dtype(c.q)));
   const bool packed = c.prepared.packed;
   FwdParams& p = c.params;
   static_cast<Problem&>(p) = c.prepared.problem;
-  p.q = c.q.data_ptr();
-  p.stride_q = strides_of(c.q, packed);
-  p.k = c.k.data_ptr();
-  p.stride_k = strides_of(c.k, packed);
-  p.v = c.v.data_ptr();
-  p.stride_v = strides_of(c.v, packed);
-  p.out = c.out.data_ptr();
-  p.stride_out = strides_of(c.out, packed);
+  bind(c.q, packed, p.q, p.stride_q);
+  bind(c.k, packed, p.k, p.stride_k);
+  bind(c.v, packed, p.v, p.stride_v);
+  bind(c.out, packed, p.out, p.stride_out);
   p.lse = c.lse.data_ptr();
   set_lse_strides(p, c.prepared, c.lse);
   return c;
@@ -321,7 +323,7 @@ struct BwdCall {
   at::Tensor dq, dk, dv;
 };
 
-inline BwdCall prepare_bwd(const char* op, bool check_values, bool unit_head_dim_stride,
+inline BwdCall prepare_bwd(const char* op, bool check_values, KernelInput kernel_input,
                            const at::Tensor& dout_in, const at::Tensor& q_in,
                            const at::Tensor& k_in, const at::Tensor& v_in,
                            const at::Tensor& out_in, const at::Tensor& lse_in,
@@ -342,12 +344,14 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, bool unit_head_dim
   TORCH_CHECK_TYPE(lse_in.scalar_type() == lse_dtype(q_in), op, ": lse must be ",
                    lse_dtype(q_in), " (forward's lse), got ", lse_in.scalar_type());
   // Autograd may hand over a gradient in another float dtype or with zero strides.
-  c.dout = with_unit_last_stride(dout_in.to(q_in.scalar_type()), unit_head_dim_stride);
-  c.out = with_unit_last_stride(out_in.to(q_in.scalar_type()), unit_head_dim_stride);
-  c.q = with_unit_last_stride(q_in, unit_head_dim_stride);
-  c.k = with_unit_last_stride(k_in, unit_head_dim_stride);
-  c.v = with_unit_last_stride(v_in, unit_head_dim_stride);
-  c.lse = lse_in.stride(-1) == 1 ? lse_in : lse_in.contiguous();
+  c.dout = kernel_input(dout_in.to(q_in.scalar_type()));
+  c.out = kernel_input(out_in.to(q_in.scalar_type()));
+  c.q = kernel_input(q_in);
+  c.k = kernel_input(k_in);
+  c.v = kernel_input(v_in);
+  // Compact like forward's (a no-op for it): CUDA lays its D_i workspace out with lse's
+  // strides.
+  c.lse = lse_in.contiguous();
   const auto contiguous = at::MemoryFormat::Contiguous;
   c.dq = at::empty(c.q.sizes(), c.q.options().memory_format(contiguous));
   // The kernels write every row of dk / dv, zeros for stored keys past seqused_k.
@@ -355,24 +359,16 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, bool unit_head_dim
   c.dv = at::empty(c.v.sizes(), c.v.options().memory_format(contiguous));
   BwdParams& p = c.params;
   static_cast<Problem&>(p) = c.prepared.problem;
-  p.q = c.q.data_ptr();
-  p.stride_q = strides_of(c.q, packed);
-  p.k = c.k.data_ptr();
-  p.stride_k = strides_of(c.k, packed);
-  p.v = c.v.data_ptr();
-  p.stride_v = strides_of(c.v, packed);
-  p.out = c.out.data_ptr();
-  p.stride_out = strides_of(c.out, packed);
-  p.dout = c.dout.data_ptr();
-  p.stride_dout = strides_of(c.dout, packed);
+  bind(c.q, packed, p.q, p.stride_q);
+  bind(c.k, packed, p.k, p.stride_k);
+  bind(c.v, packed, p.v, p.stride_v);
+  bind(c.out, packed, p.out, p.stride_out);
+  bind(c.dout, packed, p.dout, p.stride_dout);
+  bind(c.dq, packed, p.dq, p.stride_dq);
+  bind(c.dk, packed, p.dk, p.stride_dk);
+  bind(c.dv, packed, p.dv, p.stride_dv);
   p.lse = c.lse.data_ptr();
   set_lse_strides(p, c.prepared, c.lse);
-  p.dq = c.dq.data_ptr();
-  p.stride_dq = strides_of(c.dq, packed);
-  p.dk = c.dk.data_ptr();
-  p.stride_dk = strides_of(c.dk, packed);
-  p.dv = c.dv.data_ptr();
-  p.stride_dv = strides_of(c.dv, packed);
   return c;
 }
 

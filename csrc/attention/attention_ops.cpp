@@ -22,8 +22,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu_op(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v,
                                                         FASTLLM_ATTENTION_OPTION_PARAMS) {
-  FwdCall c = prepare_fwd("attention", /*check_values=*/true, /*unit_head_dim_stride=*/false, q,
-                          k, v, make_options(FASTLLM_ATTENTION_OPTION_ARGS));
+  FwdCall c = prepare_fwd("attention", /*check_values=*/true, as_is, q, k, v,
+                          make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   if (empty_problem(c.params)) {
     fill_empty_fwd(c);
   } else {
@@ -39,9 +39,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu_op(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, FASTLLM_ATTENTION_OPTION_PARAMS) {
-  BwdCall c = prepare_bwd("attention_bwd", /*check_values=*/true,
-                          /*unit_head_dim_stride=*/false, dout, q, k, v, out, lse,
-                          make_options(FASTLLM_ATTENTION_OPTION_ARGS));
+  BwdCall c = prepare_bwd("attention_bwd", /*check_values=*/true, as_is, dout, q, k, v, out,
+                          lse, make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   if (empty_problem(c.params)) {
     fill_empty_bwd(c);
   } else {

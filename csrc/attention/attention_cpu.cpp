@@ -345,29 +345,6 @@ struct ScalarOps {
 #if defined(FASTLLM_ATTENTION_CPU_X86)
 FASTLLM_AVX2_BEGIN
 
-// exp of 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial),
-// relative error about 2 ulp. Inputs below -88.38 (and -inf) give exactly 0, which is what
-// a masked score needs.
-FASTLLM_INLINE __m256 exp_avx2(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  // 2^fx built in the exponent field; fx = -127 (the clamped bottom) gives +0.
-  const __m256i pow2 = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
-
 // Rows of the micro-kernel: 6 x 16 floats of C stay in 12 registers, enough independent
 // FMA chains to cover the FMA latency (about 5 cycles) on both FMA ports (10 in flight), and
 // each k step is 12 FMAs for 2 vector loads and 6 broadcasts. 4 x 16 (8 chains) ran at 80%.
@@ -452,7 +429,7 @@ struct Avx2Ops {
       const __m256 vm = _mm256_set1_ps(m_new);
       __m256 vsum = _mm256_setzero_ps();
       for (int j = 0; j < N; j += 8) {
-        const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        const __m256 p = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
         _mm256_storeu_ps(s + j, p);
         vsum = _mm256_add_ps(vsum, p);
       }
@@ -516,7 +493,7 @@ struct Avx2Ops {
       const __m256 vlse = _mm256_set1_ps(lse[r]);
       const __m256 vd = _mm256_set1_ps(D[r]);
       for (int j = 0; j < N; j += 8) {
-        const __m256 p = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), vlse));
+        const __m256 p = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vlse));
         _mm256_storeu_ps(s + j, p);
         _mm256_storeu_ps(dp + j, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd)));
       }

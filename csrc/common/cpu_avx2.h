@@ -162,6 +162,36 @@ FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
   if (j < len) body(j, static_cast<int>(len - j), 0);
 }
 
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
+// product), exp(r) by Cephes' degree-6 polynomial, 2^n built in the exponent bits. n is
+// rounded by adding 1.5 * 2^23, which leaves it as an integer in the sum's low bits, so no
+// separate round and convert are needed. Below ln(FLT_MIN) the result is 0 (the softmax
+// terms of -inf logits must be exactly 0); NaN in, NaN out (the clamps keep x when NaN).
+FASTLLM_INLINE __m256 exp_ps(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);  // ln(FLT_MIN)
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 round_magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+  const __m256 n_plus_magic = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round_magic);
+  const __m256 n = _mm256_sub_ps(n_plus_magic, round_magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // The sum's bits are those of 1.5 * 2^23 plus n: rebias n by 127 into the exponent field.
+  const __m256i pow2n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_castps_si256(n_plus_magic), _mm256_set1_epi32(127 - 0x4B400000)),
+      23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+  return _mm256_andnot_ps(underflow, y);
+}
+
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace fastllm

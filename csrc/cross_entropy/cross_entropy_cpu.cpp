@@ -288,36 +288,6 @@ FASTLLM_AVX2_BEGIN
 // Logits per block of the forward: 8 KiB of float32, re-read from L1 by the second sweep.
 constexpr int64_t kBlock = 2048;
 
-// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
-// product), exp(r) by Cephes' degree-6 polynomial, 2^n built in the exponent bits. n is
-// rounded by adding 1.5 * 2^23, which leaves it as an integer in the sum's low bits, so no
-// separate round and convert are needed. Below ln(FLT_MIN) the result is 0 (the softmax
-// terms of -inf logits must be exactly 0); NaN in, NaN out (the clamps keep x when NaN).
-FASTLLM_INLINE __m256 exp_ps(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);  // ln(FLT_MIN)
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 round_magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-  const __m256 n_plus_magic = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round_magic);
-  const __m256 n = _mm256_sub_ps(n_plus_magic, round_magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // The sum's bits are those of 1.5 * 2^23 plus n: rebias n by 127 into the exponent field.
-  const __m256i pow2n = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_castps_si256(n_plus_magic), _mm256_set1_epi32(127 - 0x4B400000)),
-      23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-  return _mm256_andnot_ps(underflow, y);
-}
-
 // tanh(x) for 8 floats: Cephes' odd polynomial for |x| < 0.625, else (1 - e) / (1 + e) with
 // e = exp(-2|x|) <= 0.29, which does not cancel; the sign is copied back from x.
 FASTLLM_INLINE __m256 tanh_ps(__m256 x) {
@@ -330,7 +300,7 @@ FASTLLM_INLINE __m256 tanh_ps(__m256 x) {
   small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(1.33314422036e-1f));
   small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(-3.33332819422e-1f));
   small = _mm256_fmadd_ps(_mm256_mul_ps(small, a2), a, a);
-  const __m256 e = exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+  const __m256 e = cpu::avx2::exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
   const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
@@ -407,7 +377,7 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
                   : _mm256_fmadd_ps(loadn(c.weight + begin + j, n), z_rel, smoothing_sum[k]);
         }
         if (n < W) z = fill_from(z, n, -INFINITY);
-        s[k] = _mm256_add_ps(s[k], exp_ps(_mm256_sub_ps(z, m_v)));
+        s[k] = _mm256_add_ps(s[k], cpu::avx2::exp_ps(_mm256_sub_ps(z, m_v)));
       });
     }
     const float log_sum = std::log(hsum(s));
@@ -466,7 +436,7 @@ void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin
         z = _mm256_mul_ps(softcap, tanh_j);
       }
       const __m256 w = kWeighted ? loadn(c.weight + j, n) : one;
-      const __m256 p_j = exp_ps(_mm256_sub_ps(z, lse_v));
+      const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(z, lse_v));
       __m256 d = _mm256_fnmadd_ps(coef_w, w, _mm256_mul_ps(coef_p, p_j));
       if (kSoftcap) d = _mm256_mul_ps(d, _mm256_fnmadd_ps(tanh_j, tanh_j, one));
       storen(dx + j, d, n);

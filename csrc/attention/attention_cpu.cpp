@@ -810,6 +810,42 @@ void attention_bwd_typed(const BwdParams& p) {
       });
     };
 
+    // dq of the query tile [i0, i0 + kBlockQ) of head h (t.dq = dq / scale), against every
+    // key tile the mask lets it see; after each tile's dq product, per_key_tile(rows, j0, nk,
+    // Np) runs with p and ds of the tile in t (the one-pass scheme accumulates dk / dv there).
+    auto dq_tile = [&](int64_t b, int64_t h, int64_t i0, const SeqLens& len, const Mask& mask,
+                       const ScoreMods<Acc>& mods, auto&& per_key_tile) {
+      const int64_t hk = h / group;
+      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+      // The tile's own q and dout: packed once, used against every key tile.
+      pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q_own.data());
+      pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
+      t.q = t.q_own.data();
+      t.dout = t.dout_own.data();
+      if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+      std::fill_n(t.dq.data(), mq * Dp, Acc(0));
+      const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
+      const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
+      const int64_t k_begin = mask.key_begin(i0);
+      const int64_t k_end = mask.key_end(i0 + mq - 1);
+      for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
+        const int Np = round_up(nk, kColPad);
+        pack_key_tiles(b, hk, j0, nk, Np);
+        const Acc* k_tile = k_tiles.get(b * p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
+          pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
+        });
+        if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
+        const ActiveRows rows =
+            recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
+        const int r0 = rows.first;
+        Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
+                  t.dq.data() + r0 * Dp, Dp, true);
+        per_key_tile(rows, j0, nk, Np);
+      }
+      store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
+    };
+
     if (single_pass) {
       // dq, dk, dv: one task per (batch, kv head); dk / dv of the whole slice accumulate in
       // the thread's fp32 rows, in the order of the two-pass dk/dv loop (heads of the group,
@@ -821,40 +857,16 @@ void attention_bwd_typed(const BwdParams& p) {
         const int64_t b = task / p.num_kv_heads;
         const SeqLens len = seq_lens(p, b);
         const Mask mask(p, len);
-        const int64_t slice = b * p.num_kv_heads + hk;
         std::fill_n(dk_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
         std::fill_n(dv_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const ScoreMods<Acc> mods(p, b, h, len);
           for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
-            const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-            pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q_own.data());
-            pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
-            t.q = t.q_own.data();
-            t.dout = t.dout_own.data();
-            if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-            std::fill_n(t.dq.data(), mq * Dp, Acc(0));
-            const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
-            const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
-            const int64_t k_begin = mask.key_begin(i0);
-            const int64_t k_end = mask.key_end(i0 + mq - 1);
-            for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-              const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
-              const int Np = round_up(nk, kColPad);
-              pack_key_tiles(b, hk, j0, nk, Np);
-              const Acc* k_tile = k_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
-                pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
-              });
-              if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
-              const ActiveRows rows =
-                  recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
-              const int r0 = rows.first;
-              Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
-                        t.dq.data() + r0 * Dp, Dp, true);
+            dq_tile(b, h, i0, len, mask, mods, [&](const ActiveRows& rows, int64_t j0, int nk,
+                                                    int Np) {
               accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, dk_rows.data() + j0 * Dp,
                                     dv_rows.data() + j0 * Dp);
-            }
-            store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
+            });
           }
         }
         store_rows(dk_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), dk, b, 0, hk);
@@ -911,39 +923,11 @@ void attention_bwd_typed(const BwdParams& p) {
         const int64_t qb = task % q_blocks;
         const int64_t h = task / q_blocks % p.num_heads;
         const int64_t b = task / q_blocks / p.num_heads;
-        const int64_t hk = h / group;
         const SeqLens len = seq_lens(p, b);
         const int64_t i0 = qb * kBlockQ;
         if (i0 >= len.q) continue;
-        const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-        const Mask mask(p, len);
-        const ScoreMods<Acc> mods(p, b, h, len);
-        // This task's own query tile: packed once, used against every key tile.
-        pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q_own.data());
-        pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
-        t.q = t.q_own.data();
-        t.dout = t.dout_own.data();
-        if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-        std::fill_n(t.dq.data(), mq * Dp, Acc(0));
-        const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
-        const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
-        const int64_t k_begin = mask.key_begin(i0);
-        const int64_t k_end = mask.key_end(i0 + mq - 1);
-        for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-          const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
-          const int Np = round_up(nk, kColPad);
-          pack_key_tiles(b, hk, j0, nk, Np);
-          const Acc* k_tile = k_tiles.get(b * p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
-            pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
-          });
-          if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
-          const ActiveRows rows =
-              recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
-          const int r0 = rows.first;
-          Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
-                    t.dq.data() + r0 * Dp, Dp, true);
-        }
-        store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
+        dq_tile(b, h, i0, len, Mask(p, len), ScoreMods<Acc>(p, b, h, len),
+                [](const ActiveRows&, int64_t, int, int) {});
       }
     }
   }

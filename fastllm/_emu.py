@@ -162,13 +162,10 @@ def load(verbose: bool = False) -> ModuleType:
             with_cuda=False,
             verbose=verbose,
         )
-        from fastllm.ops import attention as attention_ops
-        from fastllm.ops import cross_entropy as cross_entropy_ops
-        from fastllm.ops import norm as norm_ops
+        from fastllm.ops import FAMILIES
 
-        norm_ops.register_emulated("fastllm_emu")
-        cross_entropy_ops.register_emulated("fastllm_emu")
-        attention_ops.register_emulated("fastllm_emu")
+        for family in FAMILIES.values():
+            family.register_emulated("fastllm_emu")
         _module = module
         return module
 

@@ -14,6 +14,11 @@ except ImportError as exc:  # not built: the reference and Triton backends still
 AVAILABLE = _error is None
 
 
+def error() -> str:
+    """Why fastllm._C did not load ("" when it did)."""
+    return "" if _error is None else str(_error)
+
+
 def require() -> None:
     if _error is not None:
         raise RuntimeError(

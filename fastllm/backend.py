@@ -1,4 +1,4 @@
-"""The one place that decides which implementation an op runs.
+"""The backend switch: which implementation fastllm's ops run.
 
 Backends:
   ``"native"``     hand-written kernels by device: C++ CPU kernels for CPU tensors, CUDA C++
@@ -9,18 +9,16 @@ Backends:
                    CPU tensors through fastllm's SIMT emulation (see ``fastllm/_emu.py``).
 
 Choose with ``FASTLLM_BACKEND=<name>`` in the environment, or for a block of code with
-``with fastllm.use_backend(name): ...`` (which wins over the environment).
+``with fastllm.use_backend(name): ...`` (which wins over the environment). The choice for a
+given tensor (its device, its dtype) is made in one place, ``OpFamily.select`` in
+fastllm/ops/_family.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from typing import TYPE_CHECKING, Generic, Iterator, Optional, TypeVar
-
-if TYPE_CHECKING:
-    import torch
+from typing import Iterator
 
 BACKENDS = ("native", "triton", "reference", "cuda_emu")
 DEFAULT_BACKEND = "native"
@@ -59,50 +57,3 @@ def use_backend(name: str) -> Iterator[None]:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-OpsT = TypeVar("OpsT")
-
-
-@dataclasses.dataclass
-class Implementations(Generic[OpsT]):
-    """The op sets of one op family, one per backend that has them (each family's
-    fastllm/ops/<family>.py fills one in), and the choice among them."""
-
-    family: str
-    native: Optional[OpsT] = None      # torch.ops.fastllm.*: C++ CPU / CUDA kernels
-    triton: Optional[OpsT] = None      # torch.ops.fastllm.*_triton
-    emulated: Optional[OpsT] = None    # torch.ops.fastllm_emu.*, once fastllm._emu is loaded
-    triton_unavailable: str = "backend 'triton' needs the triton package, which is not installed"
-
-    def select(self, device: "torch.device", backend: Optional[str] = None) -> Optional[OpsT]:
-        """The op set for tensors on ``device`` under ``backend`` (default: the one in
-        force); None means the plain-PyTorch reference runs."""
-        backend = get_backend() if backend is None else backend
-        if backend == "reference":
-            return None
-        if backend == "cuda_emu":
-            if self.emulated is None:
-                raise RuntimeError(
-                    f"backend 'cuda_emu' ({self.family}) needs the SIMT emulation extension: "
-                    "call fastllm._emu.load() first (tests only)"
-                )
-            if device.type != "cpu":
-                raise ValueError(f"backend 'cuda_emu' runs on CPU tensors, got {device}")
-            return self.emulated
-        if backend == "triton":
-            if self.triton is None:
-                raise RuntimeError(self.triton_unavailable)
-            if device.type == "cpu" and not triton_interpret():
-                raise RuntimeError(
-                    "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
-                    "tensor without it (use a CUDA tensor or the 'native' backend)"
-                )
-            return self.triton
-        # native
-        if device.type not in ("cpu", "cuda"):
-            return None  # no hand-written kernel for this device: the reference runs
-        from fastllm import _native
-
-        _native.require()
-        return self.native

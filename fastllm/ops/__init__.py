@@ -1,2 +1,13 @@
-"""Op layer: fake (meta) and autograd registrations of fastllm's custom ops, the Triton
-ops, and the single place each public function picks its backend (fastllm.backend)."""
+"""Op layer: one module per op family (its public functions, the fake and autograd rules
+of its custom ops, its Triton ops), on the shared wiring of fastllm/ops/_family.py.
+
+``FAMILIES`` maps each family's name to its :class:`~fastllm.ops._family.OpFamily`.
+"""
+
+from fastllm.ops import attention, cross_entropy, linear_cross_entropy, norm  # noqa: F401
+
+FAMILIES = {
+    "norm": norm.IMPLS,
+    "cross_entropy": cross_entropy.IMPLS,
+    "attention": attention.IMPLS,
+}

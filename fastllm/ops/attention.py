@@ -1,11 +1,10 @@
-"""Attention ops: fake and autograd registrations, the Triton ops, and the backend choice.
+"""Attention: the public functions, their fake and autograd rules, their Triton ops.
 
-Implementations of the same two schemas (csrc/schemas.h, math in csrc/attention/attention.h):
-  torch.ops.fastllm.attention_fwd / _bwd            C++ CPU kernels and CUDA kernels
-  torch.ops.fastllm.attention_fwd_triton / _bwd_..  Triton kernels (fastllm/triton/attention.py)
-  torch.ops.fastllm_emu.attention_fwd / _bwd        the CUDA kernels run on CPU tensors by the
-                                                    SIMT emulation (tests only, fastllm._emu)
-``backend="reference"`` (or a device without kernels) runs fastllm/reference/attention.py.
+Schemas: csrc/schemas.h (FASTLLM_ATTENTION_SCHEMAS), math in csrc/attention/attention.h.
+Kernels: csrc/attention/ (C++ CPU, CUDA), fastllm/triton/attention.py (Triton); reference:
+fastllm/reference/attention.py. The backends and their choice: fastllm/ops/_family.py. On
+CUDA tensors under the default backend, float32 runs the Triton kernels and float64 the
+reference (the CUDA kernels are float16 / bfloat16 tensor-core kernels).
 
 Forward returns ``(out, lse)``; lse is not differentiable (as in FlashAttention). Backward
 recomputes the scores from q, k, v and the saved lse (and the same dropout seed), so the
@@ -14,22 +13,16 @@ autograd graph keeps O(B * H * T) extra memory, never a (Tq, Tk) matrix.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from fastllm import _native
-from fastllm.backend import Implementations
+from fastllm.ops._family import OpFamily, OpSet, acc_dtype, check_float_tensor
 from fastllm.reference import attention as ref
 
 # Argument positions of the options in both schemas (after q, k, v / dout, q, k, v, out, lse).
 _NUM_OPTIONS = 13
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
@@ -38,31 +31,19 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
     return (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Tq)
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionOps:
-    """The two ops of one implementation of the attention schemas."""
-
-    attention_fwd: Any
-    attention_bwd: Any
+# ------------------------------------------------------------ fake and autograd rules
 
 
-def _ops_in(namespace: Any, suffix: str = "") -> AttentionOps:
-    return AttentionOps(
-        getattr(namespace, "attention_fwd" + suffix).default,
-        getattr(namespace, "attention_bwd" + suffix).default,
-    )
+def _register_fakes(ops: OpSet) -> None:
+    """Fake (meta) implementations of one op set."""
 
-
-def register_fakes(lib: str, suffix: str = "") -> None:
-    """Fake (meta) implementations of ``{lib}::attention_fwd{suffix}`` / ``_bwd``."""
-
-    @torch.library.register_fake(f"{lib}::attention_fwd{suffix}")
+    @torch.library.register_fake(ops.attention_fwd)
     def _(q, k, v, cu_seqlens_q, *options):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_acc_dtype(q))
+        lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=acc_dtype(q))
         return out, lse
 
-    @torch.library.register_fake(f"{lib}::attention_bwd{suffix}")
+    @torch.library.register_fake(ops.attention_bwd)
     def _(dout, q, k, v, out, lse, *options):
         fmt = torch.contiguous_format
         return (
@@ -72,7 +53,7 @@ def register_fakes(lib: str, suffix: str = "") -> None:
         )
 
 
-def register_autograd(ops: AttentionOps) -> None:
+def _register_autograd(ops: OpSet) -> None:
     """dq, dk, dv through the set's own backward op; lse is not differentiable, and neither
     are the lengths, the ALiBi slopes or the seed."""
 
@@ -96,103 +77,43 @@ def register_autograd(ops: AttentionOps) -> None:
     torch.library.register_autograd(ops.attention_fwd, backward, setup_context=setup_context)
 
 
-IMPLS: Implementations[AttentionOps] = Implementations("attention")
-if _native.AVAILABLE:
-    register_fakes("fastllm")
-    IMPLS.native = _ops_in(torch.ops.fastllm)
-    register_autograd(IMPLS.native)
+# ------------------------------------------------------------------------ op family
 
 
-def _define_triton_ops() -> Optional[AttentionOps]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # e.g. a CPU-only torch
-        return None
-    try:
-        from fastllm.triton import attention as triton_attention
-    except ImportError as exc:  # a broken kernel module must not break `import fastllm`
-        IMPLS.triton_unavailable = (
-            f"backend 'triton': fastllm.triton.attention failed to import: {exc}"
-        )
-        return None
-    for name in ("attention_fwd", "attention_bwd"):
-        torch.library.triton_op(
-            f"fastllm::{name}_triton", getattr(triton_attention, name), mutates_args=()
-        )
-    register_fakes("fastllm", "_triton")
-    result = _ops_in(torch.ops.fastllm, "_triton")
-    register_autograd(result)
-    return result
+def _triton_kernels() -> dict:
+    from fastllm.triton import attention as kernels
+
+    return {
+        "fastllm::attention_fwd_triton": kernels.attention_fwd,
+        "fastllm::attention_bwd_triton": kernels.attention_bwd,
+    }
 
 
-IMPLS.triton = _define_triton_ops()
+IMPLS = OpFamily(
+    "attention",
+    schemas=("attention_fwd", "attention_bwd"),
+    fakes=_register_fakes,
+    autograd=_register_autograd,
+    triton_kernels=_triton_kernels,
+    # The CUDA kernels are float16 / bfloat16 tensor-core kernels.
+    cuda_dtype_fallback={torch.float32: "triton", torch.float64: "reference"},
+)
 
 
-def register_emulated(lib: str) -> None:
-    """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
-    register_fakes(lib)
-    IMPLS.emulated = _ops_in(getattr(torch.ops, lib))
-    register_autograd(IMPLS.emulated)
-
-
-def attention_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
-    seqused_k: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    alibi_slopes: Optional[Tensor],
-    dropout_p: float,
-    dropout_seed: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """(out, lse) from the selected backend, differentiable in q, k, v."""
-    args = (
-        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-        dropout_seed,
-    )
-    ops = _select(q)
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *options: Any) -> tuple[Tensor, Tensor]:
+    """(out, lse) from the selected backend, differentiable in q, k, v; ``options`` are the
+    schema's, in its order (FASTLLM_ATTENTION_OPTIONS in csrc/schemas.h: cu_seqlens_q,
+    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+    window_right, softcap, alibi_slopes, dropout_p, dropout_seed)."""
+    ops = IMPLS.select(q)
     if ops is None:
-        return ref.attention_ref(*args)
-    return ops.attention_fwd(*args)
-
-
-def _select(q: Tensor) -> Optional[AttentionOps]:
-    """The backend's op set, except that on the default backend a float32 / float64 CUDA
-    tensor (the CUDA kernels are tensor-core float16 / bfloat16 only) runs the Triton kernel
-    (float32) or the reference (float64) instead of failing, as torch's SDPA would not."""
-    ops = IMPLS.select(q.device)
-    if (
-        ops is not None
-        and ops is IMPLS.native
-        and q.device.type == "cuda"
-        and q.dtype not in (torch.float16, torch.bfloat16)
-    ):
-        return IMPLS.triton if q.dtype == torch.float32 else None
-    return ops
+        return ref.attention_ref(q, k, v, *options)
+    return ops.attention_fwd(q, k, v, *options)
 
 
 # --------------------------------------------------------------------------- public API
 # Metadata-only checks here (shapes, dtypes, options); values (cu_seqlens, seqused_k) are
 # checked by the op itself, so these trace under torch.compile(fullgraph=True).
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _check_tensor(op: str, name: str, t: Any) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
-
 
 def _window(op: str, window_size: Any) -> tuple[int, int]:
     try:
@@ -235,9 +156,36 @@ def attention(
     *,
     seqused_k: Optional[Tensor] = None,
 ):
+    """Fused (FlashAttention-style) attention: softmax(q k^T * scale) v without ever forming
+    the (Tq, Tk) matrix, in forward and in backward (which recomputes it tile by tile).
+
+    - ``q`` ``(B, Tq, H, D)``, ``k`` / ``v`` ``(B, Tk, Hkv, D)`` with ``H % Hkv == 0``
+      (GQA / MQA: query head h uses kv head ``h // (H // Hkv)``; dk / dv are summed over
+      the group). Any strides; float32, bfloat16, float16, float64. On CUDA, float16 /
+      bfloat16 run the CUDA kernels (head dims a multiple of 8), float32 the Triton kernel,
+      float64 the reference. Head dim up to 256. Out has q's shape and dtype.
+    - ``causal=True`` with ``Tq != Tk`` is aligned bottom-right (the last query sees the
+      last key: the KV-cache convention, as FlashAttention). ``scaled_dot_product_attention``
+      below keeps torch's top-left alignment instead.
+    - ``window_size=(left, right)``: query i sees keys ``[i + d - left, i + d + right]``
+      (d = Tk - Tq; -1 = unbounded). ``softcap > 0``: scores become
+      ``softcap * tanh(s / softcap)`` (Gemma 2). ``alibi_slopes`` float32 ``(H,)`` or
+      ``(B, H)``: adds ``-slope * |i + Tk - Tq - j|`` to the scores.
+    - ``dropout_p``: dropout on the attention probabilities (applied whenever > 0, as
+      FlashAttention; modules pass 0 in eval). The mask is a hash of a seed drawn from
+      torch's generator, recomputed in backward, never stored.
+    - Packed variable-length batches: ``q`` ``(total_q, H, D)``, ``k`` / ``v``
+      ``(total_k, Hkv, D)`` with int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` ``(B + 1,)`` and
+      ``max_seqlen_q`` / ``max_seqlen_k`` (computed from cu_seqlens when omitted, which reads
+      values: pass them under torch.compile). ``seqused_k`` int32 ``(B,)``: use only the
+      first ``seqused_k[b]`` keys of sequence b.
+    - A query row with no allowed key gets zeros (and zero gradients), never NaN.
+    - ``return_lse=True`` returns ``(out, lse)``, lse float32 ``(B, H, Tq)`` (packed:
+      ``(H, total_q)``), natural log, ``-inf`` for rows without keys; not differentiable.
+    """
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(op, name, t)
+        check_float_tensor(op, name, t)
     window_left, window_right = _window(op, window_size)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
@@ -278,9 +226,20 @@ def scaled_dot_product_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
 ) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: ``(..., H, L, E)``
+    query, ``(..., Hkv, S, E)`` key, ``(..., Hkv, S, Ev)`` value (3-D inputs are one head),
+    ``is_causal`` aligned top-left exactly like torch's, ``enable_gqa`` as torch.
+
+    Without ``attn_mask`` it runs the fused kernels on transposed views (no copies). With a
+    boolean (True = take part) or additive ``attn_mask`` — or ``Ev != E`` — it runs a slower
+    plain-PyTorch path with O(L * S) memory that gives the same results. One deliberate
+    difference from torch: a query row whose keys are all masked gives zeros, not NaN.
+    ``dropout_p > 0`` uses fastllm's dropout mask (torch's own on the masked path), so the
+    dropped entries differ from torch's for the same seed.
+    """
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(op, name, t)
+        check_float_tensor(op, name, t)
     if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(
             f"{op}: query, key and value must be (..., L, E) / (..., S, E) / (..., S, Ev) with "
@@ -326,7 +285,7 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
 
-    if _needs_reference_sdpa(query, key, value, attn_mask) or _select(query) is None:
+    if _needs_reference_sdpa(query, key, value, attn_mask) or IMPLS.select(query) is None:
         # The slower path: masks (and Ev != E) run the reference composition, O(L * S)
         # memory, with the fused kernels' semantics (a fully masked row gives zeros).
         if dropout_p > 0:
@@ -375,7 +334,7 @@ def attention_with_kvcache(
     v_cache: Tensor,
     k_new: Optional[Tensor] = None,
     v_new: Optional[Tensor] = None,
-    cache_seqlens: Any = None,
+    cache_seqlens: Union[int, Tensor, None] = None,
     causal: bool = True,
     softmax_scale: Optional[float] = None,
     window_size: tuple[int, int] = (-1, -1),
@@ -383,9 +342,19 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     return_lse: bool = False,
 ):
+    """Decoding with a KV cache, as FlashAttention's ``flash_attn_with_kvcache``.
+
+    ``q`` ``(B, Tq, H, D)`` (Tq = 1 for one decoding step); ``k_cache`` / ``v_cache``
+    ``(B, Tcache, Hkv, D)`` hold ``cache_seqlens[b]`` valid positions for sequence b
+    (int32 ``(B,)`` or one int). When ``k_new`` / ``v_new`` ``(B, Tnew, Hkv, D)`` are given
+    they are written into the caches in place at positions ``cache_seqlens[b] ...``, and
+    the queries attend over the ``cache_seqlens[b] + Tnew`` keys of their sequence (causal:
+    bottom-right aligned, so new token t sees the cache and new tokens up to t). The caller
+    advances ``cache_seqlens``. Returns out (and lse with ``return_lse=True``).
+    """
     op = "attention_with_kvcache"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_tensor(op, name, t)
+        check_float_tensor(op, name, t)
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"{op}: q must be (B, Tq, H, D) and k_cache / v_cache (B, Tcache, Hkv, D) of one "

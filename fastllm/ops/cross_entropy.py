@@ -1,5 +1,4 @@
-"""Cross-entropy ops: fake and autograd registrations, Triton ops, the chunked
-linear + cross-entropy op, and the backend choice.
+"""Cross-entropy: the public function, its fake and autograd rules, its Triton ops.
 
 The kernels (C++ CPU, CUDA, Triton) work on 2-D logits ``(rows, vocab)`` and return the
 per-row loss and log-sum-exp in float32 (float64 for float64 logits); everything torch's
@@ -7,51 +6,33 @@ per-row loss and log-sum-exp in float32 (float64 for float64 logits); everything
 weighted mean, the loss in the input's dtype — happens here, on metadata and on per-row
 vectors, so that one pair of kernels serves every reduction.
 
-Implementations of the same schemas (csrc/schemas.h):
-  torch.ops.fastllm.cross_entropy_*          C++ CPU kernels and CUDA kernels
-  torch.ops.fastllm.cross_entropy_*_triton   Triton kernels (fastllm/triton/cross_entropy.py)
-  torch.ops.fastllm_emu.cross_entropy_*      the CUDA kernels run on CPU tensors by the SIMT
-                                             emulation (tests only, registered by fastllm._emu)
-
-linear + cross-entropy (``fastllm::linear_cross_entropy_fwd`` / ``_bwd``, defined here as
-Python custom ops so that torch.compile(fullgraph=True) sees one opaque op) runs the rows in
-chunks: per chunk, logits = x_c @ W.T + b (one GEMM), the fused cross-entropy forward, and —
-when the loss is reduced to a scalar (mean / sum), so the upstream gradient of every row is
-the same number g known up to that factor — the gradient of the chunk's logits written over
-them in place and the two gradient GEMMs (dX_c = dlogits @ W, dW += dlogits.T @ x_c). Backward
-then only scales dX, dW, db by g: 3 GEMMs in all, as in the unfused path, and the peak extra
-memory is one chunk of logits instead of (N, V) logits and their gradient. With
-reduction="none" the rows' gradients are only known in backward, which recomputes each
-chunk's logits (a 4th GEMM).
+Schemas: csrc/schemas.h (FASTLLM_CROSS_ENTROPY_SCHEMAS). Kernels: csrc/cross_entropy/
+(C++ CPU, CUDA), fastllm/triton/cross_entropy.py (Triton); reference:
+fastllm/reference/cross_entropy.py. The backends and their choice: fastllm/ops/_family.py.
+The chunked linear + cross-entropy built on these ops: fastllm/ops/linear_cross_entropy.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastllm import _native
-from fastllm.backend import Implementations, get_backend
+from fastllm.ops._family import OpFamily, OpSet, acc_dtype, check_float_tensor, check_same_device
 from fastllm.reference import cross_entropy as ref
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _REDUCTIONS = ("none", "mean", "sum")
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- checks
 # Metadata-only checks shared by every backend (the C++ glue repeats them for direct callers
-# of torch.ops.fastllm.*). Values are never looked at here: a target out of range is
-# reported by the op itself, so these trace under torch.compile(fullgraph=True).
+# of torch.ops.fastllm.*) and by linear_cross_entropy. Values are never looked at here: a
+# target out of range is reported by the op itself, so these trace under
+# torch.compile(fullgraph=True).
 
 
-def _check_options(
+def check_options(
     op: str, reduction: str, label_smoothing: float, z_loss: float, softcap: float
 ) -> None:
     if reduction not in _REDUCTIONS:
@@ -64,16 +45,7 @@ def _check_options(
         raise ValueError(f"{op}: softcap must be non-negative (0 disables it), got {softcap}")
 
 
-def _check_float(op: str, name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}"
-        )
-
-
-def _check_class_weight(op: str, weight: Optional[Tensor], vocab: int, like: Tensor) -> None:
+def check_class_weight(op: str, weight: Optional[Tensor], vocab: int, like: Tensor) -> None:
     if weight is None:
         return
     if weight.dim() != 1 or weight.shape[0] != vocab:
@@ -81,14 +53,11 @@ def _check_class_weight(op: str, weight: Optional[Tensor], vocab: int, like: Ten
             f"{op}: weight must have shape [{vocab}] (one weight per class), "
             f"got {list(weight.shape)}"
         )
-    _check_float(op, "weight", weight)
-    if weight.device != like.device:
-        raise ValueError(
-            f"{op}: weight must be on input's device {like.device}, got {weight.device}"
-        )
+    check_float_tensor(op, "weight", weight)
+    check_same_device(op, "weight", weight, like)
 
 
-def _class_index_target(op: str, target: Tensor, like: Tensor) -> Tensor:
+def class_index_target(op: str, target: Tensor, like: Tensor) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
     if target.dtype == torch.uint8:  # torch accepts Byte class indices too
@@ -97,10 +66,7 @@ def _class_index_target(op: str, target: Tensor, like: Tensor) -> Tensor:
         raise TypeError(
             f"{op}: target must be int64 class indices (or uint8), got {target.dtype}"
         )
-    if target.device != like.device:
-        raise ValueError(
-            f"{op}: target must be on input's device {like.device}, got {target.device}"
-        )
+    check_same_device(op, "target", target, like)
     return target
 
 
@@ -130,21 +96,7 @@ def _as_rows(op: str, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, li
     return logits, target.reshape(-1), expected
 
 
-# ---------------------------------------------------------------- op sets per backend
-
-
-_OP_NAMES = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace")
-
-
-@dataclasses.dataclass(frozen=True)
-class CrossEntropyOps:
-    """The three ops of one implementation of the cross-entropy schemas, and the
-    autograd.Function that ``inplace_backward=True`` runs on them."""
-
-    cross_entropy_fwd: Any
-    cross_entropy_bwd: Any
-    cross_entropy_bwd_inplace: Any
-    inplace_backward_function: Any
+# ------------------------------------------------------------ fake and autograd rules
 
 
 def _make_inplace_backward_function(fwd: Any, bwd_inplace: Any) -> type:
@@ -175,34 +127,29 @@ def _make_inplace_backward_function(fwd: Any, bwd_inplace: Any) -> type:
     return CrossEntropyInplaceBackward
 
 
-def _ops_in(namespace: Any, suffix: str = "") -> CrossEntropyOps:
-    # register_autograd takes OpOverloads, not the packets torch.ops.<lib>.<name> returns.
-    fwd, bwd, bwd_inplace = (getattr(namespace, name + suffix).default for name in _OP_NAMES)
-    return CrossEntropyOps(fwd, bwd, bwd_inplace, _make_inplace_backward_function(fwd, bwd_inplace))
+def _register_fakes(ops: OpSet) -> None:
+    """Fake (meta) implementations of one op set. (The Triton ops need them too: triton_op's
+    own fake would run the interpreter on fake tensors.)"""
 
-
-def register_fakes(lib: str, suffix: str = "") -> None:
-    """Fake (meta) implementations of the schemas ``{lib}::<op>{suffix}``. (The Triton ops
-    need them too: triton_op's own fake would run the interpreter on fake tensors.)"""
-
-    @torch.library.register_fake(f"{lib}::cross_entropy_fwd{suffix}")
+    @torch.library.register_fake(ops.cross_entropy_fwd)
     def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
         rows = logits.shape[0]
-        acc = _acc_dtype(logits)
+        acc = acc_dtype(logits)
         return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
 
-    @torch.library.register_fake(f"{lib}::cross_entropy_bwd{suffix}")
+    @torch.library.register_fake(ops.cross_entropy_bwd)
     def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake(f"{lib}::cross_entropy_bwd_inplace{suffix}")
+    @torch.library.register_fake(ops.cross_entropy_bwd_inplace)
     def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
         return None
 
 
-def register_autograd(ops: CrossEntropyOps) -> None:
+def _register_autograd(ops: OpSet) -> None:
     """d(loss per row)/d(logits) through the set's own backward op; lse is not
-    differentiable, and neither are the class weights (as in torch)."""
+    differentiable, and neither are the class weights (as in torch). Also attaches
+    ``ops.inplace_backward_function``, what ``inplace_backward=True`` runs."""
 
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs
@@ -221,57 +168,38 @@ def register_autograd(ops: CrossEntropyOps) -> None:
         return grad_logits, None, None, None, None, None, None
 
     torch.library.register_autograd(ops.cross_entropy_fwd, backward, setup_context=setup_context)
+    ops.inplace_backward_function = _make_inplace_backward_function(
+        ops.cross_entropy_fwd, ops.cross_entropy_bwd_inplace
+    )
 
 
-IMPLS: Implementations[CrossEntropyOps] = Implementations("cross_entropy")
-if _native.AVAILABLE:
-    register_fakes("fastllm")
-    IMPLS.native = _ops_in(torch.ops.fastllm)
-    register_autograd(IMPLS.native)
+# ------------------------------------------------------------------------ op family
 
 
-def _define_triton_ops() -> Optional[CrossEntropyOps]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # e.g. a CPU-only torch
-        return None
-    try:
-        from fastllm.triton import cross_entropy as triton_ce
-    except ImportError as exc:  # a broken kernel module must not break `import fastllm`
-        IMPLS.triton_unavailable = (
-            f"backend 'triton': fastllm.triton.cross_entropy failed to import: {exc}"
-        )
-        return None
-    mutated = {"cross_entropy_bwd_inplace": ("logits",)}
-    for name in _OP_NAMES:
-        torch.library.triton_op(
-            f"fastllm::{name}_triton", getattr(triton_ce, name), mutates_args=mutated.get(name, ())
-        )
-    register_fakes("fastllm", "_triton")
-    result = _ops_in(torch.ops.fastllm, "_triton")
-    register_autograd(result)
-    return result
+def _triton_kernels() -> dict:
+    from fastllm.triton import cross_entropy as kernels
+
+    return {
+        "fastllm::cross_entropy_fwd_triton": kernels.cross_entropy_fwd,
+        "fastllm::cross_entropy_bwd_triton": kernels.cross_entropy_bwd,
+        "fastllm::cross_entropy_bwd_inplace_triton": kernels.cross_entropy_bwd_inplace,
+    }
 
 
-IMPLS.triton = _define_triton_ops()
-
-
-def register_emulated(lib: str) -> None:
-    """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
-    register_fakes(lib)
-    IMPLS.emulated = _ops_in(getattr(torch.ops, lib))
-    register_autograd(IMPLS.emulated)
-
-
-def select_ops(input: Tensor) -> Optional[CrossEntropyOps]:
-    """The op set for ``input`` under the current backend; None means the reference."""
-    return IMPLS.select(input.device)
+IMPLS = OpFamily(
+    "cross_entropy",
+    schemas=("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"),
+    fakes=_register_fakes,
+    autograd=_register_autograd,
+    triton_kernels=_triton_kernels,
+    mutates_args={"cross_entropy_bwd_inplace": ("logits",)},
+)
 
 
 # ---------------------------------------------------------------------- reductions
 
 
-def _mean_denominator(
+def mean_denominator(
     target: Tensor, weight: Optional[Tensor], ignore_index: int, vocab: int, dtype: torch.dtype
 ) -> Tensor:
     """What torch's mean divides by: the number of non-ignored rows, or the sum of their
@@ -284,7 +212,7 @@ def _mean_denominator(
     return (weight.to(dtype)[safe_target] * valid).sum()
 
 
-def _reduce(
+def reduce_rows(
     loss_rows: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
@@ -297,10 +225,10 @@ def _reduce(
     if reduction == "sum":
         return loss_rows.sum()
     # 0 / 0 = nan when every row is ignored, as in torch.
-    return loss_rows.sum() / _mean_denominator(target, weight, ignore_index, vocab, loss_rows.dtype)
+    return loss_rows.sum() / mean_denominator(target, weight, ignore_index, vocab, loss_rows.dtype)
 
 
-# ------------------------------------------------------------------ cross_entropy
+# --------------------------------------------------------------------------- public API
 
 
 def cross_entropy(
@@ -312,11 +240,35 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float = 0.0,
+    *,
     inplace_backward: bool = False,
 ) -> Tensor:
+    """Cross-entropy of logits and class-index targets with torch's semantics
+    (``torch.nn.functional.cross_entropy``), from one fused pass over each row of logits:
+
+    - ``input`` ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` (class dimension 1, as torch; a
+      language model's ``(B, T, V)`` logits are passed as ``logits.view(-1, V)``), float32,
+      bfloat16, float16 or float64; ``target`` int64 (or uint8) of input's shape without
+      the class dimension. Floating ``target`` (class probabilities) runs torch's own op.
+    - ``weight`` (C,): class weights; ``reduction="mean"`` then divides by the summed weights
+      of the non-ignored targets, and label smoothing is weighted as in torch.
+    - rows whose target is ``ignore_index`` add nothing; with every row ignored, ``mean``
+      is nan (and the gradient zero), as in torch.
+    - ``z_loss``: adds ``z_loss * logsumexp(z)**2`` per (non-ignored) row, the PaLM
+      auxiliary loss that keeps the softmax normaliser near 1.
+    - ``softcap``: the logits are soft-capped first, ``z = softcap * tanh(x / softcap)``
+      (Gemma 2); with ``z_loss`` the z term uses the log-sum-exp of the capped logits.
+    - ``inplace_backward=True``: backward writes the gradient over the logits' storage
+      instead of allocating a second (N, C) tensor, so the logits must not be needed
+      afterwards (a second backward through the graph raises). Only when asked.
+
+    Arithmetic is in float32 (float64 for float64 input); the loss comes back in the input's
+    dtype. A target outside ``[0, C)`` that is not ``ignore_index`` raises an IndexError
+    naming the row on CPU; CUDA kernels give that row a NaN loss (no device synchronisation).
+    """
     op = "cross_entropy"
-    _check_float(op, "input", input)
-    _check_options(op, reduction, label_smoothing, z_loss, softcap)
+    check_float_tensor(op, "input", input)
+    check_options(op, reduction, label_smoothing, z_loss, softcap)
     if isinstance(target, Tensor) and target.is_floating_point():
         # Class probabilities: torch's own op (no fused kernel; z-loss / soft-capping are
         # defined here for class-index targets only).
@@ -329,12 +281,12 @@ def cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    target = _class_index_target(op, target, input)
+    target = class_index_target(op, target, input)
     logits, rows_target, loss_shape = _as_rows(op, input, target)
     vocab = logits.shape[1]
-    _check_class_weight(op, weight, vocab, input)
+    check_class_weight(op, weight, vocab, input)
 
-    ops = select_ops(input)
+    ops = IMPLS.select(input)
     if ops is None:
         loss = ref.cross_entropy_ref(
             logits, rows_target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
@@ -348,384 +300,9 @@ def cross_entropy(
         loss_rows = ops.inplace_backward_function.apply(logits, rows_target, weight, *options)
     else:
         loss_rows, _lse = ops.cross_entropy_fwd(logits, rows_target, weight, *options)
-    loss = _reduce(loss_rows, rows_target, weight, ignore_index, reduction, vocab)
+    loss = reduce_rows(loss_rows, rows_target, weight, ignore_index, reduction, vocab)
     if reduction == "none":
         loss = loss.reshape(loss_shape)
     return loss.to(input.dtype)
 
 
-# ---------------------------------------------------------- linear + cross_entropy
-
-# A chunk's logits hold at least this many elements (16 MiB in float32): below it, the
-# per-chunk overheads (kernel launches, GEMM set-up, the dW read-modify-write) dominate.
-_MIN_CHUNK_ELEMENTS = 1 << 22
-
-
-def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk such that a chunk's logits hold about as many elements as the input
-    (rows x hidden), and at least _MIN_CHUNK_ELEMENTS: torch's LinearCrossEntropyOptions
-    "aspect_ratio" rule, so the peak memory is that of torch's chunked path. Each chunk
-    streams the whole weight through its GEMMs, so larger chunks run faster at the cost of
-    memory (at 4096 x 1024 x 32000 on 2 CPU cores: 132 rows, the default, ran as fast as the
-    unfused path; 512 rows about 10% faster, with 50 MiB more at peak)."""
-    elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
-    return max(1, min(rows, -(-elements // vocab)))
-
-
-class _ChunkedLinear:
-    """The chunk loop's state: one logits buffer reused by every chunk (a fresh (C, V)
-    allocation per chunk would pay its page faults every time), and dX, dW, db summed chunk
-    by chunk from each chunk's d(loss)/d(logits). dW and db accumulate in float32 for
-    bfloat16/float16 (through a float32 copy of the chunk's logit gradient): summing chunk
-    products in the storage dtype would round once per chunk."""
-
-    def __init__(self, input, linear_weight, linear_bias, chunk_size,
-                 need_input, need_weight, need_bias):
-        rows, hidden = input.shape
-        vocab = linear_weight.shape[0]
-        self.chunk_size = chunk_size
-        self.linear_weight = linear_weight
-        self.linear_bias = linear_bias
-        self.low_precision = input.dtype in (torch.bfloat16, torch.float16)
-        acc = torch.float32 if self.low_precision else input.dtype
-        self.weight_dtype = linear_weight.dtype
-        self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-        chunk_rows = min(chunk_size, rows)
-        self.logits_buffer = input.new_empty((chunk_rows, vocab))
-        self.widened_buffer = (
-            input.new_empty((chunk_rows, vocab), dtype=acc)
-            if self.low_precision and need_weight else None
-        )
-        self.grad_input = input.new_empty((rows, hidden)) if need_input else None
-        self.grad_weight = input.new_zeros((vocab, hidden), dtype=acc) if need_weight else None
-        self.grad_bias = input.new_zeros((vocab,), dtype=acc) if need_bias else None
-
-    def chunks(self, input: Tensor) -> list[tuple[int, int]]:
-        rows = input.shape[0]
-        return [(s, min(s + self.chunk_size, rows)) for s in range(0, rows, self.chunk_size)]
-
-    def logits(self, x_chunk: Tensor) -> Tensor:
-        """(C, H) @ (V, H).T + b -> (C, V) in the input's dtype, torch's GEMM (as F.linear),
-        written into the shared buffer."""
-        out = self.logits_buffer[: x_chunk.shape[0]]
-        if self.linear_bias is None:
-            return torch.mm(x_chunk, self.linear_weight.t(), out=out)
-        return torch.addmm(self.linear_bias, x_chunk, self.linear_weight.t(), out=out)
-
-    def add_chunk(self, start: int, grad_logits: Tensor, x_chunk: Tensor) -> None:
-        end = start + grad_logits.shape[0]
-        if self.grad_input is not None:
-            torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
-        if self.grad_weight is not None:
-            if self.low_precision:
-                widened = self.widened_buffer[: end - start].copy_(grad_logits)
-                self.grad_weight.addmm_(widened.t(), x_chunk.float())
-            else:
-                self.grad_weight.addmm_(grad_logits.t(), x_chunk)
-        if self.grad_bias is not None:
-            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
-
-    def results(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(dX, dW, db) in their parameters' dtypes; an empty tensor for each one not wanted
-        (custom ops cannot return None)."""
-        grad_input, grad_weight, grad_bias = (like.new_empty(0) for _ in range(3))
-        if self.grad_input is not None:
-            grad_input = self.grad_input
-        if self.grad_weight is not None:
-            grad_weight = self.grad_weight.to(self.weight_dtype)
-        if self.grad_bias is not None:
-            grad_bias = self.grad_bias.to(self.bias_dtype)
-        return grad_input, grad_weight, grad_bias
-
-
-def _check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
-    """The error the CPU kernel raises, with the row counted over all rows rather than within
-    a chunk. Runs inside the op (never while tracing), on CPU only: on a GPU it would need a
-    device synchronisation, and the CUDA kernels mark such rows with a NaN loss instead."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"cross_entropy: target[{row}] = {int(target[row])} is out of range for {vocab} "
-            f"classes (ignore_index={ignore_index})"
-        )
-
-
-def _row_grad_of_reduction(
-    reduction: str, target: Tensor, weight: Optional[Tensor], ignore_index: int, vocab: int,
-    dtype: torch.dtype,
-) -> Tensor:
-    """d(reduced loss)/d(loss of a row), a 0-d tensor: 1 / denominator for mean, 1 for sum."""
-    if reduction == "mean":
-        return 1.0 / _mean_denominator(target, weight, ignore_index, vocab, dtype)
-    return torch.ones((), dtype=dtype, device=target.device)
-
-
-@torch.library.custom_op("fastllm::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd(
-    input: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Optional[Tensor],
-    target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    chunk_size: int,
-    need_grad_input: bool,
-    need_grad_weight: bool,
-    need_grad_bias: bool,
-    scale_grads_in_place: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """input (N, H), linear_weight (V, H), linear_bias (V,), target (N,) ->
-    (loss: () or (N,) float32, lse (N,) float32, dX, dW, db). The gradients are those of
-    the loss as returned (for reduction mean / sum) and empty when not wanted or when
-    reduction="none" (computed in backward then). scale_grads_in_place: see backward."""
-    ops = IMPLS.select(input.device, backend)
-    rows = input.shape[0]
-    vocab = linear_weight.shape[0]
-    acc = _acc_dtype(input)
-    options = (ignore_index, label_smoothing, z_loss, softcap)
-    if input.device.type == "cpu":
-        _check_target_range(target, vocab, ignore_index)
-    loss_rows = input.new_empty((rows,), dtype=acc)
-    lse = input.new_empty((rows,), dtype=acc)
-    with_grad = reduction != "none" and (need_grad_input or need_grad_weight or need_grad_bias)
-    loop = _ChunkedLinear(
-        input, linear_weight, linear_bias, chunk_size,
-        with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
-    )
-    row_grad = _row_grad_of_reduction(reduction, target, weight, ignore_index, vocab, acc)
-    for start, end in loop.chunks(input):
-        x_chunk = input[start:end]
-        logits = loop.logits(x_chunk)  # (C, V)
-        chunk_loss, chunk_lse = ops.cross_entropy_fwd(logits, target[start:end], weight, *options)
-        loss_rows[start:end] = chunk_loss
-        lse[start:end] = chunk_lse
-        if with_grad:
-            ops.cross_entropy_bwd_inplace(
-                row_grad.expand(end - start), logits, target[start:end], weight, chunk_lse, *options
-            )
-            loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
-    loss = _reduce(loss_rows, target, weight, ignore_index, reduction, vocab)
-    return (loss, lse, *loop.results(input))
-
-
-@_linear_cross_entropy_fwd.register_fake
-def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
-      scale_grads_in_place, backend):
-    rows, hidden = input.shape
-    vocab = linear_weight.shape[0]
-    acc = _acc_dtype(input)
-    with_grad = reduction != "none"
-    loss = input.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-    lse = input.new_empty((rows,), dtype=acc)
-    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-    return (
-        loss,
-        lse,
-        input.new_empty((rows, hidden) if with_grad and need_grad_input else (0,)),
-        input.new_empty((vocab, hidden) if with_grad and need_grad_weight else (0,),
-                        dtype=linear_weight.dtype),
-        input.new_empty((vocab,) if with_grad and need_grad_bias else (0,), dtype=bias_dtype),
-    )
-
-
-@torch.library.custom_op("fastllm::linear_cross_entropy_bwd", mutates_args=())
-def _linear_cross_entropy_bwd(
-    grad_loss: Tensor,
-    input: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Optional[Tensor],
-    target: Tensor,
-    weight: Optional[Tensor],
-    lse: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    chunk_size: int,
-    need_grad_input: bool,
-    need_grad_weight: bool,
-    need_grad_bias: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_loss (N,), the upstream gradient of every row's loss -> (dX, dW, db).
-    Recomputes each chunk's logits, overwrites them with their gradient and adds the chunk
-    to dX, dW, db."""
-    ops = IMPLS.select(input.device, backend)
-    options = (ignore_index, label_smoothing, z_loss, softcap)
-    loop = _ChunkedLinear(
-        input, linear_weight, linear_bias, chunk_size,
-        need_grad_input, need_grad_weight, need_grad_bias,
-    )
-    grad_loss = grad_loss.to(_acc_dtype(input))
-    for start, end in loop.chunks(input):
-        x_chunk = input[start:end]
-        logits = loop.logits(x_chunk)
-        ops.cross_entropy_bwd_inplace(
-            grad_loss[start:end], logits, target[start:end], weight, lse[start:end], *options
-        )
-        loop.add_chunk(start, logits, x_chunk)
-    return loop.results(input)
-
-
-@_linear_cross_entropy_bwd.register_fake
-def _(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
-      label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
-      need_grad_bias, backend):
-    rows, hidden = input.shape
-    vocab = linear_weight.shape[0]
-    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-    return (
-        input.new_empty((rows, hidden) if need_grad_input else (0,)),
-        input.new_empty((vocab, hidden) if need_grad_weight else (0,), dtype=linear_weight.dtype),
-        input.new_empty((vocab,) if need_grad_bias else (0,), dtype=bias_dtype),
-    )
-
-
-def _setup_linear_cross_entropy(ctx, inputs, output):
-    (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-     z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
-     scale_grads_in_place, backend) = inputs
-    _loss, lse, grad_input, grad_weight, grad_bias = output
-    # Only the loss is differentiable; without this, autograd would hand backward zero-filled
-    # (N, H) and (V, H) gradients for the gradient outputs, an extra dW-sized allocation.
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, grad_input, grad_weight, grad_bias)
-    ctx.reduction = reduction
-    ctx.needs = (need_grad_input, need_grad_weight, need_grad_bias)
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
-    ctx.backend = backend
-    # The inputs and lse (N floats) let any backward recompute the gradients.
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
-    ctx.scale_grads_in_place = scale_grads_in_place
-    # The gradients the forward computed (mean / sum), kept as attributes rather than saved
-    # tensors so that backward can hand them out and drop its reference (see backward).
-    ctx.precomputed = (grad_input, grad_weight, grad_bias) if reduction != "none" else None
-
-
-def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weight, _grad_bias):
-    need_input, need_weight, need_bias = ctx.needs
-    if grad_loss is None:
-        return (None,) * 16
-    if ctx.precomputed is not None:
-        # mean / sum: the forward computed the gradients of the reduced loss; scale them by its
-        # upstream gradient, a scalar. In eager mode in place, and the node gives them away:
-        # no second (V, H) buffer, and autograd can move them into .grad without a copy; a
-        # later backward through the same graph (retain_graph) recomputes below instead.
-        # Under torch.compile (decided at the call) out of place, which AOTAutograd traces.
-        if ctx.scale_grads_in_place:
-            grads = tuple(g.mul_(grad_loss) for g in ctx.precomputed)
-            ctx.precomputed = None
-        else:
-            grads = tuple(g * grad_loss for g in ctx.precomputed)
-    else:
-        input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, softcap, chunk_size = ctx.options
-        if ctx.reduction == "none":
-            grad_rows = grad_loss
-        else:
-            row_grad = _row_grad_of_reduction(
-                ctx.reduction, target, weight, ignore_index, linear_weight.shape[0], lse.dtype
-            )
-            grad_rows = (grad_loss * row_grad).expand(input.shape[0])
-        grads = _linear_cross_entropy_bwd(
-            grad_rows, input, linear_weight, linear_bias, target, weight, lse, *ctx.options,
-            need_input, need_weight, need_bias, ctx.backend,
-        )
-    grad_input, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
-    return (grad_input, grad_weight, grad_bias) + (None,) * 13
-
-
-torch.library.register_autograd(
-    "fastllm::linear_cross_entropy_fwd",
-    _backward_linear_cross_entropy,
-    setup_context=_setup_linear_cross_entropy,
-)
-
-
-def linear_cross_entropy(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    *,
-    linear_bias: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    ignore_index: Optional[int] = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float = 0.0,
-    chunk_size: Optional[int] = None,
-) -> Tensor:
-    op = "linear_cross_entropy"
-    ignore_index = -100 if ignore_index is None else ignore_index  # torch's None default
-    _check_float(op, "input", input)
-    _check_float(op, "linear_weight", linear_weight)
-    _check_options(op, reduction, label_smoothing, z_loss, softcap)
-    if input.dim() == 0:
-        raise ValueError(f"{op}: input must be (..., in_features), got a 0-d tensor")
-    hidden = input.shape[-1]
-    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
-        raise ValueError(
-            f"{op}: linear_weight must have shape [num_classes, {hidden}] (in_features = "
-            f"input.shape[-1]), got {list(linear_weight.shape)}"
-        )
-    vocab = linear_weight.shape[0]
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise TypeError(
-                f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
-            )
-        if t.device != input.device:
-            raise ValueError(
-                f"{op}: {name} must be on input's device {input.device}, got {t.device}"
-            )
-    if linear_bias is not None and list(linear_bias.shape) != [vocab]:
-        raise ValueError(
-            f"{op}: linear_bias must have shape [{vocab}] (num_classes), "
-            f"got {list(linear_bias.shape)}"
-        )
-    target = _class_index_target(op, target, input)
-    if list(target.shape) != list(input.shape[:-1]):
-        raise ValueError(
-            f"{op}: target must have shape {list(input.shape[:-1])} (input's shape without "
-            f"in_features), got {list(target.shape)}"
-        )
-    _check_class_weight(op, weight, vocab, input)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size!r}")
-
-    x = input.reshape(-1, hidden)
-    rows_target = target.reshape(-1)
-    backend = get_backend()
-    if IMPLS.select(input.device, backend) is None:
-        loss = ref.linear_cross_entropy_ref(
-            x, linear_weight, rows_target, linear_bias, weight, ignore_index, reduction,
-            label_smoothing, z_loss, softcap,
-        )
-        return loss.reshape(target.shape) if reduction == "none" else loss
-
-    rows = x.shape[0]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(rows, hidden, vocab)
-    grad_on = torch.is_grad_enabled()
-    loss, *_ = _linear_cross_entropy_fwd(
-        x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,
-        float(label_smoothing), float(z_loss), float(softcap), chunk_size,
-        grad_on and input.requires_grad,
-        grad_on and linear_weight.requires_grad,
-        grad_on and linear_bias is not None and linear_bias.requires_grad,
-        not torch.compiler.is_compiling(),
-        backend,
-    )
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)

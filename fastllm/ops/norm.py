@@ -1,29 +1,32 @@
-"""LayerNorm / RMSNorm ops: fake and autograd registrations, Triton ops, backend choice.
+"""LayerNorm / RMSNorm: the public functions, their fake and autograd rules, their Triton ops.
 
 The forward ops return the per-row statistics (mean, rstd) that backward needs, so the
 backward never recomputes them; the fused residual-add variants also return the sum,
 which is both the next block's residual and what backward differentiates through.
 
-Implementations of the same schemas:
-  torch.ops.fastllm.*        C++ CPU kernels and CUDA kernels (csrc/norm/)
-  torch.ops.fastllm.*_triton Triton kernels (fastllm/triton/norm.py), via triton_op
-  torch.ops.fastllm_emu.*    the CUDA kernels run on CPU tensors by the SIMT emulation
-                             (tests only, registered by fastllm._emu)
+Schemas: csrc/schemas.h (FASTLLM_NORM_SCHEMAS). Kernels: csrc/norm/ (C++ CPU, CUDA),
+fastllm/triton/norm.py (Triton); reference: fastllm/reference/norm.py. The backends and
+their choice: fastllm/ops/_family.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from fastllm import _native
-from fastllm.backend import Implementations
+from fastllm.ops._family import (
+    FLOAT_DTYPES,
+    OpFamily,
+    OpSet,
+    acc_dtype,
+    check_float_tensor,
+    check_same_device,
+)
 from fastllm.reference import norm as ref
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_Shape = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------- checks
@@ -49,12 +52,7 @@ def check_norm_args(
     rms: bool,
     residual: Optional[Tensor] = None,
 ) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: input must be float32, bfloat16, float16 or float64, got {input.dtype}"
-        )
+    check_float_tensor(op, "input", input)
     shape = _shape(normalized_shape)
     if len(shape) == 0:
         raise ValueError(f"{op}: normalized_shape must have at least one dimension, got []")
@@ -72,9 +70,8 @@ def check_norm_args(
             raise ValueError(
                 f"{op}: {name} must have shape {shape} (normalized_shape), got {list(p.shape)}"
             )
-        if p.device != input.device:
-            raise ValueError(f"{op}: {name} must be on input's device {input.device}, got {p.device}")
-        if p.dtype not in _FLOAT_DTYPES:
+        check_same_device(op, name, p, input)
+        if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be a floating tensor, got {p.dtype}")
         if not rms and not (
             p.dtype == input.dtype
@@ -94,10 +91,7 @@ def check_norm_args(
             raise TypeError(
                 f"{op}: residual must have the dtype of input {input.dtype}, got {residual.dtype}"
             )
-        if residual.device != input.device:
-            raise ValueError(
-                f"{op}: residual must be on input's device {input.device}, got {residual.device}"
-            )
+        check_same_device(op, "residual", residual, input)
 
 
 def default_rms_eps(input: Tensor) -> float:
@@ -106,30 +100,11 @@ def default_rms_eps(input: Tensor) -> float:
     return torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
 
 
-# ---------------------------------------------------------------- op sets per backend
-
-
-@dataclasses.dataclass(frozen=True)
-class NormOps:
-    """The six ops of one implementation of the norm family."""
-
-    layer_norm_fwd: Any
-    add_layer_norm_fwd: Any
-    layer_norm_bwd: Any
-    rms_norm_fwd: Any
-    add_rms_norm_fwd: Any
-    rms_norm_bwd: Any
-
-
-def _ops_in(namespace: Any, suffix: str = "") -> NormOps:
-    return NormOps(
-        *(getattr(namespace, f.name + suffix) for f in dataclasses.fields(NormOps))
-    )
+# ------------------------------------------------------------ fake and autograd rules
 
 
 def _stats_like(input: Tensor, normalized_shape: Sequence[int]) -> Tensor:
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    return input.new_empty(input.shape[: input.dim() - len(normalized_shape)], dtype=acc)
+    return input.new_empty(input.shape[: input.dim() - len(normalized_shape)], dtype=acc_dtype(input))
 
 
 def _param_grad_like(
@@ -141,23 +116,23 @@ def _param_grad_like(
     return input.new_empty(_shape(normalized_shape), dtype=dtype)
 
 
-def register_fakes(lib: str, suffix: str = "") -> None:
-    """Fake (meta) implementations of the norm schemas ``{lib}::<op>{suffix}``. (The Triton
-    ops need them too: triton_op's own fake would run the interpreter on fake tensors.)"""
+def _register_fakes(ops: OpSet) -> None:
+    """Fake (meta) implementations of one op set. (The Triton ops need them too: triton_op's
+    own fake would run the interpreter on fake tensors.)"""
 
     def out_like(x: Tensor) -> Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake(f"{lib}::layer_norm_fwd{suffix}")
+    @torch.library.register_fake(ops.layer_norm_fwd)
     def _(input, normalized_shape, weight, bias, eps):
         return out_like(input), _stats_like(input, normalized_shape), _stats_like(input, normalized_shape)
 
-    @torch.library.register_fake(f"{lib}::add_layer_norm_fwd{suffix}")
+    @torch.library.register_fake(ops.add_layer_norm_fwd)
     def _(input, residual, normalized_shape, weight, bias, eps):
         stats = _stats_like(input, normalized_shape)
         return out_like(input), out_like(input), stats, torch.empty_like(stats)
 
-    @torch.library.register_fake(f"{lib}::layer_norm_bwd{suffix}")
+    @torch.library.register_fake(ops.layer_norm_bwd)
     def _(grad_out, grad_residual_out, input, normalized_shape, weight, mean, rstd, weight_grad, bias_grad):
         return (
             out_like(input),
@@ -165,20 +140,20 @@ def register_fakes(lib: str, suffix: str = "") -> None:
             _param_grad_like(input, normalized_shape, weight, bias_grad),
         )
 
-    @torch.library.register_fake(f"{lib}::rms_norm_fwd{suffix}")
+    @torch.library.register_fake(ops.rms_norm_fwd)
     def _(input, normalized_shape, weight, eps):
         return out_like(input), _stats_like(input, normalized_shape)
 
-    @torch.library.register_fake(f"{lib}::add_rms_norm_fwd{suffix}")
+    @torch.library.register_fake(ops.add_rms_norm_fwd)
     def _(input, residual, normalized_shape, weight, eps):
         return out_like(input), out_like(input), _stats_like(input, normalized_shape)
 
-    @torch.library.register_fake(f"{lib}::rms_norm_bwd{suffix}")
+    @torch.library.register_fake(ops.rms_norm_bwd)
     def _(grad_out, grad_residual_out, input, normalized_shape, weight, rstd, weight_grad):
         return out_like(input), _param_grad_like(input, normalized_shape, weight, weight_grad)
 
 
-def register_autograd(ops: NormOps) -> None:
+def _register_autograd(ops: OpSet) -> None:
     """Backward formulas of one op set, expressed with that set's own backward ops."""
 
     def grad_or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
@@ -261,71 +236,96 @@ def register_autograd(ops: NormOps) -> None:
         (ops.rms_norm_fwd, backward_rms_norm, setup_rms_norm),
         (ops.add_rms_norm_fwd, backward_add_rms_norm, setup_add_rms_norm),
     ):
-        torch.library.register_autograd(op.default, backward, setup_context=setup)
+        torch.library.register_autograd(op, backward, setup_context=setup)
 
 
-IMPLS: Implementations[NormOps] = Implementations("norm")
-if _native.AVAILABLE:
-    register_fakes("fastllm")
-    IMPLS.native = _ops_in(torch.ops.fastllm)
-    register_autograd(IMPLS.native)
+# ------------------------------------------------------------------------ op family
 
 
-def _define_triton_ops() -> Optional[NormOps]:
-    try:
-        from fastllm.triton import norm as triton_norm
-    except ImportError:  # triton not installed (e.g. a CPU-only torch)
-        return None
-    for field in dataclasses.fields(NormOps):
-        torch.library.triton_op(
-            f"fastllm::{field.name}_triton", getattr(triton_norm, field.name), mutates_args=()
-        )
-    register_fakes("fastllm", "_triton")
-    result = _ops_in(torch.ops.fastllm, "_triton")
-    register_autograd(result)
-    return result
+def _triton_kernels() -> dict:
+    from fastllm.triton import norm as kernels
+
+    return {
+        "fastllm::layer_norm_fwd_triton": kernels.layer_norm_fwd,
+        "fastllm::add_layer_norm_fwd_triton": kernels.add_layer_norm_fwd,
+        "fastllm::layer_norm_bwd_triton": kernels.layer_norm_bwd,
+        "fastllm::rms_norm_fwd_triton": kernels.rms_norm_fwd,
+        "fastllm::add_rms_norm_fwd_triton": kernels.add_rms_norm_fwd,
+        "fastllm::rms_norm_bwd_triton": kernels.rms_norm_bwd,
+    }
 
 
-IMPLS.triton = _define_triton_ops()
+IMPLS = OpFamily(
+    "norm",
+    schemas=(
+        "layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd",
+        "rms_norm_fwd", "add_rms_norm_fwd", "rms_norm_bwd",
+    ),
+    fakes=_register_fakes,
+    autograd=_register_autograd,
+    triton_kernels=_triton_kernels,
+)
 
 
-def register_emulated(lib: str) -> None:
-    """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
-    register_fakes(lib)
-    IMPLS.emulated = _ops_in(getattr(torch.ops, lib))
-    register_autograd(IMPLS.emulated)
+# --------------------------------------------------------------------------- public API
 
 
-def select_ops(input: Tensor) -> Optional[NormOps]:
-    """The op set for ``input`` under the current backend; None means the reference."""
-    return IMPLS.select(input.device)
+def layer_norm(
+    input: Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalisation over the trailing ``normalized_shape`` dims, as
+    ``torch.nn.functional.layer_norm``: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
-
-# ------------------------------------------------------------------ public entry points
-
-
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> Tensor:
+    Statistics accumulate in float32 (float64 for float64 input); the output has the
+    input's dtype. ``weight``/``bias`` have the input's dtype, or float32 with a
+    bfloat16/float16 input. Non-contiguous inputs are accepted.
+    """
     check_norm_args("layer_norm", input, normalized_shape, weight, bias, eps, rms=False)
-    ops = select_ops(input)
+    ops = IMPLS.select(input)
     if ops is None:
         return ref.layer_norm_ref(input, normalized_shape, weight, bias, eps)
     return ops.layer_norm_fwd(input, _shape(normalized_shape), weight, bias, eps)[0]
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """Root-mean-square normalisation, as ``torch.nn.functional.rms_norm``:
+    ``x / sqrt(mean(x^2) + eps) * weight``. ``eps=None`` uses
+    ``torch.finfo(torch.float32).eps`` for float32/bfloat16/float16 input (what torch's
+    kernel does) and the float64 epsilon for float64 input.
+    """
     eps = default_rms_eps(input) if eps is None else eps
     check_norm_args("rms_norm", input, normalized_shape, weight, None, eps, rms=True)
-    ops = select_ops(input)
+    ops = IMPLS.select(input)
     if ops is None:
         return ref.rms_norm_ref(input, normalized_shape, weight, eps)
     return ops.rms_norm_fwd(input, _shape(normalized_shape), weight, eps)[0]
 
 
-def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """The pre-norm block pattern in one fused pass: returns
+    ``(layer_norm(input + residual), input + residual)``. The sum is rounded to the input
+    dtype before it is normalised, exactly as the unfused code would do.
+    """
     check_norm_args(
         "add_layer_norm", input, normalized_shape, weight, bias, eps, rms=False, residual=residual
     )
-    ops = select_ops(input)
+    ops = IMPLS.select(input)
     if ops is None:
         return ref.add_layer_norm_ref(input, residual, normalized_shape, weight, bias, eps)
     out, summed, _, _ = ops.add_layer_norm_fwd(
@@ -334,12 +334,19 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
     return out, summed
 
 
-def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(input + residual), input + residual)`` in one fused pass."""
     eps = default_rms_eps(input) if eps is None else eps
     check_norm_args(
         "add_rms_norm", input, normalized_shape, weight, None, eps, rms=True, residual=residual
     )
-    ops = select_ops(input)
+    ops = IMPLS.select(input)
     if ops is None:
         return ref.add_rms_norm_ref(input, residual, normalized_shape, weight, eps)
     out, summed, _ = ops.add_rms_norm_fwd(input, residual, _shape(normalized_shape), weight, eps)

@@ -1,0 +1,198 @@
+"""The wiring every op family shares: its implementations per backend, and the choice.
+
+An op family (norm, cross_entropy, attention, ...) is a set of schemas declared once in
+``csrc/schemas.h`` and implemented three to four times:
+
+  ``torch.ops.fastllm.<op>``           C++ CPU kernels and CUDA kernels (``fastllm._C``)
+  ``torch.ops.fastllm.<op>_triton``    Triton kernels, defined here with ``triton_op``
+  ``torch.ops.fastllm_emu.<op>``       the CUDA kernels on CPU tensors through the SIMT
+                                       emulation (tests only, once ``fastllm._emu`` is loaded)
+  ``fastllm/reference/<family>.py``    plain PyTorch (``backend="reference"``, or a device
+                                       without kernels); the family's public functions call it
+
+A family module (``fastllm/ops/<family>.py``) declares an :class:`OpFamily` with
+
+  ``schemas``         the op names of csrc/schemas.h it implements;
+  ``fakes``           a function that registers the fake (meta) rules of ONE op set;
+  ``autograd``        a function that registers the autograd rules of ONE op set, whose
+                      backward ops it calls (each backend differentiates with its own kernels);
+  ``triton_kernels``  a function that imports the family's Triton module and returns
+                      ``{"fastllm::<op>_triton": launcher}`` (literal names, so that a grep
+                      for an op finds its definition);
+  ``cuda_dtype_fallback``  dtypes that the family's CUDA kernels do not take, and the
+                      backend that runs them instead under ``"native"`` ("triton", or
+                      "reference"; without triton the reference);
+
+and this module does the rest: it binds the op sets that exist, defines the Triton ops,
+registers fakes and autograd for each set, records why a backend is missing, and picks the
+set for a tensor under the backend in force (``fastllm.backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastllm import _native
+from fastllm.backend import get_backend, triton_interpret
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """The dtype kernels accumulate in (and return statistics in): float64 for float64
+    tensors, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_float_tensor(op: str, name: str, t: Any) -> None:
+    """``t`` must be a tensor of one of FLOAT_DTYPES; the error names ``op`` and ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}"
+        )
+
+
+def check_same_device(op: str, name: str, t: Tensor, like: Tensor) -> None:
+    """``t`` must be on the device of ``like`` (the op's input)."""
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} must be on input's device {like.device}, got {t.device}")
+
+
+class OpSet:
+    """One backend's implementation of a family: an attribute per schema name holding the
+    ``OpOverload`` (e.g. ``ops.layer_norm_fwd``). A family's ``autograd`` may attach more
+    (e.g. an autograd.Function built on the set's ops)."""
+
+    def __init__(self, backend: str, ops: Mapping[str, Any]):
+        self.backend = backend
+        self.__dict__.update(ops)
+
+    def __repr__(self) -> str:
+        names = ", ".join(k for k in self.__dict__ if k != "backend")
+        return f"OpSet({self.backend!r}: {names})"
+
+
+class OpFamily:
+    """The implementations of one op family and the choice among them (module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schemas: Sequence[str],
+        fakes: Callable[[OpSet], None],
+        autograd: Callable[[OpSet], None],
+        triton_kernels: Callable[[], Mapping[str, Callable]],
+        mutates_args: Optional[Mapping[str, Sequence[str]]] = None,
+        cuda_dtype_fallback: Optional[Mapping[torch.dtype, str]] = None,
+    ):
+        self.name = name
+        self.schemas = tuple(schemas)
+        self._register_fakes = fakes
+        self._register_autograd = autograd
+        self._mutates_args = dict(mutates_args or {})
+        self.cuda_dtype_fallback = dict(cuda_dtype_fallback or {})
+        for dtype, fallback in self.cuda_dtype_fallback.items():
+            if fallback not in ("triton", "reference"):
+                raise ValueError(
+                    f"{name}: cuda_dtype_fallback[{dtype}] must be 'triton' or 'reference', "
+                    f"got {fallback!r}"
+                )
+        self.native: Optional[OpSet] = None      # torch.ops.fastllm.<op>
+        self.triton: Optional[OpSet] = None      # torch.ops.fastllm.<op>_triton
+        self.emulated: Optional[OpSet] = None    # torch.ops.fastllm_emu.<op>
+        self.triton_unavailable = (
+            "backend 'triton' needs the triton package, which is not installed"
+        )
+        if _native.AVAILABLE:
+            self.native = self._bind("native", torch.ops.fastllm, "")
+        self.triton = self._define_triton(triton_kernels)
+
+    def _bind(self, backend: str, namespace: Any, suffix: str) -> OpSet:
+        ops = OpSet(
+            backend, {name: getattr(namespace, name + suffix).default for name in self.schemas}
+        )
+        self._register_fakes(ops)
+        self._register_autograd(ops)
+        return ops
+
+    def _define_triton(self, triton_kernels: Callable[[], Mapping[str, Callable]]) -> Optional[OpSet]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:  # e.g. a CPU-only torch: the message above stands
+            return None
+        try:
+            kernels = triton_kernels()
+        except ImportError as exc:  # a broken kernel module must not break `import fastllm`
+            self.triton_unavailable = f"backend 'triton' ({self.name}) failed to import: {exc}"
+            return None
+        defined = {qualname.split("::")[1].removesuffix("_triton") for qualname in kernels}
+        if defined != set(self.schemas):
+            raise RuntimeError(
+                f"{self.name}: the Triton ops must implement exactly the schemas "
+                f"{sorted(self.schemas)}, got {sorted(defined)}"
+            )
+        for qualname, launcher in kernels.items():
+            schema = qualname.split("::")[1].removesuffix("_triton")
+            torch.library.triton_op(
+                qualname, launcher, mutates_args=tuple(self._mutates_args.get(schema, ()))
+            )
+        return self._bind("triton", torch.ops.fastllm, "_triton")
+
+    def register_emulated(self, lib: str) -> None:
+        """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
+        self.emulated = self._bind("cuda_emu", getattr(torch.ops, lib), "")
+
+    def unavailable(self, backend: str) -> Optional[str]:
+        """Why ``backend`` cannot run this family here, or None when it can (CPU tensors)."""
+        if backend == "native" and self.native is None:
+            return f"fastllm._C is not built: {_native.error()}"
+        if backend == "triton":
+            if self.triton is None:
+                return self.triton_unavailable
+            if not triton_interpret():
+                return "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1"
+        if backend == "cuda_emu" and self.emulated is None:
+            return "the SIMT emulation is not loaded (fastllm._emu.load())"
+        return None
+
+    def select(self, like: Tensor, backend: Optional[str] = None) -> Optional[OpSet]:
+        """The op set for tensors like ``like`` (its device and dtype) under ``backend``
+        (default: the one in force); None means the plain-PyTorch reference runs."""
+        backend = get_backend() if backend is None else backend
+        device = like.device
+        if backend == "reference":
+            return None
+        if backend == "cuda_emu":
+            if self.emulated is None:
+                raise RuntimeError(
+                    f"backend 'cuda_emu' ({self.name}) needs the SIMT emulation extension: "
+                    "call fastllm._emu.load() first (tests only)"
+                )
+            if device.type != "cpu":
+                raise ValueError(f"backend 'cuda_emu' runs on CPU tensors, got {device}")
+            return self.emulated
+        if backend == "triton":
+            if self.triton is None:
+                raise RuntimeError(self.triton_unavailable)
+            if device.type == "cpu" and not triton_interpret():
+                raise RuntimeError(
+                    "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
+                    "tensor without it (use a CUDA tensor or the 'native' backend)"
+                )
+            return self.triton
+        # native
+        if device.type not in ("cpu", "cuda"):
+            return None  # no hand-written kernel for this device: the reference runs
+        _native.require()
+        if device.type == "cuda" and like.dtype in self.cuda_dtype_fallback:
+            # A dtype the CUDA kernels do not take runs where it can, as torch's own ops do.
+            fallback = self.cuda_dtype_fallback[like.dtype]
+            return self.triton if fallback == "triton" else None
+        return self.native
+

@@ -1,0 +1,420 @@
+"""Linear + cross-entropy in chunks: ``cross_entropy(input @ W.T + b, target)`` without ever
+holding the (N, V) logits, built on the cross-entropy op family (fastllm/ops/cross_entropy.py)
+and torch's GEMMs.
+
+The two ops ``fastllm::linear_cross_entropy_fwd`` / ``_bwd`` are Python custom ops (so that
+torch.compile(fullgraph=True) sees one opaque op) that run the rows in chunks: per chunk, logits = x_c @ W.T + b (one GEMM), the fused cross-entropy forward, and —
+when the loss is reduced to a scalar (mean / sum), so the upstream gradient of every row is
+the same number g known up to that factor — the gradient of the chunk's logits written over
+them in place and the two gradient GEMMs (dX_c = dlogits @ W, dW += dlogits.T @ x_c). Backward
+then only scales dX, dW, db by g: 3 GEMMs in all, as in the unfused path, and the peak extra
+memory is one chunk of logits instead of (N, V) logits and their gradient. With
+reduction="none" the rows' gradients are only known in backward, which recomputes each
+chunk's logits (a 4th GEMM).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastllm.backend import get_backend
+from fastllm.ops._family import acc_dtype, check_float_tensor, check_same_device
+from fastllm.ops.cross_entropy import (
+    IMPLS,
+    check_class_weight,
+    check_options,
+    class_index_target,
+    mean_denominator,
+    reduce_rows,
+)
+from fastllm.reference import cross_entropy as ref
+
+# A chunk's logits hold at least this many elements (16 MiB in float32): below it, the
+# per-chunk overheads (kernel launches, GEMM set-up, the dW read-modify-write) dominate.
+_MIN_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk such that a chunk's logits hold about as many elements as the input
+    (rows x hidden), and at least _MIN_CHUNK_ELEMENTS: torch's LinearCrossEntropyOptions
+    "aspect_ratio" rule, so the peak memory is that of torch's chunked path. Each chunk
+    streams the whole weight through its GEMMs, so larger chunks run faster at the cost of
+    memory (at 4096 x 1024 x 32000 on 2 CPU cores: 132 rows, the default, ran as fast as the
+    unfused path; 512 rows about 10% faster, with 50 MiB more at peak)."""
+    elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
+    return max(1, min(rows, -(-elements // vocab)))
+
+
+class _ChunkedLinear:
+    """The chunk loop's state: one logits buffer reused by every chunk (a fresh (C, V)
+    allocation per chunk would pay its page faults every time), and dX, dW, db summed chunk
+    by chunk from each chunk's d(loss)/d(logits). dW and db accumulate in float32 for
+    bfloat16/float16 (through a float32 copy of the chunk's logit gradient): summing chunk
+    products in the storage dtype would round once per chunk."""
+
+    def __init__(self, input, linear_weight, linear_bias, chunk_size,
+                 need_input, need_weight, need_bias):
+        rows, hidden = input.shape
+        vocab = linear_weight.shape[0]
+        self.chunk_size = chunk_size
+        self.linear_weight = linear_weight
+        self.linear_bias = linear_bias
+        self.low_precision = input.dtype in (torch.bfloat16, torch.float16)
+        acc = torch.float32 if self.low_precision else input.dtype
+        self.weight_dtype = linear_weight.dtype
+        self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+        chunk_rows = min(chunk_size, rows)
+        self.logits_buffer = input.new_empty((chunk_rows, vocab))
+        self.widened_buffer = (
+            input.new_empty((chunk_rows, vocab), dtype=acc)
+            if self.low_precision and need_weight else None
+        )
+        self.grad_input = input.new_empty((rows, hidden)) if need_input else None
+        self.grad_weight = input.new_zeros((vocab, hidden), dtype=acc) if need_weight else None
+        self.grad_bias = input.new_zeros((vocab,), dtype=acc) if need_bias else None
+
+    def chunks(self, input: Tensor) -> list[tuple[int, int]]:
+        rows = input.shape[0]
+        return [(s, min(s + self.chunk_size, rows)) for s in range(0, rows, self.chunk_size)]
+
+    def logits(self, x_chunk: Tensor) -> Tensor:
+        """(C, H) @ (V, H).T + b -> (C, V) in the input's dtype, torch's GEMM (as F.linear),
+        written into the shared buffer."""
+        out = self.logits_buffer[: x_chunk.shape[0]]
+        if self.linear_bias is None:
+            return torch.mm(x_chunk, self.linear_weight.t(), out=out)
+        return torch.addmm(self.linear_bias, x_chunk, self.linear_weight.t(), out=out)
+
+    def add_chunk(self, start: int, grad_logits: Tensor, x_chunk: Tensor) -> None:
+        end = start + grad_logits.shape[0]
+        if self.grad_input is not None:
+            torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
+        if self.grad_weight is not None:
+            if self.low_precision:
+                widened = self.widened_buffer[: end - start].copy_(grad_logits)
+                self.grad_weight.addmm_(widened.t(), x_chunk.float())
+            else:
+                self.grad_weight.addmm_(grad_logits.t(), x_chunk)
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+
+    def results(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(dX, dW, db) in their parameters' dtypes; an empty tensor for each one not wanted
+        (custom ops cannot return None)."""
+        grad_input, grad_weight, grad_bias = (like.new_empty(0) for _ in range(3))
+        if self.grad_input is not None:
+            grad_input = self.grad_input
+        if self.grad_weight is not None:
+            grad_weight = self.grad_weight.to(self.weight_dtype)
+        if self.grad_bias is not None:
+            grad_bias = self.grad_bias.to(self.bias_dtype)
+        return grad_input, grad_weight, grad_bias
+
+
+def _check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
+    """The error the CPU kernel raises, with the row counted over all rows rather than within
+    a chunk. Runs inside the op (never while tracing), on CPU only: on a GPU it would need a
+    device synchronisation, and the CUDA kernels mark such rows with a NaN loss instead."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"cross_entropy: target[{row}] = {int(target[row])} is out of range for {vocab} "
+            f"classes (ignore_index={ignore_index})"
+        )
+
+
+def _row_grad_of_reduction(
+    reduction: str, target: Tensor, weight: Optional[Tensor], ignore_index: int, vocab: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """d(reduced loss)/d(loss of a row), a 0-d tensor: 1 / denominator for mean, 1 for sum."""
+    if reduction == "mean":
+        return 1.0 / mean_denominator(target, weight, ignore_index, vocab, dtype)
+    return torch.ones((), dtype=dtype, device=target.device)
+
+
+@torch.library.custom_op("fastllm::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    scale_grads_in_place: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """input (N, H), linear_weight (V, H), linear_bias (V,), target (N,) ->
+    (loss: () or (N,) float32, lse (N,) float32, dX, dW, db). The gradients are those of
+    the loss as returned (for reduction mean / sum) and empty when not wanted or when
+    reduction="none" (computed in backward then). scale_grads_in_place: see backward."""
+    ops = IMPLS.select(input, backend)
+    rows = input.shape[0]
+    vocab = linear_weight.shape[0]
+    acc = acc_dtype(input)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    if input.device.type == "cpu":
+        _check_target_range(target, vocab, ignore_index)
+    loss_rows = input.new_empty((rows,), dtype=acc)
+    lse = input.new_empty((rows,), dtype=acc)
+    with_grad = reduction != "none" and (need_grad_input or need_grad_weight or need_grad_bias)
+    loop = _ChunkedLinear(
+        input, linear_weight, linear_bias, chunk_size,
+        with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
+    )
+    row_grad = _row_grad_of_reduction(reduction, target, weight, ignore_index, vocab, acc)
+    for start, end in loop.chunks(input):
+        x_chunk = input[start:end]
+        logits = loop.logits(x_chunk)  # (C, V)
+        chunk_loss, chunk_lse = ops.cross_entropy_fwd(logits, target[start:end], weight, *options)
+        loss_rows[start:end] = chunk_loss
+        lse[start:end] = chunk_lse
+        if with_grad:
+            ops.cross_entropy_bwd_inplace(
+                row_grad.expand(end - start), logits, target[start:end], weight, chunk_lse, *options
+            )
+            loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
+    loss = reduce_rows(loss_rows, target, weight, ignore_index, reduction, vocab)
+    return (loss, lse, *loop.results(input))
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+      z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
+      scale_grads_in_place, backend):
+    rows, hidden = input.shape
+    vocab = linear_weight.shape[0]
+    acc = acc_dtype(input)
+    with_grad = reduction != "none"
+    loss = input.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+    lse = input.new_empty((rows,), dtype=acc)
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return (
+        loss,
+        lse,
+        input.new_empty((rows, hidden) if with_grad and need_grad_input else (0,)),
+        input.new_empty((vocab, hidden) if with_grad and need_grad_weight else (0,),
+                        dtype=linear_weight.dtype),
+        input.new_empty((vocab,) if with_grad and need_grad_bias else (0,), dtype=bias_dtype),
+    )
+
+
+@torch.library.custom_op("fastllm::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd(
+    grad_loss: Tensor,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    need_grad_input: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_loss (N,), the upstream gradient of every row's loss -> (dX, dW, db).
+    Recomputes each chunk's logits, overwrites them with their gradient and adds the chunk
+    to dX, dW, db."""
+    ops = IMPLS.select(input, backend)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
+    loop = _ChunkedLinear(
+        input, linear_weight, linear_bias, chunk_size,
+        need_grad_input, need_grad_weight, need_grad_bias,
+    )
+    grad_loss = grad_loss.to(acc_dtype(input))
+    for start, end in loop.chunks(input):
+        x_chunk = input[start:end]
+        logits = loop.logits(x_chunk)
+        ops.cross_entropy_bwd_inplace(
+            grad_loss[start:end], logits, target[start:end], weight, lse[start:end], *options
+        )
+        loop.add_chunk(start, logits, x_chunk)
+    return loop.results(input)
+
+
+@_linear_cross_entropy_bwd.register_fake
+def _(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
+      label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+      need_grad_bias, backend):
+    rows, hidden = input.shape
+    vocab = linear_weight.shape[0]
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return (
+        input.new_empty((rows, hidden) if need_grad_input else (0,)),
+        input.new_empty((vocab, hidden) if need_grad_weight else (0,), dtype=linear_weight.dtype),
+        input.new_empty((vocab,) if need_grad_bias else (0,), dtype=bias_dtype),
+    )
+
+
+def _setup_linear_cross_entropy(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+     z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
+     scale_grads_in_place, backend) = inputs
+    _loss, lse, grad_input, grad_weight, grad_bias = output
+    # Only the loss is differentiable; without this, autograd would hand backward zero-filled
+    # (N, H) and (V, H) gradients for the gradient outputs, an extra dW-sized allocation.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, grad_input, grad_weight, grad_bias)
+    ctx.reduction = reduction
+    ctx.needs = (need_grad_input, need_grad_weight, need_grad_bias)
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+    ctx.backend = backend
+    # The inputs and lse (N floats) let any backward recompute the gradients.
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse)
+    ctx.scale_grads_in_place = scale_grads_in_place
+    # The gradients the forward computed (mean / sum), kept as attributes rather than saved
+    # tensors so that backward can hand them out and drop its reference (see backward).
+    ctx.precomputed = (grad_input, grad_weight, grad_bias) if reduction != "none" else None
+
+
+def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weight, _grad_bias):
+    need_input, need_weight, need_bias = ctx.needs
+    if grad_loss is None:
+        return (None,) * 16
+    if ctx.precomputed is not None:
+        # mean / sum: the forward computed the gradients of the reduced loss; scale them by its
+        # upstream gradient, a scalar. In eager mode in place, and the node gives them away:
+        # no second (V, H) buffer, and autograd can move them into .grad without a copy; a
+        # later backward through the same graph (retain_graph) recomputes below instead.
+        # Under torch.compile (decided at the call) out of place, which AOTAutograd traces.
+        if ctx.scale_grads_in_place:
+            grads = tuple(g.mul_(grad_loss) for g in ctx.precomputed)
+            ctx.precomputed = None
+        else:
+            grads = tuple(g * grad_loss for g in ctx.precomputed)
+    else:
+        input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, softcap, chunk_size = ctx.options
+        if ctx.reduction == "none":
+            grad_rows = grad_loss
+        else:
+            row_grad = _row_grad_of_reduction(
+                ctx.reduction, target, weight, ignore_index, linear_weight.shape[0], lse.dtype
+            )
+            grad_rows = (grad_loss * row_grad).expand(input.shape[0])
+        grads = _linear_cross_entropy_bwd(
+            grad_rows, input, linear_weight, linear_bias, target, weight, lse, *ctx.options,
+            need_input, need_weight, need_bias, ctx.backend,
+        )
+    grad_input, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
+    return (grad_input, grad_weight, grad_bias) + (None,) * 13
+
+
+torch.library.register_autograd(
+    "fastllm::linear_cross_entropy_fwd",
+    _backward_linear_cross_entropy,
+    setup_context=_setup_linear_cross_entropy,
+)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: Optional[int] = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever
+    holding the ``(N, num_classes)`` logits: the rows are processed ``chunk_size`` at a time
+    (default: chunks whose logits take about as much memory as ``input``), with torch's GEMMs
+    and the fused cross-entropy kernels. Gradients flow to ``input``, ``linear_weight`` and
+    ``linear_bias``.
+
+    ``input`` is ``(..., in_features)`` with ``target`` of shape ``input.shape[:-1]``;
+    ``linear_weight`` ``(num_classes, in_features)`` and ``linear_bias`` ``(num_classes,)``
+    in the input's dtype. Keyword arguments as ``torch.nn.functional.linear_cross_entropy``
+    (``weight`` = class weights, ``ignore_index=None`` means -100) plus ``z_loss``,
+    ``softcap`` and ``chunk_size`` (rows per chunk).
+
+    With ``reduction`` "mean" or "sum" the forward also computes the gradients (the upstream
+    gradient of a scalar loss only scales them), so training costs the same three GEMMs as the
+    unfused path. With "none", backward recomputes each chunk's logits (one more GEMM).
+    """
+    op = "linear_cross_entropy"
+    ignore_index = -100 if ignore_index is None else ignore_index  # torch's None default
+    check_float_tensor(op, "input", input)
+    check_float_tensor(op, "linear_weight", linear_weight)
+    check_options(op, reduction, label_smoothing, z_loss, softcap)
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input must be (..., in_features), got a 0-d tensor")
+    hidden = input.shape[-1]
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
+        raise ValueError(
+            f"{op}: linear_weight must have shape [num_classes, {hidden}] (in_features = "
+            f"input.shape[-1]), got {list(linear_weight.shape)}"
+        )
+    vocab = linear_weight.shape[0]
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
+            )
+        check_same_device(op, name, t, input)
+    if linear_bias is not None and list(linear_bias.shape) != [vocab]:
+        raise ValueError(
+            f"{op}: linear_bias must have shape [{vocab}] (num_classes), "
+            f"got {list(linear_bias.shape)}"
+        )
+    target = class_index_target(op, target, input)
+    if list(target.shape) != list(input.shape[:-1]):
+        raise ValueError(
+            f"{op}: target must have shape {list(input.shape[:-1])} (input's shape without "
+            f"in_features), got {list(target.shape)}"
+        )
+    check_class_weight(op, weight, vocab, input)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size!r}")
+
+    x = input.reshape(-1, hidden)
+    rows_target = target.reshape(-1)
+    backend = get_backend()
+    if IMPLS.select(input, backend) is None:
+        loss = ref.linear_cross_entropy_ref(
+            x, linear_weight, rows_target, linear_bias, weight, ignore_index, reduction,
+            label_smoothing, z_loss, softcap,
+        )
+        return loss.reshape(target.shape) if reduction == "none" else loss
+
+    rows = x.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, hidden, vocab)
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = _linear_cross_entropy_fwd(
+        x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,
+        float(label_smoothing), float(z_loss), float(softcap), chunk_size,
+        grad_on and input.requires_grad,
+        grad_on and linear_weight.requires_grad,
+        grad_on and linear_bias is not None and linear_bias.requires_grad,
+        not torch.compiler.is_compiling(),
+        backend,
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.to(input.dtype)

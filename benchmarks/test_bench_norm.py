@@ -1,36 +1,8 @@
 """The norm cases of ``fastllm bench norm`` (fastllm.bench.norm), one test per case and
-contender, grouped by case."""
+contender, grouped by case (parametrized and timed by conftest.py)."""
 
-import pytest
-import torch
-
-from fastllm.bench import norm
-from fastllm.bench.common import (
-    COMPILE, CONTENDERS, EAGER, FASTLLM, fastllm_label, peak_memory_bytes, thp_setting,
-)
-
-CONTENDER_IDS = {FASTLLM: "fastllm", EAGER: "eager", COMPILE: "compile"}
-CASES = norm.cases()
+FAMILY = "norm"  # conftest.py runs the test on fastllm.bench.norm's cases
 
 
-@pytest.mark.parametrize("contender", CONTENDERS, ids=CONTENDER_IDS.get)
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_norm(benchmark, case, contender, bench_device, bench_backend):
-    call = case.build(contender, case.make_inputs(bench_device), bench_backend)
-    if bench_device.type == "cuda":
-        run_once = call
-
-        def call():
-            run_once()
-            torch.cuda.synchronize(bench_device)
-
-    benchmark.group = f"norm {case.id}"
-    benchmark.extra_info.update(
-        contender=fastllm_label(bench_backend) if contender == FASTLLM else contender,
-        bytes_moved=case.bytes_moved(),
-        thp=thp_setting(bench_device),
-        peak_memory_bytes=peak_memory_bytes(call, bench_device),
-    )
-    benchmark(call)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["gbs"] = case.bytes_moved() / benchmark.stats.stats.median / 1e9
+def test_norm(case, contender, time_case):
+    time_case(case, contender)

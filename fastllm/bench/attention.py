@@ -52,6 +52,7 @@ T; torch's SDPA (its CPU flash kernel) grew the same way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -59,8 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.backend import use_backend
-from fastllm.bench.common import COMPILE, EAGER, FASTLLM, compile_once
+from fastllm.bench.common import FASTLLM, CallInputs, Case
 
 FAMILY = "attention"
 PARAM_COLUMNS = ("mask", "mode", "shape", "dtype")
@@ -91,39 +91,38 @@ def fastllm_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 
 @dataclasses.dataclass
 class AttentionInputs:
-    fastllm_qkv: tuple[Tensor, Tensor, Tensor]  # (B, T, H, D) each, contiguous
-    torch_qkv: tuple[Tensor, Tensor, Tensor]  # the same values as (B, H, T, D), contiguous
-    fastllm_grad_out: Tensor | None  # forward+backward: (B, T, H, D)
-    torch_grad_out: Tensor | None  # forward+backward: (B, H, T, D)
+    """The same values in each contender's layout: args (q, k, v, causal) with q, k, v
+    contiguous; forward+backward: the gradients are taken of q, k, v, from grad_out."""
+
+    fastllm: CallInputs  # q, k, v, grad_out: (B, T, H, D)
+    torch: CallInputs  # q, k, v, grad_out: (B, H, T, D)
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionCase:
+class AttentionCase(Case):
     mask: str  # one of MASKS
     mode: str  # one of MODES
     shape: tuple[int, int, int, int]  # (B, H, T, D)
     dtype: torch.dtype
 
     @property
-    def id(self) -> str:
-        return f"attention-{self.mask}-{self.mode}-{'x'.join(map(str, self.shape))}-{self.dtype_name}"
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+    def op_id(self) -> str:
+        return f"attention-{self.mask}"
 
     @property
     def causal(self) -> bool:
         return self.mask == "causal"
 
-    @property
-    def backward(self) -> bool:
-        return self.mode == "fwd+bwd"
-
     def params(self) -> dict[str, str]:
         batch, heads, seqlen, head_dim = self.shape
         return {"mask": self.mask, "mode": self.mode,
                 "shape": f"B{batch} H{heads} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
+
+    def torch_function(self) -> Callable:
+        return torch_sdpa
+
+    def fastllm_function(self) -> Callable:
+        return fastllm_attention
 
     def flops(self) -> int:
         """The module docstring's count: 4 * B * H * T * T * D forward (half when causal),
@@ -156,57 +155,25 @@ class AttentionCase:
             return bthd.requires_grad_(requires_grad), bhtd.requires_grad_(requires_grad)
 
         q, k, v = (randn_pair(self.backward) for _ in range(3))
-        grad_out = randn_pair(False) if self.backward else (None, None)
-        return AttentionInputs(
-            fastllm_qkv=(q[0], k[0], v[0]), torch_qkv=(q[1], k[1], v[1]),
-            fastllm_grad_out=grad_out[0], torch_grad_out=grad_out[1],
-        )
+        grad_out = randn_pair(False) if self.backward else None
 
-    def function(self, contender: str, backend: str) -> Callable:
-        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
-        if contender == FASTLLM:
+        def layout(i: int) -> CallInputs:  # 0: fastllm's, 1: torch's
+            qkv = (q[i], k[i], v[i])
+            if grad_out is None:
+                return CallInputs((*qkv, self.causal))
+            return CallInputs((*qkv, self.causal), differentiable=qkv, grad_outputs=(grad_out[i],))
 
-            def on_backend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-                with use_backend(backend):
-                    return fastllm_attention(q, k, v, causal)
+        return AttentionInputs(fastllm=layout(0), torch=layout(1))
 
-            return on_backend
-        if contender == EAGER:
-            return torch_sdpa
-        if contender == COMPILE:
-            return compile_once(torch_sdpa)
-        raise ValueError(f"contender must be one of {FASTLLM!r}, {EAGER!r}, {COMPILE!r}; got {contender!r}")
-
-    def build(self, contender: str, inputs: AttentionInputs, backend: str) -> Callable[[], None]:
-        """One call of ``contender`` on its own layout of ``inputs``: the forward, or the
-        forward and the backward. For torch.compile it is run once here, so compilation is
-        never timed."""
-        fn = self.function(contender, backend)
-        causal = self.causal
-        if contender == FASTLLM:
-            qkv, grad_out = inputs.fastllm_qkv, inputs.fastllm_grad_out
-        else:
-            qkv, grad_out = inputs.torch_qkv, inputs.torch_grad_out
-        if self.backward:
-
-            def call() -> None:
-                torch.autograd.grad(fn(*qkv, causal), qkv, grad_out)
-        else:
-
-            def call() -> None:
-                fn(*qkv, causal)
-
-        if contender == COMPILE:
-            call()
-        return call
+    def contender_inputs(self, contender: str, inputs: AttentionInputs) -> CallInputs:
+        return inputs.fastllm if contender == FASTLLM else inputs.torch
 
 
 def cases(quick: bool = False) -> list[AttentionCase]:
     """Every case, in table order: shape, dtype, mask, mode. ``quick``: one small shape."""
     return [
         AttentionCase(mask, mode, shape, dtype)
-        for shape in (QUICK_SHAPES if quick else SHAPES)
-        for dtype in DTYPES
-        for mask in MASKS
-        for mode in MODES
+        for shape, dtype, mask, mode in itertools.product(
+            QUICK_SHAPES if quick else SHAPES, DTYPES, MASKS, MODES
+        )
     ]

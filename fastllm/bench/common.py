@@ -1,5 +1,5 @@
 """What every ``fastllm bench`` family shares: the timing rule, the machine's ceilings,
-peak memory, the result record and the table.
+peak memory, the result record, the table and the cases' contender plumbing (``Case``).
 
 Timing rule (every family, every contender, the same):
   * compile-style set-up (``torch.compile``) happens once per case, before timing;
@@ -39,10 +39,12 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
+
+from fastllm.backend import use_backend
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +339,12 @@ class Result:
     peak_memory_bytes: Optional[int] = None
     error: Optional[str] = None
 
+    @classmethod
+    def of(cls, family: str, case: "Case", contender: str, *, backend: str, **fields: Any) -> "Result":
+        """The record of ``contender`` on ``case``, labelled as the table shows it."""
+        return cls(family=family, case=case.id, params=case.params(), contender=contender,
+                   label=fastllm_label(backend) if contender == FASTLLM else contender, **fields)
+
 
 def fill_ratios(results: Sequence[Result]) -> None:
     """Bandwidth and speedups, within each group of one case and THP setting."""
@@ -440,29 +448,137 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
 # ---------------------------------------------------------------------------- runner
 
 
-class Case(Protocol):
-    """What a family's case provides to the runner (and to benchmarks/)."""
+@dataclasses.dataclass
+class CallInputs:
+    """The arguments of one contender's call, and what its backward needs."""
 
-    id: str
+    args: tuple[Any, ...]  # the op's positional arguments
+    # forward+backward: the tensors the gradients are taken of, and the gradients of the
+    # outputs (None for a scalar output, a loss, whose gradient is 1)
+    differentiable: tuple[torch.Tensor, ...] = ()
+    grad_outputs: Optional[tuple[torch.Tensor, ...]] = None
 
-    def params(self) -> dict[str, str]:
-        """The table's case columns."""
+
+class Case:
+    """A family's case: what the runner (and ``benchmarks/``) times. A family subclasses it
+    as a frozen dataclass with at least ``mode`` ("fwd" or "fwd+bwd"), ``shape`` and
+    ``dtype`` fields (and ``op``, unless it overrides ``op_id`` and ``params``), and provides
+    its contenders' functions, its inputs and its byte (or FLOP) count; the contender
+    plumbing, forward or forward+backward, is shared here.
+
+    Forward+backward times one forward and one backward together, with
+    ``torch.autograd.grad``: the gradients are returned, not accumulated into ``.grad``, so
+    no zeroing is needed between calls. torch.compile is compiled and run once while the
+    call is built, so compilation is never timed."""
+
+    mode: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    # ----------------------------------------------------------- what a family provides
+
+    def torch_function(self) -> Callable:
+        """torch's eager implementation (torch.compile compiles it), taking the tensors
+        positionally so that torch.compile sees plain tensor arguments."""
+        raise NotImplementedError
+
+    def fastllm_function(self) -> Callable:
+        """fastllm's implementation, with the same arguments; run on the timed backend."""
+        raise NotImplementedError
+
+    def peers(self) -> dict[str, Callable]:
+        """Contenders beyond fastllm and torch's two (e.g. a peer library), by name."""
+        return {}
+
+    def make_inputs(self, device: torch.device) -> Any:
+        """The tensors every contender of this case shares (a ``CallInputs``, or whatever
+        ``contender_inputs`` takes apart)."""
+        raise NotImplementedError
+
+    def contender_inputs(self, contender: str, inputs: Any) -> CallInputs:
+        """``contender``'s part of ``inputs`` (e.g. its own layout of the same values)."""
+        return inputs
 
     def bytes_moved(self) -> int:
         """Unavoidable bytes read and written once (the effective-bandwidth numerator)."""
+        raise NotImplementedError
 
     # Optional, for compute-bound families: ``def flops(self) -> int``, the FLOPs of one
     # call (the GFLOP/s numerator; the table then shows GFLOP/s against the sgemm ceiling).
 
     def largest_output_bytes(self) -> int:
         """Size of the largest tensor a call allocates (decides page-fault sensitivity)."""
+        raise NotImplementedError
 
-    def make_inputs(self, device: torch.device) -> Any:
-        """The tensors every contender of this case shares."""
+    # ------------------------------------------------------------------- what is shared
 
-    def build(self, contender: str, inputs: Any, backend: str) -> Callable[[], object]:
-        """A no-argument callable running one call of ``contender``; compiled and run once
+    @property
+    def op_id(self) -> str:
+        """The case id's leading part, naming the computation."""
+        return self.op
+
+    @property
+    def id(self) -> str:
+        """``<op>-<mode>-<shape, x-separated>-<dtype>``, also the pytest-benchmark id."""
+        return f"{self.op_id}-{self.mode}-{'x'.join(map(str, self.shape))}-{self.dtype_name}"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def backward(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    @property
+    def contenders(self) -> tuple[str, ...]:
+        """Who runs this case (the runner times exactly these, in this order)."""
+        return CONTENDERS + tuple(self.peers())
+
+    def params(self) -> dict[str, str]:
+        """The table's case columns."""
+        return {"op": self.op, "mode": self.mode, "shape": "x".join(map(str, self.shape)),
+                "dtype": self.dtype_name}
+
+    def function(self, contender: str, backend: str) -> Callable:
+        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
+        if contender == FASTLLM:
+            fastllm_fn = self.fastllm_function()
+
+            def on_backend(*args: Any):
+                with use_backend(backend):
+                    return fastllm_fn(*args)
+
+            return on_backend
+        if contender == EAGER:
+            return self.torch_function()
+        if contender == COMPILE:
+            return compile_once(self.torch_function())
+        peers = self.peers()
+        if contender not in peers:
+            raise ValueError(f"contender must be one of {self.contenders}; got {contender!r}")
+        return peers[contender]
+
+    def build(self, contender: str, inputs: Any, backend: str) -> Callable[[], None]:
+        """A no-argument callable running one call of ``contender`` on its part of
+        ``inputs``: the forward, or the forward and the backward; compiled and run once
         already where the contender compiles."""
+        fn = self.function(contender, backend)
+        call_inputs = self.contender_inputs(contender, inputs)
+        args = call_inputs.args
+        if self.backward:
+            differentiable, grad_outputs = call_inputs.differentiable, call_inputs.grad_outputs
+
+            def call() -> None:
+                torch.autograd.grad(fn(*args), differentiable, grad_outputs)
+        else:
+
+            def call() -> None:
+                fn(*args)
+
+        if contender == COMPILE:
+            call()
+        return call
 
 
 def fastllm_label(backend: str) -> str:
@@ -478,14 +594,13 @@ def run_cases(
     budget: TimingBudget,
     copy_gbs: float,
     sgemm_gflops: Optional[float] = None,
-    contenders: Sequence[str] = CONTENDERS,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
     recorded with its error (and logged), never dropped."""
     thp = thp_setting(device)
     results: list[Result] = []
     progress = tqdm(
-        total=sum(len(getattr(c, "contenders", contenders)) for c in cases),
+        total=sum(len(c.contenders) for c in cases),
         desc=f"bench {family} (THP {thp})",
         unit="run", file=sys.stderr, disable=None, leave=False,
     )
@@ -495,13 +610,11 @@ def run_cases(
                 logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
             inputs = case.make_inputs(device)
             # a case may name its own contenders (e.g. a peer library that only it has)
-            for contender in getattr(case, "contenders", contenders):
+            for contender in case.contenders:
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
-                result = Result(
-                    family=family, case=case.id, params=case.params(), contender=contender,
-                    label=fastllm_label(backend) if contender == FASTLLM else contender,
-                    device=str(device), thp=thp, bytes_moved=case.bytes_moved(),
-                    copy_gbs=copy_gbs, sgemm_gflops=sgemm_gflops,
+                result = Result.of(
+                    family, case, contender, backend=backend, device=str(device), thp=thp,
+                    bytes_moved=case.bytes_moved(), copy_gbs=copy_gbs, sgemm_gflops=sgemm_gflops,
                     flops=case.flops() if hasattr(case, "flops") else None,
                 )
                 try:

@@ -38,6 +38,7 @@ small on purpose.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -45,8 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.backend import use_backend
-from fastllm.bench.common import COMPILE, CONTENDERS, EAGER, FASTLLM, compile_once
+from fastllm.bench.common import CallInputs, Case
 
 FAMILY = "cross_entropy"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
@@ -90,43 +90,25 @@ def fastllm_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor)
     return fastllm_functional.linear_cross_entropy(hidden, weight, target)
 
 
-@dataclasses.dataclass
-class CrossEntropyInputs:
-    args: tuple[Tensor, ...]  # logits, target; or hidden, weight, target
-    differentiable: tuple[Tensor, ...]  # forward+backward: what the gradients are taken of
-
-
 @dataclasses.dataclass(frozen=True)
-class CrossEntropyCase:
+class CrossEntropyCase(Case):
     op: str  # "cross_entropy" or "linear_cross_entropy"
     mode: str  # one of MODES
     shape: tuple[int, ...]  # (N, V) or (N, H, V)
     dtype: torch.dtype
 
     @property
-    def id(self) -> str:
-        return f"{self.op}-{self.mode}-{'x'.join(map(str, self.shape))}-{self.dtype_name}"
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    @property
     def linear(self) -> bool:
         return self.op == "linear_cross_entropy"
 
-    @property
-    def backward(self) -> bool:
-        return self.mode == "fwd+bwd"
+    def torch_function(self) -> Callable:
+        return torch_linear_cross_entropy_unfused if self.linear else torch_cross_entropy
 
-    @property
-    def contenders(self) -> tuple[str, ...]:
-        """Who runs this case (the runner times exactly these, in this order)."""
-        return CONTENDERS + ((TORCH_LINEAR_CROSS_ENTROPY,) if self.linear else ())
+    def fastllm_function(self) -> Callable:
+        return fastllm_linear_cross_entropy if self.linear else fastllm_cross_entropy
 
-    def params(self) -> dict[str, str]:
-        return {"op": self.op, "mode": self.mode, "shape": "x".join(map(str, self.shape)),
-                "dtype": self.dtype_name}
+    def peers(self) -> dict[str, Callable]:
+        return {TORCH_LINEAR_CROSS_ENTROPY: torch_linear_cross_entropy_chunked} if self.linear else {}
 
     def _rows_vocab(self) -> tuple[int, int]:
         return (self.shape[0], self.shape[2]) if self.linear else self.shape
@@ -146,7 +128,9 @@ class CrossEntropyCase:
         n_rows, vocab = self._rows_vocab()
         return n_rows * vocab * self.dtype.itemsize
 
-    def make_inputs(self, device: torch.device) -> CrossEntropyInputs:
+    def make_inputs(self, device: torch.device) -> CallInputs:
+        """logits, target; or hidden, weight, target. Forward+backward: the gradients are
+        taken of the logits, or of hidden and weight."""
         generator = torch.Generator(device=device).manual_seed(0)
         n_rows, vocab = self._rows_vocab()
         target = torch.randint(0, vocab, (n_rows,), generator=generator, device=device)
@@ -158,48 +142,10 @@ class CrossEntropyCase:
             weight /= hidden_size**0.5  # logits of order 1, as in a trained model
             hidden = hidden.to(self.dtype).requires_grad_(self.backward)
             weight = weight.to(self.dtype).requires_grad_(self.backward)
-            return CrossEntropyInputs((hidden, weight, target), (hidden, weight))
+            return CallInputs((hidden, weight, target), differentiable=(hidden, weight))
         logits = torch.randn(n_rows, vocab, generator=generator, device=device, dtype=self.dtype)
         logits.requires_grad_(self.backward)
-        return CrossEntropyInputs((logits, target), (logits,))
-
-    def function(self, contender: str, backend: str) -> Callable:
-        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
-        eager = torch_linear_cross_entropy_unfused if self.linear else torch_cross_entropy
-        if contender == FASTLLM:
-            fastllm_fn = fastllm_linear_cross_entropy if self.linear else fastllm_cross_entropy
-
-            def on_backend(*args: Tensor) -> Tensor:
-                with use_backend(backend):
-                    return fastllm_fn(*args)
-
-            return on_backend
-        if contender == EAGER:
-            return eager
-        if contender == COMPILE:
-            return compile_once(eager)
-        if contender == TORCH_LINEAR_CROSS_ENTROPY and self.linear:
-            return torch_linear_cross_entropy_chunked
-        raise ValueError(f"contender must be one of {self.contenders}; got {contender!r}")
-
-    def build(self, contender: str, inputs: CrossEntropyInputs, backend: str) -> Callable[[], None]:
-        """One call of ``contender`` on ``inputs``: the forward, or the forward and the
-        backward. For torch.compile it is run once here, so compilation is never timed."""
-        fn = self.function(contender, backend)
-        args = inputs.args
-        if self.backward:
-            differentiable = inputs.differentiable
-
-            def call() -> None:
-                torch.autograd.grad(fn(*args), differentiable)
-        else:
-
-            def call() -> None:
-                fn(*args)
-
-        if contender == COMPILE:
-            call()
-        return call
+        return CallInputs((logits, target), differentiable=(logits,))
 
 
 def cases(quick: bool = False) -> list[CrossEntropyCase]:
@@ -210,8 +156,8 @@ def cases(quick: bool = False) -> list[CrossEntropyCase]:
     linear_shapes = QUICK_LINEAR_SHAPES if quick else LINEAR_SHAPES
     return [
         CrossEntropyCase("cross_entropy", mode, shape, dtype)
-        for shape in ce_shapes for dtype in DTYPES for mode in MODES
+        for shape, dtype, mode in itertools.product(ce_shapes, DTYPES, MODES)
     ] + [
         CrossEntropyCase("linear_cross_entropy", mode, shape, torch.float32)
-        for shape in linear_shapes for mode in MODES
+        for shape, mode in itertools.product(linear_shapes, MODES)
     ]

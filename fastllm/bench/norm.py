@@ -41,6 +41,7 @@ implementation may recompute them, and they are a 1/D fraction of one tensor.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -48,8 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.backend import use_backend
-from fastllm.bench.common import COMPILE, EAGER, FASTLLM, compile_once
+from fastllm.bench.common import CallInputs, Case
 
 FAMILY = "norm"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
@@ -116,27 +116,12 @@ _FASTLLM_FUNCTIONS = {
 }
 
 
-@dataclasses.dataclass
-class NormInputs:
-    args: tuple[Tensor, ...]  # the op's arguments: x, (residual,) weight, (bias)
-    grad_outputs: tuple[Tensor, ...]  # forward+backward: grad of out (and of summed)
-
-
 @dataclasses.dataclass(frozen=True)
-class NormCase:
+class NormCase(Case):
     op: str  # one of OPS
     mode: str  # one of MODES
     shape: tuple[int, int]  # (N, D)
     dtype: torch.dtype
-
-    @property
-    def id(self) -> str:
-        n, d = self.shape
-        return f"{self.op}-{self.mode}-{n}x{d}-{self.dtype_name}"
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
 
     @property
     def has_residual(self) -> bool:
@@ -146,13 +131,11 @@ class NormCase:
     def has_bias(self) -> bool:
         return self.op.endswith("layer_norm")
 
-    @property
-    def backward(self) -> bool:
-        return self.mode == "fwd+bwd"
+    def torch_function(self) -> Callable:
+        return _TORCH_FUNCTIONS[self.op]
 
-    def params(self) -> dict[str, str]:
-        n, d = self.shape
-        return {"op": self.op, "mode": self.mode, "shape": f"{n}x{d}", "dtype": self.dtype_name}
+    def fastllm_function(self) -> Callable:
+        return _FASTLLM_FUNCTIONS[self.op]
 
     def bytes_moved(self) -> int:
         """The totals of the module docstring."""
@@ -167,7 +150,9 @@ class NormCase:
         n_rows, d = self.shape
         return n_rows * d * self.dtype.itemsize
 
-    def make_inputs(self, device: torch.device) -> NormInputs:
+    def make_inputs(self, device: torch.device) -> CallInputs:
+        """The op's arguments x, (residual,) weight, (bias); forward+backward: the gradients
+        are taken of all of them, from precomputed gradients of out (and of summed)."""
         generator = torch.Generator(device=device).manual_seed(0)
 
         def randn(*size: int, requires_grad: bool = self.backward) -> Tensor:
@@ -183,58 +168,19 @@ class NormCase:
         args.append(randn(d))
         if self.has_bias:
             args.append(randn(d))
-        grad_outputs: tuple[Tensor, ...] = ()
-        if self.backward:
-            grad_outputs = tuple(
-                randn(n_rows, d, requires_grad=False) for _ in range(2 if self.has_residual else 1)
-            )
-        return NormInputs(tuple(args), grad_outputs)
-
-    def function(self, contender: str, backend: str) -> Callable:
-        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
-        if contender == FASTLLM:
-            fastllm_fn = _FASTLLM_FUNCTIONS[self.op]
-
-            def on_backend(*args: Tensor):
-                with use_backend(backend):
-                    return fastllm_fn(*args)
-
-            return on_backend
-        if contender == EAGER:
-            return _TORCH_FUNCTIONS[self.op]
-        if contender == COMPILE:
-            return compile_once(_TORCH_FUNCTIONS[self.op])
-        raise ValueError(f"contender must be one of {FASTLLM!r}, {EAGER!r}, {COMPILE!r}; got {contender!r}")
-
-    def build(self, contender: str, inputs: NormInputs, backend: str) -> Callable[[], None]:
-        """One call of ``contender`` on ``inputs``: the forward, or the forward and the
-        backward. For torch.compile it is run once here, so compilation is never timed."""
-        fn = self.function(contender, backend)
-        args = inputs.args
-        if self.backward:
-            grad_outputs = inputs.grad_outputs
-
-            def call() -> None:
-                outputs = fn(*args)
-                if isinstance(outputs, Tensor):
-                    outputs = (outputs,)
-                torch.autograd.grad(outputs, args, grad_outputs)
-        else:
-
-            def call() -> None:
-                fn(*args)
-
-        if contender == COMPILE:
-            call()
-        return call
+        if not self.backward:
+            return CallInputs(tuple(args))
+        grad_outputs = tuple(
+            randn(n_rows, d, requires_grad=False) for _ in range(2 if self.has_residual else 1)
+        )
+        return CallInputs(tuple(args), differentiable=tuple(args), grad_outputs=grad_outputs)
 
 
 def cases(quick: bool = False) -> list[NormCase]:
     """Every case, in table order: shape, dtype, op, mode. ``quick``: one small shape."""
     return [
         NormCase(op, mode, shape, dtype)
-        for shape in (QUICK_SHAPES if quick else SHAPES)
-        for dtype in DTYPES
-        for op in OPS
-        for mode in MODES
+        for shape, dtype, op, mode in itertools.product(
+            QUICK_SHAPES if quick else SHAPES, DTYPES, OPS, MODES
+        )
     ]

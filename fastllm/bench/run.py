@@ -1,0 +1,249 @@
+"""``fastllm bench``: the benchmark runner.
+
+    fastllm bench [FAMILY ...] [--quick] [--json FILE] [--only PATTERN ...]
+                  [--device DEVICE] [--backend NAME] [--no-thp-rerun]
+
+``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
+registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
+one table per family, headed by the machine's measured ceilings.
+
+Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
+process starts, so the two settings cannot be compared within one process. On the CPU the
+cases whose outputs get fresh pages on every call (see
+``fastllm.bench.common.fresh_pages_every_call``) are therefore timed a second time in a
+subprocess started with the opposite setting, and every row says which setting it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fastllm.cli import UsageError
+
+logger = logging.getLogger("fastllm")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``fastllm bench`` to the command line."""
+    from fastllm.bench import FAMILIES
+
+    bench = subparsers.add_parser(
+        "bench",
+        help="time fastllm against torch eager and torch.compile",
+        description=(
+            "Time fastllm, torch eager and torch.compile in the same run and print time, "
+            "effective bandwidth, the ratios between them and the machine's copy bandwidth "
+            "as the ceiling."
+        ),
+    )
+    bench.add_argument(
+        "families", nargs="*", metavar="FAMILY",
+        help=f"op families to benchmark (default: all of {', '.join(FAMILIES)})",
+    )
+    bench.add_argument("--quick", action="store_true",
+                       help="a smoke run: one small shape, a few timed calls per contender")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    bench.add_argument(
+        "--only", action="append", metavar="PATTERN",
+        help="run only the cases whose id matches this glob, e.g. 'rms_norm-fwd-*-float32' "
+        "(repeatable; norm ids are <op>-<mode>-<N>x<D>-<dtype>)",
+    )
+    bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    bench.add_argument(
+        "--backend", choices=("native", "triton", "reference"),
+        help="fastllm backend to time (default: FASTLLM_BACKEND, else native; native falls "
+        "back to reference, with a warning, when fastllm._C is not built)",
+    )
+    bench.add_argument(
+        "--no-thp-rerun", action="store_true",
+        help="do not re-time the page-fault-bound CPU cases with the opposite "
+        "THP_MEM_ALLOC_ENABLE setting",
+    )
+    bench.set_defaults(handler=run)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _matches(case_id: str, patterns: Optional[Sequence[str]]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(case_id, p) for p in patterns)
+
+
+def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_now: str):
+    """Times ``cases`` in a subprocess whose torch allocator has the opposite THP setting;
+    returns its results (FAILED rows if the subprocess gave none) and its machine."""
+    from fastllm.bench.common import THP_ENV, Machine, Result
+
+    other = "off" if thp_now == "on" else "on"
+    env = dict(os.environ)
+    if other == "on":
+        env[THP_ENV] = "1"
+    else:
+        env.pop(THP_ENV, None)
+    # the child must import this very fastllm, wherever it was imported from
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="fastllm-bench-") as tmp:
+        out = Path(tmp) / "results.json"
+        command = [
+            sys.executable, "-m", "fastllm", "bench", family, "--device", "cpu",
+            "--backend", backend, "--no-thp-rerun", "--json", str(out),
+            *(["--quick"] if args.quick else []),
+        ]
+        for case in cases:
+            command += ["--only", case.id]
+        logger.info("%s: re-timing %d page-fault-bound cases with THP %s in a subprocess",
+                    family, len(cases), other)
+        completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=False)
+        if out.exists():
+            report = json.loads(out.read_text())
+            return [Result(**r) for r in report["results"]], Machine(**report["machine"])
+    error = f"the THP {other} subprocess exited with status {completed.returncode}, no results"
+    logger.error("%s: %s", family, error)
+    failed = [
+        Result.of(family, case, contender, backend=backend, device="cpu", thp=other, error=error)
+        for case in cases for contender in case.contenders
+    ]
+    return failed, None
+
+
+def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) -> str:
+    lines = [
+        f"fastllm bench on {machine.device} ({machine.device_name}), torch {machine.torch_version}, "
+        f"{machine.threads} threads (torch.get_num_threads())",
+        f"fastllm timed on backend: {backend_note}",
+    ]
+    if machine.sgemm_gflops is not None:
+        lines.append(f"float32 GEMM ceiling (torch.mm of 2048 x 2048 matrices, best of several): "
+                     f"{machine.sgemm_gflops:.1f} GFLOP/s")
+    if machine.device.startswith("cuda"):
+        lines.append(f"copy bandwidth ceiling (copy_ of 256 MiB, read + write): {machine.copy_gbs:.1f} GB/s")
+    else:
+        ceilings = [f"{machine.copy_gbs:.1f} GB/s (THP {machine.thp})"]
+        touches = [f"{machine.first_touch_gbs:.1f} GB/s (THP {machine.thp})"]
+        if other_machine is not None:
+            ceilings.append(f"{other_machine.copy_gbs:.1f} GB/s (THP {other_machine.thp}, subprocess)")
+            touches.append(f"{other_machine.first_touch_gbs:.1f} GB/s (THP {other_machine.thp}, subprocess)")
+        lines += [
+            f"copy bandwidth ceiling (copy_ between 256 MiB buffers, read + write): {', '.join(ceilings)}",
+            f"first touch of a fresh 128 MiB tensor (torch.empty(n).fill_(1)): {', '.join(touches)}",
+            f"THP (torch's THP_MEM_ALLOC_ENABLE=1) in this run: {machine.thp}; "
+            f"kernel transparent_hugepage mode: {machine.kernel_thp_mode}",
+        ]
+        if rerun_note:
+            lines.append(rerun_note)
+    lines += [
+        f"time: median of >= {budget.min_repeats} calls (and >= {budget.min_time_s:g} s of calls) "
+        "after warm-up; GB/s: unavoidable bytes read + written once / time; % copy: of the ceiling "
+        "measured under the row's THP setting; GFLOP/s (compute-bound families, instead of GB/s): "
+        "the family's FLOP count / time; % sgemm: of the GEMM ceiling;",
+        "vs eager / vs compile: torch eager time / this time, torch.compile time / this time "
+        "(> 1 is faster); peak MiB: memory one call needs above its inputs",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastllm bench``'s handler; returns the exit status (1 if any run failed)."""
+    import torch
+
+    from fastllm.bench import FAMILIES, load_family
+    from fastllm.bench.common import (
+        GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
+        fresh_pages_every_call, measure_machine, resolve_backend, results_table, run_cases,
+        sgemm_gflops,
+    )
+
+    started = time.perf_counter()
+    plan = []  # (family name, family module, its selected cases)
+    for name in args.families or list(FAMILIES):
+        try:
+            family = load_family(name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        selected = [case for case in family.cases(args.quick) if _matches(case.id, args.only)]
+        if selected:
+            plan.append((name, family, selected))
+        else:
+            logger.info("%s: no case matches --only", name)
+    if not plan:
+        raise UsageError(f"no case matches --only {' '.join(args.only or [])}")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        backend, backend_note = resolve_backend(args.backend, device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    budget = TimingBudget.quick() if args.quick else TimingBudget.full()
+
+    logger.info("measuring the copy bandwidth and first-touch ceilings on %s", device)
+    machine = measure_machine(device, args.quick)
+    if any(hasattr(case, "flops") for _, _, selected in plan for case in selected):
+        logger.info("measuring the float32 GEMM ceiling on %s", device)
+        machine.sgemm_gflops = sgemm_gflops(device, repeats=2 if args.quick else 5)
+    other_machine = None
+    sections: list[tuple[str, Sequence[str], list[Result]]] = []
+    any_rerun = False
+    for name, family, selected in plan:
+        logger.info("%s: %d cases x 3 contenders (THP %s)", name, len(selected), machine.thp)
+        results = run_cases(name, selected, device=device, backend=backend, budget=budget,
+                            copy_gbs=machine.copy_gbs, sgemm_gflops=machine.sgemm_gflops)
+        fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
+        if fault_bound and not args.no_thp_rerun:
+            any_rerun = True
+            other_results, child_machine = _run_with_other_thp(name, fault_bound, args, backend, machine.thp)
+            other_machine = child_machine or other_machine
+            order = {case.id: i for i, case in enumerate(selected)}
+            # each case's rows for this run's setting, then its rows for the other
+            results = sorted(results + other_results, key=lambda r: order[r.case])
+            fill_ratios(results)
+        sections.append((name, family.PARAM_COLUMNS, results))
+
+    if other_machine is not None:
+        rates = sorted([machine.first_touch_gbs, other_machine.first_touch_gbs])
+        if rates[1] < 1.3 * rates[0]:
+            logger.warning(
+                "THP_MEM_ALLOC_ENABLE changed the first-touch rate only from %.1f to %.1f GB/s "
+                "(kernel transparent_hugepage mode: %s)", rates[0], rates[1], machine.kernel_thp_mode,
+            )
+    rerun_note = ""
+    if any_rerun:
+        rerun_note = (
+            f"cases whose outputs exceed {GLIBC_MMAP_THRESHOLD_MAX // MiB} MiB get fresh pages on "
+            "every call (page-fault bound): they are shown with both THP settings"
+        )
+    print(_header(machine, other_machine, backend_note, budget, rerun_note))
+    for name, columns, results in sections:
+        print(f"\n== {name} ==")
+        print(results_table(results, columns))
+    wall = time.perf_counter() - started
+    print(f"\nwall time: {wall:.0f} s")
+
+    all_results = [r for _, _, results in sections for r in results]
+    if args.json:
+        report = {
+            "machine": dataclasses.asdict(machine),
+            "other_thp_machine": dataclasses.asdict(other_machine) if other_machine else None,
+            "backend": backend,
+            "quick": args.quick,
+            "wall_time_s": wall,
+            "results": [dataclasses.asdict(r) for r in all_results],
+        }
+        args.json.write_text(json.dumps(report, indent=1))
+    failed = [r for r in all_results if r.error is not None]
+    if failed:
+        logger.error("%d runs failed (see the FAILED rows)", len(failed))
+        return 1
+    return 0
+

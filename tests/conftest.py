@@ -78,3 +78,19 @@ def backend(request):
     with fastllm.use_backend(name):
         yield name
 
+
+# Attention's kernels called directly (no op layer, no autograd): the tests that hold one
+# implementation to the contract beyond what the backend tests reach.
+
+
+@pytest.fixture
+def emulated_attention_kernels(emulated_cuda):
+    """(attention_fwd, attention_bwd): the CUDA kernels under the SIMT emulation."""
+    return torch.ops.fastllm_emu.attention_fwd, torch.ops.fastllm_emu.attention_bwd
+
+
+@pytest.fixture
+def triton_attention_kernels():
+    """(attention_fwd, attention_bwd): the Triton launchers of fastllm/triton/attention.py."""
+    kernels = pytest.importorskip("fastllm.triton.attention")
+    return kernels.attention_fwd, kernels.attention_bwd

@@ -1,3 +1,14 @@
+"""Fixtures shared by every op family's tests.
+
+`backend` is the one way a test picks a backend. A test module names the family it tests,
+``FAMILY = "norm"`` (the op set is ``fastllm.ops.<FAMILY>.IMPLS``), and a kernel-numerics
+module lists the backends its tests run on, ``BACKENDS = ("native", "triton", "cuda_emu")``:
+every test of that module that takes `backend` runs once per entry. A test may instead
+parametrise it itself, ``@pytest.mark.parametrize("backend", [...], indirect=True)``; a test
+that takes it in a module without BACKENDS runs on "native", the library's default.
+"""
+
+import importlib
 import os
 
 # Triton kernels execute on CPU tensors through the interpreter; triton reads this when
@@ -7,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import fastllm  # noqa: E402,F401
+import fastllm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +28,69 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def emulated_cuda():
-    """Builds (once, cached) and loads the host build of the CUDA kernels."""
+    """Builds (once, cached) and loads the host build of the CUDA kernels, which registers
+    them as each family's `IMPLS.emulated` (backend "cuda_emu")."""
     from fastllm import _emu
 
     return _emu.load()
+
+
+def _parametrizes_backend(metafunc) -> bool:
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs["argnames"]
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "backend" in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames or _parametrizes_backend(metafunc):
+        return
+    backends = getattr(metafunc.module, "BACKENDS", None)
+    if backends:
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    """Runs the test under ``fastllm.use_backend(name)``, or skips it, naming the reason, when
+    the module's family has no implementation for that backend here."""
+    name = getattr(request, "param", "native")
+    family = request.module.FAMILY
+    impls = importlib.import_module(f"fastllm.ops.{family}").IMPLS
+    if name == "native" and impls.native is None:
+        pytest.skip(f"{family}: backend 'native' needs fastllm._C, which is not built")
+    if name == "triton" and impls.triton is None:
+        pytest.skip(f"{family}: {impls.triton_unavailable}")
+    if name == "cuda_emu":
+        request.getfixturevalue("emulated_cuda")
+        if impls.emulated is None:
+            pytest.skip(f"{family}: backend 'cuda_emu' found no emulated {family} ops")
+        from fastllm import _emu
+
+        # Random thread interleavings between barriers (seeded): a missing barrier or a
+        # wrong shuffle partner changes the answer instead of passing by luck.
+        with _emu.schedule_seed(1), fastllm.use_backend(name):
+            yield name
+        return
+    with fastllm.use_backend(name):
+        yield name
+
+
+# Attention's kernels called directly (no op layer, no autograd): the tests that hold one
+# implementation to the contract beyond what the backend tests reach.
+
+
+@pytest.fixture
+def emulated_attention_kernels(emulated_cuda):
+    """(attention_fwd, attention_bwd): the CUDA kernels under the SIMT emulation."""
+    return torch.ops.fastllm_emu.attention_fwd, torch.ops.fastllm_emu.attention_bwd
+
+
+@pytest.fixture
+def triton_attention_kernels():
+    """(attention_fwd, attention_bwd): the Triton launchers of fastllm/triton/attention.py."""
+    kernels = pytest.importorskip("fastllm.triton.attention")
+    return kernels.attention_fwd, kernels.attention_bwd

@@ -6,17 +6,17 @@ vocabularies and non-contiguous logits."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
 
-import fastllm
 import fastllm.functional as F
-from fastllm.ops import cross_entropy as ce_ops
 from tests.accuracy import assert_within_torch_error
+
+FAMILY = "cross_entropy"
+BACKENDS = ("native", "triton", "cuda_emu")
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -43,21 +43,6 @@ DTYPES = {
     "triton": (torch.float32, torch.bfloat16, torch.float16),
     "cuda_emu": (torch.float32, torch.bfloat16, torch.float16),
 }
-
-
-@pytest.fixture(params=["native", "triton", "cuda_emu"])
-def backend(request):
-    name = request.param
-    if name == "native" and ce_ops.IMPLS.native is None:
-        pytest.skip("fastllm._C is not built")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if name == "cuda_emu":
-        request.getfixturevalue("emulated_cuda")
-        if ce_ops.IMPLS.emulated is None:
-            ce_ops.register_emulated("fastllm_emu")
-    with fastllm.use_backend(name):
-        yield name
 
 
 def torch_cross_entropy(x, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap):

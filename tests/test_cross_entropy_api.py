@@ -1,6 +1,8 @@
 """Cross-entropy family beyond the kernels' numerics: linear + cross-entropy against the
 unfused composition, gradcheck, opcheck, torch.compile, the in-place backward, drop-in
-modules and error messages."""
+modules and error messages.
+
+Tests that take `backend` run on the native kernels (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +16,9 @@ import torch.nn.functional as TF
 
 import fastllm
 import fastllm.functional as F
-from fastllm.ops import cross_entropy as ce_ops
 from tests.accuracy import assert_within_torch_error
 
-native = pytest.mark.skipif(ce_ops.IMPLS.native is None, reason="fastllm._C not built")
-
-
-@pytest.fixture(autouse=True)
-def _native_backend():
-    with fastllm.use_backend("native"):
-        yield
+FAMILY = "cross_entropy"
 
 
 # ------------------------------------------------- linear + cross-entropy vs unfused
@@ -90,15 +85,13 @@ def check_linear(rows, hidden, vocab, dtype, chunk_size, bias=True, reduction="m
         assert_within_torch_error(f"grad {what} {name}", ours, theirs, ref, dtype)
 
 
-@native
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 40, 1000, None])
-def test_linear_cross_entropy_equals_unfused(reduction, chunk_size):
+def test_linear_cross_entropy_equals_unfused(backend, reduction, chunk_size):
     """Chunk sizes that divide N = 48 (1, 16), that do not (7, 40), above N, and the default."""
     check_linear(48, 24, 301, torch.float32, chunk_size, reduction=reduction)
 
 
-@native
 @pytest.mark.parametrize(
     "features",
     [
@@ -110,19 +103,17 @@ def test_linear_cross_entropy_equals_unfused(reduction, chunk_size):
     ids=["smoothing", "weight_smoothing", "z_loss_softcap", "ignore_index_3"],
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy_features(reduction, features):
+def test_linear_cross_entropy_features(backend, reduction, features):
     check_linear(29, 16, 257, torch.float32, 8, bias=False, reduction=reduction, **dict(features))
 
 
-@native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy_dtypes(dtype, reduction):
+def test_linear_cross_entropy_dtypes(backend, dtype, reduction):
     check_linear(33, 32, 500, dtype, 10, reduction=reduction)
 
 
-@native
-def test_linear_cross_entropy_batched_input_and_no_grad():
+def test_linear_cross_entropy_batched_input_and_no_grad(backend):
     x = torch.randn(2, 5, 8, requires_grad=True)
     w = torch.randn(40, 8, requires_grad=True)
     t = torch.randint(0, 40, (2, 5))
@@ -134,8 +125,7 @@ def test_linear_cross_entropy_batched_input_and_no_grad():
         torch.testing.assert_close(F.linear_cross_entropy(x, w, t), unfused_rows.mean())
 
 
-@native
-def test_linear_cross_entropy_every_row_ignored():
+def test_linear_cross_entropy_every_row_ignored(backend):
     x = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(20, 8, requires_grad=True)
     t = torch.full((6,), -100)
@@ -145,9 +135,8 @@ def test_linear_cross_entropy_every_row_ignored():
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@native
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy_backward_twice(reduction):
+def test_linear_cross_entropy_backward_twice(backend, reduction):
     """retain_graph works: the first backward hands out the gradients the forward computed
     (scaled in place), a second one recomputes them."""
     x = torch.randn(6, 8, requires_grad=True)
@@ -165,14 +154,13 @@ def test_linear_cross_entropy_backward_twice(reduction):
 # --------------------------------------------------------------- gradcheck (float64)
 
 
-@native
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize(
     "features",
     [{}, {"label_smoothing": 0.1, "weighted": True}, {"z_loss": 0.05, "softcap": 2.0}],
     ids=["plain", "weight_smoothing", "z_loss_softcap"],
 )
-def test_gradcheck_cpu_float64(reduction, features):
+def test_cross_entropy_gradcheck_cpu_float64(backend, reduction, features):
     features = dict(features)
     weight = torch.rand(13, dtype=torch.float64) + 0.5 if features.pop("weighted", False) else None
     x = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
@@ -198,6 +186,15 @@ def test_gradcheck_cpu_float64(reduction, features):
 # --------------------------------------------------------------------------- opcheck
 
 
+def linear_head_inputs(rows, in_features, num_classes):
+    """x, weight and bias of a linear head (float32, requiring grad), and int64 targets."""
+    x = torch.randn(rows, in_features, requires_grad=True)
+    weight = torch.randn(num_classes, in_features, requires_grad=True)
+    bias = torch.randn(num_classes, requires_grad=True)
+    target = torch.randint(0, num_classes, (rows,))
+    return x, weight, bias, target
+
+
 def _opcheck_samples():
     x = torch.randn(6, 33)
     t = torch.randint(0, 33, (6,))
@@ -212,9 +209,8 @@ def _opcheck_samples():
     ]
 
 
-@native
 @pytest.mark.parametrize("idx", range(len(_opcheck_samples())))
-def test_opcheck_native(idx):
+def test_cross_entropy_opcheck_native(backend, idx):
     args = _opcheck_samples()[idx]
     logits = args[0].clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.fastllm.cross_entropy_fwd, (logits,) + args[1:])
@@ -229,13 +225,9 @@ def test_opcheck_native(idx):
     )
 
 
-@native
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_linear_cross_entropy(reduction):
-    x = torch.randn(9, 8, requires_grad=True)
-    w = torch.randn(30, 8, requires_grad=True)
-    b = torch.randn(30, requires_grad=True)
-    t = torch.randint(0, 30, (9,))
+def test_opcheck_linear_cross_entropy(backend, reduction):
+    x, w, b, t = linear_head_inputs(9, 8, 30)
     torch.library.opcheck(
         torch.ops.fastllm.linear_cross_entropy_fwd,
         (x, w, b, t, None, -100, reduction, 0.1, 0.0, 0.0, 4, True, True, True, False, "native"),
@@ -245,13 +237,9 @@ def test_opcheck_linear_cross_entropy(reduction):
 # ---------------------------------------------------------------------- torch.compile
 
 
-@native
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_fullgraph_matches_eager(reduction):
-    h = torch.randn(12, 16, requires_grad=True)
-    w = torch.randn(70, 16, requires_grad=True)
-    b = torch.randn(70, requires_grad=True)
-    t = torch.randint(0, 70, (12,))
+def test_cross_entropy_torch_compile_fullgraph_matches_eager(backend, reduction):
+    h, w, b, t = linear_head_inputs(12, 16, 70)
     t[3] = -100
 
     def fused_head(h, w, b):
@@ -277,8 +265,7 @@ def test_torch_compile_fullgraph_matches_eager(reduction):
 # ------------------------------------------------------------------ in-place backward
 
 
-@native
-def test_logits_are_not_written_unless_asked():
+def test_logits_are_not_written_unless_asked(backend):
     x = torch.randn(5, 50, requires_grad=True)
     t = torch.randint(0, 50, (5,))
     logits = x * 1.0
@@ -294,8 +281,7 @@ def test_logits_are_not_written_unless_asked():
     torch.testing.assert_close(logits.detach(), grad_plain)
 
 
-@native
-def test_inplace_backward_second_backward_is_an_error():
+def test_inplace_backward_second_backward_is_an_error(backend):
     x = torch.randn(5, 50, requires_grad=True)
     loss = F.cross_entropy(x * 1.0, torch.randint(0, 50, (5,)), inplace_backward=True)
     loss.backward(retain_graph=True)
@@ -306,12 +292,11 @@ def test_inplace_backward_second_backward_is_an_error():
 # ------------------------------------------------------------------------- modules
 
 
-@native
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"reduction": "sum", "label_smoothing": 0.1}, {"ignore_index": 2, "reduction": "none"}],
 )
-def test_cross_entropy_loss_is_drop_in(kwargs):
+def test_cross_entropy_loss_is_drop_in(backend, kwargs):
     weight = torch.rand(20) + 0.5
     ours = fastllm.nn.CrossEntropyLoss(weight=weight, **kwargs)
     theirs = torch.nn.CrossEntropyLoss(weight=weight, **kwargs)
@@ -323,9 +308,8 @@ def test_cross_entropy_loss_is_drop_in(kwargs):
     torch.testing.assert_close(ours(x, t), theirs(x, t))
 
 
-@native
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_loss_is_drop_in(bias):
+def test_linear_cross_entropy_loss_is_drop_in(backend, bias):
     kwargs = dict(bias=bias, reduction="mean", label_smoothing=0.05)
     theirs = torch.nn.LinearCrossEntropyLoss(16, 90, **kwargs)
     ours = fastllm.nn.LinearCrossEntropyLoss(16, 90, chunk_size=4, **kwargs)
@@ -346,8 +330,7 @@ def test_linear_cross_entropy_loss_is_drop_in(bias):
 # ---------------------------------------------------------------------------- errors
 
 
-@native
-def test_out_of_range_target_names_row_and_value():
+def test_out_of_range_target_names_row_and_value(backend):
     x = torch.randn(5, 32000)
     t = torch.tensor([1, 2, 3, 70000, 4])
     with pytest.raises(IndexError, match=r"cross_entropy: target\[3\] = 70000 is out of range for "
@@ -368,7 +351,7 @@ def _classes(n=4, high=8):
     return torch.randint(0, high, (n,))
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference"], indirect=True)
 @pytest.mark.parametrize(
     "call, exc, match",
     [
@@ -401,8 +384,8 @@ def _classes(n=4, high=8):
          ValueError, r"chunk_size must be a positive number of rows, got 0"),
     ],
 )
-def test_bad_input_is_named(backend, call, exc, match):
-    with fastllm.use_backend(backend), pytest.raises(exc, match=match):
+def test_cross_entropy_bad_input_is_named(backend, call, exc, match):
+    with pytest.raises(exc, match=match):
         call()
 
 
@@ -410,7 +393,6 @@ _ops = torch.ops.fastllm
 _OPTIONS = (-100, 0.0, 0.0, 0.0)  # ignore_index, label_smoothing, z_loss, softcap
 
 
-@native
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -431,7 +413,7 @@ _OPTIONS = (-100, 0.0, 0.0, 0.0)  # ignore_index, label_smoothing, z_loss, softc
          r"in place"),
     ],
 )
-def test_bad_input_direct_op_call_is_named(call, match):
+def test_cross_entropy_bad_input_direct_op_call_is_named(backend, call, match):
     with pytest.raises((RuntimeError, TypeError, ValueError, IndexError), match=match):
         call()
 
@@ -464,8 +446,7 @@ print("ok")
 """
 
 
-@native
-def test_scalar_cpu_path_matches_torch():
+def test_scalar_cpu_path_matches_torch(backend):
     """FASTLLM_CPU_ISA=scalar runs the portable kernels (chosen once per process, hence the
     subprocess), which every non-AVX2 CPU uses."""
     env = dict(os.environ, FASTLLM_CPU_ISA="scalar", FASTLLM_BACKEND="native")

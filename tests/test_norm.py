@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-import fastllm
 import fastllm.functional as F
-from fastllm.ops import norm as norm_ops
 from tests.accuracy import assert_within_torch_error
+
+FAMILY = "norm"
+BACKENDS = ("native", "triton", "cuda_emu")
 
 KINDS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -21,24 +22,6 @@ SHAPES = {
     "triton": [(3, 5, 1000), (1, 1), (4, 97), (2, 3, 128), (3, 4099)],
     "cuda_emu": [(3, 5, 1000), (1, 1), (4, 97), (2, 3, 128), (3, 4099)],
 }
-
-
-@pytest.fixture(params=["native", "triton", "cuda_emu"])
-def backend(request):
-    name = request.param
-    if name == "triton" and norm_ops.IMPLS.triton is None:
-        pytest.skip("triton is not installed")
-    if name == "cuda_emu":
-        request.getfixturevalue("emulated_cuda")
-        from fastllm import _emu
-
-        # Random thread interleavings between barriers (seeded): a missing barrier or a
-        # wrong shuffle partner changes the answer instead of passing by luck.
-        with _emu.schedule_seed(1), fastllm.use_backend(name):
-            yield name
-        return
-    with fastllm.use_backend(name):
-        yield name
 
 
 def torch_impl(kind, x, r, shape, w, b, eps):

@@ -1,5 +1,7 @@
 """The norm family's contract beyond numerics: gradcheck, opcheck, torch.compile,
-drop-in modules and error messages."""
+drop-in modules and error messages.
+
+Tests that take `backend` run on the native kernels (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,16 @@ import torch
 
 import fastllm
 import fastllm.functional as F
-from fastllm.ops import norm as norm_ops
 
-native = pytest.mark.skipif(norm_ops.IMPLS.native is None, reason="fastllm._C not built")
+FAMILY = "norm"
 
 
 # ------------------------------------------------------------------ gradcheck (float64)
 
 
-@native
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("affine", [True, False])
-def test_gradcheck_cpu_float64(kind, affine):
+def test_norm_gradcheck_cpu_float64(backend, kind, affine):
     n = 13
     x = torch.randn(3, 2, n, dtype=torch.float64, requires_grad=True)
     r = torch.randn(3, 2, n, dtype=torch.float64, requires_grad=True)
@@ -32,8 +32,7 @@ def test_gradcheck_cpu_float64(kind, affine):
         "add_rms_norm": (lambda x, r, w, b: F.add_rms_norm(x, r, [n], w), (x, r, w, None)),
     }
     fn, args = fns[kind]
-    with fastllm.use_backend("native"):
-        assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradcheck(fn, args)
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -55,16 +54,14 @@ def _opcheck_samples():
     ]
 
 
-@native
 @pytest.mark.parametrize("idx", range(len(_opcheck_samples())))
-def test_opcheck_native(idx):
+def test_norm_opcheck_native(backend, idx):
     name, args = _opcheck_samples()[idx]
     args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(getattr(torch.ops.fastllm, name), args)
 
 
-@native
-def test_opcheck_native_backward_ops():
+def test_norm_opcheck_native_backward_ops(backend):
     x = torch.randn(5, 40)
     w = torch.randn(40)
     out, mean, rstd = torch.ops.fastllm.layer_norm_fwd(x, [40], w, None, 1e-5)
@@ -96,21 +93,19 @@ class PreNormBlock(torch.nn.Module):
         return self.rms(h) + torch.nn.functional.gelu(residual)
 
 
-@native
-def test_torch_compile_fullgraph_matches_eager():
+def test_norm_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     model = PreNormBlock(48)
     x = torch.randn(2, 7, 48, requires_grad=True)
     r = torch.randn(2, 7, 48, requires_grad=True)
-    with fastllm.use_backend("native"):
-        eager = model(x, r)
-        eager.sum().backward()
-        grads = [x.grad.clone(), r.grad.clone()] + [p.grad.clone() for p in model.parameters()]
-        x.grad = r.grad = None
-        model.zero_grad()
-        compiled = torch.compile(model, fullgraph=True, backend="inductor")
-        out = compiled(x, r)
-        out.sum().backward()
+    eager = model(x, r)
+    eager.sum().backward()
+    grads = [x.grad.clone(), r.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = r.grad = None
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    out = compiled(x, r)
+    out.sum().backward()
     torch.testing.assert_close(out, eager)
     for g, ref in zip([x.grad, r.grad] + [p.grad for p in model.parameters()], grads):
         torch.testing.assert_close(g, ref)
@@ -156,7 +151,7 @@ def test_module_residual_forward():
 # ---------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference"], indirect=True)
 @pytest.mark.parametrize(
     "call, exc, match",
     [
@@ -184,12 +179,11 @@ def test_module_residual_forward():
          r"residual must have the dtype of input torch.float32, got torch.float16"),
     ],
 )
-def test_bad_input_is_named(backend, call, exc, match):
-    with fastllm.use_backend(backend), pytest.raises(exc, match=match):
+def test_norm_bad_input_is_named(backend, call, exc, match):
+    with pytest.raises(exc, match=match):
         call()
 
 
-@native
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -210,7 +204,7 @@ def test_bad_input_is_named(backend, call, exc, match):
          r"residual must have the dtype of input"),
     ],
 )
-def test_bad_input_direct_op_call_is_named(call, match):
+def test_norm_bad_input_direct_op_call_is_named(backend, call, match):
     """Direct callers of torch.ops.fastllm.* get the same checks from the C++ glue."""
     with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
         call()

@@ -1,0 +1,47 @@
+"""Input builders shared by the attention tests (tests/test_attention.py and
+tests/test_attention_api.py). Shapes: padded q (B, Tq, H, D), k / v (B, Tk, Hkv, D); packed
+q (total_q, H, D), k / v (total_k, Hkv, D) with int32 cu_seqlens (B + 1,)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_options(q: torch.Tensor, **overrides) -> dict:
+    """The attention_fwd / attention_bwd options after (q, k, v), in schema order."""
+    options = dict(
+        cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=0, max_seqlen_k=0,
+        softmax_scale=q.shape[-1] ** -0.5, causal=False, window_left=-1, window_right=-1,
+        softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+    )
+    options.update(overrides)
+    return options
+
+
+def qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, scale=1.0):
+    """Padded q, k, v; ``scale`` multiplies q and k (larger scores)."""
+    q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=dtype) * scale
+    k = torch.randn(batch, seqlen_k, kv_heads, head_dim, dtype=dtype) * scale
+    v = torch.randn(batch, seqlen_k, kv_heads, head_dim, dtype=dtype)
+    return q, k, v
+
+
+def packed_tokens(lengths, heads, head_dim, dtype):
+    """Sequences of the given lengths packed along dim 0, and their int32 cu_seqlens."""
+    cu_seqlens = torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return torch.randn(int(cu_seqlens[-1]), heads, head_dim, dtype=dtype), cu_seqlens
+
+
+def packed_qkv(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype):
+    """Packed q, k, v and the varlen options (cu_seqlens_*, max_seqlen_*)."""
+    q, cu_seqlens_q = packed_tokens(lengths_q, heads, head_dim, dtype)
+    k, cu_seqlens_k = packed_tokens(lengths_k, kv_heads, head_dim, dtype)
+    v = torch.randn_like(k)
+    options = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                   max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k))
+    return q, k, v, options
+
+
+def dropout_seed(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64)
+

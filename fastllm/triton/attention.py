@@ -623,9 +623,10 @@ def _block_d(head_dim: int) -> int:
 # Tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) by kernel, dtype class and
 # BLOCK_D. Chosen so that ptxas (sm_80, unit D strides) reports no spills for every dtype and
 # BLOCK_D with the flag sets checked (causal only, dropout only, packed + seqused_k + both
-# windows, everything on; tests/test_attention_triton.py keeps checking the last one); not
-# tuned on a GPU (none was available). float32 runs its IEEE dot products on FMA units, which
-# hold whole operand tiles in registers: it needs much smaller tiles than the tensor-core path.
+# windows, everything on; tests/test_attention.py::test_triton_kernels_compile_for_sm80_without_spills
+# keeps checking the last one); not tuned on a GPU (none was available). float32 runs its IEEE
+# dot products on FMA units, which hold whole operand tiles in registers: it needs much
+# smaller tiles than the tensor-core path.
 _FWD_TILES = {
     "tensor_core": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
     "fma": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},

@@ -1,14 +1,13 @@
 """Fixtures shared by every op family's tests.
 
 `backend` is the one way a test picks a backend. A test module names the family it tests,
-``FAMILY = "norm"`` (the op set is ``fastllm.ops.<FAMILY>.IMPLS``), and a kernel-numerics
+``FAMILY = "norm"`` (a key of ``fastllm.ops.FAMILIES``), and a kernel-numerics
 module lists the backends its tests run on, ``BACKENDS = ("native", "triton", "cuda_emu")``:
 every test of that module that takes `backend` runs once per entry. A test may instead
 parametrise it itself, ``@pytest.mark.parametrize("backend", [...], indirect=True)``; a test
 that takes it in a module without BACKENDS runs on "native", the library's default.
 """
 
-import importlib
 import os
 
 # Triton kernels execute on CPU tensors through the interpreter; triton reads this when
@@ -19,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastllm  # noqa: E402
+from fastllm.ops import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -59,15 +59,12 @@ def backend(request):
     the module's family has no implementation for that backend here."""
     name = getattr(request, "param", "native")
     family = request.module.FAMILY
-    impls = importlib.import_module(f"fastllm.ops.{family}").IMPLS
-    if name == "native" and impls.native is None:
-        pytest.skip(f"{family}: backend 'native' needs fastllm._C, which is not built")
-    if name == "triton" and impls.triton is None:
-        pytest.skip(f"{family}: {impls.triton_unavailable}")
     if name == "cuda_emu":
         request.getfixturevalue("emulated_cuda")
-        if impls.emulated is None:
-            pytest.skip(f"{family}: backend 'cuda_emu' found no emulated {family} ops")
+    reason = FAMILIES[family].unavailable(name)
+    if reason is not None:
+        pytest.skip(f"{family}: {reason}")
+    if name == "cuda_emu":
         from fastllm import _emu
 
         # Random thread interleavings between barriers (seeded): a missing barrier or a

@@ -61,7 +61,7 @@
 
 #include <cstdint>
 
-#include "norm/norm.h"  // fastllm::DType
+#include "common/dtype.h"
 
 namespace fastllm {
 namespace attention {

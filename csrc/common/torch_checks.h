@@ -7,7 +7,7 @@
 #include <sstream>
 #include <string>
 
-#include "norm/norm.h"
+#include "common/dtype.h"
 
 namespace fastllm {
 

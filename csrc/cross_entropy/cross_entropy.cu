@@ -51,23 +51,13 @@
 #include <limits>
 
 #include "common/cuda_compat.h"
+#include "common/cuda_utils.cuh"
 #include "cross_entropy/cross_entropy_cuda.h"
-
-#if defined(__CUDA_ARCH__)
-#define FASTLLM_CE_UNROLL _Pragma("unroll")
-#define FASTLLM_CE_NO_UNROLL _Pragma("unroll 1")
-#else
-#define FASTLLM_CE_UNROLL
-#define FASTLLM_CE_NO_UNROLL
-#endif
 
 namespace fastllm {
 namespace cross_entropy {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarpMask = 0xffffffffu;
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Rows up to this many classes are owned by one warp, larger ones by a block.
@@ -89,40 +79,16 @@ constexpr int kResidentThreadsPerSm = kMinBlocksPerSm * kBlockThreads;
 // block of threads past the end of a row.
 constexpr int64_t kMaxVocab = int64_t(1) << 30;
 
-// ---- element access ------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half(v);
-}
+// ---- element access (common/cuda_utils.cuh has the conversions and vector packs) ------
 
 constexpr int kAccessBytes = 16;
 template <class T>
-constexpr int kPackElems = kAccessBytes / static_cast<int>(sizeof(T));
-
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+constexpr int kPackElems = kMaxVecWidth<T>;
 
 // A chunk of a row handed to a row visitor: elements [first(), first() + N), N = 1 (head,
-// tail, unaligned rows) or kPackElems<T>. Packs are addressed as element `index` of a Pack
+// tail, unaligned rows) or kPackElems<T>. Packs are addressed as element `index` of a Vec
 // array starting at the (16-byte aligned) element `base`: nvcc keeps such an access one
-// 16-byte load / store, while a Pack pointer cast from `row + first()` was stored in 2- or
+// 16-byte load / store, while a Vec pointer cast from `row + first()` was stored in 2- or
 // 4-byte pieces inside the row loop.
 template <int N>
 struct Chunk {
@@ -152,27 +118,27 @@ template <class T, class Visit>
 __device__ __forceinline__ void for_each_chunk(int vocab, int head, int rank, int nthreads,
                                                Visit&& visit) {
   if (head < 0) {
-    FASTLLM_CE_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int c = rank; c < vocab; c += nthreads) visit(Chunk<1>{c, 0});
     return;
   }
   constexpr int kPack = kPackElems<T>;
   if (rank < head) visit(Chunk<1>{rank, 0});
   const int packs = (vocab - head) / kPack;
-  FASTLLM_CE_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int k = rank; k < packs; k += nthreads) visit(Chunk<kPack>{head, k});
   const int tail = head + packs * kPack;
   if (rank < vocab - tail) visit(Chunk<1>{tail + rank, 0});
 }
 
 template <int N, class T>
-__device__ __forceinline__ Pack<T, N> load_chunk(const T* row, Chunk<N> chunk) {
-  return reinterpret_cast<const Pack<T, N>*>(row + chunk.base)[chunk.index];
+__device__ __forceinline__ Vec<T, N> load_chunk(const T* row, Chunk<N> chunk) {
+  return reinterpret_cast<const Vec<T, N>*>(row + chunk.base)[chunk.index];
 }
 
 template <int N, class T>
-__device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Pack<T, N>& v) {
-  reinterpret_cast<Pack<T, N>*>(row + chunk.base)[chunk.index] = v;
+__device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Vec<T, N>& v) {
+  reinterpret_cast<Vec<T, N>*>(row + chunk.base)[chunk.index] = v;
 }
 
 // ---- row statistics ------------------------------------------------------------------
@@ -214,7 +180,7 @@ __device__ __forceinline__ RowStats merge_row_stats(const RowStats& a, const Row
 // Butterfly merge over the warp: every lane ends with the state of the whole warp. The
 // weight sums travel only when a class weight is given (uniform over the grid).
 __device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_weight) {
-  FASTLLM_CE_UNROLL
+  FASTLLM_UNROLL
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     RowStats other;
     other.max = __shfl_xor_sync(kFullWarpMask, s.max, offset);
@@ -229,14 +195,6 @@ __device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_we
     s = merge_row_stats(s, other);
   }
   return s;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  FASTLLM_CE_UNROLL
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(kFullWarpMask, v, offset);
-  }
-  return v;
 }
 
 // tanh(y), and 1 - |tanh(y)| without cancellation (the softcap derivative is
@@ -373,8 +331,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     for_each_chunk<T>(a.vocab, aligned_head(x, a.vocab), group.rank, group.nthreads,
                       [&](auto chunk) {
       constexpr int n = decltype(chunk)::kSize;
-      const Pack<T, n> pack = load_chunk(x, chunk);
-      FASTLLM_CE_UNROLL
+      const Vec<T, n> pack = load_chunk(x, chunk);
+      FASTLLM_UNROLL
       for (int i = 0; i < n; ++i) {
         const float z = soft_cap(to_float(pack.v[i]), a.softcap, a.inv_softcap);
         accumulate_logit(s, z);
@@ -432,13 +390,8 @@ __device__ __forceinline__ float block_mean_weight(const float* class_weight, in
   for (int c = static_cast<int>(threadIdx.x); c < vocab; c += static_cast<int>(blockDim.x)) {
     sum += class_weight[c];
   }
-  sum = warp_sum(sum);
-  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum;
-  __syncthreads();
-  float total = 0.f;
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
-  for (int w = 0; w < warps; ++w) total += warp_sums[w];
-  return total * inv_vocab;
+  return block_allreduce_sum(sum, warp_sums, warps) * inv_vocab;
 }
 
 template <class T, bool kWarpPerRow>
@@ -460,8 +413,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     if (target == a.ignore_index) {
       for_each_chunk<T>(a.vocab, head, group.rank, group.nthreads, [&](auto chunk) {
         constexpr int n = decltype(chunk)::kSize;
-        Pack<T, n> zeros;
-        FASTLLM_CE_UNROLL
+        Vec<T, n> zeros;
+        FASTLLM_UNROLL
         for (int i = 0; i < n; ++i) zeros.v[i] = from_float<T>(0.f);
         store_chunk(dx, chunk, zeros);
       });
@@ -484,9 +437,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     for_each_chunk<T>(a.vocab, head, group.rank, group.nthreads, [&](auto chunk) {
       constexpr int n = decltype(chunk)::kSize;
       const int c = chunk.first();
-      const Pack<T, n> in = load_chunk(x, chunk);
-      Pack<T, n> out;
-      FASTLLM_CE_UNROLL
+      const Vec<T, n> in = load_chunk(x, chunk);
+      Vec<T, n> out;
+      FASTLLM_UNROLL
       for (int i = 0; i < n; ++i) {
         const float xi = to_float(in.v[i]);
         const TanhResult capped =
@@ -504,8 +457,6 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 }
 
 // ---- host side -----------------------------------------------------------------------
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct LaunchShape {
   bool warp_per_row;
@@ -618,12 +569,9 @@ cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t strea
       p.loss == nullptr || p.lse == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_fwd<float>(p, stream);
-    case DType::kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_fwd<__half>(p, stream);
-    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
-  }
+  return dispatch_cuda_dtype(p.dtype, [&](auto type) {
+    return launch_fwd<typename decltype(type)::type>(p, stream);
+  });
 }
 
 cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t stream) {
@@ -632,12 +580,9 @@ cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t strea
       p.target == nullptr || p.lse == nullptr || p.grad_logits == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_bwd<float>(p, stream);
-    case DType::kBFloat16: return launch_bwd<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_bwd<__half>(p, stream);
-    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
-  }
+  return dispatch_cuda_dtype(p.dtype, [&](auto type) {
+    return launch_bwd<typename decltype(type)::type>(p, stream);
+  });
 }
 
 }  // namespace cross_entropy

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
   zero_acc(dk);
   zero_acc(dv);
 
-  FASTLLM_ATTN_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int h = hk * group; h < (hk + 1) * group && j0 < seq.seqlen_k; ++h) {
     const ScoreMod mod = make_score_mod(p, seq, b, h);
     const Dropout dropout = make_dropout(p, dropout_threshold, b, h);
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
     const float* lse = static_cast<const float*>(p.lse) + lse_offset(p, seq, b, h);
     const float* d_row = softmax_d + lse_offset(p, seq, b, h);
 
-    FASTLLM_ATTN_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int m_block = i_min / kBlockM; m_block <= i_max / kBlockM; ++m_block) {
       const int i0 = m_block * kBlockM;
       const int rows = min(kBlockM, seq.seqlen_q - i0);
@@ -166,9 +166,9 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
       zero_acc(pt);
       gemm_rows_by_rows<T, kHeadDim>(pt, sK, warp_key0, sQ, 0);
       const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        FASTLLM_ATTN_UNROLL
+        FASTLLM_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int local_i = mt * 8 + 2 * t + e % 2;
           const int i = i0 + local_i, j = key_j[e / 2];
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   float row_lse[2], row_d[2];
   uint32_t row_key[2] = {0u, 0u};
   const Dropout dropout = make_dropout(p, dropout_threshold, b, h);
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int local_row = warp_row0 + g + 8 * r;
     row_lse[r] = lse_for_recompute(lse, local_row, rows);
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   float dq_acc[kDTiles][4];
   zero_acc(dq_acc);
 
-  FASTLLM_ATTN_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int n_block = n_first; n_block <= n_last; ++n_block) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j0 * p.stride_k.t, p.stride_k.t,
@@ -306,9 +306,9 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
     zero_acc(s_acc);
     gemm_rows_by_rows<T, kHeadDim>(s_acc, sQ, warp_row0, sK, 0);
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int nt = 0; nt < kNTiles; ++nt) {
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int j = j0 + nt * 8 + 2 * t + e % 2, r = e / 2;
         float cap_grad;

@@ -22,27 +22,16 @@
 #pragma once
 
 #include <cstdint>
-#include <limits>
 
 #include "attention/attention.h"
 #include "common/cuda_compat.h"
+#include "common/cuda_utils.cuh"
 #include "common/mma.h"
-
-#if defined(__CUDA_ARCH__)
-#define FASTLLM_ATTN_UNROLL _Pragma("unroll")
-#define FASTLLM_ATTN_NO_UNROLL _Pragma("unroll 1")
-#else
-#define FASTLLM_ATTN_UNROLL
-#define FASTLLM_ATTN_NO_UNROLL
-#endif
 
 namespace fastllm {
 namespace attention {
 namespace cuda {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarpMask = 0xffffffffu;
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 // 16-byte copies: 8 elements of a 16-bit type.
 constexpr int kChunkElems = 8;
@@ -193,9 +182,6 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 // ---- global <-> shared tiles ----------------------------------------------------------
 
 // Asynchronously copies rows [0, kRows) x columns [0, kHeadDim) of a tile whose row r
@@ -208,7 +194,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   constexpr int kChunksPerRow = kHeadDim / kChunkElems;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int c = threadIdx.x; c < kChunks; c += kThreads) {
     const int row = c / kChunksPerRow;
     const int col = (c % kChunksPerRow) * kChunkElems;
@@ -232,7 +218,7 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[kCols / 8][4]
   const int lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, t = lane % 4;
   __syncwarp();  // every lane is done reading these rows as an mma operand
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int nt = 0; nt < kCols / 8; ++nt) {
     const int col = col0 + nt * 8 + 2 * t;
     *reinterpret_cast<uint32_t*>(smem_rows + g * kPitch + col) =
@@ -242,7 +228,7 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[kCols / 8][4]
   }
   __syncwarp();
   constexpr int kChunksPerRow = kCols / kChunkElems;
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int c = lane; c < 16 * kChunksPerRow; c += kWarpSize) {
     const int row = c / kChunksPerRow;
     const int col = col0 + (c % kChunksPerRow) * kChunkElems;
@@ -317,9 +303,9 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[kT
 
 template <int kTiles>
 __device__ __forceinline__ void zero_acc(float (&acc)[kTiles][4]) {
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int i = 0; i < kTiles; ++i) {
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
   }
 }
@@ -332,11 +318,11 @@ __device__ __forceinline__ void gemm_rows_by_rows(float (&acc)[kNTiles][4], cons
                                                   int row0, const T* smem_b, int n0) {
   constexpr int kPitch = smem_pitch<kHeadDim>();
   static_assert(kNTiles % 2 == 0, "n-tiles come in pairs");
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
     uint32_t a[4];
     load_a<kPitch>(a, smem_a, row0, k0);
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int np = 0; np < kNTiles / 2; ++np) {
       uint32_t b[2][2];
       load_b_transposed<kPitch>(b, smem_b, n0 + np * 16, k0);
@@ -353,11 +339,11 @@ __device__ __forceinline__ void gemm_acc_by_rows(float (&acc)[kCols / 8][4],
                                                  const float (&p)[2 * kKSteps][4],
                                                  const T* smem_b, int col0 = 0) {
   constexpr int kPitch = smem_pitch<kHeadDim>();
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int kk = 0; kk < kKSteps; ++kk) {
     uint32_t a[4];
     acc_to_a<T>(a, p, kk);
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int dp = 0; dp < kCols / 16; ++dp) {
       uint32_t b[2][2];
       load_b<kPitch>(b, smem_b, kk * 16, col0 + dp * 16);

@@ -1,6 +1,6 @@
 // CUDA kernels of the LayerNorm / RMSNorm family: forward (optionally fused with a residual
 // add) and backward (dx, and deterministic dweight / dbias). Torch-free; the glue is
-// norm_ops.cpp. The same source also builds for the host against the SIMT emulation
+// norm_cuda_ops.cpp. The same source also builds for the host against the SIMT emulation
 // (FASTLLM_SIMT_EMU), so it uses only what csrc/common/cuda_compat.h promises: launches
 // through FASTLLM_LAUNCH_KERNEL, static shared arrays, barriers reached by every thread of
 // the block, warp shuffles executed by all 32 lanes, no inline PTX.

@@ -1,6 +1,6 @@
 // CUDA kernels of the fused cross-entropy: forward (per-row loss and logsumexp, one read of
 // the logits) and backward (the logits' gradient, one read and one write, optionally in
-// place over the logits). Torch-free; the glue is cross_entropy_ops.cpp. The same source
+// place over the logits). Torch-free; the glue is cross_entropy_cuda_ops.cpp. The same source
 // also builds for the host against the SIMT emulation (FASTLLM_SIMT_EMU), so it uses only
 // what csrc/common/cuda_compat.h promises: launches through FASTLLM_LAUNCH_KERNEL, static
 // shared arrays, barriers reached by every thread of the block, warp shuffles executed by
@@ -254,16 +254,16 @@ struct RowGroup {
   }
 };
 
-// ---- forward -------------------------------------------------------------------------
+// ---- kernel arguments ----------------------------------------------------------------
 
+// What the forward and backward kernels share: the logits rows, the targets and the options,
+// in the types the kernels compute with (FwdArgs / BwdArgs add their outputs).
 template <class T>
-struct FwdArgs {
-  const T* logits;
+struct RowArgs {
+  const T* logits;  // backward: may equal grad_logits, so no __restrict__
   int64_t logits_row_stride;
   const int64_t* target;
   const float* class_weight;  // nullptr: no class weight
-  float* loss;
-  float* lse;
   int64_t rows;
   int vocab;
   int64_t ignore_index;
@@ -272,6 +272,14 @@ struct FwdArgs {
   float softcap;  // 0: no soft-capping
   float inv_softcap;
   float inv_vocab;
+};
+
+// ---- forward -------------------------------------------------------------------------
+
+template <class T>
+struct FwdArgs : RowArgs<T> {
+  float* loss;
+  float* lse;
 };
 
 // Final per-row combination, by the thread of rank 0 holding the merged stats.
@@ -361,24 +369,12 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 // ---- backward ------------------------------------------------------------------------
 
 template <class T>
-struct BwdArgs {
+struct BwdArgs : RowArgs<T> {
   const float* grad_loss;
   int64_t grad_loss_stride;  // 0: one value for every row
-  const T* logits;           // may equal grad_logits: no __restrict__
-  int64_t logits_row_stride;
-  const int64_t* target;
-  const float* class_weight;  // nullptr: no class weight
   const float* lse;
-  T* grad_logits;
+  T* grad_logits;  // may equal logits (in place)
   int64_t grad_row_stride;
-  int64_t rows;
-  int vocab;
-  int64_t ignore_index;
-  float label_smoothing;
-  float z_loss;
-  float softcap;  // 0: no soft-capping
-  float inv_softcap;
-  float inv_vocab;
   bool vectorized;  // logits and grad rows sit at the same offset from a 16-byte boundary
 };
 
@@ -489,15 +485,14 @@ cudaError_t launch_shape(int64_t rows, int64_t vocab, LaunchShape* shape) {
   return cudaSuccess;
 }
 
-template <class T>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  FwdArgs<T> a;
+// The shared kernel arguments of forward's or backward's params.
+template <class T, class Params>
+RowArgs<T> row_args(const Params& p) {
+  RowArgs<T> a;
   a.logits = static_cast<const T*>(p.logits);
   a.logits_row_stride = p.logits_row_stride;
   a.target = p.target;
   a.class_weight = static_cast<const float*>(p.class_weight);
-  a.loss = static_cast<float*>(p.loss);
-  a.lse = static_cast<float*>(p.lse);
   a.rows = p.rows;
   a.vocab = static_cast<int>(p.vocab);
   a.ignore_index = p.ignore_index;
@@ -506,40 +501,41 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   a.softcap = static_cast<float>(p.softcap);
   a.inv_softcap = p.softcap > 0.0 ? static_cast<float>(1.0 / p.softcap) : 0.f;
   a.inv_vocab = static_cast<float>(1.0 / static_cast<double>(p.vocab));
+  return a;
+}
 
+// Launches the warp-per-row or the block-per-row instantiation of a kernel, as launch_shape
+// decides for the problem.
+template <class Args>
+cudaError_t launch_rows(void (*warp_per_row_kernel)(Args), void (*block_per_row_kernel)(Args),
+                        const Args& a, cudaStream_t stream) {
   LaunchShape shape;
-  const cudaError_t err = launch_shape(p.rows, p.vocab, &shape);
+  const cudaError_t err = launch_shape(a.rows, a.vocab, &shape);
   if (err != cudaSuccess) return err;
-  if (shape.warp_per_row) {
-    auto kernel = cross_entropy_fwd_kernel<T, true>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  } else {
-    auto kernel = cross_entropy_fwd_kernel<T, false>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  }
+  auto kernel = shape.warp_per_row ? warp_per_row_kernel : block_per_row_kernel;
+  FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
   return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  FwdArgs<T> a;
+  static_cast<RowArgs<T>&>(a) = row_args<T>(p);
+  a.loss = static_cast<float*>(p.loss);
+  a.lse = static_cast<float*>(p.lse);
+  return launch_rows(cross_entropy_fwd_kernel<T, true>, cross_entropy_fwd_kernel<T, false>, a,
+                     stream);
 }
 
 template <class T>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   BwdArgs<T> a;
+  static_cast<RowArgs<T>&>(a) = row_args<T>(p);
   a.grad_loss = static_cast<const float*>(p.grad_loss);
   a.grad_loss_stride = p.grad_loss_stride;
-  a.logits = static_cast<const T*>(p.logits);
-  a.logits_row_stride = p.logits_row_stride;
-  a.target = p.target;
-  a.class_weight = static_cast<const float*>(p.class_weight);
   a.lse = static_cast<const float*>(p.lse);
   a.grad_logits = static_cast<T*>(p.grad_logits);
   a.grad_row_stride = p.grad_row_stride;
-  a.rows = p.rows;
-  a.vocab = static_cast<int>(p.vocab);
-  a.ignore_index = p.ignore_index;
-  a.label_smoothing = static_cast<float>(p.label_smoothing);
-  a.z_loss = static_cast<float>(p.z_loss);
-  a.softcap = static_cast<float>(p.softcap);
-  a.inv_softcap = p.softcap > 0.0 ? static_cast<float>(1.0 / p.softcap) : 0.f;
-  a.inv_vocab = static_cast<float>(1.0 / static_cast<double>(p.vocab));
   // Row i of both tensors has the same offset from a 16-byte boundary for every i iff the
   // base addresses and the row strides (in bytes) agree modulo 16.
   const uintptr_t base_gap =
@@ -547,18 +543,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const int64_t stride_gap =
       (p.logits_row_stride - p.grad_row_stride) * static_cast<int64_t>(sizeof(T));
   a.vectorized = base_gap % kAccessBytes == 0 && stride_gap % kAccessBytes == 0;
-
-  LaunchShape shape;
-  const cudaError_t err = launch_shape(p.rows, p.vocab, &shape);
-  if (err != cudaSuccess) return err;
-  if (shape.warp_per_row) {
-    auto kernel = cross_entropy_bwd_kernel<T, true>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  } else {
-    auto kernel = cross_entropy_bwd_kernel<T, false>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  }
-  return cudaGetLastError();
+  return launch_rows(cross_entropy_bwd_kernel<T, true>, cross_entropy_bwd_kernel<T, false>, a,
+                     stream);
 }
 
 }  // namespace

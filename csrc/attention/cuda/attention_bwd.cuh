@@ -330,40 +330,22 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
 
 // ---- launchers --------------------------------------------------------------------------
 
-template <class Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 // Defined here, instantiated by the generated attention_bwd_{dkdv,dq}_hdim*_*.cu files.
 template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dkdv(const BwdParams& p, const float* softmax_d,
                                       uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDkdvConfig<kHeadDim>;
-  auto kernel = attention_bwd_dkdv_kernel<kHeadDim, T>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
-                  static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
-  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                        softmax_d, dropout_threshold);
-  return cudaGetLastError();
+  return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T>, p.seqlen_k,
+                                 Cfg::kBlockN, p.num_kv_heads, p.batch, stream, p, softmax_d,
+                                 dropout_threshold);
 }
 
 template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dq(const BwdParams& p, const float* softmax_d,
                                     uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDqConfig<kHeadDim>;
-  auto kernel = attention_bwd_dq_kernel<kHeadDim, T>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                        softmax_d, dropout_threshold);
-  return cudaGetLastError();
+  return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
+                                 p.num_heads, p.batch, stream, p, softmax_d, dropout_threshold);
 }
 
 }  // namespace cuda

@@ -387,6 +387,25 @@ __device__ __forceinline__ Dropout make_dropout(const Problem& p, uint32_t thres
   return d;
 }
 
+// ---- launchers ----------------------------------------------------------------------
+
+// Launches a tile kernel over a grid of (one block per Cfg's `block_rows` of the `len` rows,
+// heads, batch) blocks of Cfg::kThreads threads with Cfg::kSmemBytes of dynamic shared memory,
+// opting in first when that is above the default 48 KiB.
+template <class Cfg, class Kernel, class... Args>
+cudaError_t launch_tile_kernel(Kernel kernel, int64_t len, int block_rows, int64_t heads,
+                               int64_t batch, cudaStream_t stream, const Args&... args) {
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>((len + block_rows - 1) / block_rows),
+                  static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, args...);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda
 }  // namespace attention
 }  // namespace fastllm

@@ -211,17 +211,8 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_fwd(const FwdParams& p, uint32_t dropout_threshold,
                                  cudaStream_t stream) {
   using Cfg = FwdConfig<kHeadDim>;
-  auto kernel = attention_fwd_kernel<kHeadDim, T>;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                        dropout_threshold);
-  return cudaGetLastError();
+  return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
+                                 p.num_heads, p.batch, stream, p, dropout_threshold);
 }
 
 }  // namespace cuda

@@ -138,8 +138,6 @@ struct CpuKernels {
   }
 };
 
-// ---- CUDA kernels (a GPU build, or its SIMT emulation) --------------------------------
-
 // ---- registration ---------------------------------------------------------------------
 
 // FASTLLM_CPU_LIBRARY_IMPL(m) { ... }: TORCH_LIBRARY_IMPL(fastllm, CPU, m), except in the
@@ -153,6 +151,8 @@ struct CpuKernels {
 #else
 #define FASTLLM_CPU_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(fastllm, CPU, m)
 #endif
+
+// ---- CUDA kernels (a GPU build, or its SIMT emulation) --------------------------------
 
 #if defined(FASTLLM_GLUE_HAS_CUDA)
 

@@ -32,10 +32,15 @@ CUDA_KERNEL_SOURCES = [
     *ATTENTION_CUDA_SOURCES,
 ]
 # Torch glue: schema registration and per-device implementations.
+# Each family has the same three glue files: <family>_glue.h (checks, params, the entry
+# points), <family>_ops.cpp (CPU) and <family>_cuda_ops.cpp (CUDA; in the SIMT emulation
+# build, the CUDA implementations on CPU tensors). See csrc/common/torch_glue.h.
 GLUE_SOURCES = [
     "csrc/registration.cpp",
     "csrc/norm/norm_ops.cpp",
+    "csrc/norm/norm_cuda_ops.cpp",
     "csrc/cross_entropy/cross_entropy_ops.cpp",
+    "csrc/cross_entropy/cross_entropy_cuda_ops.cpp",
     "csrc/attention/attention_ops.cpp",
     "csrc/attention/attention_cuda_ops.cpp",
 ]

@@ -61,7 +61,7 @@
 
 #include <cstdint>
 
-#include "norm/norm.h"  // fastllm::DType
+#include "common/dtype.h"
 
 namespace fastllm {
 namespace attention {
@@ -109,25 +109,23 @@ struct Problem {
   int64_t lse_stride_h = 0;
 };
 
-struct FwdParams : Problem {
+// The inputs forward and backward share.
+struct QkvParams : Problem {
   const void* q = nullptr;  // (B, Tq, H, D)
   Strides4 stride_q;
   const void* k = nullptr;  // (B, Tk, Hkv, D)
   Strides4 stride_k;
   const void* v = nullptr;  // (B, Tk, Hkv, D)
   Strides4 stride_v;
+};
+
+struct FwdParams : QkvParams {
   void* out = nullptr;  // (B, Tq, H, D)
   Strides4 stride_out;
   void* lse = nullptr;  // acc type (float32; double for kFloat64), strides in Problem
 };
 
-struct BwdParams : Problem {
-  const void* q = nullptr;  // (B, Tq, H, D)
-  Strides4 stride_q;
-  const void* k = nullptr;  // (B, Tk, Hkv, D)
-  Strides4 stride_k;
-  const void* v = nullptr;  // (B, Tk, Hkv, D)
-  Strides4 stride_v;
+struct BwdParams : QkvParams {
   const void* out = nullptr;  // (B, Tq, H, D): forward's output
   Strides4 stride_out;
   const void* dout = nullptr;  // (B, Tq, H, D)

@@ -83,11 +83,8 @@ namespace fastllm {
 namespace attention {
 namespace {
 
-using cpu::AccOf;
-using cpu::BFloat16;
-using cpu::from_acc;
-using cpu::Half;
-using cpu::to_acc;
+// Storage types, to_acc / from_acc, dispatch_dtype (common/cpu_*.h).
+using namespace cpu;
 
 // Tiles of 128 queries x 64 keys. Packing a key tile costs O(kBlockK * D) per query tile, so
 // taller query tiles amortise it better (64 rows measured clearly slower than 128 on the dev
@@ -748,187 +745,271 @@ void accumulate_dk_dv(const ScoreMods<Acc>& mods, const ActiveRows& rows, int nk
             true);
 }
 
-template <class T, class Ops>
-void attention_bwd_typed(const BwdParams& p) {
+// What every backward task reads: the problem's sizes, its tensors as rows, and D.
+template <class T>
+struct BwdInputs {
   using Acc = AccOf<T>;
-  const int D = static_cast<int>(p.head_dim);
-  const int Dp = round_up(D, kColPad);
-  const int64_t group = p.num_heads / p.num_kv_heads;
-  const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t k_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
-  const Acc scale = static_cast<Acc>(p.softmax_scale);
-  const Acc* lse_all = static_cast<const Acc*>(p.lse);
-  const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
-      v(p.v, p.stride_v, p.cu_seqlens_k), out(p.out, p.stride_out, p.cu_seqlens_q),
-      dout(p.dout, p.stride_dout, p.cu_seqlens_q);
-  const Rows<T> dq(p.dq, p.stride_dq, p.cu_seqlens_q), dk(p.dk, p.stride_dk, p.cu_seqlens_k),
-      dv(p.dv, p.stride_dv, p.cu_seqlens_k);
+  const BwdParams& p;
+  const int D, Dp;
+  const int64_t group, q_blocks, k_blocks;
+  const Acc scale;
+  const Rows<const T> q, k, v, out, dout;
+  const Rows<T> dq, dk, dv;
+  const std::vector<Acc> delta;  // D_i = <dout_i, out_i>, see softmax_delta
 
-  // D_i = <dout_i, out_i>, (B, H, Tq); rows past a sequence's end unused.
-  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
-  std::vector<Acc> delta(rows);
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t i = row % p.seqlen_q;
-    const int64_t h = row / p.seqlen_q % p.num_heads;
-    const int64_t b = row / p.seqlen_q / p.num_heads;
-    if (i >= seq_lens(p, b).q) continue;
-    const T* o = out.row(b, i, h);
-    const T* g = dout.row(b, i, h);
-    Acc sum = 0;
-    for (int c = 0; c < D; ++c) sum += to_acc(o[c * out.stride.d]) * to_acc(g[c * dout.stride.d]);
-    delta[row] = sum;
+  explicit BwdInputs(const BwdParams& params)
+      : p(params),
+        D(static_cast<int>(p.head_dim)),
+        Dp(round_up(D, kColPad)),
+        group(p.num_heads / p.num_kv_heads),
+        q_blocks((p.seqlen_q + kBlockQ - 1) / kBlockQ),
+        k_blocks((p.seqlen_k + kBlockK - 1) / kBlockK),
+        scale(static_cast<Acc>(p.softmax_scale)),
+        q(p.q, p.stride_q, p.cu_seqlens_q),
+        k(p.k, p.stride_k, p.cu_seqlens_k),
+        v(p.v, p.stride_v, p.cu_seqlens_k),
+        out(p.out, p.stride_out, p.cu_seqlens_q),
+        dout(p.dout, p.stride_dout, p.cu_seqlens_q),
+        dq(p.dq, p.stride_dq, p.cu_seqlens_q),
+        dk(p.dk, p.stride_dk, p.cu_seqlens_k),
+        dv(p.dv, p.stride_dv, p.cu_seqlens_k),
+        delta(softmax_delta(p, D, out, dout)) {}
+
+  // lse and D of the query rows from i0 on of (b, h).
+  const Acc* lse(int64_t b, int64_t h, int64_t i0) const {
+    return static_cast<const Acc*>(p.lse) + lse_offset(p, b, h) + i0;
+  }
+  const Acc* delta_rows(int64_t b, int64_t h, int64_t i0) const {
+    return delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
   }
 
-  // Two schemes with the same tiles, products and summation orders, hence the same bits:
-  //   - single pass (5 tile products): one task per (batch, kv head) forms dq, dk and dv;
-  //     used with one thread, or when those tasks keep every thread busy, and while the
-  //     per-thread dk / dv rows (Tk x Dp each) stay within kTileCacheBytes;
-  //   - two passes (7 products, s and dp recomputed twice): dk/dv per (batch, kv head, key
-  //     block), then dq per (batch, head, query block); enough tasks for any batch and head
-  //     count (MQA, batch 1).
+ private:
+  // D_i = <dout_i, out_i>, (B, H, Tq); rows past a sequence's end unused.
+  static std::vector<Acc> softmax_delta(const BwdParams& p, int D, const Rows<const T>& out,
+                                        const Rows<const T>& dout) {
+    const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+    std::vector<Acc> delta(rows);
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t i = row % p.seqlen_q;
+      const int64_t h = row / p.seqlen_q % p.num_heads;
+      const int64_t b = row / p.seqlen_q / p.num_heads;
+      if (i >= seq_lens(p, b).q) continue;
+      const T* o = out.row(b, i, h);
+      const T* g = dout.row(b, i, h);
+      Acc sum = 0;
+      for (int c = 0; c < D; ++c) sum += to_acc(o[c * out.stride.d]) * to_acc(g[c * dout.stride.d]);
+      delta[row] = sum;
+    }
+    return delta;
+  }
+};
+
+// Which of backward's two schemes runs. They use the same tiles, products and summation
+// orders, hence give the same bits:
+//   - single pass (5 tile products): one task per (batch, kv head) forms dq, dk and dv;
+//     used with one thread, or when those tasks keep every thread busy, and while the
+//     per-thread dk / dv rows (Tk x Dp each) stay within kTileCacheBytes;
+//   - two passes (7 products, s and dp recomputed twice): dk/dv per (batch, kv head, key
+//     block), then dq per (batch, head, query block); enough tasks for any batch and head
+//     count (MQA, batch 1).
+template <class T>
+bool bwd_single_pass_fits(const BwdInputs<T>& in) {
   const int64_t threads = omp_get_max_threads();
-  const bool single_pass =
-      (threads == 1 || p.batch * p.num_kv_heads >= 4 * threads) &&
-      k_blocks * kBlockK * Dp * static_cast<int64_t>(sizeof(Acc)) <= kTileCacheBytes;
+  return (threads == 1 || in.p.batch * in.p.num_kv_heads >= 4 * threads) &&
+         in.k_blocks * kBlockK * in.Dp * static_cast<int64_t>(sizeof(AccOf<T>)) <=
+             kTileCacheBytes;
+}
+
+// A thread's backward state: its tiles, and the packed tiles of the (batch, kv head) it
+// works on: q (pre-scaled) and dout of its query heads for the dk/dv pass, k^T and v^T for
+// both passes, k for the dq pass.
+template <class T, class Ops>
+struct BwdThread {
+  using Acc = AccOf<T>;
+  const BwdInputs<T>& in;
+  BwdTiles<Acc> t;
+  TileCache<Acc> q_tiles, dout_tiles, kt_tiles, vt_tiles, k_tiles;
+
+  explicit BwdThread(const BwdInputs<T>& inputs)
+      : in(inputs),
+        t(in.Dp, in.p.softcap > 0),
+        q_tiles(in.group * in.q_blocks, kBlockQ * in.Dp),
+        dout_tiles(in.group * in.q_blocks, kBlockQ * in.Dp),
+        kt_tiles(in.k_blocks, in.Dp * kBlockK),
+        vt_tiles(in.k_blocks, in.Dp * kBlockK),
+        k_tiles(in.k_blocks, kBlockK * in.Dp) {}
+
+  // t.kt, t.vt <- k^T, v^T of the key tile [j0, j0 + nk) of (b, hk).
+  void pack_key_tiles(int64_t b, int64_t hk, int64_t j0, int nk, int Np) {
+    const int64_t slice = b * in.p.num_kv_heads + hk;
+    t.kt = kt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+      pack_transposed<Ops>(in.k, b, j0, hk, nk, Np, in.D, in.Dp, dst);
+    });
+    t.vt = vt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+      pack_transposed<Ops>(in.v, b, j0, hk, nk, Np, in.D, in.Dp, dst);
+    });
+  }
+
+  // dq of the query tile [i0, i0 + kBlockQ) of head h (t.dq = dq / scale), against every
+  // key tile the mask lets it see; after each tile's dq product, per_key_tile(rows, j0, nk,
+  // Np) runs with p and ds of the tile in t (the one-pass scheme accumulates dk / dv there).
+  template <class PerKeyTile>
+  void dq_tile(int64_t b, int64_t h, int64_t i0, const SeqLens& len, const Mask& mask,
+               const ScoreMods<Acc>& mods, PerKeyTile&& per_key_tile) {
+    const int D = in.D, Dp = in.Dp;
+    const int64_t hk = h / in.group;
+    const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+    // The tile's own q and dout: packed once, used against every key tile.
+    pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, t.q_own.data());
+    pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
+    t.q = t.q_own.data();
+    t.dout = t.dout_own.data();
+    if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+    std::fill_n(t.dq.data(), mq * Dp, Acc(0));
+    const Acc* lse = in.lse(b, h, i0);
+    const Acc* delta_tile = in.delta_rows(b, h, i0);
+    const int64_t k_begin = mask.key_begin(i0);
+    const int64_t k_end = mask.key_end(i0 + mq - 1);
+    for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+      const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
+      const int Np = round_up(nk, kColPad);
+      pack_key_tiles(b, hk, j0, nk, Np);
+      const Acc* k_tile = k_tiles.get(b * in.p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
+        pack_rows(in.k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
+      });
+      if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
+      const ActiveRows rows =
+          recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
+      const int r0 = rows.first;
+      Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
+                t.dq.data() + r0 * Dp, Dp, true);
+      per_key_tile(rows, j0, nk, Np);
+    }
+    store_rows(t.dq.data(), Dp, mq, D, in.scale, in.dq, b, i0, h);
+  }
+};
+
+// The single-pass scheme (a worksharing loop of the enclosing parallel region): dq, dk, dv,
+// one task per (batch, kv head); dk / dv of the whole slice accumulate in the thread's fp32
+// rows, in the order of the two-pass dk/dv loop (heads of the group, then query blocks), so
+// both schemes give the same bits.
+template <class T, class Ops>
+void bwd_single_pass(BwdThread<T, Ops>& th) {
+  using Acc = AccOf<T>;
+  const BwdInputs<T>& in = th.in;
+  const BwdParams& p = in.p;
+  const int D = in.D, Dp = in.Dp;
+  std::vector<Acc> dk_rows(in.k_blocks * kBlockK * Dp), dv_rows(in.k_blocks * kBlockK * Dp);
+#pragma omp for schedule(dynamic)
+  for (int64_t task = 0; task < p.batch * p.num_kv_heads; ++task) {
+    const int64_t hk = task % p.num_kv_heads;
+    const int64_t b = task / p.num_kv_heads;
+    const SeqLens len = seq_lens(p, b);
+    const Mask mask(p, len);
+    std::fill_n(dk_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
+    std::fill_n(dv_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
+    for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
+      const ScoreMods<Acc> mods(p, b, h, len);
+      for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
+        th.dq_tile(b, h, i0, len, mask, mods, [&](const ActiveRows& rows, int64_t j0, int nk,
+                                                  int Np) {
+          accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, th.t, dk_rows.data() + j0 * Dp,
+                                dv_rows.data() + j0 * Dp);
+        });
+      }
+    }
+    store_rows(dk_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), in.dk, b, 0, hk);
+    store_rows(dv_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), in.dv, b, 0, hk);
+  }
+}
+
+// The dk/dv pass of the two-pass scheme (a worksharing loop of the enclosing parallel
+// region): one task per (batch, kv head, key block), over the query tiles of the group's
+// heads that see the block; keys stored past the used ones get zero gradients.
+template <class T, class Ops>
+void bwd_dk_dv_pass(BwdThread<T, Ops>& th) {
+  using Acc = AccOf<T>;
+  const BwdInputs<T>& in = th.in;
+  const BwdParams& p = in.p;
+  BwdTiles<Acc>& t = th.t;
+  const int D = in.D, Dp = in.Dp;
+#pragma omp for schedule(dynamic)
+  for (int64_t task = 0; task < p.batch * p.num_kv_heads * in.k_blocks; ++task) {
+    const int64_t kb = task % in.k_blocks;
+    const int64_t hk = task / in.k_blocks % p.num_kv_heads;
+    const int64_t b = task / in.k_blocks / p.num_kv_heads;
+    const SeqLens len = seq_lens(p, b);
+    const int64_t j0 = kb * kBlockK;
+    if (j0 >= len.k_stored) continue;
+    // Keys [j0, j0 + nk) are used, the rest of the block's stored keys get zero gradients.
+    const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
+    const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
+    const int Np = round_up(nk, kColPad);
+    const Mask mask(p, len);
+    std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
+    std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
+    const int64_t slice = b * p.num_kv_heads + hk;
+    th.pack_key_tiles(b, hk, j0, nk, Np);
+    if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
+    const int64_t q_begin = mask.query_begin(j0);
+    const int64_t q_end = nk > 0 ? mask.query_end(j0 + nk) : 0;
+    for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
+      const ScoreMods<Acc> mods(p, b, h, len);
+      for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
+        const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+        const int64_t q_tile = (h - hk * in.group) * in.q_blocks + i0 / kBlockQ;
+        t.q = th.q_tiles.get(slice, q_tile, [&](Acc* dst) {
+          pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, dst);
+        });
+        t.dout = th.dout_tiles.get(slice, q_tile, [&](Acc* dst) {
+          pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
+        });
+        if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
+        const ActiveRows rows = recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp,
+                                                  in.lse(b, h, i0), in.delta_rows(b, h, i0), t);
+        accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, t.dk.data(), t.dv.data());
+      }
+    }
+    store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), in.dk, b, j0, hk);
+    store_rows(t.dv.data(), Dp, nk_stored, D, Acc(1), in.dv, b, j0, hk);
+  }
+}
+
+// The dq pass of the two-pass scheme (a worksharing loop of the enclosing parallel region):
+// one task per (batch, head, query block); t.dq = dq / scale.
+template <class T, class Ops>
+void bwd_dq_pass(BwdThread<T, Ops>& th) {
+  using Acc = AccOf<T>;
+  const BwdParams& p = th.in.p;
+  const int64_t q_blocks = th.in.q_blocks;
+#pragma omp for schedule(dynamic)
+  for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
+    const int64_t qb = task % q_blocks;
+    const int64_t h = task / q_blocks % p.num_heads;
+    const int64_t b = task / q_blocks / p.num_heads;
+    const SeqLens len = seq_lens(p, b);
+    const int64_t i0 = qb * kBlockQ;
+    if (i0 >= len.q) continue;
+    th.dq_tile(b, h, i0, len, Mask(p, len), ScoreMods<Acc>(p, b, h, len),
+               [](const ActiveRows&, int64_t, int, int) {});
+  }
+}
+
+// Backward: D first, then one of the two schemes (bwd_single_pass_fits) in one parallel
+// region.
+template <class T, class Ops>
+void attention_bwd_typed(const BwdParams& p) {
+  const BwdInputs<T> in(p);
+  const bool single_pass = bwd_single_pass_fits(in);
 #pragma omp parallel
   {
-    BwdTiles<Acc> t(Dp, p.softcap > 0);
-    // The packed tiles of a (batch, kv head): q (pre-scaled) and dout of its query heads for
-    // the dk/dv pass, k^T and v^T for both passes, k for the dq pass.
-    TileCache<Acc> q_tiles(group * q_blocks, kBlockQ * Dp),
-        dout_tiles(group * q_blocks, kBlockQ * Dp);
-    TileCache<Acc> kt_tiles(k_blocks, Dp * kBlockK), vt_tiles(k_blocks, Dp * kBlockK),
-        k_tiles(k_blocks, kBlockK * Dp);
-    auto pack_key_tiles = [&](int64_t b, int64_t hk, int64_t j0, int nk, int Np) {
-      const int64_t slice = b * p.num_kv_heads + hk;
-      t.kt = kt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
-        pack_transposed<Ops>(k, b, j0, hk, nk, Np, D, Dp, dst);
-      });
-      t.vt = vt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
-        pack_transposed<Ops>(v, b, j0, hk, nk, Np, D, Dp, dst);
-      });
-    };
-
-    // dq of the query tile [i0, i0 + kBlockQ) of head h (t.dq = dq / scale), against every
-    // key tile the mask lets it see; after each tile's dq product, per_key_tile(rows, j0, nk,
-    // Np) runs with p and ds of the tile in t (the one-pass scheme accumulates dk / dv there).
-    auto dq_tile = [&](int64_t b, int64_t h, int64_t i0, const SeqLens& len, const Mask& mask,
-                       const ScoreMods<Acc>& mods, auto&& per_key_tile) {
-      const int64_t hk = h / group;
-      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-      // The tile's own q and dout: packed once, used against every key tile.
-      pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, t.q_own.data());
-      pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
-      t.q = t.q_own.data();
-      t.dout = t.dout_own.data();
-      if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-      std::fill_n(t.dq.data(), mq * Dp, Acc(0));
-      const Acc* lse = lse_all + lse_offset(p, b, h) + i0;
-      const Acc* delta_tile = delta.data() + (b * p.num_heads + h) * p.seqlen_q + i0;
-      const int64_t k_begin = mask.key_begin(i0);
-      const int64_t k_end = mask.key_end(i0 + mq - 1);
-      for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
-        const int Np = round_up(nk, kColPad);
-        pack_key_tiles(b, hk, j0, nk, Np);
-        const Acc* k_tile = k_tiles.get(b * p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
-          pack_rows(k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
-        });
-        if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
-        const ActiveRows rows =
-            recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
-        const int r0 = rows.first;
-        Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
-                  t.dq.data() + r0 * Dp, Dp, true);
-        per_key_tile(rows, j0, nk, Np);
-      }
-      store_rows(t.dq.data(), Dp, mq, D, scale, dq, b, i0, h);
-    };
-
+    BwdThread<T, Ops> th(in);
     if (single_pass) {
-      // dq, dk, dv: one task per (batch, kv head); dk / dv of the whole slice accumulate in
-      // the thread's fp32 rows, in the order of the two-pass dk/dv loop (heads of the group,
-      // then query blocks), so both schemes give the same bits.
-      std::vector<Acc> dk_rows(k_blocks * kBlockK * Dp), dv_rows(k_blocks * kBlockK * Dp);
-#pragma omp for schedule(dynamic)
-      for (int64_t task = 0; task < p.batch * p.num_kv_heads; ++task) {
-        const int64_t hk = task % p.num_kv_heads;
-        const int64_t b = task / p.num_kv_heads;
-        const SeqLens len = seq_lens(p, b);
-        const Mask mask(p, len);
-        std::fill_n(dk_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
-        std::fill_n(dv_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const ScoreMods<Acc> mods(p, b, h, len);
-          for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
-            dq_tile(b, h, i0, len, mask, mods, [&](const ActiveRows& rows, int64_t j0, int nk,
-                                                    int Np) {
-              accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, dk_rows.data() + j0 * Dp,
-                                    dv_rows.data() + j0 * Dp);
-            });
-          }
-        }
-        store_rows(dk_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), dk, b, 0, hk);
-        store_rows(dv_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), dv, b, 0, hk);
-      }
+      bwd_single_pass(th);
     } else {
-      // dk, dv: one task per (batch, kv head, key block).
-#pragma omp for schedule(dynamic)
-      for (int64_t task = 0; task < p.batch * p.num_kv_heads * k_blocks; ++task) {
-        const int64_t kb = task % k_blocks;
-        const int64_t hk = task / k_blocks % p.num_kv_heads;
-        const int64_t b = task / k_blocks / p.num_kv_heads;
-        const SeqLens len = seq_lens(p, b);
-        const int64_t j0 = kb * kBlockK;
-        if (j0 >= len.k_stored) continue;
-        // Keys [j0, j0 + nk) are used, the rest of the block's stored keys get zero gradients.
-        const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
-        const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
-        const int Np = round_up(nk, kColPad);
-        const Mask mask(p, len);
-        std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
-        std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
-        const int64_t slice = b * p.num_kv_heads + hk;
-        pack_key_tiles(b, hk, j0, nk, Np);
-        if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
-        const int64_t q_begin = mask.query_begin(j0);
-        const int64_t q_end = nk > 0 ? mask.query_end(j0 + nk) : 0;
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const ScoreMods<Acc> mods(p, b, h, len);
-          for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
-            const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-            const int64_t q_tile = (h - hk * group) * q_blocks + i0 / kBlockQ;
-            t.q = q_tiles.get(slice, q_tile, [&](Acc* dst) {
-              pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, dst);
-            });
-            t.dout = dout_tiles.get(slice, q_tile, [&](Acc* dst) {
-              pack_rows(dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
-            });
-            if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-            const int64_t row0 = (b * p.num_heads + h) * p.seqlen_q + i0;
-            const ActiveRows rows = recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp,
-                                                      lse_all + lse_offset(p, b, h) + i0,
-                                                      delta.data() + row0, t);
-            accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, t.dk.data(), t.dv.data());
-          }
-        }
-        store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), dk, b, j0, hk);
-        store_rows(t.dv.data(), Dp, nk_stored, D, Acc(1), dv, b, j0, hk);
-      }
-
-      // dq: one task per (batch, head, query block); t.dq = dq / scale.
-#pragma omp for schedule(dynamic)
-      for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
-        const int64_t qb = task % q_blocks;
-        const int64_t h = task / q_blocks % p.num_heads;
-        const int64_t b = task / q_blocks / p.num_heads;
-        const SeqLens len = seq_lens(p, b);
-        const int64_t i0 = qb * kBlockQ;
-        if (i0 >= len.q) continue;
-        dq_tile(b, h, i0, len, Mask(p, len), ScoreMods<Acc>(p, b, h, len),
-                [](const ActiveRows&, int64_t, int, int) {});
-      }
+      bwd_dk_dv_pass(th);
+      bwd_dq_pass(th);
     }
   }
 }
@@ -994,27 +1075,18 @@ void check_problem(const char* fn, const Problem& p) {
   }
 }
 
-// The float-acc dtypes run the AVX2 tiles when the CPU has them; float64 runs scalar.
-template <class T>
-void attention_fwd_dtype(const FwdParams& p) {
+// Calls run(TypeTag<Ops>{}) with the best tile operations for storage type T on this CPU:
+// the float-acc dtypes run the AVX-512 or AVX2 tiles when the CPU has them; float64 and
+// other CPUs run scalar.
+template <class T, class Run>
+void with_best_ops(Run&& run) {
 #if defined(FASTLLM_ATTENTION_CPU_X86)
   if constexpr (!std::is_same_v<T, double>) {
-    if (cpu::cpu_avx512()) return attention_fwd_typed<T, avx512::Ops>(p);
-    if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) return attention_fwd_typed<T, Avx2Ops>(p);
+    if (cpu::cpu_avx512()) return run(TypeTag<avx512::Ops>{});
+    if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) return run(TypeTag<Avx2Ops>{});
   }
 #endif
-  attention_fwd_typed<T, ScalarOps<AccOf<T>>>(p);
-}
-
-template <class T>
-void attention_bwd_dtype(const BwdParams& p) {
-#if defined(FASTLLM_ATTENTION_CPU_X86)
-  if constexpr (!std::is_same_v<T, double>) {
-    if (cpu::cpu_avx512()) return attention_bwd_typed<T, avx512::Ops>(p);
-    if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) return attention_bwd_typed<T, Avx2Ops>(p);
-  }
-#endif
-  attention_bwd_typed<T, ScalarOps<AccOf<T>>>(p);
+  run(TypeTag<ScalarOps<AccOf<T>>>{});
 }
 
 }  // namespace
@@ -1022,16 +1094,18 @@ void attention_bwd_dtype(const BwdParams& p) {
 void attention_fwd_cpu(const FwdParams& p) {
   check_problem("attention_fwd_cpu", p);
   if (p.batch == 0 || p.seqlen_q == 0) return;
-  cpu::dispatch_dtype(p.dtype, "attention_fwd_cpu", [&](auto tag) {
-    attention_fwd_dtype<typename decltype(tag)::type>(p);
+  cpu::dispatch_dtype(p.dtype, "attention_fwd_cpu", [&](auto type) {
+    using T = typename decltype(type)::type;
+    with_best_ops<T>([&](auto ops) { attention_fwd_typed<T, typename decltype(ops)::type>(p); });
   });
 }
 
 void attention_bwd_cpu(const BwdParams& p) {
   check_problem("attention_bwd_cpu", p);
   if (p.batch == 0) return;
-  cpu::dispatch_dtype(p.dtype, "attention_bwd_cpu", [&](auto tag) {
-    attention_bwd_dtype<typename decltype(tag)::type>(p);
+  cpu::dispatch_dtype(p.dtype, "attention_bwd_cpu", [&](auto type) {
+    using T = typename decltype(type)::type;
+    with_best_ops<T>([&](auto ops) { attention_bwd_typed<T, typename decltype(ops)::type>(p); });
   });
 }
 

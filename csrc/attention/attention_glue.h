@@ -1,7 +1,20 @@
-// Torch-facing helpers shared by the attention glue of every device (attention_ops.cpp for
-// the CPU, attention_cuda_ops.cpp for CUDA and its SIMT emulation): argument checks whose
-// messages name the argument with the expected and actual value, allocation of the outputs,
-// and the filling of attention.h's FwdParams / BwdParams from tensors.
+// Torch glue of the attention family, shared by its devices (attention_ops.cpp for the CPU,
+// attention_cuda_ops.cpp for CUDA and its SIMT emulation): argument checks whose messages
+// name the argument with the expected and actual value, allocation of the outputs, the
+// filling of attention.h's FwdParams / BwdParams from tensors, and the schema-shaped entry
+// points of fastllm::attention_fwd / attention_bwd (csrc/schemas.h), each a template over a
+// device's Kernels (the pattern of common/torch_glue.h):
+//
+//   struct Kernels {
+//     static constexpr bool kCheckValues;              // check cu_seqlens / seqused_k values
+//     static at::Tensor input(const at::Tensor& t);    // an input as the kernels read it
+//     static void check_supported(const char* op, const at::Tensor& q);
+//     static void fwd(const char* op, FwdParams& p, const at::Tensor& q);
+//     static void bwd(const char* op, BwdParams& p, const at::Tensor& lse);
+//   };
+//
+// fwd / bwd are called only for problems with queries and keys (empty ones are filled here);
+// backward hands over lse, whose layout CUDA's D_i workspace copies.
 //
 // Shapes (attention.h's glossary): padded q (B, Tq, H, D), k / v (B, Tk, Hkv, D); packed
 // (variable-length) q (total_q, H, D), k / v (total_k, Hkv, D) with int32 cu_seqlens_q /
@@ -10,18 +23,20 @@
 //
 // Value checks (cu_seqlens increasing from 0 to the token count, lengths within the maxima,
 // seqused_k within the keys) read tensor values, so they run only where that costs no device
-// synchronisation (`check_values`, the CPU glue). The CUDA glue trusts the values, as
+// synchronisation (kCheckValues, the CPU glue). The CUDA glue trusts the values, as
 // FlashAttention does.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "attention/attention.h"
-#include "common/torch_checks.h"
+#include "common/torch_glue.h"
 
 namespace fastllm {
 namespace attention {
@@ -29,16 +44,20 @@ namespace attention {
 // The largest head dim of every backend (FlashAttention's limit).
 constexpr int64_t kMaxHeadDim = 256;
 
+// The schema's options (FASTLLM_ATTENTION_OPTIONS in csrc/schemas.h), in its order.
 struct Options {
-  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_seed;
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k, seqused_k;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   double softmax_scale = 0;
   bool causal = false;
   int64_t window_left = -1, window_right = -1;
-  double softcap = 0, dropout_p = 0;
+  double softcap = 0;
+  std::optional<at::Tensor> alibi_slopes;
+  double dropout_p = 0;
+  std::optional<at::Tensor> dropout_seed;
 };
 
-// The schema's options (FASTLLM_ATTENTION_OPTIONS in csrc/schemas.h), in its order.
+// The options as the schema's functions take them, and passed on.
 #define FASTLLM_ATTENTION_OPTION_PARAMS                                                     \
   const std::optional<at::Tensor>&cu_seqlens_q, const std::optional<at::Tensor>&cu_seqlens_k, \
       const std::optional<at::Tensor>&seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, \
@@ -50,21 +69,7 @@ struct Options {
       window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed
 
 inline Options make_options(FASTLLM_ATTENTION_OPTION_PARAMS) {
-  Options o;
-  o.cu_seqlens_q = cu_seqlens_q;
-  o.cu_seqlens_k = cu_seqlens_k;
-  o.seqused_k = seqused_k;
-  o.max_seqlen_q = max_seqlen_q;
-  o.max_seqlen_k = max_seqlen_k;
-  o.softmax_scale = softmax_scale;
-  o.causal = causal;
-  o.window_left = window_left;
-  o.window_right = window_right;
-  o.softcap = softcap;
-  o.alibi_slopes = alibi_slopes;
-  o.dropout_p = dropout_p;
-  o.dropout_seed = dropout_seed;
-  return o;
+  return Options{FASTLLM_ATTENTION_OPTION_ARGS};
 }
 
 // Everything a kernel call needs, with the tensors the params point into kept alive.
@@ -89,8 +94,6 @@ inline Strides4 strides_of(const at::Tensor& t, bool packed) {
   }
   return s;
 }
-
-inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 
 inline at::Tensor check_lengths_tensor(const char* op, const char* name, const at::Tensor& t,
                                        int64_t expected_len, const at::Tensor& q) {
@@ -263,17 +266,31 @@ inline void set_lse_strides(Problem& p, const Prepared& r, const at::Tensor& lse
   }
 }
 
-// How a device's kernels want an input tensor: the tensor itself when they can read its
-// layout, else a copy (CUDA's 16-byte tile loads need aligned rows; the CPU kernels read any
-// strides and pass `as_is`).
+// How a device's kernels want an input tensor (Kernels::input): the tensor itself when they
+// can read its layout, else a copy (CUDA's 16-byte tile loads need aligned rows; the CPU
+// kernels read any strides).
 using KernelInput = at::Tensor (*)(const at::Tensor&);
-inline at::Tensor as_is(const at::Tensor& t) { return t; }
 
 // Points a kernel operand at `t`: its data and its (B, T, heads, D) strides.
 template <class Ptr>
 inline void bind(const at::Tensor& t, bool packed, Ptr& data, Strides4& strides) {
   data = t.data_ptr();
   strides = strides_of(t, packed);
+}
+
+// The params forward and backward share: the problem, q, k, v, out and lse (a FwdCall or
+// BwdCall whose tensors are set).
+template <class Call>
+void bind_common(Call& c) {
+  const bool packed = c.prepared.packed;
+  auto& p = c.params;
+  static_cast<Problem&>(p) = c.prepared.problem;
+  bind(c.q, packed, p.q, p.stride_q);
+  bind(c.k, packed, p.k, p.stride_k);
+  bind(c.v, packed, p.v, p.stride_v);
+  bind(c.out, packed, p.out, p.stride_out);
+  p.lse = c.lse.data_ptr();
+  set_lse_strides(p, c.prepared, c.lse);
 }
 
 struct FwdCall {
@@ -293,15 +310,7 @@ inline FwdCall prepare_fwd(const char* op, bool check_values, KernelInput kernel
   c.v = kernel_input(v_in);
   c.out = at::empty(c.q.sizes(), c.q.options().memory_format(at::MemoryFormat::Contiguous));
   c.lse = at::empty(lse_shape(c.prepared, c.q), c.q.options().dtype(lse_dtype(c.q)));
-  const bool packed = c.prepared.packed;
-  FwdParams& p = c.params;
-  static_cast<Problem&>(p) = c.prepared.problem;
-  bind(c.q, packed, p.q, p.stride_q);
-  bind(c.k, packed, p.k, p.stride_k);
-  bind(c.v, packed, p.v, p.stride_v);
-  bind(c.out, packed, p.out, p.stride_out);
-  p.lse = c.lse.data_ptr();
-  set_lse_strides(p, c.prepared, c.lse);
+  bind_common(c);
   return c;
 }
 
@@ -357,18 +366,12 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, KernelInput kernel
   // The kernels write every row of dk / dv, zeros for stored keys past seqused_k.
   c.dk = at::empty(c.k.sizes(), c.k.options().memory_format(contiguous));
   c.dv = at::empty(c.v.sizes(), c.v.options().memory_format(contiguous));
+  bind_common(c);
   BwdParams& p = c.params;
-  static_cast<Problem&>(p) = c.prepared.problem;
-  bind(c.q, packed, p.q, p.stride_q);
-  bind(c.k, packed, p.k, p.stride_k);
-  bind(c.v, packed, p.v, p.stride_v);
-  bind(c.out, packed, p.out, p.stride_out);
   bind(c.dout, packed, p.dout, p.stride_dout);
   bind(c.dq, packed, p.dq, p.stride_dq);
   bind(c.dk, packed, p.dk, p.stride_dk);
   bind(c.dv, packed, p.dv, p.stride_dv);
-  p.lse = c.lse.data_ptr();
-  set_lse_strides(p, c.prepared, c.lse);
   return c;
 }
 
@@ -376,6 +379,46 @@ inline void fill_empty_bwd(BwdCall& c) {
   c.dq.zero_();
   c.dk.zero_();
   c.dv.zero_();
+}
+
+// ---- schema-shaped entry points --------------------------------------------------
+
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 FASTLLM_ATTENTION_OPTION_PARAMS) {
+  const char* op = "attention";
+  FwdCall c = prepare_fwd(op, Kernels::kCheckValues, &Kernels::input, q, k, v,
+                          make_options(FASTLLM_ATTENTION_OPTION_ARGS));
+  Kernels::check_supported(op, q);
+  if (empty_problem(c.params)) {
+    fill_empty_fwd(c);
+  } else {
+    Kernels::fwd(op, c.params, c.q);
+  }
+  return {c.out, c.lse};
+}
+
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, FASTLLM_ATTENTION_OPTION_PARAMS) {
+  const char* op = "attention_bwd";
+  BwdCall c = prepare_bwd(op, Kernels::kCheckValues, &Kernels::input, dout, q, k, v, out, lse,
+                          make_options(FASTLLM_ATTENTION_OPTION_ARGS));
+  Kernels::check_supported(op, q);
+  if (empty_problem(c.params)) {
+    fill_empty_bwd(c);
+  } else {
+    Kernels::bwd(op, c.params, c.lse);
+  }
+  return {c.dq, c.dk, c.dv};
+}
+
+template <class Kernels>
+void register_attention_ops(torch::Library& m) {
+  m.impl("attention_fwd", &attention_fwd<Kernels>);
+  m.impl("attention_bwd", &attention_bwd<Kernels>);
 }
 
 }  // namespace attention

@@ -8,15 +8,10 @@
 #include <string>
 
 #include "common/cpu_dtypes.h"
-#include "norm/norm.h"  // fastllm::DType
+#include "common/dtype.h"
 
 namespace fastllm {
 namespace cpu {
-
-template <class T>
-struct TypeTag {
-  using type = T;
-};
 
 // Calls fn(TypeTag<T>{}) with T the storage type of `dtype`; an unknown dtype throws
 // std::invalid_argument naming the entry point `fn_name`.

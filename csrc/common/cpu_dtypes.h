@@ -16,6 +16,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/dtype.h"
+
 namespace fastllm {
 namespace cpu {
 
@@ -75,9 +77,7 @@ inline Half to_half(float f) {
   return Half{static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
 }
 
-// The accumulation type of a storage type: double for double, float otherwise.
-template <class T>
-using AccOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using fastllm::AccOf;  // double for double, float otherwise (common/dtype.h)
 
 // Widen a stored value to its accumulation type / round an accumulated value to storage.
 inline float to_acc(float v) { return v; }
@@ -97,4 +97,10 @@ template <>
 inline Half from_acc<Half>(float v) { return to_half(v); }
 
 }  // namespace cpu
+
+template <>
+struct DTypeOf<cpu::BFloat16> : std::integral_constant<DType, DType::kBFloat16> {};
+template <>
+struct DTypeOf<cpu::Half> : std::integral_constant<DType, DType::kFloat16> {};
+
 }  // namespace fastllm

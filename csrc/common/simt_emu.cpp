@@ -299,6 +299,8 @@ class Runner {
   void wait();  // the current fiber is blocked: run another one
   void yield();
   void tick();
+  void wake(Fiber& f);           // f's collective (barrier, warp op) is complete: f may run
+  void resume_after_collective(Fiber& self);  // the same for the fiber that completed it
   void ensure_fibers(unsigned count);
   void prepare_dynamic_smem(size_t bytes);
   std::string check_dynamic_smem() const;
@@ -532,6 +534,19 @@ void Runner::yield() {
   switch_to(take_next());
 }
 
+void Runner::wake(Fiber& f) {
+  f.state = State::kReady;
+  f.op = nullptr;
+  ready_.push_back(&f);
+}
+
+// Under a random schedule the completing fiber may also give way to the ones it woke.
+void Runner::resume_after_collective(Fiber& self) {
+  self.state = State::kRunning;
+  self.op = nullptr;
+  if (launch_->randomized) yield();
+}
+
 void Runner::tick() {
   if ((++ticks_ & 1023) == 0 && std::chrono::steady_clock::now() > deadline_) {
     stop("block " + dim_str(block_idx_) + " did not finish within " +
@@ -563,15 +578,9 @@ int Runner::block_barrier(const char* op, int predicate) {
   barrier_arrived_ = 0;
   for (unsigned i = 0; i < num_threads_; ++i) {
     Fiber& f = *fibers_[i];
-    if (&f != &self && f.state == State::kAtBarrier) {
-      f.state = State::kReady;
-      f.op = nullptr;
-      ready_.push_back(&f);
-    }
+    if (&f != &self && f.state == State::kAtBarrier) wake(f);
   }
-  self.state = State::kRunning;
-  self.op = nullptr;
-  if (launch_->randomized) yield();
+  resume_after_collective(self);
   return barrier_result_;
 }
 
@@ -624,14 +633,9 @@ void Runner::warp_exchange(const char* op, unsigned mask, const void* in, void* 
   }
   combine(exchange);
   for (unsigned rest = lanes & ~self_bit; rest != 0; rest &= rest - 1) {
-    Fiber& f = *fibers_[base + static_cast<unsigned>(__builtin_ctz(rest))];
-    f.state = State::kReady;
-    f.op = nullptr;
-    ready_.push_back(&f);
+    wake(*fibers_[base + static_cast<unsigned>(__builtin_ctz(rest))]);
   }
-  self.state = State::kRunning;
-  self.op = nullptr;
-  if (launch_->randomized) yield();
+  resume_after_collective(self);
 }
 
 // ---- asynchronous copies ----

@@ -1,6 +1,6 @@
 // CUDA kernels of the fused cross-entropy: forward (per-row loss and logsumexp, one read of
 // the logits) and backward (the logits' gradient, one read and one write, optionally in
-// place over the logits). Torch-free; the glue is cross_entropy_ops.cpp. The same source
+// place over the logits). Torch-free; the glue is cross_entropy_cuda_ops.cpp. The same source
 // also builds for the host against the SIMT emulation (FASTLLM_SIMT_EMU), so it uses only
 // what csrc/common/cuda_compat.h promises: launches through FASTLLM_LAUNCH_KERNEL, static
 // shared arrays, barriers reached by every thread of the block, warp shuffles executed by
@@ -51,23 +51,13 @@
 #include <limits>
 
 #include "common/cuda_compat.h"
+#include "common/cuda_utils.cuh"
 #include "cross_entropy/cross_entropy_cuda.h"
-
-#if defined(__CUDA_ARCH__)
-#define FASTLLM_CE_UNROLL _Pragma("unroll")
-#define FASTLLM_CE_NO_UNROLL _Pragma("unroll 1")
-#else
-#define FASTLLM_CE_UNROLL
-#define FASTLLM_CE_NO_UNROLL
-#endif
 
 namespace fastllm {
 namespace cross_entropy {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarpMask = 0xffffffffu;
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Rows up to this many classes are owned by one warp, larger ones by a block.
@@ -89,40 +79,16 @@ constexpr int kResidentThreadsPerSm = kMinBlocksPerSm * kBlockThreads;
 // block of threads past the end of a row.
 constexpr int64_t kMaxVocab = int64_t(1) << 30;
 
-// ---- element access ------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half(v);
-}
+// ---- element access (common/cuda_utils.cuh has the conversions and vector packs) ------
 
 constexpr int kAccessBytes = 16;
 template <class T>
-constexpr int kPackElems = kAccessBytes / static_cast<int>(sizeof(T));
-
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+constexpr int kPackElems = kMaxVecWidth<T>;
 
 // A chunk of a row handed to a row visitor: elements [first(), first() + N), N = 1 (head,
-// tail, unaligned rows) or kPackElems<T>. Packs are addressed as element `index` of a Pack
+// tail, unaligned rows) or kPackElems<T>. Packs are addressed as element `index` of a Vec
 // array starting at the (16-byte aligned) element `base`: nvcc keeps such an access one
-// 16-byte load / store, while a Pack pointer cast from `row + first()` was stored in 2- or
+// 16-byte load / store, while a Vec pointer cast from `row + first()` was stored in 2- or
 // 4-byte pieces inside the row loop.
 template <int N>
 struct Chunk {
@@ -152,27 +118,27 @@ template <class T, class Visit>
 __device__ __forceinline__ void for_each_chunk(int vocab, int head, int rank, int nthreads,
                                                Visit&& visit) {
   if (head < 0) {
-    FASTLLM_CE_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int c = rank; c < vocab; c += nthreads) visit(Chunk<1>{c, 0});
     return;
   }
   constexpr int kPack = kPackElems<T>;
   if (rank < head) visit(Chunk<1>{rank, 0});
   const int packs = (vocab - head) / kPack;
-  FASTLLM_CE_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int k = rank; k < packs; k += nthreads) visit(Chunk<kPack>{head, k});
   const int tail = head + packs * kPack;
   if (rank < vocab - tail) visit(Chunk<1>{tail + rank, 0});
 }
 
 template <int N, class T>
-__device__ __forceinline__ Pack<T, N> load_chunk(const T* row, Chunk<N> chunk) {
-  return reinterpret_cast<const Pack<T, N>*>(row + chunk.base)[chunk.index];
+__device__ __forceinline__ Vec<T, N> load_chunk(const T* row, Chunk<N> chunk) {
+  return reinterpret_cast<const Vec<T, N>*>(row + chunk.base)[chunk.index];
 }
 
 template <int N, class T>
-__device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Pack<T, N>& v) {
-  reinterpret_cast<Pack<T, N>*>(row + chunk.base)[chunk.index] = v;
+__device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Vec<T, N>& v) {
+  reinterpret_cast<Vec<T, N>*>(row + chunk.base)[chunk.index] = v;
 }
 
 // ---- row statistics ------------------------------------------------------------------
@@ -214,7 +180,7 @@ __device__ __forceinline__ RowStats merge_row_stats(const RowStats& a, const Row
 // Butterfly merge over the warp: every lane ends with the state of the whole warp. The
 // weight sums travel only when a class weight is given (uniform over the grid).
 __device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_weight) {
-  FASTLLM_CE_UNROLL
+  FASTLLM_UNROLL
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     RowStats other;
     other.max = __shfl_xor_sync(kFullWarpMask, s.max, offset);
@@ -229,14 +195,6 @@ __device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_we
     s = merge_row_stats(s, other);
   }
   return s;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  FASTLLM_CE_UNROLL
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(kFullWarpMask, v, offset);
-  }
-  return v;
 }
 
 // tanh(y), and 1 - |tanh(y)| without cancellation (the softcap derivative is
@@ -296,16 +254,16 @@ struct RowGroup {
   }
 };
 
-// ---- forward -------------------------------------------------------------------------
+// ---- kernel arguments ----------------------------------------------------------------
 
+// What the forward and backward kernels share: the logits rows, the targets and the options,
+// in the types the kernels compute with (FwdArgs / BwdArgs add their outputs).
 template <class T>
-struct FwdArgs {
-  const T* logits;
+struct RowArgs {
+  const T* logits;  // backward: may equal grad_logits, so no __restrict__
   int64_t logits_row_stride;
   const int64_t* target;
   const float* class_weight;  // nullptr: no class weight
-  float* loss;
-  float* lse;
   int64_t rows;
   int vocab;
   int64_t ignore_index;
@@ -314,6 +272,14 @@ struct FwdArgs {
   float softcap;  // 0: no soft-capping
   float inv_softcap;
   float inv_vocab;
+};
+
+// ---- forward -------------------------------------------------------------------------
+
+template <class T>
+struct FwdArgs : RowArgs<T> {
+  float* loss;
+  float* lse;
 };
 
 // Final per-row combination, by the thread of rank 0 holding the merged stats.
@@ -373,8 +339,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     for_each_chunk<T>(a.vocab, aligned_head(x, a.vocab), group.rank, group.nthreads,
                       [&](auto chunk) {
       constexpr int n = decltype(chunk)::kSize;
-      const Pack<T, n> pack = load_chunk(x, chunk);
-      FASTLLM_CE_UNROLL
+      const Vec<T, n> pack = load_chunk(x, chunk);
+      FASTLLM_UNROLL
       for (int i = 0; i < n; ++i) {
         const float z = soft_cap(to_float(pack.v[i]), a.softcap, a.inv_softcap);
         accumulate_logit(s, z);
@@ -403,24 +369,12 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 // ---- backward ------------------------------------------------------------------------
 
 template <class T>
-struct BwdArgs {
+struct BwdArgs : RowArgs<T> {
   const float* grad_loss;
   int64_t grad_loss_stride;  // 0: one value for every row
-  const T* logits;           // may equal grad_logits: no __restrict__
-  int64_t logits_row_stride;
-  const int64_t* target;
-  const float* class_weight;  // nullptr: no class weight
   const float* lse;
-  T* grad_logits;
+  T* grad_logits;  // may equal logits (in place)
   int64_t grad_row_stride;
-  int64_t rows;
-  int vocab;
-  int64_t ignore_index;
-  float label_smoothing;
-  float z_loss;
-  float softcap;  // 0: no soft-capping
-  float inv_softcap;
-  float inv_vocab;
   bool vectorized;  // logits and grad rows sit at the same offset from a 16-byte boundary
 };
 
@@ -432,13 +386,8 @@ __device__ __forceinline__ float block_mean_weight(const float* class_weight, in
   for (int c = static_cast<int>(threadIdx.x); c < vocab; c += static_cast<int>(blockDim.x)) {
     sum += class_weight[c];
   }
-  sum = warp_sum(sum);
-  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum;
-  __syncthreads();
-  float total = 0.f;
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
-  for (int w = 0; w < warps; ++w) total += warp_sums[w];
-  return total * inv_vocab;
+  return block_allreduce_sum(sum, warp_sums, warps) * inv_vocab;
 }
 
 template <class T, bool kWarpPerRow>
@@ -460,8 +409,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     if (target == a.ignore_index) {
       for_each_chunk<T>(a.vocab, head, group.rank, group.nthreads, [&](auto chunk) {
         constexpr int n = decltype(chunk)::kSize;
-        Pack<T, n> zeros;
-        FASTLLM_CE_UNROLL
+        Vec<T, n> zeros;
+        FASTLLM_UNROLL
         for (int i = 0; i < n; ++i) zeros.v[i] = from_float<T>(0.f);
         store_chunk(dx, chunk, zeros);
       });
@@ -484,9 +433,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     for_each_chunk<T>(a.vocab, head, group.rank, group.nthreads, [&](auto chunk) {
       constexpr int n = decltype(chunk)::kSize;
       const int c = chunk.first();
-      const Pack<T, n> in = load_chunk(x, chunk);
-      Pack<T, n> out;
-      FASTLLM_CE_UNROLL
+      const Vec<T, n> in = load_chunk(x, chunk);
+      Vec<T, n> out;
+      FASTLLM_UNROLL
       for (int i = 0; i < n; ++i) {
         const float xi = to_float(in.v[i]);
         const TanhResult capped =
@@ -504,8 +453,6 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 }
 
 // ---- host side -----------------------------------------------------------------------
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct LaunchShape {
   bool warp_per_row;
@@ -538,15 +485,14 @@ cudaError_t launch_shape(int64_t rows, int64_t vocab, LaunchShape* shape) {
   return cudaSuccess;
 }
 
-template <class T>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  FwdArgs<T> a;
+// The shared kernel arguments of forward's or backward's params.
+template <class T, class Params>
+RowArgs<T> row_args(const Params& p) {
+  RowArgs<T> a;
   a.logits = static_cast<const T*>(p.logits);
   a.logits_row_stride = p.logits_row_stride;
   a.target = p.target;
   a.class_weight = static_cast<const float*>(p.class_weight);
-  a.loss = static_cast<float*>(p.loss);
-  a.lse = static_cast<float*>(p.lse);
   a.rows = p.rows;
   a.vocab = static_cast<int>(p.vocab);
   a.ignore_index = p.ignore_index;
@@ -555,40 +501,41 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   a.softcap = static_cast<float>(p.softcap);
   a.inv_softcap = p.softcap > 0.0 ? static_cast<float>(1.0 / p.softcap) : 0.f;
   a.inv_vocab = static_cast<float>(1.0 / static_cast<double>(p.vocab));
+  return a;
+}
 
+// Launches the warp-per-row or the block-per-row instantiation of a kernel, as launch_shape
+// decides for the problem.
+template <class Args>
+cudaError_t launch_rows(void (*warp_per_row_kernel)(Args), void (*block_per_row_kernel)(Args),
+                        const Args& a, cudaStream_t stream) {
   LaunchShape shape;
-  const cudaError_t err = launch_shape(p.rows, p.vocab, &shape);
+  const cudaError_t err = launch_shape(a.rows, a.vocab, &shape);
   if (err != cudaSuccess) return err;
-  if (shape.warp_per_row) {
-    auto kernel = cross_entropy_fwd_kernel<T, true>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  } else {
-    auto kernel = cross_entropy_fwd_kernel<T, false>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  }
+  auto kernel = shape.warp_per_row ? warp_per_row_kernel : block_per_row_kernel;
+  FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
   return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  FwdArgs<T> a;
+  static_cast<RowArgs<T>&>(a) = row_args<T>(p);
+  a.loss = static_cast<float*>(p.loss);
+  a.lse = static_cast<float*>(p.lse);
+  return launch_rows(cross_entropy_fwd_kernel<T, true>, cross_entropy_fwd_kernel<T, false>, a,
+                     stream);
 }
 
 template <class T>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   BwdArgs<T> a;
+  static_cast<RowArgs<T>&>(a) = row_args<T>(p);
   a.grad_loss = static_cast<const float*>(p.grad_loss);
   a.grad_loss_stride = p.grad_loss_stride;
-  a.logits = static_cast<const T*>(p.logits);
-  a.logits_row_stride = p.logits_row_stride;
-  a.target = p.target;
-  a.class_weight = static_cast<const float*>(p.class_weight);
   a.lse = static_cast<const float*>(p.lse);
   a.grad_logits = static_cast<T*>(p.grad_logits);
   a.grad_row_stride = p.grad_row_stride;
-  a.rows = p.rows;
-  a.vocab = static_cast<int>(p.vocab);
-  a.ignore_index = p.ignore_index;
-  a.label_smoothing = static_cast<float>(p.label_smoothing);
-  a.z_loss = static_cast<float>(p.z_loss);
-  a.softcap = static_cast<float>(p.softcap);
-  a.inv_softcap = p.softcap > 0.0 ? static_cast<float>(1.0 / p.softcap) : 0.f;
-  a.inv_vocab = static_cast<float>(1.0 / static_cast<double>(p.vocab));
   // Row i of both tensors has the same offset from a 16-byte boundary for every i iff the
   // base addresses and the row strides (in bytes) agree modulo 16.
   const uintptr_t base_gap =
@@ -596,18 +543,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const int64_t stride_gap =
       (p.logits_row_stride - p.grad_row_stride) * static_cast<int64_t>(sizeof(T));
   a.vectorized = base_gap % kAccessBytes == 0 && stride_gap % kAccessBytes == 0;
-
-  LaunchShape shape;
-  const cudaError_t err = launch_shape(p.rows, p.vocab, &shape);
-  if (err != cudaSuccess) return err;
-  if (shape.warp_per_row) {
-    auto kernel = cross_entropy_bwd_kernel<T, true>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  } else {
-    auto kernel = cross_entropy_bwd_kernel<T, false>;
-    FASTLLM_LAUNCH_KERNEL(kernel, shape.blocks, shape.threads, 0, stream, a);
-  }
-  return cudaGetLastError();
+  return launch_rows(cross_entropy_bwd_kernel<T, true>, cross_entropy_bwd_kernel<T, false>, a,
+                     stream);
 }
 
 }  // namespace
@@ -618,12 +555,9 @@ cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t strea
       p.loss == nullptr || p.lse == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_fwd<float>(p, stream);
-    case DType::kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_fwd<__half>(p, stream);
-    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
-  }
+  return dispatch_cuda_dtype(p.dtype, [&](auto type) {
+    return launch_fwd<typename decltype(type)::type>(p, stream);
+  });
 }
 
 cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t stream) {
@@ -632,12 +566,9 @@ cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t strea
       p.target == nullptr || p.lse == nullptr || p.grad_logits == nullptr) {
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_bwd<float>(p, stream);
-    case DType::kBFloat16: return launch_bwd<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_bwd<__half>(p, stream);
-    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
-  }
+  return dispatch_cuda_dtype(p.dtype, [&](auto type) {
+    return launch_bwd<typename decltype(type)::type>(p, stream);
+  });
 }
 
 }  // namespace cross_entropy

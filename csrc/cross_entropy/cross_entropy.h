@@ -25,7 +25,7 @@
 
 #include <cstdint>
 
-#include "norm/norm.h"  // fastllm::DType
+#include "common/dtype.h"
 
 namespace fastllm {
 namespace cross_entropy {

@@ -56,6 +56,7 @@
 #include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "cross_entropy/cross_entropy.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,23 +68,12 @@ namespace fastllm {
 namespace cross_entropy {
 namespace {
 
-using cpu::AccOf;
-using cpu::BFloat16;
-using cpu::from_acc;
-using cpu::Half;
-using cpu::to_acc;
+// Storage types, to_acc / from_acc, dispatch_dtype, threads_for / block_begin
+// (common/cpu_*.h).
+using namespace cpu;
 
 // About 16K logits per thread: each costs an exp, so the fork/join pays off early.
 constexpr int64_t kMinElementsPerThread = int64_t{1} << 14;
-
-int threads_for(int64_t rows, int64_t vocab) {
-  const int64_t by_work = rows * vocab / kMinElementsPerThread;
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({omp_get_max_threads(), rows, by_work})));
-}
-
-// First row of block `t` when `rows` are split into `n` contiguous blocks.
-int64_t block_begin(int64_t rows, int t, int n) { return rows * t / n; }
 
 // Which label-smoothing sum the forward accumulates: none, sum_c z_c, or sum_c w_c z_c.
 enum class Smoothing { kNone, kUniform, kWeighted };
@@ -504,7 +494,8 @@ void fwd_typed(const FwdParams& p) {
   const FwdRowsFn<T> rows_fn = p.softcap > 0 ? pick_fwd_smoothing<T, true>(smooth, use_avx2())
                                              : pick_fwd_smoothing<T, false>(smooth, use_avx2());
   int64_t bad_row = std::numeric_limits<int64_t>::max();
-#pragma omp parallel num_threads(threads_for(p.rows, p.vocab)) reduction(min : bad_row)
+  const int threads = threads_for(p.rows, p.vocab, kMinElementsPerThread);
+#pragma omp parallel num_threads(threads) reduction(min : bad_row)
   {
     const int t = omp_get_thread_num();
     const int nt = omp_get_num_threads();
@@ -524,7 +515,8 @@ void bwd_typed(const BwdParams& p) {
   const bool weighted = p.label_smoothing != 0.0 && p.class_weight != nullptr;
   const BwdRowsFn<T> rows_fn = p.softcap > 0 ? pick_bwd_weighted<T, true>(weighted, use_avx2())
                                              : pick_bwd_weighted<T, false>(weighted, use_avx2());
-#pragma omp parallel num_threads(threads_for(p.rows, p.vocab))
+  const int threads = threads_for(p.rows, p.vocab, kMinElementsPerThread);
+#pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     const int nt = omp_get_num_threads();

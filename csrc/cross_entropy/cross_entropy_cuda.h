@@ -1,5 +1,5 @@
 // Launchers of the CUDA cross-entropy kernels (cross_entropy.cu). Torch-free: called by the
-// torch glue (cross_entropy_ops.cpp) on a GPU, and by the host build of the same source on
+// torch glue (cross_entropy_cuda_ops.cpp) on a GPU, and by the host build of the same source on
 // CPU tensors through the SIMT emulation (FASTLLM_SIMT_EMU).
 #pragma once
 

@@ -1,6 +1,6 @@
 // CUDA kernels of the LayerNorm / RMSNorm family: forward (optionally fused with a residual
 // add) and backward (dx, and deterministic dweight / dbias). Torch-free; the glue is
-// norm_ops.cpp. The same source also builds for the host against the SIMT emulation
+// norm_cuda_ops.cpp. The same source also builds for the host against the SIMT emulation
 // (FASTLLM_SIMT_EMU), so it uses only what csrc/common/cuda_compat.h promises: launches
 // through FASTLLM_LAUNCH_KERNEL, static shared arrays, barriers reached by every thread of
 // the block, warp shuffles executed by all 32 lanes, no inline PTX.
@@ -44,22 +44,12 @@
 #include <cstdint>
 
 #include "common/cuda_compat.h"
+#include "common/cuda_utils.cuh"
 #include "norm/norm_cuda.h"
-
-#if defined(__CUDA_ARCH__)
-#define FASTLLM_NORM_UNROLL _Pragma("unroll")
-#define FASTLLM_NORM_NO_UNROLL _Pragma("unroll 1")
-#else
-#define FASTLLM_NORM_UNROLL
-#define FASTLLM_NORM_NO_UNROLL
-#endif
 
 namespace fastllm {
 namespace norm {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarpMask = 0xffffffffu;
 
 // Column indices are int; the launchers reject longer rows so index arithmetic (which
 // can run up to one tile past the end of the row) never overflows.
@@ -107,98 +97,34 @@ constexpr int kRowBlockThreads = row_block_threads(kThreadsPerRow);
 template <int kBlockThreads>
 constexpr int kBwdMinBlocksPerSm = 65536 / (128 * kBlockThreads);
 
-// ---- element access ------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half(v);
-}
-
-template <class T>
-constexpr int kMaxVecWidth = 16 / static_cast<int>(sizeof(T));
-
-template <class T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// Loads N consecutive elements as floats, in accesses of at most 16 bytes; p must be
-// aligned to the access size (min(N, 16 / sizeof(T)) elements).
-template <int N, class T>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
-  constexpr int kChunk = N < kMaxVecWidth<T> ? N : kMaxVecWidth<T>;
-  static_assert(N % kChunk == 0, "N must be a multiple of the access width");
-  FASTLLM_NORM_UNROLL
-  for (int c = 0; c < N; c += kChunk) {
-    const Vec<T, kChunk> v = *reinterpret_cast<const Vec<T, kChunk>*>(p + c);
-    FASTLLM_NORM_UNROLL
-    for (int i = 0; i < kChunk; ++i) out[c + i] = to_float(v.v[i]);
-  }
-}
-
-// Stores N floats as consecutive elements (round to nearest even), same alignment rule.
-template <int N, class T>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
-  constexpr int kChunk = N < kMaxVecWidth<T> ? N : kMaxVecWidth<T>;
-  static_assert(N % kChunk == 0, "N must be a multiple of the access width");
-  FASTLLM_NORM_UNROLL
-  for (int c = 0; c < N; c += kChunk) {
-    Vec<T, kChunk> v;
-    FASTLLM_NORM_UNROLL
-    for (int i = 0; i < kChunk; ++i) v.v[i] = from_float<T>(in[c + i]);
-    *reinterpret_cast<Vec<T, kChunk>*>(p + c) = v;
-  }
-}
+// ---- element access (common/cuda_utils.cuh has the conversions and vector packs) ------
 
 template <int N>
 __device__ __forceinline__ void fill(float (&v)[N], float value) {
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int i = 0; i < N; ++i) v[i] = value;
 }
 
 // ---- reductions ----------------------------------------------------------------------
-
-// Butterfly sum: every lane ends with the same bits (float addition is commutative).
-__device__ __forceinline__ float warp_allreduce_sum(float v) {
-  FASTLLM_NORM_UNROLL
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(kFullWarpMask, v, offset);
-  }
-  return v;
-}
 
 // Sums each of the N values over the kWarpsPerRow warps that own one row; every thread of
 // the row gets the same bits. With several warps per row the block holds exactly one row
 // and every thread of it must call this (it contains barriers). smem: N * kWarpsPerRow.
 template <int kWarpsPerRow, int N>
 __device__ __forceinline__ void row_allreduce_sum(float (&v)[N], float* smem) {
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int n = 0; n < N; ++n) v[n] = warp_allreduce_sum(v[n]);
   if constexpr (kWarpsPerRow > 1) {
     const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
     if (threadIdx.x % kWarpSize == 0) {
-      FASTLLM_NORM_UNROLL
+      FASTLLM_UNROLL
       for (int n = 0; n < N; ++n) smem[n * kWarpsPerRow + warp] = v[n];
     }
     __syncthreads();
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int n = 0; n < N; ++n) {
       float total = 0.f;
-      FASTLLM_NORM_UNROLL
+      FASTLLM_UNROLL
       for (int w = 0; w < kWarpsPerRow; ++w) total += smem[n * kWarpsPerRow + w];
       v[n] = total;
     }
@@ -226,7 +152,7 @@ __device__ __forceinline__ MeanM2 merge_mean_m2(const MeanM2& a, const MeanM2& b
 // results in the same order: all threads get the same bits. smem: 3 * kWarps floats.
 template <int kWarps>
 __device__ __forceinline__ MeanM2 block_allreduce_mean_m2(MeanM2 s, float* smem) {
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     const MeanM2 other = {__shfl_down_sync(kFullWarpMask, s.count, offset),
                           __shfl_down_sync(kFullWarpMask, s.mean, offset),
@@ -278,7 +204,7 @@ __device__ __forceinline__ void load_fwd_input(const FwdArgs<T>& a, int64_t row,
   if (a.residual != nullptr) {
     float r[kVecWidth];
     load_floats(a.residual + row * a.residual_row_stride + col, r);
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int i = 0; i < kVecWidth; ++i) s[i] = to_float(from_float<T>(s[i] + r[i]));
     store_floats(a.residual_out + row * a.cols + col, s);
   }
@@ -302,7 +228,7 @@ __device__ __forceinline__ void store_fwd_output(const FwdArgs<T>& a, int64_t ro
     fill(b, 0.f);
   }
   float y[kVecWidth];
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int i = 0; i < kVecWidth; ++i) y[i] = (s[i] - mean) * rstd * w[i] + b[i];
   store_floats(a.out + row * a.cols + col, y);
 }
@@ -323,7 +249,7 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>)
        row += int64_t(gridDim.x) * kRowsPerBlock) {
     float s[kVecsPerThread][kVecWidth];
     float sum[1] = {0.f};
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int j = 0; j < kVecsPerThread; ++j) {
       const int col = (j * kThreadsPerRow + thread_in_row) * kVecWidth;
       if (col < a.cols) {
@@ -331,7 +257,7 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>)
       } else {
         fill(s[j], 0.f);
       }
-      FASTLLM_NORM_UNROLL
+      FASTLLM_UNROLL
       for (int i = 0; i < kVecWidth; ++i) sum[0] += a.rms ? s[j][i] * s[j][i] : s[j][i];
     }
     row_allreduce_sum<kWarpsPerRow>(sum, reduce_smem);
@@ -345,11 +271,11 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>)
       // cancels the rounding error of mean to first order (a constant row gets var = 0).
       mean = sum[0] * a.inv_cols;
       float dev[2] = {0.f, 0.f};  // sum(d^2), sum(d)
-      FASTLLM_NORM_UNROLL
+      FASTLLM_UNROLL
       for (int j = 0; j < kVecsPerThread; ++j) {
         const int col = (j * kThreadsPerRow + thread_in_row) * kVecWidth;
         if (col < a.cols) {
-          FASTLLM_NORM_UNROLL
+          FASTLLM_UNROLL
           for (int i = 0; i < kVecWidth; ++i) {
             const float d = s[j][i] - mean;
             dev[0] += d * d;
@@ -365,7 +291,7 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>)
       if (a.mean != nullptr) a.mean[row] = mean;
       a.rstd[row] = rstd;
     }
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int j = 0; j < kVecsPerThread; ++j) {
       const int col = (j * kThreadsPerRow + thread_in_row) * kVecWidth;
       if (col < a.cols) store_fwd_output(a, row, col, s[j], mean, rstd);
@@ -383,22 +309,22 @@ __global__ void __launch_bounds__(kLoopedThreads) norm_fwd_looped_kernel(const F
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     MeanM2 stats = {0.f, 0.f, 0.f};
     float sum_sq[1] = {0.f};
-    FASTLLM_NORM_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int col = first_col; col < a.cols; col += kStride) {
       // Statistics pass: per-thread running statistics, merged vector by vector.
       float s[kVecWidth];
       load_fwd_input(a, row, col, s);
       if (a.rms) {
-        FASTLLM_NORM_UNROLL
+        FASTLLM_UNROLL
         for (int i = 0; i < kVecWidth; ++i) sum_sq[0] += s[i] * s[i];
       } else {
         // Exact two-pass statistics of the vector, then one merge per vector.
         float vec_sum = 0.f;
-        FASTLLM_NORM_UNROLL
+        FASTLLM_UNROLL
         for (int i = 0; i < kVecWidth; ++i) vec_sum += s[i];
         const float vec_mean = vec_sum * (1.f / kVecWidth);
         float vec_m2 = 0.f;
-        FASTLLM_NORM_UNROLL
+        FASTLLM_UNROLL
         for (int i = 0; i < kVecWidth; ++i) vec_m2 += (s[i] - vec_mean) * (s[i] - vec_mean);
         stats = merge_mean_m2(stats, {float(kVecWidth), vec_mean, vec_m2});
       }
@@ -420,7 +346,7 @@ __global__ void __launch_bounds__(kLoopedThreads) norm_fwd_looped_kernel(const F
     }
     // Normalising pass. With a residual, s is re-read from residual_out, which this very thread
     // wrote above (same columns), so no barrier is needed.
-    FASTLLM_NORM_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int col = first_col; col < a.cols; col += kStride) {
       float s[kVecWidth];
       if (a.residual != nullptr) {
@@ -464,7 +390,7 @@ __device__ __forceinline__ void load_bwd_inputs(const BwdArgs<T>& a, int64_t row
                                                 float (&dy)[kVecWidth]) {
   load_floats(a.x + row * a.x_row_stride + col, xhat);
   load_floats(a.dy + row * a.dy_row_stride + col, dy);
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int i = 0; i < kVecWidth; ++i) xhat[i] = (xhat[i] - mean) * rstd;
 }
 
@@ -475,12 +401,12 @@ __device__ __forceinline__ void store_dx(const BwdArgs<T>& a, int64_t row, int c
                                          const float (&xhat)[kVecWidth],
                                          const float (&g)[kVecWidth]) {
   float dx[kVecWidth];
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int i = 0; i < kVecWidth; ++i) dx[i] = rstd * (g[i] - mean_g - xhat[i] * mean_gxhat);
   if (a.dresidual_out != nullptr) {
     float dres[kVecWidth];
     load_floats(a.dresidual_out + row * a.dresidual_out_row_stride + col, dres);
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int i = 0; i < kVecWidth; ++i) dx[i] += dres[i];
   }
   store_floats(a.dx + row * a.cols + col, dx);
@@ -520,7 +446,7 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>,
 
   float dw[kVecsPerThread][kVecWidth];
   float db[kVecsPerThread][kVecWidth];
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int j = 0; j < kVecsPerThread; ++j) {
     fill(dw[j], 0.f);
     fill(db[j], 0.f);
@@ -536,14 +462,14 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>,
     float xhat[kVecsPerThread][kVecWidth];
     float g[kVecsPerThread][kVecWidth];
     float sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int j = 0; j < kVecsPerThread; ++j) {
       const int col = (j * kThreadsPerRow + thread_in_row) * kVecWidth;
       if (col < a.cols) {
         float w[kVecWidth];
         load_weight(a.weight, col, a.cols, w);
         load_bwd_inputs(a, row, col, mean, rstd, xhat[j], g[j]);
-        FASTLLM_NORM_UNROLL
+        FASTLLM_UNROLL
         for (int i = 0; i < kVecWidth; ++i) {
           const float dy = g[j][i];
           dw[j][i] += dy * xhat[j][i];
@@ -560,7 +486,7 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>,
     row_allreduce_sum<kWarpsPerRow>(sums, reduce_smem);
     const float mean_g = a.rms ? 0.f : sums[0] * a.inv_cols;
     const float mean_gxhat = sums[1] * a.inv_cols;
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int j = 0; j < kVecsPerThread; ++j) {
       const int col = (j * kThreadsPerRow + thread_in_row) * kVecWidth;
       if (col < a.cols) store_dx(a, row, col, rstd, mean_g, mean_gxhat, xhat[j], g[j]);
@@ -571,7 +497,7 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>,
   float* dw_partial = a.partials + int64_t(blockIdx.x) * 2 * a.cols;
   float* db_partial = dw_partial + a.cols;
   if constexpr (kRowsPerBlock == 1) {
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int j = 0; j < kVecsPerThread; ++j) {
       const int col = (j * kThreadsPerRow + thread_in_row) * kVecWidth;
       if (col < a.cols) {
@@ -583,9 +509,9 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>,
     // Row group 0's sums, + group 1's, + ...: a fixed order, so the result is deterministic.
     for (int group = 0; group < kRowsPerBlock; ++group) {
       if (row_in_block == group) {
-        FASTLLM_NORM_UNROLL
+        FASTLLM_UNROLL
         for (int j = 0; j < kVecsPerThread; ++j) {
-          FASTLLM_NORM_UNROLL
+          FASTLLM_UNROLL
           for (int i = 0; i < kVecWidth; ++i) {
             const int c = (j * kThreadsPerRow + thread_in_row) * kVecWidth + i;
             fold_smem[c] = group == 0 ? dw[j][i] : fold_smem[c] + dw[j][i];
@@ -615,14 +541,14 @@ __global__ void __launch_bounds__(kLoopedThreads)
     const float mean = a.rms ? 0.f : a.mean[row];
     const float rstd = a.rstd[row];
     float sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
-    FASTLLM_NORM_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int col = first_col; col < a.cols; col += kStride) {
       float xhat[kVecWidth];
       float dy[kVecWidth];
       float w[kVecWidth];
       load_bwd_inputs(a, row, col, mean, rstd, xhat, dy);
       load_weight(a.weight, col, a.cols, w);
-      FASTLLM_NORM_UNROLL
+      FASTLLM_UNROLL
       for (int i = 0; i < kVecWidth; ++i) {
         const float g = dy[i] * w[i];
         sums[0] += g;
@@ -648,7 +574,7 @@ __global__ void __launch_bounds__(kTileThreads) norm_bwd_column_tiles_kernel(con
   float w[kVecsPerThread][kVecWidth];
   float dw[kVecsPerThread][kVecWidth];
   float db[kVecsPerThread][kVecWidth];
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int j = 0; j < kVecsPerThread; ++j) {
     load_weight(a.weight, tile_begin + (j * kTileThreads + thread) * kVecWidth, a.cols, w[j]);
     fill(dw[j], 0.f);
@@ -663,14 +589,14 @@ __global__ void __launch_bounds__(kTileThreads) norm_bwd_column_tiles_kernel(con
     const float rstd = a.rstd[row];
     const float mean_g = a.row_grad_means[2 * row];
     const float mean_gxhat = a.row_grad_means[2 * row + 1];
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int j = 0; j < kVecsPerThread; ++j) {
       const int col = tile_begin + (j * kTileThreads + thread) * kVecWidth;
       if (col < a.cols) {
         float xhat[kVecWidth];
         float g[kVecWidth];
         load_bwd_inputs(a, row, col, mean, rstd, xhat, g);
-        FASTLLM_NORM_UNROLL
+        FASTLLM_UNROLL
         for (int i = 0; i < kVecWidth; ++i) {
           const float dy = g[i];
           dw[j][i] += dy * xhat[i];
@@ -685,7 +611,7 @@ __global__ void __launch_bounds__(kTileThreads) norm_bwd_column_tiles_kernel(con
   if (a.partials == nullptr) return;
   float* dw_partial = a.partials + int64_t(blockIdx.y) * 2 * a.cols;
   float* db_partial = dw_partial + a.cols;
-  FASTLLM_NORM_UNROLL
+  FASTLLM_UNROLL
   for (int j = 0; j < kVecsPerThread; ++j) {
     const int col = tile_begin + (j * kTileThreads + thread) * kVecWidth;
     if (col < a.cols) {
@@ -718,7 +644,7 @@ __global__ void __launch_bounds__(kReduceCols * kReduceSlices)
   db_smem[slice][lane] = db;
   __syncthreads();
   if (slice == 0 && col < cols) {
-    FASTLLM_NORM_UNROLL
+    FASTLLM_UNROLL
     for (int s = 1; s < kReduceSlices; ++s) {
       dw += dw_smem[s][lane];
       db += db_smem[s][lane];
@@ -730,7 +656,6 @@ __global__ void __launch_bounds__(kReduceCols * kReduceSlices)
 
 // ---- host side -----------------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -1002,12 +927,9 @@ cudaError_t launch_norm_fwd_cuda(const FwdParams& p, cudaStream_t stream) {
       (!p.rms && p.mean == nullptr) || (p.residual != nullptr && p.residual_out == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_fwd<float>(p, stream);
-    case DType::kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
-    case DType::kFloat16: return launch_fwd<__half>(p, stream);
-    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
-  }
+  return dispatch_cuda_dtype(p.dtype, [&](auto type) {
+    return launch_fwd<typename decltype(type)::type>(p, stream);
+  });
 }
 
 cudaError_t launch_norm_bwd_cuda(const BwdParams& p, int num_sms, cudaStream_t stream) {
@@ -1017,12 +939,9 @@ cudaError_t launch_norm_bwd_cuda(const BwdParams& p, int num_sms, cudaStream_t s
     return cudaErrorInvalidValue;
   }
   num_sms = num_sms < 1 ? 1 : num_sms;
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_bwd<float>(p, num_sms, stream);
-    case DType::kBFloat16: return launch_bwd<__nv_bfloat16>(p, num_sms, stream);
-    case DType::kFloat16: return launch_bwd<__half>(p, num_sms, stream);
-    default: return cudaErrorInvalidValue;  // float64: rejected by the glue
-  }
+  return dispatch_cuda_dtype(p.dtype, [&](auto type) {
+    return launch_bwd<typename decltype(type)::type>(p, num_sms, stream);
+  });
 }
 
 }  // namespace norm

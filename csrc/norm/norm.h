@@ -21,10 +21,9 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastllm {
-
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
-
 namespace norm {
 
 struct FwdParams {

@@ -57,6 +57,7 @@
 #include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
 #include "norm/norm.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -68,11 +69,9 @@ namespace fastllm {
 namespace norm {
 namespace {
 
-using cpu::AccOf;
-using cpu::BFloat16;
-using cpu::from_acc;
-using cpu::Half;
-using cpu::to_acc;
+// Storage types, to_acc / from_acc, dispatch_dtype, threads_for / block_begin
+// (common/cpu_*.h).
+using namespace cpu;
 
 // About 128 KiB of float32 in and out per thread: below that, one thread is faster.
 constexpr int64_t kMinElementsPerThread = int64_t{1} << 15;
@@ -89,15 +88,6 @@ constexpr int kRowGroup = 4;
 // prefetches add load and fill-buffer traffic that stream does not need): so only inputs of
 // at least kPrefetchMinBytes are prefetched.
 constexpr int64_t kPrefetchMinBytes = int64_t{32} << 20;
-
-int threads_for(int64_t rows, int64_t cols) {
-  const int64_t by_work = rows * cols / kMinElementsPerThread;
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({omp_get_max_threads(), rows, by_work})));
-}
-
-// First row (or column) of block `t` when `len` is split into `n` contiguous blocks.
-int64_t block_begin(int64_t len, int t, int n) { return len * t / n; }
 
 // ---- portable scalar path ---------------------------------------------------------------
 
@@ -416,7 +406,7 @@ void norm_fwd_typed(const FwdParams& p) {
 #if defined(FASTLLM_NORM_CPU_AVX2)
   if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) rows_fn = &norm_fwd_rows_avx2<T>;
 #endif
-  const int threads = threads_for(p.rows, p.cols);
+  const int threads = threads_for(p.rows, p.cols, kMinElementsPerThread);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num();
@@ -433,7 +423,7 @@ void norm_bwd_typed(const BwdParams& p) {
   if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) rows_fn = &norm_bwd_rows_avx2<T>;
 #endif
   const int64_t n = p.cols;
-  const int max_threads = threads_for(p.rows, n);
+  const int max_threads = threads_for(p.rows, n, kMinElementsPerThread);
   Acc* dweight = static_cast<Acc*>(p.dweight);
   Acc* dbias = static_cast<Acc*>(p.dbias);
   // Thread t's partial rows, `stride` apart: its dweight and dbias totals (slots 4t, 4t+1)

@@ -1,5 +1,5 @@
 // Launchers of the CUDA norm kernels (norm.cu). Torch-free: callable from the torch glue
-// (norm_ops.cpp) on a real GPU and from the host build of norm.cu that runs the very same
+// (norm_cuda_ops.cpp) on a real GPU and from the host build of norm.cu that runs the very same
 // kernels on the CPU through the SIMT emulation (FASTLLM_SIMT_EMU, csrc/common/simt_emu.h).
 #pragma once
 

@@ -47,46 +47,18 @@
 
 #include "attention/attention.h"
 #include "check.h"
-#include "common/cpu_dtypes.h"
+#include "dtypes.h"
 
 namespace {
 
-using fastllm::DType;
 using fastllm::attention::BwdParams;
 using fastllm::attention::FwdParams;
 using fastllm::attention::Strides4;
-using fastllm::cpu::AccOf;
-using fastllm::cpu::BFloat16;
-using fastllm::cpu::from_acc;
-using fastllm::cpu::Half;
-using fastllm::cpu::to_acc;
+using namespace fastllm_test;  // check.h, dtypes.h
 
+// A few units of each dtype's rounding (see the file comment).
 template <class T>
-struct DTypeInfo;
-template <>
-struct DTypeInfo<float> {
-  static constexpr DType kDType = DType::kFloat32;
-  static constexpr const char* kName = "float32";
-  static constexpr double kTol = 2e-5;
-};
-template <>
-struct DTypeInfo<BFloat16> {
-  static constexpr DType kDType = DType::kBFloat16;
-  static constexpr const char* kName = "bfloat16";
-  static constexpr double kTol = 1.0 / 64;
-};
-template <>
-struct DTypeInfo<Half> {
-  static constexpr DType kDType = DType::kFloat16;
-  static constexpr const char* kName = "float16";
-  static constexpr double kTol = 1.0 / 256;
-};
-template <>
-struct DTypeInfo<double> {
-  static constexpr DType kDType = DType::kFloat64;
-  static constexpr const char* kName = "float64";
-  static constexpr double kTol = 1e-12;
-};
+constexpr double kTol = per_dtype<T>(2e-5, 1.0 / 64, 1.0 / 256, 1e-12);
 
 enum class Layout { kContiguous, kHeadMajorPadded, kDimStride2 };
 
@@ -353,7 +325,7 @@ void run_case(const Case& c) {
   const auto& [g, slopes, q, k, v, dout, out, dq, dk, dv, lse] = run;
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
 
-  const double tol = DTypeInfo<T>::kTol;
+  const double tol = kTol<T>;
   Compare c_out{name + " out", tol}, c_lse{name + " lse", tol}, c_dq{name + " dq", tol},
       c_dk{name + " dk", tol}, c_dv{name + " dv", tol};
   long lse_inf_mismatch = 0;
@@ -554,10 +526,7 @@ void run_all_cases() {
   for (const Case& c : kBiasDropoutCases) run_case<T>(c);
 }
 
-TEST_CASE(attention_float32) { run_all_cases<float>(); }
-TEST_CASE(attention_bfloat16) { run_all_cases<BFloat16>(); }
-TEST_CASE(attention_float16) { run_all_cases<Half>(); }
-TEST_CASE(attention_float64) { run_all_cases<double>(); }
+TEST_CASE_PER_DTYPE(attention, run_all_cases)
 
 // Backward has two schemes (single pass per (batch, kv head) with one thread or many
 // (batch, kv head) pairs, two passes otherwise): one thread runs every case through the

@@ -21,49 +21,22 @@
 #include <vector>
 
 #include "check.h"
-#include "common/cpu_dtypes.h"
 #include "cross_entropy/cross_entropy.h"
+#include "dtypes.h"
 
 namespace {
 
-using fastllm::DType;
-using fastllm::cpu::AccOf;
-using fastllm::cpu::BFloat16;
-using fastllm::cpu::from_acc;
-using fastllm::cpu::Half;
-using fastllm::cpu::to_acc;
+using namespace fastllm_test;  // check.h, dtypes.h
 using fastllm::cross_entropy::BwdParams;
 using fastllm::cross_entropy::FwdParams;
 
 constexpr int64_t kIgnore = -100;
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
+// float32: float accumulation and a ~1 ulp vector exp; bfloat16 / float16: the gradient is
+// rounded to the dtype.
 template <class T>
-struct DTypeInfo;
-template <>
-struct DTypeInfo<float> {
-  static constexpr DType kDType = DType::kFloat32;
-  static constexpr const char* kName = "float32";
-  static constexpr double kTol = 2e-5;  // float accumulation and a ~1 ulp vector exp
-};
-template <>
-struct DTypeInfo<BFloat16> {
-  static constexpr DType kDType = DType::kBFloat16;
-  static constexpr const char* kName = "bfloat16";
-  static constexpr double kTol = 0x1p-8;  // the gradient is rounded to bfloat16
-};
-template <>
-struct DTypeInfo<Half> {
-  static constexpr DType kDType = DType::kFloat16;
-  static constexpr const char* kName = "float16";
-  static constexpr double kTol = 0x1p-10;
-};
-template <>
-struct DTypeInfo<double> {
-  static constexpr DType kDType = DType::kFloat64;
-  static constexpr const char* kName = "float64";
-  static constexpr double kTol = 1e-12;
-};
+constexpr double kTol = per_dtype<T>(2e-5, 0x1p-8, 0x1p-10, 1e-12);
 
 struct Options {
   bool weighted = false;
@@ -119,6 +92,23 @@ Reference reference(const std::vector<double>& x, const std::vector<int64_t>& ta
 
 // Runs forward and backward on one problem and checks every output against the reference.
 // grad_tol: the gradient's relative tolerance (default: the dtype's).
+// The fields forward and backward params share: logits rows of T, targets, options.
+template <class T, class Params>
+void set_inputs(Params& p, const T* logits, int64_t row_stride, const int64_t* target,
+                const AccOf<T>* class_weight, int64_t rows, int64_t vocab, const Options& o) {
+  p.logits = logits;
+  p.logits_row_stride = row_stride;
+  p.target = target;
+  p.class_weight = class_weight;
+  p.rows = rows;
+  p.vocab = vocab;
+  p.ignore_index = kIgnore;
+  p.label_smoothing = o.label_smoothing;
+  p.z_loss = o.z_loss;
+  p.softcap = o.softcap;
+  p.dtype = DTypeInfo<T>::kDType;
+}
+
 template <class T>
 void check_problem(int64_t rows, int64_t vocab, const Options& o, uint32_t seed,
                    bool broadcast_grad, bool in_place, double scale = 2.0, double grad_tol = 0) {
@@ -154,20 +144,11 @@ void check_problem(int64_t rows, int64_t vocab, const Options& o, uint32_t seed,
 
   std::vector<Acc> loss(rows, static_cast<Acc>(kNaN)), lse(rows, static_cast<Acc>(kNaN));
   int64_t bad_row = -7;
+  const Acc* class_weight = o.weighted ? w.data() : nullptr;
   FwdParams p;
-  p.logits = x.data();
-  p.logits_row_stride = stride;
-  p.target = target.data();
-  p.class_weight = o.weighted ? w.data() : nullptr;
+  set_inputs(p, x.data(), stride, target.data(), class_weight, rows, vocab, o);
   p.loss = loss.data();
   p.lse = lse.data();
-  p.rows = rows;
-  p.vocab = vocab;
-  p.ignore_index = kIgnore;
-  p.label_smoothing = o.label_smoothing;
-  p.z_loss = o.z_loss;
-  p.softcap = o.softcap;
-  p.dtype = DTypeInfo<T>::kDType;
   p.bad_target_row = &bad_row;
   fastllm::cross_entropy::cross_entropy_fwd_cpu(p);
   CHECK(bad_row == -1, "%s: bad_target_row = %lld with every target valid", name,
@@ -177,26 +158,16 @@ void check_problem(int64_t rows, int64_t vocab, const Options& o, uint32_t seed,
   const int64_t guard = 5;
   std::vector<T> dx(rows * vocab + guard, from_acc<T>(static_cast<Acc>(kNaN)));
   BwdParams b;
+  set_inputs(b, x.data(), stride, target.data(), class_weight, rows, vocab, o);
   b.grad_loss = g.data();
   b.grad_loss_stride = broadcast_grad ? 0 : 1;
-  b.logits = x.data();
-  b.logits_row_stride = stride;
-  b.target = target.data();
-  b.class_weight = p.class_weight;
   b.lse = lse.data();
   b.grad_logits = in_place ? static_cast<void*>(x.data()) : static_cast<void*>(dx.data());
   b.grad_row_stride = in_place ? stride : vocab;
-  b.rows = rows;
-  b.vocab = vocab;
-  b.ignore_index = kIgnore;
-  b.label_smoothing = o.label_smoothing;
-  b.z_loss = o.z_loss;
-  b.softcap = o.softcap;
-  b.dtype = DTypeInfo<T>::kDType;
   fastllm::cross_entropy::cross_entropy_bwd_cpu(b);
 
   const Reference ref = reference(xd, target, wd, gd, rows, vocab, o);
-  const double tol = DTypeInfo<T>::kTol;
+  const double tol = kTol<T>;
   long bad = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const double l = static_cast<double>(loss[i]);
@@ -264,10 +235,7 @@ void run_all_variants() {
   }
 }
 
-TEST_CASE(float32_all_variants) { run_all_variants<float>(); }
-TEST_CASE(bfloat16_all_variants) { run_all_variants<BFloat16>(); }
-TEST_CASE(float16_all_variants) { run_all_variants<Half>(); }
-TEST_CASE(float64_all_variants) { run_all_variants<double>(); }
+TEST_CASE_PER_DTYPE(all_variants, run_all_variants)
 
 TEST_CASE(thread_counts) {
   const int saved = omp_get_max_threads();
@@ -286,84 +254,74 @@ TEST_CASE(large_logits) {
   }
 }
 
+// Forward and backward of contiguous float32 logits (rows, vocab) with default options but
+// z_loss, an upstream gradient of 1 per row, and the forward's bad_target_row.
+struct Float32Run {
+  std::vector<float> loss, lse, dx;
+  int64_t bad_row = -7;
+};
+
+Float32Run run_float32(const std::vector<float>& x, const std::vector<int64_t>& target,
+                       int64_t rows, int64_t vocab, double z_loss) {
+  Float32Run r;
+  r.loss.resize(rows);
+  r.lse.resize(rows);
+  r.dx.resize(rows * vocab);
+  const std::vector<float> g(rows, 1.0f);
+  Options o;
+  o.z_loss = z_loss;
+  FwdParams p;
+  set_inputs<float>(p, x.data(), vocab, target.data(), nullptr, rows, vocab, o);
+  p.loss = r.loss.data();
+  p.lse = r.lse.data();
+  p.bad_target_row = &r.bad_row;
+  fastllm::cross_entropy::cross_entropy_fwd_cpu(p);
+  BwdParams b;
+  set_inputs<float>(b, x.data(), vocab, target.data(), nullptr, rows, vocab, o);
+  b.grad_loss = g.data();
+  b.lse = r.lse.data();
+  b.grad_logits = r.dx.data();
+  b.grad_row_stride = vocab;
+  fastllm::cross_entropy::cross_entropy_bwd_cpu(b);
+  return r;
+}
+
 // Targets out of range: the forward reports the first such row and gives it a NaN loss; the
 // backward gives it NaN gradients; neither reads logits at the bad index.
 TEST_CASE(bad_targets) {
   const int64_t rows = 5, vocab = 40;
-  std::vector<float> x(rows * vocab, 0.5f), loss(rows), lse(rows), dx(rows * vocab);
-  std::vector<float> g(rows, 1.0f);
-  std::vector<int64_t> target = {1, kIgnore, 40, -1, 2};
-  int64_t bad_row = -7;
-  FwdParams p;
-  p.logits = x.data();
-  p.logits_row_stride = vocab;
-  p.target = target.data();
-  p.loss = loss.data();
-  p.lse = lse.data();
-  p.rows = rows;
-  p.vocab = vocab;
-  p.bad_target_row = &bad_row;
-  fastllm::cross_entropy::cross_entropy_fwd_cpu(p);
-  CHECK(bad_row == 2, "bad_target_row = %lld, expected 2", static_cast<long long>(bad_row));
+  const std::vector<float> x(rows * vocab, 0.5f);
+  const std::vector<int64_t> target = {1, kIgnore, 40, -1, 2};
+  const Float32Run r = run_float32(x, target, rows, vocab, /*z_loss=*/0.0);
+  const std::vector<float>& loss = r.loss;
+  CHECK(r.bad_row == 2, "bad_target_row = %lld, expected 2", static_cast<long long>(r.bad_row));
   CHECK(std::isnan(loss[2]) && std::isnan(loss[3]), "bad rows must have a NaN loss");
   CHECK(loss[1] == 0.0f, "an ignored row's loss must be 0, got %g", loss[1]);
   CHECK(std::isfinite(loss[0]) && std::isfinite(loss[4]), "valid rows must have finite losses");
-  BwdParams b;
-  b.grad_loss = g.data();
-  b.logits = x.data();
-  b.logits_row_stride = vocab;
-  b.target = target.data();
-  b.lse = lse.data();
-  b.grad_logits = dx.data();
-  b.grad_row_stride = vocab;
-  b.rows = rows;
-  b.vocab = vocab;
-  fastllm::cross_entropy::cross_entropy_bwd_cpu(b);
   for (int64_t c = 0; c < vocab; ++c) {
-    CHECK(std::isnan(dx[2 * vocab + c]) && std::isnan(dx[3 * vocab + c]),
+    CHECK(std::isnan(r.dx[2 * vocab + c]) && std::isnan(r.dx[3 * vocab + c]),
           "bad rows must have NaN gradients (column %lld)", static_cast<long long>(c));
-    CHECK(dx[vocab + c] == 0.0f, "an ignored row's gradient must be 0");
+    CHECK(r.dx[vocab + c] == 0.0f, "an ignored row's gradient must be 0");
   }
 }
 
 // -inf logits (masked classes) add nothing and get exactly zero gradient.
 TEST_CASE(masked_logits) {
   const int64_t rows = 3, vocab = 50;
-  std::vector<float> x(rows * vocab), loss(rows), lse(rows), dx(rows * vocab);
-  std::vector<float> g(rows, 1.0f);
+  std::vector<float> x(rows * vocab);
   for (int64_t k = 0; k < rows * vocab; ++k) x[k] = k % 3 == 0 ? -INFINITY : 0.01f * (k % 17);
-  std::vector<int64_t> target = {1, 2, 4};
-  FwdParams p;
-  p.logits = x.data();
-  p.logits_row_stride = vocab;
-  p.target = target.data();
-  p.loss = loss.data();
-  p.lse = lse.data();
-  p.rows = rows;
-  p.vocab = vocab;
-  p.z_loss = 1e-3;
-  fastllm::cross_entropy::cross_entropy_fwd_cpu(p);
-  BwdParams b;
-  b.grad_loss = g.data();
-  b.logits = x.data();
-  b.logits_row_stride = vocab;
-  b.target = target.data();
-  b.lse = lse.data();
-  b.grad_logits = dx.data();
-  b.grad_row_stride = vocab;
-  b.rows = rows;
-  b.vocab = vocab;
-  b.z_loss = 1e-3;
-  fastllm::cross_entropy::cross_entropy_bwd_cpu(b);
+  const std::vector<int64_t> target = {1, 2, 4};
+  const Float32Run r = run_float32(x, target, rows, vocab, /*z_loss=*/1e-3);
   for (int64_t i = 0; i < rows; ++i) {
-    CHECK(std::isfinite(loss[i]) && std::isfinite(lse[i]), "row %lld: loss %g, lse %g",
-          static_cast<long long>(i), loss[i], lse[i]);
+    CHECK(std::isfinite(r.loss[i]) && std::isfinite(r.lse[i]), "row %lld: loss %g, lse %g",
+          static_cast<long long>(i), r.loss[i], r.lse[i]);
   }
   for (int64_t k = 0; k < rows * vocab; ++k) {
     if (k % 3 == 0) {
-      CHECK(dx[k] == 0.0f, "masked logit %lld has gradient %g", static_cast<long long>(k), dx[k]);
+      CHECK(r.dx[k] == 0.0f, "masked logit %lld has gradient %g", static_cast<long long>(k),
+            r.dx[k]);
     } else {
-      CHECK(std::isfinite(dx[k]), "gradient %lld is %g", static_cast<long long>(k), dx[k]);
+      CHECK(std::isfinite(r.dx[k]), "gradient %lld is %g", static_cast<long long>(k), r.dx[k]);
     }
   }
 }

@@ -22,50 +22,14 @@
 #include <vector>
 
 #include "check.h"
-#include "common/cpu_dtypes.h"
+#include "dtypes.h"
 #include "norm/norm.h"
 
 namespace {
 
-using fastllm::DType;
-using fastllm::cpu::AccOf;
-using fastllm::cpu::BFloat16;
-using fastllm::cpu::from_acc;
-using fastllm::cpu::Half;
-using fastllm::cpu::to_acc;
+using namespace fastllm_test;  // check.h, dtypes.h
 using fastllm::norm::BwdParams;
 using fastllm::norm::FwdParams;
-
-template <class T>
-struct DTypeInfo;
-template <>
-struct DTypeInfo<float> {
-  static constexpr DType kDType = DType::kFloat32;
-  static constexpr const char* kName = "float32";
-  static constexpr double kRoundRtol = 0x1p-23;
-  static constexpr double kRoundAtol = 0;
-};
-template <>
-struct DTypeInfo<BFloat16> {
-  static constexpr DType kDType = DType::kBFloat16;
-  static constexpr const char* kName = "bfloat16";
-  static constexpr double kRoundRtol = 0x1p-8;
-  static constexpr double kRoundAtol = 0;
-};
-template <>
-struct DTypeInfo<Half> {
-  static constexpr DType kDType = DType::kFloat16;
-  static constexpr const char* kName = "float16";
-  static constexpr double kRoundRtol = 0x1p-10;
-  static constexpr double kRoundAtol = 0x1p-24;  // float16 subnormal spacing
-};
-template <>
-struct DTypeInfo<double> {
-  static constexpr DType kDType = DType::kFloat64;
-  static constexpr const char* kName = "float64";
-  static constexpr double kRoundRtol = 0x1p-52;
-  static constexpr double kRoundAtol = 0;
-};
 
 // Accumulation error allowed, relative to the magnitude of what was summed.
 template <class T>
@@ -351,10 +315,7 @@ void run_all_variants() {
   }
 }
 
-TEST_CASE(float32_all_variants) { run_all_variants<float>(); }
-TEST_CASE(bfloat16_all_variants) { run_all_variants<BFloat16>(); }
-TEST_CASE(float16_all_variants) { run_all_variants<Half>(); }
-TEST_CASE(float64_all_variants) { run_all_variants<double>(); }
+TEST_CASE_PER_DTYPE(all_variants, run_all_variants)
 
 // dweight / dbias are per-thread partial sums reduced at the end: check them at 1, 2 and 3
 // threads on row counts that do not split evenly, and that a second run gives the same bits.

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
   zero_acc(dk);
   zero_acc(dv);
 
-  FASTLLM_ATTN_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int h = hk * group; h < (hk + 1) * group && j0 < seq.seqlen_k; ++h) {
     const ScoreMod mod = make_score_mod(p, seq, b, h);
     const Dropout dropout = make_dropout(p, dropout_threshold, b, h);
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
     const float* lse = static_cast<const float*>(p.lse) + lse_offset(p, seq, b, h);
     const float* d_row = softmax_d + lse_offset(p, seq, b, h);
 
-    FASTLLM_ATTN_NO_UNROLL
+    FASTLLM_NO_UNROLL
     for (int m_block = i_min / kBlockM; m_block <= i_max / kBlockM; ++m_block) {
       const int i0 = m_block * kBlockM;
       const int rows = min(kBlockM, seq.seqlen_q - i0);
@@ -166,9 +166,9 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
       zero_acc(pt);
       gemm_rows_by_rows<T, kHeadDim>(pt, sK, warp_key0, sQ, 0);
       const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int mt = 0; mt < kMTiles; ++mt) {
-        FASTLLM_ATTN_UNROLL
+        FASTLLM_UNROLL
         for (int e = 0; e < 4; ++e) {
           const int local_i = mt * 8 + 2 * t + e % 2;
           const int i = i0 + local_i, j = key_j[e / 2];
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   float row_lse[2], row_d[2];
   uint32_t row_key[2] = {0u, 0u};
   const Dropout dropout = make_dropout(p, dropout_threshold, b, h);
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const int local_row = warp_row0 + g + 8 * r;
     row_lse[r] = lse_for_recompute(lse, local_row, rows);
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   float dq_acc[kDTiles][4];
   zero_acc(dq_acc);
 
-  FASTLLM_ATTN_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int n_block = n_first; n_block <= n_last; ++n_block) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j0 * p.stride_k.t, p.stride_k.t,
@@ -306,9 +306,9 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
     zero_acc(s_acc);
     gemm_rows_by_rows<T, kHeadDim>(s_acc, sQ, warp_row0, sK, 0);
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int nt = 0; nt < kNTiles; ++nt) {
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int j = j0 + nt * 8 + 2 * t + e % 2, r = e / 2;
         float cap_grad;
@@ -330,40 +330,22 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
 
 // ---- launchers --------------------------------------------------------------------------
 
-template <class Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 // Defined here, instantiated by the generated attention_bwd_{dkdv,dq}_hdim*_*.cu files.
 template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dkdv(const BwdParams& p, const float* softmax_d,
                                       uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDkdvConfig<kHeadDim>;
-  auto kernel = attention_bwd_dkdv_kernel<kHeadDim, T>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
-                  static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
-  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                        softmax_d, dropout_threshold);
-  return cudaGetLastError();
+  return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T>, p.seqlen_k,
+                                 Cfg::kBlockN, p.num_kv_heads, p.batch, stream, p, softmax_d,
+                                 dropout_threshold);
 }
 
 template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dq(const BwdParams& p, const float* softmax_d,
                                     uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDqConfig<kHeadDim>;
-  auto kernel = attention_bwd_dq_kernel<kHeadDim, T>;
-  const cudaError_t err = allow_dynamic_smem(kernel, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                        softmax_d, dropout_threshold);
-  return cudaGetLastError();
+  return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
+                                 p.num_heads, p.batch, stream, p, softmax_d, dropout_threshold);
 }
 
 }  // namespace cuda

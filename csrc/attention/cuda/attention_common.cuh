@@ -22,27 +22,16 @@
 #pragma once
 
 #include <cstdint>
-#include <limits>
 
 #include "attention/attention.h"
 #include "common/cuda_compat.h"
+#include "common/cuda_utils.cuh"
 #include "common/mma.h"
-
-#if defined(__CUDA_ARCH__)
-#define FASTLLM_ATTN_UNROLL _Pragma("unroll")
-#define FASTLLM_ATTN_NO_UNROLL _Pragma("unroll 1")
-#else
-#define FASTLLM_ATTN_UNROLL
-#define FASTLLM_ATTN_NO_UNROLL
-#endif
 
 namespace fastllm {
 namespace attention {
 namespace cuda {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullWarpMask = 0xffffffffu;
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 // 16-byte copies: 8 elements of a 16-bit type.
 constexpr int kChunkElems = 8;
@@ -193,9 +182,6 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 // ---- global <-> shared tiles ----------------------------------------------------------
 
 // Asynchronously copies rows [0, kRows) x columns [0, kHeadDim) of a tile whose row r
@@ -208,7 +194,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   constexpr int kChunksPerRow = kHeadDim / kChunkElems;
   constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int c = threadIdx.x; c < kChunks; c += kThreads) {
     const int row = c / kChunksPerRow;
     const int col = (c % kChunksPerRow) * kChunkElems;
@@ -232,7 +218,7 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[kCols / 8][4]
   const int lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, t = lane % 4;
   __syncwarp();  // every lane is done reading these rows as an mma operand
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int nt = 0; nt < kCols / 8; ++nt) {
     const int col = col0 + nt * 8 + 2 * t;
     *reinterpret_cast<uint32_t*>(smem_rows + g * kPitch + col) =
@@ -242,7 +228,7 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[kCols / 8][4]
   }
   __syncwarp();
   constexpr int kChunksPerRow = kCols / kChunkElems;
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int c = lane; c < 16 * kChunksPerRow; c += kWarpSize) {
     const int row = c / kChunksPerRow;
     const int col = col0 + (c % kChunksPerRow) * kChunkElems;
@@ -317,9 +303,9 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[kT
 
 template <int kTiles>
 __device__ __forceinline__ void zero_acc(float (&acc)[kTiles][4]) {
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int i = 0; i < kTiles; ++i) {
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
   }
 }
@@ -332,11 +318,11 @@ __device__ __forceinline__ void gemm_rows_by_rows(float (&acc)[kNTiles][4], cons
                                                   int row0, const T* smem_b, int n0) {
   constexpr int kPitch = smem_pitch<kHeadDim>();
   static_assert(kNTiles % 2 == 0, "n-tiles come in pairs");
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
     uint32_t a[4];
     load_a<kPitch>(a, smem_a, row0, k0);
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int np = 0; np < kNTiles / 2; ++np) {
       uint32_t b[2][2];
       load_b_transposed<kPitch>(b, smem_b, n0 + np * 16, k0);
@@ -353,11 +339,11 @@ __device__ __forceinline__ void gemm_acc_by_rows(float (&acc)[kCols / 8][4],
                                                  const float (&p)[2 * kKSteps][4],
                                                  const T* smem_b, int col0 = 0) {
   constexpr int kPitch = smem_pitch<kHeadDim>();
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int kk = 0; kk < kKSteps; ++kk) {
     uint32_t a[4];
     acc_to_a<T>(a, p, kk);
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int dp = 0; dp < kCols / 16; ++dp) {
       uint32_t b[2][2];
       load_b<kPitch>(b, smem_b, kk * 16, col0 + dp * 16);
@@ -399,6 +385,25 @@ __device__ __forceinline__ Dropout make_dropout(const Problem& p, uint32_t thres
   d.rescale = d.enabled ? static_cast<float>(1.0 / (1.0 - p.dropout_p)) : 1.f;
   d.head_key = d.enabled ? dropout_head_key(*p.dropout_seed, b, h, p.num_heads) : 0u;
   return d;
+}
+
+// ---- launchers ----------------------------------------------------------------------
+
+// Launches a tile kernel over a grid of (one block per Cfg's `block_rows` of the `len` rows,
+// heads, batch) blocks of Cfg::kThreads threads with Cfg::kSmemBytes of dynamic shared memory,
+// opting in first when that is above the default 48 KiB.
+template <class Cfg, class Kernel, class... Args>
+cudaError_t launch_tile_kernel(Kernel kernel, int64_t len, int block_rows, int64_t heads,
+                               int64_t batch, cudaStream_t stream, const Args&... args) {
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>((len + block_rows - 1) / block_rows),
+                  static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, args...);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   float row_max[2] = {-kInf, -kInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
 
-  FASTLLM_ATTN_NO_UNROLL
+  FASTLLM_NO_UNROLL
   for (int n_block = n_first; n_block <= n_last; ++n_block) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v + j0 * p.stride_v.t, p.stride_v.t,
@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
     // Scores, mask, and the new running max of each of the thread's two rows.
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
     float tile_max[2] = {-kInf, -kInf};
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int nt = 0; nt < kNTiles; ++nt) {
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int j = j0 + nt * 8 + 2 * t + e % 2;
         float unused_cap_grad;
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
       }
     }
     float shift[2];  // exp's argument offset: the new max, or 0 while a row has no key yet
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int r = 0; r < 2; ++r) {
       const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
       shift[r] = new_max == -kInf ? 0.f : new_max;
@@ -152,15 +152,15 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
       const float rescale = exp2f((row_max[r] - shift[r]) * kLog2e);
       row_max[r] = new_max;
       row_sum[r] *= rescale;
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int dt = 0; dt < kDTiles; ++dt) {
         o[dt][2 * r] *= rescale;
         o[dt][2 * r + 1] *= rescale;
       }
     }
-    FASTLLM_ATTN_UNROLL
+    FASTLLM_UNROLL
     for (int nt = 0; nt < kNTiles; ++nt) {
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int e = 0; e < 4; ++e) {
         const float prob = exp2f((s[nt][e] - shift[e / 2]) * kLog2e);
         row_sum[e / 2] += prob;  // lse is that of the undropped probabilities
@@ -186,14 +186,14 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   // Normalise, write lse and out. Rows that never saw an allowed key have l = 0: out 0,
   // lse -inf.
   float inv_sum[2];
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_sum[r]);
     inv_sum[r] = l > 0.f ? 1.f / l : 0.f;
     const int local_row = warp_row0 + g + 8 * r;
     if (t == 0 && local_row < rows) lse[local_row] = l > 0.f ? row_max[r] + logf(l) : -kInf;
   }
-  FASTLLM_ATTN_UNROLL
+  FASTLLM_UNROLL
   for (int dt = 0; dt < kDTiles; ++dt) {
     o[dt][0] *= inv_sum[0];
     o[dt][1] *= inv_sum[0];
@@ -211,17 +211,8 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_fwd(const FwdParams& p, uint32_t dropout_threshold,
                                  cudaStream_t stream) {
   using Cfg = FwdConfig<kHeadDim>;
-  auto kernel = attention_fwd_kernel<kHeadDim, T>;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kSmemBytes));
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  FASTLLM_LAUNCH_KERNEL(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p,
-                        dropout_threshold);
-  return cudaGetLastError();
+  return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
+                                 p.num_heads, p.batch, stream, p, dropout_threshold);
 }
 
 }  // namespace cuda

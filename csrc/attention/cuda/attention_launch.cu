@@ -44,13 +44,10 @@ __global__ void __launch_bounds__(kDotThreads)
       const uint4 g4 = *reinterpret_cast<const uint4*>(dout + i * p.stride_dout.t + col);
       const T* o = reinterpret_cast<const T*>(&o4);
       const T* g = reinterpret_cast<const T*>(&g4);
-      FASTLLM_ATTN_UNROLL
+      FASTLLM_UNROLL
       for (int e = 0; e < kChunkElems; ++e) acc += to_float(o[e]) * to_float(g[e]);
     }
-    FASTLLM_ATTN_UNROLL
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      acc += __shfl_xor_sync(kFullWarpMask, acc, offset);
-    }
+    acc = warp_allreduce_sum(acc);
     if (lane == 0) d[i] = acc;
   }
 }

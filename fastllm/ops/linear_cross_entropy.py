@@ -137,6 +137,19 @@ def _row_grad_of_reduction(
     return torch.ones((), dtype=dtype, device=target.device)
 
 
+def _fake_grads(input, linear_weight, linear_bias, need_input, need_weight, need_bias):
+    """(dX, dW, db) as the ops return them: in their parameters' dtypes, empty when not
+    wanted (custom ops cannot return None)."""
+    rows, hidden = input.shape
+    vocab = linear_weight.shape[0]
+    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
+    return (
+        input.new_empty((rows, hidden) if need_input else (0,)),
+        input.new_empty((vocab, hidden) if need_weight else (0,), dtype=linear_weight.dtype),
+        input.new_empty((vocab,) if need_bias else (0,), dtype=bias_dtype),
+    )
+
+
 @torch.library.custom_op("fastllm::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd(
     input: Tensor,
@@ -194,20 +207,14 @@ def _linear_cross_entropy_fwd(
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
       z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
       scale_grads_in_place, backend):
-    rows, hidden = input.shape
-    vocab = linear_weight.shape[0]
+    rows = input.shape[0]
     acc = acc_dtype(input)
     with_grad = reduction != "none"
     loss = input.new_empty((rows,) if reduction == "none" else (), dtype=acc)
     lse = input.new_empty((rows,), dtype=acc)
-    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-    return (
-        loss,
-        lse,
-        input.new_empty((rows, hidden) if with_grad and need_grad_input else (0,)),
-        input.new_empty((vocab, hidden) if with_grad and need_grad_weight else (0,),
-                        dtype=linear_weight.dtype),
-        input.new_empty((vocab,) if with_grad and need_grad_bias else (0,), dtype=bias_dtype),
+    return (loss, lse) + _fake_grads(
+        input, linear_weight, linear_bias,
+        with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
     )
 
 
@@ -254,13 +261,8 @@ def _linear_cross_entropy_bwd(
 def _(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
       label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
       need_grad_bias, backend):
-    rows, hidden = input.shape
-    vocab = linear_weight.shape[0]
-    bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
-    return (
-        input.new_empty((rows, hidden) if need_grad_input else (0,)),
-        input.new_empty((vocab, hidden) if need_grad_weight else (0,), dtype=linear_weight.dtype),
-        input.new_empty((vocab,) if need_grad_bias else (0,), dtype=bias_dtype),
+    return _fake_grads(
+        input, linear_weight, linear_bias, need_grad_input, need_grad_weight, need_grad_bias
     )
 
 

@@ -67,15 +67,11 @@ def linear_cross_entropy_ref(
     linear_weight: Tensor,
     target: Tensor,
     linear_bias: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float = 0.0,
+    *options,
+    **kw_options,
 ) -> Tensor:
-    """input (N, H), linear_weight (V, H), linear_bias (V,): the unfused composition."""
+    """The unfused composition: ``cross_entropy_ref(linear(input), target, *options)``, with
+    input (N, H), linear_weight (V, H), linear_bias (V,) and the options of cross_entropy_ref
+    after its target (weight, ignore_index, reduction, label_smoothing, z_loss, softcap)."""
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)  # (N, V)
-    return cross_entropy_ref(
-        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
-    )
+    return cross_entropy_ref(logits, target, *options, **kw_options)

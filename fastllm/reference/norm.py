@@ -51,24 +51,14 @@ def rms_norm_ref(
     return y.to(input.dtype)
 
 
-def add_layer_norm_ref(
-    input: Tensor,
-    residual: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    eps: float = 1e-5,
-) -> tuple[Tensor, Tensor]:
-    summed = input + residual  # rounded to the input dtype, as the fused kernel stores it
-    return layer_norm_ref(summed, normalized_shape, weight, bias, eps), summed
-
-
-def add_rms_norm_ref(
-    input: Tensor,
-    residual: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Optional[Tensor] = None,
-    eps: Optional[float] = None,
-) -> tuple[Tensor, Tensor]:
+def add_layer_norm_ref(input: Tensor, residual: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """``(layer_norm_ref(input + residual, *args, **kwargs), input + residual)``; the sum is
+    rounded to the input dtype, as the fused kernel stores it."""
     summed = input + residual
-    return rms_norm_ref(summed, normalized_shape, weight, eps), summed
+    return layer_norm_ref(summed, *args, **kwargs), summed
+
+
+def add_rms_norm_ref(input: Tensor, residual: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """``(rms_norm_ref(input + residual, *args, **kwargs), input + residual)``."""
+    summed = input + residual
+    return rms_norm_ref(summed, *args, **kwargs), summed

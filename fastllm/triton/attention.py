@@ -112,6 +112,66 @@ def _seq_bounds(cu_seqlens_ptr, batch, max_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _keys_in_use(seqused_k_ptr, batch, stored_keys, HAS_SEQUSED_K: tl.constexpr):
+    """The keys sequence `batch` attends to: seqused_k[batch] when given (a KV cache filled
+    only so far), else all `stored_keys`."""
+    if HAS_SEQUSED_K:
+        return tl.load(seqused_k_ptr + batch)
+    else:
+        return stored_keys
+
+
+@triton.jit
+def _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size, max_seqlen_k,
+              IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr):
+    """(first row in k / v, keys in use, kv head) that query head `head` of sequence `batch`
+    attends to."""
+    k_start, seqlen_k = _seq_bounds(cu_seqlens_k_ptr, batch, max_seqlen_k, IS_VARLEN_K)
+    seqlen_k = _keys_in_use(seqused_k_ptr, batch, seqlen_k, HAS_SEQUSED_K)
+    return k_start, seqlen_k, head // group_size
+
+
+@triton.jit
+def _query_block_of_program(cu_seqlens_q_ptr, max_seqlen_q, BLOCK_M: tl.constexpr,
+                            IS_VARLEN_Q: tl.constexpr):
+    """(start_m, head, batch, q_start, seqlen_q) of a program of the query-block grid
+    (cdiv(Tq, BLOCK_M), H, B) that the forward, the D_i preprocess and dq share."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, max_seqlen_q, IS_VARLEN_Q)
+    return start_m, head, batch, q_start, seqlen_q
+
+
+@triton.jit
+def _block_positions(start, length, BLOCK: tl.constexpr):
+    """(positions start + [0, BLOCK), which of them are < length)."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < length
+
+
+@triton.jit
+def _head_slice_ptr(ptr, batch64, start, head, stride_b, stride_t, stride_h):
+    """Pointer to row `start` of head `head` of sequence `batch64` (int64: B * stride_b can
+    pass 2^31) of a (B, T, heads, D) or packed tensor."""
+    return ptr + batch64 * stride_b + start.to(tl.int64) * stride_t + head * stride_h
+
+
+@triton.jit
+def _head_slope_and_dropout_key(alibi_ptr, stride_alibi_b, dropout_seed_ptr, batch, head,
+                                num_heads, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """(ALiBi slope, dropout head key) of query head `head` of sequence `batch`; 0 for a
+    feature that is off (a placeholder: compiled Triton cannot return None in a tuple)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + batch * stride_alibi_b + head)
+    head_key = 0
+    if HAS_DROPOUT:
+        head_key = _dropout_head_key(dropout_seed_ptr, batch, head, num_heads)
+    return slope, head_key
+
+
+@triton.jit
 def _scores(
     qk,  # float32 q.k, any 2-D layout (rows / cols broadcast to it)
     rows,  # query positions i, int32, broadcastable to qk
@@ -208,37 +268,27 @@ def attention_fwd_kernel(
 ):
     """out and lse of query rows [program_id(0) * BLOCK_M, ...) of head program_id(1) of
     sequence program_id(2)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, seqlen_q, IS_VARLEN_Q)
+    start_m, head, batch, q_start, seqlen_q = _query_block_of_program(
+        cu_seqlens_q_ptr, seqlen_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:  # packed: a shorter sequence than the longest
         return
-    k_start, seqlen_k = _seq_bounds(cu_seqlens_k_ptr, batch, seqlen_k, IS_VARLEN_K)
-    if HAS_SEQUSED_K:
-        seqlen_k = tl.load(seqused_k_ptr + batch)
-    kv_head = head // group_size
+    k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
+                                           seqlen_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, m_mask = _block_positions(start_m, seqlen_q, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    m_mask = offs_m < seqlen_q
+    offs_d, d_mask = _block_positions(0, head_dim, BLOCK_D)
 
-    q_base = q_ptr + batch64 * stride_q_b + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
-    k_base = k_ptr + batch64 * stride_k_b + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
-    v_base = v_ptr + batch64 * stride_v_b + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+    q_base = _head_slice_ptr(q_ptr, batch64, q_start, head, stride_q_b, stride_q_t, stride_q_h)
+    k_base = _head_slice_ptr(k_ptr, batch64, k_start, kv_head, stride_k_b, stride_k_t, stride_k_h)
+    v_base = _head_slice_ptr(v_ptr, batch64, k_start, kv_head, stride_v_b, stride_v_t, stride_v_h)
     q = tl.load(
         q_base + offs_m[:, None] * stride_q_t + offs_d[None, :] * stride_q_d,
         mask=m_mask[:, None] & d_mask[None, :], other=0.0,
     )  # (BLOCK_M, BLOCK_D)
-
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + batch * stride_alibi_b + head)
-    if HAS_DROPOUT:
-        head_key = _dropout_head_key(dropout_seed_ptr, batch, head, num_heads)
+    slope, head_key = _head_slope_and_dropout_key(alibi_ptr, stride_alibi_b, dropout_seed_ptr,
+                                                  batch, head, num_heads, HAS_ALIBI, HAS_DROPOUT)
 
     # Running max (base 2), running sum of exp2(s - m_i) and unnormalised output.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -280,8 +330,8 @@ def attention_fwd_kernel(
     out = acc * inv_l[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
 
-    out_base = (out_ptr + batch64 * stride_out_b + q_start.to(tl.int64) * stride_out_t
-                + head * stride_out_h)
+    out_base = _head_slice_ptr(out_ptr, batch64, q_start, head,
+                               stride_out_b, stride_out_t, stride_out_h)
     tl.store(out_base + offs_m[:, None] * stride_out_t + offs_d[None, :] * stride_out_d,
              round_to_dtype(out, out_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -306,10 +356,8 @@ def attention_bwd_preprocess_kernel(
 ):
     """D_i = <dout_i, out_i> for query rows [program_id(0) * BLOCK_M, ...), head
     program_id(1), sequence program_id(2)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, seqlen_q, IS_VARLEN_Q)
+    start_m, head, batch, q_start, seqlen_q = _query_block_of_program(
+        cu_seqlens_q_ptr, seqlen_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:
         return
     batch64 = batch.to(tl.int64)
@@ -326,6 +374,51 @@ def attention_bwd_preprocess_kernel(
     delta = tl.sum(out * dout, axis=1)
     tl.store(delta_ptr + batch64 * stride_delta_b + head * stride_delta_h + rows, delta,
              mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _load_row_block(
+    q_rows_ptr, dout_rows_ptr,  # row 0 of the (T, D) slices that `rows` index
+    rows,  # (BLOCK_M,) query rows
+    lse_ptr, delta_ptr, lse_offsets,  # the rows' lse and D_i are at lse_offsets (BLOCK_M,)
+    offs_d, m_mask, q_mask,
+    stride_q_t, stride_q_d, stride_dout_t, stride_dout_d,
+):
+    """q, dout (BLOCK_M, BLOCK_D), lse in base 2 and D_i (BLOCK_M,) of a block of query rows:
+    what both backward kernels read of it. lse and D_i come as pointer + offsets so that dq
+    keeps its int64 offset arithmetic: a row-pointer form made fp32 dq with dropout spill
+    4 bytes at its 64 registers (sm_80)."""
+    q = tl.load(q_rows_ptr + rows[:, None] * stride_q_t + offs_d[None, :] * stride_q_d,
+                mask=q_mask, other=0.0)
+    dout = tl.load(dout_rows_ptr + rows[:, None] * stride_dout_t + offs_d[None, :] * stride_dout_d,
+                   mask=q_mask, other=0.0)
+    # Rows without any allowed key have lse = -inf: read as +inf, their p are 0.
+    lse = tl.load(lse_ptr + lse_offsets, mask=m_mask, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(delta_ptr + lse_offsets, mask=m_mask, other=0.0)
+    return q, dout, lse, delta
+
+
+@triton.jit
+def _apply_dropout(p, dp, head_key, rows, cols, dropout_threshold, dropout_scale,
+                   HAS_DROPOUT: tl.constexpr):
+    """(z * p, the weights the forward gave v; z * dp) for p and dp = <dout_i, v_j> of one
+    block, in either orientation (rows, cols broadcast to it); unchanged without dropout."""
+    if HAS_DROPOUT:
+        keep = _dropout_keep(head_key, rows, cols, dropout_threshold)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    return p, dp
+
+
+@triton.jit
+def _score_grads(p, dp, delta, cap_tanh, HAS_SOFTCAP: tl.constexpr):
+    """ds = p * (dp - D_i) (dp with dropout applied, delta broadcast to p), times
+    1 - tanh^2 of the cap when soft-capping (cap_tanh from _scores, ignored otherwise)."""
+    ds = p * (dp - delta)
+    if HAS_SOFTCAP:
+        ds *= 1.0 - cap_tanh * cap_tanh
+    return ds
 
 
 @triton.jit
@@ -361,9 +454,7 @@ def attention_bwd_dkdv_kernel(
     k_start, seqlen_k_stored = _seq_bounds(cu_seqlens_k_ptr, batch, seqlen_k, IS_VARLEN_K)
     if start_n >= seqlen_k_stored:
         return
-    seqlen_k = seqlen_k_stored
-    if HAS_SEQUSED_K:
-        seqlen_k = tl.load(seqused_k_ptr + batch)
+    seqlen_k = _keys_in_use(seqused_k_ptr, batch, seqlen_k_stored, HAS_SEQUSED_K)
     q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, seqlen_q, IS_VARLEN_Q)
     batch64 = batch.to(tl.int64)
 
@@ -393,24 +484,16 @@ def attention_bwd_dkdv_kernel(
                      + q_row0 * stride_dout_t)
         lse_base = lse_ptr + batch64 * stride_lse_b + head * stride_lse_h + q_row0
         delta_base = delta_ptr + batch64 * stride_lse_b + head * stride_lse_h + q_row0
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(alibi_ptr + batch * stride_alibi_b + head)
-        if HAS_DROPOUT:
-            head_key = _dropout_head_key(dropout_seed_ptr, batch, head, num_heads)
+        slope, head_key = _head_slope_and_dropout_key(
+            alibi_ptr, stride_alibi_b, dropout_seed_ptr, batch, head, num_heads,
+            HAS_ALIBI, HAS_DROPOUT)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             m_mask = rows < seqlen_q
             q_mask = m_mask[:, None] & d_mask[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_q_t + offs_d[None, :] * stride_q_d,
-                        mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-            dout = tl.load(
-                dout_base + rows[:, None] * stride_dout_t + offs_d[None, :] * stride_dout_d,
-                mask=q_mask, other=0.0)
-            # Rows without any allowed key have lse = -inf: read as +inf, their p are 0.
-            lse = tl.load(lse_base + rows, mask=m_mask, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-            delta = tl.load(delta_base + rows, mask=m_mask, other=0.0)
+            q, dout, lse, delta = _load_row_block(
+                q_base, dout_base, rows, lse_base, delta_base, rows, offs_d, m_mask, q_mask,
+                stride_q_t, stride_q_d, stride_dout_t, stride_dout_d)
 
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             s_t, cap_tanh_t = _scores(qk_t, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
@@ -418,16 +501,10 @@ def attention_bwd_dkdv_kernel(
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
             p_t = tl.exp2(s_t - lse[None, :])
             dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # <dout_i, v_j>
-            if HAS_DROPOUT:
-                keep_t = _dropout_keep(head_key, rows[None, :], offs_n[:, None], dropout_threshold)
-                p_dropped_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
-                dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
-            else:
-                p_dropped_t = p_t
+            p_dropped_t, dp_t = _apply_dropout(p_t, dp_t, head_key, rows[None, :], offs_n[:, None],
+                                               dropout_threshold, dropout_scale, HAS_DROPOUT)
             dv = tl.dot(p_dropped_t.to(dout.dtype), dout, dv, input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            if HAS_SOFTCAP:
-                ds_t *= 1.0 - cap_tanh_t * cap_tanh_t
+            ds_t = _score_grads(p_t, dp_t, delta[None, :], cap_tanh_t, HAS_SOFTCAP)
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     store_mask = (offs_n < seqlen_k_stored)[:, None] & d_mask[None, :]
@@ -465,44 +542,29 @@ def attention_bwd_dq_kernel(
 ):
     """dq of query rows [program_id(0) * BLOCK_M, ...) of head program_id(1) of sequence
     program_id(2)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, seqlen_q, IS_VARLEN_Q)
+    start_m, head, batch, q_start, seqlen_q = _query_block_of_program(
+        cu_seqlens_q_ptr, seqlen_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:
         return
-    k_start, seqlen_k = _seq_bounds(cu_seqlens_k_ptr, batch, seqlen_k, IS_VARLEN_K)
-    if HAS_SEQUSED_K:
-        seqlen_k = tl.load(seqused_k_ptr + batch)
-    kv_head = head // group_size
+    k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
+                                           seqlen_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m, m_mask = _block_positions(start_m, seqlen_q, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    m_mask = offs_m < seqlen_q
+    offs_d, d_mask = _block_positions(0, head_dim, BLOCK_D)
     q_mask = m_mask[:, None] & d_mask[None, :]
     q_rows = q_start.to(tl.int64) + offs_m
-    q = tl.load(q_ptr + batch64 * stride_q_b + head * stride_q_h
-                + q_rows[:, None] * stride_q_t + offs_d[None, :] * stride_q_d,
-                mask=q_mask, other=0.0)
-    dout = tl.load(dout_ptr + batch64 * stride_dout_b + head * stride_dout_h
-                   + q_rows[:, None] * stride_dout_t + offs_d[None, :] * stride_dout_d,
-                   mask=q_mask, other=0.0)
-    lse_offsets = batch64 * stride_lse_b + head * stride_lse_h + q_rows
-    lse = tl.load(lse_ptr + lse_offsets, mask=m_mask, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = tl.load(delta_ptr + lse_offsets, mask=m_mask, other=0.0)
+    q, dout, lse, delta = _load_row_block(
+        q_ptr + batch64 * stride_q_b + head * stride_q_h,
+        dout_ptr + batch64 * stride_dout_b + head * stride_dout_h, q_rows,
+        lse_ptr, delta_ptr, batch64 * stride_lse_b + head * stride_lse_h + q_rows,
+        offs_d, m_mask, q_mask, stride_q_t, stride_q_d, stride_dout_t, stride_dout_d)
+    slope, head_key = _head_slope_and_dropout_key(alibi_ptr, stride_alibi_b, dropout_seed_ptr,
+                                                  batch, head, num_heads, HAS_ALIBI, HAS_DROPOUT)
 
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + batch * stride_alibi_b + head)
-    if HAS_DROPOUT:
-        head_key = _dropout_head_key(dropout_seed_ptr, batch, head, num_heads)
-
-    k_base = k_ptr + batch64 * stride_k_b + k_start.to(tl.int64) * stride_k_t + kv_head * stride_k_h
-    v_base = v_ptr + batch64 * stride_v_b + k_start.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+    k_base = _head_slice_ptr(k_ptr, batch64, k_start, kv_head, stride_k_b, stride_k_t, stride_k_h)
+    v_base = _head_slice_ptr(v_ptr, batch64, k_start, kv_head, stride_v_b, stride_v_t, stride_v_h)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M,
                         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
@@ -519,12 +581,10 @@ def attention_bwd_dq_kernel(
                               HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(head_key, offs_m[:, None], cols[None, :], dropout_threshold)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds *= 1.0 - cap_tanh * cap_tanh
+        # z * p is dv's business; the compiler drops it here.
+        _, dp = _apply_dropout(p, dp, head_key, offs_m[:, None], cols[None, :],
+                               dropout_threshold, dropout_scale, HAS_DROPOUT)
+        ds = _score_grads(p, dp, delta[:, None], cap_tanh, HAS_SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     tl.store(dq_ptr + batch64 * stride_dq_b + head * stride_dq_h

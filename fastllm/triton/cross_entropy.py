@@ -59,6 +59,25 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def _soft_capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(x / softcap) when soft-capping, else x (float32)."""
+    if HAS_SOFTCAP:
+        return softcap * tanh(x / softcap)
+    else:
+        return x
+
+
+@triton.jit
+def _target_weight(weight_ptr, target, target_in_range, HAS_WEIGHT: tl.constexpr):
+    """w_t as float32: the target's class weight (0 for an out-of-range target), 1 without
+    weights."""
+    target_weight = 1.0
+    if HAS_WEIGHT:
+        target_weight = tl.load(weight_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+    return target_weight
+
+
+@triton.jit
 def cross_entropy_fwd_kernel(
     logits_ptr,  # (N, V), row stride stride_logits_row
     target_ptr,  # (N,) int64
@@ -90,9 +109,8 @@ def cross_entropy_fwd_kernel(
     for block_start in range(0, vocab, BLOCK_V):
         cols = block_start + tl.arange(0, BLOCK_V)
         col_mask = cols < vocab
-        z = tl.load(logits_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
+        x = tl.load(logits_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        z = _soft_capped(x, softcap, HAS_SOFTCAP)
         z = tl.where(col_mask, z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -113,12 +131,9 @@ def cross_entropy_fwd_kernel(
 
     target = tl.load(target_ptr + row)
     target_in_range = (target >= 0) & (target < vocab)
-    z_target = tl.load(logits_row_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        z_target = softcap * tanh(z_target / softcap)
-    target_weight = 1.0
-    if HAS_WEIGHT:
-        target_weight = tl.load(weight_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+    x_target = tl.load(logits_row_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+    z_target = _soft_capped(x_target, softcap, HAS_SOFTCAP)
+    target_weight = _target_weight(weight_ptr, target, target_in_range, HAS_WEIGHT)
     # lse - z_t without forming lse first: exact cancellation when z_t is near the max.
     loss = (1.0 - label_smoothing) * target_weight * ((running_max - z_target) + log_sum_exp)
     if HAS_SMOOTHING:
@@ -166,9 +181,7 @@ def cross_entropy_bwd_kernel(
         target_in_range = (target >= 0) & (target < vocab)
         grad_loss = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
         lse = tl.load(lse_ptr + row)
-        target_weight = 1.0
-        if HAS_WEIGHT:
-            target_weight = tl.load(weight_ptr + target, mask=target_in_range, other=0.0).to(tl.float32)
+        target_weight = _target_weight(weight_ptr, target, target_in_range, HAS_WEIGHT)
         # dL/dz_c = p_c * p_coef - [c == t] * target_coef - w_c * smooth_coef
         target_coef = grad_loss * (1.0 - label_smoothing) * target_weight
         p_coef = target_coef + grad_loss * 2.0 * z_loss * lse
@@ -200,11 +213,23 @@ def cross_entropy_bwd_kernel(
 # ---- launchers: schema-shaped, no argument checks (fastllm/ops validates) ----------------
 
 
+def _has_unit_column_stride(logits: torch.Tensor) -> bool:
+    """Whether the kernels can read `logits` as is (one column needs no particular stride)."""
+    return logits.shape[1] <= 1 or logits.stride(1) == 1
+
+
 def _with_unit_column_stride(logits: torch.Tensor) -> torch.Tensor:
     """`logits` itself when its columns are contiguous, else a contiguous copy."""
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        return logits.contiguous()
-    return logits
+    return logits if _has_unit_column_stride(logits) else logits.contiguous()
+
+
+def _variant_flags(weight: Optional[torch.Tensor], label_smoothing: float, softcap: float) -> dict:
+    """The constexpr flags both kernels select their variant by."""
+    return dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
+    )
 
 
 def _block_config(vocab: int) -> tuple[int, int]:
@@ -241,9 +266,7 @@ def cross_entropy_fwd(
         label_smoothing,
         z_loss,
         softcap,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_SOFTCAP=softcap > 0.0,
+        **_variant_flags(weight, label_smoothing, softcap),
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -264,11 +287,10 @@ def _launch_bwd(
 ) -> None:
     """Writes the gradient into `grad_logits` ((N, V), unit column stride; may be `logits`)."""
     rows, vocab = logits.shape
-    has_smoothing = label_smoothing > 0.0
     weight_sum = None
     if weight is not None:
         weight = weight.contiguous()
-        if has_smoothing:
+        if label_smoothing > 0.0:  # only the smoothing term needs sum(w)
             weight_sum = weight.sum(dtype=torch.float32).reshape(1)
     block_v, num_warps = _block_config(vocab)
     torch.library.wrap_triton(cross_entropy_bwd_kernel)[(rows, triton.cdiv(vocab, block_v))](
@@ -287,9 +309,7 @@ def _launch_bwd(
         label_smoothing,
         z_loss,
         softcap,
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=has_smoothing,
-        HAS_SOFTCAP=softcap > 0.0,
+        **_variant_flags(weight, label_smoothing, softcap),
         BLOCK_V=block_v,
         ROUND_BF16_IN_SOFTWARE=interpreted(),
         num_warps=num_warps,
@@ -329,7 +349,7 @@ def cross_entropy_bwd_inplace(
     softcap: float,
 ) -> None:
     """fastllm::cross_entropy_bwd_inplace: overwrites `logits` with its gradient."""
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
+    if not _has_unit_column_stride(logits):
         # The kernel needs unit column stride; go through a contiguous buffer.
         logits.copy_(cross_entropy_bwd(
             grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,

@@ -36,7 +36,7 @@ reach the kernels as float32 (N,) contiguous.
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -64,6 +64,15 @@ ROW_TILE_ELEMENTS = 2048
 _INTERPRETER_ROW_TILE_ELEMENTS = 16384
 _INTERPRETER_LOOP_BLOCK_N = 8192
 _INTERPRETER_BWD_PROGRAMS = 4
+
+
+@triton.jit
+def _column_block(block_start, cols, row_mask, BLOCK_N: tl.constexpr):
+    """Columns [block_start, block_start + BLOCK_N) of a tile: their offsets, which exist
+    (< cols), and the (BLOCK_M, BLOCK_N) mask with the tile's rows."""
+    col_offsets = block_start + tl.arange(0, BLOCK_N)
+    col_mask = col_offsets < cols
+    return col_offsets, col_mask, row_mask[:, None] & col_mask[None, :]
 
 
 @triton.jit
@@ -191,8 +200,7 @@ def norm_fwd_kernel(
         if IS_RMS_NORM:
             sum_sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for block_start in range(0, cols, BLOCK_N):
-                col_offsets = block_start + tl.arange(0, BLOCK_N)
-                mask = row_mask[:, None] & (col_offsets < cols)[None, :]
+                col_offsets, _, mask = _column_block(block_start, cols, row_mask, BLOCK_N)
                 x = _load_normalised_input(
                     x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
                     HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE,
@@ -206,8 +214,7 @@ def norm_fwd_kernel(
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
             m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
             for block_start in range(0, cols, BLOCK_N):
-                col_offsets = block_start + tl.arange(0, BLOCK_N)
-                mask = row_mask[:, None] & (col_offsets < cols)[None, :]
+                col_offsets, _, mask = _column_block(block_start, cols, row_mask, BLOCK_N)
                 x = _load_normalised_input(
                     x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
                     HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE,
@@ -226,9 +233,7 @@ def norm_fwd_kernel(
         # Pass 2: normalise. The sum x + residual is recomputed (same rounding, same bits)
         # rather than read back from residual_out, whose stores other threads may not see yet.
         for block_start in range(0, cols, BLOCK_N):
-            col_offsets = block_start + tl.arange(0, BLOCK_N)
-            col_mask = col_offsets < cols
-            mask = row_mask[:, None] & col_mask[None, :]
+            col_offsets, col_mask, mask = _column_block(block_start, cols, row_mask, BLOCK_N)
             x = _load_normalised_input(
                 x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
                 HAS_RESIDUAL, False, ROUND_BF16_IN_SOFTWARE,
@@ -378,9 +383,8 @@ def norm_bwd_kernel(
             sum_g_xhat = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             sum_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for block_start in range(0, cols, BLOCK_N):
-                block_col_offsets = block_start + tl.arange(0, BLOCK_N)
-                block_col_mask = block_col_offsets < cols
-                mask = row_mask[:, None] & block_col_mask[None, :]
+                block_col_offsets, block_col_mask, mask = _column_block(
+                    block_start, cols, row_mask, BLOCK_N)
                 xhat, dy, g = _load_xhat_and_grad(
                     x_rows_ptr, dy_rows_ptr, weight_ptr, block_col_offsets, block_col_mask, mask,
                     mean, rstd, HAS_WEIGHT,
@@ -393,9 +397,8 @@ def norm_bwd_kernel(
                 mean_g = tl.sum(sum_g, axis=1)[:, None] / cols
             # Pass 2: dx, and these rows' share of dw / db.
             for block_start in range(0, cols, BLOCK_N):
-                block_col_offsets = block_start + tl.arange(0, BLOCK_N)
-                block_col_mask = block_col_offsets < cols
-                mask = row_mask[:, None] & block_col_mask[None, :]
+                block_col_offsets, block_col_mask, mask = _column_block(
+                    block_start, cols, row_mask, BLOCK_N)
                 xhat, dy, g = _load_xhat_and_grad(
                     x_rows_ptr, dy_rows_ptr, weight_ptr, block_col_offsets, block_col_mask, mask,
                     mean, rstd, HAS_WEIGHT,
@@ -440,8 +443,22 @@ def _as_float32_param(param: Optional[torch.Tensor], cols: int) -> Optional[torc
     return param.reshape(cols).to(torch.float32).contiguous()
 
 
-def _tile_config(rows: int, cols: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, ROW_FITS_BLOCK, num_warps) for `rows` rows of `cols` elements."""
+class _Tiles(NamedTuple):
+    """How a program walks its rows; the forward and backward kernels take the same."""
+
+    block_m: int
+    block_n: int
+    row_fits_block: bool
+    num_warps: int
+
+    def launch_options(self) -> dict:
+        """The tile constexprs and num_warps, as keyword arguments of a kernel launch."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n,
+                    ROW_FITS_BLOCK=self.row_fits_block, num_warps=self.num_warps)
+
+
+def _tile_config(rows: int, cols: int) -> _Tiles:
+    """The tiles for `rows` rows of `cols` elements."""
     in_interpreter = interpreted()
     row_fits_block = cols <= MAX_BLOCK_N
     if row_fits_block:
@@ -459,7 +476,7 @@ def _tile_config(rows: int, cols: int) -> tuple[int, int, bool, int]:
     # reports no spills for any variant at N in {3, 1000, 4096, 8192, 9000, 65536} on sm_80
     # and sm_90; with 16 warps it traded a few spilled bytes for occupancy.
     num_warps = min(max(block_m * block_n // 256, 1), 8)
-    return block_m, block_n, row_fits_block, num_warps
+    return _Tiles(block_m, block_n, row_fits_block, num_warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -497,8 +514,8 @@ def _norm_fwd(
     if residual is not None:
         residual_rows = _as_rows(residual, cols)
         residual_out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    block_m, block_n, row_fits_block, num_warps = _tile_config(rows, cols)
-    torch.library.wrap_triton(norm_fwd_kernel)[(triton.cdiv(rows, block_m),)](
+    tiles = _tile_config(rows, cols)
+    torch.library.wrap_triton(norm_fwd_kernel)[(triton.cdiv(rows, tiles.block_m),)](
         x,
         residual_rows,
         _as_float32_param(weight, cols),
@@ -516,11 +533,8 @@ def _norm_fwd(
         HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        ROW_FITS_BLOCK=row_fits_block,
         ROUND_BF16_IN_SOFTWARE=interpreted(),
-        num_warps=num_warps,
+        **tiles.launch_options(),
     )
     return out, residual_out, mean, rstd
 
@@ -547,9 +561,9 @@ def _norm_bwd(
 
     programs = min(rows, _bwd_program_count(input.device))
     rows_per_program = triton.cdiv(rows, max(programs, 1))
-    block_m, block_n, row_fits_block, num_warps = _tile_config(rows_per_program, cols)
+    tiles = _tile_config(rows_per_program, cols)
     # Rows that do not fit one block accumulate into the partial buffer in place.
-    new_partial = torch.empty if row_fits_block else torch.zeros
+    new_partial = torch.empty if tiles.row_fits_block else torch.zeros
     partial_shape = (programs, cols)
     dweight_partial = dbias_partial = None
     if weight_grad:
@@ -577,11 +591,8 @@ def _norm_bwd(
         HAS_WEIGHT=weight is not None,
         COMPUTE_DWEIGHT=weight_grad,
         COMPUTE_DBIAS=bias_grad,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        ROW_FITS_BLOCK=row_fits_block,
         ROUND_BF16_IN_SOFTWARE=interpreted(),
-        num_warps=num_warps,
+        **tiles.launch_options(),
     )
     # Parameter gradients come back in the parameter's dtype (the input's for a bias
     # without weight), shaped like the parameter; an empty tensor when not requested.

@@ -169,6 +169,36 @@ def test_attention_fully_masked_rows_give_zeros(backend):
     check_against_reference(q, k, v, window_left=0, window_right=0)
 
 
+@pytest.mark.parametrize("magnitude", [1e3, 6e4, 2e5, 5e5, 1e7])
+def test_attention_large_scores_stay_exact(backend, magnitude):
+    """Scores near 1e10 (|q|, |k| ~ 1e5) must still give a finite, exact softmax: the
+    max-subtracted exponent is exact for the largest score. The AVX-512 CPU kernel used to
+    form it as s log2 e - m log2 e, whose cancelled rounding error put p at 0 or inf (issue 10,
+    defect 1). Query 0 scores +c^2 / 4 against key 0 and -c^2 / 4 against key 1, so its
+    softmax is one-hot: out = v[0] exactly, and with dout = 1 the gradients are dq = dk = 0
+    exactly (dp = D for the kept key) and dv = [1, 0]."""
+    for dtype in DTYPES[backend]:
+        if magnitude > torch.finfo(dtype).max:
+            continue
+        q = torch.zeros(1, 1, 1, 16, dtype=dtype)
+        k = torch.zeros(1, 2, 1, 16, dtype=dtype)
+        v = torch.zeros(1, 2, 1, 16, dtype=dtype)
+        q[..., 0], k[0, 0, 0, 0], k[0, 1, 0, 0], v[0, 0] = magnitude, magnitude, -magnitude, 1
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = F.attention(q, k, v)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        ref = attention_ref(
+            *(t.detach().double() for t in (q, k, v)), *attention_options(q).values()
+        )[0]
+        what = f"{dtype}, |score| = {magnitude ** 2 / 4:.1e}"
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=0, msg=what)
+        torch.testing.assert_close(out, v.detach()[:, :1], rtol=0, atol=0, msg=what)
+        assert (dq == 0).all() and (dk == 0).all(), what
+        dv_expected = torch.cat([torch.ones_like(v[:, :1]), torch.zeros_like(v[:, 1:])], dim=1)
+        # p = exp(s - lse) of the kept key is 1 up to the kernels' exp error (a few ulp).
+        torch.testing.assert_close(dv, dv_expected, msg=what)
+
+
 def test_attention_non_contiguous(backend):
     dtype = DTYPES[backend][-1]
     b, t, h, d = 2, 19, 4, 32

@@ -7,8 +7,11 @@
 //   softmax_grad:     backward's p = exp(S - lse) into S and ds = p (dP - D) into dP.
 //   transpose_floats: dst = the transposed, zero-padded tile of strided float rows.
 //   dropout:          x <- z x with z the dropout factor of attention.h's keep hash.
-// exp is computed as 2^(s log2 e - m log2 e) (cpu::avx512::exp2), whose error (a few ulp)
-// is far inside the kernel's tolerances.
+// exp is computed as 2^((s - m) log2 e) (cpu::avx512::exp2), whose error (a few ulp) is far
+// inside the kernel's tolerances. The difference comes first: s - m is exact for s near m
+// (Sterbenz), while the fused s log2 e - m log2 e cancels the rounding error of m log2 e,
+// about 2^-24 |m| -- with scores near 1e10 that is an exponent off by hundreds, and p = 0 or
+// inf for the largest score (issue 10, defect 1).
 // begin[r], end[r] are row r's allowed keys relative to the tile (begin >= end: none).
 // N, ldb, ldc and Dp are multiples of 16 (the tiles pad to that with zeros).
 //
@@ -242,10 +245,11 @@ struct Ops {
       m = m_new;
     }
     const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
-    const __m512 neg_m_log2e = _mm512_set1_ps(-m * cpu::avx512::kLog2e);
+    const __m512 vm = _mm512_set1_ps(m);
     __m512 vsum = _mm512_setzero_ps();
     for (int j = 0; j < N; j += 16) {
-      __m512 p = cpu::avx512::exp2(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), log2e, neg_m_log2e));
+      const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm), log2e);
+      __m512 p = cpu::avx512::exp2(t);
       if constexpr (!kFull) p = _mm512_maskz_mov_ps(allowed(j), p);
       _mm512_storeu_ps(s + j, p);
       vsum = _mm512_add_ps(vsum, p);
@@ -288,14 +292,14 @@ struct Ops {
       }
       const bool full = begin[r] == 0 && end[r] == N;
       const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
-      const __m512 neg_lse_log2e = _mm512_set1_ps(-lse[r] * cpu::avx512::kLog2e);
+      const __m512 vlse = _mm512_set1_ps(lse[r]);
       const __m512 vd = _mm512_set1_ps(D[r]);
       for (int j = 0; j < N; j += 16) {
         const __mmask16 allowed =
             full ? __mmask16(0xFFFF) : cpu::avx512::band_mask(j, begin[r], end[r]);
         const __m512 p = _mm512_maskz_mov_ps(
             allowed,
-            cpu::avx512::exp2(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), log2e, neg_lse_log2e)));
+            cpu::avx512::exp2(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vlse), log2e)));
         _mm512_storeu_ps(s + j, p);
         _mm512_storeu_ps(dp + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd)));
       }

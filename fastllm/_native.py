@@ -14,15 +14,18 @@ except ImportError as exc:  # not built: the reference and Triton backends still
 AVAILABLE = _error is None
 
 
-def error() -> str:
-    """Why fastllm._C did not load ("" when it did)."""
-    return "" if _error is None else str(_error)
+def unavailable_reason() -> str | None:
+    """Why fastllm's compiled kernels cannot run (None when fastllm._C loaded)."""
+    if _error is None:
+        return None
+    return (
+        "fastllm's compiled kernels (fastllm._C) are not available: "
+        f"{_error}. Build them with `pip install --no-build-isolation -e .`, or select "
+        "another backend with FASTLLM_BACKEND=reference|triton."
+    )
 
 
 def require() -> None:
-    if _error is not None:
-        raise RuntimeError(
-            "fastllm's compiled kernels (fastllm._C) are not available: "
-            f"{_error}. Build them with `pip install --no-build-isolation -e .`, or select "
-            "another backend with FASTLLM_BACKEND=reference|triton."
-        )
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)

@@ -39,6 +39,7 @@ from fastllm import _native
 from fastllm.backend import get_backend, triton_interpret
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CPU = torch.device("cpu")
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -121,7 +122,9 @@ class OpFamily:
         self._register_autograd(ops)
         return ops
 
-    def _define_triton(self, triton_kernels: Callable[[], Mapping[str, Callable]]) -> Optional[OpSet]:
+    def _define_triton(
+        self, triton_kernels: Callable[[], Mapping[str, Callable]]
+    ) -> Optional[OpSet]:
         try:
             import triton  # noqa: F401
         except ImportError:  # e.g. a CPU-only torch: the message above stands
@@ -131,14 +134,16 @@ class OpFamily:
         except ImportError as exc:  # a broken kernel module must not break `import fastllm`
             self.triton_unavailable = f"backend 'triton' ({self.name}) failed to import: {exc}"
             return None
-        defined = {qualname.split("::")[1].removesuffix("_triton") for qualname in kernels}
-        if defined != set(self.schemas):
+        by_schema = {
+            qualname.split("::")[1].removesuffix("_triton"): (qualname, launcher)
+            for qualname, launcher in kernels.items()
+        }
+        if set(by_schema) != set(self.schemas):
             raise RuntimeError(
                 f"{self.name}: the Triton ops must implement exactly the schemas "
-                f"{sorted(self.schemas)}, got {sorted(defined)}"
+                f"{sorted(self.schemas)}, got {sorted(by_schema)}"
             )
-        for qualname, launcher in kernels.items():
-            schema = qualname.split("::")[1].removesuffix("_triton")
+        for schema, (qualname, launcher) in by_schema.items():
             torch.library.triton_op(
                 qualname, launcher, mutates_args=tuple(self._mutates_args.get(schema, ()))
             )
@@ -148,51 +153,48 @@ class OpFamily:
         """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""
         self.emulated = self._bind("cuda_emu", getattr(torch.ops, lib), "")
 
-    def unavailable(self, backend: str) -> Optional[str]:
-        """Why ``backend`` cannot run this family here, or None when it can (CPU tensors)."""
-        if backend == "native" and self.native is None:
-            return f"fastllm._C is not built: {_native.error()}"
+    def unavailable(self, backend: str, device: torch.device = _CPU) -> Optional[str]:
+        """Why ``backend`` cannot run this family's ops on ``device`` here, or None when it
+        can (a device without hand-written kernels can always run: the reference does)."""
+        if backend == "native" and device.type in ("cpu", "cuda"):
+            return _native.unavailable_reason()
         if backend == "triton":
             if self.triton is None:
                 return self.triton_unavailable
-            if not triton_interpret():
-                return "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1"
+            if device.type == "cpu" and not triton_interpret():
+                return (
+                    "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
+                    "tensor without it (use a CUDA tensor or the 'native' backend)"
+                )
         if backend == "cuda_emu" and self.emulated is None:
-            return "the SIMT emulation is not loaded (fastllm._emu.load())"
+            return (
+                f"backend 'cuda_emu' ({self.name}) needs the SIMT emulation extension: "
+                "call fastllm._emu.load() first (tests only)"
+            )
         return None
 
     def select(self, like: Tensor, backend: Optional[str] = None) -> Optional[OpSet]:
         """The op set for tensors like ``like`` (its device and dtype) under ``backend``
-        (default: the one in force); None means the plain-PyTorch reference runs."""
+        (default: the one in force); None means the plain-PyTorch reference runs. Raises
+        RuntimeError with ``unavailable``'s reason when the backend cannot run here."""
         backend = get_backend() if backend is None else backend
         device = like.device
         if backend == "reference":
             return None
+        reason = self.unavailable(backend, device)
+        if reason is not None:
+            raise RuntimeError(reason)
         if backend == "cuda_emu":
-            if self.emulated is None:
-                raise RuntimeError(
-                    f"backend 'cuda_emu' ({self.name}) needs the SIMT emulation extension: "
-                    "call fastllm._emu.load() first (tests only)"
-                )
             if device.type != "cpu":
                 raise ValueError(f"backend 'cuda_emu' runs on CPU tensors, got {device}")
             return self.emulated
         if backend == "triton":
-            if self.triton is None:
-                raise RuntimeError(self.triton_unavailable)
-            if device.type == "cpu" and not triton_interpret():
-                raise RuntimeError(
-                    "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1; got a CPU "
-                    "tensor without it (use a CUDA tensor or the 'native' backend)"
-                )
             return self.triton
         # native
         if device.type not in ("cpu", "cuda"):
             return None  # no hand-written kernel for this device: the reference runs
-        _native.require()
         if device.type == "cuda" and like.dtype in self.cuda_dtype_fallback:
             # A dtype the CUDA kernels do not take runs where it can, as torch's own ops do.
             fallback = self.cuda_dtype_fallback[like.dtype]
             return self.triton if fallback == "triton" else None
         return self.native
-

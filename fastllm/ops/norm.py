@@ -97,14 +97,15 @@ def check_norm_args(
 def default_rms_eps(input: Tensor) -> float:
     """torch.rms_norm's eps=None: the float32 epsilon for float32/bfloat16/float16 inputs
     (torch's kernel computes in float32), the float64 one for float64."""
-    return torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    return torch.finfo(acc_dtype(input)).eps
 
 
 # ------------------------------------------------------------ fake and autograd rules
 
 
 def _stats_like(input: Tensor, normalized_shape: Sequence[int]) -> Tensor:
-    return input.new_empty(input.shape[: input.dim() - len(normalized_shape)], dtype=acc_dtype(input))
+    leading = input.shape[: input.dim() - len(normalized_shape)]
+    return input.new_empty(leading, dtype=acc_dtype(input))
 
 
 def _param_grad_like(

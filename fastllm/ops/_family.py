@@ -13,7 +13,14 @@ An op family (norm, cross_entropy, attention, ...) is a set of schemas declared 
 A family module (``fastllm/ops/<family>.py``) declares an :class:`OpFamily` with
 
   ``schemas``         the op names of csrc/schemas.h it implements;
-  ``fakes``           a function that registers the fake (meta) rules of ONE op set;
+  ``checks``          ``{schema: check}``: the op's argument checks, a function of the op's
+                      own arguments that raises an error naming the argument with the
+                      expected and the actual value (metadata only: shapes, dtypes, devices,
+                      options; so it traces under torch.compile(fullgraph=True));
+  ``value_checks``    ``{schema: check}`` (optional): checks that read tensor values
+                      (cu_seqlens, lengths); run before the Triton launcher and the
+                      reference when ``values_readable`` (the C++ glue has its own);
+  ``fakes``           ``{schema: fake}``: the op's fake (meta) rule;
   ``autograd``        a function that registers the autograd rules of ONE op set, whose
                       backward ops it calls (each backend differentiates with its own kernels);
   ``triton_kernels``  a function that imports the family's Triton module and returns
@@ -26,10 +33,26 @@ A family module (``fastllm/ops/<family>.py``) declares an :class:`OpFamily` with
 and this module does the rest: it binds the op sets that exist, defines the Triton ops,
 registers fakes and autograd for each set, records why a backend is missing, and picks the
 set for a tensor under the backend in force (``fastllm.backend``).
+
+The validation layer. Every backend checks the same arguments, and no backend can skip it:
+
+  native, cuda_emu  the C++ glue (csrc/<family>/<family>_glue.h) checks metadata, and values
+                    where reading them costs no device synchronisation (CPU tensors);
+  triton            the Triton op is defined here as ``checks[schema]`` followed by the
+                    launcher, so ``torch.ops.fastllm.<op>_triton`` called directly checks too;
+  fake tensors      every registered fake runs ``checks[schema]`` first, so torch.compile
+                    reports bad arguments while tracing, for every backend;
+  reference         the family's public functions run the same checks before they pick a
+                    backend.
+
+Value checks (class targets, cu_seqlens, cache lengths) live in the kernels' glue: on CPU
+tensors every backend raises; on CUDA tensors the kernels clamp every index so that a bad
+value can give a wrong row (documented per op) but never an out-of-bounds access.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -64,6 +87,26 @@ def check_same_device(op: str, name: str, t: Tensor, like: Tensor) -> None:
         raise ValueError(f"{op}: {name} must be on input's device {like.device}, got {t.device}")
 
 
+def checked(check: Callable[..., None], fn: Callable) -> Callable:
+    """``fn`` preceded by ``check`` on the same arguments; keeps ``fn``'s signature (and
+    annotations), from which triton_op infers the schema."""
+
+    @functools.wraps(fn)
+    def run_checked(*args: Any, **kwargs: Any) -> Any:
+        check(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run_checked
+
+
+def values_readable(*tensors: Optional[Tensor]) -> bool:
+    """Whether a check may read these tensors' values: they live on the CPU (no device
+    synchronisation) and nothing is being traced (no graph break)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
 class OpSet:
     """One backend's implementation of a family: an attribute per schema name holding the
     ``OpOverload`` (e.g. ``ops.layer_norm_fwd``). A family's ``autograd`` may attach more
@@ -86,7 +129,9 @@ class OpFamily:
         name: str,
         *,
         schemas: Sequence[str],
-        fakes: Callable[[OpSet], None],
+        checks: Mapping[str, Callable[..., None]],
+        fakes: Mapping[str, Callable],
+        value_checks: Optional[Mapping[str, Callable[..., None]]] = None,
         autograd: Callable[[OpSet], None],
         triton_kernels: Callable[[], Mapping[str, Callable]],
         mutates_args: Optional[Mapping[str, Sequence[str]]] = None,
@@ -94,7 +139,18 @@ class OpFamily:
     ):
         self.name = name
         self.schemas = tuple(schemas)
-        self._register_fakes = fakes
+        self.checks = dict(checks)
+        self._fakes = dict(fakes)
+        self.value_checks = dict(value_checks or {})
+        unknown = set(self.value_checks) - set(self.schemas)
+        if unknown:
+            raise RuntimeError(f"{name}: value_checks for unknown schemas {sorted(unknown)}")
+        for what, table in (("checks", self.checks), ("fakes", self._fakes)):
+            if set(table) != set(self.schemas):
+                raise RuntimeError(
+                    f"{name}: {what} must cover exactly the schemas {sorted(self.schemas)}, "
+                    f"got {sorted(table)}"
+                )
         self._register_autograd = autograd
         self._mutates_args = dict(mutates_args or {})
         self.cuda_dtype_fallback = dict(cuda_dtype_fallback or {})
@@ -118,7 +174,9 @@ class OpFamily:
         ops = OpSet(
             backend, {name: getattr(namespace, name + suffix).default for name in self.schemas}
         )
-        self._register_fakes(ops)
+        for schema in self.schemas:
+            fake = checked(self.checks[schema], self._fakes[schema])
+            torch.library.register_fake(getattr(ops, schema))(fake)
         self._register_autograd(ops)
         return ops
 
@@ -145,9 +203,20 @@ class OpFamily:
             )
         for schema, (qualname, launcher) in by_schema.items():
             torch.library.triton_op(
-                qualname, launcher, mutates_args=tuple(self._mutates_args.get(schema, ()))
+                qualname,
+                checked(functools.partial(self.check, schema), launcher),
+                mutates_args=tuple(self._mutates_args.get(schema, ())),
             )
         return self._bind("triton", torch.ops.fastllm, "_triton")
+
+    def check(self, schema: str, *args: Any, **kwargs: Any) -> None:
+        """The checks of ``schema`` on its arguments: metadata always, values when
+        ``values_readable`` (what the Triton ops and the reference run)."""
+        self.checks[schema](*args, **kwargs)
+        values = self.value_checks.get(schema)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        if values is not None and values_readable(*tensors):
+            values(*args, **kwargs)
 
     def register_emulated(self, lib: str) -> None:
         """Called by fastllm._emu once the SIMT emulation extension defined library ``lib``."""

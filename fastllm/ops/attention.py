@@ -18,7 +18,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from fastllm.ops._family import OpFamily, OpSet, acc_dtype, check_float_tensor
+from fastllm.ops._family import (
+    OpFamily,
+    OpSet,
+    acc_dtype,
+    check_float_tensor,
+    check_same_device,
+)
 from fastllm.reference import attention as ref
 
 # Argument positions of the options in both schemas (after q, k, v / dout, q, k, v, out, lse).
@@ -31,26 +37,205 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
     return (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Tq)
 
 
-# ------------------------------------------------------------ fake and autograd rules
+# ------------------------------------------------------------------------- checks
+# The raw ops' checks, as the C++ glue makes them (csrc/attention/attention_glue.h,
+# `prepare`): every Triton call and every fake runs them (fastllm/ops/_family.py).
+
+MAX_HEAD_DIM = 256  # every backend's limit (FlashAttention's)
 
 
-def _register_fakes(ops: OpSet) -> None:
-    """Fake (meta) implementations of one op set."""
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
 
-    @torch.library.register_fake(ops.attention_fwd)
-    def _(q, k, v, cu_seqlens_q, *options):
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=acc_dtype(q))
-        return out, lse
 
-    @torch.library.register_fake(ops.attention_bwd)
-    def _(dout, q, k, v, out, lse, *options):
-        fmt = torch.contiguous_format
-        return (
-            torch.empty_like(q, memory_format=fmt),
-            torch.empty_like(k, memory_format=fmt),
-            torch.empty_like(v, memory_format=fmt),
+def _check_lengths_tensor(op: str, name: str, t: Any, expected_len: int, q: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be an int32 Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{op}: {name} must be int32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != expected_len:
+        raise ValueError(f"{op}: {name} must have shape [{expected_len}], got {_shape(t)}")
+    check_same_device(op, name, t, q)
+
+
+def _check_problem(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k,
+                   seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                   window_right, softcap, alibi_slopes, dropout_p, dropout_seed) -> int:
+    """Checks q, k, v and the options; returns the batch size."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(op, name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        check_same_device(op, name, t, q)
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        given = "cu_seqlens_q" if cu_seqlens_q is not None else "cu_seqlens_k"
+        raise ValueError(
+            f"{op}: cu_seqlens_q and cu_seqlens_k must be given together (packed "
+            f"variable-length batches), got only {given}"
         )
+    packed = cu_seqlens_q is not None
+    rank, layout = (3, "(total_tokens, heads, head_dim) with cu_seqlens") if packed else (
+        4, "(batch, seqlen, heads, head_dim)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {_shape(t)}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"{op}: k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}"
+        )
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{op}: head_dim (q's last dim) must be in [1, {MAX_HEAD_DIM}], got {head_dim}"
+        )
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{op}: k must have q's head_dim {head_dim}, got {k.shape[-1]}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(
+            f"{op}: the number of query heads (q.shape[-2] = {heads}) must be a multiple of "
+            f"the number of kv heads (k.shape[-2] = {kv_heads})"
+        )
+    if packed:
+        if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 1:
+            raise ValueError(
+                f"{op}: cu_seqlens_q must be int32 (B + 1,) with B + 1 >= 1 entries, got "
+                f"{_shape(cu_seqlens_q) if isinstance(cu_seqlens_q, Tensor) else cu_seqlens_q!r}"
+            )
+        batch = cu_seqlens_q.shape[0] - 1
+        _check_lengths_tensor(op, "cu_seqlens_q", cu_seqlens_q, batch + 1, q)
+        _check_lengths_tensor(op, "cu_seqlens_k", cu_seqlens_k, batch + 1, q)
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if m < 0:
+                raise ValueError(f"{op}: {name} must be >= 0, got {m}")
+    else:
+        batch = q.shape[0]
+        if k.shape[0] != batch:
+            raise ValueError(f"{op}: k must have q's batch size {batch}, got {k.shape[0]}")
+    if seqused_k is not None:
+        _check_lengths_tensor(op, "seqused_k", seqused_k, batch, q)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype != torch.float32:
+            got = alibi_slopes.dtype if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
+            raise TypeError(f"{op}: alibi_slopes must be float32, got {got}")
+        shape = _shape(alibi_slopes)
+        if shape not in ([heads], [batch, heads]):
+            raise ValueError(
+                f"{op}: alibi_slopes must have shape [{heads}] or [{batch}, {heads}], got {shape}"
+            )
+        check_same_device(op, "alibi_slopes", alibi_slopes, q)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0:
+        if dropout_seed is None:
+            raise ValueError(
+                f"{op}: dropout_p = {dropout_p} > 0 needs dropout_seed (an int64 tensor of one "
+                "element)"
+            )
+        if dropout_seed.dtype != torch.int64:
+            raise TypeError(f"{op}: dropout_seed must be int64, got {dropout_seed.dtype}")
+        if dropout_seed.numel() != 1:
+            raise ValueError(
+                f"{op}: dropout_seed must have one element, got shape {_shape(dropout_seed)}"
+            )
+        check_same_device(op, "dropout_seed", dropout_seed, q)
+    for name, w in (("window_left", window_left), ("window_right", window_right)):
+        if w < -1:
+            raise ValueError(f"{op}: {name} must be >= 0 or -1 (unbounded), got {w}")
+    if not softcap >= 0:
+        raise ValueError(f"{op}: softcap must be >= 0 (0 disables it), got {softcap}")
+    return batch
+
+
+def _check_attention_fwd(q, k, v, *options):
+    _check_problem("attention_fwd", q, k, v, *options)
+
+
+def _check_attention_bwd(dout, q, k, v, out, lse, *options):
+    op = "attention_bwd"
+    _check_problem(op, q, k, v, *options)
+    for name, t in (("out", out), ("dout", dout)):
+        check_float_tensor(op, name, t)
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: {name} must have q's shape {_shape(q)}, got {_shape(t)}")
+        check_same_device(op, name, t, q)
+    if not isinstance(lse, Tensor):
+        raise TypeError(f"{op}: lse must be a Tensor, got {type(lse).__name__}")
+    want = list(_lse_shape(q, options[0]))
+    if _shape(lse) != want:
+        raise ValueError(f"{op}: lse must have shape {want} (forward's lse), got {_shape(lse)}")
+    if lse.dtype != acc_dtype(q):
+        raise TypeError(f"{op}: lse must be {acc_dtype(q)} (forward's lse), got {lse.dtype}")
+    check_same_device(op, "lse", lse, q)
+
+
+def _check_values(op: str, q: Tensor, k: Tensor, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                  max_seqlen_q, max_seqlen_k) -> None:
+    """cu_seqlens from 0 to the token count, non-decreasing, lengths within the maxima;
+    seqused_k within each sequence's keys (the C++ glue's check_cu_seqlens_values)."""
+    avail = None
+    if cu_seqlens_q is not None:
+        for name, cu, total, max_len, max_name in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k"),
+        ):
+            c = cu.tolist()
+            if c[0] != 0:
+                raise ValueError(f"{op}: {name}[0] must be 0, got {c[0]}")
+            for i in range(1, len(c)):
+                if c[i] < c[i - 1]:
+                    raise ValueError(
+                        f"{op}: {name} must be non-decreasing, got {name}[{i - 1}] = {c[i - 1]} "
+                        f"> {name}[{i}] = {c[i]}"
+                    )
+                if c[i] - c[i - 1] > max_len:
+                    raise ValueError(
+                        f"{op}: sequence {i - 1} has {c[i] - c[i - 1]} tokens (from {name}) but "
+                        f"{max_name} = {max_len}"
+                    )
+            if c[-1] != total:
+                raise ValueError(
+                    f"{op}: {name}[-1] must equal the number of packed tokens {total}, got {c[-1]}"
+                )
+        ck = cu_seqlens_k.tolist()
+        avail = [ck[b + 1] - ck[b] for b in range(len(ck) - 1)]
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        for b, u in enumerate(used):
+            limit = avail[b] if avail is not None else k.shape[1]
+            if not 0 <= u <= limit:
+                raise ValueError(
+                    f"{op}: seqused_k[{b}] must be in [0, {limit}] (the keys of sequence {b}), "
+                    f"got {u}"
+                )
+
+
+def _check_attention_fwd_values(q, k, v, cu_q, cu_k, used, max_q, max_k, *rest):
+    _check_values("attention_fwd", q, k, cu_q, cu_k, used, max_q, max_k)
+
+
+def _check_attention_bwd_values(dout, q, k, v, out, lse, cu_q, cu_k, used, max_q, max_k, *rest):
+    _check_values("attention_bwd", q, k, cu_q, cu_k, used, max_q, max_k)
+
+
+# ------------------------------------------------------------ fake and autograd rules
+# Fake (meta) rules, the same for every op set.
+
+
+def _fake_attention_fwd(q, k, v, cu_seqlens_q, *options):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=acc_dtype(q))
+    return out, lse
+
+
+def _fake_attention_bwd(dout, q, k, v, out, lse, *options):
+    fmt = torch.contiguous_format
+    return (
+        torch.empty_like(q, memory_format=fmt),
+        torch.empty_like(k, memory_format=fmt),
+        torch.empty_like(v, memory_format=fmt),
+    )
 
 
 def _register_autograd(ops: OpSet) -> None:
@@ -92,7 +277,12 @@ def _triton_kernels() -> dict:
 IMPLS = OpFamily(
     "attention",
     schemas=("attention_fwd", "attention_bwd"),
-    fakes=_register_fakes,
+    checks={"attention_fwd": _check_attention_fwd, "attention_bwd": _check_attention_bwd},
+    value_checks={
+        "attention_fwd": _check_attention_fwd_values,
+        "attention_bwd": _check_attention_bwd_values,
+    },
+    fakes={"attention_fwd": _fake_attention_fwd, "attention_bwd": _fake_attention_bwd},
     autograd=_register_autograd,
     triton_kernels=_triton_kernels,
     # The CUDA kernels are float16 / bfloat16 tensor-core kernels.

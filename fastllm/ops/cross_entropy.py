@@ -127,23 +127,96 @@ def _make_inplace_backward_function(fwd: Any, bwd_inplace: Any) -> type:
     return CrossEntropyInplaceBackward
 
 
-def _register_fakes(ops: OpSet) -> None:
-    """Fake (meta) implementations of one op set. (The Triton ops need them too: triton_op's
-    own fake would run the interpreter on fake tensors.)"""
+def _check_rows(op: str, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                label_smoothing: float, z_loss: float, softcap: float) -> None:
+    """The ops' own arguments: logits (rows, vocab), target int64 (rows,), weight (vocab,)."""
+    check_float_tensor(op, "logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D (rows, vocab), got shape {list(logits.shape)}")
+    check_options(op, "none", label_smoothing, z_loss, softcap)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"{op}: target must be int64, got {target.dtype}")
+    if list(target.shape) != [logits.shape[0]]:
+        raise ValueError(
+            f"{op}: target must have shape [{logits.shape[0]}] (one per row of logits), "
+            f"got {list(target.shape)}"
+        )
+    check_same_device(op, "target", target, logits)
+    check_class_weight(op, weight, logits.shape[1], logits)
 
-    @torch.library.register_fake(ops.cross_entropy_fwd)
-    def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
-        rows = logits.shape[0]
-        acc = acc_dtype(logits)
-        return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
 
-    @torch.library.register_fake(ops.cross_entropy_bwd)
-    def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _check_row_vector(op: str, name: str, t: Tensor, logits: Tensor, dtype: torch.dtype) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if list(t.shape) != [logits.shape[0]] or t.dtype != dtype:
+        raise ValueError(
+            f"{op}: {name} must be {dtype} of shape [{logits.shape[0]}] (one per row of "
+            f"logits), got {t.dtype} of shape {list(t.shape)}"
+        )
+    check_same_device(op, name, t, logits)
 
-    @torch.library.register_fake(ops.cross_entropy_bwd_inplace)
-    def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
-        return None
+
+def _check_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                             softcap):
+    _check_rows("cross_entropy_fwd", logits, target, weight, label_smoothing, z_loss, softcap)
+
+
+def _check_backward(op, grad_loss, logits, target, weight, lse, ignore_index, label_smoothing,
+                    z_loss, softcap):
+    _check_rows(op, logits, target, weight, label_smoothing, z_loss, softcap)
+    check_float_tensor(op, "grad_loss", grad_loss)
+    if list(grad_loss.shape) != [logits.shape[0]]:
+        raise ValueError(
+            f"{op}: grad_loss must have shape [{logits.shape[0]}] (one per row of logits), "
+            f"got {list(grad_loss.shape)}"
+        )
+    check_same_device(op, "grad_loss", grad_loss, logits)
+    _check_row_vector(op, "lse", lse, logits, acc_dtype(logits))
+
+
+def _check_cross_entropy_bwd(*args):
+    _check_backward("cross_entropy_bwd", *args)
+
+
+def _check_cross_entropy_bwd_inplace(*args):
+    _check_backward("cross_entropy_bwd_inplace", *args)
+
+
+_CHECKS = {
+    "cross_entropy_fwd": _check_cross_entropy_fwd,
+    "cross_entropy_bwd": _check_cross_entropy_bwd,
+    "cross_entropy_bwd_inplace": _check_cross_entropy_bwd_inplace,
+}
+
+
+# Fake (meta) rules, the same for every op set. (The Triton ops need them too: triton_op's
+# own fake would run the interpreter on fake tensors.)
+
+
+def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                            softcap):
+    rows = logits.shape[0]
+    acc = acc_dtype(logits)
+    return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
+
+
+def _fake_cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index,
+                            label_smoothing, z_loss, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_cross_entropy_bwd_inplace(grad_loss, logits, target, weight, lse, ignore_index,
+                                    label_smoothing, z_loss, softcap):
+    return None
+
+
+_FAKES = {
+    "cross_entropy_fwd": _fake_cross_entropy_fwd,
+    "cross_entropy_bwd": _fake_cross_entropy_bwd,
+    "cross_entropy_bwd_inplace": _fake_cross_entropy_bwd_inplace,
+}
 
 
 def _register_autograd(ops: OpSet) -> None:
@@ -189,7 +262,8 @@ def _triton_kernels() -> dict:
 IMPLS = OpFamily(
     "cross_entropy",
     schemas=("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_inplace"),
-    fakes=_register_fakes,
+    checks=_CHECKS,
+    fakes=_FAKES,
     autograd=_register_autograd,
     triton_kernels=_triton_kernels,
     mutates_args={"cross_entropy_bwd_inplace": ("logits",)},

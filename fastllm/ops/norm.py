@@ -117,41 +117,128 @@ def _param_grad_like(
     return input.new_empty(_shape(normalized_shape), dtype=dtype)
 
 
-def _register_fakes(ops: OpSet) -> None:
-    """Fake (meta) implementations of one op set. (The Triton ops need them too: triton_op's
-    own fake would run the interpreter on fake tensors.)"""
+def _check_grads_and_stats(
+    op: str, grad_out: Tensor, grad_residual_out: Optional[Tensor], input: Tensor,
+    normalized_shape: Sequence[int], stats: Sequence[tuple[str, Tensor]],
+) -> None:
+    for name, g in (("grad_out", grad_out), ("grad_residual_out", grad_residual_out)):
+        if g is None:
+            continue
+        check_float_tensor(op, name, g)
+        if g.shape != input.shape or g.dtype != input.dtype:
+            raise ValueError(
+                f"{op}: {name} must have input's shape {list(input.shape)} and dtype "
+                f"{input.dtype}, got {list(g.shape)} {g.dtype}"
+            )
+        check_same_device(op, name, g, input)
+    leading = list(input.shape[: input.dim() - len(_shape(normalized_shape))])
+    for name, t in stats:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if list(t.shape) != leading or t.dtype != acc_dtype(input):
+            raise ValueError(
+                f"{op}: {name} must be {acc_dtype(input)} of shape {leading} (input's leading "
+                f"dims), got {t.dtype} of shape {list(t.shape)}"
+            )
+        check_same_device(op, name, t, input)
 
-    def out_like(x: Tensor) -> Tensor:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake(ops.layer_norm_fwd)
-    def _(input, normalized_shape, weight, bias, eps):
-        return out_like(input), _stats_like(input, normalized_shape), _stats_like(input, normalized_shape)
+def _check_layer_norm_fwd(input, normalized_shape, weight, bias, eps):
+    check_norm_args("layer_norm_fwd", input, normalized_shape, weight, bias, eps, rms=False)
 
-    @torch.library.register_fake(ops.add_layer_norm_fwd)
-    def _(input, residual, normalized_shape, weight, bias, eps):
-        stats = _stats_like(input, normalized_shape)
-        return out_like(input), out_like(input), stats, torch.empty_like(stats)
 
-    @torch.library.register_fake(ops.layer_norm_bwd)
-    def _(grad_out, grad_residual_out, input, normalized_shape, weight, mean, rstd, weight_grad, bias_grad):
-        return (
-            out_like(input),
-            _param_grad_like(input, normalized_shape, weight, weight_grad),
-            _param_grad_like(input, normalized_shape, weight, bias_grad),
-        )
+def _check_add_layer_norm_fwd(input, residual, normalized_shape, weight, bias, eps):
+    check_norm_args(
+        "add_layer_norm_fwd", input, normalized_shape, weight, bias, eps, rms=False,
+        residual=residual,
+    )
 
-    @torch.library.register_fake(ops.rms_norm_fwd)
-    def _(input, normalized_shape, weight, eps):
-        return out_like(input), _stats_like(input, normalized_shape)
 
-    @torch.library.register_fake(ops.add_rms_norm_fwd)
-    def _(input, residual, normalized_shape, weight, eps):
-        return out_like(input), out_like(input), _stats_like(input, normalized_shape)
+def _check_layer_norm_bwd(grad_out, grad_residual_out, input, normalized_shape, weight, mean,
+                          rstd, weight_grad, bias_grad):
+    op = "layer_norm_bwd"
+    check_norm_args(op, input, normalized_shape, weight, None, 0.0, rms=False)
+    _check_grads_and_stats(op, grad_out, grad_residual_out, input, normalized_shape,
+                           (("mean", mean), ("rstd", rstd)))
 
-    @torch.library.register_fake(ops.rms_norm_bwd)
-    def _(grad_out, grad_residual_out, input, normalized_shape, weight, rstd, weight_grad):
-        return out_like(input), _param_grad_like(input, normalized_shape, weight, weight_grad)
+
+def _check_rms_norm_fwd(input, normalized_shape, weight, eps):
+    check_norm_args("rms_norm_fwd", input, normalized_shape, weight, None, eps, rms=True)
+
+
+def _check_add_rms_norm_fwd(input, residual, normalized_shape, weight, eps):
+    check_norm_args(
+        "add_rms_norm_fwd", input, normalized_shape, weight, None, eps, rms=True,
+        residual=residual,
+    )
+
+
+def _check_rms_norm_bwd(grad_out, grad_residual_out, input, normalized_shape, weight, rstd,
+                        weight_grad):
+    op = "rms_norm_bwd"
+    check_norm_args(op, input, normalized_shape, weight, None, 0.0, rms=True)
+    _check_grads_and_stats(op, grad_out, grad_residual_out, input, normalized_shape,
+                           (("rstd", rstd),))
+
+
+_CHECKS = {
+    "layer_norm_fwd": _check_layer_norm_fwd,
+    "add_layer_norm_fwd": _check_add_layer_norm_fwd,
+    "layer_norm_bwd": _check_layer_norm_bwd,
+    "rms_norm_fwd": _check_rms_norm_fwd,
+    "add_rms_norm_fwd": _check_add_rms_norm_fwd,
+    "rms_norm_bwd": _check_rms_norm_bwd,
+}
+
+
+# Fake (meta) rules: the same for every op set. (The Triton ops need them too: triton_op's
+# own fake would run the interpreter on fake tensors.)
+
+
+def _out_like(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_layer_norm_fwd(input, normalized_shape, weight, bias, eps):
+    stats = _stats_like(input, normalized_shape)
+    return _out_like(input), stats, torch.empty_like(stats)
+
+
+def _fake_add_layer_norm_fwd(input, residual, normalized_shape, weight, bias, eps):
+    stats = _stats_like(input, normalized_shape)
+    return _out_like(input), _out_like(input), stats, torch.empty_like(stats)
+
+
+def _fake_layer_norm_bwd(grad_out, grad_residual_out, input, normalized_shape, weight, mean,
+                         rstd, weight_grad, bias_grad):
+    return (
+        _out_like(input),
+        _param_grad_like(input, normalized_shape, weight, weight_grad),
+        _param_grad_like(input, normalized_shape, weight, bias_grad),
+    )
+
+
+def _fake_rms_norm_fwd(input, normalized_shape, weight, eps):
+    return _out_like(input), _stats_like(input, normalized_shape)
+
+
+def _fake_add_rms_norm_fwd(input, residual, normalized_shape, weight, eps):
+    return _out_like(input), _out_like(input), _stats_like(input, normalized_shape)
+
+
+def _fake_rms_norm_bwd(grad_out, grad_residual_out, input, normalized_shape, weight, rstd,
+                       weight_grad):
+    return _out_like(input), _param_grad_like(input, normalized_shape, weight, weight_grad)
+
+
+_FAKES = {
+    "layer_norm_fwd": _fake_layer_norm_fwd,
+    "add_layer_norm_fwd": _fake_add_layer_norm_fwd,
+    "layer_norm_bwd": _fake_layer_norm_bwd,
+    "rms_norm_fwd": _fake_rms_norm_fwd,
+    "add_rms_norm_fwd": _fake_add_rms_norm_fwd,
+    "rms_norm_bwd": _fake_rms_norm_bwd,
+}
 
 
 def _register_autograd(ops: OpSet) -> None:
@@ -262,7 +349,8 @@ IMPLS = OpFamily(
         "layer_norm_fwd", "add_layer_norm_fwd", "layer_norm_bwd",
         "rms_norm_fwd", "add_rms_norm_fwd", "rms_norm_bwd",
     ),
-    fakes=_register_fakes,
+    checks=_CHECKS,
+    fakes=_FAKES,
     autograd=_register_autograd,
     triton_kernels=_triton_kernels,
 )

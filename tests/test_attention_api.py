@@ -150,7 +150,8 @@ def test_kvcache_int_seqlens_and_errors(backend):
     torch.testing.assert_close(out, full)
     with pytest.raises(ValueError, match="cache_seqlens"):
         F.attention_with_kvcache(q, kc, vc)
-    with pytest.raises(RuntimeError, match=r"seqused_k\[1\] must be in \[0, 10\]"):
+    # The argument the caller passed is the one named (not seqused_k, which it becomes).
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] must be in \[0, 10\]"):
         F.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([3, 11], dtype=torch.int32))
 
 

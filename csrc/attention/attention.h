@@ -93,6 +93,11 @@ struct Problem {
   const int32_t* cu_seqlens_q = nullptr;  // (B + 1,) packed queries
   const int32_t* cu_seqlens_k = nullptr;  // (B + 1,) packed keys / values
   const int32_t* seqused_k = nullptr;     // (B,) keys used per sequence (KV cache)
+  // Rows of the packed q / k tensors: the CUDA kernels clamp the values above to them
+  // (the CUDA glue does not read them: that would need a host sync), so a bad value gives
+  // a wrong row, never an access outside the tensors.
+  int64_t total_q = 0;
+  int64_t total_k = 0;
 
   // ALiBi: slope of (b, h) at alibi_slopes[b * alibi_stride_b + h] (float32; stride 0 for
   // per-head (H,) slopes); nullptr = off.

@@ -6,7 +6,6 @@
 // device's Kernels (the pattern of common/torch_glue.h):
 //
 //   struct Kernels {
-//     static constexpr bool kCheckValues;              // check cu_seqlens / seqused_k values
 //     static at::Tensor input(const at::Tensor& t);    // an input as the kernels read it
 //     static void check_supported(const char* op, const at::Tensor& q);
 //     static void fwd(const char* op, FwdParams& p, const at::Tensor& q);
@@ -23,8 +22,9 @@
 //
 // Value checks (cu_seqlens increasing from 0 to the token count, lengths within the maxima,
 // seqused_k within the keys) read tensor values, so they run only where that costs no device
-// synchronisation (kCheckValues, the CPU glue). The CUDA glue trusts the values, as
-// FlashAttention does.
+// synchronisation: on CPU tensors (the CPU kernels, and the CUDA kernels under the SIMT
+// emulation). On a GPU the kernels clamp the values instead (attention_common.cuh,
+// sequence_info): a bad value gives a wrong row, never an access outside the tensors.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -181,6 +181,8 @@ inline Prepared prepare(const char* op, bool check_values, const at::Tensor& q,
     }
     p.cu_seqlens_q = r.cu_seqlens_q.data_ptr<int32_t>();
     p.cu_seqlens_k = r.cu_seqlens_k.data_ptr<int32_t>();
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
   } else {
     p.batch = q.size(0);
     TORCH_CHECK(k.size(0) == p.batch, op, ": k must have q's batch size ", p.batch, ", got ",
@@ -388,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const at::Tensor& v,
                                                  FASTLLM_ATTENTION_OPTION_PARAMS) {
   const char* op = "attention";
-  FwdCall c = prepare_fwd(op, Kernels::kCheckValues, &Kernels::input, q, k, v,
+  FwdCall c = prepare_fwd(op, q.is_cpu(), &Kernels::input, q, k, v,
                           make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   Kernels::check_supported(op, q);
   if (empty_problem(c.params)) {
@@ -404,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, FASTLLM_ATTENTION_OPTION_PARAMS) {
   const char* op = "attention_bwd";
-  BwdCall c = prepare_bwd(op, Kernels::kCheckValues, &Kernels::input, dout, q, k, v, out, lse,
+  BwdCall c = prepare_bwd(op, q.is_cpu(), &Kernels::input, dout, q, k, v, out, lse,
                           make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   Kernels::check_supported(op, q);
   if (empty_problem(c.params)) {

@@ -24,6 +24,7 @@ from fastllm.ops._family import (
     acc_dtype,
     check_float_tensor,
     check_same_device,
+    values_readable,
 )
 from fastllm.reference import attention as ref
 
@@ -297,6 +298,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *options: Any) -> tuple[Tenso
     window_right, softcap, alibi_slopes, dropout_p, dropout_seed)."""
     ops = IMPLS.select(q)
     if ops is None:
+        IMPLS.check("attention_fwd", q, k, v, *options)  # the ops check their own
         return ref.attention_ref(q, k, v, *options)
     return ops.attention_fwd(q, k, v, *options)
 
@@ -323,8 +325,15 @@ def _new_dropout_seed(q: Tensor) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
 
 
-def _max_seqlen(cu_seqlens: Tensor) -> int:
+def _max_seqlen(name: str, cu_seqlens: Any) -> int:
     # Reads values (a host sync / graph break): pass max_seqlen_* to avoid it.
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(
+            f"attention: {name} must be an int32 tensor of shape (B + 1,), got "
+            f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else cu_seqlens!r}"
+        )
+    if cu_seqlens.is_meta:
+        raise ValueError("attention: with meta tensors, pass max_seqlen_q and max_seqlen_k")
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
 
 
@@ -379,18 +388,18 @@ def attention(
     window_left, window_right = _window(op, window_size)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    if softcap < 0:
+    if not softcap >= 0:  # (NaN too)
         raise ValueError(f"{op}: softcap must be >= 0 (0 disables it), got {softcap}")
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+    if softmax_scale is None:  # (a head dim of 0 is reported by the op's checks)
+        softmax_scale = q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together")
         if max_seqlen_q is None:
-            max_seqlen_q = _max_seqlen(cu_seqlens_q)
+            max_seqlen_q = _max_seqlen("cu_seqlens_q", cu_seqlens_q)
         if max_seqlen_k is None:
-            max_seqlen_k = _max_seqlen(cu_seqlens_k)
+            max_seqlen_k = _max_seqlen("cu_seqlens_k", cu_seqlens_k)
     else:
         max_seqlen_q = max_seqlen_k = 0
     seed = _new_dropout_seed(q) if dropout_p > 0 else None
@@ -400,6 +409,29 @@ def attention(
         alibi_slopes, float(dropout_p), seed,
     )
     return (out, lse) if return_lse else out
+
+
+def _check_sdpa_mask(op: str, attn_mask: Any, query: Tensor, key: Tensor) -> None:
+    """torch's rules: a boolean mask (True = take part) or a floating one added to the
+    scores, broadcastable to (..., L, S)."""
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{op}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"{op}: attn_mask must be bool (True = take part) or floating (added to the "
+            f"scores), got {attn_mask.dtype}"
+        )
+    scores = tuple(query.shape[:-1]) + (key.shape[-2],)  # (..., L, S)
+    try:
+        broadcast = torch.broadcast_shapes(tuple(attn_mask.shape), scores)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != scores:
+        raise ValueError(
+            f"{op}: attn_mask must broadcast to the scores' shape {scores} (..., L, S), got "
+            f"{tuple(attn_mask.shape)}"
+        )
+    check_same_device(op, "attn_mask", attn_mask, query)
 
 
 def _needs_reference_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any) -> bool:
@@ -445,6 +477,8 @@ def scaled_dot_product_attention(
             f"{op}: key and value must have the same length S, got {key.shape[-2]} and "
             f"{value.shape[-2]}"
         )
+    if attn_mask is not None:
+        _check_sdpa_mask(op, attn_mask, query, key)
     if attn_mask is not None and is_causal:
         # torch raises here too: the two masks would have to be merged by the caller.
         raise ValueError(f"{op}: attn_mask and is_causal=True cannot be given together")
@@ -541,6 +575,11 @@ def attention_with_kvcache(
     the queries attend over the ``cache_seqlens[b] + Tnew`` keys of their sequence (causal:
     bottom-right aligned, so new token t sees the cache and new tokens up to t). The caller
     advances ``cache_seqlens``. Returns out (and lse with ``return_lse=True``).
+
+    ``cache_seqlens[b]`` must be in ``[0, Tcache - Tnew]``: an int or CPU tensor out of that
+    range raises a ValueError naming the entry. On CUDA tensors (and under torch.compile) the
+    values are not read, which would cost a host sync: a sequence with an out-of-range length
+    then keeps its cache untouched and gets NaN output (and lse).
     """
     op = "attention_with_kvcache"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -551,41 +590,82 @@ def attention_with_kvcache(
             f"shape, got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
             f"{tuple(v_cache.shape)}"
         )
-    batch = q.shape[0]
+    batch, cache_len = q.shape[0], k_cache.shape[1]
     if k_cache.shape[0] != batch:
         raise ValueError(f"{op}: k_cache must have q's batch {batch}, got {k_cache.shape[0]}")
-    if cache_seqlens is None:
-        raise ValueError(f"{op}: cache_seqlens (int32 (B,) or an int) is required")
-    if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.shape != (batch,):
-        raise ValueError(
-            f"{op}: cache_seqlens must be an int or a tensor of shape ({batch},), got "
-            f"{cache_seqlens!r}"
-        )
-    if cache_seqlens.dtype != torch.int32:
-        cache_seqlens = cache_seqlens.to(torch.int32)
-    seqused_k = cache_seqlens
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_same_device(op, name, t, q)
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: k_new and v_new must be given together")
+    t_new = 0
     if k_new is not None:
-        expected = (batch, k_new.shape[1]) + tuple(k_cache.shape[2:])
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            check_float_tensor(op, name, t)
+            check_same_device(op, name, t, q)
+        t_new = k_new.shape[1] if k_new.dim() == 4 else -1
+        expected = (batch, t_new) + tuple(k_cache.shape[2:])
         if tuple(k_new.shape) != expected or tuple(v_new.shape) != expected:
             raise ValueError(
-                f"{op}: k_new and v_new must be (B, Tnew, Hkv, D) = {expected}, got "
-                f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
+                f"{op}: k_new and v_new must be (B, Tnew, Hkv, D) = (B={batch}, Tnew, "
+                f"{', '.join(map(str, k_cache.shape[2:]))}), got {tuple(k_new.shape)} and "
+                f"{tuple(v_new.shape)}"
             )
-        # Append in place at each sequence's end (index_put_ is traced by torch.compile);
-        # a position past the cache raises an IndexError.
-        t_new = k_new.shape[1]
+    room = cache_len - t_new  # the largest valid cache_seqlens
+    if cache_seqlens is None:
+        raise ValueError(f"{op}: cache_seqlens (int32 (B,) or an int) is required")
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, Tensor)):
+        raise TypeError(
+            f"{op}: cache_seqlens must be an int or an integer tensor of shape ({batch},), got "
+            f"{type(cache_seqlens).__name__}"
+        )
+    if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= room:
+            raise ValueError(
+                f"{op}: cache_seqlens must be in [0, {room}] (Tcache {cache_len} - Tnew "
+                f"{t_new}), got {cache_seqlens}"
+            )
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (batch,):
+        raise ValueError(
+            f"{op}: cache_seqlens must be an int32 / int64 tensor of shape ({batch},), got "
+            f"{cache_seqlens.dtype} of shape {tuple(cache_seqlens.shape)}"
+        )
+    check_same_device(op, "cache_seqlens", cache_seqlens, q)
+    cache_seqlens = cache_seqlens.to(torch.int32)
+    valid = None  # (B,) bool where the values cannot be read (a GPU, or tracing)
+    if values_readable(cache_seqlens) and not q.is_meta:
+        for b, n in enumerate(cache_seqlens.tolist()):
+            if not 0 <= n <= room:
+                raise ValueError(
+                    f"{op}: cache_seqlens[{b}] must be in [0, {room}] (Tcache {cache_len} - "
+                    f"Tnew {t_new}), got {n}"
+                )
+    else:
+        # No host sync: a sequence with an out-of-range length keeps its cache as it was
+        # and gets NaN (as a CUDA cross-entropy row with an out-of-range target does).
+        valid = (cache_seqlens >= 0) & (cache_seqlens <= room)
+        cache_seqlens = torch.where(valid, cache_seqlens, torch.zeros_like(cache_seqlens))
+    seqused_k = cache_seqlens
+    if k_new is not None:
+        # Append in place at each sequence's end (index_put_ is traced by torch.compile).
         pos = cache_seqlens.long()[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
         rows = torch.arange(batch, device=q.device)[:, None].expand(batch, t_new)
         with torch.no_grad():
-            k_cache.index_put_((rows, pos), k_new.to(k_cache.dtype))
-            v_cache.index_put_((rows, pos), v_new.to(v_cache.dtype))
+            for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+                new = new.to(cache.dtype)
+                if valid is not None:
+                    new = torch.where(valid[:, None, None, None], new, cache[rows, pos])
+                cache.index_put_((rows, pos), new)
         seqused_k = cache_seqlens + t_new
-    return attention(
+    result = attention(
         q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
         window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
         return_lse=return_lse, seqused_k=seqused_k,
     )
+    if valid is None:
+        return result
+    out, lse = result if return_lse else (result, None)
+    out = torch.where(valid[:, None, None, None], out, torch.full_like(out, float("nan")))
+    if lse is None:
+        return out
+    return out, torch.where(valid[:, None, None], lse, torch.full_like(lse, float("nan")))

@@ -100,11 +100,15 @@ def _dropout_keep(head_key, rows, cols, threshold):
 
 
 @triton.jit
-def _seq_bounds(cu_seqlens_ptr, batch, max_len, IS_VARLEN: tl.constexpr):
-    """(first row in the packed tensor, length) of sequence `batch`; (0, max_len) if padded."""
+def _seq_bounds(cu_seqlens_ptr, batch, max_len, total, IS_VARLEN: tl.constexpr):
+    """(first row in the packed tensor, length) of sequence `batch`; (0, max_len) if padded.
+    The values are clamped to the `total` rows the tensor holds and to `max_len`: cu_seqlens
+    on a GPU are not checked (that would need a host sync), and a bad one must give a wrong
+    row, never an access outside the tensors."""
     if IS_VARLEN:
-        start = tl.load(cu_seqlens_ptr + batch)
-        length = tl.load(cu_seqlens_ptr + batch + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + batch), 0), total)
+        end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + batch + 1), start), total)
+        length = tl.minimum(end - start, max_len)
     else:
         start = 0
         length = max_len
@@ -115,31 +119,31 @@ def _seq_bounds(cu_seqlens_ptr, batch, max_len, IS_VARLEN: tl.constexpr):
 def _keys_in_use(seqused_k_ptr, batch, stored_keys, HAS_SEQUSED_K: tl.constexpr):
     """The keys sequence `batch` attends to: seqused_k[batch] when given (a KV cache filled
     only so far), else all `stored_keys`."""
-    if HAS_SEQUSED_K:
-        return tl.load(seqused_k_ptr + batch)
+    if HAS_SEQUSED_K:  # clamped like _seq_bounds's values
+        return tl.minimum(tl.maximum(tl.load(seqused_k_ptr + batch), 0), stored_keys)
     else:
         return stored_keys
 
 
 @triton.jit
-def _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size, max_seqlen_k,
+def _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size, max_seqlen_k, total_k,
               IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr):
     """(first row in k / v, keys in use, kv head) that query head `head` of sequence `batch`
     attends to."""
-    k_start, seqlen_k = _seq_bounds(cu_seqlens_k_ptr, batch, max_seqlen_k, IS_VARLEN_K)
+    k_start, seqlen_k = _seq_bounds(cu_seqlens_k_ptr, batch, max_seqlen_k, total_k, IS_VARLEN_K)
     seqlen_k = _keys_in_use(seqused_k_ptr, batch, seqlen_k, HAS_SEQUSED_K)
     return k_start, seqlen_k, head // group_size
 
 
 @triton.jit
-def _query_block_of_program(cu_seqlens_q_ptr, max_seqlen_q, BLOCK_M: tl.constexpr,
+def _query_block_of_program(cu_seqlens_q_ptr, max_seqlen_q, total_q, BLOCK_M: tl.constexpr,
                             IS_VARLEN_Q: tl.constexpr):
     """(start_m, head, batch, q_start, seqlen_q) of a program of the query-block grid
     (cdiv(Tq, BLOCK_M), H, B) that the forward, the D_i preprocess and dq share."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, max_seqlen_q, IS_VARLEN_Q)
+    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, max_seqlen_q, total_q, IS_VARLEN_Q)
     return start_m, head, batch, q_start, seqlen_q
 
 
@@ -255,6 +259,7 @@ def attention_fwd_kernel(
     num_heads,  # H
     group_size,  # H // Hkv
     seqlen_q, seqlen_k,  # Tq, Tk (padded) or the maxima (packed)
+    total_q, total_k,  # rows of the packed q / k tensors (unused when padded)
     head_dim,  # D
     softmax_scale, softcap, window_left, window_right,
     dropout_threshold,  # floor(p * 2^32), attention.h's dropout_threshold
@@ -269,11 +274,11 @@ def attention_fwd_kernel(
     """out and lse of query rows [program_id(0) * BLOCK_M, ...) of head program_id(1) of
     sequence program_id(2)."""
     start_m, head, batch, q_start, seqlen_q = _query_block_of_program(
-        cu_seqlens_q_ptr, seqlen_q, BLOCK_M, IS_VARLEN_Q)
+        cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:  # packed: a shorter sequence than the longest
         return
     k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
-                                           seqlen_k, IS_VARLEN_K, HAS_SEQUSED_K)
+                                           seqlen_k, total_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
 
     offs_m, m_mask = _block_positions(start_m, seqlen_q, BLOCK_M)
@@ -350,14 +355,14 @@ def attention_bwd_preprocess_kernel(
     stride_out_b, stride_out_t, stride_out_h, stride_out_d,
     stride_dout_b, stride_dout_t, stride_dout_h, stride_dout_d,
     stride_delta_b, stride_delta_h,
-    seqlen_q, head_dim,
+    seqlen_q, total_q, head_dim,
     IS_VARLEN_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """D_i = <dout_i, out_i> for query rows [program_id(0) * BLOCK_M, ...), head
     program_id(1), sequence program_id(2)."""
     start_m, head, batch, q_start, seqlen_q = _query_block_of_program(
-        cu_seqlens_q_ptr, seqlen_q, BLOCK_M, IS_VARLEN_Q)
+        cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:
         return
     batch64 = batch.to(tl.int64)
@@ -435,7 +440,7 @@ def attention_bwd_dkdv_kernel(
     stride_dv_b, stride_dv_t, stride_dv_h, stride_dv_d,
     stride_lse_b, stride_lse_h,
     stride_alibi_b,
-    num_heads, group_size, seqlen_q, seqlen_k, head_dim,
+    num_heads, group_size, seqlen_q, seqlen_k, total_q, total_k, head_dim,
     softmax_scale, softcap, window_left, window_right, dropout_threshold, dropout_scale,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
@@ -451,11 +456,11 @@ def attention_bwd_dkdv_kernel(
     start_n = tl.program_id(0) * BLOCK_N
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
-    k_start, seqlen_k_stored = _seq_bounds(cu_seqlens_k_ptr, batch, seqlen_k, IS_VARLEN_K)
+    k_start, seqlen_k_stored = _seq_bounds(cu_seqlens_k_ptr, batch, seqlen_k, total_k, IS_VARLEN_K)
     if start_n >= seqlen_k_stored:
         return
     seqlen_k = _keys_in_use(seqused_k_ptr, batch, seqlen_k_stored, HAS_SEQUSED_K)
-    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, seqlen_q, IS_VARLEN_Q)
+    q_start, seqlen_q = _seq_bounds(cu_seqlens_q_ptr, batch, seqlen_q, total_q, IS_VARLEN_Q)
     batch64 = batch.to(tl.int64)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -531,7 +536,7 @@ def attention_bwd_dq_kernel(
     stride_dq_b, stride_dq_t, stride_dq_h, stride_dq_d,
     stride_lse_b, stride_lse_h,
     stride_alibi_b,
-    num_heads, group_size, seqlen_q, seqlen_k, head_dim,
+    num_heads, group_size, seqlen_q, seqlen_k, total_q, total_k, head_dim,
     softmax_scale, softcap, window_left, window_right, dropout_threshold, dropout_scale,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
@@ -543,11 +548,11 @@ def attention_bwd_dq_kernel(
     """dq of query rows [program_id(0) * BLOCK_M, ...) of head program_id(1) of sequence
     program_id(2)."""
     start_m, head, batch, q_start, seqlen_q = _query_block_of_program(
-        cu_seqlens_q_ptr, seqlen_q, BLOCK_M, IS_VARLEN_Q)
+        cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:
         return
     k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
-                                           seqlen_k, IS_VARLEN_K, HAS_SEQUSED_K)
+                                           seqlen_k, total_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
 
     offs_m, m_mask = _block_positions(start_m, seqlen_q, BLOCK_M)
@@ -625,6 +630,7 @@ class _Config:
         self.group_size = self.num_heads // k.shape[-2]
         self.seqlen_q = max_seqlen_q if self.varlen_q else q.shape[1]
         self.seqlen_k = max_seqlen_k if self.varlen_k else k.shape[1]
+        self.total_q, self.total_k = q.shape[0], k.shape[0]
         # Causal is the right window 0 (bottom-right aligned); a negative window is unbounded.
         if causal:
             window_right = 0 if window_right < 0 else min(window_right, 0)
@@ -652,7 +658,7 @@ class _Config:
 
     def scalars(self):
         return (self.alibi_stride_b, self.num_heads, self.group_size, self.seqlen_q,
-                self.seqlen_k, self.head_dim, self.softmax_scale, self.softcap,
+                self.seqlen_k, self.total_q, self.total_k, self.head_dim, self.softmax_scale, self.softcap,
                 self.window_left, self.window_right, self.dropout_threshold, self.dropout_scale)
 
     def flags(self) -> dict:
@@ -798,7 +804,7 @@ def attention_bwd(
     ](
         out, dout, delta, cu_seqlens_q,
         *_strides4(out, cfg.varlen_q), *_strides4(dout, cfg.varlen_q), *lse_strides,
-        cfg.seqlen_q, cfg.head_dim,
+        cfg.seqlen_q, cfg.total_q, cfg.head_dim,
         IS_VARLEN_Q=cfg.varlen_q, BLOCK_M=pre_block_m, BLOCK_D=block_d,
     )
     common_strides = (*_strides4(q, cfg.varlen_q), *_strides4(k, cfg.varlen_k),

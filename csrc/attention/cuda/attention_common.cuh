@@ -54,22 +54,30 @@ struct SeqInfo {
                          // zero beyond Tk_b)
 };
 
+// The rows [first, first + length) of sequence b in a packed tensor of `total` rows, from
+// cu_seqlens clamped to the tensor and to the longest sequence `max_len` (Problem::total_q).
+__device__ __forceinline__ void packed_rows(const int32_t* cu_seqlens, int b, int64_t total,
+                                            int64_t max_len, int64_t* first, int* length) {
+  const int64_t start = min(max(static_cast<int64_t>(cu_seqlens[b]), int64_t(0)), total);
+  const int64_t end = min(max(static_cast<int64_t>(cu_seqlens[b + 1]), start), total);
+  *first = start;
+  *length = static_cast<int>(min(end - start, max_len));
+}
+
 __device__ __forceinline__ SeqInfo sequence_info(const Problem& p, int b) {
   SeqInfo s;
   if (p.cu_seqlens_q != nullptr) {
-    s.q_row0 = p.cu_seqlens_q[b];
-    s.seqlen_q = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    packed_rows(p.cu_seqlens_q, b, p.total_q, p.seqlen_q, &s.q_row0, &s.seqlen_q);
   } else {
     s.seqlen_q = static_cast<int>(p.seqlen_q);
   }
   if (p.cu_seqlens_k != nullptr) {
-    s.k_row0 = p.cu_seqlens_k[b];
-    s.seqlen_k = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+    packed_rows(p.cu_seqlens_k, b, p.total_k, p.seqlen_k, &s.k_row0, &s.seqlen_k);
   } else {
     s.seqlen_k = static_cast<int>(p.seqlen_k);
   }
   s.keys_stored = s.seqlen_k;
-  if (p.seqused_k != nullptr) s.seqlen_k = p.seqused_k[b];
+  if (p.seqused_k != nullptr) s.seqlen_k = min(max(p.seqused_k[b], 0), s.keys_stored);
   return s;
 }
 

@@ -453,3 +453,17 @@ def _fuzz_one(p):
 def test_attention_fuzz(backend, problem):
     torch.manual_seed(0)
     _fuzz_one(problem)
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, e.g. building a model on the meta device) run the
+    checked fake rules: the right shapes, no data read."""
+    q = torch.empty(2, 1, 2, 16, device="meta")
+    cache = torch.empty(2, 8, 2, 16, device="meta")
+    assert F.attention(q, cache, cache, causal=True).shape == q.shape
+    lengths = torch.empty(2, dtype=torch.int32, device="meta")
+    out = F.attention_with_kvcache(q, cache, cache.clone(), q, q, lengths)
+    assert out.shape == q.shape and out.is_meta
+    x = torch.empty(2, 2, 3, 16, device="meta")
+    assert F.scaled_dot_product_attention(x, x, x).shape == x.shape
+    expect_clear_error(lambda: F.attention(q, cache, cache, window_size=(-3, 0)), "window_size")

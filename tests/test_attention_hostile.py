@@ -467,3 +467,32 @@ def test_meta_tensors_give_shapes():
     x = torch.empty(2, 2, 3, 16, device="meta")
     assert F.scaled_dot_product_attention(x, x, x).shape == x.shape
     expect_clear_error(lambda: F.attention(q, cache, cache, window_size=(-3, 0)), "window_size")
+
+
+def _mha_call(**kw):
+    from fastllm.nn import MultiheadAttention
+
+    mha = MultiheadAttention(16, 2, batch_first=True)
+    x = kw.pop("x", torch.randn(2, 5, 16))
+    return lambda: mha(x, x, x, need_weights=False, **kw)
+
+
+# torch.nn.MultiheadAttention raises AssertionError / RuntimeError for these: the module keeps
+# torch's exception types (code that catches them keeps working) with messages naming the
+# argument.
+MHA_CASES = [
+    ("embed dim", dict(x=torch.randn(2, 5, 12)), ("query", "16")),
+    ("padding mask shape", dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)),
+     ("key_padding_mask",)),
+    ("padding mask int", dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.int64)),
+     ("key_padding_mask",)),
+    ("attn mask 4-D", dict(attn_mask=torch.zeros(1, 1, 5, 5, dtype=torch.bool)), ("attn_mask",)),
+    ("attn mask shape", dict(attn_mask=torch.zeros(4, 5, dtype=torch.bool)), ("attn_mask",)),
+]
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+@pytest.mark.parametrize("case", MHA_CASES, ids=case_ids(MHA_CASES))
+def test_multihead_attention_bad_arguments(backend, case):
+    _, kw, words = case
+    expect_clear_error(_mha_call(**kw), *words, errors=(AssertionError, RuntimeError))

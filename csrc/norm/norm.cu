@@ -140,11 +140,14 @@ struct MeanM2 {
 };
 
 // Chan et al.'s parallel merge of two sets' statistics; stable for any split of the data.
+// delta * (delta * (a.count * b_share)): merging an empty set (a lane past the row's end)
+// adds delta * 0 = 0, where (delta * delta) * 0 gave NaN once delta^2 overflowed (|mean| >
+// 1.8e19 in float).
 __device__ __forceinline__ MeanM2 merge_mean_m2(const MeanM2& a, const MeanM2& b) {
   const float count = a.count + b.count;
   const float b_share = count > 0.f ? b.count / count : 0.f;
   const float delta = b.mean - a.mean;
-  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * (delta * (a.count * b_share))};
 }
 
 // Merges the statistics of every thread of the block. The merge is not commutative in
@@ -284,7 +287,15 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>)
         }
       }
       row_allreduce_sum<kWarpsPerRow>(dev, reduce_smem);
-      var = fmaxf(dev[0] - dev[1] * dev[1] * a.inv_cols, 0.f) * a.inv_cols;
+      // sum(d^2) - sum(d)^2 / N is >= 0 in exact arithmetic; rounding can take it below 0
+      // (then 0). A sum(d^2) that overflowed (|x| ~ 1e19 in float; the correction may
+      // overflow too) gives var = inf, hence rstd = 0, as torch's kernels give. NaN (from
+      // an inf or NaN input) stays NaN, which fmaxf(NaN, 0) = 0 had turned into a
+      // plausible-looking wrong row.
+      float m2 = dev[0] - dev[1] * a.inv_cols * dev[1];
+      if (m2 < 0.f) m2 = 0.f;
+      if (dev[0] == kInf) m2 = kInf;
+      var = m2 * a.inv_cols;
     }
     const float rstd = rsqrtf(var + a.eps);
     if (thread_in_row == 0) {

@@ -32,6 +32,11 @@
 //     then norm_bwd_param_grads_kernel adds the partials in a fixed order. The number of
 //     partials follows num_sms (enough blocks to fill the GPU, no more), which bounds the
 //     workspace and the reduction's work.
+//   - Every grid whose blocks loop over rows (the forward kernels and the row-statistics
+//     kernel stride over rows; the partials own chunks of rows) has at most max_blocks
+//     blocks: CUDA's grid limit on a GPU; the SIMT emulation's tests lower it
+//     (fastllm._emu.grid_cap) so that each block takes several rows in turn and the
+//     barriers guarding shared memory from one row to the next are exercised.
 //   - Vector accesses of 16 bytes (8 bf16/fp16 or 4 float per access) when every pointer is
 //     16-byte aligned and cols and the row strides are multiples of the vector width
 //     (checked at run time); otherwise element-wise accesses.

@@ -181,3 +181,19 @@ def schedule_seed(seed: Optional[int]) -> Iterator[None]:
         yield
     finally:
         ext.set_schedule_seed(previous)
+
+
+@contextlib.contextmanager
+def grid_cap(blocks: Optional[int]) -> Iterator[None]:
+    """Runs the block with the emulated launchers' grids capped at ``blocks`` blocks (None:
+    sized as on a GPU), restoring the previous cap afterwards. Under a small cap every block
+    of a kernel that loops over rows (grid-stride or a chunk of rows per block) takes
+    several rows in turn, as on a GPU with more rows than blocks; which launchers honour it:
+    CudaLaunch::max_blocks in csrc/common/torch_glue.h."""
+    ext = load()
+    previous = ext.grid_cap()
+    ext.set_grid_cap(blocks)
+    try:
+        yield
+    finally:
+        ext.set_grid_cap(previous)

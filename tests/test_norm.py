@@ -149,13 +149,12 @@ def test_rms_norm_default_eps(backend):
     torch.testing.assert_close(F.rms_norm(x, [64]), TF.rms_norm(x, [64]), rtol=1.6e-2, atol=1e-5)
 
 
-def test_norm_zero_rows(backend):
-    x = torch.randn(0, 16, requires_grad=True)
-    w = torch.ones(16, requires_grad=True)
-    y = F.layer_norm(x, [16], w)
-    assert y.shape == (0, 16)
-    y.sum().backward()
-    assert torch.equal(w.grad, torch.zeros(16))
+@pytest.mark.parametrize("shape, nd", [((0, 16), 1), ((4, 0), 1), ((0, 0), 1), ((2, 3, 0), 2)],
+                         ids=["rows_0", "cols_0", "both_0", "cols_0_2d"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_empty(backend, kind, shape, nd):
+    """No rows, or rows of no element: empty outputs and zero parameter gradients, as torch."""
+    check_kind(kind, shape, torch.float32, True, nd=nd)
 
 
 def test_norm_weight_grad_many_rows_reduced_correctly(backend):

@@ -195,7 +195,7 @@ def test_norm_bad_input_is_named(backend, call, exc, match):
          r"eps must be non-negative, got -1"),
         (lambda: torch.ops.fastllm.layer_norm_bwd(torch.randn(4, 8), None, torch.randn(4, 8), [8], None,
                                                   torch.randn(3), torch.randn(4), False, False),
-         r"mean must have 4 elements \(one per row\), got shape \[3\]"),
+         r"mean must have shape \[4\] \(input's leading dims, one value per row\), got \[3\]"),
         (lambda: torch.ops.fastllm.layer_norm_bwd(torch.randn(4, 7), None, torch.randn(4, 8), [8], None,
                                                   torch.randn(4), torch.randn(4), False, False),
          r"grad_out must have the shape of input \[4, 8\], got \[4, 7\]"),

@@ -31,6 +31,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -165,10 +167,19 @@ inline constexpr const char* kCudaBackend = "";
 #define FASTLLM_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(fastllm, CUDA, m)
 #endif
 
-// Where a launch on `like`'s device runs: the device guard, its current stream and its SM
-// count. The emulation has one stream (nullptr) and a small, fixed "GPU" of 4 SMs, so that
-// launchers that size their grid by the SM count take their multi-block paths on small
-// inputs too.
+#if defined(FASTLLM_SIMT_EMU)
+// Test-only control of the emulated GPU (fastllm_emu_ext.set_grid_cap, fastllm._emu.grid_cap):
+// the most blocks a launcher may give a grid whose blocks loop over their share of the rows
+// (grid-stride or chunked); 0: no cap but CUDA's. With a small cap every such block loops
+// more than once on test-sized inputs, which a GPU does only when rows outnumber blocks, so
+// the barriers that guard shared memory from one iteration to the next are exercised.
+inline std::atomic<int64_t> emulated_grid_cap{0};
+#endif
+
+// Where a launch on `like`'s device runs: the device guard, its current stream, its SM
+// count and the most blocks a row-looping grid may have. The emulation has one stream
+// (nullptr) and a small, fixed "GPU" of 4 SMs, so that launchers that size their grid by the
+// SM count take their multi-block paths on small inputs too.
 class CudaLaunch {
  public:
   explicit CudaLaunch(const at::Tensor& like)
@@ -193,6 +204,15 @@ class CudaLaunch {
 #else
     return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 #endif
+  }
+
+  // CUDA's grid.x limit; in the emulation, emulated_grid_cap when a test sets one.
+  int64_t max_blocks() const {
+#if defined(FASTLLM_SIMT_EMU)
+    const int64_t cap = emulated_grid_cap.load();
+    if (cap > 0) return cap;
+#endif
+    return 2147483647;
   }
 
  private:

@@ -32,6 +32,11 @@
 //     then norm_bwd_param_grads_kernel adds the partials in a fixed order. The number of
 //     partials follows num_sms (enough blocks to fill the GPU, no more), which bounds the
 //     workspace and the reduction's work.
+//   - Every grid whose blocks loop over rows (the forward kernels and the row-statistics
+//     kernel stride over rows; the partials own chunks of rows) has at most max_blocks
+//     blocks: CUDA's grid limit on a GPU; the SIMT emulation's tests lower it
+//     (fastllm._emu.grid_cap) so that each block takes several rows in turn and the
+//     barriers guarding shared memory from one row to the next are exercised.
 //   - Vector accesses of 16 bytes (8 bf16/fp16 or 4 float per access) when every pointer is
 //     16-byte aligned and cols and the row strides are multiples of the vector width
 //     (checked at run time); otherwise element-wise accesses.
@@ -140,11 +145,14 @@ struct MeanM2 {
 };
 
 // Chan et al.'s parallel merge of two sets' statistics; stable for any split of the data.
+// delta * (delta * (a.count * b_share)): merging an empty set (a lane past the row's end)
+// adds delta * 0 = 0, where (delta * delta) * 0 gave NaN once delta^2 overflowed (|mean| >
+// 1.8e19 in float).
 __device__ __forceinline__ MeanM2 merge_mean_m2(const MeanM2& a, const MeanM2& b) {
   const float count = a.count + b.count;
   const float b_share = count > 0.f ? b.count / count : 0.f;
   const float delta = b.mean - a.mean;
-  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * (delta * (a.count * b_share))};
 }
 
 // Merges the statistics of every thread of the block. The merge is not commutative in
@@ -284,7 +292,15 @@ __global__ void __launch_bounds__(kRowBlockThreads<kThreadsPerRow>)
         }
       }
       row_allreduce_sum<kWarpsPerRow>(dev, reduce_smem);
-      var = fmaxf(dev[0] - dev[1] * dev[1] * a.inv_cols, 0.f) * a.inv_cols;
+      // sum(d^2) - sum(d)^2 / N is >= 0 in exact arithmetic; rounding can take it below 0
+      // (then 0). A sum(d^2) that overflowed (|x| ~ 1e19 in float; the correction may
+      // overflow too) gives var = inf, hence rstd = 0, as torch's kernels give. NaN (from
+      // an inf or NaN input) stays NaN, which fmaxf(NaN, 0) = 0 had turned into a
+      // plausible-looking wrong row.
+      float m2 = dev[0] - dev[1] * a.inv_cols * dev[1];
+      if (m2 < 0.f) m2 = 0.f;
+      if (dev[0] == kInf) m2 = kInf;
+      var = m2 * a.inv_cols;
     }
     const float rstd = rsqrtf(var + a.eps);
     if (thread_in_row == 0) {
@@ -659,7 +675,11 @@ __global__ void __launch_bounds__(kReduceCols * kReduceSlices)
 int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-unsigned grid_x(int64_t blocks) { return static_cast<unsigned>(min_i64(blocks, kMaxGridX)); }
+// A grid of `blocks` blocks that loop over rows, at most max_blocks (CUDA's limit, or the
+// emulation's test cap): with fewer blocks each one loops over more rows.
+unsigned grid_x(int64_t blocks, int64_t max_blocks) {
+  return static_cast<unsigned>(min_i64(blocks, min_i64(max_blocks, kMaxGridX)));
+}
 
 // 16-byte alignment covers every access width used (<= 16 bytes), and the row starts
 // stay aligned when strides and cols are multiples of the vector width.
@@ -704,23 +724,28 @@ BwdPartition partition_rows(int64_t rows, int64_t max_partials) {
   return {ceil_div(rows, rows_per_partial), rows_per_partial};
 }
 
-BwdPartition registers_partition(int64_t rows, int bucket_index, int num_sms) {
+// The partitions have at most max_blocks partials (a partial is a block, or a row of blocks).
+BwdPartition registers_partition(int64_t rows, int bucket_index, int num_sms,
+                                 int64_t max_blocks) {
   const RowBucket& b = kRowBuckets[bucket_index];
   const int block_threads = row_block_threads(b.threads_per_row);
   const int rows_per_block = block_threads / b.threads_per_row;
-  return partition_rows(rows, min_i64(ceil_div(rows, rows_per_block),
-                                      int64_t(num_sms) * (kBwdThreadsPerSm / block_threads)));
+  const int64_t resident = int64_t(num_sms) * (kBwdThreadsPerSm / block_threads);
+  return partition_rows(
+      rows, min_i64(min_i64(ceil_div(rows, rows_per_block), resident), max_blocks));
 }
 
-BwdPartition column_tiles_partition(int64_t rows, int64_t cols, int num_sms) {
+BwdPartition column_tiles_partition(int64_t rows, int64_t cols, int num_sms,
+                                    int64_t max_blocks) {
   const int64_t tiles = ceil_div(cols, kTileCols);
   const int64_t blocks = int64_t(num_sms) * (kBwdThreadsPerSm / kTileThreads);
-  return partition_rows(rows, ceil_div(blocks, tiles));
+  return partition_rows(rows, min_i64(ceil_div(blocks, tiles), max_blocks));
 }
 
 // Floats of the looped path's workspace that hold the partials (row_grad_means follow).
-int64_t column_tiles_partial_floats(int64_t rows, int64_t cols, int num_sms) {
-  return column_tiles_partition(rows, cols, num_sms).num_partials * 2 * cols;
+int64_t column_tiles_partial_floats(int64_t rows, int64_t cols, int num_sms,
+                                    int64_t max_blocks) {
+  return column_tiles_partition(rows, cols, num_sms, max_blocks).num_partials * 2 * cols;
 }
 
 template <class T>
@@ -754,9 +779,9 @@ bool fwd_vectorizable(const FwdArgs<T>& a, int vec_width) {
 }
 
 template <class T>
-cudaError_t launch_fwd_looped(const FwdArgs<T>& a, cudaStream_t stream) {
+cudaError_t launch_fwd_looped(const FwdArgs<T>& a, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kVecWidth = kMaxVecWidth<T>;
-  const unsigned grid = grid_x(a.rows);
+  const unsigned grid = grid_x(a.rows, max_blocks);
   if (fwd_vectorizable(a, kVecWidth)) {
     auto kernel = norm_fwd_looped_kernel<T, kVecWidth>;
     FASTLLM_LAUNCH_KERNEL(kernel, grid, kLoopedThreads, 0, stream, a);
@@ -768,11 +793,11 @@ cudaError_t launch_fwd_looped(const FwdArgs<T>& a, cudaStream_t stream) {
 }
 
 template <class T, int kElemsPerThread, int kThreadsPerRow>
-cudaError_t launch_fwd_registers(const FwdArgs<T>& a, cudaStream_t stream) {
+cudaError_t launch_fwd_registers(const FwdArgs<T>& a, int64_t max_blocks, cudaStream_t stream) {
   constexpr int kVecWidth =
       kElemsPerThread < kMaxVecWidth<T> ? kElemsPerThread : kMaxVecWidth<T>;
   constexpr int kBlockThreads = kRowBlockThreads<kThreadsPerRow>;
-  const unsigned grid = grid_x(ceil_div(a.rows, kBlockThreads / kThreadsPerRow));
+  const unsigned grid = grid_x(ceil_div(a.rows, kBlockThreads / kThreadsPerRow), max_blocks);
   if (fwd_vectorizable(a, kVecWidth)) {
     auto kernel =
         norm_fwd_registers_kernel<T, kVecWidth, kElemsPerThread / kVecWidth, kThreadsPerRow>;
@@ -781,19 +806,19 @@ cudaError_t launch_fwd_registers(const FwdArgs<T>& a, cudaStream_t stream) {
     auto kernel = norm_fwd_registers_kernel<T, 1, kElemsPerThread, kThreadsPerRow>;
     FASTLLM_LAUNCH_KERNEL(kernel, grid, kBlockThreads, 0, stream, a);
   } else {
-    return launch_fwd_looped(a, stream);
+    return launch_fwd_looped(a, max_blocks, stream);
   }
   return cudaGetLastError();
 }
 
 template <class T>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+cudaError_t launch_fwd(const FwdParams& p, int64_t max_blocks, cudaStream_t stream) {
   const FwdArgs<T> a = make_fwd_args<T>(p);
   const int bucket = row_bucket_index(p.cols);
-  if (bucket < 0) return launch_fwd_looped(a, stream);
+  if (bucket < 0) return launch_fwd_looped(a, max_blocks, stream);
   return with_row_bucket(bucket, [&](auto tag) {
     constexpr RowBucket b = decltype(tag)::value;
-    return launch_fwd_registers<T, b.elems_per_thread, b.threads_per_row>(a, stream);
+    return launch_fwd_registers<T, b.elems_per_thread, b.threads_per_row>(a, max_blocks, stream);
   });
 }
 
@@ -834,20 +859,23 @@ bool bwd_vectorizable(const BwdArgs<T>& a, int vec_width) {
 cudaError_t launch_param_grads(const BwdParams& p, int64_t num_partials, cudaStream_t stream) {
   if (p.dweight == nullptr && p.dbias == nullptr) return cudaSuccess;
   const int cols = static_cast<int>(p.cols);
-  FASTLLM_LAUNCH_KERNEL(norm_bwd_param_grads_kernel, grid_x(ceil_div(cols, kReduceCols)),
+  // One block per kReduceCols columns: these blocks do not loop over rows, so no cap.
+  const unsigned grid = grid_x(ceil_div(cols, kReduceCols), kMaxGridX);
+  FASTLLM_LAUNCH_KERNEL(norm_bwd_param_grads_kernel, grid,
                         kReduceCols * kReduceSlices, 0, stream, p.workspace, num_partials, cols,
                         static_cast<float*>(p.dweight), static_cast<float*>(p.dbias));
   return cudaGetLastError();
 }
 
 template <class T>
-cudaError_t launch_bwd_looped(const BwdParams& p, BwdArgs<T> a, int num_sms,
+cudaError_t launch_bwd_looped(const BwdParams& p, BwdArgs<T> a, int num_sms, int64_t max_blocks,
                               cudaStream_t stream) {
   constexpr int kVecWidth = kMaxVecWidth<T>;
-  const BwdPartition part = column_tiles_partition(p.rows, p.cols, num_sms);
+  const BwdPartition part = column_tiles_partition(p.rows, p.cols, num_sms, max_blocks);
   a.rows_per_partial = part.rows_per_partial;
-  a.row_grad_means = p.workspace + column_tiles_partial_floats(p.rows, p.cols, num_sms);
-  const unsigned row_grid = grid_x(a.rows);
+  a.row_grad_means =
+      p.workspace + column_tiles_partial_floats(p.rows, p.cols, num_sms, max_blocks);
+  const unsigned row_grid = grid_x(a.rows, max_blocks);
   const dim3 tile_grid(static_cast<unsigned>(ceil_div(a.cols, kTileCols)),
                        static_cast<unsigned>(part.num_partials));
   if (bwd_vectorizable(a, kVecWidth)) {
@@ -872,11 +900,11 @@ cudaError_t launch_bwd_looped(const BwdParams& p, BwdArgs<T> a, int num_sms,
 
 template <class T, int kElemsPerThread, int kThreadsPerRow>
 cudaError_t launch_bwd_registers(const BwdParams& p, BwdArgs<T> a, int bucket, int num_sms,
-                                 cudaStream_t stream) {
+                                 int64_t max_blocks, cudaStream_t stream) {
   constexpr int kVecWidth =
       kElemsPerThread < kMaxVecWidth<T> ? kElemsPerThread : kMaxVecWidth<T>;
   constexpr int kBlockThreads = kRowBlockThreads<kThreadsPerRow>;
-  const BwdPartition part = registers_partition(p.rows, bucket, num_sms);
+  const BwdPartition part = registers_partition(p.rows, bucket, num_sms, max_blocks);
   a.rows_per_partial = part.rows_per_partial;
   const unsigned grid = static_cast<unsigned>(part.num_partials);
   if (bwd_vectorizable(a, kVecWidth)) {
@@ -887,7 +915,7 @@ cudaError_t launch_bwd_registers(const BwdParams& p, BwdArgs<T> a, int bucket, i
     auto kernel = norm_bwd_registers_kernel<T, 1, kElemsPerThread, kThreadsPerRow>;
     FASTLLM_LAUNCH_KERNEL(kernel, grid, kBlockThreads, 0, stream, a);
   } else {
-    return launch_bwd_looped(p, a, num_sms, stream);
+    return launch_bwd_looped(p, a, num_sms, max_blocks, stream);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -895,52 +923,60 @@ cudaError_t launch_bwd_registers(const BwdParams& p, BwdArgs<T> a, int bucket, i
 }
 
 template <class T>
-cudaError_t launch_bwd(const BwdParams& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_bwd(const BwdParams& p, int num_sms, int64_t max_blocks, cudaStream_t stream) {
   const BwdArgs<T> a = make_bwd_args<T>(p);
   const int bucket = row_bucket_index(p.cols);
-  if (bucket < 0) return launch_bwd_looped(p, a, num_sms, stream);
+  if (bucket < 0) return launch_bwd_looped(p, a, num_sms, max_blocks, stream);
   return with_row_bucket(bucket, [&](auto tag) {
     constexpr RowBucket b = decltype(tag)::value;
-    return launch_bwd_registers<T, b.elems_per_thread, b.threads_per_row>(p, a, bucket, num_sms,
-                                                                         stream);
+    return launch_bwd_registers<T, b.elems_per_thread, b.threads_per_row>(
+        p, a, bucket, num_sms, max_blocks, stream);
   });
 }
 
 }  // namespace
 
-int64_t norm_bwd_cuda_workspace_floats(int64_t rows, int64_t cols, int num_sms) {
+int64_t norm_bwd_cuda_workspace_floats(int64_t rows, int64_t cols, int num_sms,
+                                       int64_t max_blocks) {
   if (rows <= 0 || cols <= 0) return 0;
   num_sms = num_sms < 1 ? 1 : num_sms;
+  max_blocks = max_blocks < 1 ? 1 : max_blocks;
   int64_t floats = 0;
   const int bucket = row_bucket_index(cols);
-  if (bucket >= 0) floats = registers_partition(rows, bucket, num_sms).num_partials * 2 * cols;
+  if (bucket >= 0) {
+    floats = registers_partition(rows, bucket, num_sms, max_blocks).num_partials * 2 * cols;
+  }
   // Rows above kMaxScalarRegisterCols take the looped path when they are not aligned.
   if (cols > kMaxScalarRegisterCols) {
-    floats = max_i64(floats, column_tiles_partial_floats(rows, cols, num_sms) + 2 * rows);
+    floats = max_i64(
+        floats, column_tiles_partial_floats(rows, cols, num_sms, max_blocks) + 2 * rows);
   }
   return floats;
 }
 
-cudaError_t launch_norm_fwd_cuda(const FwdParams& p, cudaStream_t stream) {
+cudaError_t launch_norm_fwd_cuda(const FwdParams& p, int64_t max_blocks, cudaStream_t stream) {
   if (p.rows <= 0 || p.cols <= 0) return cudaSuccess;
   if (p.cols > kMaxCols || p.x == nullptr || p.out == nullptr || p.rstd == nullptr ||
       (!p.rms && p.mean == nullptr) || (p.residual != nullptr && p.residual_out == nullptr)) {
     return cudaErrorInvalidValue;
   }
+  max_blocks = max_blocks < 1 ? 1 : max_blocks;
   return dispatch_cuda_dtype(p.dtype, [&](auto type) {
-    return launch_fwd<typename decltype(type)::type>(p, stream);
+    return launch_fwd<typename decltype(type)::type>(p, max_blocks, stream);
   });
 }
 
-cudaError_t launch_norm_bwd_cuda(const BwdParams& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_norm_bwd_cuda(const BwdParams& p, int num_sms, int64_t max_blocks,
+                                 cudaStream_t stream) {
   if (p.rows <= 0 || p.cols <= 0) return cudaSuccess;
   if (p.cols > kMaxCols || p.dy == nullptr || p.x == nullptr || p.rstd == nullptr ||
       p.dx == nullptr || (!p.rms && p.mean == nullptr) || p.workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
   num_sms = num_sms < 1 ? 1 : num_sms;
+  max_blocks = max_blocks < 1 ? 1 : max_blocks;
   return dispatch_cuda_dtype(p.dtype, [&](auto type) {
-    return launch_bwd<typename decltype(type)::type>(p, num_sms, stream);
+    return launch_bwd<typename decltype(type)::type>(p, num_sms, max_blocks, stream);
   });
 }
 

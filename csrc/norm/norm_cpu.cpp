@@ -89,6 +89,16 @@ constexpr int kRowGroup = 4;
 // at least kPrefetchMinBytes are prefetched.
 constexpr int64_t kPrefetchMinBytes = int64_t{32} << 20;
 
+// The rstd that backward scales row r's gradients by. A layer-norm row of one element
+// normalises to 0 whatever its rstd, so its gradients are exactly dx = dresidual_out and
+// dweight += 0: rstd = 0 gives them, where the stored rstd (~316 at eps = 1e-5) multiplied
+// the rounding residue of g - mean_g (dy * w - mean_g contracted into an fma) into dx.
+template <class Acc>
+Acc bwd_rstd(const BwdParams& p, int64_t r) {
+  if (!p.rms && p.cols == 1) return Acc(0);
+  return static_cast<const Acc*>(p.rstd)[r];
+}
+
 // ---- portable scalar path ---------------------------------------------------------------
 
 // Sum of term(j) over [0, n) in blocks of kSumBlock.
@@ -148,7 +158,7 @@ void norm_bwd_rows_scalar(const BwdParams& p, int64_t row_begin, int64_t row_end
     const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
     const T* dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
     const Acc mean = p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r];
-    const Acc rstd = static_cast<const Acc*>(p.rstd)[r];
+    const Acc rstd = bwd_rstd<Acc>(p, r);
     auto g = [&](int64_t j) { return w != nullptr ? to_acc(dy[j]) * w[j] : to_acc(dy[j]); };
     auto xhat = [&](int64_t j) { return (to_acc(x[j]) - mean) * rstd; };
     const Acc mean_g = p.rms ? Acc(0) : sum_row_scalar<Acc>(n, g) / n;
@@ -370,7 +380,7 @@ void norm_bwd_rows_avx2(const BwdParams& p, int64_t row_begin, int64_t row_end,
                    : static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride;
       t.dx = static_cast<T*>(p.dx) + r * n;
       t.mean = broadcast(p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r]);
-      const Acc rstd = static_cast<const Acc*>(p.rstd)[r];
+      const Acc rstd = bwd_rstd<Acc>(p, r);
       t.rstd = broadcast(rstd);
       // Padding lanes have dy = 0, hence g = 0: they add nothing to either sum.
       V sums[2];  // g, g * (x - mean)

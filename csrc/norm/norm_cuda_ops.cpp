@@ -22,15 +22,21 @@ namespace fastllm {
 namespace norm {
 namespace {
 
-// Backward also needs a workspace for the partial dweight / dbias sums, sized by the SM count.
-struct NormCudaKernels : CudaKernels<launch_norm_fwd_cuda, nullptr> {
+// The launchers also take the grid limit (CudaLaunch::max_blocks), and backward a workspace
+// for the partial dweight / dbias sums, sized by the SM count.
+struct NormCudaKernels : CudaKernels<nullptr, nullptr> {
+  static void fwd(const char* op, FwdParams& p, const at::Tensor& input) {
+    const CudaLaunch launch(input);
+    check_launch(op, launch_norm_fwd_cuda(p, launch.max_blocks(), launch.stream()));
+  }
   static void bwd(const char* op, BwdParams& p, const at::Tensor& input) {
     const CudaLaunch launch(input);
     const int num_sms = launch.num_sms();
+    const int64_t max_blocks = launch.max_blocks();
     const at::Tensor workspace = cuda_workspace(
-        input, norm_bwd_cuda_workspace_floats(p.rows, p.cols, num_sms), at::kFloat);
+        input, norm_bwd_cuda_workspace_floats(p.rows, p.cols, num_sms, max_blocks), at::kFloat);
     p.workspace = workspace.data_ptr<float>();
-    check_launch(op, launch_norm_bwd_cuda(p, num_sms, launch.stream()));
+    check_launch(op, launch_norm_bwd_cuda(p, num_sms, max_blocks, launch.stream()));
   }
 };
 

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from fastllm.ops._family import (
-    FLOAT_DTYPES,
     OpFamily,
     OpSet,
     acc_dtype,
@@ -30,15 +29,52 @@ _Shape = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------- checks
-# Shape/dtype/device checks shared by every backend (the C++ glue repeats them for direct
-# callers of torch.ops.fastllm.*). They look at metadata only, never at tensor values, so
-# they trace under torch.compile(fullgraph=True).
+# Shape/dtype/device checks shared by every backend. They look at metadata only, never at
+# tensor values, so they trace under torch.compile(fullgraph=True). The C++ glue
+# (csrc/norm/norm_glue.h) makes the same checks, in the same order, for direct callers of
+# torch.ops.fastllm.* and the emulated ops, and raises the same exception types: TypeError
+# for a wrong type or dtype, ValueError for a wrong shape or value. (A device or
+# shape-of-input mismatch found by the shared C++ helpers check_same_device / check_like of
+# csrc/common/torch_glue.h is a RuntimeError there.)
 
 
 def _shape(s: int | Sequence[int]) -> list[int]:
     if isinstance(s, int):
         return [s]
     return [int(d) for d in s]
+
+
+def _type_name(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _check_tensor(op: str, name: str, t: object, what: str = "a Tensor") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be {what}, got {_type_name(t)}")
+
+
+def _is_int(d: object) -> bool:
+    return isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool)
+
+
+def _check_normalized_shape(op: str, normalized_shape: object) -> list[int]:
+    """normalized_shape as a list of ints: an int, or a list / tuple / torch.Size of ints."""
+    if _is_int(normalized_shape):
+        return [normalized_shape]  # type: ignore[list-item]
+    if not isinstance(normalized_shape, (list, tuple)) or not all(
+        _is_int(d) for d in normalized_shape
+    ):
+        raise TypeError(
+            f"{op}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        )
+    return [int(d) for d in normalized_shape]
+
+
+def _check_eps(op: str, eps: object) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{op}: eps must be a float, got {_type_name(eps)}")
+    if not eps >= 0:  # NaN too
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
 
 
 def check_norm_args(
@@ -50,10 +86,13 @@ def check_norm_args(
     eps: float,
     *,
     rms: bool,
-    residual: Optional[Tensor] = None,
 ) -> None:
+    """The checks of a forward call (and of the forward arguments of a backward call); the
+    add_* variants check their residual after these (check_residual)."""
+    _check_eps(op, eps)
+    _check_tensor(op, "input", input)
     check_float_tensor(op, "input", input)
-    shape = _shape(normalized_shape)
+    shape = _check_normalized_shape(op, normalized_shape)
     if len(shape) == 0:
         raise ValueError(f"{op}: normalized_shape must have at least one dimension, got []")
     if input.dim() < len(shape) or list(input.shape[input.dim() - len(shape):]) != shape:
@@ -61,18 +100,16 @@ def check_norm_args(
             f"{op}: normalized_shape {shape} must match the trailing dimensions of input, "
             f"got input of shape {list(input.shape)}"
         )
-    if eps < 0:
-        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
+        _check_tensor(op, name, p, "a Tensor or None")
         if list(p.shape) != shape:
             raise ValueError(
                 f"{op}: {name} must have shape {shape} (normalized_shape), got {list(p.shape)}"
             )
         check_same_device(op, name, p, input)
-        if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be a floating tensor, got {p.dtype}")
+        check_float_tensor(op, name, p)
         if not rms and not (
             p.dtype == input.dtype
             or (p.dtype == torch.float32 and input.dtype in (torch.bfloat16, torch.float16))
@@ -81,17 +118,23 @@ def check_norm_args(
                 f"{op}: {name} must have the input's dtype {input.dtype} "
                 f"(or float32 with a bfloat16/float16 input), got {p.dtype}"
             )
-    if residual is not None:
-        if residual.shape != input.shape:
-            raise ValueError(
-                f"{op}: residual must have the shape of input {list(input.shape)}, "
-                f"got {list(residual.shape)}"
-            )
-        if residual.dtype != input.dtype:
-            raise TypeError(
-                f"{op}: residual must have the dtype of input {input.dtype}, got {residual.dtype}"
-            )
-        check_same_device(op, "residual", residual, input)
+
+
+def check_residual(op: str, residual: Tensor, input: Tensor) -> None:
+    """The residual of the add_* variants: a tensor like the input."""
+    _check_like_input(op, "residual", residual, input)
+
+
+def _check_like_input(op: str, name: str, t: object, input: Tensor) -> None:
+    """``t`` must have the input's shape, dtype and device (residual, gradients)."""
+    _check_tensor(op, name, t)
+    if t.shape != input.shape:
+        raise ValueError(
+            f"{op}: {name} must have the shape of input {list(input.shape)}, got {list(t.shape)}"
+        )
+    if t.dtype != input.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of input {input.dtype}, got {t.dtype}")
+    check_same_device(op, name, t, input)
 
 
 def default_rms_eps(input: Tensor) -> float:
@@ -119,28 +162,31 @@ def _param_grad_like(
 
 def _check_grads_and_stats(
     op: str, grad_out: Tensor, grad_residual_out: Optional[Tensor], input: Tensor,
-    normalized_shape: Sequence[int], stats: Sequence[tuple[str, Tensor]],
+    normalized_shape: Sequence[int], weight: Optional[Tensor],
+    stats: Sequence[tuple[str, Tensor]], weight_grad: bool,
 ) -> None:
-    for name, g in (("grad_out", grad_out), ("grad_residual_out", grad_residual_out)):
-        if g is None:
-            continue
-        check_float_tensor(op, name, g)
-        if g.shape != input.shape or g.dtype != input.dtype:
-            raise ValueError(
-                f"{op}: {name} must have input's shape {list(input.shape)} and dtype "
-                f"{input.dtype}, got {list(g.shape)} {g.dtype}"
-            )
-        check_same_device(op, name, g, input)
+    """The backward's own arguments, after check_norm_args of its forward ones: gradients
+    like the input, per-row statistics as the forward returns them (the input's leading
+    dims, in the accumulation dtype)."""
+    _check_like_input(op, "grad_out", grad_out, input)
+    if grad_residual_out is not None:
+        _check_like_input(op, "grad_residual_out", grad_residual_out, input)
     leading = list(input.shape[: input.dim() - len(_shape(normalized_shape))])
     for name, t in stats:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-        if list(t.shape) != leading or t.dtype != acc_dtype(input):
+        _check_tensor(op, name, t)
+        if list(t.shape) != leading:
             raise ValueError(
-                f"{op}: {name} must be {acc_dtype(input)} of shape {leading} (input's leading "
-                f"dims), got {t.dtype} of shape {list(t.shape)}"
+                f"{op}: {name} must have shape {leading} (input's leading dims, one value per "
+                f"row), got {list(t.shape)}"
+            )
+        if t.dtype != acc_dtype(input):
+            raise TypeError(
+                f"{op}: {name} must be {str(acc_dtype(input)).removeprefix('torch.')} (the "
+                f"accumulation dtype of {input.dtype} input), got {t.dtype}"
             )
         check_same_device(op, name, t, input)
+    if weight_grad and weight is None:
+        raise ValueError(f"{op}: weight_grad=True needs a weight, got weight=None")
 
 
 def _check_layer_norm_fwd(input, normalized_shape, weight, bias, eps):
@@ -148,18 +194,16 @@ def _check_layer_norm_fwd(input, normalized_shape, weight, bias, eps):
 
 
 def _check_add_layer_norm_fwd(input, residual, normalized_shape, weight, bias, eps):
-    check_norm_args(
-        "add_layer_norm_fwd", input, normalized_shape, weight, bias, eps, rms=False,
-        residual=residual,
-    )
+    check_norm_args("add_layer_norm_fwd", input, normalized_shape, weight, bias, eps, rms=False)
+    check_residual("add_layer_norm_fwd", residual, input)
 
 
 def _check_layer_norm_bwd(grad_out, grad_residual_out, input, normalized_shape, weight, mean,
                           rstd, weight_grad, bias_grad):
     op = "layer_norm_bwd"
     check_norm_args(op, input, normalized_shape, weight, None, 0.0, rms=False)
-    _check_grads_and_stats(op, grad_out, grad_residual_out, input, normalized_shape,
-                           (("mean", mean), ("rstd", rstd)))
+    _check_grads_and_stats(op, grad_out, grad_residual_out, input, normalized_shape, weight,
+                           (("mean", mean), ("rstd", rstd)), weight_grad)
 
 
 def _check_rms_norm_fwd(input, normalized_shape, weight, eps):
@@ -167,18 +211,16 @@ def _check_rms_norm_fwd(input, normalized_shape, weight, eps):
 
 
 def _check_add_rms_norm_fwd(input, residual, normalized_shape, weight, eps):
-    check_norm_args(
-        "add_rms_norm_fwd", input, normalized_shape, weight, None, eps, rms=True,
-        residual=residual,
-    )
+    check_norm_args("add_rms_norm_fwd", input, normalized_shape, weight, None, eps, rms=True)
+    check_residual("add_rms_norm_fwd", residual, input)
 
 
 def _check_rms_norm_bwd(grad_out, grad_residual_out, input, normalized_shape, weight, rstd,
                         weight_grad):
     op = "rms_norm_bwd"
     check_norm_args(op, input, normalized_shape, weight, None, 0.0, rms=True)
-    _check_grads_and_stats(op, grad_out, grad_residual_out, input, normalized_shape,
-                           (("rstd", rstd),))
+    _check_grads_and_stats(op, grad_out, grad_residual_out, input, normalized_shape, weight,
+                           (("rstd", rstd),), weight_grad)
 
 
 _CHECKS = {
@@ -353,6 +395,9 @@ IMPLS = OpFamily(
     fakes=_FAKES,
     autograd=_register_autograd,
     triton_kernels=_triton_kernels,
+    # The CUDA kernels take float32 / bfloat16 / float16; float64 CUDA tensors are
+    # normalised by the reference, as torch's own norms accept them.
+    cuda_dtype_fallback={torch.float64: "reference"},
 )
 
 
@@ -374,10 +419,11 @@ def layer_norm(
     bfloat16/float16 input. Non-contiguous inputs are accepted.
     """
     check_norm_args("layer_norm", input, normalized_shape, weight, bias, eps, rms=False)
+    shape = _shape(normalized_shape)
     ops = IMPLS.select(input)
     if ops is None:
-        return ref.layer_norm_ref(input, normalized_shape, weight, bias, eps)
-    return ops.layer_norm_fwd(input, _shape(normalized_shape), weight, bias, eps)[0]
+        return ref.layer_norm_ref(input, shape, weight, bias, eps)
+    return ops.layer_norm_fwd(input, shape, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -391,12 +437,15 @@ def rms_norm(
     ``torch.finfo(torch.float32).eps`` for float32/bfloat16/float16 input (what torch's
     kernel does) and the float64 epsilon for float64 input.
     """
-    eps = default_rms_eps(input) if eps is None else eps
+    if eps is None:
+        _check_tensor("rms_norm", "input", input)
+        eps = default_rms_eps(input)
     check_norm_args("rms_norm", input, normalized_shape, weight, None, eps, rms=True)
+    shape = _shape(normalized_shape)
     ops = IMPLS.select(input)
     if ops is None:
-        return ref.rms_norm_ref(input, normalized_shape, weight, eps)
-    return ops.rms_norm_fwd(input, _shape(normalized_shape), weight, eps)[0]
+        return ref.rms_norm_ref(input, shape, weight, eps)
+    return ops.rms_norm_fwd(input, shape, weight, eps)[0]
 
 
 def add_layer_norm(
@@ -411,15 +460,13 @@ def add_layer_norm(
     ``(layer_norm(input + residual), input + residual)``. The sum is rounded to the input
     dtype before it is normalised, exactly as the unfused code would do.
     """
-    check_norm_args(
-        "add_layer_norm", input, normalized_shape, weight, bias, eps, rms=False, residual=residual
-    )
+    check_norm_args("add_layer_norm", input, normalized_shape, weight, bias, eps, rms=False)
+    check_residual("add_layer_norm", residual, input)
+    shape = _shape(normalized_shape)
     ops = IMPLS.select(input)
     if ops is None:
-        return ref.add_layer_norm_ref(input, residual, normalized_shape, weight, bias, eps)
-    out, summed, _, _ = ops.add_layer_norm_fwd(
-        input, residual, _shape(normalized_shape), weight, bias, eps
-    )
+        return ref.add_layer_norm_ref(input, residual, shape, weight, bias, eps)
+    out, summed, _, _ = ops.add_layer_norm_fwd(input, residual, shape, weight, bias, eps)
     return out, summed
 
 
@@ -431,12 +478,14 @@ def add_rms_norm(
     eps: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(rms_norm(input + residual), input + residual)`` in one fused pass."""
-    eps = default_rms_eps(input) if eps is None else eps
-    check_norm_args(
-        "add_rms_norm", input, normalized_shape, weight, None, eps, rms=True, residual=residual
-    )
+    if eps is None:
+        _check_tensor("add_rms_norm", "input", input)
+        eps = default_rms_eps(input)
+    check_norm_args("add_rms_norm", input, normalized_shape, weight, None, eps, rms=True)
+    check_residual("add_rms_norm", residual, input)
+    shape = _shape(normalized_shape)
     ops = IMPLS.select(input)
     if ops is None:
-        return ref.add_rms_norm_ref(input, residual, normalized_shape, weight, eps)
-    out, summed, _ = ops.add_rms_norm_fwd(input, residual, _shape(normalized_shape), weight, eps)
+        return ref.add_rms_norm_ref(input, residual, shape, weight, eps)
+    out, summed, _ = ops.add_rms_norm_fwd(input, residual, shape, weight, eps)
     return out, summed

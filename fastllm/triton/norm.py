@@ -1,6 +1,7 @@
 """LayerNorm / RMSNorm in Triton: forward and backward kernels and their launchers.
 
-Math, per row x of length N (cols), statistics and arithmetic in float32:
+Math, per row x of length N (cols), statistics and arithmetic in float32 (float64 for
+float64 input: the accumulation dtype, that of the rstd pointer):
     layer norm: mean = sum(x) / N, var = sum((x - mean)^2) / N, rstd = 1 / sqrt(var + eps)
                 y = (x - mean) * rstd * w + b
     rms norm:   rstd = 1 / sqrt(sum(x^2) / N + eps),  y = x * rstd * w
@@ -25,13 +26,14 @@ Variants, all selected by constexpr flags of one forward and one backward kernel
                        backward first reduces mean(g) and mean(g * xhat), then writes dx.
     ROUND_BF16_IN_SOFTWARE  set only under TRITON_INTERPRET=1; see fastllm/triton/_common.py.
 The forward program normalises BLOCK_M consecutive rows. Each backward program owns a
-contiguous chunk of rows and one row of a (programs, N) float32 partial-sum buffer for dw and
+contiguous chunk of rows and one row of a (programs, N) partial-sum buffer (accumulation
+dtype) for dw and
 db; the launcher sums that buffer over programs. No atomics, so gradients are deterministic.
 
 Shapes: rows (M) = product of the input's leading dims, cols (N) = prod(normalized_shape).
 Operands are viewed as (M, N) with unit column stride and any row stride; the outputs out,
-residual_out and dx are contiguous (M, N); mean and rstd are float32 (M,); weight and bias
-reach the kernels as float32 (N,) contiguous.
+residual_out and dx are contiguous (M, N); mean and rstd are (M,) in the accumulation dtype
+(float32; float64 for float64 input); weight and bias reach the kernels in it, (N,) contiguous.
 """
 
 import functools
@@ -94,21 +96,22 @@ def _load_normalised_input(
     HAS_RESIDUAL: tl.constexpr,
     STORE_RESIDUAL_OUT: tl.constexpr,
     ROUND_BF16_IN_SOFTWARE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    """A (BLOCK_M, BLOCK_N) tile of what gets normalised, as float32, 0 where masked: x, or
+    """A (BLOCK_M, BLOCK_N) tile of what gets normalised, in ACC_DTYPE, 0 where masked: x, or
     s = round(x + residual), stored to residual_out if STORE_RESIDUAL_OUT. The pointers are
     (BLOCK_M, 1) row starts."""
-    x = tl.load(x_rows_ptr + col_offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_rows_ptr + col_offsets[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_RESIDUAL:
         residual = tl.load(residual_rows_ptr + col_offsets[None, :], mask=mask, other=0.0)
         # Round to the input dtype before normalising, as torch's eager `x + residual` does.
         s = round_to_dtype(
-            x + residual.to(tl.float32), residual_out_rows_ptr.dtype.element_ty,
+            x + residual.to(ACC_DTYPE), residual_out_rows_ptr.dtype.element_ty,
             ROUND_BF16_IN_SOFTWARE,
         )
         if STORE_RESIDUAL_OUT:
             tl.store(residual_out_rows_ptr + col_offsets[None, :], s, mask=mask)
-        x = s.to(tl.float32)
+        x = s.to(ACC_DTYPE)
     return x
 
 
@@ -142,12 +145,12 @@ def _store_normalised(
 def norm_fwd_kernel(
     x_ptr,  # (M, N), row stride stride_x_row
     residual_ptr,  # (M, N), row stride stride_residual_row; None unless HAS_RESIDUAL
-    weight_ptr,  # (N,) float32; None unless HAS_WEIGHT
-    bias_ptr,  # (N,) float32; None unless HAS_BIAS
+    weight_ptr,  # (N,) accumulation dtype; None unless HAS_WEIGHT
+    bias_ptr,  # (N,) accumulation dtype; None unless HAS_BIAS
     out_ptr,  # (M, N) contiguous, x's dtype
     residual_out_ptr,  # (M, N) contiguous, x's dtype; None unless HAS_RESIDUAL
-    mean_ptr,  # (M,) float32; None for rms norm
-    rstd_ptr,  # (M,) float32
+    mean_ptr,  # (M,) accumulation dtype; None for rms norm
+    rstd_ptr,  # (M,) accumulation dtype (float32; float64 for float64 input)
     stride_x_row,
     stride_residual_row,
     rows,  # M
@@ -164,6 +167,7 @@ def norm_fwd_kernel(
 ):
     """Normalises rows [pid * BLOCK_M, (pid + 1) * BLOCK_M); writes out, residual_out (add_*),
     mean (layer norm) and rstd."""
+    ACC_DTYPE: tl.constexpr = rstd_ptr.dtype.element_ty
     row_offsets = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = row_offsets < rows
     x_rows_ptr = x_ptr + row_offsets[:, None] * stride_x_row
@@ -180,7 +184,7 @@ def norm_fwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         x = _load_normalised_input(
             x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
-            HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE,
+            HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE, ACC_DTYPE,
         )
         mean = 0.0
         if IS_RMS_NORM:
@@ -198,28 +202,28 @@ def norm_fwd_kernel(
         # Pass 1: statistics of the whole row, one column block at a time.
         mean = 0.0
         if IS_RMS_NORM:
-            sum_sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            sum_sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             for block_start in range(0, cols, BLOCK_N):
                 col_offsets, _, mask = _column_block(block_start, cols, row_mask, BLOCK_N)
                 x = _load_normalised_input(
                     x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
-                    HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE,
+                    HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE, ACC_DTYPE,
                 )
                 sum_sq += x * x
             var = tl.sum(sum_sq, axis=1) / cols
         else:
             # Chan et al.: merge (count, mean, sum of squared deviations) of each block into
             # the running ones; avoids the cancellation of E[x^2] - E[x]^2.
-            count = 0.0
-            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-            m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            count = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+            mean = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+            m2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
             for block_start in range(0, cols, BLOCK_N):
                 col_offsets, _, mask = _column_block(block_start, cols, row_mask, BLOCK_N)
                 x = _load_normalised_input(
                     x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
-                    HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE,
+                    HAS_RESIDUAL, True, ROUND_BF16_IN_SOFTWARE, ACC_DTYPE,
                 )
-                block_count = tl.minimum(cols - block_start, BLOCK_N).to(tl.float32)
+                block_count = tl.minimum(cols - block_start, BLOCK_N).to(ACC_DTYPE)
                 block_mean = tl.sum(x, axis=1) / block_count
                 centred = tl.where(mask, x - block_mean[:, None], 0.0)
                 block_m2 = tl.sum(centred * centred, axis=1)
@@ -236,7 +240,7 @@ def norm_fwd_kernel(
             col_offsets, col_mask, mask = _column_block(block_start, cols, row_mask, BLOCK_N)
             x = _load_normalised_input(
                 x_rows_ptr, residual_rows_ptr, residual_out_rows_ptr, col_offsets, mask,
-                HAS_RESIDUAL, False, ROUND_BF16_IN_SOFTWARE,
+                HAS_RESIDUAL, False, ROUND_BF16_IN_SOFTWARE, ACC_DTYPE,
             )
             _store_normalised(
                 x, _centre(mean, IS_RMS_NORM), rstd[:, None], weight_ptr, bias_ptr, out_rows_ptr,
@@ -259,11 +263,12 @@ def _load_xhat_and_grad(
     mean,
     rstd,
     HAS_WEIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    """xhat, dy and g = dy * w for one (BLOCK_M, BLOCK_N) tile, float32, 0 where masked.
+    """xhat, dy and g = dy * w for one (BLOCK_M, BLOCK_N) tile, in ACC_DTYPE, 0 where masked.
     mean and rstd are (BLOCK_M, 1); mean is 0 for rms norm."""
-    x = tl.load(x_rows_ptr + col_offsets[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_rows_ptr + col_offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_rows_ptr + col_offsets[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    dy = tl.load(dy_rows_ptr + col_offsets[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
     g = dy
     if HAS_WEIGHT:
@@ -291,7 +296,7 @@ def _store_grad_input(
     dx = (g - (xhat * mean_g_xhat + mean_g)) * rstd
     if HAS_DRESIDUAL:
         dresidual_out = tl.load(dresidual_out_rows_ptr + col_offsets[None, :], mask=mask, other=0.0)
-        dx += dresidual_out.to(tl.float32)
+        dx += dresidual_out.to(dx.dtype)
     dx = round_to_dtype(dx, dx_rows_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE)
     tl.store(dx_rows_ptr + col_offsets[None, :], dx, mask=mask)
 
@@ -301,12 +306,12 @@ def norm_bwd_kernel(
     dy_ptr,  # (M, N), row stride stride_dy_row
     dresidual_out_ptr,  # (M, N), row stride stride_dresidual_out_row; None unless HAS_DRESIDUAL
     x_ptr,  # (M, N), row stride stride_x_row: what the forward normalised
-    weight_ptr,  # (N,) float32; None unless HAS_WEIGHT
-    mean_ptr,  # (M,) float32; None for rms norm
-    rstd_ptr,  # (M,) float32
+    weight_ptr,  # (N,) accumulation dtype; None unless HAS_WEIGHT
+    mean_ptr,  # (M,) accumulation dtype; None for rms norm
+    rstd_ptr,  # (M,) accumulation dtype (float32; float64 for float64 input)
     dx_ptr,  # (M, N) contiguous, x's dtype
-    dweight_partial_ptr,  # (programs, N) float32; None unless COMPUTE_DWEIGHT
-    dbias_partial_ptr,  # (programs, N) float32; None unless COMPUTE_DBIAS
+    dweight_partial_ptr,  # (programs, N) accumulation dtype; None unless COMPUTE_DWEIGHT
+    dbias_partial_ptr,  # (programs, N) accumulation dtype; None unless COMPUTE_DBIAS
     stride_dy_row,
     stride_dresidual_out_row,
     stride_x_row,
@@ -326,6 +331,7 @@ def norm_bwd_kernel(
     """Writes dx for rows [pid * rows_per_program, (pid + 1) * rows_per_program) and row pid
     of the dw / db partial sums. With ROW_FITS_BLOCK the partial sums live in registers;
     otherwise they accumulate in place in that (zero-initialised) partial-buffer row."""
+    ACC_DTYPE: tl.constexpr = rstd_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, rows)
@@ -339,8 +345,8 @@ def norm_bwd_kernel(
     if ROW_FITS_BLOCK:
         col_offsets = tl.arange(0, BLOCK_N)
         col_mask = col_offsets < cols
-        dweight_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        dbias_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        dweight_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        dbias_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for row_block_start in range(row_start, row_end, BLOCK_M):
         row_offsets = row_block_start + tl.arange(0, BLOCK_M)
         row_mask = row_offsets < row_end
@@ -362,7 +368,7 @@ def norm_bwd_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             xhat, dy, g = _load_xhat_and_grad(
                 x_rows_ptr, dy_rows_ptr, weight_ptr, col_offsets, col_mask, mask, mean, rstd,
-                HAS_WEIGHT,
+                HAS_WEIGHT, ACC_DTYPE,
             )
             # Accumulate before the row reductions: their barriers stop the compiler from
             # moving this up itself, and dy would otherwise stay live across them (spills).
@@ -380,14 +386,14 @@ def norm_bwd_kernel(
             )
         else:
             # Pass 1: the two row reductions dx needs.
-            sum_g_xhat = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            sum_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            sum_g_xhat = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            sum_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             for block_start in range(0, cols, BLOCK_N):
                 block_col_offsets, block_col_mask, mask = _column_block(
                     block_start, cols, row_mask, BLOCK_N)
                 xhat, dy, g = _load_xhat_and_grad(
                     x_rows_ptr, dy_rows_ptr, weight_ptr, block_col_offsets, block_col_mask, mask,
-                    mean, rstd, HAS_WEIGHT,
+                    mean, rstd, HAS_WEIGHT, ACC_DTYPE,
                 )
                 sum_g_xhat += g * xhat
                 sum_g += g
@@ -401,7 +407,7 @@ def norm_bwd_kernel(
                     block_start, cols, row_mask, BLOCK_N)
                 xhat, dy, g = _load_xhat_and_grad(
                     x_rows_ptr, dy_rows_ptr, weight_ptr, block_col_offsets, block_col_mask, mask,
-                    mean, rstd, HAS_WEIGHT,
+                    mean, rstd, HAS_WEIGHT, ACC_DTYPE,
                 )
                 _store_grad_input(
                     xhat, g, mean_g_xhat, mean_g, rstd, dresidual_out_rows_ptr, dx_rows_ptr,
@@ -429,18 +435,25 @@ def norm_bwd_kernel(
 # ---- launchers: schema-shaped, no argument checks (fastllm/ops validates) ----------------
 
 
-def _as_rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+def _as_rows(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """(M, N) view of `t` with unit column stride; copies only when it has to."""
-    rows_view = t.reshape(-1, cols)
+    rows_view = t.reshape(rows, cols)
     if cols > 1 and rows_view.stride(1) != 1:
         rows_view = rows_view.contiguous()
     return rows_view
 
 
-def _as_float32_param(param: Optional[torch.Tensor], cols: int) -> Optional[torch.Tensor]:
+def _acc_dtype(input: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _as_acc_param(
+    param: Optional[torch.Tensor], cols: int, acc: torch.dtype
+) -> Optional[torch.Tensor]:
     if param is None:
         return None
-    return param.reshape(cols).to(torch.float32).contiguous()
+    return param.reshape(cols).to(acc).contiguous()
 
 
 class _Tiles(NamedTuple):
@@ -503,23 +516,31 @@ def _norm_fwd(
     """out, residual_out (None without residual), mean (None for rms norm), rstd."""
     cols = math.prod(normalized_shape)
     stats_shape = input.shape[: input.dim() - len(normalized_shape)]
-    x = _as_rows(input, cols)
-    rows = x.shape[0]
+    rows = math.prod(stats_shape)
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-    rstd = torch.empty(stats_shape, dtype=torch.float32, device=input.device)
+    acc = _acc_dtype(input)
+    rstd = torch.empty(stats_shape, dtype=acc, device=input.device)
     mean = None
     if not is_rms_norm:
-        mean = torch.empty(stats_shape, dtype=torch.float32, device=input.device)
-    residual_rows = residual_out = None
+        mean = torch.empty(stats_shape, dtype=acc, device=input.device)
+    residual_out = None
     if residual is not None:
-        residual_rows = _as_rows(residual, cols)
         residual_out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    if rows == 0 or cols == 0:
+        # Nothing to normalise. Rows of no element get torch's statistics: mean 0 and
+        # rstd = 1 / sqrt(0 / 0 + eps) = NaN.
+        if mean is not None:
+            mean.zero_()
+        rstd.fill_(float("nan"))
+        return out, residual_out, mean, rstd
+    x = _as_rows(input, rows, cols)
+    residual_rows = None if residual is None else _as_rows(residual, rows, cols)
     tiles = _tile_config(rows, cols)
     torch.library.wrap_triton(norm_fwd_kernel)[(triton.cdiv(rows, tiles.block_m),)](
         x,
         residual_rows,
-        _as_float32_param(weight, cols),
-        _as_float32_param(bias, cols),
+        _as_acc_param(weight, cols, acc),
+        _as_acc_param(bias, cols, acc),
         out,
         residual_out,
         mean,
@@ -553,11 +574,23 @@ def _norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_input, grad_weight, grad_bias (the latter two empty when not requested)."""
     cols = math.prod(normalized_shape)
-    x = _as_rows(input, cols)
-    dy = _as_rows(grad_out, cols)
-    rows = x.shape[0]
-    dresidual_out = None if grad_residual_out is None else _as_rows(grad_residual_out, cols)
+    rows = math.prod(input.shape[: input.dim() - len(normalized_shape)])
     grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    # Parameter gradients come back in the parameter's dtype (the input's for a bias
+    # without weight), shaped like the parameter; an empty tensor when not requested.
+    bias_dtype = weight.dtype if weight is not None else input.dtype
+    if rows == 0 or cols == 0:  # nothing to differentiate: zero parameter gradients
+        no_grad = torch.empty(0, dtype=input.dtype, device=input.device)
+        grad_weight = grad_bias = no_grad
+        if weight_grad:
+            grad_weight = torch.zeros(normalized_shape, dtype=weight.dtype, device=input.device)
+        if bias_grad:
+            grad_bias = torch.zeros(normalized_shape, dtype=bias_dtype, device=input.device)
+        return grad_input, grad_weight, grad_bias
+    acc = _acc_dtype(input)
+    x = _as_rows(input, rows, cols)
+    dy = _as_rows(grad_out, rows, cols)
+    dresidual_out = None if grad_residual_out is None else _as_rows(grad_residual_out, rows, cols)
 
     programs = min(rows, _bwd_program_count(input.device))
     rows_per_program = triton.cdiv(rows, max(programs, 1))
@@ -567,14 +600,14 @@ def _norm_bwd(
     partial_shape = (programs, cols)
     dweight_partial = dbias_partial = None
     if weight_grad:
-        dweight_partial = new_partial(partial_shape, dtype=torch.float32, device=input.device)
+        dweight_partial = new_partial(partial_shape, dtype=acc, device=input.device)
     if bias_grad:
-        dbias_partial = new_partial(partial_shape, dtype=torch.float32, device=input.device)
+        dbias_partial = new_partial(partial_shape, dtype=acc, device=input.device)
     torch.library.wrap_triton(norm_bwd_kernel)[(programs,)](
         dy,
         dresidual_out,
         x,
-        _as_float32_param(weight, cols),
+        _as_acc_param(weight, cols, acc),
         None if is_rms_norm else mean.contiguous(),
         rstd.contiguous(),
         grad_input,
@@ -594,14 +627,11 @@ def _norm_bwd(
         ROUND_BF16_IN_SOFTWARE=interpreted(),
         **tiles.launch_options(),
     )
-    # Parameter gradients come back in the parameter's dtype (the input's for a bias
-    # without weight), shaped like the parameter; an empty tensor when not requested.
     if weight_grad:
         grad_weight = dweight_partial.sum(0).to(weight.dtype).reshape(normalized_shape)
     else:
         grad_weight = torch.empty(0, dtype=input.dtype, device=input.device)
     if bias_grad:
-        bias_dtype = weight.dtype if weight is not None else input.dtype
         grad_bias = dbias_partial.sum(0).to(bias_dtype).reshape(normalized_shape)
     else:
         grad_bias = torch.empty(0, dtype=input.dtype, device=input.device)
@@ -615,7 +645,8 @@ def layer_norm_fwd(
     bias: Optional[torch.Tensor],
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastllm::layer_norm_fwd -> (out, mean, rstd); mean/rstd float32 over the leading dims."""
+    """fastllm::layer_norm_fwd -> (out, mean, rstd); mean/rstd over the leading dims, in the
+    accumulation dtype (float32; float64 for float64 input)."""
     out, _, mean, rstd = _norm_fwd(
         input, None, normalized_shape, weight, bias, eps, is_rms_norm=False
     )
@@ -663,7 +694,8 @@ def rms_norm_fwd(
     weight: Optional[torch.Tensor],
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fastllm::rms_norm_fwd -> (out, rstd); rstd float32 over the leading dims."""
+    """fastllm::rms_norm_fwd -> (out, rstd); rstd over the leading dims, in the accumulation
+    dtype (float32; float64 for float64 input)."""
     out, _, _, rstd = _norm_fwd(input, None, normalized_shape, weight, None, eps, is_rms_norm=True)
     return out, rstd
 

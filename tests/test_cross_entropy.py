@@ -47,25 +47,23 @@ DTYPES = {
 
 def torch_cross_entropy(x, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """The loss in plain PyTorch, in x's dtype: torch's own cross_entropy where it has the
-    feature, plus the z-loss and soft-capping formulas."""
+    feature, plus the soft-capping formula and the z-loss as PaLM / Liger-Kernel define it:
+    z_loss * lse^2 per non-ignored row, averaged over those rows for "mean" whatever the
+    class weights."""
     z = x if softcap == 0 else softcap * torch.tanh(x / softcap)
-    if z_loss == 0:
-        return TF.cross_entropy(
-            z, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing,
-        )
-    valid = t != ignore_index
-    rows = TF.cross_entropy(
-        z, t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    ce = TF.cross_entropy(
+        z, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
     )
-    rows = rows + z_loss * torch.logsumexp(z, dim=-1).square() * valid
+    if z_loss == 0:
+        return ce
+    valid = t != ignore_index
+    z_rows = torch.where(valid, z_loss * torch.logsumexp(z, dim=-1).square(), 0.0)
     if reduction == "none":
-        return rows
+        return ce + z_rows
     if reduction == "sum":
-        return rows.sum()
-    safe_t = torch.where(valid, t, torch.zeros_like(t))
-    denom = valid.sum() if w is None else (w[safe_t] * valid).sum()
-    return rows.sum() / denom
+        return ce + z_rows.sum()
+    return ce + z_rows.sum() / valid.sum()
 
 
 def make_target(rows, vocab, ignore="some", ignore_index=-100):
@@ -254,3 +252,63 @@ def test_linear_cross_entropy_and_inplace_backward(backend, reduction):
     torch.testing.assert_close(ours, ref)
     for got, want in zip(torch.autograd.grad(ours, (x, w, b), g), ref_grads):
         torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------ z-loss definition
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_z_loss_is_averaged_over_tokens_not_class_weights(backend, reduction):
+    """mean = sum(w_t ce_t) / sum(w_t) + z sum(lse_t^2) / n_valid (PaLM, Liger-Kernel): the
+    z term does not scale with the class weights, so weight and 2 * weight give the same
+    mean, loss and gradient; against the formula in float64, in cross_entropy and in
+    linear_cross_entropy (chunks of 4 rows: n_valid and sum(w_t) are global)."""
+    rows, vocab, hidden, z_loss = 11, 37, 8, 0.05
+    x = torch.randn(rows, vocab)
+    t = make_target(rows, vocab)
+    w = torch.rand(vocab) + 0.5
+    g = torch.randn(rows if reduction == "none" else ())
+    results = []
+    for scale in (1.0, 2.0):
+        ref_loss, ref_grad = run(lambda xl: torch_cross_entropy(
+            xl, t, scale * w.double(), -100, reduction, 0.1, z_loss, 0.0), x.double(), g.double())
+        loss, grad = run(lambda xl: F.cross_entropy(
+            xl, t, scale * w, reduction=reduction, label_smoothing=0.1, z_loss=z_loss), x, g)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+        results.append((loss, grad))
+    if reduction == "mean":
+        torch.testing.assert_close(results[0], results[1])
+    h = torch.randn(rows, hidden)
+    lw = torch.randn(vocab, hidden) / hidden**0.5
+    ref_loss, ref_grad = run(lambda hl: torch_cross_entropy(
+        hl @ lw.double().T, t, w.double(), -100, reduction, 0.0, z_loss, 0.0), h.double(),
+        g.double())
+    loss, grad = run(lambda hl: F.linear_cross_entropy(
+        hl, lw, t, weight=w, reduction=reduction, z_loss=z_loss, chunk_size=4), h, g)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_z_loss_mean_edge_cases(backend):
+    """Every row ignored: NaN, zero gradient. Every non-ignored target of weight 0: the
+    cross-entropy part is 0 / 0 = NaN (torch's weighted mean), NaN gradients on those rows
+    and zero ones on ignored rows, as torch gives without z-loss."""
+    x = torch.randn(5, 9)
+    w = torch.rand(9) + 0.5
+    w[2] = 0.0
+    for t, want_nan_rows in ((torch.full((5,), -100), []),
+                             (torch.tensor([2, -100, 2, 2, -100]), [0, 2, 3])):
+        for lin in (False, True):
+            if lin:
+                fn = lambda xl: F.linear_cross_entropy(  # noqa: E731
+                    xl, torch.eye(9), t, weight=w, z_loss=1e-2, chunk_size=2)
+            else:
+                fn = lambda xl: F.cross_entropy(xl, t, w, z_loss=1e-2)  # noqa: E731
+            loss, grad = run(fn, x, None)
+            theirs, their_grad = run(lambda xl: TF.cross_entropy(xl, t, w), x, None)
+            assert torch.isnan(loss) and torch.isnan(theirs)
+            nan_rows = torch.isnan(grad).any(-1)
+            assert nan_rows.tolist() == [r in want_nan_rows for r in range(5)]
+            assert torch.equal(nan_rows, torch.isnan(their_grad).any(-1))
+            assert torch.equal(grad[~nan_rows], torch.zeros_like(grad[~nan_rows]))

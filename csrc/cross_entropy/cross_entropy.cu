@@ -9,11 +9,15 @@
 // Math (cross_entropy.h), per row of V logits x, target t, accumulated in float:
 //   z = softcap > 0 ? softcap * tanh(x / softcap) : x     (tanh: see precise_tanh)
 //   forward, in ONE pass over the row: each thread keeps an online (max m, sum_exp s) with
-//     s = sum exp(z_c - m), one exp per logit (accumulate_logit), plus sum(z) and, with a
-//     class weight w, sum(w) and sum(w * z); the threads' states are merged by warp
-//     shuffles and, when a block owns the row, one shared-memory step. Then
+//     s = sum exp(z_c - m), one exp per logit (accumulate_logit), plus, with label
+//     smoothing, sum(w) and sum(w * (z - m)) around the same running max, rebased when it
+//     grows (w = the class weight, or 1); the threads' states are merged by warp shuffles
+//     and, when a block owns the row, one shared-memory step. Then
 //       lse = m + log(s),  loss = (1 - ls) * w_t * (lse - z_t) + ls * smooth + z_loss * lse^2,
-//       smooth = lse - sum(z) / V,  or with weights (lse * sum(w) - sum(w * z)) / V;
+//       smooth = sum_c w_c (lse - z_c) / V = (log(s) * sum(w) - sum(w * (z - m))) / V
+//     (around m, a large common offset of the logits cancels before the sums, and every
+//     term of sum(w * (z - m)) is <= 0: logits near the float maximum overflow it, if at
+//     all, to +inf, as torch's own sum does, never to -inf or NaN);
 //     0 for rows with t == ignore_index, NaN for a target outside [0, V) (the CUDA way of
 //     refusing it: it cannot pass silently). lse is written for every row.
 //   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value):
@@ -143,52 +147,66 @@ __device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Vec<T,
 
 // ---- row statistics ------------------------------------------------------------------
 
-// A thread's (or a merged group's) share of a row: online max / sum of exp(z - max), and
-// the plain sums label smoothing needs. sum_w / sum_wz stay 0 without a class weight.
+// A thread's (or a merged group's) share of a row: online max / sum of exp(z - max), and,
+// with label smoothing, the weight seen and the weighted sum of z - max around the same
+// max (w = 1 without a class weight; both stay 0 without label smoothing).
 struct RowStats {
   float max;
   float sum_exp;
-  float sum_z;
-  float sum_w;
-  float sum_wz;
+  float sum_w;   // sum w
+  float sum_wz;  // sum w * (z - finite_shift(max))
 };
 
-__device__ __forceinline__ RowStats empty_row_stats() { return {-kInf, 0.f, 0.f, 0.f, 0.f}; }
+__device__ __forceinline__ RowStats empty_row_stats() { return {-kInf, 0.f, 0.f, 0.f}; }
 
 // exp(v - max) stays finite for max = -inf (every value so far was -inf): subtract 0 then.
 __device__ __forceinline__ float finite_shift(float max) { return max == -kInf ? 0.f : max; }
+
+// sum_wz moved from around old_max to around new_max >= old_max. Nothing to move when no
+// weight was seen, where the shift difference may overflow to -inf (0 * inf = NaN).
+__device__ __forceinline__ float rebased_sum_wz(const RowStats& s, float new_max) {
+  return s.sum_w == 0.f
+             ? s.sum_wz
+             : fmaf(s.sum_w, finite_shift(s.max) - finite_shift(new_max), s.sum_wz);
+}
 
 // Online softmax step for one logit, one exp: exp(-|z - max|) is the new term when z does
 // not raise the max, else the factor that rescales the old sum. Before the first finite
 // logit (max = -inf, sum_exp = 0) the shift is 0, so -inf logits add exp(-inf) = 0 and the
 // first finite one sets sum_exp = 0 * e + 1. A NaN z makes sum_exp NaN (fmaxf drops NaN
-// from max, so this is how a NaN logit reaches lse).
-__device__ __forceinline__ void accumulate_logit(RowStats& s, float z) {
+// from max, so this is how a NaN logit reaches lse). With label smoothing (`smoothing`,
+// uniform over the grid), w * (z - max) joins the smoothing sum, rebased first if z raised
+// the max.
+__device__ __forceinline__ void accumulate_logit(RowStats& s, float z, bool smoothing,
+                                                 float w) {
   const float e = expf(-fabsf(z - finite_shift(s.max)));
   s.sum_exp = z > s.max ? fmaf(s.sum_exp, e, 1.f) : s.sum_exp + e;
-  s.max = fmaxf(s.max, z);
-  s.sum_z += z;
+  const float max = fmaxf(s.max, z);
+  if (smoothing) {
+    s.sum_wz = fmaf(w, z - finite_shift(max), rebased_sum_wz(s, max));
+    s.sum_w += w;
+  }
+  s.max = max;
 }
 
 __device__ __forceinline__ RowStats merge_row_stats(const RowStats& a, const RowStats& b) {
   const float max = fmaxf(a.max, b.max);
   const float shift = finite_shift(max);
   return {max, a.sum_exp * expf(a.max - shift) + b.sum_exp * expf(b.max - shift),
-          a.sum_z + b.sum_z, a.sum_w + b.sum_w, a.sum_wz + b.sum_wz};
+          a.sum_w + b.sum_w, rebased_sum_wz(a, max) + rebased_sum_wz(b, max)};
 }
 
 // Butterfly merge over the warp: every lane ends with the state of the whole warp. The
-// weight sums travel only when a class weight is given (uniform over the grid).
-__device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_weight) {
+// smoothing sums travel only with label smoothing (uniform over the grid).
+__device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool smoothing) {
   FASTLLM_UNROLL
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     RowStats other;
     other.max = __shfl_xor_sync(kFullWarpMask, s.max, offset);
     other.sum_exp = __shfl_xor_sync(kFullWarpMask, s.sum_exp, offset);
-    other.sum_z = __shfl_xor_sync(kFullWarpMask, s.sum_z, offset);
     other.sum_w = 0.f;
     other.sum_wz = 0.f;
-    if (has_weight) {
+    if (smoothing) {
       other.sum_w = __shfl_xor_sync(kFullWarpMask, s.sum_w, offset);
       other.sum_wz = __shfl_xor_sync(kFullWarpMask, s.sum_wz, offset);
     }
@@ -295,15 +313,13 @@ __device__ __forceinline__ void write_row_loss(const FwdArgs<T>& a, int64_t row,
   } else if (target < 0 || target >= a.vocab) {
     loss = kNaN;
   } else {
-    const bool has_weight = a.class_weight != nullptr;
-    const float weight_t = has_weight ? a.class_weight[target] : 1.f;
+    const float weight_t = a.class_weight != nullptr ? a.class_weight[target] : 1.f;
     // (max - z_t) + log(s) rather than lse - z_t: no cancellation of two large numbers.
     loss = (1.f - a.label_smoothing) * weight_t * ((s.max - z_target) + log_sum_exp);
     // Terms added only when enabled, so an infinite smooth part (a -inf logit) cannot turn
     // a disabled term into 0 * inf = NaN.
     if (a.label_smoothing > 0.f) {
-      const float smooth = has_weight ? (lse * s.sum_w - s.sum_wz) * a.inv_vocab
-                                      : (s.max - s.sum_z * a.inv_vocab) + log_sum_exp;
+      const float smooth = (log_sum_exp * s.sum_w - s.sum_wz) * a.inv_vocab;
       loss += a.label_smoothing * smooth;
     }
     if (a.z_loss != 0.f) loss += a.z_loss * lse * lse;
@@ -322,6 +338,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const bool has_weight = a.class_weight != nullptr;
+  const bool smoothing = a.label_smoothing > 0.f;
 
   int parity = 0;
   for (int64_t row = group.first_row; row < a.rows; row += group.row_step, parity ^= 1) {
@@ -343,23 +360,19 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
       FASTLLM_UNROLL
       for (int i = 0; i < n; ++i) {
         const float z = soft_cap(to_float(pack.v[i]), a.softcap, a.inv_softcap);
-        accumulate_logit(s, z);
-        if (has_weight) {
-          const float w = a.class_weight[chunk.first() + i];
-          s.sum_w += w;
-          s.sum_wz += w * z;
-        }
+        const float w = smoothing && has_weight ? a.class_weight[chunk.first() + i] : 1.f;
+        accumulate_logit(s, z, smoothing, w);
       }
     });
 
-    s = warp_merge_row_stats(s, has_weight);
+    s = warp_merge_row_stats(s, smoothing);
     if constexpr (!kWarpPerRow) {
       if (lane == 0) warp_stats[parity][warp] = s;
       __syncthreads();
       if (warp == 0) {
         const int warps = static_cast<int>(blockDim.x) / kWarpSize;
         s = lane < warps ? warp_stats[parity][lane] : empty_row_stats();
-        s = warp_merge_row_stats(s, has_weight);
+        s = warp_merge_row_stats(s, smoothing);
       }
     }
     if (group.rank == 0) write_row_loss(a, row, target, z_target, s);

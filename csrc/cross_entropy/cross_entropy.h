@@ -45,7 +45,8 @@ struct FwdParams {
   double softcap = 0.0;               // 0 = no soft-capping
   DType dtype = DType::kFloat32;
   // Out: the first row whose target is neither ignore_index nor in [0, vocab), or -1.
-  // (CPU kernels fill it; the glue turns it into an error naming the row and the value.)
+  // (CPU kernels fill it, for C++ callers; the torch glue checks the targets of CPU tensors
+  // itself before any kernel runs, cross_entropy_glue.h.)
   int64_t* bad_target_row = nullptr;
 };
 

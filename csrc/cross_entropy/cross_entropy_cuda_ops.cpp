@@ -2,8 +2,9 @@
 // (csrc/schemas.h) on CUDA tensors, running the kernels of cross_entropy.cu (launchers in
 // cross_entropy_cuda.h). Checks, allocation, parameter filling and the entry points are
 // shared with the CPU glue (cross_entropy_glue.h); this file only says which launchers run.
-// An out-of-range target gives its row a NaN loss and gradient (no device synchronisation
-// to report it).
+// An out-of-range target gives its row a NaN loss and gradient on CUDA tensors (no device
+// synchronisation to report it); under the SIMT emulation, on CPU tensors, the glue raises
+// an IndexError naming it first (check_target_values in cross_entropy_glue.h).
 //
 // Built three ways (common/torch_glue.h):
 //   - fastllm._C without CUDA: nothing;

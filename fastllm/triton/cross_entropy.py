@@ -9,7 +9,8 @@ Math, per row x of length V (vocab), target t, arithmetic in float32:
     loss   = (1 - ls) * ce + ls * smooth + z_loss * lse^2
 Rows whose target is ignore_index get loss 0 and a zero gradient; a target that is neither
 ignore_index nor in [0, V) gives that row a NaN loss and a NaN gradient (there is no cheap
-error path out of a GPU kernel; the NaN cannot pass unnoticed). Backward, with p = exp(z - lse),
+error path out of a GPU kernel; the NaN cannot pass unnoticed). On CPU tensors (the
+interpreter) the op's value check raises an IndexError before the kernel runs. Backward, with p = exp(z - lse),
 W_s = sum_c w_c / V (1 without weights) and g the row's upstream gradient:
     dL/dz_c = g * [(1 - ls) * w_t * (p_c - [c == t]) + ls * (p_c * W_s - w_c / V)
                    + 2 * z_loss * lse * p_c]
@@ -122,8 +123,11 @@ def cross_entropy_fwd_kernel(
             else:
                 block_weight = tl.minimum(vocab - block_start, BLOCK_V).to(tl.float32)
                 block_weighted_z = tl.sum(tl.where(col_mask, z - new_max, 0.0), axis=0)
-            # Rebase the columns seen so far from the old max to the new one.
-            sum_weighted_z += sum_weight * (running_max - new_max) + block_weighted_z
+            # Rebase the columns seen so far from the old max to the new one. Nothing to
+            # rebase before the first block (sum_weight 0), where the initial max minus a
+            # max above 1e31 would overflow to -inf and 0 * -inf give NaN.
+            rebase = tl.where(sum_weight != 0.0, sum_weight * (running_max - new_max), 0.0)
+            sum_weighted_z += rebase + block_weighted_z
             sum_weight += block_weight
         running_max = new_max
     log_sum_exp = tl.log(sum_exp)  # lse - running_max
@@ -210,7 +214,17 @@ def cross_entropy_bwd_kernel(
         tl.store(grad_row_ptr + cols, grad, mask=col_mask)
 
 
-# ---- launchers: schema-shaped, no argument checks (fastllm/ops validates) ----------------
+# ---- launchers: schema-shaped; fastllm/ops checks the arguments (OpFamily.check) --------
+
+
+def _check_dtype(op: str, logits: torch.Tensor) -> None:
+    """The kernels compute in float32, so they return float32 statistics; float64 logits
+    (whose lse the ops return in float64) are refused by name, as the CUDA glue does."""
+    if logits.dtype == torch.float64:
+        raise TypeError(
+            f"{op} (Triton): logits must be float32, bfloat16 or float16, got torch.float64 "
+            "(float64 runs on the 'native' or 'reference' backend)"
+        )
 
 
 def _has_unit_column_stride(logits: torch.Tensor) -> bool:
@@ -249,6 +263,7 @@ def cross_entropy_fwd(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastllm::cross_entropy_fwd -> (loss, lse), both (N,) float32; loss is 0 on ignored rows."""
+    _check_dtype("cross_entropy_fwd", logits)
     logits = _with_unit_column_stride(logits)
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -328,6 +343,7 @@ def cross_entropy_bwd(
     softcap: float,
 ) -> torch.Tensor:
     """fastllm::cross_entropy_bwd -> grad_logits, (N, V) contiguous in the logits' dtype."""
+    _check_dtype("cross_entropy_bwd", logits)
     logits = _with_unit_column_stride(logits)
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_bwd(
@@ -348,13 +364,9 @@ def cross_entropy_bwd_inplace(
     z_loss: float,
     softcap: float,
 ) -> None:
-    """fastllm::cross_entropy_bwd_inplace: overwrites `logits` with its gradient."""
-    if not _has_unit_column_stride(logits):
-        # The kernel needs unit column stride; go through a contiguous buffer.
-        logits.copy_(cross_entropy_bwd(
-            grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
-        ))
-        return
+    """fastllm::cross_entropy_bwd_inplace: overwrites `logits` (unit column stride, rows
+    apart: the op's checks refuse anything else, as the C++ glue does) with its gradient."""
+    _check_dtype("cross_entropy_bwd_inplace", logits)
     _launch_bwd(
         grad_loss, logits, target, weight, lse, logits,
         ignore_index, label_smoothing, z_loss, softcap,

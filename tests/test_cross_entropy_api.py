@@ -440,6 +440,20 @@ for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(ours.double(), ref.detach(), rtol=tol, atol=tol)
         torch.testing.assert_close(g.double(), g64, rtol=tol, atol=tol)
+# Extreme rows (tests/test_cross_entropy_hostile.py runs them on the AVX2 path): smoothing
+# next to a logit near -FLT_MAX, and ties at 1e30, whose gradient needs backward's exact lse.
+big = torch.finfo(torch.float32).max
+x = torch.tensor([[-0.9 * big, 0.0, 1.0, 2.0, 3.0, 4.0], [1e30, 1e30, 1e30, 0.0, 0.0, 0.0]],
+                 requires_grad=True)
+t = torch.tensor([0, 1])
+for ls in (0.0, 0.3):
+    ours = F.cross_entropy(x, t, reduction="none", label_smoothing=ls)
+    g, = torch.autograd.grad(ours.sum(), x)
+    xt = x.detach().clone().requires_grad_(True)
+    theirs = TF.cross_entropy(xt, t, reduction="none", label_smoothing=ls)
+    gt, = torch.autograd.grad(theirs.sum(), xt)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, gt, rtol=1e-6, atol=1e-6)
 print("ok")
 """
 

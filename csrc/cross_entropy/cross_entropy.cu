@@ -20,7 +20,9 @@
 //     all, to +inf, as torch's own sum does, never to -inf or NaN);
 //     0 for rows with t == ignore_index, NaN for a target outside [0, V) (the CUDA way of
 //     refusing it: it cannot pass silently). lse is written for every row.
-//   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value):
+//   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value),
+//     with lse as the saved float, or, for rows with |lse| >= kExactLseMin, recomputed as
+//     max + log(sum exp(z - max)) from the logits (exact_lse):
 //     dz_c = g * ((1 - ls) * w_t + ls * W_s + 2 * z_loss * lse) * p_c
 //            - g * ls * w_c / V - [c == t] * g * (1 - ls) * w_t,     W_s = sum(w) / V (or 1)
 //     dx_c = dz_c * (1 - tanh^2) with softcap; zeros for ignored rows, NaN for a target out
@@ -45,6 +47,11 @@
 //     launcher; always true in place); otherwise it falls back to element accesses.
 //   - Ignored rows: forward still computes their lse (it is an output); backward writes
 //     their zero gradient without reading the logits.
+//   - Rows with a large log-sum-exp: the saved float lse is rounded to half an ulp, which
+//     is a relative error of every p (2^-17 below |lse| = 256, 5e-4 at 1e4; at 1e8 a tie of
+//     two logits gets p = 1 instead of 1/2); from kExactLseMin on, backward reads such a row
+//     twice and forms p = exp((z - max) - log(sum exp(z - max))) exactly, with the
+//     forward's online statistics. Other rows pay one comparison.
 //
 // Glossary: rows = N (tokens), vocab = V (classes), T = logits dtype (float, __nv_bfloat16,
 // __half); loss, lse, grad_loss and class_weight are float. t = target[row], ls = label
@@ -251,6 +258,28 @@ __device__ __forceinline__ float soft_cap(float x, float softcap, float inv_soft
   return softcap > 0.f ? softcap * precise_tanh(x * inv_softcap).value : x;
 }
 
+// This thread's share of a row's statistics: its chunks of the row (for_each_chunk), with the
+// label-smoothing sums when `smoothing` (uniform over the grid).
+template <class T>
+__device__ __forceinline__ RowStats thread_row_stats(const T* x, int vocab, int rank,
+                                                     int nthreads, float softcap,
+                                                     float inv_softcap, const float* class_weight,
+                                                     bool smoothing) {
+  RowStats s = empty_row_stats();
+  for_each_chunk<T>(vocab, aligned_head(x, vocab), rank, nthreads, [&](auto chunk) {
+    constexpr int n = decltype(chunk)::kSize;
+    const Vec<T, n> pack = load_chunk(x, chunk);
+    FASTLLM_UNROLL
+    for (int i = 0; i < n; ++i) {
+      const float z = soft_cap(to_float(pack.v[i]), softcap, inv_softcap);
+      const float w = smoothing && class_weight != nullptr ? class_weight[chunk.first() + i]
+                                                           : 1.f;
+      accumulate_logit(s, z, smoothing, w);
+    }
+  });
+  return s;
+}
+
 // Block and row-group geometry shared by both kernels: a row is owned by one warp
 // (kWarpPerRow) or by the whole block; rows are visited grid-stride.
 template <bool kWarpPerRow>
@@ -337,7 +366,6 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
   const RowGroup<kWarpPerRow> group = RowGroup<kWarpPerRow>::current();
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const bool has_weight = a.class_weight != nullptr;
   const bool smoothing = a.label_smoothing > 0.f;
 
   int parity = 0;
@@ -352,18 +380,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
       }
     }
 
-    RowStats s = empty_row_stats();
-    for_each_chunk<T>(a.vocab, aligned_head(x, a.vocab), group.rank, group.nthreads,
-                      [&](auto chunk) {
-      constexpr int n = decltype(chunk)::kSize;
-      const Vec<T, n> pack = load_chunk(x, chunk);
-      FASTLLM_UNROLL
-      for (int i = 0; i < n; ++i) {
-        const float z = soft_cap(to_float(pack.v[i]), a.softcap, a.inv_softcap);
-        const float w = smoothing && has_weight ? a.class_weight[chunk.first() + i] : 1.f;
-        accumulate_logit(s, z, smoothing, w);
-      }
-    });
+    RowStats s = thread_row_stats(x, a.vocab, group.rank, group.nthreads, a.softcap,
+                                  a.inv_softcap, a.class_weight, smoothing);
 
     s = warp_merge_row_stats(s, smoothing);
     if constexpr (!kWarpPerRow) {
@@ -403,9 +421,49 @@ __device__ __forceinline__ float block_mean_weight(const float* class_weight, in
   return block_allreduce_sum(sum, warp_sums, warps) * inv_vocab;
 }
 
+// Backward's log-sum-exp of a row as hi + lo, p_c = exp((z_c - hi) - lo): the saved lse and
+// 0, or, from |lse| = kExactLseMin on, the row's max and log(sum exp(z - max)) recomputed
+// from its logits (the top of the file says why), known to every thread of the row. A
+// non-finite lse (an inf or NaN logit) stays: p is NaN then, as torch's. The condition
+// depends on the row only, so in a block per row every thread of the block reaches the
+// barriers inside, or none does. shared_stats: kMaxWarps + 1 entries (block per row).
+constexpr float kExactLseMin = 256.f;
+
+struct LseSplit {
+  float hi, lo;
+};
+
+template <class T, bool kWarpPerRow>
+__device__ __forceinline__ LseSplit exact_lse(const BwdArgs<T>& a, const T* x, float lse,
+                                              const RowGroup<kWarpPerRow>& group,
+                                              RowStats* shared_stats) {
+  if (!(fabsf(lse) >= kExactLseMin && fabsf(lse) < kInf)) return {lse, 0.f};
+  RowStats s = thread_row_stats(x, a.vocab, group.rank, group.nthreads, a.softcap,
+                                a.inv_softcap, nullptr, /*smoothing=*/false);
+  s = warp_merge_row_stats(s, /*smoothing=*/false);
+  if constexpr (!kWarpPerRow) {
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+    if (lane == 0) shared_stats[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+      const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+      s = lane < warps ? shared_stats[lane] : empty_row_stats();
+      s = warp_merge_row_stats(s, /*smoothing=*/false);
+      if (lane == 0) shared_stats[kMaxWarps] = s;
+    }
+    // Every thread reads the merged stats after this barrier and before the next row's
+    // first one, so neither buffer is overwritten while it is read.
+    __syncthreads();
+    s = shared_stats[kMaxWarps];
+  }
+  return {s.max, logf(s.sum_exp)};
+}
+
 template <class T, bool kWarpPerRow>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     cross_entropy_bwd_kernel(const BwdArgs<T> a) {
+  __shared__ RowStats row_stats[kWarpPerRow ? 1 : kMaxWarps + 1];
   const RowGroup<kWarpPerRow> group = RowGroup<kWarpPerRow>::current();
   const bool has_weight = a.class_weight != nullptr;
   // W_s, once per block (the condition is uniform over the grid, so all threads reach the
@@ -432,6 +490,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 
     const float g = a.grad_loss[row * a.grad_loss_stride];
     const float lse = a.lse[row];
+    const LseSplit split = exact_lse(a, x, lse, group, row_stats);
     const bool target_ok = target >= 0 && target < a.vocab;
     const float weight_t = has_weight && target_ok ? a.class_weight[target] : 1.f;
     const float ls = a.label_smoothing;
@@ -454,7 +513,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
         const TanhResult capped =
             a.softcap > 0.f ? precise_tanh(xi * a.inv_softcap) : TanhResult{0.f, 0.f};
         const float z = a.softcap > 0.f ? a.softcap * capped.value : xi;
-        float dz = coef_p * expf(z - lse);
+        float dz = coef_p * expf((z - split.hi) - split.lo);
         dz -= has_weight ? coef_w * a.class_weight[c + i] : coef_w;
         if (c + i == t) dz -= coef_t;
         if (a.softcap > 0.f) dz *= capped.complement * (2.f - capped.complement);

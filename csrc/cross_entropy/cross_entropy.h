@@ -15,6 +15,10 @@
 //                     + 2 * z_loss * lse * p_c ],   p_c = exp(z_c - lse)
 //   (wt = class_weight[t] or 1; W_s = sum_c w_c / V, or 1 without weights)
 //   dL/dx_c = dL/dz_c * (1 - (z_c / softcap)^2) when softcap > 0.
+//   p comes from the lse forward saved, except for rows with |lse| >= 256, whose rounding
+//   (half an ulp of the acc type) would be a visible relative error of p: every backend
+//   recomputes their max m and log(sum exp(z - m)) from the logits and takes
+//   p_c = exp((z_c - m) - log_sum).
 // Reductions (mean over non-ignored rows / sum / none) are done by the caller on the
 // per-row losses, so the same kernels serve every reduction and the upstream gradient
 // arrives per row.

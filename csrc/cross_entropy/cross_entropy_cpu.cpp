@@ -19,21 +19,25 @@
 //   - Forward reads each row from memory once. The log-sum-exp is an online reduction: a
 //     running max m and a sum s of exp(z - m), rescaled by exp(m_old - m_new) when m grows
 //     (per element in the scalar path, per L1-sized block in the AVX2 path, see below). The
-//     label-smoothing sum of z (or of w_c * z_c) rides along in the same pass.
-//   - Backward reads each row once and writes the gradient row once; it may write over the
+//     label-smoothing sum of w_c (z_c - m) rides along in the same pass.
+//   - Backward reads each row once (twice when |lse| is large, below) and writes the
+//     gradient row once; it may write over the
 //     logits (in-place backward), so the target's logit is read before the row is
 //     overwritten and the target's gradient is written last.
 //   - Running maxima start at the lowest finite float, not -inf, so -inf logits (masked
 //     vocabulary) contribute exp(-inf) = 0 instead of exp(-inf - -inf) = NaN.
+//   - Backward's p = exp(z - lse) from the saved float lse carries lse's rounding (half an
+//     ulp) as a relative error of every p: 2^-17 below |lse| = 256, but 5e-4 at 1e4, and at
+//     1e8 a 3-way tie gets p = 1 instead of 1/3. Rows with |lse| >= kExactLseMin get their
+//     max m and log(sum exp(z - m)) recomputed from the logits (one more read of such a row,
+//     none of the others), and p = exp((z - m) - log_sum) exactly (LseSplit).
 //   - Precision when the logits share a large offset (|x| ~ 1e4, where a float's ulp is
 //     1e-3): the loss is formed from the row max m and log(sum exp(z - m)) kept apart,
 //     (m - z_t) + log_sum, and the smoothing sum is sum_c w_c (z_c - m) around the running
 //     max (rebased when it grows, in double), so neither cancels: sum_c w_c (lse - z_c) =
 //     w_sum * log_sum - sum_c w_c (z_c - m). Its terms are all <= 0, so logits near the
 //     float maximum overflow it, if at all, to the right sign (+inf loss, as torch), never
-//     to -inf or NaN. The backward's p = exp(z - lse) inherits the rounding of the float
-//     lse the forward stored (relative error about ulp(lse)), a limit of the op's contract
-//     that every backend shares.
+//     to -inf or NaN.
 //   - OpenMP gives each thread a contiguous block of rows; small problems use fewer threads.
 //   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C on 8
 //     floats with a Cephes-style exp and tanh (about 1 ulp; exp flushes results below
@@ -155,15 +159,43 @@ GradCoefs<Acc> grad_coefs(const Consts<Acc>& c, Acc g, Acc lse, Acc w_t) {
   return k;
 }
 
+// Backward's log-sum-exp of a row as hi + lo, with p_c = exp((z_c - hi) - lo): the saved lse
+// and 0, or, from |lse| = kExactLseMin on, the row's max and log(sum exp(z - max)) recomputed
+// from its logits (the top of the file says why). A non-finite lse (an inf or NaN logit)
+// stays as it is: p is then NaN, as torch's.
+constexpr double kExactLseMin = 256.0;
+
+template <class Acc>
+struct LseSplit {
+  Acc hi, lo;
+};
+
+template <class T>
+LseSplit<AccOf<T>> lse_split(const T* x, int64_t vocab, const Consts<AccOf<T>>& c,
+                             AccOf<T> lse) {
+  using Acc = AccOf<T>;
+  if (!std::isfinite(lse) || std::fabs(static_cast<double>(lse)) < kExactLseMin) {
+    return {lse, Acc(0)};
+  }
+  Acc m = std::numeric_limits<Acc>::lowest();
+  for (int64_t j = 0; j < vocab; ++j) m = std::max(m, capped_logit(to_acc(x[j]), c));
+  double s = 0;
+  for (int64_t j = 0; j < vocab; ++j) {
+    s += std::exp(static_cast<double>(capped_logit(to_acc(x[j]), c)) - m);
+  }
+  return {m, static_cast<Acc>(std::log(s))};
+}
+
 // Gradient of the target element, computed from its logit in Acc (scalar in both paths).
 template <class Acc>
-Acc target_grad(const Consts<Acc>& c, const GradCoefs<Acc>& k, Acc x_t, Acc lse, Acc w_t_smooth) {
+Acc target_grad(const Consts<Acc>& c, const GradCoefs<Acc>& k, Acc x_t, LseSplit<Acc> lse,
+                Acc w_t_smooth) {
   Acc tanh_t = 0, z_t = x_t;
   if (c.softcap > 0) {
     tanh_t = std::tanh(x_t * c.inv_softcap);
     z_t = c.softcap * tanh_t;
   }
-  Acc d = k.coef_p * std::exp(z_t - lse) - k.coef_w * w_t_smooth - k.coef_t;
+  Acc d = k.coef_p * std::exp((z_t - lse.hi) - lse.lo) - k.coef_w * w_t_smooth - k.coef_t;
   if (c.softcap > 0) d *= Acc(1) - tanh_t * tanh_t;
   return d;
 }
@@ -248,10 +280,11 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_
     }
     const Acc g = grad_loss[r * p.grad_loss_stride];
     const Acc lse = lse_in[r];
+    const LseSplit<Acc> split = lse_split(x, vocab, c, lse);
     const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
     const GradCoefs<Acc> k = grad_coefs(c, g, lse, w_t);
     // Read before the row is overwritten (dx may alias x).
-    const Acc grad_t = target_grad(c, k, to_acc(x[t]), lse, kWeighted ? c.weight[t] : Acc(1));
+    const Acc grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : Acc(1));
     for (int64_t j = 0; j < vocab; ++j) {
       const Acc xj = to_acc(x[j]);
       Acc tanh_j = 0, z = xj;
@@ -259,7 +292,8 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_
         tanh_j = std::tanh(xj * c.inv_softcap);
         z = c.softcap * tanh_j;
       }
-      Acc d = k.coef_p * std::exp(z - lse) - k.coef_w * (kWeighted ? c.weight[j] : Acc(1));
+      Acc d = k.coef_p * std::exp((z - split.hi) - split.lo) -
+              k.coef_w * (kWeighted ? c.weight[j] : Acc(1));
       if (kSoftcap) d *= Acc(1) - tanh_j * tanh_j;
       dx[j] = from_acc<T>(d);
     }
@@ -428,11 +462,13 @@ void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin
     }
     const float g = grad_loss[r * p.grad_loss_stride];
     const float lse = lse_in[r];
+    const LseSplit<float> split = lse_split(x, vocab, c, lse);
     const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
     const GradCoefs<float> k = grad_coefs(c, g, lse, w_t);
     // Read before the row is overwritten (dx may alias x).
-    const float grad_t = target_grad(c, k, to_acc(x[t]), lse, kWeighted ? c.weight[t] : 1.0f);
-    const __m256 lse_v = _mm256_set1_ps(lse);
+    const float grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : 1.0f);
+    const __m256 lse_hi = _mm256_set1_ps(split.hi);
+    const __m256 lse_lo = _mm256_set1_ps(split.lo);
     const __m256 coef_p = _mm256_set1_ps(k.coef_p);
     const __m256 coef_w = _mm256_set1_ps(k.coef_w);
     for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
@@ -443,7 +479,7 @@ void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin
         z = _mm256_mul_ps(softcap, tanh_j);
       }
       const __m256 w = kWeighted ? loadn(c.weight + j, n) : one;
-      const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(z, lse_v));
+      const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_sub_ps(z, lse_hi), lse_lo));
       __m256 d = _mm256_fnmadd_ps(coef_w, w, _mm256_mul_ps(coef_p, p_j));
       if (kSoftcap) d = _mm256_mul_ps(d, _mm256_fnmadd_ps(tanh_j, tanh_j, one));
       storen(dx + j, d, n);

@@ -145,12 +145,11 @@ def _check_chunk_size(op: str, chunk_size: Optional[int]) -> None:
 
 
 def _check_problem(op: str, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
-                   target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                   label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                   target: Tensor, weight: Optional[Tensor], ignore_index: int, chunk_size: int,
                    backend: str) -> None:
-    """input (N, H), linear_weight (V, H) and linear_bias (V,) in one float dtype on one device,
-    target (N,) int64, weight (V,) float, the cross-entropy options, chunk_size >= 1 and a
-    backend with cross-entropy kernels."""
+    """What both ops share: input (N, H), linear_weight (V, H) and linear_bias (V,) in one
+    float dtype on one device, target (N,) int64, weight (V,) float, ignore_index,
+    chunk_size >= 1 and a backend with cross-entropy kernels."""
     check_float_tensor(op, "input", input)
     if input.dim() != 2:
         raise ValueError(f"{op}: input must be 2-D (rows, in_features), got shape "
@@ -209,7 +208,7 @@ def _check_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, 
                need_grad_bias, scale_grads_in_place, backend):
     op = "linear_cross_entropy_fwd"
     _check_problem(op, input, linear_weight, linear_bias, target, weight, ignore_index,
-                   label_smoothing, z_loss, softcap, chunk_size, backend)
+                   chunk_size, backend)
     check_options(op, reduction, label_smoothing, z_loss, softcap)
     _check_flags(op, need_grad_input=need_grad_input, need_grad_weight=need_grad_weight,
                  need_grad_bias=need_grad_bias, scale_grads_in_place=scale_grads_in_place)
@@ -220,7 +219,7 @@ def _check_bwd(grad_loss, input, linear_weight, linear_bias, target, weight, lse
                need_grad_bias, backend):
     op = "linear_cross_entropy_bwd"
     _check_problem(op, input, linear_weight, linear_bias, target, weight, ignore_index,
-                   label_smoothing, z_loss, softcap, chunk_size, backend)
+                   chunk_size, backend)
     check_options(op, "none", label_smoothing, z_loss, softcap)
     rows = input.shape[0]
     for name, t in (("grad_loss", grad_loss), ("lse", lse)):

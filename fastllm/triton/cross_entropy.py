@@ -26,15 +26,19 @@ Kernels:
         smoothing it also keeps sum_c w_c * (z_c - m), rebased with m, so that lse - mean(z)
         comes out as a difference of O(1) numbers even when the logits share a large
         offset. lse is written for every row, ignored ones included.
+    cross_entropy_exact_lse_kernel  one program per row, before the backward: the row's
+        log-sum-exp as hi + lo, p = exp((z - hi) - lo). The float32 lse the forward saved is
+        rounded to half an ulp, a relative error of every p of the row: below 2^-17 for
+        |lse| < 256 (EXACT_LSE_MIN), where hi = lse and lo = 0, but 5e-4 at 1e4, and a tie of
+        two logits at 1e8 would get p = 1 instead of 1/2. From EXACT_LSE_MIN on, the program
+        reads the row (hi = its max, lo = log(sum exp(z - max)), as the forward's online
+        pass), so such a row costs one more read and the others nothing but the launch. The
+        C++ CPU and CUDA kernels do the same within their backward.
     cross_entropy_bwd_kernel  one program per (row, BLOCK_V chunk): the gradient of a chunk
         needs only that chunk's logits and per-row scalars (lse, target, g), so short rows and
         long rows alike fill the GPU, and writing over the logits in place is safe because each
         element is read and then written by the same program. Ignored rows write zeros
-        without reading the logits. p comes from the float32 lse the forward saved, so
-        that lse's rounding (half an ulp of |lse|) is a relative error of the row's p: below
-        4e-6 for |lse| < 64, but 5e-4 when the logits sit near 1e4, where torch's
-        log_softmax, which subtracts the max first, stays near 1e-6. Every backend of
-        csrc/cross_entropy/cross_entropy.h shares this; fixing it needs a wider saved lse.
+        without reading the logits.
 Constexpr flags select the variants at compile time: HAS_WEIGHT (class weights),
 HAS_SMOOTHING (label_smoothing > 0: the forward skips the smoothing sums, and a -inf logit
 cannot turn a 0 * inf into NaN), HAS_SOFTCAP (softcap > 0).
@@ -57,6 +61,8 @@ from fastllm.triton._common import interpreted, round_to_dtype, tanh
 # Longest vocab chunk held in registers at once: 4096 float32 values over 8 warps is 16 per
 # thread for each live chunk-sized tensor (x, z, exp, weight).
 MAX_BLOCK_V = 4096
+# |lse| from which backward recomputes a row's log-sum-exp from its logits (see above).
+EXACT_LSE_MIN: tl.constexpr = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -150,6 +156,43 @@ def cross_entropy_fwd_kernel(
 
 
 @triton.jit
+def cross_entropy_exact_lse_kernel(
+    logits_ptr,  # (N, V), row stride stride_logits_row
+    lse_ptr,  # (N,) float32, from the forward
+    lse_hi_ptr,  # (N,) float32 out
+    lse_lo_ptr,  # (N,) float32 out
+    stride_logits_row,
+    vocab,  # V
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # power of two
+):
+    """Writes hi, lo of row program_id(0): (lse, 0), or for EXACT_LSE_MIN <= |lse| < inf the
+    row's max and log(sum exp(z - max)). A non-finite lse (an inf or NaN logit) stays: p is
+    NaN then, as torch's."""
+    row = tl.program_id(0).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    hi = lse
+    lo = 0.0
+    if (tl.abs(lse) >= EXACT_LSE_MIN) & (tl.abs(lse) < float("inf")):
+        logits_row_ptr = logits_ptr + row * stride_logits_row
+        running_max = -3.4028234663852886e38  # as in the forward
+        sum_exp = 0.0
+        for block_start in range(0, vocab, BLOCK_V):
+            cols = block_start + tl.arange(0, BLOCK_V)
+            col_mask = cols < vocab
+            x = tl.load(logits_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            z = tl.where(col_mask, _soft_capped(x, softcap, HAS_SOFTCAP), float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(z, axis=0))
+            sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            running_max = new_max
+        hi = running_max
+        lo = tl.log(sum_exp)
+    tl.store(lse_hi_ptr + row, hi)
+    tl.store(lse_lo_ptr + row, lo)
+
+
+@triton.jit
 def cross_entropy_bwd_kernel(
     grad_loss_ptr,  # (N,) float, stride stride_grad_loss (0 = broadcast)
     logits_ptr,  # (N, V), row stride stride_logits_row
@@ -157,6 +200,8 @@ def cross_entropy_bwd_kernel(
     weight_ptr,  # (V,) float32; None unless HAS_WEIGHT
     weight_sum_ptr,  # (1,) float32 = sum(weight); None unless HAS_WEIGHT and HAS_SMOOTHING
     lse_ptr,  # (N,) float32, from the forward
+    lse_hi_ptr,  # (N,) float32, from cross_entropy_exact_lse_kernel
+    lse_lo_ptr,  # (N,) float32, from cross_entropy_exact_lse_kernel
     grad_logits_ptr,  # (N, V) in the logits' dtype, row stride stride_grad_row; may be logits_ptr
     stride_grad_loss,
     stride_logits_row,
@@ -185,6 +230,8 @@ def cross_entropy_bwd_kernel(
         target_in_range = (target >= 0) & (target < vocab)
         grad_loss = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
         lse = tl.load(lse_ptr + row)
+        lse_hi = tl.load(lse_hi_ptr + row)
+        lse_lo = tl.load(lse_lo_ptr + row)
         target_weight = _target_weight(weight_ptr, target, target_in_range, HAS_WEIGHT)
         # dL/dz_c = p_c * p_coef - [c == t] * target_coef - w_c * smooth_coef
         target_coef = grad_loss * (1.0 - label_smoothing) * target_weight
@@ -201,7 +248,7 @@ def cross_entropy_bwd_kernel(
         if HAS_SOFTCAP:
             tanh_x = tanh(x / softcap)
             z = softcap * tanh_x
-        grad = tl.exp(z - lse) * p_coef - tl.where(cols == target, target_coef, 0.0)
+        grad = tl.exp((z - lse_hi) - lse_lo) * p_coef - tl.where(cols == target, target_coef, 0.0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 grad -= tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * smooth_coef
@@ -308,13 +355,30 @@ def _launch_bwd(
         if label_smoothing > 0.0:  # only the smoothing term needs sum(w)
             weight_sum = weight.sum(dtype=torch.float32).reshape(1)
     block_v, num_warps = _block_config(vocab)
+    lse = lse.contiguous()
+    lse_hi = torch.empty_like(lse)
+    lse_lo = torch.empty_like(lse)
+    torch.library.wrap_triton(cross_entropy_exact_lse_kernel)[(rows,)](
+        logits,
+        lse,
+        lse_hi,
+        lse_lo,
+        logits.stride(0),
+        vocab,
+        softcap,
+        HAS_SOFTCAP=softcap > 0.0,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     torch.library.wrap_triton(cross_entropy_bwd_kernel)[(rows, triton.cdiv(vocab, block_v))](
         grad_loss,
         logits,
         target.contiguous(),
         weight,
         weight_sum,
-        lse.contiguous(),
+        lse,
+        lse_hi,
+        lse_lo,
         grad_logits,
         grad_loss.stride(0),
         logits.stride(0),

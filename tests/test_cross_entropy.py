@@ -241,6 +241,24 @@ def test_cross_entropy_large_lse_exact_gradient(backend, dtype):
         if not opts:  # (the smoothing terms of these rows overflow float32)
             assert_within_torch_error(f"loss {case}", loss, torch_loss, ref_loss, dtype)
 
+    # Long rows (a block per row on CUDA, several chunks in Triton): ties at 1e30 far apart,
+    # and near-ties at 1e6 spread over the row.
+    vocab = 4099
+    x = torch.randn(3, vocab) * 10
+    x[0, [5, 2100, 4098]] = min(1e30, 0.5 * big)
+    offset = min(1e6, 0.5 * big)  # float16: ties at 3e4
+    x[1] = offset + 0.25 * (torch.arange(vocab) % 9)
+    x[2] = -offset - 0.5 * (torch.arange(vocab) % 5)
+    x = x.to(dtype)
+    t = torch.tensor([2100, 7, 4000])
+    g = torch.rand(3).to(dtype) + 0.5
+    grad = run(lambda xl: F.cross_entropy(xl, t, reduction="none"), x, g)[1]
+    ref_grad = run(lambda xl: TF.cross_entropy(xl, t, reduction="none"), x.double(),
+                   g.double())[1]
+    torch_grad = run(lambda xl: TF.cross_entropy(xl.float(), t, reduction="none").to(dtype),
+                     x, g)[1]
+    assert_within_torch_error("grad, long rows", grad, torch_grad, ref_grad, dtype)
+
 
 def test_cross_entropy_layouts_as_torch(backend):
     """(C,) with a 0-d target, and (N, C, d1, d2) with the class dimension at 1."""

@@ -494,10 +494,11 @@ def linear_cross_entropy(
     ``linear_bias``.
 
     ``input`` is ``(..., in_features)`` with ``target`` of shape ``input.shape[:-1]``;
-    ``linear_weight`` ``(num_classes, in_features)`` and ``linear_bias`` ``(num_classes,)`` in the input's dtype. Keyword arguments as
-    ``torch.nn.functional.linear_cross_entropy`` (``weight`` = class weights,
-    ``ignore_index=None`` means -100) plus ``z_loss``, ``softcap`` and ``chunk_size`` (rows
-    per chunk, a positive int), with the semantics of ``fastllm.functional.cross_entropy``:
+    ``linear_weight`` ``(num_classes, in_features)`` and ``linear_bias`` ``(num_classes,)``
+    in the input's dtype. Keyword arguments as ``torch.nn.functional.linear_cross_entropy``
+    (``weight`` = class weights, ``ignore_index=None`` means -100) plus ``z_loss``,
+    ``softcap`` and ``chunk_size`` (rows per chunk, a positive int), with the semantics of
+    ``fastllm.functional.cross_entropy`` (zero rows and zero classes included):
     in particular the z-loss is averaged over the non-ignored rows, never weighted by the
     class weights (``mean`` = ``sum(w_t * ce) / sum(w_t) + z_loss * sum(lse**2) / n``), and
     the weights' sum and ``n`` are those of all rows, not of a chunk. A target out of range

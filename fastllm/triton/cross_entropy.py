@@ -10,8 +10,9 @@ Math, per row x of length V (vocab), target t, arithmetic in float32:
 Rows whose target is ignore_index get loss 0 and a zero gradient; a target that is neither
 ignore_index nor in [0, V) gives that row a NaN loss and a NaN gradient (there is no cheap
 error path out of a GPU kernel; the NaN cannot pass unnoticed). On CPU tensors (the
-interpreter) the op's value check raises an IndexError before the kernel runs. Backward, with p = exp(z - lse),
-W_s = sum_c w_c / V (1 without weights) and g the row's upstream gradient:
+interpreter) the op's value check raises an IndexError before the kernel runs. Backward,
+with p = exp(z - lse), W_s = sum_c w_c / V (1 without weights) and g the row's upstream
+gradient:
     dL/dz_c = g * [(1 - ls) * w_t * (p_c - [c == t]) + ls * (p_c * W_s - w_c / V)
                    + 2 * z_loss * lse * p_c]
     dL/dx_c = dL/dz_c * (1 - tanh(x_c / softcap)^2) when soft-capping.

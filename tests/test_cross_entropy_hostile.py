@@ -513,6 +513,21 @@ def test_raw_ops_zero_rows_and_strides(backend):
         torch.testing.assert_close(_call_raw(ops.cross_entropy_bwd, grad), want)
 
 
+@pytest.mark.parametrize("backend", ["cuda_emu"], indirect=True)
+def test_raw_ops_cuda_vocab_bound(backend):
+    """The CUDA kernels index classes with int (up to 2^30 classes): a larger vocabulary is
+    refused by name, not reported as an invalid launch. (torch.empty: never touched.)"""
+    ops = raw_ops(IMPLS, backend)
+    logits = torch.empty(1, 2**30 + 1, dtype=torch.bfloat16)
+    args = _fwd_args(logits=logits, target=torch.zeros(1, dtype=torch.int64))
+    expect_clear_error(lambda: _call_raw(ops.cross_entropy_fwd, args),
+                       "logits", str(2**30), str(2**30 + 1))
+    bwd = _bwd_args(1, 4)
+    bwd.update(logits=logits, target=args["target"])
+    expect_clear_error(lambda: _call_raw(ops.cross_entropy_bwd_inplace, bwd),
+                       "logits", str(2**30 + 1))
+
+
 def _lce_fwd_args(**overrides):
     input, linear_weight = _x(5, 6), _x(8, 6)
     args = dict(input=input, linear_weight=linear_weight, linear_bias=None, target=_t(5),

@@ -86,9 +86,6 @@ constexpr int kMaxWarps = kBlockThreads / kWarpSize;
 // and spilled a few bytes in some instantiations.
 constexpr int kMinBlocksPerSm = 5;
 constexpr int kResidentThreadsPerSm = kMinBlocksPerSm * kBlockThreads;
-// Class indices are int; the bound leaves room for index arithmetic that runs up to one
-// block of threads past the end of a row.
-constexpr int64_t kMaxVocab = int64_t(1) << 30;
 
 // ---- element access (common/cuda_utils.cuh has the conversions and vector packs) ------
 
@@ -623,7 +620,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
 
 cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t stream) {
   if (p.rows <= 0) return cudaSuccess;
-  if (p.vocab < 1 || p.vocab > kMaxVocab || p.logits == nullptr || p.target == nullptr ||
+  if (p.vocab < 1 || p.vocab > kMaxCudaVocab || p.logits == nullptr || p.target == nullptr ||
       p.loss == nullptr || p.lse == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -634,7 +631,7 @@ cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t strea
 
 cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t stream) {
   if (p.rows <= 0) return cudaSuccess;
-  if (p.vocab < 1 || p.vocab > kMaxVocab || p.grad_loss == nullptr || p.logits == nullptr ||
+  if (p.vocab < 1 || p.vocab > kMaxCudaVocab || p.grad_loss == nullptr || p.logits == nullptr ||
       p.target == nullptr || p.lse == nullptr || p.grad_logits == nullptr) {
     return cudaErrorInvalidValue;
   }

@@ -24,10 +24,30 @@
 namespace fastllm {
 namespace cross_entropy {
 
-FASTLLM_CUDA_LIBRARY_IMPL(m) {
-  register_cross_entropy_ops<
-      CudaKernels<launch_cross_entropy_fwd_cuda, launch_cross_entropy_bwd_cuda>>(m);
-}
+// The common CUDA Kernels, with the kernels' vocabulary bound checked by name first (the
+// launchers would only report an invalid argument).
+struct CrossEntropyCudaKernels
+    : CudaKernels<launch_cross_entropy_fwd_cuda, launch_cross_entropy_bwd_cuda> {
+  using Base = CudaKernels<launch_cross_entropy_fwd_cuda, launch_cross_entropy_bwd_cuda>;
+
+  template <class Params>
+  static void check_vocab(const char* op, const Params& p) {
+    TORCH_CHECK(p.vocab <= kMaxCudaVocab, op, kCudaBackend, ": logits must have at most ",
+                kMaxCudaVocab, " classes on CUDA, got ", p.vocab);
+  }
+  template <class Params>
+  static void fwd(const char* op, Params& p, const at::Tensor& like) {
+    check_vocab(op, p);
+    Base::fwd(op, p, like);
+  }
+  template <class Params>
+  static void bwd(const char* op, Params& p, const at::Tensor& like) {
+    check_vocab(op, p);
+    Base::bwd(op, p, like);
+  }
+};
+
+FASTLLM_CUDA_LIBRARY_IMPL(m) { register_cross_entropy_ops<CrossEntropyCudaKernels>(m); }
 
 }  // namespace cross_entropy
 }  // namespace fastllm

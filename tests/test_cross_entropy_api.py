@@ -34,18 +34,16 @@ def unfused(x, w, t, b=None, **kw):
         logits = softcap * torch.tanh(logits / softcap)
     reduction = kw.pop("reduction", "mean")
     ignore_index = kw.get("ignore_index", -100)
+    ce = TF.cross_entropy(logits, t, reduction=reduction, **kw)
     if not z_loss:
-        return TF.cross_entropy(logits, t, reduction=reduction, **kw)
-    rows = TF.cross_entropy(logits, t, reduction="none", **kw)
+        return ce
     valid = t != ignore_index
-    rows = rows + z_loss * torch.logsumexp(logits, -1).square() * valid
+    z_rows = torch.where(valid, z_loss * torch.logsumexp(logits, -1).square(), 0.0)
     if reduction == "none":
-        return rows
+        return ce + z_rows
     if reduction == "sum":
-        return rows.sum()
-    weight = kw.get("weight")
-    safe_t = torch.where(valid, t, torch.zeros_like(t))
-    return rows.sum() / (valid.sum() if weight is None else (weight[safe_t] * valid).sum())
+        return ce + z_rows.sum()
+    return ce + z_rows.sum() / valid.sum()  # z-loss: over the tokens, not the class weights
 
 
 def run_linear(fn, x, w, b, t, g, **kw):
@@ -367,7 +365,7 @@ def _classes(n=4, high=8):
         (lambda: F.cross_entropy(_randn(), _classes(), label_smoothing=1.5), ValueError,
          r"label_smoothing must be in \[0, 1\], got 1.5"),
         (lambda: F.cross_entropy(_randn(), _classes(), z_loss=-1.0), ValueError,
-         r"z_loss must be non-negative, got -1.0"),
+         r"z_loss must be finite and non-negative, got -1.0"),
         (lambda: F.cross_entropy(torch.arange(8).view(1, 8), _classes(1)), TypeError,
          r"input must be float32, bfloat16, float16 or float64, got torch.int64"),
         (lambda: F.linear_cross_entropy(_randn(), _randn(10, 9), _classes()), ValueError,
@@ -403,7 +401,7 @@ _OPTIONS = (-100, 0.0, 0.0, 0.0)  # ignore_index, label_smoothing, z_loss, softc
         (lambda: _ops.cross_entropy_fwd(_randn(), _classes(), torch.ones(9), *_OPTIONS),
          r"weight must have shape \[8\] \(one weight per class\), got \[9\]"),
         (lambda: _ops.cross_entropy_fwd(_randn(), _classes(), None, -100, 0.0, 0.0, -1.0),
-         r"softcap must be non-negative \(0 disables it\), got -1"),
+         r"softcap must be finite and non-negative \(0 disables it\), got -1"),
         (lambda: _ops.cross_entropy_bwd(torch.ones(4), _randn(), _classes(), None,
                                         torch.zeros(3), *_OPTIONS),
          r"lse must have shape \[4\] \(one value per row of logits\), got \[3\]"),
@@ -442,6 +440,20 @@ for dtype in (torch.float32, torch.bfloat16):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(ours.double(), ref.detach(), rtol=tol, atol=tol)
         torch.testing.assert_close(g.double(), g64, rtol=tol, atol=tol)
+# Extreme rows (tests/test_cross_entropy_hostile.py runs them on the AVX2 path): smoothing
+# next to a logit near -FLT_MAX, and ties at 1e30, whose gradient needs backward's exact lse.
+big = torch.finfo(torch.float32).max
+x = torch.tensor([[-0.9 * big, 0.0, 1.0, 2.0, 3.0, 4.0], [1e30, 1e30, 1e30, 0.0, 0.0, 0.0]],
+                 requires_grad=True)
+t = torch.tensor([0, 1])
+for ls in (0.0, 0.3):
+    ours = F.cross_entropy(x, t, reduction="none", label_smoothing=ls)
+    g, = torch.autograd.grad(ours.sum(), x)
+    xt = x.detach().clone().requires_grad_(True)
+    theirs = TF.cross_entropy(xt, t, reduction="none", label_smoothing=ls)
+    gt, = torch.autograd.grad(theirs.sum(), xt)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, gt, rtol=1e-6, atol=1e-6)
 print("ok")
 """
 

@@ -9,14 +9,20 @@
 // Math (cross_entropy.h), per row of V logits x, target t, accumulated in float:
 //   z = softcap > 0 ? softcap * tanh(x / softcap) : x     (tanh: see precise_tanh)
 //   forward, in ONE pass over the row: each thread keeps an online (max m, sum_exp s) with
-//     s = sum exp(z_c - m), one exp per logit (accumulate_logit), plus sum(z) and, with a
-//     class weight w, sum(w) and sum(w * z); the threads' states are merged by warp
-//     shuffles and, when a block owns the row, one shared-memory step. Then
+//     s = sum exp(z_c - m), one exp per logit (accumulate_logit), plus, with label
+//     smoothing, sum(w) and sum(w * (z - m)) around the same running max, rebased when it
+//     grows (w = the class weight, or 1); the threads' states are merged by warp shuffles
+//     and, when a block owns the row, one shared-memory step. Then
 //       lse = m + log(s),  loss = (1 - ls) * w_t * (lse - z_t) + ls * smooth + z_loss * lse^2,
-//       smooth = lse - sum(z) / V,  or with weights (lse * sum(w) - sum(w * z)) / V;
+//       smooth = sum_c w_c (lse - z_c) / V = (log(s) * sum(w) - sum(w * (z - m))) / V
+//     (around m, a large common offset of the logits cancels before the sums, and every
+//     term of sum(w * (z - m)) is <= 0: logits near the float maximum overflow it, if at
+//     all, to +inf, as torch's own sum does, never to -inf or NaN);
 //     0 for rows with t == ignore_index, NaN for a target outside [0, V) (the CUDA way of
 //     refusing it: it cannot pass silently). lse is written for every row.
-//   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value):
+//   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value),
+//     with lse as the saved float, or, for rows with |lse| >= kExactLseMin, recomputed as
+//     max + log(sum exp(z - max)) from the logits (exact_lse):
 //     dz_c = g * ((1 - ls) * w_t + ls * W_s + 2 * z_loss * lse) * p_c
 //            - g * ls * w_c / V - [c == t] * g * (1 - ls) * w_t,     W_s = sum(w) / V (or 1)
 //     dx_c = dz_c * (1 - tanh^2) with softcap; zeros for ignored rows, NaN for a target out
@@ -41,6 +47,11 @@
 //     launcher; always true in place); otherwise it falls back to element accesses.
 //   - Ignored rows: forward still computes their lse (it is an output); backward writes
 //     their zero gradient without reading the logits.
+//   - Rows with a large log-sum-exp: the saved float lse is rounded to half an ulp, which
+//     is a relative error of every p (2^-17 below |lse| = 256, 5e-4 at 1e4; at 1e8 a tie of
+//     two logits gets p = 1 instead of 1/2); from kExactLseMin on, backward reads such a row
+//     twice and forms p = exp((z - max) - log(sum exp(z - max))) exactly, with the
+//     forward's online statistics. Other rows pay one comparison.
 //
 // Glossary: rows = N (tokens), vocab = V (classes), T = logits dtype (float, __nv_bfloat16,
 // __half); loss, lse, grad_loss and class_weight are float. t = target[row], ls = label
@@ -75,9 +86,6 @@ constexpr int kMaxWarps = kBlockThreads / kWarpSize;
 // and spilled a few bytes in some instantiations.
 constexpr int kMinBlocksPerSm = 5;
 constexpr int kResidentThreadsPerSm = kMinBlocksPerSm * kBlockThreads;
-// Class indices are int; the bound leaves room for index arithmetic that runs up to one
-// block of threads past the end of a row.
-constexpr int64_t kMaxVocab = int64_t(1) << 30;
 
 // ---- element access (common/cuda_utils.cuh has the conversions and vector packs) ------
 
@@ -143,52 +151,66 @@ __device__ __forceinline__ void store_chunk(T* row, Chunk<N> chunk, const Vec<T,
 
 // ---- row statistics ------------------------------------------------------------------
 
-// A thread's (or a merged group's) share of a row: online max / sum of exp(z - max), and
-// the plain sums label smoothing needs. sum_w / sum_wz stay 0 without a class weight.
+// A thread's (or a merged group's) share of a row: online max / sum of exp(z - max), and,
+// with label smoothing, the weight seen and the weighted sum of z - max around the same
+// max (w = 1 without a class weight; both stay 0 without label smoothing).
 struct RowStats {
   float max;
   float sum_exp;
-  float sum_z;
-  float sum_w;
-  float sum_wz;
+  float sum_w;   // sum w
+  float sum_wz;  // sum w * (z - finite_shift(max))
 };
 
-__device__ __forceinline__ RowStats empty_row_stats() { return {-kInf, 0.f, 0.f, 0.f, 0.f}; }
+__device__ __forceinline__ RowStats empty_row_stats() { return {-kInf, 0.f, 0.f, 0.f}; }
 
 // exp(v - max) stays finite for max = -inf (every value so far was -inf): subtract 0 then.
 __device__ __forceinline__ float finite_shift(float max) { return max == -kInf ? 0.f : max; }
+
+// sum_wz moved from around old_max to around new_max >= old_max. Nothing to move when no
+// weight was seen, where the shift difference may overflow to -inf (0 * inf = NaN).
+__device__ __forceinline__ float rebased_sum_wz(const RowStats& s, float new_max) {
+  return s.sum_w == 0.f
+             ? s.sum_wz
+             : fmaf(s.sum_w, finite_shift(s.max) - finite_shift(new_max), s.sum_wz);
+}
 
 // Online softmax step for one logit, one exp: exp(-|z - max|) is the new term when z does
 // not raise the max, else the factor that rescales the old sum. Before the first finite
 // logit (max = -inf, sum_exp = 0) the shift is 0, so -inf logits add exp(-inf) = 0 and the
 // first finite one sets sum_exp = 0 * e + 1. A NaN z makes sum_exp NaN (fmaxf drops NaN
-// from max, so this is how a NaN logit reaches lse).
-__device__ __forceinline__ void accumulate_logit(RowStats& s, float z) {
+// from max, so this is how a NaN logit reaches lse). With label smoothing (`smoothing`,
+// uniform over the grid), w * (z - max) joins the smoothing sum, rebased first if z raised
+// the max.
+__device__ __forceinline__ void accumulate_logit(RowStats& s, float z, bool smoothing,
+                                                 float w) {
   const float e = expf(-fabsf(z - finite_shift(s.max)));
   s.sum_exp = z > s.max ? fmaf(s.sum_exp, e, 1.f) : s.sum_exp + e;
-  s.max = fmaxf(s.max, z);
-  s.sum_z += z;
+  const float max = fmaxf(s.max, z);
+  if (smoothing) {
+    s.sum_wz = fmaf(w, z - finite_shift(max), rebased_sum_wz(s, max));
+    s.sum_w += w;
+  }
+  s.max = max;
 }
 
 __device__ __forceinline__ RowStats merge_row_stats(const RowStats& a, const RowStats& b) {
   const float max = fmaxf(a.max, b.max);
   const float shift = finite_shift(max);
   return {max, a.sum_exp * expf(a.max - shift) + b.sum_exp * expf(b.max - shift),
-          a.sum_z + b.sum_z, a.sum_w + b.sum_w, a.sum_wz + b.sum_wz};
+          a.sum_w + b.sum_w, rebased_sum_wz(a, max) + rebased_sum_wz(b, max)};
 }
 
 // Butterfly merge over the warp: every lane ends with the state of the whole warp. The
-// weight sums travel only when a class weight is given (uniform over the grid).
-__device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool has_weight) {
+// smoothing sums travel only with label smoothing (uniform over the grid).
+__device__ __forceinline__ RowStats warp_merge_row_stats(RowStats s, bool smoothing) {
   FASTLLM_UNROLL
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     RowStats other;
     other.max = __shfl_xor_sync(kFullWarpMask, s.max, offset);
     other.sum_exp = __shfl_xor_sync(kFullWarpMask, s.sum_exp, offset);
-    other.sum_z = __shfl_xor_sync(kFullWarpMask, s.sum_z, offset);
     other.sum_w = 0.f;
     other.sum_wz = 0.f;
-    if (has_weight) {
+    if (smoothing) {
       other.sum_w = __shfl_xor_sync(kFullWarpMask, s.sum_w, offset);
       other.sum_wz = __shfl_xor_sync(kFullWarpMask, s.sum_wz, offset);
     }
@@ -231,6 +253,28 @@ __device__ __forceinline__ TanhResult precise_tanh(float y) {
 // z = softcap * tanh(x / softcap), or x without soft-capping (softcap == 0).
 __device__ __forceinline__ float soft_cap(float x, float softcap, float inv_softcap) {
   return softcap > 0.f ? softcap * precise_tanh(x * inv_softcap).value : x;
+}
+
+// This thread's share of a row's statistics: its chunks of the row (for_each_chunk), with the
+// label-smoothing sums when `smoothing` (uniform over the grid).
+template <class T>
+__device__ __forceinline__ RowStats thread_row_stats(const T* x, int vocab, int rank,
+                                                     int nthreads, float softcap,
+                                                     float inv_softcap, const float* class_weight,
+                                                     bool smoothing) {
+  RowStats s = empty_row_stats();
+  for_each_chunk<T>(vocab, aligned_head(x, vocab), rank, nthreads, [&](auto chunk) {
+    constexpr int n = decltype(chunk)::kSize;
+    const Vec<T, n> pack = load_chunk(x, chunk);
+    FASTLLM_UNROLL
+    for (int i = 0; i < n; ++i) {
+      const float z = soft_cap(to_float(pack.v[i]), softcap, inv_softcap);
+      const float w = smoothing && class_weight != nullptr ? class_weight[chunk.first() + i]
+                                                           : 1.f;
+      accumulate_logit(s, z, smoothing, w);
+    }
+  });
+  return s;
 }
 
 // Block and row-group geometry shared by both kernels: a row is owned by one warp
@@ -295,15 +339,13 @@ __device__ __forceinline__ void write_row_loss(const FwdArgs<T>& a, int64_t row,
   } else if (target < 0 || target >= a.vocab) {
     loss = kNaN;
   } else {
-    const bool has_weight = a.class_weight != nullptr;
-    const float weight_t = has_weight ? a.class_weight[target] : 1.f;
+    const float weight_t = a.class_weight != nullptr ? a.class_weight[target] : 1.f;
     // (max - z_t) + log(s) rather than lse - z_t: no cancellation of two large numbers.
     loss = (1.f - a.label_smoothing) * weight_t * ((s.max - z_target) + log_sum_exp);
     // Terms added only when enabled, so an infinite smooth part (a -inf logit) cannot turn
     // a disabled term into 0 * inf = NaN.
     if (a.label_smoothing > 0.f) {
-      const float smooth = has_weight ? (lse * s.sum_w - s.sum_wz) * a.inv_vocab
-                                      : (s.max - s.sum_z * a.inv_vocab) + log_sum_exp;
+      const float smooth = (log_sum_exp * s.sum_w - s.sum_wz) * a.inv_vocab;
       loss += a.label_smoothing * smooth;
     }
     if (a.z_loss != 0.f) loss += a.z_loss * lse * lse;
@@ -321,7 +363,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
   const RowGroup<kWarpPerRow> group = RowGroup<kWarpPerRow>::current();
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const bool has_weight = a.class_weight != nullptr;
+  const bool smoothing = a.label_smoothing > 0.f;
 
   int parity = 0;
   for (int64_t row = group.first_row; row < a.rows; row += group.row_step, parity ^= 1) {
@@ -335,31 +377,17 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
       }
     }
 
-    RowStats s = empty_row_stats();
-    for_each_chunk<T>(a.vocab, aligned_head(x, a.vocab), group.rank, group.nthreads,
-                      [&](auto chunk) {
-      constexpr int n = decltype(chunk)::kSize;
-      const Vec<T, n> pack = load_chunk(x, chunk);
-      FASTLLM_UNROLL
-      for (int i = 0; i < n; ++i) {
-        const float z = soft_cap(to_float(pack.v[i]), a.softcap, a.inv_softcap);
-        accumulate_logit(s, z);
-        if (has_weight) {
-          const float w = a.class_weight[chunk.first() + i];
-          s.sum_w += w;
-          s.sum_wz += w * z;
-        }
-      }
-    });
+    RowStats s = thread_row_stats(x, a.vocab, group.rank, group.nthreads, a.softcap,
+                                  a.inv_softcap, a.class_weight, smoothing);
 
-    s = warp_merge_row_stats(s, has_weight);
+    s = warp_merge_row_stats(s, smoothing);
     if constexpr (!kWarpPerRow) {
       if (lane == 0) warp_stats[parity][warp] = s;
       __syncthreads();
       if (warp == 0) {
         const int warps = static_cast<int>(blockDim.x) / kWarpSize;
         s = lane < warps ? warp_stats[parity][lane] : empty_row_stats();
-        s = warp_merge_row_stats(s, has_weight);
+        s = warp_merge_row_stats(s, smoothing);
       }
     }
     if (group.rank == 0) write_row_loss(a, row, target, z_target, s);
@@ -390,9 +418,49 @@ __device__ __forceinline__ float block_mean_weight(const float* class_weight, in
   return block_allreduce_sum(sum, warp_sums, warps) * inv_vocab;
 }
 
+// Backward's log-sum-exp of a row as hi + lo, p_c = exp((z_c - hi) - lo): the saved lse and
+// 0, or, from |lse| = kExactLseMin on, the row's max and log(sum exp(z - max)) recomputed
+// from its logits (the top of the file says why), known to every thread of the row. A
+// non-finite lse (an inf or NaN logit) stays: p is NaN then, as torch's. The condition
+// depends on the row only, so in a block per row every thread of the block reaches the
+// barriers inside, or none does. shared_stats: kMaxWarps + 1 entries (block per row).
+constexpr float kExactLseMin = 256.f;
+
+struct LseSplit {
+  float hi, lo;
+};
+
+template <class T, bool kWarpPerRow>
+__device__ __forceinline__ LseSplit exact_lse(const BwdArgs<T>& a, const T* x, float lse,
+                                              const RowGroup<kWarpPerRow>& group,
+                                              RowStats* shared_stats) {
+  if (!(fabsf(lse) >= kExactLseMin && fabsf(lse) < kInf)) return {lse, 0.f};
+  RowStats s = thread_row_stats(x, a.vocab, group.rank, group.nthreads, a.softcap,
+                                a.inv_softcap, nullptr, /*smoothing=*/false);
+  s = warp_merge_row_stats(s, /*smoothing=*/false);
+  if constexpr (!kWarpPerRow) {
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+    if (lane == 0) shared_stats[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+      const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+      s = lane < warps ? shared_stats[lane] : empty_row_stats();
+      s = warp_merge_row_stats(s, /*smoothing=*/false);
+      if (lane == 0) shared_stats[kMaxWarps] = s;
+    }
+    // Every thread reads the merged stats after this barrier and before the next row's
+    // first one, so neither buffer is overwritten while it is read.
+    __syncthreads();
+    s = shared_stats[kMaxWarps];
+  }
+  return {s.max, logf(s.sum_exp)};
+}
+
 template <class T, bool kWarpPerRow>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     cross_entropy_bwd_kernel(const BwdArgs<T> a) {
+  __shared__ RowStats row_stats[kWarpPerRow ? 1 : kMaxWarps + 1];
   const RowGroup<kWarpPerRow> group = RowGroup<kWarpPerRow>::current();
   const bool has_weight = a.class_weight != nullptr;
   // W_s, once per block (the condition is uniform over the grid, so all threads reach the
@@ -419,6 +487,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
 
     const float g = a.grad_loss[row * a.grad_loss_stride];
     const float lse = a.lse[row];
+    const LseSplit split = exact_lse(a, x, lse, group, row_stats);
     const bool target_ok = target >= 0 && target < a.vocab;
     const float weight_t = has_weight && target_ok ? a.class_weight[target] : 1.f;
     const float ls = a.label_smoothing;
@@ -441,7 +510,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
         const TanhResult capped =
             a.softcap > 0.f ? precise_tanh(xi * a.inv_softcap) : TanhResult{0.f, 0.f};
         const float z = a.softcap > 0.f ? a.softcap * capped.value : xi;
-        float dz = coef_p * expf(z - lse);
+        float dz = coef_p * expf((z - split.hi) - split.lo);
         dz -= has_weight ? coef_w * a.class_weight[c + i] : coef_w;
         if (c + i == t) dz -= coef_t;
         if (a.softcap > 0.f) dz *= capped.complement * (2.f - capped.complement);
@@ -551,7 +620,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
 
 cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t stream) {
   if (p.rows <= 0) return cudaSuccess;
-  if (p.vocab < 1 || p.vocab > kMaxVocab || p.logits == nullptr || p.target == nullptr ||
+  if (p.vocab < 1 || p.vocab > kMaxCudaVocab || p.logits == nullptr || p.target == nullptr ||
       p.loss == nullptr || p.lse == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -562,7 +631,7 @@ cudaError_t launch_cross_entropy_fwd_cuda(const FwdParams& p, cudaStream_t strea
 
 cudaError_t launch_cross_entropy_bwd_cuda(const BwdParams& p, cudaStream_t stream) {
   if (p.rows <= 0) return cudaSuccess;
-  if (p.vocab < 1 || p.vocab > kMaxVocab || p.grad_loss == nullptr || p.logits == nullptr ||
+  if (p.vocab < 1 || p.vocab > kMaxCudaVocab || p.grad_loss == nullptr || p.logits == nullptr ||
       p.target == nullptr || p.lse == nullptr || p.grad_logits == nullptr) {
     return cudaErrorInvalidValue;
   }

@@ -15,6 +15,10 @@
 //                     + 2 * z_loss * lse * p_c ],   p_c = exp(z_c - lse)
 //   (wt = class_weight[t] or 1; W_s = sum_c w_c / V, or 1 without weights)
 //   dL/dx_c = dL/dz_c * (1 - (z_c / softcap)^2) when softcap > 0.
+//   p comes from the lse forward saved, except for rows with |lse| >= 256, whose rounding
+//   (half an ulp of the acc type) would be a visible relative error of p: every backend
+//   recomputes their max m and log(sum exp(z - m)) from the logits and takes
+//   p_c = exp((z_c - m) - log_sum).
 // Reductions (mean over non-ignored rows / sum / none) are done by the caller on the
 // per-row losses, so the same kernels serve every reduction and the upstream gradient
 // arrives per row.
@@ -45,7 +49,8 @@ struct FwdParams {
   double softcap = 0.0;               // 0 = no soft-capping
   DType dtype = DType::kFloat32;
   // Out: the first row whose target is neither ignore_index nor in [0, vocab), or -1.
-  // (CPU kernels fill it; the glue turns it into an error naming the row and the value.)
+  // (CPU kernels fill it, for C++ callers; the torch glue checks the targets of CPU tensors
+  // itself before any kernel runs, cross_entropy_glue.h.)
   int64_t* bad_target_row = nullptr;
 };
 

@@ -6,7 +6,7 @@
 // Acc (float, or double for float64 logits):
 //   z      = softcap > 0 ? softcap * tanh(x / softcap) : x
 //   lse    = log(sum_c exp(z_c))
-//   loss   = (1 - ls) * w_t * (lse - z_t) + ls * (w_sum * lse - sum_c w_c z_c) / V
+//   loss   = (1 - ls) * w_t * (lse - z_t) + ls * sum_c w_c (lse - z_c) / V
 //            + z_loss * lse^2              (w_c = 1 and w_sum = V without class weights,
 //                                           w_sum = sum_c w_c with them; ls = smoothing)
 //   dL/dz_c = g * ((1 - ls) * w_t + ls * w_sum / V + 2 * z_loss * lse) * p_c
@@ -19,18 +19,25 @@
 //   - Forward reads each row from memory once. The log-sum-exp is an online reduction: a
 //     running max m and a sum s of exp(z - m), rescaled by exp(m_old - m_new) when m grows
 //     (per element in the scalar path, per L1-sized block in the AVX2 path, see below). The
-//     label-smoothing sum of z (or of w_c * z_c) rides along in the same pass.
-//   - Backward reads each row once and writes the gradient row once; it may write over the
+//     label-smoothing sum of w_c (z_c - m) rides along in the same pass.
+//   - Backward reads each row once (twice when |lse| is large, below) and writes the
+//     gradient row once; it may write over the
 //     logits (in-place backward), so the target's logit is read before the row is
 //     overwritten and the target's gradient is written last.
 //   - Running maxima start at the lowest finite float, not -inf, so -inf logits (masked
 //     vocabulary) contribute exp(-inf) = 0 instead of exp(-inf - -inf) = NaN.
+//   - Backward's p = exp(z - lse) from the saved float lse carries lse's rounding (half an
+//     ulp) as a relative error of every p: 2^-17 below |lse| = 256, but 5e-4 at 1e4, and at
+//     1e8 a 3-way tie gets p = 1 instead of 1/3. Rows with |lse| >= kExactLseMin get their
+//     max m and log(sum exp(z - m)) recomputed from the logits (one more read of such a row,
+//     none of the others), and p = exp((z - m) - log_sum) exactly (LseSplit).
 //   - Precision when the logits share a large offset (|x| ~ 1e4, where a float's ulp is
 //     1e-3): the loss is formed from the row max m and log(sum exp(z - m)) kept apart,
-//     (m - z_t) + log_sum, and the smoothing sum is taken around the row's first logit, so
-//     neither cancels. The backward's p = exp(z - lse) inherits the rounding of the float
-//     lse the forward stored (relative error about ulp(lse)), a limit of the op's contract
-//     that every backend shares.
+//     (m - z_t) + log_sum, and the smoothing sum is sum_c w_c (z_c - m) around the running
+//     max (rebased when it grows, in double), so neither cancels: sum_c w_c (lse - z_c) =
+//     w_sum * log_sum - sum_c w_c (z_c - m). Its terms are all <= 0, so logits near the
+//     float maximum overflow it, if at all, to the right sign (+inf loss, as torch), never
+//     to -inf or NaN.
 //   - OpenMP gives each thread a contiguous block of rows; small problems use fewer threads.
 //   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C on 8
 //     floats with a Cephes-style exp and tanh (about 1 ulp; exp flushes results below
@@ -38,8 +45,9 @@
 //     also the plainest statement of the algorithm. float64 logits (used for gradcheck)
 //     always take the scalar path.
 //   - A target outside [0, V) that is not ignore_index is never used as an index: forward
-//     gives the row a NaN loss and reports the first such row in bad_target_row (the glue
-//     raises an error naming it); backward gives the row NaN gradients.
+//     gives the row a NaN loss and reports the first such row in bad_target_row (for C++
+//     callers: the torch glue checks the targets before calling); backward gives the row
+//     NaN gradients.
 //
 // Glossary: rows = N (tokens), vocab = V (classes), T = storage dtype, Acc = accumulation
 // type, W = vector lanes (8 floats), ls = label_smoothing, g = upstream gradient of a row.
@@ -116,26 +124,22 @@ Acc capped_logit(Acc x, const Consts<Acc>& c) {
   return c.softcap > 0 ? c.softcap * std::tanh(x * c.inv_softcap) : x;
 }
 
-// The loss of a row from its running max m and log(sum_c exp(z_c - m)), kept apart so that
-// lse - z_t = (m - z_t) + log_sum does not cancel when the logits share a large offset. The
-// smoothing sum is sum_c (w_c *) (z_c - ref) around the row's first logit `ref`, for the same
-// reason: lse - mean(z) = (m - ref) + log_sum - mean(z - ref).
+// The loss of a row from its max m and log(sum_c exp(z_c - m)), kept apart so that
+// lse - z_t = (m - z_t) + log_sum does not cancel when the logits share a large offset, and
+// smoothing_sum = sum_c (w_c *) (z_c - m) (the same reason; see the top of the file). Terms
+// are added only when enabled, so that an infinite lse cannot turn a disabled term into
+// 0 * inf = NaN.
 template <class Acc>
-Acc row_loss(const Consts<Acc>& c, Acc m, Acc log_sum, Acc z_t, Acc w_t, Acc ref,
-             Acc smoothing_sum) {
+Acc row_loss(const Consts<Acc>& c, Acc m, Acc log_sum, Acc z_t, Acc w_t, double smoothing_sum) {
   const Acc lse = m + log_sum;
-  Acc loss = (Acc(1) - c.ls) * w_t * ((m - z_t) + log_sum) + c.z_loss * lse * lse;
+  Acc loss = (Acc(1) - c.ls) * w_t * ((m - z_t) + log_sum);
+  if (c.z_loss != 0) loss += c.z_loss * lse * lse;
   if (c.ls > 0) {
-    loss += c.ls * (c.weight_total * ((m - ref) + log_sum) - smoothing_sum) * c.inv_vocab;
+    const double smooth = (static_cast<double>(c.weight_total) * log_sum - smoothing_sum) *
+                          static_cast<double>(c.inv_vocab);
+    loss += c.ls * static_cast<Acc>(smooth);
   }
   return loss;
-}
-
-// The reference point of the smoothing sum: the row's first (capped) logit, or 0 if that is
-// not finite (a -inf first logit would turn every z_c - ref into +inf).
-template <class Acc>
-Acc smoothing_ref(Acc z0) {
-  return std::isfinite(z0) ? z0 : Acc(0);
 }
 
 // The gradient of a row, dL/dz_c = coef_p * p_c - coef_w * w_c - [c == t] * coef_t (before
@@ -155,15 +159,43 @@ GradCoefs<Acc> grad_coefs(const Consts<Acc>& c, Acc g, Acc lse, Acc w_t) {
   return k;
 }
 
+// Backward's log-sum-exp of a row as hi + lo, with p_c = exp((z_c - hi) - lo): the saved lse
+// and 0, or, from |lse| = kExactLseMin on, the row's max and log(sum exp(z - max)) recomputed
+// from its logits (the top of the file says why). A non-finite lse (an inf or NaN logit)
+// stays as it is: p is then NaN, as torch's.
+constexpr double kExactLseMin = 256.0;
+
+template <class Acc>
+struct LseSplit {
+  Acc hi, lo;
+};
+
+template <class T>
+LseSplit<AccOf<T>> lse_split(const T* x, int64_t vocab, const Consts<AccOf<T>>& c,
+                             AccOf<T> lse) {
+  using Acc = AccOf<T>;
+  if (!std::isfinite(lse) || std::fabs(static_cast<double>(lse)) < kExactLseMin) {
+    return {lse, Acc(0)};
+  }
+  Acc m = std::numeric_limits<Acc>::lowest();
+  for (int64_t j = 0; j < vocab; ++j) m = std::max(m, capped_logit(to_acc(x[j]), c));
+  double s = 0;
+  for (int64_t j = 0; j < vocab; ++j) {
+    s += std::exp(static_cast<double>(capped_logit(to_acc(x[j]), c)) - m);
+  }
+  return {m, static_cast<Acc>(std::log(s))};
+}
+
 // Gradient of the target element, computed from its logit in Acc (scalar in both paths).
 template <class Acc>
-Acc target_grad(const Consts<Acc>& c, const GradCoefs<Acc>& k, Acc x_t, Acc lse, Acc w_t_smooth) {
+Acc target_grad(const Consts<Acc>& c, const GradCoefs<Acc>& k, Acc x_t, LseSplit<Acc> lse,
+                Acc w_t_smooth) {
   Acc tanh_t = 0, z_t = x_t;
   if (c.softcap > 0) {
     tanh_t = std::tanh(x_t * c.inv_softcap);
     z_t = c.softcap * tanh_t;
   }
-  Acc d = k.coef_p * std::exp(z_t - lse) - k.coef_w * w_t_smooth - k.coef_t;
+  Acc d = k.coef_p * std::exp((z_t - lse.hi) - lse.lo) - k.coef_w * w_t_smooth - k.coef_t;
   if (c.softcap > 0) d *= Acc(1) - tanh_t * tanh_t;
   return d;
 }
@@ -180,23 +212,29 @@ int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r
   int64_t bad_row = -1;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    const Acc ref =
-        kSmooth == Smoothing::kNone ? Acc(0) : smoothing_ref(capped_logit(to_acc(x[0]), c));
     // One running sum per row: double keeps its rounding error below the float result's
     // ulp for any vocab size (the AVX2 path gets there with 32 partial sums instead).
+    // smoothing_sum = sum_c w_c (z_c - m) around the running max m, rebased when m grows;
+    // weight_seen = sum_c w_c so far (w_c = 1 without class weights).
     Acc m = std::numeric_limits<Acc>::lowest();
-    double s = 0, smoothing_sum = 0;
+    double s = 0, smoothing_sum = 0, weight_seen = 0;
     for (int64_t j = 0; j < vocab; ++j) {
       Acc z = to_acc(x[j]);
       if (kSoftcap) z = c.softcap * std::tanh(z * c.inv_softcap);
       if (z > m) {
         s = s * std::exp(static_cast<double>(m) - z) + 1.0;
+        if (kSmooth != Smoothing::kNone) {
+          smoothing_sum += weight_seen * (static_cast<double>(m) - static_cast<double>(z));
+        }
         m = z;
       } else {
         s += std::exp(z - m);
       }
-      if (kSmooth == Smoothing::kUniform) smoothing_sum += z - ref;
-      if (kSmooth == Smoothing::kWeighted) smoothing_sum += c.weight[j] * (z - ref);
+      if (kSmooth != Smoothing::kNone) {
+        const double w = kSmooth == Smoothing::kWeighted ? c.weight[j] : 1.0;
+        smoothing_sum += w * (static_cast<double>(z) - m);
+        weight_seen += w;
+      }
     }
     const Acc log_sum = static_cast<Acc>(std::log(s));
     lse_out[r] = m + log_sum;
@@ -208,8 +246,7 @@ int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r
       if (bad_row < 0) bad_row = r;
     } else {
       const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
-      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, ref,
-                             static_cast<Acc>(smoothing_sum));
+      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, smoothing_sum);
     }
   }
   return bad_row;
@@ -243,10 +280,11 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_
     }
     const Acc g = grad_loss[r * p.grad_loss_stride];
     const Acc lse = lse_in[r];
+    const LseSplit<Acc> split = lse_split(x, vocab, c, lse);
     const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
     const GradCoefs<Acc> k = grad_coefs(c, g, lse, w_t);
     // Read before the row is overwritten (dx may alias x).
-    const Acc grad_t = target_grad(c, k, to_acc(x[t]), lse, kWeighted ? c.weight[t] : Acc(1));
+    const Acc grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : Acc(1));
     for (int64_t j = 0; j < vocab; ++j) {
       const Acc xj = to_acc(x[j]);
       Acc tanh_j = 0, z = xj;
@@ -254,7 +292,8 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_
         tanh_j = std::tanh(xj * c.inv_softcap);
         z = c.softcap * tanh_j;
       }
-      Acc d = k.coef_p * std::exp(z - lse) - k.coef_w * (kWeighted ? c.weight[j] : Acc(1));
+      Acc d = k.coef_p * std::exp((z - split.hi) - split.lo) -
+              k.coef_w * (kWeighted ? c.weight[j] : Acc(1));
       if (kSoftcap) d *= Acc(1) - tanh_j * tanh_j;
       dx[j] = from_acc<T>(d);
     }
@@ -270,7 +309,10 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_
 // and an unpredictable branch per vector, and the row is still read from memory once.
 // Four independent accumulator slots (for_each_chunk's k) hide the latency of the running
 // sums; the partial vector at a row's end has its padding lanes set to -inf for the max and
-// the exp-sum (exp(-inf) = 0) and to 0 for the smoothing sum.
+// the exp-sum (exp(-inf) = 0) and to 0 for the smoothing sum. The smoothing sum's vectors
+// hold w_c (z_c - m) with the running max m of their block; when a block raises m, the
+// weight seen so far times (m_old - m_new) goes into a double, so that their total is
+// sum_c w_c (z_c - m) for the row's max m.
 
 #if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
 FASTLLM_AVX2_BEGIN
@@ -325,15 +367,14 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
   int64_t bad_row = -1;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    const float ref =
-        kSmooth == Smoothing::kNone ? 0.0f : smoothing_ref(capped_logit(to_acc(x[0]), c));
-    const __m256 ref_v = _mm256_set1_ps(ref);
     float m = -FLT_MAX;  // running max of the capped logits
     __m256 s[kSlots], smoothing_sum[kSlots];  // s: sum of exp(z - m), lane-wise partials
     for (int k = 0; k < kSlots; ++k) {
       s[k] = _mm256_setzero_ps();
       smoothing_sum[k] = _mm256_setzero_ps();
     }
+    // The rebasing of smoothing_sum, and the class weight of the blocks before this one.
+    double smoothing_rebase = 0, weight_seen = 0;
     for (int64_t begin = 0; begin < vocab; begin += kBlock) {
       const T* xb = x + begin;
       const int64_t len = std::min(kBlock, vocab - begin);
@@ -352,23 +393,32 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
       if (new_max > m) {
         const __m256 rescale = _mm256_set1_ps(std::exp(m - new_max));
         for (int k = 0; k < kSlots; ++k) s[k] = _mm256_mul_ps(s[k], rescale);
+        if (kSmooth != Smoothing::kNone) {
+          smoothing_rebase += weight_seen * (static_cast<double>(m) - new_max);
+        }
         m = new_max;
       }
       const __m256 m_v = _mm256_set1_ps(m);
+      __m256 block_weight = _mm256_setzero_ps();
       for_each_chunk<W>(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
         __m256 z = loadn(xb + j, n);  // padding lanes load as 0
         if (kSoftcap) z = _mm256_mul_ps(softcap, tanh_ps(_mm256_mul_ps(z, inv_softcap)));
         if (kSmooth != Smoothing::kNone) {
-          __m256 z_rel = _mm256_sub_ps(z, ref_v);
+          __m256 z_rel = _mm256_sub_ps(z, m_v);
           if (n < W) z_rel = keep_first(z_rel, n);
-          smoothing_sum[k] =
-              kSmooth == Smoothing::kUniform
-                  ? _mm256_add_ps(smoothing_sum[k], z_rel)
-                  : _mm256_fmadd_ps(loadn(c.weight + begin + j, n), z_rel, smoothing_sum[k]);
+          if (kSmooth == Smoothing::kUniform) {
+            smoothing_sum[k] = _mm256_add_ps(smoothing_sum[k], z_rel);
+          } else {
+            const __m256 w = loadn(c.weight + begin + j, n);  // padding lanes load as 0
+            smoothing_sum[k] = _mm256_fmadd_ps(w, z_rel, smoothing_sum[k]);
+            block_weight = _mm256_add_ps(block_weight, w);
+          }
         }
         if (n < W) z = fill_from(z, n, -INFINITY);
         s[k] = _mm256_add_ps(s[k], cpu::avx2::exp_ps(_mm256_sub_ps(z, m_v)));
       });
+      if (kSmooth == Smoothing::kUniform) weight_seen += static_cast<double>(len);
+      if (kSmooth == Smoothing::kWeighted) weight_seen += hsum(block_weight);
     }
     const float log_sum = std::log(hsum(s));
     lse_out[r] = m + log_sum;
@@ -379,9 +429,10 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
       loss_out[r] = std::numeric_limits<float>::quiet_NaN();
       if (bad_row < 0) bad_row = r;
     } else {
-      const float smooth = kSmooth == Smoothing::kNone ? 0.0f : hsum(smoothing_sum);
+      const double smooth =
+          kSmooth == Smoothing::kNone ? 0.0 : hsum(smoothing_sum) + smoothing_rebase;
       const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
-      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, ref, smooth);
+      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, smooth);
     }
   }
   return bad_row;
@@ -411,11 +462,13 @@ void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin
     }
     const float g = grad_loss[r * p.grad_loss_stride];
     const float lse = lse_in[r];
+    const LseSplit<float> split = lse_split(x, vocab, c, lse);
     const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
     const GradCoefs<float> k = grad_coefs(c, g, lse, w_t);
     // Read before the row is overwritten (dx may alias x).
-    const float grad_t = target_grad(c, k, to_acc(x[t]), lse, kWeighted ? c.weight[t] : 1.0f);
-    const __m256 lse_v = _mm256_set1_ps(lse);
+    const float grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : 1.0f);
+    const __m256 lse_hi = _mm256_set1_ps(split.hi);
+    const __m256 lse_lo = _mm256_set1_ps(split.lo);
     const __m256 coef_p = _mm256_set1_ps(k.coef_p);
     const __m256 coef_w = _mm256_set1_ps(k.coef_w);
     for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
@@ -426,7 +479,7 @@ void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin
         z = _mm256_mul_ps(softcap, tanh_j);
       }
       const __m256 w = kWeighted ? loadn(c.weight + j, n) : one;
-      const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(z, lse_v));
+      const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_sub_ps(z, lse_hi), lse_lo));
       __m256 d = _mm256_fnmadd_ps(coef_w, w, _mm256_mul_ps(coef_p, p_j));
       if (kSoftcap) d = _mm256_mul_ps(d, _mm256_fnmadd_ps(tanh_j, tanh_j, one));
       storen(dx + j, d, n);

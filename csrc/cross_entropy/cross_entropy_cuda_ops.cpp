@@ -2,8 +2,9 @@
 // (csrc/schemas.h) on CUDA tensors, running the kernels of cross_entropy.cu (launchers in
 // cross_entropy_cuda.h). Checks, allocation, parameter filling and the entry points are
 // shared with the CPU glue (cross_entropy_glue.h); this file only says which launchers run.
-// An out-of-range target gives its row a NaN loss and gradient (no device synchronisation
-// to report it).
+// An out-of-range target gives its row a NaN loss and gradient on CUDA tensors (no device
+// synchronisation to report it); under the SIMT emulation, on CPU tensors, the glue raises
+// an IndexError naming it first (check_target_values in cross_entropy_glue.h).
 //
 // Built three ways (common/torch_glue.h):
 //   - fastllm._C without CUDA: nothing;
@@ -23,10 +24,30 @@
 namespace fastllm {
 namespace cross_entropy {
 
-FASTLLM_CUDA_LIBRARY_IMPL(m) {
-  register_cross_entropy_ops<
-      CudaKernels<launch_cross_entropy_fwd_cuda, launch_cross_entropy_bwd_cuda>>(m);
-}
+// The common CUDA Kernels, with the kernels' vocabulary bound checked by name first (the
+// launchers would only report an invalid argument).
+struct CrossEntropyCudaKernels
+    : CudaKernels<launch_cross_entropy_fwd_cuda, launch_cross_entropy_bwd_cuda> {
+  using Base = CudaKernels<launch_cross_entropy_fwd_cuda, launch_cross_entropy_bwd_cuda>;
+
+  template <class Params>
+  static void check_vocab(const char* op, const Params& p) {
+    TORCH_CHECK(p.vocab <= kMaxCudaVocab, op, kCudaBackend, ": logits must have at most ",
+                kMaxCudaVocab, " classes on CUDA, got ", p.vocab);
+  }
+  template <class Params>
+  static void fwd(const char* op, Params& p, const at::Tensor& like) {
+    check_vocab(op, p);
+    Base::fwd(op, p, like);
+  }
+  template <class Params>
+  static void bwd(const char* op, Params& p, const at::Tensor& like) {
+    check_vocab(op, p);
+    Base::bwd(op, p, like);
+  }
+};
+
+FASTLLM_CUDA_LIBRARY_IMPL(m) { register_cross_entropy_ops<CrossEntropyCudaKernels>(m); }
 
 }  // namespace cross_entropy
 }  // namespace fastllm

@@ -18,15 +18,21 @@
 // logits). Layouts with the class dimension elsewhere, reductions and dtype of the returned
 // loss are handled by the Python layer (fastllm/ops/cross_entropy.py).
 //
+// The checks are those of the ops' Python checks (fastllm/ops/cross_entropy.py, _CHECKS and
+// _VALUE_CHECKS), which the Triton ops and the fakes run: every backend accepts the same
+// arguments and refuses the others with the same message.
+//
 // A target that is neither ignore_index nor in [0, vocab) raises an IndexError naming the
-// row and the value on CPU (the kernel reports the first such row). On CUDA the kernels
-// give that row a NaN loss and NaN gradient instead: checking on the host would need a
-// device-to-host synchronisation on every call.
+// row and the value on CPU tensors, whichever kernels run (the C++ CPU ones, or the CUDA
+// ones under the SIMT emulation): check_target_values reads the targets before any kernel
+// runs. On CUDA tensors the kernels give that row a NaN loss and NaN gradient instead:
+// checking on the host would need a device-to-host synchronisation on every call.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "common/torch_glue.h"
@@ -69,13 +75,29 @@ inline Checked check_args(const char* op, const at::Tensor& logits, const at::Te
     check_same_device(logits, "logits", w, "weight", op);
     c.weight = w.to(acc_dtype(logits.scalar_type())).contiguous();
   }
+  // Written so that NaN fails every test.
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
               ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(z_loss >= 0.0, op, ": z_loss must be non-negative, got ", z_loss);
-  TORCH_CHECK(softcap >= 0.0, op, ": softcap must be non-negative (0 disables it), got ", softcap);
+  TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
+              ": z_loss must be finite and non-negative, got ", z_loss);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": softcap must be finite and non-negative (0 disables it), got ", softcap);
   c.logits = as_rows(logits, c.vocab);
   c.target = target.contiguous();
   return c;
+}
+
+// On CPU tensors: every target is ignore_index or in [0, vocab), else an IndexError naming
+// the first bad row and its value. (CUDA tensors: see the top of the file.)
+inline void check_target_values(const char* op, const Checked& c, int64_t ignore_index) {
+  if (!c.target.device().is_cpu()) return;
+  const int64_t* target = c.target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const int64_t t = target[r];
+    TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < c.vocab), op, ": target[", r, "] = ", t,
+                      " is out of range for ", c.vocab, " classes (ignore_index=", ignore_index,
+                      ")");
+  }
 }
 
 // The per-row tensors backward receives from forward: (rows,) in `dtype`.
@@ -119,28 +141,20 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
                                                      const c10::optional<at::Tensor>& weight,
                                                      int64_t ignore_index, double label_smoothing,
                                                      double z_loss, double softcap) {
-  const char* op = "cross_entropy";
+  const char* op = "cross_entropy_fwd";
   Checked c = check_args(op, logits, target, weight, label_smoothing, z_loss, softcap);
   const auto stat_options = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor loss = at::empty({c.rows}, stat_options);
   at::Tensor lse = at::empty({c.rows}, stat_options);
+  check_target_values(op, c, ignore_index);
   if (c.rows == 0) return {loss, lse};
 
   FwdParams p;
   set_row_params(p, c, ignore_index, label_smoothing, z_loss, softcap);
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
-  // The CPU kernels report the first out-of-range target here; the CUDA ones give its row a
-  // NaN loss instead and leave this -1.
-  int64_t bad_row = -1;
-  p.bad_target_row = &bad_row;
   Kernels::check_dtype(op, "logits", p.dtype);
   Kernels::fwd(op, p, logits);
-  if (bad_row >= 0) {
-    TORCH_CHECK_INDEX(false, op, ": target[", bad_row, "] = ", p.target[bad_row],
-                      " is out of range for ", p.vocab, " classes (ignore_index=",
-                      p.ignore_index, ")");
-  }
   return {loss, lse};
 }
 
@@ -154,6 +168,7 @@ void cross_entropy_bwd_into(const char* op, const at::Tensor& grad_rows,
                             double softcap) {
   at::Tensor g = check_per_row(op, grad_loss, "grad_loss", c, logits, /*any_float_dtype=*/true);
   at::Tensor lse_c = check_per_row(op, lse, "lse", c, logits, /*any_float_dtype=*/false);
+  check_target_values(op, c, ignore_index);
   if (c.rows == 0) return;
   BwdParams p;
   p.grad_loss = g.data_ptr();
@@ -187,10 +202,14 @@ void cross_entropy_bwd_inplace(const at::Tensor& grad_loss, const at::Tensor& lo
                                double label_smoothing, double z_loss, double softcap) {
   const char* op = "cross_entropy_bwd_inplace";
   Checked c = check_args(op, logits, target, weight, label_smoothing, z_loss, softcap);
-  // The gradient goes into the logits' own storage, so no copy may stand in for them.
+  // The gradient goes into the logits' own storage, so no copy may stand in for them, and
+  // no two elements may share memory.
   TORCH_CHECK(c.vocab == 1 || logits.stride(1) == 1, op,
               ": logits must have unit stride along the vocab dimension to receive the gradient "
               "in place, got strides ", shape_str(logits.strides()));
+  TORCH_CHECK(c.rows <= 1 || logits.stride(0) >= c.vocab, op,
+              ": logits rows must not overlap in memory to receive the gradient in place, got "
+              "shape ", shape_str(logits.sizes()), " with strides ", shape_str(logits.strides()));
   cross_entropy_bwd_into<Kernels>(op, logits, grad_loss, c, logits, lse, ignore_index,
                             label_smoothing, z_loss, softcap);
 }

@@ -4,7 +4,10 @@ torch.nn.CrossEntropyLoss and torch.nn.LinearCrossEntropyLoss.
 They subclass torch's modules, so constructor arguments, the ``weight`` buffer, the owned
 ``linear`` layer, ``state_dict`` keys and ``isinstance`` checks are torch's own; ``forward``
 runs fastllm's fused kernels. Extra keyword-only options: ``z_loss`` and ``softcap`` (both),
-``inplace_backward`` (CrossEntropyLoss) and ``chunk_size`` (LinearCrossEntropyLoss).
+``inplace_backward`` (CrossEntropyLoss) and ``chunk_size`` (LinearCrossEntropyLoss), with
+the semantics of fastllm.functional.cross_entropy (the z-loss is averaged over the
+non-ignored tokens, never weighted by the class weights). Arguments are checked when
+``forward`` runs, with errors naming them.
 """
 
 from __future__ import annotations

@@ -15,22 +15,36 @@ chunk's logits (a 4th GEMM).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastllm.backend import get_backend
-from fastllm.ops._family import acc_dtype, check_float_tensor, check_same_device
+from fastllm.ops._family import (
+    OpSet,
+    acc_dtype,
+    check_float_tensor,
+    check_same_device,
+    values_readable,
+)
 from fastllm.ops.cross_entropy import (
     IMPLS,
     check_class_weight,
+    check_ignore_index,
     check_options,
+    check_target_values,
+    check_weight_not_differentiable,
     class_index_target,
-    mean_denominator,
+    mean_weighting,
     reduce_rows,
+    zero_classes_loss,
 )
 from fastllm.reference import cross_entropy as ref
+
+# The backends a raw op can run: those with cross-entropy kernels (fastllm/ops/_family.py).
+_KERNEL_BACKENDS = ("native", "triton", "cuda_emu")
 
 # A chunk's logits hold at least this many elements (16 MiB in float32): below it, the
 # per-chunk overheads (kernel launches, GEMM set-up, the dW read-modify-write) dominate.
@@ -114,27 +128,143 @@ class _ChunkedLinear:
         return grad_input, grad_weight, grad_bias
 
 
-def _check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
-    """The error the CPU kernel raises, with the row counted over all rows rather than within
-    a chunk. Runs inside the op (never while tracing), on CPU only: on a GPU it would need a
-    device synchronisation, and the CUDA kernels mark such rows with a NaN loss instead."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"cross_entropy: target[{row}] = {int(target[row])} is out of range for {vocab} "
-            f"classes (ignore_index={ignore_index})"
+# --------------------------------------------------------------------------- checks
+# The raw ops' arguments, checked in the ops and in their fakes (so torch.compile reports
+# them while tracing) with messages naming the argument, the expected and the actual value.
+# The public function checks its own (torch-shaped) arguments first.
+
+
+def _check_chunk_size(op: str, chunk_size: Optional[int]) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, torch.SymInt)):
+        raise TypeError(
+            f"{op}: chunk_size must be a positive int (rows per chunk), got "
+            f"{type(chunk_size).__name__}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size}")
+
+
+def _check_problem(op: str, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+                   target: Tensor, weight: Optional[Tensor], ignore_index: int, chunk_size: int,
+                   backend: str) -> None:
+    """What both ops share: input (N, H), linear_weight (V, H) and linear_bias (V,) in one
+    float dtype on one device, target (N,) int64, weight (V,) float, ignore_index,
+    chunk_size >= 1 and a backend with cross-entropy kernels."""
+    check_float_tensor(op, "input", input)
+    if input.dim() != 2:
+        raise ValueError(f"{op}: input must be 2-D (rows, in_features), got shape "
+                         f"{list(input.shape)}")
+    rows, hidden = input.shape
+    check_float_tensor(op, "linear_weight", linear_weight)
+    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden or linear_weight.shape[0] < 1:
+        raise ValueError(
+            f"{op}: linear_weight must have shape [num_classes >= 1, {hidden}] (in_features = "
+            f"input.shape[-1]), got {list(linear_weight.shape)}"
+        )
+    vocab = linear_weight.shape[0]
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
+            )
+        check_same_device(op, name, t, input)
+    if linear_bias is not None and list(linear_bias.shape) != [vocab]:
+        raise ValueError(
+            f"{op}: linear_bias must have shape [{vocab}] (num_classes), "
+            f"got {list(linear_bias.shape)}"
+        )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
+    if list(target.shape) != [rows]:
+        raise ValueError(
+            f"{op}: target must have shape [{rows}] (one class index per row of input), "
+            f"got {list(target.shape)}"
+        )
+    if target.dtype != torch.int64:
+        raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
+    check_same_device(op, "target", target, input)
+    check_class_weight(op, weight, vocab, input)
+    check_ignore_index(op, ignore_index)
+    _check_chunk_size(op, chunk_size)
+    if backend not in _KERNEL_BACKENDS:
+        raise ValueError(
+            f"{op}: backend must be one of {', '.join(map(repr, _KERNEL_BACKENDS))} (the "
+            f"backends with cross-entropy kernels), got {backend!r}"
         )
 
 
-def _row_grad_of_reduction(
-    reduction: str, target: Tensor, weight: Optional[Tensor], ignore_index: int, vocab: int,
-    dtype: torch.dtype,
-) -> Tensor:
-    """d(reduced loss)/d(loss of a row), a 0-d tensor: 1 / denominator for mean, 1 for sum."""
-    if reduction == "mean":
-        return 1.0 / mean_denominator(target, weight, ignore_index, vocab, dtype)
-    return torch.ones((), dtype=dtype, device=target.device)
+def _check_flags(op: str, **flags: bool) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def _check_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+               label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+               need_grad_bias, scale_grads_in_place, backend):
+    op = "linear_cross_entropy_fwd"
+    _check_problem(op, input, linear_weight, linear_bias, target, weight, ignore_index,
+                   chunk_size, backend)
+    check_options(op, reduction, label_smoothing, z_loss, softcap)
+    _check_flags(op, need_grad_input=need_grad_input, need_grad_weight=need_grad_weight,
+                 need_grad_bias=need_grad_bias, scale_grads_in_place=scale_grads_in_place)
+
+
+def _check_bwd(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
+               label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+               need_grad_bias, backend):
+    op = "linear_cross_entropy_bwd"
+    _check_problem(op, input, linear_weight, linear_bias, target, weight, ignore_index,
+                   chunk_size, backend)
+    check_options(op, "none", label_smoothing, z_loss, softcap)
+    rows = input.shape[0]
+    for name, t in (("grad_loss", grad_loss), ("lse", lse)):
+        check_float_tensor(op, name, t)
+        if list(t.shape) != [rows]:
+            raise ValueError(
+                f"{op}: {name} must have shape [{rows}] (one value per row of input), "
+                f"got {list(t.shape)}"
+            )
+        check_same_device(op, name, t, input)
+    if lse.dtype != acc_dtype(input):
+        raise TypeError(f"{op}: lse must be {acc_dtype(input)} (forward's lse), got {lse.dtype}")
+    _check_flags(op, need_grad_input=need_grad_input, need_grad_weight=need_grad_weight,
+                 need_grad_bias=need_grad_bias)
+
+
+def _kernels(op: str, input: Tensor, target: Tensor, vocab: int, ignore_index: int,
+             backend: str) -> OpSet:
+    """The cross-entropy op set the chunks run on; on CPU tensors the targets' range checked
+    first, over all rows (so the error names the row, not its index within a chunk)."""
+    ops = IMPLS.select(input, backend)
+    if ops is None:
+        raise ValueError(
+            f"{op}: backend {backend!r} has no cross-entropy kernels for {input.dtype} tensors "
+            f"on {input.device} (fastllm.functional.linear_cross_entropy runs the reference "
+            "there)"
+        )
+    if values_readable(input, target):
+        check_target_values(op, target, vocab, ignore_index)
+    return ops
+
+
+def _reduction_plan(reduction: str, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                    z_loss: float, vocab: int, dtype: torch.dtype
+                    ) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    """(the class weights the kernels run with, the mean's denominator or None,
+    d(reduced loss)/d(loss of a row) as a 0-d tensor: 1 / denominator for mean, 1 otherwise).
+    Over all rows, before any chunk: the z-loss's n_valid and the weights' sum are global
+    (fastllm/ops/cross_entropy.py, "reductions")."""
+    kernel_weight, denominator = mean_weighting(
+        target, weight, ignore_index, reduction, z_loss, vocab, dtype
+    )
+    if denominator is not None:
+        return kernel_weight, denominator, 1.0 / denominator
+    return kernel_weight, None, torch.ones((), dtype=dtype, device=target.device)
 
 
 def _fake_grads(input, linear_weight, linear_bias, need_input, need_weight, need_bias):
@@ -173,13 +303,17 @@ def _linear_cross_entropy_fwd(
     (loss: () or (N,) float32, lse (N,) float32, dX, dW, db). The gradients are those of
     the loss as returned (for reduction mean / sum) and empty when not wanted or when
     reduction="none" (computed in backward then). scale_grads_in_place: see backward."""
-    ops = IMPLS.select(input, backend)
+    _check_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+               label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+               need_grad_bias, scale_grads_in_place, backend)
     rows = input.shape[0]
     vocab = linear_weight.shape[0]
+    ops = _kernels("linear_cross_entropy_fwd", input, target, vocab, ignore_index, backend)
     acc = acc_dtype(input)
+    kernel_weight, denominator, row_grad = _reduction_plan(
+        reduction, target, weight, ignore_index, z_loss, vocab, acc
+    )
     options = (ignore_index, label_smoothing, z_loss, softcap)
-    if input.device.type == "cpu":
-        _check_target_range(target, vocab, ignore_index)
     loss_rows = input.new_empty((rows,), dtype=acc)
     lse = input.new_empty((rows,), dtype=acc)
     with_grad = reduction != "none" and (need_grad_input or need_grad_weight or need_grad_bias)
@@ -187,19 +321,20 @@ def _linear_cross_entropy_fwd(
         input, linear_weight, linear_bias, chunk_size,
         with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
     )
-    row_grad = _row_grad_of_reduction(reduction, target, weight, ignore_index, vocab, acc)
     for start, end in loop.chunks(input):
         x_chunk = input[start:end]
         logits = loop.logits(x_chunk)  # (C, V)
-        chunk_loss, chunk_lse = ops.cross_entropy_fwd(logits, target[start:end], weight, *options)
+        chunk_target = target[start:end]
+        chunk_loss, chunk_lse = ops.cross_entropy_fwd(logits, chunk_target, kernel_weight, *options)
         loss_rows[start:end] = chunk_loss
         lse[start:end] = chunk_lse
         if with_grad:
             ops.cross_entropy_bwd_inplace(
-                row_grad.expand(end - start), logits, target[start:end], weight, chunk_lse, *options
+                row_grad.expand(end - start), logits, chunk_target, kernel_weight, chunk_lse,
+                *options,
             )
             loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
-    loss = reduce_rows(loss_rows, target, weight, ignore_index, reduction, vocab)
+    loss = reduce_rows(loss_rows, reduction, denominator)
     return (loss, lse, *loop.results(input))
 
 
@@ -207,6 +342,9 @@ def _linear_cross_entropy_fwd(
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
       z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
       scale_grads_in_place, backend):
+    _check_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+               label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+               need_grad_bias, scale_grads_in_place, backend)
     rows = input.shape[0]
     acc = acc_dtype(input)
     with_grad = reduction != "none"
@@ -239,8 +377,12 @@ def _linear_cross_entropy_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """grad_loss (N,), the upstream gradient of every row's loss -> (dX, dW, db).
     Recomputes each chunk's logits, overwrites them with their gradient and adds the chunk
-    to dX, dW, db."""
-    ops = IMPLS.select(input, backend)
+    to dX, dW, db. ``weight`` is what the kernels run with (see _reduction_plan)."""
+    _check_bwd(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
+               label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+               need_grad_bias, backend)
+    ops = _kernels("linear_cross_entropy_bwd", input, target, linear_weight.shape[0],
+                   ignore_index, backend)
     options = (ignore_index, label_smoothing, z_loss, softcap)
     loop = _ChunkedLinear(
         input, linear_weight, linear_bias, chunk_size,
@@ -261,6 +403,9 @@ def _linear_cross_entropy_bwd(
 def _(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
       label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
       need_grad_bias, backend):
+    _check_bwd(grad_loss, input, linear_weight, linear_bias, target, weight, lse, ignore_index,
+               label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
+               need_grad_bias, backend)
     return _fake_grads(
         input, linear_weight, linear_bias, need_grad_input, need_grad_weight, need_grad_bias
     )
@@ -305,16 +450,17 @@ def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weig
     else:
         input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, softcap, chunk_size = ctx.options
+        kernel_weight, _denominator, row_grad = _reduction_plan(
+            ctx.reduction, target, weight, ignore_index, z_loss, linear_weight.shape[0],
+            lse.dtype,
+        )
         if ctx.reduction == "none":
             grad_rows = grad_loss
         else:
-            row_grad = _row_grad_of_reduction(
-                ctx.reduction, target, weight, ignore_index, linear_weight.shape[0], lse.dtype
-            )
             grad_rows = (grad_loss * row_grad).expand(input.shape[0])
         grads = _linear_cross_entropy_bwd(
-            grad_rows, input, linear_weight, linear_bias, target, weight, lse, *ctx.options,
-            need_input, need_weight, need_bias, ctx.backend,
+            grad_rows, input, linear_weight, linear_bias, target, kernel_weight, lse,
+            *ctx.options, need_input, need_weight, need_bias, ctx.backend,
         )
     grad_input, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
     return (grad_input, grad_weight, grad_bias) + (None,) * 13
@@ -351,7 +497,12 @@ def linear_cross_entropy(
     ``linear_weight`` ``(num_classes, in_features)`` and ``linear_bias`` ``(num_classes,)``
     in the input's dtype. Keyword arguments as ``torch.nn.functional.linear_cross_entropy``
     (``weight`` = class weights, ``ignore_index=None`` means -100) plus ``z_loss``,
-    ``softcap`` and ``chunk_size`` (rows per chunk).
+    ``softcap`` and ``chunk_size`` (rows per chunk, a positive int), with the semantics of
+    ``fastllm.functional.cross_entropy`` (zero rows and zero classes included):
+    in particular the z-loss is averaged over the non-ignored rows, never weighted by the
+    class weights (``mean`` = ``sum(w_t * ce) / sum(w_t) + z_loss * sum(lse**2) / n``), and
+    the weights' sum and ``n`` are those of all rows, not of a chunk. A target out of range
+    raises an IndexError naming it on CPU tensors (a NaN row loss on CUDA tensors).
 
     With ``reduction`` "mean" or "sum" the forward also computes the gradients (the upstream
     gradient of a scalar loss only scales them), so training costs the same three GEMMs as the
@@ -362,6 +513,7 @@ def linear_cross_entropy(
     check_float_tensor(op, "input", input)
     check_float_tensor(op, "linear_weight", linear_weight)
     check_options(op, reduction, label_smoothing, z_loss, softcap)
+    check_ignore_index(op, ignore_index)
     if input.dim() == 0:
         raise ValueError(f"{op}: input must be (..., in_features), got a 0-d tensor")
     hidden = input.shape[-1]
@@ -374,6 +526,8 @@ def linear_cross_entropy(
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
             continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.dtype != input.dtype:
             raise TypeError(
                 f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
@@ -391,11 +545,19 @@ def linear_cross_entropy(
             f"in_features), got {list(target.shape)}"
         )
     check_class_weight(op, weight, vocab, input)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size!r}")
+    check_weight_not_differentiable(op, weight)
+    if chunk_size is not None:
+        _check_chunk_size(op, chunk_size)
+    if values_readable(input, target):
+        check_target_values(op, target, vocab, ignore_index)
 
-    x = input.reshape(-1, hidden)
-    rows_target = target.reshape(-1)
+    rows = math.prod(target.shape)
+    x = input.reshape(rows, hidden)
+    rows_target = target.reshape(rows)
+    if vocab == 0:  # as torch: every target ignored (see cross_entropy)
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)  # (N, 0)
+        loss = zero_classes_loss(logits, rows_target, ignore_index, reduction, label_smoothing)
+        return (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
     backend = get_backend()
     if IMPLS.select(input, backend) is None:
         loss = ref.linear_cross_entropy_ref(
@@ -404,7 +566,6 @@ def linear_cross_entropy(
         )
         return loss.reshape(target.shape) if reduction == "none" else loss
 
-    rows = x.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, hidden, vocab)
     grad_on = torch.is_grad_enabled()

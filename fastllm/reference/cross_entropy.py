@@ -8,9 +8,17 @@ and as the ``"reference"`` backend. Logits are ``(rows, vocab)``: the class dime
 Per row with target t (rows whose target is ``ignore_index`` contribute nothing):
     z     = softcap * tanh(x / softcap) if softcap > 0 else x
     lse   = logsumexp(z)
-    loss  = (1 - ls) * w[t] * (lse - z[t]) + ls * sum_c w[c] * (lse - z[c]) / V + z_loss * lse^2
-with w = weight, or ones. reduction="mean" divides the sum by sum_rows w[t] over the
-non-ignored rows (the row count without weights), exactly as torch's cross_entropy does.
+    ce    = (1 - ls) * w[t] * (lse - z[t]) + ls * sum_c w[c] * (lse - z[c]) / V
+    loss  = ce + z_loss * lse^2
+with w = weight, or ones. reduction="mean" is sum(ce) / sum_rows w[t] (torch's weighted
+mean; the row count without weights) plus z_loss * sum(lse^2) / (the number of non-ignored
+rows): the z-loss is averaged over the tokens, never weighted by the class weights (PaLM,
+Liger-Kernel). Terms are added only when enabled (ls > 0, z_loss > 0), so that a disabled
+term cannot turn an infinite log-sum-exp into 0 * inf = NaN.
+
+A target that is neither ``ignore_index`` nor in ``[0, V)`` gives its row a NaN loss (what
+the CUDA kernels do; on CPU tensors the public functions raise before getting here) and is
+never used as an index.
 """
 
 from __future__ import annotations
@@ -40,23 +48,34 @@ def cross_entropy_ref(
     z = logits.to(_acc(logits))
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=-1)  # (N,)
-    log_probs = z - lse.unsqueeze(-1)  # (N, V)
+    # torch's log_softmax (max subtracted first): z - logsumexp(z) would lose the digits of
+    # logits that share a large offset, and turn a row with a +inf logit into -inf / NaN
+    # differently from torch.
+    log_probs = torch.log_softmax(z, dim=-1)  # (N, V)
     w = torch.ones(vocab, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
 
     valid = target != ignore_index  # (N,)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    w_t = w[safe_target] * valid  # (N,), 0 on ignored rows
-    nll = -log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1) * w_t
-    smooth = -(log_probs * w).sum(dim=-1) / vocab * valid
-    per_row = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse.square() * valid
+    in_range = (target >= 0) & (target < vocab)
+    safe_target = torch.where(valid & in_range, target, torch.zeros_like(target))
+    w_t = torch.where(valid, w[safe_target], 0.0)  # (N,)
+    ce = -log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1) * w_t
+    if label_smoothing > 0:
+        smooth = -(log_probs * w).sum(dim=-1) / vocab
+        ce = (1 - label_smoothing) * ce + label_smoothing * smooth
+    # where(), not a product with the mask: an ignored row's infinite terms must not give NaN.
+    ce = torch.where(valid, torch.where(in_range, ce, torch.nan), 0.0)
+    z_term = None
+    if z_loss > 0:
+        z_term = torch.where(valid, z_loss * torch.logsumexp(z, dim=-1).square(), 0.0)
 
     if reduction == "none":
-        loss = per_row
+        loss = ce if z_term is None else ce + z_term
     elif reduction == "sum":
-        loss = per_row.sum()
+        loss = ce.sum() if z_term is None else ce.sum() + z_term.sum()
     elif reduction == "mean":
-        loss = per_row.sum() / w_t.sum()  # 0 / 0 = nan when every row is ignored, as in torch
+        loss = ce.sum() / w_t.sum()  # 0 / 0 = nan when every row is ignored, as in torch
+        if z_term is not None:
+            loss = loss + z_term.sum() / valid.sum()
     else:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     return loss.to(logits.dtype)

@@ -9,8 +9,10 @@ Math, per row x of length V (vocab), target t, arithmetic in float32:
     loss   = (1 - ls) * ce + ls * smooth + z_loss * lse^2
 Rows whose target is ignore_index get loss 0 and a zero gradient; a target that is neither
 ignore_index nor in [0, V) gives that row a NaN loss and a NaN gradient (there is no cheap
-error path out of a GPU kernel; the NaN cannot pass unnoticed). Backward, with p = exp(z - lse),
-W_s = sum_c w_c / V (1 without weights) and g the row's upstream gradient:
+error path out of a GPU kernel; the NaN cannot pass unnoticed). On CPU tensors (the
+interpreter) the op's value check raises an IndexError before the kernel runs. Backward,
+with p = exp(z - lse), W_s = sum_c w_c / V (1 without weights) and g the row's upstream
+gradient:
     dL/dz_c = g * [(1 - ls) * w_t * (p_c - [c == t]) + ls * (p_c * W_s - w_c / V)
                    + 2 * z_loss * lse * p_c]
     dL/dx_c = dL/dz_c * (1 - tanh(x_c / softcap)^2) when soft-capping.
@@ -25,15 +27,19 @@ Kernels:
         smoothing it also keeps sum_c w_c * (z_c - m), rebased with m, so that lse - mean(z)
         comes out as a difference of O(1) numbers even when the logits share a large
         offset. lse is written for every row, ignored ones included.
+    cross_entropy_exact_lse_kernel  one program per row, before the backward: the row's
+        log-sum-exp as hi + lo, p = exp((z - hi) - lo). The float32 lse the forward saved is
+        rounded to half an ulp, a relative error of every p of the row: below 2^-17 for
+        |lse| < 256 (EXACT_LSE_MIN), where hi = lse and lo = 0, but 5e-4 at 1e4, and a tie of
+        two logits at 1e8 would get p = 1 instead of 1/2. From EXACT_LSE_MIN on, the program
+        reads the row (hi = its max, lo = log(sum exp(z - max)), as the forward's online
+        pass), so such a row costs one more read and the others nothing but the launch. The
+        C++ CPU and CUDA kernels do the same within their backward.
     cross_entropy_bwd_kernel  one program per (row, BLOCK_V chunk): the gradient of a chunk
         needs only that chunk's logits and per-row scalars (lse, target, g), so short rows and
         long rows alike fill the GPU, and writing over the logits in place is safe because each
         element is read and then written by the same program. Ignored rows write zeros
-        without reading the logits. p comes from the float32 lse the forward saved, so
-        that lse's rounding (half an ulp of |lse|) is a relative error of the row's p: below
-        4e-6 for |lse| < 64, but 5e-4 when the logits sit near 1e4, where torch's
-        log_softmax, which subtracts the max first, stays near 1e-6. Every backend of
-        csrc/cross_entropy/cross_entropy.h shares this; fixing it needs a wider saved lse.
+        without reading the logits.
 Constexpr flags select the variants at compile time: HAS_WEIGHT (class weights),
 HAS_SMOOTHING (label_smoothing > 0: the forward skips the smoothing sums, and a -inf logit
 cannot turn a 0 * inf into NaN), HAS_SOFTCAP (softcap > 0).
@@ -56,6 +62,8 @@ from fastllm.triton._common import interpreted, round_to_dtype, tanh
 # Longest vocab chunk held in registers at once: 4096 float32 values over 8 warps is 16 per
 # thread for each live chunk-sized tensor (x, z, exp, weight).
 MAX_BLOCK_V = 4096
+# |lse| from which backward recomputes a row's log-sum-exp from its logits (see above).
+EXACT_LSE_MIN: tl.constexpr = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -122,8 +130,11 @@ def cross_entropy_fwd_kernel(
             else:
                 block_weight = tl.minimum(vocab - block_start, BLOCK_V).to(tl.float32)
                 block_weighted_z = tl.sum(tl.where(col_mask, z - new_max, 0.0), axis=0)
-            # Rebase the columns seen so far from the old max to the new one.
-            sum_weighted_z += sum_weight * (running_max - new_max) + block_weighted_z
+            # Rebase the columns seen so far from the old max to the new one. Nothing to
+            # rebase before the first block (sum_weight 0), where the initial max minus a
+            # max above 1e31 would overflow to -inf and 0 * -inf give NaN.
+            rebase = tl.where(sum_weight != 0.0, sum_weight * (running_max - new_max), 0.0)
+            sum_weighted_z += rebase + block_weighted_z
             sum_weight += block_weight
         running_max = new_max
     log_sum_exp = tl.log(sum_exp)  # lse - running_max
@@ -146,6 +157,43 @@ def cross_entropy_fwd_kernel(
 
 
 @triton.jit
+def cross_entropy_exact_lse_kernel(
+    logits_ptr,  # (N, V), row stride stride_logits_row
+    lse_ptr,  # (N,) float32, from the forward
+    lse_hi_ptr,  # (N,) float32 out
+    lse_lo_ptr,  # (N,) float32 out
+    stride_logits_row,
+    vocab,  # V
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # power of two
+):
+    """Writes hi, lo of row program_id(0): (lse, 0), or for EXACT_LSE_MIN <= |lse| < inf the
+    row's max and log(sum exp(z - max)). A non-finite lse (an inf or NaN logit) stays: p is
+    NaN then, as torch's."""
+    row = tl.program_id(0).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    hi = lse
+    lo = 0.0
+    if (tl.abs(lse) >= EXACT_LSE_MIN) & (tl.abs(lse) < float("inf")):
+        logits_row_ptr = logits_ptr + row * stride_logits_row
+        running_max = -3.4028234663852886e38  # as in the forward
+        sum_exp = 0.0
+        for block_start in range(0, vocab, BLOCK_V):
+            cols = block_start + tl.arange(0, BLOCK_V)
+            col_mask = cols < vocab
+            x = tl.load(logits_row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            z = tl.where(col_mask, _soft_capped(x, softcap, HAS_SOFTCAP), float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(z, axis=0))
+            sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            running_max = new_max
+        hi = running_max
+        lo = tl.log(sum_exp)
+    tl.store(lse_hi_ptr + row, hi)
+    tl.store(lse_lo_ptr + row, lo)
+
+
+@triton.jit
 def cross_entropy_bwd_kernel(
     grad_loss_ptr,  # (N,) float, stride stride_grad_loss (0 = broadcast)
     logits_ptr,  # (N, V), row stride stride_logits_row
@@ -153,6 +201,8 @@ def cross_entropy_bwd_kernel(
     weight_ptr,  # (V,) float32; None unless HAS_WEIGHT
     weight_sum_ptr,  # (1,) float32 = sum(weight); None unless HAS_WEIGHT and HAS_SMOOTHING
     lse_ptr,  # (N,) float32, from the forward
+    lse_hi_ptr,  # (N,) float32, from cross_entropy_exact_lse_kernel
+    lse_lo_ptr,  # (N,) float32, from cross_entropy_exact_lse_kernel
     grad_logits_ptr,  # (N, V) in the logits' dtype, row stride stride_grad_row; may be logits_ptr
     stride_grad_loss,
     stride_logits_row,
@@ -181,6 +231,8 @@ def cross_entropy_bwd_kernel(
         target_in_range = (target >= 0) & (target < vocab)
         grad_loss = tl.load(grad_loss_ptr + row * stride_grad_loss).to(tl.float32)
         lse = tl.load(lse_ptr + row)
+        lse_hi = tl.load(lse_hi_ptr + row)
+        lse_lo = tl.load(lse_lo_ptr + row)
         target_weight = _target_weight(weight_ptr, target, target_in_range, HAS_WEIGHT)
         # dL/dz_c = p_c * p_coef - [c == t] * target_coef - w_c * smooth_coef
         target_coef = grad_loss * (1.0 - label_smoothing) * target_weight
@@ -197,7 +249,7 @@ def cross_entropy_bwd_kernel(
         if HAS_SOFTCAP:
             tanh_x = tanh(x / softcap)
             z = softcap * tanh_x
-        grad = tl.exp(z - lse) * p_coef - tl.where(cols == target, target_coef, 0.0)
+        grad = tl.exp((z - lse_hi) - lse_lo) * p_coef - tl.where(cols == target, target_coef, 0.0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 grad -= tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * smooth_coef
@@ -210,7 +262,17 @@ def cross_entropy_bwd_kernel(
         tl.store(grad_row_ptr + cols, grad, mask=col_mask)
 
 
-# ---- launchers: schema-shaped, no argument checks (fastllm/ops validates) ----------------
+# ---- launchers: schema-shaped; fastllm/ops checks the arguments (OpFamily.check) --------
+
+
+def _check_dtype(op: str, logits: torch.Tensor) -> None:
+    """The kernels compute in float32, so they return float32 statistics; float64 logits
+    (whose lse the ops return in float64) are refused by name, as the CUDA glue does."""
+    if logits.dtype == torch.float64:
+        raise TypeError(
+            f"{op} (Triton): logits must be float32, bfloat16 or float16, got torch.float64 "
+            "(float64 runs on the 'native' or 'reference' backend)"
+        )
 
 
 def _has_unit_column_stride(logits: torch.Tensor) -> bool:
@@ -249,6 +311,7 @@ def cross_entropy_fwd(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastllm::cross_entropy_fwd -> (loss, lse), both (N,) float32; loss is 0 on ignored rows."""
+    _check_dtype("cross_entropy_fwd", logits)
     logits = _with_unit_column_stride(logits)
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -293,13 +356,30 @@ def _launch_bwd(
         if label_smoothing > 0.0:  # only the smoothing term needs sum(w)
             weight_sum = weight.sum(dtype=torch.float32).reshape(1)
     block_v, num_warps = _block_config(vocab)
+    lse = lse.contiguous()
+    lse_hi = torch.empty_like(lse)
+    lse_lo = torch.empty_like(lse)
+    torch.library.wrap_triton(cross_entropy_exact_lse_kernel)[(rows,)](
+        logits,
+        lse,
+        lse_hi,
+        lse_lo,
+        logits.stride(0),
+        vocab,
+        softcap,
+        HAS_SOFTCAP=softcap > 0.0,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     torch.library.wrap_triton(cross_entropy_bwd_kernel)[(rows, triton.cdiv(vocab, block_v))](
         grad_loss,
         logits,
         target.contiguous(),
         weight,
         weight_sum,
-        lse.contiguous(),
+        lse,
+        lse_hi,
+        lse_lo,
         grad_logits,
         grad_loss.stride(0),
         logits.stride(0),
@@ -328,6 +408,7 @@ def cross_entropy_bwd(
     softcap: float,
 ) -> torch.Tensor:
     """fastllm::cross_entropy_bwd -> grad_logits, (N, V) contiguous in the logits' dtype."""
+    _check_dtype("cross_entropy_bwd", logits)
     logits = _with_unit_column_stride(logits)
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_bwd(
@@ -348,13 +429,9 @@ def cross_entropy_bwd_inplace(
     z_loss: float,
     softcap: float,
 ) -> None:
-    """fastllm::cross_entropy_bwd_inplace: overwrites `logits` with its gradient."""
-    if not _has_unit_column_stride(logits):
-        # The kernel needs unit column stride; go through a contiguous buffer.
-        logits.copy_(cross_entropy_bwd(
-            grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
-        ))
-        return
+    """fastllm::cross_entropy_bwd_inplace: overwrites `logits` (unit column stride, rows
+    apart: the op's checks refuse anything else, as the C++ glue does) with its gradient."""
+    _check_dtype("cross_entropy_bwd_inplace", logits)
     _launch_bwd(
         grad_loss, logits, target, weight, lse, logits,
         ignore_index, label_smoothing, z_loss, softcap,

@@ -39,7 +39,7 @@ _UNCLEAR = (
     "shape '[",
     "is not implemented for",
     "object has no attribute",
-    "NoneType",
+    "'NoneType' object",
 )
 
 

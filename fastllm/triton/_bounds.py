@@ -142,7 +142,9 @@ class _Launch:
         nearest = min(self.regions, key=lambda r: r.distance(address, itemsize))
         offset = address - nearest.pointer
         element = f" (element {offset // itemsize})" if offset % itemsize == 0 else ""
-        also = f" (same storage as {', '.join(nearest.names[1:])})" if len(nearest.names) > 1 else ""
+        also = ""
+        if len(nearest.names) > 1:
+            also = f" (same storage as {', '.join(nearest.names[1:])})"
         nearest_note = "the nearest argument" if len(self.regions) > 1 else "the only argument"
         return head + (
             f"First offending access: bytes [{offset}, {offset + itemsize}){element} from "
@@ -293,7 +295,8 @@ def _hook_points():
         for method in ("__call__", "_init_args_hst"):
             if not callable(getattr(executor, method, None)):
                 problems.append(f"GridExecutor has no {method}")
-        if not hasattr(executor, "__init__") or "arg_names" not in executor.__init__.__code__.co_varnames:
+        init_code = getattr(executor.__init__, "__code__", None)
+        if init_code is None or "arg_names" not in init_code.co_varnames:
             problems.append("GridExecutor.__init__ takes no arg_names")
     raw = getattr(interpreter, "_interpreter", None)
     if raw is None:

@@ -13,6 +13,9 @@ import os
 # Triton kernels execute on CPU tensors through the interpreter; triton reads this when
 # kernels are decorated, so it must be set before fastllm (and triton) are imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# ... and every interpreted load and store is checked against the launch's tensors
+# (fastllm/triton/_bounds.py, docs/debugging.md; ~1 % of the interpreter's time).
+os.environ.setdefault("FASTLLM_CHECK_BOUNDS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

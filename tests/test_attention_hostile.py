@@ -496,3 +496,65 @@ MHA_CASES = [
 def test_multihead_attention_bad_arguments(backend, case):
     _, kw, words = case
     expect_clear_error(_mha_call(**kw), *words, errors=(AssertionError, RuntimeError))
+
+
+# ------------------------------------------------ found by a probe with unseen cases
+
+
+@pytest.mark.parametrize("backend", RAW_BACKENDS, indirect=True)
+def test_huge_max_seqlen_costs_nothing(backend):
+    """A max_seqlen far above the packed tokens (a model's context length, say) is clamped to
+    them: it used to size native's loops (2**40 ran for minutes)."""
+    q, k, v, options = _packed(lengths=(3, 4))
+    expected = F.attention(q, k, v, **options)
+    options.update(max_seqlen_q=2**40, max_seqlen_k=2**40)
+    torch.testing.assert_close(F.attention(q, k, v, **options), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+@pytest.mark.parametrize("width", [2**31, 2**32, 2**40])
+def test_huge_window_is_unbounded(backend, width):
+    """A window wider than every query-key distance is no window (the CUDA kernels used to
+    truncate 2**32 to 0 in 32 bits)."""
+    q, k, v = _qkv(tq=4, tk=4)
+    expected = F.attention(q, k, v)
+    torch.testing.assert_close(F.attention(q, k, v, window_size=(width, width)), expected,
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+def test_strided_cu_seqlens(backend):
+    q, k, v, options = _packed(lengths=(3, 4))
+    strided = torch.tensor([0, 9, 3, 9, 7, 9], dtype=torch.int32)[::2]
+    got = F.attention(q, k, v, cu_seqlens_q=strided, cu_seqlens_k=strided.clone(),
+                      max_seqlen_q=4, max_seqlen_k=4)
+    torch.testing.assert_close(got, F.attention(q, k, v, **options), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+def test_sdpa_empty_lengths_match_torch(backend):
+    q, k = torch.randn(1, 2, 3, 16, dtype=DT), torch.randn(1, 2, 4, 16, dtype=DT)
+    out = F.scaled_dot_product_attention(q[:, :, :0], k, k)
+    assert out.shape == (1, 2, 0, 16)
+    # No keys: fastllm's rule for a row without keys (zeros; torch's math gives NaN).
+    out = F.scaled_dot_product_attention(q, k[:, :, :0], k[:, :, :0])
+    assert out.shape == (1, 2, 3, 16) and not out.any()
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+def test_probe_argument_errors(backend):
+    q, k, v = _qkv()
+    expect_clear_error(lambda: F.attention(q, k, v, softcap=1e300), "softcap", "float32")
+    expect_clear_error(lambda: F.attention(q, k, v, seqused_k=[1]), "seqused_k")
+    slopes = torch.rand(2, requires_grad=True)
+    if backend != "reference":  # the reference differentiates them (plain autograd)
+        expect_clear_error(lambda: F.attention(q, k, v, alibi_slopes=slopes), "alibi_slopes")
+
+
+@pytest.mark.parametrize("backend", RAW_BACKENDS, indirect=True)
+def test_double_backward_is_refused_not_wrong(backend):
+    q, k, v = (t.float() if backend != "cuda_emu" else t for t in _qkv())
+    q.requires_grad_()
+    out = F.attention(q, k, v)
+    expect_clear_error(lambda: torch.autograd.grad(out.sum(), q, create_graph=True),
+                       "double backward")

@@ -401,7 +401,7 @@ _OPTIONS = (-100, 0.0, 0.0, 0.0)  # ignore_index, label_smoothing, z_loss, softc
         (lambda: _ops.cross_entropy_fwd(_randn(), _classes(), torch.ones(9), *_OPTIONS),
          r"weight must have shape \[8\] \(one weight per class\), got \[9\]"),
         (lambda: _ops.cross_entropy_fwd(_randn(), _classes(), None, -100, 0.0, 0.0, -1.0),
-         r"softcap must be finite and non-negative \(0 disables it\), got -1"),
+         r"softcap must be non-negative \(0 disables it\) and finite in float32, got -1"),
         (lambda: _ops.cross_entropy_bwd(torch.ones(4), _randn(), _classes(), None,
                                         torch.zeros(3), *_OPTIONS),
          r"lse must have shape \[4\] \(one value per row of logits\), got \[3\]"),

@@ -891,3 +891,28 @@ def _linear_fuzz_one(p):
 @pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
 def test_linear_cross_entropy_fuzz(backend):
     _fuzz(backend, _linear_problems(backend), _linear_fuzz_one, scale=0.5)
+
+
+# ------------------------------------------------ found by a probe with unseen cases
+
+
+@pytest.mark.parametrize("backend", RAW_BACKENDS, indirect=True)
+def test_double_backward_is_refused_not_wrong(backend):
+    """create_graph=True used to give a gradient detached from the logits (a gradient
+    penalty then silently wrong); the kernels have no derivative of their own: refuse."""
+    x = torch.randn(4, 8, requires_grad=True)
+    t = torch.tensor([1, 2, 3, 4])
+    loss = F.cross_entropy(x, t)
+    expect_clear_error(lambda: torch.autograd.grad(loss, x, create_graph=True),
+                       "double backward")
+    w = torch.randn(8, 6, requires_grad=True)
+    loss = F.linear_cross_entropy(torch.randn(4, 6), w, t)
+    expect_clear_error(lambda: torch.autograd.grad(loss, w, create_graph=True),
+                       "double backward")
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+def test_softcap_beyond_float32_is_refused(backend):
+    expect_clear_error(
+        lambda: F.cross_entropy(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]), softcap=1e300),
+        "softcap", "float32")

@@ -171,12 +171,14 @@ inline Prepared prepare(const char* op, bool check_values, const at::Tensor& q,
     r.cu_seqlens_k = check_lengths_tensor(op, "cu_seqlens_k", *o.cu_seqlens_k, batch + 1, q);
     TORCH_CHECK(o.max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0, got ", o.max_seqlen_q);
     TORCH_CHECK(o.max_seqlen_k >= 0, op, ": max_seqlen_k must be >= 0, got ", o.max_seqlen_k);
-    p.seqlen_q = o.max_seqlen_q;
-    p.seqlen_k = o.max_seqlen_k;
+    // No sequence is longer than the tokens packed: a larger maximum (a model's context
+    // length, say) would only size the grid and the loops for nothing.
+    p.seqlen_q = std::min<int64_t>(o.max_seqlen_q, q.size(0));
+    p.seqlen_k = std::min<int64_t>(o.max_seqlen_k, k.size(0));
     if (check_values) {
-      check_cu_seqlens_values(op, "cu_seqlens_q", r.cu_seqlens_q, q.size(0), p.seqlen_q,
+      check_cu_seqlens_values(op, "cu_seqlens_q", r.cu_seqlens_q, q.size(0), o.max_seqlen_q,
                               "max_seqlen_q");
-      check_cu_seqlens_values(op, "cu_seqlens_k", r.cu_seqlens_k, k.size(0), p.seqlen_k,
+      check_cu_seqlens_values(op, "cu_seqlens_k", r.cu_seqlens_k, k.size(0), o.max_seqlen_k,
                               "max_seqlen_k");
     }
     p.cu_seqlens_q = r.cu_seqlens_q.data_ptr<int32_t>();
@@ -242,11 +244,15 @@ inline Prepared prepare(const char* op, bool check_values, const at::Tensor& q,
               o.window_left);
   TORCH_CHECK(o.window_right >= -1, op, ": window_right must be >= 0 or -1 (unbounded), got ",
               o.window_right);
-  TORCH_CHECK(o.softcap >= 0.0, op, ": softcap must be >= 0 (0 disables it), got ", o.softcap);
+  TORCH_CHECK(o.softcap >= 0.0 && o.softcap <= std::numeric_limits<float>::max(), op,
+              ": softcap must be >= 0 (0 disables it) and finite in float32, got ", o.softcap);
   p.softmax_scale = o.softmax_scale;
   p.causal = o.causal;
-  p.window_left = o.window_left;
-  p.window_right = o.window_right;
+  // A window wider than every distance between a query and a key is unbounded (-1): the
+  // kernels hold window sizes in 32 bits.
+  const int64_t widest = p.seqlen_q + p.seqlen_k;
+  p.window_left = o.window_left > widest ? -1 : o.window_left;
+  p.window_right = o.window_right > widest ? -1 : o.window_right;
   p.softcap = o.softcap;
   return r;
 }

@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "common/torch_glue.h"
@@ -80,8 +81,9 @@ inline Checked check_args(const char* op, const at::Tensor& logits, const at::Te
               ": label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK(z_loss >= 0.0 && std::isfinite(z_loss), op,
               ": z_loss must be finite and non-negative, got ", z_loss);
-  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
-              ": softcap must be finite and non-negative (0 disables it), got ", softcap);
+  TORCH_CHECK(softcap >= 0.0 && softcap <= std::numeric_limits<float>::max(), op,
+              ": softcap must be non-negative (0 disables it) and finite in float32, got ",
+              softcap);
   c.logits = as_rows(logits, c.vocab);
   c.target = target.contiguous();
   return c;

@@ -99,6 +99,17 @@ def checked(check: Callable[..., None], fn: Callable) -> Callable:
     return run_checked
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in a backward formula whose gradient comes from a kernel (or from
+    forward) without a derivative of its own: under ``create_graph=True`` (grad mode is on
+    inside backward only then) the gradient would silently be a constant of the graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True) is not supported; use the "
+            "'reference' backend (fastllm.use_backend('reference')) for higher-order gradients"
+        )
+
+
 def values_readable(*tensors: Optional[Tensor]) -> bool:
     """Whether a check may read these tensors' values: they live on the CPU (no device
     synchronisation) and nothing is being traced (no graph break)."""

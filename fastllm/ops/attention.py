@@ -13,12 +13,14 @@ autograd graph keeps O(B * H * T) extra memory, never a (Tq, Tk) matrix.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from fastllm.ops._family import (
+    refuse_double_backward,
     OpFamily,
     OpSet,
     acc_dtype,
@@ -43,6 +45,7 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
 # `prepare`): every Triton call and every fake runs them (fastllm/ops/_family.py).
 
 MAX_HEAD_DIM = 256  # every backend's limit (FlashAttention's)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -144,8 +147,10 @@ def _check_problem(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_se
     for name, w in (("window_left", window_left), ("window_right", window_right)):
         if w < -1:
             raise ValueError(f"{op}: {name} must be >= 0 or -1 (unbounded), got {w}")
-    if not softcap >= 0:
-        raise ValueError(f"{op}: softcap must be >= 0 (0 disables it), got {softcap}")
+    if not 0 <= softcap <= _FLOAT32_MAX:
+        raise ValueError(
+            f"{op}: softcap must be >= 0 (0 disables it) and finite in float32, got {softcap}"
+        )
     return batch
 
 
@@ -252,6 +257,7 @@ def _register_autograd(ops: OpSet) -> None:
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, dout, _dlse):
+        refuse_double_backward("attention")
         q, k, v, out, lse, cu_q, cu_k, used, alibi, seed = ctx.saved_tensors
         max_q, max_k, scale, causal, wl, wr, softcap, p = ctx.scalars
         dq, dk, dv = ops.attention_bwd(
@@ -388,8 +394,16 @@ def attention(
     window_left, window_right = _window(op, window_size)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    if not softcap >= 0:  # (NaN too)
-        raise ValueError(f"{op}: softcap must be >= 0 (0 disables it), got {softcap}")
+    if not 0 <= softcap <= _FLOAT32_MAX:  # (NaN too)
+        raise ValueError(
+            f"{op}: softcap must be >= 0 (0 disables it) and finite in float32, got {softcap}"
+        )
+    if alibi_slopes is not None and isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad:
+        raise ValueError(f"{op}: alibi_slopes get no gradient; pass them without requires_grad")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                    ("seqused_k", seqused_k)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be an int32 Tensor, got {type(t).__name__}")
     if softmax_scale is None:  # (a head dim of 0 is reported by the op's checks)
         softmax_scale = q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -487,9 +501,10 @@ def scaled_dot_product_attention(
     if query.dim() == 3:  # (N, L, E): one head
         q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     else:  # (..., H, L, E): flatten the leading batch dims
-        q4 = query.reshape(-1, *query.shape[-3:])
-        k4 = key.reshape(-1, *key.shape[-3:])
-        v4 = value.reshape(-1, *value.shape[-3:])
+        # (explicit batch sizes: -1 is ambiguous when a tensor is empty)
+        q4 = query.reshape(math.prod(query.shape[:-3]), *query.shape[-3:])
+        k4 = key.reshape(math.prod(key.shape[:-3]), *key.shape[-3:])
+        v4 = value.reshape(math.prod(value.shape[:-3]), *value.shape[-3:])
         if k4.shape[0] != q4.shape[0] or v4.shape[0] != q4.shape[0]:
             raise ValueError(
                 f"{op}: query, key and value must have the same batch dims, got "

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fastllm.ops._family import (
+    refuse_double_backward,
     OpFamily,
     OpSet,
     acc_dtype,
@@ -31,6 +32,7 @@ from fastllm.ops._family import (
 from fastllm.reference import cross_entropy as ref
 
 _REDUCTIONS = ("none", "mean", "sum")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -62,9 +64,10 @@ def check_options(
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not 0.0 <= z_loss < math.inf:
         raise ValueError(f"{op}: z_loss must be finite and non-negative, got {z_loss}")
-    if not 0.0 <= softcap < math.inf:
+    if not 0.0 <= softcap <= _FLOAT32_MAX:  # the kernels compute in float32
         raise ValueError(
-            f"{op}: softcap must be finite and non-negative (0 disables it), got {softcap}"
+            f"{op}: softcap must be non-negative (0 disables it) and finite in float32, got "
+            f"{softcap}"
         )
 
 
@@ -189,6 +192,7 @@ def _make_inplace_backward_function(fwd: Any, bwd_inplace: Any) -> type:
 
         @staticmethod
         def backward(ctx, grad_loss):
+            refuse_double_backward("cross_entropy")
             logits, target, weight, lse = ctx.saved_tensors
             bwd_inplace(grad_loss, logits, target, weight, lse, *ctx.options)
             # The C++ op's schema marks logits as mutated, but nothing bumps their version for
@@ -351,6 +355,7 @@ def _register_autograd(ops: OpSet) -> None:
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_loss, _grad_lse):
+        refuse_double_backward("cross_entropy")
         logits, target, weight, lse = ctx.saved_tensors
         grad_logits = None
         if grad_loss is not None and ctx.needs_input_grad[0]:

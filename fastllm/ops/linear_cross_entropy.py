@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fastllm.backend import get_backend
 from fastllm.ops._family import (
+    refuse_double_backward,
     OpSet,
     acc_dtype,
     check_float_tensor,
@@ -433,6 +434,7 @@ def _setup_linear_cross_entropy(ctx, inputs, output):
 
 
 def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weight, _grad_bias):
+    refuse_double_backward("linear_cross_entropy")
     need_input, need_weight, need_bias = ctx.needs
     if grad_loss is None:
         return (None,) * 16

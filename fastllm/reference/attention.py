@@ -233,6 +233,8 @@ def sdpa_ref(
     elif attn_mask is not None:
         s = s + attn_mask.to(acc)
     s = s.masked_fill(~allowed, float("-inf"))
+    if S == 0:  # no keys: every row gets zeros (as a fully masked row)
+        return (s.sum(dim=-1, keepdim=True) * v.sum(dim=-2, keepdim=True)).to(query.dtype)
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)

@@ -628,8 +628,13 @@ class _Config:
                 f"attention (triton): head dim must be at most {MAX_HEAD_DIM}, got {self.head_dim}"
             )
         self.group_size = self.num_heads // k.shape[-2]
-        self.seqlen_q = max_seqlen_q if self.varlen_q else q.shape[1]
-        self.seqlen_k = max_seqlen_k if self.varlen_k else k.shape[1]
+        # (as the C++ glue: no packed sequence is longer than the tokens; a window wider than
+        # every query-key distance is unbounded)
+        self.seqlen_q = min(max_seqlen_q, q.shape[0]) if self.varlen_q else q.shape[1]
+        self.seqlen_k = min(max_seqlen_k, k.shape[0]) if self.varlen_k else k.shape[1]
+        widest = self.seqlen_q + self.seqlen_k
+        window_left = -1 if window_left > widest else window_left
+        window_right = -1 if window_right > widest else window_right
         self.total_q, self.total_k = q.shape[0], k.shape[0]
         # Causal is the right window 0 (bottom-right aligned); a negative window is unbounded.
         if causal:
@@ -645,7 +650,10 @@ class _Config:
         self.dropout_seed = dropout_seed if self.has_dropout else None
         self.dropout_threshold = _dropout_threshold(dropout_p)
         self.dropout_scale = 1.0 / (1.0 - dropout_p) if self.has_dropout else 1.0
-        self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_k = cu_seqlens_q, cu_seqlens_k, seqused_k
+        # The kernels index these with unit stride.
+        self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_k = (
+            None if t is None else t.contiguous() for t in (cu_seqlens_q, cu_seqlens_k, seqused_k)
+        )
         self.dot_precision = "ieee"  # fp32: no TF32; fp16 / bf16 are unaffected
         self.round_bf16 = interpreted()
 

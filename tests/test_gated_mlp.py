@@ -15,7 +15,7 @@ import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
 
 FAMILY = "gated_mlp"
-BACKENDS = ("native",)
+BACKENDS = ("native", "triton")
 
 KINDS = ("swiglu", "geglu", "geglu_tanh")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -147,3 +147,75 @@ def test_gated_mlp_one_tensor_form_is_chunk_order(backend):
     torch.testing.assert_close(out, TF.silu(x[:, :5]) * x[:, 5:])
     out.backward(torch.ones_like(out))
     assert x.grad.shape == (3, 10) and x.grad.is_contiguous()
+
+
+# ---- compilation for a real GPU (no GPU needed) ----------------------------------------------
+
+
+def _triton_ptxas_reports(arch: int) -> list[str]:
+    """Compiles both Triton kernels for every activation and dtype at the GPU launch
+    configuration for sm_<arch> (Triton's own compiler, no GPU) and returns ptxas -v's
+    resource line of each. Needs TRITON_INTERPRET unset at import (the interpreter replaces
+    the kernels by Python functions)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    import fastllm.triton.gated_mlp as kernels
+
+    reports = []
+    block_m, block_n = kernels.TILE_ELEMENTS // kernels.MAX_BLOCK_N, kernels.MAX_BLOCK_N
+    for kernel in (kernels.gated_mlp_fwd_kernel, kernels.gated_mlp_bwd_kernel):
+        for dtype in ("fp32", "bf16", "fp16"):
+            for activation in kernels.ACTIVATION_CODES.values():
+                constants = dict(ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n,
+                                 ROUND_BF16_IN_SOFTWARE=False)
+                signature, attrs = {}, {}
+                for index, name in enumerate(kernel.arg_names):
+                    if name in constants:
+                        signature[name] = "constexpr"
+                        continue
+                    signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+                compiled = triton.compile(
+                    ASTSource(kernel, signature, constants, attrs),
+                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8),
+                )
+                with tempfile.TemporaryDirectory() as tmp:
+                    ptx_path = os.path.join(tmp, "kernel.ptx")
+                    with open(ptx_path, "w") as f:
+                        f.write(compiled.asm["ptx"])
+                    # Triton targets sm_90a on Hopper (its PTX says which).
+                    target = "sm_90a" if ".target sm_90a" in compiled.asm["ptx"] else f"sm_{arch}"
+                    result = subprocess.run(
+                        [get_ptxas(arch).path, f"-arch={target}", "-v", ptx_path, "-o",
+                         os.devnull], capture_output=True, text=True, check=True,
+                    )
+                spills = [line.strip() for line in result.stderr.splitlines() if "spill" in line]
+                reports.append(f"{kernel.fn.__name__} {dtype} {activation}: {' '.join(spills)}")
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_without_spills(arch):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = ("from tests.test_gated_mlp import _triton_ptxas_reports; "
+            f"print('\\n'.join(_triton_ptxas_reports({arch})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
+    assert len(spills) == 18 and all(s == ("0", "0") for s in spills), result.stdout

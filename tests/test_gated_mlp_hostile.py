@@ -24,8 +24,8 @@ from test_gated_mlp import check_kind
 
 FAMILY = "gated_mlp"
 # The backends implemented so far (tests/hostile.py lists them all).
-PUBLIC_BACKENDS = ("native", "reference")
-RAW_BACKENDS = ("native",)
+PUBLIC_BACKENDS = ("native", "triton", "reference")
+RAW_BACKENDS = ("native", "triton")
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):
@@ -151,7 +151,7 @@ def test_special_values_match_torch(backend, kind):
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["native"], indirect=True)
+@pytest.mark.parametrize("backend", ["native", "triton"], indirect=True)
 @pytest.mark.parametrize("kind", ["swiglu", "geglu", "geglu_tanh"])
 def test_huge_finite_gates_saturate_without_nan(backend, kind):
     """Gates near float32's limit (g^3 overflows): the kernels still give act(g) = g or 0

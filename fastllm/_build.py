@@ -31,6 +31,7 @@ CUDA_KERNEL_SOURCES = [
     "csrc/norm/norm.cu",
     "csrc/cross_entropy/cross_entropy.cu",
     *ATTENTION_CUDA_SOURCES,
+    "csrc/gated_mlp/gated_mlp.cu",
 ]
 # Torch glue: schema registration and per-device implementations.
 # Each family has the same three glue files: <family>_glue.h (checks, params, the entry
@@ -45,6 +46,7 @@ GLUE_SOURCES = [
     "csrc/attention/attention_ops.cpp",
     "csrc/attention/attention_cuda_ops.cpp",
     "csrc/gated_mlp/gated_mlp_ops.cpp",
+    "csrc/gated_mlp/gated_mlp_cuda_ops.cpp",
 ]
 
 DEFAULT_CUDA_ARCHS = "80;90"

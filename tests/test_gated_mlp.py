@@ -15,7 +15,7 @@ import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
 
 FAMILY = "gated_mlp"
-BACKENDS = ("native", "triton")
+BACKENDS = ("native", "triton", "cuda_emu")
 
 KINDS = ("swiglu", "geglu", "geglu_tanh")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -19,13 +19,10 @@ from hypothesis import strategies as st
 import fastllm
 import fastllm.functional as F
 from fastllm.ops import gated_mlp as mlp_ops
-from hostile import case_ids, expect_clear_error, raw_ops
+from hostile import PUBLIC_BACKENDS, RAW_BACKENDS, case_ids, expect_clear_error, raw_ops
 from test_gated_mlp import check_kind
 
 FAMILY = "gated_mlp"
-# The backends implemented so far (tests/hostile.py lists them all).
-PUBLIC_BACKENDS = ("native", "triton", "reference")
-RAW_BACKENDS = ("native", "triton")
 
 
 def _t(*shape, dtype=torch.float32, device="cpu"):
@@ -105,6 +102,12 @@ def test_raw_bwd_bad_arguments(backend, request):
         expect_clear_error(call, *words)
 
 
+def test_emulated_cuda_refuses_float64(emulated_cuda):
+    ops = raw_ops(mlp_ops.IMPLS, "cuda_emu")
+    expect_clear_error(lambda: ops.gated_mlp_fwd(_t(2, 4).double(), None, "silu"), "gate",
+                       "float64")
+
+
 # ------------------------------------------------------------------------- extreme values
 
 _TORCH_ACT = {
@@ -151,7 +154,7 @@ def test_special_values_match_torch(backend, kind):
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["native", "triton"], indirect=True)
+@pytest.mark.parametrize("backend", RAW_BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind", ["swiglu", "geglu", "geglu_tanh"])
 def test_huge_finite_gates_saturate_without_nan(backend, kind):
     """Gates near float32's limit (g^3 overflows): the kernels still give act(g) = g or 0

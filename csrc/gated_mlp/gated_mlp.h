@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -47,6 +48,22 @@ constexpr const char* activation_name(Activation a) {
     case Activation::kGeluTanh: return "gelu_tanh";
   }
   return "unknown activation";
+}
+
+// Calls fn(std::integral_constant<Activation, a>{}) for the runtime activation a (so that
+// kernels branch on it at compile time), or invalid() for a value outside the enum; returns
+// what they return.
+template <class Fn, class Invalid>
+auto dispatch_activation(Activation a, Fn&& fn, Invalid&& invalid) {
+  switch (a) {
+    case Activation::kSilu:
+      return fn(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kGelu:
+      return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh:
+      return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+  }
+  return invalid();
 }
 
 struct FwdParams {

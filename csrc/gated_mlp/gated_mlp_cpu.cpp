@@ -245,17 +245,8 @@ FASTLLM_AVX512_END
 
 // ---- dispatch over threads, instruction sets and activations ------------------------------
 
-// Calls fn(std::integral_constant<Activation, a>{}) for the runtime activation a.
-template <class Fn>
-void dispatch_activation(Activation a, Fn&& fn) {
-  switch (a) {
-    case Activation::kSilu:
-      return fn(std::integral_constant<Activation, Activation::kSilu>{});
-    case Activation::kGelu:
-      return fn(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh:
-      return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
-  }
+// A value outside gated_mlp.h's Activation.
+[[noreturn]] void invalid_activation(Activation a) {
   throw std::invalid_argument("activation must be kSilu, kGelu or kGeluTanh, got " +
                               std::to_string(static_cast<int32_t>(a)));
 }
@@ -336,18 +327,20 @@ void bwd_typed(const BwdParams& p) {
 void gated_mlp_fwd_cpu(const FwdParams& p) {
   if (p.rows <= 0 || p.cols <= 0) return;
   cpu::dispatch_dtype(p.dtype, "gated_mlp_fwd_cpu", [&](auto type) {
-    dispatch_activation(p.activation, [&](auto act) {
-      fwd_typed<decltype(act)::value, typename decltype(type)::type>(p);
-    });
+    dispatch_activation(
+        p.activation,
+        [&](auto act) { fwd_typed<decltype(act)::value, typename decltype(type)::type>(p); },
+        [&] { invalid_activation(p.activation); });
   });
 }
 
 void gated_mlp_bwd_cpu(const BwdParams& p) {
   if (p.rows <= 0 || p.cols <= 0) return;
   cpu::dispatch_dtype(p.dtype, "gated_mlp_bwd_cpu", [&](auto type) {
-    dispatch_activation(p.activation, [&](auto act) {
-      bwd_typed<decltype(act)::value, typename decltype(type)::type>(p);
-    });
+    dispatch_activation(
+        p.activation,
+        [&](auto act) { bwd_typed<decltype(act)::value, typename decltype(type)::type>(p); },
+        [&] { invalid_activation(p.activation); });
   });
 }
 

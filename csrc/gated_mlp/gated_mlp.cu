@@ -7,14 +7,15 @@
 // Math (gated_mlp.h), per element, in float, with g = gate, u = up, dy = the gradient of out:
 //   forward   out = act(g) * u
 //   backward  grad_gate = dy * u * act'(g),  grad_up = dy * act(g)  (act recomputed from g)
-//   silu, gelu_tanh  act = g * s, s = 1 / (1 + e), e = exp(-z), z = g or 2 k0 (g + k1 g^3);
-//                    act' = s + act * (1 - s) * z'(clamp(g, -10, 10)), 1 - s = e * s for z > 0
+//   silu, gelu_tanh  act = g * s, s = sigmoid(z), z = g or 2 k0 (g + k1 g^3);
+//                    act' = s + act * (1 - s) * z'(clamp(g, -10, 10)); s and 1 - s from
+//                    t = exp(-|z|) and r = 1 / (1 + t) (s = r, 1 - s = t r for z >= 0, the
+//                    other way round for z < 0: no cancellation, no overflow)
 //   gelu             act = g * Phi(g), Phi(g) = erfc(-g / sqrt 2) / 2 (erfc keeps Phi's
 //                    relative accuracy for g < 0), act' = Phi(g) + g exp(-g^2 / 2) / sqrt(2 pi)
-// Under --use_fast_math expf is ex2.approx (2 ulp; overflow to inf and underflow to 0, which
-// the formulas rely on), and a plain `/` is an approximate division: the reciprocals are
-// __frcp_rn, IEEE-rounded, so that 1 / inf is exactly 0 and act(-inf) = -inf * 0 = NaN as in
-// torch. erfcf is not approximated by --use_fast_math.
+// Under --use_fast_math expf is ex2.approx (2 ulp, underflow to 0) and a plain `/` an
+// approximate division; the reciprocal of 1 + t in [1, 2] is __frcp_rn, IEEE-rounded. erfcf
+// is not approximated by --use_fast_math.
 //
 // Variants, and why:
 //   - One kernel per direction, templated on the dtype, the activation (a compile-time
@@ -62,12 +63,22 @@ __device__ __forceinline__ float gate_arg(float g) {
   }
 }
 
+// s = sigmoid(z) and 1 - s (header comment).
+__device__ __forceinline__ void sigmoid(float z, float& s, float& one_minus_s) {
+  const float t = expf(-fabsf(z));
+  const float r = __frcp_rn(1.f + t);
+  s = z < 0.f ? t * r : r;
+  one_minus_s = z < 0.f ? r : t * r;
+}
+
 template <Activation A>
 __device__ __forceinline__ float act_of(float g) {
   if constexpr (A == Activation::kGelu) {
     return g * (0.5f * erfcf(-g * kInvSqrt2));
   } else {
-    return g * __frcp_rn(1.f + expf(-gate_arg<A>(g)));
+    float s, one_minus_s;
+    sigmoid(gate_arg<A>(g), s, one_minus_s);
+    return g * s;
   }
 }
 
@@ -78,11 +89,9 @@ __device__ __forceinline__ void act_and_grad(float g, float& act, float& grad) {
     act = g * cdf;
     grad = fmaf(g, expf(-0.5f * g * g) * kInvSqrt2Pi, cdf);
   } else {
-    const float z = gate_arg<A>(g);
-    const float e = expf(-z);
-    const float s = __frcp_rn(1.f + e);
+    float s, one_minus_s;
+    sigmoid(gate_arg<A>(g), s, one_minus_s);
     act = g * s;
-    const float one_minus_s = z > 0.f ? e * s : 1.f - s;
     float dz = 1.f;
     if constexpr (A == Activation::kGeluTanh) {
       const float gc = fminf(kGeluTanhClamp, fmaxf(-kGeluTanhClamp, g));

@@ -7,16 +7,18 @@
 //   backward  grad_gate = dy * u * act'(g),  grad_up = dy * act(g)
 // The activations (written so that inf and NaN come out where torch's float64 math puts
 // them: act(-inf) = NaN, act(+inf) = +inf, act'(+-inf) = NaN; finite gates never give NaN):
-//   silu       act(g) = g * s,  s = sigmoid(z) = 1 / (1 + e),  e = exp(-z),  z = g
+//   silu       act(g) = g * s,  s = sigmoid(z),  z = g
 //   gelu_tanh  act(g) = g * (1 + tanh(z / 2)) / 2 = g * s  with the same s and
 //              z = 2 k0 (g + k1 g^3),  k0 = sqrt(2 / pi),  k1 = 0.044715
 //              for both:  act'(g) = s + act(g) * (1 - s) * z'(gc)
 //              z' = 1 (silu), 2 k0 (1 + 3 k1 gc^2) (gelu_tanh), gc = clamp(g, -10, 10);
-//              1 - s = e * s for z > 0 (no cancellation near s = 1), 1 - s otherwise.
-//              Above g = 10, s = 1 and 1 - s = 0 exactly in float and double, so z'(gc)
-//              gives the same 0 as z'(g); below g = -10 the term is under 1e-35. The clamp
-//              keeps g^2 from overflowing to inf, where 0 * inf would give NaN for a finite
-//              gate whose derivative is 0 or 1.
+//              s and 1 - s from t = exp(-|z|) in [0, 1] and r = 1 / (1 + t): s = r,
+//              1 - s = t r for z >= 0 and s = t r, 1 - s = r for z < 0, so neither
+//              cancels, no exp overflows, and s is exactly 0 or 1 where act saturates.
+//              Above g = 10, 1 - s = 0 exactly in float and double, so z'(gc) gives the
+//              same 0 as z'(g); below g = -10 the term is under 1e-35. The clamp keeps g^2
+//              from overflowing to inf, where 0 * inf would give NaN for a finite gate
+//              whose derivative is 0 or 1.
 //   gelu       act(g) = g * Phi(g),  Phi(g) = (1 + erf(g / sqrt(2))) / 2,
 //              act'(g) = Phi(g) + g * exp(-g^2 / 2) / sqrt(2 pi)
 // Backward recomputes act(g) from g: nothing is saved between the passes but the inputs.

@@ -83,12 +83,23 @@ Acc gate_arg(Acc g) {
   }
 }
 
+// s = sigmoid(z) and 1 - s from t = exp(-|z|), as the vector paths (gated_mlp_cpu_simd.h).
+template <class Acc>
+void sigmoid(Acc z, Acc& s, Acc& one_minus_s) {
+  const Acc t = std::exp(-std::fabs(z));
+  const Acc r = Acc(1) / (Acc(1) + t);
+  s = z < 0 ? t * r : r;
+  one_minus_s = z < 0 ? r : t * r;
+}
+
 template <Activation A, class Acc>
 Acc act_scalar(Acc g) {
   if constexpr (A == Activation::kGelu) {
     return g * normal_cdf(g);
   } else {
-    return g / (Acc(1) + std::exp(-gate_arg<A>(g)));
+    Acc s, one_minus_s;
+    sigmoid(gate_arg<A>(g), s, one_minus_s);
+    return g * s;
   }
 }
 
@@ -99,11 +110,9 @@ void act_and_grad_scalar(Acc g, Acc& act, Acc& grad) {
     act = g * cdf;
     grad = cdf + g * std::exp(Acc(-0.5) * g * g) * Acc(kInvSqrt2Pi);
   } else {
-    const Acc z = gate_arg<A>(g);
-    const Acc e = std::exp(-z);
-    const Acc s = Acc(1) / (Acc(1) + e);
+    Acc s, one_minus_s;
+    sigmoid(gate_arg<A>(g), s, one_minus_s);
     act = g * s;
-    const Acc one_minus_s = z > 0 ? e * s : Acc(1) - s;
     Acc dz = 1;
     if constexpr (A == Activation::kGeluTanh) {
       const Acc gc = std::min(Acc(kGeluTanhClamp), std::max(Acc(-kGeluTanhClamp), g));
@@ -157,6 +166,12 @@ FASTLLM_INLINE V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
 FASTLLM_INLINE V exp_v(V x) {
   return select(less(_mm256_set1_ps(88.3762626647949f), x), _mm256_set1_ps(__builtin_inff()),
                 cpu::avx2::exp_ps(x));
+}
+
+// 1 / d for d in [1, 2]: the 12-bit estimate and one Newton step (about 2^-23 relative).
+FASTLLM_INLINE V recip(V d) {
+  const V r = _mm256_rcp_ps(d);
+  return fmadd(fnmadd(d, r, _mm256_set1_ps(1.0f)), r, r);
 }
 
 #include "gated_mlp/gated_mlp_cpu_simd.h"
@@ -234,6 +249,12 @@ FASTLLM_INLINE void store(T* p, V v) {
 template <class T>
 FASTLLM_INLINE void storen(T* p, V v, int n) {
   _mm256_mask_storeu_epi16(p, first_lanes(n), narrow(static_cast<T*>(nullptr), v));
+}
+
+// 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step.
+FASTLLM_INLINE V recip(V d) {
+  const V r = _mm512_rcp14_ps(d);
+  return fmadd(fnmadd(d, r, _mm512_set1_ps(1.0f)), r, r);
 }
 
 #include "gated_mlp/gated_mlp_cpu_simd.h"

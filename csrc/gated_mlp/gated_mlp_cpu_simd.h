@@ -11,6 +11,7 @@
 //   select(m, a, b)          m ? a : b per lane
 //   exp_v(x)                 e^x within a few ulp: 0 where it underflows (denormal results
 //                            may flush to 0), +inf where it overflows, NaN for NaN
+//   recip(d)                 1 / d within 2 ulp for d in [1, 2]
 //   load(p) / loadn(p, n)    W (or the first n < W) elements of float, BFloat16 or Half as
 //                            floats, the other lanes 0
 //   store(p, v) / storen(p, v, n)  the same, rounded to the storage type (round to nearest
@@ -22,9 +23,8 @@
 //   silu       z = g
 //   gelu_tanh  z = 2 k0 (g + k1 g^3)
 // since (1 + tanh(u)) / 2 = sigmoid(2 u) (no 1 + tanh cancellation for g < 0). With
-// e = exp(-z) and s = 1 / (1 + e): act = g s, and act' = s + act (1 - s) z' (gated_mlp.h),
-// where 1 - s is e s for z > 0 (1 - s itself would keep nothing of e below float's half ulp
-// at 1) and 1 - s otherwise.
+// s = sigmoid(z): act = g s, and act' = s + act (1 - s) z' (gated_mlp.h); s and 1 - s come
+// from exp(-|z|) (sigmoid_v), so neither cancels and no exp overflows.
 
 // Phi(g) = (1 + erf(x)) / 2, x = g / sqrt(2), a = |x|, in three ranges:
 //   a < 0.921875   erf(x) = x + x P(x^2)                  Phi = 1/2 + erf(x) / 2
@@ -74,13 +74,28 @@ FASTLLM_INLINE V gate_arg(V g) {
   }
 }
 
+// s = sigmoid(z) and 1 - s, each without cancellation: with t = exp(-|z|) in [0, 1] and
+// r = 1 / (1 + t), s = r and 1 - s = t r for z >= 0, s = t r and 1 - s = r for z < 0. The
+// reciprocal's argument stays in [1, 2] (no overflow, no division: recip); z = +-inf gives
+// s = 1 or 0 exactly, NaN gives NaN.
+FASTLLM_INLINE void sigmoid_v(V z, V& s, V& one_minus_s) {
+  const V t = exp_v(-vabs(z));
+  const V r = recip(bcast(1.0f) + t);
+  const V tr = t * r;
+  const auto negative = less(z, bcast(0.0f));
+  s = select(negative, tr, r);
+  one_minus_s = select(negative, r, tr);
+}
+
 // act(g).
 template <Activation A>
 FASTLLM_INLINE V act_v(V g) {
   if constexpr (A == Activation::kGelu) {
     return g * normal_cdf_v(g);
   } else {
-    return g / (bcast(1.0f) + exp_v(-gate_arg<A>(g)));
+    V s, one_minus_s;
+    sigmoid_v(gate_arg<A>(g), s, one_minus_s);
+    return g * s;
   }
 }
 
@@ -93,13 +108,10 @@ FASTLLM_INLINE void act_and_grad_v(V g, V& act, V& grad) {
     const V pdf = exp_v(bcast(-0.5f) * g * g) * bcast(kInvSqrt2Pi);
     grad = fmadd(g, pdf, cdf);
   } else {
-    const V one = bcast(1.0f);
-    const V z = gate_arg<A>(g);
-    const V e = exp_v(-z);
-    const V s = one / (one + e);
+    V s, one_minus_s;
+    sigmoid_v(gate_arg<A>(g), s, one_minus_s);
     act = g * s;
-    const V one_minus_s = select(less(bcast(0.0f), z), e * s, one - s);
-    V dz = one;
+    V dz = bcast(1.0f);
     if constexpr (A == Activation::kGeluTanh) {
       const V gc = vmax(bcast(-kGeluTanhClamp), vmin(bcast(kGeluTanhClamp), g));
       dz = fmadd(bcast(6.0 * kGeluTanhK0 * kGeluTanhK1), gc * gc, bcast(2.0 * kGeluTanhK0));

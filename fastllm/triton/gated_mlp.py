@@ -3,11 +3,12 @@
 Math (csrc/gated_mlp/gated_mlp.h), per element, in float32, with g = gate, u = up:
     forward   out = act(g) * u
     backward  grad_gate = dy * u * act'(g),  grad_up = dy * act(g)   (act recomputed from g)
-    silu       act = g * s,  s = sigmoid(z) = 1 / (1 + e),  e = exp(-z),  z = g
+    silu       act = g * s,  s = sigmoid(z),  z = g
     gelu_tanh  act = g * s,  the same s with z = 2 k0 (g + k1 g^3)
                ((1 + tanh(u)) / 2 = sigmoid(2 u): no 1 + tanh cancellation for g < 0)
     both       act' = s + act (1 - s) z'(gc), z' = 1 or 2 k0 (1 + 3 k1 gc^2),
-               gc = clamp(g, -10, 10), 1 - s = e s for z > 0 (no cancellation near 1)
+               gc = clamp(g, -10, 10); s and 1 - s from t = exp(-|z|), r = 1 / (1 + t):
+               s = r, 1 - s = t r for z >= 0, the other way round for z < 0
     gelu       act = g * Phi(g), Phi(g) = (1 + erf(g / sqrt 2)) / 2,
                act' = Phi(g) + g exp(-g^2 / 2) / sqrt(2 pi)
 These launchers mirror the schemas of csrc/schemas.h (fastllm::gated_mlp_fwd / _bwd).
@@ -67,11 +68,21 @@ def _normal_cdf(g):
 
 
 @triton.jit
+def _sigmoid(z):
+    """(s, 1 - s) for s = sigmoid(z), neither cancelling, no exp overflowing."""
+    t = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + t)
+    negative = z < 0.0
+    return tl.where(negative, t * r, r), tl.where(negative, r, t * r)
+
+
+@triton.jit
 def _act(g, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         return g * _normal_cdf(g)
     else:
-        return g / (1.0 + tl.exp(-_gate_arg(g, ACTIVATION)))
+        s, _ = _sigmoid(_gate_arg(g, ACTIVATION))
+        return g * s
 
 
 @triton.jit
@@ -82,12 +93,8 @@ def _act_and_grad(g, ACTIVATION: tl.constexpr):
         pdf = tl.exp(-0.5 * g * g) * INV_SQRT_2PI
         return g * cdf, cdf + g * pdf
     else:
-        # exp overflows to inf and underflows to 0: s is exactly 0 or 1 where act saturates.
-        z = _gate_arg(g, ACTIVATION)
-        e = tl.exp(-z)
-        s = 1.0 / (1.0 + e)
+        s, one_minus_s = _sigmoid(_gate_arg(g, ACTIVATION))
         act = g * s
-        one_minus_s = tl.where(z > 0.0, e * s, 1.0 - s)
         if ACTIVATION == 2:
             gc = tl.minimum(tl.maximum(g, -GELU_TANH_CLAMP), GELU_TANH_CLAMP)
             dz = (gc * gc * (3.0 * GELU_TANH_K1) + 1.0) * (2.0 * GELU_TANH_K0)

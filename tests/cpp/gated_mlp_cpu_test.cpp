@@ -51,7 +51,7 @@ void reference(Activation a, double g, double& act, double& grad) {
     return;
   }
   const double z = a == Activation::kSilu ? g : 2.0 * k0 * (g + k1 * g * g * g);
-  const double e = std::exp(-z);
+  const double e = std::exp(-z);  // inf for z < -709: s = 0, 1 - s = 1
   const double s = 1.0 / (1.0 + e);
   const double gc = std::fmin(10.0, std::fmax(-10.0, g));
   const double dz = a == Activation::kSilu ? 1.0 : 2.0 * k0 * (1.0 + 3.0 * k1 * gc * gc);

@@ -7,9 +7,13 @@ Tests that take `backend` run on the native kernels (tests/conftest.py)."""
 from __future__ import annotations
 
 import functools
+import json
+import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +300,44 @@ def test_cuda_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
     assert len(spills) == 72 and all(s == ("0", "0") for s in spills), result.stderr[-4000:]
+
+
+# ------------------------------------------------------------------- fastllm bench mlp
+
+
+def test_bench_mlp_quick_run(tmp_path):
+    """`fastllm bench mlp --quick` through the real command line: every contender of a
+    forward+backward case timed, every number finite and positive."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "fastllm", "bench", "mlp", "--quick", "--device", "cpu",
+         "--no-thp-rerun", "--json", str(out), "--only", "swiglu-fwd+bwd-*-bfloat16"],
+        cwd=_build.ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["contender"] for r in results] == ["fastllm", "torch eager", "torch.compile"]
+    for r in results:
+        assert r["error"] is None, r
+        for key in ("time_s", "gbs", "copy_gbs", "speedup_vs_eager", "speedup_vs_compile"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["contender"], key, r[key])
+    assert "== mlp ==" in run.stdout and "swiglu" in run.stdout
+
+
+def test_bench_mlp_contenders_agree(backend):
+    from fastllm.bench import load_family
+    from fastllm.bench.common import COMPILE
+
+    for case in load_family("mlp").cases(quick=True):
+        inputs = case.make_inputs(torch.device("cpu"))
+        results = []
+        for contender in case.contenders:
+            if contender == COMPILE:
+                continue  # compiles for seconds; the command-line run above covers it
+            out = case.function(contender, backend)(*inputs.args)
+            grads = (torch.autograd.grad(out, inputs.differentiable, inputs.grad_outputs)
+                     if case.backward else ())
+            results.append((out.detach(), *grads))
+        tol = 1e-5 if case.dtype == torch.float32 else 2e-2
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)

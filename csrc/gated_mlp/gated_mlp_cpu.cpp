@@ -161,12 +161,10 @@ FASTLLM_INLINE V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 FASTLLM_INLINE V vabs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 FASTLLM_INLINE M less(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 FASTLLM_INLINE V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
-// cpu_avx2.h's exp, which flushes results below FLT_MIN to 0 and keeps NaN, with overflow
-// to +inf (exp_ps clamps its argument at 88.376 and would return about 2.4e38 there).
-FASTLLM_INLINE V exp_v(V x) {
-  return select(less(_mm256_set1_ps(88.3762626647949f), x), _mm256_set1_ps(__builtin_inff()),
-                cpu::avx2::exp_ps(x));
-}
+// cpu_avx2.h's exp, which flushes results below FLT_MIN to 0 and keeps NaN. Every caller's
+// argument is <= 0 (exp(-|z|), exp(-g^2 / 2), erfc's exp(-r)), so exp_ps's clamp at the top
+// of the range never applies.
+FASTLLM_INLINE V exp_v(V x) { return cpu::avx2::exp_ps(x); }
 
 // 1 / d for d in [1, 2]: the 12-bit estimate and one Newton step (about 2^-23 relative).
 FASTLLM_INLINE V recip(V d) {
@@ -197,13 +195,13 @@ FASTLLM_INLINE V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 FASTLLM_INLINE V vabs(V a) { return _mm512_abs_ps(a); }
 FASTLLM_INLINE M less(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 FASTLLM_INLINE V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
-// cpu_avx512.h's 2^t at t = x log2(e) (relative error about 1.5e-7 plus the rounding of t,
-// 2^-24 |t|: at most 8e-6 at the ends of float's range, where e^x is far below 1 or far
-// above the values it meets here). t is clamped into [-150, 129] (NaN kept), where vscalefps
-// gives 0 and +inf: exp2 needs a finite t.
+// cpu_avx512.h's 2^t at t = x log2(e): relative error about 1.5e-7 plus the rounding of t,
+// 2^-24 |t| (9e-7 at x = -10, 8e-6 at the bottom of float's range, where what it scales is
+// negligible next to the terms it is added to). Every caller's argument is <= 0; t is clamped
+// at -150 (NaN kept), where vscalefps gives 0: exp2 needs a finite t, and x may be -inf.
 FASTLLM_INLINE V exp_v(V x) {
   const V t = _mm512_mul_ps(x, _mm512_set1_ps(cpu::avx512::kLog2e));
-  return cpu::avx512::exp2(vmax(_mm512_set1_ps(-150.0f), vmin(_mm512_set1_ps(129.0f), t)));
+  return cpu::avx512::exp2(vmax(_mm512_set1_ps(-150.0f), t));
 }
 
 // The first n lanes (n < 16).

@@ -9,8 +9,8 @@
 //   vabs(a)
 //   less(a, b)               lanes with a < b (false when either is NaN)
 //   select(m, a, b)          m ? a : b per lane
-//   exp_v(x)                 e^x within a few ulp: 0 where it underflows (denormal results
-//                            may flush to 0), +inf where it overflows, NaN for NaN
+//   exp_v(x)                 e^x within a few ulp for x <= 0 (the only arguments here): 0
+//                            where it underflows (denormal results may flush to 0), NaN for NaN
 //   recip(d)                 1 / d within 2 ulp for d in [1, 2]
 //   load(p) / loadn(p, n)    W (or the first n < W) elements of float, BFloat16 or Half as
 //                            floats, the other lanes 0

@@ -44,6 +44,14 @@
   X("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "   \
     FASTLLM_ATTENTION_OPTIONS ") -> (Tensor dq, Tensor dk, Tensor dv)")
 
+// out = act(gate) * up, act = activation ('silu', 'gelu', 'gelu_tanh'); up = None: gate holds
+// both halves (..., 2N). See csrc/gated_mlp/gated_mlp.h and gated_mlp_glue.h.
+#define FASTLLM_GATED_MLP_SCHEMAS(X)                                                      \
+  X("gated_mlp_fwd(Tensor gate, Tensor? up, str activation) -> Tensor out")               \
+  X("gated_mlp_bwd(Tensor grad_out, Tensor gate, Tensor? up, str activation) "            \
+    "-> (Tensor grad_gate, Tensor grad_up)")
+
 // Every family's list; registration.cpp and the emulation build define exactly these.
-#define FASTLLM_ALL_SCHEMAS(X) \
-  FASTLLM_NORM_SCHEMAS(X) FASTLLM_CROSS_ENTROPY_SCHEMAS(X) FASTLLM_ATTENTION_SCHEMAS(X)
+#define FASTLLM_ALL_SCHEMAS(X)                                                            \
+  FASTLLM_NORM_SCHEMAS(X) FASTLLM_CROSS_ENTROPY_SCHEMAS(X) FASTLLM_ATTENTION_SCHEMAS(X)   \
+  FASTLLM_GATED_MLP_SCHEMAS(X)

@@ -19,9 +19,13 @@ __all__ = [
     "attention",
     "scaled_dot_product_attention",
     "attention_with_kvcache",
+    # gated-MLP activations (fastllm/ops/gated_mlp.py)
+    "swiglu",
+    "geglu",
 ]
 
 from fastllm.ops.attention import attention, attention_with_kvcache, scaled_dot_product_attention
 from fastllm.ops.cross_entropy import cross_entropy
+from fastllm.ops.gated_mlp import geglu, swiglu
 from fastllm.ops.linear_cross_entropy import linear_cross_entropy
 from fastllm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm

@@ -23,6 +23,7 @@ FAMILIES: dict[str, str] = {
     "norm": "fastllm.bench.norm",
     "cross_entropy": "fastllm.bench.cross_entropy",
     "attention": "fastllm.bench.attention",
+    "mlp": "fastllm.bench.gated_mlp",
 }
 
 

@@ -2,6 +2,7 @@
 
 from fastllm.nn.attention import MultiheadAttention
 from fastllm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from fastllm.nn.mlp import GatedMLP
 from fastllm.nn.norm import LayerNorm, RMSNorm
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "MultiheadAttention",
+    "GatedMLP",
 ]

@@ -1,0 +1,98 @@
+"""The gated-MLP family's benchmark cases (``fastllm bench mlp``): SwiGLU's fused activation
+``silu(gate) * up``, forward and forward+backward, fastllm against torch eager and
+torch.compile.
+
+Shape glossary: N rows (tokens), I the intermediate size (LLaMA-7B's 11008); gate, up, out
+are (N, I).
+
+The contenders compute the same thing:
+  fastllm        fastllm.functional.swiglu(gate, up) on the backend being benchmarked;
+  torch eager    ``torch.nn.functional.silu(gate) * up``: two kernels, the silu result
+                 written and read back, and saved for backward;
+  torch.compile  the eager function through inductor (static shapes, compiled once per
+                 case, the compilation and its first call are not timed), which fuses it.
+
+Forward+backward times one forward and one backward together, from a precomputed gradient
+of out, with ``torch.autograd.grad`` (shared plumbing, fastllm.bench.common.Case).
+
+Effective bandwidth counts the bytes an implementation cannot avoid, each once (e = bytes
+per element, n = N * I):
+  forward           read gate and up, write out                            3 * n * e
+  forward+backward  the forward's, plus read grad_out, gate and up and
+                    write grad_gate and grad_up                            8 * n * e
+(Recomputing silu in backward costs no bytes; saving it would cost a write and a read.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastllm.functional as fastllm_functional
+from fastllm.bench.common import CallInputs, Case
+
+FAMILY = "mlp"  # the command line's name (`fastllm bench mlp`); the op family is gated_mlp
+PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
+
+MODES = ("fwd", "fwd+bwd")
+SHAPES = ((8192, 11008),)
+QUICK_SHAPES = ((256, 1024),)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def torch_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def fastllm_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return fastllm_functional.swiglu(gate, up)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedMLPCase(Case):
+    mode: str  # one of MODES
+    shape: tuple[int, int]  # (N, I)
+    dtype: torch.dtype
+    op: str = "swiglu"
+
+    def torch_function(self) -> Callable:
+        return torch_swiglu
+
+    def fastllm_function(self) -> Callable:
+        return fastllm_swiglu
+
+    def bytes_moved(self) -> int:
+        """The totals of the module docstring."""
+        n = self.shape[0] * self.shape[1]
+        return (8 if self.backward else 3) * n * self.dtype.itemsize
+
+    def largest_output_bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def make_inputs(self, device: torch.device) -> CallInputs:
+        """gate and up; forward+backward: their gradients from a precomputed one of out."""
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def randn(requires_grad: bool) -> Tensor:
+            return torch.randn(*self.shape, generator=generator, device=device,
+                               dtype=self.dtype, requires_grad=requires_grad)
+
+        gate, up = randn(self.backward), randn(self.backward)
+        if not self.backward:
+            return CallInputs((gate, up))
+        return CallInputs((gate, up), differentiable=(gate, up), grad_outputs=(randn(False),))
+
+
+def cases(quick: bool = False) -> list[GatedMLPCase]:
+    """Every case, in table order: shape, dtype, mode. ``quick``: one small shape."""
+    return [
+        GatedMLPCase(mode, shape, dtype)
+        for shape, dtype, mode in itertools.product(
+            QUICK_SHAPES if quick else SHAPES, DTYPES, MODES
+        )
+    ]

@@ -324,10 +324,13 @@ def _wrap_call(original):
         try:
             return original(self, *args, **kwargs)
         except Exception as e:
-            # GridExecutor re-raises kernel errors as InterpreterError(repr(e)); give back our
-            # own error, with its traceback down to the kernel's line.
+            # GridExecutor re-raises kernel errors as InterpreterError(repr(e)), and so does each
+            # @triton.jit helper the access happened in; give back our own error, with its
+            # traceback down to the kernel's line.
             cause = e.__cause__
-            if isinstance(cause, OutOfBoundsError):
+            while cause is not None and not isinstance(cause, OutOfBoundsError):
+                cause = cause.__cause__
+            if cause is not None:
                 raise cause from None
             raise
         finally:

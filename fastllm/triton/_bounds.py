@@ -23,9 +23,9 @@ How: two hooks in ``triton/runtime/interpreter.py`` (triton 3.x), both restored 
     their storages become the launch's allowed regions, named after the kernel's parameters.
     ``GridExecutor.__call__`` brackets the launch (a per-thread stack of launches).
   - ``interpreter._interpreter``, the C++ module through which every memory access of an
-    interpreted kernel goes (``load``, ``store``, ``atomic_rmw``, ``atomic_cas``; tensor
-    descriptors and gathers go through the same two), is replaced by a proxy that checks
-    the active lanes' addresses first.
+    interpreted kernel goes (``load``, ``store``, ``atomic_rmw``, ``atomic_cas``; block
+    pointers, tensor descriptors and gathers end in the same two), is replaced by a proxy
+    that checks the active lanes' addresses first.
 If a hook point is missing or its signature changed (another triton version), `enable`
 raises instead of silently checking nothing.
 

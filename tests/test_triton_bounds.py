@@ -67,6 +67,17 @@ def scalar_load_kernel(x_ptr, index):
 
 
 @triton.jit
+def _load_at(ptr, index):
+    return tl.load(ptr + index)
+
+
+@triton.jit
+def helper_load_kernel(x_ptr, index):
+    """x[0] = x[index] through a @triton.jit helper."""
+    tl.store(x_ptr, _load_at(x_ptr, index))
+
+
+@triton.jit
 def atomic_add_kernel(acc_ptr, n, shift, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     tl.atomic_add(acc_ptr + i + shift, tl.full([BLOCK], 1.0, tl.float32), mask=i < n)
@@ -114,6 +125,14 @@ def test_far_away_unmasked_access(bounds):
     with pytest.raises(_bounds.OutOfBoundsError, match="2-byte elements") as info:
         scalar_load_kernel[(1,)](x, 1 << 20)
     assert "(element 1048576) from argument `x_ptr`, the only argument" in str(info.value)
+
+
+def test_access_in_a_jit_helper_raises_the_same_error(bounds):
+    x = torch.zeros(4)
+    with pytest.raises(_bounds.OutOfBoundsError) as info:
+        helper_load_kernel[(1,)](x, 4)
+    assert "helper_load_kernel" in str(info.value)
+    assert "bytes [16, 20) (element 4) from argument `x_ptr`" in str(info.value)
 
 
 def test_atomics_are_checked(bounds):

@@ -23,9 +23,9 @@ How: two hooks in ``triton/runtime/interpreter.py`` (triton 3.x), both restored 
     their storages become the launch's allowed regions, named after the kernel's parameters.
     ``GridExecutor.__call__`` brackets the launch (a per-thread stack of launches).
   - ``interpreter._interpreter``, the C++ module through which every memory access of an
-    interpreted kernel goes (``load``, ``store``, ``atomic_rmw``, ``atomic_cas``; tensor
-    descriptors and gathers go through the same two), is replaced by a proxy that checks
-    the active lanes' addresses first.
+    interpreted kernel goes (``load``, ``store``, ``atomic_rmw``, ``atomic_cas``; block
+    pointers, tensor descriptors and gathers end in the same two), is replaced by a proxy
+    that checks the active lanes' addresses first.
 If a hook point is missing or its signature changed (another triton version), `enable`
 raises instead of silently checking nothing.
 
@@ -324,10 +324,13 @@ def _wrap_call(original):
         try:
             return original(self, *args, **kwargs)
         except Exception as e:
-            # GridExecutor re-raises kernel errors as InterpreterError(repr(e)); give back our
-            # own error, with its traceback down to the kernel's line.
+            # GridExecutor re-raises kernel errors as InterpreterError(repr(e)), and so does each
+            # @triton.jit helper the access happened in; give back our own error, with its
+            # traceback down to the kernel's line.
             cause = e.__cause__
-            if isinstance(cause, OutOfBoundsError):
+            while cause is not None and not isinstance(cause, OutOfBoundsError):
+                cause = cause.__cause__
+            if cause is not None:
                 raise cause from None
             raise
         finally:

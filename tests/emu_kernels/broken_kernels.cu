@@ -102,7 +102,9 @@ __global__ void faulty_kernel(FaultKind kind, int* scratch) {
       }
       break;
     case FaultKind::kDeviceAssert:
-      assert(scratch[t] == 42);
+      // scratch holds 16 ints for 64 threads: under a random schedule any thread may assert
+      // first, and scratch[t] read past the buffer (AddressSanitizer found it).
+      assert(scratch[t % 16] == 42);
       break;
     case FaultKind::kWildWrite:
       if (t == 3) reinterpret_cast<volatile int*>(scratch)[int64_t(1) << 40] = 1;

@@ -31,6 +31,7 @@ import fastllm
 import fastllm.functional as F
 from fastllm.ops import norm as norm_ops
 from tests.accuracy import ATOL, max_err
+from tests.test_norm import fastllm_impl as fastllm_norm
 from tests.hostile import (
     PUBLIC_BACKENDS,
     RAW_BACKENDS,
@@ -361,16 +362,6 @@ def torch_norm(kind, x, r, shape, w, b, eps):
     else:
         out = TF.rms_norm(x, shape, w, eps)
     return (out, x) if kind.startswith("add_") else out
-
-
-def fastllm_norm(kind, x, r, shape, w, b, eps):
-    if kind == "layer_norm":
-        return F.layer_norm(x, shape, w, b, eps)
-    if kind == "rms_norm":
-        return F.rms_norm(x, shape, w, eps)
-    if kind == "add_layer_norm":
-        return F.add_layer_norm(x, r, shape, w, b, eps)
-    return F.add_rms_norm(x, r, shape, w, eps)
 
 
 def forward_backward(fn, kind, leaves, shape, eps, grads_out, view=None):

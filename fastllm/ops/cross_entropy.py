@@ -15,7 +15,7 @@ The chunked linear + cross-entropy built on these ops: fastllm/ops/linear_cross_
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -216,19 +216,26 @@ def _check_rows(op: str, logits: Tensor, target: Tensor, weight: Optional[Tensor
         raise ValueError(
             f"{op}: logits must have at least one class, got shape {list(logits.shape)}"
         )
-    if not isinstance(target, Tensor):
-        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
-    if list(target.shape) != [logits.shape[0]]:
-        raise ValueError(
-            f"{op}: target must have shape [{logits.shape[0]}] (one class index per row of "
-            f"logits), got {list(target.shape)}"
-        )
-    if target.dtype != torch.int64:
-        raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
-    check_same_device(op, "target", target, logits)
+    check_row_target(op, target, logits, "logits")
     check_class_weight(op, weight, logits.shape[1], logits)
     check_ignore_index(op, ignore_index)
     check_options(op, "none", label_smoothing, z_loss, softcap)
+
+
+def check_row_target(op: str, target: Any, rows_of: Tensor, name: str) -> None:
+    """The raw ops' target: int64 class indices, one per row of ``rows_of`` (named ``name``),
+    on its device. (Also linear_cross_entropy's raw ops.)"""
+    rows = rows_of.shape[0]
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
+    if list(target.shape) != [rows]:
+        raise ValueError(
+            f"{op}: target must have shape [{rows}] (one class index per row of {name}), "
+            f"got {list(target.shape)}"
+        )
+    if target.dtype != torch.int64:
+        raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
+    check_same_device(op, "target", target, rows_of)
 
 
 def _check_row_vector(op: str, name: str, t: Tensor, logits: Tensor,

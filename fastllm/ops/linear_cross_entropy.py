@@ -35,6 +35,7 @@ from fastllm.ops.cross_entropy import (
     check_class_weight,
     check_ignore_index,
     check_options,
+    check_row_target,
     check_target_values,
     check_weight_not_differentiable,
     class_index_target,
@@ -145,21 +146,17 @@ def _check_chunk_size(op: str, chunk_size: Optional[int]) -> None:
         raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size}")
 
 
-def _check_problem(op: str, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
-                   target: Tensor, weight: Optional[Tensor], ignore_index: int, chunk_size: int,
-                   backend: str) -> None:
-    """What both ops share: input (N, H), linear_weight (V, H) and linear_bias (V,) in one
-    float dtype on one device, target (N,) int64, weight (V,) float, ignore_index,
-    chunk_size >= 1 and a backend with cross-entropy kernels."""
-    check_float_tensor(op, "input", input)
-    if input.dim() != 2:
-        raise ValueError(f"{op}: input must be 2-D (rows, in_features), got shape "
-                         f"{list(input.shape)}")
-    rows, hidden = input.shape
-    check_float_tensor(op, "linear_weight", linear_weight)
-    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden or linear_weight.shape[0] < 1:
+def _check_linear_params(op: str, input: Tensor, linear_weight: Tensor,
+                         linear_bias: Optional[Tensor], min_classes: int) -> int:
+    """linear_weight (V, H) with V >= min_classes and H = input.shape[-1], linear_bias (V,)
+    or None, both in the input's dtype on its device; returns V. (The raw ops need a class;
+    the public function takes zero classes, as torch.)"""
+    hidden = input.shape[-1]
+    if (linear_weight.dim() != 2 or linear_weight.shape[1] != hidden
+            or linear_weight.shape[0] < min_classes):
+        classes = f"num_classes >= {min_classes}" if min_classes else "num_classes"
         raise ValueError(
-            f"{op}: linear_weight must have shape [num_classes >= 1, {hidden}] (in_features = "
+            f"{op}: linear_weight must have shape [{classes}, {hidden}] (in_features = "
             f"input.shape[-1]), got {list(linear_weight.shape)}"
         )
     vocab = linear_weight.shape[0]
@@ -167,7 +164,7 @@ def _check_problem(op: str, input: Tensor, linear_weight: Tensor, linear_bias: O
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.dtype != input.dtype:
             raise TypeError(
                 f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
@@ -178,16 +175,22 @@ def _check_problem(op: str, input: Tensor, linear_weight: Tensor, linear_bias: O
             f"{op}: linear_bias must have shape [{vocab}] (num_classes), "
             f"got {list(linear_bias.shape)}"
         )
-    if not isinstance(target, Tensor):
-        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
-    if list(target.shape) != [rows]:
-        raise ValueError(
-            f"{op}: target must have shape [{rows}] (one class index per row of input), "
-            f"got {list(target.shape)}"
-        )
-    if target.dtype != torch.int64:
-        raise TypeError(f"{op}: target must be int64 class indices, got {target.dtype}")
-    check_same_device(op, "target", target, input)
+    return vocab
+
+
+def _check_problem(op: str, input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+                   target: Tensor, weight: Optional[Tensor], ignore_index: int, chunk_size: int,
+                   backend: str) -> None:
+    """What both ops share: input (N, H), linear_weight (V, H) and linear_bias (V,) in one
+    float dtype on one device, target (N,) int64, weight (V,) float, ignore_index,
+    chunk_size >= 1 and a backend with cross-entropy kernels."""
+    check_float_tensor(op, "input", input)
+    if input.dim() != 2:
+        raise ValueError(f"{op}: input must be 2-D (rows, in_features), got shape "
+                         f"{list(input.shape)}")
+    check_float_tensor(op, "linear_weight", linear_weight)
+    vocab = _check_linear_params(op, input, linear_weight, linear_bias, min_classes=1)
+    check_row_target(op, target, input, "input")
     check_class_weight(op, weight, vocab, input)
     check_ignore_index(op, ignore_index)
     _check_chunk_size(op, chunk_size)
@@ -518,28 +521,8 @@ def linear_cross_entropy(
     check_ignore_index(op, ignore_index)
     if input.dim() == 0:
         raise ValueError(f"{op}: input must be (..., in_features), got a 0-d tensor")
+    vocab = _check_linear_params(op, input, linear_weight, linear_bias, min_classes=0)
     hidden = input.shape[-1]
-    if linear_weight.dim() != 2 or linear_weight.shape[1] != hidden:
-        raise ValueError(
-            f"{op}: linear_weight must have shape [num_classes, {hidden}] (in_features = "
-            f"input.shape[-1]), got {list(linear_weight.shape)}"
-        )
-    vocab = linear_weight.shape[0]
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
-        if t.dtype != input.dtype:
-            raise TypeError(
-                f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}"
-            )
-        check_same_device(op, name, t, input)
-    if linear_bias is not None and list(linear_bias.shape) != [vocab]:
-        raise ValueError(
-            f"{op}: linear_bias must have shape [{vocab}] (num_classes), "
-            f"got {list(linear_bias.shape)}"
-        )
     target = class_index_target(op, target, input)
     if list(target.shape) != list(input.shape[:-1]):
         raise ValueError(

@@ -238,3 +238,14 @@ def _fuzz_one(p):
 def test_gated_mlp_fuzz(backend, problem):
     torch.manual_seed(0)
     _fuzz_one(problem)
+
+
+@pytest.mark.parametrize("backend", RAW_BACKENDS, indirect=True)
+def test_double_backward_is_refused_not_wrong(backend):
+    """The kernels' backward has no derivative of its own: create_graph=True used to give a
+    gradient detached from the graph (a gradient penalty then silently wrong)."""
+    dtype = torch.float16 if backend == "cuda_emu" else torch.float32
+    gate = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+    out = F.swiglu(gate, torch.randn(3, 8, dtype=dtype)).sum()
+    expect_clear_error(lambda: torch.autograd.grad(out, gate, create_graph=True),
+                       "double backward")

@@ -741,3 +741,15 @@ def test_fuzz_forward_and_backward_like_torch(backend):
         check_fuzz_problem(p)
 
     fuzz()
+
+
+@pytest.mark.parametrize("backend", RAW_BACKENDS, indirect=True)
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_double_backward_is_refused_not_wrong(backend, kind):
+    """The kernels' backward has no derivative of its own: create_graph=True used to give a
+    second derivative of 0 on native (a gradient penalty then silently wrong)."""
+    x = torch.randn(3, 8, requires_grad=True)
+    out = fastllm_norm(kind, x, torch.randn(3, 8), [8], torch.randn(8), torch.randn(8), 1e-5)
+    out = out[0] if kind.startswith("add_") else out
+    expect_clear_error(lambda: torch.autograd.grad(out.pow(3).sum(), x, create_graph=True),
+                       "double backward")

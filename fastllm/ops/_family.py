@@ -110,6 +110,22 @@ def refuse_double_backward(op: str) -> None:
         )
 
 
+def register_autograd(op: Any, backward: Callable, *, setup_context: Callable) -> None:
+    """``torch.library.register_autograd`` for a backward formula built from fastllm's
+    kernels, which have no derivatives of their own: a double backward through it raises
+    (``refuse_double_backward``) instead of returning a gradient detached from the graph.
+    Every family registers its autograd rules through this."""
+    name = op if isinstance(op, str) else op.name()
+    name = name.split("::")[-1]
+
+    @functools.wraps(backward)
+    def first_order_backward(ctx: Any, *grads: Any) -> Any:
+        refuse_double_backward(name)
+        return backward(ctx, *grads)
+
+    torch.library.register_autograd(op, first_order_backward, setup_context=setup_context)
+
+
 def values_readable(*tensors: Optional[Tensor]) -> bool:
     """Whether a check may read these tensors' values: they live on the CPU (no device
     synchronisation) and nothing is being traced (no graph break)."""

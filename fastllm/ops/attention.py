@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from fastllm.ops._family import (
-    refuse_double_backward,
     OpFamily,
     OpSet,
     acc_dtype,
     check_float_tensor,
     check_same_device,
+    register_autograd,
     values_readable,
 )
 from fastllm.reference import attention as ref
@@ -257,7 +257,6 @@ def _register_autograd(ops: OpSet) -> None:
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, dout, _dlse):
-        refuse_double_backward("attention")
         q, k, v, out, lse, cu_q, cu_k, used, alibi, seed = ctx.saved_tensors
         max_q, max_k, scale, causal, wl, wr, softcap, p = ctx.scalars
         dq, dk, dv = ops.attention_bwd(
@@ -266,7 +265,7 @@ def _register_autograd(ops: OpSet) -> None:
         )
         return (dq, dk, dv) + (None,) * _NUM_OPTIONS
 
-    torch.library.register_autograd(ops.attention_fwd, backward, setup_context=setup_context)
+    register_autograd(ops.attention_fwd, backward, setup_context=setup_context)
 
 
 # ------------------------------------------------------------------------ op family

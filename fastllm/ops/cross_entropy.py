@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from fastllm.ops._family import (
-    refuse_double_backward,
     OpFamily,
     OpSet,
     acc_dtype,
     check_float_tensor,
     check_same_device,
+    refuse_double_backward,
+    register_autograd,
     values_readable,
 )
 from fastllm.reference import cross_entropy as ref
@@ -362,7 +363,6 @@ def _register_autograd(ops: OpSet) -> None:
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_loss, _grad_lse):
-        refuse_double_backward("cross_entropy")
         logits, target, weight, lse = ctx.saved_tensors
         grad_logits = None
         if grad_loss is not None and ctx.needs_input_grad[0]:
@@ -371,7 +371,7 @@ def _register_autograd(ops: OpSet) -> None:
             )
         return grad_logits, None, None, None, None, None, None
 
-    torch.library.register_autograd(ops.cross_entropy_fwd, backward, setup_context=setup_context)
+    register_autograd(ops.cross_entropy_fwd, backward, setup_context=setup_context)
     ops.inplace_backward_function = _make_inplace_backward_function(
         ops.cross_entropy_fwd, ops.cross_entropy_bwd_inplace
     )

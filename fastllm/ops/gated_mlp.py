@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastllm.ops._family import OpFamily, OpSet, check_float_tensor
+from fastllm.ops._family import OpFamily, OpSet, check_float_tensor, register_autograd
 from fastllm.reference import gated_mlp as ref
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -118,7 +118,7 @@ def _register_autograd(ops: OpSet) -> None:
         grad_gate, grad_up = ops.gated_mlp_bwd(grad_out, gate, up, ctx.activation)
         return grad_gate, grad_up if up is not None else None, None
 
-    torch.library.register_autograd(ops.gated_mlp_fwd, backward, setup_context=setup)
+    register_autograd(ops.gated_mlp_fwd, backward, setup_context=setup)
 
 
 # ------------------------------------------------------------------------ op family

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from fastllm.backend import get_backend
 from fastllm.ops._family import (
-    refuse_double_backward,
     OpSet,
     acc_dtype,
     check_float_tensor,
     check_same_device,
+    register_autograd,
     values_readable,
 )
 from fastllm.ops.cross_entropy import (
@@ -437,7 +437,6 @@ def _setup_linear_cross_entropy(ctx, inputs, output):
 
 
 def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weight, _grad_bias):
-    refuse_double_backward("linear_cross_entropy")
     need_input, need_weight, need_bias = ctx.needs
     if grad_loss is None:
         return (None,) * 16
@@ -471,7 +470,7 @@ def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weig
     return (grad_input, grad_weight, grad_bias) + (None,) * 13
 
 
-torch.library.register_autograd(
+register_autograd(
     "fastllm::linear_cross_entropy_fwd",
     _backward_linear_cross_entropy,
     setup_context=_setup_linear_cross_entropy,

@@ -22,6 +22,7 @@ from fastllm.ops._family import (
     acc_dtype,
     check_float_tensor,
     check_same_device,
+    register_autograd,
 )
 from fastllm.reference import norm as ref
 
@@ -366,7 +367,7 @@ def _register_autograd(ops: OpSet) -> None:
         (ops.rms_norm_fwd, backward_rms_norm, setup_rms_norm),
         (ops.add_rms_norm_fwd, backward_add_rms_norm, setup_add_rms_norm),
     ):
-        torch.library.register_autograd(op, backward, setup_context=setup)
+        register_autograd(op, backward, setup_context=setup)
 
 
 # ------------------------------------------------------------------------ op family

@@ -37,12 +37,14 @@
 #define FASTLLM_ATTENTION_OPTIONS                                                         \
   "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, "     \
   "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, " \
-  "float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? dropout_seed"
+  "float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? dropout_seed, "          \
+  "Tensor? attn_bias=None, Tensor? key_padding_mask=None"
 #define FASTLLM_ATTENTION_SCHEMAS(X)                                                      \
   X("attention_fwd(Tensor q, Tensor k, Tensor v, " FASTLLM_ATTENTION_OPTIONS              \
     ") -> (Tensor out, Tensor lse)")                                                      \
   X("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "   \
-    FASTLLM_ATTENTION_OPTIONS ") -> (Tensor dq, Tensor dk, Tensor dv)")
+    FASTLLM_ATTENTION_OPTIONS ", bool bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, "  \
+    "Tensor dbias)")
 
 // out = act(gate) * up, act = activation ('silu', 'gelu', 'gelu_tanh'); up = None: gate holds
 // both halves (..., 2N). See csrc/gated_mlp/gated_mlp.h and gated_mlp_glue.h.

@@ -12,7 +12,8 @@ def attention_options(q: torch.Tensor, **overrides) -> dict:
     options = dict(
         cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=0, max_seqlen_k=0,
         softmax_scale=q.shape[-1] ** -0.5, causal=False, window_left=-1, window_right=-1,
-        softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+        softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, attn_bias=None,
+        key_padding_mask=None,
     )
     options.update(overrides)
     return options

@@ -17,14 +17,21 @@
 // Scores also get, when enabled (in this order):
 //   ALiBi:    s_ij += -slope_{b,h} * |i + Tk_b - Tq_b - j|   (bottom-right aligned positions,
 //             FlashAttention's convention; added after the softcap)
-// Mask: key j is allowed for query i iff j < Tk_b and
+//   Bias:     s_ij += attn_bias[b, h, i, j]                 (additive, after ALiBi; T5's
+//             relative-position bias, BERT's additive padding mask, any (L, S) mask)
+// Mask: key j is allowed for query i iff j < Tk_b and key_padding_mask[b, j] (when given) and
 //   lo(i) <= j <= hi(i),  with d = Tk_b - Tq_b (bottom-right alignment, FlashAttention's and
 //   the KV-cache convention: the last query sees the last key),
 //   lo(i) = i + d - window_left   (or 0 when window_left < 0),
 //   hi(i) = i + d + window_right  (or Tk_b - 1 when window_right < 0; causal sets
 //                                  window_right = min(window_right, 0), i.e. 0 when unbounded).
 // A row with no allowed key (e.g. causal with Tq > Tk: rows i < Tq - Tk) gets out = 0,
-// lse = -inf and zero gradients, never NaN.
+// lse = -inf and zero gradients, never NaN. So does a row whose allowed scores are all -inf
+// (an additive mask of -inf over the whole row): kernels must not form exp(-inf - (-inf));
+// the row max is taken as 0 when it is -inf, and backward takes p_ij = 0 where lse_i = -inf.
+// Bias gradient (bias_grad): dbias_ij = p_ij (dp_ij - D_i) (with dropout's z_ij in dp_ij),
+// the gradient of the score after the softcap, i.e. before softcap's derivative; 0 where
+// key j is not allowed for query i.
 // Dropout (dropout_p > 0): after the softmax, p_ij is kept with probability 1 - dropout_p
 // and scaled by 1 / (1 - dropout_p), else zeroed; lse is that of the undropped scores. The
 // keep decision is a pure function of (seed, b, h, i, j) (dropout_keep below), so every
@@ -104,6 +111,24 @@ struct Problem {
   const float* alibi_slopes = nullptr;
   int64_t alibi_stride_b = 0;
 
+  // Additive score bias (padded batches only): the element of (b, h, i, j) at
+  // attn_bias[b * bias_stride_b + h * bias_stride_h + i * bias_stride_q + j * bias_stride_k]
+  // in the problem's dtype (float32 for kFloat32, ..., like q). Strides may be 0: a bias
+  // broadcast over batch, heads, queries or keys costs only its own storage. nullptr = off.
+  // h is the query head.
+  const void* attn_bias = nullptr;
+  int64_t bias_stride_b = 0;
+  int64_t bias_stride_h = 0;
+  int64_t bias_stride_q = 0;
+  int64_t bias_stride_k = 0;
+
+  // Key padding mask (padded batches only): key j of sequence b takes part iff
+  // key_padding_mask[b * kpm_stride_b + j * kpm_stride_k] != 0 (one byte per key, torch's
+  // bool). It combines with seqused_k and the window (a key must pass all). nullptr = off.
+  const uint8_t* key_padding_mask = nullptr;
+  int64_t kpm_stride_b = 0;
+  int64_t kpm_stride_k = 0;
+
   // Dropout on the attention probabilities; 0 = off. dropout_seed points at one int64 (a
   // device pointer on CUDA, so a seed drawn on the GPU needs no host sync).
   double dropout_p = 0;
@@ -142,6 +167,12 @@ struct BwdParams : QkvParams {
   Strides4 stride_dk;
   void* dv = nullptr;  // (B, Tk, Hkv, D), likewise
   Strides4 stride_dv;
+  // The bias gradient, when asked for (attn_bias set and bias_grad): (B, H, Tq, Tk) in the
+  // problem's dtype, contiguous, ZEROED by the glue before the call; the kernels store
+  // dbias_ij (see above) for every (b, h, i, j) whose score they compute (each exactly once:
+  // h is the query head, so no two programs write one element) and may skip the rest.
+  // nullptr = not asked for.
+  void* dbias = nullptr;
 };
 
 // CPU kernels (attention_cpu.cpp has the design): OpenMP over (batch, head, query block) in

@@ -6,6 +6,7 @@
 // device's Kernels (the pattern of common/torch_glue.h):
 //
 //   struct Kernels {
+//     static constexpr bool kSupportsMasks;            // attn_bias / key_padding_mask
 //     static at::Tensor input(const at::Tensor& t);    // an input as the kernels read it
 //     static void check_supported(const char* op, const at::Tensor& q);
 //     static void fwd(const char* op, FwdParams& p, const at::Tensor& q);
@@ -55,6 +56,7 @@ struct Options {
   std::optional<at::Tensor> alibi_slopes;
   double dropout_p = 0;
   std::optional<at::Tensor> dropout_seed;
+  std::optional<at::Tensor> attn_bias, key_padding_mask;
 };
 
 // The options as the schema's functions take them, and passed on.
@@ -63,10 +65,12 @@ struct Options {
       const std::optional<at::Tensor>&seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, \
       double softmax_scale, bool causal, int64_t window_left, int64_t window_right,          \
       double softcap, const std::optional<at::Tensor>&alibi_slopes, double dropout_p,         \
-      const std::optional<at::Tensor>&dropout_seed
+      const std::optional<at::Tensor>&dropout_seed, const std::optional<at::Tensor>&attn_bias, \
+      const std::optional<at::Tensor>&key_padding_mask
 #define FASTLLM_ATTENTION_OPTION_ARGS                                                    \
   cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, \
-      window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed
+      window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, attn_bias,    \
+      key_padding_mask
 
 inline Options make_options(FASTLLM_ATTENTION_OPTION_PARAMS) {
   return Options{FASTLLM_ATTENTION_OPTION_ARGS};
@@ -77,6 +81,7 @@ struct Prepared {
   Problem problem;
   bool packed = false;
   at::Tensor cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dropout_seed;
+  at::Tensor attn_bias, key_padding_mask;
 };
 
 inline Strides4 strides_of(const at::Tensor& t, bool packed) {
@@ -240,6 +245,40 @@ inline Prepared prepare(const char* op, bool check_values, const at::Tensor& q,
     p.dropout_seed = r.dropout_seed.data_ptr<int64_t>();
   }
 
+  if (o.attn_bias.has_value() && o.attn_bias->defined()) {
+    const at::Tensor& a = *o.attn_bias;
+    TORCH_CHECK(!r.packed, op, ": attn_bias needs padded (B, T, heads, head_dim) inputs, not "
+                "packed ones with cu_seqlens");
+    TORCH_CHECK_TYPE(a.scalar_type() == q.scalar_type(), op, ": attn_bias must have q's dtype ",
+                     q.scalar_type(), ", got ", a.scalar_type());
+    const std::vector<int64_t> want = {p.batch, p.num_heads, p.seqlen_q, p.seqlen_k};
+    TORCH_CHECK(a.sizes() == at::IntArrayRef(want), op, ": attn_bias must have shape ",
+                shape_str(want), " (B, H, Tq, Tk; broadcast dims as stride-0 views, e.g. "
+                "bias.expand(...)), got ", shape_str(a.sizes()));
+    check_same_device(q, "q", a, "attn_bias", op);
+    r.attn_bias = a;
+    p.attn_bias = a.data_ptr();
+    p.bias_stride_b = a.stride(0);
+    p.bias_stride_h = a.stride(1);
+    p.bias_stride_q = a.stride(2);
+    p.bias_stride_k = a.stride(3);
+  }
+  if (o.key_padding_mask.has_value() && o.key_padding_mask->defined()) {
+    const at::Tensor& m = *o.key_padding_mask;
+    TORCH_CHECK(!r.packed, op, ": key_padding_mask needs padded (B, T, heads, head_dim) inputs, "
+                "not packed ones with cu_seqlens (they carry their lengths)");
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, op,
+                     ": key_padding_mask must be bool (True = take part), got ", m.scalar_type());
+    const std::vector<int64_t> want = {p.batch, p.seqlen_k};
+    TORCH_CHECK(m.sizes() == at::IntArrayRef(want), op, ": key_padding_mask must have shape ",
+                shape_str(want), " (B, Tk), got ", shape_str(m.sizes()));
+    check_same_device(q, "q", m, "key_padding_mask", op);
+    r.key_padding_mask = m;
+    p.key_padding_mask = reinterpret_cast<const uint8_t*>(m.data_ptr());
+    p.kpm_stride_b = m.stride(0);
+    p.kpm_stride_k = m.stride(1);
+  }
+
   TORCH_CHECK(o.window_left >= -1, op, ": window_left must be >= 0 or -1 (unbounded), got ",
               o.window_left);
   TORCH_CHECK(o.window_right >= -1, op, ": window_right must be >= 0 or -1 (unbounded), got ",
@@ -337,14 +376,14 @@ struct BwdCall {
   Prepared prepared;
   BwdParams params;
   at::Tensor dout, q, k, v, out, lse;  // as the kernel reads them
-  at::Tensor dq, dk, dv;
+  at::Tensor dq, dk, dv, dbias;
 };
 
 inline BwdCall prepare_bwd(const char* op, bool check_values, KernelInput kernel_input,
                            const at::Tensor& dout_in, const at::Tensor& q_in,
                            const at::Tensor& k_in, const at::Tensor& v_in,
                            const at::Tensor& out_in, const at::Tensor& lse_in,
-                           const Options& o) {
+                           const Options& o, bool bias_grad) {
   BwdCall c;
   c.prepared = prepare(op, check_values, q_in, k_in, v_in, o);
   const bool packed = c.prepared.packed;
@@ -374,13 +413,31 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, KernelInput kernel
   // The kernels write every row of dk / dv, zeros for stored keys past seqused_k.
   c.dk = at::empty(c.k.sizes(), c.k.options().memory_format(contiguous));
   c.dv = at::empty(c.v.sizes(), c.v.options().memory_format(contiguous));
+  const Problem& pr = c.prepared.problem;
+  TORCH_CHECK(!bias_grad || pr.attn_bias != nullptr, op,
+              ": bias_grad=True needs attn_bias (the bias to differentiate)");
+  if (bias_grad) {
+    // Zeroed: the kernels store the scores they compute and may skip masked tiles.
+    c.dbias = at::zeros({pr.batch, pr.num_heads, pr.seqlen_q, pr.seqlen_k}, c.q.options());
+  } else {
+    c.dbias = at::empty({0}, c.q.options());
+  }
   bind_common(c);
   BwdParams& p = c.params;
+  if (bias_grad) p.dbias = c.dbias.data_ptr();
   bind(c.dout, packed, p.dout, p.stride_dout);
   bind(c.dq, packed, p.dq, p.stride_dq);
   bind(c.dk, packed, p.dk, p.stride_dk);
   bind(c.dv, packed, p.dv, p.stride_dv);
   return c;
+}
+
+// A backend whose kernels do not take attn_bias / key_padding_mask (yet): an error naming them.
+template <class Kernels>
+void check_masks_supported(const char* op, const Problem& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      Kernels::kSupportsMasks || (p.attn_bias == nullptr && p.key_padding_mask == nullptr), op,
+      ": attn_bias / key_padding_mask are not supported by these kernels yet");
 }
 
 inline void fill_empty_bwd(BwdCall& c) {
@@ -399,6 +456,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   FwdCall c = prepare_fwd(op, q.is_cpu(), &Kernels::input, q, k, v,
                           make_options(FASTLLM_ATTENTION_OPTION_ARGS));
   Kernels::check_supported(op, q);
+  check_masks_supported<Kernels>(op, c.params);
   if (empty_problem(c.params)) {
     fill_empty_fwd(c);
   } else {
@@ -408,19 +466,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 }
 
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, FASTLLM_ATTENTION_OPTION_PARAMS) {
+    const at::Tensor& out, const at::Tensor& lse, FASTLLM_ATTENTION_OPTION_PARAMS,
+    bool bias_grad) {
   const char* op = "attention_bwd";
   BwdCall c = prepare_bwd(op, q.is_cpu(), &Kernels::input, dout, q, k, v, out, lse,
-                          make_options(FASTLLM_ATTENTION_OPTION_ARGS));
+                          make_options(FASTLLM_ATTENTION_OPTION_ARGS), bias_grad);
   Kernels::check_supported(op, q);
+  check_masks_supported<Kernels>(op, c.params);
   if (empty_problem(c.params)) {
     fill_empty_bwd(c);
   } else {
     Kernels::bwd(op, c.params, c.lse);
   }
-  return {c.dq, c.dk, c.dv};
+  return {c.dq, c.dk, c.dv, c.dbias};
 }
 
 template <class Kernels>

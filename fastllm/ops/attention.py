@@ -31,7 +31,7 @@ from fastllm.ops._family import (
 from fastllm.reference import attention as ref
 
 # Argument positions of the options in both schemas (after q, k, v / dout, q, k, v, out, lse).
-_NUM_OPTIONS = 13
+_NUM_OPTIONS = 15
 
 
 def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
@@ -64,7 +64,8 @@ def _check_lengths_tensor(op: str, name: str, t: Any, expected_len: int, q: Tens
 
 def _check_problem(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k,
                    seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-                   window_right, softcap, alibi_slopes, dropout_p, dropout_seed) -> int:
+                   window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                   attn_bias=None, key_padding_mask=None) -> int:
     """Checks q, k, v and the options; returns the batch size."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(op, name, t)
@@ -151,6 +152,39 @@ def _check_problem(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_se
         raise ValueError(
             f"{op}: softcap must be >= 0 (0 disables it) and finite in float32, got {softcap}"
         )
+    if attn_bias is not None:
+        if packed:
+            raise ValueError(
+                f"{op}: attn_bias needs padded (B, T, heads, head_dim) inputs, not packed ones "
+                "with cu_seqlens"
+            )
+        if not isinstance(attn_bias, Tensor) or attn_bias.dtype != q.dtype:
+            got = attn_bias.dtype if isinstance(attn_bias, Tensor) else type(attn_bias).__name__
+            raise TypeError(f"{op}: attn_bias must have q's dtype {q.dtype}, got {got}")
+        want = [batch, heads, q.shape[1], k.shape[1]]
+        if _shape(attn_bias) != want:
+            raise ValueError(
+                f"{op}: attn_bias must have shape {want} (B, H, Tq, Tk; broadcast dims as "
+                f"stride-0 views, e.g. bias.expand(...)), got {_shape(attn_bias)}"
+            )
+        check_same_device(op, "attn_bias", attn_bias, q)
+    if key_padding_mask is not None:
+        if packed:
+            raise ValueError(
+                f"{op}: key_padding_mask needs padded (B, T, heads, head_dim) inputs, not packed "
+                "ones with cu_seqlens (they carry their lengths)"
+            )
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            got = (key_padding_mask.dtype if isinstance(key_padding_mask, Tensor)
+                   else type(key_padding_mask).__name__)
+            raise TypeError(f"{op}: key_padding_mask must be bool (True = take part), got {got}")
+        want = [batch, k.shape[1]]
+        if _shape(key_padding_mask) != want:
+            raise ValueError(
+                f"{op}: key_padding_mask must have shape {want} (B, Tk), got "
+                f"{_shape(key_padding_mask)}"
+            )
+        check_same_device(op, "key_padding_mask", key_padding_mask, q)
     return batch
 
 
@@ -158,9 +192,17 @@ def _check_attention_fwd(q, k, v, *options):
     _check_problem("attention_fwd", q, k, v, *options)
 
 
+def _split_bwd_options(options: tuple) -> tuple[tuple, bool]:
+    """(the shared options, bias_grad): attention_bwd's schema adds ``bias_grad=False``."""
+    return options[:_NUM_OPTIONS], bool(options[_NUM_OPTIONS]) if len(options) > _NUM_OPTIONS else False
+
+
 def _check_attention_bwd(dout, q, k, v, out, lse, *options):
     op = "attention_bwd"
+    options, bias_grad = _split_bwd_options(options)
     _check_problem(op, q, k, v, *options)
+    if bias_grad and options[13] is None:
+        raise ValueError(f"{op}: bias_grad=True needs attn_bias (the bias to differentiate)")
     for name, t in (("out", out), ("dout", dout)):
         check_float_tensor(op, name, t)
         if t.shape != q.shape:
@@ -235,35 +277,45 @@ def _fake_attention_fwd(q, k, v, cu_seqlens_q, *options):
     return out, lse
 
 
+def _dbias_shape(q: Tensor, k: Tensor, bias_grad: bool) -> tuple[int, ...]:
+    """(B, H, Tq, Tk) when the bias gradient is asked for, else (0,)."""
+    return (q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if bias_grad else (0,)
+
+
 def _fake_attention_bwd(dout, q, k, v, out, lse, *options):
     fmt = torch.contiguous_format
+    _, bias_grad = _split_bwd_options(options)
     return (
         torch.empty_like(q, memory_format=fmt),
         torch.empty_like(k, memory_format=fmt),
         torch.empty_like(v, memory_format=fmt),
+        q.new_empty(_dbias_shape(q, k, bias_grad)),
     )
 
 
 def _register_autograd(ops: OpSet) -> None:
-    """dq, dk, dv through the set's own backward op; lse is not differentiable, and neither
-    are the lengths, the ALiBi slopes or the seed."""
+    """dq, dk, dv (and attn_bias's gradient when it requires one) through the set's own
+    backward op; lse is not differentiable, and neither are the lengths, the ALiBi slopes,
+    the seed or the key padding mask."""
 
     def setup_context(ctx, inputs, output):
         q, k, v, *options = inputs
         out, lse = output
-        (cu_q, cu_k, used, max_q, max_k, scale, causal, wl, wr, softcap, alibi, p, seed) = options
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used, alibi, seed)
+        (cu_q, cu_k, used, max_q, max_k, scale, causal, wl, wr, softcap, alibi, p, seed, bias,
+         kpm) = options
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, used, alibi, seed, bias, kpm)
         ctx.scalars = (max_q, max_k, scale, causal, wl, wr, softcap, p)
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, used, alibi, seed = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, used, alibi, seed, bias, kpm = ctx.saved_tensors
         max_q, max_k, scale, causal, wl, wr, softcap, p = ctx.scalars
-        dq, dk, dv = ops.attention_bwd(
+        bias_grad = bias is not None and ctx.needs_input_grad[3 + 13]
+        dq, dk, dv, dbias = ops.attention_bwd(
             dout, q, k, v, out, lse, cu_q, cu_k, used, max_q, max_k, scale, causal, wl, wr,
-            softcap, alibi, p, seed,
+            softcap, alibi, p, seed, bias, kpm, bias_grad,
         )
-        return (dq, dk, dv) + (None,) * _NUM_OPTIONS
+        return (dq, dk, dv) + (None,) * 13 + (dbias if bias_grad else None, None)
 
     register_autograd(ops.attention_fwd, backward, setup_context=setup_context)
 
@@ -300,7 +352,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *options: Any) -> tuple[Tenso
     """(out, lse) from the selected backend, differentiable in q, k, v; ``options`` are the
     schema's, in its order (FASTLLM_ATTENTION_OPTIONS in csrc/schemas.h: cu_seqlens_q,
     cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-    window_right, softcap, alibi_slopes, dropout_p, dropout_seed)."""
+    window_right, softcap, alibi_slopes, dropout_p, dropout_seed, attn_bias,
+    key_padding_mask)."""
     ops = IMPLS.select(q)
     if ops is None:
         IMPLS.check("attention_fwd", q, k, v, *options)  # the ops check their own
@@ -359,6 +412,8 @@ def attention(
     return_lse: bool = False,
     *,
     seqused_k: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
 ):
     """Fused (FlashAttention-style) attention: softmax(q k^T * scale) v without ever forming
     the (Tq, Tk) matrix, in forward and in backward (which recomputes it tile by tile).
@@ -383,7 +438,16 @@ def attention(
       ``max_seqlen_q`` / ``max_seqlen_k`` (computed from cu_seqlens when omitted, which reads
       values: pass them under torch.compile). ``seqused_k`` int32 ``(B,)``: use only the
       first ``seqused_k[b]`` keys of sequence b.
-    - A query row with no allowed key gets zeros (and zero gradients), never NaN.
+    - ``attn_bias``: an additive float bias on the scores (after the softcap and ALiBi),
+      broadcastable to ``(B, H, Tq, Tk)`` (e.g. ``(1, H, Tq, Tk)`` T5 relative-position
+      bias, ``(B, 1, 1, Tk)`` BERT's additive padding mask, ``(Tq, Tk)``); broadcast dims are
+      read with stride 0, so it costs only its own storage. It gets a gradient when it
+      requires one (summed over its broadcast dims; the backward forms a ``(B, H, Tq, Tk)``
+      buffer for it). ``-inf`` entries exclude keys.
+    - ``key_padding_mask``: bool ``(B, Tk)``, True = the key takes part (padding is False).
+      O(B * Tk) memory. Both need padded (not packed) inputs.
+    - A query row with no allowed key (or only ``-inf`` biases) gets zeros (and zero
+      gradients), never NaN.
     - ``return_lse=True`` returns ``(out, lse)``, lse float32 ``(B, H, Tq)`` (packed:
       ``(H, total_q)``), natural log, ``-inf`` for rows without keys; not differentiable.
     """
@@ -403,6 +467,13 @@ def attention(
                     ("seqused_k", seqused_k)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be an int32 Tensor, got {type(t).__name__}")
+    if attn_bias is not None:
+        attn_bias = _broadcast_bias(op, attn_bias, q, k)
+    if key_padding_mask is not None and not isinstance(key_padding_mask, Tensor):
+        raise TypeError(
+            f"{op}: key_padding_mask must be a bool Tensor (B, Tk), got "
+            f"{type(key_padding_mask).__name__}"
+        )
     if softmax_scale is None:  # (a head dim of 0 is reported by the op's checks)
         softmax_scale = q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
@@ -419,9 +490,36 @@ def attention(
     out, lse = attention_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, int(max_seqlen_q), int(max_seqlen_k),
         float(softmax_scale), bool(causal), window_left, window_right, float(softcap),
-        alibi_slopes, float(dropout_p), seed,
+        alibi_slopes, float(dropout_p), seed, attn_bias, key_padding_mask,
     )
     return (out, lse) if return_lse else out
+
+
+def _broadcast_bias(op: str, attn_bias: Any, q: Tensor, k: Tensor) -> Tensor:
+    """attn_bias as the op takes it: q's dtype (a differentiable cast of its own storage)
+    and a (B, H, Tq, Tk) stride-0 view of its broadcast dims."""
+    if not isinstance(attn_bias, Tensor) or not attn_bias.is_floating_point():
+        got = attn_bias.dtype if isinstance(attn_bias, Tensor) else type(attn_bias).__name__
+        raise TypeError(f"{op}: attn_bias must be a floating Tensor (added to the scores), got {got}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"{op}: attn_bias needs padded q (B, Tq, H, D) and k (B, Tk, Hkv, D), got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)} (packed inputs take no bias)"
+        )
+    scores = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (B, H, Tq, Tk)
+    try:
+        ok = attn_bias.dim() <= 4 and torch.broadcast_shapes(attn_bias.shape, scores) == scores
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{op}: attn_bias must broadcast to (B, H, Tq, Tk) = {scores}, got "
+            f"{tuple(attn_bias.shape)}"
+        )
+    check_same_device(op, "attn_bias", attn_bias, q)
+    if attn_bias.dtype != q.dtype:
+        attn_bias = attn_bias.to(q.dtype)
+    return attn_bias.expand(scores)
 
 
 def _check_sdpa_mask(op: str, attn_mask: Any, query: Tensor, key: Tensor) -> None:

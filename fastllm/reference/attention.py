@@ -6,7 +6,9 @@ The contract it implements is csrc/attention/attention.h's (the kernels' single 
 truth), per sequence b, query head h, kv head h // (H // Hkv), query row i, key j:
     s_ij = scale * <q_i, k_j>;  s <- softcap * tanh(s / softcap) if softcap > 0
     s_ij -= slope_{b,h} * |i + Tk_b - Tq_b - j|                    (ALiBi, if given)
-    allowed(i, j): lo(i) <= j <= hi(i), bottom-right aligned (d = Tk_b - Tq_b):
+    s_ij += attn_bias[b, h, i, j]                                  (additive bias, if given)
+    allowed(i, j): key_padding_mask[b, j] (if given) and lo(i) <= j <= hi(i),
+    bottom-right aligned (d = Tk_b - Tq_b):
         lo = i + d - window_left (0 if window_left < 0),
         hi = i + d + window_right (Tk_b - 1 if window_right < 0; causal caps it at i + d)
     lse_i = logsumexp_j s_ij;  p = softmax(s);  out_i = sum_j z_ij p_ij v_j
@@ -104,6 +106,8 @@ def _sequence(
     slopes: Optional[Tensor],  # (H,) or None
     dropout_p: float,
     dropout_seed: Optional[Tensor],
+    bias: Optional[Tensor] = None,  # (H, Tq, Tk) in acc dtype, or None
+    key_mask: Optional[Tensor] = None,  # (Tk,) bool, or None
 ) -> tuple[Tensor, Tensor]:
     tq, h, _ = q.shape
     tk, hkv, _ = k.shape
@@ -118,7 +122,11 @@ def _sequence(
         j = torch.arange(tk, device=q.device)[None, :]
         dist = (i + (tk - tq) - j).abs().to(s.dtype)
         s = s - slopes.to(s.dtype)[:, None, None] * dist
+    if bias is not None:
+        s = s + bias
     allowed = _allowed(tq, tk, causal, window_left, window_right, q.device)
+    if key_mask is not None:
+        allowed = allowed & key_mask[None, :]
     s = s.masked_fill(~allowed, float("-inf"))
     # Softmax with fully-masked rows made safe for autograd: shift by a detached finite max.
     if tk == 0:  # no key at all: amax has nothing to reduce
@@ -156,11 +164,14 @@ def attention_ref(
     alibi_slopes: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     *,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) for the arguments of ``torch.ops.fastllm.attention_fwd`` (same order).
-    ``compute_dtype`` overrides the arithmetic dtype (tests use q's own low-precision dtype
+    ``attn_bias`` (B, H, Tq, Tk) (any strides) and ``key_padding_mask`` (B, Tk) bool apply to
+    padded batches only. ``compute_dtype`` overrides the arithmetic dtype (tests use q's own low-precision dtype
     to measure "PyTorch's own error" in it)."""
     acc = compute_dtype or _acc(q)
     if softmax_scale is None:
@@ -183,14 +194,18 @@ def attention_ref(
             kb, vb = (k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]]) if ck else (k[b], v[b])
         else:
             qb, kb, vb = q[b], k[b], v[b]
+        bias_b = attn_bias[b].to(acc) if attn_bias is not None else None
+        mask_b = key_padding_mask[b] if key_padding_mask is not None else None
         if used is not None:
             kb, vb = kb[: used[b]], vb[: used[b]]
+            bias_b = bias_b[..., : used[b]] if bias_b is not None else None
+            mask_b = mask_b[: used[b]] if mask_b is not None else None
         slopes = None
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
         out, lse = _sequence(
             qb.to(acc), kb.to(acc), vb.to(acc), b, softmax_scale, causal, window_left,
-            window_right, softcap, slopes, dropout_p, dropout_seed,
+            window_right, softcap, slopes, dropout_p, dropout_seed, bias_b, mask_b,
         )
         outs.append(out)
         lses.append(lse)

@@ -720,6 +720,14 @@ def _tiles(table: dict, dtype: torch.dtype, block_d: int) -> tuple[int, int, int
     return by_d[max(64, block_d)]
 
 
+def _masks_not_supported(attn_bias, key_padding_mask) -> None:
+    if attn_bias is not None or key_padding_mask is not None:
+        raise NotImplementedError(
+            "attention (triton): attn_bias / key_padding_mask are not supported by these "
+            "kernels yet"
+        )
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -737,8 +745,11 @@ def attention_fwd(
     alibi_slopes: Optional[torch.Tensor],
     dropout_p: float,
     dropout_seed: Optional[torch.Tensor],
+    attn_bias: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastllm::attention_fwd -> (out like q, contiguous; lse float32 (B, H, Tq) / (H, total_q))."""
+    _masks_not_supported(attn_bias, key_padding_mask)
     cfg = _Config(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                   softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                   dropout_p, dropout_seed)
@@ -787,8 +798,13 @@ def attention_bwd(
     alibi_slopes: Optional[torch.Tensor],
     dropout_p: float,
     dropout_seed: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastllm::attention_bwd -> (dq, dk, dv), contiguous, in the dtypes and shapes of q, k, v."""
+    attn_bias: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastllm::attention_bwd -> (dq, dk, dv, dbias), contiguous, in the dtypes and shapes of
+    q, k, v; dbias (B, H, Tq, Tk) when bias_grad, else empty."""
+    _masks_not_supported(attn_bias, key_padding_mask)
     cfg = _Config(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                   softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                   dropout_p, dropout_seed)
@@ -837,4 +853,4 @@ def attention_bwd(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return dq, dk, dv
+    return dq, dk, dv, q.new_empty((0,))

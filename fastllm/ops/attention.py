@@ -677,6 +677,11 @@ def attention_with_kvcache(
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
     return_lse: bool = False,
+    *,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False,
+    block_table: Optional[Tensor] = None,
 ):
     """Decoding with a KV cache, as FlashAttention's ``flash_attn_with_kvcache``.
 
@@ -688,25 +693,57 @@ def attention_with_kvcache(
     bottom-right aligned, so new token t sees the cache and new tokens up to t). The caller
     advances ``cache_seqlens``. Returns out (and lse with ``return_lse=True``).
 
-    ``cache_seqlens[b]`` must be in ``[0, Tcache - Tnew]``: an int or CPU tensor out of that
-    range raises a ValueError naming the entry. On CUDA tensors (and under torch.compile) the
-    values are not read, which would cost a host sync: a sequence with an out-of-range length
-    then keeps its cache untouched and gets NaN output (and lse).
+    Rotary inside the call (``rotary_cos`` / ``rotary_sin`` ``(max_T, rotary_dim / 2)``
+    caches, e.g. :class:`fastllm.nn.RotaryEmbedding`'s; ``rotary_interleaved`` picks the
+    GPT-J layout): ``k_new`` is rotated at its positions ``cache_seqlens[b] + t`` before it
+    is written, and ``q`` with it — at ``cache_seqlens[b] + t`` when ``causal`` or a window
+    is set, else every query at ``cache_seqlens[b]`` (FlashAttention's convention). The
+    caller's ``q`` and ``k_new`` are not modified. Needs ``k_new``.
+
+    Paged cache (``block_table`` int32 ``(B, max_blocks)``, vLLM's / FlashAttention's layout):
+    ``k_cache`` / ``v_cache`` are a pool ``(num_blocks, block_size, Hkv, D)`` and position p
+    of sequence b lives in block ``block_table[b, p // block_size]`` at row
+    ``p % block_size``; each sequence holds up to ``max_blocks * block_size`` positions. New
+    keys are written into their blocks in place. The attention then reads the blocks of
+    ``block_table`` through one gather (a copy of ``B * max_blocks * block_size`` rows per
+    call; the kernels do not walk block tables themselves yet).
+
+    ``cache_seqlens[b]`` must be in ``[0, capacity - Tnew]``: an int or CPU tensor out of
+    that range (or a block id outside the pool) raises a ValueError naming the entry. On CUDA
+    tensors (and under torch.compile) the values are not read, which would cost a host sync:
+    a sequence with an out-of-range length (or block id) then keeps its cache untouched and
+    gets NaN output (and lse).
     """
     op = "attention_with_kvcache"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_float_tensor(op, name, t)
+    paged = block_table is not None
+    cache_layout = "(num_blocks, block_size, Hkv, D)" if paged else "(B, Tcache, Hkv, D)"
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
-            f"{op}: q must be (B, Tq, H, D) and k_cache / v_cache (B, Tcache, Hkv, D) of one "
+            f"{op}: q must be (B, Tq, H, D) and k_cache / v_cache {cache_layout} of one "
             f"shape, got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
             f"{tuple(v_cache.shape)}"
         )
-    batch, cache_len = q.shape[0], k_cache.shape[1]
-    if k_cache.shape[0] != batch:
-        raise ValueError(f"{op}: k_cache must have q's batch {batch}, got {k_cache.shape[0]}")
+    batch = q.shape[0]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_same_device(op, name, t, q)
+    if paged:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+            got = block_table.dtype if isinstance(block_table, Tensor) else type(block_table).__name__
+            raise TypeError(f"{op}: block_table must be an int32 Tensor (B, max_blocks), got {got}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(
+                f"{op}: block_table must have shape (B={batch}, max_blocks), got "
+                f"{tuple(block_table.shape)}"
+            )
+        check_same_device(op, "block_table", block_table, q)
+        num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        cache_len = block_table.shape[1] * block_size  # positions per sequence
+    else:
+        cache_len = k_cache.shape[1]
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"{op}: k_cache must have q's batch {batch}, got {k_cache.shape[0]}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: k_new and v_new must be given together")
     t_new = 0
@@ -722,6 +759,15 @@ def attention_with_kvcache(
                 f"{', '.join(map(str, k_cache.shape[2:]))}), got {tuple(k_new.shape)} and "
                 f"{tuple(v_new.shape)}"
             )
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary:
+        if rotary_cos is None or rotary_sin is None:
+            raise ValueError(f"{op}: rotary_cos and rotary_sin must be given together")
+        if k_new is None:
+            raise ValueError(
+                f"{op}: rotary_cos / rotary_sin rotate k_new (and q) before the cache write; "
+                "pass k_new and v_new"
+            )
     room = cache_len - t_new  # the largest valid cache_seqlens
     if cache_seqlens is None:
         raise ValueError(f"{op}: cache_seqlens (int32 (B,) or an int) is required")
@@ -730,11 +776,11 @@ def attention_with_kvcache(
             f"{op}: cache_seqlens must be an int or an integer tensor of shape ({batch},), got "
             f"{type(cache_seqlens).__name__}"
         )
+    capacity = f"{'max_blocks * block_size' if paged else 'Tcache'} {cache_len} - Tnew {t_new}"
     if isinstance(cache_seqlens, int):
         if not 0 <= cache_seqlens <= room:
             raise ValueError(
-                f"{op}: cache_seqlens must be in [0, {room}] (Tcache {cache_len} - Tnew "
-                f"{t_new}), got {cache_seqlens}"
+                f"{op}: cache_seqlens must be in [0, {room}] ({capacity}), got {cache_seqlens}"
             )
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (batch,):
@@ -745,30 +791,54 @@ def attention_with_kvcache(
     check_same_device(op, "cache_seqlens", cache_seqlens, q)
     cache_seqlens = cache_seqlens.to(torch.int32)
     valid = None  # (B,) bool where the values cannot be read (a GPU, or tracing)
-    if values_readable(cache_seqlens) and not q.is_meta:
+    readable = values_readable(cache_seqlens, *((block_table,) if paged else ())) and not q.is_meta
+    if readable:
         for b, n in enumerate(cache_seqlens.tolist()):
             if not 0 <= n <= room:
                 raise ValueError(
-                    f"{op}: cache_seqlens[{b}] must be in [0, {room}] (Tcache {cache_len} - "
-                    f"Tnew {t_new}), got {n}"
+                    f"{op}: cache_seqlens[{b}] must be in [0, {room}] ({capacity}), got {n}"
+                )
+        if paged and block_table.numel() > 0:
+            bad = (block_table < 0) | (block_table >= num_blocks)
+            if bool(bad.any()):
+                b, j = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(
+                    f"{op}: block_table[{b}, {j}] must be a block of the pool, in [0, "
+                    f"{num_blocks}), got {int(block_table[b, j])}"
                 )
     else:
-        # No host sync: a sequence with an out-of-range length keeps its cache as it was
-        # and gets NaN (as a CUDA cross-entropy row with an out-of-range target does).
+        # No host sync: a sequence with an out-of-range length (or block id) keeps its cache
+        # as it was and gets NaN (as a CUDA cross-entropy row with an out-of-range target).
         valid = (cache_seqlens >= 0) & (cache_seqlens <= room)
         cache_seqlens = torch.where(valid, cache_seqlens, torch.zeros_like(cache_seqlens))
+        if paged:
+            in_pool = (block_table >= 0) & (block_table < num_blocks)
+            valid = valid & in_pool.all(dim=1)
+            block_table = torch.where(in_pool, block_table, torch.zeros_like(block_table))
+    if rotary:
+        q, k_new = _rotate_for_cache(q, k_new, rotary_cos, rotary_sin, rotary_interleaved,
+                                     cache_seqlens, causal or tuple(window_size) != (-1, -1))
     seqused_k = cache_seqlens
     if k_new is not None:
         # Append in place at each sequence's end (index_put_ is traced by torch.compile).
         pos = cache_seqlens.long()[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
-        rows = torch.arange(batch, device=q.device)[:, None].expand(batch, t_new)
+        if paged:
+            blocks = block_table.long()
+            index = (blocks.gather(1, pos // block_size), pos % block_size)
+        else:
+            index = (torch.arange(batch, device=q.device)[:, None].expand(batch, t_new), pos)
         with torch.no_grad():
             for cache, new in ((k_cache, k_new), (v_cache, v_new)):
                 new = new.to(cache.dtype)
                 if valid is not None:
-                    new = torch.where(valid[:, None, None, None], new, cache[rows, pos])
-                cache.index_put_((rows, pos), new)
+                    new = torch.where(valid[:, None, None, None], new, cache[index])
+                cache.index_put_(index, new)
         seqused_k = cache_seqlens + t_new
+    if paged:
+        # (B, max_blocks, block_size, Hkv, D) -> (B, capacity, Hkv, D): the sequences' blocks.
+        rows = block_table.long()
+        k_cache = k_cache[rows].flatten(1, 2)
+        v_cache = v_cache[rows].flatten(1, 2)
     result = attention(
         q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
         window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
@@ -781,3 +851,21 @@ def attention_with_kvcache(
     if lse is None:
         return out
     return out, torch.where(valid[:, None, None], lse, torch.full_like(lse, float("nan")))
+
+
+def _rotate_for_cache(q: Tensor, k_new: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
+                      cache_seqlens: Tensor, per_token: bool) -> tuple[Tensor, Tensor]:
+    """q and k_new rotated at their cache positions (attention_with_kvcache's docstring);
+    new tensors, the caller's are left as they are."""
+    from fastllm.ops.rotary import apply_rotary, apply_rotary_qk
+
+    offsets = cache_seqlens  # (B,): token t of sequence b at cache_seqlens[b] + t
+    if per_token and q.shape[1] == k_new.shape[1]:
+        return apply_rotary_qk(q, k_new, cos, sin, position_ids=offsets, interleaved=interleaved)
+    k_new = apply_rotary(k_new, cos, sin, position_ids=offsets, interleaved=interleaved)
+    if per_token:  # Tq != Tnew: the queries are the last Tq tokens of the new ones
+        q_pos = offsets[:, None] + (k_new.shape[1] - q.shape[1]) + torch.arange(
+            q.shape[1], device=q.device, dtype=offsets.dtype)
+    else:  # every query at the sequence's current position
+        q_pos = offsets[:, None].expand(q.shape[0], q.shape[1])
+    return apply_rotary(q, cos, sin, position_ids=q_pos.contiguous(), interleaved=interleaved), k_new

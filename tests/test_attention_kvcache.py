@@ -1,0 +1,85 @@
+"""attention_with_kvcache's FlashAttention features (issue 11): a paged cache (block_table)
+and rotary applied inside the call (rotary_cos / rotary_sin / rotary_interleaved).
+
+The paged call must give exactly what the same call on a contiguous cache gives (the same
+kernels read the same rows), write k_new / v_new into the right blocks and nothing else; the
+rotary call must equal rotating q and k_new first (fastllm's rotary reference) and then
+calling without rotary. Errors name the argument.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastllm.functional as F
+from tests.hostile import expect_clear_error
+
+FAMILY = "attention"
+BACKENDS = ("native", "triton", "cuda_emu")
+DTYPE = {"native": torch.float32, "triton": torch.float32, "cuda_emu": torch.float16}
+
+
+def _paged_copy(k_cache, v_cache, block_size, num_blocks, gen):
+    """A pool holding the contiguous caches' rows in shuffled blocks, and its block table."""
+    B, T, Hkv, D = k_cache.shape
+    max_blocks = T // block_size
+    perm = torch.randperm(num_blocks, generator=gen)[: B * max_blocks].to(torch.int32)
+    table = perm.reshape(B, max_blocks)
+    pool_k = torch.randn(num_blocks, block_size, Hkv, D, generator=gen).to(k_cache.dtype)
+    pool_v = torch.randn(num_blocks, block_size, Hkv, D, generator=gen).to(k_cache.dtype)
+    pool_k[table.long()] = k_cache.reshape(B, max_blocks, block_size, Hkv, D)
+    pool_v[table.long()] = v_cache.reshape(B, max_blocks, block_size, Hkv, D)
+    return pool_k, pool_v, table
+
+
+@pytest.mark.parametrize("t_new", [0, 1, 3])
+def test_paged_cache_matches_contiguous(backend, t_new):
+    gen = torch.Generator().manual_seed(0)
+    dtype = DTYPE[backend]
+    B, H, Hkv, D, block_size, T = 3, 4, 2, 32, 4, 16
+    k_cache = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    v_cache = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    pool_k, pool_v, table = _paged_copy(k_cache, v_cache, block_size, 20, gen)
+    pool_k0, pool_v0 = pool_k.clone(), pool_v.clone()
+    q = torch.randn(B, max(t_new, 1), H, D, generator=gen).to(dtype)
+    new = {}
+    if t_new:
+        new = dict(k_new=torch.randn(B, t_new, Hkv, D, generator=gen).to(dtype),
+                   v_new=torch.randn(B, t_new, Hkv, D, generator=gen).to(dtype))
+    lens = torch.tensor([0, 5, T - t_new], dtype=torch.int32)
+    want, want_lse = F.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
+                                              return_lse=True, **new)
+    got, got_lse = F.attention_with_kvcache(q, pool_k, pool_v, cache_seqlens=lens,
+                                            block_table=table, return_lse=True, **new)
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
+    # The pool now holds the updated contiguous caches in the table's blocks ...
+    view = (B, T // block_size, block_size, Hkv, D)
+    assert torch.equal(pool_k[table.long()], k_cache.reshape(view))
+    assert torch.equal(pool_v[table.long()], v_cache.reshape(view))
+    # ... and every block outside the table is untouched.
+    others = torch.ones(pool_k.shape[0], dtype=torch.bool)
+    others[table.long().flatten()] = False
+    assert torch.equal(pool_k[others], pool_k0[others])
+    assert torch.equal(pool_v[others], pool_v0[others])
+
+
+def test_paged_cache_errors():
+    gen = torch.Generator().manual_seed(1)
+    pool = torch.randn(6, 4, 1, 8, generator=gen)
+    q = torch.randn(2, 1, 2, 8, generator=gen)
+    new = torch.randn(2, 1, 1, 8, generator=gen)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+
+    def call(**kw):
+        args = dict(k_new=new, v_new=new.clone(), cache_seqlens=3, block_table=table)
+        args.update(kw)
+        return F.attention_with_kvcache(q, pool, pool.clone(), **args)
+
+    expect_clear_error(lambda: call(block_table=table.long()), "block_table", "int32")
+    expect_clear_error(lambda: call(block_table=table[:1]), "block_table", "(B=2")
+    expect_clear_error(lambda: call(block_table=torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)),
+                       "block_table[1, 1]", "[0, 6)")
+    expect_clear_error(lambda: call(cache_seqlens=8), "cache_seqlens", "[0, 7]",
+                       "max_blocks * block_size")
+    expect_clear_error(lambda: call(k_new=torch.randn(2, 1, 1, 4)), "k_new")

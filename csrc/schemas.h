@@ -24,7 +24,8 @@
 
 #define FASTLLM_CROSS_ENTROPY_SCHEMAS(X)                                                  \
   X("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "  \
-    "float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse)")   \
+    "float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse, "     \
+    "Tensor correct)")                                                                    \
   X("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "  \
     "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap) "  \
     "-> Tensor grad_logits")                                                              \

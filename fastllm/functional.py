@@ -15,6 +15,7 @@ __all__ = [
     # cross-entropy (fastllm/ops/cross_entropy.py, fastllm/ops/linear_cross_entropy.py)
     "cross_entropy",
     "linear_cross_entropy",
+    "CrossEntropyOutput",
     # attention (fastllm/ops/attention.py)
     "attention",
     "scaled_dot_product_attention",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 from fastllm.ops.attention import attention, attention_with_kvcache, scaled_dot_product_attention
-from fastllm.ops.cross_entropy import cross_entropy
+from fastllm.ops.cross_entropy import CrossEntropyOutput, cross_entropy
 from fastllm.ops.gated_mlp import geglu, swiglu
 from fastllm.ops.linear_cross_entropy import linear_cross_entropy
 from fastllm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm

@@ -2,7 +2,8 @@
 2x-PyTorch's-own-error rule (tests/accuracy.py) for the loss and the logits' gradient, in
 every reduction (reduction="none" with a random gradient per row, on purpose), with class
 weights, label smoothing, z-loss, soft-capping, ignored rows, extreme logits, odd and large
-vocabularies and non-contiguous logits."""
+vocabularies and non-contiguous logits; and the logged outputs (return_z_loss,
+return_token_accuracy) against the reference."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastllm.functional as F
+from fastllm.reference.cross_entropy import cross_entropy_ref
 from tests.accuracy import ATOL, assert_within_torch_error
 
 FAMILY = "cross_entropy"
@@ -372,3 +374,140 @@ def test_z_loss_mean_edge_cases(backend):
             assert nan_rows.tolist() == [r in want_nan_rows for r in range(5)]
             assert torch.equal(nan_rows, torch.isnan(their_grad).any(-1))
             assert torch.equal(grad[~nan_rows], torch.zeros_like(grad[~nan_rows]))
+
+
+# ----------------------------------------- logged outputs: z-loss term and token accuracy
+
+
+def accuracy_case(rows, vocab, dtype, ignore="some", ties=True):
+    """Logits and targets where the accuracy is neither 0 nor 1: every third row's target is
+    its row's argmax, and (with ``ties``) some rows have their target tied at the maximum
+    with an earlier class, where ``argmax(-1) == target`` says wrong and fastllm's rule
+    (the target's logit equals the row max) says right."""
+    x = (torch.randn(rows, vocab) * 2).to(dtype)
+    t = make_target(rows, vocab, ignore)
+    keep = t != -100
+    top = x.float().argmax(-1)
+    t = torch.where(keep & (torch.arange(rows) % 3 == 1), top, t)
+    if ties and vocab > 1:
+        for r in range(rows):
+            if keep[r] and r % 3 == 2:
+                target = int(t[r]) if t[r] > 0 else 1
+                t[r] = target
+                x[r, target] = x[r, 0] = x[r].float().max() + 1
+    return x, t
+
+
+def check_logged_outputs(rows, vocab, dtype, reduction, weighted=False, label_smoothing=0.0,
+                         z_loss=0.0, softcap=0.0, ignore="some"):
+    """return_z_loss / return_token_accuracy against the reference: the loss unchanged,
+    the accuracy exactly (each row's correct bit), the z term within the dtype's rounding
+    of the float64 reference; neither differentiable."""
+    x, t = accuracy_case(rows, vocab, dtype, ignore)
+    w = (torch.rand(vocab) + 0.5).to(dtype) if weighted else None
+    opts = dict(weight=w, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap)
+    leaf = x.clone().requires_grad_(True)
+    out = F.cross_entropy(leaf, t, **opts, return_z_loss=True, return_token_accuracy=True)
+    assert isinstance(out, F.CrossEntropyOutput)
+    torch.testing.assert_close(out.loss, F.cross_entropy(x, t, **opts), rtol=0, atol=0,
+                               equal_nan=True)
+    _, want_z, want_acc = cross_entropy_ref(
+        x, t, w, -100, reduction, label_smoothing, z_loss, softcap, return_z_loss=True,
+        return_token_accuracy=True)
+    _, ref_z, _ = cross_entropy_ref(
+        x.double(), t, None if w is None else w.double(), -100, reduction, label_smoothing,
+        z_loss, softcap, return_z_loss=True)
+    name = f"{rows}x{vocab} {dtype} {reduction}"
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.token_accuracy.dtype == acc_dtype and out.z_loss.dtype == dtype, name
+    assert out.token_accuracy.shape == out.loss.shape == out.z_loss.shape, name
+    assert not out.token_accuracy.requires_grad and not out.z_loss.requires_grad, name
+    torch.testing.assert_close(out.token_accuracy, want_acc, rtol=0, atol=0, equal_nan=True,
+                               msg=name)
+    torch.testing.assert_close(out.z_loss.double(), ref_z, rtol=4 * torch.finfo(dtype).eps,
+                               atol=ATOL[dtype], equal_nan=True, msg=name)
+    out.loss.backward(torch.ones_like(out.loss))  # the loss stays differentiable
+    assert leaf.grad is not None and leaf.grad.shape == x.shape
+
+
+LOGGED_SHAPES = {
+    "native": [(37, 1000), (5, 7), (3, 4099)],
+    "triton": [(9, 1000), (5, 7), (2, 4099)],
+    "cuda_emu": [(9, 1000), (5, 7), (2, 4099)],
+}
+
+
+@pytest.mark.parametrize("feature", ["plain", "weight_smoothing", "z_loss", "all"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_logged_outputs_match_reference(backend, reduction, feature):
+    for dtype in DTYPES[backend]:
+        for rows, vocab in LOGGED_SHAPES[backend]:
+            if dtype in (torch.float64, torch.float16) and vocab > 2000:
+                continue
+            check_logged_outputs(rows, vocab, dtype, reduction, **FEATURES[feature])
+
+
+def test_token_accuracy_ties_and_special_rows(backend):
+    """The tie rule (a target tied at the maximum is correct, also where argmax(-1) picks an
+    earlier class), soft-capping (ties of the capped logits), and rows that are never correct:
+    ignored ones, a NaN logit anywhere in the row, an infinite target logit."""
+    x = torch.tensor([
+        [1.0, 3.0, 3.0, 0.0],   # target 2 ties with class 1: correct (argmax says 1)
+        [1.0, 3.0, 3.0, 0.0],   # target 0 below the max: wrong
+        [5.0, 5.0, 5.0, 5.0],   # all equal: correct
+        [1.0, float("nan"), 2.0, 0.0],  # a NaN logit: never correct
+        [float("-inf")] * 4,    # every logit -inf: an infinite target logit, never correct
+        [1.0, 3.0, 3.0, 0.0],   # ignored: not counted
+        [0.5, 100.0, 200.0, 0.0],  # target 1 below the max: wrong
+    ])
+    t = torch.tensor([2, 0, 3, 2, 1, -100, 1])
+    want = torch.tensor([1.0, 0, 1, 0, 0, 0, 0])
+    out = F.cross_entropy(x, t, reduction="none", return_token_accuracy=True)
+    assert out.z_loss is None
+    torch.testing.assert_close(out.token_accuracy, want)
+    assert (x.argmax(-1) == t)[0].item() is False  # argmax's first-maximum rule differs
+    mean = F.cross_entropy(x, t, return_token_accuracy=True).token_accuracy
+    torch.testing.assert_close(mean, torch.tensor(2 / 6))
+    # Soft-capped at 1: 100 and 200 both cap to 1.0 in float32, a tie of the capped logits.
+    capped = F.cross_entropy(x[6:], t[6:], softcap=1.0, return_token_accuracy=True)
+    torch.testing.assert_close(capped.token_accuracy, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_logged_outputs_every_row_ignored(backend, reduction):
+    """Like the loss: mean and sum of the accuracy are NaN (0 / 0 rows; a fraction either
+    way), the z term's mean is NaN and its sum 0; reduction="none" gives zeros."""
+    x, t = torch.randn(6, 33), make_target(6, 33, ignore="all")
+    out = F.cross_entropy(x, t, reduction=reduction, z_loss=1e-3, return_z_loss=True,
+                          return_token_accuracy=True)
+    if reduction == "none":
+        assert torch.equal(out.token_accuracy, torch.zeros(6))
+        assert torch.equal(out.z_loss, torch.zeros(6))
+        return
+    assert out.token_accuracy.isnan()
+    assert out.z_loss.isnan() if reduction == "mean" else out.z_loss == 0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_logged_outputs(backend, reduction):
+    """linear_cross_entropy's outputs, from each chunk's forward (chunks of 4 rows over 13),
+    equal cross_entropy's on the materialised logits: accuracy exactly, z term closely."""
+    h = torch.randn(13, 16)
+    lw = torch.randn(300, 16)
+    b = torch.randn(300)
+    logits = TF.linear(h, lw, b)
+    t = make_target(13, 300)
+    t[1::3] = logits.argmax(-1)[1::3]
+    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=20.0,
+                return_z_loss=True, return_token_accuracy=True)
+    ours = F.linear_cross_entropy(h.requires_grad_(True), lw, t, linear_bias=b, chunk_size=4,
+                                  **opts)
+    want = F.cross_entropy(logits, t, **opts)
+    assert isinstance(ours, F.CrossEntropyOutput)
+    torch.testing.assert_close(ours.loss, want.loss)
+    torch.testing.assert_close(ours.z_loss, want.z_loss)
+    torch.testing.assert_close(ours.token_accuracy, want.token_accuracy, rtol=0, atol=0)
+    assert 0 < float(ours.token_accuracy.sum()) < 13
+    ours.loss.sum().backward()
+    assert h.grad is not None

@@ -212,7 +212,8 @@ def test_cross_entropy_opcheck_native(backend, idx):
     args = _opcheck_samples()[idx]
     logits = args[0].clone().requires_grad_(True)
     torch.library.opcheck(torch.ops.fastllm.cross_entropy_fwd, (logits,) + args[1:])
-    loss, lse = torch.ops.fastllm.cross_entropy_fwd(*args)
+    loss, lse, correct = torch.ops.fastllm.cross_entropy_fwd(*args)
+    assert correct.dtype == torch.bool and correct.shape == loss.shape
     grad = torch.randn_like(loss)
     torch.library.opcheck(
         torch.ops.fastllm.cross_entropy_bwd, (grad, args[0], *args[1:3], lse, *args[3:])
@@ -465,3 +466,140 @@ def test_scalar_cpu_path_matches_torch(backend):
     result = subprocess.run([sys.executable, "-c", SCALAR_PATH_SCRIPT], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ----------------------------------- logged outputs (return_z_loss, return_token_accuracy)
+
+
+def _logged_inputs(rows=13, vocab=40):
+    x = torch.randn(rows, vocab)
+    t = torch.randint(0, vocab, (rows,))
+    t[1::3] = x.argmax(-1)[1::3]
+    t[::5] = -100
+    return x, t
+
+
+def test_logged_outputs_are_a_named_tuple(backend):
+    """CrossEntropyOutput(loss, z_loss, token_accuracy): unrequested fields None, the loss the
+    one returned without flags, tuple unpacking as Liger-Kernel's callers do."""
+    x, t = _logged_inputs()
+    plain = F.cross_entropy(x, t, z_loss=1e-2)
+    both = F.cross_entropy(x, t, z_loss=1e-2, return_z_loss=True, return_token_accuracy=True)
+    loss, z_term, accuracy = both
+    assert isinstance(both, tuple) and isinstance(both, F.CrossEntropyOutput)
+    assert torch.equal(loss, plain) and z_term is both.z_loss and accuracy is both.token_accuracy
+    only_z = F.cross_entropy(x, t, z_loss=1e-2, return_z_loss=True)
+    assert only_z.token_accuracy is None and torch.equal(only_z.z_loss, z_term)
+    only_acc = F.cross_entropy(x, t, return_token_accuracy=True)
+    assert only_acc.z_loss is None and torch.equal(only_acc.token_accuracy, accuracy)
+    valid = t != -100
+    torch.testing.assert_close(
+        accuracy, (x.argmax(-1) == t)[valid].float().mean())  # no ties in random logits
+    torch.testing.assert_close(z_term, 1e-2 * torch.logsumexp(x, -1)[valid].square().mean())
+    assert F.cross_entropy(x, t, return_z_loss=True).z_loss == 0  # z_loss=0: a zero term
+    assert "CrossEntropyOutput" in F.__all__
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logged_outputs_as_the_reference_backend(backend, reduction):
+    """The kernels' outputs and the reference backend's, through cross_entropy ((N, C, d1)
+    layout: the per-row outputs take the loss's shape), its in-place backward, and
+    linear_cross_entropy."""
+    x = torch.randn(3, 30, 5)
+    t = torch.randint(0, 30, (3, 5))
+    t[0, 1] = -100
+    t[1] = x.argmax(1)[1]
+    w = torch.rand(30) + 0.5
+    opts = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=10.0,
+                return_z_loss=True, return_token_accuracy=True)
+    h, lw = torch.randn(15, 8), torch.randn(30, 8)
+    lt = t.reshape(-1)
+
+    def outputs():
+        ce = F.cross_entropy(x, t, **opts)
+        inplace = F.cross_entropy(x.clone().requires_grad_(True), t, inplace_backward=True, **opts)
+        linear = F.linear_cross_entropy(h, lw, lt, chunk_size=4, **opts)
+        return ce, inplace, linear
+
+    ours = outputs()
+    with fastllm.use_backend("reference"):
+        want = outputs()
+    for got, ref in zip(ours, want):
+        assert got.token_accuracy.shape == got.loss.shape == got.z_loss.shape
+        torch.testing.assert_close(got.loss.detach(), ref.loss)
+        torch.testing.assert_close(got.z_loss, ref.z_loss)
+        torch.testing.assert_close(got.token_accuracy, ref.token_accuracy, rtol=0, atol=0)
+
+
+def test_logged_outputs_leave_the_gradient_alone(backend):
+    """Only the loss is differentiable; its gradient is the same with and without the flags,
+    also with inplace_backward (the z term's gradient is already inside the loss's)."""
+    x, t = _logged_inputs()
+    grads = []
+    for flags in ({}, {"return_z_loss": True, "return_token_accuracy": True}):
+        for inplace in (False, True):
+            leaf = x.clone().requires_grad_(True)
+            out = F.cross_entropy(leaf * 1.0, t, z_loss=1e-2, inplace_backward=inplace, **flags)
+            loss = out.loss if flags else out
+            if flags:
+                assert not out.z_loss.requires_grad and not out.token_accuracy.requires_grad
+            loss.backward()
+            grads.append(leaf.grad)
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
+
+
+def test_logged_outputs_torch_compile_fullgraph(backend):
+    h, w, b, t = linear_head_inputs(12, 16, 70)
+    t[3] = -100
+
+    def step(h, w, b):
+        logits = h @ w.T + b
+        ce = F.cross_entropy(logits, t, z_loss=1e-3, softcap=20.0, return_z_loss=True,
+                             return_token_accuracy=True)
+        lce = F.linear_cross_entropy(h, w, t, linear_bias=b, z_loss=1e-3, chunk_size=5,
+                                     reduction="none", return_z_loss=True,
+                                     return_token_accuracy=True)
+        return ce.loss + lce.loss.sum(), ce.z_loss, ce.token_accuracy, lce.z_loss, \
+            lce.token_accuracy
+
+    eager = step(h, w, b)
+    eager_grads = torch.autograd.grad(eager[0], (h, w, b))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")(h, w, b)
+    grads = torch.autograd.grad(compiled[0], (h, w, b))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_logged_outputs_of_the_modules(backend):
+    x, t = _logged_inputs(vocab=20)
+    ce = fastllm.nn.CrossEntropyLoss(z_loss=1e-2, return_z_loss=True, return_token_accuracy=True)
+    assert "return_z_loss=True" in repr(ce) and "return_token_accuracy=True" in repr(ce)
+    want = F.cross_entropy(x, t, z_loss=1e-2, return_z_loss=True, return_token_accuracy=True)
+    for got, ref in zip(ce(x, t), want):
+        torch.testing.assert_close(got, ref)
+    lce = fastllm.nn.LinearCrossEntropyLoss(16, 20, z_loss=1e-2, chunk_size=4,
+                                            return_token_accuracy=True)
+    h = torch.randn(13, 16)
+    out = lce(h, t)
+    want = F.linear_cross_entropy(h, lce.linear.weight, t, z_loss=1e-2,
+                                  return_token_accuracy=True)
+    assert out.z_loss is None
+    torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(out.token_accuracy, want.token_accuracy)
+
+
+def test_logged_outputs_zero_classes(backend):
+    """C = 0 (every target ignored, as torch requires): the mean accuracy and z term are
+    NaN like the mean loss, "none" gives zeros."""
+    t = torch.full((4,), -100)
+    for fn in (lambda **kw: F.cross_entropy(torch.randn(4, 0), t, **kw),
+               lambda **kw: F.linear_cross_entropy(torch.randn(4, 3), torch.randn(0, 3), t, **kw)):
+        out = fn(z_loss=1e-2, return_z_loss=True, return_token_accuracy=True)
+        assert out.loss.isnan() and out.z_loss.isnan() and out.token_accuracy.isnan()
+        out = fn(reduction="none", return_z_loss=True, return_token_accuracy=True)
+        assert torch.equal(out.z_loss, torch.zeros(4))
+        assert torch.equal(out.token_accuracy, torch.zeros(4))

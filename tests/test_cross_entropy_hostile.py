@@ -128,6 +128,13 @@ CROSS_ENTROPY_CASES = [
     ("softcap inf", lambda: F.cross_entropy(_x(), _t(), softcap=inf), ("softcap", "inf")),
     ("inplace_backward str", lambda: F.cross_entropy(_x(), _t(), inplace_backward="yes"),
      ("inplace_backward", "bool")),
+    ("return_z_loss int", lambda: F.cross_entropy(_x(), _t(), return_z_loss=1),
+     ("return_z_loss", "bool", "int")),
+    ("return_token_accuracy str", lambda: F.cross_entropy(_x(), _t(), return_token_accuracy="y"),
+     ("return_token_accuracy", "bool", "str")),
+    ("return_token_accuracy, probabilities", lambda: F.cross_entropy(
+        _x(), torch.rand(4, 8).softmax(-1), return_token_accuracy=True),
+     ("return_token_accuracy", "class-index targets")),
     ("target = C", lambda: F.cross_entropy(_x(), torch.tensor([0, 1, 8, 2])),
      ("cross_entropy", "target[2] = 8", "out of range for 8 classes")),
     ("target -1", lambda: F.cross_entropy(_x(), torch.tensor([0, -1, -100, 2])),
@@ -185,6 +192,9 @@ LINEAR_CROSS_ENTROPY_CASES = [
     ("chunk_size -3", lambda: _lce(chunk_size=-3), ("chunk_size", "-3")),
     ("chunk_size float", lambda: _lce(chunk_size=2.5), ("chunk_size", "float")),
     ("chunk_size bool", lambda: _lce(chunk_size=True), ("chunk_size", "bool")),
+    ("return_z_loss None", lambda: _lce(return_z_loss=None), ("return_z_loss", "bool")),
+    ("return_token_accuracy int", lambda: _lce(return_token_accuracy=1),
+     ("return_token_accuracy", "bool", "int")),
     ("reduction bogus", lambda: _lce(reduction="bogus"), ("reduction", "'bogus'")),
     ("ignore_index str", lambda: _lce(ignore_index="-100"), ("ignore_index", "str")),
     ("label_smoothing 2", lambda: _lce(label_smoothing=2.0), ("label_smoothing", "2.0")),
@@ -229,6 +239,11 @@ MODULE_CASES = [
      ("z_loss", "out_features")),
     ("LCE target range", lambda: fastllm.nn.LinearCrossEntropyLoss(6, 8)(
         _x(4, 6), torch.tensor([0, 8, 1, 2])), ("target[1] = 8",)),
+    ("CE return_token_accuracy", lambda: fastllm.nn.CrossEntropyLoss(
+        return_token_accuracy="yes")(_x(), _t()), ("return_token_accuracy", "bool")),
+    ("LCE out_features return_z_loss", lambda: fastllm.nn.LinearCrossEntropyLoss(
+        6, 8, out_features=(2,), return_z_loss=True)(_x(4, 2, 6), _t(8).view(4, 2)),
+     ("return_z_loss", "out_features")),
 ]
 
 
@@ -483,8 +498,8 @@ def test_raw_ops_float64(backend):
     ops = raw_ops(IMPLS, backend)
     args = _fwd_args(logits=_x(4, 8, dtype=torch.float64))
     if backend == "native":
-        loss, lse = _call_raw(ops.cross_entropy_fwd, args)
-        assert loss.dtype == lse.dtype == torch.float64
+        loss, lse, correct = _call_raw(ops.cross_entropy_fwd, args)
+        assert loss.dtype == lse.dtype == torch.float64 and correct.dtype == torch.bool
         torch.testing.assert_close(lse, torch.logsumexp(args["logits"], -1))
         return
     expect_clear_error(lambda: _call_raw(ops.cross_entropy_fwd, args), "logits", "float64")
@@ -497,8 +512,8 @@ def test_raw_ops_float64(backend):
 def test_raw_ops_zero_rows_and_strides(backend):
     """Zero rows give empty results; non-contiguous logits the contiguous ones' results."""
     ops = raw_ops(IMPLS, backend)
-    loss, lse = _call_raw(ops.cross_entropy_fwd, _fwd_args(0, 8))
-    assert loss.shape == lse.shape == (0,)
+    loss, lse, correct = _call_raw(ops.cross_entropy_fwd, _fwd_args(0, 8))
+    assert loss.shape == lse.shape == correct.shape == (0,)
     assert _call_raw(ops.cross_entropy_bwd, _bwd_args(0, 8)).shape == (0, 8)
     _call_raw(ops.cross_entropy_bwd_inplace, _bwd_args(0, 8))
     for logits in (_x(8, 5).t(), _x(5, 11)[:, 1:9], _x(10, 8)[::2]):
@@ -640,11 +655,12 @@ def test_triton_launcher_never_reads_outside_its_tensors():
         x = torch.randn(4, 300)
         t = torch.tensor([2**40, -2**40, 5, -100])
         w = torch.rand(300) + 0.5
-        loss, lse = kernels.cross_entropy_fwd(x, t, w, -100, 0.1, 1e-3, 0.0)
+        loss, lse, correct = kernels.cross_entropy_fwd(x, t, w, -100, 0.1, 1e-3, 0.0)
         grad = kernels.cross_entropy_bwd(torch.ones(4), x, t, w, lse, -100, 0.1, 1e-3, 0.0)
         assert loss[:2].isnan().all() and grad[:2].isnan().all(), (loss, grad)
         assert loss[2:].isfinite().all() and grad[2:].isfinite().all()
         assert loss[3] == 0 and (grad[3] == 0).all()
+        assert not correct[[0, 1, 3]].any()
         print("ok")
     """)
     assert out.strip().endswith("ok")
@@ -726,6 +742,27 @@ def test_extreme_logits_match_torch(backend, dtype, label_smoothing, softcap):
                                    equal_nan=True, msg=f"{case} loss")
         torch.testing.assert_close(grad, their_grad, rtol=4 * eps, atol=ATOL[dtype],
                                    equal_nan=True, msg=f"{case} grad")
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 5.0])
+def test_extreme_logits_token_accuracy_as_reference(backend, dtype, softcap):
+    """Token accuracy on the extreme rows (ties at 1e30 and near the dtype's maximum,
+    +-inf, NaN; soft-capping that saturates whole rows into ties): each row's correct bit as
+    the reference's rule (the target's capped logit is the row max, finite below; a NaN
+    logit never correct), whichever backend computes it."""
+    from fastllm.reference.cross_entropy import cross_entropy_ref
+
+    rows = _extreme_rows(dtype)
+    x = torch.tensor([row for _, row, _ in rows], dtype=dtype)
+    t = torch.tensor([target for _, _, target in rows])
+    ours = F.cross_entropy(x, t, reduction="none", softcap=softcap,
+                           return_token_accuracy=True).token_accuracy
+    want = cross_entropy_ref(x, t, reduction="none", softcap=softcap,
+                             return_token_accuracy=True)[2]
+    for (name, _, _), got, expected in zip(rows, ours.tolist(), want.tolist()):
+        assert got == expected, f"{name} (softcap={softcap}): correct={got}, want {expected}"
 
 
 # -------------------------------------------------------------------------------- fuzz
@@ -812,6 +849,27 @@ def _fuzz_one(p):
     _check_against_torch("loss", ours[0], theirs[0], ref[0], dtype)
     if ref[1] is not None:
         _check_against_torch("grad", ours[1], theirs[1], ref[1], dtype)
+    _check_logged_outputs(x, t, w, options, ours[0])
+
+
+def _check_logged_outputs(x, t, w, options, loss):
+    """return_z_loss / return_token_accuracy as the reference backend computes them: the
+    loss unchanged, the z term to the dtype's rounding, the accuracy exactly (without
+    soft-capping: with it, the kernels' tanh and torch's may differ by an ulp where it
+    saturates, which can make or break a tie; test_extreme_logits_token_accuracy_as_reference
+    covers saturated ties)."""
+    flags = dict(return_z_loss=True, return_token_accuracy=True)
+    out = F.cross_entropy(x, t, w, **options, **flags)
+    with fastllm.use_backend("reference"):
+        want = F.cross_entropy(x, t, w, **options, **flags)
+    eps = torch.finfo(x.dtype).eps
+    torch.testing.assert_close(out.loss, loss, rtol=eps, atol=0, equal_nan=True)
+    torch.testing.assert_close(out.z_loss, want.z_loss, rtol=2 * eps, atol=ATOL[x.dtype],
+                               equal_nan=True)
+    assert out.token_accuracy.shape == want.token_accuracy.shape
+    if not options["softcap"]:
+        torch.testing.assert_close(out.token_accuracy, want.token_accuracy, rtol=0, atol=0,
+                                   equal_nan=True)
 
 
 # Examples per backend: a few seconds each (the interpreted Triton kernels and the emulated

@@ -19,7 +19,8 @@
 //     term of sum(w * (z - m)) is <= 0: logits near the float maximum overflow it, if at
 //     all, to +inf, as torch's own sum does, never to -inf or NaN);
 //     0 for rows with t == ignore_index, NaN for a target outside [0, V) (the CUDA way of
-//     refusing it: it cannot pass silently). lse is written for every row.
+//     refusing it: it cannot pass silently). lse is written for every row, and correct
+//     (token accuracy) = z_t == m for non-ignored rows in range: one compare per row.
 //   backward, p_c = exp(z_c - lse), g = grad_loss[row] (stride 0 broadcasts one value),
 //     with lse as the saved float, or, for rows with |lse| >= kExactLseMin, recomputed as
 //     max + log(sum exp(z - max)) from the logits (exact_lse):
@@ -324,6 +325,7 @@ template <class T>
 struct FwdArgs : RowArgs<T> {
   float* loss;
   float* lse;
+  bool* correct;  // nullptr: not wanted
 };
 
 // Final per-row combination, by the thread of rank 0 holding the merged stats.
@@ -334,11 +336,16 @@ __device__ __forceinline__ void write_row_loss(const FwdArgs<T>& a, int64_t row,
   const float lse = s.max + log_sum_exp;
   a.lse[row] = lse;
   float loss;
+  bool correct = false;
   if (target == a.ignore_index) {
     loss = 0.f;
   } else if (target < 0 || target >= a.vocab) {
     loss = kNaN;
   } else {
+    // Token accuracy: z_target and every z behind s.max come from soft_cap, so a top-1
+    // target compares exactly equal (ties count; a NaN logit makes lse NaN, which fails
+    // the last test).
+    correct = z_target == s.max && fabsf(z_target) < kInf && fabsf(lse) <= kInf;
     const float weight_t = a.class_weight != nullptr ? a.class_weight[target] : 1.f;
     // (max - z_t) + log(s) rather than lse - z_t: no cancellation of two large numbers.
     loss = (1.f - a.label_smoothing) * weight_t * ((s.max - z_target) + log_sum_exp);
@@ -351,6 +358,7 @@ __device__ __forceinline__ void write_row_loss(const FwdArgs<T>& a, int64_t row,
     if (a.z_loss != 0.f) loss += a.z_loss * lse * lse;
   }
   a.loss[row] = loss;
+  if (a.correct != nullptr) a.correct[row] = correct;
 }
 
 template <class T, bool kWarpPerRow>
@@ -592,6 +600,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   static_cast<RowArgs<T>&>(a) = row_args<T>(p);
   a.loss = static_cast<float*>(p.loss);
   a.lse = static_cast<float*>(p.lse);
+  a.correct = p.correct;
   return launch_rows(cross_entropy_fwd_kernel<T, true>, cross_entropy_fwd_kernel<T, false>, a,
                      stream);
 }

@@ -10,6 +10,11 @@
 //            weight: sum_c w_c (lse - z_c) / V, torch's definition)
 //   loss_i = (1 - ls) * ce + ls * smooth + z_loss * lse^2
 //   rows with t == ignore_index: loss_i = 0 and zero gradient.
+//   correct_i = t != ignore_index, t in [0, V), z_t == max_c z_c, z_t finite and lse not NaN:
+//            the target is a top-1 prediction (ties count as correct; a row with a NaN logit
+//            or an infinite target logit, whose loss is NaN or inf, never is). The forward
+//            has both numbers at hand: token accuracy costs one compare per row and no
+//            pass over the logits.
 // Gradient with respect to x_c, for upstream g_i = grad_loss[i] (per-row):
 //   dL/dz_c = g_i * [ (1-ls) * wt * (p_c - [c == t]) + ls * (p_c * W_s - w_c / V)
 //                     + 2 * z_loss * lse * p_c ],   p_c = exp(z_c - lse)
@@ -41,6 +46,7 @@ struct FwdParams {
   const void* class_weight = nullptr; // (vocab,) acc type, or nullptr
   void* loss = nullptr;               // (rows,) acc type: per-row loss, 0 for ignored rows
   void* lse = nullptr;                // (rows,) acc type: logsumexp of the (capped) logits
+  bool* correct = nullptr;            // (rows,) or nullptr: correct_i above (false if ignored)
   int64_t rows = 0;
   int64_t vocab = 0;
   int64_t ignore_index = -100;

@@ -12,7 +12,8 @@
 //   dL/dz_c = g * ((1 - ls) * w_t + ls * w_sum / V + 2 * z_loss * lse) * p_c
 //             - g * ls * w_c / V  - [c == t] * g * (1 - ls) * w_t,     p_c = exp(z_c - lse)
 //   dL/dx_c = dL/dz_c * (1 - tanh^2(x_c / softcap))  with soft-capping.
-// Rows whose target is ignore_index get loss 0 and a zero gradient row.
+// Rows whose target is ignore_index get loss 0 and a zero gradient row. correct (token
+// accuracy) = the target's capped logit equals the row max m: one compare per row.
 //
 // Design. Per element, one exp (plus a tanh with soft-capping) in each direction, and as few
 // passes over memory as the math allows:
@@ -142,6 +143,14 @@ Acc row_loss(const Consts<Acc>& c, Acc m, Acc log_sum, Acc z_t, Acc w_t, double 
   return loss;
 }
 
+// correct_i of cross_entropy.h: the target's capped logit is the row max m. Both come from
+// capped_logit (the AVX2 path caps the raw block max, the same function: tanh is
+// increasing), so a top-1 target compares exactly equal; one compare per row.
+template <class Acc>
+bool target_is_max(Acc z_t, Acc m, Acc lse) {
+  return z_t == m && std::isfinite(z_t) && !std::isnan(lse);
+}
+
 // The gradient of a row, dL/dz_c = coef_p * p_c - coef_w * w_c - [c == t] * coef_t (before
 // the soft-capping factor).
 template <class Acc>
@@ -237,8 +246,10 @@ int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r
       }
     }
     const Acc log_sum = static_cast<Acc>(std::log(s));
-    lse_out[r] = m + log_sum;
+    const Acc lse = m + log_sum;
+    lse_out[r] = lse;
     const int64_t t = p.target[r];
+    bool correct = false;
     if (t == p.ignore_index) {
       loss_out[r] = 0;
     } else if (!target_in_range(t, vocab)) {
@@ -246,8 +257,11 @@ int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r
       if (bad_row < 0) bad_row = r;
     } else {
       const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
-      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, smoothing_sum);
+      const Acc z_t = capped_logit(to_acc(x[t]), c);
+      loss_out[r] = row_loss(c, m, log_sum, z_t, w_t, smoothing_sum);
+      correct = target_is_max(z_t, m, lse);
     }
+    if (p.correct != nullptr) p.correct[r] = correct;
   }
   return bad_row;
 }
@@ -421,8 +435,10 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
       if (kSmooth == Smoothing::kWeighted) weight_seen += hsum(block_weight);
     }
     const float log_sum = std::log(hsum(s));
-    lse_out[r] = m + log_sum;
+    const float lse = m + log_sum;
+    lse_out[r] = lse;
     const int64_t t = p.target[r];
+    bool correct = false;
     if (t == p.ignore_index) {
       loss_out[r] = 0;
     } else if (!target_in_range(t, vocab)) {
@@ -432,8 +448,11 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
       const double smooth =
           kSmooth == Smoothing::kNone ? 0.0 : hsum(smoothing_sum) + smoothing_rebase;
       const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
-      loss_out[r] = row_loss(c, m, log_sum, capped_logit(to_acc(x[t]), c), w_t, smooth);
+      const float z_t = capped_logit(to_acc(x[t]), c);
+      loss_out[r] = row_loss(c, m, log_sum, z_t, w_t, smooth);
+      correct = target_is_max(z_t, m, lse);
     }
+    if (p.correct != nullptr) p.correct[r] = correct;
   }
   return bad_row;
 }

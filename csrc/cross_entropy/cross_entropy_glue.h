@@ -15,8 +15,9 @@
 //
 // The ops work on 2-D logits (rows, vocab) with a 1-D int64 target (rows,) and return the
 // per-row loss and log-sum-exp in the accumulation dtype (float32; float64 for float64
-// logits). Layouts with the class dimension elsewhere, reductions and dtype of the returned
-// loss are handled by the Python layer (fastllm/ops/cross_entropy.py).
+// logits), and whether each row's target is a top-1 class (bool, for token accuracy).
+// Layouts with the class dimension elsewhere, reductions and dtype of the returned loss are
+// handled by the Python layer (fastllm/ops/cross_entropy.py).
 //
 // The checks are those of the ops' Python checks (fastllm/ops/cross_entropy.py, _CHECKS and
 // _VALUE_CHECKS), which the Triton ops and the fakes run: every backend accepts the same
@@ -137,27 +138,29 @@ void set_row_params(Params& p, const Checked& c, int64_t ignore_index, double la
 
 // ---- schema-shaped entry points --------------------------------------------------
 
+// -> (loss, lse, correct): correct (rows,) bool, the target is a top-1 class of its row
+// (cross_entropy.h), what token accuracy counts.
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
-                                                     const at::Tensor& target,
-                                                     const c10::optional<at::Tensor>& weight,
-                                                     int64_t ignore_index, double label_smoothing,
-                                                     double z_loss, double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
   const char* op = "cross_entropy_fwd";
   Checked c = check_args(op, logits, target, weight, label_smoothing, z_loss, softcap);
   const auto stat_options = logits.options().dtype(acc_dtype(logits.scalar_type()));
   at::Tensor loss = at::empty({c.rows}, stat_options);
   at::Tensor lse = at::empty({c.rows}, stat_options);
+  at::Tensor correct = at::empty({c.rows}, logits.options().dtype(at::kBool));
   check_target_values(op, c, ignore_index);
-  if (c.rows == 0) return {loss, lse};
+  if (c.rows == 0) return {loss, lse, correct};
 
   FwdParams p;
   set_row_params(p, c, ignore_index, label_smoothing, z_loss, softcap);
   p.loss = loss.data_ptr();
   p.lse = lse.data_ptr();
+  p.correct = correct.data_ptr<bool>();
   Kernels::check_dtype(op, "logits", p.dtype);
   Kernels::fwd(op, p, logits);
-  return {loss, lse};
+  return {loss, lse, correct};
 }
 
 // Shared by the out-of-place and the in-place backward: writes the gradient to grad_rows,

@@ -6,8 +6,11 @@ They subclass torch's modules, so constructor arguments, the ``weight`` buffer, 
 runs fastllm's fused kernels. Extra keyword-only options: ``z_loss`` and ``softcap`` (both),
 ``inplace_backward`` (CrossEntropyLoss) and ``chunk_size`` (LinearCrossEntropyLoss), with
 the semantics of fastllm.functional.cross_entropy (the z-loss is averaged over the
-non-ignored tokens, never weighted by the class weights). Arguments are checked when
-``forward`` runs, with errors naming them.
+non-ignored tokens, never weighted by the class weights), and ``return_z_loss`` /
+``return_token_accuracy`` (both): ``forward`` then returns a
+``fastllm.functional.CrossEntropyOutput(loss, z_loss, token_accuracy)`` named tuple, as
+Liger-Kernel's losses return their logged outputs. Arguments are checked when ``forward``
+runs, with errors naming them.
 """
 
 from __future__ import annotations
@@ -33,22 +36,27 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: float = 0.0,
         inplace_backward: bool = False,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.return_z_loss = return_z_loss
+        self.return_token_accuracy = return_token_accuracy
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | F.CrossEntropyOutput:
         return F.cross_entropy(
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
             self.z_loss, self.softcap, inplace_backward=self.inplace_backward,
+            return_z_loss=self.return_z_loss, return_token_accuracy=self.return_token_accuracy,
         )
 
     def extra_repr(self) -> str:
         extras = [f"{k}={getattr(self, k)}" for k in ("z_loss", "softcap") if getattr(self, k)]
-        if self.inplace_backward:
-            extras.append("inplace_backward=True")
+        extras += [f"{k}=True" for k in ("inplace_backward", "return_z_loss",
+                                          "return_token_accuracy") if getattr(self, k)]
         return ", ".join(extras)
 
 
@@ -75,6 +83,8 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: float = 0.0,
         chunk_size: Optional[int] = None,
+        return_z_loss: bool = False,
+        return_token_accuracy: bool = False,
     ) -> None:
         super().__init__(
             in_features, num_classes, out_features=out_features, bias=bias, device=device,
@@ -84,12 +94,15 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.return_z_loss = return_z_loss
+        self.return_token_accuracy = return_token_accuracy
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> Tensor | F.CrossEntropyOutput:
         if self.out_features != ():
-            if self.z_loss or self.softcap:
+            if self.z_loss or self.softcap or self.return_z_loss or self.return_token_accuracy:
                 raise ValueError(
-                    "LinearCrossEntropyLoss: z_loss and softcap need out_features=(), got "
+                    "LinearCrossEntropyLoss: z_loss, softcap, return_z_loss and "
+                    "return_token_accuracy need out_features=(), got "
                     f"out_features={self.out_features}"
                 )
             return super().forward(input, target)
@@ -97,5 +110,6 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, return_z_loss=self.return_z_loss,
+            return_token_accuracy=self.return_token_accuracy,
         )

@@ -1,7 +1,8 @@
 """Cross-entropy: the public function, its fake and autograd rules, its Triton ops.
 
 The kernels (C++ CPU, CUDA, Triton) work on 2-D logits ``(rows, vocab)`` and return the
-per-row loss and log-sum-exp in float32 (float64 for float64 logits); everything torch's
+per-row loss and log-sum-exp in float32 (float64 for float64 logits), and a per-row bool,
+whether the target is a top-1 class (token accuracy, see "logged outputs"); everything torch's
 ``cross_entropy`` adds on top — the class dimension at dim 1, the reductions and their
 weighted mean, the loss in the input's dtype — happens here, on metadata and on per-row
 vectors, so that one pair of kernels serves every reduction.
@@ -15,7 +16,7 @@ The chunked linear + cross-entropy built on these ops: fastllm/ops/linear_cross_
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -186,13 +187,16 @@ def _make_inplace_backward_function(fwd: Any, bwd_inplace: Any) -> type:
     class CrossEntropyInplaceBackward(torch.autograd.Function):
         @staticmethod
         def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
-            loss, lse = fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+            loss, lse, correct = fwd(
+                logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
+            )
             ctx.save_for_backward(logits, target, weight, lse)
             ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
-            return loss
+            ctx.mark_non_differentiable(lse, correct)
+            return loss, lse, correct
 
         @staticmethod
-        def backward(ctx, grad_loss):
+        def backward(ctx, grad_loss, _grad_lse, _grad_correct):
             refuse_double_backward("cross_entropy")
             logits, target, weight, lse = ctx.saved_tensors
             bwd_inplace(grad_loss, logits, target, weight, lse, *ctx.options)
@@ -330,7 +334,8 @@ def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothin
                             softcap):
     rows = logits.shape[0]
     acc = acc_dtype(logits)
-    return logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc)
+    return (logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc),
+            logits.new_empty((rows,), dtype=torch.bool))
 
 
 def _fake_cross_entropy_bwd(grad_loss, logits, target, weight, lse, ignore_index,
@@ -351,18 +356,18 @@ _FAKES = {
 
 
 def _register_autograd(ops: OpSet) -> None:
-    """d(loss per row)/d(logits) through the set's own backward op; lse is not
+    """d(loss per row)/d(logits) through the set's own backward op; lse and correct are not
     differentiable, and neither are the class weights (as in torch). Also attaches
     ``ops.inplace_backward_function``, what ``inplace_backward=True`` runs."""
 
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs
-        _loss, lse = output
+        _loss, lse, correct = output
         ctx.save_for_backward(logits, target, weight, lse)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(lse, correct)
 
-    def backward(ctx, grad_loss, _grad_lse):
+    def backward(ctx, grad_loss, _grad_lse, _grad_correct):
         logits, target, weight, lse = ctx.saved_tensors
         grad_logits = None
         if grad_loss is not None and ctx.needs_input_grad[0]:
@@ -460,6 +465,68 @@ def reduce_rows(loss_rows: Tensor, reduction: str, denominator: Optional[Tensor]
     return loss_rows.sum() / denominator  # 0 / 0 = nan when every row is ignored, as in torch
 
 
+# ------------------------------------------------------------- logged outputs
+# What training loops log beside the loss (Liger-Kernel's return_z_loss and
+# return_token_accuracy), formed from the forward's per-row lse and correct outputs: no
+# extra pass over the logits.
+#
+#   z_loss term:    z_loss * lse_i^2 per non-ignored row (0 elsewhere), reduced as the loss:
+#                   none -> per row, sum -> sum, mean -> / n_valid (the z part of the mean
+#                   above, never weighted by the class weights). Detached: it is for logging,
+#                   its gradient is already part of the loss's (as in Liger-Kernel).
+#   token accuracy: correct_i = the target's (capped) logit equals the row's maximum (a
+#                   top-1 prediction; ties count as correct, where argmax(-1) == target
+#                   would take the first maximum; a NaN logit in the row or an infinite
+#                   target logit: never), False on ignored rows; none -> per row
+#                   (0. / 1.), mean and sum -> sum(correct) / n_valid (a fraction either
+#                   way, as Liger-Kernel); NaN when every row is ignored, like the mean loss.
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What ``cross_entropy`` and ``linear_cross_entropy`` (and the nn losses) return when
+    ``return_z_loss`` or ``return_token_accuracy`` is set: a named tuple, so
+    ``loss, z, acc = out`` and ``out.token_accuracy`` both work. Fields not asked for are
+    None. ``loss`` includes the z-loss term, as without the flags."""
+
+    loss: Tensor
+    z_loss: Optional[Tensor] = None
+    token_accuracy: Optional[Tensor] = None
+
+
+def check_return_flags(op: str, return_z_loss: bool, return_token_accuracy: bool) -> None:
+    for name, value in (("return_z_loss", return_z_loss),
+                        ("return_token_accuracy", return_token_accuracy)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def logged_outputs(loss: Tensor, lse: Tensor, correct: Tensor, target: Tensor,
+                   ignore_index: int, reduction: str, z_loss: float, return_z_loss: bool,
+                   return_token_accuracy: bool, shape: list[int],
+                   dtype: torch.dtype) -> CrossEntropyOutput:
+    """The CrossEntropyOutput of a loss already reduced (and shaped), from the forward's
+    per-row lse and correct over the rows of ``target``; see the comment above. The z term
+    comes back in ``dtype`` (the loss's), the accuracy in lse's dtype (float32, or float64)."""
+    valid = target != ignore_index
+    n_valid = valid.sum().to(lse.dtype)
+    z_term = accuracy = None
+    if return_z_loss:
+        # Only when enabled: 0 * lse^2 would be NaN for a row of -inf logits.
+        z_rows = (torch.where(valid, z_loss * lse.detach().square(), 0.0) if z_loss > 0
+                  else torch.zeros_like(lse))
+        z_term = reduce_rows(z_rows, reduction, n_valid)
+        if reduction == "none":
+            z_term = z_term.reshape(shape)
+        z_term = z_term.to(dtype)
+    if return_token_accuracy:
+        accuracy = reduce_rows(correct.to(lse.dtype), reduction, n_valid)
+        if reduction == "none":
+            accuracy = accuracy.reshape(shape)
+        elif reduction == "sum":
+            accuracy = accuracy / n_valid
+    return CrossEntropyOutput(loss, z_term, accuracy)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -474,7 +541,9 @@ def cross_entropy(
     softcap: float = 0.0,
     *,
     inplace_backward: bool = False,
-) -> Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """Cross-entropy of logits and class-index targets with torch's semantics
     (``torch.nn.functional.cross_entropy``), from one fused pass over each row of logits:
 
@@ -500,6 +569,20 @@ def cross_entropy(
     - ``inplace_backward=True``: backward writes the gradient over the logits' storage
       instead of allocating a second (N, C) tensor, so the logits must not be needed
       afterwards (a second backward through the graph raises). Only when asked.
+    - ``return_z_loss`` / ``return_token_accuracy``: return a ``CrossEntropyOutput(loss,
+      z_loss, token_accuracy)`` named tuple instead of the loss (Liger-Kernel's outputs for
+      logging; fields not asked for are None), both computed from the forward's per-row
+      outputs, with no extra pass over the logits. ``z_loss`` is the z term alone, the part
+      of ``loss`` above (``z_loss * lse**2`` per non-ignored row; sum; or divided by the
+      number ``n`` of non-ignored rows for ``mean``), in the loss's dtype, zeros when
+      ``z_loss=0``, and detached (for logging: its gradient is already in ``loss``'s).
+      ``token_accuracy``: a row is correct when its target's logit (soft-capped, with
+      ``softcap``) equals the row's maximum, i.e. the target is a top-1 prediction; ties
+      count as correct (``argmax(-1) == target`` would take the first maximum), a row with
+      a NaN logit or an infinite (capped) target logit never is. ``mean`` and ``sum`` give the
+      fraction of the non-ignored rows that are correct (NaN when every row is ignored, like
+      the mean loss), ``none`` each row's 0. or 1. (0. on ignored rows), in float32
+      (float64 for float64 input); not differentiable.
 
     Arithmetic is in float32 (float64 for float64 input); the loss comes back in the input's
     dtype. A target outside ``[0, C)`` that is not ``ignore_index`` raises an IndexError
@@ -515,9 +598,16 @@ def cross_entropy(
         raise TypeError(
             f"{op}: inplace_backward must be a bool, got {type(inplace_backward).__name__}"
         )
+    check_return_flags(op, return_z_loss, return_token_accuracy)
+    logged = return_z_loss or return_token_accuracy
     if isinstance(target, Tensor) and target.is_floating_point():
         # Class probabilities: torch's own op (no fused kernel; z-loss / soft-capping are
         # defined here for class-index targets only).
+        if logged:
+            raise ValueError(
+                f"{op}: return_z_loss and return_token_accuracy need class-index targets, got "
+                f"a {target.dtype} target (class probabilities)"
+            )
         if z_loss != 0 or softcap != 0:
             raise ValueError(
                 f"{op}: z_loss and softcap need class-index targets, got a {target.dtype} "
@@ -541,14 +631,28 @@ def cross_entropy(
         check_target_values(op, target, vocab, ignore_index)
     if vocab == 0:
         loss = zero_classes_loss(logits, rows_target, ignore_index, reduction, label_smoothing)
-        return (loss.reshape(loss_shape) if reduction == "none" else loss).to(input.dtype)
+        loss = (loss.reshape(loss_shape) if reduction == "none" else loss).to(input.dtype)
+        if not logged:
+            return loss
+        rows = logits.shape[0]  # no class: lse = -inf, and no row is correct
+        lse = logits.new_full((rows,), -math.inf, dtype=acc_dtype(input))
+        correct = logits.new_zeros((rows,), dtype=torch.bool)
+        return logged_outputs(loss, lse, correct, rows_target, ignore_index, reduction, z_loss,
+                              return_z_loss, return_token_accuracy, loss_shape, input.dtype)
 
     ops = IMPLS.select(input)
     if ops is None:
-        loss = ref.cross_entropy_ref(
-            logits, rows_target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        out = ref.cross_entropy_ref(
+            logits, rows_target, weight, ignore_index, reduction, label_smoothing, z_loss,
+            softcap, return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
         )
-        return loss.reshape(loss_shape) if reduction == "none" else loss
+        if not logged:
+            return out.reshape(loss_shape) if reduction == "none" else out
+        if reduction == "none":
+            out = tuple(None if t is None else t.reshape(loss_shape) for t in out)
+        loss, z_term, accuracy = out
+        return CrossEntropyOutput(loss, z_term if return_z_loss else None,
+                                  accuracy if return_token_accuracy else None)
 
     kernel_weight, denominator = mean_weighting(
         rows_target, weight, ignore_index, reduction, z_loss, vocab, acc_dtype(input)
@@ -559,12 +663,18 @@ def cross_entropy(
         if logits.stride(-1) != 1 or (rows > 1 and logits.stride(0) < vocab):
             # The gradient needs row-major storage of its own to land in.
             logits = logits.contiguous()
-        loss_rows = ops.inplace_backward_function.apply(
+        loss_rows, lse, correct = ops.inplace_backward_function.apply(
             logits, rows_target, kernel_weight, *options
         )
     else:
-        loss_rows, _lse = ops.cross_entropy_fwd(logits, rows_target, kernel_weight, *options)
+        loss_rows, lse, correct = ops.cross_entropy_fwd(
+            logits, rows_target, kernel_weight, *options
+        )
     loss = reduce_rows(loss_rows, reduction, denominator)
     if reduction == "none":
         loss = loss.reshape(loss_shape)
-    return loss.to(input.dtype)
+    loss = loss.to(input.dtype)
+    if not logged:
+        return loss
+    return logged_outputs(loss, lse, correct, rows_target, ignore_index, reduction, z_loss,
+                          return_z_loss, return_token_accuracy, loss_shape, input.dtype)

@@ -32,6 +32,8 @@ from fastllm.ops._family import (
 )
 from fastllm.ops.cross_entropy import (
     IMPLS,
+    CrossEntropyOutput,
+    check_return_flags,
     check_class_weight,
     check_ignore_index,
     check_options,
@@ -41,6 +43,7 @@ from fastllm.ops.cross_entropy import (
     class_index_target,
     mean_weighting,
     reduce_rows,
+    logged_outputs,
     zero_classes_loss,
 )
 from fastllm.reference import cross_entropy as ref
@@ -302,11 +305,12 @@ def _linear_cross_entropy_fwd(
     need_grad_bias: bool,
     scale_grads_in_place: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """input (N, H), linear_weight (V, H), linear_bias (V,), target (N,) ->
-    (loss: () or (N,) float32, lse (N,) float32, dX, dW, db). The gradients are those of
-    the loss as returned (for reduction mean / sum) and empty when not wanted or when
-    reduction="none" (computed in backward then). scale_grads_in_place: see backward."""
+    (loss: () or (N,) float32, lse (N,) float32, correct (N,) bool (the target is a top-1
+    class of its row, from each chunk's forward: token accuracy), dX, dW, db). The gradients
+    are those of the loss as returned (for reduction mean / sum) and empty when not wanted or
+    when reduction="none" (computed in backward then). scale_grads_in_place: see backward."""
     _check_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
                label_smoothing, z_loss, softcap, chunk_size, need_grad_input, need_grad_weight,
                need_grad_bias, scale_grads_in_place, backend)
@@ -320,6 +324,7 @@ def _linear_cross_entropy_fwd(
     options = (ignore_index, label_smoothing, z_loss, softcap)
     loss_rows = input.new_empty((rows,), dtype=acc)
     lse = input.new_empty((rows,), dtype=acc)
+    correct = input.new_empty((rows,), dtype=torch.bool)
     with_grad = reduction != "none" and (need_grad_input or need_grad_weight or need_grad_bias)
     loop = _ChunkedLinear(
         input, linear_weight, linear_bias, chunk_size,
@@ -329,9 +334,12 @@ def _linear_cross_entropy_fwd(
         x_chunk = input[start:end]
         logits = loop.logits(x_chunk)  # (C, V)
         chunk_target = target[start:end]
-        chunk_loss, chunk_lse = ops.cross_entropy_fwd(logits, chunk_target, kernel_weight, *options)
+        chunk_loss, chunk_lse, chunk_correct = ops.cross_entropy_fwd(
+            logits, chunk_target, kernel_weight, *options
+        )
         loss_rows[start:end] = chunk_loss
         lse[start:end] = chunk_lse
+        correct[start:end] = chunk_correct
         if with_grad:
             ops.cross_entropy_bwd_inplace(
                 row_grad.expand(end - start), logits, chunk_target, kernel_weight, chunk_lse,
@@ -339,7 +347,7 @@ def _linear_cross_entropy_fwd(
             )
             loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
     loss = reduce_rows(loss_rows, reduction, denominator)
-    return (loss, lse, *loop.results(input))
+    return (loss, lse, correct, *loop.results(input))
 
 
 @_linear_cross_entropy_fwd.register_fake
@@ -354,7 +362,8 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction
     with_grad = reduction != "none"
     loss = input.new_empty((rows,) if reduction == "none" else (), dtype=acc)
     lse = input.new_empty((rows,), dtype=acc)
-    return (loss, lse) + _fake_grads(
+    correct = input.new_empty((rows,), dtype=torch.bool)
+    return (loss, lse, correct) + _fake_grads(
         input, linear_weight, linear_bias,
         with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
     )
@@ -419,11 +428,11 @@ def _setup_linear_cross_entropy(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
      z_loss, softcap, chunk_size, need_grad_input, need_grad_weight, need_grad_bias,
      scale_grads_in_place, backend) = inputs
-    _loss, lse, grad_input, grad_weight, grad_bias = output
+    _loss, lse, correct, grad_input, grad_weight, grad_bias = output
     # Only the loss is differentiable; without this, autograd would hand backward zero-filled
     # (N, H) and (V, H) gradients for the gradient outputs, an extra dW-sized allocation.
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, grad_input, grad_weight, grad_bias)
+    ctx.mark_non_differentiable(lse, correct, grad_input, grad_weight, grad_bias)
     ctx.reduction = reduction
     ctx.needs = (need_grad_input, need_grad_weight, need_grad_bias)
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
@@ -436,7 +445,8 @@ def _setup_linear_cross_entropy(ctx, inputs, output):
     ctx.precomputed = (grad_input, grad_weight, grad_bias) if reduction != "none" else None
 
 
-def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _grad_input, _grad_weight, _grad_bias):
+def _backward_linear_cross_entropy(ctx, grad_loss, _lse, _correct, _grad_input, _grad_weight,
+                                   _grad_bias):
     need_input, need_weight, need_bias = ctx.needs
     if grad_loss is None:
         return (None,) * 16
@@ -490,7 +500,9 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float = 0.0,
     chunk_size: Optional[int] = None,
-) -> Tensor:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever
     holding the ``(N, num_classes)`` logits: the rows are processed ``chunk_size`` at a time
     (default: chunks whose logits take about as much memory as ``input``), with torch's GEMMs
@@ -507,6 +519,11 @@ def linear_cross_entropy(
     class weights (``mean`` = ``sum(w_t * ce) / sum(w_t) + z_loss * sum(lse**2) / n``), and
     the weights' sum and ``n`` are those of all rows, not of a chunk. A target out of range
     raises an IndexError naming it on CPU tensors (a NaN row loss on CUDA tensors).
+
+    ``return_z_loss`` / ``return_token_accuracy``: a ``CrossEntropyOutput(loss, z_loss,
+    token_accuracy)`` as in ``cross_entropy`` (the z term alone, detached; the fraction of
+    non-ignored rows whose target is a top-1 class, ties counting as correct, or per row
+    with "none"), from each chunk's forward outputs: the logits are never re-read.
 
     With ``reduction`` "mean" or "sum" the forward also computes the gradients (the upstream
     gradient of a scalar loss only scales them), so training costs the same three GEMMs as the
@@ -532,6 +549,8 @@ def linear_cross_entropy(
     check_weight_not_differentiable(op, weight)
     if chunk_size is not None:
         _check_chunk_size(op, chunk_size)
+    check_return_flags(op, return_z_loss, return_token_accuracy)
+    logged = return_z_loss or return_token_accuracy
     if values_readable(input, target):
         check_target_values(op, target, vocab, ignore_index)
 
@@ -541,19 +560,31 @@ def linear_cross_entropy(
     if vocab == 0:  # as torch: every target ignored (see cross_entropy)
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)  # (N, 0)
         loss = zero_classes_loss(logits, rows_target, ignore_index, reduction, label_smoothing)
-        return (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
+        loss = (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
+        if not logged:
+            return loss
+        lse = x.new_full((rows,), -math.inf, dtype=acc_dtype(input))  # no class
+        correct = x.new_zeros((rows,), dtype=torch.bool)
+        return logged_outputs(loss, lse, correct, rows_target, ignore_index, reduction, z_loss,
+                              return_z_loss, return_token_accuracy, list(target.shape),
+                              input.dtype)
     backend = get_backend()
     if IMPLS.select(input, backend) is None:
-        loss = ref.linear_cross_entropy_ref(
+        out = ref.linear_cross_entropy_ref(
             x, linear_weight, rows_target, linear_bias, weight, ignore_index, reduction,
-            label_smoothing, z_loss, softcap,
+            label_smoothing, z_loss, softcap, return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy,
         )
-        return loss.reshape(target.shape) if reduction == "none" else loss
+        if not logged:
+            return out.reshape(target.shape) if reduction == "none" else out
+        if reduction == "none":
+            out = tuple(None if t is None else t.reshape(target.shape) for t in out)
+        return CrossEntropyOutput(*out)
 
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, hidden, vocab)
     grad_on = torch.is_grad_enabled()
-    loss, *_ = _linear_cross_entropy_fwd(
+    loss, lse, correct, *_ = _linear_cross_entropy_fwd(
         x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,
         float(label_smoothing), float(z_loss), float(softcap), chunk_size,
         grad_on and input.requires_grad,
@@ -564,4 +595,8 @@ def linear_cross_entropy(
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)
+    loss = loss.to(input.dtype)
+    if not logged:
+        return loss
+    return logged_outputs(loss, lse, correct, rows_target, ignore_index, reduction, z_loss,
+                          return_z_loss, return_token_accuracy, list(target.shape), input.dtype)

@@ -16,6 +16,16 @@ rows): the z-loss is averaged over the tokens, never weighted by the class weigh
 Liger-Kernel). Terms are added only when enabled (ls > 0, z_loss > 0), so that a disabled
 term cannot turn an infinite log-sum-exp into 0 * inf = NaN.
 
+Outputs training loops log (``return_z_loss`` / ``return_token_accuracy``):
+    z_term   = z_loss * lse^2 per non-ignored row, reduced like the loss: none -> per row,
+               sum -> sum, mean -> divided by the number of non-ignored rows (the z part of
+               the mean above, whatever the class weights)
+    correct  = z[t] == max_c z_c and z[t] finite (the target is a top-1 class; ties count
+               as correct, where ``argmax(-1) == t`` would pick the first maximum; a NaN in
+               the row fails the comparison), False on ignored rows
+    accuracy = per row (float, 0 on ignored rows) for none; sum(correct) / (non-ignored
+               rows) for mean and sum (NaN when every row is ignored, like the mean loss).
+
 A target that is neither ``ignore_index`` nor in ``[0, V)`` gives its row a NaN loss (what
 the CUDA kernels do; on CPU tensors the public functions raise before getting here) and is
 never used as an index.
@@ -42,8 +52,13 @@ def cross_entropy_ref(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float = 0.0,
-) -> Tensor:
-    """logits (N, V), target (N,) int64 -> loss () or (N,) in logits' dtype."""
+    *,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+):
+    """logits (N, V), target (N,) int64 -> loss () or (N,) in logits' dtype; with either
+    flag, (loss, z_term or None, accuracy or None): z_term in logits' dtype, accuracy in
+    float32 (float64 for float64 logits), both reduced as described at the top."""
     vocab = logits.shape[-1]
     z = logits.to(_acc(logits))
     if softcap > 0:
@@ -78,7 +93,24 @@ def cross_entropy_ref(
             loss = loss + z_term.sum() / valid.sum()
     else:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    return loss.to(logits.dtype)
+    loss = loss.to(logits.dtype)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    n_valid = valid.sum().to(z.dtype)
+    z_out = accuracy = None
+    if return_z_loss:
+        z_rows = torch.zeros_like(ce) if z_term is None else z_term
+        z_out = z_rows if reduction == "none" else z_rows.sum()
+        if reduction == "mean":
+            z_out = z_out / n_valid
+        z_out = z_out.detach().to(logits.dtype)
+    if return_token_accuracy:
+        z_t = z.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+        correct = valid & in_range & (z_t == z.max(dim=-1).values) & torch.isfinite(z_t)
+        accuracy = correct.to(z.dtype)
+        if reduction != "none":
+            accuracy = accuracy.sum() / n_valid
+    return loss, z_out, accuracy
 
 
 def linear_cross_entropy_ref(

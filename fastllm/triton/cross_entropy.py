@@ -26,7 +26,8 @@ Kernels:
         logsumexp), so any vocab size streams through a fixed register budget. For label
         smoothing it also keeps sum_c w_c * (z_c - m), rebased with m, so that lse - mean(z)
         comes out as a difference of O(1) numbers even when the logits share a large
-        offset. lse is written for every row, ignored ones included.
+        offset. lse is written for every row, ignored ones included; correct (token
+        accuracy) is z_t == the row max, one compare per row.
     cross_entropy_exact_lse_kernel  one program per row, before the backward: the row's
         log-sum-exp as hi + lo, p = exp((z - hi) - lo). The float32 lse the forward saved is
         rounded to half an ulp, a relative error of every p of the row: below 2^-17 for
@@ -46,8 +47,9 @@ cannot turn a 0 * inf into NaN), HAS_SOFTCAP (softcap > 0).
 
 Shapes: rows (N) = tokens, vocab (V) = classes. logits (N, V) with unit column stride and any
 row stride, float32/bfloat16/float16; target (N,) int64; weight (V,) float32 or None; loss and
-lse (N,) float32; grad_loss (N,) float, any stride (0 for one value broadcast to every row);
-grad_logits (N, V) contiguous in the logits' dtype, or the logits' own storage (in place).
+lse (N,) float32; correct (N,) bool; grad_loss (N,) float, any stride (0 for one value
+broadcast to every row); grad_logits (N, V) contiguous in the logits' dtype, or the logits'
+own storage (in place).
 """
 
 from typing import Optional
@@ -92,6 +94,7 @@ def cross_entropy_fwd_kernel(
     weight_ptr,  # (V,) float32; None unless HAS_WEIGHT
     loss_ptr,  # (N,) float32
     lse_ptr,  # (N,) float32
+    correct_ptr,  # (N,) bool
     stride_logits_row,
     vocab,  # V
     ignore_index,
@@ -103,7 +106,7 @@ def cross_entropy_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,  # power of two
 ):
-    """Writes loss and lse of row program_id(0)."""
+    """Writes loss, lse and correct of row program_id(0)."""
     row = tl.program_id(0).to(tl.int64)
     logits_row_ptr = logits_ptr + row * stride_logits_row
 
@@ -152,8 +155,13 @@ def cross_entropy_fwd_kernel(
     loss += z_loss * lse * lse
     loss = tl.where(target_in_range, loss, float("nan"))
     loss = tl.where(target == ignore_index, 0.0, loss)
+    # Token accuracy: z_target and the running max come from the same _soft_capped, so a
+    # top-1 target compares exactly equal (ties count); a NaN logit makes lse NaN.
+    correct = (target_in_range & (target != ignore_index) & (z_target == running_max)
+               & (tl.abs(z_target) < float("inf")) & (lse == lse))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    tl.store(correct_ptr + row, correct)
 
 
 @triton.jit
@@ -309,13 +317,15 @@ def cross_entropy_fwd(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fastllm::cross_entropy_fwd -> (loss, lse), both (N,) float32; loss is 0 on ignored rows."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastllm::cross_entropy_fwd -> (loss, lse, correct): loss and lse (N,) float32, loss 0 on
+    ignored rows; correct (N,) bool, the target is a top-1 class (token accuracy)."""
     _check_dtype("cross_entropy_fwd", logits)
     logits = _with_unit_column_stride(logits)
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    correct = torch.empty(rows, dtype=torch.bool, device=logits.device)
     block_v, num_warps = _block_config(vocab)
     torch.library.wrap_triton(cross_entropy_fwd_kernel)[(rows,)](
         logits,
@@ -323,6 +333,7 @@ def cross_entropy_fwd(
         None if weight is None else weight.contiguous(),
         loss,
         lse,
+        correct,
         logits.stride(0),
         vocab,
         ignore_index,
@@ -333,7 +344,7 @@ def cross_entropy_fwd(
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    return loss, lse
+    return loss, lse, correct
 
 
 def _launch_bwd(

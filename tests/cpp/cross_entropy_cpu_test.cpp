@@ -3,7 +3,8 @@
 // with and without class weights, label smoothing, z-loss and soft-capping, ignored rows,
 // vocabularies from 1 to 70001 (tails of every length), row strides larger than the vocab,
 // a per-row and a broadcast (stride 0) upstream gradient, the in-place backward
-// (grad_logits == logits), bad targets, and 1, 2 or 3 OpenMP threads.
+// (grad_logits == logits), bad targets, and 1, 2 or 3 OpenMP threads; the forward's correct
+// bits (token accuracy), ties of the (capped) logits included.
 // ctest runs this binary twice: on the best instruction set of the machine and with
 // FASTLLM_CPU_ISA=scalar.
 //
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -144,15 +146,47 @@ void check_problem(int64_t rows, int64_t vocab, const Options& o, uint32_t seed,
 
   std::vector<Acc> loss(rows, static_cast<Acc>(kNaN)), lse(rows, static_cast<Acc>(kNaN));
   int64_t bad_row = -7;
+  // Some rows get their target at the row max, every third of those tied with class 0.
+  for (int64_t i = 2; i < rows; i += 3) {
+    if (target[i] == kIgnore) continue;
+    T* row = x.data() + i * stride;
+    int64_t top = 0;
+    for (int64_t c = 1; c < vocab; ++c) top = to_acc(row[c]) > to_acc(row[top]) ? c : top;
+    target[i] = top;
+    if (i % 9 == 2 && top > 0) {
+      row[0] = row[top];
+      xd[i * vocab] = xd[i * vocab + top];
+    }
+  }
+  std::unique_ptr<bool[]> correct(new bool[rows]);
   const Acc* class_weight = o.weighted ? w.data() : nullptr;
   FwdParams p;
   set_inputs(p, x.data(), stride, target.data(), class_weight, rows, vocab, o);
   p.loss = loss.data();
   p.lse = lse.data();
+  p.correct = correct.get();
   p.bad_target_row = &bad_row;
   fastllm::cross_entropy::cross_entropy_fwd_cpu(p);
   CHECK(bad_row == -1, "%s: bad_target_row = %lld with every target valid", name,
         static_cast<long long>(bad_row));
+  // correct: the target's capped logit is the row max, the caps computed as the kernels do
+  // (in Acc, std::tanh), so that ties of the capped logits (1e4 logits at softcap 3) count.
+  const Acc inv_softcap = o.softcap > 0 ? static_cast<Acc>(1.0 / o.softcap) : Acc(0);
+  const auto capped = [&](T v) {
+    const Acc a = to_acc(v);
+    return o.softcap > 0 ? static_cast<Acc>(o.softcap) * std::tanh(a * inv_softcap) : a;
+  };
+  for (int64_t i = 0; i < rows; ++i) {
+    bool want = false;
+    if (target[i] != kIgnore) {
+      Acc m = std::numeric_limits<Acc>::lowest();
+      for (int64_t c = 0; c < vocab; ++c) m = std::max(m, capped(x[i * stride + c]));
+      want = capped(x[i * stride + target[i]]) == m;
+    }
+    CHECK(correct[i] == want, "%s %lldx%lld: correct[%lld] = %d, expected %d", name,
+          static_cast<long long>(rows), static_cast<long long>(vocab),
+          static_cast<long long>(i), int(correct[i]), int(want));
+  }
 
   // Out of place: a contiguous gradient with NaN guards after it; in place: over x.
   const int64_t guard = 5;

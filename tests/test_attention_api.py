@@ -187,7 +187,7 @@ def _sdpa_masked_check(query, key, value, mask, dtype, dout=None, **kw):
     return ours
 
 
-@masked_backends
+@pytest.mark.parametrize("backend", MASKED_BACKENDS + ("triton",), indirect=True)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 @pytest.mark.parametrize("case", list(SDPA_MASK_SHAPES))
 def test_sdpa_mask_broadcast_shapes_match_torch(backend, case, kind):

@@ -649,7 +649,8 @@ def scaled_dot_product_attention(
     - floating (added to the scores): passed as ``attn_bias``; it gets a gradient when it
       requires one, as with torch.
 
-    ``attn_mask`` together with ``is_causal=True`` is refused, as torch refuses it.
+    ``attn_mask`` together with ``is_causal=True`` is refused, as torch refuses it. On the
+    reference backend the same routing runs ``attention``'s reference (attention_ref).
 
     What still runs the plain-PyTorch path (O(L * S) memory, same results): ``Ev != E``
     (value's head dim differing from query's), with or without a mask; there,

@@ -1030,3 +1030,19 @@ def test_masked_sdpa_and_mha_trace_fullgraph():
     torch.testing.assert_close(out, eager)
     for a, b in zip(got, grads):
         torch.testing.assert_close(a, b)
+    # the module: boolean key_padding_mask and attn_mask (a bias) at once (mixed mask types
+    # would trace torch's deprecation warning, which dynamo cannot)
+    torch._dynamo.reset()
+    _, mha = _pair(batch_first=True)
+    x = torch.randn(BATCH, TGT, EMBED)
+    kwargs = _masks("both_bool", "batch_first", TGT, torch.float32)
+
+    def module_call(x, key_padding_mask, attn_mask):
+        return mha(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                   need_weights=False)[0]
+
+    with fastllm.use_backend("reference"):
+        eager = module_call(x, kwargs["key_padding_mask"], kwargs["attn_mask"])
+        compiled = torch.compile(module_call, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(
+            compiled(x, kwargs["key_padding_mask"], kwargs["attn_mask"]), eager)

@@ -7,7 +7,11 @@ fastllm.nn.MultiheadAttention against torch.nn.MultiheadAttention: outputs and e
 gradient (inputs and parameters) with the same state_dict, every layout, projection kind and
 mask kind; the need_weights=True fallback; dropout; state_dict; torch.compile; errors.
 
-Tests that take `backend` run on the native kernels (tests/conftest.py)."""
+Tests that take `backend` run on the native kernels (tests/conftest.py). Tests with masks
+(SDPA's attn_mask, MHA's key_padding_mask / attn_mask), which reach the kernels as attn_bias /
+key_padding_mask, run on MASKED_BACKENDS: the reference always (it holds the routing of the
+masks to the math), a kernel backend once tests/test_attention_masks.py lists it in
+MASK_BACKENDS (until then it is skipped with that reason, never silently passed)."""
 
 from __future__ import annotations
 
@@ -18,11 +22,26 @@ import torch.nn.functional as TF
 import fastllm
 import fastllm.functional as F
 from fastllm.nn.attention import MultiheadAttention
+from fastllm.ops import attention as attn_ops
+from fastllm.reference import attention as ref_attention
 from fastllm.reference.attention import sdpa_ref
 from tests.accuracy import assert_within_torch_error
 from tests.helpers import attention_options, dropout_seed, qkv
+from tests.test_attention_masks import MASK_BACKENDS
 
 FAMILY = "attention"
+# Where the masked tests run (the `backend` fixture skips, naming the reason, a backend that
+# is not available here; need_masks skips one whose kernels do not take masks yet).
+MASKED_BACKENDS = ("reference", "native")
+masked_backends = pytest.mark.parametrize("backend", MASKED_BACKENDS, indirect=True)
+
+
+def need_masks(backend: str) -> None:
+    if backend not in MASK_BACKENDS:
+        pytest.skip(
+            f"attention: backend {backend!r} has no masked kernels yet (not in "
+            "tests/test_attention_masks.py MASK_BACKENDS)"
+        )
 
 
 
@@ -69,8 +88,10 @@ def test_sdpa_layouts_scale_gqa(backend):
                 torch.float32, enable_gqa=True, is_causal=True)
 
 
+@masked_backends
 @pytest.mark.parametrize("kind", ["bool", "additive", "key_padding"])
 def test_sdpa_masks(backend, kind):
+    need_masks(backend)
     L, S = 21, 30
     q, k, v = torch.randn(2, 4, L, 32), torch.randn(2, 4, S, 32), torch.randn(2, 4, S, 32)
     if kind == "bool":
@@ -84,7 +105,9 @@ def test_sdpa_masks(backend, kind):
     _sdpa_check(q, k, v, torch.float32, attn_mask=mask)
 
 
+@masked_backends
 def test_sdpa_fully_masked_row_is_zero(backend):
+    need_masks(backend)
     q, k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[2] = False
@@ -93,6 +116,229 @@ def test_sdpa_fully_masked_row_is_zero(backend):
     assert (out[:, :, 2] == 0).all() and torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and (q.grad[:, :, 2] == 0).all()
+
+
+# SDPA's attn_mask, every broadcast shape: name -> (query, key/value, mask, enable_gqa). Every
+# row keeps key 0 (torch gives NaN for a fully masked row; test_sdpa_fully_masked_rows_*).
+SDPA_MASK_SHAPES = {
+    "L_S": ((2, 3, 13, 16), (2, 3, 19, 16), (13, 19), False),
+    "N_1_1_S": ((2, 3, 13, 16), (2, 3, 19, 16), (2, 1, 1, 19), False),
+    "1_1_1_S": ((2, 3, 13, 16), (2, 3, 19, 16), (1, 1, 1, 19), False),
+    "N_H_L_S": ((2, 3, 13, 16), (2, 3, 19, 16), (2, 3, 13, 19), False),
+    "1_1_L_S": ((2, 3, 13, 16), (2, 3, 19, 16), (1, 1, 13, 19), False),
+    "N_1_L_S": ((2, 3, 13, 16), (2, 3, 19, 16), (2, 1, 13, 19), False),
+    "1_H_1_S": ((2, 3, 13, 16), (2, 3, 19, 16), (1, 3, 1, 19), False),
+    "L_1": ((2, 3, 13, 16), (2, 3, 19, 16), (13, 1), False),
+    "3d_N_L_S": ((2, 13, 16), (2, 19, 16), (2, 13, 19), False),
+    "3d_N_1_S": ((2, 13, 16), (2, 19, 16), (2, 1, 19), False),
+    "3d_L_S": ((2, 13, 16), (2, 19, 16), (13, 19), False),
+    "5d_N_M_1_1_S": ((2, 2, 3, 13, 16), (2, 2, 3, 19, 16), (2, 2, 1, 1, 19), False),
+    "5d_1_M_H_L_S": ((2, 2, 3, 13, 16), (2, 2, 3, 19, 16), (1, 2, 3, 13, 19), False),
+    "5d_N_1_1_L_S": ((2, 2, 3, 13, 16), (2, 2, 3, 19, 16), (2, 1, 1, 13, 19), False),
+    "gqa_N_1_1_S": ((2, 6, 13, 16), (2, 2, 19, 16), (2, 1, 1, 19), True),
+    "gqa_N_H_L_S": ((2, 6, 13, 16), (2, 2, 19, 16), (2, 6, 13, 19), True),
+}
+
+
+def _sdpa_mask(shape, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A mask of ``shape``: bool (True = take part; key 0 always, varied lengths for
+    (N, 1, 1, S)-like masks) or additive (finite values and -inf where the bool one is
+    False)."""
+    keep = torch.rand(shape, generator=gen) > 0.3
+    keep[..., 0] = True
+    if kind == "bool":
+        return keep
+    return torch.randn(shape, generator=gen, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+
+
+def _sdpa_masked_check(query, key, value, mask, dtype, dout=None, **kw):
+    """Ours in ``dtype`` against torch's SDPA in ``dtype``, both judged against the float64
+    reference (the 2x rule): out, dq, dk, dv and, for a float mask (made a leaf requiring
+    grad), its gradient. Returns our (out, grads) for further checks."""
+    q, k, v = (t.to(dtype) for t in (query, key, value))
+    float_mask = mask.dtype != torch.bool
+    m = mask.to(dtype) if float_mask else mask
+
+    def run(fn, tensors, mask_):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        if float_mask:
+            mask_ = mask_.detach().clone().requires_grad_()
+            leaves.append(mask_)
+        out = fn(*leaves[:3], attn_mask=mask_, **kw)
+        grad = (dout if dout is not None else torch.ones_like(out)).to(out.dtype)
+        return out.detach(), torch.autograd.grad(out, leaves, grad)
+
+    torch.manual_seed(1)
+    dout = dout if dout is not None else torch.randn(*q.shape[:-1], value.shape[-1])
+    ours = run(F.scaled_dot_product_attention, (q, k, v), m)
+    theirs = run(TF.scaled_dot_product_attention, (q, k, v), m)
+
+    def reference(q_, k_, v_, attn_mask, **kw_):
+        return sdpa_ref(q_, k_, v_, attn_mask, kw_.get("is_causal", False), kw_.get("scale"),
+                        kw_.get("enable_gqa", False))
+
+    expected = run(reference, [t.double() for t in (q, k, v)],
+                   m.double() if float_mask else m)
+    names = ("out", "dq", "dk", "dv", "dmask")
+    for name, a, t, r in zip(names, (ours[0], *ours[1]), (theirs[0], *theirs[1]),
+                             (expected[0], *expected[1])):
+        assert a.shape == r.shape, f"{name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+        assert_within_torch_error(name, a, t, r, dtype)
+    return ours
+
+
+@pytest.mark.parametrize("backend", MASKED_BACKENDS + ("triton",), indirect=True)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("case", list(SDPA_MASK_SHAPES))
+def test_sdpa_mask_broadcast_shapes_match_torch(backend, case, kind):
+    """Every broadcast shape of a boolean mask (key padding, (L, S), per head ...) and of an
+    additive one with its gradient, on 3-D, 4-D and 5-D inputs and with GQA."""
+    need_masks(backend)
+    q_shape, kv_shape, mask_shape, gqa = SDPA_MASK_SHAPES[case]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(s, generator=gen) for s in (q_shape, kv_shape, kv_shape))
+    mask = _sdpa_mask(mask_shape, kind, gen)
+    _sdpa_masked_check(q, k, v, mask, torch.float32, enable_gqa=gqa)
+
+
+@masked_backends
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "additive"])
+def test_sdpa_masks_match_torch_in_dtype(backend, dtype, kind):
+    """bfloat16 too, with a scale and a BERT-style padding mask ((N, 1, 1, S), varied
+    lengths), a per-head boolean mask or a T5-style (1, H, L, S) bias with its gradient."""
+    need_masks(backend)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 4, 37, 32, generator=gen) for _ in range(3))
+    if kind == "key_padding":
+        mask = torch.arange(37)[None, :] < torch.tensor([37, 20, 1])[:, None]
+        mask = mask[:, None, None, :]  # (N, 1, 1, S)
+    else:
+        mask = _sdpa_mask((1, 4, 37, 37) if kind == "additive" else (3, 4, 37, 37), kind, gen)
+    _sdpa_masked_check(q, k, v, mask, dtype, scale=0.2)
+
+
+@masked_backends
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "additive"])
+def test_sdpa_fully_masked_rows_give_zeros(backend, kind):
+    """Rows with no allowed key (every entry False or -inf; a fully padded sequence) give
+    zeros and zero dq, where torch gives NaN; the other rows (and dk, dv, the mask's
+    gradient) follow torch's math on them within the 2x rule. torch's own error is measured
+    with the fully masked rows given their keys back and no upstream gradient, which is the
+    same math on every other row."""
+    need_masks(backend)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 11, 16, generator=gen) for _ in range(3))
+    if kind == "key_padding":
+        mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+        mask[1] = False  # sequence 1: every key is padding
+        empty = torch.zeros(2, 3, 11, dtype=torch.bool)
+        empty[1] = True
+    else:
+        mask = _sdpa_mask((2, 3, 11, 11), "bool", gen)
+        mask[0, 1, 4] = False
+        mask[1, :, 7] = False
+        empty = ~mask.any(dim=-1)
+        if kind == "additive":
+            mask = torch.randn(2, 3, 11, 11, generator=gen, dtype=torch.float64).masked_fill(
+                ~mask, float("-inf"))
+    dout = torch.randn(2, 3, 11, 16, generator=gen)
+    float_mask = mask.dtype != torch.bool
+    # ours, with an upstream gradient on the empty rows too
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    m = mask.float().requires_grad_() if float_mask else mask
+    out = F.scaled_dot_product_attention(*leaves, attn_mask=m)
+    grads = torch.autograd.grad(out, leaves + ([m] if float_mask else []), dout)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out[empty] == 0).all() and (grads[0][empty] == 0).all()
+    if float_mask:
+        assert (grads[3][empty] == 0).all()
+    # the float64 reference (zeros on empty rows, as ours)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    m64 = mask.double().requires_grad_() if float_mask else mask
+    ref_out = sdpa_ref(*leaves64, m64)
+    ref_grads = torch.autograd.grad(ref_out, leaves64 + ([m64] if float_mask else []),
+                                    dout.double())
+    # torch's own error: the empty rows get their keys back and no upstream gradient
+    if float_mask:
+        given_back = torch.where(empty[..., None], torch.zeros_like(mask), mask).float()
+    elif kind == "key_padding":
+        given_back = mask | empty[:, :1, :, None]
+    else:
+        given_back = mask | empty[..., None]
+    tl = [t.clone().requires_grad_() for t in (q, k, v)]
+    tm = given_back.requires_grad_() if float_mask else given_back
+    their_out = TF.scaled_dot_product_attention(*tl, attn_mask=tm)
+    their_grads = torch.autograd.grad(
+        their_out, tl + ([tm] if float_mask else []), dout.masked_fill(empty[..., None], 0))
+    their_out = torch.where(empty[..., None], ref_out.float(), their_out.detach())
+    names = ("out", "dq", "dk", "dv", "dmask")
+    for name, a, t, r in zip(names, (out, *grads), (their_out, *their_grads),
+                             (ref_out, *ref_grads)):
+        if name == "dmask":  # torch's gradient on the given-back entries is not the math's
+            t = torch.where(empty[..., None].expand_as(t), r.float(), t)
+        assert_within_torch_error(name, a.detach(), t, r.detach(), torch.float32)
+
+
+class _Spy:
+    """Records what reaches the attention op (attn_bias, key_padding_mask, causal, dropout_p)
+    and makes the plain paths raise: the fused path must be the one taken."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = attn_ops.attention_fwd
+
+        def attention_fwd(q, k, v, *options):
+            self.calls.append({"bias": options[13], "kpm": options[14], "causal": options[6],
+                               "dropout_p": options[11], "window_right": options[8]})
+            return real(q, k, v, *options)
+
+        def plain(*args, **kwargs):
+            raise AssertionError("the plain-PyTorch SDPA path ran")
+
+        monkeypatch.setattr(attn_ops, "attention_fwd", attention_fwd)
+        monkeypatch.setattr(ref_attention, "sdpa_ref", plain)
+        monkeypatch.setattr(attn_ops, "_reference_sdpa_dropout", plain)
+
+    def last(self):
+        assert len(self.calls) == 1, f"expected one attention op call, got {len(self.calls)}"
+        return self.calls.pop()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_sdpa_masks_take_the_fused_path(monkeypatch, dropout_p):
+    """Boolean and additive masks reach the op as key_padding_mask (B, S) or attn_bias
+    costing the mask's own elements, never the plain path (dropout included)."""
+    spy = _Spy(monkeypatch)
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+
+    def run(mask, **kw):
+        with fastllm.use_backend("reference"):  # the routing is the same on every backend
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **kw)
+        return spy.last()
+
+    kpm = torch.rand(2, 1, 1, 7) > 0.5
+    call = run(kpm)
+    assert call["bias"] is None and call["kpm"].shape == (2, 7) and call["dropout_p"] == dropout_p
+    assert torch.equal(call["kpm"], kpm[:, 0, 0, :])
+    call = run(kpm[:1])  # (1, 1, 1, S): a stride-0 view over the batch
+    assert call["bias"] is None and call["kpm"].shape == (2, 7) and call["kpm"].stride(0) == 0
+    for shape in [(5, 7), (2, 3, 5, 7), (1, 3, 1, 7), (2, 1, 5, 7)]:
+        mask = torch.rand(shape) > 0.5
+        call = run(mask)
+        bias = call["bias"]
+        assert call["kpm"] is None and bias.shape == (2, 3, 5, 7) and bias.dtype == q.dtype
+        # the mask's own elements, a stride-0 view of its broadcast dims
+        assert bias.untyped_storage().nbytes() == mask.numel() * bias.element_size()
+        assert torch.equal(bias == 0, mask.expand(2, 3, 5, 7))
+    additive = torch.randn(1, 3, 5, 7)
+    call = run(additive)
+    assert call["kpm"] is None and call["bias"].data_ptr() == additive.data_ptr()
+    # 3-D inputs: (N, 1, S) is a key padding mask
+    with fastllm.use_backend("reference"):
+        F.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], attn_mask=kpm[:, 0])
+    call = spy.last()
+    assert call["bias"] is None and call["kpm"].shape == (2, 7)
 
 
 def test_sdpa_errors(backend):
@@ -457,38 +703,53 @@ MASKS = ["none", "kpm_bool", "kpm_float", "attn2d_bool", "attn2d_float", "attn3d
 # ------------------------------------------------------- outputs and gradients vs torch
 
 
+def _need_masks_for(backend: str, mask: str) -> None:
+    if mask != "none":
+        need_masks(backend)
+
+
+@masked_backends
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_matches_torch_float32(backend, layout, kind, mask):
+    _need_masks_for(backend, mask)
     _compare(kind, layout, mask)
 
 
 @pytest.mark.parametrize("mask", ["none", "both_float", "causal"])
 @pytest.mark.parametrize("kind", ["self", "kv_dims"])
+@masked_backends
 def test_matches_torch_float64(backend, kind, mask):
+    _need_masks_for(backend, mask)
     _compare(kind, "seq_first", mask, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("mask", ["none", "kpm_bool", "attn3d_float", "causal", "causal_kpm"])
 @pytest.mark.parametrize("kind", ["self", "kv_dims"])
 @pytest.mark.parametrize("layout", ["batch_first", "unbatched"])
+@masked_backends
 def test_bias_kv_and_zero_attn(backend, layout, kind, mask):
+    _need_masks_for(backend, mask)
     _compare(kind, layout, mask, {"add_bias_kv": True, "add_zero_attn": True})
     _compare(kind, layout, mask, {"add_bias_kv": True})
     _compare(kind, layout, mask, {"add_zero_attn": True})
 
 
 @pytest.mark.parametrize("mask", ["none", "kpm_bool", "attn2d_float"])
+@masked_backends
 def test_without_bias(backend, mask):
+    _need_masks_for(backend, mask)
     _compare("self", "batch_first", mask, {"bias": False})
 
 
 @pytest.mark.parametrize("kpm", [False, True])
 @pytest.mark.parametrize("layout", ["batch_first", "seq_first", "unbatched"])
+@masked_backends
 def test_is_causal_without_attn_mask_is_top_left_causal(backend, layout, kpm):
     """An extension: torch raises for is_causal=True without attn_mask; we apply the top-left
     causal mask, on the fused path and on the need_weights=True fallback alike."""
+    _need_masks_for(backend, "kpm" if kpm else "none")
     query, key, value, _ = _inputs("cross", layout, torch.float32)
     kwargs = _masks("causal_kpm" if kpm else "causal", layout, SRC, torch.float32)
     theirs, ours = _pair(batch_first=layout == "batch_first")
@@ -501,7 +762,9 @@ def test_is_causal_without_attn_mask_is_top_left_causal(backend, layout, kpm):
     torch.testing.assert_close(weights, expected_weights)
 
 
+@masked_backends
 def test_fully_masked_query_gives_zero_attention_not_nan(backend):
+    need_masks(backend)
     _, ours = _pair(batch_first=True)
     x = torch.randn(BATCH, TGT, EMBED)
     kpm = torch.zeros(BATCH, TGT, dtype=torch.bool)
@@ -543,10 +806,12 @@ def test_dropout_is_identity_in_eval(backend):
     )
 
 
+@masked_backends
 @pytest.mark.parametrize("mask", ["none", "kpm_bool"])
 def test_dropout_in_training(backend, mask):
     """Deterministic under torch.manual_seed, different across draws, and unbiased: the
     mean over many draws converges to the eval output (inverted dropout)."""
+    _need_masks_for(backend, mask)
     _, ours = _pair(batch_first=True, dropout=0.3)
     x = torch.randn(BATCH, TGT, EMBED)
     kwargs = _masks(mask, "batch_first", TGT, torch.float32)
@@ -624,6 +889,8 @@ class Block(torch.nn.Module):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_mha_torch_compile_fullgraph_matches_eager(backend, masked):
+    if masked:
+        need_masks(backend)
     torch._dynamo.reset()
     model = Block()
     x = torch.randn(BATCH, TGT, EMBED, requires_grad=True)
@@ -693,7 +960,9 @@ def test_forward_errors(case, error, match):
         ours(*args, need_weights=False, **kwargs)
 
 
-def test_mismatched_mask_types_warn_like_torch():
+@masked_backends
+def test_mismatched_mask_types_warn_like_torch(backend):
+    need_masks(backend)
     _, ours = _pair(batch_first=True)
     x = torch.randn(BATCH, TGT, EMBED)
     kwargs = {
@@ -702,3 +971,78 @@ def test_mismatched_mask_types_warn_like_torch():
     }
     with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
         ours(x, x, x, need_weights=False, **kwargs)
+
+
+@pytest.mark.parametrize("mask", MASKS + ["causal_kpm_hint"])
+@pytest.mark.parametrize("layout", ["batch_first", "unbatched"])
+def test_mha_masks_take_the_fused_path(monkeypatch, layout, mask):
+    """Every mask kind reaches the op as the kernels' key_padding_mask (N, S) (a boolean
+    key_padding_mask, negated) and / or an attn_bias of the attn_mask's own size, never the
+    plain path; with torch's is_causal rules (the hint alone without key_padding_mask)."""
+    spy = _Spy(monkeypatch)
+    _, ours = _pair(batch_first=layout == "batch_first")
+    x = _seq(layout, TGT, EMBED, torch.float32)
+    kwargs = _masks("causal_kpm" if mask == "causal_kpm_hint" else mask, layout, TGT,
+                    torch.float32)
+    if mask == "causal_kpm_hint":  # fastllm's extension: no attn_mask
+        kwargs.pop("attn_mask")
+    with fastllm.use_backend("reference"):
+        ours(x, x, x, need_weights=False, **kwargs)
+    call = spy.last()
+    kpm, attn = kwargs.get("key_padding_mask"), kwargs.get("attn_mask")
+    if kpm is not None and kpm.dtype == torch.bool:
+        assert torch.equal(call["kpm"], ~kpm.reshape(call["kpm"].shape))
+    else:
+        assert call["kpm"] is None
+    causal_hint = kwargs.get("is_causal", False) and (kpm is None or attn is None)
+    assert call["causal"] == causal_hint
+    bias = call["bias"]
+    if attn is None or causal_hint:
+        expected = 0 if kpm is None or kpm.dtype == torch.bool else kpm.numel()
+    else:
+        expected = attn.numel() if kpm is None or kpm.dtype == torch.bool else None
+    if expected == 0:
+        assert bias is None
+    elif expected is not None:  # (float key padding mask + attn_mask: summed, their broadcast)
+        assert bias.untyped_storage().nbytes() == expected * bias.element_size()
+
+
+def test_masked_sdpa_and_mha_trace_fullgraph():
+    """The mask routing (shape logic only, no values read) traces under
+    torch.compile(fullgraph=True), a float mask's gradient included; on the reference backend
+    (aot_eager), since it runs wherever the kernels take masks or not."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 3, 6, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 6, 6, requires_grad=True)
+    kpm = torch.rand(2, 1, 1, 6) > 0.3
+    kpm[..., 0] = True
+
+    def fn(q, k, v, bias, kpm):
+        return (F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                + F.scaled_dot_product_attention(q, k, v, attn_mask=kpm))
+
+    with fastllm.use_backend("reference"):
+        eager = fn(q, k, v, bias, kpm)
+        grads = torch.autograd.grad(eager.sum(), (q, k, v, bias))
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        out = compiled(q, k, v, bias, kpm)
+        got = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(got, grads):
+        torch.testing.assert_close(a, b)
+    # the module: boolean key_padding_mask and attn_mask (a bias) at once (mixed mask types
+    # would trace torch's deprecation warning, which dynamo cannot)
+    torch._dynamo.reset()
+    _, mha = _pair(batch_first=True)
+    x = torch.randn(BATCH, TGT, EMBED)
+    kwargs = _masks("both_bool", "batch_first", TGT, torch.float32)
+
+    def module_call(x, key_padding_mask, attn_mask):
+        return mha(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                   need_weights=False)[0]
+
+    with fastllm.use_backend("reference"):
+        eager = module_call(x, kwargs["key_padding_mask"], kwargs["attn_mask"])
+        compiled = torch.compile(module_call, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(
+            compiled(x, kwargs["key_padding_mask"], kwargs["attn_mask"]), eager)

@@ -47,6 +47,29 @@ set, so a few MiB either way mean little. Measured on 2026-11-24 (2 shared cores
 2.14.1), from the T=1024 to the T=4096 cases fastllm's peak went 4 -> 8 MiB (forward) and
 18 -> 33 MiB (forward+backward) in float32, 2 -> 4 and 9 -> 17 MiB in bfloat16: linear in
 T; torch's SDPA (its CPU flash kernel) grew the same way.
+
+Masked cases (issue 11; ``MaskedAttentionCase``), every contender on the same contiguous
+(B, H, T, D) tensors and the same mask, in torch's SDPA form:
+  padded   BERT-style padded self-attention, (B, H, T, D) = (8, 12, 512, 64): sequence b
+           keeps its first ``lengths[b]`` keys (``padding_lengths``: varied, drawn with a
+           fixed seed, 30 % of the keys padding overall); the mask is SDPA's boolean
+           (B, 1, 1, T), True = take part (B * T bytes: 4 KiB). fastllm's SDPA passes it to
+           the kernels as a (B, T) key padding mask.
+  t5-bias  a T5-style relative-position bias (1, H, T, T) added to the scores, trained: it
+           requires grad, and forward+backward also returns its gradient (what T5 trains
+           through); SDPA gets it as a float ``attn_mask`` requiring grad. Its storage is
+           H * T * T * e bytes (12 MiB in float32, 6 MiB in bfloat16); fastllm's backward
+           forms a (B, H, T, T) buffer for its gradient before summing it over B.
+Contenders: fastllm (``fastllm.functional.scaled_dot_product_attention(q, k, v, mask)`` on
+the backend being timed), torch eager and torch.compile (the same SDPA call), and
+``sdpa_ref``, fastllm's previous masked path (``fastllm.reference.attention.sdpa_ref``, the
+plain-PyTorch composition SDPA ran for any attn_mask before the kernels took masks; it forms
+the (B, H, T, T) scores). FLOPs count the dense problem, as if nothing were masked
+(4 * B * H * T * T * D forward), so GFLOP/s is an effective rate; bytes add the mask's (and
+for t5-bias the bias read, plus its gradient written and the bias read again in
+forward+backward). Peak memory is measured as above; the mask costs are the bytes just
+given. A backend whose kernels do not take masks yet shows ``n/a`` (with the reason) on
+the fastllm row: the other rows are still timed.
 """
 
 from __future__ import annotations
@@ -61,6 +84,7 @@ from torch import Tensor
 
 import fastllm.functional as fastllm_functional
 from fastllm.bench.common import FASTLLM, CallInputs, Case
+from fastllm.reference.attention import sdpa_ref
 
 FAMILY = "attention"
 PARAM_COLUMNS = ("mask", "mode", "shape", "dtype")
@@ -73,6 +97,13 @@ QUICK_SHAPES = ((1, 2, 256, 64),)
 DTYPES = (torch.float32, torch.bfloat16)
 
 BACKWARD_FLOPS_FACTOR = 2.5  # backward FLOPs / forward FLOPs (see the module docstring)
+
+MASKED_KINDS = ("padded", "t5-bias")
+MASKED_SHAPES = ((8, 12, 512, 64),)  # (B, H, T, D): BERT-base / T5-base attention
+QUICK_MASKED_SHAPES = ((2, 2, 256, 64),)
+PADDING_FRACTION = 0.3  # of all keys, over the batch
+PADDING_SEED = 0
+OLD_MASKED_PATH = "sdpa_ref (old masked path)"
 
 
 # ------------------------------------------------------------------ the contenders
@@ -87,6 +118,31 @@ def torch_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 def fastllm_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     """q, k, v: (B, T, H, D)."""
     return fastllm_functional.attention(q, k, v, causal=causal)
+
+
+def torch_sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q, k, v: (B, H, T, D); mask: SDPA's attn_mask (bool, True = take part, or float)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def fastllm_sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The same call through fastllm's SDPA (the fused kernels with the mask)."""
+    return fastllm_functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def old_masked_path(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """What fastllm's SDPA ran for any attn_mask before the kernels took masks."""
+    return sdpa_ref(q, k, v, mask)
+
+
+def padding_lengths(batch: int, seqlen: int, seed: int = PADDING_SEED) -> list[int]:
+    """Per-sequence key counts, varied (each sequence's padding fraction drawn uniformly in
+    [0.1, 0.5] with a fixed seed, then shifted so that PADDING_FRACTION of all keys are
+    padding), each in [1, T]."""
+    generator = torch.Generator().manual_seed(seed)
+    fractions = 0.1 + 0.4 * torch.rand(batch, generator=generator, dtype=torch.float64)
+    fractions += PADDING_FRACTION - fractions.mean()
+    return [max(1, min(seqlen, round(seqlen * (1 - f)))) for f in fractions.tolist()]
 
 
 @dataclasses.dataclass
@@ -169,11 +225,101 @@ class AttentionCase(Case):
         return inputs.fastllm if contender == FASTLLM else inputs.torch
 
 
-def cases(quick: bool = False) -> list[AttentionCase]:
-    """Every case, in table order: shape, dtype, mask, mode. ``quick``: one small shape."""
+def cases(quick: bool = False) -> list[Case]:
+    """Every case, in table order: the unmasked ones (shape, dtype, mask, mode), then the
+    masked ones (masked_cases). ``quick``: one small shape of each."""
     return [
         AttentionCase(mask, mode, shape, dtype)
         for shape, dtype, mask, mode in itertools.product(
             QUICK_SHAPES if quick else SHAPES, DTYPES, MASKS, MODES
+        )
+    ] + masked_cases(quick)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedAttentionCase(Case):
+    """Attention with SDPA's attn_mask: ``padded`` (boolean (B, 1, 1, T)) or ``t5-bias``
+    (float (1, H, T, T) requiring grad); the module docstring has the details."""
+
+    mask: str  # one of MASKED_KINDS
+    mode: str  # one of MODES
+    shape: tuple[int, int, int, int]  # (B, H, T, D)
+    dtype: torch.dtype
+
+    @property
+    def op_id(self) -> str:
+        return f"attention-{self.mask}"
+
+    def params(self) -> dict[str, str]:
+        batch, heads, seqlen, head_dim = self.shape
+        return {"mask": self.mask, "mode": self.mode,
+                "shape": f"B{batch} H{heads} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
+
+    def torch_function(self) -> Callable:
+        return torch_sdpa_masked
+
+    def fastllm_function(self) -> Callable:
+        return fastllm_sdpa_masked
+
+    def peers(self) -> dict[str, Callable]:
+        return {OLD_MASKED_PATH: old_masked_path}
+
+    def flops(self) -> int:
+        """The dense count (masked keys counted too), as AttentionCase's non-causal one."""
+        batch, heads, seqlen, head_dim = self.shape
+        forward = 4 * batch * heads * seqlen * seqlen * head_dim
+        return round(forward * (1 + BACKWARD_FLOPS_FACTOR)) if self.backward else forward
+
+    def mask_bytes(self) -> int:
+        batch, heads, seqlen, _ = self.shape
+        if self.mask == "padded":
+            return batch * seqlen  # bool (B, 1, 1, T)
+        return heads * seqlen * seqlen * self.dtype.itemsize  # (1, H, T, T)
+
+    def _elements(self) -> int:
+        batch, heads, seqlen, head_dim = self.shape
+        return batch * heads * seqlen * head_dim
+
+    def bytes_moved(self) -> int:
+        """AttentionCase's totals plus the mask: read once (forward) or, for the bias,
+        read twice and its gradient written (forward+backward)."""
+        qkv = (12 if self.backward else 4) * self._elements() * self.dtype.itemsize
+        mask_reads = 3 if self.backward and self.mask == "t5-bias" else 1
+        return qkv + mask_reads * self.mask_bytes()
+
+    def largest_output_bytes(self) -> int:
+        """out, one of dq, dk, dv, or the bias gradient."""
+        largest = self._elements() * self.dtype.itemsize
+        return max(largest, self.mask_bytes()) if self.mask == "t5-bias" else largest
+
+    def make_inputs(self, device: torch.device) -> CallInputs:
+        generator = torch.Generator(device=device).manual_seed(0)
+        batch, heads, seqlen, head_dim = self.shape
+
+        def randn(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=generator, device=device, dtype=self.dtype)
+
+        q, k, v = (randn(batch, heads, seqlen, head_dim).requires_grad_(self.backward)
+                   for _ in range(3))
+        differentiable: tuple[Tensor, ...] = (q, k, v)
+        if self.mask == "padded":
+            lengths = torch.tensor(padding_lengths(batch, seqlen), device=device)
+            keys = torch.arange(seqlen, device=device)
+            mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        else:
+            mask = randn(1, heads, seqlen, seqlen).requires_grad_(self.backward)
+            differentiable += (mask,)
+        if not self.backward:
+            return CallInputs((q, k, v, mask))
+        return CallInputs((q, k, v, mask), differentiable=differentiable,
+                          grad_outputs=(randn(batch, heads, seqlen, head_dim),))
+
+
+def masked_cases(quick: bool = False) -> list[MaskedAttentionCase]:
+    """The masked cases, in table order: shape, dtype, mask, mode."""
+    return [
+        MaskedAttentionCase(mask, mode, shape, dtype)
+        for shape, dtype, mask, mode in itertools.product(
+            QUICK_MASKED_SHAPES if quick else MASKED_SHAPES, DTYPES, MASKED_KINDS, MODES
         )
     ]

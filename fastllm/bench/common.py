@@ -346,6 +346,15 @@ class Result:
                    label=fastllm_label(backend) if contender == FASTLLM else contender, **fields)
 
 
+# Result.error's prefix for a contender that cannot run here (NotImplementedError: e.g. a
+# backend whose kernels lack a feature): shown as n/a, not counted as a failed run.
+NOT_AVAILABLE = "n/a:"
+
+
+def not_available(result: Result) -> bool:
+    return result.error is not None and result.error.startswith(NOT_AVAILABLE)
+
+
 def fill_ratios(results: Sequence[Result]) -> None:
     """Bandwidth and speedups, within each group of one case and THP setting."""
     groups: dict[tuple[str, str, str], list[Result]] = {}
@@ -424,7 +433,8 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
         )
         previous = key
         if result.error is not None:
-            rows.append([*case_cells, result.thp, result.label, "FAILED", *["-"] * 5, result.error])
+            status = "n/a" if not_available(result) else "FAILED"
+            rows.append([*case_cells, result.thp, result.label, status, *["-"] * 5, result.error])
             continue
         rate, ceiling = (
             (result.gflops, result.sgemm_gflops) if compute_bound else (result.gbs, result.copy_gbs)
@@ -625,6 +635,9 @@ def run_cases(
                         call, device, budget, warmed_up_s=time.perf_counter() - begin
                     )
                     result.time_s, result.repeats = timing.median_s, timing.repeats
+                except NotImplementedError as exc:  # a backend without the feature: n/a
+                    logger.warning("%s %s: %s n/a: %s", family, case.id, contender, exc)
+                    result.error = f"{NOT_AVAILABLE} {exc}".splitlines()[0][:120]
                 except Exception as exc:  # reported in the table and the exit status
                     logger.exception("%s %s: %s failed", family, case.id, contender)
                     result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]

@@ -1,5 +1,7 @@
 """MultiheadAttention: a drop-in replacement for torch.nn.MultiheadAttention whose attention
-core runs fastllm's fused kernels (``fastllm.functional.scaled_dot_product_attention``).
+core runs fastllm's fused kernels (``fastllm.functional.attention``, through the SDPA
+drop-in's helper ``fastllm.ops.attention._fused_sdpa``, which takes a causal hint, a key
+padding mask and a bias at once).
 
 Math (per batch element n and head h, with E = embed_dim, H = num_heads, D = E // H):
     q = query @ W_q^T + b_q,  k = key @ W_k^T + b_k,  v = value @ W_v^T + b_v
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as torch_F
 
-from fastllm import functional as F
+from fastllm.ops.attention import _fused_sdpa
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     or additive float, merged as torch merges them; ``add_bias_kv`` and ``add_zero_attn``;
     dropout on the attention probabilities in training mode only.
 
-    Without any mask (or with ``is_causal=True`` and no ``key_padding_mask``, where torch
-    also ignores ``attn_mask`` and trusts the hint) the fused kernel runs with no mask
-    materialised. Masks go to fastllm's slower masked path (O(L * S) memory).
+    Masks run the fused kernels too, with torch's semantics (its merge of the two masks
+    included): a boolean ``key_padding_mask`` becomes the kernels' own (N, S) key mask
+    (O(N * S) memory, nothing (L, S)-sized is formed); ``attn_mask`` becomes an additive bias
+    of its own shape ((L, S) or (N * H, L, S); a boolean one as 0 / -inf); a float
+    ``key_padding_mask`` is added to that bias as (N, 1, 1, S), as torch adds them. A float
+    mask that requires grad gets its gradient, as with torch. With ``is_causal=True`` and no
+    ``key_padding_mask`` (torch then ignores ``attn_mask`` and trusts the hint) the causal
+    kernel runs with no mask at all.
 
     Differences from torch, all on inputs where torch fails or gives NaN:
 
@@ -132,14 +139,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if is_causal and key_padding_mask is None:
             # torch's rule: the hint alone decides, attn_mask is not read.
             attn_mask = None
-        else:
-            if is_causal and attn_mask is None:
-                attn_mask = torch.ones(
-                    tgt_len, src_len, dtype=torch.bool, device=query.device
-                ).triu_(1)
-            # A merged mask is no longer causal.
+        elif is_causal and attn_mask is not None:
+            # torch merges attn_mask with key_padding_mask and then ignores the hint.
             is_causal = False
-
+        # Left: is_causal with a key_padding_mask and no attn_mask (fastllm's extension, as
+        # if attn_mask were the top-left (L, S) causal mask): the causal kernel reads no mask.
         q, k, v = self._in_projection(query, key, value)
         q, k, v = (_split_heads(t, num_heads, batch_first) for t in (q, k, v))  # (N, H, T, D)
 
@@ -155,13 +159,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(batch, num_heads, 1, self.head_dim)], dim=2)
             extra_keys += 1
 
-        mask = _sdpa_mask(
+        if is_causal and extra_keys and key_padding_mask is not None:
+            # As if attn_mask were the (L, S) causal mask: torch pads it with "allowed" for
+            # the appended keys, which the top-left causal kernel would hide from the first
+            # rows. (Without key_padding_mask torch runs SDPA's is_causal over them, as here.)
+            attn_mask, is_causal = _causal_ignore_mask(query, key, batch_first), False
+        attn_bias, keep = _fused_masks(
             attn_mask, key_padding_mask, batch, num_heads, tgt_len, src_len, extra_keys,
-            query.dtype,
+            q.dtype,
         )
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        out = _fused_sdpa(
+            q, k, v, self.head_dim ** -0.5, dropout_p, is_causal, attn_bias, keep
         )  # (N, H, L, D)
 
         if batch_first:
@@ -289,7 +298,7 @@ def _causal_ignore_mask(query: Tensor, key: Tensor, batch_first: bool) -> Tensor
     return torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).triu_(1)
 
 
-def _sdpa_mask(
+def _fused_masks(
     attn_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
     batch: int,
@@ -298,33 +307,43 @@ def _sdpa_mask(
     src_len: int,
     extra_keys: int,
     dtype: torch.dtype,
-) -> Optional[Tensor]:
-    """MHA's masks -> one mask for scaled_dot_product_attention, broadcastable to
-    (N, H, L, S + extra_keys).
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """MHA's masks -> the fused kernels' (attn_bias, key_padding_mask), torch's semantics.
 
-    MHA's boolean masks say True = ignore; SDPA's say True = take part. Two boolean masks stay
-    boolean (ignored if either says so), which is cheaper than torch's conversion to float;
-    if either is float, both become additive (a True becomes -inf, in ``dtype``) and are
-    summed, as torch does. ``extra_keys`` (bias_k/bias_v, zero attention) are appended keys
-    that every query may attend to.
+    MHA's boolean masks say True = may *not* attend; the kernels' key_padding_mask says
+    True = takes part. So:
+
+    - a boolean ``key_padding_mask`` (N, S) becomes the kernels' (N, S) mask (negated):
+      O(N * S), whatever else is given;
+    - ``attn_mask`` (L, S) or (N * H, L, S) becomes a bias of its own shape ((1, 1, L, S) or
+      (N, H, L, S), a view when it is float, else 0 / -inf in ``dtype``);
+    - a float ``key_padding_mask`` is an additive (N, 1, 1, S) bias, summed with
+      ``attn_mask``'s bias when both are given (torch adds them too).
+
+    torch converts every boolean mask to -inf and adds; the results are the same (up to
+    fully masked rows, which give zeros here and NaN in torch). ``extra_keys``
+    (bias_k / bias_v, zero attention) are appended keys every query may attend to.
     """
-    masks = []
+    bias = keep = None
     if attn_mask is not None:
         if attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, num_heads, tgt_len, src_len)
-        masks.append(attn_mask)
+        else:
+            attn_mask = attn_mask.view(1, 1, tgt_len, src_len)
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
+            bias = bias.masked_fill_(attn_mask, float("-inf"))
+        else:
+            bias = attn_mask
     if key_padding_mask is not None:
-        masks.append(key_padding_mask.view(batch, 1, 1, src_len))
-    if not masks:
-        return None
+        if key_padding_mask.dtype == torch.bool:
+            keep = ~key_padding_mask  # (N, S)
+        else:
+            padding = key_padding_mask.view(batch, 1, 1, src_len)
+            bias = padding if bias is None else bias + padding
     if extra_keys:
-        masks = [torch_F.pad(m, (0, extra_keys)) for m in masks]
-    if all(m.dtype == torch.bool for m in masks):
-        ignored = masks[0] if len(masks) == 1 else masks[0] | masks[1]
-        return ~ignored
-    additive = [
-        torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf")) if m.dtype == torch.bool
-        else m
-        for m in masks
-    ]
-    return additive[0] if len(additive) == 1 else additive[0] + additive[1]
+        if bias is not None:
+            bias = torch_F.pad(bias, (0, extra_keys))
+        if keep is not None:
+            keep = torch.cat([keep, keep.new_ones(batch, extra_keys)], dim=1)
+    return bias, keep

@@ -545,8 +545,81 @@ def _check_sdpa_mask(op: str, attn_mask: Any, query: Tensor, key: Tensor) -> Non
     check_same_device(op, "attn_mask", attn_mask, query)
 
 
-def _needs_reference_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Any) -> bool:
-    return attn_mask is not None or value.shape[-1] != query.shape[-1]
+def _needs_reference_sdpa(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """What the fused kernels cannot express: a value head dim Ev != E (the kernels take one
+    head dim for q, k and v)."""
+    return value.shape[-1] != query.shape[-1]
+
+
+def _sdpa_mask_4d(attn_mask: Tensor, query: Tensor, batch: int) -> Tensor:
+    """``attn_mask`` (broadcastable to the scores (..., H, L, S); (N, L, S) for 3-D inputs)
+    as a 4-D (Bm, Hm, Lm, Sm) tensor with each dim 1 or the scores' (B, H, L, S), B being
+    query's flattened batch dims, flattened exactly as query is. A view of the mask's own
+    storage: its broadcast dims stay size 1. Only a mask that varies over some of several
+    leading batch dims and broadcasts over others is copied, to (B, Hm, Lm, Sm) (the 4-D
+    strided view cannot express it)."""
+    m = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+    if query.dim() == 3:  # (N, L, S) scores: one head
+        return m.unsqueeze(1)
+    if all(n == 1 for n in m.shape[:-3]):
+        return m.reshape(1, *m.shape[-3:])
+    return m.expand(*query.shape[:-3], *m.shape[-3:]).reshape(batch, *m.shape[-3:])
+
+
+def _sdpa_masks(attn_mask: Tensor, query: Tensor, batch: int, src_len: int):
+    """(attn_bias, key_padding_mask) for ``attention`` from SDPA's ``attn_mask``.
+
+    - boolean, depending on neither the head nor the query (shape (N, 1, 1, S), (S,), ...
+      after broadcasting): a (B, S) key padding mask (a stride-0 view where it broadcasts);
+    - any other boolean mask: an additive bias of query's dtype, 0 where True and -inf where
+      False, at the mask's own (unexpanded) shape: it costs the mask's own elements;
+    - floating: the bias itself (attention casts it to q's dtype, differentiably, and
+      expands it; the gradient reaches attn_mask when it requires one)."""
+    m = _sdpa_mask_4d(attn_mask, query, batch)  # (Bm, Hm, Lm, Sm)
+    if m.dtype != torch.bool:
+        return m, None
+    if m.shape[1] == 1 and m.shape[2] == 1:
+        return None, m[:, 0, 0, :].expand(batch, src_len)  # (B, S)
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(m, zero, torch.full_like(zero, float("-inf"))), None
+
+
+def _fused_sdpa(
+    q4: Tensor,
+    k4: Tensor,
+    v4: Tensor,
+    scale: float,
+    dropout_p: float,
+    is_causal: bool,
+    attn_bias: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """SDPA's math on (B, H, L, E) / (B, Hkv, S, E) tensors through the fused kernels:
+    ``is_causal`` aligned top-left (torch's), optionally together with an additive
+    ``attn_bias`` (4-D, broadcastable to (B, H, L, S)) and a bool ``key_padding_mask``
+    (B, S), True = take part. Returns (B, H, L, E). (fastllm.nn.MultiheadAttention calls it
+    too, with a causal hint and a key padding mask at once.)"""
+    L, S = q4.shape[2], k4.shape[2]
+    causal, window_right = False, -1
+    if is_causal:
+        # torch aligns the causal mask top-left (row i sees keys 0..i); the kernels align it
+        # bottom-right. S > L: keys past L are never seen, so drop them and align both ends.
+        # S < L: a right window of L - S from the bottom-right diagonal is the same mask.
+        if S >= L:
+            k4, v4, causal = k4[:, :, :L], v4[:, :, :L], True
+            if attn_bias is not None:
+                attn_bias = attn_bias[..., :L]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, :L]
+        else:
+            window_right = L - S
+    # (B, H, T, E) -> (B, T, H, E) views: the kernels take any strides.
+    out = attention(
+        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), causal=causal,
+        softmax_scale=scale, window_size=(-1, window_right), dropout_p=dropout_p,
+        attn_bias=attn_bias, key_padding_mask=key_padding_mask,
+    )
+    return out.transpose(1, 2)  # (B, H, L, E)
 
 
 def scaled_dot_product_attention(
@@ -560,15 +633,33 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
 ) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: ``(..., H, L, E)``
-    query, ``(..., Hkv, S, E)`` key, ``(..., Hkv, S, Ev)`` value (3-D inputs are one head),
-    ``is_causal`` aligned top-left exactly like torch's, ``enable_gqa`` as torch.
+    query, ``(..., Hkv, S, E)`` key, ``(..., Hkv, S, Ev)`` value (3-D inputs are one head;
+    leading batch dims are flattened), ``is_causal`` aligned top-left exactly like torch's,
+    ``scale`` and ``enable_gqa`` as torch.
 
-    Without ``attn_mask`` it runs the fused kernels on transposed views (no copies). With a
-    boolean (True = take part) or additive ``attn_mask`` — or ``Ev != E`` — it runs a slower
-    plain-PyTorch path with O(L * S) memory that gives the same results. One deliberate
-    difference from torch: a query row whose keys are all masked gives zeros, not NaN.
-    ``dropout_p > 0`` uses fastllm's dropout mask (torch's own on the masked path), so the
-    dropped entries differ from torch's for the same seed.
+    It runs the fused kernels on transposed views (no copies of q, k, v), masks included.
+    ``attn_mask`` broadcastable to ``(..., L, S)``, as torch takes it:
+
+    - boolean (True = take part) that depends on neither the head nor the query, e.g.
+      ``(N, 1, 1, S)`` (a key padding mask): passed as ``key_padding_mask`` ``(B, S)``,
+      O(B * S) memory;
+    - any other boolean mask (``(L, S)``, ``(N, H, L, S)``, ``(1, 1, L, S)`` ...): an
+      additive bias of query's dtype (0 / -inf) at the mask's own, unexpanded shape, so it
+      costs as many elements as the mask itself;
+    - floating (added to the scores): passed as ``attn_bias``; it gets a gradient when it
+      requires one, as with torch.
+
+    ``attn_mask`` together with ``is_causal=True`` is refused, as torch refuses it. On the
+    reference backend the same routing runs ``attention``'s reference (attention_ref).
+
+    What still runs the plain-PyTorch path (O(L * S) memory, same results): ``Ev != E``
+    (value's head dim differing from query's), with or without a mask; there,
+    ``dropout_p > 0`` uses torch's own SDPA and dropout mask.
+
+    Differences from torch: a query row whose keys are all masked (every entry False, or
+    -inf) gives zeros and zero gradients, not NaN. ``dropout_p > 0`` uses fastllm's dropout
+    mask (a hash of a seed drawn from torch's generator, masks or not), so the dropped
+    entries differ from torch's for the same seed; the distribution is the same.
     """
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -621,35 +712,24 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
 
-    if _needs_reference_sdpa(query, key, value, attn_mask) or IMPLS.select(query) is None:
-        # The slower path: masks (and Ev != E) run the reference composition, O(L * S)
-        # memory, with the fused kernels' semantics (a fully masked row gives zeros).
+    if _needs_reference_sdpa(query, key, value):
+        # The plain path: Ev != E runs the reference composition, O(L * S) memory, with the
+        # fused kernels' semantics (a fully masked row gives zeros).
         if dropout_p > 0:
             return _reference_sdpa_dropout(query, key, value, attn_mask, dropout_p, is_causal,
                                            scale, enable_gqa)
         return ref.sdpa_ref(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
-    L, S = q4.shape[2], k4.shape[2]
-    causal, window_right = False, -1
-    if is_causal:
-        # torch aligns the causal mask top-left (row i sees keys 0..i); the kernels align it
-        # bottom-right. S > L: keys past L are never seen, so drop them and align both ends.
-        # S < L: a right window of L - S from the bottom-right diagonal is the same mask.
-        if S >= L:
-            k4, v4, causal = k4[:, :, :L], v4[:, :, :L], True
-        else:
-            window_right = L - S
-    # (B, H, T, E) -> (B, T, H, E) views: the kernels take any strides.
-    out = attention(
-        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), causal=causal,
-        softmax_scale=scale, window_size=(-1, window_right), dropout_p=dropout_p,
-    )
-    out = out.transpose(1, 2)  # (B, H, L, E)
+    attn_bias = key_padding_mask = None
+    if attn_mask is not None:
+        attn_bias, key_padding_mask = _sdpa_masks(attn_mask, query, q4.shape[0], k4.shape[2])
+    out = _fused_sdpa(q4, k4, v4, scale, dropout_p, is_causal, attn_bias, key_padding_mask)
     return out.reshape(query.shape[:-1] + (value.shape[-1],))
 
 
 def _reference_sdpa_dropout(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """The masked path with dropout: torch's own math (its dropout mask, not fastllm's hash)."""
+    """The plain path (Ev != E) with dropout: torch's own math (its dropout mask, not
+    fastllm's hash)."""
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         # A fully masked row must give zeros, not torch's NaN: give it one harmless key.
         attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2])

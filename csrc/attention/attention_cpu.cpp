@@ -522,7 +522,7 @@ struct ActiveRows {
 // Without a mask: [0, kBlockK), not mixed.
 struct KeyTile {
   int lo = 0, hi = kBlockK;
-  const uint8_t* mask = nullptr;  // non-null iff mixed
+  const uint8_t* mask = nullptr;  // key_padding_mask, non-null iff mixed (and given)
   int64_t stride = 0;
 
   // The columns of a score tile that the products must form: [0, round_up(hi)), at most Np.
@@ -545,11 +545,26 @@ struct KeyTile {
 // live key is skipped whole (right padding: the blocks past a sequence's length cost
 // nothing), a block whose live keys are one range [lo, hi) narrows the rows' bands to it
 // (exact zeros, no per-element work: every block of right or left padding), and only other
-// blocks set their masked scores to -inf (KeyTile::mask_scores).
+// blocks set their masked scores to -inf (KeyTile::mask_scores). An attn_bias broadcast over
+// heads and queries (strides 0: BERT's additive (B, 1, 1, Tk) padding mask) counts too: a
+// key whose bias is -inf is dead for every row of its sequence, so dropping it from the
+// bands changes nothing (p = 0 and ds = 0 either way) but skips its blocks; such keys inside
+// a mixed block get their -inf from the bias itself. T: the bias's storage type.
 class KeyBlocks {
  public:
-  KeyBlocks(const Problem& p, int64_t k_blocks) : p_(p), k_blocks_(k_blocks) {
-    if (p.key_padding_mask == nullptr) return;
+  template <class T>
+  KeyBlocks(const Problem& p, int64_t k_blocks, const T* bias) : p_(p), k_blocks_(k_blocks) {
+    const bool key_bias =
+        bias != nullptr && p.bias_stride_q == 0 && p.bias_stride_h == 0;
+    if (p.key_padding_mask == nullptr && !key_bias) return;
+    auto live_key = [&](int64_t b, int64_t j) {
+      if (p.key_padding_mask != nullptr &&
+          p.key_padding_mask[b * p.kpm_stride_b + j * p.kpm_stride_k] == 0) {
+        return false;
+      }
+      return !key_bias || to_acc(bias[b * p.bias_stride_b + j * p.bias_stride_k]) !=
+                              -std::numeric_limits<AccOf<T>>::infinity();
+    };
     lo_.resize(p.batch * k_blocks);
     hi_.resize(p.batch * k_blocks);
     mixed_.resize(p.batch * k_blocks);
@@ -557,10 +572,9 @@ class KeyBlocks {
       for (int64_t kb = 0; kb < k_blocks; ++kb) {
         const int64_t j0 = kb * kBlockK;
         const int nk = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - j0));
-        const uint8_t* m = p.key_padding_mask + b * p.kpm_stride_b + j0 * p.kpm_stride_k;
         int lo = nk, hi = 0, live = 0;
         for (int c = 0; c < nk; ++c) {
-          if (m[c * p.kpm_stride_k] == 0) continue;
+          if (!live_key(b, j0 + c)) continue;
           lo = std::min(lo, c);
           hi = c + 1;
           ++live;
@@ -583,7 +597,7 @@ class KeyBlocks {
     const int64_t e = b * k_blocks_ + kb;
     t.lo = lo_[e];
     t.hi = hi_[e];
-    if (mixed_[e]) {
+    if (mixed_[e] && p_.key_padding_mask != nullptr) {
       t.mask = p_.key_padding_mask + b * p_.kpm_stride_b + kb * kBlockK * p_.kpm_stride_k;
       t.stride = p_.kpm_stride_k;
     }
@@ -737,7 +751,7 @@ void attention_fwd_typed(const FwdParams& p) {
   const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
       v(p.v, p.stride_v, p.cu_seqlens_k);
   const Rows<T> out(p.out, p.stride_out, p.cu_seqlens_q);
-  const KeyBlocks key_blocks(p, k_blocks);
+  const KeyBlocks key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias));
 #pragma omp parallel
   {
     std::vector<Acc> q_tile(kBlockQ * Dp), s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp);
@@ -912,7 +926,7 @@ struct BwdInputs {
         dk(p.dk, p.stride_dk, p.cu_seqlens_k),
         dv(p.dv, p.stride_dv, p.cu_seqlens_k),
         delta(softmax_delta(p, D, out, dout)),
-        key_blocks(p, k_blocks) {}
+        key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias)) {}
 
   // lse and D of the query rows from i0 on of (b, h).
   const Acc* lse(int64_t b, int64_t h, int64_t i0) const {

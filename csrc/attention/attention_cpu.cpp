@@ -14,7 +14,15 @@
 //     sequence b at cu_seqlens[b] + i), and seqused_k (only the first seqused_k[b] keys, the
 //     KV cache); the mask, ALiBi and the dropout hash all use positions inside sequence b;
 //   - causal (bottom-right aligned) and sliding-window masks, soft-capping, ALiBi, dropout,
-//     GQA / MQA. A feature that is off costs one branch per tile.
+//     GQA / MQA. A feature that is off costs one branch per tile;
+//   - (padded batches) an additive attn_bias of any strides (stride 0 = broadcast), added
+//     to the score tile after the softcap and ALiBi, with its gradient dbias = ds (before the
+//     softcap's derivative) stored by the dq tile loop, which both backward schemes share, so
+//     each element is written once; and a key_padding_mask, summarised once per call per
+//     (batch, key block) (KeyBlocks): blocks without live keys are skipped, blocks whose
+//     live keys are one range narrow the rows' bands (and the score columns formed), other
+//     blocks set their masked scores to -inf. A row whose scores are all -inf gets out = 0,
+//     lse = -inf and zero gradients (the online softmax shifts by 0 when its max is -inf).
 //
 // Design (FlashAttention-2 on a CPU):
 //   - Tiles of kBlockQ queries x kBlockK keys. The Tq x Tk score matrix never exists; extra
@@ -38,7 +46,7 @@
 //     sequence (blocks past a sequence's end do nothing); online softmax keeps per-row max m
 //     and sum l and rescales the fp32 output tile when m grows (the AVX-512 path only when a
 //     score exceeds m by more than 8, see online_softmax_row); key blocks that the mask
-//     excludes for every row of the tile are skipped (causal / window).
+//     excludes for every row of the tile are skipped (causal / window, key padding).
 //   - Backward: D first, then one of two schemes with the same tiles, products and summation
 //     orders (so the same bits for any thread count):
 //       single pass: one task per (batch, kv head) loops over the group's query heads and

@@ -14,6 +14,9 @@
 //   - logit soft-capping, ALiBi with (H,) and (B, H) slopes, dropout (the reference draws
 //     the same hash from attention.h), each alone and combined with the others and with GQA,
 //     windows and varlen;
+//   - key_padding_mask (right padding, random keys, a fully padded sequence) and attn_bias
+//     (full, or (B, 1, 1, Tk) broadcast with -inf entries and all -inf rows), with dbias,
+//     alone and with causal, windows, softcap, ALiBi, dropout and GQA;
 // and: both backward schemes (1 and 16 OpenMP threads); bitwise equal results for 1 and 3
 // threads (with every feature on; they also run different backward schemes);
 // dropout's mask element for element and its kept fraction (v = identity makes out = z p

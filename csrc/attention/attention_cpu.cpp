@@ -14,7 +14,15 @@
 //     sequence b at cu_seqlens[b] + i), and seqused_k (only the first seqused_k[b] keys, the
 //     KV cache); the mask, ALiBi and the dropout hash all use positions inside sequence b;
 //   - causal (bottom-right aligned) and sliding-window masks, soft-capping, ALiBi, dropout,
-//     GQA / MQA. A feature that is off costs one branch per tile.
+//     GQA / MQA. A feature that is off costs one branch per tile;
+//   - (padded batches) an additive attn_bias of any strides (stride 0 = broadcast), added
+//     to the score tile after the softcap and ALiBi, with its gradient dbias = ds (before the
+//     softcap's derivative) stored by the dq tile loop, which both backward schemes share, so
+//     each element is written once; and a key_padding_mask, summarised once per call per
+//     (batch, key block) (KeyBlocks): blocks without live keys are skipped, blocks whose
+//     live keys are one range narrow the rows' bands (and the score columns formed), other
+//     blocks set their masked scores to -inf. A row whose scores are all -inf gets out = 0,
+//     lse = -inf and zero gradients (the online softmax shifts by 0 when its max is -inf).
 //
 // Design (FlashAttention-2 on a CPU):
 //   - Tiles of kBlockQ queries x kBlockK keys. The Tq x Tk score matrix never exists; extra
@@ -38,7 +46,7 @@
 //     sequence (blocks past a sequence's end do nothing); online softmax keeps per-row max m
 //     and sum l and rescales the fp32 output tile when m grows (the AVX-512 path only when a
 //     score exceeds m by more than 8, see online_softmax_row); key blocks that the mask
-//     excludes for every row of the tile are skipped (causal / window).
+//     excludes for every row of the tile are skipped (causal / window, key padding).
 //   - Backward: D first, then one of two schemes with the same tiles, products and summation
 //     orders (so the same bits for any thread count):
 //       single pass: one task per (batch, kv head) loops over the group's query heads and
@@ -305,10 +313,14 @@ struct ScalarOps {
       Acc row_max = -std::numeric_limits<Acc>::infinity();
       for (int j = begin[r]; j < end[r]; ++j) row_max = std::max(row_max, s[j]);
       const Acc m_new = std::max(m[r], row_max);
-      const Acc alpha = std::exp(m[r] - m_new);  // 0 while the row had no key yet
+      // 0 while the row had no finite score yet; a max of -inf (every score so far -inf, an
+      // additive mask) shifts by 0, so exp(-inf - shift) = 0, never exp(-inf + inf) = NaN.
+      const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+      const Acc alpha = m[r] == neg_inf ? Acc(0) : std::exp(m[r] - m_new);
+      const Acc shift = m_new == neg_inf ? Acc(0) : m_new;
       Acc sum = 0;
       for (int j = 0; j < N; ++j) {
-        s[j] = j >= begin[r] && j < end[r] ? std::exp(s[j] - m_new) : Acc(0);
+        s[j] = j >= begin[r] && j < end[r] ? std::exp(s[j] - shift) : Acc(0);
         sum += s[j];
       }
       l[r] = l[r] * alpha + sum;
@@ -422,8 +434,9 @@ struct Avx2Ops {
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       h = _mm_max_ss(h, _mm_movehdup_ps(h));
       const float m_new = std::max(m[r], _mm_cvtss_f32(h));
-      const float alpha = std::exp(m[r] - m_new);  // 0 while the row had no key yet
-      const __m256 vm = _mm256_set1_ps(m_new);
+      // 0 while the row had no finite score yet; a max of -inf shifts by 0 (no NaN).
+      const float alpha = m[r] == neg_inf ? 0.0f : std::exp(m[r] - m_new);
+      const __m256 vm = _mm256_set1_ps(m_new == neg_inf ? 0.0f : m_new);
       __m256 vsum = _mm256_setzero_ps();
       for (int j = 0; j < N; j += 8) {
         const __m256 p = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
@@ -511,13 +524,110 @@ struct ActiveRows {
   int count() const { return last - first; }
 };
 
-// Allowed keys of query rows [i0, i0 + rows) relative to key tile [j0, j0 + nk).
-ActiveRows tile_bands(const Mask& mask, int64_t i0, int rows, int64_t j0, int nk, int* begin,
-                      int* end) {
+// The key padding mask of one key tile (KeyBlocks::tile): its live keys lie in [lo, hi)
+// (relative to the tile); mixed: some key inside that range is masked too (then mask points
+// at the tile's first mask byte, stride apart), else every key of [lo, hi) takes part.
+// Without a mask: [0, kBlockK), not mixed.
+struct KeyTile {
+  int lo = 0, hi = kBlockK;
+  const uint8_t* mask = nullptr;  // key_padding_mask, non-null iff mixed (and given)
+  int64_t stride = 0;
+
+  // The columns of a score tile that the products must form: [0, round_up(hi)), at most Np.
+  int columns(int Np) const { return std::min(Np, round_up(hi, kColPad)); }
+
+  // s[r][c] <- -inf for the masked keys c < ns of [lo, hi) (mixed tiles only; the band
+  // already excludes the columns outside [lo, hi)). Rows of Ns scores.
+  template <class Acc>
+  void mask_scores(Acc* s, int rows, int Ns, int ns) const {
+    if (mask == nullptr) return;
+    const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+    for (int c = lo; c < std::min(hi, ns); ++c) {
+      if (mask[c * stride] != 0) continue;
+      for (int r = 0; r < rows; ++r) s[static_cast<int64_t>(r) * Ns + c] = neg_inf;
+    }
+  }
+};
+
+// key_padding_mask summarised per (batch, key block), O(B Tk) once per call: a block with no
+// live key is skipped whole (right padding: the blocks past a sequence's length cost
+// nothing), a block whose live keys are one range [lo, hi) narrows the rows' bands to it
+// (exact zeros, no per-element work: every block of right or left padding), and only other
+// blocks set their masked scores to -inf (KeyTile::mask_scores). An attn_bias broadcast over
+// heads and queries (strides 0: BERT's additive (B, 1, 1, Tk) padding mask) counts too: a
+// key whose bias is -inf is dead for every row of its sequence, so dropping it from the
+// bands changes nothing (p = 0 and ds = 0 either way) but skips its blocks; such keys inside
+// a mixed block get their -inf from the bias itself. T: the bias's storage type.
+class KeyBlocks {
+ public:
+  template <class T>
+  KeyBlocks(const Problem& p, int64_t k_blocks, const T* bias) : p_(p), k_blocks_(k_blocks) {
+    const bool key_bias =
+        bias != nullptr && p.bias_stride_q == 0 && p.bias_stride_h == 0;
+    if (p.key_padding_mask == nullptr && !key_bias) return;
+    auto live_key = [&](int64_t b, int64_t j) {
+      if (p.key_padding_mask != nullptr &&
+          p.key_padding_mask[b * p.kpm_stride_b + j * p.kpm_stride_k] == 0) {
+        return false;
+      }
+      return !key_bias || to_acc(bias[b * p.bias_stride_b + j * p.bias_stride_k]) !=
+                              -std::numeric_limits<AccOf<T>>::infinity();
+    };
+    lo_.resize(p.batch * k_blocks);
+    hi_.resize(p.batch * k_blocks);
+    mixed_.resize(p.batch * k_blocks);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        const int64_t j0 = kb * kBlockK;
+        const int nk = static_cast<int>(std::min<int64_t>(kBlockK, p.seqlen_k - j0));
+        int lo = nk, hi = 0, live = 0;
+        for (int c = 0; c < nk; ++c) {
+          if (!live_key(b, j0 + c)) continue;
+          lo = std::min(lo, c);
+          hi = c + 1;
+          ++live;
+        }
+        const int64_t e = b * k_blocks + kb;
+        lo_[e] = lo < hi ? lo : 0;
+        hi_[e] = lo < hi ? hi : 0;
+        mixed_[e] = live > 0 && live < hi - lo;
+      }
+    }
+  }
+
+  // True when no key of block kb of sequence b takes part.
+  bool dead(int64_t b, int64_t kb) const {
+    return !lo_.empty() && hi_[b * k_blocks_ + kb] == 0;
+  }
+  KeyTile tile(int64_t b, int64_t kb) const {
+    KeyTile t;
+    if (lo_.empty()) return t;
+    const int64_t e = b * k_blocks_ + kb;
+    t.lo = lo_[e];
+    t.hi = hi_[e];
+    if (mixed_[e] && p_.key_padding_mask != nullptr) {
+      t.mask = p_.key_padding_mask + b * p_.kpm_stride_b + kb * kBlockK * p_.kpm_stride_k;
+      t.stride = p_.kpm_stride_k;
+    }
+    return t;
+  }
+
+ private:
+  const Problem& p_;
+  int64_t k_blocks_;
+  std::vector<int> lo_, hi_;
+  std::vector<char> mixed_;
+};
+
+// Allowed keys of query rows [i0, i0 + rows) relative to key tile [j0, j0 + nk), within the
+// tile's live keys [kt.lo, kt.hi).
+ActiveRows tile_bands(const Mask& mask, int64_t i0, int rows, int64_t j0, int nk,
+                      const KeyTile& kt, int* begin, int* end) {
   ActiveRows active{rows, rows};
+  const int lo = std::min(kt.lo, nk), hi = std::min(kt.hi, nk);
   for (int r = 0; r < rows; ++r) {
-    begin[r] = static_cast<int>(std::clamp<int64_t>(mask.key_begin(i0 + r) - j0, 0, nk));
-    end[r] = static_cast<int>(std::clamp<int64_t>(mask.key_end(i0 + r) - j0, 0, nk));
+    begin[r] = static_cast<int>(std::clamp<int64_t>(mask.key_begin(i0 + r) - j0, lo, hi));
+    end[r] = static_cast<int>(std::clamp<int64_t>(mask.key_end(i0 + r) - j0, lo, hi));
     if (begin[r] < end[r]) {
       active.first = std::min(active.first, r);
       active.last = r + 1;
@@ -549,6 +659,9 @@ struct ScoreMods {
   uint32_t head_key;     // dropout_head_key(seed, b, h, H)
   uint32_t threshold;    // dropout_threshold(dropout_p)
   Acc keep_scale;        // 1 / (1 - dropout_p)
+  const void* bias;      // attn_bias (storage type), nullptr: off
+  int64_t bias_offset;   // of element (b, h, 0, 0)
+  int64_t bias_stride_q, bias_stride_k;
 
   ScoreMods(const Problem& p, int64_t b, int64_t h, const SeqLens& len)
       : softcap(static_cast<Acc>(p.softcap)),
@@ -558,7 +671,29 @@ struct ScoreMods {
         dropout(p.dropout_p > 0),
         head_key(dropout ? dropout_head_key(*p.dropout_seed, b, h, p.num_heads) : 0),
         threshold(dropout ? dropout_threshold(p.dropout_p) : 0),
-        keep_scale(static_cast<Acc>(1.0 / (1.0 - p.dropout_p))) {}
+        keep_scale(static_cast<Acc>(1.0 / (1.0 - p.dropout_p))),
+        bias(p.attn_bias),
+        bias_offset(b * p.bias_stride_b + h * p.bias_stride_h),
+        bias_stride_q(p.bias_stride_q),
+        bias_stride_k(p.bias_stride_k) {}
+
+  // s[r][c] += attn_bias[b, h, i + r, j0 + c] for c < nk (after transform: the bias follows
+  // the softcap and ALiBi); rows of Ns scores. T is the bias's storage type (q's).
+  template <class T>
+  void add_bias(Acc* s, int rows, int Ns, int nk, int64_t i, int64_t j0) const {
+    if (bias == nullptr) return;
+    const T* first = static_cast<const T*>(bias) + bias_offset + i * bias_stride_q +
+                     j0 * bias_stride_k;
+    for (int r = 0; r < rows; ++r) {
+      const T* in = first + r * bias_stride_q;
+      Acc* row = s + static_cast<int64_t>(r) * Ns;
+      if (bias_stride_k == 1) {  // a loop the compiler vectorises
+        for (int c = 0; c < nk; ++c) row[c] += to_acc(in[c]);
+      } else {
+        for (int c = 0; c < nk; ++c) row[c] += to_acc(in[c * bias_stride_k]);
+      }
+    }
+  }
 
   // Scores s (rows x Np; row r is query i + r, column c key j0 + c) before the softmax:
   // s <- softcap * tanh(s / softcap), then s -= slope * |i + r + diagonal - j0 - c|. With
@@ -624,6 +759,7 @@ void attention_fwd_typed(const FwdParams& p) {
   const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
       v(p.v, p.stride_v, p.cu_seqlens_k);
   const Rows<T> out(p.out, p.stride_out, p.cu_seqlens_q);
+  const KeyBlocks key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias));
 #pragma omp parallel
   {
     std::vector<Acc> q_tile(kBlockQ * Dp), s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp);
@@ -652,8 +788,12 @@ void attention_fwd_typed(const FwdParams& p) {
       const int64_t k_begin = mask.key_begin(i0);
       const int64_t k_end = mask.key_end(i0 + mq - 1);
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+        if (key_blocks.dead(b, j0 / kBlockK)) continue;
+        const KeyTile key_tile = key_blocks.tile(b, j0 / kBlockK);
         const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
         const int Np = round_up(nk, kColPad);
+        // The score columns formed: those up to the last live key (Np without a mask).
+        const int Ns = key_tile.columns(Np);
         const int64_t slice = b * p.num_kv_heads + hk;
         const Acc* kt_tile = kt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
           pack_transposed<Ops>(k, b, j0, hk, nk, Np, D, Dp, dst);
@@ -661,19 +801,22 @@ void attention_fwd_typed(const FwdParams& p) {
         const Acc* v_tile = v_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
           pack_rows(v, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
         });
-        const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, begin, end);
+        const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, key_tile, begin, end);
         const int r0 = rows.first;
-        Acc* s = s_tile.data() + r0 * Np;
+        const int ns = std::min(nk, Ns);  // the real keys among the Ns columns
+        Acc* s = s_tile.data() + r0 * Ns;
         Acc* o = o_tile.data() + r0 * Dp;
-        Ops::gemm(rows.count(), Np, Dp, q_tile.data() + r0 * Dp, Dp, 1, kt_tile, Np, s, Np, false);
-        mods.transform(s, nullptr, rows.count(), Np, i0 + r0, j0);
-        Ops::online_softmax(s, rows.count(), Np, begin + r0, end + r0, m.data() + r0,
+        Ops::gemm(rows.count(), Ns, Dp, q_tile.data() + r0 * Dp, Dp, 1, kt_tile, Np, s, Ns, false);
+        mods.transform(s, nullptr, rows.count(), Ns, i0 + r0, j0);
+        mods.template add_bias<T>(s, rows.count(), Ns, ns, i0 + r0, j0);
+        key_tile.mask_scores(s, rows.count(), Ns, ns);
+        Ops::online_softmax(s, rows.count(), Ns, begin + r0, end + r0, m.data() + r0,
                             l.data() + r0, o, Dp);
         if (mods.dropout) {  // after the softmax: l (and lse) keep the undropped sum
           dropout_col_keys(j0, nk, col_keys);
-          mods.template drop<Ops>(s, rows.count(), Np, nk, row_keys + r0, col_keys);
+          mods.template drop<Ops>(s, rows.count(), Ns, ns, row_keys + r0, col_keys);
         }
-        Ops::gemm(rows.count(), Dp, Np, s, Np, 1, v_tile, Dp, o, Dp, true);
+        Ops::gemm(rows.count(), Dp, Ns, s, Ns, 1, v_tile, Dp, o, Dp, true);
       }
       Acc* lse = static_cast<Acc*>(p.lse) + lse_offset(p, b, h) + i0;
       for (int r = 0; r < mq; ++r) {
@@ -707,41 +850,57 @@ struct BwdTiles {
 };
 
 // The recomputed tile of backward: t.s <- p (undropped), t.dp <- ds for the query tile in
-// t.q, t.dout (rows [i0, i0 + mq)) against the key tile in t.kt, t.vt (keys [j0, j0 + nk));
-// t.row_keys / t.col_keys hold the tile's dropout keys when dropout is on. Only the tile's
-// active rows are computed (and returned); the products that follow must use just those.
-template <class Ops, class Acc>
-ActiveRows recompute_ds(const Mask& mask, const ScoreMods<Acc>& mods, int64_t i0, int mq,
-                        int64_t j0, int nk, int Np, int Dp, const Acc* lse, const Acc* delta,
-                        BwdTiles<Acc>& t) {
-  const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, t.begin, t.end);
+// t.q, t.dout (rows [i0, i0 + mq)) against the key tile in t.kt, t.vt (keys [j0, j0 + nk),
+// packed Np columns wide, of which the first Ns = kt.columns(Np) are formed: t.s and t.dp
+// are rows of Ns); t.row_keys / t.col_keys hold the tile's dropout keys when dropout is on.
+// Only the tile's active rows are computed (and returned); the products that follow must
+// use just those. dbias != nullptr (element (i0, j0) of (b, h)'s dbias, rows dbias_ld
+// apart): ds before the softcap's derivative is stored there.
+template <class Ops, class T, class Acc>
+ActiveRows recompute_ds(const Mask& mask, const ScoreMods<Acc>& mods, const KeyTile& kt,
+                        int64_t i0, int mq, int64_t j0, int nk, int Np, int Dp, const Acc* lse,
+                        const Acc* delta, BwdTiles<Acc>& t, T* dbias, int64_t dbias_ld) {
+  const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, kt, t.begin, t.end);
+  const int Ns = kt.columns(Np);
+  const int ns = std::min(nk, Ns);
   const int r0 = rows.first;
-  Acc* s = t.s.data() + r0 * Np;
-  Acc* dp = t.dp.data() + r0 * Np;
-  Acc* dcap = mods.softcap > 0 ? t.dcap.data() + r0 * Np : nullptr;
-  Ops::gemm(rows.count(), Np, Dp, t.q + r0 * Dp, Dp, 1, t.kt, Np, s, Np, false);
-  mods.transform(s, dcap, rows.count(), Np, i0 + r0, j0);
-  Ops::gemm(rows.count(), Np, Dp, t.dout + r0 * Dp, Dp, 1, t.vt, Np, dp, Np, false);
-  if (mods.dropout) mods.template drop<Ops>(dp, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
-  Ops::softmax_grad(s, dp, rows.count(), Np, t.begin + r0, t.end + r0, lse + r0, delta + r0);
+  Acc* s = t.s.data() + r0 * Ns;
+  Acc* dp = t.dp.data() + r0 * Ns;
+  Acc* dcap = mods.softcap > 0 ? t.dcap.data() + r0 * Ns : nullptr;
+  Ops::gemm(rows.count(), Ns, Dp, t.q + r0 * Dp, Dp, 1, t.kt, Np, s, Ns, false);
+  mods.transform(s, dcap, rows.count(), Ns, i0 + r0, j0);
+  mods.template add_bias<T>(s, rows.count(), Ns, ns, i0 + r0, j0);
+  kt.mask_scores(s, rows.count(), Ns, ns);
+  Ops::gemm(rows.count(), Ns, Dp, t.dout + r0 * Dp, Dp, 1, t.vt, Np, dp, Ns, false);
+  if (mods.dropout) mods.template drop<Ops>(dp, rows.count(), Ns, ns, t.row_keys + r0, t.col_keys);
+  Ops::softmax_grad(s, dp, rows.count(), Ns, t.begin + r0, t.end + r0, lse + r0, delta + r0);
+  if (dbias != nullptr) {
+    for (int r = 0; r < rows.count(); ++r) {
+      T* out = dbias + (r0 + r) * dbias_ld;
+      const Acc* in = dp + static_cast<int64_t>(r) * Ns;
+      for (int c = 0; c < ns; ++c) out[c] = from_acc<T>(in[c]);
+    }
+  }
   if (dcap != nullptr) {
-    for (int64_t e = 0; e < int64_t{rows.count()} * Np; ++e) dp[e] *= dcap[e];
+    for (int64_t e = 0; e < int64_t{rows.count()} * Ns; ++e) dp[e] *= dcap[e];
   }
   return rows;
 }
 
-// dv += (z p)^T dout and dk += ds^T (scale q) for the tile recompute_ds just formed, into the
-// key tile's rows dk / dv (Np x Dp); p and ds are read transposed in place.
+// dv += (z p)^T dout and dk += ds^T (scale q) for the tile recompute_ds just formed (Ns
+// score columns), into the key tile's rows dk / dv (Ns x Dp; the rows past Ns, keys no row
+// sees, get nothing); p and ds are read transposed in place.
 template <class Ops, class Acc>
-void accumulate_dk_dv(const ScoreMods<Acc>& mods, const ActiveRows& rows, int nk, int Np,
+void accumulate_dk_dv(const ScoreMods<Acc>& mods, const ActiveRows& rows, int nk, int Ns,
                       int Dp, BwdTiles<Acc>& t, Acc* dk, Acc* dv) {
   const int r0 = rows.first;
-  Acc* p_tile = t.s.data() + r0 * Np;
+  Acc* p_tile = t.s.data() + r0 * Ns;
   if (mods.dropout) {
-    mods.template drop<Ops>(p_tile, rows.count(), Np, nk, t.row_keys + r0, t.col_keys);
+    mods.template drop<Ops>(p_tile, rows.count(), Ns, std::min(nk, Ns), t.row_keys + r0,
+                            t.col_keys);
   }
-  Ops::gemm(Np, Dp, rows.count(), p_tile, 1, Np, t.dout + r0 * Dp, Dp, dv, Dp, true);
-  Ops::gemm(Np, Dp, rows.count(), t.dp.data() + r0 * Np, 1, Np, t.q + r0 * Dp, Dp, dk, Dp,
+  Ops::gemm(Ns, Dp, rows.count(), p_tile, 1, Ns, t.dout + r0 * Dp, Dp, dv, Dp, true);
+  Ops::gemm(Ns, Dp, rows.count(), t.dp.data() + r0 * Ns, 1, Ns, t.q + r0 * Dp, Dp, dk, Dp,
             true);
 }
 
@@ -756,6 +915,7 @@ struct BwdInputs {
   const Rows<const T> q, k, v, out, dout;
   const Rows<T> dq, dk, dv;
   const std::vector<Acc> delta;  // D_i = <dout_i, out_i>, see softmax_delta
+  const KeyBlocks key_blocks;
 
   explicit BwdInputs(const BwdParams& params)
       : p(params),
@@ -773,7 +933,8 @@ struct BwdInputs {
         dq(p.dq, p.stride_dq, p.cu_seqlens_q),
         dk(p.dk, p.stride_dk, p.cu_seqlens_k),
         dv(p.dv, p.stride_dv, p.cu_seqlens_k),
-        delta(softmax_delta(p, D, out, dout)) {}
+        delta(softmax_delta(p, D, out, dout)),
+        key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias)) {}
 
   // lse and D of the query rows from i0 on of (b, h).
   const Acc* lse(int64_t b, int64_t h, int64_t i0) const {
@@ -871,20 +1032,29 @@ struct BwdThread {
     const Acc* delta_tile = in.delta_rows(b, h, i0);
     const int64_t k_begin = mask.key_begin(i0);
     const int64_t k_end = mask.key_end(i0 + mq - 1);
+    // The tile's dbias rows, written here only (not in the dk/dv pass): once per element.
+    T* dbias = in.p.dbias == nullptr
+                   ? nullptr
+                   : static_cast<T*>(in.p.dbias) +
+                         ((b * in.p.num_heads + h) * in.p.seqlen_q + i0) * in.p.seqlen_k;
     for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+      if (in.key_blocks.dead(b, j0 / kBlockK)) continue;
+      const KeyTile key_tile = in.key_blocks.tile(b, j0 / kBlockK);
       const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
       const int Np = round_up(nk, kColPad);
+      const int Ns = key_tile.columns(Np);
       pack_key_tiles(b, hk, j0, nk, Np);
       const Acc* k_tile = k_tiles.get(b * in.p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
         pack_rows(in.k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
       });
       if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
       const ActiveRows rows =
-          recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t);
+          recompute_ds<Ops>(mask, mods, key_tile, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t,
+                            dbias == nullptr ? nullptr : dbias + j0, in.p.seqlen_k);
       const int r0 = rows.first;
-      Ops::gemm(rows.count(), Dp, Np, t.dp.data() + r0 * Np, Np, 1, k_tile, Dp,
+      Ops::gemm(rows.count(), Dp, Ns, t.dp.data() + r0 * Ns, Ns, 1, k_tile, Dp,
                 t.dq.data() + r0 * Dp, Dp, true);
-      per_key_tile(rows, j0, nk, Np);
+      per_key_tile(rows, j0, nk, Ns);
     }
     store_rows(t.dq.data(), Dp, mq, D, in.scale, in.dq, b, i0, h);
   }
@@ -913,8 +1083,8 @@ void bwd_single_pass(BwdThread<T, Ops>& th) {
       const ScoreMods<Acc> mods(p, b, h, len);
       for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
         th.dq_tile(b, h, i0, len, mask, mods, [&](const ActiveRows& rows, int64_t j0, int nk,
-                                                  int Np) {
-          accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, th.t, dk_rows.data() + j0 * Dp,
+                                                  int Ns) {
+          accumulate_dk_dv<Ops>(mods, rows, nk, Ns, Dp, th.t, dk_rows.data() + j0 * Dp,
                                 dv_rows.data() + j0 * Dp);
         });
       }
@@ -950,10 +1120,14 @@ void bwd_dk_dv_pass(BwdThread<T, Ops>& th) {
     std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
     std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
     const int64_t slice = b * p.num_kv_heads + hk;
-    th.pack_key_tiles(b, hk, j0, nk, Np);
+    // A block without live keys (key_padding_mask) has zero gradients.
+    const bool dead = in.key_blocks.dead(b, kb);
+    const KeyTile key_tile = in.key_blocks.tile(b, kb);
+    const int Ns = key_tile.columns(Np);
+    if (!dead) th.pack_key_tiles(b, hk, j0, nk, Np);
     if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
     const int64_t q_begin = mask.query_begin(j0);
-    const int64_t q_end = nk > 0 ? mask.query_end(j0 + nk) : 0;
+    const int64_t q_end = nk > 0 && !dead ? mask.query_end(j0 + nk) : 0;
     for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
       const ScoreMods<Acc> mods(p, b, h, len);
       for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
@@ -966,9 +1140,10 @@ void bwd_dk_dv_pass(BwdThread<T, Ops>& th) {
           pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
         });
         if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-        const ActiveRows rows = recompute_ds<Ops>(mask, mods, i0, mq, j0, nk, Np, Dp,
-                                                  in.lse(b, h, i0), in.delta_rows(b, h, i0), t);
-        accumulate_dk_dv<Ops>(mods, rows, nk, Np, Dp, t, t.dk.data(), t.dv.data());
+        const ActiveRows rows =
+            recompute_ds<Ops>(mask, mods, key_tile, i0, mq, j0, nk, Np, Dp, in.lse(b, h, i0),
+                              in.delta_rows(b, h, i0), t, static_cast<T*>(nullptr), 0);
+        accumulate_dk_dv<Ops>(mods, rows, nk, Ns, Dp, t, t.dk.data(), t.dv.data());
       }
     }
     store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), in.dk, b, j0, hk);

@@ -245,7 +245,9 @@ struct Ops {
       m = m_new;
     }
     const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
-    const __m512 vm = _mm512_set1_ps(m);
+    // A max of -inf (every score so far -inf: an additive mask) shifts by 0, so p =
+    // e^(-inf) = 0, never e^(-inf + inf) = NaN (FlashAttention's Check_inf).
+    const __m512 vm = _mm512_set1_ps(m == -std::numeric_limits<float>::infinity() ? 0.0f : m);
     __m512 vsum = _mm512_setzero_ps();
     for (int j = 0; j < N; j += 16) {
       const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm), log2e);

@@ -18,7 +18,7 @@ namespace {
 
 // The CPU kernels read any strides and every dtype.
 struct AttentionCpuKernels : CpuKernels<attention_fwd_cpu, attention_bwd_cpu> {
-  static constexpr bool kSupportsMasks = false;
+  static constexpr bool kSupportsMasks = true;
   static at::Tensor input(const at::Tensor& t) { return t; }
   static void check_supported(const char* /*op*/, const at::Tensor& /*q*/) {}
 };

@@ -14,6 +14,9 @@
 //   - logit soft-capping, ALiBi with (H,) and (B, H) slopes, dropout (the reference draws
 //     the same hash from attention.h), each alone and combined with the others and with GQA,
 //     windows and varlen;
+//   - key_padding_mask (right padding, random keys, a fully padded sequence) and attn_bias
+//     (full, or (B, 1, 1, Tk) broadcast with -inf entries and all -inf rows), with dbias,
+//     alone and with causal, windows, softcap, ALiBi, dropout and GQA;
 // and: both backward schemes (1 and 16 OpenMP threads); bitwise equal results for 1 and 3
 // threads (with every feature on; they also run different backward schemes);
 // dropout's mask element for element and its kept fraction (v = identity makes out = z p
@@ -115,6 +118,12 @@ struct Tensor {
 };
 
 enum class Alibi { kOff, kPerHead, kPerBatchHead };
+// key_padding_mask (padded batches only): sequence 0 keeps every key, the last one none, the
+// others a prefix (right padding) or random keys.
+enum class Kpm { kOff, kRight, kRandom };
+// attn_bias: a full (B, H, Tq, Tk) tensor, or (B, 1, 1, Tk) broadcast as stride-0 dims with
+// -inf entries (sequence 1: -inf everywhere, so its rows give zeros, never NaN).
+enum class Bias { kOff, kFull, kKeysInf };
 
 struct Case {
   int64_t B = 0, Tq = 0, Tk = 0;  // taken from seqlens_q / _k when given
@@ -130,6 +139,8 @@ struct Case {
   double dropout_p = 0;
   int64_t seed = 0;
   int64_t lse_pad = 0;  // unused elements after each lse row
+  Kpm kpm = Kpm::kOff;
+  Bias bias = Bias::kOff;
 };
 
 std::string join(const std::vector<int>& v) {
@@ -146,12 +157,12 @@ std::string describe(const Case& c, const char* dtype) {
   std::snprintf(buf, sizeof buf,
                 "%s B=%lld Tq=%lld Tk=%lld H=%lld Hkv=%lld D=%lld causal=%d window=(%lld,%lld) "
                 "layout=%d softcap=%g seqlens_q=%s seqlens_k=%s seqused_k=%s alibi=%d "
-                "dropout=%g seed=%lld lse_pad=%lld",
+                "dropout=%g seed=%lld lse_pad=%lld kpm=%d bias=%d",
                 dtype, (long long)c.B, (long long)c.Tq, (long long)c.Tk, (long long)c.H,
                 (long long)c.Hkv, (long long)c.D, (int)c.causal, (long long)c.window_left,
                 (long long)c.window_right, (int)c.layout, c.softcap, join(c.seqlens_q).c_str(),
                 join(c.seqlens_k).c_str(), join(c.seqused_k).c_str(), (int)c.alibi, c.dropout_p,
-                (long long)c.seed, (long long)c.lse_pad);
+                (long long)c.seed, (long long)c.lse_pad, (int)c.kpm, (int)c.bias);
   return buf;
 }
 
@@ -257,6 +268,10 @@ struct Run {
   std::vector<float> slopes;
   Tensor<T> q, k, v, dout, out, dq, dk, dv;
   std::vector<AccOf<T>> lse;  // NaN where no lse row lives
+  std::vector<uint8_t> kpm;   // (B, Tk) or empty
+  std::vector<T> bias;        // Bias::kFull: (B, H, Tq, Tk); kKeysInf: (B, Tk); or empty
+  int64_t bias_stride_b = 0, bias_stride_h = 0, bias_stride_q = 0, bias_stride_k = 0;
+  std::vector<T> dbias;       // (B, H, Tq, Tk) when bias is on
 
   explicit Run(const Case& c)
       : g(c),
@@ -275,6 +290,40 @@ struct Run {
     k.fill_random(rng);
     v.fill_random(rng);
     dout.fill_random(rng);
+    const int64_t B = g.B, Tq = g.Tq, Tk = g.Tk;
+    if (c.kpm != Kpm::kOff) {
+      kpm.assign(B * Tk, 0);
+      std::uniform_int_distribution<int64_t> length(1, std::max<int64_t>(Tk, 1));
+      std::bernoulli_distribution coin(0.6);
+      for (int64_t b = 0; b + 1 < B; ++b) {
+        const int64_t n = b == 0 ? Tk : length(rng);
+        for (int64_t j = 0; j < Tk; ++j) {
+          kpm[b * Tk + j] = c.kpm == Kpm::kRight ? j < n : b == 0 || coin(rng);
+        }
+      }
+    }
+    std::normal_distribution<double> normal(0.0, 1.0);
+    if (c.bias == Bias::kFull) {
+      bias.resize(B * c.H * Tq * Tk);
+      for (T& x : bias) x = from_acc<T>(static_cast<AccOf<T>>(normal(rng)));
+      bias_stride_b = c.H * Tq * Tk, bias_stride_h = Tq * Tk, bias_stride_q = Tk;
+      bias_stride_k = 1;
+    } else if (c.bias == Bias::kKeysInf) {
+      bias.resize(B * Tk);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < Tk; ++j) {
+          const bool masked = b == 1 || j % 3 == 0;
+          bias[b * Tk + j] = from_acc<T>(static_cast<AccOf<T>>(
+              masked ? -INFINITY : normal(rng)));
+        }
+      bias_stride_b = Tk, bias_stride_k = 1;
+    }
+    if (c.bias != Bias::kOff) dbias.assign(B * c.H * Tq * Tk, from_acc<T>(AccOf<T>(0)));
+  }
+  double bias_at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (bias.empty()) return 0;
+    return static_cast<double>(to_acc(bias[b * bias_stride_b + h * bias_stride_h +
+                                           i * bias_stride_q + j * bias_stride_k]));
   }
 };
 
@@ -304,6 +353,14 @@ Run<T> run_kernels(const Case& c, const std::function<void(Run<T>&)>& prepare = 
   f.v = run.v.data.data(), f.stride_v = run.v.stride;
   f.out = run.out.data.data(), f.stride_out = run.out.stride;
   f.lse = run.lse.data();
+  if (!run.kpm.empty()) {
+    f.key_padding_mask = run.kpm.data(), f.kpm_stride_b = geo.Tk, f.kpm_stride_k = 1;
+  }
+  if (!run.bias.empty()) {
+    f.attn_bias = run.bias.data();
+    f.bias_stride_b = run.bias_stride_b, f.bias_stride_h = run.bias_stride_h;
+    f.bias_stride_q = run.bias_stride_q, f.bias_stride_k = run.bias_stride_k;
+  }
   fastllm::attention::attention_fwd_cpu(f);
 
   BwdParams b;
@@ -314,6 +371,7 @@ Run<T> run_kernels(const Case& c, const std::function<void(Run<T>&)>& prepare = 
   b.dq = run.dq.data.data(), b.stride_dq = run.dq.stride;
   b.dk = run.dk.data.data(), b.stride_dk = run.dk.stride;
   b.dv = run.dv.data.data(), b.stride_dv = run.dv.stride;
+  b.dbias = run.dbias.empty() ? nullptr : run.dbias.data();
   fastllm::attention::attention_bwd_cpu(b);
   return run;
 }
@@ -322,12 +380,14 @@ template <class T>
 void run_case(const Case& c) {
   const std::string name = describe(c, DTypeInfo<T>::kName);
   const Run<T> run = run_kernels<T>(c);
-  const auto& [g, slopes, q, k, v, dout, out, dq, dk, dv, lse] = run;
+  const auto& [g, slopes, q, k, v, dout, out, dq, dk, dv, lse, kpm, bias_, sb, sh, sq, sk,
+               dbias] = run;
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
 
   const double tol = kTol<T>;
   Compare c_out{name + " out", tol}, c_lse{name + " lse", tol}, c_dq{name + " dq", tol},
-      c_dk{name + " dk", tol}, c_dv{name + " dv", tol};
+      c_dk{name + " dk", tol}, c_dv{name + " dv", tol}, c_dbias{name + " dbias", tol};
+  std::vector<double> ref_dbias(dbias.size(), 0.0);
   long lse_inf_mismatch = 0;
   const int64_t group = c.H / c.Hkv;
   const uint32_t threshold = fastllm::attention::dropout_threshold(c.dropout_p);
@@ -360,6 +420,7 @@ void run_case(const Case& c) {
             z[j] = keep ? 1.0 / (1.0 - c.dropout_p) : 0.0;
           }
           if (!allowed(c, Tq_b, Tk_b, i, j)) continue;
+          if (!kpm.empty() && kpm[b * g.Tk + j] == 0) continue;
           double s = 0;
           for (int64_t d = 0; d < c.D; ++d) s += q.get(qb, qt, h, d) * k.get(kb, kt, hk, d);
           p[j] = s * scale;
@@ -369,6 +430,7 @@ void run_case(const Case& c) {
             dcap[j] = 1 - t * t;
           }
           p[j] -= slope * std::fabs(static_cast<double>(i + Tk_b - Tq_b - j));
+          p[j] += run.bias_at(b, h, i, j);
           m = std::max(m, p[j]);
         }
         double l = 0;
@@ -403,6 +465,9 @@ void run_case(const Case& c) {
           double dpj = 0;
           for (int64_t d = 0; d < c.D; ++d) dpj += dout.get(qb, qt, h, d) * v.get(kb, kt, hk, d);
           const double ds = p[j] * (z[j] * dpj - delta) * dcap[j];
+          if (!dbias.empty()) {
+            ref_dbias[((b * c.H + h) * g.Tq + i) * g.Tk + j] = p[j] * (z[j] * dpj - delta);
+          }
           for (int64_t d = 0; d < c.D; ++d) {
             ref_dv[kv_index(b, j, hk, d)] += z[j] * p[j] * dout.get(qb, qt, h, d);
             ref_dk[kv_index(b, j, hk, d)] += scale * ds * q.get(qb, qt, h, d);
@@ -424,7 +489,10 @@ void run_case(const Case& c) {
     }
   CHECK(lse_inf_mismatch == 0, "%s: %ld fully masked rows without lse = -inf", name.c_str(),
         lse_inf_mismatch);
-  for (const Compare* cmp : {&c_out, &c_lse, &c_dq, &c_dk, &c_dv}) cmp->check();
+  for (size_t e = 0; e < dbias.size(); ++e) {
+    c_dbias.add(static_cast<double>(to_acc(dbias[e])), ref_dbias[e]);
+  }
+  for (const Compare* cmp : {&c_out, &c_lse, &c_dq, &c_dk, &c_dv, &c_dbias}) cmp->check();
   for (const Tensor<T>* t : {&out, &dq, &dk, &dv}) {
     CHECK(t->written_outside() == 0, "%s: %ld writes outside an output's elements",
           name.c_str(), t->written_outside());
@@ -519,11 +587,26 @@ const Case kBiasDropoutCases[] = {
     kAllFeatures,
 };
 
+// key_padding_mask and attn_bias (padded batches), alone and with everything else.
+const Case kMaskCases[] = {
+    // Right padding over several key blocks (skipped and narrowed blocks), GQA.
+    {.B = 4, .Tq = 97, .Tk = 200, .H = 4, .Hkv = 2, .D = 64, .layout = kC, .kpm = Kpm::kRight},
+    // Random keys (blocks with masked keys inside), causal, a full bias, softcap, MQA.
+    {.B = 3, .Tq = 130, .Tk = 130, .H = 2, .Hkv = 1, .D = 32, .causal = true, .layout = kP,
+     .softcap = 1.5, .kpm = Kpm::kRandom, .bias = Bias::kFull},
+    // A broadcast bias with -inf (rows of sequence 1 all -inf), right padding, ALiBi,
+    // dropout, a window, odd head dim.
+    {.B = 3, .Tq = 70, .Tk = 150, .H = 2, .Hkv = 2, .D = 33, .window_left = 60, .layout = kS,
+     .alibi = Alibi::kPerHead, .dropout_p = 0.1, .seed = 3, .kpm = Kpm::kRight,
+     .bias = Bias::kKeysInf},
+};
+
 template <class T>
 void run_all_cases() {
   for (const Case& c : kCases) run_case<T>(c);
   for (const Case& c : kVarlenCases) run_case<T>(c);
   for (const Case& c : kBiasDropoutCases) run_case<T>(c);
+  for (const Case& c : kMaskCases) run_case<T>(c);
 }
 
 TEST_CASE_PER_DTYPE(attention, run_all_cases)
@@ -550,7 +633,8 @@ bool same_bits(const A& a, const A& b) {
 // number of threads, bit for bit (dk / dv of a GQA group included). One thread runs the
 // single-pass backward, three threads the two-pass one here: their bits agree too.
 TEST_CASE(attention_bitwise_same_for_any_thread_count) {
-  const Case cases[] = {{2, 200, 170, 4, 2, 64, true, -1, -1, kC}, kAllFeatures};
+  const Case cases[] = {{2, 200, 170, 4, 2, 64, true, -1, -1, kC}, kAllFeatures, kMaskCases[1],
+                        kMaskCases[2]};
   const int threads = omp_get_max_threads();
   for (const Case& c : cases) {
     omp_set_num_threads(1);
@@ -564,6 +648,7 @@ TEST_CASE(attention_bitwise_same_for_any_thread_count) {
     CHECK(same_bits(one.dq.data, three.dq.data), "%s: dq differs", name.c_str());
     CHECK(same_bits(one.dk.data, three.dk.data), "%s: dk differs", name.c_str());
     CHECK(same_bits(one.dv.data, three.dv.data), "%s: dv differs", name.c_str());
+    CHECK(same_bits(one.dbias, three.dbias), "%s: dbias differs", name.c_str());
   }
 }
 

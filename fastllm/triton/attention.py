@@ -250,7 +250,8 @@ def _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N
 @triton.jit
 def _live_keys(kpm_row_ptr, cols, stride_kpm_k, seqlen_k):
     """Which of keys `cols` (int32, any shape) take part: key_padding_mask[b, j] != 0, read
-    from row b's `kpm_row_ptr`; False past seqlen_k."""
+    from row b's `kpm_row_ptr`; False past seqlen_k (pass the stored Tk where the keys past
+    seqused_k are masked anyway: an aligned bound lets the loads be vectors)."""
     return tl.load(kpm_row_ptr + cols * stride_kpm_k, mask=cols < seqlen_k, other=0) != 0
 
 
@@ -342,6 +343,7 @@ def attention_fwd_kernel(
         cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:  # packed: a shorter sequence than the longest
         return
+    bias_cols = seqlen_k  # padded (masks are): the stored keys, Tk of the bias
     k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
                                            seqlen_k, total_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
@@ -374,6 +376,8 @@ def attention_fwd_kernel(
     if HAS_BIAS:
         bias_row = _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b,
                                  stride_bias_h, stride_bias_q)
+        # Key blocks at multiples of BLOCK_N: the bias rows' loads are then aligned vectors.
+        lo = lo // BLOCK_N * BLOCK_N
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < seqlen_k
@@ -383,7 +387,7 @@ def attention_fwd_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         bias, live = _bias_and_live_block(
             bias_row, kpm_row, tl.arange(0, BLOCK_M)[:, None], cols[None, :], m_mask[:, None],
-            n_mask[None, :], stride_bias_q, stride_bias_k, stride_kpm_k, seqlen_k,
+            (cols < bias_cols)[None, :], stride_bias_q, stride_bias_k, stride_kpm_k, bias_cols,
             HAS_BIAS, HAS_KPM)
         s, _ = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, softmax_scale,
                        softcap, slope, window_left, window_right, bias, live,
@@ -570,16 +574,18 @@ def attention_bwd_dkdv_kernel(
                           HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
     if start_n >= seqlen_k:  # stored but unused keys (seqused_k): zero gradients
         hi = lo
+    first_head = kv_head * group_size
+    last_head = first_head + group_size
     kpm_row = kpm_ptr
     live = 0
     if HAS_KPM:  # the keys' padding mask holds for every query: loaded once
         kpm_row = kpm_ptr + batch64 * stride_kpm_b
         live_n = _live_keys(kpm_row, offs_n, stride_kpm_k, seqlen_k)
-        if tl.max(live_n.to(tl.int32), axis=0) == 0:  # every key padded: zero gradients
-            hi = lo
+        # every key padded: no query head, zero gradients
+        last_head = tl.where(tl.max(live_n.to(tl.int32), axis=0) > 0, last_head, first_head)
         live = live_n[:, None]
     q_row0 = q_start.to(tl.int64)
-    for head in range(kv_head * group_size, (kv_head + 1) * group_size):
+    for head in range(first_head, last_head):
         q_base = q_ptr + batch64 * stride_q_b + head * stride_q_h + q_row0 * stride_q_t
         dout_base = (dout_ptr + batch64 * stride_dout_b + head * stride_dout_h
                      + q_row0 * stride_dout_t)
@@ -603,7 +609,7 @@ def attention_bwd_dkdv_kernel(
                     _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b,
                                   stride_bias_h, stride_bias_q),
                     kpm_row, offs_m[None, :], offs_n[:, None], m_mask[None, :],
-                    (offs_n < seqlen_k)[:, None], stride_bias_q, stride_bias_k, stride_kpm_k,
+                    (offs_n < seqlen_k_stored)[:, None], stride_bias_q, stride_bias_k, stride_kpm_k,
                     seqlen_k, HAS_BIAS, False)
             s_t, cap_tanh_t = _scores(qk_t, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
                                       softmax_scale, softcap, slope, window_left, window_right,
@@ -664,6 +670,7 @@ def attention_bwd_dq_kernel(
         cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:
         return
+    bias_cols = seqlen_k  # padded (masks are): the stored keys, Tk of the bias
     k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
                                            seqlen_k, total_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
@@ -694,6 +701,8 @@ def attention_bwd_dq_kernel(
     if HAS_BIAS:
         bias_row = _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b,
                                  stride_bias_h, stride_bias_q)
+        # Key blocks at multiples of BLOCK_N: the bias rows' loads are then aligned vectors.
+        lo = lo // BLOCK_N * BLOCK_N
     dbias_row = dbias_ptr
     if HAS_DBIAS:
         dbias_row = _bias_row_ptr(dbias_ptr, batch64, head, start_m, stride_dbias_b,
@@ -709,7 +718,7 @@ def attention_bwd_dq_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         bias, live = _bias_and_live_block(
             bias_row, kpm_row, tl.arange(0, BLOCK_M)[:, None], cols[None, :], m_mask[:, None],
-            n_mask[None, :], stride_bias_q, stride_bias_k, stride_kpm_k, seqlen_k,
+            (cols < bias_cols)[None, :], stride_bias_q, stride_bias_k, stride_kpm_k, bias_cols,
             HAS_BIAS, HAS_KPM)
         s, cap_tanh = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
                               softmax_scale, softcap, slope, window_left, window_right, bias,
@@ -725,7 +734,7 @@ def attention_bwd_dq_kernel(
             tl.store(dbias_row + tl.arange(0, BLOCK_M)[:, None] * stride_dbias_q
                      + cols[None, :] * stride_dbias_k,
                      round_to_dtype(ds, dbias_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE),
-                     mask=m_mask[:, None] & n_mask[None, :])
+                     mask=m_mask[:, None] & (cols < bias_cols)[None, :])
         ds = _softcap_grad(ds, cap_tanh, HAS_SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
@@ -799,6 +808,7 @@ class _Config:
                                  else key_padding_mask.view(torch.uint8))
         self.kpm_strides = ((0, 0) if key_padding_mask is None
                             else tuple(key_padding_mask.stride()))
+        self.masked = attn_bias is not None or key_padding_mask is not None
         self.dot_precision = "ieee"  # fp32: no TF32; fp16 / bf16 are unaffected
         self.round_bf16 = interpreted()
 
@@ -851,23 +861,33 @@ def _block_d(head_dim: int) -> int:
 # keeps checking the last one); not tuned on a GPU (none was available). float32 runs its IEEE
 # dot products on FMA units, which hold whole operand tiles in registers: it needs much
 # smaller tiles than the tensor-core path.
+# "*_masked": the kernels with attn_bias / key_padding_mask (and dbias), checked the same
+# way with every flag on but the packed inputs (the glue refuses packed + masks).
 _FWD_TILES = {
     "tensor_core": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
     "fma": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},
+    "tensor_core_masked": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    "fma_masked": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},
 }
 _BWD_TILES = {
     "tensor_core": {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
     "fma": {64: (16, 32, 4, 1), 128: (16, 32, 8, 1), 256: (16, 16, 8, 1)},
+    "tensor_core_masked": {64: (32, 64, 8, 1), 128: (32, 64, 8, 1), 256: (16, 32, 8, 1)},
+    "fma_masked": {64: (16, 32, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
 # The interpreter pays per executed op and per call, not per element: few, larger tiles.
 _INTERPRETER_TILES = (32, 32, 1, 1)
 
 
-def _tiles(table: dict, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+def _tile_class(dtype: torch.dtype, masked: bool) -> str:
+    return ("fma" if dtype == torch.float32 else "tensor_core") + ("_masked" if masked else "")
+
+
+def _tiles(table: dict, dtype: torch.dtype, block_d: int,
+           masked: bool) -> tuple[int, int, int, int]:
     if interpreted():
         return _INTERPRETER_TILES
-    by_d = table["fma" if dtype == torch.float32 else "tensor_core"]
-    return by_d[max(64, block_d)]
+    return table[_tile_class(dtype, masked)][max(64, block_d)]
 
 
 def attention_fwd(
@@ -905,7 +925,7 @@ def attention_fwd(
         lse = torch.empty((cfg.batch, cfg.num_heads, cfg.seqlen_q), dtype=torch.float32,
                           device=q.device)
     block_d = _block_d(cfg.head_dim)
-    block_m, block_n, num_warps, num_stages = _tiles(_FWD_TILES, q.dtype, block_d)
+    block_m, block_n, num_warps, num_stages = _tiles(_FWD_TILES, q.dtype, block_d, cfg.masked)
     grid = (triton.cdiv(cfg.seqlen_q, block_m), cfg.num_heads, cfg.batch)
     torch.library.wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, out, lse, *cfg.pointers(),
@@ -967,7 +987,7 @@ def attention_bwd(
     lse = lse.contiguous()
     lse_strides = cfg.lse_strides(lse)
     block_d = _block_d(cfg.head_dim)
-    block_m, block_n, num_warps, num_stages = _tiles(_BWD_TILES, q.dtype, block_d)
+    block_m, block_n, num_warps, num_stages = _tiles(_BWD_TILES, q.dtype, block_d, cfg.masked)
 
     # D_i reads two (rows, BLOCK_D) tiles: 4096 elements each, 32 registers per thread.
     pre_block_m = max(1, 4096 // block_d)

@@ -6,8 +6,9 @@ query head h, kv head hk = h // (H // Hkv), query row i, key j, arithmetic in fl
     s_ij  = softmax_scale * <q_i, k_j>
     s_ij <- softcap * tanh(s_ij / softcap)                 when softcap > 0
     s_ij -= slope_{b,h} * |i + Tk_b - Tq_b - j|            ALiBi, when slopes are given
-    s_ij  = -inf unless lo(i) <= j <= hi(i) and j < Tk_b   (bottom-right aligned window;
-            causal caps window_right at 0)
+    s_ij += attn_bias[b, h, i, j]                          when a bias is given (-inf allowed)
+    s_ij  = -inf unless lo(i) <= j <= hi(i), j < Tk_b      (bottom-right aligned window;
+            and key_padding_mask[b, j]                      causal caps window_right at 0)
     lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  out_i = sum_j z_ij p_ij v_j
 with z_ij = keep_ij / (1 - dropout_p) under dropout (1 otherwise); keep_ij is attention.h's
 integer hash of (seed, b, h, i, j), computed here in uint32 so that the mask is bit-for-bit
@@ -16,9 +17,10 @@ Backward, with D_i = <dout_i, out_i>:
     dv_j = sum_{h in group, i} z_ij p_ij dout_i
     ds_ij = p_ij (z_ij <dout_i, v_j> - D_i)   (times 1 - tanh^2 of the cap when soft-capping)
     dq_i = softmax_scale * sum_j ds_ij k_j,  dk_j = softmax_scale * sum_{h in group, i} ds_ij q_i
-A row with no allowed key gets out = 0, lse = -inf and zero gradients, never NaN: the
-running max is replaced by 0 while it is -inf, and backward reads lse = -inf as +inf, which
-makes every p of the row 0.
+    dbias_ij = p_ij (z_ij <dout_i, v_j> - D_i)  (ds before the cap's derivative), when asked
+A row with no allowed key (masked, or every score -inf through the bias) gets out = 0,
+lse = -inf and zero gradients, never NaN: the running max is replaced by 0 while it is -inf,
+and backward reads lse = -inf as +inf, which makes every p of the row 0.
 
 Kernels (FlashAttention-2's work split, the scores never touch memory):
     attention_fwd_kernel      one program per (BLOCK_M query rows, query head, batch). It
@@ -32,14 +34,18 @@ Kernels (FlashAttention-2's work split, the scores never touch memory):
         (B, Tk, H, D) buffer, and dk, dv are written once.
     attention_bwd_dq_kernel   one program per (BLOCK_M query rows, query head, batch),
         streaming the key blocks like the forward. Splitting dq from dk/dv recomputes the
-        scores twice but, again, needs no atomics: gradients are deterministic.
-Only the key (or query) blocks that intersect the causal / sliding window band are visited;
-the element mask is applied in every visited block.
+        scores twice but, again, needs no atomics: gradients are deterministic. It also
+        writes dbias: it visits each (b, h, i, j) once, in rows along j (coalesced).
+Only the key (or query) blocks that intersect the causal / sliding window band are visited,
+and, with a padding mask, those between the row's first and last live key (the forward and
+dq scan the mask row first: right / left padding costs nothing); dk / dv skip a key block
+without live keys. The element mask is applied in every visited block.
 
 Variants, selected by constexpr flags: IS_VARLEN_Q / IS_VARLEN_K (packed sequences with
 cu_seqlens; independent, so packed queries can attend to a padded KV cache), HAS_SEQUSED_K,
 HAS_WINDOW_LEFT / HAS_WINDOW_RIGHT (causal is a right window of 0), HAS_SOFTCAP, HAS_ALIBI,
-HAS_DROPOUT. fp32 inputs use IEEE float32 dot products (no TF32: the tests hold the kernels
+HAS_DROPOUT, HAS_BIAS, HAS_KPM (padded inputs only: the glue refuses packed ones with masks)
+and HAS_DBIAS (dq kernel); a flag that is off compiles its code out. fp32 inputs use IEEE float32 dot products (no TF32: the tests hold the kernels
 to twice PyTorch's own float32 error); fp16 / bf16 feed the tensor cores with fp32
 accumulation, p and ds rounded to the input dtype before their dot products, as in
 FlashAttention.
@@ -49,7 +55,10 @@ inputs), H query heads, Hkv kv heads (H % Hkv == 0), D head dim (any D <= 256, p
 BLOCK_D = the next power of two >= 16 with masked loads). q, out, dout, dq (B, Tq, H, D) or
 packed (total_q, H, D); k, v, dk, dv (B, Tk, Hkv, D) or packed (total_k, Hkv, D); any strides.
 lse and D_i float32 (B, H, Tq) or packed (H, total_q); cu_seqlens_* int32 (B + 1,);
-seqused_k int32 (B,); alibi_slopes float32 (H,) or (B, H); dropout_seed int64 (1,).
+seqused_k int32 (B,); alibi_slopes float32 (H,) or (B, H); dropout_seed int64 (1,);
+attn_bias (B, H, Tq, Tk) in q's dtype, any strides (a broadcast dim is a stride-0 view);
+key_padding_mask bool (B, Tk), True = the key takes part, read as its uint8 view; dbias
+(B, H, Tq, Tk) contiguous in q's dtype, zeroed here (what dq does not write is masked: 0).
 """
 
 from typing import Optional
@@ -862,7 +871,10 @@ def _block_d(head_dim: int) -> int:
 # dot products on FMA units, which hold whole operand tiles in registers: it needs much
 # smaller tiles than the tensor-core path.
 # "*_masked": the kernels with attn_bias / key_padding_mask (and dbias), checked the same
-# way with every flag on but the packed inputs (the glue refuses packed + masks).
+# way, every BLOCK_D, with every flag on but the packed inputs (the glue refuses packed +
+# masks; the test keeps checking one BLOCK_D per dtype class). They differ where the bias
+# tile made ptxas spill: BLOCK_D 128 (fwd BLOCK_N 32; bwd one stage, fp32 BLOCK_N 16) and
+# tensor-core BLOCK_D 64 backward (one stage).
 _FWD_TILES = {
     "tensor_core": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
     "fma": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},

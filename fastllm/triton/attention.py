@@ -45,10 +45,10 @@ Variants, selected by constexpr flags: IS_VARLEN_Q / IS_VARLEN_K (packed sequenc
 cu_seqlens; independent, so packed queries can attend to a padded KV cache), HAS_SEQUSED_K,
 HAS_WINDOW_LEFT / HAS_WINDOW_RIGHT (causal is a right window of 0), HAS_SOFTCAP, HAS_ALIBI,
 HAS_DROPOUT, HAS_BIAS, HAS_KPM (padded inputs only: the glue refuses packed ones with masks)
-and HAS_DBIAS (dq kernel); a flag that is off compiles its code out. fp32 inputs use IEEE float32 dot products (no TF32: the tests hold the kernels
-to twice PyTorch's own float32 error); fp16 / bf16 feed the tensor cores with fp32
-accumulation, p and ds rounded to the input dtype before their dot products, as in
-FlashAttention.
+and HAS_DBIAS (dq kernel); a flag that is off compiles its code out. fp32 inputs use IEEE
+float32 dot products (no TF32: the tests hold the kernels to twice PyTorch's own float32
+error); fp16 / bf16 feed the tensor cores with fp32 accumulation, p and ds rounded to the
+input dtype before their dot products, as in FlashAttention.
 
 Shapes: B batch, Tq / Tk query / key lengths (the maxima max_seqlen_q / max_seqlen_k for packed
 inputs), H query heads, Hkv kv heads (H % Hkv == 0), D head dim (any D <= 256, padded to

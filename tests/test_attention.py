@@ -606,16 +606,19 @@ def test_triton_empty(triton_attention_kernels, shape):
 # ---- compilation for a real GPU (no GPU needed) ----------------------------------------------
 
 # One kernel configuration per column of the tile tables (tensor-core fp16 / bf16, FMA fp32)
-# and per kernel, with every feature flag on: (dtype, BLOCK_D).
+# and per kernel, with every feature flag on: (dtype, BLOCK_D). Two flag sets: "packed"
+# (packed sequences, no masks) and "masks" (attn_bias, key_padding_mask and the bias
+# gradient, padded: the glue refuses packed sequences with masks).
 GPU_COMPILE_CASES = [("fp16", 64), ("bf16", 128), ("fp32", 256)]
+GPU_COMPILE_FLAG_SETS = ("packed", "masks")
 
 
-def _compile_for_sm80(dtype: str, block_d: int) -> list[str]:
-    """Compiles the three main kernels with every flag on for sm_80 (Triton's own compiler,
-    no GPU) and returns ptxas -v's resource lines. Needs TRITON_INTERPRET unset at import:
-    the interpreter replaces the kernels by Python functions. Pointer and stride arguments
-    carry the divisibility a real launch on contiguous tensors specializes, and D strides the
-    constant 1."""
+def _compile_for_sm80(dtype: str, block_d: int, flag_set: str = "packed") -> list[str]:
+    """Compiles the three main kernels with every flag of `flag_set` on for sm_80 (Triton's
+    own compiler, no GPU) and returns ptxas -v's resource lines. Needs TRITON_INTERPRET unset
+    at import: the interpreter replaces the kernels by Python functions. Pointer and stride
+    arguments carry the divisibility a real launch on contiguous tensors specializes, and D
+    strides (and the key strides of the bias, its gradient and the mask) the constant 1."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -623,23 +626,27 @@ def _compile_for_sm80(dtype: str, block_d: int) -> list[str]:
 
     import fastllm.triton.attention as kernels
 
+    masks = flag_set == "masks"
     flags = dict(
-        IS_VARLEN_Q=True, IS_VARLEN_K=True, HAS_SEQUSED_K=True, HAS_WINDOW_LEFT=True,
+        IS_VARLEN_Q=not masks, IS_VARLEN_K=not masks, HAS_SEQUSED_K=True, HAS_WINDOW_LEFT=True,
         HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_DROPOUT=True,
+        HAS_BIAS=masks, HAS_KPM=masks, HAS_DBIAS=masks,
         DOT_PRECISION="ieee", ROUND_BF16_IN_SOFTWARE=False, BLOCK_D=block_d,
     )
     pointer_types = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "alibi_ptr": "*fp32",
                      "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32",
-                     "seqused_k_ptr": "*i32", "dropout_seed_ptr": "*i64"}
+                     "seqused_k_ptr": "*i32", "dropout_seed_ptr": "*i64", "kpm_ptr": "*u8"}
     float_args = ("softmax_scale", "softcap", "dropout_scale")
-    tile_class = "fma" if dtype == "fp32" else "tensor_core"
+    tile_class = ("fma" if dtype == "fp32" else "tensor_core") + ("_masked" if masks else "")
     reports = []
     for kernel, table in ((kernels.attention_fwd_kernel, kernels._FWD_TILES),
                           (kernels.attention_bwd_dkdv_kernel, kernels._BWD_TILES),
                           (kernels.attention_bwd_dq_kernel, kernels._BWD_TILES)):
         block_m, block_n, num_warps, num_stages = table[tile_class][block_d]
-        constants = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n)
-        unit_strides = [name for name in kernel.arg_names if re.fullmatch(r"stride_.*_d", name)]
+        constants = {name: value for name, value in flags.items() if name in kernel.arg_names}
+        constants.update(BLOCK_M=block_m, BLOCK_N=block_n)
+        unit_strides = [name for name in kernel.arg_names
+                        if re.fullmatch(r"stride_.*_d|stride_(bias|dbias|kpm)_k", name)]
         constants.update(dict.fromkeys(unit_strides, 1))
         signature, attrs = {}, {}
         for index, name in enumerate(kernel.arg_names):
@@ -675,14 +682,16 @@ def _compile_for_sm80(dtype: str, block_d: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flag_set", GPU_COMPILE_FLAG_SETS)
 @pytest.mark.parametrize("dtype, block_d", GPU_COMPILE_CASES, ids=lambda x: str(x))
-def test_triton_kernels_compile_for_sm80_without_spills(triton_attention_kernels, dtype, block_d):
+def test_triton_kernels_compile_for_sm80_without_spills(triton_attention_kernels, dtype, block_d,
+                                                        flag_set):
     """bfloat16 has no numerical test here (see the module docstring); this at least builds
     its kernels, and checks the tile tables against ptxas: no spills."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     code = (
         "import sys; from tests.test_attention import _compile_for_sm80; "
-        f"print('\\n'.join(_compile_for_sm80({dtype!r}, {block_d})))"
+        f"print('\\n'.join(_compile_for_sm80({dtype!r}, {block_d}, {flag_set!r})))"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,

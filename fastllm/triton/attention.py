@@ -6,8 +6,9 @@ query head h, kv head hk = h // (H // Hkv), query row i, key j, arithmetic in fl
     s_ij  = softmax_scale * <q_i, k_j>
     s_ij <- softcap * tanh(s_ij / softcap)                 when softcap > 0
     s_ij -= slope_{b,h} * |i + Tk_b - Tq_b - j|            ALiBi, when slopes are given
-    s_ij  = -inf unless lo(i) <= j <= hi(i) and j < Tk_b   (bottom-right aligned window;
-            causal caps window_right at 0)
+    s_ij += attn_bias[b, h, i, j]                          when a bias is given (-inf allowed)
+    s_ij  = -inf unless lo(i) <= j <= hi(i), j < Tk_b      (bottom-right aligned window;
+            and key_padding_mask[b, j]                      causal caps window_right at 0)
     lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  out_i = sum_j z_ij p_ij v_j
 with z_ij = keep_ij / (1 - dropout_p) under dropout (1 otherwise); keep_ij is attention.h's
 integer hash of (seed, b, h, i, j), computed here in uint32 so that the mask is bit-for-bit
@@ -16,9 +17,10 @@ Backward, with D_i = <dout_i, out_i>:
     dv_j = sum_{h in group, i} z_ij p_ij dout_i
     ds_ij = p_ij (z_ij <dout_i, v_j> - D_i)   (times 1 - tanh^2 of the cap when soft-capping)
     dq_i = softmax_scale * sum_j ds_ij k_j,  dk_j = softmax_scale * sum_{h in group, i} ds_ij q_i
-A row with no allowed key gets out = 0, lse = -inf and zero gradients, never NaN: the
-running max is replaced by 0 while it is -inf, and backward reads lse = -inf as +inf, which
-makes every p of the row 0.
+    dbias_ij = p_ij (z_ij <dout_i, v_j> - D_i)  (ds before the cap's derivative), when asked
+A row with no allowed key (masked, or every score -inf through the bias) gets out = 0,
+lse = -inf and zero gradients, never NaN: the running max is replaced by 0 while it is -inf,
+and backward reads lse = -inf as +inf, which makes every p of the row 0.
 
 Kernels (FlashAttention-2's work split, the scores never touch memory):
     attention_fwd_kernel      one program per (BLOCK_M query rows, query head, batch). It
@@ -32,24 +34,31 @@ Kernels (FlashAttention-2's work split, the scores never touch memory):
         (B, Tk, H, D) buffer, and dk, dv are written once.
     attention_bwd_dq_kernel   one program per (BLOCK_M query rows, query head, batch),
         streaming the key blocks like the forward. Splitting dq from dk/dv recomputes the
-        scores twice but, again, needs no atomics: gradients are deterministic.
-Only the key (or query) blocks that intersect the causal / sliding window band are visited;
-the element mask is applied in every visited block.
+        scores twice but, again, needs no atomics: gradients are deterministic. It also
+        writes dbias: it visits each (b, h, i, j) once, in rows along j (coalesced).
+Only the key (or query) blocks that intersect the causal / sliding window band are visited,
+and, with a padding mask, those between the row's first and last live key (the forward and
+dq scan the mask row first: right / left padding costs nothing); dk / dv skip a key block
+without live keys. The element mask is applied in every visited block.
 
 Variants, selected by constexpr flags: IS_VARLEN_Q / IS_VARLEN_K (packed sequences with
 cu_seqlens; independent, so packed queries can attend to a padded KV cache), HAS_SEQUSED_K,
 HAS_WINDOW_LEFT / HAS_WINDOW_RIGHT (causal is a right window of 0), HAS_SOFTCAP, HAS_ALIBI,
-HAS_DROPOUT. fp32 inputs use IEEE float32 dot products (no TF32: the tests hold the kernels
-to twice PyTorch's own float32 error); fp16 / bf16 feed the tensor cores with fp32
-accumulation, p and ds rounded to the input dtype before their dot products, as in
-FlashAttention.
+HAS_DROPOUT, HAS_BIAS, HAS_KPM (padded inputs only: the glue refuses packed ones with masks)
+and HAS_DBIAS (dq kernel); a flag that is off compiles its code out. fp32 inputs use IEEE
+float32 dot products (no TF32: the tests hold the kernels to twice PyTorch's own float32
+error); fp16 / bf16 feed the tensor cores with fp32 accumulation, p and ds rounded to the
+input dtype before their dot products, as in FlashAttention.
 
 Shapes: B batch, Tq / Tk query / key lengths (the maxima max_seqlen_q / max_seqlen_k for packed
 inputs), H query heads, Hkv kv heads (H % Hkv == 0), D head dim (any D <= 256, padded to
 BLOCK_D = the next power of two >= 16 with masked loads). q, out, dout, dq (B, Tq, H, D) or
 packed (total_q, H, D); k, v, dk, dv (B, Tk, Hkv, D) or packed (total_k, Hkv, D); any strides.
 lse and D_i float32 (B, H, Tq) or packed (H, total_q); cu_seqlens_* int32 (B + 1,);
-seqused_k int32 (B,); alibi_slopes float32 (H,) or (B, H); dropout_seed int64 (1,).
+seqused_k int32 (B,); alibi_slopes float32 (H,) or (B, H); dropout_seed int64 (1,);
+attn_bias (B, H, Tq, Tk) in q's dtype, any strides (a broadcast dim is a stride-0 view);
+key_padding_mask bool (B, Tk), True = the key takes part, read as its uint8 view; dbias
+(B, H, Tq, Tk) contiguous in q's dtype, zeroed here (what dq does not write is masked: 0).
 """
 
 from typing import Optional
@@ -187,10 +196,14 @@ def _scores(
     slope,
     window_left,
     window_right,
+    bias,  # float32 attn_bias of the block (like qk), or a placeholder without HAS_BIAS
+    live,  # bool, which keys take part (key_padding_mask, broadcastable), or a placeholder
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
 ):
     """(s in base 2, i.e. s * log2(e), -inf where masked; tanh of the cap). Without the cap
     the second value is a placeholder the callers ignore (compiled Triton cannot return None
@@ -203,7 +216,11 @@ def _scores(
     diagonal = rows + (seqlen_k - seqlen_q)  # the key aligned with query i (bottom-right)
     if HAS_ALIBI:
         s -= slope * tl.abs(diagonal - cols).to(tl.float32)
+    if HAS_BIAS:  # after the cap and ALiBi; a -inf bias excludes the key like a mask
+        s += bias
     allowed = cols < seqlen_k
+    if HAS_KPM:
+        allowed &= live
     if HAS_WINDOW_LEFT:
         allowed &= cols >= diagonal - window_left
     if HAS_WINDOW_RIGHT:
@@ -239,6 +256,59 @@ def _query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N
     return lo, hi
 
 
+@triton.jit
+def _live_keys(kpm_row_ptr, cols, stride_kpm_k, seqlen_k):
+    """Which of keys `cols` (int32, any shape) take part: key_padding_mask[b, j] != 0, read
+    from row b's `kpm_row_ptr`; False past seqlen_k (pass the stored Tk where the keys past
+    seqused_k are masked anyway: an aligned bound lets the loads be vectors)."""
+    return tl.load(kpm_row_ptr + cols * stride_kpm_k, mask=cols < seqlen_k, other=0) != 0
+
+
+@triton.jit
+def _live_key_range(kpm_row_ptr, stride_kpm_k, seqlen_k, lo, hi, BLOCK_N: tl.constexpr):
+    """[lo, hi) narrowed to [first live key, last live key + 1) of the padding mask row: the
+    key blocks before and after (right / left padding) are skipped without being visited. One
+    pass over the row's Tk bytes, BLOCK_N at a time: cheap next to the attention of a query
+    block. A row with no live key gets an empty range."""
+    offs = tl.arange(0, BLOCK_N)
+    first = tl.zeros([], dtype=tl.int32) + seqlen_k  # tensors: loop-carried
+    end = tl.zeros([], dtype=tl.int32)
+    for start in range(0, seqlen_k, BLOCK_N):
+        cols = start + offs
+        live = _live_keys(kpm_row_ptr, cols, stride_kpm_k, seqlen_k)
+        first = tl.minimum(first, tl.min(tl.where(live, cols, seqlen_k), axis=0))
+        end = tl.maximum(end, tl.max(tl.where(live, cols + 1, 0), axis=0))
+    return tl.maximum(lo, first), tl.minimum(hi, end)
+
+
+@triton.jit
+def _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b, stride_bias_h,
+                  stride_bias_q):
+    """Pointer to attn_bias[b, h, start_m, 0] (int64 arithmetic: B * H * Tq * Tk can pass
+    2^31; the offsets inside a block stay int32)."""
+    zero64 = batch64 * 0  # head, start_m: int32 tensors or loop variables
+    return (bias_ptr + batch64 * stride_bias_b + (zero64 + head) * stride_bias_h
+            + (zero64 + start_m) * stride_bias_q)
+
+
+@triton.jit
+def _bias_and_live_block(bias_row_ptr, kpm_row_ptr, local_rows, cols, row_mask, col_mask,
+                         stride_bias_q, stride_bias_k, stride_kpm_k, seqlen_k,
+                         HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(float32 attn_bias, live keys) of one block of scores, in either orientation:
+    `local_rows` are the query rows counted from the row of `bias_row_ptr`, `cols` the key
+    positions (both int32, broadcast to the block); row_mask / col_mask which of them exist.
+    0 for a feature that is off (placeholders _scores ignores)."""
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_row_ptr + local_rows * stride_bias_q + cols * stride_bias_k,
+                       mask=row_mask & col_mask, other=0.0).to(tl.float32)
+    live = 0
+    if HAS_KPM:
+        live = _live_keys(kpm_row_ptr, cols, stride_kpm_k, seqlen_k)
+    return bias, live
+
+
 # ---- forward ---------------------------------------------------------------------------------
 
 
@@ -250,12 +320,16 @@ def attention_fwd_kernel(
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr,  # int32, or None (see the flags)
     alibi_ptr,  # float32 (H,) / (B, H), or None
     dropout_seed_ptr,  # int64 (1,), or None
+    bias_ptr,  # attn_bias (B, H, Tq, Tk) in q's dtype, any strides (0: broadcast), or None
+    kpm_ptr,  # key_padding_mask as uint8 (B, Tk), nonzero = the key takes part, or None
     stride_q_b, stride_q_t, stride_q_h, stride_q_d,
     stride_k_b, stride_k_t, stride_k_h, stride_k_d,
     stride_v_b, stride_v_t, stride_v_h, stride_v_d,
     stride_out_b, stride_out_t, stride_out_h, stride_out_d,
     stride_lse_b, stride_lse_h,
     stride_alibi_b,
+    stride_bias_b, stride_bias_h, stride_bias_q, stride_bias_k,
+    stride_kpm_b, stride_kpm_k,
     num_heads,  # H
     group_size,  # H // Hkv
     seqlen_q, seqlen_k,  # Tq, Tk (padded) or the maxima (packed)
@@ -267,6 +341,7 @@ def attention_fwd_kernel(
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16_IN_SOFTWARE: tl.constexpr,
@@ -277,6 +352,7 @@ def attention_fwd_kernel(
         cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:  # packed: a shorter sequence than the longest
         return
+    bias_cols = seqlen_k  # padded (masks are): the stored keys, Tk of the bias
     k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
                                            seqlen_k, total_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
@@ -301,6 +377,16 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M,
                         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    kpm_row = kpm_ptr
+    if HAS_KPM:
+        kpm_row = kpm_ptr + batch64 * stride_kpm_b
+        lo, hi = _live_key_range(kpm_row, stride_kpm_k, seqlen_k, lo, hi, BLOCK_N)
+    bias_row = bias_ptr
+    if HAS_BIAS:
+        bias_row = _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b,
+                                 stride_bias_h, stride_bias_q)
+        # Key blocks at multiples of BLOCK_N: the bias rows' loads are then aligned vectors.
+        lo = lo // BLOCK_N * BLOCK_N
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_mask = cols < seqlen_k
@@ -308,9 +394,14 @@ def attention_fwd_kernel(
         k = tl.load(k_base + cols[:, None] * stride_k_t + offs_d[None, :] * stride_k_d,
                     mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        bias, live = _bias_and_live_block(
+            bias_row, kpm_row, tl.arange(0, BLOCK_M)[:, None], cols[None, :], m_mask[:, None],
+            (cols < bias_cols)[None, :], stride_bias_q, stride_bias_k, stride_kpm_k, bias_cols,
+            HAS_BIAS, HAS_KPM)
         s, _ = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, softmax_scale,
-                       softcap, slope, window_left, window_right,
-                       HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                       softcap, slope, window_left, window_right, bias, live,
+                       HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                       HAS_BIAS, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no allowed key so far keeps m = -inf; subtract 0 instead, so that
         # exp2(-inf - -inf) = NaN never forms (its p are exp2(-inf) = 0).
@@ -417,13 +508,19 @@ def _apply_dropout(p, dp, head_key, rows, cols, dropout_threshold, dropout_scale
 
 
 @triton.jit
-def _score_grads(p, dp, delta, cap_tanh, HAS_SOFTCAP: tl.constexpr):
-    """ds = p * (dp - D_i) (dp with dropout applied, delta broadcast to p), times
-    1 - tanh^2 of the cap when soft-capping (cap_tanh from _scores, ignored otherwise)."""
-    ds = p * (dp - delta)
+def _softcap_grad(ds, cap_tanh, HAS_SOFTCAP: tl.constexpr):
+    """ds times 1 - tanh^2 of the cap when soft-capping (cap_tanh from _scores, ignored
+    otherwise): the gradient of the score before the cap from the one after it."""
     if HAS_SOFTCAP:
         ds *= 1.0 - cap_tanh * cap_tanh
     return ds
+
+
+@triton.jit
+def _score_grads(p, dp, delta, cap_tanh, HAS_SOFTCAP: tl.constexpr):
+    """ds = p * (dp - D_i) (dp with dropout applied, delta broadcast to p), times
+    1 - tanh^2 of the cap when soft-capping."""
+    return _softcap_grad(p * (dp - delta), cap_tanh, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -432,6 +529,7 @@ def attention_bwd_dkdv_kernel(
     lse_ptr, delta_ptr,  # float32, (B, H, Tq) or (H, total_q), same strides
     dk_ptr, dv_ptr,  # like k, v
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, alibi_ptr, dropout_seed_ptr,
+    bias_ptr, kpm_ptr,  # as the forward's
     stride_q_b, stride_q_t, stride_q_h, stride_q_d,
     stride_k_b, stride_k_t, stride_k_h, stride_k_d,
     stride_v_b, stride_v_t, stride_v_h, stride_v_d,
@@ -440,11 +538,14 @@ def attention_bwd_dkdv_kernel(
     stride_dv_b, stride_dv_t, stride_dv_h, stride_dv_d,
     stride_lse_b, stride_lse_h,
     stride_alibi_b,
+    stride_bias_b, stride_bias_h, stride_bias_q, stride_bias_k,
+    stride_kpm_b, stride_kpm_k,
     num_heads, group_size, seqlen_q, seqlen_k, total_q, total_k, head_dim,
     softmax_scale, softcap, window_left, window_right, dropout_threshold, dropout_scale,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16_IN_SOFTWARE: tl.constexpr,
@@ -482,8 +583,18 @@ def attention_bwd_dkdv_kernel(
                           HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
     if start_n >= seqlen_k:  # stored but unused keys (seqused_k): zero gradients
         hi = lo
+    first_head = kv_head * group_size
+    last_head = first_head + group_size
+    kpm_row = kpm_ptr
+    live = 0
+    if HAS_KPM:  # the keys' padding mask holds for every query: loaded once
+        kpm_row = kpm_ptr + batch64 * stride_kpm_b
+        live_n = _live_keys(kpm_row, offs_n, stride_kpm_k, seqlen_k)
+        # every key padded: no query head, zero gradients
+        last_head = tl.where(tl.max(live_n.to(tl.int32), axis=0) > 0, last_head, first_head)
+        live = live_n[:, None]
     q_row0 = q_start.to(tl.int64)
-    for head in range(kv_head * group_size, (kv_head + 1) * group_size):
+    for head in range(first_head, last_head):
         q_base = q_ptr + batch64 * stride_q_b + head * stride_q_h + q_row0 * stride_q_t
         dout_base = (dout_ptr + batch64 * stride_dout_b + head * stride_dout_h
                      + q_row0 * stride_dout_t)
@@ -501,9 +612,19 @@ def attention_bwd_dkdv_kernel(
                 stride_q_t, stride_q_d, stride_dout_t, stride_dout_d)
 
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            bias_t = 0.0
+            if HAS_BIAS:
+                bias_t, _ = _bias_and_live_block(
+                    _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b,
+                                  stride_bias_h, stride_bias_q),
+                    kpm_row, offs_m[None, :], offs_n[:, None], m_mask[None, :],
+                    (offs_n < seqlen_k_stored)[:, None], stride_bias_q, stride_bias_k, stride_kpm_k,
+                    seqlen_k, HAS_BIAS, False)
             s_t, cap_tanh_t = _scores(qk_t, rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
                                       softmax_scale, softcap, slope, window_left, window_right,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                                      bias_t, live,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                                      HAS_BIAS, HAS_KPM)
             p_t = tl.exp2(s_t - lse[None, :])
             dp_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # <dout_i, v_j>
             p_dropped_t, dp_t = _apply_dropout(p_t, dp_t, head_key, rows[None, :], offs_n[:, None],
@@ -529,6 +650,9 @@ def attention_bwd_dq_kernel(
     lse_ptr, delta_ptr,
     dq_ptr,  # like q
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, alibi_ptr, dropout_seed_ptr,
+    bias_ptr, kpm_ptr,  # as the forward's
+    dbias_ptr,  # (B, H, Tq, Tk) in q's dtype, zeroed, or None: receives ds before the cap's
+                # derivative for every score this kernel computes (HAS_DBIAS)
     stride_q_b, stride_q_t, stride_q_h, stride_q_d,
     stride_k_b, stride_k_t, stride_k_h, stride_k_d,
     stride_v_b, stride_v_t, stride_v_h, stride_v_d,
@@ -536,11 +660,15 @@ def attention_bwd_dq_kernel(
     stride_dq_b, stride_dq_t, stride_dq_h, stride_dq_d,
     stride_lse_b, stride_lse_h,
     stride_alibi_b,
+    stride_bias_b, stride_bias_h, stride_bias_q, stride_bias_k,
+    stride_kpm_b, stride_kpm_k,
+    stride_dbias_b, stride_dbias_h, stride_dbias_q, stride_dbias_k,
     num_heads, group_size, seqlen_q, seqlen_k, total_q, total_k, head_dim,
     softmax_scale, softcap, window_left, window_right, dropout_threshold, dropout_scale,
     IS_VARLEN_Q: tl.constexpr, IS_VARLEN_K: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16_IN_SOFTWARE: tl.constexpr,
@@ -551,6 +679,7 @@ def attention_bwd_dq_kernel(
         cu_seqlens_q_ptr, seqlen_q, total_q, BLOCK_M, IS_VARLEN_Q)
     if start_m >= seqlen_q:
         return
+    bias_cols = seqlen_k  # padded (masks are): the stored keys, Tk of the bias
     k_start, seqlen_k, kv_head = _kv_slice(cu_seqlens_k_ptr, seqused_k_ptr, batch, head, group_size,
                                            seqlen_k, total_k, IS_VARLEN_K, HAS_SEQUSED_K)
     batch64 = batch.to(tl.int64)
@@ -573,23 +702,49 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M,
                         HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    kpm_row = kpm_ptr
+    if HAS_KPM:
+        kpm_row = kpm_ptr + batch64 * stride_kpm_b
+        lo, hi = _live_key_range(kpm_row, stride_kpm_k, seqlen_k, lo, hi, BLOCK_N)
+    bias_row = bias_ptr
+    if HAS_BIAS:
+        bias_row = _bias_row_ptr(bias_ptr, batch64, head, start_m, stride_bias_b,
+                                 stride_bias_h, stride_bias_q)
+        # Key blocks at multiples of BLOCK_N: the bias rows' loads are then aligned vectors.
+        lo = lo // BLOCK_N * BLOCK_N
+    dbias_row = dbias_ptr
+    if HAS_DBIAS:
+        dbias_row = _bias_row_ptr(dbias_ptr, batch64, head, start_m, stride_dbias_b,
+                                  stride_dbias_h, stride_dbias_q)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols < seqlen_k)[:, None] & d_mask[None, :]
+        n_mask = cols < seqlen_k
+        kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * stride_k_t + offs_d[None, :] * stride_k_d,
                     mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_v_t + offs_d[None, :] * stride_v_d,
                     mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        bias, live = _bias_and_live_block(
+            bias_row, kpm_row, tl.arange(0, BLOCK_M)[:, None], cols[None, :], m_mask[:, None],
+            (cols < bias_cols)[None, :], stride_bias_q, stride_bias_k, stride_kpm_k, bias_cols,
+            HAS_BIAS, HAS_KPM)
         s, cap_tanh = _scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
-                              softmax_scale, softcap, slope, window_left, window_right,
-                              HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+                              softmax_scale, softcap, slope, window_left, window_right, bias,
+                              live, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+                              HAS_BIAS, HAS_KPM)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
         # z * p is dv's business; the compiler drops it here.
         _, dp = _apply_dropout(p, dp, head_key, offs_m[:, None], cols[None, :],
                                dropout_threshold, dropout_scale, HAS_DROPOUT)
-        ds = _score_grads(p, dp, delta[:, None], cap_tanh, HAS_SOFTCAP)
+        ds = p * (dp - delta[:, None])
+        if HAS_DBIAS:  # the gradient of the score after the cap: each (h, i, j) once, here
+            tl.store(dbias_row + tl.arange(0, BLOCK_M)[:, None] * stride_dbias_q
+                     + cols[None, :] * stride_dbias_k,
+                     round_to_dtype(ds, dbias_ptr.dtype.element_ty, ROUND_BF16_IN_SOFTWARE),
+                     mask=m_mask[:, None] & (cols < bias_cols)[None, :])
+        ds = _softcap_grad(ds, cap_tanh, HAS_SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     tl.store(dq_ptr + batch64 * stride_dq_b + head * stride_dq_h
@@ -614,7 +769,7 @@ class _Config:
 
     def __init__(self, q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                  softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                 dropout_p, dropout_seed):
+                 dropout_p, dropout_seed, attn_bias, key_padding_mask):
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(
                 f"attention (triton): q must be float16, bfloat16 or float32, got {q.dtype}"
@@ -654,6 +809,15 @@ class _Config:
         self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_k = (
             None if t is None else t.contiguous() for t in (cu_seqlens_q, cu_seqlens_k, seqused_k)
         )
+        # attn_bias as it comes (any strides: the broadcast dims are stride-0 views); the bool
+        # padding mask read as bytes (one byte per bool, 0 / 1).
+        self.attn_bias = attn_bias
+        self.bias_strides = tuple(attn_bias.stride()) if attn_bias is not None else (0,) * 4
+        self.key_padding_mask = (None if key_padding_mask is None
+                                 else key_padding_mask.view(torch.uint8))
+        self.kpm_strides = ((0, 0) if key_padding_mask is None
+                            else tuple(key_padding_mask.stride()))
+        self.masked = attn_bias is not None or key_padding_mask is not None
         self.dot_precision = "ieee"  # fp32: no TF32; fp16 / bf16 are unaffected
         self.round_bf16 = interpreted()
 
@@ -662,10 +826,13 @@ class _Config:
 
     def pointers(self):
         return (self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_k, self.alibi_slopes,
-                self.dropout_seed)
+                self.dropout_seed, self.attn_bias, self.key_padding_mask)
+
+    def mask_strides(self):
+        return (*self.bias_strides, *self.kpm_strides)
 
     def scalars(self):
-        return (self.alibi_stride_b, self.num_heads, self.group_size, self.seqlen_q,
+        return (self.num_heads, self.group_size, self.seqlen_q,
                 self.seqlen_k, self.total_q, self.total_k, self.head_dim, self.softmax_scale, self.softcap,
                 self.window_left, self.window_right, self.dropout_threshold, self.dropout_scale)
 
@@ -679,6 +846,8 @@ class _Config:
             HAS_SOFTCAP=self.softcap > 0.0,
             HAS_ALIBI=self.alibi_slopes is not None,
             HAS_DROPOUT=self.has_dropout,
+            HAS_BIAS=self.attn_bias is not None,
+            HAS_KPM=self.key_padding_mask is not None,
             DOT_PRECISION=self.dot_precision,
             ROUND_BF16_IN_SOFTWARE=self.round_bf16,
         )
@@ -701,31 +870,36 @@ def _block_d(head_dim: int) -> int:
 # keeps checking the last one); not tuned on a GPU (none was available). float32 runs its IEEE
 # dot products on FMA units, which hold whole operand tiles in registers: it needs much
 # smaller tiles than the tensor-core path.
+# "*_masked": the kernels with attn_bias / key_padding_mask (and dbias), checked the same
+# way, every BLOCK_D, with every flag on but the packed inputs (the glue refuses packed +
+# masks; the test keeps checking one BLOCK_D per dtype class). They differ where the bias
+# tile made ptxas spill: BLOCK_D 128 (fwd BLOCK_N 32; bwd one stage, fp32 BLOCK_N 16) and
+# tensor-core BLOCK_D 64 backward (one stage).
 _FWD_TILES = {
     "tensor_core": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
     "fma": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},
+    "tensor_core_masked": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    "fma_masked": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (32, 16, 8, 1)},
 }
 _BWD_TILES = {
     "tensor_core": {64: (32, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
     "fma": {64: (16, 32, 4, 1), 128: (16, 32, 8, 1), 256: (16, 16, 8, 1)},
+    "tensor_core_masked": {64: (32, 64, 8, 1), 128: (32, 64, 8, 1), 256: (16, 32, 8, 1)},
+    "fma_masked": {64: (16, 32, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
 # The interpreter pays per executed op and per call, not per element: few, larger tiles.
 _INTERPRETER_TILES = (32, 32, 1, 1)
 
 
-def _tiles(table: dict, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+def _tile_class(dtype: torch.dtype, masked: bool) -> str:
+    return ("fma" if dtype == torch.float32 else "tensor_core") + ("_masked" if masked else "")
+
+
+def _tiles(table: dict, dtype: torch.dtype, block_d: int,
+           masked: bool) -> tuple[int, int, int, int]:
     if interpreted():
         return _INTERPRETER_TILES
-    by_d = table["fma" if dtype == torch.float32 else "tensor_core"]
-    return by_d[max(64, block_d)]
-
-
-def _masks_not_supported(attn_bias, key_padding_mask) -> None:
-    if attn_bias is not None or key_padding_mask is not None:
-        raise NotImplementedError(
-            "attention (triton): attn_bias / key_padding_mask are not supported by these "
-            "kernels yet"
-        )
+    return table[_tile_class(dtype, masked)][max(64, block_d)]
 
 
 def attention_fwd(
@@ -749,10 +923,9 @@ def attention_fwd(
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastllm::attention_fwd -> (out like q, contiguous; lse float32 (B, H, Tq) / (H, total_q))."""
-    _masks_not_supported(attn_bias, key_padding_mask)
     cfg = _Config(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                   softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                  dropout_p, dropout_seed)
+                  dropout_p, dropout_seed, attn_bias, key_padding_mask)
     if cfg.varlen_q:
         # Rows past cu_seqlens_q[-1] (padding of a packed batch) belong to no sequence and are
         # never written by the kernel: they read as zeros, lse -inf.
@@ -764,13 +937,13 @@ def attention_fwd(
         lse = torch.empty((cfg.batch, cfg.num_heads, cfg.seqlen_q), dtype=torch.float32,
                           device=q.device)
     block_d = _block_d(cfg.head_dim)
-    block_m, block_n, num_warps, num_stages = _tiles(_FWD_TILES, q.dtype, block_d)
+    block_m, block_n, num_warps, num_stages = _tiles(_FWD_TILES, q.dtype, block_d, cfg.masked)
     grid = (triton.cdiv(cfg.seqlen_q, block_m), cfg.num_heads, cfg.batch)
     torch.library.wrap_triton(attention_fwd_kernel)[grid](
         q, k, v, out, lse, *cfg.pointers(),
         *_strides4(q, cfg.varlen_q), *_strides4(k, cfg.varlen_k), *_strides4(v, cfg.varlen_k),
-        *_strides4(out, cfg.varlen_q), *cfg.lse_strides(lse),
-        *cfg.scalars(),
+        *_strides4(out, cfg.varlen_q), *cfg.lse_strides(lse), cfg.alibi_stride_b,
+        *cfg.mask_strides(), *cfg.scalars(),
         **cfg.flags(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
@@ -804,10 +977,9 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fastllm::attention_bwd -> (dq, dk, dv, dbias), contiguous, in the dtypes and shapes of
     q, k, v; dbias (B, H, Tq, Tk) when bias_grad, else empty."""
-    _masks_not_supported(attn_bias, key_padding_mask)
     cfg = _Config(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                   softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                  dropout_p, dropout_seed)
+                  dropout_p, dropout_seed, attn_bias, key_padding_mask)
     # Packed rows outside every sequence are never written: zeros for them (a memset, cheap
     # next to attention). Padded tensors are covered in full by the kernels.
     alloc = torch.zeros if cfg.varlen_q else torch.empty
@@ -816,10 +988,18 @@ def attention_bwd(
     dk = alloc(k.shape, dtype=k.dtype, device=k.device)
     dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    # dbias: zeroed, the dq kernel writes the scores it computes (the others are 0: masked).
+    if bias_grad:
+        dbias = torch.zeros((cfg.batch, cfg.num_heads, cfg.seqlen_q, k.shape[1]), dtype=q.dtype,
+                            device=q.device)
+        dbias_strides = dbias.stride()
+    else:
+        dbias = q.new_empty((0,))
+        dbias_strides = (0,) * 4
     lse = lse.contiguous()
     lse_strides = cfg.lse_strides(lse)
     block_d = _block_d(cfg.head_dim)
-    block_m, block_n, num_warps, num_stages = _tiles(_BWD_TILES, q.dtype, block_d)
+    block_m, block_n, num_warps, num_stages = _tiles(_BWD_TILES, q.dtype, block_d, cfg.masked)
 
     # D_i reads two (rows, BLOCK_D) tiles: 4096 elements each, 32 registers per thread.
     pre_block_m = max(1, 4096 // block_d)
@@ -838,7 +1018,7 @@ def attention_bwd(
     ](
         q, k, v, dout, lse, delta, dk, dv, *cfg.pointers(),
         *common_strides, *_strides4(dk, cfg.varlen_k), *_strides4(dv, cfg.varlen_k),
-        *lse_strides, *cfg.scalars(),
+        *lse_strides, cfg.alibi_stride_b, *cfg.mask_strides(), *cfg.scalars(),
         **cfg.flags(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
@@ -846,11 +1026,11 @@ def attention_bwd(
     torch.library.wrap_triton(attention_bwd_dq_kernel)[
         (triton.cdiv(cfg.seqlen_q, block_m), cfg.num_heads, cfg.batch)
     ](
-        q, k, v, dout, lse, delta, dq, *cfg.pointers(),
+        q, k, v, dout, lse, delta, dq, *cfg.pointers(), dbias if bias_grad else None,
         *common_strides, *_strides4(dq, cfg.varlen_q),
-        *lse_strides, *cfg.scalars(),
-        **cfg.flags(),
+        *lse_strides, cfg.alibi_stride_b, *cfg.mask_strides(), *dbias_strides, *cfg.scalars(),
+        **cfg.flags(), HAS_DBIAS=bias_grad,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return dq, dk, dv, q.new_empty((0,))
+    return dq, dk, dv, dbias

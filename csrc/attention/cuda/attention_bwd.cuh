@@ -80,7 +80,7 @@ struct BwdDkdvConfig {
   static_assert(kHeadDim % 16 == 0 && kAccCols % 16 == 0, "head dim tiles are multiples of 16");
 };
 
-template <int kHeadDim, class T>
+template <int kHeadDim, class T, bool kMasks>
 __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBlocksPerSm)
     attention_bwd_dkdv_kernel(const BwdParams p, const float* __restrict__ softmax_d,
                               const uint32_t dropout_threshold) {
@@ -129,9 +129,8 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
   zero_acc(dv);
 
   // A key block with no key that takes part (key padding mask) has dk = dv = 0: skipped.
-  const bool masks = has_masks(p);
   const bool block_live =
-      next_live_key_block<kBlockN, Cfg::kThreads>(p, b, seq.seqlen_k, n_block, n_block) == n_block;
+      next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, n_block, n_block) == n_block;
 
   FASTLLM_NO_UNROLL
   for (int h = hk * group; h < (hk + 1) * group && j0 < seq.seqlen_k && block_live; ++h) {
@@ -176,7 +175,7 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
       zero_acc(pt);
       gemm_rows_by_rows<T, kHeadDim>(pt, sK, warp_key0, sQ, 0);
       const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-      if (!masks) {
+      if constexpr (!kMasks) {
         FASTLLM_UNROLL
         for (int mt = 0; mt < kMTiles; ++mt) {
           FASTLLM_UNROLL
@@ -266,7 +265,7 @@ struct BwdDqConfig {
   static_assert(kHeadDim % 16 == 0, "head dim tiles are multiples of 16");
 };
 
-template <int kHeadDim, class T>
+template <int kHeadDim, class T, bool kMasks>
 __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocksPerSm)
     attention_bwd_dq_kernel(const BwdParams p, const float* __restrict__ softmax_d,
                             const uint32_t dropout_threshold) {
@@ -296,8 +295,8 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   const int n_last = j_max / kBlockN;
   // Fully padded key blocks (key padding mask) are skipped, as in forward.
   const int n_first =
-      next_live_key_block<kBlockN, Cfg::kThreads>(p, b, seq.seqlen_k, j_min / kBlockN, n_last);
-  if (n_first > n_last) {
+      next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, j_min / kBlockN, n_last);
+  if (kMasks && n_first > n_last) {
     store_zero_rows<kHeadDim, Cfg::kThreads>(dq, p.stride_dq.t, rows, head_dim);
     return;
   }
@@ -338,10 +337,9 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   float dq_acc[kDTiles][4];
   zero_acc(dq_acc);
 
-  const bool masks = has_masks(p);
   FASTLLM_NO_UNROLL
   for (int n_block = n_first; n_block <= n_last;
-       n_block = next_live_key_block<kBlockN, Cfg::kThreads>(p, b, seq.seqlen_k, n_block + 1,
+       n_block = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, n_block + 1,
                                                              n_last)) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j0 * p.stride_k.t, p.stride_k.t,
@@ -360,7 +358,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
     zero_acc(s_acc);
     gemm_rows_by_rows<T, kHeadDim>(s_acc, sQ, warp_row0, sK, 0);
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-    if (!masks) {
+    if constexpr (!kMasks) {
       FASTLLM_UNROLL
       for (int nt = 0; nt < kNTiles; ++nt) {
         FASTLLM_UNROLL
@@ -434,7 +432,12 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dkdv(const BwdParams& p, const float* softmax_d,
                                       uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDkdvConfig<kHeadDim>;
-  return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T>, p.seqlen_k,
+  if (has_masks(p)) {
+    return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T, true>, p.seqlen_k,
+                                   Cfg::kBlockN, p.num_kv_heads, p.batch, stream, p, softmax_d,
+                                   dropout_threshold);
+  }
+  return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T, false>, p.seqlen_k,
                                  Cfg::kBlockN, p.num_kv_heads, p.batch, stream, p, softmax_d,
                                  dropout_threshold);
 }
@@ -443,8 +446,14 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dq(const BwdParams& p, const float* softmax_d,
                                     uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDqConfig<kHeadDim>;
-  return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
-                                 p.num_heads, p.batch, stream, p, softmax_d, dropout_threshold);
+  if (has_masks(p)) {
+    return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T, true>, p.seqlen_q,
+                                   Cfg::kBlockM, p.num_heads, p.batch, stream, p, softmax_d,
+                                   dropout_threshold);
+  }
+  return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T, false>, p.seqlen_q,
+                                 Cfg::kBlockM, p.num_heads, p.batch, stream, p, softmax_d,
+                                 dropout_threshold);
 }
 
 }  // namespace cuda

@@ -177,12 +177,15 @@ __device__ __forceinline__ ScoreMod make_score_mod(const Problem& p, const SeqIn
 
 // ---- attn_bias and key_padding_mask (attention.h; padded batches only) -----------------
 // Both are read straight from global memory, per element of the accumulator fragments (each
-// thread knows the (i, j) of its elements, as for the mask above), and only on the kernels'
-// "masks" path (a uniform branch on the pointers), so problems without them run the code
-// they always ran. The bias is added after softcap and ALiBi, then the mask sets -inf.
+// thread knows the (i, j) of its elements, as for the mask above), only by the kernels'
+// kMasks = true instantiation (chosen at launch by has_masks), so problems without them run
+// the code and register allocation they always had (a runtime branch in one kernel raised
+// the register count past an occupancy step in forward and spilled in dq at D = 256). Inside
+// it, the bias and the mask are runtime options. The bias is added after softcap and ALiBi,
+// then the mask sets -inf.
 
-// Whether any of the two optional inputs is given (uniform over the grid).
-__device__ __forceinline__ bool has_masks(const Problem& p) {
+// Whether any of the two optional inputs is given.
+__host__ __device__ __forceinline__ bool has_masks(const Problem& p) {
   return p.attn_bias != nullptr || p.key_padding_mask != nullptr;
 }
 
@@ -211,20 +214,23 @@ __device__ __forceinline__ int64_t bias_col_offset(const Problem& p, int j) {
 }
 
 // The first key block n' in [n, n_last] (kBlockN keys each) with a key that takes part
-// (key_takes_part), else n_last + 1; n itself without a key padding mask (no barrier then).
+// (key_takes_part), else n_last + 1; n itself without a key padding mask (no barrier then;
+// no code at all with kMasks = false).
 // With one: one __syncthreads_or per block looked at, so every thread of the block must call
 // it, and all get the same answer. Fully padded key blocks are skipped this way (their
 // probabilities are exactly 0, so the results are the same bits).
-template <int kBlockN, int kThreads>
+template <int kBlockN, int kThreads, bool kMasks>
 __device__ __forceinline__ int next_live_key_block(const Problem& p, int b, int seqlen_k, int n,
                                                    int n_last) {
-  if (p.key_padding_mask == nullptr) return n;
-  for (; n <= n_last; ++n) {
-    bool live = false;
-    for (int c = threadIdx.x; c < kBlockN; c += kThreads) {
-      live = live || key_takes_part(p, b, seqlen_k, n * kBlockN + c);
+  if constexpr (kMasks) {
+    if (p.key_padding_mask == nullptr) return n;
+    for (; n <= n_last; ++n) {
+      bool live = false;
+      for (int c = threadIdx.x; c < kBlockN; c += kThreads) {
+        live = live || key_takes_part(p, b, seqlen_k, n * kBlockN + c);
+      }
+      if (__syncthreads_or(live)) break;
     }
-    if (__syncthreads_or(live)) break;
   }
   return n;
 }

@@ -58,7 +58,7 @@ struct FwdConfig {
 
 // Two resident blocks per SM asked of ptxas: with the thread count alone, nvcc 13.0 capped
 // the D = 32 kernel at 128 registers and spilled.
-template <int kHeadDim, class T>
+template <int kHeadDim, class T, bool kMasks>
 __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
     attention_fwd_kernel(const FwdParams p, const uint32_t dropout_threshold) {
   using Cfg = FwdConfig<kHeadDim>;
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   // With a key padding mask, fully padded key blocks are skipped (a barrier per block looked
   // at); a query block that sees no key that takes part is a row block without keys.
   const int n_first =
-      next_live_key_block<kBlockN, Cfg::kThreads>(p, b, seq.seqlen_k, j_min / kBlockN, n_last);
-  if (n_first > n_last) {
+      next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, j_min / kBlockN, n_last);
+  if (kMasks && n_first > n_last) {
     store_zero_rows<kHeadDim, Cfg::kThreads>(out, p.stride_out.t, rows, head_dim);
     for (int r = threadIdx.x; r < rows; r += Cfg::kThreads) lse[r] = -kInf;
     return;
@@ -131,7 +131,6 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   float row_max[2] = {-kInf, -kInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
 
-  const bool masks = has_masks(p);
   int n_next;  // the key block after n_block (fully padded ones skipped)
   FASTLLM_NO_UNROLL
   for (int n_block = n_first; n_block <= n_last; n_block = n_next) {
@@ -149,7 +148,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
     // Scores, mask, and the new running max of each of the thread's two rows.
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
     float tile_max[2] = {-kInf, -kInf};
-    if (!masks) {
+    if constexpr (!kMasks) {
       FASTLLM_UNROLL
       for (int nt = 0; nt < kNTiles; ++nt) {
         FASTLLM_UNROLL
@@ -219,7 +218,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
 
     cp_async_wait<0>();  // V_j has landed
     __syncthreads();     // ... for every thread; and every warp is done reading K_j
-    n_next = next_live_key_block<kBlockN, Cfg::kThreads>(p, b, seq.seqlen_k, n_block + 1, n_last);
+    n_next = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, n_block + 1, n_last);
     if (n_next <= n_last) {
       const int j1 = n_next * kBlockN;
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j1 * p.stride_k.t, p.stride_k.t,
@@ -259,8 +258,14 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_fwd(const FwdParams& p, uint32_t dropout_threshold,
                                  cudaStream_t stream) {
   using Cfg = FwdConfig<kHeadDim>;
-  return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
-                                 p.num_heads, p.batch, stream, p, dropout_threshold);
+  if (has_masks(p)) {
+    return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T, true>, p.seqlen_q,
+                                   Cfg::kBlockM, p.num_heads, p.batch, stream, p,
+                                   dropout_threshold);
+  }
+  return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T, false>, p.seqlen_q,
+                                 Cfg::kBlockM, p.num_heads, p.batch, stream, p,
+                                 dropout_threshold);
 }
 
 }  // namespace cuda

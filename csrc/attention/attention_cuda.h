@@ -4,13 +4,15 @@
 //
 // Supported: fp16 / bf16 (p.dtype), head dims D % 8 == 0 with D <= 256, every other feature
 // of attention.h (causal, windows, softcap, ALiBi, varlen, seqused_k, dropout, GQA / MQA,
-// attn_bias with any strides and its gradient dbias, key_padding_mask). Layout requirements, which the glue
-// guarantees by copying an input that misses them: unit stride along D, all other strides
-// multiples of 8 elements and 16-byte aligned base pointers, for every tensor (16-byte
-// cp.async copies and stores); attn_bias and key_padding_mask are read per element and need
-// neither (dbias is the glue's zeroed contiguous tensor). Each launcher returns cudaErrorInvalidValue when a
-// requirement does not hold (attention_cuda_unsupported() says which, for the glue's
-// message) and never synchronises.
+// attn_bias with any strides and its gradient dbias, key_padding_mask). Layout requirements,
+// which the glue guarantees by copying an input that misses them: unit stride along D, all
+// other strides multiples of 8 elements and 16-byte aligned base pointers, for every tensor
+// (16-byte cp.async copies and stores); attn_bias and key_padding_mask are read per element
+// and need neither (dbias is the glue's zeroed contiguous tensor). Each launcher returns
+// cudaErrorInvalidValue when a requirement does not hold (attention_cuda_unsupported() says
+// which, for the glue's message) and never synchronises. Problems with attn_bias or
+// key_padding_mask run separate (kMasks) instantiations of the kernels, so the others keep
+// their code and registers.
 #pragma once
 
 #include <cstddef>

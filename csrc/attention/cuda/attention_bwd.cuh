@@ -11,11 +11,11 @@
 //   dk_j  = scale * sum_{h in group, i} ds_ij q_i
 //   dq_i  = scale * sum_j ds_ij k_j
 // A row with lse = -inf (no allowed key, or every allowed score -inf) has p = 0, hence
-// zero gradients. attn_bias / key_padding_mask: as in forward (attention_fwd.cuh), on a
-// separate per-element path taken only when one is given; key blocks without a key that
-// takes part are skipped. dbias_ij = p_ij (z_ij dp_ij - D_i) (before softcap's derivative)
-// is stored by the dq kernel, the one that visits each (b, h, i, j) once in row-major
-// fragments (pairs of adjacent keys).
+// zero gradients. attn_bias / key_padding_mask: as in forward (attention_fwd.cuh), in the
+// kMasks = true instantiations only; key blocks without a key that takes part are skipped.
+// dbias_ij = p_ij (z_ij dp_ij - D_i) (before softcap's derivative) is stored by the dq
+// kernel, the one that visits each (b, h, i, j) once in row-major fragments (pairs of
+// adjacent keys).
 //
 // Deterministic, no atomics: three kernels, each output written by exactly one block.
 //   1. attention_bwd_dot_kernel (attention_launch.cu): D_i into an fp32 workspace shaped
@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
   zero_acc(dv);
 
   // A key block with no key that takes part (key padding mask) has dk = dv = 0: skipped.
-  const bool block_live =
-      next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, n_block, n_block) == n_block;
+  const bool block_live = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(
+                              p, b, seq.seqlen_k, n_block, n_block) == n_block;
 
   FASTLLM_NO_UNROLL
   for (int h = hk * group; h < (hk + 1) * group && j0 < seq.seqlen_k && block_live; ++h) {
@@ -294,8 +294,8 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   }
   const int n_last = j_max / kBlockN;
   // Fully padded key blocks (key padding mask) are skipped, as in forward.
-  const int n_first =
-      next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, j_min / kBlockN, n_last);
+  const int n_first = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(
+      p, b, seq.seqlen_k, j_min / kBlockN, n_last);
   if (kMasks && n_first > n_last) {
     store_zero_rows<kHeadDim, Cfg::kThreads>(dq, p.stride_dq.t, rows, head_dim);
     return;
@@ -339,8 +339,8 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
 
   FASTLLM_NO_UNROLL
   for (int n_block = n_first; n_block <= n_last;
-       n_block = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k, n_block + 1,
-                                                             n_last)) {
+       n_block = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k,
+                                                                     n_block + 1, n_last)) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j0 * p.stride_k.t, p.stride_k.t,
                                                       seq.seqlen_k - j0, head_dim);

@@ -25,7 +25,7 @@ FAMILY = "attention"
 BACKENDS = ("reference", "native", "triton", "cuda_emu")
 # The backends whose kernels take attn_bias / key_padding_mask; the others must refuse them
 # clearly (test_backends_without_masks_refuse).
-MASK_BACKENDS = {"reference", "native", "triton"}
+MASK_BACKENDS = {"reference", "native", "triton", "cuda_emu"}
 
 DTYPES = {
     "reference": (torch.float32, torch.bfloat16),

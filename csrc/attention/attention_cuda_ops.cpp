@@ -40,7 +40,7 @@ void check_layout(const char* op, const char* unsupported) {
 }
 
 struct AttentionCudaKernels {
-  static constexpr bool kSupportsMasks = false;
+  static constexpr bool kSupportsMasks = true;
 
   // The tensor itself when the kernels' 16-byte copies can read it in place: unit stride
   // along the head dim, every other stride a multiple of 8 elements, 16-byte aligned data.

@@ -10,7 +10,12 @@
 //   dp_ij = z_ij <dout_i, v_j>,  ds_ij = p_ij (dp_ij - D_i) [* (1 - tanh^2) with softcap]
 //   dk_j  = scale * sum_{h in group, i} ds_ij q_i
 //   dq_i  = scale * sum_j ds_ij k_j
-// A row with lse = -inf (no allowed key) has p = 0, hence zero gradients.
+// A row with lse = -inf (no allowed key, or every allowed score -inf) has p = 0, hence
+// zero gradients. attn_bias / key_padding_mask: as in forward (attention_fwd.cuh), in the
+// kMasks = true instantiations only; key blocks without a key that takes part are skipped.
+// dbias_ij = p_ij (z_ij dp_ij - D_i) (before softcap's derivative) is stored by the dq
+// kernel, the one that visits each (b, h, i, j) once in row-major fragments (pairs of
+// adjacent keys).
 //
 // Deterministic, no atomics: three kernels, each output written by exactly one block.
 //   1. attention_bwd_dot_kernel (attention_launch.cu): D_i into an fp32 workspace shaped
@@ -75,7 +80,7 @@ struct BwdDkdvConfig {
   static_assert(kHeadDim % 16 == 0 && kAccCols % 16 == 0, "head dim tiles are multiples of 16");
 };
 
-template <int kHeadDim, class T>
+template <int kHeadDim, class T, bool kMasks>
 __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBlocksPerSm)
     attention_bwd_dkdv_kernel(const BwdParams p, const float* __restrict__ softmax_d,
                               const uint32_t dropout_threshold) {
@@ -123,8 +128,12 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
   zero_acc(dk);
   zero_acc(dv);
 
+  // A key block with no key that takes part (key padding mask) has dk = dv = 0: skipped.
+  const bool block_live = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(
+                              p, b, seq.seqlen_k, n_block, n_block) == n_block;
+
   FASTLLM_NO_UNROLL
-  for (int h = hk * group; h < (hk + 1) * group && j0 < seq.seqlen_k; ++h) {
+  for (int h = hk * group; h < (hk + 1) * group && j0 < seq.seqlen_k && block_live; ++h) {
     const ScoreMod mod = make_score_mod(p, seq, b, h);
     const Dropout dropout = make_dropout(p, dropout_threshold, b, h);
     uint32_t col_key[2] = {0u, 0u};
@@ -166,23 +175,57 @@ __global__ void __launch_bounds__(BwdDkdvConfig<kHeadDim>::kThreads, kBwdMinBloc
       zero_acc(pt);
       gemm_rows_by_rows<T, kHeadDim>(pt, sK, warp_key0, sQ, 0);
       const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-      FASTLLM_UNROLL
-      for (int mt = 0; mt < kMTiles; ++mt) {
+      if constexpr (!kMasks) {
         FASTLLM_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int local_i = mt * 8 + 2 * t + e % 2;
-          const int i = i0 + local_i, j = key_j[e / 2];
-          float cap_grad;
-          const float s = masked ? mod.score(pt[mt][e], i, j, cap_grad)
-                                 : mod.score_unmasked(pt[mt][e], i, j, cap_grad);
-          const float prob = exp2f((s - sLse[local_i]) * kLog2e);
-          float z = 1.f;
-          if (dropout.enabled) {
-            const uint32_t row_key = dropout_row_key(dropout.head_key, i);
-            z = dropout_keep(row_key, col_key[e / 2], dropout.threshold) ? dropout.rescale : 0.f;
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          FASTLLM_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int local_i = mt * 8 + 2 * t + e % 2;
+            const int i = i0 + local_i, j = key_j[e / 2];
+            float cap_grad;
+            const float s = masked ? mod.score(pt[mt][e], i, j, cap_grad)
+                                   : mod.score_unmasked(pt[mt][e], i, j, cap_grad);
+            const float prob = exp2f((s - sLse[local_i]) * kLog2e);
+            float z = 1.f;
+            if (dropout.enabled) {
+              const uint32_t row_key = dropout_row_key(dropout.head_key, i);
+              z = dropout_keep(row_key, col_key[e / 2], dropout.threshold) ? dropout.rescale
+                                                                           : 0.f;
+            }
+            dst[mt][e] = prob * (z * dst[mt][e] - sD[local_i]) * cap_grad;
+            pt[mt][e] = prob * z;
           }
-          dst[mt][e] = prob * (z * dst[mt][e] - sD[local_i]) * cap_grad;
-          pt[mt][e] = prob * z;
+        }
+      } else {
+        // The same with the bias (after softcap and ALiBi) and the key padding mask (this
+        // thread's two keys, the rows of its S^T elements). dbias is the dq kernel's.
+        const T* bias = p.attn_bias != nullptr ? bias_of_head<T>(p, b, h) : nullptr;
+        FASTLLM_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int j = key_j[r];
+          const bool live = key_takes_part(p, b, seq.seqlen_k, j);
+          const T* bias_key = bias != nullptr ? bias + bias_col_offset(p, j) : nullptr;
+          FASTLLM_UNROLL
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            FASTLLM_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              const int e = 2 * r + c;
+              const int local_i = mt * 8 + 2 * t + c;
+              const int i = i0 + local_i;
+              float cap_grad;
+              float s = mod.score_unmasked(pt[mt][e], i, j, cap_grad);
+              if (bias_key != nullptr) s += to_float(bias_key[bias_row_offset(p, i)]);
+              if (!live || (masked && !mod.allowed(i, j))) s = -kInf;
+              const float prob = exp2f((s - sLse[local_i]) * kLog2e);
+              float z = 1.f;
+              if (dropout.enabled) {
+                const uint32_t row_key = dropout_row_key(dropout.head_key, i);
+                z = dropout_keep(row_key, col_key[r], dropout.threshold) ? dropout.rescale : 0.f;
+              }
+              dst[mt][e] = prob * (z * dst[mt][e] - sD[local_i]) * cap_grad;
+              pt[mt][e] = prob * z;
+            }
+          }
         }
       }
       gemm_acc_by_rows<T, kHeadDim, kBlockM / 16, kAccCols>(dv, pt, sdO, acc_col0);
@@ -222,7 +265,7 @@ struct BwdDqConfig {
   static_assert(kHeadDim % 16 == 0, "head dim tiles are multiples of 16");
 };
 
-template <int kHeadDim, class T>
+template <int kHeadDim, class T, bool kMasks>
 __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocksPerSm)
     attention_bwd_dq_kernel(const BwdParams p, const float* __restrict__ softmax_d,
                             const uint32_t dropout_threshold) {
@@ -245,11 +288,18 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   const ScoreMod mod = make_score_mod(p, seq, b, h);
   int j_min, j_max;
   mod.key_range(i0, i0 + rows - 1, j_min, j_max);
-  if (j_max < j_min) {
+  if (j_max < j_min) {  // uniform: no barrier is skipped
     store_zero_rows<kHeadDim, Cfg::kThreads>(dq, p.stride_dq.t, rows, head_dim);
     return;
   }
-  const int n_first = j_min / kBlockN, n_last = j_max / kBlockN;
+  const int n_last = j_max / kBlockN;
+  // Fully padded key blocks (key padding mask) are skipped, as in forward.
+  const int n_first = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(
+      p, b, seq.seqlen_k, j_min / kBlockN, n_last);
+  if (kMasks && n_first > n_last) {
+    store_zero_rows<kHeadDim, Cfg::kThreads>(dq, p.stride_dq.t, rows, head_dim);
+    return;
+  }
 
   FASTLLM_EXTERN_SHARED(uint4, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -288,7 +338,9 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
   zero_acc(dq_acc);
 
   FASTLLM_NO_UNROLL
-  for (int n_block = n_first; n_block <= n_last; ++n_block) {
+  for (int n_block = n_first; n_block <= n_last;
+       n_block = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k,
+                                                                     n_block + 1, n_last)) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j0 * p.stride_k.t, p.stride_k.t,
                                                       seq.seqlen_k - j0, head_dim);
@@ -306,17 +358,62 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads, kBwdMinBlocks
     zero_acc(s_acc);
     gemm_rows_by_rows<T, kHeadDim>(s_acc, sQ, warp_row0, sK, 0);
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
-    FASTLLM_UNROLL
-    for (int nt = 0; nt < kNTiles; ++nt) {
+    if constexpr (!kMasks) {
       FASTLLM_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int j = j0 + nt * 8 + 2 * t + e % 2, r = e / 2;
-        float cap_grad;
-        const float s = masked ? mod.score(s_acc[nt][e], row_i[r], j, cap_grad)
-                               : mod.score_unmasked(s_acc[nt][e], row_i[r], j, cap_grad);
-        const float prob = exp2f((s - row_lse[r]) * kLog2e);
-        const float z = dropout.enabled ? dropout.factor(row_key[r], j) : 1.f;
-        ds[nt][e] = prob * (z * ds[nt][e] - row_d[r]) * cap_grad;
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        FASTLLM_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + nt * 8 + 2 * t + e % 2, r = e / 2;
+          float cap_grad;
+          const float s = masked ? mod.score(s_acc[nt][e], row_i[r], j, cap_grad)
+                                 : mod.score_unmasked(s_acc[nt][e], row_i[r], j, cap_grad);
+          const float prob = exp2f((s - row_lse[r]) * kLog2e);
+          const float z = dropout.enabled ? dropout.factor(row_key[r], j) : 1.f;
+          ds[nt][e] = prob * (z * ds[nt][e] - row_d[r]) * cap_grad;
+        }
+      }
+    } else {
+      // The same with the bias and the key padding mask, and dbias_ij = p_ij (z dP_ij - D_i)
+      // (before the soft cap's derivative) stored when asked for: this kernel visits each
+      // (b, h, i, j) once, and its two adjacent columns per row make 4-byte stores when Tk
+      // is even.
+      const T* bias = p.attn_bias != nullptr ? bias_of_head<T>(p, b, h) : nullptr;
+      T* dbias = p.dbias != nullptr ? static_cast<T*>(p.dbias) +
+                                          (static_cast<int64_t>(b) * p.num_heads + h) *
+                                              p.seqlen_q * p.seqlen_k
+                                    : nullptr;
+      FASTLLM_UNROLL
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        FASTLLM_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int i = row_i[r];
+          float grad[2];
+          FASTLLM_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const int e = 2 * r + c;
+            const int j = j0 + nt * 8 + 2 * t + c;
+            float cap_grad;
+            float s = mod.score_unmasked(s_acc[nt][e], i, j, cap_grad);
+            if (bias != nullptr) s += to_float(bias[bias_row_offset(p, i) + bias_col_offset(p, j)]);
+            if (!key_takes_part(p, b, seq.seqlen_k, j) || (masked && !mod.allowed(i, j))) {
+              s = -kInf;
+            }
+            const float prob = exp2f((s - row_lse[r]) * kLog2e);
+            const float z = dropout.enabled ? dropout.factor(row_key[r], j) : 1.f;
+            grad[c] = prob * (z * ds[nt][e] - row_d[r]);
+            ds[nt][e] = grad[c] * cap_grad;
+          }
+          const int j = j0 + nt * 8 + 2 * t;  // even
+          if (dbias != nullptr && i < seq.seqlen_q && j < p.seqlen_k) {
+            T* dst = dbias + static_cast<int64_t>(i) * p.seqlen_k + j;
+            if (p.seqlen_k % 2 == 0) {  // j + 1 < Tk, and the pair is 4-byte aligned
+              *reinterpret_cast<uint32_t*>(dst) = pack2<T>(grad[0], grad[1]);
+            } else {
+              dst[0] = from_float<T>(grad[0]);
+              if (j + 1 < p.seqlen_k) dst[1] = from_float<T>(grad[1]);
+            }
+          }
+        }
       }
     }
     gemm_acc_by_rows<T, kHeadDim, kBlockN / 16>(dq_acc, ds, sK);
@@ -335,7 +432,12 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dkdv(const BwdParams& p, const float* softmax_d,
                                       uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDkdvConfig<kHeadDim>;
-  return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T>, p.seqlen_k,
+  if (has_masks(p)) {
+    return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T, true>, p.seqlen_k,
+                                   Cfg::kBlockN, p.num_kv_heads, p.batch, stream, p, softmax_d,
+                                   dropout_threshold);
+  }
+  return launch_tile_kernel<Cfg>(attention_bwd_dkdv_kernel<kHeadDim, T, false>, p.seqlen_k,
                                  Cfg::kBlockN, p.num_kv_heads, p.batch, stream, p, softmax_d,
                                  dropout_threshold);
 }
@@ -344,8 +446,14 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_bwd_dq(const BwdParams& p, const float* softmax_d,
                                     uint32_t dropout_threshold, cudaStream_t stream) {
   using Cfg = BwdDqConfig<kHeadDim>;
-  return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
-                                 p.num_heads, p.batch, stream, p, softmax_d, dropout_threshold);
+  if (has_masks(p)) {
+    return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T, true>, p.seqlen_q,
+                                   Cfg::kBlockM, p.num_heads, p.batch, stream, p, softmax_d,
+                                   dropout_threshold);
+  }
+  return launch_tile_kernel<Cfg>(attention_bwd_dq_kernel<kHeadDim, T, false>, p.seqlen_q,
+                                 Cfg::kBlockM, p.num_heads, p.batch, stream, p, softmax_d,
+                                 dropout_threshold);
 }
 
 }  // namespace cuda

@@ -175,6 +175,66 @@ __device__ __forceinline__ ScoreMod make_score_mod(const Problem& p, const SeqIn
   return m;
 }
 
+// ---- attn_bias and key_padding_mask (attention.h; padded batches only) -----------------
+// Both are read straight from global memory, per element of the accumulator fragments (each
+// thread knows the (i, j) of its elements, as for the mask above), only by the kernels'
+// kMasks = true instantiation (chosen at launch by has_masks), so problems without them run
+// the code and register allocation they always had (a runtime branch in one kernel raised
+// the register count past an occupancy step in forward and spilled in dq at D = 256). Inside
+// it, the bias and the mask are runtime options. The bias is added after softcap and ALiBi,
+// then the mask sets -inf.
+
+// Whether any of the two optional inputs is given.
+__host__ __device__ __forceinline__ bool has_masks(const Problem& p) {
+  return p.attn_bias != nullptr || p.key_padding_mask != nullptr;
+}
+
+// Whether key j takes part for sequence b: j < Tk_b and, with a key padding mask, its byte is
+// nonzero (read only for j < Tk_b, so never past the mask).
+__device__ __forceinline__ bool key_takes_part(const Problem& p, int b, int seqlen_k, int j) {
+  return j < seqlen_k &&
+         (p.key_padding_mask == nullptr ||
+          p.key_padding_mask[static_cast<int64_t>(b) * p.kpm_stride_b +
+                             static_cast<int64_t>(j) * p.kpm_stride_k] != 0);
+}
+
+// Row 0 of the bias of (b, query head h); element (i, j) at [i * bias_stride_q +
+// j * bias_stride_k]. Callers clamp i to [0, Tq) and j to [0, Tk) (the padding rows and
+// columns of a tile read a valid element whose value the mask or lse discards).
+template <class T>
+__device__ __forceinline__ const T* bias_of_head(const Problem& p, int b, int h) {
+  return static_cast<const T*>(p.attn_bias) + static_cast<int64_t>(b) * p.bias_stride_b +
+         static_cast<int64_t>(h) * p.bias_stride_h;
+}
+__device__ __forceinline__ int64_t bias_row_offset(const Problem& p, int i) {
+  return static_cast<int64_t>(min(i, static_cast<int>(p.seqlen_q) - 1)) * p.bias_stride_q;
+}
+__device__ __forceinline__ int64_t bias_col_offset(const Problem& p, int j) {
+  return static_cast<int64_t>(min(j, static_cast<int>(p.seqlen_k) - 1)) * p.bias_stride_k;
+}
+
+// The first key block n' in [n, n_last] (kBlockN keys each) with a key that takes part
+// (key_takes_part), else n_last + 1; n itself without a key padding mask (no barrier then;
+// no code at all with kMasks = false).
+// With one: one __syncthreads_or per block looked at, so every thread of the block must call
+// it, and all get the same answer. Fully padded key blocks are skipped this way (their
+// probabilities are exactly 0, so the results are the same bits).
+template <int kBlockN, int kThreads, bool kMasks>
+__device__ __forceinline__ int next_live_key_block(const Problem& p, int b, int seqlen_k, int n,
+                                                   int n_last) {
+  if constexpr (kMasks) {
+    if (p.key_padding_mask == nullptr) return n;
+    for (; n <= n_last; ++n) {
+      bool live = false;
+      for (int c = threadIdx.x; c < kBlockN; c += kThreads) {
+        live = live || key_takes_part(p, b, seqlen_k, n * kBlockN + c);
+      }
+      if (__syncthreads_or(live)) break;
+    }
+  }
+  return n;
+}
+
 // ---- element conversion ---------------------------------------------------------------
 
 template <class T>

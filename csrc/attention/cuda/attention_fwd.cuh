@@ -19,6 +19,12 @@
 // key for some row of the query block are visited (causal / sliding window skip the rest),
 // and the per-element mask runs only on blocks that straddle the mask's edges or the end
 // of the sequence.
+// attn_bias and key_padding_mask: only in the kMasks = true instantiation (the launcher picks
+// it when either is given, so problems without them run the code they always ran); the bias
+// is read from global memory per element of the S fragment, the mask per key column; key
+// blocks with no key that takes part are skipped (next_live_key_block: one __syncthreads_or
+// per block looked at). A row whose allowed scores are all -inf keeps the exponent shift 0
+// (never exp(-inf - (-inf))) and ends with l = 0: out 0, lse -inf.
 //
 // Pipeline: Q (once) and K_j are copied with cp.async; V_j's copy is issued before S is
 // computed and lands while the softmax runs; K_{j+1}'s copy is issued as soon as every warp
@@ -52,7 +58,7 @@ struct FwdConfig {
 
 // Two resident blocks per SM asked of ptxas: with the thread count alone, nvcc 13.0 capped
 // the D = 32 kernel at 128 registers and spilled.
-template <int kHeadDim, class T>
+template <int kHeadDim, class T, bool kMasks>
 __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
     attention_fwd_kernel(const FwdParams p, const uint32_t dropout_threshold) {
   using Cfg = FwdConfig<kHeadDim>;
@@ -80,12 +86,21 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   const ScoreMod mod = make_score_mod(p, seq, b, h);
   int j_min, j_max;
   mod.key_range(i0, i0 + rows - 1, j_min, j_max);
-  if (j_max < j_min) {  // no row of this block has an allowed key
+  if (j_max < j_min) {  // no row of this block has an allowed key (uniform: no barrier skipped)
     store_zero_rows<kHeadDim, Cfg::kThreads>(out, p.stride_out.t, rows, head_dim);
     for (int r = threadIdx.x; r < rows; r += Cfg::kThreads) lse[r] = -kInf;
     return;
   }
-  const int n_first = j_min / kBlockN, n_last = j_max / kBlockN;
+  const int n_last = j_max / kBlockN;
+  // With a key padding mask, fully padded key blocks are skipped (a barrier per block looked
+  // at); a query block that sees no key that takes part is a row block without keys.
+  const int n_first = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(
+      p, b, seq.seqlen_k, j_min / kBlockN, n_last);
+  if (kMasks && n_first > n_last) {
+    store_zero_rows<kHeadDim, Cfg::kThreads>(out, p.stride_out.t, rows, head_dim);
+    for (int r = threadIdx.x; r < rows; r += Cfg::kThreads) lse[r] = -kInf;
+    return;
+  }
 
   FASTLLM_EXTERN_SHARED(uint4, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -116,8 +131,9 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
   float row_max[2] = {-kInf, -kInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
 
+  int n_next;  // the key block after n_block (fully padded ones skipped)
   FASTLLM_NO_UNROLL
-  for (int n_block = n_first; n_block <= n_last; ++n_block) {
+  for (int n_block = n_first; n_block <= n_last; n_block = n_next) {
     const int j0 = n_block * kBlockN;
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v + j0 * p.stride_v.t, p.stride_v.t,
                                                       seq.seqlen_k - j0, head_dim);
@@ -132,15 +148,45 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
     // Scores, mask, and the new running max of each of the thread's two rows.
     const bool masked = mod.tile_needs_mask(i0, i0 + kBlockM - 1, j0, j0 + kBlockN - 1);
     float tile_max[2] = {-kInf, -kInf};
-    FASTLLM_UNROLL
-    for (int nt = 0; nt < kNTiles; ++nt) {
+    if constexpr (!kMasks) {
       FASTLLM_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int j = j0 + nt * 8 + 2 * t + e % 2;
-        float unused_cap_grad;
-        s[nt][e] = masked ? mod.score(s[nt][e], row_i[e / 2], j, unused_cap_grad)
-                          : mod.score_unmasked(s[nt][e], row_i[e / 2], j, unused_cap_grad);
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        FASTLLM_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + nt * 8 + 2 * t + e % 2;
+          float unused_cap_grad;
+          s[nt][e] = masked ? mod.score(s[nt][e], row_i[e / 2], j, unused_cap_grad)
+                            : mod.score_unmasked(s[nt][e], row_i[e / 2], j, unused_cap_grad);
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
+        }
+      }
+    } else {
+      // The same plus the bias (after softcap and ALiBi) and the key padding mask (a key
+      // that does not take part is masked like one outside the window).
+      const T* bias_rows[2] = {nullptr, nullptr};
+      if (p.attn_bias != nullptr) {
+        const T* bias = bias_of_head<T>(p, b, h);
+        bias_rows[0] = bias + bias_row_offset(p, row_i[0]);
+        bias_rows[1] = bias + bias_row_offset(p, row_i[1]);
+      }
+      FASTLLM_UNROLL
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        FASTLLM_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const int j = j0 + nt * 8 + 2 * t + c;
+          const bool live = key_takes_part(p, b, seq.seqlen_k, j);
+          const int64_t bias_col = bias_col_offset(p, j);
+          FASTLLM_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const int e = 2 * r + c;
+            float unused_cap_grad;
+            float v = mod.score_unmasked(s[nt][e], row_i[r], j, unused_cap_grad);
+            if (p.attn_bias != nullptr) v += to_float(bias_rows[r][bias_col]);
+            if (!live || (masked && !mod.allowed(row_i[r], j))) v = -kInf;
+            s[nt][e] = v;
+            tile_max[r] = fmaxf(tile_max[r], v);
+          }
+        }
       }
     }
     float shift[2];  // exp's argument offset: the new max, or 0 while a row has no key yet
@@ -172,8 +218,10 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads, 2)
 
     cp_async_wait<0>();  // V_j has landed
     __syncthreads();     // ... for every thread; and every warp is done reading K_j
-    if (n_block < n_last) {
-      const int j1 = j0 + kBlockN;
+    n_next = next_live_key_block<kBlockN, Cfg::kThreads, kMasks>(p, b, seq.seqlen_k,
+                                                                  n_block + 1, n_last);
+    if (n_next <= n_last) {
+      const int j1 = n_next * kBlockN;
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k + j1 * p.stride_k.t, p.stride_k.t,
                                                         seq.seqlen_k - j1, head_dim);
     }
@@ -211,8 +259,14 @@ template <int kHeadDim, class T>
 cudaError_t launch_attention_fwd(const FwdParams& p, uint32_t dropout_threshold,
                                  cudaStream_t stream) {
   using Cfg = FwdConfig<kHeadDim>;
-  return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T>, p.seqlen_q, Cfg::kBlockM,
-                                 p.num_heads, p.batch, stream, p, dropout_threshold);
+  if (has_masks(p)) {
+    return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T, true>, p.seqlen_q,
+                                   Cfg::kBlockM, p.num_heads, p.batch, stream, p,
+                                   dropout_threshold);
+  }
+  return launch_tile_kernel<Cfg>(attention_fwd_kernel<kHeadDim, T, false>, p.seqlen_q,
+                                 Cfg::kBlockM, p.num_heads, p.batch, stream, p,
+                                 dropout_threshold);
 }
 
 }  // namespace cuda

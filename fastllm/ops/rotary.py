@@ -523,6 +523,13 @@ def apply_rotary_qk(
         return ops.rotary_qk_fwd(q, k, cos, sin, position_ids, cu_seqlens, offset, interleaved,
                                  False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if q._is_view() or k._is_view():
+            # Autograd refuses a Function that modifies a view in place and returns more than
+            # one tensor: q and k as views (of a fused qkv, say) take one pass each.
+            for t in (q, k):
+                ops.inplace_function.apply(t, cos, sin, position_ids, cu_seqlens, offset,
+                                           interleaved)
+            return q, k
         return ops.qk_inplace_function.apply(q, k, cos, sin, position_ids, cu_seqlens, offset,
                                              interleaved)
     ops.rotary_qk_fwd_inplace(q, k, cos, sin, position_ids, cu_seqlens, offset, interleaved,

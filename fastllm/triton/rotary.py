@@ -8,8 +8,9 @@ Math (csrc/rotary/rotary.h), per token at position p and head, in float32:
 These launchers mirror the schemas of csrc/schemas.h (fastllm::rotary_fwd, rotary_fwd_inplace,
 rotary_qk_fwd, rotary_qk_fwd_inplace); backward is the same op with conjugate=True.
 
-A program owns one token (row) and a block of BLOCK_H heads of q or of k (program_id(1) runs
-over q's head blocks, then k's: GQA's q and k in one launch). Each token's position is
+A program owns BLOCK_M (row, head) items of q or of k (item = row * heads + head;
+program_id(0) runs over q's blocks of items, then k's: GQA's q and k in one launch), each
+item a (BLOCK_HALF,) vector of pairs with its own position's angles. Each token's position is
 computed by the launcher with torch (fastllm/reference/rotary.py: token_positions, the
 per-sequence offsets of cu_seqlens included) and clamped into cos's rows, so a bad position
 never reads outside cos / sin (the CPU ops refuse it before: OpFamily.value_checks).
@@ -29,36 +30,51 @@ import triton.language as tl
 from fastllm.reference.rotary import token_positions
 from fastllm.triton._common import interpreted, round_to_dtype
 
-MAX_BLOCK_H = 16
+# (row, head) items per program: a few per warp on a GPU; the interpreter pays per executed
+# op, not per element, and gets large tiles (fewer programs) to keep tests fast.
+TILE_ELEMENTS = 2048
+_INTERPRETER_TILE_ELEMENTS = 1 << 16
 
 
 @triton.jit
-def _rotate_heads(
-    in_ptr,  # this row's first element of the operand
+def _rotate_items(
+    in_ptr,
     out_ptr,
-    cos_ptr,  # this position's row of cos / sin
+    cos_ptr,
     sin_ptr,
-    head0,
+    pos_ptr,
+    item0,  # first (row, head) item of this program: item = row * heads + head
+    rows,
     heads,
-    stride_in_head,
-    stride_out_head,
+    seqlen,
+    stride_in_b, stride_in_t, stride_in_h,
+    stride_out_b, stride_out_t, stride_out_h,
+    stride_cos_row,
+    stride_sin_row,
     half,  # R / 2
     head_dim,  # D
     CONJUGATE: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     COPY_REST: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,
     ROUND_BF16_IN_SOFTWARE: tl.constexpr,
 ):
-    """Rotates heads [head0, head0 + BLOCK_H) of one row (and copies their features R..D-1)."""
-    h = head0 + tl.arange(0, BLOCK_H)
+    """Rotates BLOCK_M (row, head) items of one operand (and copies their features R..D-1)."""
+    item = item0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_m = item < rows * heads
+    r = item // heads
+    h = item - r * heads
+    b = r // seqlen
+    t = r - b * seqlen
+    pos = tl.load(pos_ptr + r, mask=mask_m, other=0)
     i = tl.arange(0, BLOCK_HALF)
-    mask_i = i < half
-    mask = (h < heads)[:, None] & mask_i[None, :]
-    c = tl.load(cos_ptr + i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & (i < half)[None, :]
+    c = tl.load(cos_ptr + pos[:, None] * stride_cos_row + i[None, :], mask=mask, other=0.0)
+    s = tl.load(sin_ptr + pos[:, None] * stride_sin_row + i[None, :], mask=mask, other=0.0)
+    c = c.to(tl.float32)
+    s = s.to(tl.float32)
     if CONJUGATE:
         s = -s
     if INTERLEAVED:
@@ -67,8 +83,8 @@ def _rotate_heads(
     else:
         i1 = i
         i2 = i + half
-    src = in_ptr + h[:, None].to(tl.int64) * stride_in_head
-    dst = out_ptr + h[:, None].to(tl.int64) * stride_out_head
+    src = in_ptr + (b * stride_in_b + t * stride_in_t + h * stride_in_h)[:, None]
+    dst = out_ptr + (b * stride_out_b + t * stride_out_t + h * stride_out_h)[:, None]
     x1 = tl.load(src + i1[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2[None, :], mask=mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
@@ -78,7 +94,7 @@ def _rotate_heads(
     tl.store(dst + i2[None, :], out2, mask=mask)
     if COPY_REST:
         j = 2 * half + tl.arange(0, BLOCK_REST)
-        mask_rest = (h < heads)[:, None] & (j < head_dim)[None, :]
+        mask_rest = mask_m[:, None] & (j < head_dim)[None, :]
         rest = tl.load(src + j[None, :], mask=mask_rest, other=0.0)
         tl.store(dst + j[None, :], rest, mask=mask_rest)
 
@@ -92,6 +108,7 @@ def rotary_kernel(
     cos_ptr,  # (max_T, R / 2), row stride stride_cos_row
     sin_ptr,
     pos_ptr,  # (rows,) int64, clamped into [0, max_T)
+    rows,  # B T (or total)
     seqlen,  # T (packed: total, with batch strides 0)
     stride_q_b, stride_q_t, stride_q_h,
     stride_qo_b, stride_qo_t, stride_qo_h,
@@ -101,38 +118,32 @@ def rotary_kernel(
     stride_sin_row,
     q_heads,
     k_heads,
-    q_blocks,  # head blocks of q: program_id(1) < q_blocks rotates q, the others k
+    q_blocks,  # programs of q: program_id(0) < q_blocks rotates q, the others k
     half,
     head_dim,
     CONJUGATE: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     COPY_REST: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,
     ROUND_BF16_IN_SOFTWARE: tl.constexpr,
 ):
-    """One row's block of heads of q or k (module docstring)."""
-    r = tl.program_id(0).to(tl.int64)
-    b = r // seqlen
-    t = r - b * seqlen
-    pos = tl.load(pos_ptr + r)
-    cos_row = cos_ptr + pos * stride_cos_row
-    sin_row = sin_ptr + pos * stride_sin_row
-    hb = tl.program_id(1)
-    if hb < q_blocks:
-        _rotate_heads(
-            q_ptr + b * stride_q_b + t * stride_q_t, q_out_ptr + b * stride_qo_b + t * stride_qo_t,
-            cos_row, sin_row, hb * BLOCK_H, q_heads, stride_q_h, stride_qo_h, half, head_dim,
-            CONJUGATE, INTERLEAVED, COPY_REST, BLOCK_H, BLOCK_HALF, BLOCK_REST,
-            ROUND_BF16_IN_SOFTWARE,
+    """BLOCK_M (row, head) items of q or of k (module docstring)."""
+    pid = tl.program_id(0)
+    if pid < q_blocks:
+        _rotate_items(
+            q_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr, pid.to(tl.int64) * BLOCK_M, rows,
+            q_heads, seqlen, stride_q_b, stride_q_t, stride_q_h, stride_qo_b, stride_qo_t,
+            stride_qo_h, stride_cos_row, stride_sin_row, half, head_dim, CONJUGATE, INTERLEAVED,
+            COPY_REST, BLOCK_M, BLOCK_HALF, BLOCK_REST, ROUND_BF16_IN_SOFTWARE,
         )
     else:
-        _rotate_heads(
-            k_ptr + b * stride_k_b + t * stride_k_t, k_out_ptr + b * stride_ko_b + t * stride_ko_t,
-            cos_row, sin_row, (hb - q_blocks) * BLOCK_H, k_heads, stride_k_h, stride_ko_h, half,
-            head_dim, CONJUGATE, INTERLEAVED, COPY_REST, BLOCK_H, BLOCK_HALF, BLOCK_REST,
-            ROUND_BF16_IN_SOFTWARE,
+        _rotate_items(
+            k_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr, (pid - q_blocks).to(tl.int64) * BLOCK_M,
+            rows, k_heads, seqlen, stride_k_b, stride_k_t, stride_k_h, stride_ko_b, stride_ko_t,
+            stride_ko_h, stride_cos_row, stride_sin_row, half, head_dim, CONJUGATE, INTERLEAVED,
+            COPY_REST, BLOCK_M, BLOCK_HALF, BLOCK_REST, ROUND_BF16_IN_SOFTWARE,
         )
 
 
@@ -164,20 +175,22 @@ def _launch(q, q_out, k, k_out, cos, sin, position_ids, cu_seqlens, position_off
     pos = pos.clamp(0, cos.shape[0] - 1).reshape(-1).contiguous()  # (rows,)
     half = cos.shape[1]
     head_dim = q.shape[-1]
-    block_h = min(triton.next_power_of_2(max(q_heads, k_heads, 1)), MAX_BLOCK_H)
-    q_blocks = triton.cdiv(q_heads, block_h)
-    grid = (rows, q_blocks + triton.cdiv(k_heads, block_h))
+    block_half = triton.next_power_of_2(half)
+    tile = _INTERPRETER_TILE_ELEMENTS if interpreted() else TILE_ELEMENTS
+    block_m = min(max(1, tile // block_half), triton.next_power_of_2(rows * max(q_heads, k_heads)))
+    q_blocks = triton.cdiv(rows * q_heads, block_m)
+    grid = (q_blocks + triton.cdiv(rows * k_heads, block_m),)
     seqlen = q.shape[0] if packed else q.shape[1]
     options = dict(
         CONJUGATE=conjugate, INTERLEAVED=interleaved, COPY_REST=copy_rest and head_dim > 2 * half,
-        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_M=block_m, BLOCK_HALF=block_half,
         BLOCK_REST=triton.next_power_of_2(max(head_dim - 2 * half, 1)),
         ROUND_BF16_IN_SOFTWARE=interpreted(),
     )
     if not interpreted():
         options["num_warps"] = 4
     torch.library.wrap_triton(rotary_kernel)[grid](
-        q, q_out, k, k_out, cos, sin, pos, seqlen,
+        q, q_out, k, k_out, cos, sin, pos, rows, seqlen,
         *_strides(q, packed), *_strides(q_out, packed), *_strides(k, packed),
         *_strides(k_out, packed), cos.stride(0), sin.stride(0), q_heads, k_heads, q_blocks,
         half, head_dim, **options,

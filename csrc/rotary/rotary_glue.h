@@ -51,12 +51,12 @@ inline void check_cu_seqlens_values(const char* op, const at::Tensor& cu, int64_
   const at::Tensor c = cu.contiguous();
   const int32_t* v = c.data_ptr<int32_t>();
   const int64_t n = c.numel();
-  TORCH_CHECK(v[0] == 0, op, ": cu_seqlens must start at 0, got ", v[0]);
+  TORCH_CHECK_VALUE(v[0] == 0, op, ": cu_seqlens must start at 0, got ", v[0]);
   for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(v[i] >= v[i - 1], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[",
+    TORCH_CHECK_VALUE(v[i] >= v[i - 1], op, ": cu_seqlens must be non-decreasing, got cu_seqlens[",
                 i, "] = ", v[i], " < cu_seqlens[", i - 1, "] = ", v[i - 1]);
   }
-  TORCH_CHECK(v[n - 1] == total, op, ": cu_seqlens must end at the number of packed tokens ",
+  TORCH_CHECK_VALUE(v[n - 1] == total, op, ": cu_seqlens must end at the number of packed tokens ",
               total, ", got ", v[n - 1]);
 }
 
@@ -86,9 +86,9 @@ inline void check_position_values(const char* op, const Params& p) {
     any = true;
   }
   if (!any) return;
-  TORCH_CHECK(lo >= 0, op, ": positions must be >= 0, got position ", lo,
+  TORCH_CHECK_VALUE(lo >= 0, op, ": positions must be >= 0, got position ", lo,
               " (from position_ids / the position offset)");
-  TORCH_CHECK(hi < p.cos_rows, op, ": cos and sin must have a row per position used: they have ",
+  TORCH_CHECK_VALUE(hi < p.cos_rows, op, ": cos and sin must have a row per position used: they have ",
               p.cos_rows, " rows (max_T), but position ", hi,
               " is used (from position_ids / the position offset and the sequence length); "
               "grow the cos / sin cache");

@@ -523,9 +523,10 @@ def apply_rotary_qk(
         return ops.rotary_qk_fwd(q, k, cos, sin, position_ids, cu_seqlens, offset, interleaved,
                                  False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        if q._is_view() or k._is_view():
+        if torch.compiler.is_compiling() or q._is_view() or k._is_view():
             # Autograd refuses a Function that modifies a view in place and returns more than
-            # one tensor: q and k as views (of a fused qkv, say) take one pass each.
+            # one tensor: q and k as views (of a fused qkv, say) take one pass each (and under
+            # torch.compile, which cannot trace _is_view).
             for t in (q, k):
                 ops.inplace_function.apply(t, cos, sin, position_ids, cu_seqlens, offset,
                                            interleaved)

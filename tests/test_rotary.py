@@ -265,3 +265,82 @@ def test_rotary_backward_is_inverse_rotation(backend):
     y = ops.rotary_fwd(x, cos, sin, None, None, 4, False, False)
     back = ops.rotary_fwd(y, cos, sin, None, None, 4, False, True)
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+
+
+# ---- compilation for a real GPU (no GPU needed) ----------------------------------------------
+
+
+def _triton_ptxas_reports(arch: int) -> list[str]:
+    """Compiles the Triton kernel for every dtype, layout and direction at the GPU launch
+    configuration for sm_<arch> (Triton's own compiler, no GPU) and returns ptxas -v's
+    resource line of each. Needs TRITON_INTERPRET unset at import."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    import fastllm.triton.rotary as kernels
+
+    reports = []
+    kernel = kernels.rotary_kernel
+    block_half = 64  # D = 128
+    for dtype in ("fp32", "bf16", "fp16"):
+        for interleaved in (False, True):
+            for conjugate in (False, True):
+                constants = dict(CONJUGATE=conjugate, INTERLEAVED=interleaved, COPY_REST=True,
+                                 BLOCK_M=kernels.TILE_ELEMENTS // block_half,
+                                 BLOCK_HALF=block_half, BLOCK_REST=16,
+                                 ROUND_BF16_IN_SOFTWARE=False)
+                signature, attrs = {}, {}
+                for index, name in enumerate(kernel.arg_names):
+                    if name in constants:
+                        signature[name] = "constexpr"
+                        continue
+                    if name == "pos_ptr":
+                        signature[name] = "*i64"
+                    elif name in ("cos_ptr", "sin_ptr"):
+                        signature[name] = "*fp32"
+                    else:
+                        signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
+                    attrs[(index,)] = [["tt.divisibility", 16]] if name.endswith("_ptr") else []
+                compiled = triton.compile(
+                    ASTSource(kernel, signature, constants, attrs),
+                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4),
+                )
+                with tempfile.TemporaryDirectory() as tmp:
+                    ptx_path = os.path.join(tmp, "kernel.ptx")
+                    with open(ptx_path, "w") as f:
+                        f.write(compiled.asm["ptx"])
+                    target = "sm_90a" if ".target sm_90a" in compiled.asm["ptx"] else f"sm_{arch}"
+                    result = subprocess.run(
+                        [get_ptxas(arch).path, f"-arch={target}", "-v", ptx_path, "-o",
+                         os.devnull], capture_output=True, text=True, check=True,
+                    )
+                spills = [line.strip() for line in result.stderr.splitlines() if "spill" in line]
+                reports.append(f"rotary_kernel {dtype} {interleaved} {conjugate}: "
+                               f"{' '.join(spills)}")
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernel_compiles_without_spills(arch):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = ("from tests.test_rotary import _triton_ptxas_reports; "
+            f"print('\\n'.join(_triton_ptxas_reports({arch})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
+    assert len(spills) == 12 and all(s == ("0", "0") for s in spills), result.stdout

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -33,6 +34,19 @@ struct Problem {
   bool packed = false;
   at::Tensor keep_cos, keep_sin, keep_positions, keep_cu_seqlens;
 };
+
+// A dtype as Python spells it ("torch.float16"; c10 prints "Half").
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kHalf: return "torch.float16";
+    case at::kDouble: return "torch.float64";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
 inline void check_operand(const char* op, const char* name, const at::Tensor& t, bool packed) {
   to_fastllm_dtype(t.scalar_type(), op, name);
@@ -110,8 +124,8 @@ inline Problem prepare(const char* op, const at::Tensor& x, const at::Tensor& co
   TORCH_CHECK(cos.dim() == 2, op, ": cos must be (max_T, rotary_dim / 2), got shape ",
               shape_str(cos.sizes()));
   TORCH_CHECK_TYPE(cos.scalar_type() == at::kFloat || cos.scalar_type() == x.scalar_type(), op,
-                   ": cos must be float32 or x's dtype ", x.scalar_type(), ", got ",
-                   cos.scalar_type());
+                   ": cos must be float32 or x's dtype ", dtype_name(x.scalar_type()), ", got ",
+                   dtype_name(cos.scalar_type()));
   check_like(op, cos, "cos", sin, "sin");
   check_same_device(x, "x", cos, "cos", op);
   const int64_t head_dim = x.size(-1);
@@ -134,7 +148,7 @@ inline Problem prepare(const char* op, const at::Tensor& x, const at::Tensor& co
   if (pr.packed) {
     const at::Tensor& cu = *cu_seqlens;
     TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
-                     cu.scalar_type());
+                     dtype_name(cu.scalar_type()));
     TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, op,
                 ": cu_seqlens must be (B + 1,) with B >= 1, got shape ", shape_str(cu.sizes()));
     check_same_device(x, "x", cu, "cu_seqlens", op);
@@ -150,7 +164,7 @@ inline Problem prepare(const char* op, const at::Tensor& x, const at::Tensor& co
   if (position_ids.has_value() && position_ids->defined()) {
     const at::Tensor& pos = *position_ids;
     TORCH_CHECK_TYPE(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt, op,
-                     ": position_ids must be int64 or int32, got ", pos.scalar_type());
+                     ": position_ids must be int64 or int32, got ", dtype_name(pos.scalar_type()));
     check_same_device(x, "x", pos, "position_ids", op);
     if (pos.dim() == 1) {
       TORCH_CHECK(pos.size(0) == p.batch, op,
@@ -211,7 +225,7 @@ inline void set_out(Operand& o, const at::Tensor& t, bool packed) {
 inline void check_k(const char* op, const at::Tensor& q, const at::Tensor& k, bool packed) {
   check_operand(op, "k", k, packed);
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op, ": k must have the dtype of q ",
-                   q.scalar_type(), ", got ", k.scalar_type());
+                   dtype_name(q.scalar_type()), ", got ", dtype_name(k.scalar_type()));
   check_same_device(q, "q", k, "k", op);
   const bool same = packed ? k.size(0) == q.size(0) && k.size(2) == q.size(2)
                            : k.size(0) == q.size(0) && k.size(1) == q.size(1) &&

@@ -32,7 +32,7 @@ from fastllm.triton._common import interpreted, round_to_dtype
 
 # (row, head) items per program: a few per warp on a GPU; the interpreter pays per executed
 # op, not per element, and gets large tiles (fewer programs) to keep tests fast.
-TILE_ELEMENTS = 2048
+TILE_ELEMENTS = 1024
 _INTERPRETER_TILE_ELEMENTS = 1 << 16
 
 

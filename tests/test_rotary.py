@@ -344,3 +344,17 @@ def test_triton_kernel_compiles_without_spills(arch):
     assert result.returncode == 0, result.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
     assert len(spills) == 12 and all(s == ("0", "0") for s in spills), result.stdout
+
+
+def test_triton_launcher_clamps_bad_positions():
+    """The Triton launcher called directly (no value checks): positions outside cos's rows
+    are clamped into them (what a GPU run gives; FASTLLM_CHECK_BOUNDS=1 in the tests checks
+    every interpreted access stays inside the tensors)."""
+    kernels = pytest.importorskip("fastllm.triton.rotary")
+    from fastllm.reference.rotary import rotary_ref
+
+    cos, sin = caches(8, 32)
+    x = torch.randn(1, 4, 2, 32)
+    pos = torch.tensor([[0, 99, -5, 7]])
+    out = kernels.rotary_fwd(x, cos, sin, pos, None, 0, False, False)
+    torch.testing.assert_close(out, rotary_ref(x, cos, sin, pos.clamp(0, 7)))

@@ -270,7 +270,8 @@ def test_rotary_backward_is_inverse_rotation(backend):
 # ---- compilation for a real GPU (no GPU needed) ----------------------------------------------
 
 
-def _triton_ptxas_reports(arch: int) -> list[str]:
+def _triton_ptxas_reports(arch: int, dtypes=("fp32", "bf16", "fp16"), tile=None,
+                          num_warps=None) -> list[str]:
     """Compiles the Triton kernel for every dtype, layout and direction at the GPU launch
     configuration for sm_<arch> (Triton's own compiler, no GPU) and returns ptxas -v's
     resource line of each. Needs TRITON_INTERPRET unset at import."""
@@ -288,11 +289,13 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
     reports = []
     kernel = kernels.rotary_kernel
     block_half = 64  # D = 128
-    for dtype in ("fp32", "bf16", "fp16"):
+    tile = kernels.TILE_ELEMENTS if tile is None else tile
+    num_warps = kernels.NUM_WARPS if num_warps is None else num_warps
+    for dtype in dtypes:
         for interleaved in (False, True):
             for conjugate in (False, True):
                 constants = dict(CONJUGATE=conjugate, INTERLEAVED=interleaved, COPY_REST=True,
-                                 BLOCK_M=kernels.TILE_ELEMENTS // block_half,
+                                 BLOCK_M=tile // block_half,
                                  BLOCK_HALF=block_half, BLOCK_REST=16,
                                  ROUND_BF16_IN_SOFTWARE=False)
                 signature, attrs = {}, {}
@@ -309,7 +312,7 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
                     attrs[(index,)] = [["tt.divisibility", 16]] if name.endswith("_ptr") else []
                 compiled = triton.compile(
                     ASTSource(kernel, signature, constants, attrs),
-                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4),
+                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps),
                 )
                 with tempfile.TemporaryDirectory() as tmp:
                     ptx_path = os.path.join(tmp, "kernel.ptx")

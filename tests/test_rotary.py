@@ -361,3 +361,18 @@ def test_triton_launcher_clamps_bad_positions():
     pos = torch.tensor([[0, 99, -5, 7]])
     out = kernels.rotary_fwd(x, cos, sin, pos, None, 0, False, False)
     torch.testing.assert_close(out, rotary_ref(x, cos, sin, pos.clamp(0, 7)))
+
+
+@pytest.mark.parametrize("backend", ["cuda_emu"], indirect=True)
+def test_rotary_cuda_row_loop(backend):
+    """The CUDA kernel's loop over rows (a block takes rows r, r + gridDim.x, ...), which a
+    GPU runs only beyond ~1M rows: forced by capping the emulated grid at 3 blocks."""
+    from fastllm import _emu
+
+    cos, sin = caches(64, 64)
+    q, k = rand((2, 13, 3, 80), torch.bfloat16), rand((2, 13, 1, 80), torch.bfloat16)
+    packed = rand((17, 2, 64), torch.float32)
+    with _emu.grid_cap(3):
+        check_qk(q, k, cos[:, :16], sin[:, :16], position_ids=torch.tensor([4, 40]))
+        check_qk(packed, None, cos, sin, cu_seqlens=torch.tensor([0, 9, 17], dtype=torch.int32),
+                 k_none=True, interleaved=True)

@@ -84,7 +84,9 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY) rotary_kernel(const Par
 template <class T, class A>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
   const int64_t rows = p.cu_seqlens != nullptr ? p.seqlen : p.batch * p.seqlen;
-  const dim3 grid(static_cast<unsigned>(rows < kMaxBlocks ? rows : kMaxBlocks));
+  int64_t blocks = rows < kMaxBlocks ? rows : kMaxBlocks;
+  if (p.max_blocks > 0 && blocks > p.max_blocks) blocks = p.max_blocks;
+  const dim3 grid(static_cast<unsigned>(blocks));
   const dim3 block(kThreadsX, kThreadsY);
   FASTLLM_LAUNCH_KERNEL((rotary_kernel<T, A>), grid, block, 0, stream, p);
   return cudaGetLastError();

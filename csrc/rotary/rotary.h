@@ -75,6 +75,7 @@ struct Params {
   bool interleaved = false;
   bool conjugate = false;
   DType dtype = DType::kFloat32;
+  int64_t max_blocks = 0;      // CUDA launcher: the most blocks of its grid (0: its own cap)
 };
 
 // The position of row r (see the header comment) before any check or clamp; packed rows

@@ -22,9 +22,17 @@
 namespace fastllm {
 namespace rotary {
 
-FASTLLM_CUDA_LIBRARY_IMPL(m) {
-  register_rotary_ops<CudaKernels<launch_rotary_cuda, launch_rotary_cuda>>(m);
-}
+// CudaKernels with the grid capped at CudaLaunch::max_blocks (the emulation's test control),
+// so that tests exercise the kernel's loop over rows, which a GPU takes only beyond ~1M rows.
+struct RotaryCudaKernels : CudaKernels<launch_rotary_cuda, launch_rotary_cuda> {
+  static void fwd(const char* op, Params& p, const at::Tensor& like) {
+    const CudaLaunch launch(like);
+    p.max_blocks = launch.max_blocks();
+    check_launch(op, launch_rotary_cuda(p, launch.stream()));
+  }
+};
+
+FASTLLM_CUDA_LIBRARY_IMPL(m) { register_rotary_ops<RotaryCudaKernels>(m); }
 
 }  // namespace rotary
 }  // namespace fastllm

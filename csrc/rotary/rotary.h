@@ -41,9 +41,11 @@ enum class PositionMode : int32_t { kNone = 0, kPerSeq = 1, kPerToken = 2 };
 // in == out is allowed (in place): each element is read before its pair is written, by the
 // thread that writes it.
 struct Operand {
-  const void* in = nullptr;  // (rows, heads, D): element (r, h, d) at r * row_stride + h * head_stride + d
-  int64_t in_row_stride = 0;   // packed layout; padded: row r = b * T + t (below)
-  int64_t in_batch_stride = 0; // padded: element (b, t, h, d) at b * batch + t * row + h * head + d
+  // (rows, heads, D). Packed: element (r, h, d) at r * row_stride + h * head_stride + d;
+  // padded: (b, t, h, d) at b * batch_stride + t * row_stride + h * head_stride + d.
+  const void* in = nullptr;
+  int64_t in_row_stride = 0;
+  int64_t in_batch_stride = 0;
   int64_t in_head_stride = 0;
   void* out = nullptr;
   int64_t out_row_stride = 0;

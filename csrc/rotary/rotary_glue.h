@@ -102,7 +102,8 @@ inline void check_position_values(const char* op, const Params& p) {
   if (!any) return;
   TORCH_CHECK_VALUE(lo >= 0, op, ": positions must be >= 0, got position ", lo,
               " (from position_ids / the position offset)");
-  TORCH_CHECK_VALUE(hi < p.cos_rows, op, ": cos and sin must have a row per position used: they have ",
+  TORCH_CHECK_VALUE(hi < p.cos_rows, op,
+                    ": cos and sin must have a row per position used: they have ",
               p.cos_rows, " rows (max_T), but position ", hi,
               " is used (from position_ids / the position offset and the sequence length); "
               "grow the cos / sin cache");

@@ -54,7 +54,22 @@
   X("gated_mlp_bwd(Tensor grad_out, Tensor gate, Tensor? up, str activation) "            \
     "-> (Tensor grad_gate, Tensor grad_up)")
 
+// Rotary position embeddings: out = x rotated pairwise by the angles of cos / sin at each
+// token's position (conjugate = true: the inverse rotation, i.e. backward). x (B, T, H, D) or
+// packed (total, H, D) with cu_seqlens (B + 1,) int32; cos, sin (max_T, R / 2); position_ids
+// None (positions position_offset + t), (B,) per-sequence offsets (+ t) or (B, T) positions.
+// The _inplace variants rotate x (q, k) in place. See csrc/rotary/rotary.h and rotary_glue.h.
+#define FASTLLM_ROTARY_OPTIONS                                                            \
+  "Tensor cos, Tensor sin, Tensor? position_ids, Tensor? cu_seqlens, int position_offset, " \
+  "bool interleaved, bool conjugate"
+#define FASTLLM_ROTARY_SCHEMAS(X)                                                         \
+  X("rotary_fwd(Tensor x, " FASTLLM_ROTARY_OPTIONS ") -> Tensor out")                      \
+  X("rotary_fwd_inplace(Tensor(a!) x, " FASTLLM_ROTARY_OPTIONS ") -> ()")                  \
+  X("rotary_qk_fwd(Tensor q, Tensor k, " FASTLLM_ROTARY_OPTIONS                            \
+    ") -> (Tensor q_out, Tensor k_out)")                                                  \
+  X("rotary_qk_fwd_inplace(Tensor(a!) q, Tensor(b!) k, " FASTLLM_ROTARY_OPTIONS ") -> ()")
+
 // Every family's list; registration.cpp and the emulation build define exactly these.
 #define FASTLLM_ALL_SCHEMAS(X)                                                            \
   FASTLLM_NORM_SCHEMAS(X) FASTLLM_CROSS_ENTROPY_SCHEMAS(X) FASTLLM_ATTENTION_SCHEMAS(X)   \
-  FASTLLM_GATED_MLP_SCHEMAS(X)
+  FASTLLM_GATED_MLP_SCHEMAS(X) FASTLLM_ROTARY_SCHEMAS(X)

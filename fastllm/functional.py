@@ -23,6 +23,9 @@ __all__ = [
     # gated-MLP activations (fastllm/ops/gated_mlp.py)
     "swiglu",
     "geglu",
+    # rotary position embeddings (fastllm/ops/rotary.py)
+    "apply_rotary",
+    "apply_rotary_qk",
 ]
 
 from fastllm.ops.attention import attention, attention_with_kvcache, scaled_dot_product_attention
@@ -30,3 +33,4 @@ from fastllm.ops.cross_entropy import CrossEntropyOutput, cross_entropy
 from fastllm.ops.gated_mlp import geglu, swiglu
 from fastllm.ops.linear_cross_entropy import linear_cross_entropy
 from fastllm.ops.norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastllm.ops.rotary import apply_rotary, apply_rotary_qk

@@ -39,7 +39,8 @@ REPORT_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "SUMMARY: Address
 # The families' emulated-CUDA tests run under the sanitizers: forward and backward of every
 # family, the variants' code paths (odd and strided shapes, every norm kind, every
 # cross-entropy feature, attention's head-dim instantiations, GQA / MQA, packed sequences,
-# seqused_k, windows, softcap, ALiBi, dropout), without repeating every dtype.
+# seqused_k, windows, softcap, ALiBi, dropout; rotary's layouts, positions, packed rows and
+# in-place views), without repeating every dtype.
 FAMILY_TESTS = [
     "tests/test_norm.py::test_norm_matches_reference",
     "tests/test_norm.py::test_norm_non_contiguous",
@@ -59,6 +60,12 @@ FAMILY_TESTS = [
     "tests/test_attention.py::test_cuda_emu_varlen",
     "tests/test_attention.py::test_cuda_emu_seqused_k",
     "tests/test_attention.py::test_cuda_emu_non_contiguous_inputs",
+    "tests/test_rotary.py::test_rotary_matches_reference",
+    "tests/test_rotary.py::test_rotary_partial",
+    "tests/test_rotary.py::test_rotary_positions",
+    "tests/test_rotary.py::test_rotary_packed",
+    "tests/test_rotary.py::test_rotary_non_contiguous",
+    "tests/test_rotary.py::test_rotary_inplace_under_autograd",
 ]
 # Within those: the emulated backend only, one low-precision dtype where a test loops or
 # parametrises over several.

@@ -283,3 +283,17 @@ def test_attention_kernels_stay_in_bounds(bounds):
         q, k, v = (t.requires_grad_() for t in qkv(2, 9, 13, 2, 1, 16, torch.float16))
         F.attention(q, k, v, window_size=(3, -1), softcap=2.0).float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_rotary_kernels_stay_in_bounds(bounds):
+    cos, sin = torch.randn(16, 12), torch.randn(16, 12)
+    qkv = torch.randn(2, 5, 6, 30, requires_grad=True)  # q and k: strided views, D 30, R 24
+    packed = torch.randn(9, 2, 24, requires_grad=True)
+    with fastllm.use_backend("triton"):
+        q, k = F.apply_rotary_qk(qkv[:, :, :4], qkv[:, :, 4:], cos, sin,
+                                 position_ids=torch.tensor([[0, 15, 3, 2, 1], [4, 4, 4, 4, 4]]))
+        x = F.apply_rotary(packed * 1.0, cos, sin, cu_seqlens=torch.tensor([0, 2, 9],
+                                                                          dtype=torch.int32),
+                           position_ids=torch.tensor([7, 1]), interleaved=True, inplace=True)
+        (q.sum() + k.sum() + x.sum()).backward()
+    assert torch.isfinite(qkv.grad).all() and torch.isfinite(packed.grad).all()

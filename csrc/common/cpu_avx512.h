@@ -54,6 +54,62 @@ FASTLLM_INLINE __m512 exp2(__m512 t) {
 
 inline constexpr float kLog2e = 1.44269504088896341f;
 
+// ---- loads and stores of the storage types (cpu_dtypes.h) as 16 floats ----------------
+// load(p) / loadn(p, n): 16 (or the first n < 16) elements of float, BFloat16 or Half as
+// floats, the other lanes 0; store(p, v) / storen(p, v, n): the same, rounded to the storage
+// type as c10 rounds (bfloat16: round to nearest even, NaN -> 0x7FC0, not vcvtneps2bf16,
+// which flushes denormals; float16: F16C's round to nearest even). Tails are masked: no
+// access past the n elements.
+
+// The first n lanes (n < 16).
+FASTLLM_INLINE __mmask16 first_lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// 16 bfloat16 / float16 bit patterns <-> 16 floats.
+FASTLLM_INLINE __m512 widen(BFloat16*, __m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+FASTLLM_INLINE __m512 widen(Half*, __m256i bits) { return _mm512_cvtph_ps(bits); }
+// Round to nearest even as c10::BFloat16 (NaN -> 0x7FC0; not vcvtneps2bf16, which flushes
+// denormals), and as F16C for float16.
+FASTLLM_INLINE __m256i narrow(BFloat16*, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lowest_kept)), 16);
+  rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded,
+                                    _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+FASTLLM_INLINE __m256i narrow(Half*, __m512 v) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+FASTLLM_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+FASTLLM_INLINE __m512 loadn(const float* p, int n) {
+  return _mm512_maskz_loadu_ps(first_lanes(n), p);
+}
+FASTLLM_INLINE void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+FASTLLM_INLINE void storen(float* p, __m512 v, int n) {
+  _mm512_mask_storeu_ps(p, first_lanes(n), v);
+}
+
+template <class T>
+FASTLLM_INLINE __m512 load(const T* p) {
+  return widen(static_cast<T*>(nullptr), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <class T>
+FASTLLM_INLINE __m512 loadn(const T* p, int n) {
+  return widen(static_cast<T*>(nullptr), _mm256_maskz_loadu_epi16(first_lanes(n), p));
+}
+template <class T>
+FASTLLM_INLINE void store(T* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(static_cast<T*>(nullptr), v));
+}
+template <class T>
+FASTLLM_INLINE void storen(T* p, __m512 v, int n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), narrow(static_cast<T*>(nullptr), v));
+}
+
 // Lanes l of the 16 columns [j, j + 16) with begin <= j + l < end.
 FASTLLM_INLINE __mmask16 band_mask(int j, int begin, int end) {
   const __m512i col = _mm512_add_epi32(

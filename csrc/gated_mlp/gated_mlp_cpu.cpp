@@ -204,50 +204,11 @@ FASTLLM_INLINE V exp_v(V x) {
   return cpu::avx512::exp2(vmax(_mm512_set1_ps(-150.0f), t));
 }
 
-// The first n lanes (n < 16).
-FASTLLM_INLINE __mmask16 first_lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-// 16 bfloat16 / float16 bit patterns <-> 16 floats.
-FASTLLM_INLINE V widen(BFloat16*, __m256i bits) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-FASTLLM_INLINE V widen(Half*, __m256i bits) { return _mm512_cvtph_ps(bits); }
-// Round to nearest even as c10::BFloat16 (NaN -> 0x7FC0; not vcvtneps2bf16, which flushes
-// denormals), and as F16C for float16.
-FASTLLM_INLINE __m256i narrow(BFloat16*, V v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lowest_kept)), 16);
-  rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded,
-                                    _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(rounded);
-}
-FASTLLM_INLINE __m256i narrow(Half*, V v) {
-  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-
-FASTLLM_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
-FASTLLM_INLINE V loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
-FASTLLM_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-FASTLLM_INLINE void storen(float* p, V v, int n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
-
-template <class T>
-FASTLLM_INLINE V load(const T* p) {
-  return widen(static_cast<T*>(nullptr), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-template <class T>
-FASTLLM_INLINE V loadn(const T* p, int n) {
-  return widen(static_cast<T*>(nullptr), _mm256_maskz_loadu_epi16(first_lanes(n), p));
-}
-template <class T>
-FASTLLM_INLINE void store(T* p, V v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(static_cast<T*>(nullptr), v));
-}
-template <class T>
-FASTLLM_INLINE void storen(T* p, V v, int n) {
-  _mm256_mask_storeu_epi16(p, first_lanes(n), narrow(static_cast<T*>(nullptr), v));
-}
+// Loads and stores of float, BFloat16 and Half as 16 floats, masked tails (cpu_avx512.h).
+using cpu::avx512::load;
+using cpu::avx512::loadn;
+using cpu::avx512::store;
+using cpu::avx512::storen;
 
 // 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step.
 FASTLLM_INLINE V recip(V d) {

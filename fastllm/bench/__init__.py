@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "cross_entropy": "fastllm.bench.cross_entropy",
     "attention": "fastllm.bench.attention",
     "mlp": "fastllm.bench.gated_mlp",
+    "rotary": "fastllm.bench.rotary",
 }
 
 

@@ -4,6 +4,7 @@ from fastllm.nn.attention import MultiheadAttention
 from fastllm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastllm.nn.mlp import GatedMLP
 from fastllm.nn.norm import LayerNorm, RMSNorm
+from fastllm.nn.rotary import RotaryEmbedding
 
 __all__ = [
     "LayerNorm",
@@ -12,4 +13,5 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "MultiheadAttention",
     "GatedMLP",
+    "RotaryEmbedding",
 ]

@@ -83,3 +83,69 @@ def test_paged_cache_errors():
     expect_clear_error(lambda: call(cache_seqlens=8), "cache_seqlens", "[0, 7]",
                        "max_blocks * block_size")
     expect_clear_error(lambda: call(k_new=torch.randn(2, 1, 1, 4)), "k_new")
+
+
+def _cos_sin(max_t: int, half: int):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = torch.arange(max_t, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("paged", [False, True])
+def test_rotary_inside_the_call(backend, interleaved, causal, paged):
+    """Equal to rotating k_new at cache_seqlens[b] + t and q at the same positions (causal)
+    or all at cache_seqlens[b] (not causal), then the call without rotary; partial rotary
+    (rotary_dim < D) included. The caller's q and k_new are not modified."""
+    from fastllm.reference.rotary import rotary_ref
+
+    gen = torch.Generator().manual_seed(2)
+    dtype = DTYPE[backend]
+    B, H, Hkv, D, T, t_new = 3, 4, 2, 32, 16, 2
+    cos, sin = _cos_sin(64, 12)  # rotary_dim 24 < D
+    k_cache = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    v_cache = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    q = torch.randn(B, t_new, H, D, generator=gen).to(dtype)
+    k_new = torch.randn(B, t_new, Hkv, D, generator=gen).to(dtype)
+    v_new = torch.randn(B, t_new, Hkv, D, generator=gen).to(dtype)
+    lens = torch.tensor([0, 7, T - t_new], dtype=torch.int32)
+    q0, k0 = q.clone(), k_new.clone()
+
+    k_rot = rotary_ref(k_new, cos, sin, lens, None, 0, interleaved)
+    q_pos = lens[:, None] + (torch.arange(t_new, dtype=torch.int32) if causal else 0)
+    q_rot = rotary_ref(q, cos, sin, q_pos.expand(B, t_new).contiguous(), None, 0, interleaved)
+    kc_want, vc_want = k_cache.clone(), v_cache.clone()
+    want = F.attention_with_kvcache(q_rot, kc_want, vc_want, k_rot, v_new, lens, causal=causal)
+
+    extra = {}
+    if paged:
+        k_cache, v_cache, table = _paged_copy(k_cache, v_cache, 4, 16, gen)
+        extra = dict(block_table=table)
+    got = F.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, lens, causal=causal,
+                                   rotary_cos=cos, rotary_sin=sin,
+                                   rotary_interleaved=interleaved, **extra)
+    assert torch.equal(q, q0) and torch.equal(k_new, k0)
+    # Rotation in float32 rounded once: the kernels' result may differ from the reference's
+    # in the last bit of low-precision dtypes, so the attention inputs can too.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
+    if paged:
+        k_cache = k_cache[table.long()].flatten(1, 2)
+    torch.testing.assert_close(k_cache, kc_want, **tol)
+
+
+def test_rotary_inside_the_call_errors():
+    cos, sin = _cos_sin(8, 4)
+    q = torch.randn(1, 1, 2, 8)
+    cache = torch.zeros(1, 6, 1, 8)
+    new = torch.randn(1, 1, 1, 8)
+    expect_clear_error(lambda: F.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=2,
+                                                        rotary_cos=cos, rotary_sin=sin),
+                       "rotary_cos", "k_new")
+    expect_clear_error(lambda: F.attention_with_kvcache(q, cache, cache.clone(), new, new.clone(),
+                                                        2, rotary_cos=cos), "rotary_sin")
+    short_cos, short_sin = _cos_sin(2, 4)  # positions 2.. are not in a 2-row cache
+    expect_clear_error(lambda: F.attention_with_kvcache(q, cache, cache.clone(), new, new.clone(),
+                                                        2, rotary_cos=short_cos,
+                                                        rotary_sin=short_sin), "cos")

@@ -46,3 +46,26 @@ def packed_qkv(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype):
 def dropout_seed(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64)
 
+
+
+def assert_triton_compiles_without_spills(module: str, arch: int, expected_kernels: int) -> None:
+    """Compiles a family's Triton kernels for sm_<arch> (no GPU needed) in a child process
+    without TRITON_INTERPRET, through ``<module>._triton_ptxas_reports(arch)``, and asserts
+    ptxas reports ``expected_kernels`` kernels, none spilling."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    code = (f"from {module} import _triton_ptxas_reports; "
+            f"print('\\n'.join(_triton_ptxas_reports({arch})))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
+    assert len(spills) == expected_kernels and all(s == ("0", "0") for s in spills), result.stdout

@@ -13,6 +13,7 @@ import torch.nn.functional as TF
 
 import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
+from tests.helpers import assert_triton_compiles_without_spills
 
 FAMILY = "gated_mlp"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -204,18 +205,4 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernels_compile_without_spills(arch):
-    import os
-    import re
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    code = ("from tests.test_gated_mlp import _triton_ptxas_reports; "
-            f"print('\\n'.join(_triton_ptxas_reports({arch})))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
-    assert len(spills) == 18 and all(s == ("0", "0") for s in spills), result.stdout
+    assert_triton_compiles_without_spills("tests.test_gated_mlp", arch, 18)

@@ -6,7 +6,6 @@ non-contiguous inputs (q / k sliced out of a fused qkv), in place under autograd
 
 from __future__ import annotations
 
-from typing import Optional
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import fastllm.functional as F
 from fastllm.nn.rotary import default_inv_freq
 from fastllm.reference.rotary import token_positions
 from tests.accuracy import assert_within_torch_error
+from tests.helpers import assert_triton_compiles_without_spills
 
 FAMILY = "rotary"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -332,21 +332,7 @@ def _triton_ptxas_reports(arch: int, dtypes=("fp32", "bf16", "fp16"), tile=None,
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernel_compiles_without_spills(arch):
-    import os
-    import re
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    code = ("from tests.test_rotary import _triton_ptxas_reports; "
-            f"print('\\n'.join(_triton_ptxas_reports({arch})))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
-    assert len(spills) == 12 and all(s == ("0", "0") for s in spills), result.stdout
+    assert_triton_compiles_without_spills("tests.test_rotary", arch, 12)
 
 
 def test_triton_launcher_clamps_bad_positions():

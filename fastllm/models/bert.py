@@ -248,6 +248,15 @@ def _check_inputs(
             )
 
 
+def _promote(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` in their promoted dtype, as ``a + b`` would compute (the fused kernels
+    take one dtype; under autocast a Linear's output is bf16 while the residual is fp32)."""
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # Encoder (module names are Hugging Face's, so state_dict keys are the checkpoint's)
 # ---------------------------------------------------------------------------------------
@@ -306,7 +315,9 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
-        out, _ = self.LayerNorm(self.dropout(self.dense(h)), residual)  # (B, T, C)
+        h = self.dropout(self.dense(h))  # (B, T, C)
+        h, residual = _promote(h, residual)  # autocast: bf16 dense output, fp32 residual
+        out, _ = self.LayerNorm(h, residual)  # (B, T, C)
         return out
 
 
@@ -661,11 +672,13 @@ class BertForPreTraining(_BertPreTrainedModel):
         x = out.last_hidden_state  # (B, T, C)
         h = self.cls.predictions.transform(x)  # (B, T, C)
         seq_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)
-        bias = self.cls.predictions.bias  # (V,)
+        weight, bias = self.decoder_weight, self.cls.predictions.bias  # (V, C), (V,)
+        if weight.dtype != h.dtype:  # autocast: the decoder runs in the autocast dtype
+            weight, bias = weight.to(h.dtype), bias.to(h.dtype)
 
         mlm_loss = nsp_loss = None
         if labels is not None:
-            mlm_sum = F.linear_cross_entropy(h, self.decoder_weight, labels, linear_bias=bias,
+            mlm_sum = F.linear_cross_entropy(h, weight, labels, linear_bias=bias,
                                              reduction="sum")
             mlm_loss = _loss_normaliser(mlm_sum, num_items_in_batch, labels)
         if next_sentence_label is not None:
@@ -676,7 +689,7 @@ class BertForPreTraining(_BertPreTrainedModel):
 
         logits = None
         if labels is None or return_logits:
-            logits = torch_F.linear(h, self.decoder_weight, bias)  # (B, T, V)
+            logits = torch_F.linear(h, weight, bias)  # (B, T, V)
         return BertForPreTrainingOutput(loss=loss, prediction_logits=logits,
                                         seq_relationship_logits=seq_logits,
                                         last_hidden_state=x, mlm_loss=mlm_loss, nsp_loss=nsp_loss)

@@ -494,3 +494,21 @@ def test_autocast_bf16_close_to_fp32():
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters())
     torch.testing.assert_close(out.loss.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_new_head_for_finetuning(minilm):
+    d, encoder = minilm
+    with pytest.raises(KeyError, match="classifier.weight"):
+        BertForSequenceClassification.from_pretrained(d)
+    model = BertForSequenceClassification.from_pretrained(d, new_head=True, num_labels=3)
+    assert model.classifier.out_features == 3
+    for n, p in encoder.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[n], p), n
+    # A pre-training checkpoint's MLM / NSP heads are left unused; the encoder must be whole.
+    torch.manual_seed(0)
+    pre = BertForPreTraining(BertConfig(**TINY))
+    cls_model = BertForSequenceClassification(BertConfig(**TINY))
+    cls_model.load_hf_state_dict(pre.state_dict(), new_head=True)
+    state = {k: v for k, v in pre.state_dict().items() if k != "bert.pooler.dense.bias"}
+    with pytest.raises(KeyError, match="bert.pooler.dense.bias"):
+        cls_model.load_hf_state_dict(state, new_head=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 import fastllm.functional as F
 from fastllm.nn import LayerNorm
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BertConfig",
@@ -460,7 +462,8 @@ class _BertPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source, *, dtype: Optional[torch.dtype] = None,
-                        device: Union[str, torch.device, None] = None):
+                        device: Union[str, torch.device, None] = None,
+                        new_head: bool = False, **config_overrides):
         """Load a Hugging Face BERT checkpoint: a directory (config.json + model.safetensors
         or pytorch_model.bin) or an in-memory transformers ``BertModel`` /
         ``BertForPreTraining`` / ``BertForSequenceClassification`` (or any BERT with the same
@@ -469,29 +472,46 @@ class _BertPreTrainedModel(nn.Module):
         exception is Hugging Face's own: ``BertModel`` loads the encoder of a checkpoint
         with heads (``bert.`` prefix) and leaves the head tensors (``cls.``,
         ``classifier.``) unused.
+
+        ``new_head=True`` is the fine-tuning start (Hugging Face's "newly initialized"
+        weights, asked for explicitly here): the head tensors (``cls.``, ``classifier.``)
+        this model needs and the checkpoint lacks keep their fresh initialisation, and the
+        checkpoint's other heads are left unused; the encoder must still be complete.
+        ``config_overrides`` replace config fields (``num_labels=3``, dropouts, ...).
         """
         hf_config, state = _read_checkpoint(source)
-        config = BertConfig.from_hf(hf_config)
+        config = dataclasses.replace(BertConfig.from_hf(hf_config), **config_overrides)
         model = cls(config)
-        model.load_hf_state_dict(state)
+        model.load_hf_state_dict(state, new_head=new_head)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
 
-    def load_hf_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_hf_state_dict(self, state: dict[str, Tensor], new_head: bool = False) -> None:
+        """Load a Hugging Face BERT state dict (strict; see ``from_pretrained``)."""
         state = {_rename_legacy(k): v for k, v in state.items() if k not in _NOT_PARAMETERS
                  and not k.endswith(".embeddings.position_ids")}
         own = self.state_dict()
         has_prefix = any(k.startswith("bert.") for k in state)
         if self.base_model_prefix == "":
             if has_prefix:  # encoder of a checkpoint with heads: drop the heads (as HF)
-                state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")
-                         or not k.startswith(_HEAD_PREFIXES)}
+                state = {k.removeprefix("bert."): v for k, v in state.items()
+                         if not k.startswith(_HEAD_PREFIXES)}
         elif not has_prefix:  # a bare encoder checkpoint: its keys go under "bert."
             state = {(k if k.startswith(_HEAD_PREFIXES) else "bert." + k): v
                      for k, v in state.items()}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
+        if new_head:
+            fresh = [k for k in missing if k.startswith(_HEAD_PREFIXES)]
+            if fresh:
+                logger.info("%s.from_pretrained: newly initialised head tensors: %s",
+                            type(self).__name__, fresh)
+            state = {**state, **{k: own[k] for k in fresh}}
+            state = {k: v for k, v in state.items()
+                     if not (k in unexpected and k.startswith(_HEAD_PREFIXES))}
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise KeyError(
                 f"{type(self).__name__}.from_pretrained: the checkpoint does not match the "

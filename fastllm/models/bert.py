@@ -99,7 +99,9 @@ class BertConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "BertConfig":
         if name not in BERT_CONFIGS:
-            raise ValueError(f"BertConfig.from_name: unknown name {name!r}; known: {sorted(BERT_CONFIGS)}")
+            raise ValueError(
+                f"BertConfig.from_name: unknown name {name!r}; known: {sorted(BERT_CONFIGS)}"
+            )
         return cls(**{**BERT_CONFIGS[name], **overrides})
 
     @classmethod
@@ -227,13 +229,18 @@ def _check_inputs(
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if tuple(t.shape) != (B, T) and not (name == "position_ids" and tuple(t.shape) == (1, T)):
-            raise ValueError(f"{name} must be (B, T) = {(B, T)} like input_ids, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be (B, T) = {(B, T)} like input_ids, got {tuple(t.shape)}"
+            )
         if t.is_floating_point() and name != "attention_mask":
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     if _values_readable(input_ids) and input_ids.numel():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= config.vocab_size:
-            raise IndexError(f"input_ids values must be in [0, {config.vocab_size}), got [{lo}, {hi}]")
+            raise IndexError(
+                f"input_ids values must be in [0, {config.vocab_size}) (vocab_size), "
+                f"got [{lo}, {hi}]"
+            )
     if token_type_ids is not None and _values_readable(token_type_ids) and token_type_ids.numel():
         lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
         if lo < 0 or hi >= config.type_vocab_size:
@@ -550,7 +557,8 @@ class _BertPreTrainedModel(nn.Module):
             with open(tmp, "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
 
-        write_atomic("model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        write_atomic("model.safetensors",
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         write_atomic("config.json", write_config)
 
 

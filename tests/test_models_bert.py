@@ -95,15 +95,15 @@ def test_minilm_last_hidden_state_matches_transformers(minilm):
         ref = hf(input_ids=ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(ours.last_hidden_state[real], ref.last_hidden_state[real],
-                               rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ours.pooler_output, ref.pooler_output, rtol=1e-4, atol=1e-4)
+                               rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ours.pooler_output, ref.pooler_output, rtol=1e-5, atol=2e-5)
     # Padding does not change the real tokens: each sentence alone gives the same states.
     with torch.no_grad():
         for i, sentence in enumerate(SENTENCES):
             one_ids, one_mask = tokenize(d, [sentence])
             alone = model(one_ids, attention_mask=one_mask).last_hidden_state[0]
             torch.testing.assert_close(alone, ours.last_hidden_state[i, : alone.shape[0]],
-                                       rtol=1e-4, atol=1e-4)
+                                       rtol=1e-5, atol=2e-5)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -150,9 +150,9 @@ def test_pretraining_parity_fp32():
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
     real = mask.bool()
     torch.testing.assert_close(out.prediction_logits[real], ref.prediction_logits[real],
-                               rtol=1e-4, atol=1e-4)
+                               rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(out.seq_relationship_logits, ref.seq_relationship_logits,
-                               rtol=1e-4, atol=1e-4)
+                               rtol=1e-5, atol=2e-5)
     ref.loss.backward()
     out.loss.backward()
     ref_grads = grads_by_name(hf)
@@ -348,7 +348,8 @@ def test_gradient_checkpointing_same_gradients():
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.set_gradient_checkpointing(True)
+    model.gradient_checkpointing_enable()
+    assert model.bert.encoder.gradient_checkpointing
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], msg=n)
@@ -514,3 +515,19 @@ def test_new_head_for_finetuning(minilm):
     state = {k: v for k, v in pre.state_dict().items() if k != "bert.pooler.dense.bias"}
     with pytest.raises(KeyError, match="bert.pooler.dense.bias"):
         cls_model.load_hf_state_dict(state, new_head=True)
+
+
+def test_position_ids_and_token_type_ids_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    hf = transformers.BertModel(hf_config()).eval()
+    ours = BertModel.from_pretrained(hf)
+    ids, mask, tt, _, _ = random_batch(2, 9, TINY["vocab_size"], seed=14)
+    position_ids = torch.arange(3, 12).repeat(2, 1)
+    with torch.no_grad():
+        a = ours(ids, mask, tt, position_ids)
+        b = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt, position_ids=position_ids)
+    real = mask.bool()
+    torch.testing.assert_close(a.last_hidden_state[real], b.last_hidden_state[real],
+                               rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=1e-5, atol=2e-5)

@@ -462,7 +462,15 @@ class _BertPreTrainedModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in backward (``torch.utils.checkpoint``)."""
         self._encoder().encoder.gradient_checkpointing = enable
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Hugging Face's name for ``set_gradient_checkpointing(True)``."""
+        self.set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.set_gradient_checkpointing(False)
 
     def _encoder(self) -> "BertModel":
         raise NotImplementedError

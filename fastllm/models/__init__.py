@@ -1,0 +1,26 @@
+"""Whole models built from fastllm's layers (``fastllm.nn`` / ``fastllm.functional``).
+
+- :class:`GPT` / :class:`GPTConfig`: GPT-2.
+- :class:`Llama` / :class:`LlamaConfig`: LLaMA, Mistral (sliding window), Qwen2 (qkv bias).
+- :func:`from_pretrained`: Hugging Face weights (a model directory or an in-memory
+  ``transformers`` model); ``model.save_pretrained(dir)`` writes HF's layout back.
+
+Configs come from a ``from_name`` table (``GPTConfig.from_name("gpt2")``); forwards take and
+return Hugging Face's names (``attention_mask``, ``labels``, ``num_items_in_batch``;
+``CausalLMOutput(loss, logits)``).
+"""
+
+from fastllm.models.config import CausalLMOutput, causal_lm_loss
+from fastllm.models.gpt import GPT, GPTConfig
+from fastllm.models.hf import from_pretrained
+from fastllm.models.llama import Llama, LlamaConfig
+
+__all__ = [
+    "CausalLMOutput",
+    "causal_lm_loss",
+    "GPT",
+    "GPTConfig",
+    "Llama",
+    "LlamaConfig",
+    "from_pretrained",
+]

@@ -6,6 +6,7 @@ checkpointing, torch.compile, and input errors. Tiny random configs only."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -190,6 +191,7 @@ def test_from_pretrained_hf_directory_and_class_method(tmp_path):
 
 
 def test_from_pretrained_missing_tensor_and_unknown_architecture(tmp_path):
+    pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
 
     tiny_gpt().save_pretrained(tmp_path)
@@ -204,7 +206,39 @@ def test_from_pretrained_missing_tensor_and_unknown_architecture(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_left_padding_with_position_ids_matches_unpadded():
+    """HF's convention for batched prompts: left padding, positions counted from each
+    sequence's first token. The padded rows see no key at all: zeros, never NaN."""
+    model = tiny_gpt().eval()
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :4] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    with torch.no_grad():
+        alone = model(ids[1:, 4:]).logits
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1, 4:], alone[0], atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # ----- training switches -----------------------------------------------------------------
+
+def test_bf16_weights_and_autocast_train_step():
+    ids = torch.randint(0, V, (2, T))
+    model = tiny_gpt()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model = tiny_gpt().to(torch.bfloat16)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and abs(loss.item() - math.log(V)) < 0.5
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+
 
 def test_gradient_checkpointing_gives_same_gradients():
     model = tiny_gpt()

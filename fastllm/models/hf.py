@@ -97,7 +97,7 @@ def _llama_config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
         attention_bias=bool(cfg.get("attention_bias", False)) and model_type == "llama",
         qkv_bias=model_type == "qwen2", mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=sliding_window,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "qwen2")),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         initializer_range=cfg.get("initializer_range", 0.02), model_type=model_type,
     )
 
@@ -125,7 +125,8 @@ def _llama_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps, "hidden_act": "silu",
-        "rope_parameters": rope_parameters,
+        "rope_parameters": rope_parameters,  # transformers 5
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,  # 4.x
         "tie_word_embeddings": config.tie_word_embeddings,
         "attention_dropout": config.attention_dropout,
         "initializer_range": config.initializer_range,
@@ -216,7 +217,8 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     if unexpected:
         raise KeyError(f"from_pretrained: the checkpoint has {len(unexpected)} tensors the "
                        f"{cls.__name__} does not know: {unexpected}")
-    state.pop(tied, None) if tied else None
+    if tied is not None:
+        state.pop(tied, None)  # re-tied below, to the embedding
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if tied == "lm_head.weight":
         model.lm_head.weight = (model.transformer.wte.weight if cls is GPT
@@ -228,6 +230,9 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
         c = ours_config
         model.model.rotary_emb = RotaryEmbedding(c.head_dim, c.max_position_embeddings,
                                                  base=c.rope_theta, scaling=c.rope_scaling)
+    left_on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left_on_meta:  # a bug here, never a silently half-initialised model
+        raise RuntimeError(f"from_pretrained: tensors left uninitialised: {left_on_meta}")
     return model.to(device=device)
 
 

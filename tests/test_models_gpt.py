@@ -288,3 +288,13 @@ def test_bad_input_errors_name_the_argument():
         model(ids, labels=ids.float())
     with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
         model(ids, attention_mask=torch.ones(2, T + 1, dtype=torch.long))
+
+
+def test_models_use_fastllm_layers_not_torch_ops():
+    """The models are assembled from fastllm.nn / fastllm.functional, never torch.ops."""
+    from pathlib import Path
+
+    import fastllm.models
+
+    for path in Path(fastllm.models.__file__).parent.glob("*.py"):
+        assert "torch.ops" not in path.read_text(), f"{path.name} calls torch.ops"

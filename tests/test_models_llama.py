@@ -159,6 +159,24 @@ def test_save_pretrained_loads_in_transformers_and_back(variant, tmp_path):
     assert back.config == ours.config
 
 
+def test_from_pretrained_sharded_directory(tmp_path):
+    hf, _, ours = hf_triplet("qwen2")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = from_pretrained(tmp_path)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)
+
+
+def test_from_pretrained_bad_source():
+    with pytest.raises(TypeError, match="source must be an HF model directory or a "
+                                        "transformers PreTrainedModel, got Linear"):
+        from_pretrained(torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        from_pretrained("/nonexistent/model")
+
+
 def test_from_pretrained_missing_tensor(tmp_path):
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file

@@ -136,7 +136,8 @@ class GPT(torch.nn.Module):
         # GPT-2's scaled init of the residual projections: 0.02 / sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, 0.0, config.initializer_range / math.sqrt(2 * config.n_layer))
+                std = config.initializer_range / math.sqrt(2 * config.n_layer)
+                torch.nn.init.normal_(p, 0.0, std)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -169,7 +170,8 @@ class GPT(torch.nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)  # (T,)
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
 
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        tok, pos = self.transformer.wte(input_ids), self.transformer.wpe(position_ids)
+        x = self.transformer.drop(tok + pos)  # (B, T, C)
         for block in self.transformer.h:  # (B, T, C)
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, key_padding_mask, use_reentrant=False)

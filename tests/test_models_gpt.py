@@ -190,6 +190,25 @@ def test_from_pretrained_hf_directory_and_class_method(tmp_path):
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_from_pretrained_original_gpt2_layout(tmp_path):
+    """openai-community/gpt2's model.safetensors: bare ``GPT2Model`` keys ("h.0.attn...",
+    no "transformer." prefix), the causal-mask buffers "h.N.attn.bias", no lm_head."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+
+    ours = tiny_gpt().eval()
+    ours.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v
+             for k, v in load_file(tmp_path / "model.safetensors").items()}
+    for i in range(TINY["n_layer"]):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = from_pretrained(tmp_path)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)
+
+
 def test_from_pretrained_missing_tensor_and_unknown_architecture(tmp_path):
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file

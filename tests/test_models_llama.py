@@ -1,0 +1,290 @@
+"""fastllm.models.Llama and its Mistral (sliding window) and Qwen2 (qkv bias, tied head)
+variants: configs, parity with Hugging Face's LlamaForCausalLM / MistralForCausalLM /
+Qwen2ForCausalLM (logits, loss, every parameter gradient under the 2x-PyTorch's-own-error
+rule of tests/accuracy.py; bf16 forward), Llama 3 rope scaling, padding, HF weights both
+ways, gradient accumulation, checkpointing, torch.compile and input errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastllm.models import Llama, LlamaConfig, from_pretrained
+from tests.accuracy import assert_within_torch_error
+
+V, T = 97, 13
+TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+# variant -> (HF class name, HF config class name, HF config extras)
+VARIANTS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "llama3-scaled-tied": ("LlamaForCausalLM", "LlamaConfig", dict(
+        rope_parameters={**LLAMA3_SCALING, "rope_theta": 500000.0}, tie_word_embeddings=True)),
+    "llama-bias-mha": ("LlamaForCausalLM", "LlamaConfig", dict(
+        attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=5)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True,
+                                                      num_key_value_heads=1)),
+}
+
+
+def hf_model(variant: str, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    cls_name, config_name, extras = VARIANTS[variant]
+    config = getattr(transformers, config_name)(**{**TINY, **extras})
+    config._attn_implementation = "eager"
+    model = getattr(transformers, cls_name)(config)
+    with torch.no_grad():  # HF zero-inits biases; random ones test them
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    return model.to(dtype).eval()
+
+
+def hf_triplet(variant: str):
+    """(HF fp32, HF fp64 with the same weights, fastllm from the fp32 one)."""
+    hf = hf_model(variant)
+    hf64 = hf_model(variant, torch.float64)
+    hf64.load_state_dict(hf.state_dict())
+    return hf, hf64, from_pretrained(hf)
+
+
+def tiny_llama(**overrides) -> Llama:
+    return Llama(LlamaConfig(**{**TINY, **overrides}))
+
+
+# ----- configs ---------------------------------------------------------------------------
+
+def test_from_name_table_and_derived_fields():
+    c = LlamaConfig.from_name("smollm2-135m")
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim, c.vocab_size, c.tie_word_embeddings) == (576, 30, 9, 3, 64, 49152, True)
+    c = LlamaConfig.from_name("llama-3.2-1b")
+    assert c.head_dim == 64 and c.rope_scaling["rope_type"] == "llama3"
+    assert LlamaConfig.from_name("mistral-tiny").window_size == (4, 0)
+    assert LlamaConfig(hidden_size=64, num_attention_heads=4).num_key_value_heads == 4
+    with pytest.raises(ValueError, match="unknown name 'llama-9'"):
+        LlamaConfig.from_name("llama-9")
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_smollm2_parameter_count():
+    with torch.device("meta"):
+        model = Llama(LlamaConfig.from_name("smollm2-135m"))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "mistral-tiny", "qwen2-tiny"])
+def test_tiny_named_configs_train_step(name):
+    model = Llama(LlamaConfig.from_name(name))
+    ids = torch.randint(0, model.config.vocab_size, (2, T))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----- parity with Hugging Face ----------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hf_parity_fp32_logits_loss_and_every_gradient(variant):
+    hf, hf64, ours = hf_triplet(variant)
+    ids = torch.randint(0, V, (3, T))
+    labels = ids.clone()
+    labels[2, :5] = -100
+
+    o = ours(ids, labels=labels, return_logits=True)
+    h = hf(ids, labels=labels)
+    r = hf64(ids, labels=labels)
+    f32 = torch.float32
+    assert_within_torch_error("logits", o.logits, h.logits, r.logits, f32)
+    assert_within_torch_error("loss", o.loss, h.loss, r.loss, f32)
+    o.loss.backward()
+    h.loss.backward()
+    r.loss.backward()
+    theirs = dict(hf.named_parameters())
+    ref = dict(hf64.named_parameters())
+    assert sorted(n for n, _ in ours.named_parameters()) == sorted(theirs)
+    for name, p in ours.named_parameters():
+        assert_within_torch_error(f"grad {name}", p.grad, theirs[name].grad, ref[name].grad, f32)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_hf_parity_bf16_forward(variant):
+    hf, hf64, _ = hf_triplet(variant)
+    hf16 = hf_model(variant, torch.bfloat16)
+    hf16.load_state_dict(hf.state_dict())
+    ours = from_pretrained(hf, dtype=torch.bfloat16)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        o, h, r = ours(ids).logits, hf16(ids).logits, hf64(ids).logits
+    assert o.dtype == torch.bfloat16
+    assert_within_torch_error("bf16 logits", o, h, r, torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral"])
+def test_padding_attention_mask_matches_hf_and_unpadded(variant):
+    hf, _, ours = hf_triplet(variant)
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, 9:] = 0  # right padding
+    with torch.no_grad():
+        o = ours(ids, attention_mask=mask).logits
+        h = hf(ids, attention_mask=mask).logits
+        alone = ours(ids[:1, :9]).logits
+    valid = mask.bool()
+    torch.testing.assert_close(o[valid], h[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o[0, :9], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# ----- weights both ways -----------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_save_pretrained_loads_in_transformers_and_back(variant, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf, _, ours = hf_triplet(variant)
+    ours.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == VARIANTS[variant][0]
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        want = hf(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, atol=1e-5, rtol=1e-5)
+        back = Llama.from_pretrained(tmp_path)
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits)
+    assert back.config == ours.config
+
+
+def test_from_pretrained_sharded_directory(tmp_path):
+    hf, _, ours = hf_triplet("qwen2")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = from_pretrained(tmp_path)
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)
+
+
+def test_from_pretrained_bad_source():
+    with pytest.raises(TypeError, match="source must be an HF model directory or a "
+                                        "transformers PreTrainedModel, got Linear"):
+        from_pretrained(torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        from_pretrained("/nonexistent/model")
+
+
+def test_from_pretrained_missing_tensor(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+
+    tiny_llama().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["lm_head.weight"], state["model.layers.0.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"lacks 2 tensors.*'lm_head\.weight', "
+                                       r"'model\.layers\.0\.mlp\.up_proj\.weight'"):
+        from_pretrained(tmp_path)
+
+
+def test_left_padding_with_position_ids_matches_unpadded():
+    """HF's convention for batched prompts: left padding, positions counted from each
+    sequence's first token. The padded rows see no key at all: zeros, never NaN."""
+    model = tiny_llama().eval()
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :4] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    with torch.no_grad():
+        alone = model(ids[1:, 4:]).logits
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1, 4:], alone[0], atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ----- training switches -----------------------------------------------------------------
+
+def test_bf16_weights_and_autocast_train_step():
+    ids = torch.randint(0, V, (2, T))
+    model = tiny_llama()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model = tiny_llama().to(torch.bfloat16)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and abs(loss.item() - math.log(V)) < 0.5
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+
+
+def test_num_items_in_batch_accumulation_equals_full_batch():
+    model = tiny_llama()
+    ids = torch.randint(0, V, (4, T))
+    labels = ids.clone()
+    labels[0, 2:] = -100
+    labels[3, :7] = -100
+    full = model(ids, labels=labels).loss
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    n_items = (labels[:, 1:] != -100).sum()
+    total = 0.0
+    for sl in (slice(0, 1), slice(1, 4)):  # unequal micro-batches
+        loss = model(ids[sl], labels=labels[sl], num_items_in_batch=n_items).loss
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, full.detach())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], msg=n)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_llama(sliding_window=4)
+    ids = torch.randint(0, V, (2, T))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    model = tiny_llama(qkv_bias=True, tie_word_embeddings=True)
+    ids = torch.randint(0, V, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, 11:] = 0
+    eager = model(ids, attention_mask=mask, labels=ids).loss
+    eager.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], msg=n)
+
+
+# ----- bad input -------------------------------------------------------------------------
+
+def test_bad_input_errors_name_the_argument():
+    model = tiny_llama()
+    ids = torch.randint(0, V, (2, T))
+    with pytest.raises(TypeError, match="input_ids must be int64 or int32, got torch.int16"):
+        model(ids.short())
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got \(2, 13, 1\)"):
+        model(ids[..., None])
+    with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(2, 13\), got "
+                                         r"\(13,\)"):
+        model(ids, labels=ids[0])
+    with pytest.raises(ValueError, match="position_ids must have input_ids' shape"):
+        model(ids, position_ids=torch.arange(T))

@@ -106,3 +106,56 @@ def causal_lm_loss(
         hidden, lm_head_weight, targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total / num_items_in_batch
+
+
+class CausalLM(torch.nn.Module):
+    """What the decoder-only models (GPT, Llama) share: their weight init, the gradient
+    checkpointing switch, the LM head's loss / logits and Hugging Face weights."""
+
+    config: ModelConfig
+    gradient_checkpointing: bool = False
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in backward instead of keeping them."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _lm_output(self, x: Tensor, labels: Optional[Tensor],
+                   num_items_in_batch: Union[None, int, Tensor],
+                   return_logits: bool) -> CausalLMOutput:
+        """The final hidden states ``x`` (B, T, C) through the LM head: the fused loss when
+        ``labels`` are given, logits when there are no labels or ``return_logits``."""
+        loss = logits = None
+        if labels is not None:
+            loss = causal_lm_loss(x, self.lm_head.weight, labels, num_items_in_batch)
+        if labels is None or return_logits:
+            logits = self.lm_head(x)  # (B, T, V)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, save_directory) -> None:
+        """Writes Hugging Face's layout of ``config.model_type`` (config.json +
+        model.safetensors), atomically."""
+        from fastllm.models.hf import save_pretrained
+
+        save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, source, *, dtype=None, device=None):
+        """This model from a Hugging Face directory or an in-memory ``transformers`` model
+        (``fastllm.models.from_pretrained``); a TypeError if the checkpoint is another family."""
+        from fastllm.models.hf import from_pretrained
+
+        model = from_pretrained(source, dtype=dtype, device=device)
+        if not isinstance(model, cls):
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained: {source!r} holds a {type(model).__name__}"
+            )
+        return model

@@ -22,9 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fastllm.functional import attention
 from fastllm.models.config import (
+    CausalLM,
     CausalLMOutput,
     ModelConfig,
-    causal_lm_loss,
     check_input_ids,
     check_like_input_ids,
 )
@@ -105,7 +105,7 @@ class Block(torch.nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(torch.nn.Module):
+class GPT(CausalLM):
     """``GPT(config)``; ``forward(input_ids, attention_mask=None, position_ids=None,
     labels=None, num_items_in_batch=None, return_logits=False) -> CausalLMOutput``.
 
@@ -139,19 +139,6 @@ class GPT(torch.nn.Module):
                 std = config.initializer_range / math.sqrt(2 * config.n_layer)
                 torch.nn.init.normal_(p, 0.0, std)
 
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each block's activations in backward instead of keeping them."""
-        self.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
     def forward(
         self,
         input_ids: Tensor,
@@ -179,24 +166,4 @@ class GPT(torch.nn.Module):
                 x = block(x, key_padding_mask)
         x = self.transformer.ln_f(x)
 
-        loss = logits = None
-        if labels is not None:
-            loss = causal_lm_loss(x, self.lm_head.weight, labels, num_items_in_batch)
-        if labels is None or return_logits:
-            logits = self.lm_head(x)  # (B, T, V)
-        return CausalLMOutput(loss=loss, logits=logits)
-
-    def save_pretrained(self, save_directory) -> None:
-        """Writes Hugging Face's GPT-2 layout (config.json + model.safetensors), atomically."""
-        from fastllm.models.hf import save_pretrained
-
-        save_pretrained(self, save_directory)
-
-    @classmethod
-    def from_pretrained(cls, source, *, dtype=None, device=None) -> "GPT":
-        from fastllm.models.hf import from_pretrained
-
-        model = from_pretrained(source, dtype=dtype, device=device)
-        if not isinstance(model, cls):
-            raise TypeError(f"GPT.from_pretrained: {source!r} holds a {type(model).__name__}")
-        return model
+        return self._lm_output(x, labels, num_items_in_batch, return_logits)

@@ -25,9 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fastllm.functional import attention
 from fastllm.models.config import (
+    CausalLM,
     CausalLMOutput,
     ModelConfig,
-    causal_lm_loss,
     check_input_ids,
     check_like_input_ids,
 )
@@ -174,7 +174,7 @@ class LlamaModel(torch.nn.Module):
                                           base=config.rope_theta, scaling=config.rope_scaling)
 
 
-class Llama(torch.nn.Module):
+class Llama(CausalLM):
     """``Llama(config)``; ``forward(input_ids, attention_mask=None, position_ids=None,
     labels=None, num_items_in_batch=None, return_logits=False) -> CausalLMOutput``.
 
@@ -192,19 +192,6 @@ class Llama(torch.nn.Module):
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, 0.0, self.config.initializer_range)
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer's activations in backward instead of keeping them."""
-        self.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -232,25 +219,4 @@ class Llama(torch.nn.Module):
                 x = layer(x, rotary, position_ids, key_padding_mask)
         x = self.model.norm(x)
 
-        loss = logits = None
-        if labels is not None:
-            loss = causal_lm_loss(x, self.lm_head.weight, labels, num_items_in_batch)
-        if labels is None or return_logits:
-            logits = self.lm_head(x)  # (B, T, V)
-        return CausalLMOutput(loss=loss, logits=logits)
-
-    def save_pretrained(self, save_directory) -> None:
-        """Writes Hugging Face's layout of ``config.model_type`` (config.json +
-        model.safetensors), atomically."""
-        from fastllm.models.hf import save_pretrained
-
-        save_pretrained(self, save_directory)
-
-    @classmethod
-    def from_pretrained(cls, source, *, dtype=None, device=None) -> "Llama":
-        from fastllm.models.hf import from_pretrained
-
-        model = from_pretrained(source, dtype=dtype, device=device)
-        if not isinstance(model, cls):
-            raise TypeError(f"Llama.from_pretrained: {source!r} holds a {type(model).__name__}")
-        return model
+        return self._lm_output(x, labels, num_items_in_batch, return_logits)

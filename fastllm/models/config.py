@@ -17,6 +17,10 @@ from fastllm.functional import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
+# One layer's generation cache: k_cache, v_cache (B, Tcache, Hkv, D) and cache_seqlens (B,)
+# int32, as fastllm.functional.attention_with_kvcache takes them (fastllm/models/generation.py).
+LayerCache = tuple[Tensor, Tensor, Tensor]
+
 
 class ModelConfig:
     """Base of the dataclass configs. Each subclass holds a ``names`` table (name -> field
@@ -159,3 +163,18 @@ class CausalLM(torch.nn.Module):
                 f"{cls.__name__}.from_pretrained: {source!r} holds a {type(model).__name__}"
             )
         return model
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """The prompt followed by up to ``max_new_tokens`` new tokens, (B, T + n), with a
+        pre-allocated KV cache: :func:`fastllm.models.generation.generate` lists the
+        arguments (``attention_mask``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``eos_token_id``, ``generator``, ``streamer``)."""
+        from fastllm.models.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def generate_stream(self, input_ids: Tensor, max_new_tokens: int, **kwargs):
+        """:meth:`generate` as an iterator of each step's new tokens, (B,) each."""
+        from fastllm.models.generation import generate_stream
+
+        return generate_stream(self, input_ids, max_new_tokens, **kwargs)

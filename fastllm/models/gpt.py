@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from fastllm.functional import attention
+from fastllm.functional import attention, attention_with_kvcache
 from fastllm.models.config import (
     CausalLM,
     CausalLMOutput,
+    LayerCache,
     ModelConfig,
     check_input_ids,
     check_like_input_ids,
@@ -72,12 +73,18 @@ class CausalSelfAttention(torch.nn.Module):
         self.c_proj = torch.nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = torch.nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor],
+                layer_cache: Optional[LayerCache] = None) -> Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(dim=2)  # (B, T, H, D) each: the kernel's layout, no transposes
-        y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                      dropout_p=self.dropout if self.training else 0.0)  # (B, T, H, D)
+        if layer_cache is not None:  # generation: append k, v at cache_seqlens, attend the cache
+            k_cache, v_cache, cache_seqlens = layer_cache
+            y = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                       causal=True)  # (B, T, H, D)
+        else:
+            y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                          dropout_p=self.dropout if self.training else 0.0)  # (B, T, H, D)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
 
@@ -100,8 +107,9 @@ class Block(torch.nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        x = x + self.attn(self.ln_1(x), key_padding_mask)
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor],
+                layer_cache: Optional[LayerCache] = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), key_padding_mask, layer_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,3 +175,23 @@ class GPT(CausalLM):
         x = self.transformer.ln_f(x)
 
         return self._lm_output(x, labels, num_items_in_batch, return_logits)
+
+    # -- generation (fastllm/models/generation.py) --------------------------------------------
+
+    def _kv_cache_layout(self) -> tuple[int, int, int]:
+        """(layers, Hkv, D) of the generation KV cache."""
+        return self.config.n_layer, self.config.n_head, self.config.head_dim
+
+    def _max_positions(self) -> Optional[int]:
+        return self.config.block_size
+
+    def _forward_cached(self, input_ids: Tensor, caches: list[tuple[Tensor, Tensor]],
+                        cache_seqlens: Tensor) -> Tensor:
+        """Final hidden states (B, T, C) of ``input_ids`` (B, T) appended to the KV caches:
+        sequence b's token t sits at slot and position ``cache_seqlens[b] + t``."""
+        B, T = input_ids.shape
+        position_ids = cache_seqlens.long()[:, None] + torch.arange(T, device=input_ids.device)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        for block, (k_cache, v_cache) in zip(self.transformer.h, caches):
+            x = block(x, None, (k_cache, v_cache, cache_seqlens))
+        return self.transformer.ln_f(x)

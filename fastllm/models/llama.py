@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from fastllm.functional import attention
+from fastllm.functional import attention, attention_with_kvcache
 from fastllm.models.config import (
     CausalLM,
     CausalLMOutput,
+    LayerCache,
     ModelConfig,
     check_input_ids,
     check_like_input_ids,
@@ -132,12 +133,23 @@ class LlamaAttention(torch.nn.Module):
         self.o_proj = torch.nn.Linear(H * D, C, bias=config.attention_bias)
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding, position_ids,
-                key_padding_mask: Optional[Tensor]) -> Tensor:
+                key_padding_mask: Optional[Tensor],
+                layer_cache: Optional[LayerCache] = None) -> Tensor:
         B, T, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+        if layer_cache is not None:
+            # Generation: the call rotates q and k at their slots cache_seqlens[b] + t (slot ==
+            # position, generation.py), appends k, v and attends the cache.
+            k_cache, v_cache, cache_seqlens = layer_cache
+            y = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                       causal=True, window_size=cfg.window_size,
+                                       rotary_cos=rotary.cos_cached,
+                                       rotary_sin=rotary.sin_cached,
+                                       rotary_interleaved=rotary.interleaved)  # (B, T, H, D)
+            return self.o_proj(y.reshape(B, T, -1))
         q, k = rotary(q, k, position_ids)
         y = attention(q, k, v, causal=True, window_size=cfg.window_size,
                       key_padding_mask=key_padding_mask,
@@ -155,8 +167,10 @@ class LlamaDecoderLayer(torch.nn.Module):
                             bias=config.mlp_bias)
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding, position_ids,
-                key_padding_mask: Optional[Tensor]) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, position_ids, key_padding_mask)
+                key_padding_mask: Optional[Tensor],
+                layer_cache: Optional[LayerCache] = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, position_ids, key_padding_mask,
+                               layer_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -220,3 +234,24 @@ class Llama(CausalLM):
         x = self.model.norm(x)
 
         return self._lm_output(x, labels, num_items_in_batch, return_logits)
+
+    # -- generation (fastllm/models/generation.py) --------------------------------------------
+
+    def _kv_cache_layout(self) -> tuple[int, int, int]:
+        """(layers, Hkv, D) of the generation KV cache."""
+        cfg = self.config
+        return cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+
+    def _max_positions(self) -> Optional[int]:
+        return None  # the rotary caches grow on demand
+
+    def _forward_cached(self, input_ids: Tensor, caches: list[tuple[Tensor, Tensor]],
+                        cache_seqlens: Tensor) -> Tensor:
+        """Final hidden states (B, T, C) of ``input_ids`` (B, T) appended to the KV caches:
+        sequence b's token t sits at slot and position ``cache_seqlens[b] + t``."""
+        rotary = self.model.rotary_emb
+        rotary.extend(caches[0][0].shape[1])  # cos / sin rows for every slot of the cache
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for layer, (k_cache, v_cache) in zip(self.model.layers, caches):
+            x = layer(x, rotary, None, None, (k_cache, v_cache, cache_seqlens))
+        return self.model.norm(x)

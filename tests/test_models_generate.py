@@ -15,7 +15,7 @@ from fastllm.models.generation import apply_repetition_penalty, apply_top_k, app
 
 V = 97
 GPT_TINY = dict(vocab_size=V, n_positions=48, n_embd=48, n_layer=2, n_head=4,
-                initializer_range=0.1)
+                initializer_range=0.1, bos_token_id=None, eos_token_id=None)
 LLAMA_TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   initializer_range=0.1)
@@ -252,3 +252,13 @@ def test_gpt_position_table_exceeded():
     with pytest.raises(ValueError, match=r"prompt \(40 tokens\) plus max_new_tokens \(9\) is "
                                          r"more than the position table holds \(48\)"):
         model.generate(ids, 9, attention_mask=mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_cuda_greedy_equals_cpu(kind):
+    model = tiny(kind)
+    ids, mask = left_padded([5, 11, 2])
+    expected = model.generate(ids, 10, attention_mask=mask)
+    out = model.cuda().generate(ids.cuda(), 10, attention_mask=mask.cuda())
+    assert torch.equal(out.cpu(), expected)

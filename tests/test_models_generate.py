@@ -177,6 +177,14 @@ def test_no_mask_int32_and_zero_new_tokens():
     assert torch.equal(model.generate(ids, 0), ids)
 
 
+def test_llama_rotary_growth_during_generate_keeps_training_working():
+    model = Llama(LlamaConfig(**{**LLAMA_TINY, "max_position_embeddings": 8}))
+    model.generate(left_padded([6])[0], 20)  # the rotary caches grow past 8 rows
+    assert not model.model.rotary_emb.cos_cached.is_inference()
+    ids = torch.randint(0, V, (2, 30))
+    model.train()(ids, labels=ids).loss.backward()
+
+
 # ----- sampling ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gpt", "llama"])

@@ -250,7 +250,10 @@ class Llama(CausalLM):
         """Final hidden states (B, T, C) of ``input_ids`` (B, T) appended to the KV caches:
         sequence b's token t sits at slot and position ``cache_seqlens[b] + t``."""
         rotary = self.model.rotary_emb
-        rotary.extend(caches[0][0].shape[1])  # cos / sin rows for every slot of the cache
+        # cos / sin rows for every slot of the cache, built as normal tensors: buffers made
+        # under generate's inference mode could not be saved for backward in later training.
+        with torch.inference_mode(False):
+            rotary.extend(caches[0][0].shape[1])
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for layer, (k_cache, v_cache) in zip(self.model.layers, caches):
             x = layer(x, rotary, None, None, (k_cache, v_cache, cache_seqlens))

@@ -17,8 +17,10 @@ Design — the cache holds no padding, so a slot index is a position:
   ``rotary_cos`` / ``rotary_sin`` (Llama; GPT adds ``wpe[cache_seqlens[b]]``), and attends the
   ``cache_seqlens[b] + 1`` valid slots. Positions therefore equal Hugging Face's exactly, for
   any 0/1 mask (left padding or not), with no key padding mask in the cache call.
-- Cache: per layer ``k``, ``v`` of shape (B, T + max_new_tokens, Hkv, D) in the model's
-  dtype, allocated once (T: the padded prompt length).
+- Cache: per layer ``k``, ``v`` of shape (B, L + max_new_tokens, Hkv, D) in the model's
+  dtype, allocated once (L: the longest real prompt; the prefill runs on (B, L) ids).
+- ``generate_stream`` checks the arguments eagerly and returns the decoding iterator; the
+  cache lives as long as the iterator.
 
 Decoding follows Hugging Face's ``generate``: the logits are taken in float32; the
 repetition penalty (CTRL's: a seen token's logit divided by the penalty when positive,
@@ -43,7 +45,7 @@ from torch import Tensor
 from fastllm.models.config import check_input_ids, check_like_input_ids
 
 
-def _check_args(name: str, model, input_ids: Tensor, max_new_tokens: int,
+def _check_args(name: str, input_ids: Tensor, max_new_tokens: int,
                 attention_mask: Optional[Tensor], temperature: float, top_k: int, top_p: float,
                 repetition_penalty: float) -> None:
     check_input_ids(name, input_ids)
@@ -136,7 +138,7 @@ def generate_stream(
     steps. Arguments as :func:`generate`; they are checked here, before the first step. The
     steps run under ``torch.inference_mode`` (only while the iterator runs)."""
     name = f"{type(model).__name__}.generate"
-    _check_args(name, model, input_ids, max_new_tokens, attention_mask, temperature, top_k,
+    _check_args(name, input_ids, max_new_tokens, attention_mask, temperature, top_k,
                 top_p, repetition_penalty)
     device = input_ids.device
     if attention_mask is None:

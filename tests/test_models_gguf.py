@@ -9,7 +9,6 @@ chat-template prompt."""
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(path: Path, model: Llama, *, arch: str = "llama", skip=(), extra=None,
-               qtype=gguf.GGMLQuantizationType.F32) -> Path:
+               qtype=gguf.GGMLQuantizationType.F32, rope_scaling=None) -> Path:
     """``model`` as llama.cpp's converter would write it (2-D weights in ``qtype``)."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -58,6 +57,9 @@ def write_gguf(path: Path, model: Llama, *, arch: str = "llama", skip=(), extra=
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if rope_scaling is not None:
+        w.add_rope_scaling_type(rope_scaling[0])
+        w.add_rope_scaling_factor(rope_scaling[1])
     state = model.state_dict()
     if c.tie_word_embeddings:
         state.pop("lm_head.weight")
@@ -146,6 +148,23 @@ def test_rope_freqs_rejected(tmp_path):
     path = write_gguf(tmp_path / "l31.gguf", tiny_llama(),
                       extra={"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(ValueError, match="rope_freqs"):
+        from_pretrained(path)
+
+
+def test_unknown_tensor_rejected(tmp_path):
+    path = write_gguf(tmp_path / "moe.gguf", tiny_llama(),
+                      extra={"blk.0.ffn_gate_exps.weight": np.ones((4, 8), np.float32)})
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_gate_exps\.weight'"):
+        from_pretrained(path)
+
+
+def test_rope_scaling(tmp_path):
+    path = write_gguf(tmp_path / "linear.gguf", tiny_llama(),
+                      rope_scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+    assert from_pretrained(path).config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    path = write_gguf(tmp_path / "yarn.gguf", tiny_llama(),
+                      rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
+    with pytest.raises(ValueError, match=r"rope\.scaling\.type='yarn'"):
         from_pretrained(path)
 
 

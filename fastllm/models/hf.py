@@ -175,7 +175,8 @@ def _read_directory(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=None,
                     device=None) -> torch.nn.Module:
     """A fastllm ``GPT``, ``Llama`` or BERT model holding the weights of ``source``: an HF
-    model directory or an in-memory ``transformers`` ``PreTrainedModel`` (GPT-2, LLaMA,
+    model directory, a llama ``.gguf`` file (fastllm/models/gguf.py; dequantised, default
+    dtype float32) or an in-memory ``transformers`` ``PreTrainedModel`` (GPT-2, LLaMA,
     Mistral, Qwen2; BERT: ``BertForPreTraining`` / ``BertForSequenceClassification`` by the
     checkpoint's ``architectures``, else ``BertModel``).
 
@@ -183,6 +184,10 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     Raises ValueError for an unknown architecture and KeyError listing any tensor the model
     needs that the checkpoint lacks (never a half-initialised model).
     """
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".gguf"):
+        from fastllm.models.gguf import from_gguf
+
+        return from_gguf(source, dtype=dtype, device=device)
     if isinstance(source, torch.nn.Module):
         if not hasattr(source, "config") or not hasattr(source.config, "to_dict"):
             raise TypeError("from_pretrained: source must be an HF model directory or a "
@@ -212,7 +217,13 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
              for k, v in state.items()}
     state = {k: (v.t() if _is_conv1d(k) else v) for k, v in state.items()
              if not k.endswith(_IGNORED_SUFFIXES)}
+    return build_model(cls, ours_config, state, dtype=dtype, device=device)
 
+
+def build_model(cls, ours_config, state: dict[str, Tensor], *, dtype=None,
+                device=None) -> torch.nn.Module:
+    """``cls(ours_config)`` holding ``state`` (fastllm / HF names), built on meta and loaded
+    by assignment; KeyError listing missing or unknown tensors. Shared with GGUF loading."""
     if dtype is None:
         dtype = next(iter(state.values())).dtype if state else torch.float32
     with torch.device("meta"):

@@ -5,7 +5,9 @@
 - :class:`BertModel`, :class:`BertForPreTraining` (masked LM + next-sentence prediction),
   :class:`BertForSequenceClassification` / :class:`BertConfig`.
 - :func:`from_pretrained`: Hugging Face weights (a model directory or an in-memory
-  ``transformers`` model); ``model.save_pretrained(dir)`` writes HF's layout back.
+  ``transformers`` model) or a llama.cpp ``.gguf`` file (LLaMA architecture, dequantised);
+  ``model.save_pretrained(dir)`` writes HF's layout back.
+- ``model.generate`` / ``generate_stream`` (GPT, Llama): KV-cache decoding.
 
 Configs come from a ``from_name`` table (``GPTConfig.from_name("gpt2")``); forwards take and
 return Hugging Face's names (``attention_mask``, ``labels``, ``num_items_in_batch``;

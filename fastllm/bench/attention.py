@@ -237,23 +237,12 @@ def cases(quick: bool = False) -> list[Case]:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedAttentionCase(Case):
+class MaskedAttentionCase(AttentionCase):
     """Attention with SDPA's attn_mask: ``padded`` (boolean (B, 1, 1, T)) or ``t5-bias``
-    (float (1, H, T, T) requiring grad); the module docstring has the details."""
+    (float (1, H, T, T) requiring grad); the module docstring has the details. AttentionCase's
+    names and counts: its non-causal (dense) FLOP count, masked keys counted too."""
 
     mask: str  # one of MASKED_KINDS
-    mode: str  # one of MODES
-    shape: tuple[int, int, int, int]  # (B, H, T, D)
-    dtype: torch.dtype
-
-    @property
-    def op_id(self) -> str:
-        return f"attention-{self.mask}"
-
-    def params(self) -> dict[str, str]:
-        batch, heads, seqlen, head_dim = self.shape
-        return {"mask": self.mask, "mode": self.mode,
-                "shape": f"B{batch} H{heads} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
 
     def torch_function(self) -> Callable:
         return torch_sdpa_masked
@@ -264,33 +253,25 @@ class MaskedAttentionCase(Case):
     def peers(self) -> dict[str, Callable]:
         return {OLD_MASKED_PATH: old_masked_path}
 
-    def flops(self) -> int:
-        """The dense count (masked keys counted too), as AttentionCase's non-causal one."""
-        batch, heads, seqlen, head_dim = self.shape
-        forward = 4 * batch * heads * seqlen * seqlen * head_dim
-        return round(forward * (1 + BACKWARD_FLOPS_FACTOR)) if self.backward else forward
-
     def mask_bytes(self) -> int:
         batch, heads, seqlen, _ = self.shape
         if self.mask == "padded":
             return batch * seqlen  # bool (B, 1, 1, T)
         return heads * seqlen * seqlen * self.dtype.itemsize  # (1, H, T, T)
 
-    def _elements(self) -> int:
-        batch, heads, seqlen, head_dim = self.shape
-        return batch * heads * seqlen * head_dim
-
     def bytes_moved(self) -> int:
         """AttentionCase's totals plus the mask: read once (forward) or, for the bias,
         read twice and its gradient written (forward+backward)."""
-        qkv = (12 if self.backward else 4) * self._elements() * self.dtype.itemsize
         mask_reads = 3 if self.backward and self.mask == "t5-bias" else 1
-        return qkv + mask_reads * self.mask_bytes()
+        return super().bytes_moved() + mask_reads * self.mask_bytes()
 
     def largest_output_bytes(self) -> int:
         """out, one of dq, dk, dv, or the bias gradient."""
-        largest = self._elements() * self.dtype.itemsize
+        largest = super().largest_output_bytes()
         return max(largest, self.mask_bytes()) if self.mask == "t5-bias" else largest
+
+    def contender_inputs(self, contender: str, inputs: CallInputs) -> CallInputs:
+        return inputs  # one (B, H, T, D) layout for every contender
 
     def make_inputs(self, device: torch.device) -> CallInputs:
         generator = torch.Generator(device=device).manual_seed(0)

@@ -69,3 +69,34 @@ def assert_triton_compiles_without_spills(module: str, arch: int, expected_kerne
     assert result.returncode == 0, result.stderr[-4000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stdout)
     assert len(spills) == expected_kernels and all(s == ("0", "0") for s in spills), result.stdout
+
+
+def ptxas_resources(kernel, signature: dict, constants: dict, attrs: dict, arch: int,
+                    **options) -> list[str]:
+    """Compiles the Triton ``kernel`` for sm_<arch> with Triton's own compiler (no GPU) and
+    returns ptxas -v's resource lines (registers, spills). ``options``: num_warps,
+    num_stages. Needs TRITON_INTERPRET unset at import (the interpreter replaces the
+    kernels by Python functions)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    target = "sm_90a" if ".target sm_90a" in ptx else f"sm_{arch}"  # Triton's Hopper target
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run(
+            [get_ptxas(arch).path, f"-arch={target}", "-v", ptx_path, "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        )
+    return [line.strip() for line in result.stderr.splitlines()
+            if "spill" in line or "registers" in line]

@@ -27,7 +27,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -37,7 +36,14 @@ import fastllm.functional as F
 from fastllm.ops import attention as attn_ops
 from fastllm.reference.attention import attention_ref, dropout_keep_mask, dropout_threshold
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import attention_options, dropout_seed, packed_qkv, packed_tokens, qkv
+from tests.helpers import (
+    attention_options,
+    dropout_seed,
+    packed_qkv,
+    packed_tokens,
+    ptxas_resources,
+    qkv,
+)
 
 FAMILY = "attention"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -619,10 +625,6 @@ def _compile_for_sm80(dtype: str, block_d: int, flag_set: str = "packed") -> lis
     at import: the interpreter replaces the kernels by Python functions. Pointer and stride
     arguments carry the divisibility a real launch on contiguous tensors specializes, and D
     strides (and the key strides of the bias, its gradient and the mask) the constant 1."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
 
     import fastllm.triton.attention as kernels
 
@@ -662,21 +664,8 @@ def _compile_for_sm80(dtype: str, block_d: int, flag_set: str = "packed") -> lis
             aligned = name.endswith("_ptr") or re.fullmatch(r"head_dim|stride_(?!alibi).*", name)
             if aligned:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-        compiled = triton.compile(
-            ASTSource(kernel, signature, constants, attrs),
-            target=GPUTarget("cuda", 80, 32),
-            options=dict(num_warps=num_warps, num_stages=num_stages),
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx_path = os.path.join(tmp, "kernel.ptx")
-            with open(ptx_path, "w") as f:
-                f.write(compiled.asm["ptx"])
-            result = subprocess.run(
-                [get_ptxas(80).path, "-arch=sm_80", "-v", ptx_path, "-o", os.devnull],
-                capture_output=True, text=True, check=True,
-            )
-        resources = [line.strip() for line in result.stderr.splitlines()
-                     if "spill" in line or "registers" in line]
+        resources = ptxas_resources(kernel, signature, constants, attrs, 80,
+                                    num_warps=num_warps, num_stages=num_stages)
         reports.append(f"{kernel.fn.__name__}: " + " ".join(resources))
     return reports
 

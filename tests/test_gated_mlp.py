@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 
 import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import assert_triton_compiles_without_spills
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
 
 FAMILY = "gated_mlp"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -158,14 +158,6 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
     configuration for sm_<arch> (Triton's own compiler, no GPU) and returns ptxas -v's
     resource line of each. Needs TRITON_INTERPRET unset at import (the interpreter replaces
     the kernels by Python functions)."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
 
     import fastllm.triton.gated_mlp as kernels
 
@@ -183,21 +175,7 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
                         continue
                     signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
                     attrs[(index,)] = [["tt.divisibility", 16]]
-                compiled = triton.compile(
-                    ASTSource(kernel, signature, constants, attrs),
-                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8),
-                )
-                with tempfile.TemporaryDirectory() as tmp:
-                    ptx_path = os.path.join(tmp, "kernel.ptx")
-                    with open(ptx_path, "w") as f:
-                        f.write(compiled.asm["ptx"])
-                    # Triton targets sm_90a on Hopper (its PTX says which).
-                    target = "sm_90a" if ".target sm_90a" in compiled.asm["ptx"] else f"sm_{arch}"
-                    result = subprocess.run(
-                        [get_ptxas(arch).path, f"-arch={target}", "-v", ptx_path, "-o",
-                         os.devnull], capture_output=True, text=True, check=True,
-                    )
-                spills = [line.strip() for line in result.stderr.splitlines() if "spill" in line]
+                spills = ptxas_resources(kernel, signature, constants, attrs, arch, num_warps=8)
                 reports.append(f"{kernel.fn.__name__} {dtype} {activation}: {' '.join(spills)}")
     return reports
 

@@ -14,7 +14,7 @@ import fastllm.functional as F
 from fastllm.nn.rotary import default_inv_freq
 from fastllm.reference.rotary import token_positions
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import assert_triton_compiles_without_spills
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
 
 FAMILY = "rotary"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -275,14 +275,6 @@ def _triton_ptxas_reports(arch: int, dtypes=("fp32", "bf16", "fp16"), tile=None,
     """Compiles the Triton kernel for every dtype, layout and direction at the GPU launch
     configuration for sm_<arch> (Triton's own compiler, no GPU) and returns ptxas -v's
     resource line of each. Needs TRITON_INTERPRET unset at import."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
 
     import fastllm.triton.rotary as kernels
 
@@ -310,20 +302,8 @@ def _triton_ptxas_reports(arch: int, dtypes=("fp32", "bf16", "fp16"), tile=None,
                     else:
                         signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
                     attrs[(index,)] = [["tt.divisibility", 16]] if name.endswith("_ptr") else []
-                compiled = triton.compile(
-                    ASTSource(kernel, signature, constants, attrs),
-                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps),
-                )
-                with tempfile.TemporaryDirectory() as tmp:
-                    ptx_path = os.path.join(tmp, "kernel.ptx")
-                    with open(ptx_path, "w") as f:
-                        f.write(compiled.asm["ptx"])
-                    target = "sm_90a" if ".target sm_90a" in compiled.asm["ptx"] else f"sm_{arch}"
-                    result = subprocess.run(
-                        [get_ptxas(arch).path, f"-arch={target}", "-v", ptx_path, "-o",
-                         os.devnull], capture_output=True, text=True, check=True,
-                    )
-                spills = [line.strip() for line in result.stderr.splitlines() if "spill" in line]
+                spills = ptxas_resources(kernel, signature, constants, attrs, arch,
+                                         num_warps=num_warps)
                 reports.append(f"rotary_kernel {dtype} {interleaved} {conjugate}: "
                                f"{' '.join(spills)}")
     return reports

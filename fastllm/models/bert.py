@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -41,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fastllm.functional as F
 from fastllm.nn import LayerNorm
+from fastllm.ops._family import values_readable
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +199,6 @@ class SequenceClassifierOutput:
 # ---------------------------------------------------------------------------------------
 
 
-def _values_readable(t: Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _check_inputs(
     config: BertConfig,
     input_ids: Tensor,
@@ -234,21 +230,21 @@ def _check_inputs(
             )
         if t.is_floating_point() and name != "attention_mask":
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if _values_readable(input_ids) and input_ids.numel():
+    if values_readable(input_ids) and input_ids.numel():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= config.vocab_size:
             raise IndexError(
                 f"input_ids values must be in [0, {config.vocab_size}) (vocab_size), "
                 f"got [{lo}, {hi}]"
             )
-    if token_type_ids is not None and _values_readable(token_type_ids) and token_type_ids.numel():
+    if token_type_ids is not None and values_readable(token_type_ids) and token_type_ids.numel():
         lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
         if lo < 0 or hi >= config.type_vocab_size:
             raise IndexError(
                 f"token_type_ids values must be in [0, {config.type_vocab_size}) "
                 f"(type_vocab_size), got [{lo}, {hi}]"
             )
-    if position_ids is not None and _values_readable(position_ids) and position_ids.numel():
+    if position_ids is not None and values_readable(position_ids) and position_ids.numel():
         lo, hi = int(position_ids.min()), int(position_ids.max())
         if lo < 0 or hi >= config.max_position_embeddings:
             raise IndexError(
@@ -543,31 +539,12 @@ class _BertPreTrainedModel(nn.Module):
         """Write config.json + model.safetensors in the Hugging Face layout (names and
         config fields), each to a temporary file renamed into place, so
         ``transformers.<same class>.from_pretrained(dir)`` loads it unchanged."""
-        from safetensors.torch import save_file
+        from fastllm.models.hf import write_hf_directory
 
-        os.makedirs(save_directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config = self.config.to_hf(type(self).__name__)
         config["torch_dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
-
-        def write_atomic(name: str, write) -> None:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=save_directory)
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, os.path.join(save_directory, name))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-
-        def write_config(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-
-        write_atomic("model.safetensors",
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        write_atomic("config.json", write_config)
+        write_hf_directory(save_directory, state, config)
 
 
 # ---------------------------------------------------------------------------------------

@@ -261,9 +261,7 @@ def save_pretrained(model: torch.nn.Module, save_directory: Union[str, os.PathLi
     """Writes ``model`` (a fastllm ``GPT`` or ``Llama``) as HF's config.json +
     model.safetensors into ``save_directory`` (created if needed). Each file is written to a
     temporary name in the directory and renamed into place, config.json last, so a reader
-    never sees a partial file."""
-    from safetensors.torch import save_file
-
+    never sees a partial file (write_hf_directory)."""
     if isinstance(model, GPT):
         hf_config = _gpt_config_to_hf(model.config)
         tied = True
@@ -282,6 +280,16 @@ def save_pretrained(model: torch.nn.Module, save_directory: Union[str, os.PathLi
         v = v.detach().to("cpu")
         state[k] = (v.t() if isinstance(model, GPT) and _is_conv1d(k) else v).contiguous()
 
+    write_hf_directory(save_directory, state, hf_config)
+
+
+def write_hf_directory(save_directory: Union[str, os.PathLike], state: dict[str, Tensor],
+                       hf_config: dict[str, Any]) -> None:
+    """HF's config.json + model.safetensors in ``save_directory`` (created if needed). Each
+    file is written to a temporary name in the directory and renamed into place, config.json
+    last, so a reader never sees a partial file."""
+    from safetensors.torch import save_file
+
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, write in (
@@ -294,5 +302,6 @@ def save_pretrained(model: torch.nn.Module, save_directory: Union[str, os.PathLi
             write(tmp)
             os.replace(tmp, directory / name)
         except BaseException:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
             raise

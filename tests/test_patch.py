@@ -53,10 +53,15 @@ def _tiny(family: str):
         return t.BartForConditionalGeneration(t.BartConfig(**seq2seq))
     if family == "marian":
         return t.MarianMTModel(t.MarianConfig(**seq2seq))
+    if family == "t5":
+        return t.T5ForConditionalGeneration(t.T5Config(
+            vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=1,
+            decoder_start_token_id=2))
     raise ValueError(family)
 
 
-FAMILIES = ["gpt2", "bert", "llama", "mistral", "qwen2", "bart", "marian"]
+FAMILIES = ["gpt2", "bert", "llama", "mistral", "qwen2", "bart", "marian", "t5"]
 CAUSAL = {"gpt2", "llama", "mistral", "qwen2"}
 
 # what patch() must replace in each tiny model (2 layers)
@@ -68,6 +73,7 @@ EXPECTED_COUNTS = {
     "bert": dict(attention=1, norm=6),  # embeddings + 2 per layer + the MLM head's transform
     "bart": dict(attention=1, norm=12),
     "marian": dict(attention=1, norm=10),
+    "t5": dict(attention=1, norm=12),  # 2 + 3 per decoder layer + 2 per encoder layer + 2 final
 }
 
 
@@ -80,7 +86,7 @@ def _batch(family: str):
     mask[2, 8:] = 0  # right padding
     labels = ids.masked_fill(mask == 0, -100)
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
-    if family in ("bart", "marian"):
+    if family in ("bart", "marian", "t5"):
         dec = torch.randint(3, V, (B, 7), generator=g)
         dec_mask = torch.ones(B, 7, dtype=torch.long)
         dec_mask[0, 5:] = 0
@@ -129,7 +135,7 @@ def test_patched_matches_unpatched_fp32(family):
                                   torch.float32)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "bart"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "bart", "t5"])
 def test_patched_matches_unpatched_bf16(family):
     theirs = _tiny(family).to(torch.bfloat16)
     truth = copy.deepcopy(theirs).double()

@@ -175,6 +175,11 @@ def test_undo_restores_everything(family):
         assert modules2[name] is m, name  # the same objects back in their places
         assert dicts2[name].keys() == dicts[name].keys(), name  # no attribute left behind
     assert attn2 == attn
+    if family != "bart":  # positional arguments reach the patched forwards by their names
+        with fastllm.patch(model):
+            positional = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        valid = _valid(family, batch)
+        torch.testing.assert_close(positional * valid, before_out * valid, rtol=1e-5, atol=1e-5)
     assert torch.equal(model(**batch).logits, before_out)  # bit for bit
     handle.undo()  # a second undo does nothing
     assert not handle.active
@@ -241,13 +246,21 @@ def test_training_forward_logits_switch_and_num_items_in_batch():
         assert any("keep_logits" in reason for _, _, reason in handle.report.skipped)
 
 
-def test_generate_matches_unpatched():
-    model = _tiny("llama").eval()
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "bart"])
+def test_generate_matches_unpatched(family):
+    model = _tiny(family).eval()
     ids = torch.randint(3, V, (3, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :7] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    if family == "bart":  # encoder padding on the right
+        mask[1, 5:] = 0
+        mask[2, 2:] = 0
+    else:  # decoder-only: left padding, as transformers' generate wants
+        mask[1, :4] = 0
+        mask[2, :7] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    if family == "bart":
+        kw.update(num_beams=1, no_repeat_ngram_size=0, forced_bos_token_id=None,
+                  forced_eos_token_id=None, min_length=0)
     expected = model.generate(ids, **kw)
     with fastllm.patch(model):
         got = model.generate(ids, **kw)

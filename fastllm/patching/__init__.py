@@ -33,6 +33,8 @@ returns the existing handle.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import types
 import warnings
@@ -270,7 +272,7 @@ def _plan_hf(plan: _Plan, root: torch.nn.Module, model: torch.nn.Module, switche
                           f"{' with a bias' if getattr(head, 'bias', None) is not None else ''}"
                           "; the loss runs on its logits (not fused)")
             else:
-                plan.add(_set_instance_attr(model, "forward", types.MethodType(
+                plan.add(_set_instance_attr(model, "forward", _instance_forward(
                     hf.fused_causal_lm_forward, model)), "fused_lm_loss",
                     f"{model_name or type(model).__name__}.forward")
         else:
@@ -290,6 +292,29 @@ def _switch_attention(model):
             model.set_attn_implementation(before)
         return undo
     return do
+
+
+def _instance_forward(func, module):
+    """``func`` as ``module``'s bound forward, presenting the class forward's signature
+    (transformers' ``generate`` reads it to decide which inputs, such as ``position_ids``
+    from a left-padded mask, to pass) and accepting its positional arguments."""
+    original = type(module).forward
+    signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values()
+                        if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if args:  # name them as the class forward does
+            named = dict(signature.bind_partial(self, *args, **kwargs).arguments)
+            del named[next(iter(named))]  # self
+            if var_keyword is not None:
+                named.update(named.pop(var_keyword, {}))
+            kwargs = named
+        return func(self, **kwargs)
+
+    forward.__fastllm_forward__ = func
+    return types.MethodType(forward, module)
 
 
 def _rms_norm_from_hf(old: torch.nn.Module) -> torch.nn.Module:
@@ -318,7 +343,7 @@ def _gated_mlp_from_hf(old: torch.nn.Module, activation: str) -> torch.nn.Module
 
 def _rotary_forward(module, sliding_window_kwarg: bool):
     set_forward = _set_instance_attr(module, "forward",
-                                     types.MethodType(hf.rotary_attention_forward, module))
+                                     _instance_forward(hf.rotary_attention_forward, module))
     set_flag = _set_instance_attr(module, "_fastllm_sliding_window_kwarg", sliding_window_kwarg)
 
     def do():

@@ -495,3 +495,33 @@ def test_smollm2_real_weights_patched_matches_unpatched():
         assert_within_torch_error("smollm2 logits", got, expected, reference, torch.float32)
         assert torch.equal(theirs.generate(ids, **kw), answer)
     assert "Paris" in tokenizer.decode(answer[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_output_attentions_fallback_other_families(family):
+    model = _tiny(family).eval()
+    batch = _batch(family)
+    batch.pop("labels")
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    expected = eager(**batch, output_attentions=True)
+    with fastllm.patch(model):
+        got = model(**batch, output_attentions=True)
+    name = "encoder_attentions" if family == "t5" else "attentions"
+    for a, e in zip(getattr(got, name), getattr(expected, name)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_head_dim_beyond_the_kernels_falls_back():
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=2 * 320, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=320)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    batch = _batch("llama")
+    batch.pop("labels")
+    expected = model(**batch).logits
+    with fastllm.patch(model):
+        got = model(**batch).logits
+    valid = _valid("llama", batch)
+    torch.testing.assert_close(got * valid, expected * valid, rtol=1e-5, atol=1e-5)

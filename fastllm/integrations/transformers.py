@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from fastllm.functional import attention
+from fastllm.ops.attention import MAX_HEAD_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def _eager_fallback(module, query, key, value, mask, causal, dropout, scaling, *
         keep = _dense_mask(mask, causal, tq, tk, B, query.device)
         float_mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
         float_mask.masked_fill_(~keep, torch.finfo(query.dtype).min)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return eager(module, query, key, value, float_mask, dropout=dropout, scaling=scaling,
                  **kwargs)
 
@@ -194,13 +196,15 @@ def fastllm_attention_forward(
     if kwargs.get("output_attentions"):
         _log_fallback_once("output_attentions=True (the fused kernels never form the weights)")
         causal = _causal(module, attention_mask, is_causal, query.shape[2])
-        if position_bias is not None:
-            raise NotImplementedError("fastllm attention: output_attentions=True with a "
-                                      "position_bias has no eager fallback here")
         return _eager_fallback(module, query, key, value, attention_mask, causal, dropout,
-                               scaling, **kwargs)
+                               scaling, position_bias=position_bias, softcap=softcap, **kwargs)
 
     causal = _causal(module, attention_mask, is_causal, query.shape[2])
+    if not _fused_can_run(query, value):
+        _log_fallback_once(f"head dims {query.shape[-1]}/{value.shape[-1]} (fused: equal, "
+                           f"<= {MAX_HEAD_DIM})")
+        return _eager_fallback(module, query, key, value, attention_mask, causal, dropout,
+                               scaling, position_bias=position_bias, softcap=softcap, **kwargs)
     key_padding_mask = attn_bias = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # (B, Tk) bidirectional padding
@@ -223,6 +227,10 @@ def fastllm_attention_forward(
         softcap=float(softcap or 0.0), attn_bias=attn_bias, key_padding_mask=key_padding_mask,
     )  # (B, Tq, H, D)
     return out, None
+
+
+def _fused_can_run(query: Tensor, value: Tensor) -> bool:
+    return query.shape[-1] == value.shape[-1] and query.shape[-1] <= MAX_HEAD_DIM
 
 
 def _causal(module, attention_mask, is_causal, q_length: int) -> bool:

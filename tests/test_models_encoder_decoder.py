@@ -1,5 +1,5 @@
-"""fastllm.models.EncoderDecoder (BART, Marian): parity with Hugging Face's
-BartForConditionalGeneration / MarianMTModel (logits, loss and every parameter gradient in
+"""fastllm.models.EncoderDecoder (BART, mBART, Marian): parity with Hugging Face's
+BartForConditionalGeneration / MBartForConditionalGeneration / MarianMTModel (logits, loss and every parameter gradient in
 fp32, logits in bf16, under the 2x-PyTorch's-own-error rule of tests/accuracy.py) with padded
 sources and right-padded targets, the fused loss (final_logits_bias included) and its
 gradient-accumulation normalisation, checkpointing, autocast, torch.compile, greedy
@@ -30,6 +30,9 @@ VARIANTS = {
     "bart": ("BartForConditionalGeneration", "BartConfig",
              dict(COMMON, pad_token_id=1, bos_token_id=0, eos_token_id=None,
                   decoder_start_token_id=2)),
+    "mbart": ("MBartForConditionalGeneration", "MBartConfig",  # pre-LN, language-id shift
+              dict(COMMON, pad_token_id=1, bos_token_id=0, eos_token_id=None,
+                   decoder_start_token_id=None, scale_embedding=True)),
     "marian": ("MarianMTModel", "MarianConfig",
                dict(COMMON, pad_token_id=98, eos_token_id=None, decoder_start_token_id=98,
                     scale_embedding=True, activation_function="swish")),
@@ -70,7 +73,7 @@ def batch(variant: str, B: int = 3, S: int = 11, T: int = 9, seed: int = 1):
     """Padded sources (rows 1, 2 shorter) and right-padded targets (row 0 shorter):
     input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels."""
     cfg = VARIANTS[variant][2]
-    pad, start = cfg["pad_token_id"], cfg["decoder_start_token_id"]
+    pad, start = cfg["pad_token_id"], cfg["decoder_start_token_id"]  # None: mBART's shift
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(3, 70, (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.int64)
@@ -87,7 +90,7 @@ def batch(variant: str, B: int = 3, S: int = 11, T: int = 9, seed: int = 1):
 
 
 def tiny(variant: str = "bart", **overrides) -> EncoderDecoder:
-    name = "bart-tiny" if variant == "bart" else "marian-tiny"
+    name = "marian-tiny" if variant == "marian" else "bart-tiny"
     torch.manual_seed(0)
     return EncoderDecoder(EncoderDecoderConfig.from_name(name, **{"dropout": 0.0, **overrides}))
 
@@ -163,7 +166,7 @@ def test_hf_parity_fp32_logits_loss_and_every_gradient(variant):
         assert_within_torch_error(f"grad {name}", p.grad, theirs[name], ref[name], f32)
 
 
-@pytest.mark.parametrize("variant", ["bart", "marian"])
+@pytest.mark.parametrize("variant", ["bart", "mbart", "marian"])
 def test_hf_parity_bf16_forward(variant):
     hf = hf_model(variant)
     hf64 = copy.deepcopy(hf).to(torch.float64)
@@ -177,10 +180,10 @@ def test_hf_parity_bf16_forward(variant):
     assert_within_torch_error("bf16 logits", o, h, r, torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", ["bart", "marian"])
+@pytest.mark.parametrize("variant", ["bart", "mbart", "marian"])
 def test_labels_alone_shift_like_hf_and_padding_is_invisible(variant):
-    """labels without decoder_input_ids: HF's shift_tokens_right; a padded source gives
-    what the unpadded one gives."""
+    """labels without decoder_input_ids: HF's shift_tokens_right (mBART's: the last real
+    label starts the decoder); a padded source gives what the unpadded one gives."""
     hf = hf_model(variant)
     ours = from_pretrained(hf)
     inputs = batch(variant)
@@ -195,6 +198,9 @@ def test_labels_alone_shift_like_hf_and_padding_is_invisible(variant):
         padded = ours(inputs["input_ids"], inputs["attention_mask"], decoder_input_ids=dec).logits
         alone = ours(inputs["input_ids"][2:, :3], decoder_input_ids=dec[2:]).logits
     torch.testing.assert_close(padded[2], alone[0], atol=1e-5, rtol=1e-5)
+    if variant == "mbart":
+        labels = inputs["labels"]
+        assert torch.equal(dec[:, 0], torch.stack([labels[0, 5], labels[1, -1], labels[2, -1]]))
 
 
 def test_loss_uses_final_logits_bias_and_is_not_shifted():
@@ -241,9 +247,11 @@ def test_num_items_in_batch_accumulation_equals_full_batch(variant):
         torch.testing.assert_close(p.grad, want[n], msg=n)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
-    model = tiny("bart", dropout=0.0)
-    inputs = batch("bart")
+@pytest.mark.parametrize("variant", ["bart", "mbart"])
+def test_gradient_checkpointing_gives_same_gradients(variant):
+    model = tiny(variant, **({"model_type": "mbart", "normalize_before": True}
+                             if variant == "mbart" else {}))
+    inputs = batch(variant)
     model(**inputs).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -364,10 +372,16 @@ def test_sampling_reproducible_streaming_and_top_k_1():
     assert model.generate(src, 0).shape == (3, 1)
 
 
-def test_generate_bf16_runs():
+def test_generate_bf16_and_mbart_start_token():
     model = tiny("bart").eval().to(torch.bfloat16)
     out = model.generate(batch("bart")["input_ids"], 5, decoder_start_token_id=0)
     assert out.shape == (3, 6) and (out[:, 0] == 0).all()
+    model = tiny("bart", model_type="mbart", normalize_before=True, decoder_start_token_id=None,
+                 bos_token_id=None)
+    with pytest.raises(ValueError, match="pass decoder_start_token_id"):
+        model.generate(batch("bart")["input_ids"], 5)
+    assert (model.generate(batch("bart")["input_ids"], 2, decoder_start_token_id=7)[:, 0]
+            == 7).all()
 
 
 # ----- weights both ways -----------------------------------------------------------------

@@ -4,7 +4,7 @@
 - :class:`Llama` / :class:`LlamaConfig`: LLaMA, Mistral (sliding window), Qwen2 (qkv bias).
 - :class:`BertModel`, :class:`BertForPreTraining` (masked LM + next-sentence prediction),
   :class:`BertForSequenceClassification` / :class:`BertConfig`.
-- :class:`EncoderDecoder` / :class:`EncoderDecoderConfig`: BART and Marian (translation,
+- :class:`EncoderDecoder` / :class:`EncoderDecoderConfig`: BART, mBART and Marian (translation,
   summarisation), ``Seq2SeqLMOutput(loss, logits, encoder_last_hidden_state)``.
 - :func:`from_pretrained`: Hugging Face weights (a model directory or an in-memory
   ``transformers`` model) or a llama.cpp ``.gguf`` file (LLaMA architecture, dequantised);

@@ -1,5 +1,5 @@
-"""Encoder-decoder Transformers for translation and summarisation (BART, Marian) on fastllm's
-kernels, readable top to bottom.
+"""Encoder-decoder Transformers for translation and summarisation (BART, mBART, Marian) on
+fastllm's kernels, readable top to bottom.
 
     encoder:  x = embed_scale * tokens[ids] + positions     (+ LayerNorm: BART)   # (B, S, C)
               each layer: x = LN(x + self_attn(x, key_padding_mask=attention_mask))
@@ -10,13 +10,16 @@ kernels, readable top to bottom.
                           y = LN(y + fc2(act(fc1(y))))
     head:     logits = y @ lm_head.T + final_logits_bias                         # (B, T, V)
 
-Post-LayerNorm throughout (BART and Marian; the residual add and the LayerNorm are one fused
-``add_layer_norm``). Padding never becomes a (T x T) mask: each attention takes the fused
-kernel's ``key_padding_mask`` (B, Tk), True = real token. What the two families differ in
-is config, not code:
+Post-LayerNorm for BART and Marian (the residual add and the LayerNorm are one fused
+``add_layer_norm``); pre-LayerNorm for mBART (``normalize_before``: ``x + f(LN(x))``, and a
+final ``layer_norm`` after each stack). Padding never becomes a (T x T) mask: each attention
+takes the fused kernel's ``key_padding_mask`` (B, Tk), True = real token. What the families
+differ in is config, not code:
 
 - BART: learned positions with an offset of 2 (the table has ``max_position_embeddings + 2``
   rows, HF's quirk), ``layernorm_embedding``, GELU, no embedding scale by default.
+- mBART: BART's embeddings with ``scale_embedding``, pre-LN layers, final LayerNorms, and
+  its own ``shift_tokens_right`` (the last real label, the language id, starts the decoder).
 - Marian: fixed sinusoidal positions (sin in the first half of the features, cos in the
   second; not a parameter, so not in the checkpoint), ``scale_embedding`` (sqrt(d_model)),
   no embedding LayerNorm, swish (or what ``activation_function`` says).
@@ -24,7 +27,8 @@ is config, not code:
   and ``tie_word_embeddings``; Marian may have separate ones and a ``decoder_vocab_size``),
   and a ``final_logits_bias`` buffer (1, V) added to the logits (zeros in most checkpoints).
 
-Parameter names are Hugging Face's ``BartForConditionalGeneration`` / ``MarianMTModel`` names
+Parameter names are Hugging Face's ``BartForConditionalGeneration`` / ``MBartFor...`` /
+``MarianMTModel`` names
 (``model.shared.weight``, ``model.encoder.layers.0.self_attn.q_proj.weight``, ...,
 ``lm_head.weight``, ``final_logits_bias``), so fastllm/models/hf.py converts nothing.
 
@@ -64,7 +68,7 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 @dataclass
 class EncoderDecoderConfig(ModelConfig):
-    model_type: str = "bart"  # "bart" | "marian": the Hugging Face layout save_pretrained writes
+    model_type: str = "bart"  # "bart" | "mbart" | "marian": the HF layout save_pretrained writes
     vocab_size: int = 50265  # source vocabulary (and target, when shared)
     decoder_vocab_size: Optional[int] = None  # target vocabulary; None: vocab_size
     max_position_embeddings: int = 1024  # longest source and longest target sequence
@@ -84,12 +88,15 @@ class EncoderDecoderConfig(ModelConfig):
     scale_embedding: bool = False  # token embeddings * sqrt(d_model) (Marian: True)
     position_embedding: str = "learned"  # "learned" (BART, offset 2) | "sinusoidal" (Marian)
     layernorm_embedding: bool = True  # LayerNorm after the embeddings (BART; Marian: False)
+    normalize_before: bool = False  # pre-LN layers + a final layer_norm per stack (mBART)
     share_encoder_decoder_embeddings: bool = True  # one ``model.shared`` table for both sides
     tie_word_embeddings: bool = True  # lm_head.weight is the decoder's token embedding
     pad_token_id: int = 1
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[int] = 2
-    decoder_start_token_id: int = 2  # the first decoder token (BART: </s>; Marian: <pad>)
+    # the first decoder token (BART: </s>; Marian: <pad>; mBART: None, its labels' language
+    # id starts the decoder in training, generate needs one: default bos_token_id, as HF)
+    decoder_start_token_id: Optional[int] = 2
     # Hugging Face generation settings, kept so save_pretrained writes them back; generate()
     # does not apply them (pass them to HF's generate as None for token-identical output)
     forced_bos_token_id: Optional[int] = None
@@ -117,6 +124,11 @@ class EncoderDecoderConfig(ModelConfig):
         "bart-tiny": dict(vocab_size=99, max_position_embeddings=64, d_model=32,
                           encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                           decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37),
+        "mbart-large": dict(model_type="mbart", vocab_size=250027, d_model=1024,
+                            encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                            decoder_attention_heads=16, encoder_ffn_dim=4096,
+                            decoder_ffn_dim=4096, scale_embedding=True, normalize_before=True,
+                            decoder_start_token_id=None),
         "marian-tiny": dict(model_type="marian", vocab_size=99, max_position_embeddings=64,
                             d_model=32, encoder_layers=2, decoder_layers=2,
                             encoder_attention_heads=4, decoder_attention_heads=4,
@@ -139,9 +151,9 @@ class EncoderDecoderConfig(ModelConfig):
         if self.position_embedding not in ("learned", "sinusoidal"):
             raise ValueError(f"EncoderDecoderConfig: position_embedding must be 'learned' or "
                              f"'sinusoidal', got {self.position_embedding!r}")
-        if self.model_type not in ("bart", "marian"):
-            raise ValueError(f"EncoderDecoderConfig: model_type must be 'bart' or 'marian', "
-                             f"got {self.model_type!r}")
+        if self.model_type not in ("bart", "mbart", "marian"):
+            raise ValueError(f"EncoderDecoderConfig: model_type must be 'bart', 'mbart' or "
+                             f"'marian', got {self.model_type!r}")
         if self.share_encoder_decoder_embeddings and self.decoder_vocab_size not in (
                 None, self.vocab_size):
             raise ValueError(f"EncoderDecoderConfig: shared embeddings need decoder_vocab_size "
@@ -167,12 +179,19 @@ class Seq2SeqLMOutput:
     encoder_last_hidden_state: Optional[Tensor] = None
 
 
-def shift_tokens_right(labels: Tensor, pad_token_id: int, decoder_start_token_id: int) -> Tensor:
+def shift_tokens_right(labels: Tensor, pad_token_id: int,
+                       decoder_start_token_id: Optional[int]) -> Tensor:
     """Hugging Face's: the decoder inputs of ``labels`` (B, T): ``decoder_start_token_id``
-    then ``labels[:, :-1]``, with ``-100`` replaced by ``pad_token_id``."""
-    shifted = torch.cat([labels.new_full((labels.shape[0], 1), decoder_start_token_id),
-                         labels[:, :-1]], dim=1)  # (B, T)
-    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
+    then ``labels[:, :-1]``, with ``-100`` replaced by ``pad_token_id``. mBART's
+    (``decoder_start_token_id=None``): each row starts with its last non-pad label (the
+    language id) instead."""
+    labels = labels.masked_fill(labels == IGNORE_INDEX, pad_token_id)
+    if decoder_start_token_id is None:
+        last = labels.ne(pad_token_id).sum(dim=1, keepdim=True) - 1  # (B, 1)
+        start = labels.gather(1, last.clamp(min=0))  # (B, 1)
+    else:
+        start = labels.new_full((labels.shape[0], 1), decoder_start_token_id)
+    return torch.cat([start, labels[:, :-1]], dim=1)  # (B, T)
 
 
 # ----- embeddings ------------------------------------------------------------------------
@@ -275,12 +294,18 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.normalize_before = config.normalize_before
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        if self.normalize_before:  # pre-LN (mBART)
+            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), key_padding_mask))
+            return x + self.dropout(self.mlp(self.final_layer_norm(x)))  # (B, S, C)
         h = self.self_attn(x, key_padding_mask)  # (B, S, C)
         x = _add_norm(self.self_attn_layer_norm, self.dropout(h), x)
-        h = self.fc2(self.activation_dropout(self.activation_fn(self.fc1(x))))  # (B, S, C)
-        return _add_norm(self.final_layer_norm, self.dropout(h), x)
+        return _add_norm(self.final_layer_norm, self.dropout(self.mlp(x)), x)  # (B, S, C)
 
 
 class DecoderLayer(nn.Module):
@@ -297,17 +322,28 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = LayerNorm(C, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.normalize_before = config.normalize_before
+
+    def mlp(self, y: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(self.activation_fn(self.fc1(y))))
 
     def forward(self, y: Tensor, self_padding_mask: Optional[Tensor], memory: Optional[Tensor],
                 memory_padding_mask: Optional[Tensor],
                 layer_cache: Optional[tuple[Tensor, Tensor, Tensor]] = None,
                 cross_kv: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        if self.normalize_before:  # pre-LN (mBART)
+            h = self.self_attn(self.self_attn_layer_norm(y), self_padding_mask, causal=True,
+                               layer_cache=layer_cache)
+            y = y + self.dropout(h)  # (B, T, C)
+            h = self.encoder_attn(self.encoder_attn_layer_norm(y), memory_padding_mask,
+                                  source=memory, kv=cross_kv)
+            y = y + self.dropout(h)  # (B, T, C)
+            return y + self.dropout(self.mlp(self.final_layer_norm(y)))  # (B, T, C)
         h = self.self_attn(y, self_padding_mask, causal=True, layer_cache=layer_cache)
         y = _add_norm(self.self_attn_layer_norm, self.dropout(h), y)  # (B, T, C)
         h = self.encoder_attn(y, memory_padding_mask, source=memory, kv=cross_kv)
         y = _add_norm(self.encoder_attn_layer_norm, self.dropout(h), y)  # (B, T, C)
-        h = self.fc2(self.activation_dropout(self.activation_fn(self.fc1(y))))
-        return _add_norm(self.final_layer_norm, self.dropout(h), y)  # (B, T, C)
+        return _add_norm(self.final_layer_norm, self.dropout(self.mlp(y)), y)  # (B, T, C)
 
 
 class Stack(nn.Module):
@@ -328,6 +364,9 @@ class Stack(nn.Module):
                                     if config.layernorm_embedding else None)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([layer(config) for _ in range(n_layers)])
+        # pre-LN stacks end with a LayerNorm (mBART)
+        self.layer_norm = LayerNorm(C, eps=config.layer_norm_eps) if config.normalize_before \
+            else None
         self.gradient_checkpointing = False
 
     def embed(self, ids: Tensor, position_ids: Tensor) -> Tensor:
@@ -343,7 +382,10 @@ class Stack(nn.Module):
                 x = checkpoint(layer, x, *layer_args, use_reentrant=False)
             else:
                 x = layer(x, *layer_args)
-        return x
+        return self.final_norm(x)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return x if self.layer_norm is None else self.layer_norm(x)
 
 
 class Seq2SeqModel(nn.Module):
@@ -365,7 +407,7 @@ class Seq2SeqModel(nn.Module):
 
 
 class EncoderDecoder(nn.Module):
-    """``EncoderDecoder(config)``: BART / Marian with an LM head. ``forward(input_ids,
+    """``EncoderDecoder(config)``: BART / mBART / Marian with an LM head. ``forward(input_ids,
     attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, labels=None,
     num_items_in_batch=None, return_logits=False, encoder_outputs=None) -> Seq2SeqLMOutput``.
 
@@ -374,7 +416,7 @@ class EncoderDecoder(nn.Module):
     - attention_mask: (B, S), 1 for tokens, 0 for padding: the key padding mask of the
       encoder's self-attention and of the decoder's cross-attention.
     - decoder_input_ids: (B, T); None with ``labels``: ``shift_tokens_right(labels,
-      pad_token_id, decoder_start_token_id)``, as HF.
+      pad_token_id, decoder_start_token_id)``, as HF (mBART: its language-id variant).
     - decoder_attention_mask: (B, T), 1 for tokens, 0 for (right) padding: the key padding
       mask of the decoder's causal self-attention (padded rows' outputs are meaningless).
     - labels: (B, T), ``-100`` ignored, aligned with the decoder outputs (no shift). The loss
@@ -397,7 +439,7 @@ class EncoderDecoder(nn.Module):
         self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """HF's BART / Marian init: normal(0, init_std) Linears and Embeddings, zero biases
+        """HF's BART / mBART / Marian init: normal(0, init_std) Linears and Embeddings, zero biases
         and padding row."""
         std = self.config.init_std
         if isinstance(module, nn.Linear):
@@ -536,7 +578,7 @@ class EncoderDecoder(nn.Module):
         y = decoder.embed(decoder_input_ids, position_ids)  # (B, T, C)
         for layer, (k_cache, v_cache), kv in zip(decoder.layers, caches, cross_kv):
             y = layer(y, None, None, memory_padding_mask, (k_cache, v_cache, cache_seqlens), kv)
-        return y
+        return decoder.final_norm(y)
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
         """``decoder_start_token_id`` followed by up to ``max_new_tokens`` new tokens,
@@ -567,7 +609,7 @@ class EncoderDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source, *, dtype=None, device=None) -> "EncoderDecoder":
-        """From a Hugging Face BART / Marian directory or in-memory ``transformers`` model
+        """From a Hugging Face BART / mBART / Marian directory or in-memory ``transformers`` model
         (``fastllm.models.from_pretrained``); a TypeError if it holds another family."""
         from fastllm.models.hf import from_pretrained
 

@@ -1,6 +1,6 @@
 """Autoregressive generation with a pre-allocated KV cache driven by
 :func:`fastllm.functional.attention_with_kvcache`: for the decoder-only models (GPT, Llama;
-:func:`generate`, :func:`generate_stream`) and the encoder-decoders (BART, Marian;
+:func:`generate`, :func:`generate_stream`) and the encoder-decoders (BART, mBART, Marian;
 :func:`generate_seq2seq`, :func:`generate_seq2seq_stream`, at the end of this file: encode once,
 cross-attention keys / values once, the same sampling and processing helpers).
 
@@ -315,18 +315,30 @@ def generate_seq2seq_stream(
     if max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"{name}: max_new_tokens ({max_new_tokens}) is more than the decoder's "
                          f"position table holds ({config.max_position_embeddings})")
-    if decoder_start_token_id is None:
-        decoder_start_token_id = config.decoder_start_token_id
+    decoder_start_token_id = _decoder_start(name, config, decoder_start_token_id)
     if eos_token_id is None:
         eos_token_id = config.eos_token_id
     eos = _eos_ids(name, eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id
     return _decode_seq2seq(model, input_ids.long(), mask, max_new_tokens,
-                           int(decoder_start_token_id), do_sample=do_sample,
+                           decoder_start_token_id, do_sample=do_sample,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, eos=eos,
                            pad_token_id=int(pad_token_id), generator=generator)
+
+
+def _decoder_start(name: str, config, decoder_start_token_id: Optional[int]) -> int:
+    """The argument, else the config's decoder_start_token_id, else its bos_token_id (HF's
+    order; mBART has no decoder_start_token_id)."""
+    for start in (decoder_start_token_id, config.decoder_start_token_id, config.bos_token_id):
+        if start is not None:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"{name}: decoder_start_token_id must be an int >= 0, got "
+                                 f"{start!r}")
+            return start
+    raise ValueError(f"{name}: pass decoder_start_token_id (the config has neither "
+                     f"decoder_start_token_id nor bos_token_id)")
 
 
 @torch.inference_mode()
@@ -406,7 +418,8 @@ def generate_seq2seq(
         input_ids: int64/int32 (B, S) source tokens (padding anywhere, given by the mask).
         max_new_tokens: int >= 0, at most ``max_position_embeddings``.
         attention_mask: (B, S), 1 for tokens, 0 for padding; None: all tokens.
-        decoder_start_token_id: the first decoder token (default the config's).
+        decoder_start_token_id: the first decoder token (default the config's, else its
+            ``bos_token_id``, as HF; mBART: pass the target language id).
         eos_token_id: an int or a list of ints; a sequence stops at its first one (default the
             config's ``eos_token_id``, as HF).
         pad_token_id: what a finished sequence emits (default the config's, as HF).
@@ -417,9 +430,8 @@ def generate_seq2seq(
     HF's ``forced_bos_token_id`` / ``forced_eos_token_id``, ``no_repeat_ngram_size``,
     ``min_length`` and beam search are not applied. Call ``model.eval()`` first.
     """
-    config = model.config
-    start = config.decoder_start_token_id if decoder_start_token_id is None \
-        else decoder_start_token_id
+    start = _decoder_start(f"{type(model).__name__}.generate", model.config,
+                           decoder_start_token_id)
     steps = []
     for token in generate_seq2seq_stream(
         model, input_ids, max_new_tokens, attention_mask=attention_mask,

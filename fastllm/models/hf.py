@@ -1,5 +1,5 @@
 """Hugging Face weights, both directions, for GPT-2, LLaMA / Mistral / Qwen2 and the
-encoder-decoders BART / Marian (BERT loads itself, fastllm/models/bert.py).
+encoder-decoders BART / mBART / Marian (BERT loads itself, fastllm/models/bert.py).
 
 ``from_pretrained(source)`` reads an HF model directory (config.json + model.safetensors,
 a sharded ``model.safetensors.index.json``, or pytorch_model.bin) or takes an in-memory
@@ -7,7 +7,7 @@ a sharded ``model.safetensors.index.json``, or pytorch_model.bin) or takes an in
 model.safetensors that ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` (BART,
 Marian: ``AutoModelForSeq2SeqLM``) loads. The names already match HF's; GPT-2's ``Conv1D``
 weights are (in, out), the transpose of ``torch.nn.Linear``'s, so those four per block are
-transposed both ways. BART / Marian checkpoints hold their tied embeddings under one or
+transposed both ways. BART / mBART / Marian checkpoints hold their tied embeddings under one or
 several of the aliases (``model.shared``, ``model.{en,de}coder.embed_tokens``, ``lm_head``),
 Marian's sinusoidal position tables are recomputed, and a missing ``final_logits_bias`` is
 zeros (as HF). ``transformers`` is never imported here (only its objects' ``config`` /
@@ -163,13 +163,14 @@ _SEQ2SEQ_FIELDS = ("vocab_size", "max_position_embeddings", "d_model", "encoder_
 
 
 def _encoder_decoder_config_from_hf(cfg: dict[str, Any]) -> EncoderDecoderConfig:
-    """BART (post-LN, learned positions, layernorm_embedding) or Marian (post-LN, sinusoidal
-    positions, no embedding LayerNorm); a ValueError naming any flag asking for something
-    else (pre-LN ``normalize_before``, ``add_final_layer_norm``, ``add_bias_logits``, ...)."""
+    """BART (post-LN, learned positions, layernorm_embedding), mBART (BART's embeddings,
+    pre-LN layers, final LayerNorms) or Marian (post-LN, sinusoidal positions, no embedding
+    LayerNorm); a ValueError naming any flag asking for something else (``normalize_before``
+    or ``add_final_layer_norm`` on BART / Marian, ``add_bias_logits``, ...)."""
     model_type = cfg["model_type"]
-    marian = model_type == "marian"
+    marian, mbart = model_type == "marian", model_type == "mbart"
     # flags of older (fairseq-converted) configs: the value this architecture has, or None
-    expected = {"normalize_before": False, "add_final_layer_norm": False,
+    expected = {"normalize_before": mbart, "add_final_layer_norm": mbart,
                 "add_bias_logits": False, "normalize_embedding": not marian,
                 "static_position_embeddings": marian, "encoder_layerdrop": 0.0,
                 "decoder_layerdrop": 0.0}
@@ -196,24 +197,27 @@ def _encoder_decoder_config_from_hf(cfg: dict[str, Any]) -> EncoderDecoderConfig
         decoder_vocab_size=None if share or decoder_vocab == cfg["vocab_size"] else decoder_vocab,
         position_embedding="sinusoidal" if marian else "learned",
         layernorm_embedding=not marian, share_encoder_decoder_embeddings=share,
+        normalize_before=mbart,
     )
 
 
 def _encoder_decoder_config_to_hf(config: EncoderDecoderConfig) -> dict[str, Any]:
-    marian = config.model_type == "marian"
-    layout = ("sinusoidal", False) if marian else ("learned", True)
-    if (config.position_embedding, config.layernorm_embedding) != layout:
+    marian, mbart = config.model_type == "marian", config.model_type == "mbart"
+    layout = ("sinusoidal", False, False) if marian else ("learned", True, mbart)
+    got = (config.position_embedding, config.layernorm_embedding, config.normalize_before)
+    if got != layout:
         raise ValueError(f"save_pretrained: model_type {config.model_type!r} has "
-                         f"position_embedding={layout[0]!r}, layernorm_embedding={layout[1]}; "
-                         f"got {config.position_embedding!r}, {config.layernorm_embedding}")
+                         f"(position_embedding, layernorm_embedding, normalize_before) = "
+                         f"{layout}, got {got}")
     if not marian and not config.share_encoder_decoder_embeddings:
-        raise ValueError("save_pretrained: BART always shares its embeddings "
+        raise ValueError("save_pretrained: (m)BART always shares its embeddings "
                          "(share_encoder_decoder_embeddings=False exists only for marian)")
     if config.layer_norm_eps != 1e-5:
         raise ValueError(f"save_pretrained: HF's {config.model_type} LayerNorms have eps 1e-5, "
                          f"got layer_norm_eps={config.layer_norm_eps}")
     out = {
-        "architectures": ["MarianMTModel" if marian else "BartForConditionalGeneration"],
+        "architectures": [{"bart": "BartForConditionalGeneration", "marian": "MarianMTModel",
+                           "mbart": "MBartForConditionalGeneration"}[config.model_type]],
         "model_type": config.model_type,
         **{k: getattr(config, k) for k in _SEQ2SEQ_FIELDS},
         "is_encoder_decoder": True, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
@@ -322,7 +326,7 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     dequantised, default dtype float32) or an in-memory ``transformers`` ``PreTrainedModel``
     (GPT-2, LLaMA, Mistral, Qwen2; BERT: ``BertForPreTraining`` /
     ``BertForSequenceClassification`` by the checkpoint's ``architectures``, else
-    ``BertModel``; BART / Marian: ``EncoderDecoder``, in eval mode, a copy of the weights).
+    ``BertModel``; BART / mBART / Marian: ``EncoderDecoder``, in eval mode, a copy of the weights).
 
     ``dtype`` / ``device``: of the returned model (default: the checkpoint's dtype, CPU).
     Raises ValueError for an unknown architecture and KeyError listing any tensor the model
@@ -341,7 +345,7 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     else:
         config, state = _read_directory(Path(source))
     model_type = config.get("model_type")
-    if model_type in ("bart", "marian"):
+    if model_type in ("bart", "mbart", "marian"):
         return _encoder_decoder_from_hf(config, state, dtype=dtype, device=device)
     if model_type == "bert":  # BERT's classes load themselves (fastllm/models/bert.py)
         from fastllm.models import bert
@@ -354,7 +358,7 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     if model_type not in _FAMILIES:
         raise ValueError(f"from_pretrained: unsupported architecture model_type={model_type!r} "
                          f"({config.get('architectures')}); supported: "
-                         f"{sorted([*_FAMILIES, 'bart', 'bert', 'marian'])}")
+                         f"{sorted([*_FAMILIES, 'bart', 'bert', 'marian', 'mbart'])}")
     cls, config_from_hf = _FAMILIES[model_type]
     ours_config = config_from_hf(config)
 

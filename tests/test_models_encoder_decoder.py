@@ -1,11 +1,11 @@
 """fastllm.models.EncoderDecoder (BART, mBART, Marian): parity with Hugging Face's
-BartForConditionalGeneration / MBartForConditionalGeneration / MarianMTModel (logits, loss and every parameter gradient in
-fp32, logits in bf16, under the 2x-PyTorch's-own-error rule of tests/accuracy.py) with padded
-sources and right-padded targets, the fused loss (final_logits_bias included) and its
-gradient-accumulation normalisation, checkpointing, autocast, torch.compile, greedy
-generation token-identical to HF's, sampling, HF weights both ways, and input errors. Tiny
-random configs only (shared embeddings for BART and Marian, separate ones with a smaller
-target vocabulary for a second Marian)."""
+BartForConditionalGeneration / MBartForConditionalGeneration / MarianMTModel (logits, loss
+and every parameter gradient in fp32, logits in bf16, under the 2x-PyTorch's-own-error rule
+of tests/accuracy.py) with padded sources and right-padded targets, the fused loss
+(final_logits_bias included) and its gradient-accumulation normalisation, checkpointing,
+autocast, torch.compile, greedy generation token-identical to HF's, sampling, HF weights
+both ways, and input errors. Tiny random configs only (shared embeddings for BART, mBART and
+Marian, separate ones with a smaller target vocabulary for a second Marian)."""
 
 from __future__ import annotations
 

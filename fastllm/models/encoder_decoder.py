@@ -111,6 +111,12 @@ class EncoderDecoderConfig(ModelConfig):
         "bart-large": dict(d_model=1024, encoder_layers=12, decoder_layers=12,
                            encoder_attention_heads=16, decoder_attention_heads=16,
                            encoder_ffn_dim=4096, decoder_ffn_dim=4096),
+        # facebook/mbart-large-cc25
+        "mbart-large": dict(model_type="mbart", vocab_size=250027, d_model=1024,
+                            encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                            decoder_attention_heads=16, encoder_ffn_dim=4096,
+                            decoder_ffn_dim=4096, scale_embedding=True, normalize_before=True,
+                            decoder_start_token_id=None),
         # Helsinki-NLP/opus-mt-* (e.g. opus-mt-en-de; the vocabulary differs per pair)
         "marian-opus": dict(model_type="marian", vocab_size=58101, max_position_embeddings=512,
                             d_model=512, encoder_layers=6, decoder_layers=6,
@@ -124,11 +130,6 @@ class EncoderDecoderConfig(ModelConfig):
         "bart-tiny": dict(vocab_size=99, max_position_embeddings=64, d_model=32,
                           encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                           decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37),
-        "mbart-large": dict(model_type="mbart", vocab_size=250027, d_model=1024,
-                            encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
-                            decoder_attention_heads=16, encoder_ffn_dim=4096,
-                            decoder_ffn_dim=4096, scale_embedding=True, normalize_before=True,
-                            decoder_start_token_id=None),
         "marian-tiny": dict(model_type="marian", vocab_size=99, max_position_embeddings=64,
                             d_model=32, encoder_layers=2, decoder_layers=2,
                             encoder_attention_heads=4, decoder_attention_heads=4,
@@ -357,7 +358,8 @@ class Stack(nn.Module):
         self.embed_scale = math.sqrt(C) if config.scale_embedding else 1.0
         self.embed_tokens = embed_tokens
         if config.position_embedding == "learned":
-            self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, C)
+            self.embed_positions = LearnedPositionalEmbedding(config.max_position_embeddings, C,
+                                                              config.position_offset)
         else:
             self.embed_positions = SinusoidalPositionalEmbedding(config.max_position_embeddings, C)
         self.layernorm_embedding = (LayerNorm(C, eps=config.layer_norm_eps)
@@ -389,8 +391,8 @@ class Stack(nn.Module):
 
 
 class Seq2SeqModel(nn.Module):
-    """HF's ``BartModel`` / ``MarianModel`` (the ``model.`` prefix): shared table, encoder,
-    decoder."""
+    """HF's ``BartModel`` / ``MBartModel`` / ``MarianModel`` (the ``model.`` prefix): shared table,
+    encoder, decoder."""
 
     def __init__(self, config: EncoderDecoderConfig):
         super().__init__()

@@ -1,5 +1,8 @@
-"""Autoregressive generation for the decoder-only models (GPT, Llama) with a pre-allocated KV
-cache driven by :func:`fastllm.functional.attention_with_kvcache`.
+"""Autoregressive generation with a pre-allocated KV cache driven by
+:func:`fastllm.functional.attention_with_kvcache`: for the decoder-only models (GPT, Llama;
+:func:`generate`, :func:`generate_stream`) and the encoder-decoders (BART, mBART, Marian;
+:func:`generate_seq2seq`, :func:`generate_seq2seq_stream`, at the end of this file: encode once,
+cross-attention keys / values once, the same sampling and processing helpers).
 
 Design — the cache holds no padding, so a slot index is a position:
 
@@ -272,3 +275,173 @@ def generate(
     if not steps:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(steps, dim=1).to(input_ids.dtype)], dim=1)
+
+
+# ----- encoder-decoder models (fastllm.models.EncoderDecoder: BART, Marian) ----------------
+
+def generate_seq2seq_stream(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    decoder_start_token_id: Optional[int] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Union[None, int, Sequence[int]] = None,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tensor]:
+    """An iterator of each step's new target tokens, (B,) int64 (a finished sequence's:
+    ``pad_token_id``), for an encoder-decoder ``model``. Arguments as
+    :func:`generate_seq2seq`; checked here, before the first step."""
+    name = f"{type(model).__name__}.generate"
+    _check_args(name, input_ids, max_new_tokens, attention_mask, temperature, top_k,
+                top_p, repetition_penalty)
+    config = model.config
+    device = input_ids.device
+    mask = None if attention_mask is None else attention_mask.to(device=device).bool()
+    if mask is not None:
+        lengths_list = mask.sum(dim=1).tolist()
+        if min(lengths_list) == 0:
+            raise ValueError(
+                f"{name}: attention_mask[{lengths_list.index(0)}] has no token (all zeros)")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"{name}: input_ids has {input_ids.shape[1]} tokens, more than the "
+                         f"position table holds ({config.max_position_embeddings})")
+    if max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"{name}: max_new_tokens ({max_new_tokens}) is more than the decoder's "
+                         f"position table holds ({config.max_position_embeddings})")
+    decoder_start_token_id = _decoder_start(name, config, decoder_start_token_id)
+    if eos_token_id is None:
+        eos_token_id = config.eos_token_id
+    eos = _eos_ids(name, eos_token_id, device)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id
+    return _decode_seq2seq(model, input_ids.long(), mask, max_new_tokens,
+                           decoder_start_token_id, do_sample=do_sample,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, eos=eos,
+                           pad_token_id=int(pad_token_id), generator=generator)
+
+
+def _decoder_start(name: str, config, decoder_start_token_id: Optional[int]) -> int:
+    """The argument, else the config's decoder_start_token_id, else its bos_token_id (HF's
+    order; mBART has no decoder_start_token_id)."""
+    for start in (decoder_start_token_id, config.decoder_start_token_id, config.bos_token_id):
+        if start is not None:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"{name}: decoder_start_token_id must be an int >= 0, got "
+                                 f"{start!r}")
+            return start
+    raise ValueError(f"{name}: pass decoder_start_token_id (the config has neither "
+                     f"decoder_start_token_id nor bos_token_id)")
+
+
+@torch.inference_mode()
+def _decode_seq2seq(model, ids: Tensor, mask: Optional[Tensor], max_new_tokens: int,
+                    start: int, *, do_sample: bool, temperature: float, top_k: int,
+                    top_p: float, repetition_penalty: float, eos: Optional[Tensor],
+                    pad_token_id: int, generator: Optional[torch.Generator]) -> Iterator[Tensor]:
+    """The decoding loop of :func:`generate_seq2seq_stream` on checked arguments: ids (B, S)
+    int64, mask (B, S) bool or None. Every sequence's decoder has the same length (a finished
+    one keeps decoding its pad tokens, as HF), so one ``cache_seqlens`` value serves all."""
+    if max_new_tokens == 0:
+        return
+    device = ids.device
+    B = ids.shape[0]
+    memory = model.encode(ids, mask)  # (B, S, C), once
+    cross_kv = model._cross_kv(memory)  # per layer (B, S, H, D) keys and values, once
+
+    n_layer, n_heads, head_dim = model._decoder_cache_layout()
+    dtype = memory.dtype
+    caches = [(torch.empty(B, max_new_tokens, n_heads, head_dim, device=device, dtype=dtype),
+               torch.empty(B, max_new_tokens, n_heads, head_dim, device=device, dtype=dtype))
+              for _ in range(n_layer)]
+    cache_seqlens = torch.zeros(B, dtype=torch.int32, device=device)
+
+    token = torch.full((B,), start, dtype=torch.int64, device=device)
+    seen = None
+    if repetition_penalty != 1.0:  # HF penalizes the decoder's ids: the start token too
+        seen = torch.zeros(B, model.config.target_vocab_size, dtype=torch.bool, device=device)
+        seen[:, start] = True
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        hidden = model._forward_cached(token[:, None], caches, cache_seqlens, cross_kv,
+                                       mask)  # (B, 1, C)
+        logits = model._logits(hidden[:, 0]).float()  # (B, V)
+        cache_seqlens = cache_seqlens + 1
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                            top_p=top_p, generator=generator)  # (B,)
+        token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        if eos is not None:
+            unfinished = unfinished & ~torch.isin(token, eos)
+        yield token
+        if eos is not None and not bool(unfinished.any()):
+            return
+
+
+def generate_seq2seq(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    decoder_start_token_id: Optional[int] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Union[None, int, Sequence[int]] = None,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    streamer: Optional[Callable[[Tensor], None]] = None,
+) -> Tensor:
+    """``EncoderDecoder.generate``: ``decoder_start_token_id`` followed by the new tokens,
+    (B, 1 + n), n <= ``max_new_tokens`` (fewer when every sequence reached an EOS), as
+    Hugging Face's ``generate`` for encoder-decoders.
+
+    The source is encoded once; each decoder layer's cross-attention keys / values are
+    projected once from the encoder output (attended with the source's ``attention_mask`` as
+    key padding mask); the decoder's self-attention runs on a pre-allocated (B,
+    max_new_tokens, H, D) cache through ``attention_with_kvcache``, one token per step.
+
+    Args:
+        input_ids: int64/int32 (B, S) source tokens (padding anywhere, given by the mask).
+        max_new_tokens: int >= 0, at most ``max_position_embeddings``.
+        attention_mask: (B, S), 1 for tokens, 0 for padding; None: all tokens.
+        decoder_start_token_id: the first decoder token (default the config's, else its
+            ``bos_token_id``, as HF; mBART: pass the target language id).
+        eos_token_id: an int or a list of ints; a sequence stops at its first one (default the
+            config's ``eos_token_id``, as HF).
+        pad_token_id: what a finished sequence emits (default the config's, as HF).
+        do_sample, temperature, top_k, top_p, repetition_penalty, generator, streamer: as
+            :func:`generate` (the repetition penalty counts the decoder's tokens, the start
+            token included, as HF).
+
+    HF's ``forced_bos_token_id`` / ``forced_eos_token_id``, ``no_repeat_ngram_size``,
+    ``min_length`` and beam search are not applied. Call ``model.eval()`` first.
+    """
+    start = _decoder_start(f"{type(model).__name__}.generate", model.config,
+                           decoder_start_token_id)
+    steps = []
+    for token in generate_seq2seq_stream(
+        model, input_ids, max_new_tokens, attention_mask=attention_mask,
+        decoder_start_token_id=decoder_start_token_id, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, generator=generator,
+    ):
+        if streamer is not None:
+            streamer(token)
+        steps.append(token)
+    first = torch.full((input_ids.shape[0], 1), start, dtype=torch.int64, device=input_ids.device)
+    return torch.cat([first, *(t[:, None] for t in steps)], dim=1)

@@ -1,12 +1,17 @@
-"""Hugging Face weights, both directions, for GPT-2 and LLaMA / Mistral / Qwen2.
+"""Hugging Face weights, both directions, for GPT-2, LLaMA / Mistral / Qwen2 and the
+encoder-decoders BART / mBART / Marian (BERT loads itself, fastllm/models/bert.py).
 
 ``from_pretrained(source)`` reads an HF model directory (config.json + model.safetensors,
 a sharded ``model.safetensors.index.json``, or pytorch_model.bin) or takes an in-memory
 ``transformers`` ``PreTrainedModel``; ``save_pretrained(model, dir)`` writes config.json +
-model.safetensors that ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads.
-The names already match HF's; GPT-2's ``Conv1D`` weights are (in, out), the transpose of
-``torch.nn.Linear``'s, so those four per block are transposed both ways. ``transformers``
-is never imported here (only its objects' ``config`` / ``state_dict`` are read).
+model.safetensors that ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` (BART,
+Marian: ``AutoModelForSeq2SeqLM``) loads. The names already match HF's; GPT-2's ``Conv1D``
+weights are (in, out), the transpose of ``torch.nn.Linear``'s, so those four per block are
+transposed both ways. BART / mBART / Marian checkpoints hold their tied embeddings under one or
+several of the aliases (``model.shared``, ``model.{en,de}coder.embed_tokens``, ``lm_head``),
+Marian's sinusoidal position tables are recomputed, and a missing ``final_logits_bias`` is
+zeros (as HF). ``transformers`` is never imported here (only its objects' ``config`` /
+``state_dict`` are read).
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from fastllm.models.encoder_decoder import (
+    EncoderDecoder,
+    EncoderDecoderConfig,
+    SinusoidalPositionalEmbedding,
+    sinusoidal_table,
+)
 from fastllm.models.gpt import GPT, GPTConfig
 from fastllm.models.llama import Llama, LlamaConfig
 
@@ -140,6 +151,142 @@ def _llama_config_to_hf(config: LlamaConfig) -> dict[str, Any]:
     return out
 
 
+# ----- encoder-decoders: BART, Marian ----------------------------------------------------
+
+# HF config fields EncoderDecoderConfig takes under the same name
+_SEQ2SEQ_FIELDS = ("vocab_size", "max_position_embeddings", "d_model", "encoder_layers",
+                   "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+                   "encoder_ffn_dim", "decoder_ffn_dim", "activation_function", "dropout",
+                   "attention_dropout", "activation_dropout", "init_std", "scale_embedding",
+                   "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
+                   "forced_bos_token_id", "forced_eos_token_id", "tie_word_embeddings")
+
+
+def _encoder_decoder_config_from_hf(cfg: dict[str, Any]) -> EncoderDecoderConfig:
+    """BART (post-LN, learned positions, layernorm_embedding), mBART (BART's embeddings,
+    pre-LN layers, final LayerNorms) or Marian (post-LN, sinusoidal positions, no embedding
+    LayerNorm); a ValueError naming any flag asking for something else (``normalize_before``
+    or ``add_final_layer_norm`` on BART / Marian, ``add_bias_logits``, ...)."""
+    model_type = cfg["model_type"]
+    marian, mbart = model_type == "marian", model_type == "mbart"
+    # flags of older (fairseq-converted) configs: the value this architecture has, or None
+    expected = {"normalize_before": mbart, "add_final_layer_norm": mbart,
+                "add_bias_logits": False, "normalize_embedding": not marian,
+                "static_position_embeddings": marian, "encoder_layerdrop": 0.0,
+                "decoder_layerdrop": 0.0}
+    for flag, want in expected.items():
+        got = cfg.get(flag)
+        if got is not None and got != want:
+            raise ValueError(f"from_pretrained: {model_type} config {flag}={got!r} is not "
+                             f"supported ({want!r} only)")
+    activation = cfg.get("activation_function", "gelu")
+    if activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "swish", "silu"):
+        raise ValueError(f"from_pretrained: {model_type} activation_function {activation!r} "
+                         f"is not supported")
+    share = bool(cfg.get("share_encoder_decoder_embeddings", True)) if marian else True
+    decoder_vocab = cfg.get("decoder_vocab_size") if marian else None
+    if share and decoder_vocab not in (None, cfg["vocab_size"]):
+        raise ValueError(f"from_pretrained: marian share_encoder_decoder_embeddings=True with "
+                         f"decoder_vocab_size={decoder_vocab} != vocab_size={cfg['vocab_size']}")
+    kwargs = {k: cfg[k] for k in _SEQ2SEQ_FIELDS if k in cfg}
+    for k in ("eos_token_id", "forced_eos_token_id"):  # HF allows a list; ours: the first
+        if isinstance(kwargs.get(k), list):
+            kwargs[k] = kwargs[k][0] if kwargs[k] else None
+    return EncoderDecoderConfig(
+        **kwargs, model_type=model_type,
+        decoder_vocab_size=None if share or decoder_vocab == cfg["vocab_size"] else decoder_vocab,
+        position_embedding="sinusoidal" if marian else "learned",
+        layernorm_embedding=not marian, share_encoder_decoder_embeddings=share,
+        normalize_before=mbart,
+    )
+
+
+def _encoder_decoder_config_to_hf(config: EncoderDecoderConfig) -> dict[str, Any]:
+    marian, mbart = config.model_type == "marian", config.model_type == "mbart"
+    layout = ("sinusoidal", False, False) if marian else ("learned", True, mbart)
+    got = (config.position_embedding, config.layernorm_embedding, config.normalize_before)
+    if got != layout:
+        raise ValueError(f"save_pretrained: model_type {config.model_type!r} has "
+                         f"(position_embedding, layernorm_embedding, normalize_before) = "
+                         f"{layout}, got {got}")
+    if not marian and not config.share_encoder_decoder_embeddings:
+        raise ValueError("save_pretrained: (m)BART always shares its embeddings "
+                         "(share_encoder_decoder_embeddings=False exists only for marian)")
+    if config.layer_norm_eps != 1e-5:
+        raise ValueError(f"save_pretrained: HF's {config.model_type} LayerNorms have eps 1e-5, "
+                         f"got layer_norm_eps={config.layer_norm_eps}")
+    out = {
+        "architectures": [{"bart": "BartForConditionalGeneration", "marian": "MarianMTModel",
+                           "mbart": "MBartForConditionalGeneration"}[config.model_type]],
+        "model_type": config.model_type,
+        **{k: getattr(config, k) for k in _SEQ2SEQ_FIELDS},
+        "is_encoder_decoder": True, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
+    }
+    if marian:
+        out.update(decoder_vocab_size=config.target_vocab_size,
+                   share_encoder_decoder_embeddings=config.share_encoder_decoder_embeddings,
+                   static_position_embeddings=True, normalize_embedding=False,
+                   normalize_before=False)
+    return out
+
+
+def _embedding_aliases(config: EncoderDecoderConfig) -> list[list[str]]:
+    """Groups of state-dict names holding one tensor (the first is the one kept)."""
+    groups = []
+    if config.share_encoder_decoder_embeddings:
+        groups.append(["model.shared.weight", "model.encoder.embed_tokens.weight",
+                       "model.decoder.embed_tokens.weight"])
+        if config.tie_word_embeddings:
+            groups[0].append("lm_head.weight")
+    elif config.tie_word_embeddings:
+        groups.append(["model.decoder.embed_tokens.weight", "lm_head.weight"])
+    return groups
+
+
+def _encoder_decoder_from_hf(config: dict[str, Any], state: dict[str, Tensor], *, dtype,
+                             device) -> EncoderDecoder:
+    ours = _encoder_decoder_config_from_hf(config)
+    # a bare BartModel / MarianModel checkpoint lacks the "model." prefix
+    state = {(k if k.startswith("model.") or k in ("lm_head.weight", "final_logits_bias")
+              else "model." + k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith((".version",))}
+    if ours.position_embedding == "sinusoidal":  # recomputed, not a parameter
+        state = {k: v for k, v in state.items() if not k.endswith(".embed_positions.weight")}
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype if state else torch.float32
+    with torch.device("meta"):
+        model = EncoderDecoder(ours)
+    expected = set(model.state_dict())
+    for group in _embedding_aliases(ours):
+        present = [k for k in group if k in state]
+        if present:
+            state[group[0]] = state[present[0]]
+        for k in group[1:]:
+            state.pop(k, None)
+            expected.discard(k)
+    if "final_logits_bias" not in state:  # HF: _keys_to_ignore_on_load_missing
+        state["final_logits_bias"] = torch.zeros(1, ours.target_vocab_size)
+    missing = sorted(expected - set(state))
+    if missing:
+        raise KeyError(f"from_pretrained: the checkpoint lacks {len(missing)} tensors the "
+                       f"EncoderDecoder needs: {missing}")
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise KeyError(f"from_pretrained: the checkpoint has {len(unexpected)} tensors the "
+                       f"EncoderDecoder does not know: {unexpected}")
+    # copies: the returned model never shares storage with an in-memory source model
+    model.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, strict=False,
+                          assign=True)
+    model.tie_weights()
+    for module in model.modules():  # the fixed tables were made on meta: rebuild them
+        if isinstance(module, SinusoidalPositionalEmbedding):
+            module.weight = sinusoidal_table(*module.weight.shape).to(dtype)
+    left_on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left_on_meta:  # a bug here, never a silently half-initialised model
+        raise RuntimeError(f"from_pretrained: tensors left uninitialised: {left_on_meta}")
+    return model.to(device=device).eval()
+
+
 _FAMILIES = {"gpt2": (GPT, _gpt_config_from_hf), "llama": (Llama, _llama_config_from_hf),
              "mistral": (Llama, _llama_config_from_hf), "qwen2": (Llama, _llama_config_from_hf)}
 
@@ -174,11 +321,12 @@ def _read_directory(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=None,
                     device=None) -> torch.nn.Module:
-    """A fastllm ``GPT``, ``Llama`` or BERT model holding the weights of ``source``: an HF
-    model directory, a llama ``.gguf`` file (fastllm/models/gguf.py; dequantised, default
-    dtype float32) or an in-memory ``transformers`` ``PreTrainedModel`` (GPT-2, LLaMA,
-    Mistral, Qwen2; BERT: ``BertForPreTraining`` / ``BertForSequenceClassification`` by the
-    checkpoint's ``architectures``, else ``BertModel``).
+    """A fastllm ``GPT``, ``Llama``, BERT or ``EncoderDecoder`` model holding the weights of
+    ``source``: an HF model directory, a llama ``.gguf`` file (fastllm/models/gguf.py;
+    dequantised, default dtype float32) or an in-memory ``transformers`` ``PreTrainedModel``
+    (GPT-2, LLaMA, Mistral, Qwen2; BERT: ``BertForPreTraining`` /
+    ``BertForSequenceClassification`` by the checkpoint's ``architectures``, else
+    ``BertModel``; BART / mBART / Marian: ``EncoderDecoder``, in eval mode, a copy of the weights).
 
     ``dtype`` / ``device``: of the returned model (default: the checkpoint's dtype, CPU).
     Raises ValueError for an unknown architecture and KeyError listing any tensor the model
@@ -197,6 +345,8 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     else:
         config, state = _read_directory(Path(source))
     model_type = config.get("model_type")
+    if model_type in ("bart", "mbart", "marian"):
+        return _encoder_decoder_from_hf(config, state, dtype=dtype, device=device)
     if model_type == "bert":  # BERT's classes load themselves (fastllm/models/bert.py)
         from fastllm.models import bert
 
@@ -207,7 +357,8 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
         return cls.from_pretrained(source, dtype=dtype, device=device)
     if model_type not in _FAMILIES:
         raise ValueError(f"from_pretrained: unsupported architecture model_type={model_type!r} "
-                         f"({config.get('architectures')}); supported: {sorted(_FAMILIES)}")
+                         f"({config.get('architectures')}); supported: "
+                         f"{sorted([*_FAMILIES, 'bart', 'bert', 'marian', 'mbart'])}")
     cls, config_from_hf = _FAMILIES[model_type]
     ours_config = config_from_hf(config)
 
@@ -258,10 +409,18 @@ def build_model(cls, ours_config, state: dict[str, Tensor], *, dtype=None,
 
 
 def save_pretrained(model: torch.nn.Module, save_directory: Union[str, os.PathLike]) -> None:
-    """Writes ``model`` (a fastllm ``GPT`` or ``Llama``) as HF's config.json +
-    model.safetensors into ``save_directory`` (created if needed). Each file is written to a
-    temporary name in the directory and renamed into place, config.json last, so a reader
-    never sees a partial file (write_hf_directory)."""
+    """Writes ``model`` (a fastllm ``GPT``, ``Llama`` or ``EncoderDecoder``) as HF's
+    config.json + model.safetensors into ``save_directory`` (created if needed). Each file is
+    written to a temporary name in the directory and renamed into place, config.json last, so
+    a reader never sees a partial file (write_hf_directory)."""
+    if isinstance(model, EncoderDecoder):
+        hf_config = _encoder_decoder_config_to_hf(model.config)
+        hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        aliases = {k for group in _embedding_aliases(model.config) for k in group[1:]}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+                 if k not in aliases}  # HF re-ties them from the kept one
+        write_hf_directory(save_directory, state, hf_config)
+        return
     if isinstance(model, GPT):
         hf_config = _gpt_config_to_hf(model.config)
         tied = True
@@ -269,8 +428,8 @@ def save_pretrained(model: torch.nn.Module, save_directory: Union[str, os.PathLi
         hf_config = _llama_config_to_hf(model.config)
         tied = model.config.tie_word_embeddings
     else:
-        raise TypeError(f"save_pretrained: model must be a fastllm GPT or Llama, got "
-                        f"{type(model).__name__}")
+        raise TypeError(f"save_pretrained: model must be a fastllm GPT, Llama or "
+                        f"EncoderDecoder, got {type(model).__name__}")
     dtype = next(model.parameters()).dtype
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     state = {}

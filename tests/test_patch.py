@@ -53,6 +53,8 @@ def _tiny(family: str):
         return t.BartForConditionalGeneration(t.BartConfig(**seq2seq))
     if family == "marian":
         return t.MarianMTModel(t.MarianConfig(**seq2seq))
+    if family == "mbart":
+        return t.MBartForConditionalGeneration(t.MBartConfig(**seq2seq))
     if family == "t5":
         return t.T5ForConditionalGeneration(t.T5Config(
             vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
@@ -61,7 +63,7 @@ def _tiny(family: str):
     raise ValueError(family)
 
 
-FAMILIES = ["gpt2", "bert", "llama", "mistral", "qwen2", "bart", "marian", "t5"]
+FAMILIES = ["gpt2", "bert", "llama", "mistral", "qwen2", "bart", "marian", "mbart", "t5"]
 CAUSAL = {"gpt2", "llama", "mistral", "qwen2"}
 
 # what patch() must replace in each tiny model (2 layers)
@@ -73,6 +75,7 @@ EXPECTED_COUNTS = {
     "bert": dict(attention=1, norm=6),  # embeddings + 2 per layer + the MLM head's transform
     "bart": dict(attention=1, norm=12),
     "marian": dict(attention=1, norm=10),
+    "mbart": dict(attention=1, norm=14),  # BART's 12 + the two stacks' final LayerNorms
     "t5": dict(attention=1, norm=12),  # 2 + 3 per decoder layer + 2 per encoder layer + 2 final
 }
 
@@ -86,7 +89,7 @@ def _batch(family: str):
     mask[2, 8:] = 0  # right padding
     labels = ids.masked_fill(mask == 0, -100)
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
-    if family in ("bart", "marian", "t5"):
+    if family in ("bart", "marian", "mbart", "t5"):
         dec = torch.randint(3, V, (B, 7), generator=g)
         dec_mask = torch.ones(B, 7, dtype=torch.long)
         dec_mask[0, 5:] = 0

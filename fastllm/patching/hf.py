@@ -48,6 +48,7 @@ FAMILIES: dict[str, Family] = {
     "bert": Family(notes="MLM / NSP / classification losses are the heads' own"),
     "bart": Family(notes="the seq2seq loss is computed inside BART's head model"),
     "marian": Family(notes="the seq2seq loss is computed inside Marian's head model"),
+    "mbart": Family(notes="the seq2seq loss is computed inside mBART's head model"),
     # T5's relative-position bias reaches the fused attention as its trainable attn_bias
     "t5": Family(rms_norm=("T5LayerNorm",),
                  notes="the seq2seq loss is computed inside T5's head model"),

@@ -366,24 +366,43 @@ def tiny_model():
     return BertForPreTraining(BertConfig.from_name("bert-tiny")).eval()
 
 
+IDS = torch.zeros(2, 5, dtype=torch.long)
+
+
 @pytest.mark.parametrize("kwargs,exc,pattern", [
-    (dict(input_ids=torch.zeros(2, 5)), TypeError, "input_ids must be int64 or int32"),
-    (dict(input_ids=torch.zeros(10, dtype=torch.long)), ValueError, r"input_ids must be \(B, T\)"),
+    (dict(input_ids=torch.zeros(2, 5)), TypeError,
+     "BertModel: input_ids must be int64 or int32, got torch.float32"),
+    (dict(input_ids=torch.zeros(10, dtype=torch.long)), ValueError,
+     r"input_ids must be \(B, T\), got \(10,\)"),
     (dict(input_ids=torch.zeros(1, 2, 5, dtype=torch.long)), ValueError,
      r"input_ids must be \(B, T\)"),
     (dict(input_ids=torch.zeros(2, 129, dtype=torch.long)), ValueError,
-     "exceeds max_position_embeddings"),
-    (dict(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 6)),
-     ValueError, "attention_mask must be"),
-    (dict(input_ids=torch.zeros(2, 5, dtype=torch.long),
-          token_type_ids=torch.full((2, 5), 2)), IndexError, "token_type_ids values"),
-    (dict(input_ids=torch.full((2, 5), 1000)), IndexError, "input_ids values"),
-    (dict(input_ids=torch.zeros(2, 5, dtype=torch.long),
-          labels=torch.zeros(2, 4, dtype=torch.long)),
-     ValueError, "labels must have shape"),
-    (dict(input_ids=torch.zeros(2, 5, dtype=torch.long),
-          next_sentence_label=torch.zeros(3, dtype=torch.long)),
-     ValueError, "next_sentence_label must have shape"),
+     r"input_ids has 129 tokens, more than the position table holds "
+     r"\(max_position_embeddings=128\)"),
+    (dict(input_ids=IDS, attention_mask=torch.ones(2, 6)), ValueError,
+     r"attention_mask must have input_ids' shape \(2, 5\), got \(2, 6\)"),
+    (dict(input_ids=IDS, attention_mask=torch.ones(2, 5, dtype=torch.complex64)), TypeError,
+     "attention_mask must be an integer, bool or float tensor"),
+    (dict(input_ids=IDS, token_type_ids=torch.zeros(2, 5)), TypeError,
+     "token_type_ids must be an integer or bool tensor, got torch.float32"),
+    (dict(input_ids=IDS, token_type_ids=torch.full((2, 5), 2)), ValueError,
+     r"token_type_ids\[0, 0\] = 2 out of range: token_type_ids must be in \[0, 2\) "
+     r"\(type_vocab_size=2\)"),
+    (dict(input_ids=torch.full((2, 5), 1000)), IndexError,
+     r"input_ids\[0, 0\] = 1000 out of range: input_ids must be in \[0, 1000\) "
+     r"\(vocab_size=1000\)"),
+    (dict(input_ids=IDS, position_ids=torch.arange(125, 130)[None]), ValueError,
+     r"position_ids\[0, 3\] = 128 out of range: position_ids must be in \[0, 128\) "
+     r"\(max_position_embeddings=128\)"),
+    (dict(input_ids=IDS, position_ids=torch.arange(6)[None]), ValueError,
+     r"position_ids must have input_ids' shape \(2, 5\) or \(1, 5\), got \(1, 6\)"),
+    (dict(input_ids=IDS, labels=torch.zeros(2, 4, dtype=torch.long)), ValueError,
+     r"BertForPreTraining: labels must have input_ids' shape \(2, 5\), got \(2, 4\)"),
+    (dict(input_ids=IDS, labels=torch.full((2, 5), 1000)), ValueError,
+     r"labels\[0, 0\] = 1000 out of range: labels must be in \[0, 1000\) "
+     r"\(vocab_size=1000\) or -100 \(ignored\)"),
+    (dict(input_ids=IDS, next_sentence_label=torch.zeros(3, dtype=torch.long)), ValueError,
+     r"next_sentence_label must have shape \(2,\), got \(3,\)"),
 ])
 def test_bad_inputs(tiny_model, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

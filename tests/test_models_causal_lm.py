@@ -76,11 +76,17 @@ def test_bf16_weights_and_autocast_train_step(make_model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels=ids).loss
     loss.backward()
+    assert loss.dtype == torch.float32
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
     model = make_model().to(torch.bfloat16)
     loss = model(ids, labels=ids).loss
     loss.backward()
-    assert loss.dtype == torch.bfloat16 and abs(loss.item() - math.log(V)) < 0.5
+    # float32 loss, as Hugging Face's causal LMs return it (fastllm.models.config.CausalLMOutput)
+    assert loss.dtype == torch.float32 and abs(loss.item() - math.log(V)) < 0.5
+    n_items = (ids[:, 1:] != -100).sum()
+    summed = model(ids, labels=ids, num_items_in_batch=n_items).loss
+    assert summed.dtype == torch.float32
+    torch.testing.assert_close(summed.detach(), loss.detach(), atol=0, rtol=2**-8)
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
                for p in model.parameters())
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastllm.models import GPT, GPTConfig, from_pretrained
-from tests.accuracy import assert_within_torch_error
+from tests.accuracy import ATOL, assert_within_torch_error
 
 V, T = 97, 13  # odd sizes on purpose
 TINY = dict(vocab_size=V, block_size=32, n_layer=2, n_head=3, n_embd=48)
@@ -106,7 +106,31 @@ def test_hf_parity_fp32_logits_loss_and_every_gradient():
         assert_within_torch_error(f"grad {name}", p.grad, theirs[name], ref[name], f32)
 
 
-def test_hf_parity_bf16_forward():
+def assert_grads_within_torch_error(ours: dict, theirs: dict, ref: dict, dtype) -> None:
+    """Every parameter gradient under the rule of tests/accuracy.py, each divided by its
+    reference's largest magnitude first: the slack (1e-2 in bf16) is then relative to the
+    gradient's size, where a fixed 1e-2 would exceed a tiny model's small gradients."""
+    assert sorted(ours) == sorted(ref)
+    for name, g in ours.items():
+        scale = ref[name].abs().max().item() or 1.0
+        assert_within_torch_error(f"grad {name}", g.double() / scale,
+                                  theirs[name].double() / scale, ref[name].double() / scale,
+                                  dtype)
+
+
+def assert_bf16_loss_within_torch_error(ours, theirs, ref) -> None:
+    """The rule, plus one bf16 rounding of the loss value: the fused op returns its float32
+    result rounded to the input's dtype (torch's rule for fastllm.functional; the model then
+    casts it to float32), up to half a bf16 ulp, |loss| * 2**-8, that HF's float32 loss
+    computed from bf16 logits does not have."""
+    err, torch_err = abs(ours.item() - ref.item()), abs(theirs.item() - ref.item())
+    bound = 2 * torch_err + ATOL[torch.bfloat16] + abs(ref.item()) * 2**-8
+    assert err <= bound, f"bf16 loss: error {err:.3g} > {bound:.3g} (torch's {torch_err:.3g})"
+
+
+def test_hf_parity_bf16_logits_loss_and_every_gradient():
+    """bf16 weights: logits, loss and every gradient against HF's float64 run, within 2x HF's
+    own bf16 error (+ slack; gradients scaled as in assert_grads_within_torch_error)."""
     hf = hf_gpt2()
     hf64 = hf_gpt2(torch.float64)
     hf64.load_state_dict(hf.state_dict())
@@ -114,11 +138,21 @@ def test_hf_parity_bf16_forward():
     hf16.load_state_dict(hf.state_dict())
     ours = from_pretrained(hf, dtype=torch.bfloat16)
     assert ours.lm_head.weight.dtype == torch.bfloat16
-    ids = torch.randint(0, V, (2, T))
-    with torch.no_grad():
-        o, h, r = ours(ids).logits, hf16(ids).logits, hf64(ids).logits
-    assert o.dtype == torch.bfloat16
-    assert_within_torch_error("bf16 logits", o, h, r, torch.bfloat16)
+    ids = torch.randint(0, V, (3, T))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    o = ours(ids, labels=labels, return_logits=True)
+    h = hf16(ids, labels=labels)
+    r = hf64(ids, labels=labels)
+    bf16 = torch.bfloat16
+    assert o.logits.dtype == bf16 and o.loss.dtype == h.loss.dtype == torch.float32
+    assert_within_torch_error("bf16 logits", o.logits, h.logits, r.logits, bf16)
+    assert_bf16_loss_within_torch_error(o.loss, h.loss, r.loss)
+    for out in (o, h, r):
+        out.loss.backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    assert all(g.dtype == bf16 for g in ours_grads.values())
+    assert_grads_within_torch_error(ours_grads, hf_grads(hf16), hf_grads(hf64), bf16)
 
 
 def test_padding_attention_mask_matches_hf_and_unpadded():
@@ -211,7 +245,7 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got \(26,\)"):
         model(ids.flatten())
     with pytest.raises(ValueError, match="input_ids has 33 tokens, more than the position "
-                                         r"table holds \(32\)"):
+                                         r"table holds \(block_size=32\)"):
         model(torch.randint(0, V, (1, 33)))
     with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(2, 13\), got "
                                          r"\(2, 12\)"):
@@ -220,6 +254,33 @@ def test_bad_input_errors_name_the_argument():
         model(ids, labels=ids.float())
     with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
         model(ids, attention_mask=torch.ones(2, T + 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="attention_mask must be an integer or bool tensor, "
+                                        "got torch.float32"):
+        model(ids, attention_mask=torch.ones(2, T))
+
+
+def test_out_of_range_values_name_the_argument_value_and_limit():
+    """Ids outside the tables: ValueError (also an IndexError, torch's kind for a bad index)
+    naming the first offending element, its value and the config field."""
+    model = tiny_gpt()
+    ids = torch.randint(0, V, (2, T))
+    bad = ids.clone()
+    bad[1, 5] = V
+    with pytest.raises(ValueError, match=r"GPT: input_ids\[1, 5\] = 97 out of range: input_ids "
+                                         r"must be in \[0, 97\) \(vocab_size=97\)"):
+        model(bad, labels=ids)
+    bad[1, 5] = -1
+    with pytest.raises(IndexError, match=r"input_ids\[1, 5\] = -1"):
+        model(bad)
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignored: fine
+    labels[0, 7] = 1000
+    with pytest.raises(ValueError, match=r"labels\[0, 7\] = 1000 out of range: labels must be "
+                                         r"in \[0, 97\) \(vocab_size=97\) or -100 \(ignored\)"):
+        model(ids, labels=labels)
+    with pytest.raises(ValueError, match=r"position_ids\[0, 12\] = 32 out of range: "
+                                         r"position_ids must be in \[0, 32\) \(block_size=32\)"):
+        model(ids, position_ids=torch.arange(20, 20 + T).repeat(2, 1))
 
 
 def test_models_use_fastllm_layers_not_torch_ops():

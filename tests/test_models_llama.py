@@ -12,6 +12,10 @@ import torch
 
 from fastllm.models import Llama, LlamaConfig, from_pretrained
 from tests.accuracy import assert_within_torch_error
+from tests.test_models_gpt import (
+    assert_bf16_loss_within_torch_error,
+    assert_grads_within_torch_error,
+)
 
 V, T = 97, 13
 TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
@@ -113,16 +117,29 @@ def test_hf_parity_fp32_logits_loss_and_every_gradient(variant):
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])
-def test_hf_parity_bf16_forward(variant):
+def test_hf_parity_bf16_logits_loss_and_every_gradient(variant):
+    """bf16 weights: logits, loss and every gradient against HF's float64 run, within 2x HF's
+    own bf16 error (+ slack; gradients scaled as in assert_grads_within_torch_error)."""
     hf, hf64, _ = hf_triplet(variant)
     hf16 = hf_model(variant, torch.bfloat16)
     hf16.load_state_dict(hf.state_dict())
     ours = from_pretrained(hf, dtype=torch.bfloat16)
-    ids = torch.randint(0, V, (2, T))
-    with torch.no_grad():
-        o, h, r = ours(ids).logits, hf16(ids).logits, hf64(ids).logits
-    assert o.dtype == torch.bfloat16
-    assert_within_torch_error("bf16 logits", o, h, r, torch.bfloat16)
+    ids = torch.randint(0, V, (3, T))
+    labels = ids.clone()
+    labels[2, :5] = -100
+    o = ours(ids, labels=labels, return_logits=True)
+    h = hf16(ids, labels=labels)
+    r = hf64(ids, labels=labels)
+    bf16 = torch.bfloat16
+    assert o.logits.dtype == bf16 and o.loss.dtype == h.loss.dtype == torch.float32
+    assert_within_torch_error("bf16 logits", o.logits, h.logits, r.logits, bf16)
+    assert_bf16_loss_within_torch_error(o.loss, h.loss, r.loss)
+    for out in (o, h, r):
+        out.loss.backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    assert all(g.dtype == bf16 for g in ours_grads.values())
+    assert_grads_within_torch_error(ours_grads, {n: p.grad for n, p in hf16.named_parameters()},
+                                    {n: p.grad for n, p in hf64.named_parameters()}, bf16)
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral"])
@@ -206,3 +223,31 @@ def test_bad_input_errors_name_the_argument():
         model(ids, labels=ids[0])
     with pytest.raises(ValueError, match="position_ids must have input_ids' shape"):
         model(ids, position_ids=torch.arange(T))
+    with pytest.raises(TypeError, match="attention_mask must be an integer or bool tensor"):
+        model(ids, attention_mask=torch.ones(2, T))
+    bad = ids.clone()
+    bad[0, 3] = V
+    with pytest.raises(ValueError, match=r"Llama: input_ids\[0, 3\] = 97 out of range: input_ids "
+                                         r"must be in \[0, 97\) \(vocab_size=97\)"):
+        model(bad)
+    labels = ids.clone()
+    labels[1, 2] = -5
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = -5 out of range: labels must be in "
+                                         r"\[0, 97\) \(vocab_size=97\) or -100 \(ignored\)"):
+        model(ids, labels=labels)
+    with pytest.raises(ValueError, match=r"position_ids\[1, 0\] = -1 out of range: position_ids "
+                                         r"must be >= 0"):
+        model(ids, position_ids=torch.arange(-1, T - 1).repeat(2, 1) * torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match="position_ids = -2 out of range"):
+        model(ids, position_ids=-2)
+    with pytest.raises(TypeError, match="position_ids must be None, an int offset or a"):
+        model(ids, position_ids=1.5)
+
+
+def test_sequences_longer_than_max_position_embeddings_run_as_in_hf():
+    """Rotary positions have no table limit: like HF, a sequence longer than
+    max_position_embeddings (64 here) runs, the rotary tables growing on demand."""
+    hf, _, ours = hf_triplet("llama")
+    ids = torch.randint(0, V, (1, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)

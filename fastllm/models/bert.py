@@ -39,8 +39,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import fastllm.functional as F
+from fastllm.models.config import (
+    IGNORE_INDEX,
+    check_index_values,
+    check_input_ids,
+    check_like_input_ids,
+)
 from fastllm.nn import LayerNorm
-from fastllm.ops._family import values_readable
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +200,7 @@ class SequenceClassifierOutput:
 
 
 # ---------------------------------------------------------------------------------------
-# Input checks (metadata only, plus value checks on CPU outside torch.compile)
+# Input checks (shapes and dtypes; values on CPU outside torch.compile)
 # ---------------------------------------------------------------------------------------
 
 
@@ -206,51 +211,18 @@ def _check_inputs(
     token_type_ids: Optional[Tensor],
     position_ids: Optional[Tensor],
 ) -> None:
-    if not isinstance(input_ids, Tensor):
-        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    B, T = input_ids.shape
-    if T > config.max_position_embeddings:
-        raise ValueError(
-            f"input_ids: sequence length {T} exceeds max_position_embeddings "
-            f"({config.max_position_embeddings})"
-        )
-    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                    ("position_ids", position_ids)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != (B, T) and not (name == "position_ids" and tuple(t.shape) == (1, T)):
-            raise ValueError(
-                f"{name} must be (B, T) = {(B, T)} like input_ids, got {tuple(t.shape)}"
-            )
-        if t.is_floating_point() and name != "attention_mask":
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if values_readable(input_ids) and input_ids.numel():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= config.vocab_size:
-            raise IndexError(
-                f"input_ids values must be in [0, {config.vocab_size}) (vocab_size), "
-                f"got [{lo}, {hi}]"
-            )
-    if token_type_ids is not None and values_readable(token_type_ids) and token_type_ids.numel():
-        lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
-        if lo < 0 or hi >= config.type_vocab_size:
-            raise IndexError(
-                f"token_type_ids values must be in [0, {config.type_vocab_size}) "
-                f"(type_vocab_size), got [{lo}, {hi}]"
-            )
-    if position_ids is not None and values_readable(position_ids) and position_ids.numel():
-        lo, hi = int(position_ids.min()), int(position_ids.max())
-        if lo < 0 or hi >= config.max_position_embeddings:
-            raise IndexError(
-                f"position_ids values must be in [0, {config.max_position_embeddings}) "
-                f"(max_position_embeddings), got [{lo}, {hi}]"
-            )
+    """The checks of fastllm/models/config.py, with BERT's allowances (Hugging Face's): a
+    float 0/1 attention_mask, position_ids (1, T)."""
+    model = "BertModel"
+    check_input_ids(model, input_ids, config.max_position_embeddings,
+                    positions_name="max_position_embeddings", vocab_size=config.vocab_size)
+    check_like_input_ids(model, "attention_mask", attention_mask, input_ids, floats=True)
+    check_like_input_ids(model, "token_type_ids", token_type_ids, input_ids)
+    check_like_input_ids(model, "position_ids", position_ids, input_ids, batch_one=True)
+    check_index_values(model, "token_type_ids", token_type_ids, config.type_vocab_size,
+                       "type_vocab_size")
+    check_index_values(model, "position_ids", position_ids, config.max_position_embeddings,
+                       "max_position_embeddings")
 
 
 def _promote(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -595,11 +567,12 @@ def _loss_normaliser(loss_sum: Tensor, count: Union[int, Tensor, None], labels: 
     return loss_sum / count
 
 
-def _check_labels(name: str, labels: Tensor, shape: tuple) -> None:
+def _check_labels(model: str, name: str, labels: Tensor, shape: tuple) -> None:
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
+        raise TypeError(f"{model}: {name} must be a tensor, got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+        raise ValueError(f"{model}: {name} must have shape {tuple(shape)}, got "
+                         f"{tuple(labels.shape)}")
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -677,11 +650,15 @@ class BertForPreTraining(_BertPreTrainedModel):
         num_sentences_in_batch: Union[int, Tensor, None] = None,
         return_logits: bool = False,
     ) -> BertForPreTrainingOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)  # checks them
+        model = "BertForPreTraining"
         if labels is not None:
-            _check_labels("labels", labels, tuple(input_ids.shape))
+            check_like_input_ids(model, "labels", labels, input_ids)
+            check_index_values(model, "labels", labels, self.config.vocab_size, "vocab_size",
+                               ignore_index=IGNORE_INDEX)
         if next_sentence_label is not None:
-            _check_labels("next_sentence_label", next_sentence_label, tuple(input_ids.shape[:1]))
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+            _check_labels(model, "next_sentence_label", next_sentence_label,
+                          tuple(input_ids.shape[:1]))
         x = out.last_hidden_state  # (B, T, C)
         h = self.cls.predictions.transform(x)  # (B, T, C)
         seq_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)
@@ -763,11 +740,12 @@ class BertForSequenceClassification(_BertPreTrainedModel):
                 loss = torch_F.mse_loss(logits.squeeze(-1) if self.num_labels == 1 else logits,
                                         target)
             elif problem == "single_label_classification":
-                _check_labels("labels", labels, (B,))
+                _check_labels("BertForSequenceClassification", "labels", labels, (B,))
                 loss_sum = F.cross_entropy(logits, labels, reduction="sum")
                 loss = _loss_normaliser(loss_sum, num_items_in_batch, labels)
             elif problem == "multi_label_classification":
-                _check_labels("labels", labels, tuple(logits.shape))
+                _check_labels("BertForSequenceClassification", "labels", labels,
+                              tuple(logits.shape))
                 loss = torch_F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
             else:
                 raise ValueError(f"config.problem_type: unknown {problem!r}")

@@ -1,6 +1,14 @@
 """What every model of ``fastllm.models`` shares: the config base with its ``from_name`` table,
 the output dataclass (Hugging Face's field names), input checks, and the causal-LM loss.
 
+Input checks name the model, the argument and the expected and actual value. Shapes and
+dtypes are always checked; values (a token id outside the vocabulary, a position outside
+the table, a label outside [0, V)) only where ``fastllm.ops._family.values_readable`` says
+they may be read: on CPU tensors and outside torch.compile tracing. Reading a CUDA tensor's
+values would synchronise with the device every step (there torch's embedding asserts on
+the device and the fused loss gives a bad label's row a NaN), and a value check while
+tracing would break ``torch.compile(fullgraph=True)``.
+
 Shapes: B batch, T tokens, C hidden features, V vocabulary.
 """
 
@@ -14,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastllm.functional import linear_cross_entropy
+from fastllm.ops._family import values_readable
 
 IGNORE_INDEX = -100
 
@@ -47,7 +56,14 @@ class CausalLMOutput:
     """Output of the causal language models, named as Hugging Face's ``CausalLMOutput``.
 
     loss: the mean (or, with ``num_items_in_batch``, sum / num_items_in_batch) next-token
-        cross-entropy when ``labels`` were given, else None.
+        cross-entropy when ``labels`` were given, else None. Always float32, whatever the
+        model's dtype, as Hugging Face's causal LMs return it (they upcast the logits):
+        micro-batch losses then add up without bfloat16 rounding. The fused kernel
+        accumulates in float32; with bfloat16 / float16 hidden states the functional op
+        still rounds its result to the input's dtype (torch's rule for
+        ``fastllm.functional``), so the value carries that one rounding: up to half a
+        bfloat16 ulp, |loss| * 2**-8, which Hugging Face's loss (float32 cross-entropy of
+        bf16 logits) does not have.
     logits: (B, T, V); None when ``labels`` were given and ``return_logits`` was False (the
         fused loss never forms them).
     """
@@ -56,8 +72,17 @@ class CausalLMOutput:
     logits: Optional[Tensor] = None
 
 
-def check_input_ids(model: str, input_ids: Tensor, max_positions: Optional[int] = None) -> None:
-    """input_ids must be an integer (B, T) tensor of at most ``max_positions`` tokens."""
+class InputValueError(ValueError, IndexError):
+    """A token id, token type, position or label outside its table. A ValueError (a bad
+    argument value) that is also an IndexError, the error torch's embedding and fastllm's
+    cross-entropy raise for such an index (as numpy's AxisError is both)."""
+
+
+def check_input_ids(model: str, input_ids: Tensor, max_positions: Optional[int] = None, *,
+                    positions_name: str = "max_positions",
+                    vocab_size: Optional[int] = None) -> None:
+    """input_ids must be an integer (B, T) tensor of at most ``max_positions`` tokens (the
+    config field ``positions_name``), with every id in [0, ``vocab_size``)."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"{model}: input_ids must be a tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -67,24 +92,62 @@ def check_input_ids(model: str, input_ids: Tensor, max_positions: Optional[int] 
     if max_positions is not None and input_ids.shape[1] > max_positions:
         raise ValueError(
             f"{model}: input_ids has {input_ids.shape[1]} tokens, more than the position table "
-            f"holds ({max_positions})"
+            f"holds ({positions_name}={max_positions})"
         )
+    if vocab_size is not None:
+        check_index_values(model, "input_ids", input_ids, vocab_size, "vocab_size")
 
 
-def check_like_input_ids(model: str, name: str, t: Optional[Tensor], input_ids: Tensor) -> None:
-    """attention_mask / labels / position_ids: None or an integer/bool tensor shaped like
-    input_ids."""
+def check_like_input_ids(model: str, name: str, t: Optional[Tensor], input_ids: Tensor, *,
+                         floats: bool = False, batch_one: bool = False) -> None:
+    """attention_mask / labels / position_ids / token_type_ids: None or an integer or bool
+    tensor shaped like input_ids. ``floats``: float tensors are accepted too (Hugging Face's
+    float 0/1 attention_mask); ``batch_one``: (1, T) is accepted too (broadcast over B)."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{model}: {name} must be a tensor, got {type(t).__name__}")
-    if t.shape != input_ids.shape:
+    if t.shape != input_ids.shape and not (batch_one and t.shape == (1, input_ids.shape[1])):
+        also = f" or (1, {input_ids.shape[1]})" if batch_one else ""
         raise ValueError(
-            f"{model}: {name} must have input_ids' shape {tuple(input_ids.shape)}, got "
+            f"{model}: {name} must have input_ids' shape {tuple(input_ids.shape)}{also}, got "
             f"{tuple(t.shape)}"
         )
-    if t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{model}: {name} must be an integer or bool tensor, got {t.dtype}")
+    if t.is_complex() or (t.is_floating_point() and not floats):
+        kinds = "an integer, bool or float" if floats else "an integer or bool"
+        raise TypeError(f"{model}: {name} must be {kinds} tensor, got {t.dtype}")
+
+
+def check_index_values(model: str, name: str, t: Union[None, int, Tensor], limit: Optional[int],
+                       limit_name: str, ignore_index: Optional[int] = None) -> None:
+    """Every value of ``t`` is in [0, ``limit``) (the config field ``limit_name``; no upper
+    bound when ``limit`` is None) or equals ``ignore_index``: else an InputValueError naming
+    the first offending element and its value. A tensor's values are read only where
+    ``values_readable`` (module docstring); it costs a few passes over the (B, T) ids."""
+    if t is None:
+        return
+    if isinstance(t, int):  # Llama's position offset
+        bad_int = t != ignore_index and (t < 0 or (limit is not None and t >= limit))
+        if bad_int:
+            _raise_out_of_range(model, name, name, t, limit, limit_name, ignore_index)
+        return
+    if t.numel() == 0 or not values_readable(t):
+        return
+    bad = t < 0 if limit is None else (t < 0) | (t >= limit)
+    if ignore_index is not None:
+        bad &= t != ignore_index
+    if not bool(bad.any()):
+        return
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    where = f"{name}[{', '.join(map(str, index))}]" if index else name
+    _raise_out_of_range(model, name, where, int(t[index]), limit, limit_name, ignore_index)
+
+
+def _raise_out_of_range(model: str, name: str, where: str, value: int, limit: Optional[int],
+                        limit_name: str, ignore_index: Optional[int]) -> None:
+    want = "must be >= 0" if limit is None else f"must be in [0, {limit}) ({limit_name}={limit})"
+    ignored = "" if ignore_index is None else f" or {ignore_index} (ignored)"
+    raise InputValueError(f"{model}: {where} = {value} out of range: {name} {want}{ignored}")
 
 
 def causal_lm_loss(
@@ -101,15 +164,17 @@ def causal_lm_loss(
     Without ``num_items_in_batch`` the loss is the mean over the non-ignored targets; with
     it, ``sum / num_items_in_batch``: pass the number of non-ignored (shifted) targets of the
     whole accumulated batch, and the summed micro-batch losses equal the full-batch loss.
+    Returned in float32 (see :class:`CausalLMOutput`).
     """
     hidden = hidden[:, :-1, :]  # (B, T-1, C)
     targets = labels[:, 1:].long()  # (B, T-1)
     if num_items_in_batch is None:
-        return linear_cross_entropy(hidden, lm_head_weight, targets, ignore_index=IGNORE_INDEX)
+        loss = linear_cross_entropy(hidden, lm_head_weight, targets, ignore_index=IGNORE_INDEX)
+        return loss.float()
     total = linear_cross_entropy(
         hidden, lm_head_weight, targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return total / num_items_in_batch
+    return total.float() / num_items_in_batch
 
 
 class CausalLM(torch.nn.Module):

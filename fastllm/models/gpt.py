@@ -24,8 +24,10 @@ from fastllm.functional import attention, attention_with_kvcache
 from fastllm.models.config import (
     CausalLM,
     CausalLMOutput,
+    IGNORE_INDEX,
     LayerCache,
     ModelConfig,
+    check_index_values,
     check_input_ids,
     check_like_input_ids,
 )
@@ -117,13 +119,19 @@ class GPT(CausalLM):
     """``GPT(config)``; ``forward(input_ids, attention_mask=None, position_ids=None,
     labels=None, num_items_in_batch=None, return_logits=False) -> CausalLMOutput``.
 
-    - input_ids: int64/int32 (B, T), T <= block_size.
-    - attention_mask: (B, T), 1 for tokens, 0 for padding (padded keys are excluded through
-      the fused attention's ``key_padding_mask``; padded rows' outputs are meaningless).
-    - position_ids: (B, T) positions (default ``0 .. T-1``; pass them for left padding).
-    - labels: (B, T), ``-100`` ignored; the model shifts them (position t predicts
-      ``labels[:, t+1]``). With labels the loss is fused with the LM head, so ``logits`` is
-      None unless ``return_logits=True`` (which computes them as well, at full memory cost).
+    - input_ids: int64/int32 (B, T), T <= block_size, ids in [0, vocab_size).
+    - attention_mask: (B, T) integer or bool, 1 for tokens, 0 for padding (padded keys are
+      excluded through the fused attention's ``key_padding_mask``; padded rows' outputs are
+      meaningless).
+    - position_ids: (B, T) positions in [0, block_size) (default ``0 .. T-1``; pass them for
+      left padding).
+    - labels: (B, T), in [0, vocab_size) or ``-100`` (ignored); the model shifts them
+      (position t predicts ``labels[:, t+1]``). With labels the loss is fused with the LM
+      head, so ``logits`` is None unless ``return_logits=True`` (which computes them as well,
+      at full memory cost). The loss is float32 (:class:`fastllm.models.config.CausalLMOutput`).
+
+    Bad arguments raise errors naming them; values are checked on CPU tensors outside
+    torch.compile (fastllm/models/config.py).
     - num_items_in_batch: see :func:`fastllm.models.config.causal_lm_loss`.
     """
 
@@ -156,10 +164,15 @@ class GPT(CausalLM):
         num_items_in_batch: Union[None, int, Tensor] = None,
         return_logits: bool = False,
     ) -> CausalLMOutput:
-        check_input_ids("GPT", input_ids, self.config.block_size)
+        cfg = self.config
+        check_input_ids("GPT", input_ids, cfg.block_size, positions_name="block_size",
+                        vocab_size=cfg.vocab_size)
         for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids),
                         ("labels", labels)):
             check_like_input_ids("GPT", name, t, input_ids)
+        check_index_values("GPT", "position_ids", position_ids, cfg.block_size, "block_size")
+        check_index_values("GPT", "labels", labels, cfg.vocab_size, "vocab_size",
+                           ignore_index=IGNORE_INDEX)
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)  # (T,)

@@ -27,8 +27,10 @@ from fastllm.functional import attention, attention_with_kvcache
 from fastllm.models.config import (
     CausalLM,
     CausalLMOutput,
+    IGNORE_INDEX,
     LayerCache,
     ModelConfig,
+    check_index_values,
     check_input_ids,
     check_like_input_ids,
 )
@@ -194,7 +196,10 @@ class Llama(CausalLM):
 
     Arguments as :class:`fastllm.models.GPT` (``position_ids`` may also be an int offset).
     With ``labels`` the loss is fused with the LM head and ``logits`` is None unless
-    ``return_logits=True``.
+    ``return_logits=True``; the loss is float32. Unlike GPT's learned position table, the
+    rotary positions have no upper limit: sequences longer than
+    ``max_position_embeddings`` run (the rotary tables grow), as in Hugging Face; positions
+    must be >= 0.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -216,11 +221,21 @@ class Llama(CausalLM):
         num_items_in_batch: Union[None, int, Tensor] = None,
         return_logits: bool = False,
     ) -> CausalLMOutput:
-        check_input_ids("Llama", input_ids)
+        cfg = self.config
+        # No length limit: the rotary tables grow on demand, as Hugging Face's rotary
+        # embedding computes any position (max_position_embeddings is only a start size).
+        check_input_ids("Llama", input_ids, vocab_size=cfg.vocab_size)
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             check_like_input_ids("Llama", name, t, input_ids)
         if isinstance(position_ids, Tensor):
             check_like_input_ids("Llama", "position_ids", position_ids, input_ids)
+        elif position_ids is not None and (isinstance(position_ids, bool)
+                                           or not isinstance(position_ids, int)):
+            raise TypeError(f"Llama: position_ids must be None, an int offset or a (B, T) "
+                            f"tensor, got {type(position_ids).__name__}")
+        check_index_values("Llama", "position_ids", position_ids, None, "")
+        check_index_values("Llama", "labels", labels, cfg.vocab_size, "vocab_size",
+                           ignore_index=IGNORE_INDEX)
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
         rotary = self.model.rotary_emb
 

@@ -439,7 +439,7 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got \(14,\)"):
         model(ids.flatten(), decoder_input_ids=dec)
     with pytest.raises(ValueError, match=r"input_ids has 65 tokens, more than the position "
-                                         r"table holds \(64\)"):
+                                         r"table holds \(max_position_embeddings=64\)"):
         model(torch.randint(3, V, (2, 65)), decoder_input_ids=dec)
     with pytest.raises(ValueError, match=r"decoder_input_ids has 65 tokens"):
         model(ids, decoder_input_ids=torch.randint(3, V, (2, 65)))
@@ -457,6 +457,18 @@ def test_bad_input_errors_name_the_argument():
         model(ids, decoder_input_ids=dec, decoder_attention_mask=torch.ones(2, 6))
     with pytest.raises(ValueError, match="pass decoder_input_ids or labels"):
         model(ids)
+    with pytest.raises(ValueError, match=r"input_ids\[0, 3\] = 99 out of range: input_ids must "
+                                         r"be in \[0, 99\) \(vocab_size=99\)"):
+        model(ids.index_put((torch.tensor(0), torch.tensor(3)), torch.tensor(V)),
+              decoder_input_ids=dec)
+    with pytest.raises(ValueError, match=r"decoder_input_ids\[1, 0\] = -1 out of range"):
+        model(ids, decoder_input_ids=dec.index_put((torch.tensor(1), torch.tensor(0)),
+                                                   torch.tensor(-1)))
+    bad_labels = dec.clone()
+    bad_labels[1, 2] = V
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 99 out of range: labels must be in "
+                                         r"\[0, 99\) .* or -100 \(ignored\)"):
+        model(ids, decoder_input_ids=dec, labels=bad_labels)
     with pytest.raises(ValueError, match="decoder_input_ids has batch 1, the source has 2"):
         model(ids, decoder_input_ids=dec[:1])
     with pytest.raises(ValueError, match=r"max_new_tokens \(65\) is more than"):

@@ -51,6 +51,7 @@ from fastllm.functional import attention, attention_with_kvcache, linear_cross_e
 from fastllm.models.config import (
     IGNORE_INDEX,
     ModelConfig,
+    check_index_values,
     check_input_ids,
     check_like_input_ids,
 )
@@ -472,7 +473,9 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """The encoder's last hidden state (B, S, C)."""
-        check_input_ids("EncoderDecoder", input_ids, self.config.max_position_embeddings)
+        c = self.config
+        check_input_ids("EncoderDecoder", input_ids, c.max_position_embeddings,
+                        positions_name="max_position_embeddings", vocab_size=c.vocab_size)
         check_like_input_ids("EncoderDecoder", "attention_mask", attention_mask, input_ids)
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
         return self.model.encoder(input_ids, key_padding_mask)
@@ -500,7 +503,12 @@ class EncoderDecoder(nn.Module):
         _check_tokens(name, "decoder_input_ids", decoder_input_ids)
         if decoder_input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(f"{name}: decoder_input_ids has {decoder_input_ids.shape[1]} tokens, "
-                             f"more than the position table holds ({c.max_position_embeddings})")
+                             f"more than the position table holds (max_position_embeddings="
+                             f"{c.max_position_embeddings})")
+        check_index_values(name, "decoder_input_ids", decoder_input_ids, c.target_vocab_size,
+                           "target vocabulary size")
+        check_index_values(name, "labels", labels, c.target_vocab_size,
+                           "target vocabulary size", ignore_index=IGNORE_INDEX)
         for arg, t in (("decoder_attention_mask", decoder_attention_mask), ("labels", labels)):
             if t is not None and tuple(t.shape) != tuple(decoder_input_ids.shape):
                 raise ValueError(f"{name}: {arg} must have decoder_input_ids' shape "

@@ -38,6 +38,14 @@ first (``fastllm.bench.common.peak_memory_bytes``: ``malloc_trim``, ``/proc/self
 and optimizer state (activations, logits, gradients, optimizer temporaries). "total" adds the
 resting state, counted from the tensors (parameters + AdamW's ``exp_avg`` / ``exp_avg_sq``).
 
+Threads: the workers inherit the environment, so ``OMP_NUM_THREADS=1 fastllm bench models``
+times every contender on one thread. On a machine whose cores other processes share, prefer
+that: a multi-threaded op whose threads wait for each other at every parallel region's
+barrier pays a scheduler time slice whenever one of them is descheduled (on 2 shared cores a
+(1, 576) x (576, 1536) GEMV took ~6 ms with 2 threads against ~0.12 ms with 1), which
+measures the number of ops per step rather than their speed. The header prints the thread
+count and the table the load average.
+
 Shapes: B batch, T tokens, V vocabulary.
 """
 

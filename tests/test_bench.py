@@ -3,7 +3,10 @@ small cases of every family through the real command line (``python -m fastllm``
 every contender, every number is finite and positive, and the rows carry the THP setting the
 process was started with (what the re-run of the page-fault-bound cases relies on); the
 command line's own errors; and the contenders of the cross-entropy cases compute the same
-loss and gradients."""
+loss and gradients. The models family (its own runner, fastllm.bench.models): a quick
+training case with its eager contenders, in process (the command line's worker subprocesses
+and torch.compile take minutes), and fastllm's and Hugging Face's models start from the same
+loss."""
 
 import fnmatch
 import json
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastllm.bench import cross_entropy, load_family
+from fastllm.bench import cross_entropy, load_family, models
 from fastllm.bench.common import COMPILE, EAGER, THP_ENV, resolve_backend
 from fastllm.cli import COMMANDS, main
 from fastllm.ops import cross_entropy as ce_ops
@@ -106,6 +109,14 @@ def test_bench_usage_errors(capsys):
         main(["bench", "norm", "--only", "no-such-case"])
     assert exit_info.value.code == 2
     assert "no case matches --only no-such-case" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "models", "norm"])
+    assert exit_info.value.code == 2
+    assert "models runs alone" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "models", "--quick", "--only", "no-such-case"])
+    assert exit_info.value.code == 2
+    assert "no case matches --only no-such-case" in capsys.readouterr().err
 
 
 def test_python_m_fastllm_help():
@@ -137,3 +148,55 @@ def test_cross_entropy_contenders_agree(case):
         torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-3)
         for g, ref in zip(grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=2e-2, atol=2e-4)
+
+
+# ----- the models family ----------------------------------------------------------------
+
+transformers_needed = pytest.mark.skipif(
+    models.missing_dependencies(models.cases(quick=True)[0]) is not None,
+    reason="transformers is not installed (the Hugging Face contenders)",
+)
+
+
+@transformers_needed
+def test_models_quick_train_case_eager():
+    """The quick GPT float32 training case, fastllm eager against HF eager, through the
+    worker's code path: every number is finite and positive, the ratios, the floors and the
+    table come out."""
+    case = next(c for c in models.cases(quick=True)
+                if isinstance(c, models.TrainCase) and c.model == "gpt" and c.dtype == "float32")
+    backend, _ = resolve_backend(None, torch.device("cpu"))
+    records = models.run_worker(case, backend, only=(models.FASTLLM_EAGER, models.HF_EAGER))
+    assert [r["contender"] for r in records] == [models.FASTLLM_EAGER, models.HF_EAGER]
+    models.fill_ratios(case, records, copy_gbs=10.0)
+    for r in records:
+        assert r["error"] is None, r
+        for key in ("time_s", "tokens_per_s", "resting_state_bytes", "total_peak_bytes",
+                    "vs_hf_eager"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["contender"], key, r[key])
+        assert r["step_peak_bytes"] is not None and r["step_peak_bytes"] >= 0
+        assert r["tokens_per_s"] == pytest.approx(case.tokens / r["time_s"])
+    assert records[1]["vs_hf_eager"] == 1.0
+    checks = models.floor_checks(case, records)
+    speed = [c for c in checks if c["what"].startswith(models.FASTLLM_EAGER + " tokens/s")]
+    assert len(speed) == 1 and speed[0]["floor"] == 1.3 and speed[0]["passed"] is not None
+    compiled = [c for c in checks if c["what"].startswith(models.FASTLLM_COMPILE)]
+    assert compiled[0]["value"] is None and compiled[0]["passed"] is None  # not run here
+    table = models._train_table([(case, records)])
+    assert "fastllm eager" in table and "HF eager" in table and "tokens/s" in table
+
+
+@transformers_needed
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_models_same_weights_same_loss(arch):
+    """The training contenders start from the same weights: fastllm's fused loss equals
+    Hugging Face's full-logits loss (float32)."""
+    case = next(c for c in models.cases(quick=True)
+                if isinstance(c, models.TrainCase) and c.model == arch and c.dtype == "float32")
+    ours, theirs = models.build_train_models(case)
+    ids = torch.randint(0, ours.config.vocab_size, (case.batch, case.seq),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(input_ids=ids, labels=ids).loss
+        b = theirs(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

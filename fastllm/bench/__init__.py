@@ -11,6 +11,11 @@ The timing rule, ceilings, contender plumbing, table and JSON are shared
 pytest-benchmark suite in ``benchmarks/`` builds its tests from the same ``cases()``.
 Adding a family is one module, one line here and a three-line
 ``benchmarks/test_bench_<family>.py``.
+
+A family listed in ``STANDALONE`` (``models``: whole training steps and generate calls of
+fastllm's models against Hugging Face's) does not fit that shape and brings its own
+runner, ``run(args)``, which ``fastllm bench <family>`` dispatches to; it runs only when
+named, alone, never as part of a bare ``fastllm bench``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ FAMILIES: dict[str, str] = {
     "attention": "fastllm.bench.attention",
     "mlp": "fastllm.bench.gated_mlp",
     "rotary": "fastllm.bench.rotary",
+    "models": "fastllm.bench.models",
 }
+
+# families with their own runner (``run(args) -> exit status``), run only when named alone
+STANDALONE: frozenset[str] = frozenset({"models"})
 
 
 def load_family(name: str) -> ModuleType:

@@ -36,7 +36,7 @@ logger = logging.getLogger("fastllm")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``fastllm bench`` to the command line."""
-    from fastllm.bench import FAMILIES
+    from fastllm.bench import FAMILIES, STANDALONE
 
     bench = subparsers.add_parser(
         "bench",
@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "families", nargs="*", metavar="FAMILY",
-        help=f"op families to benchmark (default: all of {', '.join(FAMILIES)})",
+        help=f"op families to benchmark (default: all of "
+        f"{', '.join(f for f in FAMILIES if f not in STANDALONE)}; "
+        f"{', '.join(sorted(STANDALONE))}: whole models against Hugging Face, run alone)",
     )
     bench.add_argument("--quick", action="store_true",
                        help="a smoke run: one small shape, a few timed calls per contender")
@@ -158,7 +160,15 @@ def run(args: argparse.Namespace) -> int:
     """``fastllm bench``'s handler; returns the exit status (1 if any run failed)."""
     import torch
 
-    from fastllm.bench import FAMILIES, load_family
+    from fastllm.bench import FAMILIES, STANDALONE, load_family
+
+    standalone = [name for name in args.families if name in STANDALONE]
+    if standalone:
+        if len(args.families) > 1:
+            raise UsageError(f"{standalone[0]} runs alone: fastllm bench {standalone[0]} "
+                             "[options]")
+        return load_family(standalone[0]).run(args)
+
     from fastllm.bench.common import (
         GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
         fresh_pages_every_call, measure_machine, not_available, resolve_backend, results_table,
@@ -167,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     plan = []  # (family name, family module, its selected cases)
-    for name in args.families or list(FAMILIES):
+    for name in args.families or [f for f in FAMILIES if f not in STANDALONE]:
         try:
             family = load_family(name)
         except ValueError as exc:

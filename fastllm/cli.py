@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 # command -> the module that registers it, imported when the parser is built
 COMMANDS: dict[str, str] = {
     "bench": "fastllm.bench.run",
+    "pretrain": "fastllm.train.pretrain",
+    "generate": "fastllm.train.generate_cmd",
 }
 
 

@@ -1,0 +1,214 @@
+"""Pre-training data: the corpus, its byte-level BPE tokenizer, the token stream and batches.
+
+- Corpus: text files, folders of them (walked in sorted order, hidden entries skipped) or
+  JSONL files (``*.jsonl``) with a text field; or, with no path, the embedded default corpus:
+  the topic texts of CPython's ``pydoc_data`` (~0.5 MB, in every Python, nothing downloaded).
+  Every problem (missing path, no text, a non-UTF-8 or unreadable file, a bad JSONL line) is a
+  :class:`DataError` naming the file, raised before anything is written anywhere.
+- Tokenizer: a byte-level BPE trained on the corpus with Hugging Face ``tokenizers`` (GPT-2's
+  pre-tokenizer and decoder, one special token ``<|endoftext|>`` that ends each document), or
+  an existing ``tokenizer.json``.
+- Token stream: every document's ids followed by the end-of-text id, concatenated into one
+  flat int64 tensor; the last ``val_fraction`` of it is the held-out split.
+- Batches: ``seq_len``-token windows at offsets drawn from a ``torch.Generator`` seeded by
+  (seed, step) alone, so the batches of step ``s`` are the same in an uninterrupted run and in
+  one resumed at any step before ``s``.
+
+Shapes: N tokens in a stream, B batch, T = seq_len.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+MIN_VOCAB_SIZE = 257  # the 256 byte symbols + <|endoftext|>
+
+
+class DataError(ValueError):
+    """The corpus or tokenizer cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Document:
+    source: str  # the file (and JSONL line) or default-corpus topic it came from
+    text: str
+
+
+# ----- corpus ------------------------------------------------------------------------------
+
+def default_corpus() -> list[Document]:
+    """The topic texts of CPython's ``pydoc_data`` (the help() pages on Python's syntax and
+    semantics), sorted by topic: ~0.5 MB of English with code, shipped with every Python."""
+    from pydoc_data.topics import topics
+
+    return [Document(f"pydoc_data.topics[{name!r}]", topics[name]) for name in sorted(topics)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start})") from exc
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{path} line {number} has no string field {text_field!r}")
+        docs.append(Document(f"{path}:{number}", record[text_field]))
+    return docs
+
+
+def _files_under(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return files
+
+
+def read_corpus(paths: Sequence[os.PathLike], text_field: str = "text") -> list[Document]:
+    """The documents of ``paths`` (files or folders, in the given order; a folder's files in
+    sorted order): a ``*.jsonl`` file gives one document per line (its ``text_field``), any
+    other file one document. Raises DataError for a missing path, an unreadable or non-UTF-8
+    file, a bad JSONL line, or a corpus without any non-blank text."""
+    docs: list[Document] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p} does not exist")
+        files = _files_under(p) if p.is_dir() else [p]
+        if not files:
+            raise DataError(f"{p} holds no files")
+        for f in files:
+            if f.suffix == ".jsonl":
+                docs += _read_jsonl(f, text_field)
+            else:
+                docs.append(Document(str(f), _read_text(f)))
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DataError(f"{', '.join(map(str, paths))}: no text (every file is empty)")
+    return docs
+
+
+# ----- tokenizer ---------------------------------------------------------------------------
+
+def train_tokenizer(docs: Sequence[Document], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` of ``vocab_size`` ids (fewer if the corpus
+    has fewer merges) trained on ``docs``; id 0 is ``<|endoftext|>``. Deterministic: the same
+    documents give the same tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+                        f"{EOS_TOKEN}), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator((d.text for d in docs), trainer, length=len(docs))
+    return tokenizer
+
+
+def load_tokenizer(path: os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file or a folder holding one; it
+    must know ``<|endoftext|>`` (the document separator)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"{path}: no tokenizer file (expected a {TOKENIZER_FILE} or a folder "
+                        f"holding one)")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise DataError(f"{file} is not a Hugging Face tokenizers file: {exc}") from exc
+    if tokenizer.token_to_id(EOS_TOKEN) is None:
+        raise DataError(f"{file} has no {EOS_TOKEN} token (the document separator)")
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """``tokenizer.json`` plus the ``tokenizer_config.json`` with which transformers'
+    ``AutoTokenizer.from_pretrained(directory)`` loads it, each written by a rename."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS_TOKEN,
+              "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "model_max_length": 1 << 30}
+    _write_atomic(directory / TOKENIZER_FILE, tokenizer.to_str(pretty=False))
+    _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----- token stream and batches --------------------------------------------------------------
+
+def token_stream(docs: Sequence[Document], tokenizer) -> Tensor:
+    """(N,) int64: each document's ids followed by the ``<|endoftext|>`` id."""
+    import numpy as np
+
+    eos = np.array([tokenizer.token_to_id(EOS_TOKEN)], dtype=np.int64)
+    parts = []
+    for encoding in tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False):
+        parts += [np.asarray(encoding.ids, dtype=np.int64), eos]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def split_stream(stream: Tensor, val_fraction: float, seq_len: int) -> tuple[Tensor, Tensor]:
+    """(train, val): the held-out split is the last ``val_fraction`` of the stream, at least
+    one window of ``seq_len`` tokens (none when ``val_fraction`` is 0). DataError when either
+    part is shorter than ``seq_len``."""
+    n = stream.numel()
+    n_val = 0 if val_fraction == 0 else max(int(n * val_fraction), seq_len)
+    train, val = stream[: n - n_val], stream[n - n_val:]
+    if train.numel() < seq_len:
+        need = seq_len + n_val if val_fraction else seq_len
+        raise DataError(f"the corpus has {n} tokens: too few for --seq-len {seq_len} "
+                        f"(at least {need} needed, the held-out split included)")
+    return train, val
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``'s batch offsets: a function of (seed, step) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (1 << 63))
+
+
+def get_batch(stream: Tensor, n_rows: int, seq_len: int, seed: int, step: int) -> Tensor:
+    """(n_rows, seq_len) windows of ``stream`` at uniform random offsets for step ``step``."""
+    high = stream.numel() - seq_len + 1
+    offsets = torch.randint(high, (n_rows,), generator=batch_generator(seed, step))  # (n_rows,)
+    return torch.stack([stream[o: o + seq_len] for o in offsets.tolist()])
+
+
+def eval_windows(val: Tensor, seq_len: int, max_rows: Optional[int]) -> Tensor:
+    """(R, seq_len): the held-out stream cut into consecutive windows, at most ``max_rows``."""
+    n = val.numel() // seq_len
+    if max_rows is not None:
+        n = min(n, max_rows)
+    return val[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,326 @@
+"""The pre-training loop: AdamW, warmup + cosine learning rate, gradient accumulation,
+clipping, held-out perplexity, checkpoints, metrics JSONL and the loss / learning-rate plot.
+
+One optimizer step ("step") takes ``grad_accum`` micro-batches of ``batch_size`` windows of
+``seq_len`` tokens. Each micro-batch's loss is its summed token loss divided by the number of
+predicted tokens of the whole step (``num_items_in_batch``), so the accumulated gradient is
+exactly the gradient of the step's mean loss. Everything a step depends on is a function of
+(seed, step) and the saved state (weights, AdamW moments, RNG), so a resumed run repeats an
+uninterrupted one bit for bit.
+
+Stopping: at ``steps``; on Ctrl-C (SIGINT) after the current step, with a checkpoint (a
+second Ctrl-C stops at once; the weights are saved when they are between two updates); on
+a non-finite loss, with its step number and without a checkpoint of the broken weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fastllm.train import checkpoint as ckpt
+from fastllm.train.data import get_batch
+
+logger = logging.getLogger("fastllm.train")
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curve.png"
+
+
+@dataclass
+class TrainConfig:
+    steps: int  # optimizer steps of the whole run
+    batch_size: int  # windows per micro-batch
+    seq_len: int  # tokens per window
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 1e-3  # peak learning rate, after the warmup
+    min_lr: float = 1e-4  # reached at the last step by the cosine decay
+    warmup: int = 0  # steps of linear warmup from lr / warmup to lr
+    weight_decay: float = 0.1  # AdamW's, on matrices and embeddings (parameters with dim >= 2)
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    seed: int = 0  # data order (with the step) and initialisation
+    bf16: bool = False  # bfloat16 autocast of the forward and backward
+    eval_every: int = 0  # held-out perplexity every N steps and at the end (0: at the end only)
+    eval_batches: int = 8  # micro-batches of held-out windows per evaluation
+    save_every: int = 0  # a checkpoint every N steps (0: only at the end and on Ctrl-C)
+    keep_last: int = 2  # checkpoints kept
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the loss is {loss} at step {step}: training stopped (no checkpoint of "
+                         f"this step is written; lower --lr or check the data)")
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    step: int  # steps completed
+    tokens: int  # training tokens seen
+    loss: Optional[float]  # the last step's loss
+    eval_loss: Optional[float]
+    interrupted: bool
+    checkpoint: Optional[Path]  # the newest checkpoint written (or resumed from)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of the 0-based step ``step``: linear warmup to ``lr`` over
+    ``warmup`` steps, then a cosine decay to ``min_lr`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_steps = max(cfg.steps - 1 - cfg.warmup, 1)
+    progress = min((step - cfg.warmup) / decay_steps, 1.0)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on the parameters of dim >= 2 only (biases
+    and norm weights are not decayed); tied weights appear once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _autocast(bf16: bool, device: torch.device):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def accumulate_gradients(model: Callable, stream: Tensor, cfg: TrainConfig, step: int,
+                         device: torch.device) -> float:
+    """Forward and backward of step ``step``'s ``grad_accum`` micro-batches into the
+    parameters' ``.grad``; returns the step's mean token loss."""
+    windows = get_batch(stream, cfg.batch_size * cfg.grad_accum, cfg.seq_len, cfg.seed, step)
+    windows = windows.to(device)  # (grad_accum * B, T)
+    num_items = windows.shape[0] * (cfg.seq_len - 1)  # predicted tokens of the whole step
+    total = 0.0
+    for input_ids in windows.split(cfg.batch_size):  # (B, T) each
+        with _autocast(cfg.bf16, device):
+            loss = model(input_ids, labels=input_ids, num_items_in_batch=num_items).loss
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: Tensor, cfg: TrainConfig,
+             device: torch.device) -> float:
+    """Mean token loss of the held-out ``windows`` (R, T)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for input_ids in windows.split(cfg.batch_size):
+        input_ids = input_ids.to(device)  # (B, T)
+        with _autocast(cfg.bf16, device):
+            loss = model(input_ids, labels=input_ids, num_items_in_batch=1).loss  # summed
+        total += loss.item()
+        count += input_ids.shape[0] * (input_ids.shape[1] - 1)
+    model.train(was_training)
+    return total / count
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, train records (step, loss, lr, grad_norm,
+    tokens, tokens_per_s, elapsed_s) and eval records (step, eval_loss, eval_ppl). On a resume
+    from step s the records of later steps (written before the interruption) are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if resume_step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(output_dir: Path) -> Optional[Path]:
+    """``loss_curve.png`` from ``metrics.jsonl``: train (and held-out) loss and the learning
+    rate against the step. Skipped, with a logged note, when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: no %s (pip install 'fastllm[train]')",
+                    PLOT_FILE)
+        return None
+    records = read_metrics(output_dir / METRICS_FILE)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_loss, ax_lr = fig.subplots(1, 2)
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
+                     label="held-out")
+    ax_loss.set(xlabel="step", ylabel="loss (nats / token)", title="loss")
+    ax_loss.legend()
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    path = output_dir / PLOT_FILE
+    tmp = output_dir / f".{PLOT_FILE}.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+class _StopOnSigint:
+    """While active, the first SIGINT only asks the loop to stop after the current step; a
+    second one raises KeyboardInterrupt as usual. (Only the main thread can take signals; in
+    another thread SIGINT is left as it is.)"""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupted: stopping after this step and saving a checkpoint "
+                       "(Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer,
+    train_stream: Tensor,
+    eval_windows: Tensor,
+    cfg: TrainConfig,
+    output_dir: Path,
+    *,
+    start_step: int = 0,
+    start_tokens: int = 0,
+    run_state: dict[str, Any],
+    compiled: Optional[Callable] = None,
+    device: torch.device = torch.device("cpu"),
+) -> TrainResult:
+    """Trains ``model`` from ``start_step`` to ``cfg.steps`` (see the module docstring).
+    ``run_state``: what every checkpoint's trainer_state.json records besides the step (arch,
+    model config, arguments); ``compiled``: the torch.compile'd model to train with (the
+    plain ``model`` is evaluated and saved)."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    forward = compiled if compiled is not None else model
+    metrics = MetricsLog(output_dir / METRICS_FILE, start_step)
+    step, tokens = start_step, start_tokens
+    loss = eval_loss = None
+    last_saved = ckpt.resolve_checkpoint(output_dir) if start_step else None
+    updating = False
+
+    def save() -> Path:
+        nonlocal last_saved
+        state = {**run_state, "step": step, "tokens": tokens, "loss": loss,
+                 "train_config": asdict(cfg)}
+        last_saved = ckpt.save_checkpoint(output_dir, step, model, optimizer, tokenizer,
+                                          state, cfg.keep_last)
+        plot_metrics(output_dir)
+        return last_saved
+
+    def run_eval() -> float:
+        value = evaluate(model, eval_windows, cfg, device)
+        metrics.write({"step": step, "eval_loss": value, "eval_ppl": math.exp(min(value, 700))})
+        return value
+
+    model.train()
+    started = time.perf_counter()
+    interrupted = False
+    with _StopOnSigint() as stop, logging_redirect_tqdm(), tqdm(
+        total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc="pretrain"
+    ) as bar:
+        try:
+            while step < cfg.steps:
+                lr = lr_at(step, cfg)
+                t0 = time.perf_counter()
+                step_loss = accumulate_gradients(forward, train_stream, cfg, step, device)
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLoss(step + 1, step_loss)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                             if cfg.grad_clip > 0 else None)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                updating = True
+                optimizer.step()
+                updating = False
+                optimizer.zero_grad(set_to_none=True)
+                step, tokens, loss = step + 1, tokens + cfg.tokens_per_step, step_loss
+                dt = time.perf_counter() - t0
+                metrics.write({
+                    "step": step, "loss": loss, "lr": lr,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens": tokens, "tokens_per_s": cfg.tokens_per_step / dt,
+                    "elapsed_s": time.perf_counter() - started,
+                })
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{cfg.tokens_per_step / dt:,.0f}",
+                                lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if eval_windows.numel() and (
+                        step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    eval_loss = run_eval()
+                    logger.info("step %d: held-out loss %.4f, perplexity %.2f", step,
+                                eval_loss, math.exp(min(eval_loss, 700)))
+                if stop.requested:
+                    interrupted = True
+                    break
+                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    save()
+        except KeyboardInterrupt:  # a second Ctrl-C, or raised where no handler was installed
+            interrupted = True
+            if updating:  # the weights are half-updated: keep the last checkpoint
+                logger.warning("interrupted while updating the weights of step %d: not saved "
+                               "(the last checkpoint is %s)", step + 1, last_saved)
+                metrics.close()
+                return TrainResult(step, tokens, loss, eval_loss, True, last_saved)
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            metrics.close()
+    if interrupted:
+        if step > start_step:
+            save()
+        logger.warning("interrupted after step %d of %d: checkpoint %s (continue with "
+                       "--resume)", step, cfg.steps, last_saved)
+    return TrainResult(step, tokens, loss, eval_loss, interrupted, last_saved)

@@ -1,0 +1,380 @@
+"""``fastllm pretrain``: train a causal language model from scratch, in one process.
+
+    fastllm pretrain [--arch gpt2|llama] [--config NAME] [--data-dir PATH ...]
+                     [--output-dir DIR] [--steps N | --tokens N] [--batch-size B] [--seq-len T]
+                     [--lr LR] [--warmup N] [--grad-accum N] [--seed S] [--bf16] [--compile]
+                     [--grad-checkpointing] [--eval-every N] [--save-every N] [--resume [CKPT]]
+
+With no arguments it trains a small GPT (``gpt-mini``, 3.3M parameters; 600 steps of 16 x 128
+tokens, about two minutes on 2 idle CPU cores) on the default corpus (the text of CPython's
+``pydoc_data`` topics, shipped with every Python) with a byte-level BPE of 2048 ids trained on
+that corpus, and ends by printing a sampled continuation of held-out text. Everything it
+writes is under ``--output-dir``: ``tokenizer.json``, ``metrics.jsonl``, ``loss_curve.png``
+(with matplotlib) and ``checkpoints/step-NNNNNNN/`` (fastllm/train/checkpoint.py). Every bad
+argument or input is reported before anything is written. ``--resume`` continues the newest
+checkpoint (or the one named) bit-identically to an uninterrupted run with the same
+arguments. Ctrl-C stops after the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fastllm.cli import UsageError
+
+logger = logging.getLogger("fastllm.train")
+
+ARCHS = ("gpt2", "llama", "bert", "bart")
+DEFAULT_CONFIG = {"gpt2": "gpt-mini", "llama": "llama-tiny"}
+DEFAULT_OUTPUT_DIR = "out/pretrain"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``fastllm pretrain`` to the command line."""
+    p = subparsers.add_parser(
+        "pretrain", help="train a language model from scratch",
+        description="Train a causal language model from scratch on text files (or, by "
+        "default, on the pydoc topics every Python ships), with a byte-level BPE tokenizer "
+        "trained on the same text.",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", choices=ARCHS, help="model family (default gpt2, or the "
+                       "resumed checkpoint's; bert and bart are not supported yet)")
+    model.add_argument("--config", metavar="NAME",
+                       help="a name of the family's config table, e.g. gpt-nano, gpt-micro, "
+                       "gpt-mini, gpt2 (GPTConfig.from_name) or llama-tiny, smollm2-135m "
+                       "(LlamaConfig.from_name); default: "
+                       + ", ".join(f"{v} for {k}" for k, v in DEFAULT_CONFIG.items()))
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", "--data_dir", dest="data_dir", action="append",
+                      type=Path, metavar="PATH",
+                      help="a text file, a folder of them or a JSONL file (repeatable; "
+                      "default: the pydoc_data topics of this Python)")
+    data.add_argument("--text-field", default="text",
+                      help="the field of each JSONL line holding its text (default: text)")
+    data.add_argument("--tokenizer", type=Path, metavar="PATH",
+                      help="an existing tokenizer.json (or a folder with one) instead of "
+                      "training a byte-level BPE on the data")
+    data.add_argument("--vocab-size", type=int, default=2048,
+                      help="vocabulary of the trained tokenizer (default 2048)")
+    data.add_argument("--val-fraction", type=float, default=0.05,
+                      help="the end of the token stream held out for --eval-every "
+                      "(default 0.05)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", "--output_dir", "--model-dir", "--model_dir",
+                     dest="output_dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR),
+                     metavar="DIR", help=f"where everything goes (default {DEFAULT_OUTPUT_DIR})")
+    out.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
+                     help="continue the newest checkpoint of --output-dir, or checkpoint "
+                     "folder CKPT")
+    out.add_argument("--overwrite", action="store_true",
+                     help="delete the checkpoints and metrics already in --output-dir")
+    out.add_argument("--save-every", type=int, default=0, metavar="N",
+                     help="a checkpoint every N steps (default 0: at the end and on Ctrl-C)")
+    out.add_argument("--keep-last", type=int, default=2, metavar="K",
+                     help="checkpoints kept (default 2)")
+    out.add_argument("--eval-every", type=int, default=100, metavar="N",
+                     help="held-out perplexity every N steps and at the end (0: at the end)")
+    out.add_argument("--eval-batches", type=int, default=8, metavar="N",
+                     help="micro-batches per evaluation (default 8)")
+    out.add_argument("--sample-tokens", type=int, default=100, metavar="N",
+                     help="length of the sample printed at the end (0: none)")
+    out.add_argument("--prompt", help="the sample's prompt (default: the start of the "
+                     "held-out text)")
+    train = p.add_argument_group("training")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default 600)")
+    length.add_argument("--tokens", type=int,
+                        help="training tokens, rounded up to whole steps")
+    train.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch")
+    train.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    train.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    train.add_argument("--min-lr", type=float,
+                       help="learning rate at the end of the cosine decay (default lr / 10)")
+    train.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="max gradient norm (0: off)")
+    train.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--compile", action="store_true", help="train a torch.compile'd model")
+    train.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute each layer's activations in backward")
+    train.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    p.set_defaults(handler=run)
+
+
+# ----- checks (all of them before anything is written) -------------------------------------
+
+def _check_numbers(args) -> None:
+    positive = ("steps", "tokens", "batch_size", "seq_len", "grad_accum", "keep_last",
+                "eval_batches")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("save_every", "eval_every", "warmup", "sample_tokens", "weight_decay",
+                 "grad_clip"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got "
+                             f"{getattr(args, name)}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2 (one token predicts the next), got "
+                         f"{args.seq_len}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise UsageError(f"--min-lr must be in [0, --lr], got {args.min_lr}")
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    from fastllm.train.data import MIN_VOCAB_SIZE
+
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise UsageError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + "
+                         f"<|endoftext|>), got {args.vocab_size}")
+
+
+def _model_family(arch: str):
+    """(model class, config class) of ``arch``."""
+    from fastllm.models import GPT, GPTConfig, Llama, LlamaConfig
+
+    if arch in ("bert", "bart"):
+        raise UsageError(f"--arch {arch} is not supported by fastllm pretrain yet (gpt2 and "
+                         f"llama are)")
+    return {"gpt2": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}[arch]
+
+
+def _positions(config) -> int:
+    """The longest sequence the model's position table holds."""
+    from fastllm.models import GPTConfig
+
+    if isinstance(config, GPTConfig):
+        return config.block_size
+    return config.max_position_embeddings
+
+
+def _config_from_dict(config_cls, values: dict):
+    import dataclasses
+
+    return config_cls(**{f.name: values[f.name] for f in dataclasses.fields(config_cls)
+                         if f.init and f.name in values})
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _data_fingerprint(stream) -> str:
+    import hashlib
+
+    return hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:16]
+
+
+# ----- the command ---------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    """``fastllm pretrain``'s handler; returns the exit status (0 done, 1 a non-finite loss,
+    130 interrupted)."""
+    started = time.perf_counter()
+    _check_numbers(args)
+    try:
+        import tokenizers  # noqa: F401
+        import safetensors  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"fastllm pretrain needs {exc.name}: pip install 'fastllm[train]'")
+    import torch
+
+    from fastllm.train import checkpoint as ckpt
+    from fastllm.train import data
+    from fastllm.train.loop import (METRICS_FILE, PLOT_FILE, NonFiniteLoss, TrainConfig,
+                                    make_optimizer, train)
+
+    output_dir: Path = args.output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output-dir {output_dir} exists and is not a folder")
+
+    # what to resume, and the model config
+    resume_from = resumed = None
+    if args.resume is not None:
+        where = output_dir if args.resume == "latest" else Path(args.resume)
+        resume_from = ckpt.resolve_checkpoint(where)
+        if resume_from is None:
+            raise UsageError(f"--resume: no checkpoint in {where}")
+        resumed = ckpt.load_checkpoint(resume_from)
+        saved = resumed["trainer_state"]
+        if args.arch not in (None, saved["arch"]) or args.config not in (None, saved["config_name"]):
+            raise UsageError(f"--resume: {resume_from} holds a {saved['arch']} "
+                             f"{saved['config_name']}, not --arch {args.arch} "
+                             f"--config {args.config}")
+        arch, config_name = saved["arch"], saved["config_name"]
+        model_cls, config_cls = _model_family(arch)
+        config = _config_from_dict(config_cls, saved["model_config"])
+    else:
+        if ckpt.list_checkpoints(output_dir) and not args.overwrite:
+            raise UsageError(f"--output-dir {output_dir} already holds checkpoints: pass "
+                             f"--resume to continue them, --overwrite to replace them, or "
+                             f"another --output-dir")
+        arch = args.arch or "gpt2"
+        model_cls, config_cls = _model_family(arch)
+        config_name = args.config or DEFAULT_CONFIG[arch]
+        if config_name not in config_cls.names:
+            raise UsageError(f"--config {config_name!r} is not a {arch} config; known: "
+                             f"{', '.join(sorted(config_cls.names))}")
+        config = config_cls.from_name(config_name)
+    if args.seq_len > _positions(config):
+        raise UsageError(f"--seq-len {args.seq_len} is more than {config_name}'s position "
+                         f"table holds ({_positions(config)})")
+
+    # the corpus and the tokenizer
+    try:
+        docs = data.read_corpus(args.data_dir, args.text_field) if args.data_dir \
+            else data.default_corpus()
+    except data.DataError as exc:
+        raise UsageError(f"--data-dir: {exc}") from exc
+    n_chars = sum(len(d.text) for d in docs)
+    if resume_from is not None:
+        try:
+            tokenizer = data.load_tokenizer(resume_from)
+        except data.DataError as exc:
+            raise UsageError(f"--resume: {exc}") from exc
+    elif args.tokenizer is not None:
+        try:
+            tokenizer = data.load_tokenizer(args.tokenizer)
+        except data.DataError as exc:
+            raise UsageError(f"--tokenizer: {exc}") from exc
+    else:
+        t0 = time.perf_counter()
+        tokenizer = data.train_tokenizer(docs, args.vocab_size)
+        logger.info("trained a byte-level BPE of %d ids on %d documents (%s characters) in "
+                    "%.1f s", tokenizer.get_vocab_size(), len(docs), f"{n_chars:,}",
+                    time.perf_counter() - t0)
+    stream = data.token_stream(docs, tokenizer)
+    try:
+        train_stream, val_stream = data.split_stream(stream, args.val_fraction, args.seq_len)
+    except data.DataError as exc:
+        raise UsageError(f"--data-dir: {exc}") from exc
+    fingerprint = _data_fingerprint(stream)
+    if resume_from is None:
+        config = config_cls.from_name(config_name, vocab_size=tokenizer.get_vocab_size())
+    elif resumed["trainer_state"]["data_fingerprint"] != fingerprint:
+        logger.warning("--resume: the data differs from the checkpoint's run: the continuation "
+                       "will not repeat an uninterrupted run")
+
+    steps = args.steps
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    if steps is None:
+        steps = math.ceil(args.tokens / tokens_per_step) if args.tokens else 600
+    cfg = TrainConfig(
+        steps=steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        grad_accum=args.grad_accum, lr=args.lr,
+        min_lr=args.lr / 10 if args.min_lr is None else args.min_lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+        bf16=args.bf16, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, keep_last=args.keep_last,
+    )
+    start_step = start_tokens = 0
+    if resumed is not None:
+        saved = resumed["trainer_state"]
+        start_step, start_tokens = saved["step"], saved["tokens"]
+        changed = [k for k, v in saved["train_config"].items()
+                   if k in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr",
+                            "warmup", "weight_decay", "grad_clip", "seed", "bf16")
+                   and getattr(cfg, k) != v]
+        if changed:
+            logger.warning("--resume: %s differ from the checkpoint's run: the continuation "
+                           "will not repeat an uninterrupted run", ", ".join(changed))
+        if start_step >= cfg.steps:
+            raise UsageError(f"--resume: {resume_from} is at step {start_step}, not before "
+                             f"--steps {cfg.steps}")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model = model_cls(config)
+    if resumed is not None:
+        model.load_state_dict(resumed["model_state"])
+    model.to(device)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = make_optimizer(model, cfg)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        ckpt.set_rng_state(resumed["rng_state"])
+    compiled = torch.compile(model) if args.compile else None
+
+    # from here on the output folder is written
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and resume_from is None:
+        shutil.rmtree(output_dir / ckpt.CHECKPOINTS, ignore_errors=True)
+        for name in (METRICS_FILE, PLOT_FILE):
+            (output_dir / name).unlink(missing_ok=True)
+    ckpt.remove_stale_temporaries(output_dir)
+    data.save_tokenizer(tokenizer, output_dir)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("%s %s: %.2fM parameters, vocabulary %d; %s training / %s held-out tokens; "
+                "%d steps of %d tokens%s", arch, config_name, n_params / 1e6,
+                tokenizer.get_vocab_size(), f"{train_stream.numel():,}",
+                f"{val_stream.numel():,}", cfg.steps, cfg.tokens_per_step,
+                f", resuming at step {start_step}" if start_step else "")
+    run_state = {"arch": arch, "config_name": config_name, "model_config": config.to_dict(),
+                 "data_fingerprint": fingerprint,
+                 "args": {k: _jsonable(v) for k, v in vars(args).items() if k != "handler"}}
+    eval_windows = data.eval_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    try:
+        result = train(model, optimizer, tokenizer, train_stream, eval_windows, cfg,
+                       output_dir, start_step=start_step, start_tokens=start_tokens,
+                       run_state=run_state, compiled=compiled, device=device)
+    except NonFiniteLoss as exc:
+        logger.error("%s", exc)
+        return 1
+    if result.interrupted:
+        return 130
+    wall = time.perf_counter() - started
+    held_out = ("" if result.eval_loss is None else
+                f", held-out loss {result.eval_loss:.4f} (perplexity "
+                f"{math.exp(min(result.eval_loss, 700)):.1f})")
+    logger.info("done: %d steps, %s tokens in %.0f s; loss %.4f%s; checkpoint %s", result.step,
+                f"{result.tokens:,}", wall, result.loss, held_out, result.checkpoint)
+    if args.sample_tokens:
+        _print_sample(model, tokenizer, args, val_stream if val_stream.numel() else train_stream,
+                      device)
+    return 0
+
+
+def _print_sample(model, tokenizer, args, stream, device) -> None:
+    """A top-k (40, temperature 0.8) continuation of ``--prompt`` or of the first 16 tokens
+    of the first held-out document, drawn with a generator seeded by ``--seed``."""
+    import torch
+
+    from fastllm.train.data import EOS_TOKEN
+
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if args.prompt is not None:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids or [eos]
+    else:  # the start of the first held-out document (or of the held-out text)
+        ends = (stream == eos).nonzero().flatten().tolist()
+        start = ends[0] + 1 if ends and ends[0] + 1 < stream.numel() else 0
+        prompt_ids = stream[start: start + 16].tolist()
+    n_new = min(args.sample_tokens, _positions(model.config) - len(prompt_ids))
+    if n_new <= 0:
+        logger.warning("no sample: the prompt fills the position table")
+        return
+    model.eval()
+    input_ids = torch.tensor([prompt_ids], device=device)
+    out = model.generate(input_ids, n_new, do_sample=True, top_k=40, temperature=0.8,
+                         eos_token_id=eos, generator=torch.Generator(device).manual_seed(args.seed))
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    continuation = tokenizer.decode(out[0, len(prompt_ids):].tolist(), skip_special_tokens=False)
+    print(f"--- sample: prompt ---\n{prompt}\n--- continuation (top-k 40, temperature 0.8) "
+          f"---\n{continuation}\n---", file=sys.stdout, flush=True)

@@ -54,25 +54,34 @@ _KERNEL_BACKENDS = ("native", "triton", "cuda_emu")
 # A chunk's logits hold at least this many elements (16 MiB in float32): below it, the
 # per-chunk overheads (kernel launches, GEMM set-up, the dW read-modify-write) dominate.
 _MIN_CHUNK_ELEMENTS = 1 << 22
+# ... and a chunk has at least this many rows: with a vocabulary far larger than the hidden
+# size the element rule alone gives skinny chunks (84 rows at 1020 x 384 x 50257), each of
+# which re-reads and rewrites the whole (V, H) dW and runs GEMMs too thin to be efficient:
+# 13 such chunks cost a GPT-2-vocabulary training step 15-20 % (fastllm bench models).
+_MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk such that a chunk's logits hold about as many elements as the input
-    (rows x hidden), and at least _MIN_CHUNK_ELEMENTS: torch's LinearCrossEntropyOptions
-    "aspect_ratio" rule, so the peak memory is that of torch's chunked path. Each chunk
+    (rows x hidden), and at least _MIN_CHUNK_ELEMENTS and _MIN_CHUNK_ROWS rows: torch's
+    LinearCrossEntropyOptions "aspect_ratio" rule (so the peak memory is about that of
+    torch's chunked path) with a floor against skinny chunks. Each chunk
     streams the whole weight through its GEMMs, so larger chunks run faster at the cost of
     memory (at 4096 x 1024 x 32000 on 2 CPU cores: 132 rows, the default, ran as fast as the
     unfused path; 512 rows about 10% faster, with 50 MiB more at peak)."""
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
-    return max(1, min(rows, -(-elements // vocab)))
+    return max(1, min(rows, max(_MIN_CHUNK_ROWS, -(-elements // vocab))))
 
 
 class _ChunkedLinear:
     """The chunk loop's state: one logits buffer reused by every chunk (a fresh (C, V)
     allocation per chunk would pay its page faults every time), and dX, dW, db summed chunk
     by chunk from each chunk's d(loss)/d(logits). dW and db accumulate in float32 for
-    bfloat16/float16 (through a float32 copy of the chunk's logit gradient): summing chunk
-    products in the storage dtype would round once per chunk."""
+    bfloat16/float16: each chunk's dW product is one GEMM in the storage dtype (float32
+    accumulation inside, torch's fast low-precision path; rounded once, as torch's unfused
+    backward rounds its one dW GEMM) added into the float32 sum, so the chunks never round
+    each other's partial sums. (Widening the logit gradient to float32 first, as before, ran
+    the GEMM on the slow float32 path: 44 % of a bf16 Llama step.)"""
 
     def __init__(self, input, linear_weight, linear_bias, chunk_size,
                  need_input, need_weight, need_bias):
@@ -87,12 +96,14 @@ class _ChunkedLinear:
         self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
         chunk_rows = min(chunk_size, rows)
         self.logits_buffer = input.new_empty((chunk_rows, vocab))
-        self.widened_buffer = (
-            input.new_empty((chunk_rows, vocab), dtype=acc)
-            if self.low_precision and need_weight else None
-        )
         self.grad_input = input.new_empty((rows, hidden)) if need_input else None
-        self.grad_weight = input.new_zeros((vocab, hidden), dtype=acc) if need_weight else None
+        # dW is written by the first chunk, not zero-filled first (a (V, H) float32 fill is
+        # a full pass over fresh memory); zeros only when there is no chunk at all
+        self.grad_weight = (
+            (input.new_empty if rows > 0 else input.new_zeros)((vocab, hidden), dtype=acc)
+            if need_weight else None
+        )
+        self.grad_weight_written = False
         self.grad_bias = input.new_zeros((vocab,), dtype=acc) if need_bias else None
 
     def chunks(self, input: Tensor) -> list[tuple[int, int]]:
@@ -112,9 +123,14 @@ class _ChunkedLinear:
         if self.grad_input is not None:
             torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
         if self.grad_weight is not None:
-            if self.low_precision:
-                widened = self.widened_buffer[: end - start].copy_(grad_logits)
-                self.grad_weight.addmm_(widened.t(), x_chunk.float())
+            if not self.grad_weight_written:
+                if self.low_precision:
+                    self.grad_weight.copy_(torch.mm(grad_logits.t(), x_chunk))
+                else:
+                    torch.mm(grad_logits.t(), x_chunk, out=self.grad_weight)
+                self.grad_weight_written = True
+            elif self.low_precision:
+                self.grad_weight.add_(torch.mm(grad_logits.t(), x_chunk))
             else:
                 self.grad_weight.addmm_(grad_logits.t(), x_chunk)
         if self.grad_bias is not None:

@@ -200,3 +200,18 @@ def test_models_same_weights_same_loss(arch):
         a = ours(input_ids=ids, labels=ids).loss
         b = theirs(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_patch_quick_train_case():
+    """fastllm bench patch: one quick training case runs both contenders and the floors
+    read their records."""
+    pytest.importorskip("transformers")
+    from fastllm.bench import patch as bench_patch
+
+    case = bench_patch._train_case("llama", "float32", quick=True)
+    names = [r["contender"] for r in case["records"]]
+    assert names == [bench_patch.UNPATCHED, bench_patch.PATCHED]
+    assert all(r["tokens_per_s"] > 0 and r["time_s"] > 0 for r in case["records"])
+    assert case["patched"]["rotary"] == 2 and case["patched"]["fused_lm_loss"] == 1
+    lines = bench_patch.floor_checks([case])
+    assert len(lines) == 2 and all(("PASS" in l) or ("MISS" in l) for l in lines)

@@ -13,7 +13,8 @@ Adding a family is one module, one line here and a three-line
 ``benchmarks/test_bench_<family>.py``.
 
 A family listed in ``STANDALONE`` (``models``: whole training steps and generate calls of
-fastllm's models against Hugging Face's) does not fit that shape and brings its own
+fastllm's models against Hugging Face's; ``patch``: Hugging Face models with and without
+``fastllm.patch``) does not fit that shape and brings its own
 runner, ``run(args)``, which ``fastllm bench <family>`` dispatches to; it runs only when
 named, alone, never as part of a bare ``fastllm bench``.
 """
@@ -31,10 +32,11 @@ FAMILIES: dict[str, str] = {
     "mlp": "fastllm.bench.gated_mlp",
     "rotary": "fastllm.bench.rotary",
     "models": "fastllm.bench.models",
+    "patch": "fastllm.bench.patch",
 }
 
 # families with their own runner (``run(args) -> exit status``), run only when named alone
-STANDALONE: frozenset[str] = frozenset({"models"})
+STANDALONE: frozenset[str] = frozenset({"models", "patch"})
 
 
 def load_family(name: str) -> ModuleType:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "bench": "fastllm.bench.run",
     "pretrain": "fastllm.train.pretrain",
     "generate": "fastllm.train.generate_cmd",
+    "eval": "fastllm.train.eval_cmd",
 }
 
 

@@ -12,6 +12,7 @@ point and ``fastllm generate``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -351,3 +352,36 @@ def test_generate_command(reference, capsys):
     assert main(["generate", "--model_dir", str(ckpt.checkpoint_dir(reference, 8)), "--prompt",
                  "the quick", "--max-new-tokens", "6", "--seed", "1"]) == 0
     assert capsys.readouterr().out == first  # same checkpoint, same seed: same text
+
+
+def test_eval_command(corpus, reference, tmp_path, capsys):
+    """fastllm eval: the mean next-token loss over consecutive windows, equal to the model's
+    own loss on those windows, and its exponential."""
+    from fastllm.models import from_pretrained
+    from fastllm.train.data import load_tokenizer, read_corpus, token_stream
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model-dir", str(reference), "--data-dir", str(corpus),
+                 "--seq-len", "16", "--max-windows", "5", "--batch-size", "2",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert "perplexity" in printed and result["windows"] == 5 and result["tokens"] == 5 * 15
+    assert abs(result["perplexity"] - math.exp(result["loss"])) < 1e-6 * result["perplexity"]
+    folder = ckpt.checkpoint_dir(reference, 8)
+    model = from_pretrained(folder).eval()
+    stream = token_stream(read_corpus([corpus]), load_tokenizer(folder))
+    rows = stream[: 5 * 16].view(5, 16)
+    with torch.no_grad():
+        expected = model(rows, labels=rows).loss.item()  # the mean over the same 75 targets
+    assert abs(result["loss"] - expected) < 1e-5 * expected
+    with pytest.raises(SystemExit):  # a usage error, before the model is loaded
+        main(["eval", "--model-dir", str(reference), "--data-dir", str(tmp_path / "missing")])
+    assert "--data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model-dir", str(tmp_path), "--data-dir", str(corpus)])
+    assert "--model-dir: no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model-dir", str(reference), "--data-dir", str(corpus),
+              "--seq-len", "100000"])
+    assert "beyond the model's position table" in capsys.readouterr().err

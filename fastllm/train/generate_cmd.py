@@ -42,6 +42,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def load_model_dir(model_dir: Path, device):
+    """(model in eval mode, tokenizer) from a checkpoint folder, a pretrain output folder (its
+    newest checkpoint) or a model folder (``save_pretrained`` + ``tokenizer.json``); a
+    UsageError naming ``--model-dir`` otherwise."""
+    from fastllm.models import from_pretrained
+    from fastllm.train.checkpoint import resolve_checkpoint
+    from fastllm.train.data import DataError, load_tokenizer
+
+    folder = resolve_checkpoint(model_dir)
+    if folder is None:
+        if not (model_dir / "model.safetensors").is_file():
+            raise UsageError(f"--model-dir: no checkpoint in {model_dir}")
+        folder = model_dir
+    try:
+        tokenizer = load_tokenizer(folder)
+    except DataError as exc:
+        raise UsageError(f"--model-dir: {exc}") from exc
+    return from_pretrained(folder, device=device).eval(), tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     """``fastllm generate``'s handler."""
     if args.max_new_tokens < 0:
@@ -54,21 +74,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     import torch
 
-    from fastllm.models import from_pretrained
-    from fastllm.train.checkpoint import resolve_checkpoint
-    from fastllm.train.data import EOS_TOKEN, DataError, load_tokenizer
+    from fastllm.train.data import EOS_TOKEN
 
-    folder = resolve_checkpoint(args.model_dir)
-    if folder is None:
-        if not (args.model_dir / "model.safetensors").is_file():
-            raise UsageError(f"--model-dir: no checkpoint in {args.model_dir}")
-        folder = args.model_dir  # a model folder (save_pretrained + tokenizer.json)
-    try:
-        tokenizer = load_tokenizer(folder)
-    except DataError as exc:
-        raise UsageError(f"--model-dir: {exc}") from exc
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = from_pretrained(folder, device=device).eval()
+    model, tokenizer = load_model_dir(args.model_dir, device)
 
     eos = tokenizer.token_to_id(EOS_TOKEN)
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids or [eos]

@@ -121,6 +121,23 @@ def next_tokens(logits: Tensor, *, do_sample: bool, temperature: float, top_k: i
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _step_tokens(logits: Tensor, seen: Optional[Tensor], unfinished: Tensor,
+                 eos: Optional[Tensor], *, repetition_penalty: float, pad_token_id: int,
+                 **sampling) -> tuple[Tensor, Tensor]:
+    """One decoding step's tokens (B,) from its logits (B, V) -- the repetition penalty over
+    ``seen`` (B, V) bool (updated in place), greedy or sampled (``next_tokens``),
+    ``pad_token_id`` for finished sequences -- and the sequences still unfinished after it."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    token = next_tokens(logits, **sampling)  # (B,)
+    token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+    if seen is not None:
+        seen.scatter_(1, token[:, None], True)
+    if eos is not None:
+        unfinished = unfinished & ~torch.isin(token, eos)
+    return token, unfinished
+
+
 def generate_stream(
     model,
     input_ids: Tensor,
@@ -208,15 +225,10 @@ def _decode(model, ids: Tensor, mask: Tensor, lengths: Tensor, t_real: int,
     logits = model.lm_head(last[:, 0]).float()  # (B, V)
     cache_seqlens = lengths.to(torch.int32)
     for step in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        token = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                            top_p=top_p, generator=generator)  # (B,)
-        token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        if eos is not None:
-            unfinished = unfinished & ~torch.isin(token, eos)
+        token, unfinished = _step_tokens(
+            logits, seen, unfinished, eos, repetition_penalty=repetition_penalty,
+            pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, generator=generator)  # (B,)
         yield token
         if step == max_new_tokens - 1 or (eos is not None and not bool(unfinished.any())):
             return
@@ -374,15 +386,10 @@ def _decode_seq2seq(model, ids: Tensor, mask: Optional[Tensor], max_new_tokens: 
                                        mask)  # (B, 1, C)
         logits = model._logits(hidden[:, 0]).float()  # (B, V)
         cache_seqlens = cache_seqlens + 1
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        token = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                            top_p=top_p, generator=generator)  # (B,)
-        token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        if eos is not None:
-            unfinished = unfinished & ~torch.isin(token, eos)
+        token, unfinished = _step_tokens(
+            logits, seen, unfinished, eos, repetition_penalty=repetition_penalty,
+            pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, generator=generator)  # (B,)
         yield token
         if eos is not None and not bool(unfinished.any()):
             return

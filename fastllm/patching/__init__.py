@@ -40,7 +40,7 @@ import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

@@ -155,24 +155,32 @@ def causal_lm_loss(
     lm_head_weight: Tensor,
     labels: Tensor,
     num_items_in_batch: Union[None, int, Tensor] = None,
+    *,
+    shift_labels: Optional[Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Next-token cross-entropy from the final hidden states, by the fused
     ``linear_cross_entropy`` (the (B*T, V) logits are never held).
 
     hidden (B, T, C), lm_head_weight (V, C), labels (B, T): position t predicts
-    ``labels[:, t + 1]`` (the shift happens here, as in Hugging Face), ``-100`` is ignored.
+    ``labels[:, t + 1]`` (the shift happens here, as in Hugging Face), ``ignore_index``
+    (-100) is ignored. ``shift_labels`` (B, T), already shifted (Hugging Face's argument of
+    that name), replace ``labels`` and the shift: position t predicts ``shift_labels[:, t]``.
     Without ``num_items_in_batch`` the loss is the mean over the non-ignored targets; with
     it, ``sum / num_items_in_batch``: pass the number of non-ignored (shifted) targets of the
     whole accumulated batch, and the summed micro-batch losses equal the full-batch loss.
     Returned in float32 (see :class:`CausalLMOutput`).
     """
-    hidden = hidden[:, :-1, :]  # (B, T-1, C)
-    targets = labels[:, 1:].long()  # (B, T-1)
+    if shift_labels is None:
+        hidden = hidden[:, :-1, :]  # (B, T-1, C)
+        targets = labels[:, 1:].long()  # (B, T-1)
+    else:
+        targets = shift_labels.to(hidden.device).long()  # (B, T)
     if num_items_in_batch is None:
-        loss = linear_cross_entropy(hidden, lm_head_weight, targets, ignore_index=IGNORE_INDEX)
+        loss = linear_cross_entropy(hidden, lm_head_weight, targets, ignore_index=ignore_index)
         return loss.float()
     total = linear_cross_entropy(
-        hidden, lm_head_weight, targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        hidden, lm_head_weight, targets, ignore_index=ignore_index, reduction="sum"
     )
     return total.float() / num_items_in_batch
 

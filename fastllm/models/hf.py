@@ -266,14 +266,7 @@ def _encoder_decoder_from_hf(config: dict[str, Any], state: dict[str, Tensor], *
             expected.discard(k)
     if "final_logits_bias" not in state:  # HF: _keys_to_ignore_on_load_missing
         state["final_logits_bias"] = torch.zeros(1, ours.target_vocab_size)
-    missing = sorted(expected - set(state))
-    if missing:
-        raise KeyError(f"from_pretrained: the checkpoint lacks {len(missing)} tensors the "
-                       f"EncoderDecoder needs: {missing}")
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise KeyError(f"from_pretrained: the checkpoint has {len(unexpected)} tensors the "
-                       f"EncoderDecoder does not know: {unexpected}")
+    check_state_keys("EncoderDecoder", expected, set(state))
     # copies: the returned model never shares storage with an in-memory source model
     model.load_state_dict({k: v.to(dtype, copy=True) for k, v in state.items()}, strict=False,
                           assign=True)
@@ -371,6 +364,20 @@ def from_pretrained(source: Union[str, os.PathLike, torch.nn.Module], *, dtype=N
     return build_model(cls, ours_config, state, dtype=dtype, device=device)
 
 
+def check_state_keys(owner: str, expected: set[str], present: set[str], *,
+                     optional: set = frozenset()) -> None:
+    """A KeyError listing the tensors ``owner`` needs that the checkpoint lacks (``optional``
+    ones aside), else one listing the tensors it has that ``owner`` does not know."""
+    missing = sorted(expected - present - set(optional))
+    if missing:
+        raise KeyError(f"from_pretrained: the checkpoint lacks {len(missing)} tensors the "
+                       f"{owner} needs: {missing}")
+    unexpected = sorted(present - expected)
+    if unexpected:
+        raise KeyError(f"from_pretrained: the checkpoint has {len(unexpected)} tensors the "
+                       f"{owner} does not know: {unexpected}")
+
+
 def build_model(cls, ours_config, state: dict[str, Tensor], *, dtype=None,
                 device=None) -> torch.nn.Module:
     """``cls(ours_config)`` holding ``state`` (fastllm / HF names), built on meta and loaded
@@ -381,14 +388,7 @@ def build_model(cls, ours_config, state: dict[str, Tensor], *, dtype=None,
         model = cls(ours_config)
     expected = set(model.state_dict())
     tied = "lm_head.weight" if (cls is GPT or ours_config.tie_word_embeddings) else None
-    missing = sorted(expected - set(state) - {tied})
-    if missing:
-        raise KeyError(f"from_pretrained: the checkpoint lacks {len(missing)} tensors the "
-                       f"{cls.__name__} needs: {missing}")
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise KeyError(f"from_pretrained: the checkpoint has {len(unexpected)} tensors the "
-                       f"{cls.__name__} does not know: {unexpected}")
+    check_state_keys(cls.__name__, expected, set(state), optional={tied})
     if tied is not None:
         state.pop(tied, None)  # re-tied below, to the embedding
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)

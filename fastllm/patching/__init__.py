@@ -208,7 +208,7 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norm: bool = True,
                 )
         for m in hf_models:
             _plan_hf(plan, model, m, switches, keep_logits)
-    _plan_modules(plan, model, hf_models, switches)
+    _plan_modules(plan, model, switches)
 
     undo_steps: list[Callable[[], None]] = []
     try:
@@ -358,7 +358,7 @@ def _rotary_forward(module, sliding_window_kwarg: bool):
 
 # ----- plain torch modules ---------------------------------------------------------------------
 
-def _plan_modules(plan: _Plan, root: torch.nn.Module, hf_models, switches: dict) -> None:
+def _plan_modules(plan: _Plan, root: torch.nn.Module, switches: dict) -> None:
     """torch's LayerNorm / RMSNorm / MultiheadAttention / CrossEntropyLoss (exact types: a
     user's subclass may change the math) anywhere under root, Hugging Face models included."""
     swapped: dict[int, torch.nn.Module] = {}

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastllm.functional import apply_rotary_qk, cross_entropy, linear_cross_entropy
+from fastllm.functional import apply_rotary_qk, cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -154,28 +154,18 @@ def fused_causal_lm_forward(self, input_ids=None, attention_mask=None, labels=No
                         logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    from fastllm.models.config import causal_lm_loss
+
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
     base = getattr(self, self.base_model_prefix)
     outputs = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    hidden = outputs[0]  # (B, T, C)
-    if shift_labels is None:
-        hidden, targets = hidden[:, :-1, :], labels[:, 1:]
-    else:
-        targets = shift_labels
-    targets = targets.to(hidden.device).long()
-    if num_items_in_batch is None:
-        loss = linear_cross_entropy(hidden, self.lm_head.weight, targets,
-                                    ignore_index=ignore_index)
-    else:
-        loss = linear_cross_entropy(hidden, self.lm_head.weight, targets,
-                                    ignore_index=ignore_index, reduction="sum")
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    loss = causal_lm_loss(outputs[0], self.lm_head.weight, labels.to(outputs[0].device),
+                          num_items_in_batch, shift_labels=shift_labels,
+                          ignore_index=ignore_index)
     # the base model's other outputs, under the names the head model's output shares with it
     # (transformers 5 renamed past_key_values to cache)
     extra = {k: v for k, v in outputs.items()
              if k in ("cache", "past_key_values", "hidden_states", "attentions")}
-    return CausalLMOutputWithPast(loss=loss.float(), logits=None, **extra)
+    return CausalLMOutputWithPast(loss=loss, logits=None, **extra)

@@ -257,12 +257,3 @@ def register() -> None:
     AttentionInterface.register(NAME, fastllm_attention_forward)
     AttentionMaskInterface.register(NAME, fastllm_mask)
 
-
-def is_registered() -> bool:
-    if "transformers" not in sys.modules:
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    return (AttentionInterface._global_mapping.get(NAME) is fastllm_attention_forward
-            and AttentionMaskInterface._global_mapping.get(NAME) is fastllm_mask)

@@ -171,10 +171,10 @@ def test_ctrl_c_saves_then_resume_matches(how, corpus, reference, tmp_path, monk
     KeyboardInterrupt raised inside step 5's forward leaves the weights of step 5 done."""
     original = loop.accumulate_gradients
 
-    def interrupted(model, stream, cfg, step, device):
+    def interrupted(model, objective, cfg, step, device):
         if how == "keyboard_interrupt" and step == 5:
             raise KeyboardInterrupt
-        loss = original(model, stream, cfg, step, device)
+        loss = original(model, objective, cfg, step, device)
         if how == "sigint" and step == 3:
             signal.raise_signal(signal.SIGINT)
         return loss

@@ -1,10 +1,10 @@
-"""The pre-training loop: AdamW, warmup + cosine learning rate, gradient accumulation,
+"""The training loop of every objective (fastllm/train/objectives.py): AdamW, warmup + cosine learning rate, gradient accumulation,
 clipping, held-out perplexity, checkpoints, metrics JSONL and the loss / learning-rate plot.
 
-One optimizer step ("step") takes ``grad_accum`` micro-batches of ``batch_size`` windows of
-``seq_len`` tokens. Each micro-batch's loss is its summed token loss divided by the number of
-predicted tokens of the whole step (``num_items_in_batch``), so the accumulated gradient is
-exactly the gradient of the step's mean loss. Everything a step depends on is a function of
+One optimizer step ("step") takes ``grad_accum`` micro-batches of ``batch_size`` rows (for
+causal LM, windows of ``seq_len`` tokens). Each micro-batch's loss is its summed loss divided
+by the count of the whole step (``num_items_in_batch``, from ``objective.normalisers``), so the
+accumulated gradient is exactly the gradient of the step's mean loss. Everything a step depends on is a function of
 (seed, step) and the saved state (weights, AdamW moments, RNG), so a resumed run repeats an
 uninterrupted one bit for bit.
 
@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 
 from fastllm.train import checkpoint as ckpt
-from fastllm.train.data import get_batch
+from fastllm.train.objectives import Objective, n_rows, rows, to_device
 
 logger = logging.getLogger("fastllm.train")
 
@@ -107,37 +106,36 @@ def _autocast(bf16: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def accumulate_gradients(model: Callable, stream: Tensor, cfg: TrainConfig, step: int,
+def accumulate_gradients(model: Callable, objective: Objective, cfg: TrainConfig, step: int,
                          device: torch.device) -> float:
     """Forward and backward of step ``step``'s ``grad_accum`` micro-batches into the
-    parameters' ``.grad``; returns the step's mean token loss."""
-    windows = get_batch(stream, cfg.batch_size * cfg.grad_accum, cfg.seq_len, cfg.seed, step)
-    windows = windows.to(device)  # (grad_accum * B, T)
-    num_items = windows.shape[0] * (cfg.seq_len - 1)  # predicted tokens of the whole step
+    parameters' ``.grad``; returns the step's mean loss."""
+    batch = objective.step_batch(step, cfg.batch_size * cfg.grad_accum)  # all the step's rows
+    normalisers = objective.normalisers(batch)
     total = 0.0
-    for input_ids in windows.split(cfg.batch_size):  # (B, T) each
+    for start in range(0, n_rows(batch), cfg.batch_size):
+        micro = to_device(rows(batch, start, start + cfg.batch_size), device)  # (B, ...) each
         with _autocast(cfg.bf16, device):
-            loss = model(input_ids, labels=input_ids, num_items_in_batch=num_items).loss
+            loss = model(**micro, **normalisers).loss
         loss.backward()
         total += loss.item()
     return total
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, windows: Tensor, cfg: TrainConfig,
-             device: torch.device) -> float:
-    """Mean token loss of the held-out ``windows`` (R, T)."""
+def evaluate(model: torch.nn.Module, batches: list, cfg: TrainConfig,
+             device: torch.device, objective: Objective) -> float:
+    """Mean loss of the held-out ``batches`` (``objective.eval_batches``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for input_ids in windows.split(cfg.batch_size):
-        input_ids = input_ids.to(device)  # (B, T)
+    for batch in batches:
         with _autocast(cfg.bf16, device):
-            loss = model(input_ids, labels=input_ids, num_items_in_batch=1).loss  # summed
-        total += loss.item()
-        count += input_ids.shape[0] * (input_ids.shape[1] - 1)
+            s, c = objective.eval_sums(model, to_device(batch, device))
+        total += s
+        count += c
     model.train(was_training)
-    return total / count
+    return total / max(count, 1)
 
 
 class MetricsLog:
@@ -228,8 +226,7 @@ def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     tokenizer,
-    train_stream: Tensor,
-    eval_windows: Tensor,
+    objective: Objective,
     cfg: TrainConfig,
     output_dir: Path,
     *,
@@ -238,8 +235,10 @@ def train(
     run_state: dict[str, Any],
     compiled: Optional[Callable] = None,
     device: torch.device = torch.device("cpu"),
+    desc: str = "train",
 ) -> TrainResult:
-    """Trains ``model`` from ``start_step`` to ``cfg.steps`` (see the module docstring).
+    """Trains ``model`` on ``objective`` from ``start_step`` to ``cfg.steps`` (see the module
+    docstring).
     ``run_state``: what every checkpoint's trainer_state.json records besides the step (arch,
     model config, arguments); ``compiled``: the torch.compile'd model to train with (the
     plain ``model`` is evaluated and saved)."""
@@ -251,6 +250,7 @@ def train(
     step, tokens = start_step, start_tokens
     loss = eval_loss = None
     last_saved = ckpt.resolve_checkpoint(output_dir) if start_step else None
+    eval_batches = objective.eval_batches(cfg.batch_size)
     updating = False
 
     def save() -> Path:
@@ -263,7 +263,7 @@ def train(
         return last_saved
 
     def run_eval() -> float:
-        value = evaluate(model, eval_windows, cfg, device)
+        value = evaluate(model, eval_batches, cfg, device, objective)
         metrics.write({"step": step, "eval_loss": value, "eval_ppl": math.exp(min(value, 700))})
         return value
 
@@ -271,13 +271,13 @@ def train(
     started = time.perf_counter()
     interrupted = False
     with _StopOnSigint() as stop, logging_redirect_tqdm(), tqdm(
-        total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc="pretrain"
+        total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc=desc
     ) as bar:
         try:
             while step < cfg.steps:
                 lr = lr_at(step, cfg)
                 t0 = time.perf_counter()
-                step_loss = accumulate_gradients(forward, train_stream, cfg, step, device)
+                step_loss = accumulate_gradients(forward, objective, cfg, step, device)
                 if not math.isfinite(step_loss):
                     raise NonFiniteLoss(step + 1, step_loss)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -299,7 +299,7 @@ def train(
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{cfg.tokens_per_step / dt:,.0f}",
                                 lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
-                if eval_windows.numel() and (
+                if eval_batches and (
                         step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     eval_loss = run_eval()
                     logger.info("step %d: held-out loss %.4f, perplexity %.2f", step,

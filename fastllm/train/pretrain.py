@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from fastllm.train import data
     from fastllm.train.loop import (METRICS_FILE, PLOT_FILE, NonFiniteLoss, TrainConfig,
                                     make_optimizer, train)
+    from fastllm.train.objectives import CausalLM
 
     output_dir: Path = args.output_dir
     if output_dir.exists() and not output_dir.is_dir():
@@ -330,11 +331,12 @@ def run(args: argparse.Namespace) -> int:
     run_state = {"arch": arch, "config_name": config_name, "model_config": config.to_dict(),
                  "data_fingerprint": fingerprint,
                  "args": {k: _jsonable(v) for k, v in vars(args).items() if k != "handler"}}
-    eval_windows = data.eval_windows(val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    objective = CausalLM(train_stream, data.eval_windows(
+        val_stream, cfg.seq_len, cfg.eval_batches * cfg.batch_size), cfg.seq_len, cfg.seed)
     try:
-        result = train(model, optimizer, tokenizer, train_stream, eval_windows, cfg,
-                       output_dir, start_step=start_step, start_tokens=start_tokens,
-                       run_state=run_state, compiled=compiled, device=device)
+        result = train(model, optimizer, tokenizer, objective, cfg, output_dir,
+                       start_step=start_step, start_tokens=start_tokens, run_state=run_state,
+                       compiled=compiled, device=device, desc="pretrain")
     except NonFiniteLoss as exc:
         logger.error("%s", exc)
         return 1

@@ -236,12 +236,15 @@ def train(
     compiled: Optional[Callable] = None,
     device: torch.device = torch.device("cpu"),
     desc: str = "train",
+    after_optimizer_step: Optional[Callable[[int], None]] = None,
 ) -> TrainResult:
     """Trains ``model`` on ``objective`` from ``start_step`` to ``cfg.steps`` (see the module
     docstring).
     ``run_state``: what every checkpoint's trainer_state.json records besides the step (arch,
     model config, arguments); ``compiled``: the torch.compile'd model to train with (the
-    plain ``model`` is evaluated and saved)."""
+    plain ``model`` is evaluated and saved); ``after_optimizer_step(step)``: called with the
+    0-based step after its optimizer step, while the gradients are still there (AdaLoRA's
+    ``update_and_allocate`` needs them)."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -286,6 +289,8 @@ def train(
                     group["lr"] = lr
                 updating = True
                 optimizer.step()
+                if after_optimizer_step is not None:
+                    after_optimizer_step(step)
                 updating = False
                 optimizer.zero_grad(set_to_none=True)
                 step, tokens, loss = step + 1, tokens + cfg.tokens_per_step, step_loss

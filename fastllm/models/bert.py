@@ -152,7 +152,10 @@ BERT_CONFIGS: dict[str, dict] = {
     "all-minilm-l6-v2": dict(
         hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
     ),
-    # tests / CPU
+    # tests / CPU (bert-mini: google/bert_uncased_L-4_H-256_A-4's shape)
+    "bert-mini": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+    ),
     "bert-tiny": dict(
         vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=128,

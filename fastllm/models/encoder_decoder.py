@@ -127,7 +127,10 @@ class EncoderDecoderConfig(ModelConfig):
                             position_embedding="sinusoidal", layernorm_embedding=False,
                             pad_token_id=58100, bos_token_id=0, eos_token_id=0,
                             decoder_start_token_id=58100),
-        # small ones for tests and CPU experiments
+        # small ones for tests and CPU experiments (bart-mini: fastllm pretrain --arch bart)
+        "bart-mini": dict(max_position_embeddings=512, d_model=192, encoder_layers=3,
+                          decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+                          encoder_ffn_dim=768, decoder_ffn_dim=768),
         "bart-tiny": dict(vocab_size=99, max_position_embeddings=64, d_model=32,
                           encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                           decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37),

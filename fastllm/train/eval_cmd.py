@@ -1,7 +1,7 @@
 """``fastllm eval``: the perplexity of a ``fastllm pretrain`` checkpoint on a corpus.
 
     fastllm eval --model-dir DIR --data-dir PATH [--seq-len T] [--batch-size B]
-                 [--max-windows N] [--text-field NAME] [--device DEVICE]
+                 [--max-windows N] [--seed S] [--text-field NAME] [--device DEVICE]
 
 The corpus (text files, folders of them, JSONL; as ``fastllm pretrain`` reads it) is
 tokenized with the checkpoint's tokenizer into one stream and cut into consecutive windows
@@ -9,6 +9,14 @@ of ``--seq-len`` tokens (default: the model's position table); every token after
 first is predicted, and the mean next-token loss and its exponential, the perplexity, are
 printed (and written as JSON with ``--json``). Classification accuracy / F1 come with
 ``fastllm finetune``.
+
+A BERT checkpoint (``fastllm pretrain --arch bert``) is scored on its masked-LM loss: the
+corpus's sentences packed in order into ``[CLS] text [SEP]`` rows of ``--seq-len`` tokens
+(default: the length it was trained on, else its position table), 15 % of each row's tokens
+masked as in training (80 / 10 / 10) by a generator seeded by ``--seed``; the loss per masked
+token and its exponential are printed. A BART checkpoint is scored the same way on the
+denoising loss: each row corrupted as in training (sentence permutation, text infilling),
+the loss per target token of its reconstruction (fastllm/train/mlm.py, denoising.py).
 """
 
 from __future__ import annotations
@@ -36,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
     p.add_argument("--seq-len", type=int, help="window length (default: the position table)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows "
+                   "(bert, bart: rows)")
+    p.add_argument("--seed", type=int, default=0, help="bert, bart: the seed of the masking "
+                   "/ corruption (default 0)")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the result here")
     p.set_defaults(handler=run)
@@ -60,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_model_dir(args.model_dir, device)
+    from fastllm.models import BertForPreTraining, EncoderDecoder
+
+    if isinstance(model, (BertForPreTraining, EncoderDecoder)):
+        return _run_sentences(args, docs, model, tokenizer, device)
     limit = model._max_positions()
     seq_len = args.seq_len or limit or 1024
     if limit is not None and seq_len > limit:
@@ -83,8 +98,73 @@ def run(args: argparse.Namespace) -> int:
               "windows": windows, "seq_len": seq_len}
     print(f"loss {loss:.4f}  perplexity {math.exp(loss):.2f}  "
           f"({count} predicted tokens in {windows} windows of {seq_len})")
-    if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path, result: dict) -> None:
+    if path:
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
+        tmp.replace(path)
+
+
+def _trained_seq_len(model_dir: Path):
+    """The --seq-len the checkpoint was trained with (its trainer_state.json), else None."""
+    from fastllm.train.checkpoint import TRAINER_STATE, resolve_checkpoint
+
+    folder = resolve_checkpoint(model_dir)
+    if folder is None or not (folder / TRAINER_STATE).is_file():
+        return None
+    return json.loads((folder / TRAINER_STATE).read_text()).get("train_config", {}).get("seq_len")
+
+
+def _run_sentences(args, docs, model, tokenizer, device) -> int:
+    """The masked-LM (BERT) or denoising (BART) loss of the checkpoint on ``docs``."""
+    import torch
+
+    from fastllm.models import BertForPreTraining
+    from fastllm.train import data, denoising, mlm
+
+    bert = isinstance(model, BertForPreTraining)
+    kind = "bert" if bert else "bart"
+    missing = [t for t in data.SPECIAL_TOKENS[kind] if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise UsageError(f"--model-dir: the tokenizer lacks the {kind} special tokens "
+                         f"{' '.join(missing)}")
+    limit = model.config.max_position_embeddings
+    seq_len = args.seq_len or min(_trained_seq_len(args.model_dir) or limit, limit)
+    if seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} is beyond the model's position table ({limit})")
+    least = mlm.MIN_SEQ_LEN if bert else denoising.MIN_SEQ_LEN
+    if seq_len < least:
+        raise UsageError(f"--seq-len must be >= {least} for a {kind} checkpoint, got {seq_len}")
+    sentences = data.sentence_ids(docs, tokenizer)
+    if not sentences:
+        raise UsageError("--data-dir: no sentence in the text")
+    if bert:
+        specials = {tokenizer.token_to_id(t) for t in data.special_tokens_of(tokenizer)}
+        rows = mlm.mlm_eval_rows(sentences, mlm.BertTokens.of(tokenizer), specials, seq_len,
+                                 args.seed)
+    else:
+        rows = denoising.denoising_eval_rows(sentences, denoising.BartTokens.of(tokenizer),
+                                             seq_len, args.seed)
+    n_rows = rows["input_ids"].shape[0]
+    if args.max_windows is not None:
+        n_rows = min(n_rows, args.max_windows)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, n_rows, args.batch_size):
+            batch = {k: v[start: min(start + args.batch_size, n_rows)].to(device)
+                     for k, v in rows.items()}
+            out = model(**batch, num_items_in_batch=1)  # summed over the predicted tokens
+            total += (out.mlm_loss if bert else out.loss).item()
+            count += int((batch["labels"] != -100).sum())
+    loss = total / count
+    what = "masked-LM" if bert else "denoising"
+    result = {"objective": what, "loss": loss, "perplexity": math.exp(loss), "tokens": count,
+              "rows": n_rows, "seq_len": seq_len, "seed": args.seed}
+    print(f"{what} loss {loss:.4f}  perplexity {math.exp(loss):.2f}  ({count} predicted tokens "
+          f"in {n_rows} rows of {seq_len}, seed {args.seed})")
+    _write_json(args.json, result)
     return 0

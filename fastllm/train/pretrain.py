@@ -242,16 +242,16 @@ def _check_sentence_docs(arch: str, train_docs: list, held_docs: list,
     from fastllm.train.data import DataError
     from fastllm.train.mlm import check_nsp_docs
 
-    if not train_docs:
-        n = len(held_docs)
-        raise UsageError(f"--data-dir: the corpus has {n} document(s) with sentences: too few "
-                         f"for --val-fraction {val_fraction}, which holds out whole documents "
-                         f"for --arch {arch} (give more documents or --val-fraction 0)")
     if arch == "bert":
         try:
             check_nsp_docs(train_docs, held_docs, val_fraction)
         except DataError as exc:
             raise UsageError(f"--data-dir: {exc}") from exc
+    if not train_docs:
+        n = len(held_docs)
+        raise UsageError(f"--data-dir: the corpus has {n} document(s) with sentences: too few "
+                         f"for --val-fraction {val_fraction}, which holds out whole documents "
+                         f"for --arch {arch} (give more documents or --val-fraction 0)")
 
 
 # ----- the command ---------------------------------------------------------------------------

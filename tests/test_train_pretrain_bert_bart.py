@@ -231,7 +231,7 @@ def test_loss_decreases(arch, corpus, tmp_path):
                     "--batch-size", 8) == 0
     curve = list(losses(out).values())
     first, last = sum(curve[:3]) / 3, sum(curve[-5:]) / 5
-    assert last < 0.7 * first, f"loss {first:.3f} -> {last:.3f}"
+    assert last < 0.75 * first, f"loss {first:.3f} -> {last:.3f}"  # ~0.65 here
 
 
 @pytest.mark.parametrize("arch", ["bert", "bart"])
@@ -259,7 +259,9 @@ def test_checkpoint_loads_in_transformers(arch, runs, sentences):
         assert isinstance(ours, BertForPreTraining)
         assert (tok.cls_token, tok.sep_token, tok.mask_token, tok.pad_token) == (
             "[CLS]", "[SEP]", "[MASK]", "[PAD]")
-        assert tok("a b", "c")["input_ids"][0] == tok.cls_token_id
+        pair = tok("a b", "c")  # [CLS] A [SEP] B [SEP], token types 0 then 1
+        assert pair["input_ids"][0] == tok.cls_token_id
+        assert pair["input_ids"][-1] == tok.sep_token_id and pair["token_type_ids"][-1] == 1
         theirs = transformers.BertForPreTraining.from_pretrained(folder).eval()
         _, objective = bert_objective(sentences, 32)
         batch = objective.step_batch(0, 4)
@@ -276,6 +278,7 @@ def test_checkpoint_loads_in_transformers(arch, runs, sentences):
         assert isinstance(ours, EncoderDecoder)
         assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.mask_token) == (
             "<s>", "</s>", "<pad>", "<mask>")
+        assert tok("a b")["input_ids"][0] == tok.bos_token_id
         theirs = transformers.BartForConditionalGeneration.from_pretrained(folder).eval()
         t, docs = sentences["bart"]
         batch = denoising.Denoising(docs, [], denoising.BartTokens.of(t), 32, 0, 0).step_batch(0, 4)

@@ -46,10 +46,11 @@ SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "bert": ("[PAD]", "[CLS]", "[SEP]", "[MASK]"),
     "bart": ("<s>", "<pad>", "</s>", "<mask>"),
 }
-_TOKEN_ROLES: dict[str, dict[str, str]] = {
+_TOKEN_ROLES: dict[str, dict] = {
     "causal": {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN},
     "bert": {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-             "mask_token": "[MASK]"},
+             "mask_token": "[MASK]",
+             "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]},
     "bart": {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
              "pad_token": "<pad>", "mask_token": "<mask>"},
 }

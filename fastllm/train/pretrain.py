@@ -55,9 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``fastllm pretrain`` to the command line."""
     p = subparsers.add_parser(
         "pretrain", help="train a language model from scratch",
-        description="Train a causal language model from scratch on text files (or, by "
-        "default, on the pydoc topics every Python ships), with a byte-level BPE tokenizer "
-        "trained on the same text.",
+        description="Train a language model from scratch (a causal LM; BERT with masked-LM "
+        "+ next-sentence prediction; BART with denoising) on text files (or, by default, on "
+        "the pydoc topics every Python ships), with a byte-level BPE tokenizer trained on the "
+        "same text.",
     )
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=ARCHS, help="model family (default gpt2, or the "

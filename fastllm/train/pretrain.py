@@ -485,17 +485,22 @@ def _print_sample(model, tokenizer, args, stream, device) -> None:
           f"---\n{continuation}\n---", file=sys.stdout, flush=True)
 
 
-def _sample_sentences(docs: list, budget: int) -> list:
-    """Sentences of the first document from its first of 10 to ``budget`` tokens (or its
-    first, when none is): as many as fit in ``budget`` tokens, at least one, cut to it."""
-    first = next((i for i, s in enumerate(docs[0]) if 10 <= len(s) <= budget), 0)
+def _first_sentences(sentences: list, budget: int) -> list:
+    """The first ``sentences`` that fit in ``budget`` tokens (at least one, cut to it)."""
     out, used = [], 0
-    for s in docs[0][first:]:
+    for s in sentences:
         if out and used + len(s) > budget:
             break
         out.append(list(s[:budget]))
         used += len(out[-1])
     return out
+
+
+def _sample_sentences(docs: list, budget: int) -> list:
+    """Sentences of the first document from its first of 10 to ``budget`` tokens (headings
+    are shorter; its first sentence when none is) that fit in ``budget`` tokens."""
+    first = next((i for i, s in enumerate(docs[0]) if 10 <= len(s) <= budget), 0)
+    return _first_sentences(docs[0][first:], budget)
 
 
 def _print_bert_sample(model, tokenizer, args, docs: list, device) -> None:
@@ -511,7 +516,8 @@ def _print_bert_sample(model, tokenizer, args, docs: list, device) -> None:
     t = BertTokens.of(tokenizer)
     budget = min(args.seq_len, _positions(model.config)) - 2
     if args.prompt is not None:
-        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids[:budget]
+        # a leading space, as every training sentence has (fastllm/train/data.py)
+        ids = tokenizer.encode(" " + args.prompt.strip(), add_special_tokens=False).ids[:budget]
     else:
         ids = _sample_sentences(docs, min(budget, 48))[0]
     if not ids:
@@ -537,7 +543,7 @@ def _print_bert_sample(model, tokenizer, args, docs: list, device) -> None:
             f" (true: {tokenizer.decode([original[pos]])!r})"
         lines.append(f"[MASK] {k + 1}{truth}: {guesses}")
     show = lambda x: tokenizer.decode(x, skip_special_tokens=False).strip()  # noqa: E731
-    print(f"--- sample: masked held-out text ---\n{show(ids)}\n--- top-5 predictions ---\n"
+    print(f"--- sample: masked text ---\n{show(ids)}\n--- top-5 predictions ---\n"
           + "\n".join(lines) + f"\n--- filled with the top predictions ---\n{show(filled)}\n---",
           file=sys.stdout, flush=True)
 
@@ -558,13 +564,14 @@ def _print_bart_sample(model, tokenizer, args, docs: list, device) -> None:
     noiser = Denoising([], [], t, limit, args.seed, 0)
     rng = random.Random(args.seed)
     if args.prompt is not None and "<mask>" in args.prompt:
-        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids[: limit - 2]
+        ids = tokenizer.encode(" " + args.prompt.strip(),
+                               add_special_tokens=False).ids[: limit - 2]
         source, target = [t.bos, *ids, t.eos], None
     else:
         if args.prompt is not None:
             sentences = [tokenizer.encode(" " + s, add_special_tokens=False).ids
                          for s in split_sentences(args.prompt)]
-            sentences = _sample_sentences([[s for s in sentences if s]], limit - 2)
+            sentences = _first_sentences([s for s in sentences if s], limit - 2)
         else:
             sentences = _sample_sentences(docs, min(limit - 2, 64))
         if not sentences:
@@ -575,7 +582,7 @@ def _print_bart_sample(model, tokenizer, args, docs: list, device) -> None:
     n_new = min(args.sample_tokens, model.config.max_position_embeddings)
     out = model.generate(torch.tensor([source], device=device), n_new, eos_token_id=t.eos)
     show = lambda x: tokenizer.decode(x, skip_special_tokens=False).strip()  # noqa: E731
-    text = (f"--- sample: corrupted held-out text (sentence permutation + text infilling) ---\n"
+    text = (f"--- sample: corrupted text (sentence permutation + text infilling) ---\n"
             f"{show(source)}\n--- greedy reconstruction ---\n"
             f"{tokenizer.decode(out[0].tolist(), skip_special_tokens=True).strip()}\n")
     if target is not None:

@@ -9,8 +9,8 @@ cross-entropy sees the whole LM-head weight, tied in GPT and untied in Llama: a 
 give other losses or a shape error); only rank 0 writes (one metrics file, each step once,
 complete checkpoints that fastllm.models.from_pretrained loads, no temporaries, one sample);
 a distributed resume repeats the uninterrupted run, and its checkpoint also resumes in one
-process; Ctrl-C (SIGINT to torchrun) stops both ranks after the same step with a checkpoint;
-a launch that does not fit --distributed is refused before anything is written.
+process; Ctrl-C (SIGINT to torchrun) stops both ranks after the same step with a checkpoint,
+and a non-finite loss on one rank stops both at that step; a launch that does not fit --distributed is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -238,6 +238,56 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(corpus, tmp_path):
     assert not list((out / ckpt.CHECKPOINTS).glob(".tmp*"))
     state = json.loads((ckpt.checkpoint_dir(out, step) / ckpt.TRAINER_STATE).read_text())
     assert state["step"] == step  # (resuming a distributed checkpoint: the test above)
+
+
+NAN_ON_RANK_1 = """
+import sys
+from pathlib import Path
+
+import torch
+
+from fastllm.models import GPT, GPTConfig
+from fastllm.train import distributed, loop
+from fastllm.train.objectives import CausalLM
+
+torch.set_num_threads(1)
+par = distributed.setup("ddp", "cpu")
+torch.manual_seed(0)
+model = GPT(GPTConfig.from_name("gpt-nano", vocab_size=64))
+cfg = loop.TrainConfig(steps=6, batch_size=2, seq_len=8, world_size=par.world_size)
+original = loop.accumulate_gradients
+
+
+def poisoned(model, objective, cfg, step, device, distributed=None):
+    loss = original(model, objective, cfg, step, device, distributed=distributed)
+    return float("nan") if distributed.rank == 1 and step == 2 else loss
+
+
+loop.accumulate_gradients = poisoned
+trained = distributed.wrap(par, model)
+objective = CausalLM(torch.arange(400) % 64, torch.zeros(0, 8, dtype=torch.long), 8, 0)
+try:
+    loop.train(model, loop.make_optimizer(model, cfg), None, objective, cfg, Path(sys.argv[1]),
+               run_state={}, distributed=par)
+except loop.NonFiniteLoss as exc:
+    print(f"rank {par.rank} stopped at step {exc.step}", flush=True)
+distributed.teardown(par)
+"""
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd, env = _torchrun_command([])
+    cmd = [*cmd[:cmd.index("-m", 3)], str(script), str(out)]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d stopped at step \d", done.stdout)) == [
+        "rank 0 stopped at step 3", "rank 1 stopped at step 3"]
+    assert list(curve(out)) == [1, 2]  # rank 0's metrics; no checkpoint of the broken step
+    assert not (out / ckpt.CHECKPOINTS).exists()
 
 
 @pytest.mark.parametrize("mode, env, message", [

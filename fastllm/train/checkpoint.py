@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -91,12 +91,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, tokenizer, trainer_state: dict[str, Any],
-                    keep_last: int) -> Path:
+                    optimizer: Union[torch.optim.Optimizer, dict[str, Any]], tokenizer,
+                    trainer_state: dict[str, Any], keep_last: int) -> Path:
     """Writes the checkpoint of ``step`` (see the module docstring) by a rename of a complete
     temporary folder, then deletes all but the newest ``keep_last`` checkpoints. A checkpoint
     of this step that already exists is kept as it is (it holds this same state: the run
-    resumed from it)."""
+    resumed from it). ``optimizer``: the optimizer, or its ``state_dict()`` (a distributed
+    run gathers the full state of a sharded one: fastllm/train/distributed.py)."""
     from fastllm.train.data import save_tokenizer
 
     final = checkpoint_dir(output_dir, step)
@@ -108,7 +109,8 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
     try:
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
+                   tmp / "optimizer.pt")
         torch.save(get_rng_state(), tmp / "rng_state.pt")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         _fsync_dir_files(tmp)

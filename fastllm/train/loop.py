@@ -11,6 +11,21 @@ uninterrupted one bit for bit.
 Stopping: at ``steps``; on Ctrl-C (SIGINT) after the current step, with a checkpoint (a
 second Ctrl-C stops at once; the weights are saved when they are between two updates); on
 a non-finite loss, with its step number and without a checkpoint of the broken weights.
+
+Several processes (``distributed``, fastllm/train/distributed.py): ``batch_size`` is per
+process, so a step's global batch is ``batch_size * grad_accum * world_size`` rows; every
+process draws the step's global rows and trains on its contiguous share
+(``rank * batch_size * grad_accum`` onwards). The normalisers count the global batch, so a
+micro-batch's loss is its share of the global mean; DDP and FSDP *average* the gradients over
+the processes, so each micro-batch's loss is multiplied by ``world_size`` before its backward
+(Hugging Face's Trainer does the same with ``num_items_in_batch``), which makes the averaged
+gradient the gradient of the global mean loss: N processes follow one process with
+``grad_accum * N`` micro-batches. The step's loss, the held-out sums and the stop request are
+summed over the processes (so a non-finite loss or a Ctrl-C on any process stops all of them
+after the same step, and a second Ctrl-C does not abort a process alone: torchrun forwards
+the terminal's Ctrl-C once more). Only rank 0 writes the metrics, the plot and checkpoints,
+and shows the progress bar; under FSDP every process takes part in gathering the checkpoint.
+Tokens and tokens/s count all processes.
 """
 
 from __future__ import annotations
@@ -30,6 +45,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from fastllm.train import checkpoint as ckpt
+from fastllm.train.distributed import Distributed
+from fastllm.train import distributed as dist
 from fastllm.train.objectives import Objective, n_rows, rows, to_device
 
 logger = logging.getLogger("fastllm.train")
@@ -55,10 +72,12 @@ class TrainConfig:
     eval_batches: int = 8  # micro-batches of held-out windows per evaluation
     save_every: int = 0  # a checkpoint every N steps (0: only at the end and on Ctrl-C)
     keep_last: int = 2  # checkpoints kept
+    world_size: int = 1  # processes (a step's global batch: batch_size * grad_accum * this)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
+        """Of the global batch (all processes)."""
+        return self.batch_size * self.seq_len * self.grad_accum * self.world_size
 
 
 class NonFiniteLoss(RuntimeError):
@@ -107,35 +126,78 @@ def _autocast(bf16: bool, device: torch.device):
 
 
 def accumulate_gradients(model: Callable, objective: Objective, cfg: TrainConfig, step: int,
-                         device: torch.device) -> float:
+                         device: torch.device, distributed: Optional[Distributed] = None) -> float:
     """Forward and backward of step ``step``'s ``grad_accum`` micro-batches into the
-    parameters' ``.grad``; returns the step's mean loss."""
-    batch = objective.step_batch(step, cfg.batch_size * cfg.grad_accum)  # all the step's rows
-    normalisers = objective.normalisers(batch)
+    parameters' ``.grad``; returns the step's mean loss (under ``distributed``: this
+    process's part of the global mean, see the module docstring)."""
+    if distributed is None or not distributed.enabled:
+        batch = objective.step_batch(step, cfg.batch_size * cfg.grad_accum)  # the step's rows
+        normalisers = objective.normalisers(batch)
+        total = 0.0
+        for start in range(0, n_rows(batch), cfg.batch_size):
+            micro = to_device(rows(batch, start, start + cfg.batch_size), device)  # (B, ...)
+            with _autocast(cfg.bf16, device):
+                loss = model(**micro, **normalisers).loss
+            loss.backward()
+            total += loss.item()
+        return total
+    world, share = distributed.world_size, cfg.batch_size * cfg.grad_accum
+    batch = objective.step_batch(step, share * world)  # the global rows, alike everywhere
+    normalisers = objective.normalisers(batch)  # counted over the global batch
+    batch = rows(batch, distributed.rank * share, (distributed.rank + 1) * share)
     total = 0.0
-    for start in range(0, n_rows(batch), cfg.batch_size):
-        micro = to_device(rows(batch, start, start + cfg.batch_size), device)  # (B, ...) each
-        with _autocast(cfg.bf16, device):
-            loss = model(**micro, **normalisers).loss
-        loss.backward()
+    for start in range(0, share, cfg.batch_size):
+        micro = to_device(rows(batch, start, start + cfg.batch_size), device)  # (B, ...)
+        with dist.no_sync(distributed, start + cfg.batch_size >= share):
+            with _autocast(cfg.bf16, device):
+                loss = model(**micro, **normalisers).loss
+            (loss * world).backward()  # DDP / FSDP average the gradients over the processes
         total += loss.item()
     return total
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list, cfg: TrainConfig,
-             device: torch.device, objective: Objective) -> float:
-    """Mean loss of the held-out ``batches`` (``objective.eval_batches``)."""
+             device: torch.device, objective: Objective,
+             distributed: Optional[Distributed] = None) -> float:
+    """Mean loss of the held-out ``batches`` (``objective.eval_batches``). Under
+    ``distributed`` process r evaluates batches r, r + N, ... and the sums are added up over
+    the processes; under FSDP a process short of a batch runs one more forward whose result
+    it drops (every forward gathers weights from all processes)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        with _autocast(cfg.bf16, device):
-            s, c = objective.eval_sums(model, to_device(batch, device))
-        total += s
-        count += c
+    if distributed is None or not distributed.enabled:
+        for batch in batches:
+            with _autocast(cfg.bf16, device):
+                s, c = objective.eval_sums(model, to_device(batch, device))
+            total += s
+            count += c
+    else:
+        world, rank = distributed.world_size, distributed.rank
+        for first in range(0, len(batches), world):
+            mine = first + rank < len(batches)
+            if not mine and distributed.mode != "fsdp":
+                break
+            with _autocast(cfg.bf16, device):
+                s, c = objective.eval_sums(
+                    model, to_device(batches[first + rank if mine else 0], device))
+            if mine:
+                total += s
+                count += c
+        total, count = dist.all_reduce_sum(distributed, [total, count])
     model.train(was_training)
     return total / max(count, 1)
+
+
+class _NoMetrics:
+    """What a process other than rank 0 writes: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLog:
@@ -200,13 +262,16 @@ class _StopOnSigint:
     second one raises KeyboardInterrupt as usual. (Only the main thread can take signals; in
     another thread SIGINT is left as it is.)"""
 
-    def __init__(self):
+    def __init__(self, abort_on_second: bool = True):
         self.requested = False
+        self.abort_on_second = abort_on_second
         self._previous = None
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and self.abort_on_second:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
         logger.warning("interrupted: stopping after this step and saving a checkpoint "
                        "(Ctrl-C again to stop at once)")
@@ -237,6 +302,7 @@ def train(
     device: torch.device = torch.device("cpu"),
     desc: str = "train",
     after_optimizer_step: Optional[Callable[[int], None]] = None,
+    distributed: Optional[Distributed] = None,
 ) -> TrainResult:
     """Trains ``model`` on ``objective`` from ``start_step`` to ``cfg.steps`` (see the module
     docstring).
@@ -244,12 +310,21 @@ def train(
     model config, arguments); ``compiled``: the torch.compile'd model to train with (the
     plain ``model`` is evaluated and saved); ``after_optimizer_step(step)``: called with the
     0-based step after its optimizer step, while the gradients are still there (AdaLoRA's
-    ``update_and_allocate`` needs them)."""
+    ``update_and_allocate`` needs them); ``distributed``: this process's place in a
+    multi-process run (fastllm/train/distributed.py; default: one process); what it trains
+    is the module ``distributed.wrap`` returned, while ``model`` (the unwrapped one; under
+    FSDP the same, sharded) is evaluated and saved; ``cfg.world_size`` must be its."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    par = distributed or Distributed()
+    if cfg.world_size != par.world_size:
+        raise ValueError(f"cfg.world_size is {cfg.world_size}, but {par.world_size} processes "
+                         f"train")
+    if compiled is None and par.ddp is not None:
+        compiled = par.ddp
     forward = compiled if compiled is not None else model
-    metrics = MetricsLog(output_dir / METRICS_FILE, start_step)
+    metrics = MetricsLog(output_dir / METRICS_FILE, start_step) if par.is_main else _NoMetrics()
     step, tokens = start_step, start_tokens
     loss = eval_loss = None
     last_saved = ckpt.resolve_checkpoint(output_dir) if start_step else None
@@ -260,31 +335,52 @@ def train(
         nonlocal last_saved
         state = {**run_state, "step": step, "tokens": tokens, "loss": loss,
                  "train_config": asdict(cfg)}
-        last_saved = ckpt.save_checkpoint(output_dir, step, model, optimizer, tokenizer,
-                                          state, cfg.keep_last)
-        plot_metrics(output_dir)
+        if not par.enabled:
+            last_saved = ckpt.save_checkpoint(output_dir, step, model, optimizer, tokenizer,
+                                              state, cfg.keep_last)
+            plot_metrics(output_dir)
+            return last_saved
+        whole = dist.full_model(par, model)  # collective under FSDP
+        optimizer_state = dist.full_optimizer_state(par, model, optimizer)
+        if par.is_main:
+            ckpt.save_checkpoint(output_dir, step, whole, optimizer_state, tokenizer, state,
+                                 cfg.keep_last)
+            plot_metrics(output_dir)
+        dist.barrier(par)  # the checkpoint is complete when any process goes on
+        last_saved = ckpt.checkpoint_dir(output_dir, step)
         return last_saved
 
     def run_eval() -> float:
-        value = evaluate(model, eval_batches, cfg, device, objective)
+        value = evaluate(model, eval_batches, cfg, device, objective,
+                         **({"distributed": par} if par.enabled else {}))
         metrics.write({"step": step, "eval_loss": value, "eval_ppl": math.exp(min(value, 700))})
         return value
 
     model.train()
     started = time.perf_counter()
     interrupted = False
-    with _StopOnSigint() as stop, logging_redirect_tqdm(), tqdm(
-        total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc=desc
+    with _StopOnSigint(abort_on_second=not par.enabled) as stop, logging_redirect_tqdm(), tqdm(
+        total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc=desc,
+        disable=not par.is_main,
     ) as bar:
         try:
             while step < cfg.steps:
                 lr = lr_at(step, cfg)
                 t0 = time.perf_counter()
-                step_loss = accumulate_gradients(forward, objective, cfg, step, device)
+                if not par.enabled:
+                    step_loss = accumulate_gradients(forward, objective, cfg, step, device)
+                    stopping = None  # read after the step
+                else:  # the global loss, and whether any process was asked to stop
+                    step_loss = accumulate_gradients(forward, objective, cfg, step, device,
+                                                     distributed=par)
+                    step_loss, votes = dist.all_reduce_sum(par, [step_loss, stop.requested])
+                    stopping = votes > 0
                 if not math.isfinite(step_loss):
                     raise NonFiniteLoss(step + 1, step_loss)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                              if cfg.grad_clip > 0 else None)
+                if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()  # FSDP: a replicated DTensor
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 updating = True
@@ -309,7 +405,7 @@ def train(
                     eval_loss = run_eval()
                     logger.info("step %d: held-out loss %.4f, perplexity %.2f", step,
                                 eval_loss, math.exp(min(eval_loss, 700)))
-                if stop.requested:
+                if stop.requested if stopping is None else stopping:
                     interrupted = True
                     break
                 if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):

@@ -131,6 +131,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute each layer's activations in backward")
     train.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    train.add_argument("--distributed", choices=("none", "ddp", "fsdp"),
+                       help="under torchrun: DDP (the default when WORLD_SIZE > 1) or FSDP2; "
+                       "--batch-size is then per process, the global batch batch-size x "
+                       "grad-accum x processes (fastllm/train/distributed.py)")
     p.set_defaults(handler=run)
 
 
@@ -259,7 +263,21 @@ def _check_sentence_docs(arch: str, train_docs: list, held_docs: list,
 
 def run(args: argparse.Namespace) -> int:
     """``fastllm pretrain``'s handler; returns the exit status (0 done, 1 a non-finite loss,
-    130 interrupted)."""
+    130 interrupted). Under torchrun it starts and ends the process group around the run."""
+    from fastllm.train import distributed
+
+    try:
+        par = distributed.setup(args.distributed, args.device)
+    except distributed.DistributedSetupError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        return _run(args, par)
+    finally:
+        distributed.teardown(par)
+
+
+def _run(args: argparse.Namespace, par) -> int:
+    """The run of one process (``par``: its place, fastllm/train/distributed.py)."""
     started = time.perf_counter()
     _check_numbers(args)
     try:
@@ -270,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fastllm.train import checkpoint as ckpt
-    from fastllm.train import data
+    from fastllm.train import data, distributed
     from fastllm.train.loop import (METRICS_FILE, PLOT_FILE, NonFiniteLoss, TrainConfig,
                                     make_optimizer, train)
     from fastllm.train import denoising, mlm
@@ -359,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
                        "will not repeat an uninterrupted run")
 
     steps = args.steps
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * par.world_size
     if steps is None:
         steps = math.ceil(args.tokens / tokens_per_step) if args.tokens else DEFAULT_STEPS[arch]
     lr = DEFAULT_LR[arch] if args.lr is None else args.lr
@@ -371,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         min_lr=lr / 10 if args.min_lr is None else args.min_lr, warmup=args.warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
         bf16=args.bf16, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        save_every=args.save_every, keep_last=args.keep_last,
+        save_every=args.save_every, keep_last=args.keep_last, world_size=par.world_size,
     )
     start_step = start_tokens = 0
     if resumed is not None:
@@ -400,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
         objective = denoising.Denoising(train_docs, held_docs, denoising.BartTokens.of(tokenizer),
                                         cfg.seq_len, cfg.seed, n_eval_rows)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = par.device
     torch.manual_seed(args.seed)
     model = model_cls(config)
     if resumed is not None:
@@ -408,20 +426,22 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
+    trained = distributed.wrap(par, model)  # DDP's wrapper; FSDP shards model in place
     optimizer = make_optimizer(model, cfg)
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer_state"])
+        distributed.load_optimizer_state(par, model, optimizer, resumed["optimizer_state"])
         ckpt.set_rng_state(resumed["rng_state"])
-    compiled = torch.compile(model) if args.compile else None
+    compiled = torch.compile(trained) if args.compile else None
 
-    # from here on the output folder is written
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and resume_from is None:
-        shutil.rmtree(output_dir / ckpt.CHECKPOINTS, ignore_errors=True)
-        for name in (METRICS_FILE, PLOT_FILE):
-            (output_dir / name).unlink(missing_ok=True)
-    ckpt.remove_stale_temporaries(output_dir)
-    data.save_tokenizer(tokenizer, output_dir)
+    # from here on the output folder is written (by rank 0 only)
+    if par.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and resume_from is None:
+            shutil.rmtree(output_dir / ckpt.CHECKPOINTS, ignore_errors=True)
+            for name in (METRICS_FILE, PLOT_FILE):
+                (output_dir / name).unlink(missing_ok=True)
+        ckpt.remove_stale_temporaries(output_dir)
+        data.save_tokenizer(tokenizer, output_dir)
 
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%s %s: %.2fM parameters, vocabulary %d; %s training / %s held-out tokens; "
@@ -435,7 +455,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(model, optimizer, tokenizer, objective, cfg, output_dir,
                        start_step=start_step, start_tokens=start_tokens, run_state=run_state,
-                       compiled=compiled, device=device, desc="pretrain")
+                       compiled=compiled, device=device, desc="pretrain",
+                       distributed=par)
     except NonFiniteLoss as exc:
         logger.error("%s", exc)
         return 1
@@ -447,13 +468,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{math.exp(min(result.eval_loss, 700)):.1f})")
     logger.info("done: %d steps, %s tokens in %.0f s; loss %.4f%s; checkpoint %s", result.step,
                 f"{result.tokens:,}", wall, result.loss, held_out, result.checkpoint)
-    if args.sample_tokens and kind == "causal":
-        _print_sample(model, tokenizer, args, val_stream if val_stream.numel() else train_stream,
-                      device)
-    elif args.sample_tokens and arch == "bert":
-        _print_bert_sample(model, tokenizer, args, held_docs or train_docs, device)
-    elif args.sample_tokens:
-        _print_bart_sample(model, tokenizer, args, held_docs or train_docs, device)
+    sample_model = distributed.full_model(par, model) if args.sample_tokens else None
+    if sample_model is not None:  # rank 0's (under FSDP gathered by all)
+        sample_model = sample_model.to(device)
+        if kind == "causal":
+            _print_sample(sample_model, tokenizer, args,
+                          val_stream if val_stream.numel() else train_stream, device)
+        elif arch == "bert":
+            _print_bert_sample(sample_model, tokenizer, args, held_docs or train_docs, device)
+        else:
+            _print_bart_sample(sample_model, tokenizer, args, held_docs or train_docs, device)
     return 0
 
 

@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -348,7 +349,11 @@ def save_finetuned(model, directory: Path) -> None:
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         scratch = Path(scratch)
         if mode in ("lora", "adalora"):  # peft's own adapter files
-            model.net.save_pretrained(scratch / "adapter")
+            with warnings.catch_warnings():
+                # peft saves AdaLoRA matrices pruned to rank 0 as (0, n) tensors, and takes
+                # them for unsynchronised DeepSpeed / FSDP shards
+                warnings.filterwarnings("ignore", message=".*have invalid shape")
+                model.net.save_pretrained(scratch / "adapter")
             for name in ("adapter_model.safetensors", "adapter_config.json"):
                 shutil.copyfile(scratch / "adapter" / name, directory / name)
         model.tokenizer.save_pretrained(str(scratch / "tokenizer"))
@@ -605,6 +610,8 @@ def run(args: argparse.Namespace) -> int:
                      if args.target_modules else None}
     meta = {"task": args.task, "source": str(Path(source).resolve()), "classes": classes,
             "peft": peft_settings, "steps": args.steps, "seq_len": args.seq_len,
+            "columns": {"text": args.text_column, "text_pair": args.text_pair_column,
+                        "label": args.label_column},
             "data": "default: standard-library docstrings" if args.data_dir is None
             else str(args.data_dir)}
     model, family, limit = assemble(source, args.task, classes, peft_settings, args.steps,
@@ -628,8 +635,9 @@ def run(args: argparse.Namespace) -> int:
         train_rows, eval_rows = encode(train_examples), encode(held_examples)
     except DataError as exc:
         raise UsageError(f"--data-dir: {exc}") from exc
-    if args.eval_batches is not None:
-        eval_rows = eval_rows[: args.eval_batches * args.batch_size]
+    if args.eval_batches is not None and len(eval_rows) > args.eval_batches * args.batch_size:
+        n = args.eval_batches * args.batch_size  # evenly spread over the held-out rows
+        eval_rows = [eval_rows[i * len(eval_rows) // n] for i in range(n)]
     objective = tasks.OBJECTIVES[args.task](train_rows, eval_rows, args.seq_len, args.seed,
                                             tokenizer.pad_token_id)
 

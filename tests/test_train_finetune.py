@@ -14,10 +14,8 @@ through its chat template.
 from __future__ import annotations
 
 import csv
-import os
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from fastllm.cli import UsageError, main  # noqa: E402
+from fastllm.cli import main  # noqa: E402
 from fastllm.train import checkpoint as ckpt  # noqa: E402
 from fastllm.train import finetune, loop, tasks  # noqa: E402
 from fastllm.train.data import save_tokenizer, train_tokenizer, Document  # noqa: E402
@@ -288,7 +286,7 @@ def test_adalora_allocates_every_step_and_prunes_ranks(sources, data, tmp_path, 
     ("causal-lm", "gpt2", "AutoModelForCausalLM"),
     ("seq2seq", "bart", "AutoModelForSeq2SeqLM"),
 ])
-@pytest.mark.parametrize("peft_mode", ["lora", "adalora"])
+@pytest.mark.parametrize("peft_mode", ["lora", "adalora", "none"])
 def test_merge_loads_in_transformers_with_the_same_logits(task, family, auto, peft_mode,
                                                           sources, data, tmp_path):
     out = tmp_path / "out"
@@ -343,6 +341,31 @@ def test_resume_is_bit_identical(sources, data, tmp_path):
     wa = load_file(ckpt.checkpoint_dir(straight, STEPS) / finetune.TRAINABLE_FILE)
     wb = load_file(ckpt.checkpoint_dir(resumed, STEPS) / finetune.TRAINABLE_FILE)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_saves_then_resume_matches(sources, data, tmp_path, monkeypatch):
+    args = ("--model-dir", sources["llama"], "--task", "causal-lm", "--data-dir",
+            data["causal-lm"], "--peft", "adalora", *TINY, "--lr", "3e-2", "--min-lr", "3e-2")
+    straight = tmp_path / "straight"
+    assert finetune_cli(*args, "--output-dir", straight) == 0
+    real = loop.accumulate_gradients
+
+    def interrupted(model, objective, cfg, step, device):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(model, objective, cfg, step, device)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "accumulate_gradients", interrupted)
+        assert finetune_cli(*args, "--output-dir", out) == 130
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [5]
+    assert finetune_cli(*args, "--output-dir", out, "--resume") == 0
+    a, b = train_losses(straight), train_losses(out)
+    assert a == b  # AdaLoRA's allocator state and rank masks resumed too
+    wa = load_file(ckpt.checkpoint_dir(straight, STEPS) / finetune.TRAINABLE_FILE)
+    wb = load_file(ckpt.checkpoint_dir(out, STEPS) / finetune.TRAINABLE_FILE)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ----- eval -------------------------------------------------------------------------------------
@@ -457,6 +480,23 @@ def test_existing_checkpoints_need_resume_or_overwrite(sources, data, tmp_path, 
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before
     assert finetune_cli(*args, "--overwrite") == 0
+
+
+def test_from_a_pretrain_checkpoint(data, tmp_path):
+    """SRC = a ``fastllm pretrain`` output folder (its newest checkpoint and tokenizer)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(WORDS.values()) * 50)
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data-dir", str(corpus), "--output-dir", str(pre), "--steps",
+                 "2", "--config", "gpt-nano", "--vocab-size", "300", "--batch-size", "2",
+                 "--seq-len", "16", "--sample-tokens", "0"]) == 0
+    out = tmp_path / "out"
+    assert finetune_cli("--model-dir", pre, "--task", "causal-lm", "--data-dir",
+                        data["causal-lm"], "--output-dir", out, *TINY, "--steps", 2,
+                        "--seq-len", 64) == 0
+    meta = json.loads((last_checkpoint(out) / finetune.FINETUNE_FILE).read_text())
+    assert meta["source"] == str(ckpt.checkpoint_dir(pre, 2).resolve())
+    assert meta["family"] == "gpt2"
 
 
 def test_aliases(sources, data, tmp_path):

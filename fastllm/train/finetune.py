@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -115,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--eval-batches", type=int, metavar="N",
                    help="at most N held-out micro-batches per evaluation (default: all)")
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128, help="tokens per row at most")
     t.add_argument("--grad-accum", type=int, default=1)

@@ -25,6 +25,10 @@ uninterrupted run bit for bit. ``--merge`` also writes ``merged/``: the weights 
 folded in, in Hugging Face's layout (``transformers.AutoModelForSequenceClassification`` /
 ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM`` load it). Classification runs end with
 ``eval_results.json`` (accuracy, macro-F1, per class) on the held-out rows.
+
+Weights are trained in float32 (``--bf16``: bfloat16 autocast). Batches are padded on the
+right; a decoder-only classifier reads the last real token (HF's ``*ForSequenceClassification``
+convention).
 """
 
 from __future__ import annotations

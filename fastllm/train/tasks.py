@@ -127,7 +127,7 @@ def _hold_out(rows: list[Example], val_fraction: float, seed: int):
 
 def _records(path: Path) -> list[tuple[str, dict]]:
     """(where, record) of each CSV / TSV row or JSONL line; DataError for an empty file."""
-    text = _read_text(path)
+    text = _read_text(path).removeprefix("\ufeff")  # a spreadsheet's byte-order mark
     out = []
     if path.suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv"

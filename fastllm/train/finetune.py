@@ -54,7 +54,7 @@ ADALORA_FILE = "adalora_state.pt"
 HF_TOKENIZER_CONFIG = "hf_tokenizer_config.json"
 MERGED_DIR = "merged"
 RESULTS_FILE = "eval_results.json"
-DEFAULT_LR = {"none": 5e-5, "lora": 1e-3, "adalora": 1e-3, "adapter": 1e-3}
+DEFAULT_LR = {"none": 5e-5, "lora": 3e-3, "adalora": 3e-3, "adapter": 1e-3}
 TASK_FAMILIES = {"classification": ("bert", "gpt2", "llama"), "causal-lm": ("gpt2", "llama"),
                  "seq2seq": ("bart",)}
 
@@ -122,8 +122,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=128, help="tokens per row at most")
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, help="peak learning rate (default 5e-5 with --peft "
-                   "none, 1e-3 otherwise)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 with lora / "
+                   "adalora, 1e-3 with adapter, 5e-5 with none)")
     t.add_argument("--min-lr", type=float, help="at the end of the cosine (default lr / 10)")
     t.add_argument("--warmup", type=int, help="warmup steps (default steps / 10)")
     t.add_argument("--weight-decay", type=float, default=0.0)

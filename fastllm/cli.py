@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 COMMANDS: dict[str, str] = {
     "bench": "fastllm.bench.run",
     "pretrain": "fastllm.train.pretrain",
+    "finetune": "fastllm.train.finetune",
     "generate": "fastllm.train.generate_cmd",
     "eval": "fastllm.train.eval_cmd",
 }

@@ -7,8 +7,7 @@ The corpus (text files, folders of them, JSONL; as ``fastllm pretrain`` reads it
 tokenized with the checkpoint's tokenizer into one stream and cut into consecutive windows
 of ``--seq-len`` tokens (default: the model's position table); every token after a window's
 first is predicted, and the mean next-token loss and its exponential, the perplexity, are
-printed (and written as JSON with ``--json``). Classification accuracy / F1 come with
-``fastllm finetune``.
+printed (and written as JSON with ``--json``).
 
 A BERT checkpoint (``fastllm pretrain --arch bert``) is scored on its masked-LM loss: the
 corpus's sentences packed in order into ``[CLS] text [SEP]`` rows of ``--seq-len`` tokens
@@ -17,6 +16,11 @@ masked as in training (80 / 10 / 10) by a generator seeded by ``--seed``; the lo
 token and its exponential are printed. A BART checkpoint is scored the same way on the
 denoising loss: each row corrupted as in training (sentence permutation, text infilling),
 the loss per target token of its reconstruction (fastllm/train/mlm.py, denoising.py).
+
+A ``fastllm finetune`` output folder, checkpoint or merged export is evaluated on its own
+task's data (:func:`run_finetuned`): accuracy and macro-F1 (and per-class precision / recall /
+F1) for a classifier, on CSV / TSV / JSONL rows with the run's text and label columns; loss
+and perplexity of the response (causal-lm) or target (seq2seq) tokens otherwise.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    from fastllm.train.finetune import is_finetuned
+
+    if is_finetuned(args.model_dir):
+        return run_finetuned(args)
     from fastllm.train.data import DataError, read_corpus, token_stream
 
     try:  # the data first: a bad path is reported before the model is loaded
@@ -167,4 +175,70 @@ def _run_sentences(args, docs, model, tokenizer, device) -> int:
     print(f"{what} loss {loss:.4f}  perplexity {math.exp(loss):.2f}  ({count} predicted tokens "
           f"in {n_rows} rows of {seq_len}, seed {args.seed})")
     _write_json(args.json, result)
+    return 0
+
+
+def run_finetuned(args: argparse.Namespace) -> int:
+    """``fastllm eval`` of a ``fastllm finetune`` checkpoint (module docstring)."""
+    import torch
+
+    from fastllm.train import tasks
+    from fastllm.train.data import DataError
+    from fastllm.train.finetune import load_finetuned
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, meta = load_finetuned(args.model_dir, device)
+    task, classes = meta["task"], meta.get("classes")
+    seq_len = args.seq_len or meta["seq_len"]
+    columns = meta.get("columns", {})
+    try:
+        if task == "classification":
+            reader = tasks.classification_reader(
+                columns.get("text", args.text_field), columns.get("text_pair", "text_pair"),
+                columns.get("label", "label"))
+        else:
+            reader = tasks.READERS[task][0]
+        examples = [e for path in args.data_dir
+                    for e in tasks.read_all(path, reader, tasks.READERS[task][1])]
+        if args.max_windows is not None:
+            examples = examples[: args.max_windows]
+        if task == "classification":
+            tasks.class_names([], examples, classes)  # every label must be a known class
+            rows = tasks.encode_classification(examples, tokenizer, classes, seq_len,
+                                               token_types=meta["family"] == "bert")
+        elif task == "causal-lm":
+            rows = tasks.encode_causal_lm(examples, tokenizer, seq_len)
+        else:
+            base = model.net.get_base_model() if hasattr(model.net, "get_base_model") \
+                else model.net
+            eos = base.config.eos_token_id if base.config.eos_token_id is not None \
+                else tokenizer.eos_token_id
+            rows = tasks.encode_seq2seq(examples, tokenizer, seq_len, eos)
+    except DataError as exc:
+        raise UsageError(f"--data-dir: {exc}") from exc
+    objective = tasks.OBJECTIVES[task](rows, rows, seq_len, 0, tokenizer.pad_token_id)
+    batches = objective.eval_batches(args.batch_size)
+    if task == "classification":
+        preds, golds = tasks.predict(model, batches, device)
+        result = tasks.classification_metrics(preds, golds, classes)
+        print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+              f"({len(golds)} examples, {len(classes)} classes)")
+        for name, c in result["per_class"].items():
+            print(f"  {name:>20s}  precision {c['precision']:.3f}  recall {c['recall']:.3f}  "
+                  f"F1 {c['f1']:.3f}  support {c['support']}")
+    else:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                s, c = objective.eval_sums(model, {k: v.to(device) for k, v in batch.items()})
+                total, count = total + s, count + c
+        loss = total / max(count, 1)
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count,
+                  "examples": len(rows)}
+        print(f"loss {loss:.4f}  perplexity {result['perplexity']:.2f}  ({count} predicted "
+              f"tokens in {len(rows)} examples)")
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.json)
     return 0

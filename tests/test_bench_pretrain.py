@@ -57,12 +57,13 @@ def test_bench_pretrain_smoke(corpus, tmp_path):
              "LlamaForCausalLM")):
         # the table: header, alignment row, one row per contender
         lines = [line for line in stdout.splitlines() if line.startswith("|")]
-        assert lines[0].startswith("| case | contender | tokens/s | vs HF | peak RSS MiB |")
+        assert lines[0].startswith("| case | contender | tokens/s | runs' range | vs HF | "
+                                   "peak RSS MiB |")
         rows = [line.split("|")[1:-1] for line in lines[2:]]
         assert [(r[0].strip(), r[1].strip()) for r in rows] == [
             (case, "fastllm pretrain"), (case, f"HF sdpa ({hf_class})")]
         for row in rows:
-            assert float(row[2]) > 0 and float(row[4]) > 0  # tokens/s, peak RSS MiB
+            assert float(row[2]) > 0 and float(row[5]) > 0  # tokens/s, peak RSS MiB
         assert "OMP_NUM_THREADS=1" in stdout and "CPU kernel path:" in stdout
         assert "ru_maxrss" in stdout
 
@@ -71,6 +72,7 @@ def test_bench_pretrain_smoke(corpus, tmp_path):
         assert "getrusage" in report["memory_measure"] and report["cpu_kernel_path"]
         assert report["plan"]["steps"] == 2 and report["plan"]["repeats"] == 1
         (entry,) = report["cases"]
+        assert len(entry["load_average"]) == 2
         assert entry["case"] == case
         ours, hf = entry["results"]["fastllm pretrain"], entry["results"]["HF sdpa"]
         assert hf["hf_class"] == hf_class and hf["attn_implementation"] == "sdpa"

@@ -31,8 +31,9 @@ backward, float32 weights and AdamW; the HF loop autocasts the same way.
 Each run is its own subprocess (``python -m fastllm.bench.pretrain --worker ...``), run one
 after the other and alternated (repeat r runs the contenders in reverse order when r is
 odd), so that noise from other processes falls on all of them alike. tokens/s of one run:
-tokens of the steps after the first ``--skip-steps`` (warm-up) / the sum of those steps'
-times; reported: the median over ``--repeats`` runs.
+B * T / the median time of its steps after the first ``--skip-steps`` (warm-up); reported:
+the median over ``--repeats`` runs, with the range of the runs (the load average before and
+after each case is printed too).
 
 Memory: the peak resident set size of the worker process, from
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` read in the worker right after its last
@@ -407,8 +408,10 @@ def _summarise(plan: Plan, runs: list[dict]) -> dict[str, Any]:
     if len(ok) < len(runs):
         summary["error"] = next(r["error"] for r in runs if "error" in r)
         return summary
-    rates = [plan.tokens_per_step * len(r["step_times_s"][plan.skip_steps:])
-             / sum(r["step_times_s"][plan.skip_steps:]) for r in ok]
+    # a run's rate from its median timed step: a step stretched by another process taking
+    # the core (a shared machine) moves a mean, not a median
+    rates = [plan.tokens_per_step / statistics.median(r["step_times_s"][plan.skip_steps:])
+             for r in ok]
     mib = 1024 ** 2
     median = lambda key: statistics.median(r[key] for r in ok)  # noqa: E731
     summary.update(
@@ -486,6 +489,7 @@ def run(args: argparse.Namespace) -> int:
         for arch, precision in cases:
             cid = case_id(plan, arch, precision)
             runs: dict[str, list[dict]] = {name: [] for name in plan.contenders}
+            load_before = os.getloadavg()[0]
             for repeat in range(plan.repeats):
                 order = plan.contenders if repeat % 2 == 0 else plan.contenders[::-1]
                 for name in order:
@@ -504,7 +508,8 @@ def run(args: argparse.Namespace) -> int:
             results = {name: _summarise(plan, r) for name, r in runs.items()}
             _ratios(results)
             entries.append({"case": cid, "arch": arch, "config": config_name(plan, arch),
-                            "precision": precision, "results": results})
+                            "precision": precision, "results": results,
+                            "load_average": [load_before, os.getloadavg()[0]]})
 
     wall = time.perf_counter() - started
     isa = cpu_kernel_path()
@@ -513,6 +518,10 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(entries, plan))
     print()
     print(_footnote(plan))
+    print(f"\n1-minute load average before / after each case (above {os.cpu_count()}: other "
+          "processes shared the cores, with every contender alike):")
+    for e in entries:
+        print(f"  {e['case']}: {e['load_average'][0]:.2f} / {e['load_average'][1]:.2f}")
     print(f"\nwall time: {wall:.0f} s")
     if args.json:
         report = {"family": FAMILY, "plan": dataclasses.asdict(plan), "backend": backend,
@@ -579,7 +588,7 @@ def _fmt(value: Optional[float], digits: int = 3, suffix: str = "") -> str:
 
 
 def markdown_table(entries, plan: Plan) -> str:
-    headers = ["case", "contender", "tokens/s", "vs HF", "peak RSS MiB", "vs HF",
+    headers = ["case", "contender", "tokens/s", "runs' range", "vs HF", "peak RSS MiB", "vs HF",
                "RSS at start MiB", "training adds MiB", "loss step 1",
                f"loss step {plan.steps}", "max |loss diff|"]
     lines = ["| " + " | ".join(headers) + " |",
@@ -593,6 +602,7 @@ def markdown_table(entries, plan: Plan) -> str:
                 continue
             lines.append("| " + " | ".join([
                 e["case"], label, _fmt(r["tokens_per_s"]),
+                f"{_fmt(min(r['tokens_per_s_runs']))}-{_fmt(max(r['tokens_per_s_runs']))}",
                 _fmt(r.get("tokens_per_s_vs_hf"), suffix="x"), _fmt(r["peak_rss_mib"], 4),
                 _fmt(r.get("peak_rss_vs_hf"), suffix="x"), _fmt(r["rss_at_start_mib"], 4),
                 _fmt(r["training_adds_mib"], 3), f"{r['loss_first']:.4f}",
@@ -604,9 +614,10 @@ def markdown_table(entries, plan: Plan) -> str:
 
 def _footnote(plan: Plan) -> str:
     return "\n".join([
-        "tokens/s: median over runs of (tokens of the timed steps / their summed step time); "
-        "a step is the batch, forward, backward, gradient clipping, AdamW (fused) and "
-        "zero_grad, on both sides. vs HF: against the first HF row of the case (sdpa).",
+        f"tokens/s: median over runs of B * T / the run's median step time, steps "
+        f"{plan.skip_steps + 1}-{plan.steps}; runs' range: the slowest and fastest run. A step "
+        "is the batch, forward, backward, gradient clipping, AdamW (fused) and zero_grad, on "
+        "both sides. vs HF: against the first HF row of the case (sdpa).",
         f"{MEMORY_NOTE}. RSS at start: VmRSS when training begins (model, optimizer, data "
         "loaded); training adds: peak RSS - RSS at start.",
         "losses: the training loss of step 1 and of the last step, and the largest "

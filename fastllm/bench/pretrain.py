@@ -5,6 +5,9 @@ transformers trained by a plain PyTorch loop on the same batches, in the same in
                            [--steps N] [--skip-steps W] [--repeats R] [--hf-attn sdpa|eager ...]
                            [--batch-size B] [--seq-len T] [--data-dir PATH ...]
                            [--vocab-size V] [--config NAME] [--seed S] [--json FILE]
+                           [--only CASE-GLOB ...] [--backend NAME] [--quick]
+
+(``--quick``: 4 steps, 1 left out, 1 run per contender, unless given.)
 
 Contenders, on each case (an architecture, its ``fastllm pretrain`` default config, a
 precision):
@@ -60,7 +63,6 @@ import fnmatch
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -78,6 +80,7 @@ HF_ATTN = ("sdpa", "eager")
 FASTLLM = "fastllm pretrain"
 DEFAULTS = dict(arch=list(ARCHS), precision=list(PRECISIONS), hf_attn=list(HF_ATTN), steps=30,
                 skip_steps=5, repeats=3, batch_size=16, seq_len=128, vocab_size=2048, seed=0)
+QUICK = dict(steps=4, skip_steps=1, repeats=1)  # --quick: a smoke run (given options win)
 # what fastllm pretrain uses by default, repeated by the HF loop
 LR, MIN_LR, WARMUP, WEIGHT_DECAY, GRAD_CLIP, VAL_FRACTION = 2e-3, 2e-4, 50, 0.1, 1.0, 0.05
 
@@ -165,8 +168,9 @@ def make_plan(args: argparse.Namespace, backend: Optional[str]) -> Plan:
     from fastllm.train.data import MIN_VOCAB_SIZE
     from fastllm.train.pretrain import _model_family, _positions
 
+    defaults = {**DEFAULTS, **(QUICK if getattr(args, "quick", False) else {})}
     value = {name: getattr(args, name, None) for name in PRETRAIN_OPTIONS}
-    value = {k: (DEFAULTS[k] if v is None and k in DEFAULTS else v) for k, v in value.items()}
+    value = {k: (defaults[k] if v is None and k in defaults else v) for k, v in value.items()}
     for name in ("steps", "repeats", "batch_size"):
         if value[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value[name]}")
@@ -243,6 +247,8 @@ def _rss_now_bytes() -> Optional[int]:
 
 
 def _peak_rss_bytes() -> int:
+    import resource  # POSIX only
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastllm.bench import pretrain as pretrain_bench
 from fastllm.cli import UsageError
 
 logger = logging.getLogger("fastllm")
@@ -51,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "families", nargs="*", metavar="FAMILY",
         help=f"op families to benchmark (default: all of "
         f"{', '.join(f for f in FAMILIES if f not in STANDALONE)}; "
-        f"{', '.join(sorted(STANDALONE))}: whole models against Hugging Face, run alone)",
+        f"{', '.join(sorted(STANDALONE))}: whole models against Hugging Face, run alone; "
+        "pretrain: fastllm pretrain against a Hugging Face training loop, run alone)",
     )
     bench.add_argument("--quick", action="store_true",
                        help="a smoke run: one small shape, a few timed calls per contender")
@@ -72,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not re-time the page-fault-bound CPU cases with the opposite "
         "THP_MEM_ALLOC_ENABLE setting",
     )
+    pretrain_bench.add_arguments(bench)
     bench.set_defaults(handler=run)
 
 
@@ -162,6 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
     from fastllm.bench import FAMILIES, STANDALONE, load_family
 
+    if pretrain_bench.FAMILY in args.families:  # its own runner and options, run alone
+        if len(args.families) > 1:
+            raise UsageError("pretrain runs alone: fastllm bench pretrain [options]")
+        return pretrain_bench.run(args)
+    pretrain_bench.check_unused(args)
     standalone = [name for name in args.families if name in STANDALONE]
     if standalone:
         if len(args.families) > 1:

@@ -552,6 +552,25 @@ FASTLLM_INLINE __m512 tanh16(__m512 x) {
   return _mm512_or_ps(t, _mm512_and_ps(_mm512_set1_ps(-0.0f), x));
 }
 
+// Software prefetch, kFwdPrefetchAhead bytes ahead while the forward computes the exp-sum of
+// a block from L1 (the next block, or the next row), and kPrefetchAhead bytes ahead of
+// backward's loads: without it the bfloat16 rows ran at a third of the fp32 rows' bytes per
+// second (the loop is too slow per line for the hardware prefetcher to run far enough
+// ahead); with it bf16 forward went 42 -> 31 ms, backward in place 86 -> 32 ms at 4096 x
+// 32000 on the dev machine (fp32: 56 -> 55, 55 -> 51). Distances of 8, 16 and 32 KiB
+// measured the same. A prefetch never faults, so one past the end of a row is fine.
+constexpr int64_t kFwdPrefetchAhead = 8192;
+constexpr int64_t kPrefetchAhead = 2048;
+
+template <class T>
+FASTLLM_INLINE constexpr bool starts_line(int k) {
+  return (static_cast<int64_t>(k) * W * static_cast<int64_t>(sizeof(T))) % 64 == 0;
+}
+
+FASTLLM_INLINE void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
 template <class T, bool kSoftcap, Smoothing kSmooth>
 int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
                  int64_t row_end) {
@@ -593,6 +612,7 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
       const __m512 m_v = _mm512_set1_ps(m);
       __m512 block_weight = _mm512_setzero_ps();
       for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        if (starts_line<T>(k)) prefetch(xb + j + kFwdPrefetchAhead / sizeof(T));
         __m512 z = loadn(xb + j, n);  // padding lanes load as 0
         if (kSoftcap) z = _mm512_mul_ps(softcap, tanh16(_mm512_mul_ps(z, inv_softcap)));
         const __mmask16 lanes = n == W ? __mmask16(0xFFFF) : first_lanes(n);
@@ -666,7 +686,8 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t row_begin, int
     const __m512 lse_lo = _mm512_set1_ps(split.lo);
     const __m512 coef_p = _mm512_set1_ps(k.coef_p);
     const __m512 coef_w = _mm512_set1_ps(k.coef_w);
-    for_each_chunk(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
+    for_each_chunk(vocab, [&](int64_t j, int n, int kk) FASTLLM_INLINE_LAMBDA {
+      if (starts_line<T>(kk)) prefetch(x + j + kPrefetchAhead / sizeof(T));
       __m512 z = loadn(x + j, n);
       __m512 tanh_j = z;
       if (kSoftcap) {

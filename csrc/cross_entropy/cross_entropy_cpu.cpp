@@ -40,18 +40,23 @@
 //     float maximum overflow it, if at all, to the right sign (+inf loss, as torch), never
 //     to -inf or NaN.
 //   - OpenMP gives each thread a contiguous block of rows; small problems use fewer threads.
-//   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C on 8
-//     floats with a Cephes-style exp and tanh (about 1 ulp; exp flushes results below
-//     FLT_MIN to 0), and a portable scalar path built on std::exp / std::tanh, which is
-//     also the plainest statement of the algorithm. float64 logits (used for gradcheck)
-//     always take the scalar path.
+//   - Three instruction paths, chosen at run time (common/cpu_features.h): AVX-512 on 16
+//     floats where the CPU has F/BW/DQ/VL/BF16 (cpu_avx512(); exp as exp2 by vreduceps, a
+//     degree-5 polynomial and vscalefps, about 1.5e-7 relative), AVX2/FMA/F16C on 8 floats
+//     with a Cephes-style exp and tanh (about 1 ulp; exp flushes results below FLT_MIN to 0),
+//     and a portable scalar path built on std::exp / std::tanh, which is also the plainest
+//     statement of the algorithm. FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones.
+//     float64 logits (used for gradcheck) always take the scalar path.
+//   - Backward's gradient is usually a fresh tensor: its first touch (page faults, the OS
+//     clearing each page) cost more than the kernel itself at 4096 x 32000, so the buffer
+//     gets huge pages advised first (common/cpu_memory.h).
 //   - A target outside [0, V) that is not ignore_index is never used as an index: forward
 //     gives the row a NaN loss and reports the first such row in bad_target_row (for C++
 //     callers: the torch glue checks the targets before calling); backward gives the row
 //     NaN gradients.
 //
 // Glossary: rows = N (tokens), vocab = V (classes), T = storage dtype, Acc = accumulation
-// type, W = vector lanes (8 floats), ls = label_smoothing, g = upstream gradient of a row.
+// type, W = vector lanes (8 or 16 floats), ls = label_smoothing, g = upstream gradient of a row.
 #include <omp.h>
 
 #include <algorithm>

@@ -35,10 +35,14 @@
 //     thread's totals (a two-level sum). The threads then add up the totals column block by
 //     column block in thread order: deterministic for a given thread count, no atomics,
 //     any number of rows.
-//   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C
-//     vectors of 8 floats or 4 doubles, whose row tails are partial vectors
-//     (common/cpu_avx2.h), and a portable scalar path for every other CPU, which is also the
-//     plainest statement of the algorithm.
+//   - Three instruction paths, chosen at run time (common/cpu_features.h): AVX-512 vectors of
+//     16 floats where the CPU has F/BW/DQ/VL/BF16 (cpu_avx512(); float64 rows stay on AVX2),
+//     AVX2/FMA/F16C vectors of 8 floats or 4 doubles, both from one source
+//     (norm_cpu_simd.h) and with partial vectors at row tails, and a portable scalar path for
+//     every other CPU, which is also the plainest statement of the algorithm.
+//     FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones.
+//   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
+//     are written: fresh pages cost more than the kernel (common/cpu_memory.h).
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
 //     fork/join costs more than the work. Large inputs are prefetched a row ahead
 //     (kPrefetchMinBytes).

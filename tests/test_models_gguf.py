@@ -241,3 +241,22 @@ def test_smollm2_same_greedy_answer(smollm2):
         answers.append(seq[0, ids.shape[1]:])
     assert torch.equal(answers[0], answers[1]), [tokenizer.decode(a) for a in answers]
     assert "Paris" in tokenizer.decode(answers[0])
+
+
+def test_generate_command_chat(capsys):
+    """``fastllm generate --model-dir FILE.gguf --chat``: transformers' tokenizer of the GGUF
+    file and its chat template around the prompt; greedy decoding answers the question and
+    stops at the end-of-turn token."""
+    from fastllm.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["generate", "--model-dir", str(smollm2_file()), "--prompt",
+                     "What is the capital of France?", "--chat", "--temperature", "0",
+                     "--max-new-tokens", "20"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    prompt, answer = capsys.readouterr().out.split("\n", 1)
+    assert prompt == "What is the capital of France?"
+    assert "Paris" in answer and "<|im_end|>" not in answer

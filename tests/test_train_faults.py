@@ -240,11 +240,6 @@ def test_diverging_loss_stops_without_a_broken_checkpoint(corpus, tmp_path):
     assert_loadable(ckpt.checkpoint_dir(out, 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "loop.train checks only the loss: at --lr 1e6 step 3's loss is finite (~1e18) but its "
-    "gradient norm is NaN, clip_grad_norm_ scales every gradient by NaN, AdamW writes NaN "
-    "into every weight and checkpoint step-0000003 is saved all-NaN; the run stops only at "
-    "step 4 (loss nan). Remove this mark once the loop also refuses a non-finite grad_norm."))
 def test_no_checkpoint_holds_non_finite_weights(corpus, tmp_path):
     out = tmp_path / "run"
     done = _diverge(corpus, out, "1e6")

@@ -369,3 +369,14 @@ def test_bad_input_is_refused_before_writing(case, args, names, corpus, tmp_path
     for name in names:
         assert name in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["bert", "bart"])
+def test_generate_refuses_non_causal_checkpoints(arch, runs, capsys):
+    """fastllm generate continues text with a causal LM: a bert / bart checkpoint is refused
+    by an error naming --model-dir and the model class, not a crash."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--model-dir", str(runs[arch]), "--prompt", "the"])
+    err = capsys.readouterr().err
+    assert "--model-dir" in err and "causal LM" in err
+    assert ("BertForPreTraining" if arch == "bert" else "EncoderDecoder") in err

@@ -579,7 +579,8 @@ def run(args: argparse.Namespace) -> int:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise UsageError(f"fastllm finetune needs {exc.name}: pip install 'fastllm[train]'")
+        raise UsageError(f"fastllm finetune needs {exc.name}: pip install "
+                         f"'fastllm[train,hf,peft]'")
     import torch
 
     from fastllm.train import checkpoint as ckpt

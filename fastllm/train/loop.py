@@ -81,8 +81,11 @@ class TrainConfig:
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"the loss is {loss} at step {step}: training stopped (no checkpoint of "
+    """A non-finite loss, or a finite loss whose gradient norm is not finite (which would
+    write NaN into every weight through the clipping and the optimizer step)."""
+
+    def __init__(self, step: int, loss: float, what: str = "the loss"):
+        super().__init__(f"{what} is {loss} at step {step}: training stopped (no checkpoint of "
                          f"this step is written; lower --lr or check the data)")
         self.step = step
 
@@ -377,10 +380,16 @@ def train(
                     stopping = votes > 0
                 if not math.isfinite(step_loss):
                     raise NonFiniteLoss(step + 1, step_loss)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                             if cfg.grad_clip > 0 else None)
-                if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
+                # the norm also without clipping (max_norm inf scales by 1): a finite loss can
+                # still have inf / NaN gradients, which the step would write into the weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()  # FSDP: a replicated DTensor
+                grad_norm = float(grad_norm)  # the same on every process (synchronised grads)
+                if not math.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(step + 1, grad_norm, "the gradient norm")
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 updating = True
@@ -393,7 +402,7 @@ def train(
                 dt = time.perf_counter() - t0
                 metrics.write({
                     "step": step, "loss": loss, "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens": tokens, "tokens_per_s": cfg.tokens_per_step / dt,
                     "elapsed_s": time.perf_counter() - started,
                 })

@@ -1,4 +1,5 @@
-"""``fastllm pretrain``: train a language model from scratch, in one process.
+"""``fastllm pretrain``: train a language model from scratch, in one process or, under
+``torchrun``, in several (``--distributed ddp|fsdp``, fastllm/train/distributed.py).
 
     fastllm pretrain [--arch gpt2|llama|bert|bart] [--config NAME] [--data-dir PATH ...]
                      [--output-dir DIR] [--steps N | --tokens N] [--batch-size B] [--seq-len T]

@@ -120,8 +120,12 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for step_old, old in list_checkpoints(output_dir)[:-keep_last]:
+        # renamed first: a run killed while deleting leaves a temporary (removed at the next
+        # start), never a step folder that still has trainer_state.json but lacks weights
+        doomed = old.parent / f"{_TMP_PREFIX}{step_old:07d}-old-{os.getpid()}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

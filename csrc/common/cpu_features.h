@@ -6,9 +6,8 @@
 // the OS saves the YMM registers).
 //
 // AVX-512 (F, BW, DQ, VL and BF16) is a level above AVX2 that only some kernels implement
-// (attention, norms, cross-entropy, rotary, gated MLP), so it is asked for separately
-// (cpu_avx512()) and cpu_isa() stays kAvx2 on such a CPU: a kernel without an AVX-512 path
-// keeps running its AVX2 one.
+// (attention), so it is asked for separately (cpu_avx512()) and cpu_isa() stays kAvx2 on such
+// a CPU: a kernel without an AVX-512 path keeps running its AVX2 one.
 //
 // FASTLLM_CPU_ISA=scalar forces the portable path and FASTLLM_CPU_ISA=avx2 caps the kernels at
 // AVX2, so the tests cover every path on an AVX-512 machine; unset (or empty) means "the best

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor
 
 from fastllm.train.data import step_rng
+from fastllm.train.objectives import Batch, split_rows
 
-Batch = dict[str, Tensor]
 Docs = Sequence[Sequence[Sequence[int]]]  # documents -> sentences -> token ids
 
 MASK_RATIO = 0.3  # of a chunk's tokens, covered by the masked spans
@@ -173,11 +172,7 @@ class Denoising:
         return {"num_items_in_batch": int((batch["labels"] != -100).sum())}
 
     def eval_batches(self, batch_size: int) -> list[Batch]:
-        if not self.eval_rows:
-            return []
-        n = self.eval_rows["input_ids"].shape[0]
-        return [{k: v[i: i + batch_size] for k, v in self.eval_rows.items()}
-                for i in range(0, n, batch_size)]
+        return split_rows(self.eval_rows, batch_size)
 
     def eval_sums(self, model: torch.nn.Module, batch: Batch) -> tuple[float, int]:
         loss = model(**batch, num_items_in_batch=1).loss  # the summed token loss

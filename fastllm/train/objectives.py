@@ -48,6 +48,13 @@ def rows(batch: Batch, start: int, stop: int) -> Batch:
     return {k: v[start:stop] for k, v in batch.items()}
 
 
+def split_rows(batch: Batch, batch_size: int) -> list[Batch]:
+    """``batch`` cut into consecutive micro-batches of ``batch_size`` rows (none if empty)."""
+    if not batch:
+        return []
+    return [rows(batch, i, i + batch_size) for i in range(0, n_rows(batch), batch_size)]
+
+
 def n_rows(batch: Batch) -> int:
     return next(iter(batch.values())).shape[0]
 

@@ -98,15 +98,21 @@ def _read_text(path: Path) -> str:
                         f"{exc.start})") from exc
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
-    docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+def jsonl_lines(path: Path, text: str):
+    """(line number, parsed value) of each non-blank line of the JSONL ``text`` read from
+    ``path``; DataError naming the line for invalid JSON."""
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}") from exc
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    for number, record in jsonl_lines(path, _read_text(path)):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise DataError(f"{path} line {number} has no string field {text_field!r}")
         docs.append(Document(f"{path}:{number}", record[text_field]))

@@ -36,7 +36,6 @@ import csv
 import functools
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -44,7 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastllm.train.data import DataError, _read_text
+from fastllm.train.data import DataError, _read_text, jsonl_lines
 from fastllm.train.objectives import Batch
 
 TASKS = ("classification", "causal-lm", "seq2seq")
@@ -137,13 +136,7 @@ def _records(path: Path) -> list[tuple[str, dict]]:
         if reader.fieldnames is None:
             raise DataError(f"{path} is empty (no header row)")
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}") from exc
+        for number, record in jsonl_lines(path, text):
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {number} is not a JSON object")
             out.append((f"{path}:{number}", record))

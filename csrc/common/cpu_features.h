@@ -5,13 +5,18 @@
 // here when the CPU has AVX2, FMA and F16C (libgcc's __builtin_cpu_supports also checks that
 // the OS saves the YMM registers).
 //
-// AVX-512 (F, BW, DQ, VL and BF16) is a level above AVX2 that only some kernels implement
-// (attention), so it is asked for separately (cpu_avx512()) and cpu_isa() stays kAvx2 on such
-// a CPU: a kernel without an AVX-512 path keeps running its AVX2 one.
+// Two levels above AVX2 are asked for separately, by the kernels that implement them, so
+// cpu_isa() stays kAvx2 on such a CPU and a kernel without the higher path keeps its AVX2 one:
+//   - cpu_avx512(): AVX-512 F, BW, DQ, VL and BF16 (attention, rotary, gated MLP);
+//   - cpu_amx(): AMX-TILE and AMX-BF16 on top of that, and the kernel's permission to use
+//     the tile data state (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once per process;
+//     refused or not Linux -> false, and the AVX-512 path runs). Attention's bfloat16 tile
+//     products.
 //
-// FASTLLM_CPU_ISA=scalar forces the portable path and FASTLLM_CPU_ISA=avx2 caps the kernels at
-// AVX2, so the tests cover every path on an AVX-512 machine; unset (or empty) means "the best
-// this CPU has". Anything else is an error.
+// FASTLLM_CPU_ISA caps the level, so the tests cover every path on the best machine: scalar
+// (the portable path), avx2, avx512 (AVX-512 without AMX) or amx (everything; the same as
+// unset or empty). A cap above what the CPU has means the best it has. Anything else is an
+// error naming the value.
 #pragma once
 
 #include <cstdlib>
@@ -19,10 +24,33 @@
 #include <stdexcept>
 #include <string>
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace fastllm {
 namespace cpu {
 
 enum class CpuIsa { kScalar, kAvx2 };
+
+// The level FASTLLM_CPU_ISA allows (kAmx when unset or empty).
+enum class IsaCap { kScalar, kAvx2, kAvx512, kAmx };
+
+inline IsaCap requested_isa_cap() {
+  const char* requested = std::getenv("FASTLLM_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') return IsaCap::kAmx;
+  if (std::strcmp(requested, "scalar") == 0) return IsaCap::kScalar;
+  if (std::strcmp(requested, "avx2") == 0) return IsaCap::kAvx2;
+  if (std::strcmp(requested, "avx512") == 0) return IsaCap::kAvx512;
+  if (std::strcmp(requested, "amx") == 0) return IsaCap::kAmx;
+  throw std::invalid_argument(
+      std::string("FASTLLM_CPU_ISA must be 'scalar', 'avx2', 'avx512' or 'amx' (or unset), got '") +
+      requested + "'");
+}
 
 inline bool cpu_has_avx2_fma_f16c() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -43,13 +71,40 @@ inline bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// AMX-TILE and AMX-BF16 (CPUID.(7, 0):EDX bits 24 and 22) with the tile state enabled by the
+// OS in XCR0 (bits 17 and 18, XTILECFG and XTILEDATA).
+inline bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if ((edx & (1u << 24)) == 0 || (edx & (1u << 22)) == 0) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || (ecx & (1u << 27)) == 0) return false;  // OSXSAVE
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  constexpr unsigned kTileState = (1u << 17) | (1u << 18);
+  return (xcr0_lo & kTileState) == kTileState;
+#else
+  return false;
+#endif
+}
+
+// Linux hands the AMX tile data state (XFEATURE_XTILEDATA = 18) to a process only after it
+// asks (arch_prctl ARCH_REQ_XCOMP_PERM = 0x1023, Linux 5.16+); without the permission the
+// first tile instruction faults. Asking again after a grant (torch's oneDNN may have asked
+// already) succeeds.
+inline bool request_amx_permission() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 inline CpuIsa detect_cpu_isa() {
-  const char* requested = std::getenv("FASTLLM_CPU_ISA");
-  if (requested != nullptr && std::strcmp(requested, "scalar") == 0) return CpuIsa::kScalar;
-  if (requested != nullptr && *requested != '\0' && std::strcmp(requested, "avx2") != 0) {
-    throw std::invalid_argument(std::string("FASTLLM_CPU_ISA must be 'scalar' or 'avx2', got '") +
-                                requested + "'");
-  }
+  const IsaCap cap = requested_isa_cap();
+  if (cap == IsaCap::kScalar) return CpuIsa::kScalar;
   return cpu_has_avx2_fma_f16c() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
 }
 
@@ -58,17 +113,28 @@ inline CpuIsa cpu_isa() {
   return isa;
 }
 
-// True when the kernels that have an AVX-512 path may run it: the best level is allowed
-// (FASTLLM_CPU_ISA unset) and the CPU has AVX-512 F/BW/DQ/VL/BF16 (which implies AVX2).
+// True when the kernels that have an AVX-512 path may run it: FASTLLM_CPU_ISA allows it and
+// the CPU has AVX-512 F/BW/DQ/VL/BF16 (which implies AVX2).
 inline bool detect_cpu_avx512() {
-  const char* requested = std::getenv("FASTLLM_CPU_ISA");
-  const bool capped = requested != nullptr && *requested != '\0';
-  return !capped && cpu_isa() == CpuIsa::kAvx2 && cpu_has_avx512_bf16();
+  return requested_isa_cap() >= IsaCap::kAvx512 && detect_cpu_isa() == CpuIsa::kAvx2 &&
+         cpu_has_avx512_bf16();
 }
 
 inline bool cpu_avx512() {
   static const bool avx512 = detect_cpu_avx512();
   return avx512;
+}
+
+// True when the kernels that have an AMX path may run it: FASTLLM_CPU_ISA allows it, the
+// AVX-512 path is on, the CPU and OS have AMX-BF16, and the kernel granted the permission.
+inline bool detect_cpu_amx() {
+  return requested_isa_cap() >= IsaCap::kAmx && detect_cpu_avx512() && cpu_has_amx_bf16() &&
+         request_amx_permission();
+}
+
+inline bool cpu_amx() {
+  static const bool amx = detect_cpu_amx();
+  return amx;
 }
 
 }  // namespace cpu

@@ -108,13 +108,23 @@ TEST_CASE(cpu_isa_switch) {
   const CpuIsa best = fastllm::cpu::cpu_has_avx2_fma_f16c() ? CpuIsa::kAvx2 : CpuIsa::kScalar;
   CHECK(fastllm::cpu::detect_cpu_isa() == best, "FASTLLM_CPU_ISA=avx2 must mean the best available");
   setenv("FASTLLM_CPU_ISA", "avx512", 1);
+  CHECK(fastllm::cpu::detect_cpu_isa() == best, "FASTLLM_CPU_ISA=avx512 must keep AVX2");
+  CHECK(fastllm::cpu::detect_cpu_avx512() == fastllm::cpu::cpu_has_avx512_bf16(),
+        "FASTLLM_CPU_ISA=avx512 must allow AVX-512 where the CPU has it");
+  CHECK(!fastllm::cpu::detect_cpu_amx(), "FASTLLM_CPU_ISA=avx512 must exclude AMX");
+  setenv("FASTLLM_CPU_ISA", "avx2", 1);
+  CHECK(!fastllm::cpu::detect_cpu_avx512(), "FASTLLM_CPU_ISA=avx2 must exclude AVX-512");
+  setenv("FASTLLM_CPU_ISA", "amx", 1);
+  CHECK(fastllm::cpu::detect_cpu_avx512() == fastllm::cpu::cpu_has_avx512_bf16(),
+        "FASTLLM_CPU_ISA=amx must allow AVX-512 where the CPU has it");
+  setenv("FASTLLM_CPU_ISA", "avx1024", 1);
   bool threw = false;
   try {
     fastllm::cpu::detect_cpu_isa();
   } catch (const std::invalid_argument& e) {
-    threw = std::string(e.what()).find("'avx512'") != std::string::npos;
+    threw = std::string(e.what()).find("'avx1024'") != std::string::npos;
   }
-  CHECK(threw, "FASTLLM_CPU_ISA=avx512 must throw std::invalid_argument naming the value");
+  CHECK(threw, "FASTLLM_CPU_ISA=avx1024 must throw std::invalid_argument naming the value");
   if (saved) {
     setenv("FASTLLM_CPU_ISA", saved_value.c_str(), 1);
   } else {

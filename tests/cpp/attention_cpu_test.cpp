@@ -35,6 +35,10 @@
 // (one key: p = 1 and ds = 0, but the kernel's p is 1 to within a few ulp).
 #include <omp.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -50,6 +54,7 @@
 
 #include "attention/attention.h"
 #include "check.h"
+#include "common/cpu_features.h"
 #include "dtypes.h"
 
 namespace {
@@ -632,17 +637,19 @@ bool same_bits(const A& a, const A& b) {
 // Every tile is computed by one thread in a fixed order, so the results do not depend on the
 // number of threads, bit for bit (dk / dv of a GQA group included). One thread runs the
 // single-pass backward, three threads the two-pass one here: their bits agree too.
-TEST_CASE(attention_bitwise_same_for_any_thread_count) {
+// bfloat16 runs the AMX path where the CPU has it (its own tiles and backward schemes).
+template <class T>
+void check_bitwise_same_for_any_thread_count(const char* dtype) {
   const Case cases[] = {{2, 200, 170, 4, 2, 64, true, -1, -1, kC}, kAllFeatures, kMaskCases[1],
                         kMaskCases[2]};
   const int threads = omp_get_max_threads();
   for (const Case& c : cases) {
     omp_set_num_threads(1);
-    const Run<float> one = run_kernels<float>(c);
+    const Run<T> one = run_kernels<T>(c);
     omp_set_num_threads(3);
-    const Run<float> three = run_kernels<float>(c);
+    const Run<T> three = run_kernels<T>(c);
     omp_set_num_threads(threads);
-    const std::string name = describe(c, "float32");
+    const std::string name = describe(c, dtype);
     CHECK(same_bits(one.out.data, three.out.data), "%s: out differs", name.c_str());
     CHECK(same_bits(one.lse, three.lse), "%s: lse differs", name.c_str());
     CHECK(same_bits(one.dq.data, three.dq.data), "%s: dq differs", name.c_str());
@@ -651,6 +658,54 @@ TEST_CASE(attention_bitwise_same_for_any_thread_count) {
     CHECK(same_bits(one.dbias, three.dbias), "%s: dbias differs", name.c_str());
   }
 }
+
+TEST_CASE(attention_bitwise_same_for_any_thread_count) {
+  check_bitwise_same_for_any_thread_count<float>("float32");
+  check_bitwise_same_for_any_thread_count<BFloat16>("bfloat16");
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// The AMX path configures the tile registers of each thread it runs on and must hand them
+// back as it found them: a thread that had tiles configured (another library's GEMM, e.g.
+// torch's oneDNN on the same OpenMP thread) gets its configuration back, one that had none
+// gets them released. One OpenMP thread: the kernel runs on this thread.
+__attribute__((target("amx-tile"))) void store_tile_config(uint8_t* dst) { _tile_storeconfig(dst); }
+__attribute__((target("amx-tile"))) void load_tile_config(const uint8_t* src) {
+  _tile_loadconfig(src);
+}
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
+TEST_CASE(attention_amx_restores_tile_configuration) {
+  if (!fastllm::cpu::cpu_amx()) {
+    std::printf("  (no AMX path on this CPU or under FASTLLM_CPU_ISA: nothing to restore)\n");
+    return;
+  }
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  alignas(64) uint8_t theirs[64] = {};
+  theirs[0] = 1;  // palette 1: tile 0 of 8 rows x 32 bytes, tile 1 of 16 x 16
+  theirs[16] = 32;
+  theirs[18] = 16;
+  theirs[48] = 8;
+  theirs[49] = 16;
+  const uint8_t none[64] = {};
+  for (const bool configured : {true, false}) {
+    if (configured) {
+      load_tile_config(theirs);
+    } else {
+      release_tiles();
+    }
+    run_kernels<BFloat16>(kAllFeatures);
+    alignas(64) uint8_t after[64];
+    store_tile_config(after);
+    CHECK(std::memcmp(after, configured ? theirs : none, 64) == 0,
+          "tile configuration %s after attention (palette %d)",
+          configured ? "not restored" : "not released", after[0]);
+  }
+  release_tiles();
+  omp_set_num_threads(threads);
+}
+#endif
 
 // With v_j = e_j (the identity, D = Tk), out_ij = z_ij p_ij: the dropped elements are
 // exactly the zeros of out (softmax of these scores never underflows), so the kernel's mask

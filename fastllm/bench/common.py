@@ -360,12 +360,12 @@ def fastllm_path(kernel_family: str, dtype: torch.dtype, device: torch.device, b
     "amx-bf16", "avx512", "avx2", "scalar"); otherwise the implementation the family's
     backend choice (``OpFamily.select``) takes for such a tensor: "cuda", "triton" or
     "reference"."""
-    import importlib
-
     from fastllm.backend import cpu_kernel_path
+    from fastllm.ops import FAMILIES
 
-    family_ops = importlib.import_module(f"fastllm.ops.{kernel_family}").IMPLS
-    op_set = family_ops.select(torch.empty(0, dtype=dtype, device=device), backend)
+    if kernel_family not in FAMILIES:
+        raise ValueError(f"kernel_family must be one of {', '.join(FAMILIES)}; got {kernel_family!r}")
+    op_set = FAMILIES[kernel_family].select(torch.empty(0, dtype=dtype, device=device), backend)
     if op_set is None:
         return "reference"
     if op_set.backend == "native":

@@ -477,8 +477,9 @@ def _fmt(value: Optional[float], suffix: str = "", digits: int = 3) -> str:
 
 def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> str:
     """One row per contender, cases separated by a blank line; the case columns are shown
-    on the first row of each case only, the path (``fastllm_path``) on fastllm's rows. A family whose cases count FLOPs shows GFLOP/s and
-    the fraction of the sgemm ceiling instead of GB/s and the fraction of the copy one."""
+    on the first row of each case only, the path (``fastllm_path``) on fastllm's rows only.
+    A family whose cases count FLOPs shows GFLOP/s and the fraction of the sgemm ceiling
+    instead of GB/s and the fraction of the copy one."""
     compute_bound = any(r.flops is not None for r in results)
     rate_headers = ["GFLOP/s", "% sgemm"] if compute_bound else ["GB/s", "% copy"]
     headers = [*param_columns, "THP", "contender", "path", "time ms", *rate_headers,

@@ -4,12 +4,33 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_kernel_paths.h"
+#include "common/torch_glue.h"
 #include "schemas.h"
 
 #define FASTLLM_DEF(schema) m.def(schema);
 
+namespace {
+
+// The path `family`'s CPU kernels run for `dtype` in this process (common/cpu_kernel_paths.h).
+std::string cpu_kernel_path_op(c10::string_view family, c10::ScalarType dtype) {
+  const fastllm::DType d = fastllm::to_fastllm_dtype(dtype, "cpu_kernel_path", "dtype");
+  try {
+    return fastllm::cpu::cpu_kernel_path(std::string_view(family.data(), family.size()), d);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+}  // namespace
+
 TORCH_LIBRARY(fastllm, m) {
   FASTLLM_ALL_SCHEMAS(FASTLLM_DEF)
+  // Not a kernel (no tensors, no fake or autograd rule): which CPU path each family takes.
+  m.def("cpu_kernel_path(str family, ScalarType dtype) -> str", &cpu_kernel_path_op);
 }
 
 // `import fastllm._C` loads the library (running the registrations above); the module

@@ -12,13 +12,20 @@ Choose with ``FASTLLM_BACKEND=<name>`` in the environment, or for a block of cod
 ``with fastllm.use_backend(name): ...`` (which wins over the environment). The choice for a
 given tensor (its device, its dtype) is made in one place, ``OpFamily.select`` in
 fastllm/ops/_family.py.
+
+Under ``"native"`` on the CPU, each kernel family then picks an instruction-set path once
+per process (the best this CPU has, capped by ``FASTLLM_CPU_ISA=scalar|avx2|avx512|amx``);
+``cpu_kernel_path(family, dtype)`` says which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("native", "triton", "reference", "cuda_emu")
 DEFAULT_BACKEND = "native"
@@ -57,3 +64,19 @@ def use_backend(name: str) -> Iterator[None]:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cpu_kernel_path(family: str, dtype: "torch.dtype") -> str:
+    """The instruction-set path that the native CPU kernels of ``family`` run for ``dtype``
+    in this process: ``"amx-bf16"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``. ``family``:
+    ``"attention"``, ``"norm"`` (layer_norm, rms_norm and their add_ variants),
+    ``"cross_entropy"`` (linear_cross_entropy too), ``"rotary"`` or ``"gated_mlp"``. Decided by this CPU and ``FASTLLM_CPU_ISA``, as the kernels decide it (the table is
+    csrc/common/cpu_kernel_paths.cpp). Raises ValueError for an unknown family, TypeError for
+    a dtype other than float32, bfloat16, float16 or float64, RuntimeError when fastllm._C
+    is not built."""
+    import torch
+
+    from fastllm import _native
+
+    _native.require()
+    return torch.ops.fastllm.cpu_kernel_path(family, dtype)

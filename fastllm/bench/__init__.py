@@ -3,12 +3,16 @@
 Each op family is a module listed in ``FAMILIES`` that provides
   ``FAMILY``         its name on the command line;
   ``PARAM_COLUMNS``  the case columns of its table (e.g. op, mode, shape, dtype);
+  ``KERNEL_FAMILY``  the fastllm op family its cases run (``fastllm/ops/<KERNEL_FAMILY>.py``),
+                     whose path (``fastllm.backend.cpu_kernel_path`` on the CPU) fastllm's
+                     rows show;
   ``cases(quick)``   its cases, instances of a ``fastllm.bench.common.Case`` subclass that
                      names its contenders' functions, its inputs and its byte (or FLOP)
                      count: its module holds only its cases and its peers.
 The timing rule, ceilings, contender plumbing, table and JSON are shared
-(``fastllm.bench.common``), the command line is ``fastllm.bench.run``, and the
-pytest-benchmark suite in ``benchmarks/`` builds its tests from the same ``cases()``.
+(``fastllm.bench.common``), the command line is ``fastllm.bench.run`` (its ``--plot``
+figure: ``fastllm.bench.plot``), and the pytest-benchmark suite in ``benchmarks/`` builds
+its tests from the same ``cases()``.
 Adding a family is one module, one line here and a three-line
 ``benchmarks/test_bench_<family>.py``.
 

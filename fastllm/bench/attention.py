@@ -88,6 +88,7 @@ from fastllm.reference.attention import sdpa_ref
 
 FAMILY = "attention"
 PARAM_COLUMNS = ("mask", "mode", "shape", "dtype")
+KERNEL_FAMILY = "attention"
 
 MODES = ("fwd", "fwd+bwd")
 MASKS = ("full", "causal")

@@ -210,6 +210,44 @@ def _kernel_thp_mode() -> str:
         return "unknown"
 
 
+# The CPU feature groups fastllm's kernel paths need (csrc/common/cpu_features.h), as
+# /proc/cpuinfo names the flags: path -> flags that must all be present.
+CPU_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"),
+    "amx": ("amx_tile", "amx_bf16"),
+}
+
+
+def cpu_isa_features() -> Optional[dict[str, bool]]:
+    """Which of ``CPU_ISA_FLAGS``' groups this CPU has (from /proc/cpuinfo's flags); None
+    where /proc/cpuinfo cannot be read. What the hardware offers: a path also needs the OS's
+    support and ``FASTLLM_CPU_ISA``'s leave, which ``fastllm_path`` reports per row."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {isa: all(f in flags for f in need) for isa, need in CPU_ISA_FLAGS.items()}
+    except OSError:
+        pass
+    return None
+
+
+def describe_cpu_isa(features: Optional[dict[str, bool]], cap: Optional[str]) -> str:
+    """The header's line on the CPU's instruction sets and the ``FASTLLM_CPU_ISA`` cap."""
+    if features is None:
+        present = "unknown (no /proc/cpuinfo)"
+    else:
+        present = ", ".join(
+            f"{isa} ({'/'.join(CPU_ISA_FLAGS[isa])}) {'yes' if has else 'no'}"
+            for isa, has in features.items()
+        )
+    limit = f"FASTLLM_CPU_ISA={cap} caps the paths" if cap else (
+        "FASTLLM_CPU_ISA unset: each kernel takes the best path it has")
+    return f"CPU instruction sets: {present}; {limit}"
+
+
 @dataclasses.dataclass
 class Machine:
     """The process's device and its measured ceilings."""
@@ -223,6 +261,8 @@ class Machine:
     copy_gbs: float
     first_touch_gbs: Optional[float]  # CPU only: a GPU's caching allocator hides it
     sgemm_gflops: Optional[float] = None  # measured only for families that count FLOPs
+    cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
+    cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
 
 
 def measure_machine(device: torch.device, quick: bool) -> Machine:
@@ -237,6 +277,8 @@ def measure_machine(device: torch.device, quick: bool) -> Machine:
         kernel_thp_mode=_kernel_thp_mode() if cpu else "n/a",
         copy_gbs=copy_bandwidth_gbs(device, repeats=repeats),
         first_touch_gbs=first_touch_gbs(device, repeats=repeats) if cpu else None,
+        cpu_isa=cpu_isa_features() if cpu else None,
+        cpu_isa_cap=(os.environ.get("FASTLLM_CPU_ISA") or None) if cpu else None,
     )
 
 
@@ -312,6 +354,25 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> tuple[str
     return backend, backend
 
 
+def fastllm_path(kernel_family: str, dtype: torch.dtype, device: torch.device, backend: str) -> str:
+    """What fastllm's row of a case ran: on the native backend's CPU kernels the instruction
+    set path of ``kernel_family`` for ``dtype`` (``fastllm.backend.cpu_kernel_path``:
+    "amx-bf16", "avx512", "avx2", "scalar"); otherwise the implementation the family's
+    backend choice (``OpFamily.select``) takes for such a tensor: "cuda", "triton" or
+    "reference"."""
+    from fastllm.backend import cpu_kernel_path
+    from fastllm.ops import FAMILIES
+
+    if kernel_family not in FAMILIES:
+        raise ValueError(f"kernel_family must be one of {', '.join(FAMILIES)}; got {kernel_family!r}")
+    op_set = FAMILIES[kernel_family].select(torch.empty(0, dtype=dtype, device=device), backend)
+    if op_set is None:
+        return "reference"
+    if op_set.backend == "native":
+        return cpu_kernel_path(kernel_family, dtype) if device.type == "cpu" else device.type
+    return op_set.backend
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -326,6 +387,8 @@ class Result:
     label: str  # the contender as shown, e.g. "fastllm[native]"
     device: str
     thp: str
+    # fastllm's rows: what ran (fastllm_path: "avx512", "avx2", ..., "cuda", "triton")
+    path: Optional[str] = None
     time_s: Optional[float] = None
     repeats: int = 0
     bytes_moved: Optional[int] = None
@@ -414,13 +477,14 @@ def _fmt(value: Optional[float], suffix: str = "", digits: int = 3) -> str:
 
 def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> str:
     """One row per contender, cases separated by a blank line; the case columns are shown
-    on the first row of each case only. A family whose cases count FLOPs shows GFLOP/s and
-    the fraction of the sgemm ceiling instead of GB/s and the fraction of the copy one."""
+    on the first row of each case only, the path (``fastllm_path``) on fastllm's rows only.
+    A family whose cases count FLOPs shows GFLOP/s and the fraction of the sgemm ceiling
+    instead of GB/s and the fraction of the copy one."""
     compute_bound = any(r.flops is not None for r in results)
     rate_headers = ["GFLOP/s", "% sgemm"] if compute_bound else ["GB/s", "% copy"]
-    headers = [*param_columns, "THP", "contender", "time ms", *rate_headers, "vs eager",
-               "vs compile", "peak MiB"]
-    right = [False] * (len(param_columns) + 2) + [True] * 6
+    headers = [*param_columns, "THP", "contender", "path", "time ms", *rate_headers,
+               "vs eager", "vs compile", "peak MiB"]
+    right = [False] * (len(param_columns) + 3) + [True] * 6
     rows: list[list[str]] = []
     previous: Optional[tuple[str, str]] = None
     for result in results:
@@ -434,7 +498,8 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
         previous = key
         if result.error is not None:
             status = "n/a" if not_available(result) else "FAILED"
-            rows.append([*case_cells, result.thp, result.label, status, *["-"] * 5, result.error])
+            rows.append([*case_cells, result.thp, result.label, result.path or "", status,
+                         *["-"] * 5, result.error])
             continue
         rate, ceiling = (
             (result.gflops, result.sgemm_gflops) if compute_bound else (result.gbs, result.copy_gbs)
@@ -445,6 +510,7 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
             *case_cells,
             result.thp,
             result.label,
+            result.path or "",
             _fmt(result.time_s * 1e3),
             _fmt(rate),
             _fmt(ceiling_fraction, "%", digits=2),
@@ -599,6 +665,7 @@ def run_cases(
     family: str,
     cases: Sequence[Case],
     *,
+    kernel_family: str,
     device: torch.device,
     backend: str,
     budget: TimingBudget,
@@ -606,7 +673,9 @@ def run_cases(
     sgemm_gflops: Optional[float] = None,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
-    recorded with its error (and logged), never dropped."""
+    recorded with its error (and logged), never dropped. ``kernel_family``: the fastllm op
+    family the cases run (the family module's ``KERNEL_FAMILY``), whose path fastllm's rows
+    record (``fastllm_path``)."""
     thp = thp_setting(device)
     results: list[Result] = []
     progress = tqdm(
@@ -627,6 +696,8 @@ def run_cases(
                     bytes_moved=case.bytes_moved(), copy_gbs=copy_gbs, sgemm_gflops=sgemm_gflops,
                     flops=case.flops() if hasattr(case, "flops") else None,
                 )
+                if contender == FASTLLM:
+                    result.path = fastllm_path(kernel_family, case.dtype, device, backend)
                 try:
                     call = case.build(contender, inputs, backend)
                     begin = time.perf_counter()

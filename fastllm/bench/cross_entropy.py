@@ -50,6 +50,7 @@ from fastllm.bench.common import CallInputs, Case
 
 FAMILY = "cross_entropy"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
+KERNEL_FAMILY = "cross_entropy"
 
 TORCH_LINEAR_CROSS_ENTROPY = "torch linear_cross_entropy"
 

@@ -38,6 +38,7 @@ from fastllm.bench.common import CallInputs, Case
 
 FAMILY = "mlp"  # the command line's name (`fastllm bench mlp`); the op family is gated_mlp
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
+KERNEL_FAMILY = "gated_mlp"
 
 MODES = ("fwd", "fwd+bwd")
 SHAPES = ((8192, 11008),)

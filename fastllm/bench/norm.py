@@ -53,6 +53,7 @@ from fastllm.bench.common import CallInputs, Case
 
 FAMILY = "norm"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
+KERNEL_FAMILY = "norm"
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "fwd+bwd")

@@ -36,6 +36,7 @@ from fastllm.bench.common import CallInputs, Case
 
 FAMILY = "rotary"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
+KERNEL_FAMILY = "rotary"
 
 MODES = ("fwd", "fwd+bwd")
 SHAPES = ((4, 1024, 32, 8, 128),)  # LLaMA-3-8B's heads at T = 1024

@@ -1,11 +1,14 @@
 """``fastllm bench``: the benchmark runner.
 
-    fastllm bench [FAMILY ...] [--quick] [--json FILE] [--only PATTERN ...]
+    fastllm bench [FAMILY ...] [--quick] [--json FILE] [--plot FILE] [--only PATTERN ...]
                   [--device DEVICE] [--backend NAME] [--no-thp-rerun]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
-one table per family, headed by the machine's measured ceilings.
+one table per family, headed by the machine's measured ceilings and its CPU's instruction
+sets. fastllm's rows show the path they ran (on the CPU: the instruction-set path of the
+family's kernels for the row's dtype, ``fastllm.backend.cpu_kernel_path``). ``--plot FILE``
+also draws the speed ratios as a PNG (``fastllm.bench.plot``; needs matplotlib).
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
@@ -58,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--quick", action="store_true",
                        help="a smoke run: one small shape, a few timed calls per contender")
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    bench.add_argument(
+        "--plot", type=Path, metavar="FILE",
+        help="also draw fastllm's speed ratios (vs torch eager and vs torch.compile, per case, "
+        "by family, labelled with the path each ran) as a PNG here; needs matplotlib "
+        "(pip install 'fastllm[plot]')",
+    )
     bench.add_argument(
         "--only", action="append", metavar="PATTERN",
         help="run only the cases whose id matches this glob, e.g. 'rms_norm-fwd-*-float32' "
@@ -124,11 +133,15 @@ def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_no
 
 
 def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) -> str:
+    from fastllm.bench.common import describe_cpu_isa
+
     lines = [
         f"fastllm bench on {machine.device} ({machine.device_name}), torch {machine.torch_version}, "
         f"{machine.threads} threads (torch.get_num_threads())",
         f"fastllm timed on backend: {backend_note}",
     ]
+    if not machine.device.startswith("cuda"):
+        lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap))
     if machine.sgemm_gflops is not None:
         lines.append(f"float32 GEMM ceiling (torch.mm of 2048 x 2048 matrices, best of several): "
                      f"{machine.sgemm_gflops:.1f} GFLOP/s")
@@ -154,9 +167,28 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         "measured under the row's THP setting; GFLOP/s (compute-bound families, instead of GB/s): "
         "the family's FLOP count / time; % sgemm: of the GEMM ceiling;",
         "vs eager / vs compile: torch eager time / this time, torch.compile time / this time "
-        "(> 1 is faster); peak MiB: memory one call needs above its inputs",
+        "(> 1 is faster); peak MiB: memory one call needs above its inputs;",
+        "path (fastllm's rows): what ran: on the CPU the instruction-set path of the family's "
+        "kernels for the row's dtype (amx-bf16, avx512, avx2, scalar), else cuda, triton or "
+        "reference",
     ]
     return "\n".join(lines)
+
+
+def _check_plot(path: Path, own_runners: Sequence[str]) -> None:
+    """Refuses --plot before minutes of timing rather than after: for a family with its own
+    runner, into a directory that does not exist, or without matplotlib."""
+    from fastllm.bench.plot import require_matplotlib
+
+    if own_runners:
+        raise UsageError(f"--plot draws the op families' speed ratios; {own_runners[0]} runs "
+                         "its own benchmark without them")
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot: the directory of {path} does not exist")
+    try:
+        require_matplotlib()
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
 
     from fastllm.bench import FAMILIES, STANDALONE, load_family
 
+    if args.plot is not None:
+        own_runners = STANDALONE | {pretrain_bench.FAMILY}
+        _check_plot(args.plot, [name for name in args.families if name in own_runners])
     if pretrain_bench.FAMILY in args.families:  # its own runner and options, run alone
         if len(args.families) > 1:
             raise UsageError("pretrain runs alone: fastllm bench pretrain [options]")
@@ -215,8 +250,9 @@ def run(args: argparse.Namespace) -> int:
     any_rerun = False
     for name, family, selected in plan:
         logger.info("%s: %d cases x 3 contenders (THP %s)", name, len(selected), machine.thp)
-        results = run_cases(name, selected, device=device, backend=backend, budget=budget,
-                            copy_gbs=machine.copy_gbs, sgemm_gflops=machine.sgemm_gflops)
+        results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
+                            backend=backend, budget=budget, copy_gbs=machine.copy_gbs,
+                            sgemm_gflops=machine.sgemm_gflops)
         fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
         if fault_bound and not args.no_thp_rerun:
             any_rerun = True
@@ -259,6 +295,12 @@ def run(args: argparse.Namespace) -> int:
             "results": [dataclasses.asdict(r) for r in all_results],
         }
         args.json.write_text(json.dumps(report, indent=1))
+    if args.plot is not None:
+        from fastllm.bench.plot import write_plot
+
+        title = (f"fastllm bench on {machine.device} ({machine.device_name}), "
+                 f"{machine.threads} threads, torch {machine.torch_version}")
+        logger.info("wrote the ratio plot to %s", write_plot(all_results, args.plot, title))
     failed = [r for r in all_results if r.error is not None and not not_available(r)]
     if failed:
         logger.error("%d runs failed (see the FAILED rows)", len(failed))

@@ -1,0 +1,70 @@
+// The table of cpu_kernel_paths.h: which path each kernel family's CPU dispatch picks for a
+// dtype in this process. Each line restates the dispatch of the file named beside it, with
+// the predicates of common/cpu_features.h that the kernel itself calls (so FASTLLM_CPU_ISA
+// caps the answer exactly as it caps the kernel); keep the two in step.
+#include "common/cpu_kernel_paths.h"
+
+#include <iterator>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_features.h"
+
+namespace fastllm {
+namespace cpu {
+namespace {
+
+constexpr const char* kAmxBf16 = "amx-bf16";  // tile products (cpu_amx()); no line uses it yet
+constexpr const char* kAvx512 = "avx512";
+constexpr const char* kAvx2 = "avx2";
+constexpr const char* kScalar = "scalar";
+
+// The vector paths most kernels have: AVX-512 (F/BW/DQ/VL/BF16) where the kernel has one and
+// the process may run it, else AVX2/FMA/F16C, else the portable scalar loop.
+const char* vector_path(bool kernel_has_avx512) {
+  if (kernel_has_avx512 && cpu_avx512()) return kAvx512;
+  if (cpu_isa() == CpuIsa::kAvx2) return kAvx2;
+  return kScalar;
+}
+
+bool is_f64(DType dtype) { return dtype == DType::kFloat64; }
+
+struct FamilyPath {
+  std::string_view family;
+  const char* (*path)(DType dtype);
+};
+
+// One line per family, in kCpuKernelFamilies' order.
+constexpr FamilyPath kTable[] = {
+    // attention/attention_cpu.cpp with_best_ops: float64 scalar; AVX-512, AVX2 tiles otherwise.
+    {"attention", [](DType d) { return is_f64(d) ? kScalar : vector_path(true); }},
+    // norm/norm_cpu.cpp norm_{fwd,bwd}_typed (layer_norm, rms_norm, add_*): AVX2 for every
+    // dtype (float64 as 4 doubles).
+    {"norm", [](DType) { return vector_path(false); }},
+    // cross_entropy/cross_entropy_cpu.cpp use_avx2 / pick_*: float64 scalar; AVX2 otherwise.
+    {"cross_entropy", [](DType d) { return is_f64(d) ? kScalar : vector_path(false); }},
+    // rotary/rotary_cpu.cpp pick_rotate_head: float64 scalar; AVX-512, AVX2 otherwise.
+    {"rotary", [](DType d) { return is_f64(d) ? kScalar : vector_path(true); }},
+    // gated_mlp/gated_mlp_cpu.cpp Spans: float64 scalar; AVX-512, AVX2 otherwise.
+    {"gated_mlp", [](DType d) { return is_f64(d) ? kScalar : vector_path(true); }},
+};
+
+static_assert(std::size(kTable) == std::size(kCpuKernelFamilies),
+              "cpu_kernel_paths.cpp: one table line per family of kCpuKernelFamilies");
+
+}  // namespace
+
+const char* cpu_kernel_path(std::string_view family, DType dtype) {
+  for (const FamilyPath& line : kTable) {
+    if (line.family == family) return line.path(dtype);
+  }
+  std::string valid;
+  for (std::string_view name : kCpuKernelFamilies) {
+    valid += (valid.empty() ? "'" : ", '") + std::string(name) + "'";
+  }
+  throw std::invalid_argument("cpu_kernel_path: family must be one of " + valid + ", got '" +
+                              std::string(family) + "'");
+}
+
+}  // namespace cpu
+}  // namespace fastllm

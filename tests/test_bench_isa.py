@@ -59,7 +59,10 @@ def _f64_scalar(kernel_best: str):
 
 # family -> (dtype, FASTLLM_CPU_ISA) -> path: each family's CPU dispatch as of this commit.
 EXPECTED = {
-    "attention": _f64_scalar("avx512"),  # attention_cpu.cpp with_best_ops
+    # attention_cpu.cpp: bfloat16 on AMX (attention_{fwd,bwd}_amx), with_best_ops otherwise
+    "attention": lambda dtype, cap: (
+        allowed(cap, "amx") if dtype == torch.bfloat16 else _f64_scalar("avx512")(dtype, cap)
+    ),
     "norm": lambda dtype, cap: allowed(cap, "avx2"),  # norm_cpu.cpp: AVX2 for float64 too
     "cross_entropy": _f64_scalar("avx2"),  # cross_entropy_cpu.cpp use_avx2 / pick_*
     "rotary": _f64_scalar("avx512"),  # rotary_cpu.cpp pick_rotate_head

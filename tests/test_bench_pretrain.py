@@ -112,14 +112,17 @@ def test_bench_pretrain_usage_errors(args, message, capsys):
 
 
 def test_cpu_kernel_path_follows_fastllm_cpu_isa(monkeypatch):
-    """The rule of csrc/common/cpu_features.h: FASTLLM_CPU_ISA=scalar forces the portable
-    path, =avx2 caps it at AVX2 (where the CPU has it)."""
+    """The report names each family's path from fastllm.backend.cpu_kernel_path, in a process
+    with the workers' environment: FASTLLM_CPU_ISA=scalar forces the portable path, =avx2
+    caps every family at AVX2 (where the CPU has it)."""
     flags = next((line.split(":", 1)[1].split()
                   for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), [])
     monkeypatch.setenv("FASTLLM_CPU_ISA", "scalar")
-    assert bench_pretrain.cpu_kernel_path().startswith("scalar")
+    forced = bench_pretrain.cpu_kernel_path()
+    assert "attention scalar" in forced and "avx" not in forced.split(" [")[0], forced
     monkeypatch.setenv("FASTLLM_CPU_ISA", "avx2")
     capped = bench_pretrain.cpu_kernel_path()
-    assert capped.startswith("AVX2" if {"avx2", "fma", "f16c"} <= set(flags) else "scalar")
-    assert "AVX-512" not in capped
+    best = "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "scalar"
+    assert f"attention {best}" in capped and f"norm {best}" in capped, capped
+    assert "avx512" not in capped and "amx" not in capped, capped

@@ -14,7 +14,7 @@ namespace fastllm {
 namespace cpu {
 namespace {
 
-constexpr const char* kAmxBf16 = "amx-bf16";  // tile products (cpu_amx()); no line uses it yet
+constexpr const char* kAmxBf16 = "amx-bf16";  // bfloat16 tile products (cpu_amx())
 constexpr const char* kAvx512 = "avx512";
 constexpr const char* kAvx2 = "avx2";
 constexpr const char* kScalar = "scalar";
@@ -36,8 +36,13 @@ struct FamilyPath {
 
 // One line per family, in kCpuKernelFamilies' order.
 constexpr FamilyPath kTable[] = {
-    // attention/attention_cpu.cpp with_best_ops: float64 scalar; AVX-512, AVX2 tiles otherwise.
-    {"attention", [](DType d) { return is_f64(d) ? kScalar : vector_path(true); }},
+    // attention/attention_cpu.cpp attention_{fwd,bwd}_cpu: bfloat16 on AMX tiles where
+    // allowed; with_best_ops otherwise: float64 scalar; AVX-512, AVX2 tiles.
+    {"attention",
+     [](DType d) {
+       if (d == DType::kBFloat16 && cpu_amx()) return kAmxBf16;
+       return is_f64(d) ? kScalar : vector_path(true);
+     }},
     // norm/norm_cpu.cpp norm_{fwd,bwd}_typed (layer_norm, rms_norm, add_*): AVX2 for every
     // dtype (float64 as 4 doubles).
     {"norm", [](DType) { return vector_path(false); }},

@@ -215,26 +215,32 @@ def make_plan(args: argparse.Namespace, backend: Optional[str]) -> Plan:
 # ----------------------------------------------------------------------------- machine
 
 
+_PATHS_SCRIPT = (
+    "import json, torch\n"
+    "from fastllm.backend import cpu_kernel_path\n"
+    "from fastllm.ops import FAMILIES\n"
+    "print(json.dumps({f: {str(d).split('.')[-1]: cpu_kernel_path(f, d)"
+    " for d in (torch.float32, torch.bfloat16)} for f in FAMILIES"
+    " if f in ('attention', 'norm', 'cross_entropy', 'rotary', 'gated_mlp')}))\n"
+)
+
+
 def cpu_kernel_path() -> str:
-    """Which path fastllm's C++ CPU kernels take in a process started with this
-    environment, by the rule of csrc/common/cpu_features.h (the CPU's flags and
-    FASTLLM_CPU_ISA): AVX-512 (attention, rotary, gated MLP) over AVX2/FMA/F16C, or scalar."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
+    """Which paths fastllm's C++ CPU kernels take in a process started with this environment
+    (the workers' environment: the CPU's flags and FASTLLM_CPU_ISA): per family, its path for
+    float32 and bfloat16 from fastllm.backend.cpu_kernel_path (csrc/common/cpu_kernel_paths.cpp),
+    asked in a child process because the path is chosen once per process."""
     requested = os.environ.get("FASTLLM_CPU_ISA", "")
-    avx2 = {"avx2", "fma", "f16c"} <= flags
-    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= flags
-    if requested == "scalar" or not avx2:
-        return "scalar (portable C++)" + (" [FASTLLM_CPU_ISA=scalar]" if requested else "")
-    if requested or not avx512:
-        return "AVX2/FMA/F16C" + (f" [FASTLLM_CPU_ISA={requested}]" if requested else "")
-    return "AVX-512 BF16 (attention, rotary, gated MLP), AVX2/FMA/F16C (the other kernels)"
+    suffix = f" [FASTLLM_CPU_ISA={requested}]" if requested else ""
+    try:
+        out = subprocess.run([sys.executable, "-c", _PATHS_SCRIPT], capture_output=True,
+                             text=True, check=True, timeout=120)
+        paths = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as error:
+        return f"unknown ({type(error).__name__}){suffix}"
+    parts = [f"{family} {p['float32']}" + (f"/{p['bfloat16']} (bf16)" if p["bfloat16"] != p["float32"] else "")
+             for family, p in paths.items()]
+    return ", ".join(parts) + suffix
 
 
 def _rss_now_bytes() -> Optional[int]:

@@ -27,9 +27,10 @@ FLOPs (the issue's convention, the one FlashAttention's benchmarks use): the for
 (T x D) by (D x T) sized matrix products per (batch, head), 4 * B * H * T * T * D, half of
 it when causal; the backward counts 2.5 times the forward (five such products, two of them
 recomputing the scores), so forward+backward is 3.5 times the forward. The exp and the
-row reductions are not counted. The ceiling is the machine's measured float32 GEMM rate
-(``fastllm.bench.common.sgemm_gflops``): attention is at best two GEMMs per tile, so the
-fraction of it is how much of the matrix units' rate the kernel keeps.
+row reductions are not counted. The ceiling is torch's measured GEMM rate in the row's dtype
+(``fastllm.bench.common.gemm_gflops``; bfloat16: oneDNN on AMX tiles where the CPU has them):
+attention is at best two GEMMs per tile, so the fraction of it is how much of the matrix
+units' rate the kernel keeps.
 
 Bytes (what the GB/s column counts, small on purpose: attention is compute bound; n =
 B * T * H * D, e = bytes per element): forward reads q, k, v and writes out, 4 * n * e;

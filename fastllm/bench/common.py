@@ -160,19 +160,31 @@ def first_touch_gbs(device: torch.device, nbytes: int = 128 * MiB, repeats: int 
     return nbytes / best / 1e9
 
 
-def sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 ``torch.mm`` rate of two preallocated (n, n) matrices into a preallocated
-    output, in GFLOP/s (2 * n**3 flops per product): the compute ceiling of a GEMM-bound op.
-    A square product this size runs near the BLAS library's peak; an op's skinnier products
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                repeats: int = 5) -> float:
+    """Best ``torch.mm`` rate in ``dtype`` of two preallocated (n, n) matrices into a
+    preallocated output, in GFLOP/s (2 * n**3 flops per product): the compute ceiling of a
+    GEMM-bound op in that dtype (bfloat16: oneDNN on AMX tiles where the CPU has them). A
+    square product this size runs near the BLAS library's peak; an op's skinnier products
     (attention's (T x D) by (D x T), D = 64) reach less, and its fraction of this includes that."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)  # touch the pages and load the BLAS kernels before timing
     best = math.inf
     for _ in range(repeats):
         best = min(best, _call_seconds(lambda: torch.mm(a, b, out=out), device))
     return 2 * n**3 / best / 1e9
+
+
+def sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """The float32 GEMM ceiling (``gemm_gflops`` in float32)."""
+    return gemm_gflops(device, torch.float32, n, repeats)
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` ("" for None)."""
+    return "" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def thp_setting(device: torch.device) -> str:
@@ -261,6 +273,8 @@ class Machine:
     copy_gbs: float
     first_touch_gbs: Optional[float]  # CPU only: a GPU's caching allocator hides it
     sgemm_gflops: Optional[float] = None  # measured only for families that count FLOPs
+    # the GEMM ceiling in each dtype the FLOP-counting cases run (gemm_gflops), by dtype name
+    gemm_gflops: Optional[dict[str, float]] = None
     cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
     cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
 
@@ -396,7 +410,7 @@ class Result:
     copy_gbs: Optional[float] = None  # the ceiling measured under the same THP setting
     flops: Optional[int] = None  # compute-bound families: the case's FLOPs per call
     gflops: Optional[float] = None
-    sgemm_gflops: Optional[float] = None  # their ceiling
+    sgemm_gflops: Optional[float] = None  # their ceiling: torch's GEMM rate in the case's dtype
     speedup_vs_eager: Optional[float] = None  # eager time / this time
     speedup_vs_compile: Optional[float] = None  # torch.compile time / this time
     peak_memory_bytes: Optional[int] = None
@@ -478,10 +492,10 @@ def _fmt(value: Optional[float], suffix: str = "", digits: int = 3) -> str:
 def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> str:
     """One row per contender, cases separated by a blank line; the case columns are shown
     on the first row of each case only, the path (``fastllm_path``) on fastllm's rows only.
-    A family whose cases count FLOPs shows GFLOP/s and the fraction of the sgemm ceiling
-    instead of GB/s and the fraction of the copy one."""
+    A family whose cases count FLOPs shows GFLOP/s and the fraction of the GEMM ceiling in
+    the row's dtype instead of GB/s and the fraction of the copy one."""
     compute_bound = any(r.flops is not None for r in results)
-    rate_headers = ["GFLOP/s", "% sgemm"] if compute_bound else ["GB/s", "% copy"]
+    rate_headers = ["GFLOP/s", "% GEMM"] if compute_bound else ["GB/s", "% copy"]
     headers = [*param_columns, "THP", "contender", "path", "time ms", *rate_headers,
                "vs eager", "vs compile", "peak MiB"]
     right = [False] * (len(param_columns) + 3) + [True] * 6
@@ -671,6 +685,7 @@ def run_cases(
     budget: TimingBudget,
     copy_gbs: float,
     sgemm_gflops: Optional[float] = None,
+    gemm_gflops_by_dtype: Optional[dict[str, float]] = None,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
     recorded with its error (and logged), never dropped. ``kernel_family``: the fastllm op
@@ -693,7 +708,9 @@ def run_cases(
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
                 result = Result.of(
                     family, case, contender, backend=backend, device=str(device), thp=thp,
-                    bytes_moved=case.bytes_moved(), copy_gbs=copy_gbs, sgemm_gflops=sgemm_gflops,
+                    bytes_moved=case.bytes_moved(), copy_gbs=copy_gbs,
+                    sgemm_gflops=(gemm_gflops_by_dtype or {}).get(
+                        dtype_name(getattr(case, "dtype", None)), sgemm_gflops),
                     flops=case.flops() if hasattr(case, "flops") else None,
                 )
                 if contender == FASTLLM:

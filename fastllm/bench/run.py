@@ -145,6 +145,10 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
     if machine.sgemm_gflops is not None:
         lines.append(f"float32 GEMM ceiling (torch.mm of 2048 x 2048 matrices, best of several): "
                      f"{machine.sgemm_gflops:.1f} GFLOP/s")
+    for dtype, rate in (machine.gemm_gflops or {}).items():
+        if dtype != "float32":
+            lines.append(f"{dtype} GEMM ceiling (the same in {dtype}; the ceiling of that "
+                         f"dtype's rows): {rate:.1f} GFLOP/s")
     if machine.device.startswith("cuda"):
         lines.append(f"copy bandwidth ceiling (copy_ of 256 MiB, read + write): {machine.copy_gbs:.1f} GB/s")
     else:
@@ -165,7 +169,7 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         f"time: median of >= {budget.min_repeats} calls (and >= {budget.min_time_s:g} s of calls) "
         "after warm-up; GB/s: unavoidable bytes read + written once / time; % copy: of the ceiling "
         "measured under the row's THP setting; GFLOP/s (compute-bound families, instead of GB/s): "
-        "the family's FLOP count / time; % sgemm: of the GEMM ceiling;",
+        "the family's FLOP count / time; % GEMM: of torch's GEMM rate in the row's dtype;",
         "vs eager / vs compile: torch eager time / this time, torch.compile time / this time "
         "(> 1 is faster); peak MiB: memory one call needs above its inputs;",
         "path (fastllm's rows): what ran: on the CPU the instruction-set path of the family's "
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     from fastllm.bench.common import (
         GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
         fresh_pages_every_call, measure_machine, not_available, resolve_backend, results_table,
-        run_cases, sgemm_gflops,
+        dtype_name, gemm_gflops, run_cases, sgemm_gflops,
     )
 
     started = time.perf_counter()
@@ -245,6 +249,12 @@ def run(args: argparse.Namespace) -> int:
     if any(hasattr(case, "flops") for _, _, selected in plan for case in selected):
         logger.info("measuring the float32 GEMM ceiling on %s", device)
         machine.sgemm_gflops = sgemm_gflops(device, repeats=2 if args.quick else 5)
+        machine.gemm_gflops = {"float32": machine.sgemm_gflops}
+        for dtype in sorted({case.dtype for _, _, selected in plan for case in selected
+                             if hasattr(case, "flops")} - {torch.float32}, key=str):
+            logger.info("measuring the %s GEMM ceiling on %s", dtype_name(dtype), device)
+            machine.gemm_gflops[dtype_name(dtype)] = gemm_gflops(
+                device, dtype, repeats=2 if args.quick else 5)
     other_machine = None
     sections: list[tuple[str, Sequence[str], list[Result]]] = []
     any_rerun = False
@@ -252,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%s: %d cases x 3 contenders (THP %s)", name, len(selected), machine.thp)
         results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
                             backend=backend, budget=budget, copy_gbs=machine.copy_gbs,
-                            sgemm_gflops=machine.sgemm_gflops)
+                            sgemm_gflops=machine.sgemm_gflops,
+                            gemm_gflops_by_dtype=machine.gemm_gflops)
         fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
         if fault_bound and not args.no_thp_rerun:
             any_rerun = True

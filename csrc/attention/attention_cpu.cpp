@@ -1220,11 +1220,6 @@ void attention_bwd_typed(const BwdParams& p) {
 // Storage bits of a bfloat16 row.
 inline const uint16_t* bits(const BFloat16* row) { return reinterpret_cast<const uint16_t*>(row); }
 
-// s[r][c] *= scale for rows [r0, r1) of an Ns-wide score tile.
-inline void scale_scores(float* s, int Ns, int r0, int r1, float scale) {
-  for (int64_t e = int64_t{r0} * Ns; e < int64_t{r1} * Ns; ++e) s[e] *= scale;
-}
-
 // Query rows per forward task on AMX: a tile's q, s, p and output rows (64 KiB at D = 64)
 // stay close to the L1 cache between the products and the softmax; 128 rows measured slower.
 constexpr int kAmxBlockQ = 64;
@@ -1346,7 +1341,7 @@ void attention_fwd_amx(const FwdParams& p) {
                     o_tile.data() + lo * Dk, Dk, true);
           continue;
         }
-        scale_scores(s_tile.data(), Ns, r0, rows.last, scale);
+        amx::scale_scores(s_tile.data(), Ns, r0, rows.last, scale);
         mods.transform(s, nullptr, rows.count(), Ns, i0 + r0, j0);
         mods.template add_bias<T>(s, rows.count(), Ns, ns, i0 + r0, j0);
         key_tile.mask_scores(s, rows.count(), Ns, ns);
@@ -1498,7 +1493,7 @@ struct AmxBwdThread {
                                 kBlockK, p_pairs.data(), ds_pairs.data());
       return rows;
     }
-    scale_scores(s.data(), Ns, r0, rows.last, static_cast<float>(in.scale));
+    amx::scale_scores(s.data(), Ns, r0, rows.last, static_cast<float>(in.scale));
     mods.transform(sr, dcapr, rows.count(), Ns, i0 + r0, j0);
     mods.template add_bias<T>(sr, rows.count(), Ns, ns, i0 + r0, j0);
     key_tile.mask_scores(sr, rows.count(), Ns, ns);

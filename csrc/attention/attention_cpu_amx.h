@@ -280,6 +280,15 @@ inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int l
   }
 }
 
+// s[r][c] *= scale for the rows [r0, r1) of a score tile of rows of N floats (N a multiple
+// of 16): the raw product's scores before the features that read them.
+inline void scale_scores(float* s, int N, int r0, int r1, float scale) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t e = int64_t{r0} * N; e < int64_t{r1} * N; e += 16) {
+    _mm512_storeu_ps(s + e, _mm512_mul_ps(_mm512_loadu_ps(s + e), vscale));
+  }
+}
+
 // ---- forward's online softmax, straight to the bfloat16 p operand -------------------------
 
 // The forward's score tile step when no feature modifies the scores (no softcap, ALiBi,

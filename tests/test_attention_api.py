@@ -1046,3 +1046,24 @@ def test_masked_sdpa_and_mha_trace_fullgraph():
         compiled = torch.compile(module_call, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(
             compiled(x, kwargs["key_padding_mask"], kwargs["attn_mask"]), eager)
+
+
+@pytest.mark.skipif(attn_ops.IMPLS.native is None, reason="fastllm._C not built")
+def test_bf16_attention_leaves_torch_bf16_gemms_unaffected():
+    """bfloat16 attention on the CPU runs on AMX tiles where the CPU has them; it configures the tile registers
+    of its threads and must hand them back, so torch's own bfloat16 GEMMs (oneDNN, on the
+    same threads and, where the CPU has AMX, the same tiles) give the same bits before,
+    between and after attention calls, forward and backward. (The C++ test
+    attention_amx_restores_tile_configuration checks the configuration itself.)"""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(96, 200, generator=gen).bfloat16()
+    b = torch.randn(200, 136, generator=gen).bfloat16()
+    expected = a @ b
+    q, k, v = (torch.randn(2, 150, 4, 64, generator=gen).bfloat16().requires_grad_()
+               for _ in range(3))
+    for causal in (False, True):
+        out = F.attention(q, k, v, causal=causal)
+        assert torch.equal(a @ b, expected), f"torch's GEMM changed after attention ({causal=})"
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert torch.equal(a @ b, expected), f"torch's GEMM changed after backward ({causal=})"
+        assert all(torch.isfinite(g).all() for g in grads)

@@ -1220,9 +1220,9 @@ void attention_bwd_typed(const BwdParams& p) {
 // Storage bits of a bfloat16 row.
 inline const uint16_t* bits(const BFloat16* row) { return reinterpret_cast<const uint16_t*>(row); }
 
-// Query rows per forward task on AMX: a tile's q, s, p and output rows (64 KiB at D = 64)
-// stay close to the L1 cache between the products and the softmax; 128 rows measured slower.
-constexpr int kAmxBlockQ = 64;
+// Query rows per forward task on AMX (as kBlockQ; 64 measured ~5-15 % slower at D = 64 and
+// no different at D = 128, B1 H8 T4096, one thread).
+constexpr int kAmxBlockQ = 128;
 
 void attention_fwd_amx(const FwdParams& p) {
   using T = BFloat16;
@@ -1288,9 +1288,10 @@ void attention_fwd_amx(const FwdParams& p) {
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
         // Two key blocks at once where nothing but the band masks them: the p v product is
         // then 128 keys deep, which halves the output tile's loads and stores around it
-        // (D = 64: ~10 % faster; at D = 128 the doubled score and key tiles no longer stay
-        // in the L1 cache and it measured ~10 % slower, so head dims above 64 do not pair).
-        if (plain && Dk <= 64 && !key_blocks.summarised() && kt_tiles.cached() && v_tiles.cached() &&
+        // (D = 64: ~10 % faster, B1 H8 T4096, one thread; D = 128: within the noise of the
+        // shared machine, best of 3 runs 110 ms paired against 109-141 ms single). Head dims
+        // above 128 keep single blocks (their doubled key tiles would leave the L2 share).
+        if (plain && Dk <= 128 && !key_blocks.summarised() && kt_tiles.cached() && v_tiles.cached() &&
             j0 + kBlockK < std::min(k_end, len.k)) {
           const int nk = static_cast<int>(std::min<int64_t>(2 * kBlockK, len.k - j0));
           const int Ns = round_up(nk, kColPad);

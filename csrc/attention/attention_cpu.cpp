@@ -140,6 +140,25 @@ int64_t lse_offset(const Problem& p, int64_t b, int64_t h) {
          (p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[b] : 0);
 }
 
+// Task `task` of a loop over (batch, head, query block) with q_blocks blocks of kBlockQ rows
+// per (batch, head): its batch b, head h, first row i0, sequence b's lengths and the rows mq
+// of the block (0: the block lies past the sequence's queries, nothing to do).
+struct QueryBlock {
+  int64_t b, h, i0;
+  SeqLens len;
+  int mq;
+};
+
+QueryBlock query_block(const Problem& p, int64_t task, int64_t q_blocks) {
+  QueryBlock t;
+  t.h = task / q_blocks % p.num_heads;
+  t.b = task / q_blocks / p.num_heads;
+  t.i0 = task % q_blocks * kBlockQ;
+  t.len = seq_lens(p, t.b);
+  t.mq = t.i0 >= t.len.q ? 0 : static_cast<int>(std::min<int64_t>(kBlockQ, t.len.q - t.i0));
+  return t;
+}
+
 // A (B, T, heads, D) tensor seen as rows of D elements: row (b, t, h) of a padded batch at
 // b * stride.b + t * stride.t + h * stride.h, of a packed one at (cu_seqlens[b] + t) *
 // stride.t + h * stride.h. E is the element type, const for inputs.
@@ -786,14 +805,11 @@ void attention_fwd_typed(const FwdParams& p) {
     uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = task % q_blocks;
-      const int64_t h = task / q_blocks % p.num_heads;
-      const int64_t b = task / q_blocks / p.num_heads;
-      const int64_t hk = h / group;
-      const SeqLens len = seq_lens(p, b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= len.q) continue;
-      const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+      const QueryBlock t = query_block(p, task, q_blocks);
+      if (t.mq == 0) continue;
+      const int64_t b = t.b, h = t.h, hk = h / group, i0 = t.i0;
+      const SeqLens len = t.len;
+      const int mq = t.mq;
       const Mask mask(p, len);
       const ScoreMods<Acc> mods(p, b, h, len);
       pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, q_tile.data());
@@ -1177,13 +1193,9 @@ void bwd_dq_pass(BwdThread<T, Ops>& th) {
   const int64_t q_blocks = th.in.q_blocks;
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
-    const int64_t qb = task % q_blocks;
-    const int64_t h = task / q_blocks % p.num_heads;
-    const int64_t b = task / q_blocks / p.num_heads;
-    const SeqLens len = seq_lens(p, b);
-    const int64_t i0 = qb * kBlockQ;
-    if (i0 >= len.q) continue;
-    th.dq_tile(b, h, i0, len, Mask(p, len), ScoreMods<Acc>(p, b, h, len),
+    const QueryBlock t = query_block(p, task, q_blocks);
+    if (t.mq == 0) continue;
+    th.dq_tile(t.b, t.h, t.i0, t.len, Mask(p, t.len), ScoreMods<Acc>(p, t.b, t.h, t.len),
                [](const ActiveRows&, int64_t, int, int) {});
   }
 }
@@ -1220,17 +1232,13 @@ void attention_bwd_typed(const BwdParams& p) {
 // Storage bits of a bfloat16 row.
 inline const uint16_t* bits(const BFloat16* row) { return reinterpret_cast<const uint16_t*>(row); }
 
-// Query rows per forward task on AMX (as kBlockQ; 64 measured ~5-15 % slower at D = 64 and
-// no different at D = 128, B1 H8 T4096, one thread).
-constexpr int kAmxBlockQ = 128;
-
 void attention_fwd_amx(const FwdParams& p) {
   using T = BFloat16;
   using Ops = avx512::Ops;
   const int D = static_cast<int>(p.head_dim);
   const int Dk = round_up(D, 32);  // the K of q k^T and the N of p v
   const int64_t group = p.num_heads / p.num_kv_heads;
-  const int64_t q_blocks = (p.seqlen_q + kAmxBlockQ - 1) / kAmxBlockQ;
+  const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t k_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
   const int64_t tasks = p.batch * p.num_heads * q_blocks;
   const float scale = static_cast<float>(p.softmax_scale);
@@ -1242,21 +1250,18 @@ void attention_fwd_amx(const FwdParams& p) {
 #pragma omp parallel
   {
     amx::TileScope tile_scope;
-    std::vector<uint16_t> q_tile(kAmxBlockQ * Dk), p_tile(kAmxBlockQ * 2 * kBlockK);
-    std::vector<float> s_tile(kAmxBlockQ * 2 * kBlockK), o_tile(kAmxBlockQ * Dk), m(kAmxBlockQ), l(kAmxBlockQ);
+    std::vector<uint16_t> q_tile(kBlockQ * Dk), p_tile(kBlockQ * 2 * kBlockK);
+    std::vector<float> s_tile(kBlockQ * 2 * kBlockK), o_tile(kBlockQ * Dk), m(kBlockQ), l(kBlockQ);
     TileCache<uint16_t> kt_tiles(k_blocks, Dk * kBlockK), v_tiles(k_blocks, kBlockK * Dk);
-    int begin[kAmxBlockQ], end[kAmxBlockQ];
-    uint32_t row_keys[kAmxBlockQ], col_keys[kBlockK];
+    int begin[kBlockQ], end[kBlockQ];
+    uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = task % q_blocks;
-      const int64_t h = task / q_blocks % p.num_heads;
-      const int64_t b = task / q_blocks / p.num_heads;
-      const int64_t hk = h / group;
-      const SeqLens len = seq_lens(p, b);
-      const int64_t i0 = qb * kAmxBlockQ;
-      if (i0 >= len.q) continue;
-      const int mq = static_cast<int>(std::min<int64_t>(kAmxBlockQ, len.q - i0));
+      const QueryBlock t = query_block(p, task, q_blocks);
+      if (t.mq == 0) continue;
+      const int64_t b = t.b, h = t.h, hk = h / group, i0 = t.i0;
+      const SeqLens len = t.len;
+      const int mq = t.mq;
       const Mask mask(p, len);
       const ScoreMods<float> mods(p, b, h, len);
       // No feature modifies the scores: the fused softmax (a mixed key padding block still
@@ -1663,13 +1668,9 @@ void bwd_dq_pass_amx(AmxBwdThread& th) {
   const int64_t q_blocks = th.in.q_blocks;
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
-    const int64_t qb = task % q_blocks;
-    const int64_t h = task / q_blocks % p.num_heads;
-    const int64_t b = task / q_blocks / p.num_heads;
-    const SeqLens len = seq_lens(p, b);
-    const int64_t i0 = qb * kBlockQ;
-    if (i0 >= len.q) continue;
-    th.dq_tile(b, h, i0, len, Mask(p, len), ScoreMods<float>(p, b, h, len),
+    const QueryBlock t = query_block(p, task, q_blocks);
+    if (t.mq == 0) continue;
+    th.dq_tile(t.b, t.h, t.i0, t.len, Mask(p, t.len), ScoreMods<float>(p, t.b, t.h, t.len),
                /*transposed=*/false, [](const ActiveRows&, int, int, int64_t, int, int) {});
   }
 }

@@ -468,6 +468,96 @@ def test_scalar_cpu_path_matches_torch(backend):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+# ------------------------------------------ every CPU instruction-set path, forced
+
+# Run in a child process per FASTLLM_CPU_ISA value (the path is chosen once per process):
+# every dtype and option set within the 2x rule of tests/accuracy.py, vocab sizes that leave
+# every tail length and span several of the forward's 2048-logit blocks, and the same bits on
+# 1 and 2 threads. The outputs go to OUT so the parent can tell the paths apart.
+ISA_PATH_SCRIPT = r"""
+import os, torch, torch.nn.functional as TF
+import fastllm.functional as F
+from tests.accuracy import assert_within_torch_error
+
+def composed(x, t, kw):
+    z = x if not kw.get("softcap") else kw["softcap"] * torch.tanh(x / kw["softcap"])
+    loss = TF.cross_entropy(z, t, reduction="none", weight=kw.get("weight"),
+                            label_smoothing=kw.get("label_smoothing", 0.0))
+    if kw.get("z_loss"):
+        loss = loss + kw["z_loss"] * torch.logsumexp(z.float(), -1).to(z.dtype).square() * (t != -100)
+    return loss
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+outputs = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for vocab in (37, 1003, 4133):
+        x = (torch.randn(6, vocab) * 3).to(dtype)
+        t = torch.randint(0, vocab, (6,)); t[2] = -100
+        w = torch.rand(vocab) + 0.5
+        for kw in ({}, {"label_smoothing": 0.1, "weight": w}, {"softcap": 4.0, "z_loss": 1e-3}):
+            xs = {k: x.detach().to(k).requires_grad_(True) for k in (dtype, torch.float64)}
+            kws = {k: {n: (v.to(k) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+                   for k in (dtype, torch.float64)}
+            ours = F.cross_entropy(xs[dtype], t, reduction="none", **kw)
+            g, = torch.autograd.grad(ours.sum(), xs[dtype])
+            theirs = composed(xs[dtype], t, kws[dtype])
+            tg, = torch.autograd.grad(theirs.sum(), xs[dtype])
+            ref = composed(xs[torch.float64], t, kws[torch.float64])
+            rg, = torch.autograd.grad(ref.sum(), xs[torch.float64])
+            name = f"{dtype} vocab={vocab} {sorted(kw)}"
+            assert_within_torch_error(name + " loss", ours.detach(), theirs.detach(), ref.detach(), dtype)
+            assert_within_torch_error(name + " grad", g, tg, rg, dtype)
+            outputs += [ours.detach(), g]
+# Thread-count determinism: rows are split over threads, each row computed by one thread.
+x = torch.randn(64, 5001).to(torch.bfloat16).requires_grad_(True)
+t = torch.randint(0, 5001, (64,)); t[::7] = -100
+runs = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    loss = F.cross_entropy(x, t, label_smoothing=0.1)
+    g, = torch.autograd.grad(loss, x)
+    runs.append((loss, g))
+assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "threads"
+torch.save(outputs, os.environ["OUT"])
+print("ok")
+"""
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _avx512_bf16_cpu() -> bool:
+    """What cpu_features.h's cpu_avx512() asks for (Linux flag names)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= set(flags)
+
+
+def test_every_cpu_isa_path_within_the_2x_rule_and_thread_deterministic(backend, tmp_path):
+    """FASTLLM_CPU_ISA unset (the best path: AVX-512 on a CPU with F/BW/DQ/VL/BF16), =avx2 and
+    =scalar, each in its own child: every dtype and option set within 2x torch's error, the
+    same bits on 1 and 2 threads. On an AVX-512 CPU the unset run must differ from the AVX2
+    run in some bit (its exp differs), which shows that the AVX-512 path really ran."""
+    results = {}
+    for isa in ("", "avx2", "scalar"):
+        out = tmp_path / f"{isa or 'best'}.pt"
+        env = dict(os.environ, FASTLLM_CPU_ISA=isa, FASTLLM_BACKEND="native", OUT=str(out),
+                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        result = subprocess.run([sys.executable, "-c", ISA_PATH_SCRIPT], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+            f"FASTLLM_CPU_ISA={isa!r}: {result.stderr[-3000:]}")
+        results[isa] = torch.load(out)
+    differs = lambda a, b: any(not torch.equal(u, v) for u, v in zip(results[a], results[b]))
+    assert differs("avx2", "scalar")
+    if _avx512_bf16_cpu():
+        assert differs("", "avx2")
+
+
 # ----------------------------------- logged outputs (return_z_loss, return_token_accuracy)
 
 

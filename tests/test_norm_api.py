@@ -5,6 +5,10 @@ Tests that take `backend` run on the native kernels (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -228,3 +232,77 @@ def test_backend_env_var(monkeypatch):
     monkeypatch.setenv("FASTLLM_BACKEND", "gpu")
     with pytest.raises(ValueError, match="FASTLLM_BACKEND must be one of"):
         fastllm.get_backend()
+
+
+# ------------------------------------------ every CPU instruction-set path, forced
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a child process per FASTLLM_CPU_ISA value (the path is chosen once per process):
+# every op, dtype and affine flag within the 2x rule (tests/test_norm.check_kind) on shapes
+# that leave every tail length of a 16- and an 8-lane vector, rows longer than the 1024-element
+# sum blocks, and one element; then determinism: the same bits when run again on 2 threads,
+# and outputs and input gradients (computed row by row) the same on 1 and 2 threads. The
+# weight/bias gradients are summed per thread, so only their 2-thread reruns must match. The
+# outputs go to OUT so the parent can tell the paths apart.
+ISA_PATH_SCRIPT = r"""
+import os, torch
+from tests.test_norm import KINDS, check_kind, fastllm_impl, make_inputs, run
+torch.set_num_threads(1)
+torch.manual_seed(0)
+for kind in KINDS:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for affine in (True, False):
+            for shape in ((4, 97), (3, 1000), (5, 4099), (2, 16), (1, 1)):
+                check_kind(kind, shape, dtype, affine)
+outputs = []
+for kind in KINDS:
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(1)
+        (x, r, w, b), norm_shape = make_inputs(kind, (256, 1031), 1, dtype, True, "contiguous")
+        grads_out = (torch.randn(256, 1031).to(dtype), torch.randn(256, 1031).to(dtype))
+        runs = {}
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            outs, grads = run(fastllm_impl, kind, (x, r, w, b), norm_shape, 1e-5, grads_out)
+            runs.setdefault(threads, []).append(outs + [g for g in grads if g is not None])
+        (two_a, two_b), (one,) = runs[2], runs[1]
+        assert all(torch.equal(u, v) for u, v in zip(two_a, two_b)), f"{kind} {dtype}: 2 threads"
+        n_rowwise = len(outs) + (2 if kind.startswith("add_") else 1)  # outputs, dx (, dres)
+        assert all(torch.equal(u, v) for u, v in zip(one[:n_rowwise], two_a[:n_rowwise])), (
+            f"{kind} {dtype}: 1 vs 2 threads")
+        outputs += one
+torch.save(outputs, os.environ["OUT"])
+print("ok")
+"""
+
+
+def _avx512_bf16_cpu() -> bool:
+    """What cpu_features.h's cpu_avx512() asks for (Linux flag names)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= set(flags)
+
+
+def test_every_cpu_isa_path_within_the_2x_rule_and_thread_deterministic(backend, tmp_path):
+    """FASTLLM_CPU_ISA unset (the best path: AVX-512 on a CPU with F/BW/DQ/VL/BF16), =avx2 and
+    =scalar, each in its own child (ISA_PATH_SCRIPT). On an AVX-512 CPU the unset run must
+    differ from the AVX2 run in some bit (16-lane sums round differently), which shows that
+    the AVX-512 path really ran."""
+    results = {}
+    for isa in ("", "avx2", "scalar"):
+        out = tmp_path / f"{isa or 'best'}.pt"
+        env = dict(os.environ, FASTLLM_CPU_ISA=isa, FASTLLM_BACKEND="native", OUT=str(out),
+                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        result = subprocess.run([sys.executable, "-c", ISA_PATH_SCRIPT], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+            f"FASTLLM_CPU_ISA={isa!r}: {result.stderr[-3000:]}")
+        results[isa] = torch.load(out)
+    differs = lambda a, b: any(not torch.equal(u, v) for u, v in zip(results[a], results[b]))
+    assert differs("avx2", "scalar")
+    if _avx512_bf16_cpu():
+        assert differs("", "avx2")

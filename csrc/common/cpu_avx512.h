@@ -69,9 +69,11 @@ FASTLLM_INLINE __m512 widen(BFloat16*, __m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 FASTLLM_INLINE __m512 widen(Half*, __m256i bits) { return _mm512_cvtph_ps(bits); }
-// Round to nearest even as c10::BFloat16 (NaN -> 0x7FC0; not vcvtneps2bf16, which flushes
-// denormals), and as F16C for float16.
-FASTLLM_INLINE __m256i narrow(BFloat16*, __m512 v) {
+// Round to nearest even as c10::BFloat16 (NaN -> 0x7FC0), and as F16C for float16.
+// bfloat16: vcvtneps2bf16 rounds every other float exactly as c10 does (checked over all 2^32
+// bit patterns), but flushes denormals to 0 and keeps a NaN's payload, so a vector with a
+// denormal or NaN lane takes the integer rounding below instead (narrow_exact).
+FASTLLM_INLINE __m256i narrow_exact(BFloat16*, __m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_srli_epi32(
@@ -79,6 +81,13 @@ FASTLLM_INLINE __m256i narrow(BFloat16*, __m512 v) {
   rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded,
                                     _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(rounded);
+}
+FASTLLM_INLINE __m256i narrow(BFloat16* tag, __m512 v) {
+  constexpr int kDenormalOrNan = 0x20 | 0x01 | 0x80;  // vfpclassps: denormal, QNaN, SNaN
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, kDenormalOrNan) != 0, 0)) {
+    return narrow_exact(tag, v);
+  }
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
 }
 FASTLLM_INLINE __m256i narrow(Half*, __m512 v) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -117,6 +126,48 @@ FASTLLM_INLINE __mmask16 band_mask(int j, int begin, int end) {
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   return _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(begin)) &
          _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(end));
+}
+
+// ---- row loops and reductions ------------------------------------------------------------
+
+// Accumulator slots of for_each_chunk.
+inline constexpr int kSlots = 4;
+
+// Calls body(j, n, k) on consecutive chunks [j, j + n) that cover [0, len): full chunks of 16
+// (n == 16) kSlots at a time with k = 0..kSlots-1, so reductions can keep kSlots independent
+// accumulators, then one partial chunk (n < 16, k = 0; loadn / storen mask it). Defined here,
+// in the AVX-512 region, because GCC will not inline an AVX-512 body into cpu_avx2.h's
+// AVX2-only for_each_chunk. Bodies are lambdas marked FASTLLM_INLINE_LAMBDA.
+template <class Body>
+FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
+  static_assert(kSlots == 4, "the unrolled calls below are the kSlots slots");
+  int64_t j = 0;
+  for (; j + 64 <= len; j += 64) {
+    body(j, 16, 0);
+    body(j + 16, 16, 1);
+    body(j + 32, 16, 2);
+    body(j + 48, 16, 3);
+  }
+  for (; j + 16 <= len; j += 16) body(j, 16, 0);
+  if (j < len) body(j, static_cast<int>(len - j), 0);
+}
+
+FASTLLM_INLINE float hsum(const __m512 (&slots)[kSlots]) {
+  return _mm512_reduce_add_ps(
+      _mm512_add_ps(_mm512_add_ps(slots[0], slots[1]), _mm512_add_ps(slots[2], slots[3])));
+}
+FASTLLM_INLINE float hmax(const __m512 (&slots)[kSlots]) {
+  return _mm512_reduce_max_ps(
+      _mm512_max_ps(_mm512_max_ps(slots[0], slots[1]), _mm512_max_ps(slots[2], slots[3])));
+}
+
+// e^d for d <= 0, or NaN (kept): 2^(d log2 e) by exp2, with t clamped at -150, where
+// vscalefps already gives 0 (exp2 needs a finite t, and d may be -inf). A positive d is
+// fine too (overflow to +inf above 88.7), but not d = +inf (NaN). Relative error about
+// 1.5e-7 plus the rounding of t, 2^-24 |t|.
+FASTLLM_INLINE __m512 exp_nonpositive(__m512 d) {
+  const __m512 t = _mm512_mul_ps(d, _mm512_set1_ps(kLog2e));
+  return exp2(_mm512_max_ps(_mm512_set1_ps(-150.0f), t));
 }
 
 }  // namespace avx512

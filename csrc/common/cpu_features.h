@@ -7,7 +7,8 @@
 //
 // Two levels above AVX2 are asked for separately, by the kernels that implement them, so
 // cpu_isa() stays kAvx2 on such a CPU and a kernel without the higher path keeps its AVX2 one:
-//   - cpu_avx512(): AVX-512 F, BW, DQ, VL and BF16 (attention, rotary, gated MLP);
+//   - cpu_avx512(): AVX-512 F, BW, DQ, VL and BF16 (attention, norms, cross-entropy, rotary,
+//     gated MLP);
 //   - cpu_amx(): AMX-TILE and AMX-BF16 on top of that, and the kernel's permission to use
 //     the tile data state (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once per process;
 //     refused or not Linux -> false, and the AVX-512 path runs). Attention's bfloat16 tile

@@ -35,10 +35,14 @@
 //     thread's totals (a two-level sum). The threads then add up the totals column block by
 //     column block in thread order: deterministic for a given thread count, no atomics,
 //     any number of rows.
-//   - Two instruction paths, chosen at run time (common/cpu_features.h): AVX2/FMA/F16C
-//     vectors of 8 floats or 4 doubles, whose row tails are partial vectors
-//     (common/cpu_avx2.h), and a portable scalar path for every other CPU, which is also the
-//     plainest statement of the algorithm.
+//   - Three instruction paths, chosen at run time (common/cpu_features.h): AVX-512 vectors of
+//     16 floats where the CPU has F/BW/DQ/VL/BF16 (cpu_avx512(); float64 rows stay on AVX2),
+//     AVX2/FMA/F16C vectors of 8 floats or 4 doubles, both from one source
+//     (norm_cpu_simd.h) and with partial vectors at row tails, and a portable scalar path for
+//     every other CPU, which is also the plainest statement of the algorithm.
+//     FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones.
+//   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
+//     are written: fresh pages cost more than the kernel (common/cpu_memory.h).
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
 //     fork/join costs more than the work. Large inputs are prefetched a row ahead
 //     (kPrefetchMinBytes).
@@ -57,11 +61,13 @@
 #include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
+#include "common/cpu_memory.h"
 #include "common/cpu_parallel.h"
 #include "norm/norm.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include "common/cpu_avx2.h"
+#include "common/cpu_avx512.h"
 #define FASTLLM_NORM_CPU_AVX2 1
 #endif
 
@@ -184,228 +190,63 @@ void norm_bwd_rows_scalar(const BwdParams& p, int64_t row_begin, int64_t row_end
 
 #if defined(FASTLLM_NORM_CPU_AVX2)
 FASTLLM_AVX2_BEGIN
-
-// kSums vector sums over [0, n) in blocks of kSumBlock: body(j, m, acc) adds the terms of
-// chunk [j, j + m) into acc[0..kSums), one of kSlots sets of block accumulators.
-template <int W, int kSums, class V, class Body>
-FASTLLM_INLINE void sum_row_avx2(int64_t n, V (&sums)[kSums], Body&& body) {
-  using cpu::avx2::kSlots;
-  for (V& sum : sums) sum = V{};
-  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
-    V block[kSlots][kSums] = {};
-    cpu::avx2::for_each_chunk<W>(std::min(kSumBlock, n - j0),
-                                 [&](int64_t j, int m, int k) FASTLLM_INLINE_LAMBDA {
-                                   body(j0 + j, m, block[k]);
-                                 });
-    for (int i = 0; i < kSums; ++i) {
-      sums[i] += (block[0][i] + block[1][i]) + (block[2][i] + block[3][i]);
-    }
-  }
-}
-
-// See kPrefetchMinBytes. A prefetch never faults, so fetching one row past the last is fine.
-FASTLLM_INLINE void prefetch(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-}
-
-// Whether chunk slot k of for_each_chunk starts a new 64-byte line of T elements (the
-// group of kSlots chunks starts at a multiple of kSlots * W elements).
-template <class T, int W>
-FASTLLM_INLINE constexpr bool starts_cache_line(int k) {
-  return (static_cast<int64_t>(k) * W * sizeof(T)) % 64 == 0;
-}
+namespace avx2_path {
 
 template <class T>
-void norm_fwd_rows_avx2(const FwdParams& p, int64_t row_begin, int64_t row_end) {
-  using namespace cpu::avx2;
-  using Acc = AccOf<T>;
-  using V = Vec<T>;
-  constexpr int W = kLanes<T>;
-  const int64_t n = p.cols;
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  const Acc* w = static_cast<const Acc*>(p.weight);
-  const Acc* b = static_cast<const Acc*>(p.bias);
-  const bool prefetch_rows =
-      p.rows * std::max<int64_t>(p.x_row_stride, n) * static_cast<int64_t>(sizeof(T)) >=
-      kPrefetchMinBytes;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
-    const T* res = p.residual == nullptr
-                       ? nullptr
-                       : static_cast<const T*>(p.residual) + r * p.residual_row_stride;
-    T* s_out = res == nullptr ? nullptr : static_cast<T*>(p.residual_out) + r * n;
-    // s, chunk by chunk: x, or x + residual rounded to T as stored to residual_out.
-    auto load_s = [&](int64_t j, int m) FASTLLM_INLINE_LAMBDA {
-      if (res == nullptr) return loadn(x + j, m);
-      const V sum = loadn(x + j, m) + loadn(res + j, m);
-      storen(s_out + j, sum, m);
-      if constexpr (std::is_same_v<T, Acc>) return sum;
-      return loadn(s_out + j, m);
-    };
-
-    Acc mean = 0, var = 0;
-    if (p.rms) {
-      V sum_sq[1];
-      sum_row_avx2<W>(n, sum_sq, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
-        const V v = load_s(j, m);
-        acc[0] = fmadd(v, v, acc[0]);
-      });
-      var = hsum(sum_sq[0]) * inv_n;
-    } else {
-      const int head = static_cast<int>(std::min<int64_t>(n, W));
-      V head_sum = loadn(x, head);
-      if (res != nullptr) head_sum += loadn(res, head);
-      const Acc shift = hsum(head_sum) / static_cast<Acc>(head);
-      const V shift_v = broadcast(shift);
-      V sums[2];  // d, d^2 with d = s - shift
-      sum_row_avx2<W>(n, sums, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
-        V d = load_s(j, m) - shift_v;
-        if (m < W) d = keep_first(d, m);  // a padding lane is 0 - shift, not 0
-        acc[0] += d;
-        acc[1] = fmadd(d, d, acc[1]);
-      });
-      const Acc mean_d = hsum(sums[0]) * inv_n;
-      const Acc mean_dd = hsum(sums[1]) * inv_n;
-      mean = shift + mean_d;
-      var = mean_dd - mean_d * mean_d;
-      if (!(mean_dd <= kShiftedVarLimit * var)) {  // also catches var <= 0 and NaN
-        const T* s = res == nullptr ? x : s_out;
-        const V mean_v = broadcast(mean);
-        V sum_sq[1];
-        sum_row_avx2<W>(n, sum_sq, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
-          V d = loadn(s + j, m) - mean_v;
-          if (m < W) d = keep_first(d, m);
-          acc[0] = fmadd(d, d, acc[0]);
-        });
-        var = hsum(sum_sq[0]) * inv_n;
-      }
-      static_cast<Acc*>(p.mean)[r] = mean;
-    }
-    const Acc rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps));
-    static_cast<Acc*>(p.rstd)[r] = rstd;
-
-    const T* s = res == nullptr ? x : s_out;
-    const V mean_v = broadcast(mean);
-    const V rstd_v = broadcast(rstd);
-    T* y = static_cast<T*>(p.out) + r * n;
-    const T* next_x = prefetch_rows ? x + p.x_row_stride : nullptr;
-    const T* next_res = prefetch_rows && res != nullptr ? res + p.residual_row_stride : nullptr;
-    // One loop per weight/bias combination, so the common affine case is a single FMA.
-    auto write_y = [&](auto affine) FASTLLM_INLINE_LAMBDA {
-      for_each_chunk<W>(n, [&](int64_t j, int m, int k) FASTLLM_INLINE_LAMBDA {
-        if (next_x != nullptr && starts_cache_line<T, W>(k)) {
-          prefetch(next_x + j);
-          if (next_res != nullptr) prefetch(next_res + j);
-        }
-        storen(y + j, affine((loadn(s + j, m) - mean_v) * rstd_v, j, m), m);
-      });
-    };
-    if (w != nullptr && b != nullptr) {
-      write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA {
-        return fmadd(xhat, loadn(w + j, m), loadn(b + j, m));
-      });
-    } else if (w != nullptr) {
-      write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA { return xhat * loadn(w + j, m); });
-    } else if (b != nullptr) {
-      write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA { return xhat + loadn(b + j, m); });
-    } else {
-      write_y([&](V xhat, int64_t, int) FASTLLM_INLINE_LAMBDA { return xhat; });
-    }
-  }
-}
-
-// What the column sweep of backward needs of one row.
-// dx = rstd * (g - mean_g - xhat * mean_g_xhat) = fma(g, rstd, dx_bias) - xhat * dx_xhat.
+using Vec = cpu::avx2::Vec<T>;
 template <class T>
-struct BwdRowTerms {
-  const T* x;
-  const T* dy;
-  const T* dres;
-  T* dx;
-  cpu::avx2::Vec<T> mean, rstd, dx_bias, dx_xhat;
-};
+inline constexpr int kLanes = cpu::avx2::kLanes<T>;
+using cpu::avx2::broadcast;
+using cpu::avx2::fmadd;
+using cpu::avx2::fnmadd;
+using cpu::avx2::for_each_chunk;
+using cpu::avx2::hsum;
+using cpu::avx2::keep_first;
+using cpu::avx2::kSlots;
+using cpu::avx2::loadn;
+using cpu::avx2::storen;
 
-// The column sweep of backward over kRows rows at once: dx of every row, and the rows'
-// summed contribution to the dweight/dbias partials, which are thus read and written once
-// per kRows rows. All loads of a chunk come before its stores: dx rows typically sit at a
-// multiple of 4 KiB from the x / dy rows, and a load issued behind a store to the same
-// address modulo 4 KiB waits for it (4K aliasing).
-template <int kRows, class T>
-void norm_bwd_sweep_avx2(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
-                         AccOf<T>* dw_partial, AccOf<T>* db_partial) {
-  using namespace cpu::avx2;
-  using V = Vec<T>;
-  constexpr int W = kLanes<T>;
-  for_each_chunk<W>(n, [&](int64_t j, int m, int) FASTLLM_INLINE_LAMBDA {
-    V xhat[kRows], dy[kRows], dx[kRows];
-    for (int i = 0; i < kRows; ++i) {
-      xhat[i] = (loadn(rows[i].x + j, m) - rows[i].mean) * rows[i].rstd;
-      dy[i] = loadn(rows[i].dy + j, m);
-      dx[i] = rows[i].dx_bias;
-      if (rows[i].dres != nullptr) dx[i] += loadn(rows[i].dres + j, m);
-    }
-    const V wv = w != nullptr ? loadn(w + j, m) : broadcast(AccOf<T>(1));
-    V dw_sum = {}, db_sum = {};
-    for (int i = 0; i < kRows; ++i) {
-      dx[i] = fnmadd(xhat[i], rows[i].dx_xhat, fmadd(dy[i] * wv, rows[i].rstd, dx[i]));
-      dw_sum = fmadd(dy[i], xhat[i], dw_sum);
-      db_sum += dy[i];
-    }
-    for (int i = 0; i < kRows; ++i) storen(rows[i].dx + j, dx[i], m);
-    if (dw_partial != nullptr) storen(dw_partial + j, loadn(dw_partial + j, m) + dw_sum, m);
-    if (db_partial != nullptr) storen(db_partial + j, loadn(db_partial + j, m) + db_sum, m);
-  });
-}
+#include "norm/norm_cpu_simd.h"
 
-template <class T>
-void norm_bwd_rows_avx2(const BwdParams& p, int64_t row_begin, int64_t row_end,
-                        AccOf<T>* dw_partial, AccOf<T>* db_partial) {
-  using namespace cpu::avx2;
-  using Acc = AccOf<T>;
-  using V = Vec<T>;
-  constexpr int W = kLanes<T>;
-  const int64_t n = p.cols;
-  const Acc* w = static_cast<const Acc*>(p.weight);
-  const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  BwdRowTerms<T> rows[kRowGroup];
-  for (int64_t group = row_begin; group < row_end; group += kRowGroup) {
-    const int group_rows = static_cast<int>(std::min<int64_t>(kRowGroup, row_end - group));
-    for (int i = 0; i < group_rows; ++i) {
-      const int64_t r = group + i;
-      BwdRowTerms<T>& t = rows[i];
-      t.x = static_cast<const T*>(p.x) + r * p.x_row_stride;
-      t.dy = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
-      t.dres = p.dresidual_out == nullptr
-                   ? nullptr
-                   : static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride;
-      t.dx = static_cast<T*>(p.dx) + r * n;
-      t.mean = broadcast(p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r]);
-      const Acc rstd = bwd_rstd<Acc>(p, r);
-      t.rstd = broadcast(rstd);
-      // Padding lanes have dy = 0, hence g = 0: they add nothing to either sum.
-      V sums[2];  // g, g * (x - mean)
-      sum_row_avx2<W>(n, sums, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
-        V g = loadn(t.dy + j, m);
-        if (w != nullptr) g *= loadn(w + j, m);
-        acc[0] += g;
-        acc[1] = fmadd(g, loadn(t.x + j, m) - t.mean, acc[1]);
-      });
-      const Acc mean_g = p.rms ? Acc(0) : hsum(sums[0]) * inv_n;
-      const Acc mean_g_xhat = hsum(sums[1]) * rstd * inv_n;
-      t.dx_bias = broadcast(-rstd * mean_g);
-      t.dx_xhat = broadcast(rstd * mean_g_xhat);
-    }
-    if (group_rows == kRowGroup) {
-      norm_bwd_sweep_avx2<kRowGroup>(rows, w, n, dw_partial, db_partial);
-    } else {
-      for (int i = 0; i < group_rows; ++i) {
-        norm_bwd_sweep_avx2<1>(rows + i, w, n, dw_partial, db_partial);
-      }
-    }
-  }
-}
-
+}  // namespace avx2_path
 FASTLLM_AVX2_END
+
+// ---- AVX-512 path -------------------------------------------------------------------------
+// The same code on 16 floats (float32, bfloat16 and float16 rows; float64 stays on AVX2), for
+// CPUs with AVX-512 F/BW/DQ/VL/BF16 (cpu_avx512()): half the loop iterations, masked tails
+// instead of the AVX2 path's copies through a small buffer, and vcvtneps2bf16 rounding of
+// bfloat16 outputs (exactly c10's, cpu_avx512.h).
+
+FASTLLM_AVX512_BEGIN
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
+namespace avx512_path {
+
+template <class T>
+using Vec = __m512;
+template <class T>
+inline constexpr int kLanes = 16;
+using cpu::avx512::kSlots;
+using cpu::avx512::loadn;
+using cpu::avx512::storen;
+
+FASTLLM_INLINE __m512 broadcast(float v) { return _mm512_set1_ps(v); }
+FASTLLM_INLINE __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+FASTLLM_INLINE __m512 fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+FASTLLM_INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+FASTLLM_INLINE __m512 keep_first(__m512 v, int n) {
+  return _mm512_maskz_mov_ps(cpu::avx512::first_lanes(n), v);
+}
+template <int W, class Body>
+FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
+  static_assert(W == 16, "AVX-512 vectors hold 16 floats");
+  cpu::avx512::for_each_chunk(len, body);
+}
+
+#include "norm/norm_cpu_simd.h"
+
+}  // namespace avx512_path
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_END
+FASTLLM_AVX512_END
 #endif  // FASTLLM_NORM_CPU_AVX2
 
 // ---- dispatch over threads and instruction sets -----------------------------------------
@@ -414,8 +255,16 @@ template <class T>
 void norm_fwd_typed(const FwdParams& p) {
   void (*rows_fn)(const FwdParams&, int64_t, int64_t) = &norm_fwd_rows_scalar<T>;
 #if defined(FASTLLM_NORM_CPU_AVX2)
-  if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) rows_fn = &norm_fwd_rows_avx2<T>;
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu::cpu_avx512()) rows_fn = &avx512_path::norm_fwd_rows<T>;
+  }
+  if (rows_fn == &norm_fwd_rows_scalar<T> && cpu::cpu_isa() == cpu::CpuIsa::kAvx2) {
+    rows_fn = &avx2_path::norm_fwd_rows<T>;
+  }
 #endif
+  const int64_t out_bytes = p.rows * p.cols * static_cast<int64_t>(sizeof(T));
+  advise_huge_pages(p.out, out_bytes);  // fresh outputs: cpu_memory.h
+  advise_huge_pages(p.residual_out, out_bytes);
   const int threads = threads_for(p.rows, p.cols, kMinElementsPerThread);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -430,9 +279,15 @@ void norm_bwd_typed(const BwdParams& p) {
   using Acc = AccOf<T>;
   void (*rows_fn)(const BwdParams&, int64_t, int64_t, Acc*, Acc*) = &norm_bwd_rows_scalar<T>;
 #if defined(FASTLLM_NORM_CPU_AVX2)
-  if (cpu::cpu_isa() == cpu::CpuIsa::kAvx2) rows_fn = &norm_bwd_rows_avx2<T>;
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu::cpu_avx512()) rows_fn = &avx512_path::norm_bwd_rows<T>;
+  }
+  if (rows_fn == &norm_bwd_rows_scalar<T> && cpu::cpu_isa() == cpu::CpuIsa::kAvx2) {
+    rows_fn = &avx2_path::norm_bwd_rows<T>;
+  }
 #endif
   const int64_t n = p.cols;
+  advise_huge_pages(p.dx, p.rows * n * static_cast<int64_t>(sizeof(T)));  // cpu_memory.h
   const int max_threads = threads_for(p.rows, n, kMinElementsPerThread);
   Acc* dweight = static_cast<Acc*>(p.dweight);
   Acc* dbias = static_cast<Acc*>(p.dbias);

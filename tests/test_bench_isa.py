@@ -63,8 +63,9 @@ EXPECTED = {
     "attention": lambda dtype, cap: (
         allowed(cap, "amx") if dtype == torch.bfloat16 else _f64_scalar("avx512")(dtype, cap)
     ),
-    "norm": lambda dtype, cap: allowed(cap, "avx2"),  # norm_cpu.cpp: AVX2 for float64 too
-    "cross_entropy": _f64_scalar("avx2"),  # cross_entropy_cpu.cpp use_avx2 / pick_*
+    # norm_cpu.cpp: AVX-512 rows for the float-acc dtypes, AVX2 for float64
+    "norm": lambda dtype, cap: allowed(cap, "avx2" if dtype == torch.float64 else "avx512"),
+    "cross_entropy": _f64_scalar("avx512"),  # cross_entropy_cpu.cpp pick_path
     "rotary": _f64_scalar("avx512"),  # rotary_cpu.cpp pick_rotate_head
     "gated_mlp": _f64_scalar("avx512"),  # gated_mlp_cpu.cpp Spans
 }

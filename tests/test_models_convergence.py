@@ -27,9 +27,15 @@ Tolerances, and why:
   rule of tests/accuracy.py applied to training. The truth is the float32 reference run; a
   run's error is the largest deviation of its loss curve, smoothed over 10 steps (one
   step's deviation is mostly the bf16 rounding of that step), from the truth's smoothed
-  curve. fastllm's error must be at most 2x plain PyTorch's in bf16 plus 2e-3 (measured:
-  errors 3.5e-3 - 6.6e-3, ratios to PyTorch's 1.05 - 1.22), and likewise for the final
-  parameters (2x + 1e-3; measured ratios 0.78 - 1.0).
+  curve. fastllm's error must be at most 2x plain PyTorch's in bf16 plus 2e-3, and likewise
+  for the final parameters (2x + 1e-3). PyTorch's error is the largest over its plain run
+  and NUDGES runs whose initial weights differ by one bf16 ulp in one element: a single
+  run's error is one draw of a chaotic quantity (BERT at this seed: 0.0063 for the plain
+  run, 0.007 - 0.039 for 16 nudged ones, median 0.024: PyTorch itself and fastllm's
+  AVX-512 and AVX2 cross-entropy paths failed "2x the plain run" in 12, 12 and 9 of those 16;
+  over 20 other seeds the AVX-512, AVX2 and scalar paths have median errors 0.0093 - 0.0095).
+  Measured with NUDGES = 3: BERT 0.0063 - 0.0136, GPT 0.0043 - 0.0044, Llama 0.0029 -
+  0.0048; fastllm 0.0051, 0.0052, 0.0016.
   So that the rule cannot pass vacuously, PyTorch's own error must itself be small (< 5e-2,
   against a loss that falls by ~4; the 5%-learning-rate change above moves the smoothed
   curve by 8e-2) and both bf16 curves must fall below a tenth of the initial loss.
@@ -57,6 +63,7 @@ from fastllm.models import BertConfig, BertForPreTraining, GPT, GPTConfig, Llama
 V, T, B, STEPS, LR, CLIP = 64, 32, 4, 100, 2e-3, 1.0
 BERT_BATCHES = 4  # the BERT stream repeats these batches (memorised)
 SMOOTH = 10  # steps in the moving average of the bf16 curves
+NUDGES = 3  # nudged PyTorch bf16 runs beside the plain one (test_bf16_autocast_...)
 
 # Special tokens of the BERT stream; the chain runs over the others.
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -149,10 +156,17 @@ def one_thread():
 
 
 @functools.lru_cache(maxsize=None)
-def train(name: str, backend: str, bf16: bool) -> tuple[torch.Tensor, dict]:
+def train(name: str, backend: str, bf16: bool, nudge: int = -1) -> tuple[torch.Tensor, dict]:
     """(losses (STEPS,) float64, final parameters) of 100 AdamW steps (gradients clipped to
-    norm 1) with ``backend``, in float32 or under bf16 autocast, from ``initial_model(name)``."""
+    norm 1) with ``backend``, in float32 or under bf16 autocast, from ``initial_model(name)``;
+    nudge >= 0: with the first element of its parameter number ``nudge`` moved by one bf16
+    ulp (2^-8 relative) first."""
     model = copy.deepcopy(initial_model(name)).train()
+    if nudge >= 0:
+        params = list(model.parameters())
+        with torch.no_grad():
+            first = params[nudge * 7 % len(params)].view(-1)[:1]
+            first += first.abs().clamp_min(1e-3) * 2**-8
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     losses = []
     with fastllm.use_backend(backend), one_thread():
@@ -214,17 +228,24 @@ def test_fp32_loss_curves_and_final_parameters_agree(name):
 def test_bf16_autocast_training_within_twice_torch_error(name):
     truth, truth_params = train(name, "reference", False)
     ours, our_params = train(name, "native", True)
-    theirs, their_params = train(name, "reference", True)
     check_fell(name, ours)
-    check_fell(name, theirs)
+    # PyTorch's own bf16 error: the largest of its plain run and NUDGES runs from initial
+    # weights moved by one bf16 ulp (one element each), because one run's error is one draw
+    # of a chaotic quantity: for BERT at this seed, the plain run's 0.0063 was a lucky draw,
+    # and 12 of 16 nudged PyTorch runs had errors above twice it (median 0.024, up to 0.039).
+    # (The bound stays below what a wrong gradient does: a 5% larger learning rate moves the
+    # smoothed curve by 8e-2.)
+    theirs = [train(name, "reference", True, nudge) for nudge in range(-1, NUDGES)]
+    for losses, _ in theirs:
+        check_fell(name, losses)
     our_err = (smooth(ours) - smooth(truth)).abs().max().item()
-    torch_err = (smooth(theirs) - smooth(truth)).abs().max().item()
+    torch_err = max((smooth(l) - smooth(truth)).abs().max().item() for l, _ in theirs)
     assert torch_err < 5e-2, f"PyTorch's own bf16 error {torch_err:.3g} is too large to judge by"
     assert our_err <= 2 * torch_err + 2e-3, (
         f"bf16 loss curve: max error {our_err:.3g} > 2 x torch's {torch_err:.3g} + 2e-3"
     )
     our_err = max_param_err(our_params, truth_params)
-    torch_err = max_param_err(their_params, truth_params)
+    torch_err = max(max_param_err(p, truth_params) for _, p in theirs)
     assert our_err <= 2 * torch_err + 1e-3, (
         f"bf16 final parameters: max error {our_err:.3g} > 2 x torch's {torch_err:.3g} + 1e-3"
     )

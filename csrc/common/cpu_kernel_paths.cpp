@@ -43,11 +43,11 @@ constexpr FamilyPath kTable[] = {
        if (d == DType::kBFloat16 && cpu_amx()) return kAmxBf16;
        return is_f64(d) ? kScalar : vector_path(true);
      }},
-    // norm/norm_cpu.cpp norm_{fwd,bwd}_typed (layer_norm, rms_norm, add_*): AVX2 for every
-    // dtype (float64 as 4 doubles).
-    {"norm", [](DType) { return vector_path(false); }},
-    // cross_entropy/cross_entropy_cpu.cpp use_avx2 / pick_*: float64 scalar; AVX2 otherwise.
-    {"cross_entropy", [](DType d) { return is_f64(d) ? kScalar : vector_path(false); }},
+    // norm/norm_cpu.cpp norm_{fwd,bwd}_typed (layer_norm, rms_norm, add_*): AVX-512 for the
+    // float-acc dtypes, AVX2 for float64 (4 doubles) and below.
+    {"norm", [](DType d) { return vector_path(!is_f64(d)); }},
+    // cross_entropy/cross_entropy_cpu.cpp pick_path: float64 scalar; AVX-512, AVX2 otherwise.
+    {"cross_entropy", [](DType d) { return is_f64(d) ? kScalar : vector_path(true); }},
     // rotary/rotary_cpu.cpp pick_rotate_head: float64 scalar; AVX-512, AVX2 otherwise.
     {"rotary", [](DType d) { return is_f64(d) ? kScalar : vector_path(true); }},
     // gated_mlp/gated_mlp_cpu.cpp Spans: float64 scalar; AVX-512, AVX2 otherwise.

@@ -1264,9 +1264,16 @@ void attention_fwd_amx(const FwdParams& p) {
       const int mq = t.mq;
       const Mask mask(p, len);
       const ScoreMods<float> mods(p, b, h, len);
-      // No feature modifies the scores: the fused softmax (a mixed key padding block still
-      // takes the general path).
-      const bool plain = !(mods.softcap > 0) && !mods.alibi && !mods.dropout && mods.bias == nullptr;
+      // No feature modifies the scores but an attn_bias with contiguous keys: the fused
+      // softmax, which adds the bias itself (a mixed key padding block still takes the
+      // general path).
+      const bool plain = !(mods.softcap > 0) && !mods.alibi && !mods.dropout &&
+                         (mods.bias == nullptr || mods.bias_stride_k == 1);
+      // Element (i0, 0) of (b, h)'s bias; rows bias_stride_q apart.
+      const uint16_t* bias_rows =
+          mods.bias == nullptr
+              ? nullptr
+              : bits(static_cast<const T*>(mods.bias) + mods.bias_offset + i0 * mods.bias_stride_q);
       amx::pack_rows(bits(q.row(b, i0, h)), q.stride.t, q.stride.d, mq, round_up(mq, 16), D, Dk,
                      q_tile.data());
       if (mods.dropout) mods.row_keys(i0, mq, row_keys);
@@ -1315,7 +1322,9 @@ void attention_fwd_amx(const FwdParams& p) {
                       s_tile.data() + lo * Ns + kBlockK, Ns, false);
             amx::online_softmax_to_bf16(s_tile.data(), Ns, lo, hi, rows.first, rows.last, begin,
                                         end, scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
-                                        p_tile.data(), 2 * kBlockK);
+                                        p_tile.data(), 2 * kBlockK,
+                                        bias_rows == nullptr ? nullptr : bias_rows + j0,
+                                        mods.bias_stride_q, nk);
             amx::gemm(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK, v0,
                       2 * Dk, o_tile.data() + lo * Dk, Dk, true);
             j0 += kBlockK;
@@ -1342,7 +1351,9 @@ void attention_fwd_amx(const FwdParams& p) {
         if (plain && key_tile.mask == nullptr) {
           amx::online_softmax_to_bf16(s_tile.data(), Ns, lo, hi, r0, rows.last, begin, end,
                                       scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
-                                      p_tile.data(), kBlockK);
+                                      p_tile.data(), kBlockK,
+                                      bias_rows == nullptr ? nullptr : bias_rows + j0,
+                                      mods.bias_stride_q, ns);
           amx::gemm(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
                     o_tile.data() + lo * Dk, Dk, true);
           continue;

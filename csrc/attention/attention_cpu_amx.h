@@ -289,6 +289,11 @@ inline void scale_scores(float* s, int N, int r0, int r1, float scale) {
   }
 }
 
+// 16 bfloat16 bit patterns -> 16 floats.
+FASTLLM_INLINE __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 // ---- forward's online softmax, straight to the bfloat16 p operand -------------------------
 
 // The forward's score tile step when no feature modifies the scores (no softcap, ALiBi,
@@ -298,10 +303,15 @@ inline void scale_scores(float* s, int N, int r0, int r1, float scale) {
 // (Dp floats), as avx512::Ops::online_softmax does, and p goes straight to P (rows of ldp
 // bfloat16; zero for the masked columns, the columns [N, ldp) and the rows outside
 // [live_lo, live_hi)). One pass instead of scaling S, the softmax and a conversion of p.
+//
+// bias != nullptr: an additive attn_bias (bfloat16, its columns contiguous) joins the scores,
+// scale S + bias, as ScoreMods::add_bias adds it: row r's at bias + r * bias_ld, of which the
+// first nb columns exist (the rest are masked keys; never read).
 inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int live_lo,
                                    int live_hi, const int* begin, const int* end, float scale,
                                    float* m, float* l, float* O, int64_t ldo, int Dp, uint16_t* P,
-                                   int64_t ldp) {
+                                   int64_t ldp, const uint16_t* bias = nullptr,
+                                   int64_t bias_ld = 0, int nb = 0) {
   constexpr float kMaxGrowth = 8.0f;  // see avx512::Ops::online_softmax_row
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -317,9 +327,20 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
         continue;
       }
       const float* s = S + static_cast<int64_t>(r) * N;
+      const uint16_t* b = bias == nullptr ? nullptr : bias + static_cast<int64_t>(r) * bias_ld;
       const bool full = begin[r] == 0 && end[r] == N;
       auto allowed = [&](int j) FASTLLM_INLINE_LAMBDA {
         return full ? __mmask16(0xFFFF) : cpu::avx512::band_mask(j, begin[r], end[r]);
+      };
+      // The scores of columns [j, j + 16): scale s (+ the bias, 0 past its nb columns).
+      auto scores = [&](int j) FASTLLM_INLINE_LAMBDA {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale);
+        if (b == nullptr) return x;
+        const __m256i bits =
+            nb - j >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j))
+            : nb > j     ? _mm256_maskz_loadu_epi16(cpu::avx512::first_lanes(nb - j), b + j)
+                         : _mm256_setzero_si256();
+        return _mm512_add_ps(x, widen_bf16(bits));
       };
       // p = 2^t, t = (scale s - m) log2 e, of the allowed columns into p and the row's sum;
       // true when some allowed t exceeds kMaxGrowth log2 e (m must grow first).
@@ -330,10 +351,8 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
         vsum = _mm512_setzero_ps();
         int j = 0;
         for (; j + 32 <= N; j += 32) {
-          const __m512 t0 = _mm512_mul_ps(
-              _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), vm), log2e);
-          const __m512 t1 = _mm512_mul_ps(
-              _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j + 16), vscale), vm), log2e);
+          const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
+          const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(scores(j + 16), vm), log2e);
           const __mmask16 a0 = allowed(j), a1 = allowed(j + 16);
           over |= _mm512_mask_cmp_ps_mask(a0, t0, limit, _CMP_GT_OQ) |
                   _mm512_mask_cmp_ps_mask(a1, t1, limit, _CMP_GT_OQ);
@@ -344,8 +363,7 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
           _mm512_storeu_si512(p + j, reinterpret_cast<const __m512i&>(v));
         }
         if (j < N) {  // 16 left
-          const __m512 t0 = _mm512_mul_ps(
-              _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), vm), log2e);
+          const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
           const __mmask16 a0 = allowed(j);
           over |= _mm512_mask_cmp_ps_mask(a0, t0, limit, _CMP_GT_OQ);
           const __m512 p0 = _mm512_maskz_mov_ps(a0, cpu::avx512::exp2(t0));
@@ -362,8 +380,7 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
       if (m[r] == neg_inf || exp_pass(vsum)) {
         __m512 vmax = _mm512_set1_ps(neg_inf);
         for (int j = 0; j < N; j += 16) {
-          vmax = _mm512_mask_max_ps(vmax, allowed(j), vmax,
-                                    _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+          vmax = _mm512_mask_max_ps(vmax, allowed(j), vmax, scores(j));
         }
         const float m_new = std::max(m[r], _mm512_reduce_max_ps(vmax));
         const float alpha =

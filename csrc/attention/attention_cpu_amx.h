@@ -36,7 +36,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "attention/attention_cpu_avx512.h"
 #include "common/cpu_avx512.h"
@@ -248,17 +247,21 @@ inline void convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_l
   }
 }
 
+// The 32 words of vcvtne2ps2bf16(row r + 1, row r) -- words 0-15 from row r, 16-31 from row
+// r + 1 -- in pairs of rows: word 2 c is row r's column c, word 2 c + 1 row r + 1's.
+FASTLLM_INLINE __m512i interleave_row_pair(__m512bh rows) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  return _mm512_permutexvar_epi16(order, reinterpret_cast<const __m512i&>(rows));
+}
+
 // In pairs of rows: dst[(r / 2) * 2 N + 2 c + r % 2] = bf16(X[r * ldx + c]) for rows [lo, hi)
 // (lo, hi even), c < N (a multiple of 16), zero for the rows outside [live_lo, live_hi): the
 // B operands p and ds of backward's dv^T and dk^T products, query rows along K.
 inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int live_lo,
                               int live_hi, int N, uint16_t* dst) {
   const int64_t ld = 2 * static_cast<int64_t>(N);
-  // Word i of the result: word i / 2 of row r (i even) or of row r + 1 (i odd), in the
-  // vcvtne2ps2bf16 result whose words 0-15 come from row r and 16-31 from row r + 1.
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                              17, 1, 16, 0);
   const __m512 zero = _mm512_setzero_ps();
   for (int r = lo; r < hi; r += 2) {
     const bool live0 = r >= live_lo && r < live_hi;
@@ -273,9 +276,7 @@ inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int l
     for (int c = 0; c < N; c += 16) {
       const __m512 a = live0 ? _mm512_loadu_ps(x0 + c) : zero;
       const __m512 b = live1 ? _mm512_loadu_ps(x1 + c) : zero;
-      const __m512bh v = _mm512_cvtne2ps_pbh(b, a);
-      _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(
-                                           interleave, reinterpret_cast<const __m512i&>(v)));
+      _mm512_storeu_si512(out + 2 * c, interleave_row_pair(_mm512_cvtne2ps_pbh(b, a)));
     }
   }
 }
@@ -289,15 +290,10 @@ inline void scale_scores(float* s, int N, int r0, int r1, float scale) {
   }
 }
 
-// 16 bfloat16 bit patterns -> 16 floats.
-FASTLLM_INLINE __m512 widen_bf16(__m256i bits) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
 // ---- forward's online softmax, straight to the bfloat16 p operand -------------------------
 
-// The forward's score tile step when no feature modifies the scores (no softcap, ALiBi,
-// attn_bias, mixed key padding block or dropout): for the rows [lo, hi) of the raw product
+// The forward's score tile step when no feature modifies the scores but an attn_bias (no
+// softcap, ALiBi, mixed key padding block or dropout): for the rows [lo, hi) of the raw product
 // S = q k^T (rows of N floats, N a multiple of 16), the scores scale * S of row r's allowed
 // columns [begin[r], end[r]) update its running max m[r], sum l[r] and output row O + r * ldo
 // (Dp floats), as avx512::Ops::online_softmax does, and p goes straight to P (rows of ldp
@@ -327,7 +323,9 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
         continue;
       }
       const float* s = S + static_cast<int64_t>(r) * N;
-      const uint16_t* b = bias == nullptr ? nullptr : bias + static_cast<int64_t>(r) * bias_ld;
+      const cpu::BFloat16* b =
+          bias == nullptr ? nullptr
+                          : reinterpret_cast<const cpu::BFloat16*>(bias) + static_cast<int64_t>(r) * bias_ld;
       const bool full = begin[r] == 0 && end[r] == N;
       auto allowed = [&](int j) FASTLLM_INLINE_LAMBDA {
         return full ? __mmask16(0xFFFF) : cpu::avx512::band_mask(j, begin[r], end[r]);
@@ -335,12 +333,9 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
       // The scores of columns [j, j + 16): scale s (+ the bias, 0 past its nb columns).
       auto scores = [&](int j) FASTLLM_INLINE_LAMBDA {
         const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale);
-        if (b == nullptr) return x;
-        const __m256i bits =
-            nb - j >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j))
-            : nb > j     ? _mm256_maskz_loadu_epi16(cpu::avx512::first_lanes(nb - j), b + j)
-                         : _mm256_setzero_si256();
-        return _mm512_add_ps(x, widen_bf16(bits));
+        if (b == nullptr || j >= nb) return x;
+        return _mm512_add_ps(x, nb - j >= 16 ? cpu::avx512::load(b + j)
+                                             : cpu::avx512::loadn(b + j, nb - j));
       };
       // p = 2^t, t = (scale s - m) log2 e, of the allowed columns into p and the row's sum;
       // true when some allowed t exceeds kMaxGrowth log2 e (m must grow first).
@@ -421,9 +416,6 @@ inline void softmax_grad_to_bf16(const float* S, const float* dP, int N, int lo,
                                  float scale, const float* lse, const float* delta,
                                  uint16_t* ds_rows, int64_t ld_rows, uint16_t* p_pairs,
                                  uint16_t* ds_pairs) {
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                              17, 1, 16, 0);
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
   const int64_t ld_pairs = 2 * static_cast<int64_t>(N);
@@ -458,12 +450,10 @@ inline void softmax_grad_to_bf16(const float* S, const float* dP, int N, int lo,
                                    cpu::avx512::exp2(t));
         ds[i] = _mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_loadu_ps(dP + e), _mm512_set1_ps(delta[row])));
       }
-      const __m512i pv = reinterpret_cast<const __m512i&>(static_cast<const __m512bh&>(
-          _mm512_cvtne2ps_pbh(p[1], p[0])));
       const __m512bh dsv = _mm512_cvtne2ps_pbh(ds[1], ds[0]);
       const __m512i dsi = reinterpret_cast<const __m512i&>(dsv);
-      _mm512_storeu_si512(pp + 2 * c, _mm512_permutexvar_epi16(interleave, pv));
-      _mm512_storeu_si512(dsp + 2 * c, _mm512_permutexvar_epi16(interleave, dsi));
+      _mm512_storeu_si512(pp + 2 * c, interleave_row_pair(_mm512_cvtne2ps_pbh(p[1], p[0])));
+      _mm512_storeu_si512(dsp + 2 * c, interleave_row_pair(dsv));
       // Words 0-15 are row r's ds, 16-31 row r + 1's.
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + static_cast<int64_t>(r) * ld_rows + c),
                           _mm512_castsi512_si256(dsi));

@@ -781,6 +781,38 @@ struct ScoreMods {
   }
 };
 
+// The end of a forward query tile (rows [i0, i0 + mq) of (b, h)): lse = m + log(l), and
+// out = o / l from the tile's Dp-wide float rows; a row without keys gets lse = -inf, out = 0.
+template <class T, class Acc>
+void store_query_tile(const FwdParams& p, int64_t b, int64_t h, int64_t i0, int mq,
+                      const Acc* m, const Acc* l, const Acc* o, int Dp, const Rows<T>& out) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  Acc* lse = static_cast<Acc*>(p.lse) + lse_offset(p, b, h) + i0;
+  for (int r = 0; r < mq; ++r) {
+    const bool any_key = l[r] > 0;
+    lse[r] = any_key ? m[r] + std::log(l[r]) : neg_inf;
+    store_rows(o + r * Dp, Dp, 1, static_cast<int>(p.head_dim), any_key ? Acc(1) / l[r] : Acc(0),
+               out, b, i0 + r, h);
+  }
+}
+
+// The end of backward's ds for `rows` rows of Ns columns: dbias rows (dbias_ld apart; nullptr:
+// none) get ds before the softcap's derivative, for the ns real keys; then ds *= dcap
+// (nullptr: no softcap).
+template <class T, class Acc>
+void finish_ds(Acc* dp, const Acc* dcap, int rows, int Ns, int ns, T* dbias, int64_t dbias_ld) {
+  if (dbias != nullptr) {
+    for (int r = 0; r < rows; ++r) {
+      T* out = dbias + r * dbias_ld;
+      const Acc* in = dp + static_cast<int64_t>(r) * Ns;
+      for (int c = 0; c < ns; ++c) out[c] = from_acc<T>(in[c]);
+    }
+  }
+  if (dcap != nullptr) {
+    for (int64_t e = 0; e < int64_t{rows} * Ns; ++e) dp[e] *= dcap[e];
+  }
+}
+
 template <class T, class Ops>
 void attention_fwd_typed(const FwdParams& p) {
   using Acc = AccOf<T>;
@@ -851,13 +883,7 @@ void attention_fwd_typed(const FwdParams& p) {
         }
         Ops::gemm(rows.count(), Dp, Ns, s, Ns, 1, v_tile, Dp, o, Dp, true);
       }
-      Acc* lse = static_cast<Acc*>(p.lse) + lse_offset(p, b, h) + i0;
-      for (int r = 0; r < mq; ++r) {
-        const bool any_key = l[r] > 0;
-        lse[r] = any_key ? m[r] + std::log(l[r]) : neg_inf;
-        store_rows(o_tile.data() + r * Dp, Dp, 1, D, any_key ? Acc(1) / l[r] : Acc(0), out, b,
-                   i0 + r, h);
-      }
+      store_query_tile(p, b, h, i0, mq, m.data(), l.data(), o_tile.data(), Dp, out);
     }
   }
 }
@@ -907,16 +933,8 @@ ActiveRows recompute_ds(const Mask& mask, const ScoreMods<Acc>& mods, const KeyT
   Ops::gemm(rows.count(), Ns, Dp, t.dout + r0 * Dp, Dp, 1, t.vt, Np, dp, Ns, false);
   if (mods.dropout) mods.template drop<Ops>(dp, rows.count(), Ns, ns, t.row_keys + r0, t.col_keys);
   Ops::softmax_grad(s, dp, rows.count(), Ns, t.begin + r0, t.end + r0, lse + r0, delta + r0);
-  if (dbias != nullptr) {
-    for (int r = 0; r < rows.count(); ++r) {
-      T* out = dbias + (r0 + r) * dbias_ld;
-      const Acc* in = dp + static_cast<int64_t>(r) * Ns;
-      for (int c = 0; c < ns; ++c) out[c] = from_acc<T>(in[c]);
-    }
-  }
-  if (dcap != nullptr) {
-    for (int64_t e = 0; e < int64_t{rows.count()} * Ns; ++e) dp[e] *= dcap[e];
-  }
+  finish_ds(dp, dcap, rows.count(), Ns, ns, dbias == nullptr ? nullptr : dbias + r0 * dbias_ld,
+            dbias_ld);
   return rows;
 }
 
@@ -1309,12 +1327,14 @@ void attention_fwd_amx(const FwdParams& p) {
           const int Ns = round_up(nk, kColPad);
           const uint16_t* kt0 = kt_of(j0);
           const uint16_t* kt1 = kt_of(j0 + kBlockK);
+          // A cached slice keeps its tiles back to back: the two blocks' value rows are one
+          // 128-key operand from v0 on.
           const uint16_t* v0 = v_of(j0);
-          const uint16_t* v1 = v_of(j0 + kBlockK);
+          v_of(j0 + kBlockK);
           KeyTile pair_tile;
           pair_tile.hi = 2 * kBlockK;
           const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, pair_tile, begin, end);
-          if (v1 == v0 + kBlockK * Dk && rows.count() > 0) {
+          if (rows.count() > 0) {
             const int lo = rows.first / 16 * 16, hi = round_up(rows.last, 16);
             amx::gemm(hi - lo, kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt0, 2 * kBlockK,
                       s_tile.data() + lo * Ns, Ns, false);
@@ -1327,13 +1347,9 @@ void attention_fwd_amx(const FwdParams& p) {
                                         mods.bias_stride_q, nk);
             amx::gemm(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK, v0,
                       2 * Dk, o_tile.data() + lo * Dk, Dk, true);
-            j0 += kBlockK;
-            continue;
           }
-          if (v1 == v0 + kBlockK * Dk) {  // no row sees these 128 keys
-            j0 += kBlockK;
-            continue;
-          }
+          j0 += kBlockK;
+          continue;
         }
         if (key_blocks.dead(b, j0 / kBlockK)) continue;
         const KeyTile key_tile = key_blocks.tile(b, j0 / kBlockK);
@@ -1373,13 +1389,7 @@ void attention_fwd_amx(const FwdParams& p) {
         amx::gemm(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
                   o_tile.data() + lo * Dk, Dk, true);
       }
-      float* lse = static_cast<float*>(p.lse) + lse_offset(p, b, h) + i0;
-      for (int r = 0; r < mq; ++r) {
-        const bool any_key = l[r] > 0;
-        lse[r] = any_key ? m[r] + std::log(l[r]) : neg_inf;
-        store_rows(o_tile.data() + r * Dk, Dk, 1, D, any_key ? 1.0f / l[r] : 0.0f, out, b,
-                   i0 + r, h);
-      }
+      store_query_tile(p, b, h, i0, mq, m.data(), l.data(), o_tile.data(), Dk, out);
     }
   }
 }
@@ -1518,16 +1528,8 @@ struct AmxBwdThread {
               false);
     if (mods.dropout) mods.template drop<Ops>(dpr, rows.count(), Ns, ns, row_keys + r0, col_keys);
     Ops::softmax_grad(sr, dpr, rows.count(), Ns, begin + r0, end + r0, lse + r0, delta + r0);
-    if (dbias != nullptr) {
-      for (int r = 0; r < rows.count(); ++r) {
-        T* o = dbias + (r0 + r) * dbias_ld;
-        const float* x = dpr + static_cast<int64_t>(r) * Ns;
-        for (int c = 0; c < ns; ++c) o[c] = from_acc<T>(x[c]);
-      }
-    }
-    if (dcapr != nullptr) {
-      for (int64_t e = 0; e < int64_t{rows.count()} * Ns; ++e) dpr[e] *= dcapr[e];
-    }
+    finish_ds(dpr, dcapr, rows.count(), Ns, ns,
+              dbias == nullptr ? nullptr : dbias + r0 * dbias_ld, dbias_ld);
     return rows;
   }
 

@@ -100,3 +100,26 @@ def ptxas_resources(kernel, signature: dict, constants: dict, attrs: dict, arch:
         )
     return [line.strip() for line in result.stderr.splitlines()
             if "spill" in line or "registers" in line]
+
+
+def outputs_per_cpu_isa(script: str, tmp_path, levels=("", "avx2", "scalar")) -> dict:
+    """Runs ``script`` on the native backend in a fresh child per ``FASTLLM_CPU_ISA`` level
+    (the path is chosen once per process; "" = the best this CPU has). The script saves its
+    outputs with ``torch.save`` to ``$OUT`` and prints "ok" last. Returns level -> outputs."""
+    from tests.hostile import run_isolated
+
+    results = {}
+    for isa in levels:
+        out = tmp_path / f"{isa or 'best'}.pt"
+        stdout = run_isolated(
+            script, env={"FASTLLM_CPU_ISA": isa, "FASTLLM_BACKEND": "native", "OUT": str(out)})
+        assert stdout.strip().endswith("ok"), f"FASTLLM_CPU_ISA={isa!r}: {stdout[-3000:]}"
+        results[isa] = torch.load(out)
+    return results
+
+
+def cpu_has_avx512_path() -> bool:
+    """Whether this CPU has what csrc/common/cpu_features.h's cpu_avx512() asks for."""
+    from fastllm.bench.common import cpu_isa_features
+
+    return bool((cpu_isa_features() or {}).get("avx512"))

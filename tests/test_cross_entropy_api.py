@@ -17,6 +17,7 @@ import torch.nn.functional as TF
 import fastllm
 import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
+from tests.helpers import cpu_has_avx512_path, outputs_per_cpu_isa
 
 FAMILY = "cross_entropy"
 
@@ -524,17 +525,6 @@ print("ok")
 """
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _avx512_bf16_cpu() -> bool:
-    """What cpu_features.h's cpu_avx512() asks for (Linux flag names)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= set(flags)
 
 
 def test_every_cpu_isa_path_within_the_2x_rule_and_thread_deterministic(backend, tmp_path):
@@ -542,19 +532,10 @@ def test_every_cpu_isa_path_within_the_2x_rule_and_thread_deterministic(backend,
     =scalar, each in its own child: every dtype and option set within 2x torch's error, the
     same bits on 1 and 2 threads. On an AVX-512 CPU the unset run must differ from the AVX2
     run in some bit (its exp differs), which shows that the AVX-512 path really ran."""
-    results = {}
-    for isa in ("", "avx2", "scalar"):
-        out = tmp_path / f"{isa or 'best'}.pt"
-        env = dict(os.environ, FASTLLM_CPU_ISA=isa, FASTLLM_BACKEND="native", OUT=str(out),
-                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        result = subprocess.run([sys.executable, "-c", ISA_PATH_SCRIPT], env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
-            f"FASTLLM_CPU_ISA={isa!r}: {result.stderr[-3000:]}")
-        results[isa] = torch.load(out)
+    results = outputs_per_cpu_isa(ISA_PATH_SCRIPT, tmp_path)
     differs = lambda a, b: any(not torch.equal(u, v) for u, v in zip(results[a], results[b]))
     assert differs("avx2", "scalar")
-    if _avx512_bf16_cpu():
+    if cpu_has_avx512_path():
         assert differs("", "avx2")
 
 

@@ -5,15 +5,12 @@ Tests that take `backend` run on the native kernels (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import fastllm
 import fastllm.functional as F
+from tests.helpers import cpu_has_avx512_path, outputs_per_cpu_isa
 
 FAMILY = "norm"
 
@@ -236,7 +233,6 @@ def test_backend_env_var(monkeypatch):
 
 # ------------------------------------------ every CPU instruction-set path, forced
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run in a child process per FASTLLM_CPU_ISA value (the path is chosen once per process):
 # every op, dtype and affine flag within the 2x rule (tests/test_norm.check_kind) on shapes
@@ -277,32 +273,13 @@ print("ok")
 """
 
 
-def _avx512_bf16_cpu() -> bool:
-    """What cpu_features.h's cpu_avx512() asks for (Linux flag names)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= set(flags)
-
-
 def test_every_cpu_isa_path_within_the_2x_rule_and_thread_deterministic(backend, tmp_path):
     """FASTLLM_CPU_ISA unset (the best path: AVX-512 on a CPU with F/BW/DQ/VL/BF16), =avx2 and
     =scalar, each in its own child (ISA_PATH_SCRIPT). On an AVX-512 CPU the unset run must
     differ from the AVX2 run in some bit (16-lane sums round differently), which shows that
     the AVX-512 path really ran."""
-    results = {}
-    for isa in ("", "avx2", "scalar"):
-        out = tmp_path / f"{isa or 'best'}.pt"
-        env = dict(os.environ, FASTLLM_CPU_ISA=isa, FASTLLM_BACKEND="native", OUT=str(out),
-                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        result = subprocess.run([sys.executable, "-c", ISA_PATH_SCRIPT], env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
-            f"FASTLLM_CPU_ISA={isa!r}: {result.stderr[-3000:]}")
-        results[isa] = torch.load(out)
+    results = outputs_per_cpu_isa(ISA_PATH_SCRIPT, tmp_path)
     differs = lambda a, b: any(not torch.equal(u, v) for u, v in zip(results[a], results[b]))
     assert differs("avx2", "scalar")
-    if _avx512_bf16_cpu():
+    if cpu_has_avx512_path():
         assert differs("", "avx2")

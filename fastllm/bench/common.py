@@ -177,14 +177,9 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     return 2 * n**3 / best / 1e9
 
 
-def sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """The float32 GEMM ceiling (``gemm_gflops`` in float32)."""
-    return gemm_gflops(device, torch.float32, n, repeats)
-
-
-def dtype_name(dtype: Optional[torch.dtype]) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` ("" for None)."""
-    return "" if dtype is None else str(dtype).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def thp_setting(device: torch.device) -> str:
@@ -272,8 +267,8 @@ class Machine:
     kernel_thp_mode: str
     copy_gbs: float
     first_touch_gbs: Optional[float]  # CPU only: a GPU's caching allocator hides it
-    sgemm_gflops: Optional[float] = None  # measured only for families that count FLOPs
-    # the GEMM ceiling in each dtype the FLOP-counting cases run (gemm_gflops), by dtype name
+    # measured only for families that count FLOPs: the GEMM ceiling (gemm_gflops) in float32
+    # and in each dtype those cases run, by dtype name
     gemm_gflops: Optional[dict[str, float]] = None
     cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
     cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
@@ -684,13 +679,13 @@ def run_cases(
     backend: str,
     budget: TimingBudget,
     copy_gbs: float,
-    sgemm_gflops: Optional[float] = None,
-    gemm_gflops_by_dtype: Optional[dict[str, float]] = None,
+    gemm_gflops: Optional[dict[str, float]] = None,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
     recorded with its error (and logged), never dropped. ``kernel_family``: the fastllm op
     family the cases run (the family module's ``KERNEL_FAMILY``), whose path fastllm's rows
-    record (``fastllm_path``)."""
+    record (``fastllm_path``). ``gemm_gflops``: the GEMM ceilings by dtype name
+    (``Machine.gemm_gflops``), each compute-bound row's ceiling in its case's dtype."""
     thp = thp_setting(device)
     results: list[Result] = []
     progress = tqdm(
@@ -709,8 +704,7 @@ def run_cases(
                 result = Result.of(
                     family, case, contender, backend=backend, device=str(device), thp=thp,
                     bytes_moved=case.bytes_moved(), copy_gbs=copy_gbs,
-                    sgemm_gflops=(gemm_gflops_by_dtype or {}).get(
-                        dtype_name(getattr(case, "dtype", None)), sgemm_gflops),
+                    sgemm_gflops=(gemm_gflops or {}).get(dtype_name(case.dtype)),
                     flops=case.flops() if hasattr(case, "flops") else None,
                 )
                 if contender == FASTLLM:

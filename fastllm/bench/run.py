@@ -142,13 +142,9 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
     ]
     if not machine.device.startswith("cuda"):
         lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap))
-    if machine.sgemm_gflops is not None:
-        lines.append(f"float32 GEMM ceiling (torch.mm of 2048 x 2048 matrices, best of several): "
-                     f"{machine.sgemm_gflops:.1f} GFLOP/s")
     for dtype, rate in (machine.gemm_gflops or {}).items():
-        if dtype != "float32":
-            lines.append(f"{dtype} GEMM ceiling (the same in {dtype}; the ceiling of that "
-                         f"dtype's rows): {rate:.1f} GFLOP/s")
+        lines.append(f"{dtype} GEMM ceiling (torch.mm of 2048 x 2048 {dtype} matrices, best of "
+                     f"several; the ceiling of {dtype} rows): {rate:.1f} GFLOP/s")
     if machine.device.startswith("cuda"):
         lines.append(f"copy bandwidth ceiling (copy_ of 256 MiB, read + write): {machine.copy_gbs:.1f} GB/s")
     else:
@@ -219,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from fastllm.bench.common import (
         GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
         fresh_pages_every_call, measure_machine, not_available, resolve_backend, results_table,
-        dtype_name, gemm_gflops, run_cases, sgemm_gflops,
+        dtype_name, gemm_gflops, run_cases,
     )
 
     started = time.perf_counter()
@@ -246,12 +242,11 @@ def run(args: argparse.Namespace) -> int:
 
     logger.info("measuring the copy bandwidth and first-touch ceilings on %s", device)
     machine = measure_machine(device, args.quick)
-    if any(hasattr(case, "flops") for _, _, selected in plan for case in selected):
-        logger.info("measuring the float32 GEMM ceiling on %s", device)
-        machine.sgemm_gflops = sgemm_gflops(device, repeats=2 if args.quick else 5)
-        machine.gemm_gflops = {"float32": machine.sgemm_gflops}
-        for dtype in sorted({case.dtype for _, _, selected in plan for case in selected
-                             if hasattr(case, "flops")} - {torch.float32}, key=str):
+    flop_dtypes = {case.dtype for _, _, selected in plan for case in selected
+                   if hasattr(case, "flops")}
+    if flop_dtypes:  # float32 first, always: the reference ceiling
+        machine.gemm_gflops = {}
+        for dtype in [torch.float32, *sorted(flop_dtypes - {torch.float32}, key=str)]:
             logger.info("measuring the %s GEMM ceiling on %s", dtype_name(dtype), device)
             machine.gemm_gflops[dtype_name(dtype)] = gemm_gflops(
                 device, dtype, repeats=2 if args.quick else 5)
@@ -262,8 +257,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%s: %d cases x 3 contenders (THP %s)", name, len(selected), machine.thp)
         results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
                             backend=backend, budget=budget, copy_gbs=machine.copy_gbs,
-                            sgemm_gflops=machine.sgemm_gflops,
-                            gemm_gflops_by_dtype=machine.gemm_gflops)
+                            gemm_gflops=machine.gemm_gflops)
         fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
         if fault_bound and not args.no_thp_rerun:
             any_rerun = True

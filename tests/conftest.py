@@ -10,18 +10,52 @@ that takes it in a module without BACKENDS runs on "native", the library's defau
 
 import os
 
-# Triton kernels execute on CPU tensors through the interpreter; triton reads this when
-# kernels are decorated, so it must be set before fastllm (and triton) are imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-# ... and every interpreted load and store is checked against the launch's tensors
-# (fastllm/triton/_bounds.py, docs/debugging.md; ~1 % of the interpreter's time).
-os.environ.setdefault("FASTLLM_CHECK_BOUNDS", "1")
+# FASTLLM_TEST_DEVICE=cuda runs the tests on a GPU (benchmarks/gpu/run.sh does): torch's
+# default device becomes cuda, so the tensors a test makes are CUDA tensors; "native" then
+# runs the CUDA kernels, "triton" the compiled Triton kernels, and "cuda_emu" (the CUDA
+# kernels under the SIMT emulation) becomes the real thing: its tests run the CUDA kernels
+# on the GPU, under "native". Unset or "cpu": the CPU, as in CI.
+TEST_DEVICE = os.environ.get("FASTLLM_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"FASTLLM_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+ON_GPU = TEST_DEVICE == "cuda"
+
+if not ON_GPU:
+    # Triton kernels execute on CPU tensors through the interpreter; triton reads this when
+    # kernels are decorated, so it must be set before fastllm (and triton) are imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # ... and every interpreted load and store is checked against the launch's tensors
+    # (fastllm/triton/_bounds.py, docs/debugging.md; ~1 % of the interpreter's time).
+    os.environ.setdefault("FASTLLM_CHECK_BOUNDS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastllm  # noqa: E402
 from fastllm.ops import FAMILIES  # noqa: E402
+
+
+def pytest_configure(config):
+    if not ON_GPU:
+        return
+    if not torch.cuda.is_available():
+        if config.option.collectonly:
+            return  # a dry run (benchmarks/gpu/run.sh --dry-run): what would run, on the CPU
+        raise pytest.UsageError(
+            "FASTLLM_TEST_DEVICE=cuda: torch sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+        )
+    torch.set_default_device("cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="a test of the SIMT emulation's own controls: nothing to "
+                            "run on a GPU")
+    for item in items:
+        if item.get_closest_marker("emulation_only"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +67,8 @@ def _seed():
 def emulated_cuda():
     """Builds (once, cached) and loads the host build of the CUDA kernels, which registers
     them as each family's `IMPLS.emulated` (backend "cuda_emu")."""
+    if ON_GPU:
+        pytest.skip("on a GPU the CUDA kernels run for real (backend 'native'), not emulated")
     from fastllm import _emu
 
     return _emu.load()
@@ -53,6 +89,9 @@ def pytest_generate_tests(metafunc):
         return
     backends = getattr(metafunc.module, "BACKENDS", None)
     if backends:
+        if ON_GPU and "native" in backends:
+            # "native" on CUDA tensors is the CUDA kernels that "cuda_emu" emulates
+            backends = tuple(b for b in backends if b != "cuda_emu")
         metafunc.parametrize("backend", backends, indirect=True)
 
 
@@ -62,6 +101,8 @@ def backend(request):
     the module's family has no implementation for that backend here."""
     name = getattr(request, "param", "native")
     family = request.module.FAMILY
+    if ON_GPU and name == "cuda_emu":
+        name = "native"  # the CUDA kernels themselves, on the GPU's tensors
     if name == "cuda_emu":
         request.getfixturevalue("emulated_cuda")
     reason = FAMILIES[family].unavailable(name)
@@ -84,8 +125,12 @@ def backend(request):
 
 
 @pytest.fixture
-def emulated_attention_kernels(emulated_cuda):
-    """(attention_fwd, attention_bwd): the CUDA kernels under the SIMT emulation."""
+def emulated_attention_kernels(request):
+    """(attention_fwd, attention_bwd): the CUDA kernels under the SIMT emulation (on a GPU:
+    the CUDA kernels themselves, the same implementation registered under ``fastllm``)."""
+    if ON_GPU:
+        return torch.ops.fastllm.attention_fwd, torch.ops.fastllm.attention_bwd
+    request.getfixturevalue("emulated_cuda")
     return torch.ops.fastllm_emu.attention_fwd, torch.ops.fastllm_emu.attention_bwd
 
 

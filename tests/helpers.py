@@ -19,6 +19,12 @@ def attention_options(q: torch.Tensor, **overrides) -> dict:
     return options
 
 
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on torch's default device (a CPU generator cannot draw CUDA
+    tensors, which the tests make under FASTLLM_TEST_DEVICE=cuda)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
 def qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, scale=1.0):
     """Padded q, k, v; ``scale`` multiplies q and k (larger scores)."""
     q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=dtype) * scale

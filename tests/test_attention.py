@@ -39,6 +39,7 @@ from tests.accuracy import assert_within_torch_error
 from tests.helpers import (
     attention_options,
     dropout_seed,
+    generator,
     packed_qkv,
     packed_tokens,
     ptxas_resources,
@@ -219,7 +220,7 @@ def test_attention_non_contiguous(backend):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_varlen(backend, causal):
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     top = 300 if backend == "native" else 40
     lengths_q = [1, top] + torch.randint(1, top, (3,), generator=gen).tolist()
     lengths_k = [1, top - 1] + torch.randint(1, top, (3,), generator=gen).tolist()
@@ -415,6 +416,7 @@ def test_cuda_emu_non_contiguous_inputs(emulated_attention_kernels, dtype):
     check_against_reference(q, k, v, emulated_attention_kernels)
 
 
+@pytest.mark.emulation_only
 def test_cuda_emu_schedules_give_the_same_bits(emulated_attention_kernels):
     from fastllm import _emu
 

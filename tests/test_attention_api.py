@@ -26,7 +26,7 @@ from fastllm.ops import attention as attn_ops
 from fastllm.reference import attention as ref_attention
 from fastllm.reference.attention import sdpa_ref
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import attention_options, dropout_seed, qkv
+from tests.helpers import attention_options, dropout_seed, generator, qkv
 from tests.test_attention_masks import MASK_BACKENDS
 
 FAMILY = "attention"
@@ -195,7 +195,7 @@ def test_sdpa_mask_broadcast_shapes_match_torch(backend, case, kind):
     additive one with its gradient, on 3-D, 4-D and 5-D inputs and with GQA."""
     need_masks(backend)
     q_shape, kv_shape, mask_shape, gqa = SDPA_MASK_SHAPES[case]
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3)
     q, k, v = (torch.randn(s, generator=gen) for s in (q_shape, kv_shape, kv_shape))
     mask = _sdpa_mask(mask_shape, kind, gen)
     _sdpa_masked_check(q, k, v, mask, torch.float32, enable_gqa=gqa)
@@ -208,7 +208,7 @@ def test_sdpa_masks_match_torch_in_dtype(backend, dtype, kind):
     """bfloat16 too, with a scale and a BERT-style padding mask ((N, 1, 1, S), varied
     lengths), a per-head boolean mask or a T5-style (1, H, L, S) bias with its gradient."""
     need_masks(backend)
-    gen = torch.Generator().manual_seed(4)
+    gen = generator(4)
     q, k, v = (torch.randn(3, 4, 37, 32, generator=gen) for _ in range(3))
     if kind == "key_padding":
         mask = torch.arange(37)[None, :] < torch.tensor([37, 20, 1])[:, None]
@@ -227,7 +227,7 @@ def test_sdpa_fully_masked_rows_give_zeros(backend, kind):
     with the fully masked rows given their keys back and no upstream gradient, which is the
     same math on every other row."""
     need_masks(backend)
-    gen = torch.Generator().manual_seed(5)
+    gen = generator(5)
     q, k, v = (torch.randn(2, 3, 11, 16, generator=gen) for _ in range(3))
     if kind == "key_padding":
         mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
@@ -1055,7 +1055,7 @@ def test_bf16_attention_leaves_torch_bf16_gemms_unaffected():
     same threads and, where the CPU has AMX, the same tiles) give the same bits before,
     between and after attention calls, forward and backward. (The C++ test
     attention_amx_restores_tile_configuration checks the configuration itself.)"""
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     a = torch.randn(96, 200, generator=gen).bfloat16()
     b = torch.randn(200, 136, generator=gen).bfloat16()
     expected = a @ b

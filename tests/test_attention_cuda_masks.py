@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import qkv
+from tests.helpers import generator, qkv
 from tests.test_attention_masks import check_masked
 
 FAMILY = "attention"
@@ -21,7 +21,7 @@ FAMILY = "attention"
 def holes_mask(batch: int, tk: int) -> torch.Tensor:
     """(B, Tk): sequence 0 keeps keys 0..30 and 150..170 only (a fully padded block between
     them), sequence 1 only its last key (every block before it padded), sequence 2 random."""
-    gen = torch.Generator().manual_seed(11)
+    gen = generator(11)
     mask = torch.zeros(batch, tk, dtype=torch.bool)
     mask[0, :31] = True
     mask[0, 150:171] = True

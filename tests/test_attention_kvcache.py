@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastllm.functional as F
+from tests.helpers import generator
 from tests.hostile import expect_clear_error
 
 FAMILY = "attention"
@@ -35,7 +36,7 @@ def _paged_copy(k_cache, v_cache, block_size, num_blocks, gen):
 
 @pytest.mark.parametrize("t_new", [0, 1, 3])
 def test_paged_cache_matches_contiguous(backend, t_new):
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     dtype = DTYPE[backend]
     B, H, Hkv, D, block_size, T = 3, 4, 2, 32, 4, 16
     k_cache = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
@@ -65,7 +66,7 @@ def test_paged_cache_matches_contiguous(backend, t_new):
 
 
 def test_paged_cache_errors():
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     pool = torch.randn(6, 4, 1, 8, generator=gen)
     q = torch.randn(2, 1, 2, 8, generator=gen)
     new = torch.randn(2, 1, 1, 8, generator=gen)
@@ -100,7 +101,7 @@ def test_rotary_inside_the_call(backend, interleaved, causal, paged):
     (rotary_dim < D) included. The caller's q and k_new are not modified."""
     from fastllm.reference.rotary import rotary_ref
 
-    gen = torch.Generator().manual_seed(2)
+    gen = generator(2)
     dtype = DTYPE[backend]
     B, H, Hkv, D, T, t_new = 3, 4, 2, 32, 16, 2
     cos, sin = _cos_sin(64, 12)  # rotary_dim 24 < D

@@ -18,7 +18,7 @@ import fastllm.functional as F
 from fastllm.ops import attention as attn_ops
 from fastllm.reference.attention import attention_ref
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import attention_options, dropout_seed, qkv
+from tests.helpers import attention_options, dropout_seed, generator, qkv
 from tests.hostile import expect_clear_error
 
 FAMILY = "attention"
@@ -101,7 +101,7 @@ def check_masked(q, k, v, bias=None, kpm=None, **kw):
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_padding_mask(backend, kind, causal):
     _need_masks(backend)
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     for dtype in DTYPES[backend]:
         for shape in SHAPES[backend]:
             torch.manual_seed(1)
@@ -146,7 +146,7 @@ FEATURES = {
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_bias_and_mask_with_features(backend, feature):
     _need_masks(backend)
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3)
     for dtype in DTYPES[backend]:
         B, Tq, Tk, H, Hkv, D = SHAPES[backend][0]
         torch.manual_seed(4)

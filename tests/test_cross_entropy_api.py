@@ -308,6 +308,11 @@ def test_cross_entropy_loss_is_drop_in(backend, kwargs):
     torch.testing.assert_close(ours(x, t), theirs(x, t))
 
 
+TORCH_LINEAR_CROSS_ENTROPY_LOSS = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+
+
+@pytest.mark.skipif(TORCH_LINEAR_CROSS_ENTROPY_LOSS is None,
+                    reason=f"torch {torch.__version__} has no nn.LinearCrossEntropyLoss")
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_loss_is_drop_in(backend, bias):
     kwargs = dict(bias=bias, reduction="mean", label_smoothing=0.05)
@@ -325,6 +330,46 @@ def test_linear_cross_entropy_loss_is_drop_in(backend, bias):
     torch.testing.assert_close(ours.linear.weight.grad, theirs.linear.weight.grad)
     if bias:
         torch.testing.assert_close(ours.linear.bias.grad, theirs.linear.bias.grad)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_loss_matches_the_unfused_loss(backend, bias):
+    """On every torch, with or without torch.nn.LinearCrossEntropyLoss."""
+    ours = fastllm.nn.LinearCrossEntropyLoss(16, 90, bias=bias, label_smoothing=0.05, chunk_size=4)
+    x = torch.randn(11, 16, requires_grad=True)
+    t = torch.randint(0, 90, (11,))
+    loss = ours(x, t)
+    ref = torch.nn.functional.cross_entropy(ours.linear(x), t, label_smoothing=0.05)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, x)[0])
+
+
+def test_linear_cross_entropy_loss_base_for_a_torch_without_the_module():
+    """What LinearCrossEntropyLoss subclasses on a torch without torch's module (2.11, say):
+    torch's constructor checks, attributes, state_dict and repr; its K-dimensional forward
+    says what is missing."""
+    from fastllm.nn.loss import _LinearCrossEntropyLossCompat as Compat
+
+    kwargs = dict(bias=True, reduction="sum", ignore_index=3, label_smoothing=0.1)
+    compat = Compat(16, 90, **kwargs)
+    assert compat.linear.weight.shape == (90, 16) and compat.linear.bias.shape == (90,)
+    assert (compat.num_classes, compat.out_features, compat.reduction, compat.ignore_index,
+            compat.label_smoothing, compat.options) == (90, (), "sum", 3, 0.1, None)
+    assert list(compat.state_dict()) == ["linear.weight", "linear.bias"]
+    weighted = Compat(16, 90, weight=torch.rand(90))
+    assert list(weighted.state_dict()) == ["weight", "linear.weight"]
+    if TORCH_LINEAR_CROSS_ENTROPY_LOSS is not None:
+        theirs = TORCH_LINEAR_CROSS_ENTROPY_LOSS(16, 90, **kwargs)
+        assert list(compat.state_dict()) == list(theirs.state_dict())
+        assert compat.extra_repr() == theirs.extra_repr()
+    with pytest.raises(RuntimeError, match=r"expected weight shape to be \(90,\), got \(89,\)"):
+        Compat(16, 90, weight=torch.rand(89))
+    with pytest.raises(RuntimeError, match="label_smoothing to be in range"):
+        Compat(16, 90, label_smoothing=1.5)
+    k_dim = Compat(16, 90, out_features=(3,))
+    assert k_dim.linear.weight.shape == (270, 16)
+    with pytest.raises(NotImplementedError, match=r"out_features=\(3,\).*use out_features=\(\)"):
+        k_dim(torch.randn(2, 16), torch.zeros(2, 3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------- errors

@@ -329,6 +329,7 @@ def test_triton_launcher_clamps_bad_positions():
     torch.testing.assert_close(out, rotary_ref(x, cos, sin, pos.clamp(0, 7)))
 
 
+@pytest.mark.emulation_only
 @pytest.mark.parametrize("backend", ["cuda_emu"], indirect=True)
 def test_rotary_cuda_row_loop(backend):
     """The CUDA kernel's loop over rows (a block takes rows r, r + gridDim.x, ...), which a

@@ -15,6 +15,7 @@ runs, with errors naming them.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -60,7 +61,49 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return ", ".join(extras)
 
 
-class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+class _LinearCrossEntropyLossCompat(torch.nn.modules.loss._WeightedLoss):
+    """torch.nn.LinearCrossEntropyLoss's constructor, attributes and ``state_dict`` (the
+    owned ``linear`` layer, the ``weight`` buffer), for a torch that lacks the module. Its
+    K-dimensional form (``out_features != ()``) needs torch's own chunked function, which
+    such a torch lacks too: forward raises."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, options=None) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(
+                f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(
+                f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
+                                      bias=bias, device=device, dtype=dtype)
+        self.options = options
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError(
+            f"LinearCrossEntropyLoss: out_features={self.out_features} (K-dimensional) needs "
+            f"torch.nn.functional.linear_cross_entropy, which torch {torch.__version__} lacks; "
+            "use out_features=()")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}")
+
+
+_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss",
+                                       _LinearCrossEntropyLossCompat)
+
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
     """Owns ``self.linear`` (``Linear(in_features, num_classes, bias=bias)``) like torch's
     module and computes ``cross_entropy(self.linear(input), target)`` chunk by chunk.
     ``options`` (torch's chunking options) is accepted and ignored: ``chunk_size`` picks the

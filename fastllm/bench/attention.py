@@ -147,16 +147,24 @@ def sdpa_on_backend(name: str) -> Callable:
     def forced(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+        try:
+            with sdpa_kernel(backend):
+                return torch_sdpa(q, k, v, causal)
+        except RuntimeError as exc:
+            if not any(refusal in str(exc) for refusal in SDPA_REFUSALS):
+                raise
+            refusal = exc
+        # torch gives its reasons as warnings: call again (off the timed path) to collect them
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
-                    return torch_sdpa(q, k, v, causal)
-            except RuntimeError as exc:
-                if not any(refusal in str(exc) for refusal in SDPA_REFUSALS):
-                    raise
-                reasons = "; ".join(str(w.message).strip() for w in caught) or str(exc)
-                raise NotImplementedError(f"{name} refuses this case: {reasons}") from exc
+                with sdpa_kernel(backend):
+                    torch_sdpa(q, k, v, causal)
+            except RuntimeError:
+                pass
+        reasons = "; ".join(str(w.message).strip() for w in caught) or str(refusal)
+        raise NotImplementedError(f"{name} refuses this case: {reasons}") from refusal
 
     forced.__name__ = forced.__qualname__ = f"sdpa_{SDPA_BACKENDS[name].lower()}"
     return forced

@@ -6,9 +6,13 @@ Each op family is a module listed in ``FAMILIES`` that provides
   ``KERNEL_FAMILY``  the fastllm op family its cases run (``fastllm/ops/<KERNEL_FAMILY>.py``),
                      whose path (``fastllm.backend.cpu_kernel_path`` on the CPU) fastllm's
                      rows show;
-  ``cases(quick)``   its cases, instances of a ``fastllm.bench.common.Case`` subclass that
-                     names its contenders' functions, its inputs and its byte (or FLOP)
-                     count: its module holds only its cases and its peers.
+  ``cases(quick, shapes, device)``
+                     its cases (``shapes``: ``fastllm.bench.common.SHAPE_SETS``, the
+                     default set or LLaMA-3-8B's or both; ``device``: where they will run),
+                     instances of a ``fastllm.bench.common.Case`` subclass that names its
+                     contenders' functions, its inputs and its byte (or FLOP) count, and
+                     its peers on a device (``peers(device)``: e.g. Liger-Kernel on CUDA):
+                     its module holds only its cases and its peers.
 The timing rule, ceilings, contender plumbing, table and JSON are shared
 (``fastllm.bench.common``), the command line is ``fastllm.bench.run`` (its ``--plot``
 figure: ``fastllm.bench.plot``), and the pytest-benchmark suite in ``benchmarks/`` builds

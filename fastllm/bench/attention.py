@@ -16,8 +16,16 @@ The contenders compute the same thing:
                  own kernel (on the CPU: its flash-attention kernel for float32 and bfloat16);
   torch.compile  the same SDPA call through inductor (static shapes, compiled once per case;
                  compilation and its first call are not timed).
+  sdpa[flash],   CUDA only: the same SDPA call forced onto one backend
+  sdpa[cudnn]    (``torch.nn.attention.sdpa_kernel``); a backend that refuses the case
+                 (float32, a head dim, GQA) shows n/a with torch's reasons.
 With T_q == T_k the causal mask is the same for both conventions (fastllm's bottom-right,
 SDPA's top-left).
+
+LLaMA-3-8B's cases (``--shapes llama3-8b``): B 1, H 32, T 4096, D 128 with Hkv = 8 key/value
+heads (grouped-query; ids ``attention-<mask>-hkv8-...``): fastllm takes k, v with 8 heads,
+SDPA gets them with ``enable_gqa=True``. FLOPs count the query heads as above; bytes count
+k, v (and dk, dv) with Hkv heads.
 
 Forward+backward times one forward and one backward (``torch.autograd.grad`` of out with
 respect to q, k, v, from a precomputed output gradient), gradients returned, not
@@ -77,14 +85,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable
+import warnings
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.bench.common import FASTLLM, CallInputs, Case
+from fastllm.bench.common import (
+    CPU, DEFAULT_SHAPES, FASTLLM, CallInputs, Case, shape_sets,
+)
 from fastllm.reference.attention import sdpa_ref
 
 FAMILY = "attention"
@@ -96,6 +107,9 @@ MASKS = ("full", "causal")
 # (B, H, T, D), the issue's shapes
 SHAPES = ((2, 8, 1024, 64), (1, 8, 4096, 64))
 QUICK_SHAPES = ((1, 2, 256, 64),)
+# (B, H, T, D) and Hkv: LLaMA-3-8B's attention at T = 4096, grouped-query (8 key/value heads)
+LLAMA3_8B_SHAPES = ((1, 32, 4096, 128),)
+LLAMA3_8B_KV_HEADS = 8
 DTYPES = (torch.float32, torch.bfloat16)
 
 BACKWARD_FLOPS_FACTOR = 2.5  # backward FLOPs / forward FLOPs (see the module docstring)
@@ -107,14 +121,53 @@ PADDING_FRACTION = 0.3  # of all keys, over the batch
 PADDING_SEED = 0
 OLD_MASKED_PATH = "sdpa_ref (old masked path)"
 
+# CUDA only: torch's SDPA forced onto one backend (torch.nn.attention.sdpa_kernel), by name
+SDPA_BACKENDS = {"sdpa[flash]": "FLASH_ATTENTION", "sdpa[cudnn]": "CUDNN_ATTENTION"}
+# how torch's SDPA says that no allowed backend takes a case (CUDA's message, the CPU's)
+SDPA_REFUSALS = ("No available kernel", "No viable backend")
+
 
 # ------------------------------------------------------------------ the contenders
 # Taking the tensors positionally, so that torch.compile sees plain tensor arguments.
 
 
 def torch_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-    """q, k, v: (B, H, T, D)."""
+    """q, k, v: (B, H, T, D), k and v with Hkv <= H heads (GQA: ``enable_gqa``)."""
+    if k.shape[1] != q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def sdpa_on_backend(name: str) -> Callable:
+    """``torch_sdpa`` forced onto SDPA's backend ``SDPA_BACKENDS[name]``. A backend that
+    refuses the case (dtype, head dim, GQA, hardware) raises NotImplementedError with torch's
+    reasons, which the runner shows as n/a. The backward runs the backward of the kernel the
+    forward chose, so forcing the forward forces both."""
+
+    def forced(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+        try:
+            with sdpa_kernel(backend):
+                return torch_sdpa(q, k, v, causal)
+        except RuntimeError as exc:
+            if not any(refusal in str(exc) for refusal in SDPA_REFUSALS):
+                raise
+            refusal = exc
+        # torch gives its reasons as warnings: call again (off the timed path) to collect them
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(backend):
+                    torch_sdpa(q, k, v, causal)
+            except RuntimeError:
+                pass
+        reasons = "; ".join(str(w.message).strip() for w in caught) or str(refusal)
+        raise NotImplementedError(f"{name} refuses this case: {reasons}") from refusal
+
+    forced.__name__ = forced.__qualname__ = f"sdpa_{SDPA_BACKENDS[name].lower()}"
+    return forced
 
 
 def fastllm_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -150,7 +203,8 @@ def padding_lengths(batch: int, seqlen: int, seed: int = PADDING_SEED) -> list[i
 @dataclasses.dataclass
 class AttentionInputs:
     """The same values in each contender's layout: args (q, k, v, causal) with q, k, v
-    contiguous; forward+backward: the gradients are taken of q, k, v, from grad_out."""
+    contiguous; forward+backward: the gradients are taken of q, k, v, from grad_out. The
+    torch layout is also that of the SDPA backend peers."""
 
     fastllm: CallInputs  # q, k, v, grad_out: (B, T, H, D)
     torch: CallInputs  # q, k, v, grad_out: (B, H, T, D)
@@ -162,10 +216,17 @@ class AttentionCase(Case):
     mode: str  # one of MODES
     shape: tuple[int, int, int, int]  # (B, H, T, D)
     dtype: torch.dtype
+    kv_heads: Optional[int] = None  # Hkv, grouped-query attention; None: as many as H
 
     @property
     def op_id(self) -> str:
-        return f"attention-{self.mask}"
+        """``attention-<mask>``, and ``-hkv<Hkv>`` for grouped-query attention."""
+        gqa = "" if self.kv_heads is None else f"-hkv{self.kv_heads}"
+        return f"attention-{self.mask}{gqa}"
+
+    @property
+    def heads_kv(self) -> int:
+        return self.shape[1] if self.kv_heads is None else self.kv_heads
 
     @property
     def causal(self) -> bool:
@@ -173,8 +234,15 @@ class AttentionCase(Case):
 
     def params(self) -> dict[str, str]:
         batch, heads, seqlen, head_dim = self.shape
+        kv = "" if self.kv_heads is None else f" Hkv{self.kv_heads}"
         return {"mask": self.mask, "mode": self.mode,
-                "shape": f"B{batch} H{heads} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
+                "shape": f"B{batch} H{heads}{kv} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
+
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """On CUDA: torch's SDPA forced onto its flash and cuDNN backends."""
+        if device.type != "cuda":
+            return {}
+        return {name: sdpa_on_backend(name) for name in SDPA_BACKENDS}
 
     def torch_function(self) -> Callable:
         return torch_sdpa
@@ -189,13 +257,16 @@ class AttentionCase(Case):
         forward = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if self.causal else 1)
         return round(forward * (1 + BACKWARD_FLOPS_FACTOR)) if self.backward else forward
 
-    def _elements(self) -> int:
-        batch, heads, seqlen, head_dim = self.shape
-        return batch * heads * seqlen * head_dim
+    def _elements(self, heads: Optional[int] = None) -> int:
+        """Elements of q (or, with ``heads``, of a tensor with that many heads)."""
+        batch, q_heads, seqlen, head_dim = self.shape
+        return batch * (q_heads if heads is None else heads) * seqlen * head_dim
 
     def bytes_moved(self) -> int:
-        """The totals of the module docstring."""
-        return (12 if self.backward else 4) * self._elements() * self.dtype.itemsize
+        """The totals of the module docstring; with Hkv < H, k, v (and dk, dv) count Hkv
+        heads: 2 nq + 2 nkv elements forward, 6 nq + 6 nkv forward+backward."""
+        per_tensor = self._elements() + self._elements(self.heads_kv)
+        return (6 if self.backward else 2) * per_tensor * self.dtype.itemsize
 
     def largest_output_bytes(self) -> int:
         """out, or one of dq, dk, dv."""
@@ -205,14 +276,15 @@ class AttentionCase(Case):
         generator = torch.Generator(device=device).manual_seed(0)
         batch, heads, seqlen, head_dim = self.shape
 
-        def randn_pair(requires_grad: bool) -> tuple[Tensor, Tensor]:
+        def randn_pair(requires_grad: bool, n_heads: int = heads) -> tuple[Tensor, Tensor]:
             # (B, T, H, D) and the same values as (B, H, T, D), both contiguous
-            bthd = torch.randn(batch, seqlen, heads, head_dim, generator=generator,
+            bthd = torch.randn(batch, seqlen, n_heads, head_dim, generator=generator,
                                device=device, dtype=self.dtype)
             bhtd = bthd.transpose(1, 2).contiguous()
             return bthd.requires_grad_(requires_grad), bhtd.requires_grad_(requires_grad)
 
-        q, k, v = (randn_pair(self.backward) for _ in range(3))
+        q = randn_pair(self.backward)
+        k, v = (randn_pair(self.backward, self.heads_kv) for _ in range(2))
         grad_out = randn_pair(False) if self.backward else None
 
         def layout(i: int) -> CallInputs:  # 0: fastllm's, 1: torch's
@@ -227,15 +299,19 @@ class AttentionCase(Case):
         return inputs.fastllm if contender == FASTLLM else inputs.torch
 
 
-def cases(quick: bool = False) -> list[Case]:
+def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
+          device: torch.device = CPU) -> list[Case]:
     """Every case, in table order: the unmasked ones (shape, dtype, mask, mode), then the
-    masked ones (masked_cases). ``quick``: one small shape of each."""
+    masked ones (masked_cases). ``quick``: one small shape of each. ``shapes``
+    (``fastllm.bench.common.SHAPE_SETS``): "llama3-8b" the LLaMA-3-8B ones instead
+    (grouped-query, no masked cases), "all" both. The cases do not depend on ``device``."""
+    with_default, with_llama = shape_sets(shapes)
+    picked = [(shape, None) for shape in (QUICK_SHAPES if quick else SHAPES) if with_default]
+    picked += [(shape, LLAMA3_8B_KV_HEADS) for shape in LLAMA3_8B_SHAPES if with_llama]
     return [
-        AttentionCase(mask, mode, shape, dtype)
-        for shape, dtype, mask, mode in itertools.product(
-            QUICK_SHAPES if quick else SHAPES, DTYPES, MASKS, MODES
-        )
-    ] + masked_cases(quick)
+        AttentionCase(mask, mode, shape, dtype, kv_heads=kv_heads)
+        for (shape, kv_heads), dtype, mask, mode in itertools.product(picked, DTYPES, MASKS, MODES)
+    ] + (masked_cases(quick) if with_default else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +328,9 @@ class MaskedAttentionCase(AttentionCase):
     def fastllm_function(self) -> Callable:
         return fastllm_sdpa_masked
 
-    def peers(self) -> dict[str, Callable]:
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """The old masked path, on every device. No forced SDPA backend rows: flash takes no
+        attn_mask at all, and torch eager already picks among the backends that take one."""
         return {OLD_MASKED_PATH: old_masked_path}
 
     def mask_bytes(self) -> int:

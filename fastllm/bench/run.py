@@ -1,7 +1,8 @@
 """``fastllm bench``: the benchmark runner.
 
-    fastllm bench [FAMILY ...] [--quick] [--json FILE] [--plot FILE] [--only PATTERN ...]
-                  [--device DEVICE] [--backend NAME] [--no-thp-rerun]
+    fastllm bench [FAMILY ...] [--quick] [--shapes {default,llama3-8b,all}] [--json FILE]
+                  [--plot FILE] [--only PATTERN ...] [--device DEVICE] [--backend NAME]
+                  [--no-thp-rerun]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
@@ -9,6 +10,13 @@ one table per family, headed by the machine's measured ceilings and its CPU's in
 sets. fastllm's rows show the path they ran (on the CPU: the instruction-set path of the
 family's kernels for the row's dtype, ``fastllm.backend.cpu_kernel_path``). ``--plot FILE``
 also draws the speed ratios as a PNG (``fastllm.bench.plot``; needs matplotlib).
+``--shapes llama3-8b`` times the families at LLaMA-3-8B's shapes instead of their default
+ones, ``--shapes all`` at both (``fastllm.bench.common.SHAPE_SETS``).
+
+On a CUDA device the cases have more contenders (``Case.contenders_on``): attention adds
+torch's SDPA forced onto its flash and cuDNN backends (``sdpa[flash]``, ``sdpa[cudnn]``; a
+backend that refuses a case shows n/a), and every family Liger-Kernel's kernels (``liger``)
+where ``liger_kernel`` is importable; the header says whether it was found.
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
@@ -41,6 +49,7 @@ logger = logging.getLogger("fastllm")
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``fastllm bench`` to the command line."""
     from fastllm.bench import FAMILIES, STANDALONE
+    from fastllm.bench.common import DEFAULT_SHAPES, SHAPE_SETS
 
     bench = subparsers.add_parser(
         "bench",
@@ -60,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--quick", action="store_true",
                        help="a smoke run: one small shape, a few timed calls per contender")
+    bench.add_argument(
+        "--shapes", choices=SHAPE_SETS, default=DEFAULT_SHAPES,
+        help="the op families' shapes: default (each family's own; --quick: its small ones), "
+        "llama3-8b (LLaMA-3-8B's: hidden 4096, vocab 128256, T 4096, H 32 / Hkv 8, D 128, "
+        "intermediate 14336; --quick then only shortens the timing) or all (both)",
+    )
     bench.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     bench.add_argument(
         "--plot", type=Path, metavar="FILE",
@@ -97,6 +112,8 @@ def _matches(case_id: str, patterns: Optional[Sequence[str]]) -> bool:
 def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_now: str):
     """Times ``cases`` in a subprocess whose torch allocator has the opposite THP setting;
     returns its results (FAILED rows if the subprocess gave none) and its machine."""
+    import torch
+
     from fastllm.bench.common import THP_ENV, Machine, Result
 
     other = "off" if thp_now == "on" else "on"
@@ -113,7 +130,7 @@ def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_no
         command = [
             sys.executable, "-m", "fastllm", "bench", family, "--device", "cpu",
             "--backend", backend, "--no-thp-rerun", "--json", str(out),
-            *(["--quick"] if args.quick else []),
+            "--shapes", args.shapes, *(["--quick"] if args.quick else []),
         ]
         for case in cases:
             command += ["--only", case.id]
@@ -127,13 +144,15 @@ def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_no
     logger.error("%s: %s", family, error)
     failed = [
         Result.of(family, case, contender, backend=backend, device="cpu", thp=other, error=error)
-        for case in cases for contender in case.contenders
+        for case in cases for contender in case.contenders_on(torch.device("cpu"))
     ]
     return failed, None
 
 
 def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) -> str:
-    from fastllm.bench.common import describe_cpu_isa
+    import torch
+
+    from fastllm.bench.common import describe_cpu_isa, gemm_size, liger_note
 
     lines = [
         f"fastllm bench on {machine.device} ({machine.device_name}), torch {machine.torch_version}, "
@@ -142,10 +161,12 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
     ]
     if not machine.device.startswith("cuda"):
         lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap))
+    n = gemm_size(torch.device(machine.device))
     for dtype, rate in (machine.gemm_gflops or {}).items():
-        lines.append(f"{dtype} GEMM ceiling (torch.mm of 2048 x 2048 {dtype} matrices, best of "
+        lines.append(f"{dtype} GEMM ceiling (torch.mm of {n} x {n} {dtype} matrices, best of "
                      f"several; the ceiling of {dtype} rows): {rate:.1f} GFLOP/s")
     if machine.device.startswith("cuda"):
+        lines.append(liger_note())
         lines.append(f"copy bandwidth ceiling (copy_ of 256 MiB, read + write): {machine.copy_gbs:.1f} GB/s")
     else:
         ceilings = [f"{machine.copy_gbs:.1f} GB/s (THP {machine.thp})"]
@@ -200,6 +221,12 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         own_runners = STANDALONE | {pretrain_bench.FAMILY}
         _check_plot(args.plot, [name for name in args.families if name in own_runners])
+    from fastllm.bench.common import DEFAULT_SHAPES
+
+    own_cases = [name for name in args.families if name in STANDALONE | {pretrain_bench.FAMILY}]
+    if own_cases and args.shapes != DEFAULT_SHAPES:
+        raise UsageError(f"--shapes picks the op families' shapes; {own_cases[0]} has its own "
+                         "cases")
     if pretrain_bench.FAMILY in args.families:  # its own runner and options, run alone
         if len(args.families) > 1:
             raise UsageError("pretrain runs alone: fastllm bench pretrain [options]")
@@ -219,13 +246,15 @@ def run(args: argparse.Namespace) -> int:
     )
 
     started = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = []  # (family name, family module, its selected cases)
     for name in args.families or [f for f in FAMILIES if f not in STANDALONE]:
         try:
             family = load_family(name)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        selected = [case for case in family.cases(args.quick) if _matches(case.id, args.only)]
+        selected = [case for case in family.cases(args.quick, args.shapes, device)
+                    if _matches(case.id, args.only)]
         if selected:
             plan.append((name, family, selected))
         else:
@@ -233,7 +262,6 @@ def run(args: argparse.Namespace) -> int:
     if not plan:
         raise UsageError(f"no case matches --only {' '.join(args.only or [])}")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         backend, backend_note = resolve_backend(args.backend, device)
     except ValueError as exc:
@@ -254,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     sections: list[tuple[str, Sequence[str], list[Result]]] = []
     any_rerun = False
     for name, family, selected in plan:
-        logger.info("%s: %d cases x 3 contenders (THP %s)", name, len(selected), machine.thp)
+        logger.info("%s: %d cases (THP %s)", name, len(selected), machine.thp)
         results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
                             backend=backend, budget=budget, copy_gbs=machine.copy_gbs,
                             gemm_gflops=machine.gemm_gflops)
@@ -296,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
             "other_thp_machine": dataclasses.asdict(other_machine) if other_machine else None,
             "backend": backend,
             "quick": args.quick,
+            "shapes": args.shapes,
             "wall_time_s": wall,
             "results": [dataclasses.asdict(r) for r in all_results],
         }

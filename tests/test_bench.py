@@ -119,6 +119,23 @@ def test_bench_usage_errors(capsys):
     assert "no case matches --only no-such-case" in capsys.readouterr().err
 
 
+def test_bench_contenders_filter(tmp_path, capsys):
+    """--contenders keeps the contenders whose name matches a pattern (the GPU check times
+    the Triton backend alone this way), and refuses a pattern that matches none."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "norm", "--quick", "--device", "cpu", "--no-thp-rerun",
+                 "--only", "rms_norm-fwd-*-float32", "--contenders", "fastllm",
+                 "--contenders", "torch e*", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["contender"] for r in rows] == ["fastllm", EAGER]
+    assert rows[0]["speedup_vs_eager"] > 0 and rows[0]["speedup_vs_compile"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "norm", "--quick", "--device", "cpu", "--contenders", "liger"])
+    assert exit_info.value.code == 2
+    assert ("--contenders liger matches none of this run's contenders on cpu: fastllm, "
+            "torch eager, torch.compile") in capsys.readouterr().err
+
+
 def test_python_m_fastllm_help():
     run = _fastllm("bench", "--help", env=dict(os.environ))
     assert run.returncode == 0, run.stderr

@@ -250,6 +250,26 @@ def test_targets_are_judged_against_the_measured_ceilings():
     assert nothing[0]["met"] is None and "no row" in nothing[0]["measured"]
 
 
+def test_bench_tables_compare_each_row_with_the_peers_of_its_case():
+    """A Triton run times fastllm alone: its ratios come from the native run's peers of the
+    same case; a peer column appears only when some run timed that peer."""
+    case = "rms_norm-fwd-4096x4096-bfloat16"
+    results = [
+        _row(case, "fastllm", run="native-norm-llama3-8b", time_s=1e-3, gbs=3000.0),
+        _row(case, "torch eager", run="native-norm-llama3-8b", time_s=2e-3, gbs=1500.0),
+        _row(case, "liger", run="native-norm-llama3-8b", time_s=1.5e-3, gbs=2000.0),
+        _row(case, "fastllm", run="triton-norm-llama3-8b", time_s=4e-3, gbs=750.0),
+    ]
+    lines = report.bench_table(results)
+    header = next(line for line in lines if line.startswith("| case"))
+    assert header == "| case | contender | path | ms | GB/s | vs eager | vs liger | peak MiB |"
+    native = next(line for line in lines if "fastllm[native]" in line)
+    triton = next(line for line in lines if "fastllm[triton]" in line)
+    assert "| 2 | 1.5 |" in native  # eager 2 ms and liger 1.5 ms over 1 ms
+    assert "| 0.5 | 0.375 |" in triton  # the native run's peers over 4 ms
+    assert lines.index("#### triton-norm-llama3-8b") > lines.index("#### native-norm-llama3-8b")
+
+
 def test_a_run_writes_its_report_atomically(tmp_path, monkeypatch, capsys):
     """main() with a (pretend) GPU and stages that return recorded results: the markdown,
     the JSON and the logs archive appear in --out with the stage statuses, the targets, the

@@ -88,7 +88,6 @@ QUICK_TEST_FILES = tuple(f for f in TEST_FILES if not f.endswith("_api.py"))
 # fastllm bench's op families, most important first (a family the budget cannot reach is
 # reported as not run)
 BENCH_FAMILIES = ("attention", "cross_entropy", "norm", "rotary", "mlp")
-BENCH_BACKENDS = ("native", "triton")
 
 # Seconds of the budget each stage may take at most, as fractions of the whole (the report
 # stage takes what it needs: seconds).
@@ -593,16 +592,54 @@ print(json.dumps(res))
 """
 
 
-def bench_commands(ctx: Context) -> list[tuple[str, list[str]]]:
-    """(label, ``fastllm bench`` arguments) per run, most important first."""
+@dataclasses.dataclass(frozen=True)
+class BenchRun:
+    """One ``fastllm bench`` process of the bench stage."""
+
+    label: str  # <backend>-<family>[-<shapes>]: the report's section, the targets' key
+    family: str
+    backend: str
+    shapes: str = "default"
+    contenders: tuple[str, ...] = ()  # --contenders patterns (empty: every contender)
+
+
+# Without torch.compile: at the LLaMA-3 shapes torch.compile of SDPA is SDPA, and the default
+# shapes are there for comparison with the CPU tables, not for a second compile of every case.
+NO_COMPILE = ("fastllm", "torch eager", "sdpa*", "liger")
+FASTLLM_ONLY = ("fastllm",)  # the Triton backend: its peers were timed in the native run
+
+
+def bench_runs(quick: bool) -> list[BenchRun]:
+    """The bench stage's runs, most important first (what the budget cannot reach is reported
+    as not run): the families the targets judge at LLaMA-3-8B's shapes, natively with every
+    peer and then on Triton; the other families likewise; then the CPU benchmarks' shapes."""
+    if quick:  # the small shapes, every contender natively, fastllm alone on Triton
+        return ([BenchRun(f"native-{f}", f, "native") for f in BENCH_FAMILIES]
+                + [BenchRun(f"triton-{f}", f, "triton", contenders=FASTLLM_ONLY)
+                   for f in BENCH_FAMILIES])
+    targets, others = BENCH_FAMILIES[:3], BENCH_FAMILIES[3:]
     runs = []
-    for backend in BENCH_BACKENDS:
-        for family in BENCH_FAMILIES:
-            args = ["bench", family, "--device", "cuda", "--backend", backend,
-                    "--json", str(ctx.logs / f"bench-{backend}-{family}.json")]
-            args += ["--quick"] if ctx.quick else []
-            runs.append((f"{backend}-{family}", args))
+    for group in (targets, others):
+        runs += [BenchRun(f"native-{f}-llama3-8b", f, "native", "llama3-8b",
+                          NO_COMPILE if f == "attention" else ()) for f in group]
+        runs += [BenchRun(f"triton-{f}-llama3-8b", f, "triton", "llama3-8b", FASTLLM_ONLY)
+                 for f in group]
+    runs += [BenchRun(f"native-{f}", f, "native", "default", NO_COMPILE) for f in BENCH_FAMILIES]
+    runs += [BenchRun(f"triton-{f}", f, "triton", "default", FASTLLM_ONLY) for f in BENCH_FAMILIES]
     return runs
+
+
+def bench_commands(ctx: Context) -> list[tuple[str, list[str]]]:
+    """(label, ``fastllm bench`` arguments) per run, in bench_runs' order."""
+    commands = []
+    for run in bench_runs(ctx.quick):
+        args = ["bench", run.family, "--device", "cuda", "--backend", run.backend,
+                "--shapes", run.shapes, "--json", str(ctx.logs / f"bench-{run.label}.json")]
+        args += ["--quick"] if ctx.quick else []
+        for pattern in run.contenders:
+            args += ["--contenders", pattern]
+        commands.append((run.label, args))
+    return commands
 
 
 def models_command(ctx: Context) -> list[str]:

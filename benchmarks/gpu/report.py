@@ -38,10 +38,16 @@ def _rows(results: Sequence[dict], pattern: str, contender: Optional[str] = None
 
 
 def _time_of(results, case, run, contender) -> Optional[float]:
+    """``contender``'s time on ``case``: from run ``run`` if it timed it, else from any run
+    that did (the peers do not depend on fastllm's backend: the Triton runs time fastllm
+    alone and are compared with the native runs' peers)."""
+    found = None
     for r in results:
-        if r["case"] == case and r.get("run") == run and contender in (r["contender"], r["label"]):
-            return r.get("time_s")
-    return None
+        if r["case"] == case and contender in (r["contender"], r["label"]) and r.get("time_s"):
+            if r.get("run") == run:
+                return r["time_s"]
+            found = found or r["time_s"]
+    return found
 
 
 def judge_targets(results: Sequence[dict], ceilings: dict) -> list[dict]:
@@ -98,30 +104,42 @@ def _fmt_num(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
+PEERS = (("vs eager", "torch eager"), ("vs compile", "torch.compile"),
+         ("vs flash", "sdpa[flash]"), ("vs cuDNN", "sdpa[cudnn]"), ("vs liger", "liger"))
+
+
 def bench_table(results: Sequence[dict]) -> list[str]:
-    """One markdown table per bench run (backend, family)."""
+    """One markdown table per bench run; each row's ratios are a peer's time over the row's
+    (> 1: the row is faster), the peer timed in the same run or, for the Triton runs, in
+    the native run of the same case."""
     lines: list[str] = []
     runs: dict[str, list[dict]] = {}
     for r in results:
         runs.setdefault(r.get("run", "?"), []).append(r)
     for run, rows in runs.items():
         compute = any(r.get("flops") for r in rows)
+        peers = [(title, name) for title, name in PEERS
+                 if any(x["contender"] == name for x in results)]
         lines += ["", f"#### {run}", "",
-                  "| case | contender | path | ms | " + ("TFLOP/s" if compute else "GB/s")
-                  + " | vs eager | vs compile | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+                  "| case | contender | path | ms | " + ("TFLOP/s" if compute else "GB/s") + " | "
+                  + " | ".join(title for title, _ in peers) + " | peak MiB |",
+                  "|---" * (6 + len(peers)) + "|"]
         for r in rows:
             if r.get("error"):
                 lines.append(f"| {r['case']} | {r['label']} | {r.get('path') or ''} | "
                              f"{'n/a' if r['error'].startswith('n/a') else 'FAILED'} | "
-                             f"{r['error'][:80]} | | | |")
+                             f"{r['error'][:80]} |" + " |" * (len(peers) + 1))
                 continue
             rate = (r.get("gflops") or 0) / 1e3 if compute else r.get("gbs")
             peak = r.get("peak_memory_bytes")
+            ratios = []
+            for _, name in peers:
+                other = _time_of(results, r["case"], run, name)
+                ratios.append(_fmt_num(other / r["time_s"]) if other and r.get("time_s") else "-")
             lines.append(
                 f"| {r['case']} | {r['label']} | {r.get('path') or ''} | "
                 f"{_fmt_num((r.get('time_s') or 0) * 1e3)} | {_fmt_num(rate)} | "
-                f"{_fmt_num(r.get('speedup_vs_eager'))} | {_fmt_num(r.get('speedup_vs_compile'))} | "
-                f"{_fmt_num(None if peak is None else peak / 2**20)} |")
+                + " | ".join(ratios) + f" | {_fmt_num(None if peak is None else peak / 2**20)} |")
     return lines
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import fnmatch
 import gc
 import importlib.metadata
 import importlib.util
@@ -766,16 +767,24 @@ def run_cases(
     budget: TimingBudget,
     copy_gbs: float,
     gemm_gflops: Optional[dict[str, float]] = None,
+    contenders: Optional[Sequence[str]] = None,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
     recorded with its error (and logged), never dropped. ``kernel_family``: the fastllm op
     family the cases run (the family module's ``KERNEL_FAMILY``), whose path fastllm's rows
     record (``fastllm_path``). ``gemm_gflops``: the GEMM ceilings by dtype name
-    (``Machine.gemm_gflops``), each compute-bound row's ceiling in its case's dtype."""
+    (``Machine.gemm_gflops``), each compute-bound row's ceiling in its case's dtype.
+    ``contenders``: glob patterns; only the contenders whose name matches one run (None:
+    all of them)."""
     thp = thp_setting(device)
     results: list[Result] = []
+
+    def selected(case: Case) -> list[str]:
+        return [c for c in case.contenders_on(device)
+                if contenders is None or any(fnmatch.fnmatchcase(c, p) for p in contenders)]
+
     progress = tqdm(
-        total=sum(len(c.contenders_on(device)) for c in cases),
+        total=sum(len(selected(c)) for c in cases),
         desc=f"bench {family} (THP {thp})",
         unit="run", file=sys.stderr, disable=None, leave=False,
     )
@@ -785,7 +794,7 @@ def run_cases(
                 logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
             inputs = case.make_inputs(device)
             # a case may name its own contenders (e.g. a peer library that only it has)
-            for contender in case.contenders_on(device):
+            for contender in selected(case):
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
                 result = Result.of(
                     family, case, contender, backend=backend, device=str(device), thp=thp,

@@ -87,6 +87,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run only the cases whose id matches this glob, e.g. 'rms_norm-fwd-*-float32' "
         "(repeatable; norm ids are <op>-<mode>-<N>x<D>-<dtype>)",
     )
+    bench.add_argument(
+        "--contenders", action="append", metavar="PATTERN",
+        help="time only the contenders whose name matches this glob, e.g. 'fastllm' or "
+        "'sdpa*' (repeatable; default: every contender; the ratio columns need torch eager "
+        "and torch.compile among them)",
+    )
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     bench.add_argument(
         "--backend", choices=("native", "triton", "reference"),
@@ -134,6 +140,8 @@ def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_no
         ]
         for case in cases:
             command += ["--only", case.id]
+        for pattern in args.contenders or []:
+            command += ["--contenders", pattern]
         logger.info("%s: re-timing %d page-fault-bound cases with THP %s in a subprocess",
                     family, len(cases), other)
         completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=False)
@@ -227,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
     if own_cases and args.shapes != DEFAULT_SHAPES:
         raise UsageError(f"--shapes picks the op families' shapes; {own_cases[0]} has its own "
                          "cases")
+    if own_cases and args.contenders:
+        raise UsageError(f"--contenders picks among the op families' contenders; {own_cases[0]} "
+                         "has its own")
     if pretrain_bench.FAMILY in args.families:  # its own runner and options, run alone
         if len(args.families) > 1:
             raise UsageError("pretrain runs alone: fastllm bench pretrain [options]")
@@ -261,6 +272,11 @@ def run(args: argparse.Namespace) -> int:
             logger.info("%s: no case matches --only", name)
     if not plan:
         raise UsageError(f"no case matches --only {' '.join(args.only or [])}")
+    if args.contenders:
+        names = {c for _, _, selected in plan for case in selected for c in case.contenders_on(device)}
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in args.contenders):
+            raise UsageError(f"--contenders {' '.join(args.contenders)} matches none of this "
+                             f"run's contenders on {device}: {', '.join(sorted(names))}")
 
     try:
         backend, backend_note = resolve_backend(args.backend, device)
@@ -285,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%s: %d cases (THP %s)", name, len(selected), machine.thp)
         results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
                             backend=backend, budget=budget, copy_gbs=machine.copy_gbs,
-                            gemm_gflops=machine.gemm_gflops)
+                            gemm_gflops=machine.gemm_gflops, contenders=args.contenders)
         fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
         if fault_bound and not args.no_thp_rerun:
             any_rerun = True

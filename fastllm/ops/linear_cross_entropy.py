@@ -59,29 +59,56 @@ _MIN_CHUNK_ELEMENTS = 1 << 22
 # which re-reads and rewrites the whole (V, H) dW and runs GEMMs too thin to be efficient:
 # 13 such chunks cost a GPT-2-vocabulary training step 15-20 % (fastllm bench models).
 _MIN_CHUNK_ROWS = 256
+# ... and in bfloat16/float16 at least this many: their chunks' dW products are added into a
+# float32 sum (see _ChunkedLinear), a read-modify-write of the (V, H) float32 sum per chunk
+# that the low-precision GEMMs, several times faster, no longer hide (bf16 4096 x 1024 x
+# 32000 fwd+bwd, one Sapphire Rapids core: 256-row chunks ran at 0.9-1.0x torch.compile's
+# unfused time, 512-row chunks at 1.05-1.2x; 512 bf16 rows take the bytes of 256 float32).
+_MIN_CHUNK_ROWS_LOW_PRECISION = 512
 
 
-def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
+def default_chunk_size(rows: int, hidden: int, vocab: int,
+                       dtype: torch.dtype = torch.float32) -> int:
     """Rows per chunk such that a chunk's logits hold about as many elements as the input
-    (rows x hidden), and at least _MIN_CHUNK_ELEMENTS and _MIN_CHUNK_ROWS rows: torch's
+    (rows x hidden), and at least _MIN_CHUNK_ELEMENTS and _MIN_CHUNK_ROWS (in ``dtype``
+    bfloat16/float16: _MIN_CHUNK_ROWS_LOW_PRECISION) rows: torch's
     LinearCrossEntropyOptions "aspect_ratio" rule (so the peak memory is about that of
-    torch's chunked path) with a floor against skinny chunks. Each chunk
-    streams the whole weight through its GEMMs, so larger chunks run faster at the cost of
-    memory (at 4096 x 1024 x 32000 on 2 CPU cores: 132 rows, the default, ran as fast as the
-    unfused path; 512 rows about 10% faster, with 50 MiB more at peak)."""
+    torch's chunked path) with a floor against skinny chunks. Each chunk streams the whole
+    weight through its GEMMs and reads and rewrites dW, so larger chunks run faster at the
+    cost of memory. At 4096 x 1024 x 32000 float32 fwd+bwd on one Sapphire Rapids core the
+    floor's 256 rows ran at 1.0-1.1x torch.compile's unfused time with 174 MiB at peak
+    (0.27x compile's 641, of which 141 are dX and dW); 128 rows, 157 MiB (0.245x), ran at
+    0.84x: the GEMMs drop from about 185 to 120-160 GFLOP/s with 128-row operands."""
+    floor = (_MIN_CHUNK_ROWS_LOW_PRECISION if dtype in (torch.bfloat16, torch.float16)
+             else _MIN_CHUNK_ROWS)
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
-    return max(1, min(rows, max(_MIN_CHUNK_ROWS, -(-elements // vocab))))
+    return max(1, min(rows, max(floor, -(-elements // vocab))))
+
+
+# On the CPU the low-precision dW product runs on blocks of this many classes (rows of dW)
+# through two small buffers: the block's product (block, H), added into the float32 sum
+# while it is in cache, instead of a (V, H) product per chunk (62.5 MiB more at peak at bf16
+# 32000 x 1024; the mixed-dtype add widens the product to a float32 temporary too, 4 MiB
+# here with 1024 classes, 16 MiB with 4096 for a few % of speed); and a contiguous
+# (block, C) copy of the chunk's transposed logit gradient, the GEMM's first operand:
+# torch's bfloat16 GEMM (oneDNN) reads the transposed (C, V) view at a third of the speed
+# (bf16 dW step at 256 x 1024 x 32000, one Sapphire Rapids core: 158 GFLOP/s before, 390
+# now, the float32 sum's read-modify-write included).
+_LOW_PRECISION_DW_BLOCK = 1024
 
 
 class _ChunkedLinear:
     """The chunk loop's state: one logits buffer reused by every chunk (a fresh (C, V)
     allocation per chunk would pay its page faults every time), and dX, dW, db summed chunk
     by chunk from each chunk's d(loss)/d(logits). dW and db accumulate in float32 for
-    bfloat16/float16: each chunk's dW product is one GEMM in the storage dtype (float32
+    bfloat16/float16: each chunk's dW product is a GEMM in the storage dtype (float32
     accumulation inside, torch's fast low-precision path; rounded once, as torch's unfused
-    backward rounds its one dW GEMM) added into the float32 sum, so the chunks never round
-    each other's partial sums. (Widening the logit gradient to float32 first, as before, ran
-    the GEMM on the slow float32 path: 44 % of a bf16 Llama step.)"""
+    backward rounds its one dW GEMM), by blocks of classes (_LOW_PRECISION_DW_BLOCK), added
+    into the float32 sum, so the chunks never round each other's partial sums. (Widening the
+    logit gradient to float32 first, as before, ran the GEMM on the slow float32 path: 44 % of
+    a bf16 Llama step. Summing in the storage dtype instead would save the float32 sum's
+    memory, but at 2048 x 1024 x 8000 in chunks of 128 rows its dW error was 2.5x torch's in
+    bfloat16 and 3.6x in float16: over the tests' 2x rule.)"""
 
     def __init__(self, input, linear_weight, linear_bias, chunk_size,
                  need_input, need_weight, need_bias):
@@ -90,12 +117,21 @@ class _ChunkedLinear:
         self.chunk_size = chunk_size
         self.linear_weight = linear_weight
         self.linear_bias = linear_bias
-        self.low_precision = input.dtype in (torch.bfloat16, torch.float16)
-        acc = torch.float32 if self.low_precision else input.dtype
+        low_precision = input.dtype in (torch.bfloat16, torch.float16)
+        acc = torch.float32 if low_precision else input.dtype
         self.weight_dtype = linear_weight.dtype
         self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
         chunk_rows = min(chunk_size, rows)
         self.logits_buffer = input.new_empty((chunk_rows, vocab))
+        # low precision: the dW product's block buffers (see _LOW_PRECISION_DW_BLOCK)
+        self.product_buffer = self.grad_t_buffer = None
+        if need_weight and low_precision:
+            if input.device.type == "cpu":
+                block = min(vocab, _LOW_PRECISION_DW_BLOCK)
+                self.grad_t_buffer = input.new_empty((block, chunk_rows))
+            else:  # one product per chunk, as cuBLAS takes the transposed view as it is
+                block = vocab
+            self.product_buffer = input.new_empty((block, hidden))
         self.grad_input = input.new_empty((rows, hidden)) if need_input else None
         # dW is written by the first chunk, not zero-filled first (a (V, H) float32 fill is
         # a full pass over fresh memory); zeros only when there is no chunk at all
@@ -123,22 +159,39 @@ class _ChunkedLinear:
         if self.grad_input is not None:
             torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
         if self.grad_weight is not None:
-            if not self.grad_weight_written:
-                if self.low_precision:
-                    self.grad_weight.copy_(torch.mm(grad_logits.t(), x_chunk))
+            if self.product_buffer is None:
+                if self.grad_weight_written:
+                    self.grad_weight.addmm_(grad_logits.t(), x_chunk)
                 else:
                     torch.mm(grad_logits.t(), x_chunk, out=self.grad_weight)
-                self.grad_weight_written = True
-            elif self.low_precision:
-                self.grad_weight.add_(torch.mm(grad_logits.t(), x_chunk))
             else:
-                self.grad_weight.addmm_(grad_logits.t(), x_chunk)
+                self._add_low_precision_grad_weight(grad_logits, x_chunk)
+            self.grad_weight_written = True
         if self.grad_bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+
+    def _add_low_precision_grad_weight(self, grad_logits: Tensor, x_chunk: Tensor) -> None:
+        """The float32 dW (+)= grad_logits.T @ x_chunk, by blocks of classes: each block's
+        product a GEMM in the storage dtype into product_buffer."""
+        vocab, rows = self.grad_weight.shape[0], grad_logits.shape[0]
+        block = self.product_buffer.shape[0]
+        for v0 in range(0, vocab, block):
+            v1 = min(v0 + block, vocab)
+            grad_t = grad_logits[:, v0:v1].t()  # (block, C)
+            if self.grad_t_buffer is not None:
+                grad_t = self.grad_t_buffer[: v1 - v0, :rows].copy_(grad_t)
+            product = torch.mm(grad_t, x_chunk, out=self.product_buffer[: v1 - v0])
+            if self.grad_weight_written:
+                self.grad_weight[v0:v1].add_(product)
+            else:
+                self.grad_weight[v0:v1].copy_(product)
 
     def results(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(dX, dW, db) in their parameters' dtypes; an empty tensor for each one not wanted
         (custom ops cannot return None)."""
+        # the chunk buffers are released first, so that the low-precision dW conversion
+        # below (the float32 sum and its conversion at once) can reuse their memory
+        self.logits_buffer = self.product_buffer = self.grad_t_buffer = None
         grad_input, grad_weight, grad_bias = (like.new_empty(0) for _ in range(3))
         if self.grad_input is not None:
             grad_input = self.grad_input
@@ -362,6 +415,7 @@ def _linear_cross_entropy_fwd(
                 *options,
             )
             loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
+    logits = None  # the last view of the buffer, which results() frees
     loss = reduce_rows(loss_rows, reduction, denominator)
     return (loss, lse, correct, *loop.results(input))
 
@@ -425,6 +479,7 @@ def _linear_cross_entropy_bwd(
             grad_loss[start:end], logits, target[start:end], weight, lse[start:end], *options
         )
         loop.add_chunk(start, logits, x_chunk)
+    logits = None  # the last view of the buffer, which results() frees
     return loop.results(input)
 
 
@@ -598,7 +653,7 @@ def linear_cross_entropy(
         return CrossEntropyOutput(*out)
 
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows, hidden, vocab)
+        chunk_size = default_chunk_size(rows, hidden, vocab, input.dtype)
     grad_on = torch.is_grad_enabled()
     loss, lse, correct, *_ = _linear_cross_entropy_fwd(
         x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,

@@ -74,15 +74,23 @@ def test_shape_sets_compose(family):
         module.cases(False, "x")
 
 
-def test_linear_cross_entropy_dtypes_by_device():
-    """The CPU's default linear cases stay float32 only; a GPU gets bfloat16 at every shape."""
+@pytest.mark.parametrize("amx", [False, True])
+def test_linear_cross_entropy_dtypes_by_device(monkeypatch, amx):
+    """The default linear cases are float32 only on a CPU without AMX (bfloat16 GEMMs
+    emulated); a CPU with AMX and a GPU get bfloat16 at every shape too."""
+    monkeypatch.setattr(cross_entropy, "cpu_isa_features",
+                        lambda: {"avx2": True, "avx512": amx, "amx": amx})
+
     def linear(device):
         return {(c.shape, c.dtype) for c in cross_entropy.cases(False, "default", device)
                 if c.linear}
 
     shapes = set(cross_entropy.LINEAR_SHAPES)
-    assert linear(CPU) == {(s, torch.float32) for s in shapes}
-    assert linear(CUDA) == {(s, d) for s in shapes for d in cross_entropy.DTYPES}
+    every = {(s, d) for s in shapes for d in cross_entropy.DTYPES}
+    assert linear(CPU) == (every if amx else {(s, torch.float32) for s in shapes})
+    assert linear(CUDA) == every
+    if amx:
+        return
     assert {c.id for c in cross_entropy.cases(False, "default", CPU)} < {
         c.id for c in cross_entropy.cases(False, "default", CUDA)}
 

@@ -50,7 +50,8 @@ from torch import Tensor
 
 import fastllm.functional as fastllm_functional
 from fastllm.bench.common import (
-    CPU, DEFAULT_SHAPES, CallInputs, Case, liger_functional, liger_peer, pick_shapes,
+    CPU, DEFAULT_SHAPES, CallInputs, Case, cpu_isa_features, liger_functional, liger_peer,
+    pick_shapes,
 )
 
 FAMILY = "cross_entropy"
@@ -177,15 +178,16 @@ class CrossEntropyCase(Case):
 def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
           device: torch.device = CPU) -> list[CrossEntropyCase]:
     """Every case, in table order: op, shape, dtype, mode. ``quick``: small shapes;
-    ``shapes``: fastllm.bench.common.SHAPE_SETS. Linear + cross-entropy on the CPU is float32
-    only at the default shapes: its time is three GEMMs, and a CPU without bfloat16 matrix
-    units runs bfloat16 GEMMs through slow emulation, timing torch's GEMM, not fastllm. At
-    LLaMA-3-8B's shape, and on a GPU at every shape, it is float32 and bfloat16."""
+    ``shapes``: fastllm.bench.common.SHAPE_SETS. Linear + cross-entropy at the default shapes
+    is float32 only on a CPU without bfloat16 matrix units (AMX): its time is three GEMMs,
+    which such a CPU runs in bfloat16 through slow emulation, timing torch's GEMM, not
+    fastllm. At LLaMA-3-8B's shape, on a CPU with AMX and on a GPU it is float32 and
+    bfloat16."""
     ce_shapes = pick_shapes(shapes, quick, CROSS_ENTROPY_SHAPES, QUICK_CROSS_ENTROPY_SHAPES,
                             LLAMA3_8B_CROSS_ENTROPY_SHAPES)
     linear_shapes = pick_shapes(shapes, quick, LINEAR_SHAPES, QUICK_LINEAR_SHAPES,
                                 LLAMA3_8B_LINEAR_SHAPES)
-    every_dtype = device.type != "cpu"
+    every_dtype = device.type != "cpu" or bool((cpu_isa_features() or {}).get("amx"))
     return [
         CrossEntropyCase("cross_entropy", mode, shape, dtype)
         for shape, dtype, mode in itertools.product(ce_shapes, DTYPES, MODES)

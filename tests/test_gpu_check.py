@@ -270,6 +270,27 @@ def test_bench_tables_compare_each_row_with_the_peers_of_its_case():
     assert lines.index("#### triton-norm-llama3-8b") > lines.index("#### native-norm-llama3-8b")
 
 
+def test_report_reads_what_fastllm_bench_writes(tmp_path):
+    """The report consumes fastllm bench's own JSON rows (here a CPU --quick run): the keys
+    it reads exist, the tables fill in and a bandwidth target is judged on real rows."""
+    from fastllm.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "norm", "--quick", "--device", "cpu", "--no-thp-rerun",
+                 "--only", "rms_norm-fwd+bwd-*-bfloat16", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    for row in rows:
+        row["run"] = "native-norm"  # what check.stage_bench adds
+    lines = report.bench_table(rows)
+    fastllm_row = next(line for line in lines if "fastllm[" in line)
+    assert "| rms_norm-fwd+bwd-256x512-bfloat16 |" in fastllm_row
+    cells = [c.strip() for c in fastllm_row.split("|")]
+    assert all(c not in ("", "-") for c in cells[4:8]), fastllm_row  # ms, GB/s, vs eager, compile
+    targets = report.judge_targets(rows, {"copy_gbs": 1e9})  # an unreachable ceiling
+    assert [(t["target"], t["met"]) for t in targets] == [
+        ("norm >= 80% of the copy bandwidth", False)]
+
+
 def test_a_run_writes_its_report_atomically(tmp_path, monkeypatch, capsys):
     """main() with a (pretend) GPU and stages that return recorded results: the markdown,
     the JSON and the logs archive appear in --out with the stage statuses, the targets, the

@@ -13,7 +13,10 @@ back to the reference while fastllm._C is not built. Each test records the case'
 Select with -k on the ids, ``<case id>-<contender>`` (case ids as ``fastllm bench --only``
 takes them, e.g. norm's ``<op>-<mode>-<N>x<D>-<dtype>``), e.g.
 ``pytest benchmarks/ -k "4096x1024 and float32 and fwd+bwd"``; ``--bench-quick`` runs the
-small cases of ``fastllm bench --quick``. On the CPU, run a second time with
+small cases of ``fastllm bench --quick``, ``--bench-shapes llama3-8b`` (or ``all``) the
+LLaMA-3-8B cases of ``fastllm bench --shapes``. On a GPU the contenders are those
+``fastllm bench`` times there (SDPA forced onto flash / cuDNN, Liger-Kernel when installed);
+fastllm's rows record the path that ran. On the CPU, run a second time with
 ``THP_MEM_ALLOC_ENABLE=1`` for the page-fault-bound cases with huge pages (``fastllm bench``
 does both by itself).
 """
@@ -25,7 +28,8 @@ import torch
 
 from fastllm.bench import load_family
 from fastllm.bench.common import (
-    COMPILE, EAGER, FASTLLM, Case, fastllm_label, peak_memory_bytes, resolve_backend, thp_setting,
+    COMPILE, DEFAULT_SHAPES, EAGER, FASTLLM, SHAPE_SETS, Case, fastllm_label, fastllm_path,
+    peak_memory_bytes, resolve_backend, thp_setting,
 )
 
 CONTENDER_IDS = {FASTLLM: "fastllm", EAGER: "eager", COMPILE: "compile"}
@@ -36,6 +40,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--bench-quick", action="store_true",
         help="time the cases of `fastllm bench --quick` (one small shape per family)",
     )
+    parser.addoption(
+        "--bench-shapes", choices=SHAPE_SETS, default=DEFAULT_SHAPES,
+        help="the op families' shapes, as `fastllm bench --shapes` (default: each family's "
+        "own; llama3-8b: LLaMA-3-8B's; all: both)",
+    )
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -44,10 +57,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not {"case", "contender"} <= set(metafunc.fixturenames):
         return
     quick = metafunc.config.getoption("bench_quick")
+    shapes = metafunc.config.getoption("bench_shapes")
+    device = _device()
     pairs = [
         (case, contender)
-        for case in load_family(metafunc.module.FAMILY).cases(quick)
-        for contender in case.contenders
+        for case in load_family(metafunc.module.FAMILY).cases(quick, shapes, device)
+        for contender in case.contenders_on(device)
     ]
     ids = [f"{case.id}-{CONTENDER_IDS.get(c, c.replace(' ', '_'))}" for case, c in pairs]
     metafunc.parametrize(("case", "contender"), pairs, ids=ids)
@@ -55,7 +70,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def bench_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _device()
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +83,10 @@ def bench_backend(bench_device: torch.device) -> str:
 def time_case(request, benchmark, bench_device, bench_backend) -> Callable[[Case, str], None]:
     """``time_case(case, contender)`` times one contender on one case with pytest-benchmark."""
     family = request.module.FAMILY
+    kernel_family = load_family(family).KERNEL_FAMILY
 
     def time_one(case: Case, contender: str) -> None:
-        call = case.build(contender, case.make_inputs(bench_device), bench_backend)
+        call = case.build(contender, case.make_inputs(bench_device), bench_backend, bench_device)
         if bench_device.type == "cuda":
             run_once = call
 
@@ -80,6 +96,9 @@ def time_case(request, benchmark, bench_device, bench_backend) -> Callable[[Case
 
         flops = case.flops() if hasattr(case, "flops") else None
         benchmark.group = f"{family} {case.id}"
+        if contender == FASTLLM:  # what ran, as fastllm bench's path column
+            benchmark.extra_info["path"] = fastllm_path(kernel_family, case.dtype, bench_device,
+                                                        bench_backend)
         benchmark.extra_info.update(
             contender=fastllm_label(bench_backend) if contender == FASTLLM else contender,
             **({} if flops is None else {"flops": flops}),

@@ -136,6 +136,28 @@ def test_bench_contenders_filter(tmp_path, capsys):
             "torch eager, torch.compile") in capsys.readouterr().err
 
 
+def test_pytest_benchmark_suite_runs_its_quick_cases(tmp_path):
+    """benchmarks/ (pytest-benchmark) builds its tests from the same cases: one quick case
+    of two families runs there, fastllm's row records its path, and --bench-shapes
+    collects the LLaMA-3-8B cases."""
+    out = tmp_path / "bench-suite.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
+         "--bench-quick", "-k", "rms_norm-fwd-256x512-float32 or swiglu-fwd-256x1024-float32",
+         "--benchmark-json", str(out), "--benchmark-min-rounds=1", "--benchmark-max-time=0.01"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["benchmarks"]
+    assert sorted({r["extra_info"]["contender"].split("[")[0] for r in rows}) == [
+        "fastllm", "torch eager", "torch.compile"]
+    assert all(r["extra_info"]["path"] for r in rows if r["extra_info"]["contender"].startswith("fastllm"))
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/",
+         "--bench-shapes", "llama3-8b", "--collect-only"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert collected.returncode == 0 and "1x32x4096x128" in collected.stdout
+
+
 def test_python_m_fastllm_help():
     run = _fastllm("bench", "--help", env=dict(os.environ))
     assert run.returncode == 0, run.stderr

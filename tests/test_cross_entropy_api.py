@@ -376,6 +376,11 @@ def test_linear_cross_entropy_loss_base_for_a_torch_without_the_module():
 
 
 def test_out_of_range_target_names_row_and_value(backend):
+    with torch.device("cpu"):  # the CPU tensors' contract (a CUDA kernel gives that row NaN)
+        _out_of_range_targets_raise()
+
+
+def _out_of_range_targets_raise():
     x = torch.randn(5, 32000)
     t = torch.tensor([1, 2, 3, 70000, 4])
     with pytest.raises(IndexError, match=r"cross_entropy: target\[3\] = 70000 is out of range for "

@@ -222,7 +222,7 @@ def test_rotary_embedding_dynamic_ntk_grows_base():
 _C, _S = caches(16, 32)
 
 
-def _x(*shape, dtype=torch.float32, device="cpu"):
+def _x(*shape, dtype=torch.float32, device=None):  # None: the default device
     return torch.randn(*shape, dtype=dtype, device=device)
 
 
@@ -263,7 +263,7 @@ def _x(*shape, dtype=torch.float32, device="cpu"):
         (lambda: F.apply_rotary(_x(2, 4, 2, 32), _C, _S, position_ids=1.5), TypeError,
          r"position_ids must be None, an int or an int tensor, got float"),
         (lambda: F.apply_rotary(_x(2, 4, 2, 32), _C.to("meta"), _S.to("meta")), ValueError,
-         r"cos must be on x's device cpu, got meta"),
+         r"cos must be on x's device (cpu|cuda:0), got meta"),
         (lambda: F.apply_rotary(_x(5, 2, 32), _C, _S, cu_seqlens=torch.tensor([0, 5])),
          TypeError, r"cu_seqlens must be int32, got torch.int64"),
         (lambda: F.apply_rotary(_x(5, 2, 32), _C, _S,

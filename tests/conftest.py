@@ -105,7 +105,7 @@ def backend(request):
         name = "native"  # the CUDA kernels themselves, on the GPU's tensors
     if name == "cuda_emu":
         request.getfixturevalue("emulated_cuda")
-    reason = FAMILIES[family].unavailable(name)
+    reason = FAMILIES[family].unavailable(name, torch.device(TEST_DEVICE))
     if reason is not None:
         pytest.skip(f"{family}: {reason}")
     if name == "cuda_emu":

@@ -202,6 +202,8 @@ def test_junit_report_is_counted_per_file(tmp_path):
         "tests/test_rotary.py": {"passed": 0, "failed": 0, "skipped": 2, "error": 1},
     }
     assert report["out_of_time"] == 1
+    assert report["skip_reasons"] == {
+        "out of time: the GPU check's test stage reached its deadline": 1, "needs two GPUs": 1}
     assert report["failures"][0]["test"] == "tests/test_norm.py::test_b[triton]"
     assert report["failures"][0]["message"].startswith("AssertionError: out (torch.bfloat16)")
     assert len(report["failures"]) == 2

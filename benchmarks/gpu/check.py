@@ -412,6 +412,7 @@ def parse_junit(path: Path) -> dict[str, Any]:
     """Totals per test file, and the failures with their first message line."""
     per_file: dict[str, dict[str, int]] = {}
     failures: list[dict[str, str]] = []
+    skip_reasons: dict[str, int] = {}  # a skip that should not be there shows up here
     out_of_time = 0
     root = ET.parse(path).getroot()
     for case in root.iter("testcase"):
@@ -426,10 +427,13 @@ def parse_junit(path: Path) -> dict[str, Any]:
                                  "message": (message[0] if message else "")[:300]})
             elif child.tag == "skipped":
                 outcome = "skipped"
-                if "out of time" in (child.get("message") or ""):
+                reason = (child.get("message") or "").strip()[:200]
+                skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
+                if "out of time" in reason:
                     out_of_time += 1
         counts[outcome] += 1
-    return {"per_file": per_file, "failures": failures, "out_of_time": out_of_time}
+    return {"per_file": per_file, "failures": failures, "out_of_time": out_of_time,
+            "skip_reasons": dict(sorted(skip_reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def stage_tests(ctx: Context) -> StageResult:

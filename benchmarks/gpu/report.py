@@ -198,6 +198,10 @@ def render_markdown(meta: dict, stages: Sequence[Any]) -> str:
                   "|---|---|---|---|---|"]
         for f, c in tests.details["per_file"].items():
             lines.append(f"| {f} | {c['passed']} | {c['failed']} | {c['error']} | {c['skipped']} |")
+        if tests.details.get("skip_reasons"):
+            lines += ["", "Skip reasons (a skip that should not be there is a finding too):", ""]
+            lines += [f"- {n} x {reason or '(no reason)'}"
+                      for reason, n in list(tests.details["skip_reasons"].items())[:15]]
         if tests.details.get("failures"):
             lines += ["", "Failures (first 60):", ""]
             lines += [f"- `{f['test']}`: {f['message']}" for f in tests.details["failures"][:60]]

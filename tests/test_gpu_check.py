@@ -366,6 +366,61 @@ def test_a_failing_stage_does_not_stop_the_next(tmp_path, monkeypatch):
     assert "| tests | ok |" in md
 
 
+def _context(tmp_path, budget=300.0):
+    import time
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return check.Context(out=tmp_path, logs=logs, quick=True, dry_run=False,
+                         deadline=time.time() + budget, budget_s=budget)
+
+
+def test_tests_stage_runs_pytest_and_reads_its_report(tmp_path, monkeypatch):
+    """The test stage for real, on a stand-in test file (the GPU selection needs a GPU):
+    pytest runs with the deadline plugin and JUnit, and the stage counts what it wrote."""
+    tests = tmp_path / "standin"
+    tests.mkdir()
+    (tests / "test_standin.py").write_text(
+        "import os, pytest\n"
+        "def test_device():\n    assert os.environ['FASTLLM_TEST_DEVICE'] == 'cuda'\n"
+        "def test_fails():\n    assert 1 == 2, 'a finding'\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n")
+    ctx = _context(tmp_path)
+
+    def standin_command(ctx_, junit, collect_only=False):
+        return [sys.executable, "-m", "pytest", str(tests), "-q", "-p", "no:cacheprovider",
+                "-p", "pytest_deadline", "--junitxml", str(junit), "-o", "junit_family=xunit1",
+                "--rootdir", str(tests)]
+
+    monkeypatch.setattr(check, "test_command", standin_command)
+    result = check.stage_tests(ctx)
+    assert result.status == "failed"
+    assert result.details["totals"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1}
+    assert "a finding" in result.details["failures"][0]["message"]
+    assert result.details["skip_reasons"] == {"not here": 1}
+    assert result.summary.startswith("1 passed, 1 failed, 0 errors, 1 skipped")
+
+
+def test_bench_stage_runs_fastllm_bench_and_collects_its_rows(tmp_path, monkeypatch):
+    """The bench stage for real, with a CPU run of fastllm bench in place of the GPU runs:
+    the rows come back labelled with their run; without a GPU the ceilings script fails and
+    says so, and the targets say there was nothing to judge them against."""
+    ctx = _context(tmp_path)
+    ctx.built = True
+    out = ctx.logs / "bench-native-norm.json"
+    monkeypatch.setattr(check, "bench_commands", lambda ctx_: [("native-norm", [
+        "bench", "norm", "--device", "cpu", "--quick", "--no-thp-rerun",
+        "--only", "rms_norm-fwd-*-float32", "--json", str(out)])])
+    result = check.stage_bench(ctx)
+    assert result.details["runs"]["native-norm"]["exit"] == 0
+    rows = result.details["results"]
+    assert {r["run"] for r in rows} == {"native-norm"} and len(rows) == 3
+    if NO_GPU:
+        assert "error" in result.details["ceilings"]
+        assert result.details["targets"][0]["met"] is None
+    assert result.status == "ok"
+
+
 def test_stage_limits_never_exceed_what_is_left():
     import time
 

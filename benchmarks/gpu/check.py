@@ -154,7 +154,10 @@ def run_logged(cmd: Sequence[str], log: Path, timeout_s: float, env: Optional[di
         try:
             status = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            try:
+                os.killpg(proc.pid, 9)  # pytest's xdist workers and compilers too
+            except ProcessLookupError:  # it ended just now
+                pass
             proc.wait()
             out.write(f"\n[killed after {timeout_s:.0f} s: the stage's time limit]\n".encode())
             status = None

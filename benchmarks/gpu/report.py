@@ -151,7 +151,8 @@ def render_markdown(meta: dict, stages: Sequence[Any]) -> str:
         "",
         f"- commit: `{meta['commit']}`" + (" (with uncommitted changes)" if meta.get("dirty") else ""),
         f"- GPU: {gpu.get('name', '-')}, compute capability {gpu.get('capability', '-')}, "
-        f"{gpu.get('sms', '-')} SMs, {gpu.get('memory_gib', '-')} GiB; driver {gpu.get('driver', '-')}",
+        f"{gpu.get('sms', '-')} SMs, {gpu.get('memory_gib', '-')} GiB; driver, max SM and memory "
+        f"clocks: {gpu.get('driver', '-')}",
         f"- torch {gpu.get('torch', '-')} (CUDA {gpu.get('torch_cuda', '-')}), triton "
         f"{gpu.get('triton', '-')}, Python {meta['python']}, {meta['cpus']} CPU cores",
         f"- command: `{meta['command']}`; budget {meta['budget_s']:.0f} s, "

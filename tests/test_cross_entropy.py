@@ -7,6 +7,7 @@ return_token_accuracy) against the reference."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as TF
 import fastllm.functional as F
 from fastllm.reference.cross_entropy import cross_entropy_ref
 from tests.accuracy import ATOL, assert_within_torch_error
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
 
 FAMILY = "cross_entropy"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -511,3 +513,80 @@ def test_linear_cross_entropy_logged_outputs(backend, reduction):
     assert 0 < float(ours.token_accuracy.sum()) < 13
     ours.loss.sum().backward()
     assert h.grad is not None
+
+
+# ---- compilation for a real GPU (no GPU needed) ----------------------------------------------
+
+# Vocabularies of real models: Llama-2 / Mistral (32000) and Llama-3 (128256) get the same
+# launch configuration (_block_config: BLOCK_V 4096, 8 warps) and, as multiples of 16, aligned
+# rows; GPT-2's 50257 the same tiles with unaligned rows. linear_cross_entropy runs these
+# same kernels on each chunk's logits (its backward through cross_entropy_bwd_inplace, i.e.
+# cross_entropy_bwd_kernel with grad_logits_ptr = logits_ptr): no kernel of its own.
+GPU_COMPILE_VOCABS = (32000, 128256)
+GPU_COMPILE_UNALIGNED_VOCAB = 50257
+
+
+def _triton_ptxas_reports(arch: int) -> list[str]:
+    """Compiles the three Triton kernels at the GPU launch configuration (_block_config) of
+    GPU_COMPILE_VOCABS for sm_<arch> (Triton's own compiler, no GPU) and returns ptxas -v's
+    resource lines of each: every combination of their flags (class weights, label
+    smoothing, soft-capping) in float32 / bfloat16 / float16 logits, aligned; and every
+    feature on with the unaligned GPU_COMPILE_UNALIGNED_VOCAB. Absent operands are None
+    (constexpr), as a launch passes them. Needs TRITON_INTERPRET unset at import (the
+    interpreter replaces the kernels by Python functions)."""
+
+    import fastllm.triton.cross_entropy as kernels
+
+    configs = {kernels._block_config(vocab) for vocab in GPU_COMPILE_VOCABS}
+    assert configs == {kernels._block_config(GPU_COMPILE_UNALIGNED_VOCAB)}, configs
+    (block_v, num_warps), = configs
+    # Everything but the logits and their gradient has a fixed dtype.
+    pointer_types = {"target_ptr": "*i64", "correct_ptr": "*i1", "weight_ptr": "*fp32",
+                     "weight_sum_ptr": "*fp32", "grad_loss_ptr": "*fp32", "loss_ptr": "*fp32",
+                     "lse_ptr": "*fp32", "lse_hi_ptr": "*fp32", "lse_lo_ptr": "*fp32"}
+    float_args = ("label_smoothing", "z_loss", "softcap")
+    reports = []
+    for kernel in (kernels.cross_entropy_fwd_kernel, kernels.cross_entropy_exact_lse_kernel,
+                   kernels.cross_entropy_bwd_kernel):
+        flag_names = [flag for flag in ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+                      if flag in kernel.arg_names]
+        cases = [(dict(zip(flag_names, values)), True)
+                 for values in itertools.product((False, True), repeat=len(flag_names))]
+        cases.append((dict.fromkeys(flag_names, True), False))
+        for dtype in ("fp32", "bf16", "fp16"):
+            for flags, aligned in cases:
+                weight = flags.get("HAS_WEIGHT", False)
+                constants = dict(flags, BLOCK_V=block_v)
+                if "ROUND_BF16_IN_SOFTWARE" in kernel.arg_names:
+                    constants["ROUND_BF16_IN_SOFTWARE"] = False
+                if "weight_ptr" in kernel.arg_names and not weight:
+                    constants["weight_ptr"] = None
+                if "weight_sum_ptr" in kernel.arg_names and not (
+                        weight and flags["HAS_SMOOTHING"]):
+                    constants["weight_sum_ptr"] = None
+                signature, attrs = {}, {}
+                for index, arg in enumerate(kernel.arg_names):
+                    if arg in constants:
+                        signature[arg] = "constexpr"
+                        continue
+                    if arg.endswith("_ptr"):
+                        signature[arg] = pointer_types.get(arg, "*" + dtype)
+                    else:
+                        signature[arg] = "fp32" if arg in float_args else "i32"
+                    # Pointers are aligned; a vocab of a multiple of 16 aligns the rows too
+                    # (contiguous logits: row stride = vocab), as a launch specializes them.
+                    row_arg = arg == "vocab" or arg in ("stride_logits_row", "stride_grad_row")
+                    if arg.endswith("_ptr") or (aligned and row_arg):
+                        attrs[(index,)] = [["tt.divisibility", 16]]
+                resources = ptxas_resources(kernel, signature, constants, attrs, arch,
+                                            num_warps=num_warps)
+                features = " ".join(f"{flag}={value}" for flag, value in flags.items())
+                reports.append(f"{kernel.fn.__name__} {dtype} {features} aligned={aligned}: "
+                               f"{' '.join(resources)}")
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_without_spills(arch):
+    assert_triton_compiles_without_spills("tests.test_cross_entropy", arch, 63)

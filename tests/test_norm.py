@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as TF
 
 import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
 
 FAMILY = "norm"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -164,3 +167,89 @@ def test_norm_weight_grad_many_rows_reduced_correctly(backend):
     for n in rows:
         check_kind("layer_norm", (n, 40), torch.float32, True)
         check_kind("rms_norm", (n, 40), torch.float32, True)
+
+
+# ---- compilation for a real GPU (no GPU needed) ----------------------------------------------
+
+# Row lengths whose tiles _tile_config picks on a GPU: (BLOCK_M, BLOCK_N) = (2, 1024) at 768
+# (GPT-2, BERT), (1, 4096) at 4096 (Llama-7B), (1, 8192), the largest row held in registers,
+# and rows longer than MAX_BLOCK_N, which loop over (1, LOOP_BLOCK_N) blocks; 8 warps each.
+GPU_COMPILE_COLS = (768, 4096, 8192, 16384)
+# (kernel, dtype, BLOCK_N, is_rms_norm) that ptxas (triton 3.8) spills at and the check leaves
+# out until the tiles change: float64 rows of 4097..8192 columns. Measured, all flags of
+# _triton_ptxas_reports on, stores / loads in bytes: norm_bwd_kernel layer norm 5036 / 5788
+# (sm_80), 1280 / 936 (sm_90); rms norm 352 / 288 (sm_80), 384 / 336 (sm_90); norm_fwd_kernel
+# rms norm 8 / 8 (sm_80 only).
+GPU_KNOWN_SPILLS = {
+    ("norm_bwd_kernel", "fp64", 8192, False),
+    ("norm_bwd_kernel", "fp64", 8192, True),
+    ("norm_fwd_kernel", "fp64", 8192, True),
+}
+
+
+def _triton_ptxas_reports(arch: int) -> list[str]:
+    """Compiles both Triton kernels at the GPU launch configuration (_tile_config) of every
+    row length of GPU_COMPILE_COLS for sm_<arch> (Triton's own compiler, no GPU) and returns
+    ptxas -v's resource lines of each: layer and rms norm with weights (and bias) and their
+    gradients, in float32 / bfloat16 / float16 / float64, GPU_KNOWN_SPILLS left out. With the
+    residual (add_*: the code without it plus a load and a store) at every row length;
+    without it too at BLOCK_N 8192, whose rows use the most registers (not in float64).
+    Absent operands are None (constexpr), as a launch passes them. Needs TRITON_INTERPRET
+    unset at import (the interpreter replaces the kernels by Python functions)."""
+
+    import fastllm.triton.norm as kernels
+
+    def compile_kernel(kernel, dtype, tiles, constants):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
+        signature, attrs = {}, {}
+        for index, name in enumerate(kernel.arg_names):
+            if name in constants:
+                signature[name] = "constexpr"
+                continue
+            if name.endswith("_ptr"):
+                # Parameters, statistics and partial sums in the accumulation dtype;
+                # activations and their gradients in the input's.
+                in_acc = name.startswith(("weight", "bias", "mean", "rstd", "dweight", "dbias"))
+                signature[name] = "*" + (acc if in_acc else dtype)
+            else:
+                signature[name] = "fp32" if name == "eps" else "i32"
+            # Contiguous rows of a multiple of 16 columns: aligned pointers, row strides and
+            # cols, as a launch specializes them.
+            if name.endswith("_ptr") or name.startswith("stride") or name == "cols":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return ptxas_resources(kernel, signature, constants, attrs, arch,
+                               num_warps=tiles.num_warps)
+
+    reports = []
+    for cols in GPU_COMPILE_COLS:
+        tiles = kernels._tile_config(4096, cols)  # the rows do not change a GPU's tiles
+        for dtype in ("fp32", "bf16", "fp16", "fp64"):
+            residuals = (False, True) if tiles.block_n == 8192 and dtype != "fp64" else (True,)
+            for is_rms_norm, residual in itertools.product((False, True), residuals):
+                constants = dict(
+                    IS_RMS_NORM=is_rms_norm, HAS_RESIDUAL=residual, HAS_DRESIDUAL=residual,
+                    HAS_WEIGHT=True, HAS_BIAS=not is_rms_norm, COMPUTE_DWEIGHT=True,
+                    COMPUTE_DBIAS=not is_rms_norm, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                    ROW_FITS_BLOCK=tiles.row_fits_block, ROUND_BF16_IN_SOFTWARE=False,
+                )
+                if not residual:
+                    constants.update(residual_ptr=None, residual_out_ptr=None,
+                                     dresidual_out_ptr=None)
+                if is_rms_norm:
+                    constants.update(bias_ptr=None, mean_ptr=None, dbias_partial_ptr=None)
+                for kernel in (kernels.norm_fwd_kernel, kernels.norm_bwd_kernel):
+                    name = kernel.fn.__name__
+                    if (name, dtype, tiles.block_n, is_rms_norm) in GPU_KNOWN_SPILLS:
+                        continue
+                    resources = compile_kernel(kernel, dtype, tiles, constants)
+                    kind = "rms_norm" if is_rms_norm else "layer_norm"
+                    reports.append(f"{name} {dtype} N={cols} {kind} residual={residual}: "
+                                   f"{' '.join(resources)}")
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_without_spills(arch):
+    assert_triton_compiles_without_spills("tests.test_norm", arch, 73)

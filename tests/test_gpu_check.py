@@ -51,7 +51,7 @@ def _env(**extra):
 @pytest.mark.skipif(not NO_GPU, reason="the dry run's 'no GPU' ending needs a machine without one")
 def test_dry_run_passes_and_says_no_gpu():
     done = subprocess.run(["bash", str(GPU_DIR / "run.sh"), "--dry-run"], capture_output=True,
-                          text=True, cwd=ROOT, env=_env(), timeout=600)
+                          text=True, cwd=ROOT, env=_env(PYTHON=sys.executable), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert out.rstrip().endswith("no GPU: dry run only")

@@ -77,6 +77,22 @@ def assert_triton_compiles_without_spills(module: str, arch: int, expected_kerne
     assert len(spills) == expected_kernels and all(s == ("0", "0") for s in spills), result.stdout
 
 
+def triton_signature(kernel, constants: dict, arg_type, aligned) -> tuple[dict, dict]:
+    """Triton's signature and attributes (``ptxas_resources``' arguments) for a launch of
+    ``kernel``: the arguments in ``constants`` are constexpr, every other is typed by
+    ``arg_type(name)`` ("*fp32", "i32", ...), and those with ``aligned(name)`` true are
+    marked divisible by 16, as a launch specializes aligned pointers, sizes and strides."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = arg_type(name)
+        if aligned(name):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
 def ptxas_resources(kernel, signature: dict, constants: dict, attrs: dict, arch: int,
                     **options) -> list[str]:
     """Compiles the Triton ``kernel`` for sm_<arch> with Triton's own compiler (no GPU) and

@@ -42,6 +42,7 @@ from tests.helpers import (
     packed_tokens,
     ptxas_resources,
     qkv,
+    triton_signature,
 )
 
 FAMILY = "attention"
@@ -680,20 +681,17 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
                         if re.fullmatch(r"stride_.*_d|stride_(bias|dbias|kpm)_k", name)]
         constants.update(dict.fromkeys(unit_strides, 1))
         constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
-        signature, attrs = {}, {}
-        for index, name in enumerate(kernel.arg_names):
-            if name in constants:
-                signature[name] = "constexpr"
-                continue
+        def arg_type(name):
             if name.endswith("_ptr"):
-                signature[name] = pointer_types.get(name, "*" + dtype)
-            elif name in float_args:
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i64" if name == "dropout_threshold" else "i32"
-            aligned = name.endswith("_ptr") or re.fullmatch(r"head_dim|stride_(?!alibi).*", name)
-            if aligned:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+                return pointer_types.get(name, "*" + dtype)
+            if name in float_args:
+                return "fp32"
+            return "i64" if name == "dropout_threshold" else "i32"
+
+        signature, attrs = triton_signature(
+            kernel, constants, arg_type,
+            lambda name: bool(name.endswith("_ptr")
+                              or re.fullmatch(r"head_dim|stride_(?!alibi).*", name)))
         return ptxas_resources(kernel, signature, constants, attrs, arch,
                                num_warps=num_warps, num_stages=num_stages)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as TF
 import fastllm.functional as F
 from fastllm.reference.cross_entropy import cross_entropy_ref
 from tests.accuracy import ATOL, assert_within_torch_error
-from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources, triton_signature
 
 FAMILY = "cross_entropy"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -564,20 +564,14 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
                 if "weight_sum_ptr" in kernel.arg_names and not (
                         weight and flags["HAS_SMOOTHING"]):
                     constants["weight_sum_ptr"] = None
-                signature, attrs = {}, {}
-                for index, arg in enumerate(kernel.arg_names):
-                    if arg in constants:
-                        signature[arg] = "constexpr"
-                        continue
-                    if arg.endswith("_ptr"):
-                        signature[arg] = pointer_types.get(arg, "*" + dtype)
-                    else:
-                        signature[arg] = "fp32" if arg in float_args else "i32"
-                    # Pointers are aligned; a vocab of a multiple of 16 aligns the rows too
-                    # (contiguous logits: row stride = vocab), as a launch specializes them.
-                    row_arg = arg == "vocab" or arg in ("stride_logits_row", "stride_grad_row")
-                    if arg.endswith("_ptr") or (aligned and row_arg):
-                        attrs[(index,)] = [["tt.divisibility", 16]]
+                # Pointers are aligned; a vocab of a multiple of 16 aligns the rows too
+                # (contiguous logits: row stride = vocab), as a launch specializes them.
+                signature, attrs = triton_signature(
+                    kernel, constants,
+                    lambda arg: (pointer_types.get(arg, "*" + dtype) if arg.endswith("_ptr")
+                                 else "fp32" if arg in float_args else "i32"),
+                    lambda arg: arg.endswith("_ptr") or (aligned and arg in (
+                        "vocab", "stride_logits_row", "stride_grad_row")))
                 resources = ptxas_resources(kernel, signature, constants, attrs, arch,
                                             num_warps=num_warps)
                 features = " ".join(f"{flag}={value}" for flag, value in flags.items())

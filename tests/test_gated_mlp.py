@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 
 import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources, triton_signature
 
 FAMILY = "gated_mlp"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -168,13 +168,10 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
             for activation in kernels.ACTIVATION_CODES.values():
                 constants = dict(ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n,
                                  ROUND_BF16_IN_SOFTWARE=False)
-                signature, attrs = {}, {}
-                for index, name in enumerate(kernel.arg_names):
-                    if name in constants:
-                        signature[name] = "constexpr"
-                        continue
-                    signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-                    attrs[(index,)] = [["tt.divisibility", 16]]
+                signature, attrs = triton_signature(
+                    kernel, constants,
+                    lambda name: f"*{dtype}" if name.endswith("_ptr") else "i32",
+                    lambda name: True)
                 spills = ptxas_resources(kernel, signature, constants, attrs, arch, num_warps=8)
                 reports.append(f"{kernel.fn.__name__} {dtype} {activation}: {' '.join(spills)}")
     return reports

@@ -11,7 +11,7 @@ import torch.nn.functional as TF
 
 import fastllm.functional as F
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources, triton_signature
 
 FAMILY = "norm"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -205,22 +205,19 @@ def _triton_ptxas_reports(arch: int) -> list[str]:
     def compile_kernel(kernel, dtype, tiles, constants):
         acc = "fp64" if dtype == "fp64" else "fp32"
         constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
-        signature, attrs = {}, {}
-        for index, name in enumerate(kernel.arg_names):
-            if name in constants:
-                signature[name] = "constexpr"
-                continue
+        def arg_type(name):
             if name.endswith("_ptr"):
                 # Parameters, statistics and partial sums in the accumulation dtype;
                 # activations and their gradients in the input's.
                 in_acc = name.startswith(("weight", "bias", "mean", "rstd", "dweight", "dbias"))
-                signature[name] = "*" + (acc if in_acc else dtype)
-            else:
-                signature[name] = "fp32" if name == "eps" else "i32"
-            # Contiguous rows of a multiple of 16 columns: aligned pointers, row strides and
-            # cols, as a launch specializes them.
-            if name.endswith("_ptr") or name.startswith("stride") or name == "cols":
-                attrs[(index,)] = [["tt.divisibility", 16]]
+                return "*" + (acc if in_acc else dtype)
+            return "fp32" if name == "eps" else "i32"
+
+        # Contiguous rows of a multiple of 16 columns: aligned pointers, row strides and
+        # cols, as a launch specializes them.
+        signature, attrs = triton_signature(
+            kernel, constants, arg_type,
+            lambda name: name.endswith("_ptr") or name.startswith("stride") or name == "cols")
         return ptxas_resources(kernel, signature, constants, attrs, arch,
                                num_warps=tiles.num_warps)
 

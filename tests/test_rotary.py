@@ -14,7 +14,7 @@ import fastllm.functional as F
 from fastllm.nn.rotary import default_inv_freq
 from fastllm.reference.rotary import token_positions
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources
+from tests.helpers import assert_triton_compiles_without_spills, ptxas_resources, triton_signature
 
 FAMILY = "rotary"
 BACKENDS = ("native", "triton", "cuda_emu")
@@ -290,18 +290,12 @@ def _triton_ptxas_reports(arch: int, dtypes=("fp32", "bf16", "fp16"), tile=None,
                                  BLOCK_M=tile // block_half,
                                  BLOCK_HALF=block_half, BLOCK_REST=16,
                                  ROUND_BF16_IN_SOFTWARE=False)
-                signature, attrs = {}, {}
-                for index, name in enumerate(kernel.arg_names):
-                    if name in constants:
-                        signature[name] = "constexpr"
-                        continue
-                    if name == "pos_ptr":
-                        signature[name] = "*i64"
-                    elif name in ("cos_ptr", "sin_ptr"):
-                        signature[name] = "*fp32"
-                    else:
-                        signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-                    attrs[(index,)] = [["tt.divisibility", 16]] if name.endswith("_ptr") else []
+                signature, attrs = triton_signature(
+                    kernel, constants,
+                    lambda name: ("*i64" if name == "pos_ptr"
+                                  else "*fp32" if name in ("cos_ptr", "sin_ptr")
+                                  else f"*{dtype}" if name.endswith("_ptr") else "i32"),
+                    lambda name: name.endswith("_ptr"))
                 spills = ptxas_resources(kernel, signature, constants, attrs, arch,
                                          num_warps=num_warps)
                 reports.append(f"rotary_kernel {dtype} {interleaved} {conjugate}: "

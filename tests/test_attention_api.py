@@ -1049,17 +1049,19 @@ def test_masked_sdpa_and_mha_trace_fullgraph():
 
 
 @pytest.mark.skipif(attn_ops.IMPLS.native is None, reason="fastllm._C not built")
-def test_bf16_attention_leaves_torch_bf16_gemms_unaffected():
-    """bfloat16 attention on the CPU runs on AMX tiles where the CPU has them; it configures the tile registers
-    of its threads and must hand them back, so torch's own bfloat16 GEMMs (oneDNN, on the
-    same threads and, where the CPU has AMX, the same tiles) give the same bits before,
-    between and after attention calls, forward and backward. (The C++ test
-    attention_amx_restores_tile_configuration checks the configuration itself.)"""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_attention_leaves_torch_gemms_unaffected(dtype):
+    """bfloat16 (float16) attention on the CPU runs on AMX tiles where the CPU has AMX-BF16
+    (AMX-FP16); it configures the tile registers of its threads and must hand them back, so
+    torch's own GEMMs in that dtype (oneDNN, on the same threads and, where the CPU has AMX,
+    the same tiles) give the same bits before, between and after attention calls, forward
+    and backward. (The C++ test attention_amx_restores_tile_configuration checks the
+    configuration itself.)"""
     gen = generator(0)
-    a = torch.randn(96, 200, generator=gen).bfloat16()
-    b = torch.randn(200, 136, generator=gen).bfloat16()
+    a = torch.randn(96, 200, generator=gen).to(dtype)
+    b = torch.randn(200, 136, generator=gen).to(dtype)
     expected = a @ b
-    q, k, v = (torch.randn(2, 150, 4, 64, generator=gen).bfloat16().requires_grad_()
+    q, k, v = (torch.randn(2, 150, 4, 64, generator=gen).to(dtype).requires_grad_()
                for _ in range(3))
     for causal in (False, True):
         out = F.attention(q, k, v, causal=causal)

@@ -254,3 +254,27 @@ def test_bench_patch_quick_train_case():
     assert case["patched"]["rotary"] == 2 and case["patched"]["fused_lm_loss"] == 1
     lines = bench_patch.floor_checks([case])
     assert len(lines) == 2 and all(("PASS" in l) or ("MISS" in l) for l in lines)
+
+
+def test_contenders_are_timed_in_alternation():
+    """time_interleaved calls the contenders of a case in turn, one call each per round, each
+    until its own share of the timing rule is met; a contender that raises leaves the rounds
+    with its exception and the others still get their samples."""
+    from fastllm.bench.common import Timing, TimingBudget, time_interleaved
+
+    order: list[str] = []
+
+    def contender(name: str, fail_on: int = 0):
+        def call() -> None:
+            order.append(name)
+            if fail_on and order.count(name) == fail_on:
+                raise RuntimeError(f"{name} broke")
+        return call
+
+    budget = TimingBudget(warmup_s=0.0, min_repeats=4, min_time_s=0.0, max_repeats=10)
+    timings = time_interleaved(
+        [contender("a"), contender("b", fail_on=2), contender("c")], torch.device("cpu"), budget)
+    assert order == ["a", "b", "c", "a", "b", "c", "a", "c", "a", "c"]
+    assert isinstance(timings[1], RuntimeError) and "b broke" in str(timings[1])
+    for timing in (timings[0], timings[2]):
+        assert isinstance(timing, Timing) and timing.repeats == 4 and timing.median_s >= 0

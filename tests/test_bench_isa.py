@@ -53,16 +53,25 @@ def allowed(cap: str, kernel_best: str) -> str:
     return {"amx": "amx-bf16"}.get(LEVELS[min(levels)], LEVELS[min(levels)])
 
 
+def attention_path(dtype: torch.dtype, cap: str) -> str:
+    """attention_cpu.cpp: bfloat16 on AMX-BF16 tiles, float16 on AMX-FP16 tiles (where the CPU
+    has them, else AVX-512), with_best_ops otherwise."""
+    if dtype == torch.bfloat16:
+        return allowed(cap, "amx")
+    if dtype == torch.float16 and (cpu_isa_features() or {}).get("amx_fp16"):
+        return {"amx-bf16": "amx-fp16"}.get(allowed(cap, "amx"), allowed(cap, "amx"))
+    return _f64_scalar("avx512")(dtype, cap)
+
+
 def _f64_scalar(kernel_best: str):
     return lambda dtype, cap: "scalar" if dtype == torch.float64 else allowed(cap, kernel_best)
 
 
 # family -> (dtype, FASTLLM_CPU_ISA) -> path: each family's CPU dispatch as of this commit.
 EXPECTED = {
-    # attention_cpu.cpp: bfloat16 on AMX (attention_{fwd,bwd}_amx), with_best_ops otherwise
-    "attention": lambda dtype, cap: (
-        allowed(cap, "amx") if dtype == torch.bfloat16 else _f64_scalar("avx512")(dtype, cap)
-    ),
+    # attention_cpu.cpp: bfloat16 / float16 on AMX (attention_{fwd,bwd}_amx), with_best_ops
+    # otherwise
+    "attention": attention_path,
     # norm_cpu.cpp: AVX-512 rows for the float-acc dtypes, AVX2 for float64
     "norm": lambda dtype, cap: allowed(cap, "avx2" if dtype == torch.float64 else "avx512"),
     "cross_entropy": _f64_scalar("avx512"),  # cross_entropy_cpu.cpp pick_path

@@ -1236,22 +1236,27 @@ void attention_bwd_typed(const BwdParams& p) {
   }
 }
 
-// ---- the bfloat16 path on AMX tiles --------------------------------------------------------
+// ---- the bfloat16 and float16 paths on AMX tiles ------------------------------------------
 // The same tiles, masks, score modifications, online softmax and backward schemes as the
 // generic algorithm above, with the products on the AMX tile unit (attention_cpu_amx.h):
-// the inputs are packed as bfloat16 (no widening), q is not pre-scaled (its rounding would
-// add an error torch's kernels do not have: the scale multiplies the float32 scores), p and
-// ds are rounded to bfloat16 for their products. The score tile, the softmax and every
+// bfloat16 on AMX-BF16, float16 on AMX-FP16 (tdpfp16ps, Granite Rapids and later). The inputs
+// are packed as they are stored (no widening), q is not pre-scaled (its rounding would add an
+// error torch's kernels do not have: the scale multiplies the float32 scores), p and ds are
+// rounded to the input's type for their products. The score tile, the softmax and every
 // feature stay float32 and run the AVX-512 primitives. Products cover whole 16-row (32-row
 // where query rows are the K of a product) blocks around a tile's active rows; the rows of a
 // block outside them get p = ds = 0, so they add nothing.
 #if defined(FASTLLM_ATTENTION_CPU_X86)
 
-// Storage bits of a bfloat16 row.
-inline const uint16_t* bits(const BFloat16* row) { return reinterpret_cast<const uint16_t*>(row); }
+// Storage bits of a bfloat16 / float16 row.
+template <class T>
+const uint16_t* bits(const T* row) {
+  static_assert(sizeof(T) == 2, "the tile paths take 16-bit elements");
+  return reinterpret_cast<const uint16_t*>(row);
+}
 
+template <class T>
 void attention_fwd_amx(const FwdParams& p) {
-  using T = BFloat16;
   using Ops = avx512::Ops;
   const int D = static_cast<int>(p.head_dim);
   const int Dk = round_up(D, 32);  // the K of q k^T and the N of p v
@@ -1336,16 +1341,16 @@ void attention_fwd_amx(const FwdParams& p) {
           const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, pair_tile, begin, end);
           if (rows.count() > 0) {
             const int lo = rows.first / 16 * 16, hi = round_up(rows.last, 16);
-            amx::gemm(hi - lo, kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt0, 2 * kBlockK,
+            amx::gemm<T>(hi - lo, kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt0, 2 * kBlockK,
                       s_tile.data() + lo * Ns, Ns, false);
-            amx::gemm(hi - lo, Ns - kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt1, 2 * kBlockK,
+            amx::gemm<T>(hi - lo, Ns - kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt1, 2 * kBlockK,
                       s_tile.data() + lo * Ns + kBlockK, Ns, false);
-            amx::online_softmax_to_bf16(s_tile.data(), Ns, lo, hi, rows.first, rows.last, begin,
+            amx::online_softmax_to_p<T>(s_tile.data(), Ns, lo, hi, rows.first, rows.last, begin,
                                         end, scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
                                         p_tile.data(), 2 * kBlockK,
                                         bias_rows == nullptr ? nullptr : bias_rows + j0,
                                         mods.bias_stride_q, nk);
-            amx::gemm(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK, v0,
+            amx::gemm<T>(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK, v0,
                       2 * Dk, o_tile.data() + lo * Dk, Dk, true);
           }
           j0 += kBlockK;
@@ -1362,15 +1367,15 @@ void attention_fwd_amx(const FwdParams& p) {
         const int r0 = rows.first, lo = r0 / 16 * 16, hi = round_up(rows.last, 16);
         const int ns = std::min(nk, Ns);
         float* s = s_tile.data() + r0 * Ns;
-        amx::gemm(hi - lo, Ns, Dk, q_tile.data() + lo * Dk, Dk, kt_tile, 2 * kBlockK,
+        amx::gemm<T>(hi - lo, Ns, Dk, q_tile.data() + lo * Dk, Dk, kt_tile, 2 * kBlockK,
                   s_tile.data() + lo * Ns, Ns, false);
         if (plain && key_tile.mask == nullptr) {
-          amx::online_softmax_to_bf16(s_tile.data(), Ns, lo, hi, r0, rows.last, begin, end,
+          amx::online_softmax_to_p<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, begin, end,
                                       scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
                                       p_tile.data(), kBlockK,
                                       bias_rows == nullptr ? nullptr : bias_rows + j0,
                                       mods.bias_stride_q, ns);
-          amx::gemm(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
+          amx::gemm<T>(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
                     o_tile.data() + lo * Dk, Dk, true);
           continue;
         }
@@ -1384,9 +1389,9 @@ void attention_fwd_amx(const FwdParams& p) {
           dropout_col_keys(j0, nk, col_keys);
           mods.template drop<Ops>(s, rows.count(), Ns, ns, row_keys + r0, col_keys);
         }
-        amx::convert_rows(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK, p_tile.data(),
+        amx::convert_rows<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK, p_tile.data(),
                           kBlockK);
-        amx::gemm(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
+        amx::gemm<T>(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
                   o_tile.data() + lo * Dk, Dk, true);
       }
       store_query_tile(p, b, h, i0, mq, m.data(), l.data(), o_tile.data(), Dk, out);
@@ -1408,8 +1413,8 @@ void store_transposed(const float* src, int64_t ld, int rows, int D, float scale
 // packed tiles of the (batch, kv head) it works on. Query tiles are packed as rows (the A of
 // s and dp) and, for the dk^T / dv^T products, transposed; key tiles as k^T and v^T (the B
 // of s and dp, pairs of columns) and k in pairs of rows (the B of dq).
+template <class T>
 struct AmxBwdThread {
-  using T = BFloat16;
   using Ops = avx512::Ops;
   const BwdInputs<T>& in;
   const int Dk;
@@ -1509,13 +1514,13 @@ struct AmxBwdThread {
     float* sr = s.data() + r0 * Ns;
     float* dpr = dp.data() + r0 * Ns;
     float* dcapr = mods.softcap > 0 ? dcap.data() + r0 * Ns : nullptr;
-    amx::gemm(hi - lo, Ns, Dk, q + lo * Dk, Dk, kt, 2 * kBlockK, s.data() + lo * Ns, Ns, false);
+    amx::gemm<T>(hi - lo, Ns, Dk, q + lo * Dk, Dk, kt, 2 * kBlockK, s.data() + lo * Ns, Ns, false);
     fused = !(mods.softcap > 0) && !mods.alibi && !mods.dropout && mods.bias == nullptr &&
             key_tile.mask == nullptr;
     if (fused) {  // no feature modifies the scores: p and ds go straight to their operands
-      amx::gemm(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
+      amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
                 false);
-      amx::softmax_grad_to_bf16(s.data(), dp.data(), Ns, lo, hi, r0, rows.last, begin, end,
+      amx::softmax_grad_to_operands<T>(s.data(), dp.data(), Ns, lo, hi, r0, rows.last, begin, end,
                                 static_cast<float>(in.scale), lse, delta, ds_rows.data(),
                                 kBlockK, p_pairs.data(), ds_pairs.data());
       return rows;
@@ -1524,7 +1529,7 @@ struct AmxBwdThread {
     mods.transform(sr, dcapr, rows.count(), Ns, i0 + r0, j0);
     mods.template add_bias<T>(sr, rows.count(), Ns, ns, i0 + r0, j0);
     key_tile.mask_scores(sr, rows.count(), Ns, ns);
-    amx::gemm(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
+    amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
               false);
     if (mods.dropout) mods.template drop<Ops>(dpr, rows.count(), Ns, ns, row_keys + r0, col_keys);
     Ops::softmax_grad(sr, dpr, rows.count(), Ns, begin + r0, end + r0, lse + r0, delta + r0);
@@ -1543,12 +1548,12 @@ struct AmxBwdThread {
         mods.template drop<Ops>(s.data() + r0 * Ns, rows.count(), Ns, std::min(nk, Ns),
                                 row_keys + r0, col_keys);
       }
-      amx::convert_row_pairs(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data());
-      amx::convert_row_pairs(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
+      amx::convert_row_pairs<T>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data());
+      amx::convert_row_pairs<T>(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
     }
-    amx::gemm(Dk, Ns, hi - lo, doutt + lo, kBlockQ, p_pairs.data() + lo * Ns, 2 * Ns, dvt_tile,
+    amx::gemm<T>(Dk, Ns, hi - lo, doutt + lo, kBlockQ, p_pairs.data() + lo * Ns, 2 * Ns, dvt_tile,
               kBlockK, true);
-    amx::gemm(Dk, Ns, hi - lo, qt + lo, kBlockQ, ds_pairs.data() + lo * Ns, 2 * Ns, dkt_tile,
+    amx::gemm<T>(Dk, Ns, hi - lo, qt + lo, kBlockQ, ds_pairs.data() + lo * Ns, 2 * Ns, dkt_tile,
               kBlockK, true);
   }
 
@@ -1583,10 +1588,10 @@ struct AmxBwdThread {
                     dbias == nullptr ? nullptr : dbias + j0, in.p.seqlen_k, lo, hi);
       if (rows.count() == 0) continue;
       if (!fused) {
-        amx::convert_rows(dp.data(), Ns, lo, hi, rows.first, rows.last, Ns, kBlockK,
+        amx::convert_rows<T>(dp.data(), Ns, lo, hi, rows.first, rows.last, Ns, kBlockK,
                           ds_rows.data(), kBlockK);
       }
-      amx::gemm(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, kp, 2 * Dk,
+      amx::gemm<T>(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, kp, 2 * Dk,
                 dq.data() + lo * Dk, Dk, true);
       per_key_tile(rows, lo, hi, j0, nk, Ns);
     }
@@ -1596,8 +1601,9 @@ struct AmxBwdThread {
 
 // bwd_single_pass on AMX: dk^T / dv^T of the whole slice accumulate per key block (Dk x
 // kBlockK floats each) in the thread's rows, in the two-pass order.
-void bwd_single_pass_amx(AmxBwdThread& th) {
-  const BwdInputs<BFloat16>& in = th.in;
+template <class T>
+void bwd_single_pass_amx(AmxBwdThread<T>& th) {
+  const BwdInputs<T>& in = th.in;
   const BwdParams& p = in.p;
   const int64_t block = int64_t{th.Dk} * kBlockK;
   std::vector<float> dkt_rows(in.k_blocks * block), dvt_rows(in.k_blocks * block);
@@ -1632,8 +1638,9 @@ void bwd_single_pass_amx(AmxBwdThread& th) {
 }
 
 // bwd_dk_dv_pass on AMX.
-void bwd_dk_dv_pass_amx(AmxBwdThread& th) {
-  const BwdInputs<BFloat16>& in = th.in;
+template <class T>
+void bwd_dk_dv_pass_amx(AmxBwdThread<T>& th) {
+  const BwdInputs<T>& in = th.in;
   const BwdParams& p = in.p;
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_kv_heads * in.k_blocks; ++task) {
@@ -1664,7 +1671,7 @@ void bwd_dk_dv_pass_amx(AmxBwdThread& th) {
         int lo = 0, hi = 0;
         const ActiveRows rows = th.recompute(mask, mods, key_tile, i0, mq, j0, nk,
                                              in.lse(b, h, i0), in.delta_rows(b, h, i0),
-                                             static_cast<BFloat16*>(nullptr), 0, lo, hi);
+                                             static_cast<T*>(nullptr), 0, lo, hi);
         if (rows.count() == 0) continue;
         th.accumulate_dk_dv(mods, rows, lo, hi, nk, Ns, th.dkt.data(), th.dvt.data());
       }
@@ -1676,7 +1683,8 @@ void bwd_dk_dv_pass_amx(AmxBwdThread& th) {
 }
 
 // bwd_dq_pass on AMX.
-void bwd_dq_pass_amx(AmxBwdThread& th) {
+template <class T>
+void bwd_dq_pass_amx(AmxBwdThread<T>& th) {
   const BwdParams& p = th.in.p;
   const int64_t q_blocks = th.in.q_blocks;
 #pragma omp for schedule(dynamic)
@@ -1688,13 +1696,14 @@ void bwd_dq_pass_amx(AmxBwdThread& th) {
   }
 }
 
+template <class T>
 void attention_bwd_amx(const BwdParams& p) {
-  const BwdInputs<BFloat16> in(p);
+  const BwdInputs<T> in(p);
   const bool single_pass = bwd_single_pass_fits(in);
 #pragma omp parallel
   {
     amx::TileScope tile_scope;
-    AmxBwdThread th(in);
+    AmxBwdThread<T> th(in);
     if (single_pass) {
       bwd_single_pass_amx(th);
     } else {
@@ -1788,7 +1797,10 @@ void attention_fwd_cpu(const FwdParams& p) {
   if (p.batch == 0 || p.seqlen_q == 0) return;
 #if defined(FASTLLM_ATTENTION_CPU_X86)
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
-    return attention_fwd_amx(p);
+    return attention_fwd_amx<BFloat16>(p);
+  }
+  if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
+    return attention_fwd_amx<Half>(p);
   }
 #endif
   cpu::dispatch_dtype(p.dtype, "attention_fwd_cpu", [&](auto type) {
@@ -1802,7 +1814,10 @@ void attention_bwd_cpu(const BwdParams& p) {
   if (p.batch == 0) return;
 #if defined(FASTLLM_ATTENTION_CPU_X86)
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
-    return attention_bwd_amx(p);
+    return attention_bwd_amx<BFloat16>(p);
+  }
+  if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
+    return attention_bwd_amx<Half>(p);
   }
 #endif
   cpu::dispatch_dtype(p.dtype, "attention_bwd_cpu", [&](auto type) {

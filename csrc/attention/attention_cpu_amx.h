@@ -1,16 +1,20 @@
-// The AMX building blocks of the CPU attention kernel's bfloat16 path (attention_cpu.cpp; x86
-// only; run only after cpu::cpu_amx() returned true): bfloat16 tile products on the AMX tile
-// unit, and the packing of the operands into the layouts it reads.
+// The AMX building blocks of the CPU attention kernel's bfloat16 and float16 paths
+// (attention_cpu.cpp; x86 only; run only after cpu::cpu_amx() -- bfloat16 -- or
+// cpu::cpu_amx_fp16() -- float16 -- returned true): 16-bit tile products on the AMX tile unit,
+// and the packing of the operands into the layouts it reads.
 //
-// One AMX instruction, tdpbf16ps, adds the product of a 16 x 32 bfloat16 tile A (16 rows of
-// 64 bytes) and a 32 x 16 bfloat16 tile B to a 16 x 16 float32 tile C. B is stored in pairs
+// One AMX instruction, tdpbf16ps (AMX-BF16; tdpfp16ps, AMX-FP16, for float16 elements), adds
+// the product of a 16 x 32 tile A of 16-bit elements (16 rows of 64 bytes) and a 32 x 16 tile
+// B to a 16 x 16 float32 tile C. Everything below works on the elements' storage bits
+// (uint16_t); the functions that round float32 to the element type or multiply take it as a
+// template argument E (cpu::BFloat16 or cpu::Half). B is stored in pairs
 // of rows ("VNNI" layout): row k / 2 of the stored tile holds, for each of the 16 columns n,
 // the two elements B[k][n], B[k + 1][n] side by side, so a stored row is 64 bytes too. Every
 // product of attention is C (+)= A B with A row-major and B stored that way:
 //   forward   s  = q k^T:     A = q rows, B = k^T, whose pairs of rows (k, k + 1) are pairs of
 //                             adjacent elements of one key's row: the key rows read as 32-bit
 //                             units, transposed (pack_column_pairs);
-//             o += p v:       A = p (float32 scores rounded to bfloat16), B = v in pairs of
+//             o += p v:       A = p (float32 scores rounded to E), B = v in pairs of
 //                             key rows (pack_row_pairs);
 //   backward  s  = q k^T, dp = dout v^T (as forward's s),
 //             dq += ds k:     B = k in pairs of key rows;
@@ -19,7 +23,8 @@
 //                             (convert_row_pairs), so no score tile is ever transposed;
 //                             dk^T and dv^T are transposed once per key block at the end.
 // Accumulation is float32 (the C tiles, stored between products); p and ds are rounded to
-// bfloat16 before their products, as FlashAttention and torch's CPU flash attention do.
+// the input's 16-bit type before their products, as FlashAttention and torch's CPU flash
+// attention do.
 //
 // Tile registers (one configuration, loaded per thread by TileScope): two sets of 2 C tiles,
 // an A tile and a B tile each (gemm).
@@ -36,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "attention/attention_cpu_avx512.h"
 #include "common/cpu_avx512.h"
@@ -86,6 +92,14 @@ class TileScope {
   alignas(64) uint8_t saved_[64];
 };
 
+// tdpfp16ps (AMX-FP16: Granite Rapids and later) C += A B on float16 tiles. GCC 12 has no
+// intrinsic for it (GCC 13 added -mamx-fp16), so the instruction is written as its bytes:
+// VEX.128.F2.0F38.W0 5C /r, ModRM.reg = C, ModRM.r/m = A, VEX.vvvv = B (inverted) -- the
+// encoding of tdpbf16ps with the F2 instead of the F3 prefix. The tile numbers are literals.
+#define FASTLLM_AMX_TDPFP16PS(C, A, B)                                               \
+  __asm__ volatile(".byte 0xc4, 0xe2, %c0, 0x5c, %c1" ::"i"(0x03 | ((~(B)&15) << 3)), \
+                   "i"(0xc0 | ((C) << 3) | (A)))
+
 // The product runs as jobs of one 16-row strip x 32 columns of C (2 C tiles; 16 at a ragged
 // right edge), alternating between two sets of tile registers: C tiles 0-1 with A tile 4 and
 // B tile 6, and C tiles 2-3 with A 5 and B 7. Tile registers are not renamed, so a job that
@@ -94,7 +108,7 @@ class TileScope {
 // overlap the other's latency. Measured on Sapphire Rapids at K = 64: ~1.25 TFLOP/s per core,
 // against ~1.1 for one set of 4 C tiles per strip and ~0.9 for a 2 x 2 block of C tiles.
 // The AMX intrinsics take literal tile numbers: one function per set and width.
-#define FASTLLM_AMX_GEMM_JOB(NAME, C0, C1, TA, TB, TWO)                                       \
+#define FASTLLM_AMX_GEMM_JOB(NAME, C0, C1, TA, TB, TWO, DOT)                                  \
   FASTLLM_INLINE void NAME(int K, const uint16_t* A, int64_t lda, const uint16_t* B,          \
                            int64_t ldb, float* C, int64_t ldc, bool accumulate) {             \
     const int64_t c_stride = ldc * 4, a_stride = lda * 2, b_stride = ldb * 2;                 \
@@ -109,23 +123,36 @@ class TileScope {
       const uint16_t* b = B + static_cast<int64_t>(k / 2) * ldb;                              \
       _tile_loadd(TA, A + k, a_stride);                                                       \
       _tile_loadd(TB, b, b_stride);                                                           \
-      _tile_dpbf16ps(C0, TA, TB);                                                             \
+      DOT(C0, TA, TB);                                                                        \
       if (TWO) {                                                                              \
         _tile_loadd(TB, b + 32, b_stride);                                                    \
-        _tile_dpbf16ps(C1, TA, TB);                                                           \
+        DOT(C1, TA, TB);                                                                      \
       }                                                                                       \
     }                                                                                         \
     _tile_stored(C0, C, c_stride);                                                            \
     if (TWO) _tile_stored(C1, C + 16, c_stride);                                              \
   }
-FASTLLM_AMX_GEMM_JOB(gemm_job_set0, 0, 1, 4, 6, true)
-FASTLLM_AMX_GEMM_JOB(gemm_job_set1, 2, 3, 5, 7, true)
-FASTLLM_AMX_GEMM_JOB(gemm_half_job_set0, 0, 1, 4, 6, false)
-FASTLLM_AMX_GEMM_JOB(gemm_half_job_set1, 2, 3, 5, 7, false)
+#define FASTLLM_AMX_TDPBF16PS(C, A, B) _tile_dpbf16ps(C, A, B)
+FASTLLM_AMX_GEMM_JOB(gemm_job_set0_bf16, 0, 1, 4, 6, true, FASTLLM_AMX_TDPBF16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_job_set1_bf16, 2, 3, 5, 7, true, FASTLLM_AMX_TDPBF16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_half_job_set0_bf16, 0, 1, 4, 6, false, FASTLLM_AMX_TDPBF16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_half_job_set1_bf16, 2, 3, 5, 7, false, FASTLLM_AMX_TDPBF16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_job_set0_fp16, 0, 1, 4, 6, true, FASTLLM_AMX_TDPFP16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_job_set1_fp16, 2, 3, 5, 7, true, FASTLLM_AMX_TDPFP16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_half_job_set0_fp16, 0, 1, 4, 6, false, FASTLLM_AMX_TDPFP16PS)
+FASTLLM_AMX_GEMM_JOB(gemm_half_job_set1_fp16, 2, 3, 5, 7, false, FASTLLM_AMX_TDPFP16PS)
 #undef FASTLLM_AMX_GEMM_JOB
 
-// C (M x N, floats) (+)= A (M x K, bfloat16 rows) B (K x N, bfloat16 pairs of rows); A rows
-// lda elements apart, B's stored pair rows ldb elements apart, C rows ldc floats apart.
+#undef FASTLLM_AMX_TDPBF16PS
+#undef FASTLLM_AMX_TDPFP16PS
+
+// Storage type E's 16-bit elements for E = cpu::BFloat16 or cpu::Half.
+template <class E>
+inline constexpr bool kIsHalf = std::is_same_v<E, cpu::Half>;
+
+// C (M x N, floats) (+)= A (M x K, rows of E) B (K x N, E in pairs of rows); A rows lda
+// elements apart, B's stored pair rows ldb elements apart, C rows ldc floats apart.
+template <class E>
 inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint16_t* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   bool second = false;
@@ -134,22 +161,30 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
     float* c = C + static_cast<int64_t>(m) * ldc;
     for (int n = 0; n < N; n += 32, second = !second) {
       const uint16_t* b = B + 2 * n;
-      if (N - n >= 32) {
-        if (second) {
-          gemm_job_set1(K, a, lda, b, ldb, c + n, ldc, accumulate);
-        } else {
-          gemm_job_set0(K, a, lda, b, ldb, c + n, ldc, accumulate);
-        }
-      } else if (second) {
-        gemm_half_job_set1(K, a, lda, b, ldb, c + n, ldc, accumulate);
+      // The element type's jobs: the same tiles, its own product instruction.
+#define FASTLLM_AMX_JOB(KIND)                                                 \
+  if (N - n >= 32) {                                                          \
+    if (second) {                                                             \
+      gemm_job_set1_##KIND(K, a, lda, b, ldb, c + n, ldc, accumulate);        \
+    } else {                                                                  \
+      gemm_job_set0_##KIND(K, a, lda, b, ldb, c + n, ldc, accumulate);        \
+    }                                                                         \
+  } else if (second) {                                                        \
+    gemm_half_job_set1_##KIND(K, a, lda, b, ldb, c + n, ldc, accumulate);     \
+  } else {                                                                    \
+    gemm_half_job_set0_##KIND(K, a, lda, b, ldb, c + n, ldc, accumulate);     \
+  }
+      if constexpr (kIsHalf<E>) {
+        FASTLLM_AMX_JOB(fp16)
       } else {
-        gemm_half_job_set0(K, a, lda, b, ldb, c + n, ldc, accumulate);
+        FASTLLM_AMX_JOB(bf16)
       }
+#undef FASTLLM_AMX_JOB
     }
   }
 }
 
-// ---- packing bfloat16 storage rows (row r at first + r * stride_t, element d at + d *
+// ---- packing 16-bit storage rows (row r at first + r * stride_t, element d at + d *
 // stride_d) into the operand layouts; everything past rows x D is zero ----------------------
 
 // dst[r * ld + d] = src[r][d]: A operands (q, dout), rows_padded rows of `ld` elements.
@@ -218,12 +253,35 @@ inline void pack_transposed(const uint16_t* first, int64_t stride_t, int64_t str
   }
 }
 
-// ---- float32 score tiles -> bfloat16 operands ---------------------------------------------
-// vcvtne2ps2bf16 rounds to nearest even (denormals flushed: p and ds that small add nothing
-// a bfloat16 product could keep).
+// ---- float32 score tiles -> 16-bit operands -----------------------------------------------
+// bfloat16: vcvtne2ps2bf16 rounds to nearest even (denormals flushed: p and ds that small add
+// nothing a bfloat16 product could keep); float16: vcvtps2ph, to nearest even.
 
-// dst[r * ld + c] = bf16(X[r * ldx + c]) for rows [lo, hi), c < N (a multiple of 16), zero
-// for the columns [N, K) and for the rows of [lo, hi) outside [live_lo, live_hi).
+// 16 floats as 16 elements of E.
+template <class E>
+FASTLLM_INLINE __m256i to_words(__m512 x) {
+  if constexpr (kIsHalf<E>) {
+    return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m256bh v = _mm512_cvtneps_pbh(x);
+    return reinterpret_cast<const __m256i&>(v);
+  }
+}
+
+// 32 floats as 32 elements of E: words 0-15 from lo, 16-31 from hi.
+template <class E>
+FASTLLM_INLINE __m512i to_words(__m512 lo, __m512 hi) {
+  if constexpr (kIsHalf<E>) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(to_words<E>(lo)), to_words<E>(hi), 1);
+  } else {
+    const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+    return reinterpret_cast<const __m512i&>(v);
+  }
+}
+
+// dst[r * ld + c] = E(X[r * ldx + c]) for rows [lo, hi), c < N (a multiple of 16), zero for
+// the columns [N, K) and for the rows of [lo, hi) outside [live_lo, live_hi).
+template <class E>
 inline void convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_lo, int live_hi,
                          int N, int K, uint16_t* dst, int64_t ld) {
   for (int r = lo; r < hi; ++r) {
@@ -235,30 +293,30 @@ inline void convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_l
     const float* in = X + static_cast<int64_t>(r) * ldx;
     int c = 0;
     for (; c + 32 <= N; c += 32) {
-      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + c + 16), _mm512_loadu_ps(in + c));
-      _mm512_storeu_si512(out + c, reinterpret_cast<const __m512i&>(v));
+      _mm512_storeu_si512(out + c,
+                          to_words<E>(_mm512_loadu_ps(in + c), _mm512_loadu_ps(in + c + 16)));
     }
     if (c < N) {  // 16 left
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(in + c));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), reinterpret_cast<const __m256i&>(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), to_words<E>(_mm512_loadu_ps(in + c)));
       c += 16;
     }
     if (c < K) std::memset(out + c, 0, sizeof(uint16_t) * (K - c));
   }
 }
 
-// The 32 words of vcvtne2ps2bf16(row r + 1, row r) -- words 0-15 from row r, 16-31 from row
-// r + 1 -- in pairs of rows: word 2 c is row r's column c, word 2 c + 1 row r + 1's.
-FASTLLM_INLINE __m512i interleave_row_pair(__m512bh rows) {
+// The 32 words of to_words(row r, row r + 1) -- words 0-15 from row r, 16-31 from row r + 1 --
+// in pairs of rows: word 2 c is row r's column c, word 2 c + 1 row r + 1's.
+FASTLLM_INLINE __m512i interleave_row_pair(__m512i rows) {
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                          24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                          16, 0);
-  return _mm512_permutexvar_epi16(order, reinterpret_cast<const __m512i&>(rows));
+  return _mm512_permutexvar_epi16(order, rows);
 }
 
-// In pairs of rows: dst[(r / 2) * 2 N + 2 c + r % 2] = bf16(X[r * ldx + c]) for rows [lo, hi)
+// In pairs of rows: dst[(r / 2) * 2 N + 2 c + r % 2] = E(X[r * ldx + c]) for rows [lo, hi)
 // (lo, hi even), c < N (a multiple of 16), zero for the rows outside [live_lo, live_hi): the
 // B operands p and ds of backward's dv^T and dk^T products, query rows along K.
+template <class E>
 inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int live_lo,
                               int live_hi, int N, uint16_t* dst) {
   const int64_t ld = 2 * static_cast<int64_t>(N);
@@ -276,7 +334,7 @@ inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int l
     for (int c = 0; c < N; c += 16) {
       const __m512 a = live0 ? _mm512_loadu_ps(x0 + c) : zero;
       const __m512 b = live1 ? _mm512_loadu_ps(x1 + c) : zero;
-      _mm512_storeu_si512(out + 2 * c, interleave_row_pair(_mm512_cvtne2ps_pbh(b, a)));
+      _mm512_storeu_si512(out + 2 * c, interleave_row_pair(to_words<E>(a, b)));
     }
   }
 }
@@ -290,20 +348,37 @@ inline void scale_scores(float* s, int N, int r0, int r1, float scale) {
   }
 }
 
-// ---- forward's online softmax, straight to the bfloat16 p operand -------------------------
+// ---- forward's online softmax, straight to the 16-bit p operand ---------------------------
+
+// 2^t for the forward's p: a degree-4 polynomial for 2^r, r in [0, 1) (relative error 2.7e-6;
+// fitted by Lawson's iteration on 2^r's relative error, float32 coefficients) instead of
+// cpu::avx512::exp2's degree 5 (1.5e-7). p is rounded to bfloat16 (2^-9) or float16 (2^-12)
+// for its product right after, and the row sums take these p as well, so the logsumexp is off
+// by at most 2.7e-6 (torch's own float32 lse of these inputs: ~5e-7; degree 3, 7.5e-5, would be
+// too far).
+FASTLLM_INLINE __m512 exp2_p(__m512 t) {
+  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 y = _mm512_set1_ps(0.013534124940633774f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.05201142653822899f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.24144287407398224f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.69300377368927f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0000026226043701f));
+  return _mm512_scalef_ps(y, t);
+}
 
 // The forward's score tile step when no feature modifies the scores but an attn_bias (no
 // softcap, ALiBi, mixed key padding block or dropout): for the rows [lo, hi) of the raw product
 // S = q k^T (rows of N floats, N a multiple of 16), the scores scale * S of row r's allowed
 // columns [begin[r], end[r]) update its running max m[r], sum l[r] and output row O + r * ldo
 // (Dp floats), as avx512::Ops::online_softmax does, and p goes straight to P (rows of ldp
-// bfloat16; zero for the masked columns, the columns [N, ldp) and the rows outside
-// [live_lo, live_hi)). One pass instead of scaling S, the softmax and a conversion of p.
+// E; zero for the masked columns, the columns [N, ldp) and the rows outside [live_lo,
+// live_hi)). One pass instead of scaling S, the softmax and a conversion of p.
 //
-// bias != nullptr: an additive attn_bias (bfloat16, its columns contiguous) joins the scores,
+// bias != nullptr: an additive attn_bias (E, its columns contiguous) joins the scores,
 // scale S + bias, as ScoreMods::add_bias adds it: row r's at bias + r * bias_ld, of which the
 // first nb columns exist (the rest are masked keys; never read).
-inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int live_lo,
+template <class E>
+inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_lo,
                                    int live_hi, const int* begin, const int* end, float scale,
                                    float* m, float* l, float* O, int64_t ldo, int Dp, uint16_t* P,
                                    int64_t ldp, const uint16_t* bias = nullptr,
@@ -323,9 +398,9 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
         continue;
       }
       const float* s = S + static_cast<int64_t>(r) * N;
-      const cpu::BFloat16* b =
-          bias == nullptr ? nullptr
-                          : reinterpret_cast<const cpu::BFloat16*>(bias) + static_cast<int64_t>(r) * bias_ld;
+      const E* b = bias == nullptr
+                       ? nullptr
+                       : reinterpret_cast<const E*>(bias) + static_cast<int64_t>(r) * bias_ld;
       const bool full = begin[r] == 0 && end[r] == N;
       auto allowed = [&](int j) FASTLLM_INLINE_LAMBDA {
         return full ? __mmask16(0xFFFF) : cpu::avx512::band_mask(j, begin[r], end[r]);
@@ -337,8 +412,15 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
         return _mm512_add_ps(x, nb - j >= 16 ? cpu::avx512::load(b + j)
                                              : cpu::avx512::loadn(b + j, nb - j));
       };
-      // p = 2^t, t = (scale s - m) log2 e, of the allowed columns into p and the row's sum;
-      // true when some allowed t exceeds kMaxGrowth log2 e (m must grow first).
+      // t = (scale s (+ bias) - m) log2 e of columns [j, j + 16), with scale s rounded as
+      // it was for m, so that t = 0 exactly at the max (folding scale and log2 e into one
+      // FMA would leave the product's rounding error there, a large error for scores near
+      // 1e5 and up).
+      auto exponent = [&](int j, __m512 vm) FASTLLM_INLINE_LAMBDA {
+        return _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
+      };
+      // p = 2^t of the allowed columns into p and the row's sum; true when some allowed t
+      // exceeds kMaxGrowth log2 e (m must grow first).
       auto exp_pass = [&](__m512& vsum) FASTLLM_INLINE_LAMBDA {
         const __m512 vm = _mm512_set1_ps(m[r] == neg_inf ? 0.0f : m[r]);
         const __m512 limit = _mm512_set1_ps(kMaxGrowth * cpu::avx512::kLog2e);
@@ -346,26 +428,23 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
         vsum = _mm512_setzero_ps();
         int j = 0;
         for (; j + 32 <= N; j += 32) {
-          const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
-          const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(scores(j + 16), vm), log2e);
+          const __m512 t0 = exponent(j, vm);
+          const __m512 t1 = exponent(j + 16, vm);
           const __mmask16 a0 = allowed(j), a1 = allowed(j + 16);
           over |= _mm512_mask_cmp_ps_mask(a0, t0, limit, _CMP_GT_OQ) |
                   _mm512_mask_cmp_ps_mask(a1, t1, limit, _CMP_GT_OQ);
-          const __m512 p0 = _mm512_maskz_mov_ps(a0, cpu::avx512::exp2(t0));
-          const __m512 p1 = _mm512_maskz_mov_ps(a1, cpu::avx512::exp2(t1));
+          const __m512 p0 = _mm512_maskz_mov_ps(a0, exp2_p(t0));
+          const __m512 p1 = _mm512_maskz_mov_ps(a1, exp2_p(t1));
           vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
-          const __m512bh v = _mm512_cvtne2ps_pbh(p1, p0);
-          _mm512_storeu_si512(p + j, reinterpret_cast<const __m512i&>(v));
+          _mm512_storeu_si512(p + j, to_words<E>(p0, p1));
         }
         if (j < N) {  // 16 left
-          const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
+          const __m512 t0 = exponent(j, vm);
           const __mmask16 a0 = allowed(j);
           over |= _mm512_mask_cmp_ps_mask(a0, t0, limit, _CMP_GT_OQ);
-          const __m512 p0 = _mm512_maskz_mov_ps(a0, cpu::avx512::exp2(t0));
+          const __m512 p0 = _mm512_maskz_mov_ps(a0, exp2_p(t0));
           vsum = _mm512_add_ps(vsum, p0);
-          const __m256bh v = _mm512_cvtneps_pbh(p0);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j),
-                              reinterpret_cast<const __m256i&>(v));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_words<E>(p0));
         }
         return over != 0;
       };
@@ -402,16 +481,17 @@ inline void online_softmax_to_bf16(const float* S, int N, int lo, int hi, int li
   }
 }
 
-// ---- backward's softmax gradient, straight to the bfloat16 operands ------------------------
+// ---- backward's softmax gradient, straight to the 16-bit operands --------------------------
 
-// The backward's step when no feature modifies the scores (as online_softmax_to_bf16): from
+// The backward's step when no feature modifies the scores (as online_softmax_to_p): from
 // the raw products S = q k^T and dP = dout v^T (rows of N floats, N a multiple of 16) of the
 // rows [lo, hi) (lo, hi even), p = exp(scale S - lse) on row r's allowed columns and ds =
 // p (dP - delta) (avx512::Ops::softmax_grad's math), written as the three operands of the
-// products that follow: ds as rows (ds_rows, rows of ld_rows bfloat16, zero from N on), and
+// products that follow: ds as rows (ds_rows, rows of ld_rows E, zero from N on), and
 // p and ds in pairs of rows (p_pairs, ds_pairs: 2 N per row pair). Rows outside [live_lo,
 // live_hi), without allowed keys or with lse = -inf (no key at all) get p = ds = 0.
-inline void softmax_grad_to_bf16(const float* S, const float* dP, int N, int lo, int hi,
+template <class E>
+inline void softmax_grad_to_operands(const float* S, const float* dP, int N, int lo, int hi,
                                  int live_lo, int live_hi, const int* begin, const int* end,
                                  float scale, const float* lse, const float* delta,
                                  uint16_t* ds_rows, int64_t ld_rows, uint16_t* p_pairs,
@@ -450,10 +530,9 @@ inline void softmax_grad_to_bf16(const float* S, const float* dP, int N, int lo,
                                    cpu::avx512::exp2(t));
         ds[i] = _mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_loadu_ps(dP + e), _mm512_set1_ps(delta[row])));
       }
-      const __m512bh dsv = _mm512_cvtne2ps_pbh(ds[1], ds[0]);
-      const __m512i dsi = reinterpret_cast<const __m512i&>(dsv);
-      _mm512_storeu_si512(pp + 2 * c, interleave_row_pair(_mm512_cvtne2ps_pbh(p[1], p[0])));
-      _mm512_storeu_si512(dsp + 2 * c, interleave_row_pair(dsv));
+      const __m512i dsi = to_words<E>(ds[0], ds[1]);
+      _mm512_storeu_si512(pp + 2 * c, interleave_row_pair(to_words<E>(p[0], p[1])));
+      _mm512_storeu_si512(dsp + 2 * c, interleave_row_pair(dsi));
       // Words 0-15 are row r's ds, 16-31 row r + 1's.
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds_rows + static_cast<int64_t>(r) * ld_rows + c),
                           _mm512_castsi512_si256(dsi));

@@ -12,7 +12,9 @@
 //   - cpu_amx(): AMX-TILE and AMX-BF16 on top of that, and the kernel's permission to use
 //     the tile data state (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once per process;
 //     refused or not Linux -> false, and the AVX-512 path runs). Attention's bfloat16 tile
-//     products.
+//     products;
+//   - cpu_amx_fp16(): cpu_amx() and AMX-FP16 (Granite Rapids and later). Attention's float16
+//     tile products (without it, float16 attention takes the AVX-512 path).
 //
 // FASTLLM_CPU_ISA caps the level, so the tests cover every path on the best machine: scalar
 // (the portable path), avx2, avx512 (AVX-512 without AMX) or amx (everything; the same as
@@ -89,6 +91,19 @@ inline bool cpu_has_amx_bf16() {
 #endif
 }
 
+// AMX-FP16 (CPUID.(7, 1):EAX bit 21): tdpfp16ps, float16 tiles with float32 accumulation. Linux
+// kernels older than 6.4 do not name it in /proc/cpuinfo, but the instruction is there.
+inline bool cpu_has_amx_fp16() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || eax < 1) return false;
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+  return (eax & (1u << 21)) != 0;
+#else
+  return false;
+#endif
+}
+
 // Linux hands the AMX tile data state (XFEATURE_XTILEDATA = 18) to a process only after it
 // asks (arch_prctl ARCH_REQ_XCOMP_PERM = 0x1023, Linux 5.16+); without the permission the
 // first tile instruction faults. Asking again after a grant (torch's oneDNN may have asked
@@ -136,6 +151,12 @@ inline bool detect_cpu_amx() {
 inline bool cpu_amx() {
   static const bool amx = detect_cpu_amx();
   return amx;
+}
+
+// True when the float16 tile products may run: the AMX path is on and the CPU has AMX-FP16.
+inline bool cpu_amx_fp16() {
+  static const bool amx_fp16 = cpu_amx() && cpu_has_amx_fp16();
+  return amx_fp16;
 }
 
 }  // namespace cpu

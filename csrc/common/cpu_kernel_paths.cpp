@@ -15,6 +15,7 @@ namespace cpu {
 namespace {
 
 constexpr const char* kAmxBf16 = "amx-bf16";  // bfloat16 tile products (cpu_amx())
+constexpr const char* kAmxFp16 = "amx-fp16";  // float16 tile products (cpu_amx_fp16())
 constexpr const char* kAvx512 = "avx512";
 constexpr const char* kAvx2 = "avx2";
 constexpr const char* kScalar = "scalar";
@@ -36,11 +37,13 @@ struct FamilyPath {
 
 // One line per family, in kCpuKernelFamilies' order.
 constexpr FamilyPath kTable[] = {
-    // attention/attention_cpu.cpp attention_{fwd,bwd}_cpu: bfloat16 on AMX tiles where
-    // allowed; with_best_ops otherwise: float64 scalar; AVX-512, AVX2 tiles.
+    // attention/attention_cpu.cpp attention_{fwd,bwd}_cpu: bfloat16 (AMX-BF16) and float16
+    // (AMX-FP16) on AMX tiles where allowed; with_best_ops otherwise: float64 scalar;
+    // AVX-512, AVX2 tiles.
     {"attention",
      [](DType d) {
        if (d == DType::kBFloat16 && cpu_amx()) return kAmxBf16;
+       if (d == DType::kFloat16 && cpu_amx_fp16()) return kAmxFp16;
        return is_f64(d) ? kScalar : vector_path(true);
      }},
     // norm/norm_cpu.cpp norm_{fwd,bwd}_typed (layer_norm, rms_norm, add_*): AVX-512 for the

@@ -13,7 +13,7 @@ The contenders compute the same thing:
                  benchmarked (the per-row logsumexp it keeps for the backward is part of
                  its cost, as it is of torch's flash kernel);
   torch eager    F.scaled_dot_product_attention(q, k, v, is_causal=...), torch picking its
-                 own kernel (on the CPU: its flash-attention kernel for float32 and bfloat16);
+                 own kernel (on the CPU: its flash-attention kernel for float32, bfloat16, float16);
   torch.compile  the same SDPA call through inductor (static shapes, compiled once per case;
                  compilation and its first call are not timed).
   sdpa[flash],   CUDA only: the same SDPA call forced onto one backend
@@ -105,12 +105,14 @@ KERNEL_FAMILY = "attention"
 MODES = ("fwd", "fwd+bwd")
 MASKS = ("full", "causal")
 # (B, H, T, D), the issue's shapes
-SHAPES = ((2, 8, 1024, 64), (1, 8, 4096, 64))
+SHAPES = ((2, 8, 1024, 64), (1, 8, 4096, 64), (1, 8, 4096, 128))
 QUICK_SHAPES = ((1, 2, 256, 64),)
 # (B, H, T, D) and Hkv: LLaMA-3-8B's attention at T = 4096, grouped-query (8 key/value heads)
 LLAMA3_8B_SHAPES = ((1, 32, 4096, 128),)
 LLAMA3_8B_KV_HEADS = 8
 DTYPES = (torch.float32, torch.bfloat16)
+# the default shapes add float16 (on the CPU: fastllm's AMX-FP16 path where the CPU has it)
+DEFAULT_DTYPES = (*DTYPES, torch.float16)
 
 BACKWARD_FLOPS_FACTOR = 2.5  # backward FLOPs / forward FLOPs (see the module docstring)
 
@@ -306,11 +308,13 @@ def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
     (``fastllm.bench.common.SHAPE_SETS``): "llama3-8b" the LLaMA-3-8B ones instead
     (grouped-query, no masked cases), "all" both. The cases do not depend on ``device``."""
     with_default, with_llama = shape_sets(shapes)
-    picked = [(shape, None) for shape in (QUICK_SHAPES if quick else SHAPES) if with_default]
-    picked += [(shape, LLAMA3_8B_KV_HEADS) for shape in LLAMA3_8B_SHAPES if with_llama]
+    picked = [(shape, None, DEFAULT_DTYPES) for shape in (QUICK_SHAPES if quick else SHAPES)
+              if with_default]
+    picked += [(shape, LLAMA3_8B_KV_HEADS, DTYPES) for shape in LLAMA3_8B_SHAPES if with_llama]
     return [
         AttentionCase(mask, mode, shape, dtype, kv_heads=kv_heads)
-        for (shape, kv_heads), dtype, mask, mode in itertools.product(picked, DTYPES, MASKS, MODES)
+        for shape, kv_heads, dtypes in picked
+        for dtype, mask, mode in itertools.product(dtypes, MASKS, MODES)
     ] + (masked_cases(quick) if with_default else [])
 
 

@@ -8,6 +8,12 @@ Timing rule (every family, every contender, the same):
     ``min_time_s`` seconds have been measured (or ``max_repeats`` calls); the reported
     time is the median call. A case whose calls take a second still gets ``min_repeats``
     calls: nothing is cut short silently, the budget is set per case by these numbers.
+  * the contenders of one case are timed in alternation (``time_interleaved``): one call
+    of each in turn, round after round, each until its own rule above is met. On a
+    machine whose speed drifts (a shared host, a neighbour's load, clock changes) every
+    contender then samples the same slow and fast spells, so their ratio holds even
+    where the absolute times move; timed one after the other, a spell that hit only one
+    of them would show up as a speed-up or a slow-down that is not there.
   * CPU calls are timed with ``time.perf_counter``; CUDA calls with CUDA events, so a GPU
     number is only ever a GPU measurement. The garbage collector is off while timing.
   * Caches are not flushed between calls: a norm's input is usually what the previous op
@@ -42,7 +48,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -173,26 +179,39 @@ def _call_seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def time_callable(
-    fn: Callable[[], object], device: torch.device, budget: TimingBudget, warmed_up_s: float = 0.0
-) -> Timing:
-    """Median seconds per call of ``fn`` under the timing rule of this module.
-    ``warmed_up_s``: seconds the caller already spent calling ``fn`` (counts as warm-up)."""
+def time_interleaved(
+    calls: Sequence[Callable[[], object]], device: torch.device, budget: TimingBudget
+) -> list[Union[Timing, Exception]]:
+    """Times already warmed-up ``calls`` (one per contender of a case) in alternation: each
+    round calls every contender that still needs samples once, until each has the samples
+    the module's timing rule asks for (``budget``). Returns per call its Timing, or the exception its
+    call raised (that contender then leaves the rounds; the others go on)."""
+    samples: list[list[float]] = [[] for _ in calls]
+    failed: dict[int, Exception] = {}
+
+    def needs_more(i: int) -> bool:
+        taken = samples[i]
+        return i not in failed and len(taken) < budget.max_repeats and (
+            len(taken) < budget.min_repeats or sum(taken) < budget.min_time_s)
+
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        warm = warmed_up_s if warmed_up_s > 0 else _call_seconds(fn, device)
-        while warm < budget.warmup_s:
-            warm += _call_seconds(fn, device)
-        samples: list[float] = []
-        while len(samples) < budget.max_repeats and (
-            len(samples) < budget.min_repeats or sum(samples) < budget.min_time_s
-        ):
-            samples.append(_call_seconds(fn, device))
+        while True:
+            pending = [i for i in range(len(calls)) if needs_more(i)]
+            if not pending:
+                break
+            for i in pending:
+                try:
+                    samples[i].append(_call_seconds(calls[i], device))
+                except Exception as exc:  # recorded for that contender; the others go on
+                    failed[i] = exc
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Timing(median_s=statistics.median(samples), repeats=len(samples))
+    return [failed[i] if i in failed else
+            Timing(median_s=statistics.median(samples[i]), repeats=len(samples[i]))
+            for i in range(len(calls))]
 
 
 def compile_once(fn: Callable) -> Callable:
@@ -302,7 +321,18 @@ CPU_ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx2": ("avx2", "fma", "f16c"),
     "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"),
     "amx": ("amx_tile", "amx_bf16"),
+    "amx_fp16": ("amx_tile", "amx_bf16", "amx_fp16"),
 }
+
+
+def _cpu_has_amx_fp16() -> bool:
+    """AMX-FP16 by torch's own CPUID check (``torch.cpu._is_amx_fp16_supported``): Linux
+    kernels before 6.4 leave ``amx_fp16`` out of /proc/cpuinfo on CPUs that have it."""
+    check = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # a torch build without the check's CPU support
+        return False
 
 
 def cpu_isa_features() -> Optional[dict[str, bool]]:
@@ -314,6 +344,8 @@ def cpu_isa_features() -> Optional[dict[str, bool]]:
             for line in cpuinfo:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
+                    if "amx_tile" in flags and _cpu_has_amx_fp16():
+                        flags.add("amx_fp16")
                     return {isa: all(f in flags for f in need) for isa, need in CPU_ISA_FLAGS.items()}
     except OSError:
         pass
@@ -445,7 +477,7 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> tuple[str
 def fastllm_path(kernel_family: str, dtype: torch.dtype, device: torch.device, backend: str) -> str:
     """What fastllm's row of a case ran: on the native backend's CPU kernels the instruction
     set path of ``kernel_family`` for ``dtype`` (``fastllm.backend.cpu_kernel_path``:
-    "amx-bf16", "avx512", "avx2", "scalar"); otherwise the implementation the family's
+    "amx-bf16", "amx-fp16", "avx512", "avx2", "scalar"); otherwise the implementation the family's
     backend choice (``OpFamily.select``) takes for such a tensor: "cuda", "triton" or
     "reference"."""
     from fastllm.backend import cpu_kernel_path
@@ -793,6 +825,19 @@ def run_cases(
             if progress.disable:  # no terminal: progress goes to the log
                 logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
             inputs = case.make_inputs(device)
+            # Each contender is built, measured for peak memory (its first call) and warmed
+            # up in turn; then all of them are timed in alternation (time_interleaved).
+            warmed: list[tuple[Result, Callable[[], None]]] = []
+
+            def record_error(result: Result, contender: str, exc: Exception) -> None:
+                if isinstance(exc, NotImplementedError):  # a backend without the feature: n/a
+                    logger.warning("%s %s: %s n/a: %s", family, case.id, contender, exc)
+                    result.error = f"{NOT_AVAILABLE} {exc}".splitlines()[0][:120]
+                else:  # reported in the table and the exit status
+                    logger.error("%s %s: %s failed", family, case.id, contender,
+                                 exc_info=(type(exc), exc, exc.__traceback__))
+                    result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+
             # a case may name its own contenders (e.g. a peer library that only it has)
             for contender in selected(case):
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
@@ -808,20 +853,24 @@ def run_cases(
                     call = case.build(contender, inputs, backend, device)
                     begin = time.perf_counter()
                     result.peak_memory_bytes = peak_memory_bytes(call, device)  # 1st warm-up call
-                    timing = time_callable(
-                        call, device, budget, warmed_up_s=time.perf_counter() - begin
-                    )
-                    result.time_s, result.repeats = timing.median_s, timing.repeats
-                except NotImplementedError as exc:  # a backend without the feature: n/a
-                    logger.warning("%s %s: %s n/a: %s", family, case.id, contender, exc)
-                    result.error = f"{NOT_AVAILABLE} {exc}".splitlines()[0][:120]
-                except Exception as exc:  # reported in the table and the exit status
-                    logger.exception("%s %s: %s failed", family, case.id, contender)
-                    result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+                    warm = time.perf_counter() - begin
+                    while warm < budget.warmup_s:
+                        warm += _call_seconds(call, device)
+                    warmed.append((result, call))
+                except Exception as exc:
+                    record_error(result, contender, exc)
                 finally:
-                    call = None  # free the compiled graph and its buffers before the next
+                    call = None
                 results.append(result)
+            timings = time_interleaved([call for _, call in warmed], device, budget)
+            for (result, _), timing in zip(warmed, timings):
+                if isinstance(timing, Exception):
+                    record_error(result, result.contender, timing)
+                else:
+                    result.time_s, result.repeats = timing.median_s, timing.repeats
                 progress.update()
+            progress.update(len(selected(case)) - len(warmed))
+            warmed = timings = None  # free the compiled graphs and their buffers
             del inputs
     fill_ratios(results)
     return results

@@ -625,6 +625,7 @@ TEST_CASE(attention_backward_schemes) {
     omp_set_num_threads(n);
     run_all_cases<float>();
     run_all_cases<BFloat16>();
+    run_all_cases<Half>();
   }
   omp_set_num_threads(threads);
 }
@@ -637,7 +638,8 @@ bool same_bits(const A& a, const A& b) {
 // Every tile is computed by one thread in a fixed order, so the results do not depend on the
 // number of threads, bit for bit (dk / dv of a GQA group included). One thread runs the
 // single-pass backward, three threads the two-pass one here: their bits agree too.
-// bfloat16 runs the AMX path where the CPU has it (its own tiles and backward schemes).
+// bfloat16 (float16) runs the AMX path where the CPU has AMX-BF16 (AMX-FP16): its own tiles
+// and backward schemes.
 template <class T>
 void check_bitwise_same_for_any_thread_count(const char* dtype) {
   const Case cases[] = {{2, 200, 170, 4, 2, 64, true, -1, -1, kC}, kAllFeatures, kMaskCases[1],
@@ -662,6 +664,7 @@ void check_bitwise_same_for_any_thread_count(const char* dtype) {
 TEST_CASE(attention_bitwise_same_for_any_thread_count) {
   check_bitwise_same_for_any_thread_count<float>("float32");
   check_bitwise_same_for_any_thread_count<BFloat16>("bfloat16");
+  check_bitwise_same_for_any_thread_count<Half>("float16");
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -690,17 +693,26 @@ TEST_CASE(attention_amx_restores_tile_configuration) {
   theirs[49] = 16;
   const uint8_t none[64] = {};
   for (const bool configured : {true, false}) {
-    if (configured) {
-      load_tile_config(theirs);
-    } else {
-      release_tiles();
+    // bfloat16 on AMX-BF16; float16 on AMX-FP16 where the CPU has it (else its AVX-512 path,
+    // which must leave the tiles alone too).
+    for (const bool half : {false, true}) {
+      if (configured) {
+        load_tile_config(theirs);
+      } else {
+        release_tiles();
+      }
+      if (half) {
+        run_kernels<Half>(kAllFeatures);
+      } else {
+        run_kernels<BFloat16>(kAllFeatures);
+      }
+      alignas(64) uint8_t after[64];
+      store_tile_config(after);
+      CHECK(std::memcmp(after, configured ? theirs : none, 64) == 0,
+            "%s: tile configuration %s after attention (palette %d)",
+            half ? "float16" : "bfloat16", configured ? "not restored" : "not released",
+            after[0]);
     }
-    run_kernels<BFloat16>(kAllFeatures);
-    alignas(64) uint8_t after[64];
-    store_tile_config(after);
-    CHECK(std::memcmp(after, configured ? theirs : none, 64) == 0,
-          "tile configuration %s after attention (palette %d)",
-          configured ? "not restored" : "not released", after[0]);
   }
   release_tiles();
   omp_set_num_threads(threads);

@@ -58,13 +58,15 @@
 //     No atomics, no per-thread dq copies. Keys stored past seqused_k get dk = dv = 0.
 //   - Four instruction paths, chosen at run time (common/cpu_features.h): AVX-512
 //     (attention_cpu_avx512.h) and AVX2/FMA for the float acc type, a portable scalar path
-//     (also the float64 path), and for bfloat16 on CPUs with AMX-BF16 the AMX path (its own
-//     section below, attention_cpu_amx.h): tiles packed as bfloat16, the products on the
-//     AMX tile unit, p and ds rounded to bfloat16 before theirs (as FlashAttention and torch's
-//     CPU kernel do), everything else float32. Elsewhere bfloat16 / float16 inputs are
-//     widened to fp32 tiles when packed and computed like float32 (fp32 products, no bf16
-//     rounding of p). float16 stays there on AMX machines too: AMX-BF16 has no float16
-//     products, and rounding float16 inputs to bfloat16 would lose 3 bits torch keeps.
+//     (also the float64 path), and for bfloat16 on CPUs with AMX-BF16 (float16 on CPUs with
+//     AMX-FP16 as well: Granite Rapids and later) the AMX path (its own section below,
+//     attention_cpu_amx.h): tiles packed as stored, the products on the AMX tile unit, p and
+//     ds rounded to the input's type before theirs (as FlashAttention and torch's CPU kernel
+//     do), everything else float32. Elsewhere bfloat16 / float16 inputs are widened to fp32
+//     tiles when packed and computed like float32 (fp32 products, no rounding of p). float16
+//     stays there on AMX-BF16-only machines (Sapphire Rapids): rounding float16 inputs to
+//     bfloat16 would lose 3 bits torch keeps, and splitting them into two bfloat16 parts
+//     would triple the products.
 //     AVX512-BF16's vdpbf16ps (the bfloat16 path the issue asked for where AMX is absent)
 //     was measured and not shipped: 0.52 ns per instruction on the dev machine (Sapphire
 //     Rapids), 123 GFLOP/s against ~185 for two FMA ports, and 54 GFLOP/s in a 6 x 64

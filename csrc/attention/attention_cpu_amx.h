@@ -274,6 +274,34 @@ inline void pack_rows(const uint16_t* first, int64_t stride_t, int64_t stride_d,
   }
 }
 
+// In place: r[i] lane j <-> r[j] lane i, for 16 vectors of 16 32-bit units.
+FASTLLM_INLINE void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i a[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[4 g + c], 128-bit lane L: rows 4 g .. 4 g + 3 of column c + 4 L.
+  __m512i b[16];
+  for (int g = 0; g < 16; g += 4) {
+    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  // Column c + 4 L gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c].
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[c + 4] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[c + 8] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[c + 12] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
 // The transposed rows in pairs of columns: dst[(d / 2) * 2 cols + 2 r + d % 2] = src[r][d]
 // for d < Dk (a multiple of 32), r < cols (a multiple of 16): the B operand k^T (and v^T)
 // of a key tile, whose row pairs are pairs of adjacent elements of one key row.
@@ -281,19 +309,35 @@ inline void pack_column_pairs(const uint16_t* first, int64_t stride_t, int64_t s
                               int rows, int cols, int D, int Dk, uint16_t* dst) {
   const int64_t ld = 2 * static_cast<int64_t>(cols);
   std::memset(dst, 0, sizeof(uint16_t) * ld * (Dk / 2));
+  if (stride_d == 1) {
+    // The rows as 32-bit units (pairs of elements), transposed 16 x 16 at a time: units
+    // [u0, u0 + 16) of rows [r0, r0 + 16) become rows u0.. of 16 units from column r0 on.
+    // Units past D (half a pair at an odd D) and rows past `rows` load as zeros; dst has
+    // Dk / 2 (a multiple of 16) rows of cols (a multiple of 16) units.
+    const int units = (D + 1) / 2;
+    uint32_t* out32 = reinterpret_cast<uint32_t*>(dst);
+    for (int r0 = 0; r0 < rows; r0 += 16) {
+      for (int u0 = 0; u0 < units; u0 += 16) {
+        // 16-bit elements [2 u0, D) of each row, at most 32 of them.
+        const int elems = std::min(32, D - 2 * u0);
+        const __mmask32 live = elems == 32 ? ~__mmask32(0) : (__mmask32(1) << elems) - 1;
+        __m512i block[16];
+        for (int i = 0; i < 16; ++i) {
+          block[i] = r0 + i < rows
+                         ? _mm512_maskz_loadu_epi16(live, first + (r0 + i) * stride_t + 2 * u0)
+                         : _mm512_setzero_si512();
+        }
+        transpose_16x16_epi32(block);
+        for (int i = 0; i < 16; ++i) {
+          _mm512_storeu_si512(out32 + static_cast<int64_t>(u0 + i) * cols + r0, block[i]);
+        }
+      }
+    }
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     const uint16_t* in = first + r * stride_t;
-    if (stride_d == 1) {
-      uint32_t pair;
-      const int even = D / 2 * 2;
-      for (int d = 0; d < even; d += 2) {
-        std::memcpy(&pair, in + d, sizeof(pair));
-        std::memcpy(dst + (d / 2) * ld + 2 * r, &pair, sizeof(pair));
-      }
-      if (even < D) dst[(even / 2) * ld + 2 * r] = in[even];
-    } else {
-      for (int d = 0; d < D; ++d) dst[(d / 2) * ld + 2 * r + d % 2] = in[d * stride_d];
-    }
+    for (int d = 0; d < D; ++d) dst[(d / 2) * ld + 2 * r + d % 2] = in[d * stride_d];
   }
 }
 
@@ -303,6 +347,30 @@ inline void pack_row_pairs(const uint16_t* first, int64_t stride_t, int64_t stri
                            int rows_padded, int D, int Dn, uint16_t* dst) {
   const int64_t ld = 2 * static_cast<int64_t>(Dn);
   std::memset(dst, 0, sizeof(uint16_t) * ld * (rows_padded / 2));
+  if (stride_d == 1) {
+    // Rows r and r + 1 interleaved 16 elements at a time: words 2 i and 2 i + 1 of a store are
+    // element d + i of row r and of row r + 1 (zero past D, or past `rows`). Dn >= D rounded
+    // up to 16, so every store stays within its pair row.
+    const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                           40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                           32, 0);
+    for (int r = 0; r < rows; r += 2) {
+      const uint16_t* in0 = first + r * stride_t;
+      const uint16_t* in1 = r + 1 < rows ? in0 + stride_t : nullptr;
+      uint16_t* out = dst + (r / 2) * ld;
+      for (int d = 0; d < D; d += 16) {
+        const int n = std::min(16, D - d);
+        const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+        const __m256i a = _mm256_maskz_loadu_epi16(live, in0 + d);
+        const __m256i b = in1 == nullptr ? _mm256_setzero_si256()
+                                         : _mm256_maskz_loadu_epi16(live, in1 + d);
+        _mm512_storeu_si512(out + 2 * d,
+                            _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), order,
+                                                      _mm512_castsi256_si512(b)));
+      }
+    }
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     const uint16_t* in = first + r * stride_t;
     uint16_t* out = dst + (r / 2) * ld + r % 2;

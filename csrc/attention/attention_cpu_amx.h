@@ -27,7 +27,8 @@
 // attention do.
 //
 // Tile registers (one configuration, loaded per thread by TileScope): two sets of 2 C tiles,
-// an A tile and a B tile each (gemm).
+// an A tile and a B tile each (gemm's jobs); the K = 128 score products use tiles 4-7 for A,
+// 0-1 for C and 2-3 for B instead.
 //
 // Shapes: M (rows of C) a multiple of 16, N a multiple of 16, K a multiple of 32; the packs
 // zero-fill their padding so that it adds nothing.
@@ -146,7 +147,7 @@ FASTLLM_AMX_GEMM_JOB(gemm_half_job_set1_fp16, 2, 3, 5, 7, false, FASTLLM_AMX_TDP
 // C = A B for K = 128 (a head dim of 128: the score products q k^T and dout v^T), one 16-row
 // strip at a time with its whole A in tiles 4-7 while the strip's C tiles (0 and 1) and B
 // tiles (2 and 3) stream past: each A tile is loaded once per strip instead of once per
-// 32 columns. Measured on Sapphire Rapids-class cores (one thread, 128 x 128 score tiles,
+// 32 columns. Measured on a Granite Rapids-class core (one thread, 128 x 128 score tiles,
 // min of 40 runs): ~690 GFLOP/s against ~490 for the jobs above, which reload A per job.
 // (At K = 64 the same scheme gained ~5 %, at the p v products nothing: they keep the jobs.)
 #define FASTLLM_AMX_SCORES_K128(NAME, DOT)                                                  \

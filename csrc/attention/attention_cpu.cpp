@@ -1344,16 +1344,16 @@ void attention_fwd_amx(const FwdParams& p) {
           if (rows.count() > 0) {
             const int lo = rows.first / 16 * 16, hi = round_up(rows.last, 16);
             amx::gemm<T>(hi - lo, kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt0, 2 * kBlockK,
-                      s_tile.data() + lo * Ns, Ns, false);
+                         s_tile.data() + lo * Ns, Ns, false);
             amx::gemm<T>(hi - lo, Ns - kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt1, 2 * kBlockK,
-                      s_tile.data() + lo * Ns + kBlockK, Ns, false);
+                         s_tile.data() + lo * Ns + kBlockK, Ns, false);
             amx::online_softmax_to_p<T>(s_tile.data(), Ns, lo, hi, rows.first, rows.last, begin,
                                         end, scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
                                         p_tile.data(), 2 * kBlockK,
                                         bias_rows == nullptr ? nullptr : bias_rows + j0,
                                         mods.bias_stride_q, nk);
-            amx::gemm<T>(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK, v0,
-                      2 * Dk, o_tile.data() + lo * Dk, Dk, true);
+            amx::gemm<T>(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK,
+                         v0, 2 * Dk, o_tile.data() + lo * Dk, Dk, true);
           }
           j0 += kBlockK;
           continue;
@@ -1370,7 +1370,7 @@ void attention_fwd_amx(const FwdParams& p) {
         const int ns = std::min(nk, Ns);
         float* s = s_tile.data() + r0 * Ns;
         amx::gemm<T>(hi - lo, Ns, Dk, q_tile.data() + lo * Dk, Dk, kt_tile, 2 * kBlockK,
-                  s_tile.data() + lo * Ns, Ns, false);
+                     s_tile.data() + lo * Ns, Ns, false);
         if (plain && key_tile.mask == nullptr) {
           amx::online_softmax_to_p<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, begin, end,
                                       scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
@@ -1378,7 +1378,7 @@ void attention_fwd_amx(const FwdParams& p) {
                                       bias_rows == nullptr ? nullptr : bias_rows + j0,
                                       mods.bias_stride_q, ns);
           amx::gemm<T>(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
-                    o_tile.data() + lo * Dk, Dk, true);
+                       o_tile.data() + lo * Dk, Dk, true);
           continue;
         }
         amx::scale_scores(s_tile.data(), Ns, r0, rows.last, scale);
@@ -1392,9 +1392,9 @@ void attention_fwd_amx(const FwdParams& p) {
           mods.template drop<Ops>(s, rows.count(), Ns, ns, row_keys + r0, col_keys);
         }
         amx::convert_rows<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK, p_tile.data(),
-                          kBlockK);
+                             kBlockK);
         amx::gemm<T>(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
-                  o_tile.data() + lo * Dk, Dk, true);
+                     o_tile.data() + lo * Dk, Dk, true);
       }
       store_query_tile(p, b, h, i0, mq, m.data(), l.data(), o_tile.data(), Dk, out);
     }
@@ -1521,10 +1521,10 @@ struct AmxBwdThread {
             key_tile.mask == nullptr;
     if (fused) {  // no feature modifies the scores: p and ds go straight to their operands
       amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
-                false);
+                   false);
       amx::softmax_grad_to_operands<T>(s.data(), dp.data(), Ns, lo, hi, r0, rows.last, begin, end,
-                                static_cast<float>(in.scale), lse, delta, ds_rows.data(),
-                                kBlockK, p_pairs.data(), ds_pairs.data());
+                                       static_cast<float>(in.scale), lse, delta, ds_rows.data(),
+                                       kBlockK, p_pairs.data(), ds_pairs.data());
       return rows;
     }
     amx::scale_scores(s.data(), Ns, r0, rows.last, static_cast<float>(in.scale));
@@ -1532,7 +1532,7 @@ struct AmxBwdThread {
     mods.template add_bias<T>(sr, rows.count(), Ns, ns, i0 + r0, j0);
     key_tile.mask_scores(sr, rows.count(), Ns, ns);
     amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
-              false);
+                 false);
     if (mods.dropout) mods.template drop<Ops>(dpr, rows.count(), Ns, ns, row_keys + r0, col_keys);
     Ops::softmax_grad(sr, dpr, rows.count(), Ns, begin + r0, end + r0, lse + r0, delta + r0);
     finish_ds(dpr, dcapr, rows.count(), Ns, ns,
@@ -1554,9 +1554,9 @@ struct AmxBwdThread {
       amx::convert_row_pairs<T>(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
     }
     amx::gemm<T>(Dk, Ns, hi - lo, doutt + lo, kBlockQ, p_pairs.data() + lo * Ns, 2 * Ns, dvt_tile,
-              kBlockK, true);
+                 kBlockK, true);
     amx::gemm<T>(Dk, Ns, hi - lo, qt + lo, kBlockQ, ds_pairs.data() + lo * Ns, 2 * Ns, dkt_tile,
-              kBlockK, true);
+                 kBlockK, true);
   }
 
   // BwdThread::dq_tile on AMX: dq of query tile [i0, i0 + kBlockQ) of head h against every key
@@ -1591,10 +1591,10 @@ struct AmxBwdThread {
       if (rows.count() == 0) continue;
       if (!fused) {
         amx::convert_rows<T>(dp.data(), Ns, lo, hi, rows.first, rows.last, Ns, kBlockK,
-                          ds_rows.data(), kBlockK);
+                             ds_rows.data(), kBlockK);
       }
       amx::gemm<T>(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, kp, 2 * Dk,
-                dq.data() + lo * Dk, Dk, true);
+                   dq.data() + lo * Dk, Dk, true);
       per_key_tile(rows, lo, hi, j0, nk, Ns);
     }
     store_rows(dq.data(), Dk, mq, in.D, in.scale, in.dq, b, i0, h);

@@ -342,6 +342,15 @@ inline void pack_column_pairs(const uint16_t* first, int64_t stride_t, int64_t s
   }
 }
 
+// 32 words -- 0-15 from row r, 16-31 from row r + 1 (e.g. to_words(row r, row r + 1)) -- in
+// pairs of rows: word 2 c is row r's column c, word 2 c + 1 row r + 1's.
+FASTLLM_INLINE __m512i interleave_row_pair(__m512i rows) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  return _mm512_permutexvar_epi16(order, rows);
+}
+
 // In pairs of rows: dst[(r / 2) * 2 Dn + 2 d + r % 2] = src[r][d] for r < rows_padded (even),
 // d < Dn: the B operand v (and k) of a key tile, keys along K.
 inline void pack_row_pairs(const uint16_t* first, int64_t stride_t, int64_t stride_d, int rows,
@@ -352,9 +361,6 @@ inline void pack_row_pairs(const uint16_t* first, int64_t stride_t, int64_t stri
     // Rows r and r + 1 interleaved 16 elements at a time: words 2 i and 2 i + 1 of a store are
     // element d + i of row r and of row r + 1 (zero past D, or past `rows`). Dn >= D rounded
     // up to 16, so every store stays within its pair row.
-    const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                           40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                           32, 0);
     for (int r = 0; r < rows; r += 2) {
       const uint16_t* in0 = first + r * stride_t;
       const uint16_t* in1 = r + 1 < rows ? in0 + stride_t : nullptr;
@@ -365,9 +371,8 @@ inline void pack_row_pairs(const uint16_t* first, int64_t stride_t, int64_t stri
         const __m256i a = _mm256_maskz_loadu_epi16(live, in0 + d);
         const __m256i b = in1 == nullptr ? _mm256_setzero_si256()
                                          : _mm256_maskz_loadu_epi16(live, in1 + d);
-        _mm512_storeu_si512(out + 2 * d,
-                            _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), order,
-                                                      _mm512_castsi256_si512(b)));
+        _mm512_storeu_si512(
+            out + 2 * d, interleave_row_pair(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
       }
     }
     return;
@@ -434,20 +439,12 @@ inline void convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_l
                           to_words<E>(_mm512_loadu_ps(in + c), _mm512_loadu_ps(in + c + 16)));
     }
     if (c < N) {  // 16 left
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), to_words<E>(_mm512_loadu_ps(in + c)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c),
+                          to_words<E>(_mm512_loadu_ps(in + c)));
       c += 16;
     }
     if (c < K) std::memset(out + c, 0, sizeof(uint16_t) * (K - c));
   }
-}
-
-// The 32 words of to_words(row r, row r + 1) -- words 0-15 from row r, 16-31 from row r + 1 --
-// in pairs of rows: word 2 c is row r's column c, word 2 c + 1 row r + 1's.
-FASTLLM_INLINE __m512i interleave_row_pair(__m512i rows) {
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                         16, 0);
-  return _mm512_permutexvar_epi16(order, rows);
 }
 
 // In pairs of rows: dst[(r / 2) * 2 N + 2 c + r % 2] = E(X[r * ldx + c]) for rows [lo, hi)
@@ -515,11 +512,10 @@ FASTLLM_INLINE __m512 exp2_p(__m512 t) {
 // scale S + bias, as ScoreMods::add_bias adds it: row r's at bias + r * bias_ld, of which the
 // first nb columns exist (the rest are masked keys; never read).
 template <class E>
-inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_lo,
-                                   int live_hi, const int* begin, const int* end, float scale,
-                                   float* m, float* l, float* O, int64_t ldo, int Dp, uint16_t* P,
-                                   int64_t ldp, const uint16_t* bias = nullptr,
-                                   int64_t bias_ld = 0, int nb = 0) {
+inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_lo, int live_hi,
+                                const int* begin, const int* end, float scale, float* m, float* l,
+                                float* O, int64_t ldo, int Dp, uint16_t* P, int64_t ldp,
+                                const uint16_t* bias = nullptr, int64_t bias_ld = 0, int nb = 0) {
   constexpr float kMaxGrowth = 8.0f;  // see avx512::Ops::online_softmax_row
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -629,10 +625,10 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
 // live_hi), without allowed keys or with lse = -inf (no key at all) get p = ds = 0.
 template <class E>
 inline void softmax_grad_to_operands(const float* S, const float* dP, int N, int lo, int hi,
-                                 int live_lo, int live_hi, const int* begin, const int* end,
-                                 float scale, const float* lse, const float* delta,
-                                 uint16_t* ds_rows, int64_t ld_rows, uint16_t* p_pairs,
-                                 uint16_t* ds_pairs) {
+                                     int live_lo, int live_hi, const int* begin, const int* end,
+                                     float scale, const float* lse, const float* delta,
+                                     uint16_t* ds_rows, int64_t ld_rows, uint16_t* p_pairs,
+                                     uint16_t* ds_pairs) {
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
   const int64_t ld_pairs = 2 * static_cast<int64_t>(N);

@@ -184,8 +184,8 @@ def time_interleaved(
 ) -> list[Union[Timing, Exception]]:
     """Times already warmed-up ``calls`` (one per contender of a case) in alternation: each
     round calls every contender that still needs samples once, until each has the samples
-    the module's timing rule asks for (``budget``). Returns per call its Timing, or the exception its
-    call raised (that contender then leaves the rounds; the others go on)."""
+    the module's timing rule asks for (``budget``). Returns per call its Timing, or the
+    exception its call raised (that contender then leaves the rounds; the others go on)."""
     samples: list[list[float]] = [[] for _ in calls]
     failed: dict[int, Exception] = {}
 
@@ -336,9 +336,10 @@ def _cpu_has_amx_fp16() -> bool:
 
 
 def cpu_isa_features() -> Optional[dict[str, bool]]:
-    """Which of ``CPU_ISA_FLAGS``' groups this CPU has (from /proc/cpuinfo's flags); None
-    where /proc/cpuinfo cannot be read. What the hardware offers: a path also needs the OS's
-    support and ``FASTLLM_CPU_ISA``'s leave, which ``fastllm_path`` reports per row."""
+    """Which of ``CPU_ISA_FLAGS``' groups this CPU has (from /proc/cpuinfo's flags, and
+    torch's CPUID check for amx_fp16: ``_cpu_has_amx_fp16``); None where /proc/cpuinfo cannot
+    be read. What the hardware offers: a path also needs the OS's support and
+    ``FASTLLM_CPU_ISA``'s leave, which ``fastllm_path`` reports per row."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -815,6 +816,15 @@ def run_cases(
         return [c for c in case.contenders_on(device)
                 if contenders is None or any(fnmatch.fnmatchcase(c, p) for p in contenders)]
 
+    def record_error(result: Result, exc: Exception) -> None:
+        if isinstance(exc, NotImplementedError):  # a backend without the feature: n/a
+            logger.warning("%s %s: %s n/a: %s", family, result.case, result.contender, exc)
+            result.error = f"{NOT_AVAILABLE} {exc}".splitlines()[0][:120]
+        else:  # reported in the table and the exit status
+            logger.error("%s %s: %s failed", family, result.case, result.contender,
+                         exc_info=(type(exc), exc, exc.__traceback__))
+            result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+
     progress = tqdm(
         total=sum(len(selected(c)) for c in cases),
         desc=f"bench {family} (THP {thp})",
@@ -828,18 +838,9 @@ def run_cases(
             # Each contender is built, measured for peak memory (its first call) and warmed
             # up in turn; then all of them are timed in alternation (time_interleaved).
             warmed: list[tuple[Result, Callable[[], None]]] = []
-
-            def record_error(result: Result, contender: str, exc: Exception) -> None:
-                if isinstance(exc, NotImplementedError):  # a backend without the feature: n/a
-                    logger.warning("%s %s: %s n/a: %s", family, case.id, contender, exc)
-                    result.error = f"{NOT_AVAILABLE} {exc}".splitlines()[0][:120]
-                else:  # reported in the table and the exit status
-                    logger.error("%s %s: %s failed", family, case.id, contender,
-                                 exc_info=(type(exc), exc, exc.__traceback__))
-                    result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
-
             # a case may name its own contenders (e.g. a peer library that only it has)
-            for contender in selected(case):
+            names = selected(case)
+            for contender in names:
                 progress.set_postfix_str(f"{case.id} {contender}", refresh=True)
                 result = Result.of(
                     family, case, contender, backend=backend, device=str(device), thp=thp,
@@ -858,18 +859,18 @@ def run_cases(
                         warm += _call_seconds(call, device)
                     warmed.append((result, call))
                 except Exception as exc:
-                    record_error(result, contender, exc)
+                    record_error(result, exc)
                 finally:
                     call = None
                 results.append(result)
             timings = time_interleaved([call for _, call in warmed], device, budget)
             for (result, _), timing in zip(warmed, timings):
                 if isinstance(timing, Exception):
-                    record_error(result, result.contender, timing)
+                    record_error(result, timing)
                 else:
                     result.time_s, result.repeats = timing.median_s, timing.repeats
                 progress.update()
-            progress.update(len(selected(case)) - len(warmed))
+            progress.update(len(names) - len(warmed))
             warmed = timings = None  # free the compiled graphs and their buffers
             del inputs
     fill_ratios(results)

@@ -31,7 +31,11 @@
     "-> Tensor grad_logits")                                                              \
   X("cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, "      \
     "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, " \
-    "float softcap) -> ()")
+    "float softcap) -> ()")                                                               \
+  /* CPU only: the in-place backward of a block of classes (cross_entropy.h, BwdParams) */ \
+  X("cross_entropy_bwd_block_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, " \
+    "Tensor? weight, Tensor lse, Tensor? lse_split, int class_offset, int num_classes, "  \
+    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> ()")
 
 // q (B, Tq, H, D) / k, v (B, Tk, Hkv, D), or packed (total, heads, D) with cu_seqlens; see
 // csrc/attention/attention.h for the math and csrc/attention/attention_glue.h for the checks.

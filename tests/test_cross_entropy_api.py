@@ -91,16 +91,16 @@ def test_linear_cross_entropy_equals_unfused(backend, reduction, chunk_size):
     check_linear(48, 24, 301, torch.float32, chunk_size, reduction=reduction)
 
 
-@pytest.mark.parametrize(
-    "features",
-    [
-        {"label_smoothing": 0.1},
-        {"weighted": True, "label_smoothing": 0.2},
-        {"z_loss": 1e-2, "softcap": 4.0},
-        {"ignore_index": 3},
-    ],
-    ids=["smoothing", "weight_smoothing", "z_loss_softcap", "ignore_index_3"],
-)
+# linear_cross_entropy's option sets, by id
+LINEAR_FEATURES = {
+    "smoothing": {"label_smoothing": 0.1},
+    "weight_smoothing": {"weighted": True, "label_smoothing": 0.2},
+    "z_loss_softcap": {"z_loss": 1e-2, "softcap": 4.0},
+    "ignore_index_3": {"ignore_index": 3},
+}
+
+
+@pytest.mark.parametrize("features", list(LINEAR_FEATURES.values()), ids=list(LINEAR_FEATURES))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy_features(backend, reduction, features):
     check_linear(29, 16, 257, torch.float32, 8, bias=False, reduction=reduction, **dict(features))
@@ -132,6 +132,142 @@ def test_linear_cross_entropy_every_row_ignored(backend):
     assert torch.isnan(loss)
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+# ------------------------------- class-blocked dW (bfloat16 / float16 on the CPU kernels)
+
+
+@pytest.fixture
+def class_blocks(monkeypatch):
+    """Blocks of 37 classes (dividing none of the vocabularies below) for the class sweep of
+    linear_cross_entropy (fastllm/ops/linear_cross_entropy.py, _class_blocked), and a list
+    that records each sweep run."""
+    from fastllm.ops import linear_cross_entropy as lce
+
+    sweeps = []
+    original = lce._ChunkedLinear.class_sweep
+
+    def recording(self, *args):
+        sweeps.append(self.class_sweep_needs)
+        return original(self, *args)
+
+    monkeypatch.setattr(lce, "default_class_block", lambda rows, hidden, vocab: 37)
+    monkeypatch.setattr(lce._ChunkedLinear, "class_sweep", recording)
+    return sweeps
+
+
+@pytest.mark.parametrize("features", [{}, *LINEAR_FEATURES.values()],
+                         ids=["plain", *LINEAR_FEATURES])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_class_blocked(backend, class_blocks, dtype, reduction, features):
+    """bfloat16 / float16 on the CPU kernels: dW and db by blocks of classes, each a GEMM
+    over all rows from the rows' lse, within 2x torch's error like the row chunks."""
+    check_linear(29, 16, 257, dtype, 8, reduction=reduction, **dict(features))
+    assert class_blocks == [(True, True)], "the class sweep did not run (once, for dW and db)"
+
+
+def test_linear_cross_entropy_class_blocked_large_lse(backend, class_blocks):
+    """Rows with |lse| >= 256 take an exact (max, log-sum) split recomputed over the whole row
+    (_lse_split): the float16 gradients equal the row-chunk scheme's, whose kernel recomputes
+    it from the row itself, within an ulp."""
+    from fastllm.ops import linear_cross_entropy as lce
+
+    torch.manual_seed(0)
+    x = torch.randn(21, 16).to(torch.float16)
+    w = (torch.randn(150, 16) / 4).to(torch.float16)
+    # lse near +-30000: its float32 rounding (2^-24 |lse|, 4 float16 ulps of p) would show
+    b = torch.full((150,), 30000.0).to(torch.float16)
+    b[::3] = -30000.0
+    t = torch.randint(0, 150, (21,))
+    grads = {}
+    for blocked in (True, False):
+        leaves = [p.clone().requires_grad_(True) for p in (x, w, b)]
+        with pytest.MonkeyPatch.context() as mp:
+            if not blocked:
+                mp.setattr(lce, "_class_blocked", lambda *args: False)
+            loss = F.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2],
+                                          reduction="sum")
+            grads[blocked] = torch.autograd.grad(loss, leaves)
+    assert len(class_blocks) == 1
+    for name, ours, theirs in zip(("input", "weight", "bias"), grads[True], grads[False]):
+        torch.testing.assert_close(ours, theirs, rtol=2 ** -10, atol=0, msg=name)
+    split = lce._lse_split(x, w, b, torch.logsumexp(TF.linear(x, w, b).float(), -1), 0.0)
+    assert (split[:, 1] != 0).all(), "every row should take the recomputed split"
+
+
+BLOCK_OP_SCRIPT = """
+import itertools, os, torch
+import fastllm._C
+ops = torch.ops.fastllm
+torch.manual_seed(0)
+rows, vocab = 13, 301
+diffs = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for ls, z_loss, softcap, weighted in itertools.product((0.0, 0.1), (0.0, 1e-3), (0.0, 30.0),
+                                                          (False, True)):
+        x = (torch.randn(rows, vocab) * 3).to(dtype)
+        t = torch.randint(0, vocab, (rows,)); t[3] = -100
+        w = torch.rand(vocab, dtype=acc) + 0.5 if weighted else None
+        options = (-100, ls, z_loss, softcap)
+        _, lse, _ = ops.cross_entropy_fwd(x, t, w, *options)
+        g = torch.rand(rows, dtype=acc)
+        whole = x.clone()
+        ops.cross_entropy_bwd_inplace(g, whole, t, w, lse, *options)
+        blocked = torch.empty_like(x)
+        for v0 in range(0, vocab, 40):  # 40 does not divide 301
+            block = x[:, v0:v0 + 40].contiguous()
+            ops.cross_entropy_bwd_block_inplace(g, block, t, w, lse, None, v0, vocab, *options)
+            blocked[:, v0:v0 + 40] = block
+        assert torch.equal(blocked, whole), (dtype, ls, z_loss, softcap, weighted)
+        diffs.append(blocked)
+torch.save(diffs, os.environ["OUT"])
+print("ok")
+"""
+
+
+def test_block_backward_op_equals_the_whole_row_on_every_cpu_isa_path(backend, tmp_path):
+    """fastllm::cross_entropy_bwd_block_inplace over blocks of classes gives the whole row's
+    in-place backward bit for bit (every dtype and option set, a target in some block, an
+    ignored row), on every FASTLLM_CPU_ISA path, each in its own child."""
+    outputs_per_cpu_isa(BLOCK_OP_SCRIPT, tmp_path)
+
+
+def test_block_backward_op_errors(backend):
+    ops = torch.ops.fastllm
+    x = torch.randn(4, 10)
+    t = torch.tensor([0, 5, 19, -100])
+    lse = torch.zeros(4)
+    args = (torch.ones(4), x, t, None, lse)
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, num_classes\)"):
+        ops.cross_entropy_bwd_block_inplace(*args, None, 15, 20, -100, 0.0, 0.0, 0.0)
+    with pytest.raises(IndexError, match=r"target\[2\] = 19 is out of range for 12 classes"):
+        ops.cross_entropy_bwd_block_inplace(*args, None, 2, 12, -100, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[20\]"):
+        ops.cross_entropy_bwd_block_inplace(torch.ones(4), x, t, torch.ones(10), lse, None, 0,
+                                            20, -100, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"lse_split must have shape \[4, 2\]"):
+        ops.cross_entropy_bwd_block_inplace(*args, torch.zeros(4), 0, 20, -100, 0.0, 0.0, 0.0)
+
+
+def test_linear_cross_entropy_class_blocked_only_what_is_needed(backend, class_blocks):
+    """Only dW (input without grad): no row chunk gradient, dW from the sweep; only dX
+    (weight without grad): no sweep."""
+    x = torch.randn(11, 8).to(torch.bfloat16)
+    w = torch.randn(90, 8).to(torch.bfloat16)
+    t = torch.randint(0, 90, (11,))
+    ref_w, = torch.autograd.grad(TF.cross_entropy(TF.linear(x, w.requires_grad_(True)).float(),
+                                                  t), w)
+    for reduction in ("mean", "none"):
+        loss = F.linear_cross_entropy(x, w, t, reduction=reduction)
+        gw, = torch.autograd.grad(loss.float().mean(), w)
+        torch.testing.assert_close(gw.float(), ref_w.float(), rtol=0.02, atol=2e-3)
+    assert class_blocks == [(True, False), (True, False)]
+    w.requires_grad_(False)
+    x.requires_grad_(True)
+    F.linear_cross_entropy(x, w, t).backward()
+    assert x.grad is not None and len(class_blocks) == 2
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -1,6 +1,6 @@
 """linear_cross_entropy's peak memory on the CPU: forward+backward holds the gradients, one
-chunk of logits and small per-block buffers, never an (N, V) or a second (V, H) tensor
-(fastllm/ops/linear_cross_entropy.py, _ChunkedLinear). Measured as the benchmarks measure it
+chunk of logits and (bfloat16) the class blocks' buffers, never an (N, V) or a second (V, H)
+tensor (fastllm/ops/linear_cross_entropy.py, _ChunkedLinear). Measured as the benchmarks measure it
 (fastllm.bench.common.peak_memory_bytes: the peak resident set size over one call), in a
 fresh interpreter whose first call is not measured, so that one-time allocations (GEMM
 kernels, the allocator's first arenas) do not count."""
@@ -16,10 +16,11 @@ from tests.hostile import run_isolated
 MiB = 1 << 20
 ROWS, HIDDEN, VOCAB, CHUNK = 512, 1024, 8192, 128
 # dW is 8 (float32) or 4 (bfloat16) times the logits buffer here, so a second (V, H) tensor
-# (the bfloat16 dW product of a whole chunk, 16 MiB, as before) cannot hide in the slack;
+# (a float32 dW sum, 32 MiB, or a bfloat16 dW product, 16 MiB) cannot hide in the slack;
 # the slack covers the GEMM libraries' packing buffers (under 1 MiB measured here).
 SLACK = 4 * MiB
-DW_BLOCK = 1024  # fastllm.ops.linear_cross_entropy._LOW_PRECISION_DW_BLOCK, checked below
+# fastllm.ops.linear_cross_entropy.default_class_block(ROWS, HIDDEN, VOCAB), checked below
+CLASS_BLOCK = 4096
 
 _CHILD = f"""
 import json, torch
@@ -27,7 +28,7 @@ import fastllm.functional as F
 from fastllm.bench.common import peak_memory_bytes
 from fastllm.ops import linear_cross_entropy as lce
 torch.manual_seed(0)
-peaks = {{"dw_block": lce._LOW_PRECISION_DW_BLOCK}}
+peaks = {{"class_block": lce.default_class_block({ROWS}, {HIDDEN}, {VOCAB})}}
 for name in ("float32", "bfloat16"):
     dtype = getattr(torch, name)
     x = torch.randn({ROWS}, {HIDDEN}).to(dtype).requires_grad_()
@@ -62,19 +63,18 @@ def test_float32_peak_is_gradients_and_one_chunk(peaks):
     )
 
 
-def test_bfloat16_peak_has_no_chunk_sized_dw_product(peaks):
-    """The float32 dW sum, the bfloat16 dW (its conversion), dX, one chunk of logits and the
-    dW product's block buffers: the product is never a whole (V, H) tensor per chunk."""
-    assert peaks["dw_block"] == DW_BLOCK
+def test_bfloat16_peak_has_no_float32_dw_sum(peaks):
+    """bfloat16 on the CPU kernels takes the class-blocked dW (_class_blocked): dW, dX, the
+    row chunks' logits and the class blocks' two buffers (the chunk buffer here is smaller
+    than theirs, so they are a fresh workspace), never a float32 (V, H) sum (16 MiB more
+    here) or a (V, H) product."""
+    assert peaks["class_block"] == CLASS_BLOCK
     gradients = (VOCAB + ROWS) * HIDDEN * 2  # dW, dX
-    float32_sum = VOCAB * HIDDEN * 4
     logits_buffer = CHUNK * VOCAB * 2
-    # the block's product, its float32 widening (mixed-dtype add) and the transposed copy
-    block_buffers = DW_BLOCK * (HIDDEN * (2 + 4) + CHUNK * 2)
-    bound = gradients + float32_sum + logits_buffer + block_buffers + SLACK
+    block_buffers = 2 * ROWS * CLASS_BLOCK * 2  # the block's logits and their transpose
+    bound = gradients + logits_buffer + block_buffers + SLACK
     assert peaks["bfloat16"] <= bound, (
         f"bfloat16 fwd+bwd peak {peaks['bfloat16'] / MiB:.1f} MiB > dW + dX "
-        f"{gradients / MiB:.1f} + float32 dW sum {float32_sum / MiB:.1f} + one chunk of "
-        f"logits {logits_buffer / MiB:.1f} + dW block buffers {block_buffers / MiB:.1f} + "
-        f"slack {SLACK / MiB:.0f} MiB"
+        f"{gradients / MiB:.1f} + one chunk of logits {logits_buffer / MiB:.1f} + class "
+        f"block buffers {block_buffers / MiB:.1f} + slack {SLACK / MiB:.0f} MiB"
     )

@@ -77,6 +77,18 @@ struct BwdParams {
   double z_loss = 0.0;
   double softcap = 0.0;
   DType dtype = DType::kFloat32;
+  // A block of classes (CPU kernels only; linear cross-entropy's class-blocked backward,
+  // fastllm/ops/linear_cross_entropy.py): the `vocab` columns of this call are classes
+  // class_offset .. class_offset + vocab - 1 of num_classes (0: num_classes = vocab, the
+  // whole row). target and class_weight index all num_classes classes, a target outside the
+  // block has no column here, and the label-smoothing constants (W_s, 1 / V) are the whole
+  // row's. A block cannot recompute its row's log-sum-exp, so lse_split ((rows, 2) acc type:
+  // hi, lo with p_c = exp((z_c - hi) - lo)), when given, stands in for every row's
+  // (the caller recomputes the |lse| >= 256 rows over the whole row); without it a block
+  // takes hi = lse, lo = 0 for every row.
+  int64_t class_offset = 0;
+  int64_t num_classes = 0;
+  const void* lse_split = nullptr;
 };
 
 void cross_entropy_fwd_cpu(const FwdParams& p);

@@ -216,6 +216,54 @@ Acc target_grad(const Consts<Acc>& c, const GradCoefs<Acc>& k, Acc x_t, LseSplit
   return d;
 }
 
+// Backward's per-row set-up, shared by every path (cross_entropy.h's BwdParams, including a
+// block of classes): a row whose target is ignore_index is filled with 0, one whose target
+// is not a class with NaN; otherwise the row's lse split, the coefficients of dL/dz_c and,
+// when the target's column is in this call, its column and gradient (read here, before
+// the row is overwritten: dx may alias x).
+template <class Acc>
+struct BwdRow {
+  bool fill = false;
+  Acc fill_value = 0;
+  LseSplit<Acc> split{};
+  GradCoefs<Acc> k{};
+  int64_t t = -1;  // the target's column in this call, or -1 (outside the block)
+  Acc grad_t = 0;
+};
+
+template <class T, bool kWeighted>
+BwdRow<AccOf<T>> bwd_row(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t num_classes,
+                         int64_t r, const T* x) {
+  using Acc = AccOf<T>;
+  BwdRow<Acc> row;
+  const int64_t target = p.target[r];
+  if (target == p.ignore_index || !target_in_range(target, num_classes)) {
+    row.fill = true;
+    row.fill_value =
+        target == p.ignore_index ? Acc(0) : std::numeric_limits<Acc>::quiet_NaN();
+    return row;
+  }
+  const Acc g = static_cast<const Acc*>(p.grad_loss)[r * p.grad_loss_stride];
+  const Acc lse = static_cast<const Acc*>(p.lse)[r];
+  if (p.lse_split != nullptr) {
+    const Acc* split = static_cast<const Acc*>(p.lse_split) + 2 * r;
+    row.split = {split[0], split[1]};
+  } else if (num_classes != p.vocab) {
+    row.split = {lse, Acc(0)};
+  } else {
+    row.split = lse_split(x, p.vocab, c, lse);
+  }
+  const Acc w_t = c.weight != nullptr ? c.weight[target] : Acc(1);
+  row.k = grad_coefs(c, g, lse, w_t);
+  const int64_t column = target - p.class_offset;
+  if (column >= 0 && column < p.vocab) {
+    row.t = column;
+    row.grad_t = target_grad(c, row.k, to_acc(x[column]), row.split,
+                             kWeighted ? c.weight[target] : Acc(1));
+  }
+  return row;
+}
+
 // ---- portable scalar path ---------------------------------------------------------------
 
 template <class T, bool kSoftcap, Smoothing kSmooth>
@@ -281,31 +329,21 @@ void fill_row(T* row, int64_t vocab, AccOf<T> value) {
 }
 
 template <class T, bool kSoftcap, bool kWeighted>
-void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_begin,
-                     int64_t row_end) {
+void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t num_classes,
+                     int64_t row_begin, int64_t row_end) {
   using Acc = AccOf<T>;
   const int64_t vocab = p.vocab;
-  const Acc* grad_loss = static_cast<const Acc*>(p.grad_loss);
-  const Acc* lse_in = static_cast<const Acc*>(p.lse);
+  // the block's class weights (kWeighted: label smoothing's w_c term)
+  const Acc* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
     T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
-    const int64_t t = p.target[r];
-    if (t == p.ignore_index) {
-      fill_row(dx, vocab, Acc(0));
+    const BwdRow<Acc> row = bwd_row<T, kWeighted>(p, c, num_classes, r, x);
+    if (row.fill) {
+      fill_row(dx, vocab, row.fill_value);
       continue;
     }
-    if (!target_in_range(t, vocab)) {
-      fill_row(dx, vocab, std::numeric_limits<Acc>::quiet_NaN());
-      continue;
-    }
-    const Acc g = grad_loss[r * p.grad_loss_stride];
-    const Acc lse = lse_in[r];
-    const LseSplit<Acc> split = lse_split(x, vocab, c, lse);
-    const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
-    const GradCoefs<Acc> k = grad_coefs(c, g, lse, w_t);
-    // Read before the row is overwritten (dx may alias x).
-    const Acc grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : Acc(1));
+    const GradCoefs<Acc>& k = row.k;
     for (int64_t j = 0; j < vocab; ++j) {
       const Acc xj = to_acc(x[j]);
       Acc tanh_j = 0, z = xj;
@@ -313,12 +351,12 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t row_
         tanh_j = std::tanh(xj * c.inv_softcap);
         z = c.softcap * tanh_j;
       }
-      Acc d = k.coef_p * std::exp((z - split.hi) - split.lo) -
-              k.coef_w * (kWeighted ? c.weight[j] : Acc(1));
+      Acc d = k.coef_p * std::exp((z - row.split.hi) - row.split.lo) -
+              k.coef_w * (kWeighted ? weight[j] : Acc(1));
       if (kSoftcap) d *= Acc(1) - tanh_j * tanh_j;
       dx[j] = from_acc<T>(d);
     }
-    dx[t] = from_acc<T>(grad_t);
+    if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
   }
 }
 
@@ -465,38 +503,30 @@ int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_be
 }
 
 template <class T, bool kSoftcap, bool kWeighted>
-void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin,
-                   int64_t row_end) {
+void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
+                   int64_t row_begin, int64_t row_end) {
   using namespace cpu::avx2;
   constexpr int W = 8;
   const int64_t vocab = p.vocab;
-  const float* grad_loss = static_cast<const float*>(p.grad_loss);
-  const float* lse_in = static_cast<const float*>(p.lse);
+  const float* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
   const __m256 softcap = _mm256_set1_ps(c.softcap);
   const __m256 inv_softcap = _mm256_set1_ps(c.inv_softcap);
   const __m256 one = _mm256_set1_ps(1.0f);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
     T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
-    const int64_t t = p.target[r];
-    if (t == p.ignore_index || !target_in_range(t, vocab)) {
-      const __m256 v = _mm256_set1_ps(t == p.ignore_index ? 0.0f : NAN);
+    const BwdRow<float> row = bwd_row<T, kWeighted>(p, c, num_classes, r, x);
+    if (row.fill) {
+      const __m256 v = _mm256_set1_ps(row.fill_value);
       for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
         storen(dx + j, v, n);
       });
       continue;
     }
-    const float g = grad_loss[r * p.grad_loss_stride];
-    const float lse = lse_in[r];
-    const LseSplit<float> split = lse_split(x, vocab, c, lse);
-    const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
-    const GradCoefs<float> k = grad_coefs(c, g, lse, w_t);
-    // Read before the row is overwritten (dx may alias x).
-    const float grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : 1.0f);
-    const __m256 lse_hi = _mm256_set1_ps(split.hi);
-    const __m256 lse_lo = _mm256_set1_ps(split.lo);
-    const __m256 coef_p = _mm256_set1_ps(k.coef_p);
-    const __m256 coef_w = _mm256_set1_ps(k.coef_w);
+    const __m256 lse_hi = _mm256_set1_ps(row.split.hi);
+    const __m256 lse_lo = _mm256_set1_ps(row.split.lo);
+    const __m256 coef_p = _mm256_set1_ps(row.k.coef_p);
+    const __m256 coef_w = _mm256_set1_ps(row.k.coef_w);
     for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
       __m256 z = loadn(x + j, n);
       __m256 tanh_j = z;
@@ -504,13 +534,13 @@ void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t row_begin
         tanh_j = tanh_ps(_mm256_mul_ps(z, inv_softcap));
         z = _mm256_mul_ps(softcap, tanh_j);
       }
-      const __m256 w = kWeighted ? loadn(c.weight + j, n) : one;
+      const __m256 w = kWeighted ? loadn(weight + j, n) : one;
       const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_sub_ps(z, lse_hi), lse_lo));
       __m256 d = _mm256_fnmadd_ps(coef_w, w, _mm256_mul_ps(coef_p, p_j));
       if (kSoftcap) d = _mm256_mul_ps(d, _mm256_fnmadd_ps(tanh_j, tanh_j, one));
       storen(dx + j, d, n);
     });
-    dx[t] = from_acc<T>(grad_t);
+    if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
   }
 }
 
@@ -667,35 +697,28 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
 }
 
 template <class T, bool kSoftcap, bool kWeighted>
-void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t row_begin, int64_t row_end) {
+void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
+              int64_t row_begin, int64_t row_end) {
   const int64_t vocab = p.vocab;
-  const float* grad_loss = static_cast<const float*>(p.grad_loss);
-  const float* lse_in = static_cast<const float*>(p.lse);
+  const float* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
   const __m512 softcap = _mm512_set1_ps(c.softcap);
   const __m512 inv_softcap = _mm512_set1_ps(c.inv_softcap);
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
     T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
-    const int64_t t = p.target[r];
-    if (t == p.ignore_index || !target_in_range(t, vocab)) {
-      const __m512 v = _mm512_set1_ps(t == p.ignore_index ? 0.0f : NAN);
+    const BwdRow<float> row = bwd_row<T, kWeighted>(p, c, num_classes, r, x);
+    if (row.fill) {
+      const __m512 v = _mm512_set1_ps(row.fill_value);
       for_each_chunk(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
         storen(dx + j, v, n);
       });
       continue;
     }
-    const float g = grad_loss[r * p.grad_loss_stride];
-    const float lse = lse_in[r];
-    const LseSplit<float> split = lse_split(x, vocab, c, lse);
-    const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
-    const GradCoefs<float> k = grad_coefs(c, g, lse, w_t);
-    // Read before the row is overwritten (dx may alias x).
-    const float grad_t = target_grad(c, k, to_acc(x[t]), split, kWeighted ? c.weight[t] : 1.0f);
-    const __m512 lse_hi = _mm512_set1_ps(split.hi);
-    const __m512 lse_lo = _mm512_set1_ps(split.lo);
-    const __m512 coef_p = _mm512_set1_ps(k.coef_p);
-    const __m512 coef_w = _mm512_set1_ps(k.coef_w);
+    const __m512 lse_hi = _mm512_set1_ps(row.split.hi);
+    const __m512 lse_lo = _mm512_set1_ps(row.split.lo);
+    const __m512 coef_p = _mm512_set1_ps(row.k.coef_p);
+    const __m512 coef_w = _mm512_set1_ps(row.k.coef_w);
     for_each_chunk(vocab, [&](int64_t j, int n, int kk) FASTLLM_INLINE_LAMBDA {
       if (starts_line<T>(kk)) prefetch(x + j + kPrefetchAhead / sizeof(T));
       __m512 z = loadn(x + j, n);
@@ -706,12 +729,12 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t row_begin, int
       }
       const __m512 p_j = exp_nonpositive(_mm512_sub_ps(_mm512_sub_ps(z, lse_hi), lse_lo));
       __m512 d = _mm512_mul_ps(coef_p, p_j);
-      d = kWeighted ? _mm512_fnmadd_ps(coef_w, loadn(c.weight + j, n), d)
+      d = kWeighted ? _mm512_fnmadd_ps(coef_w, loadn(weight + j, n), d)
                     : _mm512_sub_ps(d, coef_w);
       if (kSoftcap) d = _mm512_mul_ps(d, _mm512_fnmadd_ps(tanh_j, tanh_j, one));
       storen(dx + j, d, n);
     });
-    dx[t] = from_acc<T>(grad_t);
+    if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
   }
 }
 
@@ -725,7 +748,8 @@ FASTLLM_AVX512_END
 template <class T>
 using FwdRowsFn = int64_t (*)(const FwdParams&, const Consts<AccOf<T>>&, int64_t, int64_t);
 template <class T>
-using BwdRowsFn = void (*)(const BwdParams&, const Consts<AccOf<T>>&, int64_t, int64_t);
+using BwdRowsFn = void (*)(const BwdParams&, const Consts<AccOf<T>>&, int64_t, int64_t,
+                           int64_t);
 
 // The instruction set the row functions run (common/cpu_features.h); float64 logits always
 // take the scalar path.
@@ -810,8 +834,10 @@ void fwd_typed(const FwdParams& p) {
 template <class T>
 void bwd_typed(const BwdParams& p) {
   using Acc = AccOf<T>;
+  // a block of classes takes the whole row's constants (cross_entropy.h)
+  const int64_t num_classes = p.num_classes > 0 ? p.num_classes : p.vocab;
   const Consts<Acc> c =
-      make_consts<Acc>(p.class_weight, p.vocab, p.label_smoothing, p.z_loss, p.softcap);
+      make_consts<Acc>(p.class_weight, num_classes, p.label_smoothing, p.z_loss, p.softcap);
   const bool weighted = p.label_smoothing != 0.0 && p.class_weight != nullptr;
   const Path path = pick_path<T>();
   const BwdRowsFn<T> rows_fn = p.softcap > 0 ? pick_bwd_weighted<T, true>(weighted, path)
@@ -825,7 +851,7 @@ void bwd_typed(const BwdParams& p) {
   {
     const int t = omp_get_thread_num();
     const int nt = omp_get_num_threads();
-    rows_fn(p, c, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
+    rows_fn(p, c, num_classes, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
   }
 }
 

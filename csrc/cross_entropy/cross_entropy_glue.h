@@ -119,6 +119,17 @@ inline at::Tensor check_per_row(const char* op, const at::Tensor& t, const char*
   return t.contiguous();
 }
 
+// The in-place backwards write the gradient into the logits' own storage, so no copy may
+// stand in for them (unit stride along the classes), and no two elements may share memory.
+inline void check_inplace_layout(const char* op, const at::Tensor& logits, const Checked& c) {
+  TORCH_CHECK(c.vocab == 1 || logits.stride(1) == 1, op,
+              ": logits must have unit stride along the vocab dimension to receive the gradient "
+              "in place, got strides ", shape_str(logits.strides()));
+  TORCH_CHECK(c.rows <= 1 || logits.stride(0) >= c.vocab, op,
+              ": logits rows must not overlap in memory to receive the gradient in place, got "
+              "shape ", shape_str(logits.sizes()), " with strides ", shape_str(logits.strides()));
+}
+
 // The fields forward and backward params share: logits, target, class weight, options.
 template <class Params>
 void set_row_params(Params& p, const Checked& c, int64_t ignore_index, double label_smoothing,
@@ -163,17 +174,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
   return {loss, lse, correct};
 }
 
-// Shared by the out-of-place and the in-place backward: writes the gradient to grad_rows,
+// A block of classes (cross_entropy.h, BwdParams; the CPU's block backward op): its first
+// class, the row's class count (0: the logits' own) and the rows' lse split or nullptr.
+struct ClassBlock {
+  int64_t class_offset = 0;
+  int64_t num_classes = 0;
+  const void* lse_split = nullptr;
+};
+
+// Shared by the out-of-place and the in-place backwards: writes the gradient to grad_rows,
 // a (rows, vocab) tensor with unit column stride (which may be the logits themselves).
 template <class Kernels>
 void cross_entropy_bwd_into(const char* op, const at::Tensor& grad_rows,
                             const at::Tensor& grad_loss, const Checked& c,
                             const at::Tensor& logits, const at::Tensor& lse,
                             int64_t ignore_index, double label_smoothing, double z_loss,
-                            double softcap) {
+                            double softcap, const ClassBlock& block = ClassBlock{}) {
   at::Tensor g = check_per_row(op, grad_loss, "grad_loss", c, logits, /*any_float_dtype=*/true);
   at::Tensor lse_c = check_per_row(op, lse, "lse", c, logits, /*any_float_dtype=*/false);
-  check_target_values(op, c, ignore_index);
+  Checked classes = c;  // a block's targets index all of its row's classes
+  if (block.num_classes > 0) classes.vocab = block.num_classes;
+  check_target_values(op, classes, ignore_index);
   if (c.rows == 0) return;
   BwdParams p;
   p.grad_loss = g.data_ptr();
@@ -183,6 +204,9 @@ void cross_entropy_bwd_into(const char* op, const at::Tensor& grad_rows,
   p.lse = lse_c.data_ptr();
   p.grad_logits = grad_rows.data_ptr();
   p.grad_row_stride = row_stride(grad_rows);
+  p.class_offset = block.class_offset;
+  p.num_classes = block.num_classes;
+  p.lse_split = block.lse_split;
   Kernels::check_dtype(op, "logits", p.dtype);
   Kernels::bwd(op, p, logits);
 }
@@ -207,14 +231,7 @@ void cross_entropy_bwd_inplace(const at::Tensor& grad_loss, const at::Tensor& lo
                                double label_smoothing, double z_loss, double softcap) {
   const char* op = "cross_entropy_bwd_inplace";
   Checked c = check_args(op, logits, target, weight, label_smoothing, z_loss, softcap);
-  // The gradient goes into the logits' own storage, so no copy may stand in for them, and
-  // no two elements may share memory.
-  TORCH_CHECK(c.vocab == 1 || logits.stride(1) == 1, op,
-              ": logits must have unit stride along the vocab dimension to receive the gradient "
-              "in place, got strides ", shape_str(logits.strides()));
-  TORCH_CHECK(c.rows <= 1 || logits.stride(0) >= c.vocab, op,
-              ": logits rows must not overlap in memory to receive the gradient in place, got "
-              "shape ", shape_str(logits.sizes()), " with strides ", shape_str(logits.strides()));
+  check_inplace_layout(op, logits, c);
   cross_entropy_bwd_into<Kernels>(op, logits, grad_loss, c, logits, lse, ignore_index,
                             label_smoothing, z_loss, softcap);
 }

@@ -68,7 +68,7 @@ _MIN_CHUNK_ROWS_LOW_PRECISION = 512
 
 
 def default_chunk_size(rows: int, hidden: int, vocab: int,
-                       dtype: torch.dtype = torch.float32) -> int:
+                       dtype: torch.dtype = torch.float32, class_blocked: bool = False) -> int:
     """Rows per chunk such that a chunk's logits hold about as many elements as the input
     (rows x hidden), and at least _MIN_CHUNK_ELEMENTS and _MIN_CHUNK_ROWS (in ``dtype``
     bfloat16/float16: _MIN_CHUNK_ROWS_LOW_PRECISION) rows: torch's
@@ -78,9 +78,13 @@ def default_chunk_size(rows: int, hidden: int, vocab: int,
     cost of memory. At 4096 x 1024 x 32000 float32 fwd+bwd on one Sapphire Rapids core the
     floor's 256 rows ran at 1.0-1.1x torch.compile's unfused time with 174 MiB at peak
     (0.27x compile's 641, of which 141 are dX and dW); 128 rows, 157 MiB (0.245x), ran at
-    0.84x: the GEMMs drop from about 185 to 120-160 GFLOP/s with 128-row operands."""
+    0.84x: the GEMMs drop from about 185 to 120-160 GFLOP/s with 128-row operands.
+    class_blocked (see _class_blocked): the chunks carry no dW product, so bfloat16/float16
+    take the float32 floor; at 4096 x 1024 x 32000 bfloat16 on one Granite Rapids-class core
+    chunks of 128 / 256 / 512 rows held 81-89 / 88 / 106 MiB at peak and ran at 0.85x /
+    1.0x / 1.03x torch.compile's unfused time."""
     floor = (_MIN_CHUNK_ROWS_LOW_PRECISION if dtype in (torch.bfloat16, torch.float16)
-             else _MIN_CHUNK_ROWS)
+             and not class_blocked else _MIN_CHUNK_ROWS)
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
     return max(1, min(rows, max(floor, -(-elements // vocab))))
 
@@ -97,6 +101,61 @@ def default_chunk_size(rows: int, hidden: int, vocab: int,
 _LOW_PRECISION_DW_BLOCK = 1024
 
 
+# Class-blocked dW (bfloat16 / float16 on the CPU's native kernels): after the row chunks,
+# which give the loss, lse and dX, the classes are swept in blocks, each block's logits
+# recomputed for all rows (a 4th GEMM) and its gradient formed from the rows' lse, so that
+# each block of dW is one GEMM over all rows, rounded once into the storage dtype. The
+# row-chunk scheme instead sums the chunks' dW products in a float32 (V, H) buffer (rounding
+# them in the storage dtype chunk by chunk was over the tests' 2x rule, see _ChunkedLinear),
+# twice the size of dW itself, and converts it at the end: at 4096 x 1024 x 32000 bfloat16
+# fwd+bwd that held 239 MiB at peak (0.72x torch.compile's unfused 331). The extra GEMM costs
+# about what the float32 sum's per-chunk read-modify-write and final conversion did (one
+# Granite Rapids-class core, same process: 1537 ms prototype against 1567 for the row chunks
+# and 1817 for torch.compile).
+# float32 keeps the row chunks: its dW sum is dW itself, and its GEMMs are 6x slower, so a 4th
+# one would cost a third more time.
+_MIN_CLASS_BLOCK = 128
+
+
+def default_class_block(rows: int, hidden: int, vocab: int) -> int:
+    """Classes per block of the class sweep: the block's logits and their transposed copy,
+    (rows, block) each, hold about as much as the input together (at least
+    _MIN_CHUNK_ELEMENTS), and at least _MIN_CLASS_BLOCK classes."""
+    elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
+    return max(1, min(vocab, max(_MIN_CLASS_BLOCK, elements // (2 * max(rows, 1)))))
+
+
+def _class_blocked(input: Tensor, backend: str, need_weight: bool, need_bias: bool) -> bool:
+    """Whether dW / db come from the class sweep: low precision on the CPU's native kernels
+    (the block kernel is a CPU one), when they are wanted."""
+    return (backend == "native" and input.device.type == "cpu"
+            and input.dtype in (torch.bfloat16, torch.float16) and (need_weight or need_bias))
+
+
+# Rows whose |lse| reaches this get an exact split from _lse_split (cross_entropy.h).
+_EXACT_LSE_MIN = 256.0
+
+
+def _lse_split(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], lse: Tensor,
+               softcap: float) -> Tensor:
+    """(rows, 2) float32 (hi, lo) with p_c = exp((z_c - hi) - lo), for the block kernel,
+    which cannot recompute a row's lse: (lse, 0), except for the finite rows with
+    |lse| >= 256, whose rounded lse would be a visible error of p (the CPU kernel's own rule,
+    csrc/cross_entropy/cross_entropy_cpu.cpp, lse_split): their max capped logit and
+    log(sum exp(z - max)), recomputed here from their logits (a few rows, if any)."""
+    split = torch.stack((lse, torch.zeros_like(lse)), 1)
+    big = (torch.isfinite(lse) & (lse.abs() >= _EXACT_LSE_MIN)).nonzero().flatten()
+    if big.numel() == 0:
+        return split
+    z = torch.nn.functional.linear(input[big], linear_weight, linear_bias).to(lse.dtype)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    hi = z.amax(1)
+    lo = (z.double() - hi.double()[:, None]).exp().sum(1).log()
+    split[big] = torch.stack((hi, lo.to(lse.dtype)), 1)
+    return split
+
+
 class _ChunkedLinear:
     """The chunk loop's state: one logits buffer reused by every chunk (a fresh (C, V)
     allocation per chunk would pay its page faults every time), and dX, dW, db summed chunk
@@ -111,8 +170,14 @@ class _ChunkedLinear:
     bfloat16 and 3.6x in float16: over the tests' 2x rule.)"""
 
     def __init__(self, input, linear_weight, linear_bias, chunk_size,
-                 need_input, need_weight, need_bias):
+                 need_input, need_weight, need_bias, class_blocked=False):
         rows, hidden = input.shape
+        # class_blocked: dW and db come from class_sweep after the row chunks, which then
+        # only give dX (see _class_blocked)
+        self.class_blocked = class_blocked
+        if class_blocked:
+            self.class_sweep_needs = (need_weight, need_bias)
+            need_weight = need_bias = False
         vocab = linear_weight.shape[0]
         self.chunk_size = chunk_size
         self.linear_weight = linear_weight
@@ -185,6 +250,52 @@ class _ChunkedLinear:
                 self.grad_weight[v0:v1].add_(product)
             else:
                 self.grad_weight[v0:v1].copy_(product)
+
+    def class_sweep(self, input: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                    row_grads: Tensor, options: tuple) -> None:
+        """dW and db by blocks of classes, after the row chunks (see _class_blocked): per
+        block, its logits for every row (one GEMM), their gradient written over them from
+        the rows' lse (fastllm::cross_entropy_bwd_block_inplace), dW's rows of the block as
+        one GEMM over all rows, rounded once into the storage dtype (a contiguous transposed
+        copy of the block's gradient is its first operand, see _LOW_PRECISION_DW_BLOCK), and
+        db's as a float32 column sum. No float32 (V, H) sum exists."""
+        need_weight, need_bias = self.class_sweep_needs
+        # The blocks' two buffers are carved from the row chunks' one where it is large
+        # enough: a freed buffer under glibc's mmap threshold (up to 32 MiB) stays in the
+        # process's heap, and a fresh one beside it would count twice at peak.
+        workspace = self.logits_buffer.view(-1)
+        self.logits_buffer = None
+        if not (need_weight or need_bias):
+            return
+        rows, hidden = input.shape
+        vocab = self.linear_weight.shape[0]
+        block = min(vocab, default_class_block(rows, hidden, vocab))
+        split = _lse_split(input, self.linear_weight, self.linear_bias, lse, softcap=options[3])
+        if workspace.numel() < 2 * rows * block:
+            workspace = None
+            workspace = input.new_empty((2 * rows * block,))
+        logits_buffer, grad_t_buffer = workspace[: rows * block], workspace[rows * block:]
+        if need_weight:
+            self.grad_weight = input.new_empty((vocab, hidden), dtype=self.weight_dtype)
+        if need_bias:
+            self.grad_bias = input.new_empty((vocab,), dtype=torch.float32)
+        for v0 in range(0, vocab, block):
+            v1 = min(v0 + block, vocab)
+            classes = v1 - v0
+            logits = logits_buffer[: rows * classes].view(rows, classes)
+            w_block = self.linear_weight[v0:v1]
+            if self.linear_bias is None:
+                torch.mm(input, w_block.t(), out=logits)
+            else:
+                torch.addmm(self.linear_bias[v0:v1], input, w_block.t(), out=logits)
+            torch.ops.fastllm.cross_entropy_bwd_block_inplace(
+                row_grads, logits, target, weight, lse, split, v0, vocab, *options
+            )
+            if need_weight:
+                grad_t = grad_t_buffer[: classes * rows].view(classes, rows).copy_(logits.t())
+                torch.mm(grad_t, input, out=self.grad_weight[v0:v1])
+            if need_bias:
+                torch.sum(logits, 0, dtype=torch.float32, out=self.grad_bias[v0:v1])
 
     def results(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(dX, dW, db) in their parameters' dtypes; an empty tensor for each one not wanted
@@ -395,10 +506,14 @@ def _linear_cross_entropy_fwd(
     lse = input.new_empty((rows,), dtype=acc)
     correct = input.new_empty((rows,), dtype=torch.bool)
     with_grad = reduction != "none" and (need_grad_input or need_grad_weight or need_grad_bias)
-    loop = _ChunkedLinear(
-        input, linear_weight, linear_bias, chunk_size,
-        with_grad and need_grad_input, with_grad and need_grad_weight, with_grad and need_grad_bias,
-    )
+    need_input, need_weight, need_bias = (with_grad and need_grad_input,
+                                          with_grad and need_grad_weight,
+                                          with_grad and need_grad_bias)
+    class_blocked = _class_blocked(input, backend, need_weight, need_bias)
+    loop = _ChunkedLinear(input, linear_weight, linear_bias, chunk_size,
+                          need_input, need_weight, need_bias, class_blocked)
+    # the row chunks' logit gradient: for dX, dW, db, or (class-blocked) dX only
+    chunk_grads = need_input or (with_grad and not class_blocked)
     for start, end in loop.chunks(input):
         x_chunk = input[start:end]
         logits = loop.logits(x_chunk)  # (C, V)
@@ -409,13 +524,15 @@ def _linear_cross_entropy_fwd(
         loss_rows[start:end] = chunk_loss
         lse[start:end] = chunk_lse
         correct[start:end] = chunk_correct
-        if with_grad:
+        if chunk_grads:
             ops.cross_entropy_bwd_inplace(
                 row_grad.expand(end - start), logits, chunk_target, kernel_weight, chunk_lse,
                 *options,
             )
             loop.add_chunk(start, logits, x_chunk)  # logits now hold their gradient
     logits = None  # the last view of the buffer, which results() frees
+    if class_blocked:
+        loop.class_sweep(input, target, kernel_weight, lse, row_grad.expand(rows), options)
     loss = reduce_rows(loss_rows, reduction, denominator)
     return (loss, lse, correct, *loop.results(input))
 
@@ -467,19 +584,24 @@ def _linear_cross_entropy_bwd(
     ops = _kernels("linear_cross_entropy_bwd", input, target, linear_weight.shape[0],
                    ignore_index, backend)
     options = (ignore_index, label_smoothing, z_loss, softcap)
+    class_blocked = _class_blocked(input, backend, need_grad_weight, need_grad_bias)
     loop = _ChunkedLinear(
         input, linear_weight, linear_bias, chunk_size,
-        need_grad_input, need_grad_weight, need_grad_bias,
+        need_grad_input, need_grad_weight, need_grad_bias, class_blocked,
     )
     grad_loss = grad_loss.to(acc_dtype(input))
-    for start, end in loop.chunks(input):
-        x_chunk = input[start:end]
-        logits = loop.logits(x_chunk)
-        ops.cross_entropy_bwd_inplace(
-            grad_loss[start:end], logits, target[start:end], weight, lse[start:end], *options
-        )
-        loop.add_chunk(start, logits, x_chunk)
-    logits = None  # the last view of the buffer, which results() frees
+    if need_grad_input or not class_blocked:
+        for start, end in loop.chunks(input):
+            x_chunk = input[start:end]
+            logits = loop.logits(x_chunk)
+            ops.cross_entropy_bwd_inplace(
+                grad_loss[start:end], logits, target[start:end], weight, lse[start:end],
+                *options,
+            )
+            loop.add_chunk(start, logits, x_chunk)
+        logits = None  # the last view of the buffer, which results() frees
+    if class_blocked:
+        loop.class_sweep(input, target, weight, lse, grad_loss, options)
     return loop.results(input)
 
 
@@ -652,17 +774,19 @@ def linear_cross_entropy(
             out = tuple(None if t is None else t.reshape(target.shape) for t in out)
         return CrossEntropyOutput(*out)
 
-    if chunk_size is None:
-        chunk_size = default_chunk_size(rows, hidden, vocab, input.dtype)
     grad_on = torch.is_grad_enabled()
+    need_input = grad_on and input.requires_grad
+    need_weight = grad_on and linear_weight.requires_grad
+    need_bias = grad_on and linear_bias is not None and linear_bias.requires_grad
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            rows, hidden, vocab, input.dtype,
+            class_blocked=_class_blocked(x, backend, need_weight, need_bias),
+        )
     loss, lse, correct, *_ = _linear_cross_entropy_fwd(
         x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,
         float(label_smoothing), float(z_loss), float(softcap), chunk_size,
-        grad_on and input.requires_grad,
-        grad_on and linear_weight.requires_grad,
-        grad_on and linear_bias is not None and linear_bias.requires_grad,
-        not torch.compiler.is_compiling(),
-        backend,
+        need_input, need_weight, need_bias, not torch.compiler.is_compiling(), backend,
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)

@@ -25,8 +25,11 @@ accounting as the effective bandwidth of an op. The first-touch rate times
 ``torch.empty(n).fill_(1)`` on fresh memory: on the CPU that is bound by page faults,
 which is what ops allocating large fresh outputs pay (see ``fresh_pages_every_call``).
 
-Peak memory: on Linux CPUs, the peak resident set size (``VmHWM``) is reset through
-``/proc/self/clear_refs`` before one untimed call, after ``malloc_trim(0)`` has returned
+Peak memory: of a contender's second call, so that one-time allocations (the GEMM
+library's kernels and scratch space, torch.compile's compilation) count for no contender
+(measured on the first call, they fell to whichever contender of a case ran first). On Linux
+CPUs, the peak resident set size (``VmHWM``) is reset through
+``/proc/self/clear_refs`` before that untimed call, after ``malloc_trim(0)`` has returned
 freed heap memory to the system; the increase of ``VmHWM`` over the RSS before the call
 is what the call needed (it sees torch's CPU allocations, unlike ``ru_maxrss`` which never
 goes down). On CUDA: ``torch.cuda.max_memory_allocated`` over the allocation before.
@@ -835,8 +838,9 @@ def run_cases(
             if progress.disable:  # no terminal: progress goes to the log
                 logger.info("%s [%d/%d] %s (THP %s)", family, index + 1, len(cases), case.id, thp)
             inputs = case.make_inputs(device)
-            # Each contender is built, measured for peak memory (its first call) and warmed
-            # up in turn; then all of them are timed in alternation (time_interleaved).
+            # Each contender is built, called once, measured for peak memory (its second
+            # call) and warmed up in turn; then all of them are timed in alternation
+            # (time_interleaved).
             warmed: list[tuple[Result, Callable[[], None]]] = []
             # a case may name its own contenders (e.g. a peer library that only it has)
             names = selected(case)
@@ -853,7 +857,8 @@ def run_cases(
                 try:
                     call = case.build(contender, inputs, backend, device)
                     begin = time.perf_counter()
-                    result.peak_memory_bytes = peak_memory_bytes(call, device)  # 1st warm-up call
+                    _call_seconds(call, device)  # one-time allocations: see the module doc
+                    result.peak_memory_bytes = peak_memory_bytes(call, device)
                     warm = time.perf_counter() - begin
                     while warm < budget.warmup_s:
                         warm += _call_seconds(call, device)

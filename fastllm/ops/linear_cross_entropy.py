@@ -79,14 +79,18 @@ def default_chunk_size(rows: int, hidden: int, vocab: int,
     floor's 256 rows ran at 1.0-1.1x torch.compile's unfused time with 174 MiB at peak
     (0.27x compile's 641, of which 141 are dX and dW); 128 rows, 157 MiB (0.245x), ran at
     0.84x: the GEMMs drop from about 185 to 120-160 GFLOP/s with 128-row operands.
-    class_blocked (see _class_blocked): the chunks carry no dW product, so bfloat16/float16
-    take the float32 floor; at 4096 x 1024 x 32000 bfloat16 on one Granite Rapids-class core
-    chunks of 128 / 256 / 512 rows held 81-89 / 88 / 106 MiB at peak and ran at 0.85x /
-    1.0x / 1.03x torch.compile's unfused time."""
-    floor = (_MIN_CHUNK_ROWS_LOW_PRECISION if dtype in (torch.bfloat16, torch.float16)
-             and not class_blocked else _MIN_CHUNK_ROWS)
+    class_blocked (see _class_blocked): the chunks' logits live in dW's memory, which the
+    class sweep fills only afterwards, so a chunk of at most ``hidden`` rows costs no memory
+    of its own: the bfloat16/float16 floor is kept (512 rows ran at 1.03x torch.compile's
+    unfused time at 4096 x 1024 x 32000 bfloat16 on one Granite Rapids-class core, 128 rows
+    at 0.85x), capped at ``hidden`` rows unless that is under _MIN_CHUNK_ROWS."""
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    floor = _MIN_CHUNK_ROWS_LOW_PRECISION if low_precision else _MIN_CHUNK_ROWS
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
-    return max(1, min(rows, max(floor, -(-elements // vocab))))
+    chunk = max(floor, -(-elements // vocab))
+    if class_blocked:
+        chunk = min(chunk, max(hidden, _MIN_CHUNK_ROWS))
+    return max(1, min(rows, chunk))
 
 
 # On the CPU the low-precision dW product runs on blocks of this many classes (rows of dW)
@@ -123,6 +127,10 @@ def default_class_block(rows: int, hidden: int, vocab: int) -> int:
     _MIN_CHUNK_ELEMENTS), and at least _MIN_CLASS_BLOCK classes."""
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
     return max(1, min(vocab, max(_MIN_CLASS_BLOCK, elements // (2 * max(rows, 1)))))
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _class_blocked(input: Tensor, backend: str, need_weight: bool, need_bias: bool) -> bool:
@@ -175,8 +183,12 @@ class _ChunkedLinear:
         # class_blocked: dW and db come from class_sweep after the row chunks, which then
         # only give dX (see _class_blocked)
         self.class_blocked = class_blocked
+        self.class_grad_weight = None
         if class_blocked:
             self.class_sweep_needs = (need_weight, need_bias)
+            if need_weight:  # allocated now: the row chunks' logits use its memory first
+                self.class_grad_weight = (input.new_empty if rows > 0 else input.new_zeros)(
+                    (linear_weight.shape[0], hidden), dtype=linear_weight.dtype)
             need_weight = need_bias = False
         vocab = linear_weight.shape[0]
         self.chunk_size = chunk_size
@@ -187,7 +199,12 @@ class _ChunkedLinear:
         self.weight_dtype = linear_weight.dtype
         self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
         chunk_rows = min(chunk_size, rows)
-        self.logits_buffer = input.new_empty((chunk_rows, vocab))
+        if self.class_grad_weight is not None and chunk_rows <= hidden:
+            # dW's memory, before the class sweep writes dW (see default_chunk_size)
+            self.logits_buffer = self.class_grad_weight.view(-1)[: chunk_rows * vocab].view(
+                chunk_rows, vocab)
+        else:
+            self.logits_buffer = input.new_empty((chunk_rows, vocab))
         # low precision: the dW product's block buffers (see _LOW_PRECISION_DW_BLOCK)
         self.product_buffer = self.grad_t_buffer = None
         if need_weight and low_precision:
@@ -260,10 +277,14 @@ class _ChunkedLinear:
         copy of the block's gradient is its first operand, see _LOW_PRECISION_DW_BLOCK), and
         db's as a float32 column sum. No float32 (V, H) sum exists."""
         need_weight, need_bias = self.class_sweep_needs
-        # The blocks' two buffers are carved from the row chunks' one where it is large
-        # enough: a freed buffer under glibc's mmap threshold (up to 32 MiB) stays in the
-        # process's heap, and a fresh one beside it would count twice at peak.
-        workspace = self.logits_buffer.view(-1)
+        # The row chunks' buffer: when it is not dW's memory, its own is reused for the
+        # blocks' two buffers where large enough (a freed buffer under glibc's mmap threshold,
+        # up to 32 MiB, stays in the process's heap, and a fresh one beside it would count
+        # twice at peak).
+        workspace = None
+        if self.class_grad_weight is None or not _shares_memory(self.logits_buffer,
+                                                                self.class_grad_weight):
+            workspace = self.logits_buffer.view(-1)
         self.logits_buffer = None
         if not (need_weight or need_bias):
             return
@@ -271,12 +292,11 @@ class _ChunkedLinear:
         vocab = self.linear_weight.shape[0]
         block = min(vocab, default_class_block(rows, hidden, vocab))
         split = _lse_split(input, self.linear_weight, self.linear_bias, lse, softcap=options[3])
-        if workspace.numel() < 2 * rows * block:
+        if workspace is None or workspace.numel() < 2 * rows * block:
             workspace = None
             workspace = input.new_empty((2 * rows * block,))
         logits_buffer, grad_t_buffer = workspace[: rows * block], workspace[rows * block:]
-        if need_weight:
-            self.grad_weight = input.new_empty((vocab, hidden), dtype=self.weight_dtype)
+        self.grad_weight, self.class_grad_weight = self.class_grad_weight, None
         if need_bias:
             self.grad_bias = input.new_empty((vocab,), dtype=torch.float32)
         for v0 in range(0, vocab, block):

@@ -202,7 +202,7 @@ import fastllm._C
 ops = torch.ops.fastllm
 torch.manual_seed(0)
 rows, vocab = 13, 301
-diffs = []
+outputs = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for ls, z_loss, softcap, weighted in itertools.product((0.0, 0.1), (0.0, 1e-3), (0.0, 30.0),
@@ -221,8 +221,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             ops.cross_entropy_bwd_block_inplace(g, block, t, w, lse, None, v0, vocab, *options)
             blocked[:, v0:v0 + 40] = block
         assert torch.equal(blocked, whole), (dtype, ls, z_loss, softcap, weighted)
-        diffs.append(blocked)
-torch.save(diffs, os.environ["OUT"])
+        outputs.append(blocked)
+torch.save(outputs, os.environ["OUT"])
 print("ok")
 """
 
@@ -252,17 +252,22 @@ def test_block_backward_op_errors(backend):
 
 
 def test_linear_cross_entropy_class_blocked_only_what_is_needed(backend, class_blocks):
-    """Only dW (input without grad): no row chunk gradient, dW from the sweep; only dX
-    (weight without grad): no sweep."""
+    """Only dW (input without grad): no row chunk gradient, dW from the sweep, within 2x
+    torch's error; only dX (weight without grad): no sweep."""
+    torch.manual_seed(0)
     x = torch.randn(11, 8).to(torch.bfloat16)
     w = torch.randn(90, 8).to(torch.bfloat16)
     t = torch.randint(0, 90, (11,))
-    ref_w, = torch.autograd.grad(TF.cross_entropy(TF.linear(x, w.requires_grad_(True)).float(),
-                                                  t), w)
     for reduction in ("mean", "none"):
-        loss = F.linear_cross_entropy(x, w, t, reduction=reduction)
-        gw, = torch.autograd.grad(loss.float().mean(), w)
-        torch.testing.assert_close(gw.float(), ref_w.float(), rtol=0.02, atol=2e-3)
+        grads = {}
+        for name, fn, dtype in (("ours", ours_linear, torch.bfloat16),
+                                ("torch", unfused, torch.bfloat16),
+                                ("ref", unfused, torch.float64)):
+            leaf = w.to(dtype).requires_grad_(True)
+            loss = fn(x.to(dtype), leaf, t, reduction=reduction)
+            grads[name], = torch.autograd.grad(loss.sum(), leaf)
+        assert_within_torch_error(f"grad weight {reduction}", grads["ours"], grads["torch"],
+                                  grads["ref"], torch.bfloat16)
     assert class_blocks == [(True, False), (True, False)]
     w.requires_grad_(False)
     x.requires_grad_(True)

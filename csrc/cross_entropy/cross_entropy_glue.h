@@ -46,16 +46,19 @@ namespace cross_entropy {
 struct Checked {
   at::Tensor logits;   // (rows, vocab), unit column stride
   at::Tensor target;   // (rows,) int64 contiguous
-  at::Tensor weight;   // (vocab,) acc dtype contiguous, or undefined
+  at::Tensor weight;   // (classes,) acc dtype contiguous, or undefined
   int64_t rows = 0;
   int64_t vocab = 0;
+  int64_t classes = 0;  // what target and weight index: vocab, or a block's num_classes
   DType dtype = DType::kFloat32;
 };
 
 // The checks every op shares; messages name the argument, expected and actual values.
+// num_classes > 0: the logits are a block of a row of num_classes classes (the CPU's block
+// backward op), which target and weight index.
 inline Checked check_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
                    const c10::optional<at::Tensor>& weight, double label_smoothing,
-                   double z_loss, double softcap) {
+                   double z_loss, double softcap, int64_t num_classes = 0) {
   Checked c;
   c.dtype = to_fastllm_dtype(logits.scalar_type(), op, "logits");
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (rows, vocab), got shape ",
@@ -64,6 +67,7 @@ inline Checked check_args(const char* op, const at::Tensor& logits, const at::Te
   c.vocab = logits.size(1);
   TORCH_CHECK(c.vocab >= 1, op, ": logits must have at least one class, got shape ",
               shape_str(logits.sizes()));
+  c.classes = num_classes > 0 ? num_classes : c.vocab;
   TORCH_CHECK(target.dim() == 1 && target.size(0) == c.rows, op, ": target must have shape [",
               c.rows, "] (one class index per row of logits), got ", shape_str(target.sizes()));
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
@@ -71,7 +75,7 @@ inline Checked check_args(const char* op, const at::Tensor& logits, const at::Te
   check_same_device(logits, "logits", target, "target", op);
   if (weight.has_value() && weight->defined()) {
     const at::Tensor& w = *weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == c.vocab, op, ": weight must have shape [", c.vocab,
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == c.classes, op, ": weight must have shape [", c.classes,
                 "] (one weight per class), got ", shape_str(w.sizes()));
     to_fastllm_dtype(w.scalar_type(), op, "weight");
     check_same_device(logits, "logits", w, "weight", op);
@@ -90,15 +94,15 @@ inline Checked check_args(const char* op, const at::Tensor& logits, const at::Te
   return c;
 }
 
-// On CPU tensors: every target is ignore_index or in [0, vocab), else an IndexError naming
+// On CPU tensors: every target is ignore_index or in [0, classes), else an IndexError naming
 // the first bad row and its value. (CUDA tensors: see the top of the file.)
 inline void check_target_values(const char* op, const Checked& c, int64_t ignore_index) {
   if (!c.target.device().is_cpu()) return;
   const int64_t* target = c.target.data_ptr<int64_t>();
   for (int64_t r = 0; r < c.rows; ++r) {
     const int64_t t = target[r];
-    TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < c.vocab), op, ": target[", r, "] = ", t,
-                      " is out of range for ", c.vocab, " classes (ignore_index=", ignore_index,
+    TORCH_CHECK_INDEX(t == ignore_index || (t >= 0 && t < c.classes), op, ": target[", r, "] = ", t,
+                      " is out of range for ", c.classes, " classes (ignore_index=", ignore_index,
                       ")");
   }
 }
@@ -174,11 +178,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
   return {loss, lse, correct};
 }
 
-// A block of classes (cross_entropy.h, BwdParams; the CPU's block backward op): its first
-// class, the row's class count (0: the logits' own) and the rows' lse split or nullptr.
+// A block of classes (cross_entropy.h, BwdParams; the CPU's block backward op, whose row's
+// class count is the Checked's `classes`): its first class and the rows' lse split or
+// nullptr.
 struct ClassBlock {
   int64_t class_offset = 0;
-  int64_t num_classes = 0;
   const void* lse_split = nullptr;
 };
 
@@ -192,9 +196,7 @@ void cross_entropy_bwd_into(const char* op, const at::Tensor& grad_rows,
                             double softcap, const ClassBlock& block = ClassBlock{}) {
   at::Tensor g = check_per_row(op, grad_loss, "grad_loss", c, logits, /*any_float_dtype=*/true);
   at::Tensor lse_c = check_per_row(op, lse, "lse", c, logits, /*any_float_dtype=*/false);
-  Checked classes = c;  // a block's targets index all of its row's classes
-  if (block.num_classes > 0) classes.vocab = block.num_classes;
-  check_target_values(op, classes, ignore_index);
+  check_target_values(op, c, ignore_index);
   if (c.rows == 0) return;
   BwdParams p;
   p.grad_loss = g.data_ptr();
@@ -205,7 +207,7 @@ void cross_entropy_bwd_into(const char* op, const at::Tensor& grad_rows,
   p.grad_logits = grad_rows.data_ptr();
   p.grad_row_stride = row_stride(grad_rows);
   p.class_offset = block.class_offset;
-  p.num_classes = block.num_classes;
+  p.num_classes = c.classes;
   p.lse_split = block.lse_split;
   Kernels::check_dtype(op, "logits", p.dtype);
   Kernels::bwd(op, p, logits);

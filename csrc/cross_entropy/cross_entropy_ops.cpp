@@ -31,21 +31,14 @@ void cross_entropy_bwd_block_inplace(const at::Tensor& grad_loss, const at::Tens
                                      int64_t ignore_index, double label_smoothing,
                                      double z_loss, double softcap) {
   const char* op = "cross_entropy_bwd_block_inplace";
-  Checked c = check_args(op, logits, target, c10::nullopt, label_smoothing, z_loss, softcap);
+  Checked c =
+      check_args(op, logits, target, weight, label_smoothing, z_loss, softcap, num_classes);
   check_inplace_layout(op, logits, c);
   TORCH_CHECK(class_offset >= 0 && num_classes >= class_offset + c.vocab, op,
               ": the block's classes [class_offset, class_offset + ", c.vocab,
               ") must lie in [0, num_classes), got class_offset=", class_offset,
               ", num_classes=", num_classes);
   const at::ScalarType acc = acc_dtype(logits.scalar_type());
-  if (weight.has_value() && weight->defined()) {
-    const at::Tensor& w = *weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == num_classes, op, ": weight must have shape [",
-                num_classes, "] (one weight per class, num_classes), got ", shape_str(w.sizes()));
-    to_fastllm_dtype(w.scalar_type(), op, "weight");
-    check_same_device(logits, "logits", w, "weight", op);
-    c.weight = w.to(acc).contiguous();
-  }
   at::Tensor split;
   if (lse_split.has_value() && lse_split->defined()) {
     split = *lse_split;
@@ -60,8 +53,7 @@ void cross_entropy_bwd_block_inplace(const at::Tensor& grad_loss, const at::Tens
   using Kernels = CpuKernels<cross_entropy_fwd_cpu, cross_entropy_bwd_cpu>;
   cross_entropy_bwd_into<Kernels>(op, c.logits, grad_loss, c, logits, lse, ignore_index,
                                   label_smoothing, z_loss, softcap,
-                                  {class_offset, num_classes,
-                                   split.defined() ? split.data_ptr() : nullptr});
+                                  {class_offset, split.defined() ? split.data_ptr() : nullptr});
 }
 
 }  // namespace

@@ -129,10 +129,6 @@ def default_class_block(rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(vocab, max(_MIN_CLASS_BLOCK, elements // (2 * max(rows, 1)))))
 
 
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 def _class_blocked(input: Tensor, backend: str, need_weight: bool, need_bias: bool) -> bool:
     """Whether dW / db come from the class sweep: low precision on the CPU's native kernels
     (the block kernel is a CPU one), when they are wanted."""
@@ -181,14 +177,14 @@ class _ChunkedLinear:
                  need_input, need_weight, need_bias, class_blocked=False):
         rows, hidden = input.shape
         # class_blocked: dW and db come from class_sweep after the row chunks, which then
-        # only give dX (see _class_blocked)
-        self.class_blocked = class_blocked
+        # only give dX (see _class_blocked); dW is allocated now, as the row chunks' logits
+        # use its memory first (the sweep writes every row of it, zeros without rows)
         self.class_grad_weight = None
         if class_blocked:
             self.class_sweep_needs = (need_weight, need_bias)
-            if need_weight:  # allocated now: the row chunks' logits use its memory first
-                self.class_grad_weight = (input.new_empty if rows > 0 else input.new_zeros)(
-                    (linear_weight.shape[0], hidden), dtype=linear_weight.dtype)
+            if need_weight:
+                self.class_grad_weight = input.new_empty((linear_weight.shape[0], hidden),
+                                                         dtype=linear_weight.dtype)
             need_weight = need_bias = False
         vocab = linear_weight.shape[0]
         self.chunk_size = chunk_size
@@ -199,8 +195,9 @@ class _ChunkedLinear:
         self.weight_dtype = linear_weight.dtype
         self.bias_dtype = linear_bias.dtype if linear_bias is not None else input.dtype
         chunk_rows = min(chunk_size, rows)
-        if self.class_grad_weight is not None and chunk_rows <= hidden:
-            # dW's memory, before the class sweep writes dW (see default_chunk_size)
+        # dW's memory, before the class sweep writes dW (see default_chunk_size)
+        self.logits_in_grad_weight = self.class_grad_weight is not None and chunk_rows <= hidden
+        if self.logits_in_grad_weight:
             self.logits_buffer = self.class_grad_weight.view(-1)[: chunk_rows * vocab].view(
                 chunk_rows, vocab)
         else:
@@ -281,10 +278,7 @@ class _ChunkedLinear:
         # blocks' two buffers where large enough (a freed buffer under glibc's mmap threshold,
         # up to 32 MiB, stays in the process's heap, and a fresh one beside it would count
         # twice at peak).
-        workspace = None
-        if self.class_grad_weight is None or not _shares_memory(self.logits_buffer,
-                                                                self.class_grad_weight):
-            workspace = self.logits_buffer.view(-1)
+        workspace = None if self.logits_in_grad_weight else self.logits_buffer.view(-1)
         self.logits_buffer = None
         if not (need_weight or need_bias):
             return
@@ -292,9 +286,11 @@ class _ChunkedLinear:
         vocab = self.linear_weight.shape[0]
         block = min(vocab, default_class_block(rows, hidden, vocab))
         split = _lse_split(input, self.linear_weight, self.linear_bias, lse, softcap=options[3])
-        if workspace is None or workspace.numel() < 2 * rows * block:
-            workspace = None
-            workspace = input.new_empty((2 * rows * block,))
+        # the block's logits, and (dW) their transposed copy
+        buffers = 2 if need_weight else 1
+        if workspace is None or workspace.numel() < buffers * rows * block:
+            workspace = None  # freed before its replacement is allocated
+            workspace = input.new_empty((buffers * rows * block,))
         logits_buffer, grad_t_buffer = workspace[: rows * block], workspace[rows * block:]
         self.grad_weight, self.class_grad_weight = self.class_grad_weight, None
         if need_bias:

@@ -61,8 +61,20 @@ inline constexpr float kLog2e = 1.44269504088896341f;
 // which flushes denormals; float16: F16C's round to nearest even). Tails are masked: no
 // access past the n elements.
 
-// The first n lanes (n < 16).
+// The first n lanes (n <= 16).
 FASTLLM_INLINE __mmask16 first_lanes(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// ---- arithmetic under the names cpu_avx2.h gives it, so that a family's vector code,
+// written once, compiles for both widths ----------------------------------------------------
+FASTLLM_INLINE __m512 broadcast(float v) { return _mm512_set1_ps(v); }
+// a * b + c and c - a * b, one rounding.
+FASTLLM_INLINE __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+FASTLLM_INLINE __m512 fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
+FASTLLM_INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+// Lanes n.. set to zero (0 <= n <= 16).
+FASTLLM_INLINE __m512 keep_first(__m512 v, int n) {
+  return _mm512_maskz_mov_ps(first_lanes(n), v);
+}
 
 // 16 bfloat16 / float16 bit patterns <-> 16 floats.
 FASTLLM_INLINE __m512 widen(BFloat16*, __m256i bits) {

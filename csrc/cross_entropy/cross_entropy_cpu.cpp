@@ -19,8 +19,9 @@
 // passes over memory as the math allows:
 //   - Forward reads each row from memory once. The log-sum-exp is an online reduction: a
 //     running max m and a sum s of exp(z - m), rescaled by exp(m_old - m_new) when m grows
-//     (per element in the scalar path, per L1-sized block in the AVX2 path, see below). The
-//     label-smoothing sum of w_c (z_c - m) rides along in the same pass.
+//     (per element in the scalar path, per L1-sized block in the vector paths,
+//     cross_entropy_cpu_simd.h). The label-smoothing sum of w_c (z_c - m) rides along in
+//     the same pass.
 //   - Backward reads each row once (twice when |lse| is large, below) and writes the
 //     gradient row once; it may write over the
 //     logits (in-place backward), so the target's logit is read before the row is
@@ -151,7 +152,7 @@ Acc row_loss(const Consts<Acc>& c, Acc m, Acc log_sum, Acc z_t, Acc w_t, double 
 }
 
 // correct_i of cross_entropy.h: the target's capped logit is the row max m. Both come from
-// capped_logit (the AVX2 path caps the raw block max, the same function: tanh is
+// capped_logit (the vector paths cap the raw block max, the same function: tanh is
 // increasing), so a top-1 target compares exactly equal; one compare per row.
 template <class Acc>
 bool target_is_max(Acc z_t, Acc m, Acc lse) {
@@ -264,6 +265,34 @@ BwdRow<AccOf<T>> bwd_row(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t 
   return row;
 }
 
+// Forward's per-row ending, shared by every path: from the row's max m (of the capped
+// logits), log(sum_c exp(z_c - m)) and smoothing sum (sum_c w_c (z_c - m); 0 without
+// smoothing), writes the row's lse, loss (0 for ignore_index, NaN for a target that is not
+// a class) and token accuracy; returns whether the target was not a class.
+template <class T>
+bool fwd_row_end(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r, const T* x,
+                 AccOf<T> m, AccOf<T> log_sum, double smoothing_sum) {
+  using Acc = AccOf<T>;
+  const Acc lse = m + log_sum;
+  static_cast<Acc*>(p.lse)[r] = lse;
+  Acc& loss = static_cast<Acc*>(p.loss)[r];
+  const int64_t t = p.target[r];
+  bool correct = false, bad = false;
+  if (t == p.ignore_index) {
+    loss = 0;
+  } else if (!target_in_range(t, p.vocab)) {
+    loss = std::numeric_limits<Acc>::quiet_NaN();
+    bad = true;
+  } else {
+    const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
+    const Acc z_t = capped_logit(to_acc(x[t]), c);
+    loss = row_loss(c, m, log_sum, z_t, w_t, smoothing_sum);
+    correct = target_is_max(z_t, m, lse);
+  }
+  if (p.correct != nullptr) p.correct[r] = correct;
+  return bad;
+}
+
 // ---- portable scalar path ---------------------------------------------------------------
 
 template <class T, bool kSoftcap, Smoothing kSmooth>
@@ -271,8 +300,6 @@ int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r
                         int64_t row_end) {
   using Acc = AccOf<T>;
   const int64_t vocab = p.vocab;
-  Acc* loss_out = static_cast<Acc*>(p.loss);
-  Acc* lse_out = static_cast<Acc*>(p.lse);
   int64_t bad_row = -1;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
@@ -301,22 +328,7 @@ int64_t fwd_rows_scalar(const FwdParams& p, const Consts<AccOf<T>>& c, int64_t r
       }
     }
     const Acc log_sum = static_cast<Acc>(std::log(s));
-    const Acc lse = m + log_sum;
-    lse_out[r] = lse;
-    const int64_t t = p.target[r];
-    bool correct = false;
-    if (t == p.ignore_index) {
-      loss_out[r] = 0;
-    } else if (!target_in_range(t, vocab)) {
-      loss_out[r] = std::numeric_limits<Acc>::quiet_NaN();
-      if (bad_row < 0) bad_row = r;
-    } else {
-      const Acc w_t = c.weight != nullptr ? c.weight[t] : Acc(1);
-      const Acc z_t = capped_logit(to_acc(x[t]), c);
-      loss_out[r] = row_loss(c, m, log_sum, z_t, w_t, smoothing_sum);
-      correct = target_is_max(z_t, m, lse);
-    }
-    if (p.correct != nullptr) p.correct[r] = correct;
+    if (fwd_row_end(p, c, r, x, m, log_sum, smoothing_sum) && bad_row < 0) bad_row = r;
   }
   return bad_row;
 }
@@ -360,28 +372,39 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t num_
   }
 }
 
-// ---- AVX2 / FMA / F16C path -------------------------------------------------------------
-// The scalar path's algorithm on vectors of 8 floats. The forward's online max is kept per
-// block of kBlock logits rather than per element: a first sweep over the block takes its
-// max, the running sum is rescaled once if the max grew, and a second sweep, which finds
-// the block in L1, adds exp(z - max). That costs one max per element instead of a compare
-// and an unpredictable branch per vector, and the row is still read from memory once.
-// Four independent accumulator slots (for_each_chunk's k) hide the latency of the running
-// sums; the partial vector at a row's end has its padding lanes set to -inf for the max and
-// the exp-sum (exp(-inf) = 0) and to 0 for the smoothing sum. The smoothing sum's vectors
-// hold w_c (z_c - m) with the running max m of their block; when a block raises m, the
-// weight seen so far times (m_old - m_new) goes into a double, so that their total is
-// sum_c w_c (z_c - m) for the row's max m.
+// ---- AVX2 / FMA / F16C and AVX-512 paths ------------------------------------------------
+// One source for both (cross_entropy_cpu_simd.h holds the algorithm), on vectors of 8 floats
+// with a Cephes-style exp and tanh (cpu_avx2.h), or of 16 floats (cpu_avx512.h).
 
 #if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
-FASTLLM_AVX2_BEGIN
 
 // Logits per block of the forward: 8 KiB of float32, re-read from L1 by the second sweep.
 constexpr int64_t kBlock = 2048;
 
-// tanh(x) for 8 floats: Cephes' odd polynomial for |x| < 0.625, else (1 - e) / (1 + e) with
+FASTLLM_AVX2_BEGIN
+namespace avx2_path {
+
+using V = __m256;
+constexpr int W = 8;
+using cpu::avx2::kSlots;
+using cpu::avx2::loadn;
+using cpu::avx2::storen;
+
+using cpu::avx2::broadcast;
+using cpu::avx2::fmadd;
+using cpu::avx2::fnmadd;
+using cpu::avx2::hsum;
+
+template <class Body>
+FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
+  cpu::avx2::for_each_chunk<W>(len, body);
+}
+// The Cephes exp of cpu_avx2.h (about 1 ulp; 0 below ln(FLT_MIN), so also for -inf).
+FASTLLM_INLINE __m256 exp_nonpositive(__m256 d) { return cpu::avx2::exp_ps(d); }
+
+// tanh(x): Cephes' odd polynomial for |x| < 0.625, else (1 - e) / (1 + e) with
 // e = exp(-2|x|) <= 0.29, which does not cancel; the sign is copied back from x.
-FASTLLM_INLINE __m256 tanh_ps(__m256 x) {
+FASTLLM_INLINE __m256 tanh_vec(__m256 x) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256 a = _mm256_andnot_ps(sign_mask, x);
   const __m256 a2 = _mm256_mul_ps(a, a);
@@ -405,154 +428,44 @@ FASTLLM_INLINE __m256 fill_from(__m256 v, int n, float fill) {
   const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
   return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(keep));
 }
-
-FASTLLM_INLINE float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
+FASTLLM_INLINE __m256 max_first(__m256 acc, __m256 v, int n) {
+  return _mm256_max_ps(acc, n < W ? fill_from(v, n, -INFINITY) : v);
+}
+FASTLLM_INLINE __m256 sub_first(__m256 a, __m256 b, int n) {
+  const __m256 d = _mm256_sub_ps(a, b);
+  return n < W ? cpu::avx2::keep_first(d, n) : d;
+}
+// acc + e^(z - m) on the first n lanes: the padding lanes' z is -inf, e^-inf = 0.
+FASTLLM_INLINE __m256 add_exp_first(__m256 acc, __m256 z, __m256 m, int n) {
+  if (n < W) z = fill_from(z, n, -INFINITY);
+  return _mm256_add_ps(acc, cpu::avx2::exp_ps(_mm256_sub_ps(z, m)));
 }
 
-template <class T, bool kSoftcap, Smoothing kSmooth>
-int64_t fwd_rows_avx2(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
-                      int64_t row_end) {
-  using namespace cpu::avx2;
-  constexpr int W = 8;
-  const int64_t vocab = p.vocab;
-  const __m256 softcap = _mm256_set1_ps(c.softcap);
-  const __m256 inv_softcap = _mm256_set1_ps(c.inv_softcap);
-  float* loss_out = static_cast<float*>(p.loss);
-  float* lse_out = static_cast<float*>(p.lse);
-  int64_t bad_row = -1;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    float m = -FLT_MAX;  // running max of the capped logits
-    __m256 s[kSlots], smoothing_sum[kSlots];  // s: sum of exp(z - m), lane-wise partials
-    for (int k = 0; k < kSlots; ++k) {
-      s[k] = _mm256_setzero_ps();
-      smoothing_sum[k] = _mm256_setzero_ps();
-    }
-    // The rebasing of smoothing_sum, and the class weight of the blocks before this one.
-    double smoothing_rebase = 0, weight_seen = 0;
-    for (int64_t begin = 0; begin < vocab; begin += kBlock) {
-      const T* xb = x + begin;
-      const int64_t len = std::min(kBlock, vocab - begin);
-      // The block's max, on the raw logits: tanh is increasing, so capping commutes with it.
-      __m256 block_max[kSlots];
-      for (int k = 0; k < kSlots; ++k) block_max[k] = _mm256_set1_ps(-INFINITY);
-      for_each_chunk<W>(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-        __m256 v = loadn(xb + j, n);
-        if (n < W) v = fill_from(v, n, -INFINITY);
-        block_max[k] = _mm256_max_ps(block_max[k], v);
-      });
-      const float new_max = capped_logit(
-          hmax(_mm256_max_ps(_mm256_max_ps(block_max[0], block_max[1]),
-                             _mm256_max_ps(block_max[2], block_max[3]))),
-          c);
-      if (new_max > m) {
-        const __m256 rescale = _mm256_set1_ps(std::exp(m - new_max));
-        for (int k = 0; k < kSlots; ++k) s[k] = _mm256_mul_ps(s[k], rescale);
-        if (kSmooth != Smoothing::kNone) {
-          smoothing_rebase += weight_seen * (static_cast<double>(m) - new_max);
-        }
-        m = new_max;
-      }
-      const __m256 m_v = _mm256_set1_ps(m);
-      __m256 block_weight = _mm256_setzero_ps();
-      for_each_chunk<W>(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-        __m256 z = loadn(xb + j, n);  // padding lanes load as 0
-        if (kSoftcap) z = _mm256_mul_ps(softcap, tanh_ps(_mm256_mul_ps(z, inv_softcap)));
-        if (kSmooth != Smoothing::kNone) {
-          __m256 z_rel = _mm256_sub_ps(z, m_v);
-          if (n < W) z_rel = keep_first(z_rel, n);
-          if (kSmooth == Smoothing::kUniform) {
-            smoothing_sum[k] = _mm256_add_ps(smoothing_sum[k], z_rel);
-          } else {
-            const __m256 w = loadn(c.weight + begin + j, n);  // padding lanes load as 0
-            smoothing_sum[k] = _mm256_fmadd_ps(w, z_rel, smoothing_sum[k]);
-            block_weight = _mm256_add_ps(block_weight, w);
-          }
-        }
-        if (n < W) z = fill_from(z, n, -INFINITY);
-        s[k] = _mm256_add_ps(s[k], cpu::avx2::exp_ps(_mm256_sub_ps(z, m_v)));
-      });
-      if (kSmooth == Smoothing::kUniform) weight_seen += static_cast<double>(len);
-      if (kSmooth == Smoothing::kWeighted) weight_seen += hsum(block_weight);
-    }
-    const float log_sum = std::log(hsum(s));
-    const float lse = m + log_sum;
-    lse_out[r] = lse;
-    const int64_t t = p.target[r];
-    bool correct = false;
-    if (t == p.ignore_index) {
-      loss_out[r] = 0;
-    } else if (!target_in_range(t, vocab)) {
-      loss_out[r] = std::numeric_limits<float>::quiet_NaN();
-      if (bad_row < 0) bad_row = r;
-    } else {
-      const double smooth =
-          kSmooth == Smoothing::kNone ? 0.0 : hsum(smoothing_sum) + smoothing_rebase;
-      const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
-      const float z_t = capped_logit(to_acc(x[t]), c);
-      loss_out[r] = row_loss(c, m, log_sum, z_t, w_t, smooth);
-      correct = target_is_max(z_t, m, lse);
-    }
-    if (p.correct != nullptr) p.correct[r] = correct;
-  }
-  return bad_row;
+FASTLLM_INLINE float hmax(const __m256 (&v)[kSlots]) {
+  const __m256 a = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
 }
 
-template <class T, bool kSoftcap, bool kWeighted>
-void bwd_rows_avx2(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
-                   int64_t row_begin, int64_t row_end) {
-  using namespace cpu::avx2;
-  constexpr int W = 8;
-  const int64_t vocab = p.vocab;
-  const float* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
-  const __m256 softcap = _mm256_set1_ps(c.softcap);
-  const __m256 inv_softcap = _mm256_set1_ps(c.inv_softcap);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
-    const BwdRow<float> row = bwd_row<T, kWeighted>(p, c, num_classes, r, x);
-    if (row.fill) {
-      const __m256 v = _mm256_set1_ps(row.fill_value);
-      for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
-        storen(dx + j, v, n);
-      });
-      continue;
-    }
-    const __m256 lse_hi = _mm256_set1_ps(row.split.hi);
-    const __m256 lse_lo = _mm256_set1_ps(row.split.lo);
-    const __m256 coef_p = _mm256_set1_ps(row.k.coef_p);
-    const __m256 coef_w = _mm256_set1_ps(row.k.coef_w);
-    for_each_chunk<W>(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
-      __m256 z = loadn(x + j, n);
-      __m256 tanh_j = z;
-      if (kSoftcap) {
-        tanh_j = tanh_ps(_mm256_mul_ps(z, inv_softcap));
-        z = _mm256_mul_ps(softcap, tanh_j);
-      }
-      const __m256 w = kWeighted ? loadn(weight + j, n) : one;
-      const __m256 p_j = cpu::avx2::exp_ps(_mm256_sub_ps(_mm256_sub_ps(z, lse_hi), lse_lo));
-      __m256 d = _mm256_fnmadd_ps(coef_w, w, _mm256_mul_ps(coef_p, p_j));
-      if (kSoftcap) d = _mm256_mul_ps(d, _mm256_fnmadd_ps(tanh_j, tanh_j, one));
-      storen(dx + j, d, n);
-    });
-    if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
-  }
-}
+// No software prefetch: the 8-float loop is slow enough per line for the hardware's.
+template <class T>
+FASTLLM_INLINE void prefetch_fwd(const T*, int) {}
+template <class T>
+FASTLLM_INLINE void prefetch_bwd(const T*, int) {}
 
+#include "cross_entropy/cross_entropy_cpu_simd.h"
+
+}  // namespace avx2_path
 FASTLLM_AVX2_END
 
-// ---- AVX-512 path -------------------------------------------------------------------------
-// The AVX2 path's algorithm on vectors of 16 floats (cpu_avx512.h), for CPUs with AVX-512
-// F/BW/DQ/VL/BF16 (cpu_avx512()). What changes besides the width: e^d is exp2 of d log2(e)
-// (vreduceps + a degree-5 polynomial + vscalefps, 9 instructions with the multiply and the
-// clamp, against 17 for the AVX2 exp); a row's partial vector is masked (loads give 0, the
-// sums skip the padding lanes); bfloat16 gradients are rounded by vcvtneps2bf16 (exactly as
-// c10 rounds, cpu_avx512.h). Stores are ordinary: a non-temporal store to a freshly faulted
+// What the AVX-512 path changes besides the width (for CPUs with AVX-512 F/BW/DQ/VL/BF16,
+// cpu_avx512()): e^d is exp2 of d log2(e) (vreduceps + a degree-5 polynomial + vscalefps, 9
+// instructions with the multiply and the clamp, against 17 for the AVX2 exp); a row's
+// partial vector is masked (loads give 0, the sums skip the padding lanes); bfloat16
+// gradients are rounded by vcvtneps2bf16 (exactly as c10 rounds, cpu_avx512.h); rows are
+// prefetched in software. Stores are ordinary: a non-temporal store to a freshly faulted
 // page measured 2.7x slower than a plain one on the dev machine (the kernel's page clearing
 // leaves the lines in the cache).
 
@@ -560,17 +473,21 @@ FASTLLM_AVX512_BEGIN
 FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
 namespace avx512_path {
 
+using V = __m512;
+constexpr int W = 16;
+using cpu::avx512::broadcast;
 using cpu::avx512::exp_nonpositive;
-using cpu::avx512::first_lanes;
+using cpu::avx512::fmadd;
+using cpu::avx512::fnmadd;
 using cpu::avx512::for_each_chunk;
+using cpu::avx512::hmax;
+using cpu::avx512::hsum;
 using cpu::avx512::kSlots;
 using cpu::avx512::loadn;
 using cpu::avx512::storen;
-constexpr int W = 16;
 
-// tanh(x) for 16 floats: the AVX2 path's tanh_ps (odd polynomial below |x| = 0.625, else
-// (1 - e) / (1 + e) with e = e^(-2|x|)); NaN in, NaN out.
-FASTLLM_INLINE __m512 tanh16(__m512 x) {
+// The AVX2 path's tanh on 16 floats; NaN in, NaN out.
+FASTLLM_INLINE __m512 tanh_vec(__m512 x) {
   const __m512 a = _mm512_abs_ps(x);
   const __m512 a2 = _mm512_mul_ps(a, a);
   __m512 small = _mm512_set1_ps(-5.70498872745e-3f);
@@ -587,13 +504,28 @@ FASTLLM_INLINE __m512 tanh16(__m512 x) {
   return _mm512_or_ps(t, _mm512_and_ps(_mm512_set1_ps(-0.0f), x));
 }
 
+FASTLLM_INLINE __mmask16 lanes(int n) {
+  return n == W ? __mmask16(0xFFFF) : cpu::avx512::first_lanes(n);
+}
+FASTLLM_INLINE __m512 max_first(__m512 acc, __m512 v, int n) {
+  return n == W ? _mm512_max_ps(acc, v) : _mm512_mask_max_ps(acc, lanes(n), acc, v);
+}
+FASTLLM_INLINE __m512 sub_first(__m512 a, __m512 b, int n) {
+  return _mm512_maskz_sub_ps(lanes(n), a, b);
+}
+FASTLLM_INLINE __m512 add_exp_first(__m512 acc, __m512 z, __m512 m, int n) {
+  const __m512 e = exp_nonpositive(_mm512_sub_ps(z, m));
+  return n == W ? _mm512_add_ps(acc, e) : _mm512_mask_add_ps(acc, lanes(n), acc, e);
+}
+
 // Software prefetch, kFwdPrefetchAhead bytes ahead while the forward computes the exp-sum of
 // a block from L1 (the next block, or the next row), and kPrefetchAhead bytes ahead of
 // backward's loads: without it the bfloat16 rows ran at a third of the fp32 rows' bytes per
 // second (the loop is too slow per line for the hardware prefetcher to run far enough
 // ahead); with it bf16 forward went 42 -> 31 ms, backward in place 86 -> 32 ms at 4096 x
 // 32000 on the dev machine (fp32: 56 -> 55, 55 -> 51). Distances of 8, 16 and 32 KiB
-// measured the same. A prefetch never faults, so one past the end of a row is fine.
+// measured the same. A prefetch never faults, so one past the end of a row is fine. One per
+// 64-byte line: chunk slot k starts a line.
 constexpr int64_t kFwdPrefetchAhead = 8192;
 constexpr int64_t kPrefetchAhead = 2048;
 
@@ -610,133 +542,16 @@ FASTLLM_INLINE void prefetch(const void* p) {
   asm volatile("" ::: "memory");
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
 }
-
-template <class T, bool kSoftcap, Smoothing kSmooth>
-int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
-                 int64_t row_end) {
-  const int64_t vocab = p.vocab;
-  const __m512 softcap = _mm512_set1_ps(c.softcap);
-  const __m512 inv_softcap = _mm512_set1_ps(c.inv_softcap);
-  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-  float* loss_out = static_cast<float*>(p.loss);
-  float* lse_out = static_cast<float*>(p.lse);
-  int64_t bad_row = -1;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    float m = -FLT_MAX;  // running max of the capped logits
-    __m512 s[kSlots], smoothing_sum[kSlots];  // s: sum of exp(z - m), lane-wise partials
-    for (int k = 0; k < kSlots; ++k) {
-      s[k] = _mm512_setzero_ps();
-      smoothing_sum[k] = _mm512_setzero_ps();
-    }
-    double smoothing_rebase = 0, weight_seen = 0;
-    for (int64_t begin = 0; begin < vocab; begin += kBlock) {
-      const T* xb = x + begin;
-      const int64_t len = std::min(kBlock, vocab - begin);
-      __m512 block_max[kSlots];
-      for (int k = 0; k < kSlots; ++k) block_max[k] = minus_inf;
-      for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-        const __m512 v = loadn(xb + j, n);
-        block_max[k] = n == W ? _mm512_max_ps(block_max[k], v)
-                              : _mm512_mask_max_ps(block_max[k], first_lanes(n), block_max[k], v);
-      });
-      const float new_max = capped_logit(cpu::avx512::hmax(block_max), c);
-      if (new_max > m) {
-        const __m512 rescale = _mm512_set1_ps(std::exp(m - new_max));
-        for (int k = 0; k < kSlots; ++k) s[k] = _mm512_mul_ps(s[k], rescale);
-        if (kSmooth != Smoothing::kNone) {
-          smoothing_rebase += weight_seen * (static_cast<double>(m) - new_max);
-        }
-        m = new_max;
-      }
-      const __m512 m_v = _mm512_set1_ps(m);
-      __m512 block_weight = _mm512_setzero_ps();
-      for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-        if (starts_line<T>(k)) prefetch(xb + j + kFwdPrefetchAhead / sizeof(T));
-        __m512 z = loadn(xb + j, n);  // padding lanes load as 0
-        if (kSoftcap) z = _mm512_mul_ps(softcap, tanh16(_mm512_mul_ps(z, inv_softcap)));
-        const __mmask16 lanes = n == W ? __mmask16(0xFFFF) : first_lanes(n);
-        if (kSmooth != Smoothing::kNone) {
-          const __m512 z_rel = _mm512_maskz_sub_ps(lanes, z, m_v);
-          if (kSmooth == Smoothing::kUniform) {
-            smoothing_sum[k] = _mm512_add_ps(smoothing_sum[k], z_rel);
-          } else {
-            const __m512 w = loadn(c.weight + begin + j, n);  // padding lanes load as 0
-            smoothing_sum[k] = _mm512_fmadd_ps(w, z_rel, smoothing_sum[k]);
-            block_weight = _mm512_add_ps(block_weight, w);
-          }
-        }
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(z, m_v));
-        s[k] = n == W ? _mm512_add_ps(s[k], e) : _mm512_mask_add_ps(s[k], lanes, s[k], e);
-      });
-      if (kSmooth == Smoothing::kUniform) weight_seen += static_cast<double>(len);
-      if (kSmooth == Smoothing::kWeighted) weight_seen += _mm512_reduce_add_ps(block_weight);
-    }
-    const float log_sum = std::log(cpu::avx512::hsum(s));
-    const float lse = m + log_sum;
-    lse_out[r] = lse;
-    const int64_t t = p.target[r];
-    bool correct = false;
-    if (t == p.ignore_index) {
-      loss_out[r] = 0;
-    } else if (!target_in_range(t, vocab)) {
-      loss_out[r] = std::numeric_limits<float>::quiet_NaN();
-      if (bad_row < 0) bad_row = r;
-    } else {
-      const double smooth = kSmooth == Smoothing::kNone
-                                ? 0.0
-                                : cpu::avx512::hsum(smoothing_sum) + smoothing_rebase;
-      const float w_t = c.weight != nullptr ? c.weight[t] : 1.0f;
-      const float z_t = capped_logit(to_acc(x[t]), c);
-      loss_out[r] = row_loss(c, m, log_sum, z_t, w_t, smooth);
-      correct = target_is_max(z_t, m, lse);
-    }
-    if (p.correct != nullptr) p.correct[r] = correct;
-  }
-  return bad_row;
+template <class T>
+FASTLLM_INLINE void prefetch_fwd(const T* chunk, int k) {
+  if (starts_line<T>(k)) prefetch(chunk + kFwdPrefetchAhead / sizeof(T));
+}
+template <class T>
+FASTLLM_INLINE void prefetch_bwd(const T* chunk, int k) {
+  if (starts_line<T>(k)) prefetch(chunk + kPrefetchAhead / sizeof(T));
 }
 
-template <class T, bool kSoftcap, bool kWeighted>
-void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
-              int64_t row_begin, int64_t row_end) {
-  const int64_t vocab = p.vocab;
-  const float* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
-  const __m512 softcap = _mm512_set1_ps(c.softcap);
-  const __m512 inv_softcap = _mm512_set1_ps(c.inv_softcap);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
-    T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
-    const BwdRow<float> row = bwd_row<T, kWeighted>(p, c, num_classes, r, x);
-    if (row.fill) {
-      const __m512 v = _mm512_set1_ps(row.fill_value);
-      for_each_chunk(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
-        storen(dx + j, v, n);
-      });
-      continue;
-    }
-    const __m512 lse_hi = _mm512_set1_ps(row.split.hi);
-    const __m512 lse_lo = _mm512_set1_ps(row.split.lo);
-    const __m512 coef_p = _mm512_set1_ps(row.k.coef_p);
-    const __m512 coef_w = _mm512_set1_ps(row.k.coef_w);
-    for_each_chunk(vocab, [&](int64_t j, int n, int kk) FASTLLM_INLINE_LAMBDA {
-      if (starts_line<T>(kk)) prefetch(x + j + kPrefetchAhead / sizeof(T));
-      __m512 z = loadn(x + j, n);
-      __m512 tanh_j = z;
-      if (kSoftcap) {
-        tanh_j = tanh16(_mm512_mul_ps(z, inv_softcap));
-        z = _mm512_mul_ps(softcap, tanh_j);
-      }
-      const __m512 p_j = exp_nonpositive(_mm512_sub_ps(_mm512_sub_ps(z, lse_hi), lse_lo));
-      __m512 d = _mm512_mul_ps(coef_p, p_j);
-      d = kWeighted ? _mm512_fnmadd_ps(coef_w, loadn(weight + j, n), d)
-                    : _mm512_sub_ps(d, coef_w);
-      if (kSoftcap) d = _mm512_mul_ps(d, _mm512_fnmadd_ps(tanh_j, tanh_j, one));
-      storen(dx + j, d, n);
-    });
-    if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
-  }
-}
+#include "cross_entropy/cross_entropy_cpu_simd.h"
 
 }  // namespace avx512_path
 FASTLLM_AVX512_NO_UNDEFINED_WARNING_END
@@ -772,7 +587,7 @@ FwdRowsFn<T> pick_fwd(Path path) {
 #if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
   if constexpr (!std::is_same_v<T, double>) {
     if (path == Path::kAvx512) return &avx512_path::fwd_rows<T, kSoftcap, kSmooth>;
-    if (path == Path::kAvx2) return &fwd_rows_avx2<T, kSoftcap, kSmooth>;
+    if (path == Path::kAvx2) return &avx2_path::fwd_rows<T, kSoftcap, kSmooth>;
   }
 #endif
   (void)path;
@@ -794,7 +609,7 @@ BwdRowsFn<T> pick_bwd(Path path) {
 #if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
   if constexpr (!std::is_same_v<T, double>) {
     if (path == Path::kAvx512) return &avx512_path::bwd_rows<T, kSoftcap, kWeighted>;
-    if (path == Path::kAvx2) return &bwd_rows_avx2<T, kSoftcap, kWeighted>;
+    if (path == Path::kAvx2) return &avx2_path::bwd_rows<T, kSoftcap, kWeighted>;
   }
 #endif
   (void)path;

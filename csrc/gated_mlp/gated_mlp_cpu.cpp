@@ -187,22 +187,20 @@ using V = __m512;
 using M = __mmask16;
 constexpr int W = 16;
 
+using cpu::avx512::fmadd;
+using cpu::avx512::fnmadd;
+
 FASTLLM_INLINE V bcast(float v) { return _mm512_set1_ps(v); }
-FASTLLM_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-FASTLLM_INLINE V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
 FASTLLM_INLINE V vmin(V a, V b) { return _mm512_min_ps(a, b); }
 FASTLLM_INLINE V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 FASTLLM_INLINE V vabs(V a) { return _mm512_abs_ps(a); }
 FASTLLM_INLINE M less(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 FASTLLM_INLINE V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
-// cpu_avx512.h's 2^t at t = x log2(e): relative error about 1.5e-7 plus the rounding of t,
-// 2^-24 |t| (9e-7 at x = -10, 8e-6 at the bottom of float's range, where what it scales is
-// negligible next to the terms it is added to). Every caller's argument is <= 0; t is clamped
-// at -150 (NaN kept), where vscalefps gives 0: exp2 needs a finite t, and x may be -inf.
-FASTLLM_INLINE V exp_v(V x) {
-  const V t = _mm512_mul_ps(x, _mm512_set1_ps(cpu::avx512::kLog2e));
-  return cpu::avx512::exp2(vmax(_mm512_set1_ps(-150.0f), t));
-}
+// cpu_avx512.h's exp_nonpositive, 2^t at t = x log2(e): relative error about 1.5e-7 plus the
+// rounding of t, 2^-24 |t| (9e-7 at x = -10, 8e-6 at the bottom of float's range, where what
+// it scales is negligible next to the terms it is added to). Every caller's argument is <= 0
+// (x may be -inf).
+FASTLLM_INLINE V exp_v(V x) { return cpu::avx512::exp_nonpositive(x); }
 
 // Loads and stores of float, BFloat16 and Half as 16 floats, masked tails (cpu_avx512.h).
 using cpu::avx512::load;

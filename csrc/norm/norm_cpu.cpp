@@ -225,17 +225,14 @@ template <class T>
 using Vec = __m512;
 template <class T>
 inline constexpr int kLanes = 16;
+using cpu::avx512::broadcast;
+using cpu::avx512::fmadd;
+using cpu::avx512::fnmadd;
+using cpu::avx512::hsum;
+using cpu::avx512::keep_first;
 using cpu::avx512::kSlots;
 using cpu::avx512::loadn;
 using cpu::avx512::storen;
-
-FASTLLM_INLINE __m512 broadcast(float v) { return _mm512_set1_ps(v); }
-FASTLLM_INLINE __m512 fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-FASTLLM_INLINE __m512 fnmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
-FASTLLM_INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-FASTLLM_INLINE __m512 keep_first(__m512 v, int n) {
-  return _mm512_maskz_mov_ps(cpu::avx512::first_lanes(n), v);
-}
 template <int W, class Body>
 FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
   static_assert(W == 16, "AVX-512 vectors hold 16 floats");

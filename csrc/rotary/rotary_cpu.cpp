@@ -104,9 +104,10 @@ namespace avx512_path {
 using V = __m512;
 constexpr int W = 16;
 
+using cpu::avx512::fmadd;
+using cpu::avx512::fnmadd;
+
 FASTLLM_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-FASTLLM_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-FASTLLM_INLINE V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
 FASTLLM_INLINE V swap_pairs(V x) { return _mm512_permute_ps(x, 0xB1); }
 
 // Loads and stores of float, BFloat16 and Half as 16 floats, masked tails (cpu_avx512.h).

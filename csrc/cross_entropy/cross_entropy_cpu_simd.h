@@ -1,0 +1,127 @@
+// The vector paths of cross_entropy_cpu.cpp, written once: cross_entropy_cpu.cpp includes
+// this file inside its AVX2 region (namespace avx2_path: W = 8 floats) and inside its AVX-512
+// region (namespace avx512_path: W = 16 floats), after each has defined the names used here:
+// V and W (the vector and its lanes); kSlots, loadn, storen and for_each_chunk(len, body);
+// broadcast, fmadd and fnmadd (+, - and * are GCC's vector operators); hsum (of a vector or
+// of kSlots) and hmax (of kSlots); tanh_vec, and exp_nonpositive (e^d for d <= 0, -inf or
+// NaN); the row-tail helpers max_first, sub_first and add_exp_first (an operation on the
+// first n lanes, the others left as they were or 0); prefetch_fwd and prefetch_bwd (software
+// prefetch ahead of a chunk, or nothing where the hardware prefetcher keeps up). No include
+// guard: it is meant to be included twice.
+//
+// The scalar path's algorithm on vectors. The forward's online max is kept per block of
+// kBlock logits rather than per element: a first sweep over the block takes its max, the
+// running sum is rescaled once if the max grew, and a second sweep, which finds the block in
+// L1, adds exp(z - max). That costs one max per element instead of a compare and an
+// unpredictable branch per vector, and the row is still read from memory once. Four
+// independent accumulator slots (for_each_chunk's k) hide the latency of the running sums;
+// the partial vector at a row's end leaves its padding lanes out of the max, the exp-sum
+// and the smoothing sum. The smoothing sum's vectors hold w_c (z_c - m) with the running
+// max m of their block; when a block raises m, the weight seen so far times (m_old - m_new)
+// goes into a double, so that their total is sum_c w_c (z_c - m) for the row's max m.
+
+template <class T, bool kSoftcap, Smoothing kSmooth>
+int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
+                 int64_t row_end) {
+  const int64_t vocab = p.vocab;
+  const V softcap = broadcast(c.softcap);
+  const V inv_softcap = broadcast(c.inv_softcap);
+  const V minus_inf = broadcast(-INFINITY);
+  int64_t bad_row = -1;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    float m = -FLT_MAX;  // running max of the capped logits
+    V s[kSlots], smoothing_sum[kSlots];  // s: sum of exp(z - m), lane-wise partials
+    for (int k = 0; k < kSlots; ++k) {
+      s[k] = broadcast(0.0f);
+      smoothing_sum[k] = broadcast(0.0f);
+    }
+    // The rebasing of smoothing_sum, and the class weight of the blocks before this one.
+    double smoothing_rebase = 0, weight_seen = 0;
+    for (int64_t begin = 0; begin < vocab; begin += kBlock) {
+      const T* xb = x + begin;
+      const int64_t len = std::min(kBlock, vocab - begin);
+      // The block's max, on the raw logits: tanh is increasing, so capping commutes with it.
+      V block_max[kSlots];
+      for (int k = 0; k < kSlots; ++k) block_max[k] = minus_inf;
+      for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        block_max[k] = max_first(block_max[k], loadn(xb + j, n), n);
+      });
+      const float new_max = capped_logit(hmax(block_max), c);
+      if (new_max > m) {
+        const V rescale = broadcast(std::exp(m - new_max));
+        for (int k = 0; k < kSlots; ++k) s[k] = s[k] * rescale;
+        if (kSmooth != Smoothing::kNone) {
+          smoothing_rebase += weight_seen * (static_cast<double>(m) - new_max);
+        }
+        m = new_max;
+      }
+      const V m_v = broadcast(m);
+      V block_weight = broadcast(0.0f);
+      for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        prefetch_fwd(xb + j, k);
+        V z = loadn(xb + j, n);  // padding lanes load as 0
+        if (kSoftcap) z = softcap * tanh_vec(z * inv_softcap);
+        if (kSmooth != Smoothing::kNone) {
+          const V z_rel = sub_first(z, m_v, n);
+          if (kSmooth == Smoothing::kUniform) {
+            smoothing_sum[k] = smoothing_sum[k] + z_rel;
+          } else {
+            const V w = loadn(c.weight + begin + j, n);  // padding lanes load as 0
+            smoothing_sum[k] = fmadd(w, z_rel, smoothing_sum[k]);
+            block_weight = block_weight + w;
+          }
+        }
+        s[k] = add_exp_first(s[k], z, m_v, n);
+      });
+      if (kSmooth == Smoothing::kUniform) weight_seen += static_cast<double>(len);
+      if (kSmooth == Smoothing::kWeighted) weight_seen += hsum(block_weight);
+    }
+    const float log_sum = std::log(hsum(s));
+    const double smooth =
+        kSmooth == Smoothing::kNone ? 0.0 : hsum(smoothing_sum) + smoothing_rebase;
+    if (fwd_row_end(p, c, r, x, m, log_sum, smooth) && bad_row < 0) bad_row = r;
+  }
+  return bad_row;
+}
+
+template <class T, bool kSoftcap, bool kWeighted>
+void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
+              int64_t row_begin, int64_t row_end) {
+  const int64_t vocab = p.vocab;
+  const float* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
+  const V softcap = broadcast(c.softcap);
+  const V inv_softcap = broadcast(c.inv_softcap);
+  const V one = broadcast(1.0f);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
+    T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
+    const BwdRow<float> row = bwd_row<T, kWeighted>(p, c, num_classes, r, x);
+    if (row.fill) {
+      const V v = broadcast(row.fill_value);
+      for_each_chunk(vocab, [&](int64_t j, int n, int) FASTLLM_INLINE_LAMBDA {
+        storen(dx + j, v, n);
+      });
+      continue;
+    }
+    const V lse_hi = broadcast(row.split.hi);
+    const V lse_lo = broadcast(row.split.lo);
+    const V coef_p = broadcast(row.k.coef_p);
+    const V coef_w = broadcast(row.k.coef_w);
+    for_each_chunk(vocab, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+      prefetch_bwd(x + j, k);
+      V z = loadn(x + j, n);
+      V tanh_j = z;
+      if (kSoftcap) {
+        tanh_j = tanh_vec(z * inv_softcap);
+        z = softcap * tanh_j;
+      }
+      const V p_j = exp_nonpositive((z - lse_hi) - lse_lo);
+      V d = coef_p * p_j;
+      d = kWeighted ? fnmadd(coef_w, loadn(weight + j, n), d) : d - coef_w;
+      if (kSoftcap) d = d * fnmadd(tanh_j, tanh_j, one);
+      storen(dx + j, d, n);
+    });
+    if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
+  }
+}

@@ -386,14 +386,13 @@ namespace avx2_path {
 
 using V = __m256;
 constexpr int W = 8;
-using cpu::avx2::kSlots;
-using cpu::avx2::loadn;
-using cpu::avx2::storen;
-
 using cpu::avx2::broadcast;
 using cpu::avx2::fmadd;
 using cpu::avx2::fnmadd;
 using cpu::avx2::hsum;
+using cpu::avx2::kSlots;
+using cpu::avx2::loadn;
+using cpu::avx2::storen;
 
 template <class Body>
 FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {

@@ -1035,15 +1035,32 @@ bool bwd_single_pass_fits(const BwdInputs<T>& in) {
              kTileCacheBytes;
 }
 
+// How a backward task uses a query tile: the dq tile loop packs it into the thread's own
+// rows (kOwn), and in the single-pass scheme, which also forms dk / dv from it, in the
+// transposed layout too where the thread's products read that (kOwnForDkDv); the dk/dv
+// pass takes it from the thread's cache of the slice's query tiles (kCached).
+enum class QueryUse { kOwn, kOwnForDkDv, kCached };
+
+// A key tile's recomputed p and ds, as the thread's recompute left them: the active rows,
+// the keys nk, the score columns Ns formed, and the block of rows [lo, hi) the tile products
+// cover (the active rows, or whole 32-row blocks around them on the AMX path).
+struct TileDone {
+  ActiveRows rows;
+  int nk, Ns, lo, hi;
+};
+
 // A thread's backward state: its tiles, and the packed tiles of the (batch, kv head) it
 // works on: q (pre-scaled) and dout of its query heads for the dk/dv pass, k^T and v^T for
-// both passes, k for the dq pass.
+// both passes, k for the dq pass. The schemes below drive it (as they drive AmxBwdThread)
+// through pack_keys, pack_queries, recompute, dq_product, accumulate and the stores.
 template <class T, class Ops>
 struct BwdThread {
+  using Elem = T;
   using Acc = AccOf<T>;
   const BwdInputs<T>& in;
   BwdTiles<Acc> t;
   TileCache<Acc> q_tiles, dout_tiles, kt_tiles, vt_tiles, k_tiles;
+  const Acc* k_tile = nullptr;  // k of the current key tile (the B of dq)
 
   explicit BwdThread(const BwdInputs<T>& inputs)
       : in(inputs),
@@ -1054,109 +1071,171 @@ struct BwdThread {
         vt_tiles(in.k_blocks, in.Dp * kBlockK),
         k_tiles(in.k_blocks, kBlockK * in.Dp) {}
 
-  // t.kt, t.vt <- k^T, v^T of the key tile [j0, j0 + nk) of (b, hk).
-  void pack_key_tiles(int64_t b, int64_t hk, int64_t j0, int nk, int Np) {
+  uint32_t* row_keys() { return t.row_keys; }
+  uint32_t* col_keys() { return t.col_keys; }
+
+  // t.kt, t.vt (and, for_dq, k_tile) <- the key tile [j0, j0 + nk) of (b, hk).
+  void pack_keys(int64_t b, int64_t hk, int64_t j0, int nk, bool for_dq) {
     const int64_t slice = b * in.p.num_kv_heads + hk;
+    const int Np = round_up(nk, kColPad);
     t.kt = kt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
       pack_transposed<Ops>(in.k, b, j0, hk, nk, Np, in.D, in.Dp, dst);
     });
     t.vt = vt_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
       pack_transposed<Ops>(in.v, b, j0, hk, nk, Np, in.D, in.Dp, dst);
     });
+    if (for_dq) {
+      k_tile = k_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
+        pack_rows(in.k, b, j0, hk, nk, Np, in.D, in.Dp, Acc(1), dst);
+      });
+    }
   }
 
-  // dq of the query tile [i0, i0 + kBlockQ) of head h (t.dq = dq / scale), against every
-  // key tile the mask lets it see; after each tile's dq product, per_key_tile(rows, j0, nk,
-  // Np) runs with p and ds of the tile in t (the one-pass scheme accumulates dk / dv there).
-  template <class PerKeyTile>
-  void dq_tile(int64_t b, int64_t h, int64_t i0, const SeqLens& len, const Mask& mask,
-               const ScoreMods<Acc>& mods, PerKeyTile&& per_key_tile) {
+  // t.q (pre-scaled), t.dout <- the query tile [i0, i0 + mq) of head h.
+  void pack_queries(int64_t b, int64_t h, int64_t i0, int mq, QueryUse use) {
     const int D = in.D, Dp = in.Dp;
-    const int64_t hk = h / in.group;
-    const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-    // The tile's own q and dout: packed once, used against every key tile.
-    pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, t.q_own.data());
-    pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
-    t.q = t.q_own.data();
-    t.dout = t.dout_own.data();
-    if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-    std::fill_n(t.dq.data(), mq * Dp, Acc(0));
-    const Acc* lse = in.lse(b, h, i0);
-    const Acc* delta_tile = in.delta_rows(b, h, i0);
-    const int64_t k_begin = mask.key_begin(i0);
-    const int64_t k_end = mask.key_end(i0 + mq - 1);
-    // The tile's dbias rows, written here only (not in the dk/dv pass): once per element.
-    T* dbias = in.p.dbias == nullptr
-                   ? nullptr
-                   : static_cast<T*>(in.p.dbias) +
-                         ((b * in.p.num_heads + h) * in.p.seqlen_q + i0) * in.p.seqlen_k;
-    for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-      if (in.key_blocks.dead(b, j0 / kBlockK)) continue;
-      const KeyTile key_tile = in.key_blocks.tile(b, j0 / kBlockK);
-      const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
-      const int Np = round_up(nk, kColPad);
-      const int Ns = key_tile.columns(Np);
-      pack_key_tiles(b, hk, j0, nk, Np);
-      const Acc* k_tile = k_tiles.get(b * in.p.num_kv_heads + hk, j0 / kBlockK, [&](Acc* dst) {
-        pack_rows(in.k, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
-      });
-      if (mods.dropout) dropout_col_keys(j0, nk, t.col_keys);
-      const ActiveRows rows =
-          recompute_ds<Ops>(mask, mods, key_tile, i0, mq, j0, nk, Np, Dp, lse, delta_tile, t,
-                            dbias == nullptr ? nullptr : dbias + j0, in.p.seqlen_k);
-      const int r0 = rows.first;
-      Ops::gemm(rows.count(), Dp, Ns, t.dp.data() + r0 * Ns, Ns, 1, k_tile, Dp,
-                t.dq.data() + r0 * Dp, Dp, true);
-      per_key_tile(rows, j0, nk, Ns);
+    if (use != QueryUse::kCached) {
+      pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, t.q_own.data());
+      pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
+      t.q = t.q_own.data();
+      t.dout = t.dout_own.data();
+      return;
     }
-    store_rows(t.dq.data(), Dp, mq, D, in.scale, in.dq, b, i0, h);
+    const int64_t hk = h / in.group;
+    const int64_t slice = b * in.p.num_kv_heads + hk;
+    const int64_t tile = (h - hk * in.group) * in.q_blocks + i0 / kBlockQ;
+    t.q = q_tiles.get(slice, tile, [&](Acc* dst) {
+      pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, dst);
+    });
+    t.dout = dout_tiles.get(slice, tile, [&](Acc* dst) {
+      pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
+    });
+  }
+
+  TileDone recompute(const Mask& mask, const ScoreMods<Acc>& mods, const KeyTile& key_tile,
+                     int64_t i0, int mq, int64_t j0, int nk, const Acc* lse, const Acc* delta,
+                     T* dbias, int64_t dbias_ld) {
+    const int Np = round_up(nk, kColPad);
+    const ActiveRows rows = recompute_ds<Ops>(mask, mods, key_tile, i0, mq, j0, nk, Np, in.Dp,
+                                              lse, delta, t, dbias, dbias_ld);
+    return {rows, nk, key_tile.columns(Np), rows.first, rows.last};
+  }
+
+  // The dq tile (t.dq = dq / scale) and the key tile's dq product.
+  void begin_dq(int mq) { std::fill_n(t.dq.data(), mq * in.Dp, Acc(0)); }
+  void dq_product(const TileDone& done) {
+    const int r0 = done.rows.first, Ns = done.Ns, Dp = in.Dp;
+    Ops::gemm(done.rows.count(), Dp, Ns, t.dp.data() + r0 * Ns, Ns, 1, k_tile, Dp,
+              t.dq.data() + r0 * Dp, Dp, true);
+  }
+  void store_dq(int mq, int64_t b, int64_t i0, int64_t h) {
+    store_rows(t.dq.data(), in.Dp, mq, in.D, in.scale, in.dq, b, i0, h);
+  }
+
+  // dk / dv accumulators: a key block's rows (kBlockK x Dp), block after block in the
+  // single-pass scheme's slice rows.
+  int64_t block_elems() const { return int64_t{kBlockK} * in.Dp; }
+  Acc* dk_block() { return t.dk.data(); }
+  Acc* dv_block() { return t.dv.data(); }
+  void zero_block(int nk_stored) {
+    std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * in.Dp, Acc(0));
+    std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * in.Dp, Acc(0));
+  }
+  void accumulate(const ScoreMods<Acc>& mods, const TileDone& done, Acc* dk, Acc* dv) {
+    accumulate_dk_dv<Ops>(mods, done.rows, done.nk, done.Ns, in.Dp, t, dk, dv);
+  }
+  // The first n keys of the block at j0 (rows of dk, dv) into the gradients.
+  void store_block(const Acc* dk, const Acc* dv, int n, int64_t b, int64_t j0, int64_t hk) {
+    store_rows(dk, in.Dp, n, in.D, Acc(1), in.dk, b, j0, hk);
+    store_rows(dv, in.Dp, n, in.D, Acc(1), in.dv, b, j0, hk);
   }
 };
 
+// dq of the query tile [i0, i0 + kBlockQ) of head h, against every key tile the mask lets it
+// see; after each tile's dq product, per_key_tile(done, j0) runs with the tile's p and ds
+// still in the thread (the single-pass scheme accumulates dk / dv there, for_dk_dv).
+template <class Thread, class PerKeyTile>
+void bwd_dq_tile(Thread& th, int64_t b, int64_t h, int64_t i0, const SeqLens& len,
+                 const Mask& mask, const ScoreMods<typename Thread::Acc>& mods, bool for_dk_dv,
+                 PerKeyTile&& per_key_tile) {
+  using Acc = typename Thread::Acc;
+  const auto& in = th.in;
+  const int64_t hk = h / in.group;
+  const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
+  th.pack_queries(b, h, i0, mq, for_dk_dv ? QueryUse::kOwnForDkDv : QueryUse::kOwn);
+  if (mods.dropout) mods.row_keys(i0, mq, th.row_keys());
+  th.begin_dq(mq);
+  const Acc* lse = in.lse(b, h, i0);
+  const Acc* delta = in.delta_rows(b, h, i0);
+  const int64_t k_begin = mask.key_begin(i0);
+  const int64_t k_end = mask.key_end(i0 + mq - 1);
+  using T = typename Thread::Elem;
+  // The tile's dbias rows, written here only (not in the dk/dv pass): once per element.
+  T* dbias = in.p.dbias == nullptr
+                 ? nullptr
+                 : static_cast<T*>(in.p.dbias) +
+                       ((b * in.p.num_heads + h) * in.p.seqlen_q + i0) * in.p.seqlen_k;
+  for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
+    if (in.key_blocks.dead(b, j0 / kBlockK)) continue;
+    const KeyTile key_tile = in.key_blocks.tile(b, j0 / kBlockK);
+    const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
+    th.pack_keys(b, hk, j0, nk, /*for_dq=*/true);
+    if (mods.dropout) dropout_col_keys(j0, nk, th.col_keys());
+    const TileDone done = th.recompute(mask, mods, key_tile, i0, mq, j0, nk, lse, delta,
+                                       dbias == nullptr ? nullptr : dbias + j0, in.p.seqlen_k);
+    if (done.rows.count() == 0) continue;
+    th.dq_product(done);
+    per_key_tile(done, j0);
+  }
+  th.store_dq(mq, b, i0, h);
+}
+
 // The single-pass scheme (a worksharing loop of the enclosing parallel region): dq, dk, dv,
 // one task per (batch, kv head); dk / dv of the whole slice accumulate in the thread's fp32
-// rows, in the order of the two-pass dk/dv loop (heads of the group, then query blocks), so
-// both schemes give the same bits.
-template <class T, class Ops>
-void bwd_single_pass(BwdThread<T, Ops>& th) {
-  using Acc = AccOf<T>;
-  const BwdInputs<T>& in = th.in;
+// rows, block by block, in the order of the two-pass dk/dv loop (heads of the group, then
+// query blocks), so both schemes give the same bits.
+template <class Thread>
+void bwd_single_pass(Thread& th) {
+  using Acc = typename Thread::Acc;
+  const auto& in = th.in;
   const BwdParams& p = in.p;
-  const int D = in.D, Dp = in.Dp;
-  std::vector<Acc> dk_rows(in.k_blocks * kBlockK * Dp), dv_rows(in.k_blocks * kBlockK * Dp);
+  const int64_t block = th.block_elems();
+  std::vector<Acc> dk_rows(in.k_blocks * block), dv_rows(in.k_blocks * block);
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_kv_heads; ++task) {
     const int64_t hk = task % p.num_kv_heads;
     const int64_t b = task / p.num_kv_heads;
     const SeqLens len = seq_lens(p, b);
     const Mask mask(p, len);
-    std::fill_n(dk_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
-    std::fill_n(dv_rows.data(), round_up(len.k_stored, kBlockK) * Dp, Acc(0));
+    const int64_t blocks = (len.k_stored + kBlockK - 1) / kBlockK;
+    std::fill_n(dk_rows.data(), blocks * block, Acc(0));
+    std::fill_n(dv_rows.data(), blocks * block, Acc(0));
     for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
       const ScoreMods<Acc> mods(p, b, h, len);
       for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
-        th.dq_tile(b, h, i0, len, mask, mods, [&](const ActiveRows& rows, int64_t j0, int nk,
-                                                  int Ns) {
-          accumulate_dk_dv<Ops>(mods, rows, nk, Ns, Dp, th.t, dk_rows.data() + j0 * Dp,
-                                dv_rows.data() + j0 * Dp);
-        });
+        bwd_dq_tile(th, b, h, i0, len, mask, mods, /*for_dk_dv=*/true,
+                    [&](const TileDone& done, int64_t j0) {
+                      const int64_t e = j0 / kBlockK * block;
+                      th.accumulate(mods, done, dk_rows.data() + e, dv_rows.data() + e);
+                    });
       }
     }
-    store_rows(dk_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), in.dk, b, 0, hk);
-    store_rows(dv_rows.data(), Dp, static_cast<int>(len.k_stored), D, Acc(1), in.dv, b, 0, hk);
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - kb * kBlockK));
+      th.store_block(dk_rows.data() + kb * block, dv_rows.data() + kb * block, n, b,
+                     kb * kBlockK, hk);
+    }
   }
 }
 
 // The dk/dv pass of the two-pass scheme (a worksharing loop of the enclosing parallel
 // region): one task per (batch, kv head, key block), over the query tiles of the group's
 // heads that see the block; keys stored past the used ones get zero gradients.
-template <class T, class Ops>
-void bwd_dk_dv_pass(BwdThread<T, Ops>& th) {
-  using Acc = AccOf<T>;
-  const BwdInputs<T>& in = th.in;
+template <class Thread>
+void bwd_dk_dv_pass(Thread& th) {
+  using Acc = typename Thread::Acc;
+  const auto& in = th.in;
   const BwdParams& p = in.p;
-  BwdTiles<Acc>& t = th.t;
-  const int D = in.D, Dp = in.Dp;
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_kv_heads * in.k_blocks; ++task) {
     const int64_t kb = task % in.k_blocks;
@@ -1168,67 +1247,58 @@ void bwd_dk_dv_pass(BwdThread<T, Ops>& th) {
     // Keys [j0, j0 + nk) are used, the rest of the block's stored keys get zero gradients.
     const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
     const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
-    const int Np = round_up(nk, kColPad);
     const Mask mask(p, len);
-    std::fill_n(t.dk.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
-    std::fill_n(t.dv.data(), round_up(nk_stored, kColPad) * Dp, Acc(0));
-    const int64_t slice = b * p.num_kv_heads + hk;
+    th.zero_block(nk_stored);
     // A block without live keys (key_padding_mask) has zero gradients.
     const bool dead = in.key_blocks.dead(b, kb);
     const KeyTile key_tile = in.key_blocks.tile(b, kb);
-    const int Ns = key_tile.columns(Np);
-    if (!dead) th.pack_key_tiles(b, hk, j0, nk, Np);
-    if (p.dropout_p > 0) dropout_col_keys(j0, nk, t.col_keys);
+    if (!dead && nk > 0) th.pack_keys(b, hk, j0, nk, /*for_dq=*/false);
+    if (p.dropout_p > 0) dropout_col_keys(j0, nk, th.col_keys());
     const int64_t q_begin = mask.query_begin(j0);
     const int64_t q_end = nk > 0 && !dead ? mask.query_end(j0 + nk) : 0;
     for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
       const ScoreMods<Acc> mods(p, b, h, len);
       for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
         const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-        const int64_t q_tile = (h - hk * in.group) * in.q_blocks + i0 / kBlockQ;
-        t.q = th.q_tiles.get(slice, q_tile, [&](Acc* dst) {
-          pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, dst);
-        });
-        t.dout = th.dout_tiles.get(slice, q_tile, [&](Acc* dst) {
-          pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
-        });
-        if (mods.dropout) mods.row_keys(i0, mq, t.row_keys);
-        const ActiveRows rows =
-            recompute_ds<Ops>(mask, mods, key_tile, i0, mq, j0, nk, Np, Dp, in.lse(b, h, i0),
-                              in.delta_rows(b, h, i0), t, static_cast<T*>(nullptr), 0);
-        accumulate_dk_dv<Ops>(mods, rows, nk, Ns, Dp, t, t.dk.data(), t.dv.data());
+        th.pack_queries(b, h, i0, mq, QueryUse::kCached);
+        if (mods.dropout) mods.row_keys(i0, mq, th.row_keys());
+        using T = typename Thread::Elem;
+        const TileDone done =
+            th.recompute(mask, mods, key_tile, i0, mq, j0, nk, in.lse(b, h, i0),
+                         in.delta_rows(b, h, i0), static_cast<T*>(nullptr), 0);
+        if (done.rows.count() == 0) continue;
+        th.accumulate(mods, done, th.dk_block(), th.dv_block());
       }
     }
-    store_rows(t.dk.data(), Dp, nk_stored, D, Acc(1), in.dk, b, j0, hk);
-    store_rows(t.dv.data(), Dp, nk_stored, D, Acc(1), in.dv, b, j0, hk);
+    th.store_block(th.dk_block(), th.dv_block(), nk_stored, b, j0, hk);
   }
 }
 
 // The dq pass of the two-pass scheme (a worksharing loop of the enclosing parallel region):
-// one task per (batch, head, query block); t.dq = dq / scale.
-template <class T, class Ops>
-void bwd_dq_pass(BwdThread<T, Ops>& th) {
-  using Acc = AccOf<T>;
+// one task per (batch, head, query block).
+template <class Thread>
+void bwd_dq_pass(Thread& th) {
+  using Acc = typename Thread::Acc;
   const BwdParams& p = th.in.p;
   const int64_t q_blocks = th.in.q_blocks;
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
     const QueryBlock t = query_block(p, task, q_blocks);
     if (t.mq == 0) continue;
-    th.dq_tile(t.b, t.h, t.i0, t.len, Mask(p, t.len), ScoreMods<Acc>(p, t.b, t.h, t.len),
-               [](const ActiveRows&, int64_t, int, int) {});
+    bwd_dq_tile(th, t.b, t.h, t.i0, t.len, Mask(p, t.len), ScoreMods<Acc>(p, t.b, t.h, t.len),
+                /*for_dk_dv=*/false, [](const TileDone&, int64_t) {});
   }
 }
 
 // Backward: D first, then one of the two schemes (bwd_single_pass_fits) in one parallel
-// region.
-template <class T, class Ops>
-void attention_bwd_typed(const BwdParams& p) {
+// region, each thread with its own Thread (BwdThread, or AmxBwdThread).
+template <class Thread, class T>
+void attention_bwd_with(const BwdParams& p) {
   const BwdInputs<T> in(p);
   const bool single_pass = bwd_single_pass_fits(in);
 #pragma omp parallel
   {
-    BwdThread<T, Ops> th(in);
+    Thread th(in);
     if (single_pass) {
       bwd_single_pass(th);
     } else {
@@ -1423,13 +1493,17 @@ void store_transposed(const float* src, int64_t ld, int rows, int D, float scale
   }
 }
 
-// A thread's backward state on the AMX path (BwdThread's counterpart): its tiles, and the
-// packed tiles of the (batch, kv head) it works on. Query tiles are packed as rows (the A of
-// s and dp) and, for the dk^T / dv^T products, transposed; key tiles as k^T and v^T (the B
-// of s and dp, pairs of columns) and k in pairs of rows (the B of dq).
+// A thread's backward state on the AMX path (BwdThread's counterpart, driven by the same
+// schemes): its tiles, and the packed tiles of the (batch, kv head) it works on. Query
+// tiles are packed as rows (the A of s and dp) and, for the dk^T / dv^T products,
+// transposed; key tiles as k^T and v^T (the B of s and dp, pairs of columns) and k in pairs
+// of rows (the B of dq). dk and dv accumulate transposed, a key block as Dk x kBlockK floats.
 template <class T>
 struct AmxBwdThread {
+  using Elem = T;
+  using Acc = float;
   using Ops = avx512::Ops;
+  amx::TileScope tile_scope;  // first: the tiles are configured before any product
   const BwdInputs<T>& in;
   const int Dk;
   std::vector<float> s, dp, dcap, dq, dkt, dvt;
@@ -1438,7 +1512,7 @@ struct AmxBwdThread {
   const uint16_t *q = nullptr, *dout = nullptr, *qt = nullptr, *doutt = nullptr,
                  *kt = nullptr, *vt = nullptr, *kp = nullptr;
   int begin[kBlockQ], end[kBlockQ];
-  uint32_t row_keys[kBlockQ], col_keys[kBlockK];
+  uint32_t row_keys_[kBlockQ], col_keys_[kBlockK];
   // The last recompute wrote ds_rows, p_pairs and ds_pairs itself (no feature modified the
   // scores, so p needs no dropout before its conversion).
   bool fused = false;
@@ -1465,8 +1539,12 @@ struct AmxBwdThread {
         vt_tiles(in.k_blocks, Dk * kBlockK),
         k_tiles(in.k_blocks, kBlockK * Dk) {}
 
-  // kt, vt, kp <- the key tile [j0, j0 + nk) of (b, hk).
-  void pack_key_tiles(int64_t b, int64_t hk, int64_t j0, int nk) {
+  uint32_t* row_keys() { return row_keys_; }
+  uint32_t* col_keys() { return col_keys_; }
+
+  // kt, vt, kp <- the key tile [j0, j0 + nk) of (b, hk) (kp also when not for_dq: one cached
+  // tile, packed once per slice either way).
+  void pack_keys(int64_t b, int64_t hk, int64_t j0, int nk, bool /*for_dq*/) {
     const int64_t slice = b * in.p.num_kv_heads + hk;
     const int64_t tile = j0 / kBlockK;
     kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) {
@@ -1483,9 +1561,9 @@ struct AmxBwdThread {
     });
   }
 
-  // q, dout (rows) and, with transposed, qt, doutt <- query tile [i0, i0 + mq) of head h;
-  // cached per slice (the dk/dv pass) or packed into the thread's own rows (cached false).
-  void pack_query_tiles(int64_t b, int64_t h, int64_t i0, int mq, bool transposed, bool cached) {
+  // q, dout (rows) and, unless for dq alone, qt, doutt <- query tile [i0, i0 + mq) of head
+  // h; cached per slice (the dk/dv pass) or packed into the thread's own rows.
+  void pack_queries(int64_t b, int64_t h, int64_t i0, int mq, QueryUse use) {
     const int64_t hk = h / in.group;
     const int64_t slice = b * in.p.num_kv_heads + hk;
     const int64_t tile = (h - hk * in.group) * in.q_blocks + i0 / kBlockQ;
@@ -1497,7 +1575,7 @@ struct AmxBwdThread {
       amx::pack_transposed(bits(src.row(b, i0, h)), src.stride.t, src.stride.d, mq, in.D, Dk,
                            kBlockQ, dst);
     };
-    if (cached) {
+    if (use == QueryUse::kCached) {
       q = q_tiles.get(slice, tile, [&](uint16_t* dst) { rows_of(in.q, dst); });
       dout = dout_tiles.get(slice, tile, [&](uint16_t* dst) { rows_of(in.dout, dst); });
     } else {
@@ -1506,25 +1584,24 @@ struct AmxBwdThread {
       q = q_own.data();
       dout = dout_own.data();
     }
-    if (transposed) {
+    if (use != QueryUse::kOwn) {
       qt = qt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.q, dst); });
       doutt = doutt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.dout, dst); });
     }
   }
 
   // recompute_ds on AMX: s <- p (undropped), dp <- ds for the packed query tile (rows i0 ..
-  // i0 + mq) against the packed key tile; returns the active rows and, in lo / hi, the
-  // 32-row block around them that the products cover.
-  ActiveRows recompute(const Mask& mask, const ScoreMods<float>& mods, const KeyTile& key_tile,
-                       int64_t i0, int mq, int64_t j0, int nk, const float* lse,
-                       const float* delta, T* dbias, int64_t dbias_ld, int& lo, int& hi) {
+  // i0 + mq) against the packed key tile; the products cover the 32-row blocks [lo, hi)
+  // around the active rows.
+  TileDone recompute(const Mask& mask, const ScoreMods<float>& mods, const KeyTile& key_tile,
+                     int64_t i0, int mq, int64_t j0, int nk, const float* lse,
+                     const float* delta, T* dbias, int64_t dbias_ld) {
     const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, key_tile, begin, end);
-    if (rows.count() == 0) return rows;
     const int Ns = key_tile.columns(round_up(nk, kColPad));
+    if (rows.count() == 0) return {rows, nk, Ns, 0, 0};
     const int ns = std::min(nk, Ns);
     const int r0 = rows.first;
-    lo = r0 / 32 * 32;
-    hi = round_up(rows.last, 32);
+    const int lo = r0 / 32 * 32, hi = round_up(rows.last, 32);
     float* sr = s.data() + r0 * Ns;
     float* dpr = dp.data() + r0 * Ns;
     float* dcapr = mods.softcap > 0 ? dcap.data() + r0 * Ns : nullptr;
@@ -1537,7 +1614,7 @@ struct AmxBwdThread {
       amx::softmax_grad_to_operands<T>(s.data(), dp.data(), Ns, lo, hi, r0, rows.last, begin, end,
                                        static_cast<float>(in.scale), lse, delta, ds_rows.data(),
                                        kBlockK, p_pairs.data(), ds_pairs.data());
-      return rows;
+      return {rows, nk, Ns, lo, hi};
     }
     amx::scale_scores(s.data(), Ns, r0, rows.last, static_cast<float>(in.scale));
     mods.transform(sr, dcapr, rows.count(), Ns, i0 + r0, j0);
@@ -1545,22 +1622,47 @@ struct AmxBwdThread {
     key_tile.mask_scores(sr, rows.count(), Ns, ns);
     amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
                  false);
-    if (mods.dropout) mods.template drop<Ops>(dpr, rows.count(), Ns, ns, row_keys + r0, col_keys);
+    if (mods.dropout) mods.template drop<Ops>(dpr, rows.count(), Ns, ns, row_keys_ + r0, col_keys_);
     Ops::softmax_grad(sr, dpr, rows.count(), Ns, begin + r0, end + r0, lse + r0, delta + r0);
     finish_ds(dpr, dcapr, rows.count(), Ns, ns,
               dbias == nullptr ? nullptr : dbias + r0 * dbias_ld, dbias_ld);
-    return rows;
+    return {rows, nk, Ns, lo, hi};
   }
 
+  // The dq tile (dq = dq / scale, whole 32-row blocks) and the key tile's dq product.
+  void begin_dq(int mq) { std::fill_n(dq.data(), round_up(mq, 32) * Dk, 0.0f); }
+  void dq_product(const TileDone& done) {
+    const int lo = done.lo, hi = done.hi, Ns = done.Ns;
+    if (!fused) {
+      amx::convert_rows<T>(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns, kBlockK,
+                           ds_rows.data(), kBlockK);
+    }
+    amx::gemm<T>(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, kp, 2 * Dk,
+                 dq.data() + lo * Dk, Dk, true);
+  }
+  void store_dq(int mq, int64_t b, int64_t i0, int64_t h) {
+    store_rows(dq.data(), Dk, mq, in.D, in.scale, in.dq, b, i0, h);
+  }
+
+  // dk^T / dv^T accumulators: a key block as Dk x kBlockK floats, block after block in the
+  // single-pass scheme's slice rows.
+  int64_t block_elems() const { return int64_t{Dk} * kBlockK; }
+  float* dk_block() { return dkt.data(); }
+  float* dv_block() { return dvt.data(); }
+  void zero_block(int /*nk_stored*/) {
+    std::fill(dkt.begin(), dkt.end(), 0.0f);
+    std::fill(dvt.begin(), dvt.end(), 0.0f);
+  }
   // dv^T += dout^T (z p) and dk^T += q^T ds (unscaled: dk = scale q^T ds, applied on store)
   // for the tile recompute just formed; rows [lo, hi) of the query tile.
-  void accumulate_dk_dv(const ScoreMods<float>& mods, const ActiveRows& rows, int lo, int hi,
-                        int nk, int Ns, float* dkt_tile, float* dvt_tile) {
-    const int r0 = rows.first;
+  void accumulate(const ScoreMods<float>& mods, const TileDone& done, float* dkt_tile,
+                  float* dvt_tile) {
+    const ActiveRows& rows = done.rows;
+    const int r0 = rows.first, lo = done.lo, hi = done.hi, Ns = done.Ns;
     if (!fused) {
       if (mods.dropout) {
-        mods.template drop<Ops>(s.data() + r0 * Ns, rows.count(), Ns, std::min(nk, Ns),
-                                row_keys + r0, col_keys);
+        mods.template drop<Ops>(s.data() + r0 * Ns, rows.count(), Ns, std::min(done.nk, Ns),
+                                row_keys_ + r0, col_keys_);
       }
       amx::convert_row_pairs<T>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data());
       amx::convert_row_pairs<T>(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
@@ -1570,162 +1672,12 @@ struct AmxBwdThread {
     amx::gemm<T>(Dk, Ns, hi - lo, qt + lo, kBlockQ, ds_pairs.data() + lo * Ns, 2 * Ns, dkt_tile,
                  kBlockK, true);
   }
-
-  // BwdThread::dq_tile on AMX: dq of query tile [i0, i0 + kBlockQ) of head h against every key
-  // tile it sees; per_key_tile(rows, lo, hi, j0, nk, Ns) runs after each tile's dq product.
-  template <class PerKeyTile>
-  void dq_tile(int64_t b, int64_t h, int64_t i0, const SeqLens& len, const Mask& mask,
-               const ScoreMods<float>& mods, bool transposed, PerKeyTile&& per_key_tile) {
-    const int64_t hk = h / in.group;
-    const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-    pack_query_tiles(b, h, i0, mq, transposed, /*cached=*/false);
-    if (mods.dropout) mods.row_keys(i0, mq, row_keys);
-    std::fill_n(dq.data(), round_up(mq, 32) * Dk, 0.0f);
-    const float* lse = in.lse(b, h, i0);
-    const float* delta_tile = in.delta_rows(b, h, i0);
-    const int64_t k_begin = mask.key_begin(i0);
-    const int64_t k_end = mask.key_end(i0 + mq - 1);
-    T* dbias = in.p.dbias == nullptr
-                   ? nullptr
-                   : static_cast<T*>(in.p.dbias) +
-                         ((b * in.p.num_heads + h) * in.p.seqlen_q + i0) * in.p.seqlen_k;
-    for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
-      if (in.key_blocks.dead(b, j0 / kBlockK)) continue;
-      const KeyTile key_tile = in.key_blocks.tile(b, j0 / kBlockK);
-      const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j0));
-      const int Ns = key_tile.columns(round_up(nk, kColPad));
-      pack_key_tiles(b, hk, j0, nk);
-      if (mods.dropout) dropout_col_keys(j0, nk, col_keys);
-      int lo = 0, hi = 0;
-      const ActiveRows rows =
-          recompute(mask, mods, key_tile, i0, mq, j0, nk, lse, delta_tile,
-                    dbias == nullptr ? nullptr : dbias + j0, in.p.seqlen_k, lo, hi);
-      if (rows.count() == 0) continue;
-      if (!fused) {
-        amx::convert_rows<T>(dp.data(), Ns, lo, hi, rows.first, rows.last, Ns, kBlockK,
-                             ds_rows.data(), kBlockK);
-      }
-      amx::gemm<T>(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, kp, 2 * Dk,
-                   dq.data() + lo * Dk, Dk, true);
-      per_key_tile(rows, lo, hi, j0, nk, Ns);
-    }
-    store_rows(dq.data(), Dk, mq, in.D, in.scale, in.dq, b, i0, h);
+  // The first n keys of the block at j0 (columns of dk^T, dv^T) into the gradients.
+  void store_block(const float* dk, const float* dv, int n, int64_t b, int64_t j0, int64_t hk) {
+    store_transposed(dk, kBlockK, n, in.D, static_cast<float>(in.scale), in.dk, b, j0, hk);
+    store_transposed(dv, kBlockK, n, in.D, 1.0f, in.dv, b, j0, hk);
   }
 };
-
-// bwd_single_pass on AMX: dk^T / dv^T of the whole slice accumulate per key block (Dk x
-// kBlockK floats each) in the thread's rows, in the two-pass order.
-template <class T>
-void bwd_single_pass_amx(AmxBwdThread<T>& th) {
-  const BwdInputs<T>& in = th.in;
-  const BwdParams& p = in.p;
-  const int64_t block = int64_t{th.Dk} * kBlockK;
-  std::vector<float> dkt_rows(in.k_blocks * block), dvt_rows(in.k_blocks * block);
-#pragma omp for schedule(dynamic)
-  for (int64_t task = 0; task < p.batch * p.num_kv_heads; ++task) {
-    const int64_t hk = task % p.num_kv_heads;
-    const int64_t b = task / p.num_kv_heads;
-    const SeqLens len = seq_lens(p, b);
-    const Mask mask(p, len);
-    const int64_t blocks = (len.k_stored + kBlockK - 1) / kBlockK;
-    std::fill_n(dkt_rows.data(), blocks * block, 0.0f);
-    std::fill_n(dvt_rows.data(), blocks * block, 0.0f);
-    for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
-      const ScoreMods<float> mods(p, b, h, len);
-      for (int64_t i0 = 0; i0 < len.q; i0 += kBlockQ) {
-        th.dq_tile(b, h, i0, len, mask, mods, /*transposed=*/true,
-                   [&](const ActiveRows& rows, int lo, int hi, int64_t j0, int nk, int Ns) {
-                     const int64_t e = j0 / kBlockK * block;
-                     th.accumulate_dk_dv(mods, rows, lo, hi, nk, Ns, dkt_rows.data() + e,
-                                         dvt_rows.data() + e);
-                   });
-      }
-    }
-    for (int64_t kb = 0; kb < blocks; ++kb) {
-      const int n = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - kb * kBlockK));
-      store_transposed(dkt_rows.data() + kb * block, kBlockK, n, in.D,
-                       static_cast<float>(in.scale), in.dk, b, kb * kBlockK, hk);
-      store_transposed(dvt_rows.data() + kb * block, kBlockK, n, in.D, 1.0f, in.dv, b,
-                       kb * kBlockK, hk);
-    }
-  }
-}
-
-// bwd_dk_dv_pass on AMX.
-template <class T>
-void bwd_dk_dv_pass_amx(AmxBwdThread<T>& th) {
-  const BwdInputs<T>& in = th.in;
-  const BwdParams& p = in.p;
-#pragma omp for schedule(dynamic)
-  for (int64_t task = 0; task < p.batch * p.num_kv_heads * in.k_blocks; ++task) {
-    const int64_t kb = task % in.k_blocks;
-    const int64_t hk = task / in.k_blocks % p.num_kv_heads;
-    const int64_t b = task / in.k_blocks / p.num_kv_heads;
-    const SeqLens len = seq_lens(p, b);
-    const int64_t j0 = kb * kBlockK;
-    if (j0 >= len.k_stored) continue;
-    const int nk_stored = static_cast<int>(std::min<int64_t>(kBlockK, len.k_stored - j0));
-    const int nk = static_cast<int>(std::clamp<int64_t>(len.k - j0, 0, kBlockK));
-    const Mask mask(p, len);
-    std::fill(th.dkt.begin(), th.dkt.end(), 0.0f);
-    std::fill(th.dvt.begin(), th.dvt.end(), 0.0f);
-    const bool dead = in.key_blocks.dead(b, kb);
-    const KeyTile key_tile = in.key_blocks.tile(b, kb);
-    const int Ns = key_tile.columns(round_up(nk, kColPad));
-    if (!dead && nk > 0) th.pack_key_tiles(b, hk, j0, nk);
-    if (p.dropout_p > 0) dropout_col_keys(j0, nk, th.col_keys);
-    const int64_t q_begin = mask.query_begin(j0);
-    const int64_t q_end = nk > 0 && !dead ? mask.query_end(j0 + nk) : 0;
-    for (int64_t h = hk * in.group; h < (hk + 1) * in.group; ++h) {
-      const ScoreMods<float> mods(p, b, h, len);
-      for (int64_t i0 = q_begin / kBlockQ * kBlockQ; i0 < q_end; i0 += kBlockQ) {
-        const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
-        th.pack_query_tiles(b, h, i0, mq, /*transposed=*/true, /*cached=*/true);
-        if (mods.dropout) mods.row_keys(i0, mq, th.row_keys);
-        int lo = 0, hi = 0;
-        const ActiveRows rows = th.recompute(mask, mods, key_tile, i0, mq, j0, nk,
-                                             in.lse(b, h, i0), in.delta_rows(b, h, i0),
-                                             static_cast<T*>(nullptr), 0, lo, hi);
-        if (rows.count() == 0) continue;
-        th.accumulate_dk_dv(mods, rows, lo, hi, nk, Ns, th.dkt.data(), th.dvt.data());
-      }
-    }
-    store_transposed(th.dkt.data(), kBlockK, nk_stored, in.D, static_cast<float>(in.scale), in.dk,
-                     b, j0, hk);
-    store_transposed(th.dvt.data(), kBlockK, nk_stored, in.D, 1.0f, in.dv, b, j0, hk);
-  }
-}
-
-// bwd_dq_pass on AMX.
-template <class T>
-void bwd_dq_pass_amx(AmxBwdThread<T>& th) {
-  const BwdParams& p = th.in.p;
-  const int64_t q_blocks = th.in.q_blocks;
-#pragma omp for schedule(dynamic)
-  for (int64_t task = 0; task < p.batch * p.num_heads * q_blocks; ++task) {
-    const QueryBlock t = query_block(p, task, q_blocks);
-    if (t.mq == 0) continue;
-    th.dq_tile(t.b, t.h, t.i0, t.len, Mask(p, t.len), ScoreMods<float>(p, t.b, t.h, t.len),
-               /*transposed=*/false, [](const ActiveRows&, int, int, int64_t, int, int) {});
-  }
-}
-
-template <class T>
-void attention_bwd_amx(const BwdParams& p) {
-  const BwdInputs<T> in(p);
-  const bool single_pass = bwd_single_pass_fits(in);
-#pragma omp parallel
-  {
-    amx::TileScope tile_scope;
-    AmxBwdThread<T> th(in);
-    if (single_pass) {
-      bwd_single_pass_amx(th);
-    } else {
-      bwd_dk_dv_pass_amx(th);
-      bwd_dq_pass_amx(th);
-    }
-  }
-}
 
 #endif  // FASTLLM_ATTENTION_CPU_X86
 
@@ -1828,15 +1780,17 @@ void attention_bwd_cpu(const BwdParams& p) {
   if (p.batch == 0) return;
 #if defined(FASTLLM_ATTENTION_CPU_X86)
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
-    return attention_bwd_amx<BFloat16>(p);
+    return attention_bwd_with<AmxBwdThread<BFloat16>, BFloat16>(p);
   }
   if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
-    return attention_bwd_amx<Half>(p);
+    return attention_bwd_with<AmxBwdThread<Half>, Half>(p);
   }
 #endif
   cpu::dispatch_dtype(p.dtype, "attention_bwd_cpu", [&](auto type) {
     using T = typename decltype(type)::type;
-    with_best_ops<T>([&](auto ops) { attention_bwd_typed<T, typename decltype(ops)::type>(p); });
+    with_best_ops<T>([&](auto ops) {
+      attention_bwd_with<BwdThread<T, typename decltype(ops)::type>, T>(p);
+    });
   });
 }
 

@@ -1323,9 +1323,9 @@ void attention_bwd_with(const BwdParams& p) {
 // D64 / D128 and B2 H8 T1024 D64, one thread, alternating calls in one process, equal
 // outputs; Granite Rapids-class core): queueing the next 16-row strip's q k^T jobs and the
 // previous strip's p v jobs between the softmax's rows, so that the tile unit would work
-// under the vector code: 0.79-0.94x (0.86-0.92x with the jobs issued before the rows instead,
-// 0.84-0.95x two or three strips ahead); the query tile in 16-, 32- or 64-row slices through
-// all three steps: 0.86-1.00x; 256- or 512-row query tiles: 0.98-1.02x at D = 64, 1.01-1.05x
+// under the vector code: 0.79-0.94x (0.89-0.92x with the jobs issued before the rows instead,
+// 0.80-0.95x two or three strips ahead); the query tile in 16-, 32- or 64-row slices through
+// all three steps: 0.88-1.00x; 256- or 512-row query tiles: 0.98-1.02x at D = 64, 1.00-1.05x
 // at D = 128. Replacing the softmax by a bare conversion of the scores took 11 % (D = 128) to
 // 19 % (D = 64) off the forward's time: the products bound it, at about half of torch's bf16
 // GEMM rate (their C tiles are loaded and stored every 64 or 128 keys of K; a GEMM keeps its

@@ -148,17 +148,11 @@ def setup(mode: Optional[str], device: Optional[str], environ=os.environ) -> Dis
                        device=torch_device)
 
 
-def teardown(d: Distributed, synchronize: bool = True) -> None:
-    """Ends the process group. ``synchronize`` (a run every process finished): first waits
-    until every process got here, so that none tears down its connections while a peer still
-    works on the group (rank 0 writing the last checkpoint and the sample; a gloo process
-    that exited under a peer's pending work aborted, ~1 run in 6 of the CPU tests). After a
-    failure the peers may be gone or elsewhere, so it does not wait."""
+def teardown(d: Distributed) -> None:
+    """Ends the process group (after every process got here)."""
     import torch.distributed as dist
 
     if d.enabled and dist.is_initialized():
-        if synchronize:
-            dist.barrier()
         dist.destroy_process_group()
 
 

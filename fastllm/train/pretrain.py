@@ -271,14 +271,10 @@ def run(args: argparse.Namespace) -> int:
         par = distributed.setup(args.distributed, args.device)
     except distributed.DistributedSetupError as exc:
         raise UsageError(str(exc)) from exc
-    status = None
     try:
-        status = _run(args, par)
-        return status
+        return _run(args, par)
     finally:
-        # every rank reaches a status (the non-finite loss check is collective); an exception
-        # or an interruption may have left the peers elsewhere
-        distributed.teardown(par, synchronize=status in (0, 1))
+        distributed.teardown(par)
 
 
 def _run(args: argparse.Namespace, par) -> int:

@@ -1233,6 +1233,7 @@ void bwd_single_pass(Thread& th) {
 // heads that see the block; keys stored past the used ones get zero gradients.
 template <class Thread>
 void bwd_dk_dv_pass(Thread& th) {
+  using T = typename Thread::Elem;
   using Acc = typename Thread::Acc;
   const auto& in = th.in;
   const BwdParams& p = in.p;
@@ -1262,7 +1263,6 @@ void bwd_dk_dv_pass(Thread& th) {
         const int mq = static_cast<int>(std::min<int64_t>(kBlockQ, len.q - i0));
         th.pack_queries(b, h, i0, mq, QueryUse::kCached);
         if (mods.dropout) mods.row_keys(i0, mq, th.row_keys());
-        using T = typename Thread::Elem;
         const TileDone done =
             th.recompute(mask, mods, key_tile, i0, mq, j0, nk, in.lse(b, h, i0),
                          in.delta_rows(b, h, i0), static_cast<T*>(nullptr), 0);

@@ -1,7 +1,5 @@
 """``python -m fastllm COMMAND ...``: the same command line as the ``fastllm`` script."""
 
-import sys
+from fastllm.cli import console_main
 
-from fastllm.cli import main
-
-sys.exit(main())
+console_main()

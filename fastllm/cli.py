@@ -14,7 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 # command -> the module that registers it, imported when the parser is built
 COMMANDS: dict[str, str] = {
@@ -58,3 +58,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.handler(args)
     except UsageError as exc:
         parser.error(str(exc))
+
+
+def console_main() -> NoReturn:
+    """The ``fastllm`` program (the script and ``python -m fastllm``): :func:`main`, then the
+    exit with its status; a process that ran a torch.distributed process group (a rank under
+    torchrun) leaves through ``fastllm.train.distributed.exit_process`` (see there why)."""
+    code = main()
+    code = 0 if code is None else int(code)
+    distributed = sys.modules.get("fastllm.train.distributed")  # loaded only if it ran
+    if distributed is not None:
+        distributed.exit_process(code)
+    sys.exit(code)

@@ -10,7 +10,9 @@ give other losses or a shape error); only rank 0 writes (one metrics file, each 
 complete checkpoints that fastllm.models.from_pretrained loads, no temporaries, one sample);
 a distributed resume repeats the uninterrupted run, and its checkpoint also resumes in one
 process; Ctrl-C (SIGINT to torchrun) stops both ranks after the same step with a checkpoint,
-and a non-finite loss on one rank stops both at that step; a launch that does not fit --distributed is refused before anything is written.
+and a non-finite loss on one rank stops both at that step; a launch that does not fit
+--distributed is refused before anything is written; a rank leaves without the
+interpreter's finalization, where torch's gloo workers could abort it after a finished run.
 """
 
 from __future__ import annotations
@@ -272,6 +274,7 @@ try:
 except loop.NonFiniteLoss as exc:
     print(f"rank {par.rank} stopped at step {exc.step}", flush=True)
 distributed.teardown(par)
+distributed.exit_process(0)
 """
 
 
@@ -288,6 +291,35 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
         "rank 0 stopped at step 3", "rank 1 stopped at step 3"]
     assert list(curve(out)) == [1, 2]  # rank 0's metrics; no checkpoint of the broken step
     assert not (out / ckpt.CHECKPOINTS).exists()
+
+
+EXIT_AFTER_A_PROCESS_GROUP = """
+import atexit
+import sys
+
+import fastllm.train.distributed as distributed
+from fastllm.cli import console_main
+
+distributed._ran_process_group = {ran}  # as teardown leaves it
+atexit.register(lambda: print("finalized"))
+sys.argv = ["fastllm"]  # no command: status 2
+print("before", end="")  # buffered: a pipe
+console_main()
+"""
+
+
+@pytest.mark.parametrize("ran", [True, False])
+def test_a_rank_exits_without_finalization_after_flushing(ran):
+    """After a process group, ``fastllm`` keeps its exit status and its buffered output but
+    skips the interpreter's finalization (no atexit handler runs), where gloo's worker
+    threads can abort a rank (fastllm.train.distributed.exit_process); otherwise it exits as
+    usual."""
+    done = subprocess.run([sys.executable, "-c", EXIT_AFTER_A_PROCESS_GROUP.format(ran=ran)],
+                          env=_torchrun_command([])[1], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stdout == ("before" if ran else "beforefinalized\n")
+    assert "no command given" in done.stderr
 
 
 @pytest.mark.parametrize("mode, env, message", [

@@ -15,12 +15,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
 from fastllm.bench import cross_entropy, load_family, models
-from fastllm.bench.common import COMPILE, EAGER, THP_ENV, resolve_backend
+from fastllm.bench.common import COMPILE, EAGER, THP_ENV, _fmt, fill_ratios, resolve_backend
 from fastllm.cli import COMMANDS, main
 from fastllm.ops import cross_entropy as ce_ops
 
@@ -136,6 +137,61 @@ def test_bench_contenders_filter(tmp_path, capsys):
             "torch eager, torch.compile") in capsys.readouterr().err
 
 
+def test_bench_processes(tmp_path, capsys):
+    """--processes 2 times the cases in two fresh processes and shows, per row, the median
+    time and the median of the processes' own speedups with their range; 0 is refused."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "norm", "--quick", "--device", "cpu", "--no-thp-rerun",
+                 "--only", "rms_norm-fwd-*-float32", "--processes", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert [r["contender"] for r in rows] == ["fastllm", EAGER, COMPILE]
+    for r in rows:
+        assert r["error"] is None and r["processes"] == 2, r
+        assert r["time_s"] > 0 and r["repeats"] >= 2 * 3  # both processes' timed calls
+        for key in ("speedup_vs_eager", "speedup_vs_compile"):
+            low, high = r[key + "_range"]
+            assert 0 < low <= r[key] <= high, (r["contender"], key, low, r[key], high)
+    assert rows[1]["speedup_vs_eager"] == 1.0 and rows[1]["speedup_vs_eager_range"] == [1.0, 1.0]
+    fastllm_row = next(line for line in table.splitlines() if "fastllm[" in line)
+    low, high = rows[0]["speedup_vs_eager_range"]
+    assert f"({_fmt(low)}-{_fmt(high)})" in fastllm_row or low == high, fastllm_row
+    assert "--processes 2: each case timed in 2 fresh processes" in table
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "norm", "--quick", "--processes", "0"])
+    assert exit_info.value.code == 2
+    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_merge_processes():
+    """merge_processes: per row the median time, all the repeats, the largest peak, the
+    median and range of the processes' own speedups; a failure in one process is kept."""
+    from fastllm.bench.common import Result, merge_processes
+
+    def run(times: dict[str, float], peak: int, error: Optional[str] = None) -> list[Result]:
+        failed = {COMPILE} if error else set()
+        rows = [Result(family="norm", case="c", params={}, contender=name, label=name,
+                       device="cpu", thp="off", time_s=None if name in failed else t,
+                       repeats=0 if name in failed else 5, bytes_moved=10**9,
+                       peak_memory_bytes=peak, error=error if name in failed else None)
+                for name, t in times.items()]
+        fill_ratios(rows)
+        return rows
+
+    runs = [run({"fastllm": 1.0, EAGER: 2.0, COMPILE: 3.0}, 10),
+            run({"fastllm": 3.0, EAGER: 3.0, COMPILE: 3.0}, 30),
+            run({"fastllm": 2.0, EAGER: 5.0, COMPILE: 3.0}, 20, error="broke")]
+    fastllm_row, eager_row, compile_row = merge_processes(runs)
+    assert fastllm_row.time_s == 2.0 and fastllm_row.repeats == 15 and fastllm_row.processes == 3
+    assert fastllm_row.peak_memory_bytes == 30 and fastllm_row.gbs == 0.5  # of the median time
+    assert fastllm_row.speedup_vs_eager == 2.0 and fastllm_row.speedup_vs_eager_range == [1.0, 2.5]
+    assert eager_row.time_s == 3.0 and eager_row.speedup_vs_eager == 1.0
+    assert compile_row.error == "broke" and compile_row.processes == 3
+    # against torch.compile: 3/1 and 3/3 (the third process has no torch.compile time)
+    assert fastllm_row.speedup_vs_compile == 2.0
+    assert fastllm_row.speedup_vs_compile_range == [1.0, 3.0]
+
+
 def test_pytest_benchmark_suite_runs_its_quick_cases(tmp_path):
     """benchmarks/ (pytest-benchmark) builds its tests from the same cases: one quick case
     of two families runs there, fastllm's row records its path, and --bench-shapes
@@ -161,7 +217,8 @@ def test_pytest_benchmark_suite_runs_its_quick_cases(tmp_path):
 def test_python_m_fastllm_help():
     run = _fastllm("bench", "--help", env=dict(os.environ))
     assert run.returncode == 0, run.stderr
-    for option in ("--quick", "--json", "--only", "--device", "--backend", "--no-thp-rerun"):
+    for option in ("--quick", "--json", "--only", "--device", "--backend", "--processes",
+                   "--no-thp-rerun"):
         assert option in run.stdout
 
 

@@ -525,6 +525,11 @@ class Result:
     speedup_vs_compile: Optional[float] = None  # torch.compile time / this time
     peak_memory_bytes: Optional[int] = None
     error: Optional[str] = None
+    # fastllm bench --processes N: how many fresh processes timed this row (merge_processes),
+    # and the smallest and largest of their own speedups (the speedups above are the median)
+    processes: int = 1
+    speedup_vs_eager_range: Optional[list[float]] = None
+    speedup_vs_compile_range: Optional[list[float]] = None
 
     @classmethod
     def of(cls, family: str, case: "Case", contender: str, *, backend: str, **fields: Any) -> "Result":
@@ -560,6 +565,45 @@ def fill_ratios(results: Sequence[Result]) -> None:
                 result.speedup_vs_eager = base[EAGER] / result.time_s
             if COMPILE in base:
                 result.speedup_vs_compile = base[COMPILE] / result.time_s
+
+
+def merge_processes(runs: Sequence[Sequence[Result]]) -> list[Result]:
+    """One row per (family, case, THP setting, contender) from the same cases timed in
+    several fresh processes (``fastllm bench --processes``), in the first run's order: the
+    median of the processes' times (and the bandwidth or FLOP rate of that time), all their
+    repeats, the largest peak memory; the speedups are the median of each process's own
+    speedups, which it measured with its contenders in alternation, and their range across
+    the processes. A row that failed in some process is reported with that process's error."""
+    groups: dict[tuple[str, str, str, str], list[Result]] = {}
+    for run in runs:
+        for result in run:
+            groups.setdefault((result.family, result.case, result.thp, result.contender),
+                              []).append(result)
+    merged: list[Result] = []
+    speedups: dict[int, tuple[list[float], list[float]]] = {}
+    for group in groups.values():
+        failed = next((r for r in group if r.error is not None), None)
+        if failed is not None:
+            merged.append(dataclasses.replace(failed, processes=len(group)))
+            continue
+        peaks = [r.peak_memory_bytes for r in group if r.peak_memory_bytes is not None]
+        merged.append(dataclasses.replace(
+            group[0], time_s=statistics.median(r.time_s for r in group),
+            repeats=sum(r.repeats for r in group), peak_memory_bytes=max(peaks, default=None),
+            processes=len(group), speedup_vs_eager=None, speedup_vs_compile=None))
+        speedups[len(merged) - 1] = (
+            [r.speedup_vs_eager for r in group if r.speedup_vs_eager is not None],
+            [r.speedup_vs_compile for r in group if r.speedup_vs_compile is not None])
+    fill_ratios(merged)  # the rates of the median times
+    for index, (vs_eager, vs_compile) in speedups.items():
+        result = merged[index]
+        if vs_eager:
+            result.speedup_vs_eager = statistics.median(vs_eager)
+            result.speedup_vs_eager_range = [min(vs_eager), max(vs_eager)]
+        if vs_compile:
+            result.speedup_vs_compile = statistics.median(vs_compile)
+            result.speedup_vs_compile_range = [min(vs_compile), max(vs_compile)]
+    return merged
 
 
 # ----------------------------------------------------------------------------- table
@@ -638,11 +682,20 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
             _fmt(result.time_s * 1e3),
             _fmt(rate),
             _fmt(ceiling_fraction, "%", digits=2),
-            _fmt(result.speedup_vs_eager, "x"),
-            _fmt(result.speedup_vs_compile, "x"),
+            _fmt_speedup(result.speedup_vs_eager, result.speedup_vs_eager_range),
+            _fmt_speedup(result.speedup_vs_compile, result.speedup_vs_compile_range),
             _fmt(peak, digits=1),
         ])
     return format_table(headers, rows, right)
+
+
+def _fmt_speedup(value: Optional[float], spread: Optional[Sequence[float]]) -> str:
+    """``1.05x``, or with the range over several processes ``1.05x (0.82-1.15)`` (not for a
+    range of one value: a contender against itself)."""
+    text = _fmt(value, "x")
+    if value is None or not spread or spread[0] == spread[1]:
+        return text
+    return f"{text} ({_fmt(spread[0])}-{_fmt(spread[1])})"
 
 
 # ---------------------------------------------------------------------------- runner

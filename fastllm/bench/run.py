@@ -2,7 +2,7 @@
 
     fastllm bench [FAMILY ...] [--quick] [--shapes {default,llama3-8b,all}] [--json FILE]
                   [--plot FILE] [--only PATTERN ...] [--device DEVICE] [--backend NAME]
-                  [--no-thp-rerun]
+                  [--processes N] [--no-thp-rerun]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
@@ -17,6 +17,13 @@ On a CUDA device the cases have more contenders (``Case.contenders_on``): attent
 torch's SDPA forced onto its flash and cuDNN backends (``sdpa[flash]``, ``sdpa[cudnn]``; a
 backend that refuses a case shows n/a), and every family Liger-Kernel's kernels (``liger``)
 where ``liger_kernel`` is importable; the header says whether it was found.
+
+``--processes N`` times each family's cases in N fresh processes instead of this one and
+shows per row the median time and the median of the processes' speedups with their range:
+on the CPU a cache-sized case can run at one speed in one process and at another in the
+next (fastllm's and torch's layer_norm fwd 4096 x 1024 float32 at 0.66-1.0x of each other
+in separate runs, one Granite Rapids-class core; within one process the ratio holds), which
+a single process cannot show.
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
@@ -100,6 +107,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "back to reference, with a warning, when fastllm._C is not built)",
     )
     bench.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="time each family's cases in N fresh processes, one after the other, and show "
+        "per row the median time and the median of the processes' own speedups with their "
+        "range (min-max): some CPU cases move between processes by more than within one "
+        "(default 1: this process)",
+    )
+    bench.add_argument(
         "--no-thp-rerun", action="store_true",
         help="do not re-time the page-fault-bound CPU cases with the opposite "
         "THP_MEM_ALLOC_ENABLE setting",
@@ -115,16 +129,16 @@ def _matches(case_id: str, patterns: Optional[Sequence[str]]) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(case_id, p) for p in patterns)
 
 
-def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_now: str):
-    """Times ``cases`` in a subprocess whose torch allocator has the opposite THP setting;
-    returns its results (FAILED rows if the subprocess gave none) and its machine."""
-    import torch
-
+def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: str,
+               thp_rerun: bool, what: str):
+    """Times ``cases`` of ``family`` in a fresh ``fastllm bench`` subprocess on ``device``
+    whose torch allocator has the THP setting ``thp`` (and which re-times its page-fault-bound
+    cases with the other one if ``thp_rerun``); returns its results (FAILED rows if the
+    subprocess gave none), its machine and its other-THP machine (None where it has none)."""
     from fastllm.bench.common import THP_ENV, Machine, Result
 
-    other = "off" if thp_now == "on" else "on"
     env = dict(os.environ)
-    if other == "on":
+    if thp == "on":
         env[THP_ENV] = "1"
     else:
         env.pop(THP_ENV, None)
@@ -134,27 +148,41 @@ def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_no
     with tempfile.TemporaryDirectory(prefix="fastllm-bench-") as tmp:
         out = Path(tmp) / "results.json"
         command = [
-            sys.executable, "-m", "fastllm", "bench", family, "--device", "cpu",
-            "--backend", backend, "--no-thp-rerun", "--json", str(out),
-            "--shapes", args.shapes, *(["--quick"] if args.quick else []),
+            sys.executable, "-m", "fastllm", "bench", family, "--device", str(device),
+            "--backend", backend, "--json", str(out), "--shapes", args.shapes,
+            *(["--quick"] if args.quick else []), *([] if thp_rerun else ["--no-thp-rerun"]),
         ]
         for case in cases:
             command += ["--only", case.id]
         for pattern in args.contenders or []:
             command += ["--contenders", pattern]
-        logger.info("%s: re-timing %d page-fault-bound cases with THP %s in a subprocess",
-                    family, len(cases), other)
+        logger.info("%s: timing %d cases %s", family, len(cases), what)
         completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=False)
         if out.exists():
             report = json.loads(out.read_text())
-            return [Result(**r) for r in report["results"]], Machine(**report["machine"])
-    error = f"the THP {other} subprocess exited with status {completed.returncode}, no results"
+            other = report.get("other_thp_machine")
+            return ([Result(**r) for r in report["results"]], Machine(**report["machine"]),
+                    Machine(**other) if other else None)
+    error = f"the subprocess timing {what} exited with status {completed.returncode}, no results"
     logger.error("%s: %s", family, error)
     failed = [
-        Result.of(family, case, contender, backend=backend, device="cpu", thp=other, error=error)
-        for case in cases for contender in case.contenders_on(torch.device("cpu"))
+        Result.of(family, case, contender, backend=backend, device=str(device), thp=thp,
+                  error=error)
+        for case in cases for contender in case.contenders_on(device)
     ]
-    return failed, None
+    return failed, None, None
+
+
+def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_now: str):
+    """Times ``cases`` in a subprocess whose torch allocator has the opposite THP setting;
+    returns its results (FAILED rows if the subprocess gave none) and its machine."""
+    import torch
+
+    other = "off" if thp_now == "on" else "on"
+    results, machine, _ = _run_child(
+        family, cases, args, backend, torch.device("cpu"), other, thp_rerun=False,
+        what=f"again, the page-fault-bound ones, with THP {other} in a subprocess")
+    return results, machine
 
 
 def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) -> str:
@@ -252,9 +280,12 @@ def run(args: argparse.Namespace) -> int:
 
     from fastllm.bench.common import (
         GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
-        fresh_pages_every_call, measure_machine, not_available, resolve_backend, results_table,
-        dtype_name, gemm_gflops, run_cases,
+        fresh_pages_every_call, measure_machine, merge_processes, not_available,
+        resolve_backend, results_table, dtype_name, gemm_gflops, run_cases, thp_setting,
     )
+
+    if args.processes < 1:
+        raise UsageError(f"--processes must be at least 1, got {args.processes}")
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -284,19 +315,42 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     budget = TimingBudget.quick() if args.quick else TimingBudget.full()
 
-    logger.info("measuring the copy bandwidth and first-touch ceilings on %s", device)
-    machine = measure_machine(device, args.quick)
-    flop_dtypes = {case.dtype for _, _, selected in plan for case in selected
-                   if hasattr(case, "flops")}
-    if flop_dtypes:  # float32 first, always: the reference ceiling
-        machine.gemm_gflops = {}
-        for dtype in [torch.float32, *sorted(flop_dtypes - {torch.float32}, key=str)]:
-            logger.info("measuring the %s GEMM ceiling on %s", dtype_name(dtype), device)
-            machine.gemm_gflops[dtype_name(dtype)] = gemm_gflops(
-                device, dtype, repeats=2 if args.quick else 5)
+    def measure():
+        logger.info("measuring the copy bandwidth and first-touch ceilings on %s", device)
+        measured = measure_machine(device, args.quick)
+        flop_dtypes = {case.dtype for _, _, selected in plan for case in selected
+                       if hasattr(case, "flops")}
+        if flop_dtypes:  # float32 first, always: the reference ceiling
+            measured.gemm_gflops = {}
+            for dtype in [torch.float32, *sorted(flop_dtypes - {torch.float32}, key=str)]:
+                logger.info("measuring the %s GEMM ceiling on %s", dtype_name(dtype), device)
+                measured.gemm_gflops[dtype_name(dtype)] = gemm_gflops(
+                    device, dtype, repeats=2 if args.quick else 5)
+        return measured
+
     other_machine = None
     sections: list[tuple[str, Sequence[str], list[Result]]] = []
     any_rerun = False
+    if args.processes > 1:
+        # Every family's cases in N fresh processes, one after the other (each measures its
+        # own ceilings; the header shows the first one's), merged row by row.
+        machine, thp_now = None, thp_setting(device)
+        for name, family, selected in plan:
+            runs = []
+            for i in range(args.processes):
+                results, child, child_other = _run_child(
+                    name, selected, args, backend, device, thp_now,
+                    thp_rerun=not args.no_thp_rerun,
+                    what=f"in fresh process {i + 1} of {args.processes}")
+                machine, other_machine = machine or child, other_machine or child_other
+                runs.append(results)
+            results = merge_processes(runs)
+            any_rerun = any_rerun or any(r.thp != thp_now for r in results)
+            sections.append((name, family.PARAM_COLUMNS, results))
+        plan = []  # timed
+        machine = machine or measure()  # every process failed: the header still has one
+    else:
+        machine = measure()
     for name, family, selected in plan:
         logger.info("%s: %d cases (THP %s)", name, len(selected), machine.thp)
         results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
@@ -326,6 +380,11 @@ def run(args: argparse.Namespace) -> int:
             f"cases whose outputs exceed {GLIBC_MMAP_THRESHOLD_MAX // MiB} MiB get fresh pages on "
             "every call (page-fault bound): they are shown with both THP settings"
         )
+    if args.processes > 1:
+        rerun_note = "\n".join(filter(None, [rerun_note, (
+            f"--processes {args.processes}: each case timed in {args.processes} fresh processes; "
+            "time ms: the median of theirs; vs eager / vs compile: the median of each "
+            "process's own ratio, (min-max) over the processes; ceilings: the first process's")]))
     print(_header(machine, other_machine, backend_note, budget, rerun_note))
     for name, columns, results in sections:
         print(f"\n== {name} ==")

@@ -21,9 +21,13 @@ where ``liger_kernel`` is importable; the header says whether it was found.
 ``--processes N`` times each family's cases in N fresh processes instead of this one and
 shows per row the median time and the median of the processes' speedups with their range:
 on the CPU a cache-sized case can run at one speed in one process and at another in the
-next (fastllm's and torch's layer_norm fwd 4096 x 1024 float32 at 0.66-1.0x of each other
-in separate runs, one Granite Rapids-class core; within one process the ratio holds), which
-a single process cannot show.
+next, which a single process cannot show. Measured (layer_norm fwd 4096 x 1024 float32, one
+Granite Rapids-class core, fastllm / eager / torch.compile alternating): in about 3 of 10
+processes fastllm's and eager's outputs land in different heap blocks, and fastllm takes
+2.2-2.9 ms against eager's 1.4-1.9 (both 1.25-1.45 ms in the other processes, 0.94-1.05x of
+each other); where the allocator is started with THP_MEM_ALLOC_ENABLE=1 (every large buffer
+2 MiB-aligned) both take 2.25-2.3 ms in all 10 processes, 1.00-1.02x: where the buffers lie
+moves both kernels, and fastllm's more.
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the

@@ -161,6 +161,10 @@ def test_bench_processes(tmp_path, capsys):
         main(["bench", "norm", "--quick", "--processes", "0"])
     assert exit_info.value.code == 2
     assert "--processes must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "models", "--quick", "--processes", "2"])
+    assert exit_info.value.code == 2
+    assert "models has its own runner" in capsys.readouterr().err
 
 
 def test_merge_processes():

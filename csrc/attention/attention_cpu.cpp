@@ -72,6 +72,13 @@
 //     Rapids), 123 GFLOP/s against ~185 for two FMA ports, and 54 GFLOP/s in a 6 x 64
 //     micro-kernel of these tiles, below the float32 path it would replace.
 //
+//   - Every scratch buffer (packed tiles, score, p and output tiles, the backward's row
+//     buffers) is a cpu::AlignedVector: 64-byte aligned, so its 64-byte rows are whole cache
+//     lines. As std::vectors they were 16-byte aligned (an mmapped one 16 bytes into its
+//     page), so vector loads and stores and AMX tile rows split across two lines, by an amount
+//     that changed from process to process: bf16 B1 H8 T4096 D128 fwd took 104-146 ms by
+//     process before, 76-85 after (SDPA 108-118 in the same processes; outputs bit-equal).
+//
 // Glossary: B, Tq, Tk, H, Hkv, D as in attention.h (Tq, Tk the maxima of packed batches);
 // Tq_b / Tk_b the query / used key counts of sequence b; T = storage dtype, Acc = acc type;
 // mq / nk = the rows of a query / key tile, Np = nk padded to kColPad, Dp = D padded to
@@ -88,6 +95,7 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "common/cpu_aligned.h"
 #include "common/cpu_dispatch.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
@@ -309,7 +317,7 @@ class TileCache {
  private:
   int64_t tile_elems_;
   bool cached_;
-  std::vector<Acc> data_;
+  cpu::AlignedVector<Acc> data_;
   std::vector<char> packed_;
   int64_t slice_ = -1;
 };
@@ -832,7 +840,7 @@ void attention_fwd_typed(const FwdParams& p) {
   const KeyBlocks key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias));
 #pragma omp parallel
   {
-    std::vector<Acc> q_tile(kBlockQ * Dp), s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp);
+    cpu::AlignedVector<Acc> q_tile(kBlockQ * Dp), s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * Dp);
     std::vector<Acc> m(kBlockQ), l(kBlockQ);
     TileCache<Acc> kt_tiles(k_blocks, Dp * kBlockK), v_tiles(k_blocks, kBlockK * Dp);
     int begin[kBlockQ], end[kBlockQ];
@@ -895,7 +903,7 @@ void attention_fwd_typed(const FwdParams& p) {
 template <class Acc>
 struct BwdTiles {
   const Acc *q = nullptr, *dout = nullptr, *kt = nullptr, *vt = nullptr;
-  std::vector<Acc> q_own, dout_own, s, dp, dcap, dk, dv, dq;
+  cpu::AlignedVector<Acc> q_own, dout_own, s, dp, dcap, dk, dv, dq;
   int begin[kBlockQ], end[kBlockQ];
   uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 
@@ -1200,7 +1208,7 @@ void bwd_single_pass(Thread& th) {
   const auto& in = th.in;
   const BwdParams& p = in.p;
   const int64_t block = th.block_elems();
-  std::vector<Acc> dk_rows(in.k_blocks * block), dv_rows(in.k_blocks * block);
+  cpu::AlignedVector<Acc> dk_rows(in.k_blocks * block), dv_rows(in.k_blocks * block);
 #pragma omp for schedule(dynamic)
   for (int64_t task = 0; task < p.batch * p.num_kv_heads; ++task) {
     const int64_t hk = task % p.num_kv_heads;
@@ -1357,8 +1365,9 @@ void attention_fwd_amx(const FwdParams& p) {
 #pragma omp parallel
   {
     amx::TileScope tile_scope;
-    std::vector<uint16_t> q_tile(kBlockQ * Dk), p_tile(kBlockQ * 2 * kBlockK);
-    std::vector<float> s_tile(kBlockQ * 2 * kBlockK), o_tile(kBlockQ * Dk), m(kBlockQ), l(kBlockQ);
+    cpu::AlignedVector<uint16_t> q_tile(kBlockQ * Dk), p_tile(kBlockQ * 2 * kBlockK);
+    cpu::AlignedVector<float> s_tile(kBlockQ * 2 * kBlockK), o_tile(kBlockQ * Dk);
+    std::vector<float> m(kBlockQ), l(kBlockQ);
     TileCache<uint16_t> kt_tiles(k_blocks, Dk * kBlockK), v_tiles(k_blocks, kBlockK * Dk);
     int begin[kBlockQ], end[kBlockQ];
     uint32_t row_keys[kBlockQ], col_keys[kBlockK];
@@ -1506,8 +1515,8 @@ struct AmxBwdThread {
   amx::TileScope tile_scope;  // first: the tiles are configured before any product
   const BwdInputs<T>& in;
   const int Dk;
-  std::vector<float> s, dp, dcap, dq, dkt, dvt;
-  std::vector<uint16_t> q_own, dout_own, ds_rows, ds_pairs, p_pairs;
+  cpu::AlignedVector<float> s, dp, dcap, dq, dkt, dvt;
+  cpu::AlignedVector<uint16_t> q_own, dout_own, ds_rows, ds_pairs, p_pairs;
   TileCache<uint16_t> q_tiles, dout_tiles, qt_tiles, doutt_tiles, kt_tiles, vt_tiles, k_tiles;
   const uint16_t *q = nullptr, *dout = nullptr, *qt = nullptr, *doutt = nullptr,
                  *kt = nullptr, *vt = nullptr, *kp = nullptr;

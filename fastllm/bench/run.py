@@ -267,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
     if own_cases and args.shapes != DEFAULT_SHAPES:
         raise UsageError(f"--shapes picks the op families' shapes; {own_cases[0]} has its own "
                          "cases")
+    if own_cases and args.processes != 1:
+        raise UsageError(f"--processes times the op families in fresh processes; {own_cases[0]} "
+                         "has its own runner (pretrain: --repeats)")
     if own_cases and args.contenders:
         raise UsageError(f"--contenders picks among the op families' contenders; {own_cases[0]} "
                          "has its own")

@@ -1,0 +1,48 @@
+// Cache-line-aligned storage for the CPU kernels' own scratch buffers (packed tiles, score
+// and output tiles). malloc aligns to 16 bytes only -- and a buffer large enough to be
+// mmapped starts 16 bytes into its page -- so a std::vector's 64-byte rows would straddle
+// two cache lines on every vector load and store and every AMX tile row, and where each
+// buffer happened to start (which differs from process to process) decided how much of that
+// a run paid. torch's tensors are already 64-byte aligned (c10's CPU allocator).
+#pragma once
+
+#include <cstddef>
+#include <new>
+#include <vector>
+
+namespace fastllm {
+namespace cpu {
+
+inline constexpr std::size_t kCacheLine = 64;
+
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}
+
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kCacheLine}));
+  }
+  void deallocate(T* p, std::size_t) noexcept {
+    ::operator delete(p, std::align_val_t{kCacheLine});
+  }
+
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const noexcept {
+    return true;
+  }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const noexcept {
+    return false;
+  }
+};
+
+// A std::vector whose data() is 64-byte aligned.
+template <class T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
+}  // namespace cpu
+}  // namespace fastllm

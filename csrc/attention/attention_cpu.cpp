@@ -76,8 +76,8 @@
 //     buffers) is a cpu::AlignedVector: 64-byte aligned, so its 64-byte rows are whole cache
 //     lines. As std::vectors they were 16-byte aligned (an mmapped one 16 bytes into its
 //     page), so vector loads and stores and AMX tile rows split across two lines, by an amount
-//     that changed from process to process: bf16 B1 H8 T4096 D128 fwd took 104-146 ms by
-//     process before, 76-85 after (SDPA 108-118 in the same processes; outputs bit-equal).
+//     that changed from process to process: bf16 B1 H8 T4096 D128 fwd took 104-133 ms by
+//     process before, 78-85 after (SDPA 112-118 in the same processes; outputs bit-equal).
 //
 // Glossary: B, Tq, Tk, H, Hkv, D as in attention.h (Tq, Tk the maxima of packed batches);
 // Tq_b / Tk_b the query / used key counts of sequence b; T = storage dtype, Acc = acc type;

@@ -101,23 +101,22 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "error: no command given; choose one of: " + ", ".join(COMMANDS) in err
 
 
+def assert_usage_error(capsys, argv: list[str], message: str) -> None:
+    """``fastllm ARGV`` exits with status 2 (argparse's usage error) and says ``message``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bench_usage_errors(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "no_such_family"])
-    assert exit_info.value.code == 2
-    assert "benchmark family must be one of norm, cross_entropy, attention" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "norm", "--only", "no-such-case"])
-    assert exit_info.value.code == 2
-    assert "no case matches --only no-such-case" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "models", "norm"])
-    assert exit_info.value.code == 2
-    assert "models runs alone" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "models", "--quick", "--only", "no-such-case"])
-    assert exit_info.value.code == 2
-    assert "no case matches --only no-such-case" in capsys.readouterr().err
+    assert_usage_error(capsys, ["bench", "no_such_family"],
+                       "benchmark family must be one of norm, cross_entropy, attention")
+    assert_usage_error(capsys, ["bench", "norm", "--only", "no-such-case"],
+                       "no case matches --only no-such-case")
+    assert_usage_error(capsys, ["bench", "models", "norm"], "models runs alone")
+    assert_usage_error(capsys, ["bench", "models", "--quick", "--only", "no-such-case"],
+                       "no case matches --only no-such-case")
 
 
 def test_bench_contenders_filter(tmp_path, capsys):
@@ -130,11 +129,10 @@ def test_bench_contenders_filter(tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert [r["contender"] for r in rows] == ["fastllm", EAGER]
     assert rows[0]["speedup_vs_eager"] > 0 and rows[0]["speedup_vs_compile"] is None
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "norm", "--quick", "--device", "cpu", "--contenders", "liger"])
-    assert exit_info.value.code == 2
-    assert ("--contenders liger matches none of this run's contenders on cpu: fastllm, "
-            "torch eager, torch.compile") in capsys.readouterr().err
+    assert_usage_error(capsys, ["bench", "norm", "--quick", "--device", "cpu", "--contenders",
+                                "liger"],
+                       "--contenders liger matches none of this run's contenders on cpu: "
+                       "fastllm, torch eager, torch.compile")
 
 
 def test_bench_processes(tmp_path, capsys):
@@ -157,14 +155,10 @@ def test_bench_processes(tmp_path, capsys):
     low, high = rows[0]["speedup_vs_eager_range"]
     assert f"({_fmt(low)}-{_fmt(high)})" in fastllm_row or low == high, fastllm_row
     assert "--processes 2: each case timed in 2 fresh processes" in table
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "norm", "--quick", "--processes", "0"])
-    assert exit_info.value.code == 2
-    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "models", "--quick", "--processes", "2"])
-    assert exit_info.value.code == 2
-    assert "models has its own runner" in capsys.readouterr().err
+    assert_usage_error(capsys, ["bench", "norm", "--quick", "--processes", "0"],
+                       "--processes must be at least 1, got 0")
+    assert_usage_error(capsys, ["bench", "models", "--quick", "--processes", "2"],
+                       "models has its own runner")
 
 
 def test_merge_processes():

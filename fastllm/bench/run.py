@@ -354,25 +354,27 @@ def run(args: argparse.Namespace) -> int:
             results = merge_processes(runs)
             any_rerun = any_rerun or any(r.thp != thp_now for r in results)
             sections.append((name, family.PARAM_COLUMNS, results))
-        plan = []  # timed
         machine = machine or measure()  # every process failed: the header still has one
     else:
         machine = measure()
-    for name, family, selected in plan:
-        logger.info("%s: %d cases (THP %s)", name, len(selected), machine.thp)
-        results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY, device=device,
-                            backend=backend, budget=budget, copy_gbs=machine.copy_gbs,
-                            gemm_gflops=machine.gemm_gflops, contenders=args.contenders)
-        fault_bound = [c for c in selected if fresh_pages_every_call(device, c.largest_output_bytes())]
-        if fault_bound and not args.no_thp_rerun:
-            any_rerun = True
-            other_results, child_machine = _run_with_other_thp(name, fault_bound, args, backend, machine.thp)
-            other_machine = child_machine or other_machine
-            order = {case.id: i for i, case in enumerate(selected)}
-            # each case's rows for this run's setting, then its rows for the other
-            results = sorted(results + other_results, key=lambda r: order[r.case])
-            fill_ratios(results)
-        sections.append((name, family.PARAM_COLUMNS, results))
+        for name, family, selected in plan:
+            logger.info("%s: %d cases (THP %s)", name, len(selected), machine.thp)
+            results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY,
+                                device=device, backend=backend, budget=budget,
+                                copy_gbs=machine.copy_gbs, gemm_gflops=machine.gemm_gflops,
+                                contenders=args.contenders)
+            fault_bound = [c for c in selected
+                           if fresh_pages_every_call(device, c.largest_output_bytes())]
+            if fault_bound and not args.no_thp_rerun:
+                any_rerun = True
+                other_results, child_machine = _run_with_other_thp(
+                    name, fault_bound, args, backend, machine.thp)
+                other_machine = child_machine or other_machine
+                order = {case.id: i for i, case in enumerate(selected)}
+                # each case's rows for this run's setting, then its rows for the other
+                results = sorted(results + other_results, key=lambda r: order[r.case])
+                fill_ratios(results)
+            sections.append((name, family.PARAM_COLUMNS, results))
 
     if other_machine is not None:
         rates = sorted([machine.first_touch_gbs, other_machine.first_touch_gbs])

@@ -303,6 +303,37 @@ FASTLLM_INLINE void transpose_16x16_epi32(__m512i r[16]) {
   }
 }
 
+// Row c of dst (dst + c * ld_dst, c < rows), element d < D = E(scale * src[d * ld + c]): the
+// transposed float accumulators dk^T / dv^T (round_up(D, 16) rows of ld >= round_up(rows, 16)
+// floats) stored as key rows, 16 x 16 blocks through transpose_16x16_epi32, rounded as
+// from_acc rounds (cpu::avx512::store).
+template <class E>
+inline void store_transposed_rows(const float* src, int64_t ld, int rows, int D, float scale,
+                                  E* dst, int64_t ld_dst) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int c0 = 0; c0 < rows; c0 += 16) {
+    const int nc = std::min(16, rows - c0);
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      const int nd = std::min(16, D - d0);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_castps_si512(
+            _mm512_loadu_ps(src + static_cast<int64_t>(d0 + i) * ld + c0));
+      }
+      transpose_16x16_epi32(r);
+      for (int j = 0; j < nc; ++j) {
+        E* out = dst + static_cast<int64_t>(c0 + j) * ld_dst + d0;
+        const __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(r[j]), vscale);
+        if (nd == 16) {
+          cpu::avx512::store(out, x);
+        } else {
+          cpu::avx512::storen(out, x, nd);
+        }
+      }
+    }
+  }
+}
+
 // The transposed rows in pairs of columns: dst[(d / 2) * 2 cols + 2 r + d % 2] = src[r][d]
 // for d < Dk (a multiple of 32), r < cols (a multiple of 16): the B operand k^T (and v^T)
 // of a key tile, whose row pairs are pairs of adjacent elements of one key row.

@@ -112,6 +112,20 @@ void gemm_columns(int M, int K, const float* A, int64_t a_rs, int64_t a_ks, cons
 }
 
 struct Ops {
+  // out[c] = T(scale * in[c]) for c < n (cpu::avx512's rounding: from_acc's).
+  template <class T>
+  static void store_scaled(const float* in, int n, float scale, T* out) {
+    const __m512 vscale = _mm512_set1_ps(scale);
+    int c = 0;
+    for (; c + 16 <= n; c += 16) {
+      cpu::avx512::store(out + c, _mm512_mul_ps(_mm512_loadu_ps(in + c), vscale));
+    }
+    if (c < n) {
+      cpu::avx512::storen(out + c, _mm512_mul_ps(cpu::avx512::loadn(in + c, n - c), vscale),
+                          n - c);
+    }
+  }
+
   static void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_ks,
                    const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
     int n = 0;

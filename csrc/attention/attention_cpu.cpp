@@ -221,7 +221,7 @@ struct Mask {
 
 // dst[r * Dp + c] = scale * row (b, t0 + r, h)[c] for r < rows, c < D; zero padding up to
 // rows_padded x Dp.
-template <class T, class Acc>
+template <class Ops, class T, class Acc>
 void pack_rows(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h, int rows,
                int rows_padded, int D, int Dp, Acc scale, Acc* dst) {
   const T* first = src.row(b, t0, h);
@@ -233,8 +233,8 @@ void pack_rows(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h, int r
       continue;
     }
     const T* in = first + r * src.stride.t;
-    if (stride_d == 1) {  // the usual layout: a loop the compiler vectorises
-      for (int c = 0; c < D; ++c) out[c] = scale * to_acc(in[c]);
+    if (stride_d == 1) {  // the usual layout: the path's vector widening
+      Ops::load_scaled(in, D, scale, out);
     } else {
       for (int c = 0; c < D; ++c) out[c] = scale * to_acc(in[c * stride_d]);
     }
@@ -251,8 +251,19 @@ void pack_transposed(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h,
                      int Np, int D, int Dp, Acc* dst) {
   const T* first = src.row(b, t0, h);
   const int64_t stride_d = src.stride.d;
-  if constexpr (std::is_same_v<T, float> && requires { &Ops::transpose_floats; }) {
-    if (Ops::transpose_floats(first, src.stride.t, stride_d, rows, Np, D, Dp, dst)) return;
+  if constexpr (requires { &Ops::transpose_floats; }) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (Ops::transpose_floats(first, src.stride.t, stride_d, rows, Np, D, Dp, dst)) return;
+    } else if (stride_d == 1) {
+      // 16-bit rows: widened into float rows first, then transposed as floats (a scalar
+      // widening per element took ~10 % of the AVX-512 float16 forward + backward).
+      thread_local cpu::AlignedVector<float> widened;
+      if (widened.size() < static_cast<size_t>(rows) * D) widened.resize(rows * D);
+      for (int r = 0; r < rows; ++r) {
+        Ops::load_scaled(first + r * src.stride.t, D, 1.0f, widened.data() + r * D);
+      }
+      if (Ops::transpose_floats(widened.data(), D, 1, rows, Np, D, Dp, dst)) return;
+    }
   }
   std::fill_n(dst, static_cast<int64_t>(Dp) * Np, Acc(0));
   for (int r = 0; r < rows; ++r) {
@@ -338,6 +349,11 @@ class TileCache {
 
 template <class Acc>
 struct ScalarOps {
+  // out[c] = scale * in[c] in Acc for c < n.
+  template <class T>
+  static void load_scaled(const T* in, int n, Acc scale, Acc* out) {
+    for (int c = 0; c < n; ++c) out[c] = scale * to_acc(in[c]);
+  }
   // out[c] = T(scale * in[c]) for c < n.
   template <class T>
   static void store_scaled(const Acc* in, int n, Acc scale, T* out) {
@@ -451,6 +467,16 @@ FASTLLM_INLINE void gemm_rows_avx2(int N, int K, const float* A, int64_t a_rs, i
 }
 
 struct Avx2Ops {
+  // out[c] = scale * float(in[c]) for c < n.
+  template <class T>
+  static void load_scaled(const T* in, int n, float scale, float* out) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+      _mm256_storeu_ps(out + c, _mm256_mul_ps(cpu::avx2::load(in + c), vscale));
+    }
+    for (; c < n; ++c) out[c] = scale * to_acc(in[c]);
+  }
   // out[c] = T(scale * in[c]) for c < n (cpu::avx2's rounding: from_acc's).
   template <class T>
   static void store_scaled(const float* in, int n, float scale, T* out) {
@@ -880,7 +906,7 @@ void attention_fwd_typed(const FwdParams& p) {
       const int mq = t.mq;
       const Mask mask(p, len);
       const ScoreMods<Acc> mods(p, b, h, len);
-      pack_rows(q, b, i0, h, mq, mq, D, Dp, scale, q_tile.data());
+      pack_rows<Ops>(q, b, i0, h, mq, mq, D, Dp, scale, q_tile.data());
       if (mods.dropout) mods.row_keys(i0, mq, row_keys);
       std::fill_n(o_tile.data(), mq * Dp, Acc(0));
       std::fill_n(m.data(), mq, neg_inf);
@@ -900,7 +926,7 @@ void attention_fwd_typed(const FwdParams& p) {
           pack_transposed<Ops>(k, b, j0, hk, nk, Np, D, Dp, dst);
         });
         const Acc* v_tile = v_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
-          pack_rows(v, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
+          pack_rows<Ops>(v, b, j0, hk, nk, Np, D, Dp, Acc(1), dst);
         });
         const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, key_tile, begin, end);
         const int r0 = rows.first;
@@ -1120,7 +1146,7 @@ struct BwdThread {
     });
     if (for_dq) {
       k_tile = k_tiles.get(slice, j0 / kBlockK, [&](Acc* dst) {
-        pack_rows(in.k, b, j0, hk, nk, Np, in.D, in.Dp, Acc(1), dst);
+        pack_rows<Ops>(in.k, b, j0, hk, nk, Np, in.D, in.Dp, Acc(1), dst);
       });
     }
   }
@@ -1129,8 +1155,8 @@ struct BwdThread {
   void pack_queries(int64_t b, int64_t h, int64_t i0, int mq, QueryUse use) {
     const int D = in.D, Dp = in.Dp;
     if (use != QueryUse::kCached) {
-      pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, t.q_own.data());
-      pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
+      pack_rows<Ops>(in.q, b, i0, h, mq, mq, D, Dp, in.scale, t.q_own.data());
+      pack_rows<Ops>(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), t.dout_own.data());
       t.q = t.q_own.data();
       t.dout = t.dout_own.data();
       return;
@@ -1139,10 +1165,10 @@ struct BwdThread {
     const int64_t slice = b * in.p.num_kv_heads + hk;
     const int64_t tile = (h - hk * in.group) * in.q_blocks + i0 / kBlockQ;
     t.q = q_tiles.get(slice, tile, [&](Acc* dst) {
-      pack_rows(in.q, b, i0, h, mq, mq, D, Dp, in.scale, dst);
+      pack_rows<Ops>(in.q, b, i0, h, mq, mq, D, Dp, in.scale, dst);
     });
     t.dout = dout_tiles.get(slice, tile, [&](Acc* dst) {
-      pack_rows(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
+      pack_rows<Ops>(in.dout, b, i0, h, mq, mq, D, Dp, Acc(1), dst);
     });
   }
 

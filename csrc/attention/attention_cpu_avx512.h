@@ -112,6 +112,20 @@ void gemm_columns(int M, int K, const float* A, int64_t a_rs, int64_t a_ks, cons
 }
 
 struct Ops {
+  // out[c] = scale * float(in[c]) for c < n.
+  template <class T>
+  static void load_scaled(const T* in, int n, float scale, float* out) {
+    const __m512 vscale = _mm512_set1_ps(scale);
+    int c = 0;
+    for (; c + 16 <= n; c += 16) {
+      _mm512_storeu_ps(out + c, _mm512_mul_ps(cpu::avx512::load(in + c), vscale));
+    }
+    if (c < n) {
+      _mm512_mask_storeu_ps(out + c, cpu::avx512::first_lanes(n - c),
+                            _mm512_mul_ps(cpu::avx512::loadn(in + c, n - c), vscale));
+    }
+  }
+
   // out[c] = T(scale * in[c]) for c < n (cpu::avx512's rounding: from_acc's).
   template <class T>
   static void store_scaled(const float* in, int n, float scale, T* out) {

@@ -335,7 +335,7 @@ class TileCache {
  private:
   int64_t tile_elems_;
   bool cached_;
-  cpu::AlignedVector<Acc> data_;
+  cpu::UninitAlignedVector<Acc> data_;  // a tile is read only once pack() has written it
   std::vector<char> packed_;
   int64_t slice_ = -1;
 };

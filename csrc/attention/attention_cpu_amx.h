@@ -275,37 +275,9 @@ inline void pack_rows(const uint16_t* first, int64_t stride_t, int64_t stride_d,
   }
 }
 
-// In place: r[i] lane j <-> r[j] lane i, for 16 vectors of 16 32-bit units.
-FASTLLM_INLINE void transpose_16x16_epi32(__m512i r[16]) {
-  __m512i a[16];
-  for (int i = 0; i < 16; i += 2) {
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // b[4 g + c], 128-bit lane L: rows 4 g .. 4 g + 3 of column c + 4 L.
-  __m512i b[16];
-  for (int g = 0; g < 16; g += 4) {
-    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
-    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
-    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
-    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
-  }
-  // Column c + 4 L gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c].
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
-    const __m512i x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-    const __m512i y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    r[c + 4] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
-    r[c + 8] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    r[c + 12] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
-  }
-}
-
 // Row c of dst (dst + c * ld_dst, c < rows), element d < D = E(scale * src[d * ld + c]): the
 // transposed float accumulators dk^T / dv^T (round_up(D, 16) rows of ld >= round_up(rows, 16)
-// floats) stored as key rows, 16 x 16 blocks through transpose_16x16_epi32, rounded as
+// floats) stored as key rows, 16 x 16 blocks through avx512::transpose_16x16_epi32, rounded as
 // from_acc rounds (cpu::avx512::store).
 template <class E>
 inline void store_transposed_rows(const float* src, int64_t ld, int rows, int D, float scale,
@@ -320,7 +292,7 @@ inline void store_transposed_rows(const float* src, int64_t ld, int rows, int D,
         r[i] = _mm512_castps_si512(
             _mm512_loadu_ps(src + static_cast<int64_t>(d0 + i) * ld + c0));
       }
-      transpose_16x16_epi32(r);
+      avx512::transpose_16x16_epi32(r);
       for (int j = 0; j < nc; ++j) {
         E* out = dst + static_cast<int64_t>(c0 + j) * ld_dst + d0;
         const __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(r[j]), vscale);
@@ -359,7 +331,7 @@ inline void pack_column_pairs(const uint16_t* first, int64_t stride_t, int64_t s
                          ? _mm512_maskz_loadu_epi16(live, first + (r0 + i) * stride_t + 2 * u0)
                          : _mm512_setzero_si512();
         }
-        transpose_16x16_epi32(block);
+        avx512::transpose_16x16_epi32(block);
         for (int i = 0; i < 16; ++i) {
           _mm512_storeu_si512(out32 + static_cast<int64_t>(u0 + i) * cols + r0, block[i]);
         }

@@ -111,6 +111,34 @@ void gemm_columns(int M, int K, const float* A, int64_t a_rs, int64_t a_ks, cons
                        accumulate);
 }
 
+// In place: r[i] lane j <-> r[j] lane i, for 16 vectors of 16 32-bit units.
+FASTLLM_INLINE void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i a[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[4 g + c], 128-bit lane L: rows 4 g .. 4 g + 3 of column c + 4 L.
+  __m512i b[16];
+  for (int g = 0; g < 16; g += 4) {
+    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  // Column c + 4 L gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c].
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[c + 4] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[c + 8] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[c + 12] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
 struct Ops {
   // out[c] = scale * float(in[c]) for c < n.
   template <class T>
@@ -154,12 +182,40 @@ struct Ops {
     }
   }
 
+  // transpose_floats of contiguous rows: 16 x 16 blocks transposed in registers (16 loads
+  // and 16 stores a block; the gathers below take ~3x as long), which is most of a decoded
+  // token's attention (one query row against every cached key).
+  static void transpose_float_rows(const float* first, int64_t stride_t, int rows, int Np,
+                                   int D, int Dp, float* dst) {
+    for (int r0 = 0; r0 < Np; r0 += 16) {
+      const int live = std::max(0, std::min(16, rows - r0));
+      for (int c0 = 0; c0 < Dp; c0 += 16) {
+        const __mmask16 cols =
+            c0 >= D ? __mmask16(0) : cpu::avx512::first_lanes(std::min(16, D - c0));
+        __m512i block[16];
+        for (int i = 0; i < 16; ++i) {
+          block[i] = i < live ? _mm512_castps_si512(_mm512_maskz_loadu_ps(
+                                    cols, first + static_cast<int64_t>(r0 + i) * stride_t + c0))
+                              : _mm512_setzero_si512();
+        }
+        transpose_16x16_epi32(block);
+        for (int j = 0; j < 16; ++j) {
+          _mm512_storeu_si512(dst + static_cast<int64_t>(c0 + j) * Np + r0, block[j]);
+        }
+      }
+    }
+  }
+
   // dst[c * Np + r] = first[r * stride_t + c * stride_d] for r < rows, c < D, zeros in the
   // rest of the Dp x Np tile: one 16-row gather per column and row group, instead of a
   // scalar store per element. false (nothing written) when 15 rows do not fit the gather's
   // int32 offsets.
   static bool transpose_floats(const float* first, int64_t stride_t, int64_t stride_d,
                                int rows, int Np, int D, int Dp, float* dst) {
+    if (stride_d == 1) {
+      transpose_float_rows(first, stride_t, rows, Np, D, Dp, dst);
+      return true;
+    }
     if (stride_t < 0 || stride_t > std::numeric_limits<int32_t>::max() / 16) return false;
     const __m512i row_offsets = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),

@@ -98,6 +98,7 @@ inline void check_like(const char* op, const at::Tensor& ref, const char* ref_na
 
 // View `t` as (rows, cols) with unit column stride, copying only when no such view exists.
 inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
+  if (t.dim() == 2 && t.size(1) == cols && (cols == 1 || t.stride(1) == 1)) return t;
   at::Tensor r = t.reshape({-1, cols});
   if (cols > 1 && r.stride(1) != 1) r = r.contiguous();
   return r;

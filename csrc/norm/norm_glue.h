@@ -90,7 +90,13 @@ inline Checked check_norm_args(const char* op, const at::Tensor& input,
       TORCH_CHECK_TYPE(ok, op, ": ", name, " must have the input's dtype ", input.scalar_type(),
                        " (or float32 with a bfloat16/float16 input), got ", p.scalar_type());
     }
-    return p.to(acc).contiguous().reshape({c.cols});
+    // Each conversion only where needed: every ATen call here costs a dispatch (~0.3-0.5 us),
+    // which a small call, e.g. one decoded token's (1, 1024) row, would pay several times.
+    at::Tensor q = p;
+    if (q.scalar_type() != acc) q = q.to(acc);
+    if (!q.is_contiguous()) q = q.contiguous();
+    if (q.dim() != 1) q = q.reshape({c.cols});
+    return q;
   };
   c.weight = check_param(weight, "weight");
   c.bias = check_param(bias, "bias");

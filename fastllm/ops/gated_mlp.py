@@ -23,7 +23,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastllm.ops._family import OpFamily, OpSet, check_float_tensor, register_autograd
+from fastllm.ops._family import (
+    OpFamily,
+    OpSet,
+    below_autograd,
+    check_float_tensor,
+    register_autograd,
+    without_autograd,
+)
 from fastllm.reference import gated_mlp as ref
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -154,6 +161,9 @@ def gated_activation(op: str, gate: Tensor, up: Optional[Tensor], activation: st
     ops = IMPLS.select(gate)
     if ops is None:
         return ref.gated_mlp_ref(gate, up, activation)
+    if without_autograd(gate, up):
+        with below_autograd():
+            return ops.gated_mlp_fwd(gate, up, activation)
     return ops.gated_mlp_fwd(gate, up, activation)
 
 

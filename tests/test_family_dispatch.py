@@ -1,0 +1,104 @@
+"""The public functions' dispatch shortcut (fastllm/ops/_family.py: without_autograd): a call
+that records no graph -- grad mode off, or no input requiring grad -- runs its op below the
+autograd layer. It must give the same values as the autograd path, no graph, and leave every
+call that does record one on that path, with working gradients. On the native kernels (the
+shortcut is the same code for every backend)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastllm
+import fastllm.functional as F
+from fastllm.ops import attention, gated_mlp, norm, rotary
+
+
+def _norm_inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g),
+            torch.randn(40, generator=g), torch.randn(40, generator=g)]
+
+
+def _rotary_inputs():
+    g = torch.Generator().manual_seed(1)
+    angles = torch.rand(16, 4, generator=g) * 6
+    return [torch.randn(2, 5, 3, 8, generator=g), torch.randn(2, 5, 1, 8, generator=g),
+            angles.cos(), angles.sin()]
+
+
+def _attention_inputs():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(2, 7, 4, 16, generator=g), torch.randn(2, 9, 2, 16, generator=g),
+            torch.randn(2, 9, 2, 16, generator=g)]
+
+
+# name: (module whose public function calls the op, function, inputs, differentiable inputs)
+CASES = {
+    "layer_norm": (norm, lambda x, r, w, b: F.layer_norm(x, [40], w, b), _norm_inputs, (0, 2, 3)),
+    "rms_norm": (norm, lambda x, r, w, b: F.rms_norm(x, [40], w), _norm_inputs, (0, 2)),
+    "add_layer_norm": (norm, lambda x, r, w, b: F.add_layer_norm(x, r, [40], w, b),
+                       _norm_inputs, (0, 1, 2, 3)),
+    "add_rms_norm": (norm, lambda x, r, w, b: F.add_rms_norm(x, r, [40], w), _norm_inputs,
+                     (0, 1, 2)),
+    "swiglu": (gated_mlp, lambda g, u, _w, _b: F.swiglu(g, u), _norm_inputs, (0, 1)),
+    "apply_rotary_qk": (rotary, lambda q, k, c, s: F.apply_rotary_qk(q, k, c, s, position_ids=3),
+                        _rotary_inputs, (0, 1)),
+    "attention": (attention, lambda q, k, v: F.attention(q, k, v, causal=True),
+                  _attention_inputs, (0, 1, 2)),
+}
+
+
+def _outputs(result):
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+@pytest.fixture
+def guard_uses(monkeypatch):
+    """Counts the entries into below_autograd by the public functions' modules."""
+    uses = []
+
+    @contextlib.contextmanager
+    def counting_guard():
+        uses.append(1)
+        with torch._C._AutoDispatchBelowAutograd():
+            yield
+
+    for module in (norm, gated_mlp, rotary, attention):
+        monkeypatch.setattr(module, "below_autograd", counting_guard)
+    return uses
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_call_without_a_graph_skips_autograd_and_matches_the_graph_path(guard_uses, case):
+    module, fn, make, differentiable = CASES[case]
+    reason = module.IMPLS.unavailable("native")
+    if reason is not None:
+        pytest.skip(reason)
+    with fastllm.use_backend("native"):
+        _check_case(guard_uses, fn, make, differentiable)
+
+
+def _check_case(guard_uses, fn, make, differentiable):
+    plain = make()
+    fast = _outputs(fn(*plain))
+    assert len(guard_uses) == 1
+    assert all(o.grad_fn is None and not o.requires_grad for o in fast)
+
+    leaves = [t.clone().requires_grad_(i in differentiable) for i, t in enumerate(plain)]
+    graph = _outputs(fn(*leaves))
+    assert len(guard_uses) == 1, "a call recording a graph must not skip autograd"
+    assert all(o.grad_fn is not None for o in graph)
+    for a, b in zip(fast, graph):
+        assert torch.equal(a, b.detach())
+    sum(o.square().sum() for o in graph).backward()
+    for i in differentiable:
+        assert leaves[i].grad is not None and torch.isfinite(leaves[i].grad).all()
+
+    with torch.no_grad():  # inputs requiring grad, grad mode off: no graph either
+        off = _outputs(fn(*leaves))
+    assert len(guard_uses) == 2
+    for a, b in zip(fast, off):
+        assert b.grad_fn is None and torch.equal(a, b)

@@ -153,6 +153,11 @@ struct FwdParams : QkvParams {
   void* out = nullptr;  // (B, Tq, H, D)
   Strides4 stride_out;
   void* lse = nullptr;  // acc type (float32; double for kFloat64), strides in Problem
+  // No backward will recompute this forward's scores against its lse (no input requires
+  // grad: inference, decoding). The CPU may then run its decode kernel, which sums the
+  // scores in another order than the backward's products (at scores near 1e5 that
+  // difference alone exceeded the tests' accuracy rule for dv).
+  bool no_backward = false;
 };
 
 struct BwdParams : QkvParams {

@@ -1544,6 +1544,64 @@ void attention_fwd_amx(const FwdParams& p) {
   }
 }
 
+// ---- decoding (attention_cpu_avx512.h's decode_rows) ---------------------------------------
+
+// Whether the decode kernel takes this forward: no backward follows (FwdParams::no_backward),
+// at most avx512::kDecodeMaxRows query rows per (batch, kv head) (one or a few decoded
+// tokens per sequence), contiguous head dims, and no feature but the mask (causal, sliding
+// window, KV cache lengths, packed sequences).
+bool decode_eligible(const FwdParams& p) {
+  return p.no_backward && cpu::cpu_avx512() && p.dtype != DType::kFloat64 &&
+         p.seqlen_q * (p.num_heads / p.num_kv_heads) <= avx512::kDecodeMaxRows &&
+         !(p.softcap > 0) && p.alibi_slopes == nullptr && p.attn_bias == nullptr &&
+         p.key_padding_mask == nullptr && !(p.dropout_p > 0) && p.stride_q.d == 1 &&
+         p.stride_k.d == 1 && p.stride_v.d == 1 && p.stride_out.d == 1;
+}
+
+template <class T>
+void attention_fwd_decode(const FwdParams& p) {
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
+      v(p.v, p.stride_v, p.cu_seqlens_k);
+  const Rows<T> out(p.out, p.stride_out, p.cu_seqlens_q);
+  const int64_t tasks = p.batch * p.num_kv_heads;
+#pragma omp parallel
+  {
+    cpu::UninitAlignedVector<float> scores, qf(avx512::kDecodeMaxRows * round_up(D, 16)),
+        kf(16 * round_up(D, 16));
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / p.num_kv_heads, hk = task % p.num_kv_heads;
+      const SeqLens len = seq_lens(p, b);
+      const Mask mask(p, len);
+      avx512::DecodeRows<T> rows;
+      int64_t kb = len.k, ke = 0;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        for (int64_t i = 0; i < len.q; ++i) {
+          const int r = rows.count++;
+          rows.q[r] = q.row(b, i, h);
+          rows.out[r] = out.row(b, i, h);
+          rows.lse[r] = static_cast<float*>(p.lse) + lse_offset(p, b, h) + i;
+          rows.begin[r] = mask.key_begin(i);
+          rows.end[r] = mask.key_end(i);
+          if (rows.begin[r] < rows.end[r]) {
+            kb = std::min(kb, rows.begin[r]);
+            ke = std::max(ke, rows.end[r]);
+          }
+        }
+      }
+      if (rows.count == 0) continue;
+      const size_t need = static_cast<size_t>(rows.count) * std::max<int64_t>(ke - kb, 0);
+      if (scores.size() < need) scores.resize(need);
+      avx512::decode_rows(rows, k.row(b, 0, hk), k.stride.t, v.row(b, 0, hk), v.stride.t, D,
+                          static_cast<float>(p.softmax_scale), scores.data(), qf.data(),
+                          kf.data());
+    }
+  }
+}
+
 // row (b, t0 + c, h)[d] = scale * src[d * ld + c] for c < rows, d < D: dk^T / dv^T stored
 // (src: round_up(D, 16) rows of ld >= round_up(rows, 16) floats).
 template <class T>
@@ -1827,6 +1885,14 @@ void attention_fwd_cpu(const FwdParams& p) {
   check_problem("attention_fwd_cpu", p);
   if (p.batch == 0 || p.seqlen_q == 0) return;
 #if defined(FASTLLM_ATTENTION_CPU_X86)
+  if (decode_eligible(p)) {
+    switch (p.dtype) {
+      case DType::kFloat32: return attention_fwd_decode<float>(p);
+      case DType::kBFloat16: return attention_fwd_decode<BFloat16>(p);
+      case DType::kFloat16: return attention_fwd_decode<Half>(p);
+      default: break;
+    }
+  }
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_fwd_amx<BFloat16>(p);
   }

@@ -39,6 +39,9 @@ namespace fastllm {
 namespace attention {
 namespace avx512 {
 
+// The most query rows of one (batch, kv head) that the decode kernel (decode_rows) takes.
+inline constexpr int kDecodeMaxRows = 16;
+
 // attention.h's dropout_mix on 16 lanes.
 FASTLLM_INLINE __m512i dropout_mix(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
@@ -392,6 +395,205 @@ struct Ops {
     }
   }
 };
+
+// ---- decoding: a few query rows against many keys ---------------------------------------
+// One (batch, kv head) of a problem whose query rows per kv head -- the group's heads times
+// the decoded tokens -- are few (attention_cpu.cpp's decode_eligible). Each key row then
+// meets only those rows, so packing it into tiles cost more than the products (a decoded
+// token against 1000 cached keys, float32, H 9 / Hkv 3: 186 us, torch's SDPA 115): here
+// the rows' scores come straight from the stored key rows, 16 keys at a time; each row's
+// softmax is exact in two passes over its scores (max, then exp and sum); and the output
+// row is the p-weighted sum of the stored value rows, up to 4 rows sharing each value load.
+
+// Rows of a decode task; row r's keys are [begin[r], end[r]) (begin >= end: none).
+template <class T>
+struct DecodeRows {
+  int count = 0;
+  const T* q[kDecodeMaxRows];
+  T* out[kDecodeMaxRows];
+  float* lse[kDecodeMaxRows];
+  int64_t begin[kDecodeMaxRows], end[kDecodeMaxRows];
+};
+
+// out[r][16 c0 .. 16 (c0 + NV)) (the columns below D) = inv[r] sum_j p[r * n + j] v[j] for
+// NR rows, value row j at v + j * v_stride.
+template <int NR, int NV, class T>
+FASTLLM_INLINE void decode_pv(const float* p, int64_t n, const T* v, int64_t v_stride, int c0,
+                              int D, const float* inv, T* const* out) {
+  const int chunks = (D + 15) / 16;
+  __m512 acc[NR][NV];
+  for (int rr = 0; rr < NR; ++rr) {
+    for (int cc = 0; cc < NV; ++cc) acc[rr][cc] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vr = v + j * v_stride + 16 * c0;
+    __m512 vv[NV];
+    for (int cc = 0; cc < NV; ++cc) {
+      vv[cc] = c0 + cc == chunks - 1 ? cpu::avx512::loadn(vr + 16 * cc, D - 16 * (c0 + cc))
+                                     : cpu::avx512::load(vr + 16 * cc);
+    }
+    for (int rr = 0; rr < NR; ++rr) {
+      const __m512 pj = _mm512_set1_ps(p[rr * n + j]);
+      for (int cc = 0; cc < NV; ++cc) acc[rr][cc] = _mm512_fmadd_ps(pj, vv[cc], acc[rr][cc]);
+    }
+  }
+  for (int rr = 0; rr < NR; ++rr) {
+    const __m512 scale = _mm512_set1_ps(inv[rr]);
+    for (int cc = 0; cc < NV; ++cc) {
+      const int c = c0 + cc;
+      const __m512 x = _mm512_mul_ps(acc[rr][cc], scale);
+      if (c == chunks - 1) {
+        cpu::avx512::storen(out[rr] + 16 * c, x, D - 16 * c);
+      } else {
+        cpu::avx512::store(out[rr] + 16 * c, x);
+      }
+    }
+  }
+}
+
+// dst[jj] = scale q . k[jj] for the nk <= 16 keys at k + jj * k_stride (D = CH chunks of 16,
+// the last one possibly partial; q: CH * 16 floats, zero past D), q held in registers.
+template <int CH, class T>
+FASTLLM_INLINE void decode_scores(const float* q, const T* k, int64_t k_stride, int nk, int D,
+                                  __m512 scale, float* dst) {
+  __m512 qv[CH];
+  for (int c = 0; c < CH; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  const int last = D - 16 * (CH - 1);  // elements of the last chunk
+  __m512 dots[16];
+  for (int jj = 0; jj < 16; ++jj) {
+    __m512 acc = _mm512_setzero_ps();
+    if (jj < nk) {
+      const T* kr = k + jj * k_stride;
+      for (int c = 0; c < CH - 1; ++c) acc = _mm512_fmadd_ps(qv[c], cpu::avx512::load(kr + 16 * c), acc);
+      const __m512 kl = last == 16 ? cpu::avx512::load(kr + 16 * (CH - 1))
+                                   : cpu::avx512::loadn(kr + 16 * (CH - 1), last);
+      acc = _mm512_fmadd_ps(qv[CH - 1], kl, acc);
+    }
+    dots[jj] = acc;
+  }
+  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk), _mm512_mul_ps(Ops::row_sums(dots), scale));
+}
+
+// out[r] = softmax(scale q[r] k^T) v over row r's keys, lse[r] its log-sum-exp (float32);
+// key / value row j at k + j * k_stride / v + j * v_stride (D contiguous elements of T).
+// scores: scratch of count * (max end - min begin) floats; qf and kf: kDecodeMaxRows and 16
+// rows of round_up(D, 16) floats.
+template <class T>
+void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const T* v,
+                 int64_t v_stride, int D, float scale, float* scores, float* qf, float* kf) {
+  const int Dp = (D + 15) / 16 * 16;
+  const int chunks = Dp / 16;
+  auto load_row = [&](const T* row, int c) FASTLLM_INLINE_LAMBDA {
+    return c == chunks - 1 ? cpu::avx512::loadn(row + 16 * c, D - 16 * c)
+                           : cpu::avx512::load(row + 16 * c);
+  };
+  int64_t kb = std::numeric_limits<int64_t>::max(), ke = 0;
+  for (int r = 0; r < rows.count; ++r) {
+    for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(qf + r * Dp + 16 * c, load_row(rows.q[r], c));
+    if (rows.begin[r] < rows.end[r]) {
+      kb = std::min(kb, rows.begin[r]);
+      ke = std::max(ke, rows.end[r]);
+    }
+  }
+  const int64_t n = ke > kb ? ke - kb : 0;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  // Scores: s[r][j - kb] = scale q[r] . k[j] for j in [kb, ke), 16 keys at a time (their key
+  // rows stay in L1 across the rows).
+  for (int64_t j0 = kb; j0 < ke; j0 += 16) {
+    const int nk = static_cast<int>(std::min<int64_t>(16, ke - j0));
+    for (int r = 0; r < rows.count; ++r) {
+      float* dst = scores + r * n + (j0 - kb);
+      const float* qr = qf + r * Dp;
+      const T* k0 = k + j0 * k_stride;
+      switch (chunks) {
+#define FASTLLM_DECODE_QK(CH) \
+  case CH:                    \
+    decode_scores<CH>(qr, k0, k_stride, nk, D, vscale, dst); \
+    break;
+        FASTLLM_DECODE_QK(1) FASTLLM_DECODE_QK(2) FASTLLM_DECODE_QK(3) FASTLLM_DECODE_QK(4)
+        FASTLLM_DECODE_QK(5) FASTLLM_DECODE_QK(6) FASTLLM_DECODE_QK(7) FASTLLM_DECODE_QK(8)
+#undef FASTLLM_DECODE_QK
+        default: {
+          __m512 dots[16];
+          for (int jj = 0; jj < 16; ++jj) {
+            __m512 acc = _mm512_setzero_ps();
+            if (jj < nk) {
+              for (int c = 0; c < chunks; ++c) {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c),
+                                      load_row(k0 + jj * k_stride, c), acc);
+              }
+            }
+            dots[jj] = acc;
+          }
+          _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
+                                _mm512_mul_ps(Ops::row_sums(dots), vscale));
+        }
+      }
+    }
+  }
+  // Each row: the max of its keys' scores, then p = exp(s - max) in place (0 outside its
+  // keys) and the sum.
+  const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
+  float sums[kDecodeMaxRows];
+  for (int r = 0; r < rows.count; ++r) {
+    float* s = scores + r * n;
+    const int64_t b = rows.begin[r] - kb, e = rows.end[r] - kb;
+    if (rows.begin[r] >= rows.end[r]) {
+      sums[r] = 0.0f;
+      *rows.lse[r] = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; j += 16) {
+        _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(static_cast<int>(std::min<int64_t>(16, n - j))),
+                              _mm512_setzero_ps());
+      }
+      continue;
+    }
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = b; j < e; j += 16) {
+      const __mmask16 live = cpu::avx512::first_lanes(static_cast<int>(std::min<int64_t>(16, e - j)));
+      vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, s + j));
+    }
+    const float m = _mm512_reduce_max_ps(vmax);
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t w = std::min<int64_t>(16, n - j);
+      __mmask16 allowed = cpu::avx512::band_mask(static_cast<int>(j), static_cast<int>(b),
+                                                 static_cast<int>(e)) &
+                          cpu::avx512::first_lanes(static_cast<int>(w));
+      const __m512 p = _mm512_maskz_mov_ps(
+          allowed, cpu::avx512::exp2(_mm512_mul_ps(
+                       _mm512_sub_ps(_mm512_maskz_loadu_ps(allowed, s + j), vm), log2e)));
+      vsum = _mm512_add_ps(vsum, p);
+      _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(static_cast<int>(w)), p);
+    }
+    sums[r] = _mm512_reduce_add_ps(vsum);
+    *rows.lse[r] = m + std::log(sums[r]);
+  }
+  // out[r] = sum_j p[r][j] v[j] / sum[r]: up to 4 rows x 64 columns of accumulators (held in
+  // registers: decode_pv's compile-time shape), each value load shared by the rows.
+  for (int r0 = 0; r0 < rows.count; r0 += 4) {
+    const int nr = std::min(4, rows.count - r0);
+    for (int c0 = 0; c0 < chunks; c0 += 4) {
+      const int nv = std::min(4, chunks - c0);
+      const float* p = scores + r0 * n;
+      float inv[4];
+      for (int rr = 0; rr < nr; ++rr) inv[rr] = sums[r0 + rr] > 0 ? 1.0f / sums[r0 + rr] : 0.0f;
+      T* const* o = rows.out + r0;
+#define FASTLLM_DECODE_PV(NR, NV) \
+  case (NR - 1) * 4 + NV - 1:     \
+    decode_pv<NR, NV>(p, n, v + kb * v_stride, v_stride, c0, D, inv, o);  \
+    break;
+      switch ((nr - 1) * 4 + nv - 1) {
+        FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3) FASTLLM_DECODE_PV(1, 4)
+        FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2) FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4)
+        FASTLLM_DECODE_PV(3, 1) FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
+        FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3) FASTLLM_DECODE_PV(4, 4)
+        default: break;
+      }
+#undef FASTLLM_DECODE_PV
+    }
+  }
+}
 
 }  // namespace avx512
 }  // namespace attention

@@ -358,6 +358,9 @@ inline FwdCall prepare_fwd(const char* op, bool check_values, KernelInput kernel
   c.out = at::empty(c.q.sizes(), c.q.options().memory_format(at::MemoryFormat::Contiguous));
   c.lse = at::empty(lse_shape(c.prepared, c.q), c.q.options().dtype(lse_dtype(c.q)));
   bind_common(c);
+  // Under autograd the inputs a backward differentiates require grad (inside a custom op's
+  // autograd forward, grad mode is off but they still do); attn_bias takes other kernels.
+  c.params.no_backward = !(q_in.requires_grad() || k_in.requires_grad() || v_in.requires_grad());
   return c;
 }
 

@@ -37,6 +37,11 @@ def _attention_inputs():
             torch.randn(2, 9, 2, 16, generator=g)]
 
 
+def _biased_attention_inputs():
+    g = torch.Generator().manual_seed(3)
+    return [*_attention_inputs(), torch.randn(1, 4, 9, 9, generator=g)]
+
+
 # name: (module whose public function calls the op, function, inputs, differentiable inputs)
 CASES = {
     "layer_norm": (norm, lambda x, r, w, b: F.layer_norm(x, [40], w, b), _norm_inputs, (0, 2, 3)),
@@ -50,6 +55,9 @@ CASES = {
                         _rotary_inputs, (0, 1)),
     "attention": (attention, lambda q, k, v: F.attention(q, k, v, causal=True),
                   _attention_inputs, (0, 1, 2)),
+    # only the bias requires grad: its gradient needs the graph too
+    "attention-bias": (attention, lambda q, k, v, b: F.attention(q, k, v, attn_bias=b),
+                       _biased_attention_inputs, (3,)),
 }
 
 

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common/cpu_avx512.h"
 
@@ -415,17 +416,18 @@ struct DecodeRows {
   int64_t begin[kDecodeMaxRows], end[kDecodeMaxRows];
 };
 
-// out[r][16 c0 .. 16 (c0 + NV)) (the columns below D) = inv[r] sum_j p[r * n + j] v[j] for
-// NR rows, value row j at v + j * v_stride.
+// acc[rr][16 c0 .. 16 (c0 + NV)) += sum_{j in [j_lo, j_hi)} p[rr * n + j] v[j] for NR rows
+// (acc row rr at acc + rr * Dp floats), value row j at v + j * v_stride; the accumulators
+// stay in registers through the key range.
 template <int NR, int NV, class T>
-FASTLLM_INLINE void decode_pv(const float* p, int64_t n, const T* v, int64_t v_stride, int c0,
-                              int D, const float* inv, T* const* out) {
+FASTLLM_INLINE void decode_pv(const float* p, int64_t n, int64_t j_lo, int64_t j_hi, const T* v,
+                              int64_t v_stride, int c0, int D, float* acc_rows, int Dp) {
   const int chunks = (D + 15) / 16;
   __m512 acc[NR][NV];
   for (int rr = 0; rr < NR; ++rr) {
-    for (int cc = 0; cc < NV; ++cc) acc[rr][cc] = _mm512_setzero_ps();
+    for (int cc = 0; cc < NV; ++cc) acc[rr][cc] = _mm512_loadu_ps(acc_rows + rr * Dp + 16 * (c0 + cc));
   }
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = j_lo; j < j_hi; ++j) {
     const T* vr = v + j * v_stride + 16 * c0;
     __m512 vv[NV];
     for (int cc = 0; cc < NV; ++cc) {
@@ -438,17 +440,37 @@ FASTLLM_INLINE void decode_pv(const float* p, int64_t n, const T* v, int64_t v_s
     }
   }
   for (int rr = 0; rr < NR; ++rr) {
-    const __m512 scale = _mm512_set1_ps(inv[rr]);
-    for (int cc = 0; cc < NV; ++cc) {
-      const int c = c0 + cc;
-      const __m512 x = _mm512_mul_ps(acc[rr][cc], scale);
-      if (c == chunks - 1) {
-        cpu::avx512::storen(out[rr] + 16 * c, x, D - 16 * c);
-      } else {
-        cpu::avx512::store(out[rr] + 16 * c, x);
+    for (int cc = 0; cc < NV; ++cc) _mm512_storeu_ps(acc_rows + rr * Dp + 16 * (c0 + cc), acc[rr][cc]);
+  }
+}
+
+// dst[jj] = scale q . k[jj] for the nk <= 16 bfloat16 keys at k + jj * k_stride, D <= 32 CP,
+// by vdpbf16ps on pairs of elements (the products exact in float32, as torch's bfloat16
+// GEMMs take them; no widening of the keys): q, its row (bfloat16), held in registers.
+template <int CP>
+FASTLLM_INLINE void decode_scores_bf16(const cpu::BFloat16* q, const cpu::BFloat16* k, int64_t k_stride,
+                                       int nk, int D, __m512 scale, float* dst) {
+  const int last = D - 32 * (CP - 1);  // elements of the last chunk of 32
+  const __mmask32 last_mask = last == 32 ? ~__mmask32(0) : (__mmask32(1) << last) - 1;
+  __m512bh qv[CP];
+  for (int c = 0; c < CP; ++c) {
+    const __m512i x = _mm512_maskz_loadu_epi16(c == CP - 1 ? last_mask : ~__mmask32(0), q + 32 * c);
+    qv[c] = reinterpret_cast<const __m512bh&>(x);
+  }
+  __m512 dots[16];
+  for (int jj = 0; jj < 16; ++jj) {
+    __m512 acc = _mm512_setzero_ps();
+    if (jj < nk) {
+      const cpu::BFloat16* kr = k + jj * k_stride;
+      for (int c = 0; c < CP; ++c) {
+        const __m512i x = c == CP - 1 ? _mm512_maskz_loadu_epi16(last_mask, kr + 32 * c)
+                                      : _mm512_loadu_si512(kr + 32 * c);
+        acc = _mm512_dpbf16_ps(acc, qv[c], reinterpret_cast<const __m512bh&>(x));
       }
     }
+    dots[jj] = acc;
   }
+  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk), _mm512_mul_ps(Ops::row_sums(dots), scale));
 }
 
 // dst[jj] = scale q . k[jj] for the nk <= 16 keys at k + jj * k_stride (D = CH chunks of 16,
@@ -505,6 +527,16 @@ void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const 
       float* dst = scores + r * n + (j0 - kb);
       const float* qr = qf + r * Dp;
       const T* k0 = k + j0 * k_stride;
+      if constexpr (std::is_same_v<T, cpu::BFloat16>) {
+        if (D <= 128) {
+          switch ((D + 31) / 32) {
+            case 1: decode_scores_bf16<1>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
+            case 2: decode_scores_bf16<2>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
+            case 3: decode_scores_bf16<3>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
+            default: decode_scores_bf16<4>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
+          }
+        }
+      }
       switch (chunks) {
 #define FASTLLM_DECODE_QK(CH) \
   case CH:                    \
@@ -569,29 +601,39 @@ void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const 
     sums[r] = _mm512_reduce_add_ps(vsum);
     *rows.lse[r] = m + std::log(sums[r]);
   }
-  // out[r] = sum_j p[r][j] v[j] / sum[r]: up to 4 rows x 64 columns of accumulators (held in
-  // registers: decode_pv's compile-time shape), each value load shared by the rows.
-  for (int r0 = 0; r0 < rows.count; r0 += 4) {
-    const int nr = std::min(4, rows.count - r0);
-    for (int c0 = 0; c0 < chunks; c0 += 4) {
-      const int nv = std::min(4, chunks - c0);
+  // out[r] = sum_j p[r][j] v[j] / sum[r], over blocks of kPvKeys keys: per block, up to 4
+  // rows x 64 columns of accumulators in registers at a time (decode_pv's compile-time shape),
+  // each value load shared by the rows, and the block's value rows read from memory once
+  // (L1 / L2 for the other row and column groups). The accumulators live in qf meanwhile.
+  constexpr int64_t kPvKeys = 128;
+  float* acc_rows = qf;  // the query rows are no longer needed
+  std::fill_n(acc_rows, rows.count * Dp, 0.0f);
+  const T* v0 = v + kb * v_stride;
+  for (int64_t j_lo = 0; j_lo < n; j_lo += kPvKeys) {
+    const int64_t j_hi = std::min(n, j_lo + kPvKeys);
+    for (int r0 = 0; r0 < rows.count; r0 += 4) {
+      const int nr = std::min(4, rows.count - r0);
       const float* p = scores + r0 * n;
-      float inv[4];
-      for (int rr = 0; rr < nr; ++rr) inv[rr] = sums[r0 + rr] > 0 ? 1.0f / sums[r0 + rr] : 0.0f;
-      T* const* o = rows.out + r0;
-#define FASTLLM_DECODE_PV(NR, NV) \
-  case (NR - 1) * 4 + NV - 1:     \
-    decode_pv<NR, NV>(p, n, v + kb * v_stride, v_stride, c0, D, inv, o);  \
+      float* acc = acc_rows + r0 * Dp;
+      for (int c0 = 0; c0 < chunks; c0 += 4) {
+        const int nv = std::min(4, chunks - c0);
+#define FASTLLM_DECODE_PV(NR, NV)                                               \
+  case (NR - 1) * 4 + NV - 1:                                                   \
+    decode_pv<NR, NV>(p, n, j_lo, j_hi, v0, v_stride, c0, D, acc, Dp);          \
     break;
-      switch ((nr - 1) * 4 + nv - 1) {
-        FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3) FASTLLM_DECODE_PV(1, 4)
-        FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2) FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4)
-        FASTLLM_DECODE_PV(3, 1) FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
-        FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3) FASTLLM_DECODE_PV(4, 4)
-        default: break;
-      }
+        switch ((nr - 1) * 4 + nv - 1) {
+          FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3) FASTLLM_DECODE_PV(1, 4)
+          FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2) FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4)
+          FASTLLM_DECODE_PV(3, 1) FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
+          FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3) FASTLLM_DECODE_PV(4, 4)
+          default: break;
+        }
 #undef FASTLLM_DECODE_PV
+      }
     }
+  }
+  for (int r = 0; r < rows.count; ++r) {
+    Ops::store_scaled(acc_rows + r * Dp, D, sums[r] > 0 ? 1.0f / sums[r] : 0.0f, rows.out[r]);
   }
 }
 

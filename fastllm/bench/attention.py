@@ -79,6 +79,12 @@ for t5-bias the bias read, plus its gradient written and the bias read again in
 forward+backward). Peak memory is measured as above; the mask costs are the bytes just
 given. A backend whose kernels do not take masks yet shows ``n/a`` (with the reason) on
 the fastllm row: the other rows are still timed.
+
+Decode cases (``DecodeAttentionCase``, ids ``attention-decode-hkv<Hkv>-fwd-...``): one new
+token per sequence against T cached keys, forward only, no mask (the token sees them all),
+grouped-query: SmolLM2-135M's attention over 1024 keys and LLaMA-3-8B's over 4096, float32,
+bfloat16 and float16. These calls are memory and call-overhead bound: GFLOP/s and % GEMM
+are shown for uniformity only.
 """
 
 from __future__ import annotations
@@ -122,6 +128,11 @@ QUICK_MASKED_SHAPES = ((2, 2, 256, 64),)
 PADDING_FRACTION = 0.3  # of all keys, over the batch
 PADDING_SEED = 0
 OLD_MASKED_PATH = "sdpa_ref (old masked path)"
+
+# Decode cases (DecodeAttentionCase): ((B, H, T cached keys, D), Hkv): SmolLM2-135M's
+# attention (9 heads, 3 kv heads, D 64) over 1024 cached keys, and LLaMA-3-8B's over 4096
+DECODE_SHAPES = (((1, 9, 1024, 64), 3), ((1, 32, 4096, 128), 8))
+QUICK_DECODE_SHAPES = (((1, 4, 256, 64), 2),)
 
 # CUDA only: torch's SDPA forced onto one backend (torch.nn.attention.sdpa_kernel), by name
 SDPA_BACKENDS = {"sdpa[flash]": "FLASH_ATTENTION", "sdpa[cudnn]": "CUDNN_ATTENTION"}
@@ -304,7 +315,7 @@ class AttentionCase(Case):
 def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
           device: torch.device = CPU) -> list[Case]:
     """Every case, in table order: the unmasked ones (shape, dtype, mask, mode), then the
-    masked ones (masked_cases). ``quick``: one small shape of each. ``shapes``
+    masked ones (masked_cases), then the decode ones (decode_cases). ``quick``: one small shape of each. ``shapes``
     (``fastllm.bench.common.SHAPE_SETS``): "llama3-8b" the LLaMA-3-8B ones instead
     (grouped-query, no masked cases), "all" both. The cases do not depend on ``device``."""
     with_default, with_llama = shape_sets(shapes)
@@ -315,7 +326,7 @@ def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
         AttentionCase(mask, mode, shape, dtype, kv_heads=kv_heads)
         for shape, kv_heads, dtypes in picked
         for dtype, mask, mode in itertools.product(dtypes, MASKS, MODES)
-    ] + (masked_cases(quick) if with_default else [])
+    ] + (masked_cases(quick) + decode_cases(quick) if with_default else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,4 +398,64 @@ def masked_cases(quick: bool = False) -> list[MaskedAttentionCase]:
         for shape, dtype, mask, mode in itertools.product(
             QUICK_MASKED_SHAPES if quick else MASKED_SHAPES, DTYPES, MASKED_KINDS, MODES
         )
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionCase(AttentionCase):
+    """One decoded token per sequence against T cached keys (``mask`` "decode", forward
+    only): q (B, 1, H, D), k and v (B, T, Hkv, D) for fastllm, (B, H, 1, D) and (B, Hkv, T, D)
+    for SDPA (``enable_gqa=True``); the token sees every key (no mask). fastllm's inputs do
+    not require grad, so on the CPU its decode kernel runs. FLOPs 4 * B * H * T * D; bytes:
+    reading k and v dominates (2 B Hkv T D e, plus q and out)."""
+
+    @property
+    def causal(self) -> bool:
+        return False
+
+    def params(self) -> dict[str, str]:
+        batch, heads, seqlen, head_dim = self.shape
+        return {"mask": self.mask, "mode": self.mode,
+                "shape": f"B{batch} H{heads} Hkv{self.heads_kv} Tk{seqlen} D{head_dim}",
+                "dtype": self.dtype_name}
+
+    def kernel_path(self, family_path: str) -> str:
+        """The CPU decode kernel runs on AVX-512 where the family's bfloat16 / float16 path is
+        AMX (a CPU with AMX has AVX-512); elsewhere the family's kernels run the case."""
+        return "avx512" if family_path in ("amx-bf16", "amx-fp16") else family_path
+
+    def flops(self) -> int:
+        batch, heads, seqlen, head_dim = self.shape
+        return 4 * batch * heads * seqlen * head_dim
+
+    def bytes_moved(self) -> int:
+        batch, heads, seqlen, head_dim = self.shape
+        return (2 * batch * heads * head_dim + 2 * self._elements(self.heads_kv)) \
+            * self.dtype.itemsize
+
+    def largest_output_bytes(self) -> int:
+        batch, heads, _, head_dim = self.shape
+        return batch * heads * head_dim * self.dtype.itemsize
+
+    def make_inputs(self, device: torch.device) -> AttentionInputs:
+        generator = torch.Generator(device=device).manual_seed(0)
+        batch, heads, seqlen, head_dim = self.shape
+
+        def pair(tokens: int, n_heads: int) -> tuple[Tensor, Tensor]:
+            bthd = torch.randn(batch, tokens, n_heads, head_dim, generator=generator,
+                               device=device, dtype=self.dtype)
+            return bthd, bthd.transpose(1, 2).contiguous()
+
+        q = pair(1, heads)
+        k, v = (pair(seqlen, self.heads_kv) for _ in range(2))
+        return AttentionInputs(fastllm=CallInputs((q[0], k[0], v[0], False)),
+                               torch=CallInputs((q[1], k[1], v[1], False)))
+
+
+def decode_cases(quick: bool = False) -> list[DecodeAttentionCase]:
+    """The decode cases, in table order: shape, dtype."""
+    return [
+        DecodeAttentionCase("decode", "fwd", shape, dtype, kv_heads=kv_heads)
+        for (shape, kv_heads), dtype in itertools.product(
+            QUICK_DECODE_SHAPES if quick else DECODE_SHAPES, DEFAULT_DTYPES)
     ]

@@ -753,6 +753,11 @@ class Case:
         """``contender``'s part of ``inputs`` (e.g. its own layout of the same values)."""
         return inputs
 
+    def kernel_path(self, family_path: str) -> str:
+        """What fastllm's row ran, given its family's path for the case's dtype
+        (``fastllm_path``): the same, unless the case takes a kernel of its own."""
+        return family_path
+
     def bytes_moved(self) -> int:
         """Unavoidable bytes read and written once (the effective-bandwidth numerator)."""
         raise NotImplementedError
@@ -906,7 +911,8 @@ def run_cases(
                     flops=case.flops() if hasattr(case, "flops") else None,
                 )
                 if contender == FASTLLM:
-                    result.path = fastllm_path(kernel_family, case.dtype, device, backend)
+                    result.path = case.kernel_path(
+                        fastllm_path(kernel_family, case.dtype, device, backend))
                 try:
                     call = case.build(contender, inputs, backend, device)
                     begin = time.perf_counter()

@@ -350,6 +350,10 @@ IMPLS = OpFamily(
 )
 
 
+# Where attn_bias sits among attention_fwd's options (the schema's order, below).
+_ATTN_BIAS = 13
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *options: Any) -> tuple[Tensor, Tensor]:
     """(out, lse) from the selected backend, differentiable in q, k, v; ``options`` are the
     schema's, in its order (FASTLLM_ATTENTION_OPTIONS in csrc/schemas.h: cu_seqlens_q,
@@ -360,7 +364,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *options: Any) -> tuple[Tenso
     if ops is None:
         IMPLS.check("attention_fwd", q, k, v, *options)  # the ops check their own
         return ref.attention_ref(q, k, v, *options)
-    if without_autograd(q, k, v, *(o for o in options if isinstance(o, Tensor))):
+    if without_autograd(q, k, v, options[_ATTN_BIAS]):  # the differentiable inputs
         with below_autograd():
             return ops.attention_fwd(q, k, v, *options)
     return ops.attention_fwd(q, k, v, *options)

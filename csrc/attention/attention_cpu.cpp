@@ -1551,11 +1551,20 @@ void attention_fwd_amx(const FwdParams& p) {
 // tokens per sequence), contiguous head dims, and no feature but the mask (causal, sliding
 // window, KV cache lengths, packed sequences).
 bool decode_eligible(const FwdParams& p) {
-  return p.no_backward && cpu::cpu_avx512() && p.dtype != DType::kFloat64 &&
-         p.seqlen_q * (p.num_heads / p.num_kv_heads) <= avx512::kDecodeMaxRows &&
-         !(p.softcap > 0) && p.alibi_slopes == nullptr && p.attn_bias == nullptr &&
-         p.key_padding_mask == nullptr && !(p.dropout_p > 0) && p.stride_q.d == 1 &&
-         p.stride_k.d == 1 && p.stride_v.d == 1 && p.stride_out.d == 1;
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  const bool eligible =
+      p.no_backward && cpu::cpu_avx512() && p.dtype != DType::kFloat64 &&
+      p.seqlen_q * group <= avx512::kDecodeMaxRows && !(p.softcap > 0) &&
+      p.alibi_slopes == nullptr && p.attn_bias == nullptr && p.key_padding_mask == nullptr &&
+      !(p.dropout_p > 0) && p.stride_q.d == 1 && p.stride_k.d == 1 && p.stride_v.d == 1 &&
+      p.stride_out.d == 1;
+  if (!eligible || p.cu_seqlens_q == nullptr) return eligible;
+  // Packed queries: every sequence's rows, not only max_seqlen_q's bound (which the glue
+  // checks on CPU tensors), must fit the kernel's row arrays.
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (seq_lens(p, b).q * group > avx512::kDecodeMaxRows) return false;
+  }
+  return true;
 }
 
 template <class T>
@@ -1568,8 +1577,7 @@ void attention_fwd_decode(const FwdParams& p) {
   const int64_t tasks = p.batch * p.num_kv_heads;
 #pragma omp parallel
   {
-    cpu::UninitAlignedVector<float> scores, qf(avx512::kDecodeMaxRows * round_up(D, 16)),
-        kf(16 * round_up(D, 16));
+    cpu::UninitAlignedVector<float> scores, qf(avx512::kDecodeMaxRows * round_up(D, 16));
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / p.num_kv_heads, hk = task % p.num_kv_heads;
@@ -1596,8 +1604,7 @@ void attention_fwd_decode(const FwdParams& p) {
       const size_t need = static_cast<size_t>(rows.count) * std::max<int64_t>(ke - kb, 0);
       if (scores.size() < need) scores.resize(need);
       avx512::decode_rows(rows, k.row(b, 0, hk), k.stride.t, v.row(b, 0, hk), v.stride.t, D,
-                          static_cast<float>(p.softmax_scale), scores.data(), qf.data(),
-                          kf.data());
+                          static_cast<float>(p.softmax_scale), scores.data(), qf.data());
     }
   }
 }

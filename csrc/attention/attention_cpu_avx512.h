@@ -425,7 +425,9 @@ FASTLLM_INLINE void decode_pv(const float* p, int64_t n, int64_t j_lo, int64_t j
   const int chunks = (D + 15) / 16;
   __m512 acc[NR][NV];
   for (int rr = 0; rr < NR; ++rr) {
-    for (int cc = 0; cc < NV; ++cc) acc[rr][cc] = _mm512_loadu_ps(acc_rows + rr * Dp + 16 * (c0 + cc));
+    for (int cc = 0; cc < NV; ++cc) {
+      acc[rr][cc] = _mm512_loadu_ps(acc_rows + rr * Dp + 16 * (c0 + cc));
+    }
   }
   for (int64_t j = j_lo; j < j_hi; ++j) {
     const T* vr = v + j * v_stride + 16 * c0;
@@ -440,7 +442,9 @@ FASTLLM_INLINE void decode_pv(const float* p, int64_t n, int64_t j_lo, int64_t j
     }
   }
   for (int rr = 0; rr < NR; ++rr) {
-    for (int cc = 0; cc < NV; ++cc) _mm512_storeu_ps(acc_rows + rr * Dp + 16 * (c0 + cc), acc[rr][cc]);
+    for (int cc = 0; cc < NV; ++cc) {
+      _mm512_storeu_ps(acc_rows + rr * Dp + 16 * (c0 + cc), acc[rr][cc]);
+    }
   }
 }
 
@@ -448,8 +452,9 @@ FASTLLM_INLINE void decode_pv(const float* p, int64_t n, int64_t j_lo, int64_t j
 // by vdpbf16ps on pairs of elements (the products exact in float32, as torch's bfloat16
 // GEMMs take them; no widening of the keys): q, its row (bfloat16), held in registers.
 template <int CP>
-FASTLLM_INLINE void decode_scores_bf16(const cpu::BFloat16* q, const cpu::BFloat16* k, int64_t k_stride,
-                                       int nk, int D, __m512 scale, float* dst) {
+FASTLLM_INLINE void decode_scores_bf16(const cpu::BFloat16* q, const cpu::BFloat16* k,
+                                       int64_t k_stride, int nk, int D, __m512 scale,
+                                       float* dst) {
   const int last = D - 32 * (CP - 1);  // elements of the last chunk of 32
   const __mmask32 last_mask = last == 32 ? ~__mmask32(0) : (__mmask32(1) << last) - 1;
   __m512bh qv[CP];
@@ -470,7 +475,8 @@ FASTLLM_INLINE void decode_scores_bf16(const cpu::BFloat16* q, const cpu::BFloat
     }
     dots[jj] = acc;
   }
-  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk), _mm512_mul_ps(Ops::row_sums(dots), scale));
+  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
+                        _mm512_mul_ps(Ops::row_sums(dots), scale));
 }
 
 // dst[jj] = scale q . k[jj] for the nk <= 16 keys at k + jj * k_stride (D = CH chunks of 16,
@@ -486,23 +492,26 @@ FASTLLM_INLINE void decode_scores(const float* q, const T* k, int64_t k_stride, 
     __m512 acc = _mm512_setzero_ps();
     if (jj < nk) {
       const T* kr = k + jj * k_stride;
-      for (int c = 0; c < CH - 1; ++c) acc = _mm512_fmadd_ps(qv[c], cpu::avx512::load(kr + 16 * c), acc);
+      for (int c = 0; c < CH - 1; ++c) {
+        acc = _mm512_fmadd_ps(qv[c], cpu::avx512::load(kr + 16 * c), acc);
+      }
       const __m512 kl = last == 16 ? cpu::avx512::load(kr + 16 * (CH - 1))
                                    : cpu::avx512::loadn(kr + 16 * (CH - 1), last);
       acc = _mm512_fmadd_ps(qv[CH - 1], kl, acc);
     }
     dots[jj] = acc;
   }
-  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk), _mm512_mul_ps(Ops::row_sums(dots), scale));
+  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
+                        _mm512_mul_ps(Ops::row_sums(dots), scale));
 }
 
 // out[r] = softmax(scale q[r] k^T) v over row r's keys, lse[r] its log-sum-exp (float32);
 // key / value row j at k + j * k_stride / v + j * v_stride (D contiguous elements of T).
-// scores: scratch of count * (max end - min begin) floats; qf and kf: kDecodeMaxRows and 16
-// rows of round_up(D, 16) floats.
+// scores: scratch of count * (max end - min begin) floats; qf: kDecodeMaxRows rows of
+// round_up(D, 16) floats.
 template <class T>
 void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const T* v,
-                 int64_t v_stride, int D, float scale, float* scores, float* qf, float* kf) {
+                 int64_t v_stride, int D, float scale, float* scores, float* qf) {
   const int Dp = (D + 15) / 16 * 16;
   const int chunks = Dp / 16;
   auto load_row = [&](const T* row, int c) FASTLLM_INLINE_LAMBDA {
@@ -574,14 +583,15 @@ void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const 
       sums[r] = 0.0f;
       *rows.lse[r] = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; j += 16) {
-        _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(static_cast<int>(std::min<int64_t>(16, n - j))),
-                              _mm512_setzero_ps());
+        const int w = static_cast<int>(std::min<int64_t>(16, n - j));
+        _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(w), _mm512_setzero_ps());
       }
       continue;
     }
     __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t j = b; j < e; j += 16) {
-      const __mmask16 live = cpu::avx512::first_lanes(static_cast<int>(std::min<int64_t>(16, e - j)));
+      const __mmask16 live =
+          cpu::avx512::first_lanes(static_cast<int>(std::min<int64_t>(16, e - j)));
       vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, s + j));
     }
     const float m = _mm512_reduce_max_ps(vmax);
@@ -622,10 +632,12 @@ void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const 
     decode_pv<NR, NV>(p, n, j_lo, j_hi, v0, v_stride, c0, D, acc, Dp);          \
     break;
         switch ((nr - 1) * 4 + nv - 1) {
-          FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3) FASTLLM_DECODE_PV(1, 4)
-          FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2) FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4)
-          FASTLLM_DECODE_PV(3, 1) FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
-          FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3) FASTLLM_DECODE_PV(4, 4)
+          FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3)
+          FASTLLM_DECODE_PV(1, 4) FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2)
+          FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4) FASTLLM_DECODE_PV(3, 1)
+          FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
+          FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3)
+          FASTLLM_DECODE_PV(4, 4)
           default: break;
         }
 #undef FASTLLM_DECODE_PV

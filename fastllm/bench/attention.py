@@ -315,9 +315,10 @@ class AttentionCase(Case):
 def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
           device: torch.device = CPU) -> list[Case]:
     """Every case, in table order: the unmasked ones (shape, dtype, mask, mode), then the
-    masked ones (masked_cases), then the decode ones (decode_cases). ``quick``: one small shape of each. ``shapes``
-    (``fastllm.bench.common.SHAPE_SETS``): "llama3-8b" the LLaMA-3-8B ones instead
-    (grouped-query, no masked cases), "all" both. The cases do not depend on ``device``."""
+    masked ones (masked_cases), then the decode ones (decode_cases). ``quick``: one small
+    shape of each. ``shapes`` (``fastllm.bench.common.SHAPE_SETS``): "llama3-8b" the
+    LLaMA-3-8B ones instead (grouped-query, no masked or decode cases), "all" both. The cases
+    do not depend on ``device``."""
     with_default, with_llama = shape_sets(shapes)
     picked = [(shape, None, DEFAULT_DTYPES) for shape in (QUICK_SHAPES if quick else SHAPES)
               if with_default]

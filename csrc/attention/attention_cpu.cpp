@@ -257,7 +257,7 @@ void pack_transposed(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h,
     } else if (stride_d == 1) {
       // 16-bit rows: widened into float rows first, then transposed as floats (a scalar
       // widening per element took ~10 % of the AVX-512 float16 forward + backward).
-      thread_local cpu::AlignedVector<float> widened;
+      thread_local cpu::UninitAlignedVector<float> widened;  // written before read
       if (widened.size() < static_cast<size_t>(rows) * D) widened.resize(rows * D);
       for (int r = 0; r < rows; ++r) {
         Ops::load_scaled(first + r * src.stride.t, D, 1.0f, widened.data() + r * D);
@@ -1584,7 +1584,6 @@ void attention_fwd_decode(const FwdParams& p) {
       const SeqLens len = seq_lens(p, b);
       const Mask mask(p, len);
       avx512::DecodeRows<T> rows;
-      int64_t kb = len.k, ke = 0;
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         for (int64_t i = 0; i < len.q; ++i) {
@@ -1594,14 +1593,11 @@ void attention_fwd_decode(const FwdParams& p) {
           rows.lse[r] = static_cast<float*>(p.lse) + lse_offset(p, b, h) + i;
           rows.begin[r] = mask.key_begin(i);
           rows.end[r] = mask.key_end(i);
-          if (rows.begin[r] < rows.end[r]) {
-            kb = std::min(kb, rows.begin[r]);
-            ke = std::max(ke, rows.end[r]);
-          }
         }
       }
       if (rows.count == 0) continue;
-      const size_t need = static_cast<size_t>(rows.count) * std::max<int64_t>(ke - kb, 0);
+      // decode_rows scores the keys its rows see, within [0, len.k).
+      const size_t need = static_cast<size_t>(rows.count) * len.k;
       if (scores.size() < need) scores.resize(need);
       avx512::decode_rows(rows, k.row(b, 0, hk), k.stride.t, v.row(b, 0, hk), v.stride.t, D,
                           static_cast<float>(p.softmax_scale), scores.data(), qf.data());

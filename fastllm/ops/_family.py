@@ -52,6 +52,7 @@ value can give a wrong row (documented per op) but never an out-of-bounds access
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -146,6 +147,12 @@ def without_autograd(*tensors: Optional[Tensor]) -> bool:
 
 # The guard of without_autograd's calls: the op dispatches straight to its device kernel.
 below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def autograd_scope(*tensors: Optional[Tensor]) -> Any:
+    """The context a public function calls its op in: ``below_autograd()`` when
+    ``without_autograd(*tensors)`` (``tensors``: the op's differentiable inputs), else none."""
+    return below_autograd() if without_autograd(*tensors) else contextlib.nullcontext()
 
 
 class OpSet:

@@ -23,12 +23,11 @@ from fastllm.ops._family import (
     OpFamily,
     OpSet,
     acc_dtype,
-    below_autograd,
+    autograd_scope,
     check_float_tensor,
     check_same_device,
     register_autograd,
     values_readable,
-    without_autograd,
 )
 from fastllm.reference import attention as ref
 
@@ -364,10 +363,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *options: Any) -> tuple[Tenso
     if ops is None:
         IMPLS.check("attention_fwd", q, k, v, *options)  # the ops check their own
         return ref.attention_ref(q, k, v, *options)
-    if without_autograd(q, k, v, options[_ATTN_BIAS]):  # the differentiable inputs
-        with below_autograd():
-            return ops.attention_fwd(q, k, v, *options)
-    return ops.attention_fwd(q, k, v, *options)
+    with autograd_scope(q, k, v, options[_ATTN_BIAS]):  # the differentiable inputs
+        return ops.attention_fwd(q, k, v, *options)
 
 
 # --------------------------------------------------------------------------- public API

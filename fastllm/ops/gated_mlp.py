@@ -26,10 +26,9 @@ from torch import Tensor
 from fastllm.ops._family import (
     OpFamily,
     OpSet,
-    below_autograd,
+    autograd_scope,
     check_float_tensor,
     register_autograd,
-    without_autograd,
 )
 from fastllm.reference import gated_mlp as ref
 
@@ -161,10 +160,8 @@ def gated_activation(op: str, gate: Tensor, up: Optional[Tensor], activation: st
     ops = IMPLS.select(gate)
     if ops is None:
         return ref.gated_mlp_ref(gate, up, activation)
-    if without_autograd(gate, up):
-        with below_autograd():
-            return ops.gated_mlp_fwd(gate, up, activation)
-    return ops.gated_mlp_fwd(gate, up, activation)
+    with autograd_scope(gate, up):
+        return ops.gated_mlp_fwd(gate, up, activation)
 
 
 def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:

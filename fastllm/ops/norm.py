@@ -20,11 +20,10 @@ from fastllm.ops._family import (
     OpFamily,
     OpSet,
     acc_dtype,
-    below_autograd,
+    autograd_scope,
     check_float_tensor,
     check_same_device,
     register_autograd,
-    without_autograd,
 )
 from fastllm.reference import norm as ref
 
@@ -426,10 +425,8 @@ def layer_norm(
     ops = IMPLS.select(input)
     if ops is None:
         return ref.layer_norm_ref(input, shape, weight, bias, eps)
-    if without_autograd(input, weight, bias):
-        with below_autograd():
-            return ops.layer_norm_fwd(input, shape, weight, bias, eps)[0]
-    return ops.layer_norm_fwd(input, shape, weight, bias, eps)[0]
+    with autograd_scope(input, weight, bias):
+        return ops.layer_norm_fwd(input, shape, weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -451,10 +448,8 @@ def rms_norm(
     ops = IMPLS.select(input)
     if ops is None:
         return ref.rms_norm_ref(input, shape, weight, eps)
-    if without_autograd(input, weight):
-        with below_autograd():
-            return ops.rms_norm_fwd(input, shape, weight, eps)[0]
-    return ops.rms_norm_fwd(input, shape, weight, eps)[0]
+    with autograd_scope(input, weight):
+        return ops.rms_norm_fwd(input, shape, weight, eps)[0]
 
 
 def add_layer_norm(
@@ -475,11 +470,8 @@ def add_layer_norm(
     ops = IMPLS.select(input)
     if ops is None:
         return ref.add_layer_norm_ref(input, residual, shape, weight, bias, eps)
-    if without_autograd(input, residual, weight, bias):
-        with below_autograd():
-            out, summed, _, _ = ops.add_layer_norm_fwd(input, residual, shape, weight, bias, eps)
-        return out, summed
-    out, summed, _, _ = ops.add_layer_norm_fwd(input, residual, shape, weight, bias, eps)
+    with autograd_scope(input, residual, weight, bias):
+        out, summed, _, _ = ops.add_layer_norm_fwd(input, residual, shape, weight, bias, eps)
     return out, summed
 
 
@@ -500,9 +492,6 @@ def add_rms_norm(
     ops = IMPLS.select(input)
     if ops is None:
         return ref.add_rms_norm_ref(input, residual, shape, weight, eps)
-    if without_autograd(input, residual, weight):
-        with below_autograd():
-            out, summed, _ = ops.add_rms_norm_fwd(input, residual, shape, weight, eps)
-        return out, summed
-    out, summed, _ = ops.add_rms_norm_fwd(input, residual, shape, weight, eps)
+    with autograd_scope(input, residual, weight):
+        out, summed, _ = ops.add_rms_norm_fwd(input, residual, shape, weight, eps)
     return out, summed

@@ -35,11 +35,10 @@ from torch import Tensor
 from fastllm.ops._family import (
     OpFamily,
     OpSet,
-    below_autograd,
+    autograd_scope,
     check_float_tensor,
     refuse_double_backward,
     register_autograd,
-    without_autograd,
 )
 from fastllm.reference import rotary as ref
 
@@ -482,11 +481,9 @@ def apply_rotary(
         out = ref.rotary_ref(x, cos, sin, position_ids, cu_seqlens, offset, interleaved)
         return x.copy_(out) if inplace else out
     if not inplace:
-        if without_autograd(x, cos, sin):
-            with below_autograd():
-                return ops.rotary_fwd(x, cos, sin, position_ids, cu_seqlens, offset,
-                                      interleaved, False)
-        return ops.rotary_fwd(x, cos, sin, position_ids, cu_seqlens, offset, interleaved, False)
+        with autograd_scope(x, cos, sin):
+            return ops.rotary_fwd(x, cos, sin, position_ids, cu_seqlens, offset, interleaved,
+                                  False)
     if torch.is_grad_enabled() and x.requires_grad:
         return ops.inplace_function.apply(x, cos, sin, position_ids, cu_seqlens, offset,
                                           interleaved)
@@ -526,12 +523,9 @@ def apply_rotary_qk(
         k_out = ref.rotary_ref(k, cos, sin, position_ids, cu_seqlens, offset, interleaved)
         return (q.copy_(q_out), k.copy_(k_out)) if inplace else (q_out, k_out)
     if not inplace:
-        if without_autograd(q, k, cos, sin):
-            with below_autograd():
-                return ops.rotary_qk_fwd(q, k, cos, sin, position_ids, cu_seqlens, offset,
-                                         interleaved, False)
-        return ops.rotary_qk_fwd(q, k, cos, sin, position_ids, cu_seqlens, offset, interleaved,
-                                 False)
+        with autograd_scope(q, k, cos, sin):
+            return ops.rotary_qk_fwd(q, k, cos, sin, position_ids, cu_seqlens, offset,
+                                     interleaved, False)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         if torch.compiler.is_compiling() or q._is_view() or k._is_view():
             # Autograd refuses a Function that modifies a view in place and returns more than

@@ -1,4 +1,4 @@
-"""The CPU decode kernel (csrc/attention/attention_cpu_avx512.h's decode_rows): a forward
+"""The CPU decode kernel (csrc/attention/attention_cpu_avx512.h's decode_keys): a forward
 with at most 16 query rows per (batch, kv head) and no input requiring grad -- a decoded
 token or a few against a KV cache -- computes its scores straight from the stored key rows.
 On a CPU without the AVX-512 path the same calls take the tile kernels, and these tests hold
@@ -25,11 +25,18 @@ CASES = {
     "d136-full": (1, 3, 70, 2, 2, 136, False, (-1, -1), None),
     "window": (2, 2, 33, 6, 3, 8, True, (5, 0), None),
     "no-key": (2, 1, 20, 2, 2, 24, True, (-1, -1), [0, 20]),
+    # Past one online-softmax chunk (64 keys) and split into key ranges joined at the end
+    # (one per 256 keys, up to 16 tasks over the batch).
+    "long-split": (1, 1, 700, 8, 2, 64, True, (-1, -1), None),
+    "long-seqused": (2, 2, 1100, 6, 2, 40, True, (-1, -1), [1100, 300]),
+    "long-window": (1, 4, 900, 4, 1, 128, True, (200, 0), None),
 }
 
 
-def _run(q, k, v, causal, window, used, grad):
+def _run(q, k, v, causal, window, used, grad, head_major=False):
     leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    if head_major:  # the keys and values as views of (B, Hkv, Tk, D) caches
+        leaves[1:] = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[1:]]
     B, Tk = k.shape[0], k.shape[1]
     seqlens = torch.tensor([Tk] * B if used is None else used, dtype=torch.int32)
     with fastllm.use_backend("native"):
@@ -38,14 +45,19 @@ def _run(q, k, v, causal, window, used, grad):
     return out.detach(), lse.detach()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", list(CASES))
-def test_decode_kernel_within_the_tile_kernels_error(case, dtype):
+def _inputs(case, dtype, seed=11):
     B, Tq, Tk, H, Hkv, D, causal, window, used = CASES[case]
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Tq, H, D, generator=g).to(dtype)
     k = torch.randn(B, Tk, Hkv, D, generator=g).to(dtype)
     v = torch.randn(B, Tk, Hkv, D, generator=g).to(dtype)
+    return q, k, v, causal, window, used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_kernel_within_the_tile_kernels_error(case, dtype):
+    q, k, v, causal, window, used = _inputs(case, dtype, seed=7)
     decoded, lse = _run(q, k, v, causal, window, used, grad=False)
     tiled, tiled_lse = _run(q, k, v, causal, window, used, grad=True)
     exact, exact_lse = _run(q.double(), k.double(), v.double(), causal, window, used, False)
@@ -61,3 +73,37 @@ def test_decode_kernel_within_the_tile_kernels_error(case, dtype):
         assert torch.all(lse[b] == float("-inf"))
     if dtype == torch.float32:
         torch.testing.assert_close(decoded, tiled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["long-split", "long-seqused", "gqa-seqused"])
+def test_decode_kernel_does_not_depend_on_the_thread_count_or_the_layout(case, dtype):
+    """The key ranges a sequence is split into depend on the problem only; a cache stored
+    head-major (the kernel reads it through strides) gives the same bits."""
+    q, k, v, causal, window, used = _inputs(case, dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(q, k, v, causal, window, used, grad=False)
+        torch.set_num_threads(2)
+        two = _run(q, k, v, causal, window, used, grad=False)
+        strided = _run(q, k, v, causal, window, used, grad=False, head_major=True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in ((one, two), (one, strided)):
+        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("where", [3, 500])
+def test_decode_kernel_propagates_a_nan_key_through_its_key_ranges(where):
+    """A NaN key score makes its rows NaN (torch's softmax math), whichever of the joined key
+    ranges holds it; the other kv head's rows stay finite and accurate."""
+    q, k, v, causal, window, used = _inputs("long-split", torch.float32)
+    k[0, where, 1, 5] = float("nan")
+    out, lse = _run(q, k, v, causal, window, used, grad=False)
+    exact, _ = _run(q.double(), k.double(), v.double(), causal, window, used, grad=False)
+    assert torch.equal(torch.isnan(out), torch.isnan(exact))
+    assert torch.isnan(out[0, 0, 4:]).all() and not torch.isnan(out[0, 0, :4]).any()
+    assert torch.isnan(lse[0, 4:]).all() and torch.isfinite(lse[0, :4]).all()
+    torch.testing.assert_close(out[0, 0, :4].double(), exact[0, 0, :4], rtol=1e-5, atol=1e-5)

@@ -86,6 +86,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -1567,40 +1568,127 @@ bool decode_eligible(const FwdParams& p) {
   return true;
 }
 
+// The decode kernel's key ranges per sequence: about kDecodeTasks tasks over the batch (a
+// decoded token of one sequence still keeps the threads busy; each range's state joined after
+// them, as flash-decoding does), none shorter than kDecodeMinKeys keys. The count depends on
+// the problem only, never on the thread count, so neither does the result.
+constexpr int64_t kDecodeTasks = 16, kDecodeMinKeys = 256;
+
+// A thread's decode scratch: the task's rows, and its q rows as floats, scores, row states
+// and the join's row.
+template <class T>
+struct DecodeScratch {
+  avx512::DecodeRows<T> rows;
+  std::array<cpu::UninitAlignedVector<float>, 6> floats;
+};
+
 template <class T>
 void attention_fwd_decode(const FwdParams& p) {
-  const int D = static_cast<int>(p.head_dim);
+  const int D = static_cast<int>(p.head_dim), Dp = round_up(D, 16);
   const int64_t group = p.num_heads / p.num_kv_heads;
   const Rows<const T> q(p.q, p.stride_q, p.cu_seqlens_q), k(p.k, p.stride_k, p.cu_seqlens_k),
       v(p.v, p.stride_v, p.cu_seqlens_k);
   const Rows<T> out(p.out, p.stride_out, p.cu_seqlens_q);
-  const int64_t tasks = p.batch * p.num_kv_heads;
+  int64_t max_q = 0, max_k = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqLens len = seq_lens(p, b);
+    max_q = std::max(max_q, len.q);
+    max_k = std::max(max_k, len.k);
+  }
+  // A sequence's rows: head h's decoded tokens i at row h * len.q + i (kv head by kv head).
+  const int64_t max_rows = p.num_heads * max_q;
+  const int64_t splits = std::clamp<int64_t>((kDecodeTasks + p.batch - 1) / p.batch, 1,
+                                             std::max<int64_t>(1, max_k / kDecodeMinKeys));
+  auto lse_of = [&](int64_t b, const SeqLens& len, int64_t r) {
+    return static_cast<float*>(p.lse) + lse_offset(p, b, r / len.q) + r % len.q;
+  };
+  // Each key range's state (split sequences only): range s of sequence b at row
+  // (b * splits + s) * max_rows.
+  cpu::UninitAlignedVector<float> part_m, part_l, part_acc;
+  if (splits > 1) {
+    part_m.resize(p.batch * splits * max_rows);
+    part_l.resize(p.batch * splits * max_rows);
+    part_acc.resize(p.batch * splits * max_rows * Dp);
+  }
 #pragma omp parallel
   {
-    cpu::UninitAlignedVector<float> scores, qf(avx512::kDecodeMaxRows * round_up(D, 16));
+    // The thread's scratch, kept between calls (a decoded token's call is a few us: their
+    // allocations were a tenth of it).
+    static thread_local DecodeScratch<T> scratch;
+    avx512::DecodeRows<T>& rows = scratch.rows;
+    auto& [qf, scores, own_m, own_l, own_acc, o] = scratch.floats;
+    if (o.size() < static_cast<size_t>(Dp)) o.resize(Dp);
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / p.num_kv_heads, hk = task % p.num_kv_heads;
+    for (int64_t task = 0; task < p.batch * splits; ++task) {
+      const int64_t b = task / splits, s = task % splits;
       const SeqLens len = seq_lens(p, b);
       const Mask mask(p, len);
-      avx512::DecodeRows<T> rows;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = hk * group + g;
-        for (int64_t i = 0; i < len.q; ++i) {
-          const int r = rows.count++;
-          rows.q[r] = q.row(b, i, h);
-          rows.out[r] = out.row(b, i, h);
-          rows.lse[r] = static_cast<float*>(p.lse) + lse_offset(p, b, h) + i;
-          rows.begin[r] = mask.key_begin(i);
-          rows.end[r] = mask.key_end(i);
+      rows.clear();
+      int64_t kb = len.k, ke = 0;
+      for (int64_t hk = 0; hk < p.num_kv_heads; ++hk) {
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          for (int64_t i = 0; i < len.q; ++i) {
+            rows.q.push_back(q.row(b, i, h));
+            rows.begin.push_back(mask.key_begin(i));
+            rows.end.push_back(mask.key_end(i));
+            if (rows.begin.back() < rows.end.back()) {
+              kb = std::min(kb, rows.begin.back());
+              ke = std::max(ke, rows.end.back());
+            }
+          }
         }
+        rows.first.push_back(rows.count());
       }
-      if (rows.count == 0) continue;
-      // decode_rows scores the keys its rows see, within [0, len.k).
-      const size_t need = static_cast<size_t>(rows.count) * len.k;
-      if (scores.size() < need) scores.resize(need);
-      avx512::decode_rows(rows, k.row(b, 0, hk), k.stride.t, v.row(b, 0, hk), v.stride.t, D,
-                          static_cast<float>(p.softmax_scale), scores.data(), qf.data());
+      const int count = rows.count();
+      if (count == 0) continue;
+      // This task's keys: range s of [kb, ke) cut into `splits` ranges of whole 16-key blocks.
+      const int64_t n = std::max<int64_t>(ke - kb, 0);
+      const int64_t step = ((n + splits - 1) / splits + 15) / 16 * 16;
+      const int64_t lo = std::min(kb + s * step, kb + n), hi = std::min(lo + step, kb + n);
+      float *m, *l, *acc;
+      if (splits > 1) {
+        const int64_t first = (b * splits + s) * max_rows;
+        m = part_m.data() + first;
+        l = part_l.data() + first;
+        acc = part_acc.data() + first * Dp;
+      } else {
+        if (own_m.size() < static_cast<size_t>(count)) {
+          own_m.resize(count);
+          own_l.resize(count);
+        }
+        if (own_acc.size() < static_cast<size_t>(count) * Dp) {
+          own_acc.resize(static_cast<size_t>(count) * Dp);
+        }
+        m = own_m.data();
+        l = own_l.data();
+        acc = own_acc.data();
+      }
+      if (qf.size() < static_cast<size_t>(count) * Dp) qf.resize(static_cast<size_t>(count) * Dp);
+      if (scores.size() < static_cast<size_t>(count) * avx512::kDecodeChunk) {
+        scores.resize(static_cast<size_t>(count) * avx512::kDecodeChunk);
+      }
+      const avx512::DecodeKeys<T> keys{k.row(b, 0, 0), k.stride.t, k.stride.h, v.row(b, 0, 0),
+                                       v.stride.t, v.stride.h, D,
+                                       static_cast<float>(p.softmax_scale)};
+      avx512::decode_keys(rows, keys, lo, hi, m, l, acc, qf.data(), scores.data());
+      if (splits > 1) continue;
+      for (int r = 0; r < count; ++r) {
+        avx512::decode_join(1, m + r, l + r, acc + static_cast<int64_t>(r) * Dp, 0, D, o.data(),
+                            out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
+      }
+    }
+    if (splits > 1) {
+      // Each row joins its sequence's ranges (the loop above ends in a barrier).
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < p.batch * max_rows; ++task) {
+        const int64_t b = task / max_rows, r = task % max_rows;
+        const SeqLens len = seq_lens(p, b);
+        if (r >= p.num_heads * len.q) continue;
+        const int64_t first = b * splits * max_rows + r;
+        avx512::decode_join(static_cast<int>(splits), part_m.data() + first,
+                            part_l.data() + first, part_acc.data() + first * Dp, max_rows, D,
+                            o.data(), out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
+      }
     }
   }
 }

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common/cpu_avx512.h"
 
@@ -40,7 +41,7 @@ namespace fastllm {
 namespace attention {
 namespace avx512 {
 
-// The most query rows of one (batch, kv head) that the decode kernel (decode_rows) takes.
+// The most query rows of one (batch, kv head) that the decode kernel (decode_keys) takes.
 inline constexpr int kDecodeMaxRows = 16;
 
 // attention.h's dropout_mix on 16 lanes.
@@ -398,22 +399,54 @@ struct Ops {
 };
 
 // ---- decoding: a few query rows against many keys ---------------------------------------
-// One (batch, kv head) of a problem whose query rows per kv head -- the group's heads times
-// the decoded tokens -- are few (attention_cpu.cpp's decode_eligible). Each key row then
-// meets only those rows, so packing it into tiles cost more than the products (a decoded
-// token against 1000 cached keys, float32, H 9 / Hkv 3: 186 us, torch's SDPA 115): here
-// the rows' scores come straight from the stored key rows, 16 keys at a time; each row's
-// softmax is exact in two passes over its scores (max, then exp and sum); and the output
-// row is the p-weighted sum of the stored value rows, up to 4 rows sharing each value load.
+// The query rows of one sequence whose rows per kv head -- the group's heads times the
+// decoded tokens -- are few (attention_cpu.cpp's decode_eligible). Each key row then meets
+// only those rows, so packing it into tiles cost more than the products (a decoded token
+// against 1000 cached keys, float32, H 9 / Hkv 3: 186 us, torch's SDPA 115): here the rows'
+// scores come straight from the stored key rows, 16 keys at a time, and each output row is the
+// p-weighted sum of the stored value rows, up to 4 rows sharing each value load.
+//
+// The keys are walked in storage order: a block of 16 keys is scored for every kv head
+// before the next block, so that a cache stored (B, T, Hkv, D) -- a token's heads side by
+// side -- is read front to back, each page once, instead of one head's 128 or 256 bytes out
+// of every 1-2 KiB row per pass (LLaMA-3-8B's cache, 4096 keys, one thread: bfloat16 1.5-1.6
+// -> 1.15-1.2 ms, float32 2.2-2.4 -> 1.45-1.5 ms with the cache in L3; 3.5-3.9 -> 1.7-1.8 ms
+// bfloat16 with it evicted). The softmax is online over chunks of kDecodeChunk keys: a
+// row's max, sum and unnormalised output are rescaled when a chunk raises its max (chunks of
+// 32 or 128 keys ran 5-15 % slower; software prefetching of the next block's rows, 10-20 %
+// slower: the hardware prefetchers follow this walk).
 
-// Rows of a decode task; row r's keys are [begin[r], end[r]) (begin >= end: none).
+// Keys per step of the decode kernel's online softmax.
+inline constexpr int64_t kDecodeChunk = 64;
+
+// One sequence's decode rows, grouped by kv head: kv head hk's rows are [first[hk],
+// first[hk + 1]); row r's keys are [begin[r], end[r]) (begin >= end: none).
 template <class T>
 struct DecodeRows {
-  int count = 0;
-  const T* q[kDecodeMaxRows];
-  T* out[kDecodeMaxRows];
-  float* lse[kDecodeMaxRows];
-  int64_t begin[kDecodeMaxRows], end[kDecodeMaxRows];
+  std::vector<int> first;
+  std::vector<const T*> q;
+  std::vector<int64_t> begin, end;
+
+  int count() const { return static_cast<int>(q.size()); }
+  int heads_kv() const { return static_cast<int>(first.size()) - 1; }
+  void clear() {
+    first.assign(1, 0);
+    q.clear();
+    begin.clear();
+    end.clear();
+  }
+};
+
+// Where one sequence's keys live: key row (j, hk) at k + j * k_stride + hk * k_head, D
+// contiguous elements; value rows likewise.
+template <class T>
+struct DecodeKeys {
+  const T* k;
+  int64_t k_stride, k_head;
+  const T* v;
+  int64_t v_stride, v_head;
+  int D;
+  float scale;
 };
 
 // acc[rr][16 c0 .. 16 (c0 + NV)) += sum_{j in [j_lo, j_hi)} p[rr * n + j] v[j] for NR rows
@@ -505,148 +538,205 @@ FASTLLM_INLINE void decode_scores(const float* q, const T* k, int64_t k_stride, 
                         _mm512_mul_ps(Ops::row_sums(dots), scale));
 }
 
-// out[r] = softmax(scale q[r] k^T) v over row r's keys, lse[r] its log-sum-exp (float32);
-// key / value row j at k + j * k_stride / v + j * v_stride (D contiguous elements of T).
-// scores: scratch of count * (max end - min begin) floats; qf: kDecodeMaxRows rows of
-// round_up(D, 16) floats.
+// dst[jj] = scale q . k[jj] for any D (q: round_up(D, 16) floats, zero past D).
 template <class T>
-void decode_rows(const DecodeRows<T>& rows, const T* k, int64_t k_stride, const T* v,
-                 int64_t v_stride, int D, float scale, float* scores, float* qf) {
-  const int Dp = (D + 15) / 16 * 16;
-  const int chunks = Dp / 16;
-  auto load_row = [&](const T* row, int c) FASTLLM_INLINE_LAMBDA {
-    return c == chunks - 1 ? cpu::avx512::loadn(row + 16 * c, D - 16 * c)
-                           : cpu::avx512::load(row + 16 * c);
-  };
-  int64_t kb = std::numeric_limits<int64_t>::max(), ke = 0;
-  for (int r = 0; r < rows.count; ++r) {
-    for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(qf + r * Dp + 16 * c, load_row(rows.q[r], c));
-    if (rows.begin[r] < rows.end[r]) {
-      kb = std::min(kb, rows.begin[r]);
-      ke = std::max(ke, rows.end[r]);
+FASTLLM_INLINE void decode_scores_any(const float* q, const T* k, int64_t k_stride, int nk,
+                                      int D, __m512 scale, float* dst) {
+  const int chunks = (D + 15) / 16;
+  __m512 dots[16];
+  for (int jj = 0; jj < 16; ++jj) {
+    __m512 acc = _mm512_setzero_ps();
+    if (jj < nk) {
+      const T* kr = k + jj * k_stride;
+      for (int c = 0; c < chunks; ++c) {
+        const __m512 kc = c == chunks - 1 ? cpu::avx512::loadn(kr + 16 * c, D - 16 * c)
+                                          : cpu::avx512::load(kr + 16 * c);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), kc, acc);
+      }
+    }
+    dots[jj] = acc;
+  }
+  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
+                        _mm512_mul_ps(Ops::row_sums(dots), scale));
+}
+
+// The scores of one row against the nk <= 16 keys at k (row pitch k_stride): the kernel for
+// the row's element type and head dim.
+template <class T>
+FASTLLM_INLINE void decode_score_block(const T* q, const float* qf, const T* k,
+                                       int64_t k_stride, int nk, int D, __m512 scale,
+                                       float* dst) {
+  if constexpr (std::is_same_v<T, cpu::BFloat16>) {
+    if (D <= 128) {
+      switch ((D + 31) / 32) {
+        case 1: return decode_scores_bf16<1>(q, k, k_stride, nk, D, scale, dst);
+        case 2: return decode_scores_bf16<2>(q, k, k_stride, nk, D, scale, dst);
+        case 3: return decode_scores_bf16<3>(q, k, k_stride, nk, D, scale, dst);
+        default: return decode_scores_bf16<4>(q, k, k_stride, nk, D, scale, dst);
+      }
     }
   }
-  const int64_t n = ke > kb ? ke - kb : 0;
-  const __m512 vscale = _mm512_set1_ps(scale);
-  // Scores: s[r][j - kb] = scale q[r] . k[j] for j in [kb, ke), 16 keys at a time (their key
-  // rows stay in L1 across the rows).
-  for (int64_t j0 = kb; j0 < ke; j0 += 16) {
-    const int nk = static_cast<int>(std::min<int64_t>(16, ke - j0));
-    for (int r = 0; r < rows.count; ++r) {
-      float* dst = scores + r * n + (j0 - kb);
-      const float* qr = qf + r * Dp;
-      const T* k0 = k + j0 * k_stride;
-      if constexpr (std::is_same_v<T, cpu::BFloat16>) {
-        if (D <= 128) {
-          switch ((D + 31) / 32) {
-            case 1: decode_scores_bf16<1>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
-            case 2: decode_scores_bf16<2>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
-            case 3: decode_scores_bf16<3>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
-            default: decode_scores_bf16<4>(rows.q[r], k0, k_stride, nk, D, vscale, dst); continue;
-          }
-        }
-      }
-      switch (chunks) {
+  switch ((D + 15) / 16) {
 #define FASTLLM_DECODE_QK(CH) \
   case CH:                    \
-    decode_scores<CH>(qr, k0, k_stride, nk, D, vscale, dst); \
-    break;
-        FASTLLM_DECODE_QK(1) FASTLLM_DECODE_QK(2) FASTLLM_DECODE_QK(3) FASTLLM_DECODE_QK(4)
-        FASTLLM_DECODE_QK(5) FASTLLM_DECODE_QK(6) FASTLLM_DECODE_QK(7) FASTLLM_DECODE_QK(8)
+    return decode_scores<CH>(qf, k, k_stride, nk, D, scale, dst);
+    FASTLLM_DECODE_QK(1) FASTLLM_DECODE_QK(2) FASTLLM_DECODE_QK(3) FASTLLM_DECODE_QK(4)
+    FASTLLM_DECODE_QK(5) FASTLLM_DECODE_QK(6) FASTLLM_DECODE_QK(7) FASTLLM_DECODE_QK(8)
 #undef FASTLLM_DECODE_QK
-        default: {
-          __m512 dots[16];
-          for (int jj = 0; jj < 16; ++jj) {
-            __m512 acc = _mm512_setzero_ps();
-            if (jj < nk) {
-              for (int c = 0; c < chunks; ++c) {
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c),
-                                      load_row(k0 + jj * k_stride, c), acc);
-              }
-            }
-            dots[jj] = acc;
-          }
-          _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
-                                _mm512_mul_ps(Ops::row_sums(dots), vscale));
-        }
-      }
-    }
+    default: return decode_scores_any(qf, k, k_stride, nk, D, scale, dst);
   }
-  // Each row: the max of its keys' scores, then p = exp(s - max) in place (0 outside its
-  // keys) and the sum.
-  const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
-  float sums[kDecodeMaxRows];
-  for (int r = 0; r < rows.count; ++r) {
-    float* s = scores + r * n;
-    const int64_t b = rows.begin[r] - kb, e = rows.end[r] - kb;
-    if (rows.begin[r] >= rows.end[r]) {
-      sums[r] = 0.0f;
-      *rows.lse[r] = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; j += 16) {
-        const int w = static_cast<int>(std::min<int64_t>(16, n - j));
-        _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(w), _mm512_setzero_ps());
-      }
-      continue;
-    }
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = b; j < e; j += 16) {
-      const __mmask16 live =
-          cpu::avx512::first_lanes(static_cast<int>(std::min<int64_t>(16, e - j)));
-      vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, s + j));
-    }
-    const float m = _mm512_reduce_max_ps(vmax);
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const int64_t w = std::min<int64_t>(16, n - j);
-      __mmask16 allowed = cpu::avx512::band_mask(static_cast<int>(j), static_cast<int>(b),
-                                                 static_cast<int>(e)) &
-                          cpu::avx512::first_lanes(static_cast<int>(w));
-      const __m512 p = _mm512_maskz_mov_ps(
-          allowed, cpu::avx512::exp2(_mm512_mul_ps(
-                       _mm512_sub_ps(_mm512_maskz_loadu_ps(allowed, s + j), vm), log2e)));
-      vsum = _mm512_add_ps(vsum, p);
-      _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(static_cast<int>(w)), p);
-    }
-    sums[r] = _mm512_reduce_add_ps(vsum);
-    *rows.lse[r] = m + std::log(sums[r]);
-  }
-  // out[r] = sum_j p[r][j] v[j] / sum[r], over blocks of kPvKeys keys: per block, up to 4
-  // rows x 64 columns of accumulators in registers at a time (decode_pv's compile-time shape),
-  // each value load shared by the rows, and the block's value rows read from memory once
-  // (L1 / L2 for the other row and column groups). The accumulators live in qf meanwhile.
-  constexpr int64_t kPvKeys = 128;
-  float* acc_rows = qf;  // the query rows are no longer needed
-  std::fill_n(acc_rows, rows.count * Dp, 0.0f);
-  const T* v0 = v + kb * v_stride;
-  for (int64_t j_lo = 0; j_lo < n; j_lo += kPvKeys) {
-    const int64_t j_hi = std::min(n, j_lo + kPvKeys);
-    for (int r0 = 0; r0 < rows.count; r0 += 4) {
-      const int nr = std::min(4, rows.count - r0);
-      const float* p = scores + r0 * n;
-      float* acc = acc_rows + r0 * Dp;
-      for (int c0 = 0; c0 < chunks; c0 += 4) {
-        const int nv = std::min(4, chunks - c0);
-#define FASTLLM_DECODE_PV(NR, NV)                                               \
-  case (NR - 1) * 4 + NV - 1:                                                   \
-    decode_pv<NR, NV>(p, n, j_lo, j_hi, v0, v_stride, c0, D, acc, Dp);          \
+}
+
+// acc rows [r0, r0 + nr) += p v over the n keys at v (row pitch v_stride), p row rr at
+// p + rr * ld: decode_pv's register blocks, 4 rows x 64 columns at a time.
+template <class T>
+inline void decode_pv_rows(const float* p, int64_t ld, int64_t n, const T* v, int64_t v_stride,
+                           int D, int nr, float* acc, int Dp) {
+  const int chunks = Dp / 16;
+  for (int r0 = 0; r0 < nr; r0 += 4) {
+    const int rows = std::min(4, nr - r0);
+    for (int c0 = 0; c0 < chunks; c0 += 4) {
+      const int nv = std::min(4, chunks - c0);
+      const float* pr = p + r0 * ld;
+      float* ar = acc + r0 * Dp;
+#define FASTLLM_DECODE_PV(NR, NV)                                  \
+  case (NR - 1) * 4 + NV - 1:                                      \
+    decode_pv<NR, NV>(pr, ld, 0, n, v, v_stride, c0, D, ar, Dp);   \
     break;
-        switch ((nr - 1) * 4 + nv - 1) {
-          FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3)
-          FASTLLM_DECODE_PV(1, 4) FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2)
-          FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4) FASTLLM_DECODE_PV(3, 1)
-          FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
-          FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3)
-          FASTLLM_DECODE_PV(4, 4)
-          default: break;
-        }
-#undef FASTLLM_DECODE_PV
+      switch ((rows - 1) * 4 + nv - 1) {
+        FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3)
+        FASTLLM_DECODE_PV(1, 4) FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2)
+        FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4) FASTLLM_DECODE_PV(3, 1)
+        FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
+        FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3)
+        FASTLLM_DECODE_PV(4, 4)
+        default: break;
       }
+#undef FASTLLM_DECODE_PV
     }
   }
-  for (int r = 0; r < rows.count; ++r) {
-    Ops::store_scaled(acc_rows + r * Dp, D, sums[r] > 0 ? 1.0f / sums[r] : 0.0f, rows.out[r]);
+}
+
+// The online softmax's state of every row over the keys [lo, hi) (each row's own keys within
+// them): m[r] the running max of its scores (-inf: no key yet), l[r] the sum of exp(s - m[r]),
+// acc (round_up(D, 16) floats a row) the unnormalised output sum exp(s - m[r]) v. Scratch:
+// qf, round_up(D, 16) floats a row; scores, kDecodeChunk floats a row.
+template <class T>
+void decode_keys(const DecodeRows<T>& rows, const DecodeKeys<T>& keys, int64_t lo, int64_t hi,
+                 float* m, float* l, float* acc, float* qf, float* scores) {
+  const int D = keys.D, Dp = (D + 15) / 16 * 16, chunks = Dp / 16, count = rows.count();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < count; ++r) {
+    m[r] = neg_inf;
+    l[r] = 0.0f;
+    std::fill_n(acc + static_cast<int64_t>(r) * Dp, Dp, 0.0f);
+    for (int c = 0; c < chunks; ++c) {
+      const __m512 x = c == chunks - 1 ? cpu::avx512::loadn(rows.q[r] + 16 * c, D - 16 * c)
+                                       : cpu::avx512::load(rows.q[r] + 16 * c);
+      _mm512_storeu_ps(qf + static_cast<int64_t>(r) * Dp + 16 * c, x);
+    }
   }
+  const __m512 vscale = _mm512_set1_ps(keys.scale), log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
+  const int heads_kv = rows.heads_kv();
+  for (int64_t c0 = lo; c0 < hi; c0 += kDecodeChunk) {
+    const int64_t c1 = std::min(hi, c0 + kDecodeChunk);
+    const int n = static_cast<int>(c1 - c0);
+    // Scores, 16 keys of every kv head at a time: s[r][j - c0] for the rows that see a key
+    // of the block (the others' lanes stay unwritten and are never read).
+    for (int64_t j0 = c0; j0 < c1; j0 += 16) {
+      const int nk = static_cast<int>(std::min<int64_t>(16, c1 - j0));
+      for (int hk = 0; hk < heads_kv; ++hk) {
+        const T* k0 = keys.k + j0 * keys.k_stride + hk * keys.k_head;
+        for (int r = rows.first[hk]; r < rows.first[hk + 1]; ++r) {
+          if (rows.begin[r] >= j0 + nk || rows.end[r] <= j0) continue;
+          decode_score_block(rows.q[r], qf + static_cast<int64_t>(r) * Dp, k0, keys.k_stride,
+                             nk, D, vscale, scores + static_cast<int64_t>(r) * kDecodeChunk +
+                                                (j0 - c0));
+        }
+      }
+    }
+    // Each row: the chunk's max raises m (rescaling l and acc), then p = exp(s - m) in place
+    // over the chunk (0 outside the row's keys) and its sum.
+    for (int r = 0; r < count; ++r) {
+      float* s = scores + static_cast<int64_t>(r) * kDecodeChunk;
+      const int b = static_cast<int>(std::clamp<int64_t>(rows.begin[r] - c0, 0, n));
+      const int e = static_cast<int>(std::clamp<int64_t>(rows.end[r] - c0, 0, n));
+      if (b >= e) {
+        for (int j = 0; j < n; j += 16) {
+          _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(std::min(16, n - j)),
+                                _mm512_setzero_ps());
+        }
+        continue;
+      }
+      __m512 vmax = _mm512_set1_ps(neg_inf);
+      for (int j = b; j < e; j += 16) {
+        const __mmask16 live = cpu::avx512::first_lanes(std::min(16, e - j));
+        vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, s + j));
+      }
+      const float chunk_max = _mm512_reduce_max_ps(vmax);
+      if (chunk_max > m[r]) {
+        if (l[r] != 0.0f) {
+          const float alpha = std::exp(m[r] - chunk_max);
+          l[r] *= alpha;
+          const __m512 va = _mm512_set1_ps(alpha);
+          float* a = acc + static_cast<int64_t>(r) * Dp;
+          for (int c = 0; c < Dp; c += 16) {
+            _mm512_storeu_ps(a + c, _mm512_mul_ps(_mm512_loadu_ps(a + c), va));
+          }
+        }
+        m[r] = chunk_max;
+      }
+      const __m512 vm = _mm512_set1_ps(m[r]);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int j = 0; j < n; j += 16) {
+        const __mmask16 lanes = cpu::avx512::first_lanes(std::min(16, n - j));
+        const __mmask16 allowed = cpu::avx512::band_mask(j, b, e) & lanes;
+        const __m512 p = _mm512_maskz_mov_ps(
+            allowed, cpu::avx512::exp2(_mm512_mul_ps(
+                         _mm512_sub_ps(_mm512_maskz_loadu_ps(allowed, s + j), vm), log2e)));
+        vsum = _mm512_add_ps(vsum, p);
+        _mm512_mask_storeu_ps(s + j, lanes, p);
+      }
+      l[r] += _mm512_reduce_add_ps(vsum);
+    }
+    // acc += p v, kv head by kv head over the chunk's value rows.
+    for (int hk = 0; hk < heads_kv; ++hk) {
+      const int r0 = rows.first[hk], nr = rows.first[hk + 1] - r0;
+      if (nr == 0) continue;
+      decode_pv_rows(scores + static_cast<int64_t>(r0) * kDecodeChunk, kDecodeChunk, n,
+                     keys.v + c0 * keys.v_stride + hk * keys.v_head, keys.v_stride, D, nr,
+                     acc + static_cast<int64_t>(r0) * Dp, Dp);
+    }
+  }
+}
+
+// Joins the states of `parts` key ranges of one row (part s's max, sum and round_up(D, 16)
+// accumulators at m[s * stride], l[s * stride], acc + s * stride * round_up(D, 16)) and
+// writes the row's output (D elements) and lse; o: scratch of round_up(D, 16) floats. A range
+// without keys has l = 0 and adds nothing; a NaN score (NaN l) makes the row NaN, as torch's
+// softmax does.
+template <class T>
+void decode_join(int parts, const float* m, const float* l, const float* acc, int64_t stride,
+                 int D, float* o, T* out, float* lse) {
+  const int Dp = (D + 15) / 16 * 16;
+  float top = -std::numeric_limits<float>::infinity();
+  for (int s = 0; s < parts; ++s) {
+    if (l[s * stride] != 0.0f) top = std::max(top, m[s * stride]);
+  }
+  float sum = 0.0f;
+  std::fill_n(o, Dp, 0.0f);
+  for (int s = 0; s < parts; ++s) {
+    if (l[s * stride] == 0.0f) continue;
+    const float w = std::exp(m[s * stride] - top);
+    sum += w * l[s * stride];
+    const __m512 vw = _mm512_set1_ps(w);
+    const float* a = acc + s * stride * Dp;
+    for (int c = 0; c < Dp; c += 16) {
+      _mm512_storeu_ps(o + c, _mm512_fmadd_ps(vw, _mm512_loadu_ps(a + c), _mm512_loadu_ps(o + c)));
+    }
+  }
+  *lse = sum == 0.0f ? -std::numeric_limits<float>::infinity() : top + std::log(sum);
+  Ops::store_scaled(o, D, sum == 0.0f ? 0.0f : 1.0f / sum, out);
 }
 
 }  // namespace avx512

@@ -111,3 +111,26 @@ def _check_case(guard_uses, fn, make, differentiable):
     assert len(guard_uses) == 2
     for a, b in zip(fast, off):
         assert b.grad_fn is None and torch.equal(a, b)
+
+
+def test_the_backend_follows_the_environment_as_it_changes(monkeypatch):
+    """get_backend reads FASTLLM_BACKEND through os.environ's own dict (not os.environ.get,
+    ten times dearer): a value set, changed or removed while running takes effect at the
+    next call, and the native fast path of select gives what the general path gives."""
+    from fastllm import backend
+    from fastllm.ops._family import OpSet
+
+    monkeypatch.delenv("FASTLLM_BACKEND", raising=False)
+    assert backend.get_backend() == "native"
+    native = attention.IMPLS.select(torch.zeros(1))
+    assert isinstance(native, OpSet) and native.backend == "native"
+    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    assert backend.get_backend() == "reference"
+    assert attention.IMPLS.select(torch.zeros(1)) is None
+    monkeypatch.setenv("FASTLLM_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTLLM_BACKEND"):
+        backend.get_backend()
+    monkeypatch.delenv("FASTLLM_BACKEND")
+    assert backend.get_backend() == "native"
+    with fastllm.use_backend("reference"):
+        assert backend.get_backend() == "reference"

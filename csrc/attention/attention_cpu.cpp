@@ -1610,7 +1610,8 @@ void attention_fwd_decode(const FwdParams& p) {
     part_l.resize(p.batch * splits * max_rows);
     part_acc.resize(p.batch * splits * max_rows * Dp);
   }
-#pragma omp parallel
+  // One task (one short sequence) runs on the calling thread: waking the others cost more.
+#pragma omp parallel if (p.batch * splits > 1)
   {
     // The thread's scratch, kept between calls (a decoded token's call is a few us: their
     // allocations were a tenth of it).

@@ -140,8 +140,10 @@ def without_autograd(*tensors: Optional[Tensor]) -> bool:
     graph is being recorded (grad mode off, or no tensor requires grad) and nothing is being
     traced. The autograd kernel of a custom op (``register_autograd``) runs Python on every
     call even then, ~5 us: more than a small call's kernel (a (1, 1024) norm's ~2 us)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
+    if torch.is_grad_enabled():
+        for t in tensors:  # (a loop: a generator expression costs more than the test)
+            if t is not None and t.requires_grad:
+                return False
     return not torch.compiler.is_compiling()
 
 
@@ -295,6 +297,8 @@ class OpFamily:
         (default: the one in force); None means the plain-PyTorch reference runs. Raises
         RuntimeError with ``unavailable``'s reason when the backend cannot run here."""
         backend = get_backend() if backend is None else backend
+        if backend == "native" and like.is_cpu and _native.AVAILABLE:
+            return self.native  # the common case, as the general path below decides it
         device = like.device
         if backend == "reference":
             return None

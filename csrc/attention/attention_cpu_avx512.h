@@ -413,8 +413,7 @@ struct Ops {
 // -> 1.15-1.2 ms, float32 2.2-2.4 -> 1.45-1.5 ms with the cache in L3; 3.5-3.9 -> 1.7-1.8 ms
 // bfloat16 with it evicted). The softmax is online over chunks of kDecodeChunk keys: a
 // row's max, sum and unnormalised output are rescaled when a chunk raises its max (chunks of
-// 32 or 128 keys ran 5-15 % slower; software prefetching of the next block's rows, 10-20 %
-// slower: the hardware prefetchers follow this walk).
+// 32 or 128 keys ran 5-15 % slower; see kDecodeAhead for the prefetches).
 
 // Keys per step of the decode kernel's online softmax.
 inline constexpr int64_t kDecodeChunk = 64;
@@ -617,6 +616,28 @@ inline void decode_pv_rows(const float* p, int64_t ld, int64_t n, const T* v, in
   }
 }
 
+// Keys ahead of the scores whose key and value rows the decode kernel prefetches into L2, for
+// 16-bit caches. A cache that comes from memory (as in decoding, where the model's weights
+// pass through the caches between two calls of a layer) is read at ~5-6 GB/s on one core of
+// this machine, the hardware prefetchers restarting at every page, which a (B, T, Hkv, D)
+// cache crosses every 2-10 keys: LLaMA-3-8B's bfloat16 / float16 cache, 4096 keys, evicted
+// before each call: 3.1-3.5 -> 2.8-3.0 ms (in L3: within 5 %). float32 caches, twice the lines
+// and prefetches, gained nothing cold and lost ~25 % warm: they take none. (16 keys ahead into
+// L1, for every dtype, ran 10-20 % slower with the cache in L3; not measured cold.)
+inline constexpr int64_t kDecodeAhead = 64;
+
+// Prefetches the cache lines of n rows of D elements, rows `stride` elements apart, into L2.
+template <class T>
+FASTLLM_INLINE void prefetch_rows(const T* first, int64_t stride, int n, int D) {
+  for (int j = 0; j < n; ++j) {
+    const uintptr_t row = reinterpret_cast<uintptr_t>(first + j * stride);
+    const uintptr_t last = row + D * sizeof(T) - 1;
+    for (uintptr_t line = row & ~uintptr_t{63}; line <= last; line += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+    }
+  }
+}
+
 // The online softmax's state of every row over the keys [lo, hi) (each row's own keys within
 // them): m[r] the running max of its scores (-inf: no key yet), l[r] the sum of exp(s - m[r]),
 // acc (round_up(D, 16) floats a row) the unnormalised output sum exp(s - m[r]) v. Scratch:
@@ -647,6 +668,12 @@ void decode_keys(const DecodeRows<T>& rows, const DecodeKeys<T>& keys, int64_t l
       const int nk = static_cast<int>(std::min<int64_t>(16, c1 - j0));
       for (int hk = 0; hk < heads_kv; ++hk) {
         const T* k0 = keys.k + j0 * keys.k_stride + hk * keys.k_head;
+        if (sizeof(T) == 2 && j0 + kDecodeAhead < hi) {
+          const int na = static_cast<int>(std::min<int64_t>(16, hi - j0 - kDecodeAhead));
+          prefetch_rows(k0 + kDecodeAhead * keys.k_stride, keys.k_stride, na, D);
+          prefetch_rows(keys.v + (j0 + kDecodeAhead) * keys.v_stride + hk * keys.v_head,
+                        keys.v_stride, na, D);
+        }
         for (int r = rows.first[hk]; r < rows.first[hk + 1]; ++r) {
           if (rows.begin[r] >= j0 + nk || rows.end[r] <= j0) continue;
           decode_score_block(rows.q[r], qf + static_cast<int64_t>(r) * Dp, k0, keys.k_stride,

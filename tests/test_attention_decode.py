@@ -105,5 +105,7 @@ def test_decode_kernel_propagates_a_nan_key_through_its_key_ranges(where):
     exact, _ = _run(q.double(), k.double(), v.double(), causal, window, used, grad=False)
     assert torch.equal(torch.isnan(out), torch.isnan(exact))
     assert torch.isnan(out[0, 0, 4:]).all() and not torch.isnan(out[0, 0, :4]).any()
-    assert torch.isnan(lse[0, 4:]).all() and torch.isfinite(lse[0, :4]).all()
+    # (lse of a NaN row: NaN from the decode kernel, -inf from the tile kernels that run
+    # these calls on CPUs without AVX-512; neither is finite.)
+    assert not torch.isfinite(lse[0, 4:]).any() and torch.isfinite(lse[0, :4]).all()
     torch.testing.assert_close(out[0, 0, :4].double(), exact[0, 0, :4], rtol=1e-5, atol=1e-5)

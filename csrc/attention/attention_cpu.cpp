@@ -162,8 +162,17 @@ struct QueryBlock {
 
 QueryBlock query_block(const Problem& p, int64_t task, int64_t q_blocks) {
   QueryBlock t;
-  t.h = task / q_blocks % p.num_heads;
-  t.b = task / q_blocks / p.num_heads;
+  if (p.attn_bias != nullptr && p.bias_stride_b == 0) {
+    // A bias shared by the batch (a T5 relative-position bias, (1, H, Tq, Tk)): a head's
+    // tasks for every sequence in a row, so that its bias rows are read from memory once and
+    // then from L2 (batch-major, a float32 B8 H12 T512 bias was read 8 times from memory:
+    // ~20 % of the call).
+    t.b = task / q_blocks % p.batch;
+    t.h = task / q_blocks / p.batch;
+  } else {
+    t.h = task / q_blocks % p.num_heads;
+    t.b = task / q_blocks / p.num_heads;
+  }
   t.i0 = task % q_blocks * kBlockQ;
   t.len = seq_lens(p, t.b);
   t.mq = t.i0 >= t.len.q ? 0 : static_cast<int>(std::min<int64_t>(kBlockQ, t.len.q - t.i0));
@@ -355,6 +364,11 @@ struct ScalarOps {
   static void load_scaled(const T* in, int n, Acc scale, Acc* out) {
     for (int c = 0; c < n; ++c) out[c] = scale * to_acc(in[c]);
   }
+  // row[c] += in[c] in Acc for c < n.
+  template <class T>
+  static void add_to(const T* in, int n, Acc* row) {
+    for (int c = 0; c < n; ++c) row[c] += to_acc(in[c]);
+  }
   // out[c] = T(scale * in[c]) for c < n.
   template <class T>
   static void store_scaled(const Acc* in, int n, Acc scale, T* out) {
@@ -477,6 +491,15 @@ struct Avx2Ops {
       _mm256_storeu_ps(out + c, _mm256_mul_ps(cpu::avx2::load(in + c), vscale));
     }
     for (; c < n; ++c) out[c] = scale * to_acc(in[c]);
+  }
+  // row[c] += float(in[c]) for c < n.
+  template <class T>
+  static void add_to(const T* in, int n, float* row) {
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+      _mm256_storeu_ps(row + c, _mm256_add_ps(_mm256_loadu_ps(row + c), cpu::avx2::load(in + c)));
+    }
+    for (; c < n; ++c) row[c] += to_acc(in[c]);
   }
   // out[c] = T(scale * in[c]) for c < n (cpu::avx2's rounding: from_acc's).
   template <class T>
@@ -777,8 +800,11 @@ struct ScoreMods {
         bias_stride_k(p.bias_stride_k) {}
 
   // s[r][c] += attn_bias[b, h, i + r, j0 + c] for c < nk (after transform: the bias follows
-  // the softcap and ALiBi); rows of Ns scores. T is the bias's storage type (q's).
-  template <class T>
+  // the softcap and ALiBi); rows of Ns scores. T is the bias's storage type (q's); contiguous
+  // bias rows go through the path's vector loads (Ops::add_to: this file's generic code is
+  // built for baseline x86-64, whose 4-wide loop made a float32 T5 bias cost twice what it
+  // costs torch's SDPA).
+  template <class T, class Ops>
   void add_bias(Acc* s, int rows, int Ns, int nk, int64_t i, int64_t j0) const {
     if (bias == nullptr) return;
     const T* first = static_cast<const T*>(bias) + bias_offset + i * bias_stride_q +
@@ -786,8 +812,8 @@ struct ScoreMods {
     for (int r = 0; r < rows; ++r) {
       const T* in = first + r * bias_stride_q;
       Acc* row = s + static_cast<int64_t>(r) * Ns;
-      if (bias_stride_k == 1) {  // a loop the compiler vectorises
-        for (int c = 0; c < nk; ++c) row[c] += to_acc(in[c]);
+      if (bias_stride_k == 1) {
+        Ops::add_to(in, nk, row);
       } else {
         for (int c = 0; c < nk; ++c) row[c] += to_acc(in[c * bias_stride_k]);
       }
@@ -936,7 +962,7 @@ void attention_fwd_typed(const FwdParams& p) {
         Acc* o = o_tile.data() + r0 * Dp;
         Ops::gemm(rows.count(), Ns, Dp, q_tile.data() + r0 * Dp, Dp, 1, kt_tile, Np, s, Ns, false);
         mods.transform(s, nullptr, rows.count(), Ns, i0 + r0, j0);
-        mods.template add_bias<T>(s, rows.count(), Ns, ns, i0 + r0, j0);
+        mods.template add_bias<T, Ops>(s, rows.count(), Ns, ns, i0 + r0, j0);
         key_tile.mask_scores(s, rows.count(), Ns, ns);
         Ops::online_softmax(s, rows.count(), Ns, begin + r0, end + r0, m.data() + r0,
                             l.data() + r0, o, Dp);
@@ -991,7 +1017,7 @@ ActiveRows recompute_ds(const Mask& mask, const ScoreMods<Acc>& mods, const KeyT
   Acc* dcap = mods.softcap > 0 ? t.dcap.data() + r0 * Ns : nullptr;
   Ops::gemm(rows.count(), Ns, Dp, t.q + r0 * Dp, Dp, 1, t.kt, Np, s, Ns, false);
   mods.transform(s, dcap, rows.count(), Ns, i0 + r0, j0);
-  mods.template add_bias<T>(s, rows.count(), Ns, ns, i0 + r0, j0);
+  mods.template add_bias<T, Ops>(s, rows.count(), Ns, ns, i0 + r0, j0);
   kt.mask_scores(s, rows.count(), Ns, ns);
   Ops::gemm(rows.count(), Ns, Dp, t.dout + r0 * Dp, Dp, 1, t.vt, Np, dp, Ns, false);
   if (mods.dropout) mods.template drop<Ops>(dp, rows.count(), Ns, ns, t.row_keys + r0, t.col_keys);
@@ -1527,7 +1553,7 @@ void attention_fwd_amx(const FwdParams& p) {
         }
         amx::scale_scores(s_tile.data(), Ns, r0, rows.last, scale);
         mods.transform(s, nullptr, rows.count(), Ns, i0 + r0, j0);
-        mods.template add_bias<T>(s, rows.count(), Ns, ns, i0 + r0, j0);
+        mods.template add_bias<T, Ops>(s, rows.count(), Ns, ns, i0 + r0, j0);
         key_tile.mask_scores(s, rows.count(), Ns, ns);
         Ops::online_softmax(s, rows.count(), Ns, begin + r0, end + r0, m.data() + r0,
                             l.data() + r0, o_tile.data() + r0 * Dk, Dk);
@@ -1833,7 +1859,7 @@ struct AmxBwdThread {
     }
     amx::scale_scores(s.data(), Ns, r0, rows.last, static_cast<float>(in.scale));
     mods.transform(sr, dcapr, rows.count(), Ns, i0 + r0, j0);
-    mods.template add_bias<T>(sr, rows.count(), Ns, ns, i0 + r0, j0);
+    mods.template add_bias<T, Ops>(sr, rows.count(), Ns, ns, i0 + r0, j0);
     key_tile.mask_scores(sr, rows.count(), Ns, ns);
     amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
                  false);

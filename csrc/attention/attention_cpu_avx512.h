@@ -159,6 +159,20 @@ struct Ops {
     }
   }
 
+  // row[c] += float(in[c]) for c < n.
+  template <class T>
+  static void add_to(const T* in, int n, float* row) {
+    int c = 0;
+    for (; c + 16 <= n; c += 16) {
+      _mm512_storeu_ps(row + c, _mm512_add_ps(_mm512_loadu_ps(row + c), cpu::avx512::load(in + c)));
+    }
+    if (c < n) {
+      const __mmask16 live = cpu::avx512::first_lanes(n - c);
+      _mm512_mask_storeu_ps(row + c, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, row + c),
+                                                         cpu::avx512::loadn(in + c, n - c)));
+    }
+  }
+
   // out[c] = T(scale * in[c]) for c < n (cpu::avx512's rounding: from_acc's).
   template <class T>
   static void store_scaled(const float* in, int n, float scale, T* out) {

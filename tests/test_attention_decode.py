@@ -1,8 +1,8 @@
-"""The CPU decode kernel (csrc/attention/attention_cpu_avx512.h's decode_keys): a forward
-with at most 16 query rows per (batch, kv head) and no input requiring grad -- a decoded
-token or a few against a KV cache -- computes its scores straight from the stored key rows.
-On a CPU without the AVX-512 path the same calls take the tile kernels, and these tests hold
-those to the same rules.
+"""The CPU decode kernel (csrc/attention/attention_cpu_decode.inc, built for AVX-512 and
+AVX2): a forward with at most 16 query rows per (batch, kv head) and no input requiring grad
+-- a decoded token or a few against a KV cache -- computes its scores straight from the
+stored key rows. On the scalar path the same calls take the tile kernels, and these tests
+hold those to the same rules; every path runs in a child of its own below.
 
 Each case runs twice: inputs without grad (the decode kernel) and inputs requiring grad (the
 tile kernels, whose own accuracy tests/test_attention.py holds); against the float64 result
@@ -17,6 +17,7 @@ import torch
 import fastllm
 import fastllm.functional as F
 from tests.accuracy import ATOL, max_err
+from tests.helpers import cpu_has_avx512_path, outputs_per_cpu_isa
 
 # batch, new tokens, cache length, heads, kv heads, head dim, causal, window, used keys
 CASES = {
@@ -109,3 +110,30 @@ def test_decode_kernel_propagates_a_nan_key_through_its_key_ranges(where):
     # these calls on CPUs without AVX-512; neither is finite.)
     assert not torch.isfinite(lse[0, 4:]).any() and torch.isfinite(lse[0, :4]).all()
     torch.testing.assert_close(out[0, 0, :4].double(), exact[0, 0, :4], rtol=1e-5, atol=1e-5)
+
+
+# Every case of the accuracy test above in one child per FASTLLM_CPU_ISA level (the path is
+# chosen once per process), plus the decoded outputs of each case, saved for the parent.
+ISA_PATH_SCRIPT = r"""
+import os, torch
+from tests.test_attention_decode import CASES, _inputs, _run, test_decode_kernel_within_the_tile_kernels_error
+outputs = []
+for case in CASES:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        test_decode_kernel_within_the_tile_kernels_error(case, dtype)
+        q, k, v, causal, window, used = _inputs(case, dtype)
+        outputs += list(_run(q, k, v, causal, window, used, grad=False))
+torch.save(outputs, os.environ["OUT"])
+print("ok")
+"""
+
+
+def test_every_cpu_isa_path_of_the_decode_kernel(tmp_path):
+    """FASTLLM_CPU_ISA unset (AVX-512's decode kernel on a CPU with it), =avx2 (the same kernel
+    8 keys at a time) and =scalar (the tile kernels), each within the accuracy rule; the
+    paths' outputs differ in some bit, which shows that each ran its own code."""
+    results = outputs_per_cpu_isa(ISA_PATH_SCRIPT, tmp_path)
+    differs = lambda a, b: any(not torch.equal(u, v) for u, v in zip(results[a], results[b]))
+    assert differs("avx2", "scalar")
+    if cpu_has_avx512_path():
+        assert differs("", "avx2")

@@ -629,6 +629,71 @@ struct Avx2Ops {
   }
 };
 
+// The decode kernel (attention_cpu_decode.inc) on AVX2: 8 keys at a time.
+namespace avx2_decode {
+
+struct DecodeVec {
+  using R = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kPvCols = 2;  // 4 rows x 16 columns: 8 of the 16 registers
+  static constexpr bool kBf16Dot = false;
+  FASTLLM_INLINE static R zero() { return _mm256_setzero_ps(); }
+  FASTLLM_INLINE static R set1(float x) { return _mm256_set1_ps(x); }
+  FASTLLM_INLINE static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  FASTLLM_INLINE static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  FASTLLM_INLINE static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  // (max(a, b) with b NaN gives NaN, as the AVX-512 path's max does.)
+  FASTLLM_INLINE static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  FASTLLM_INLINE static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  FASTLLM_INLINE static R loadu(const float* p) { return _mm256_loadu_ps(p); }
+  FASTLLM_INLINE static void storeu(float* p, R v) { _mm256_storeu_ps(p, v); }
+  template <class T>
+  FASTLLM_INLINE static R load(const T* p) { return cpu::avx2::load(p); }
+  template <class T>
+  FASTLLM_INLINE static R loadn(const T* p, int n) { return cpu::avx2::loadn(p, n); }
+  FASTLLM_INLINE static void store_first(float* p, R v, int n) { cpu::avx2::storen(p, v, n); }
+  // v with the lanes j + i outside [b, e) set to fill.
+  FASTLLM_INLINE static R band(R v, int j, int b, int e, float fill) {
+    const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(j),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i in = _mm256_andnot_si256(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(b), col),  // not col < b
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(e), col));  // col < e
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(in));
+  }
+  FASTLLM_INLINE static float reduce_max(R v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  FASTLLM_INLINE static float reduce_add(R v) { return cpu::avx2::hsum(v); }
+  // Lane i = the sum of the 8 lanes of v[i]: pairs of rows, then quads, within 128-bit
+  // halves, then across them.
+  FASTLLM_INLINE static R row_sums(const R (&v)[8]) {
+    R pairs[4], quads[2];
+    for (int i = 0; i < 4; ++i) {
+      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                               _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    }
+    for (int i = 0; i < 2; ++i) {
+      quads[i] = _mm256_add_ps(_mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                               _mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+    }
+    // quads[k]: half h holds rows 4k .. 4k + 3 summed over half h's lanes.
+    return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                         _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
+  }
+  FASTLLM_INLINE static R exp(R x) { return cpu::avx2::exp_ps(x); }
+  // (Never called: kBf16Dot is false.)
+  static void score_bf16(const cpu::BFloat16*, const cpu::BFloat16*, int64_t, int, int, R,
+                         float*) {}
+};
+using DecodeOps = Avx2Ops;
+
+#include "attention/attention_cpu_decode.inc"
+
+}  // namespace avx2_decode
+
 FASTLLM_AVX2_END
 #endif  // FASTLLM_ATTENTION_CPU_X86
 
@@ -1571,17 +1636,18 @@ void attention_fwd_amx(const FwdParams& p) {
   }
 }
 
-// ---- decoding (attention_cpu_avx512.h's decode_rows) ---------------------------------------
+// ---- decoding (attention_cpu_decode.inc, on AVX-512 and AVX2) ---------------------------
 
 // Whether the decode kernel takes this forward: no backward follows (FwdParams::no_backward),
-// at most avx512::kDecodeMaxRows query rows per (batch, kv head) (one or a few decoded
+// at most kDecodeMaxRows query rows per (batch, kv head) (one or a few decoded
 // tokens per sequence), contiguous head dims, and no feature but the mask (causal, sliding
 // window, KV cache lengths, packed sequences).
 bool decode_eligible(const FwdParams& p) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   const bool eligible =
-      p.no_backward && cpu::cpu_avx512() && p.dtype != DType::kFloat64 &&
-      p.seqlen_q * group <= avx512::kDecodeMaxRows && !(p.softcap > 0) &&
+      p.no_backward && (cpu::cpu_avx512() || cpu::cpu_isa() == cpu::CpuIsa::kAvx2) &&
+      p.dtype != DType::kFloat64 &&
+      p.seqlen_q * group <= kDecodeMaxRows && !(p.softcap > 0) &&
       p.alibi_slopes == nullptr && p.attn_bias == nullptr && p.key_padding_mask == nullptr &&
       !(p.dropout_p > 0) && p.stride_q.d == 1 && p.stride_k.d == 1 && p.stride_v.d == 1 &&
       p.stride_out.d == 1;
@@ -1589,7 +1655,7 @@ bool decode_eligible(const FwdParams& p) {
   // Packed queries: every sequence's rows, not only max_seqlen_q's bound (which the glue
   // checks on CPU tensors), must fit the kernel's row arrays.
   for (int64_t b = 0; b < p.batch; ++b) {
-    if (seq_lens(p, b).q * group > avx512::kDecodeMaxRows) return false;
+    if (seq_lens(p, b).q * group > kDecodeMaxRows) return false;
   }
   return true;
 }
@@ -1604,11 +1670,12 @@ constexpr int64_t kDecodeTasks = 16, kDecodeMinKeys = 256;
 // and the join's row.
 template <class T>
 struct DecodeScratch {
-  avx512::DecodeRows<T> rows;
+  DecodeRows<T> rows;
   std::array<cpu::UninitAlignedVector<float>, 6> floats;
 };
 
-template <class T>
+// K: the decode kernel of an instruction set (avx512::Decode or avx2_decode::Decode).
+template <class T, class K>
 void attention_fwd_decode(const FwdParams& p) {
   const int D = static_cast<int>(p.head_dim), Dp = round_up(D, 16);
   const int64_t group = p.num_heads / p.num_kv_heads;
@@ -1642,7 +1709,7 @@ void attention_fwd_decode(const FwdParams& p) {
     // The thread's scratch, kept between calls (a decoded token's call is a few us: their
     // allocations were a tenth of it).
     static thread_local DecodeScratch<T> scratch;
-    avx512::DecodeRows<T>& rows = scratch.rows;
+    DecodeRows<T>& rows = scratch.rows;
     auto& [qf, scores, own_m, own_l, own_acc, o] = scratch.floats;
     if (o.size() < static_cast<size_t>(Dp)) o.resize(Dp);
 #pragma omp for schedule(dynamic)
@@ -1691,16 +1758,16 @@ void attention_fwd_decode(const FwdParams& p) {
         acc = own_acc.data();
       }
       if (qf.size() < static_cast<size_t>(count) * Dp) qf.resize(static_cast<size_t>(count) * Dp);
-      if (scores.size() < static_cast<size_t>(count) * avx512::kDecodeChunk) {
-        scores.resize(static_cast<size_t>(count) * avx512::kDecodeChunk);
+      if (scores.size() < static_cast<size_t>(count) * kDecodeChunk) {
+        scores.resize(static_cast<size_t>(count) * kDecodeChunk);
       }
-      const avx512::DecodeKeys<T> keys{k.row(b, 0, 0), k.stride.t, k.stride.h, v.row(b, 0, 0),
+      const DecodeKeys<T> keys{k.row(b, 0, 0), k.stride.t, k.stride.h, v.row(b, 0, 0),
                                        v.stride.t, v.stride.h, D,
                                        static_cast<float>(p.softmax_scale)};
-      avx512::decode_keys(rows, keys, lo, hi, m, l, acc, qf.data(), scores.data());
+      K::keys(rows, keys, lo, hi, m, l, acc, qf.data(), scores.data());
       if (splits > 1) continue;
       for (int r = 0; r < count; ++r) {
-        avx512::decode_join(1, m + r, l + r, acc + static_cast<int64_t>(r) * Dp, 0, D, o.data(),
+        K::join(1, m + r, l + r, acc + static_cast<int64_t>(r) * Dp, 0, D, o.data(),
                             out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
       }
     }
@@ -1712,12 +1779,20 @@ void attention_fwd_decode(const FwdParams& p) {
         const SeqLens len = seq_lens(p, b);
         if (r >= p.num_heads * len.q) continue;
         const int64_t first = b * splits * max_rows + r;
-        avx512::decode_join(static_cast<int>(splits), part_m.data() + first,
+        K::join(static_cast<int>(splits), part_m.data() + first,
                             part_l.data() + first, part_acc.data() + first * Dp, max_rows, D,
                             o.data(), out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
       }
     }
   }
+}
+
+// The decode kernel of the best instruction set this CPU has (decode_eligible: AVX-512 or
+// AVX2).
+template <class T>
+void decode_with_best(const FwdParams& p) {
+  if (cpu::cpu_avx512()) return attention_fwd_decode<T, avx512::Decode>(p);
+  attention_fwd_decode<T, avx2_decode::Decode>(p);
 }
 
 // row (b, t0 + c, h)[d] = scale * src[d * ld + c] for c < rows, d < D: dk^T / dv^T stored
@@ -2005,9 +2080,9 @@ void attention_fwd_cpu(const FwdParams& p) {
 #if defined(FASTLLM_ATTENTION_CPU_X86)
   if (decode_eligible(p)) {
     switch (p.dtype) {
-      case DType::kFloat32: return attention_fwd_decode<float>(p);
-      case DType::kBFloat16: return attention_fwd_decode<BFloat16>(p);
-      case DType::kFloat16: return attention_fwd_decode<Half>(p);
+      case DType::kFloat32: return decode_with_best<float>(p);
+      case DType::kBFloat16: return decode_with_best<BFloat16>(p);
+      case DType::kFloat16: return decode_with_best<Half>(p);
       default: break;
     }
   }

@@ -39,10 +39,74 @@ FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
 
 namespace fastllm {
 namespace attention {
-namespace avx512 {
 
-// The most query rows of one (batch, kv head) that the decode kernel (decode_keys) takes.
+// ---- decoding: a few query rows against many keys ---------------------------------------
+// The query rows of one sequence whose rows per kv head -- the group's heads times the
+// decoded tokens -- are few (attention_cpu.cpp's decode_eligible). Each key row then meets
+// only those rows, so packing it into tiles cost more than the products (a decoded token
+// against 1000 cached keys, float32, H 9 / Hkv 3: 186 us, torch's SDPA 115): here the rows'
+// scores come straight from the stored key rows, a vector's width of keys at a time, and each
+// output row is the p-weighted sum of the stored value rows, up to 4 rows sharing each value
+// load. The kernel's body (attention_cpu_decode.inc) is compiled for AVX-512 (16 keys at a
+// time, bfloat16 keys scored by pairs with vdpbf16ps; below) and AVX2 (8 keys;
+// attention_cpu.cpp).
+//
+// The keys are walked in storage order: a block of 16 keys is scored for every kv head
+// before the next block, so that a cache stored (B, T, Hkv, D) -- a token's heads side by
+// side -- is read front to back, each page once, instead of one head's 128 or 256 bytes out
+// of every 1-2 KiB row per pass (LLaMA-3-8B's cache, 4096 keys, one thread: bfloat16 1.5-1.6
+// -> 1.15-1.2 ms, float32 2.2-2.4 -> 1.45-1.5 ms with the cache in L3; 3.5-3.9 -> 1.7-1.8 ms
+// bfloat16 with it evicted). The softmax is online over chunks of kDecodeChunk keys: a
+// row's max, sum and unnormalised output are rescaled when a chunk raises its max (chunks of
+// 32 or 128 keys ran 5-15 % slower; see kDecodeAhead for the prefetches).
+
+// The most query rows of one (batch, kv head) that the decode kernel takes.
 inline constexpr int kDecodeMaxRows = 16;
+
+// Keys per step of the decode kernel's online softmax.
+inline constexpr int64_t kDecodeChunk = 64;
+
+// One sequence's decode rows, grouped by kv head: kv head hk's rows are [first[hk],
+// first[hk + 1]); row r's keys are [begin[r], end[r]) (begin >= end: none).
+template <class T>
+struct DecodeRows {
+  std::vector<int> first;
+  std::vector<const T*> q;
+  std::vector<int64_t> begin, end;
+
+  int count() const { return static_cast<int>(q.size()); }
+  int heads_kv() const { return static_cast<int>(first.size()) - 1; }
+  void clear() {
+    first.assign(1, 0);
+    q.clear();
+    begin.clear();
+    end.clear();
+  }
+};
+
+// Where one sequence's keys live: key row (j, hk) at k + j * k_stride + hk * k_head, D
+// contiguous elements; value rows likewise.
+template <class T>
+struct DecodeKeys {
+  const T* k;
+  int64_t k_stride, k_head;
+  const T* v;
+  int64_t v_stride, v_head;
+  int D;
+  float scale;
+};
+
+// Keys ahead of the scores whose key and value rows the decode kernel prefetches into L2, for
+// 16-bit caches. A cache that comes from memory (as in decoding, where the model's weights
+// pass through the caches between two calls of a layer) is read at ~5-6 GB/s on one core of
+// this machine, the hardware prefetchers restarting at every page, which a (B, T, Hkv, D)
+// cache crosses every 2-10 keys: LLaMA-3-8B's bfloat16 / float16 cache, 4096 keys, evicted
+// before each call: 3.1-3.5 -> 2.8-3.0 ms (in L3: within 5 %). float32 caches, twice the lines
+// and prefetches, gained nothing cold and lost ~25 % warm: they take none. (16 keys ahead into
+// L1, for every dtype, ran 10-20 % slower with the cache in L3; not measured cold.)
+inline constexpr int64_t kDecodeAhead = 64;
+
+namespace avx512 {
 
 // attention.h's dropout_mix on 16 lanes.
 FASTLLM_INLINE __m512i dropout_mix(__m512i x) {
@@ -412,87 +476,45 @@ struct Ops {
   }
 };
 
-// ---- decoding: a few query rows against many keys ---------------------------------------
-// The query rows of one sequence whose rows per kv head -- the group's heads times the
-// decoded tokens -- are few (attention_cpu.cpp's decode_eligible). Each key row then meets
-// only those rows, so packing it into tiles cost more than the products (a decoded token
-// against 1000 cached keys, float32, H 9 / Hkv 3: 186 us, torch's SDPA 115): here the rows'
-// scores come straight from the stored key rows, 16 keys at a time, and each output row is the
-// p-weighted sum of the stored value rows, up to 4 rows sharing each value load.
-//
-// The keys are walked in storage order: a block of 16 keys is scored for every kv head
-// before the next block, so that a cache stored (B, T, Hkv, D) -- a token's heads side by
-// side -- is read front to back, each page once, instead of one head's 128 or 256 bytes out
-// of every 1-2 KiB row per pass (LLaMA-3-8B's cache, 4096 keys, one thread: bfloat16 1.5-1.6
-// -> 1.15-1.2 ms, float32 2.2-2.4 -> 1.45-1.5 ms with the cache in L3; 3.5-3.9 -> 1.7-1.8 ms
-// bfloat16 with it evicted). The softmax is online over chunks of kDecodeChunk keys: a
-// row's max, sum and unnormalised output are rescaled when a chunk raises its max (chunks of
-// 32 or 128 keys ran 5-15 % slower; see kDecodeAhead for the prefetches).
-
-// Keys per step of the decode kernel's online softmax.
-inline constexpr int64_t kDecodeChunk = 64;
-
-// One sequence's decode rows, grouped by kv head: kv head hk's rows are [first[hk],
-// first[hk + 1]); row r's keys are [begin[r], end[r]) (begin >= end: none).
-template <class T>
-struct DecodeRows {
-  std::vector<int> first;
-  std::vector<const T*> q;
-  std::vector<int64_t> begin, end;
-
-  int count() const { return static_cast<int>(q.size()); }
-  int heads_kv() const { return static_cast<int>(first.size()) - 1; }
-  void clear() {
-    first.assign(1, 0);
-    q.clear();
-    begin.clear();
-    end.clear();
+// The decode kernel's vector operations on this path (attention_cpu_decode.inc's DecodeVec).
+struct DecodeVec {
+  using R = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kPvCols = 4;  // 4 rows x 64 columns of accumulators
+  static constexpr bool kBf16Dot = true;
+  FASTLLM_INLINE static R zero() { return _mm512_setzero_ps(); }
+  FASTLLM_INLINE static R set1(float x) { return _mm512_set1_ps(x); }
+  FASTLLM_INLINE static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  FASTLLM_INLINE static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  FASTLLM_INLINE static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  FASTLLM_INLINE static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  FASTLLM_INLINE static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  FASTLLM_INLINE static R loadu(const float* p) { return _mm512_loadu_ps(p); }
+  FASTLLM_INLINE static void storeu(float* p, R v) { _mm512_storeu_ps(p, v); }
+  template <class T>
+  FASTLLM_INLINE static R load(const T* p) { return cpu::avx512::load(p); }
+  template <class T>
+  FASTLLM_INLINE static R loadn(const T* p, int n) { return cpu::avx512::loadn(p, n); }
+  // The first n lanes of v to p.
+  FASTLLM_INLINE static void store_first(float* p, R v, int n) {
+    _mm512_mask_storeu_ps(p, cpu::avx512::first_lanes(n), v);
   }
+  // v with the lanes j + i outside [b, e) set to fill.
+  FASTLLM_INLINE static R band(R v, int j, int b, int e, float fill) {
+    return _mm512_mask_blend_ps(cpu::avx512::band_mask(j, b, e), _mm512_set1_ps(fill), v);
+  }
+  FASTLLM_INLINE static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
+  FASTLLM_INLINE static float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
+  FASTLLM_INLINE static R row_sums(const R (&v)[16]) { return Ops::row_sums(v); }
+  // e^x, as 2^(x log2 e) (cpu::avx512::exp2: 0 for -inf, NaN kept).
+  FASTLLM_INLINE static R exp(R x) {
+    return cpu::avx512::exp2(_mm512_mul_ps(x, _mm512_set1_ps(cpu::avx512::kLog2e)));
+  }
+  // The scores of a bfloat16 row (D <= 128) against nk <= 16 bfloat16 keys, by pairs.
+  FASTLLM_INLINE static void score_bf16(const cpu::BFloat16* q, const cpu::BFloat16* k,
+                                        int64_t k_stride, int nk, int D, R scale, float* dst);
 };
-
-// Where one sequence's keys live: key row (j, hk) at k + j * k_stride + hk * k_head, D
-// contiguous elements; value rows likewise.
-template <class T>
-struct DecodeKeys {
-  const T* k;
-  int64_t k_stride, k_head;
-  const T* v;
-  int64_t v_stride, v_head;
-  int D;
-  float scale;
-};
-
-// acc[rr][16 c0 .. 16 (c0 + NV)) += sum_{j in [j_lo, j_hi)} p[rr * n + j] v[j] for NR rows
-// (acc row rr at acc + rr * Dp floats), value row j at v + j * v_stride; the accumulators
-// stay in registers through the key range.
-template <int NR, int NV, class T>
-FASTLLM_INLINE void decode_pv(const float* p, int64_t n, int64_t j_lo, int64_t j_hi, const T* v,
-                              int64_t v_stride, int c0, int D, float* acc_rows, int Dp) {
-  const int chunks = (D + 15) / 16;
-  __m512 acc[NR][NV];
-  for (int rr = 0; rr < NR; ++rr) {
-    for (int cc = 0; cc < NV; ++cc) {
-      acc[rr][cc] = _mm512_loadu_ps(acc_rows + rr * Dp + 16 * (c0 + cc));
-    }
-  }
-  for (int64_t j = j_lo; j < j_hi; ++j) {
-    const T* vr = v + j * v_stride + 16 * c0;
-    __m512 vv[NV];
-    for (int cc = 0; cc < NV; ++cc) {
-      vv[cc] = c0 + cc == chunks - 1 ? cpu::avx512::loadn(vr + 16 * cc, D - 16 * (c0 + cc))
-                                     : cpu::avx512::load(vr + 16 * cc);
-    }
-    for (int rr = 0; rr < NR; ++rr) {
-      const __m512 pj = _mm512_set1_ps(p[rr * n + j]);
-      for (int cc = 0; cc < NV; ++cc) acc[rr][cc] = _mm512_fmadd_ps(pj, vv[cc], acc[rr][cc]);
-    }
-  }
-  for (int rr = 0; rr < NR; ++rr) {
-    for (int cc = 0; cc < NV; ++cc) {
-      _mm512_storeu_ps(acc_rows + rr * Dp + 16 * (c0 + cc), acc[rr][cc]);
-    }
-  }
-}
+using DecodeOps = Ops;
 
 // dst[jj] = scale q . k[jj] for the nk <= 16 bfloat16 keys at k + jj * k_stride, D <= 32 CP,
 // by vdpbf16ps on pairs of elements (the products exact in float32, as torch's bfloat16
@@ -525,260 +547,17 @@ FASTLLM_INLINE void decode_scores_bf16(const cpu::BFloat16* q, const cpu::BFloat
                         _mm512_mul_ps(Ops::row_sums(dots), scale));
 }
 
-// dst[jj] = scale q . k[jj] for the nk <= 16 keys at k + jj * k_stride (D = CH chunks of 16,
-// the last one possibly partial; q: CH * 16 floats, zero past D), q held in registers.
-template <int CH, class T>
-FASTLLM_INLINE void decode_scores(const float* q, const T* k, int64_t k_stride, int nk, int D,
-                                  __m512 scale, float* dst) {
-  __m512 qv[CH];
-  for (int c = 0; c < CH; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  const int last = D - 16 * (CH - 1);  // elements of the last chunk
-  __m512 dots[16];
-  for (int jj = 0; jj < 16; ++jj) {
-    __m512 acc = _mm512_setzero_ps();
-    if (jj < nk) {
-      const T* kr = k + jj * k_stride;
-      for (int c = 0; c < CH - 1; ++c) {
-        acc = _mm512_fmadd_ps(qv[c], cpu::avx512::load(kr + 16 * c), acc);
-      }
-      const __m512 kl = last == 16 ? cpu::avx512::load(kr + 16 * (CH - 1))
-                                   : cpu::avx512::loadn(kr + 16 * (CH - 1), last);
-      acc = _mm512_fmadd_ps(qv[CH - 1], kl, acc);
-    }
-    dots[jj] = acc;
-  }
-  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
-                        _mm512_mul_ps(Ops::row_sums(dots), scale));
-}
-
-// dst[jj] = scale q . k[jj] for any D (q: round_up(D, 16) floats, zero past D).
-template <class T>
-FASTLLM_INLINE void decode_scores_any(const float* q, const T* k, int64_t k_stride, int nk,
-                                      int D, __m512 scale, float* dst) {
-  const int chunks = (D + 15) / 16;
-  __m512 dots[16];
-  for (int jj = 0; jj < 16; ++jj) {
-    __m512 acc = _mm512_setzero_ps();
-    if (jj < nk) {
-      const T* kr = k + jj * k_stride;
-      for (int c = 0; c < chunks; ++c) {
-        const __m512 kc = c == chunks - 1 ? cpu::avx512::loadn(kr + 16 * c, D - 16 * c)
-                                          : cpu::avx512::load(kr + 16 * c);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), kc, acc);
-      }
-    }
-    dots[jj] = acc;
-  }
-  _mm512_mask_storeu_ps(dst, cpu::avx512::first_lanes(nk),
-                        _mm512_mul_ps(Ops::row_sums(dots), scale));
-}
-
-// The scores of one row against the nk <= 16 keys at k (row pitch k_stride): the kernel for
-// the row's element type and head dim.
-template <class T>
-FASTLLM_INLINE void decode_score_block(const T* q, const float* qf, const T* k,
-                                       int64_t k_stride, int nk, int D, __m512 scale,
-                                       float* dst) {
-  if constexpr (std::is_same_v<T, cpu::BFloat16>) {
-    if (D <= 128) {
-      switch ((D + 31) / 32) {
-        case 1: return decode_scores_bf16<1>(q, k, k_stride, nk, D, scale, dst);
-        case 2: return decode_scores_bf16<2>(q, k, k_stride, nk, D, scale, dst);
-        case 3: return decode_scores_bf16<3>(q, k, k_stride, nk, D, scale, dst);
-        default: return decode_scores_bf16<4>(q, k, k_stride, nk, D, scale, dst);
-      }
-    }
-  }
-  switch ((D + 15) / 16) {
-#define FASTLLM_DECODE_QK(CH) \
-  case CH:                    \
-    return decode_scores<CH>(qf, k, k_stride, nk, D, scale, dst);
-    FASTLLM_DECODE_QK(1) FASTLLM_DECODE_QK(2) FASTLLM_DECODE_QK(3) FASTLLM_DECODE_QK(4)
-    FASTLLM_DECODE_QK(5) FASTLLM_DECODE_QK(6) FASTLLM_DECODE_QK(7) FASTLLM_DECODE_QK(8)
-#undef FASTLLM_DECODE_QK
-    default: return decode_scores_any(qf, k, k_stride, nk, D, scale, dst);
+FASTLLM_INLINE void DecodeVec::score_bf16(const cpu::BFloat16* q, const cpu::BFloat16* k,
+                                          int64_t k_stride, int nk, int D, R scale, float* dst) {
+  switch ((D + 31) / 32) {
+    case 1: return decode_scores_bf16<1>(q, k, k_stride, nk, D, scale, dst);
+    case 2: return decode_scores_bf16<2>(q, k, k_stride, nk, D, scale, dst);
+    case 3: return decode_scores_bf16<3>(q, k, k_stride, nk, D, scale, dst);
+    default: return decode_scores_bf16<4>(q, k, k_stride, nk, D, scale, dst);
   }
 }
 
-// acc rows [r0, r0 + nr) += p v over the n keys at v (row pitch v_stride), p row rr at
-// p + rr * ld: decode_pv's register blocks, 4 rows x 64 columns at a time.
-template <class T>
-inline void decode_pv_rows(const float* p, int64_t ld, int64_t n, const T* v, int64_t v_stride,
-                           int D, int nr, float* acc, int Dp) {
-  const int chunks = Dp / 16;
-  for (int r0 = 0; r0 < nr; r0 += 4) {
-    const int rows = std::min(4, nr - r0);
-    for (int c0 = 0; c0 < chunks; c0 += 4) {
-      const int nv = std::min(4, chunks - c0);
-      const float* pr = p + r0 * ld;
-      float* ar = acc + r0 * Dp;
-#define FASTLLM_DECODE_PV(NR, NV)                                  \
-  case (NR - 1) * 4 + NV - 1:                                      \
-    decode_pv<NR, NV>(pr, ld, 0, n, v, v_stride, c0, D, ar, Dp);   \
-    break;
-      switch ((rows - 1) * 4 + nv - 1) {
-        FASTLLM_DECODE_PV(1, 1) FASTLLM_DECODE_PV(1, 2) FASTLLM_DECODE_PV(1, 3)
-        FASTLLM_DECODE_PV(1, 4) FASTLLM_DECODE_PV(2, 1) FASTLLM_DECODE_PV(2, 2)
-        FASTLLM_DECODE_PV(2, 3) FASTLLM_DECODE_PV(2, 4) FASTLLM_DECODE_PV(3, 1)
-        FASTLLM_DECODE_PV(3, 2) FASTLLM_DECODE_PV(3, 3) FASTLLM_DECODE_PV(3, 4)
-        FASTLLM_DECODE_PV(4, 1) FASTLLM_DECODE_PV(4, 2) FASTLLM_DECODE_PV(4, 3)
-        FASTLLM_DECODE_PV(4, 4)
-        default: break;
-      }
-#undef FASTLLM_DECODE_PV
-    }
-  }
-}
-
-// Keys ahead of the scores whose key and value rows the decode kernel prefetches into L2, for
-// 16-bit caches. A cache that comes from memory (as in decoding, where the model's weights
-// pass through the caches between two calls of a layer) is read at ~5-6 GB/s on one core of
-// this machine, the hardware prefetchers restarting at every page, which a (B, T, Hkv, D)
-// cache crosses every 2-10 keys: LLaMA-3-8B's bfloat16 / float16 cache, 4096 keys, evicted
-// before each call: 3.1-3.5 -> 2.8-3.0 ms (in L3: within 5 %). float32 caches, twice the lines
-// and prefetches, gained nothing cold and lost ~25 % warm: they take none. (16 keys ahead into
-// L1, for every dtype, ran 10-20 % slower with the cache in L3; not measured cold.)
-inline constexpr int64_t kDecodeAhead = 64;
-
-// Prefetches the cache lines of n rows of D elements, rows `stride` elements apart, into L2.
-template <class T>
-FASTLLM_INLINE void prefetch_rows(const T* first, int64_t stride, int n, int D) {
-  for (int j = 0; j < n; ++j) {
-    const uintptr_t row = reinterpret_cast<uintptr_t>(first + j * stride);
-    const uintptr_t last = row + D * sizeof(T) - 1;
-    for (uintptr_t line = row & ~uintptr_t{63}; line <= last; line += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
-    }
-  }
-}
-
-// The online softmax's state of every row over the keys [lo, hi) (each row's own keys within
-// them): m[r] the running max of its scores (-inf: no key yet), l[r] the sum of exp(s - m[r]),
-// acc (round_up(D, 16) floats a row) the unnormalised output sum exp(s - m[r]) v. Scratch:
-// qf, round_up(D, 16) floats a row; scores, kDecodeChunk floats a row.
-template <class T>
-void decode_keys(const DecodeRows<T>& rows, const DecodeKeys<T>& keys, int64_t lo, int64_t hi,
-                 float* m, float* l, float* acc, float* qf, float* scores) {
-  const int D = keys.D, Dp = (D + 15) / 16 * 16, chunks = Dp / 16, count = rows.count();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int r = 0; r < count; ++r) {
-    m[r] = neg_inf;
-    l[r] = 0.0f;
-    std::fill_n(acc + static_cast<int64_t>(r) * Dp, Dp, 0.0f);
-    for (int c = 0; c < chunks; ++c) {
-      const __m512 x = c == chunks - 1 ? cpu::avx512::loadn(rows.q[r] + 16 * c, D - 16 * c)
-                                       : cpu::avx512::load(rows.q[r] + 16 * c);
-      _mm512_storeu_ps(qf + static_cast<int64_t>(r) * Dp + 16 * c, x);
-    }
-  }
-  const __m512 vscale = _mm512_set1_ps(keys.scale), log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
-  const int heads_kv = rows.heads_kv();
-  for (int64_t c0 = lo; c0 < hi; c0 += kDecodeChunk) {
-    const int64_t c1 = std::min(hi, c0 + kDecodeChunk);
-    const int n = static_cast<int>(c1 - c0);
-    // Scores, 16 keys of every kv head at a time: s[r][j - c0] for the rows that see a key
-    // of the block (the others' lanes stay unwritten and are never read).
-    for (int64_t j0 = c0; j0 < c1; j0 += 16) {
-      const int nk = static_cast<int>(std::min<int64_t>(16, c1 - j0));
-      for (int hk = 0; hk < heads_kv; ++hk) {
-        const T* k0 = keys.k + j0 * keys.k_stride + hk * keys.k_head;
-        if (sizeof(T) == 2 && j0 + kDecodeAhead < hi) {
-          const int na = static_cast<int>(std::min<int64_t>(16, hi - j0 - kDecodeAhead));
-          prefetch_rows(k0 + kDecodeAhead * keys.k_stride, keys.k_stride, na, D);
-          prefetch_rows(keys.v + (j0 + kDecodeAhead) * keys.v_stride + hk * keys.v_head,
-                        keys.v_stride, na, D);
-        }
-        for (int r = rows.first[hk]; r < rows.first[hk + 1]; ++r) {
-          if (rows.begin[r] >= j0 + nk || rows.end[r] <= j0) continue;
-          decode_score_block(rows.q[r], qf + static_cast<int64_t>(r) * Dp, k0, keys.k_stride,
-                             nk, D, vscale, scores + static_cast<int64_t>(r) * kDecodeChunk +
-                                                (j0 - c0));
-        }
-      }
-    }
-    // Each row: the chunk's max raises m (rescaling l and acc), then p = exp(s - m) in place
-    // over the chunk (0 outside the row's keys) and its sum.
-    for (int r = 0; r < count; ++r) {
-      float* s = scores + static_cast<int64_t>(r) * kDecodeChunk;
-      const int b = static_cast<int>(std::clamp<int64_t>(rows.begin[r] - c0, 0, n));
-      const int e = static_cast<int>(std::clamp<int64_t>(rows.end[r] - c0, 0, n));
-      if (b >= e) {
-        for (int j = 0; j < n; j += 16) {
-          _mm512_mask_storeu_ps(s + j, cpu::avx512::first_lanes(std::min(16, n - j)),
-                                _mm512_setzero_ps());
-        }
-        continue;
-      }
-      __m512 vmax = _mm512_set1_ps(neg_inf);
-      for (int j = b; j < e; j += 16) {
-        const __mmask16 live = cpu::avx512::first_lanes(std::min(16, e - j));
-        vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, s + j));
-      }
-      const float chunk_max = _mm512_reduce_max_ps(vmax);
-      if (chunk_max > m[r]) {
-        if (l[r] != 0.0f) {
-          const float alpha = std::exp(m[r] - chunk_max);
-          l[r] *= alpha;
-          const __m512 va = _mm512_set1_ps(alpha);
-          float* a = acc + static_cast<int64_t>(r) * Dp;
-          for (int c = 0; c < Dp; c += 16) {
-            _mm512_storeu_ps(a + c, _mm512_mul_ps(_mm512_loadu_ps(a + c), va));
-          }
-        }
-        m[r] = chunk_max;
-      }
-      const __m512 vm = _mm512_set1_ps(m[r]);
-      __m512 vsum = _mm512_setzero_ps();
-      for (int j = 0; j < n; j += 16) {
-        const __mmask16 lanes = cpu::avx512::first_lanes(std::min(16, n - j));
-        const __mmask16 allowed = cpu::avx512::band_mask(j, b, e) & lanes;
-        const __m512 p = _mm512_maskz_mov_ps(
-            allowed, cpu::avx512::exp2(_mm512_mul_ps(
-                         _mm512_sub_ps(_mm512_maskz_loadu_ps(allowed, s + j), vm), log2e)));
-        vsum = _mm512_add_ps(vsum, p);
-        _mm512_mask_storeu_ps(s + j, lanes, p);
-      }
-      l[r] += _mm512_reduce_add_ps(vsum);
-    }
-    // acc += p v, kv head by kv head over the chunk's value rows.
-    for (int hk = 0; hk < heads_kv; ++hk) {
-      const int r0 = rows.first[hk], nr = rows.first[hk + 1] - r0;
-      if (nr == 0) continue;
-      decode_pv_rows(scores + static_cast<int64_t>(r0) * kDecodeChunk, kDecodeChunk, n,
-                     keys.v + c0 * keys.v_stride + hk * keys.v_head, keys.v_stride, D, nr,
-                     acc + static_cast<int64_t>(r0) * Dp, Dp);
-    }
-  }
-}
-
-// Joins the states of `parts` key ranges of one row (part s's max, sum and round_up(D, 16)
-// accumulators at m[s * stride], l[s * stride], acc + s * stride * round_up(D, 16)) and
-// writes the row's output (D elements) and lse; o: scratch of round_up(D, 16) floats. A range
-// without keys has l = 0 and adds nothing; a NaN score (NaN l) makes the row NaN, as torch's
-// softmax does.
-template <class T>
-void decode_join(int parts, const float* m, const float* l, const float* acc, int64_t stride,
-                 int D, float* o, T* out, float* lse) {
-  const int Dp = (D + 15) / 16 * 16;
-  float top = -std::numeric_limits<float>::infinity();
-  for (int s = 0; s < parts; ++s) {
-    if (l[s * stride] != 0.0f) top = std::max(top, m[s * stride]);
-  }
-  float sum = 0.0f;
-  std::fill_n(o, Dp, 0.0f);
-  for (int s = 0; s < parts; ++s) {
-    if (l[s * stride] == 0.0f) continue;
-    const float w = std::exp(m[s * stride] - top);
-    sum += w * l[s * stride];
-    const __m512 vw = _mm512_set1_ps(w);
-    const float* a = acc + s * stride * Dp;
-    for (int c = 0; c < Dp; c += 16) {
-      _mm512_storeu_ps(o + c, _mm512_fmadd_ps(vw, _mm512_loadu_ps(a + c), _mm512_loadu_ps(o + c)));
-    }
-  }
-  *lse = sum == 0.0f ? -std::numeric_limits<float>::infinity() : top + std::log(sum);
-  Ops::store_scaled(o, D, sum == 0.0f ? 0.0f : 1.0f / sum, out);
-}
+#include "attention/attention_cpu_decode.inc"
 
 }  // namespace avx512
 }  // namespace attention

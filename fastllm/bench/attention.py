@@ -421,8 +421,9 @@ class DecodeAttentionCase(AttentionCase):
                 "dtype": self.dtype_name}
 
     def kernel_path(self, family_path: str) -> str:
-        """The CPU decode kernel runs on AVX-512 where the family's bfloat16 / float16 path is
-        AMX (a CPU with AMX has AVX-512); elsewhere the family's kernels run the case."""
+        """The CPU decode kernel runs on the family's AVX-512 or AVX2 path, and on AVX-512
+        where the family's bfloat16 / float16 path is AMX (a CPU with AMX has AVX-512); on
+        the scalar path the family's tile kernels run the case."""
         return "avx512" if family_path in ("amx-bf16", "amx-fp16") else family_path
 
     def flops(self) -> int:

@@ -150,3 +150,28 @@ def test_rotary_inside_the_call_errors():
     expect_clear_error(lambda: F.attention_with_kvcache(q, cache, cache.clone(), new, new.clone(),
                                                         2, rotary_cos=short_cos,
                                                         rotary_sin=short_sin), "cos")
+
+
+@pytest.mark.parametrize("lengths", [[5], [7, 7, 7, 7, 7, 7], [2, 9, 4], [3, 0, 11, 6, 1, 8]])
+@pytest.mark.parametrize("t_new", [1, 3])
+def test_cache_write_paths(lengths, t_new):
+    """The new rows land at each sequence's end, converted to the cache's dtype, and nothing
+    else changes, whichever way the call writes them (one slice for equal lengths, a slice per
+    sequence for a few, index_put_ for many); the output is what the same call gives on a
+    cache written beforehand."""
+    gen = generator(3)
+    B, T, Hkv, D, H = len(lengths), 16, 2, 8, 4
+    k_cache = torch.randn(B, T, Hkv, D, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(B, T, Hkv, D, generator=gen).to(torch.bfloat16)
+    k_new = torch.randn(B, t_new, Hkv, D, generator=gen)  # float32: converted on the write
+    v_new = torch.randn(B, t_new, Hkv, D, generator=gen)
+    q = torch.randn(B, t_new, H, D, generator=gen).to(torch.bfloat16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(lengths):
+        expect_k[b, n:n + t_new] = k_new[b].to(torch.bfloat16)
+        expect_v[b, n:n + t_new] = v_new[b].to(torch.bfloat16)
+    out = F.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+    again = F.attention_with_kvcache(q, expect_k, expect_v, cache_seqlens=seqlens + t_new)
+    assert torch.equal(out, again)

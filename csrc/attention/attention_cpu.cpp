@@ -71,6 +71,11 @@
 //     was measured and not shipped: 0.52 ns per instruction on the dev machine (Sapphire
 //     Rapids), 123 GFLOP/s against ~185 for two FMA ports, and 54 GFLOP/s in a 6 x 64
 //     micro-kernel of these tiles, below the float32 path it would replace.
+//   - Decoding (a forward without backward with at most kDecodeMaxRows query rows per
+//     (batch, kv head): a token or a few against a KV cache) takes a kernel of its own on
+//     AVX-512 and AVX2 (attention_cpu_decode.inc; its section below): scores straight from
+//     the cached rows in storage order, an online softmax over 64-key chunks, each sequence's
+//     keys split into ranges joined at the end.
 //
 //   - Every scratch buffer (packed tiles, score, p and output tiles, the backward's row
 //     buffers) is a cpu::AlignedVector: 64-byte aligned, so its 64-byte rows are whole cache
@@ -166,7 +171,7 @@ QueryBlock query_block(const Problem& p, int64_t task, int64_t q_blocks) {
     // A bias shared by the batch (a T5 relative-position bias, (1, H, Tq, Tk)): a head's
     // tasks for every sequence in a row, so that its bias rows are read from memory once and
     // then from L2 (batch-major, a float32 B8 H12 T512 bias was read 8 times from memory:
-    // ~20 % of the call).
+    // ~15 % of the call).
     t.b = task / q_blocks % p.batch;
     t.h = task / q_blocks / p.batch;
   } else {
@@ -867,8 +872,7 @@ struct ScoreMods {
   // s[r][c] += attn_bias[b, h, i + r, j0 + c] for c < nk (after transform: the bias follows
   // the softcap and ALiBi); rows of Ns scores. T is the bias's storage type (q's); contiguous
   // bias rows go through the path's vector loads (Ops::add_to: this file's generic code is
-  // built for baseline x86-64, whose 4-wide loop made a float32 T5 bias cost twice what it
-  // costs torch's SDPA).
+  // built for baseline x86-64, 4 lanes; a few % of a float32 T5-bias forward).
   template <class T, class Ops>
   void add_bias(Acc* s, int rows, int Ns, int nk, int64_t i, int64_t j0) const {
     if (bias == nullptr) return;

@@ -907,13 +907,13 @@ def attention_with_kvcache(
         q, k_new = _rotate_for_cache(q, k_new, rotary_cos, rotary_sin, rotary_interleaved,
                                      cache_seqlens, causal or tuple(window_size) != (-1, -1))
     seqused_k = cache_seqlens
-    if k_new is not None and lengths is not None and not paged and (
-            batch <= 4 or min(lengths) == max(lengths)):
+    uniform = lengths is not None and len(set(lengths)) == 1
+    if k_new is not None and lengths is not None and not paged and (batch <= 4 or uniform):
         # Lengths known (CPU tensors, not traced), one or a few sequences or all of one length:
         # the new rows as slice copies, 2 small ops (2 per sequence) instead of the index
-        # tensors and index_put_ below (a decode step's call: ~40 us less).
+        # tensors and index_put_ below (a one-token call: ~20 us less).
         with torch.no_grad():
-            if min(lengths) == max(lengths):
+            if uniform:
                 k_cache[:, lengths[0]:lengths[0] + t_new].copy_(k_new)
                 v_cache[:, lengths[0]:lengths[0] + t_new].copy_(v_new)
             else:

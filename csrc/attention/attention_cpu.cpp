@@ -553,10 +553,7 @@ struct Avx2Ops {
       std::fill(s + end[r], s + N, neg_inf);
       __m256 vmax = _mm256_set1_ps(neg_inf);
       for (int j = 0; j < N; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_max_ss(h, _mm_movehdup_ps(h));
-      const float m_new = std::max(m[r], _mm_cvtss_f32(h));
+      const float m_new = std::max(m[r], cpu::avx2::hmax(vmax));
       // 0 while the row had no finite score yet; a max of -inf shifts by 0 (no NaN).
       const float alpha = m[r] == neg_inf ? 0.0f : std::exp(m[r] - m_new);
       const __m256 vm = _mm256_set1_ps(m_new == neg_inf ? 0.0f : m_new);
@@ -666,11 +663,7 @@ struct DecodeVec {
         _mm256_cmpgt_epi32(_mm256_set1_epi32(e), col));  // col < e
     return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(in));
   }
-  FASTLLM_INLINE static float reduce_max(R v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-  }
+  FASTLLM_INLINE static float reduce_max(R v) { return cpu::avx2::hmax(v); }
   FASTLLM_INLINE static float reduce_add(R v) { return cpu::avx2::hsum(v); }
   // Lane i = the sum of the 8 lanes of v[i]: pairs of rows, then quads, within 128-bit
   // halves, then across them.
@@ -1743,6 +1736,11 @@ void attention_fwd_decode(const FwdParams& p) {
       const int64_t n = std::max<int64_t>(ke - kb, 0);
       const int64_t step = ((n + splits - 1) / splits + 15) / 16 * 16;
       const int64_t lo = std::min(kb + s * step, kb + n), hi = std::min(lo + step, kb + n);
+      // The thread's buffer `buffer`, at least n floats.
+      auto at_least = [](cpu::UninitAlignedVector<float>& buffer, int64_t n) {
+        if (buffer.size() < static_cast<size_t>(n)) buffer.resize(n);
+        return buffer.data();
+      };
       float *m, *l, *acc;
       if (splits > 1) {
         const int64_t first = (b * splits + s) * max_rows;
@@ -1750,29 +1748,19 @@ void attention_fwd_decode(const FwdParams& p) {
         l = part_l.data() + first;
         acc = part_acc.data() + first * Dp;
       } else {
-        if (own_m.size() < static_cast<size_t>(count)) {
-          own_m.resize(count);
-          own_l.resize(count);
-        }
-        if (own_acc.size() < static_cast<size_t>(count) * Dp) {
-          own_acc.resize(static_cast<size_t>(count) * Dp);
-        }
-        m = own_m.data();
-        l = own_l.data();
-        acc = own_acc.data();
+        m = at_least(own_m, count);
+        l = at_least(own_l, count);
+        acc = at_least(own_acc, int64_t{count} * Dp);
       }
-      if (qf.size() < static_cast<size_t>(count) * Dp) qf.resize(static_cast<size_t>(count) * Dp);
-      if (scores.size() < static_cast<size_t>(count) * kDecodeChunk) {
-        scores.resize(static_cast<size_t>(count) * kDecodeChunk);
-      }
+      float* qrows = at_least(qf, int64_t{count} * Dp);
+      float* score_rows = at_least(scores, int64_t{count} * kDecodeChunk);
       const DecodeKeys<T> keys{k.row(b, 0, 0), k.stride.t, k.stride.h, v.row(b, 0, 0),
-                                       v.stride.t, v.stride.h, D,
-                                       static_cast<float>(p.softmax_scale)};
-      K::keys(rows, keys, lo, hi, m, l, acc, qf.data(), scores.data());
+                               v.stride.t, v.stride.h, D, static_cast<float>(p.softmax_scale)};
+      K::keys(rows, keys, lo, hi, m, l, acc, qrows, score_rows);
       if (splits > 1) continue;
       for (int r = 0; r < count; ++r) {
         K::join(1, m + r, l + r, acc + static_cast<int64_t>(r) * Dp, 0, D, o.data(),
-                            out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
+                out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
       }
     }
     if (splits > 1) {
@@ -1783,9 +1771,9 @@ void attention_fwd_decode(const FwdParams& p) {
         const SeqLens len = seq_lens(p, b);
         if (r >= p.num_heads * len.q) continue;
         const int64_t first = b * splits * max_rows + r;
-        K::join(static_cast<int>(splits), part_m.data() + first,
-                            part_l.data() + first, part_acc.data() + first * Dp, max_rows, D,
-                            o.data(), out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
+        K::join(static_cast<int>(splits), part_m.data() + first, part_l.data() + first,
+                part_acc.data() + first * Dp, max_rows, D, o.data(),
+                out.row(b, r % len.q, r / len.q), lse_of(b, len, r));
       }
     }
   }

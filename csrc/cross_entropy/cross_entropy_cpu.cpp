@@ -441,11 +441,7 @@ FASTLLM_INLINE __m256 add_exp_first(__m256 acc, __m256 z, __m256 m, int n) {
 }
 
 FASTLLM_INLINE float hmax(const __m256 (&v)[kSlots]) {
-  const __m256 a = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
+  return cpu::avx2::hmax(_mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])));
 }
 
 // No software prefetch: the 8-float loop is slow enough per line for the hardware's.

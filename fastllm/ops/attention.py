@@ -907,34 +907,35 @@ def attention_with_kvcache(
         q, k_new = _rotate_for_cache(q, k_new, rotary_cos, rotary_sin, rotary_interleaved,
                                      cache_seqlens, causal or tuple(window_size) != (-1, -1))
     seqused_k = cache_seqlens
-    uniform = lengths is not None and len(set(lengths)) == 1
-    if k_new is not None and lengths is not None and not paged and (batch <= 4 or uniform):
-        # Lengths known (CPU tensors, not traced), one or a few sequences or all of one length:
-        # the new rows as slice copies, 2 small ops (2 per sequence) instead of the index
-        # tensors and index_put_ below (a one-token call: ~20 us less).
+    if k_new is not None:
+        uniform = lengths is not None and len(set(lengths)) == 1
         with torch.no_grad():
-            if uniform:
-                k_cache[:, lengths[0]:lengths[0] + t_new].copy_(k_new)
-                v_cache[:, lengths[0]:lengths[0] + t_new].copy_(v_new)
+            if lengths is not None and not paged and (batch <= 4 or uniform):
+                # Lengths known (CPU tensors, not traced), one or a few sequences or all of one
+                # length: the new rows as slice copies, 2 small ops (2 per sequence) instead of
+                # the index tensors and index_put_ below (a one-token call: ~20 us less).
+                if uniform:
+                    k_cache[:, lengths[0]:lengths[0] + t_new].copy_(k_new)
+                    v_cache[:, lengths[0]:lengths[0] + t_new].copy_(v_new)
+                else:
+                    for b, n in enumerate(lengths):
+                        k_cache[b, n:n + t_new].copy_(k_new[b])
+                        v_cache[b, n:n + t_new].copy_(v_new[b])
             else:
-                for b, n in enumerate(lengths):
-                    k_cache[b, n:n + t_new].copy_(k_new[b])
-                    v_cache[b, n:n + t_new].copy_(v_new[b])
-        seqused_k = cache_seqlens + t_new
-    elif k_new is not None:
-        # Append in place at each sequence's end (index_put_ is traced by torch.compile).
-        pos = cache_seqlens.long()[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
-        if paged:
-            blocks = block_table.long()
-            index = (blocks.gather(1, pos // block_size), pos % block_size)
-        else:
-            index = (torch.arange(batch, device=q.device)[:, None].expand(batch, t_new), pos)
-        with torch.no_grad():
-            for cache, new in ((k_cache, k_new), (v_cache, v_new)):
-                new = new.to(cache.dtype)
-                if valid is not None:
-                    new = torch.where(valid[:, None, None, None], new, cache[index])
-                cache.index_put_(index, new)
+                # Append in place at each sequence's end (index_put_ is traced by
+                # torch.compile).
+                pos = cache_seqlens.long()[:, None] + torch.arange(t_new, device=q.device)
+                if paged:
+                    blocks = block_table.long()
+                    index = (blocks.gather(1, pos // block_size), pos % block_size)
+                else:
+                    index = (torch.arange(batch, device=q.device)[:, None].expand(batch, t_new),
+                             pos)
+                for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+                    new = new.to(cache.dtype)
+                    if valid is not None:
+                        new = torch.where(valid[:, None, None, None], new, cache[index])
+                    cache.index_put_(index, new)
         seqused_k = cache_seqlens + t_new
     if paged:
         # (B, max_blocks, block_size, Hkv, D) -> (B, capacity, Hkv, D): the sequences' blocks.

@@ -1473,7 +1473,11 @@ void attention_bwd_with(const BwdParams& p) {
 // outputs; Granite Rapids-class core): queueing the next 16-row strip's q k^T jobs and the
 // previous strip's p v jobs between the softmax's rows, so that the tile unit would work
 // under the vector code: 0.79-0.94x (0.89-0.92x with the jobs issued before the rows instead,
-// 0.80-0.95x two or three strips ahead); the query tile in 16-, 32- or 64-row slices through
+// 0.80-0.95x two or three strips ahead; 0.82-0.92x again on 2026-12-05 with one K step of a
+// job per softmax row, slower with the jobs' tile rows prefetched into L1) -- the products
+// themselves run beside the softmax (the interleaved step without its tile loads and stores,
+// operands left in the tiles, took 0.6-0.7x today's step), but no vector work runs beside a
+// tile load or store (benchmarks/micro/amx_dot_rate.cpp); the query tile in 16-, 32- or 64-row slices through
 // all three steps: 0.88-1.00x; 256- or 512-row query tiles: 0.98-1.02x at D = 64, 1.00-1.05x
 // at D = 128. Replacing the softmax by a bare conversion of the scores took 11 % (D = 128) to
 // 19 % (D = 64) off the forward's time: the products bound it, at about half of torch's bf16

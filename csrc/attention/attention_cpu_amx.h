@@ -50,6 +50,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -543,6 +544,15 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
+  static_assert(kMaxGrowth == 8.0f, "growth_limit is e^kMaxGrowth = 2980.96, rounded down");
+  const __m512 growth_limit = _mm512_set1_ps(2980.0f);
+  // A power-of-two scale (1 / sqrt(D) at D = 16, 64, 256) multiplies exactly, so with the
+  // max in the raw product's units, M = m / scale, (s - M) (scale log2 e) is the same float
+  // as (scale s - m) log2 e (the same real number rounded once); ~10 % off this function.
+  int scale_exponent = 0;
+  const bool exact_scale = std::frexp(scale, &scale_exponent) == 0.5f;
+  const float inv_scale = 1.0f / scale;
+  const __m512 scale_log2e = _mm512_set1_ps(scale * cpu::avx512::kLog2e);
   for (int r0 = lo; r0 < hi; r0 += 16) {
     __m512 sums[16];
     for (int i = 0; i < 16; ++i) {
@@ -571,24 +581,27 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
       // t = (scale s (+ bias) - m) log2 e of columns [j, j + 16), with scale s rounded as
       // it was for m, so that t = 0 exactly at the max (folding scale and log2 e into one
       // FMA would leave the product's rounding error there, a large error for scores near
-      // 1e5 and up).
-      auto exponent = [&](int j, __m512 vm) FASTLLM_INLINE_LAMBDA {
+      // 1e5 and up). folded (an exact scale, no bias; vm = M = m / scale): the same float as
+      // (s - M) (scale log2 e), one multiplication fewer.
+      auto exponent = [&](int j, __m512 vm, bool folded) FASTLLM_INLINE_LAMBDA {
+        if (folded) return _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm), scale_log2e);
         return _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
       };
-      // p = 2^t of the allowed columns into p and the row's sum; true when some allowed t
-      // exceeds kMaxGrowth log2 e (m must grow first).
+      // p = 2^t of the allowed columns into p and the row's sum; true when some lane of the
+      // sum exceeds e^kMaxGrowth: then some p may, and m must grow first. (A lane sums N / 16
+      // of the p: a superset of the p > e^kMaxGrowth test, one compare a row instead of one
+      // a vector; when a lane's sum alone gets there, the max pass recomputes an m that stands
+      // and rescales by 1.)
       auto exp_pass = [&](__m512& vsum) FASTLLM_INLINE_LAMBDA {
-        const __m512 vm = _mm512_set1_ps(m[r] == neg_inf ? 0.0f : m[r]);
-        const __m512 limit = _mm512_set1_ps(kMaxGrowth * cpu::avx512::kLog2e);
-        __mmask16 over = 0;
+        const float mr = m[r] == neg_inf ? 0.0f : m[r];
+        const bool folded = exact_scale && b == nullptr && std::isfinite(mr * inv_scale);
+        const __m512 vm = _mm512_set1_ps(folded ? mr * inv_scale : mr);
         vsum = _mm512_setzero_ps();
         int j = 0;
         for (; j + 32 <= N; j += 32) {
-          const __m512 t0 = exponent(j, vm);
-          const __m512 t1 = exponent(j + 16, vm);
+          const __m512 t0 = exponent(j, vm, folded);
+          const __m512 t1 = exponent(j + 16, vm, folded);
           const __mmask16 a0 = allowed(j), a1 = allowed(j + 16);
-          over |= _mm512_mask_cmp_ps_mask(a0, t0, limit, _CMP_GT_OQ) |
-                  _mm512_mask_cmp_ps_mask(a1, t1, limit, _CMP_GT_OQ);
           const __m512 p0 = _mm512_maskz_mov_ps(a0, exp2_p(t0));
           const __m512 p1 = _mm512_maskz_mov_ps(a1, exp2_p(t1));
           vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
@@ -600,14 +613,12 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
           }
         }
         if (j < N) {  // 16 left
-          const __m512 t0 = exponent(j, vm);
-          const __mmask16 a0 = allowed(j);
-          over |= _mm512_mask_cmp_ps_mask(a0, t0, limit, _CMP_GT_OQ);
-          const __m512 p0 = _mm512_maskz_mov_ps(a0, exp2_p(t0));
+          const __m512 t0 = exponent(j, vm, folded);
+          const __m512 p0 = _mm512_maskz_mov_ps(allowed(j), exp2_p(t0));
           vsum = _mm512_add_ps(vsum, p0);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_words<E>(p0));
         }
-        return over != 0;
+        return _mm512_cmp_ps_mask(vsum, growth_limit, _CMP_GT_OQ) != 0;
       };
       // The common step -- no score far above the running max -- is that one pass; otherwise
       // (and at the row's first keys) the max first, the rescale, then the pass again.

@@ -28,8 +28,8 @@
 //
 // Tile registers (one configuration, loaded per thread by TileScope): two sets of 2 C tiles,
 // an A tile and a B tile each (gemm's jobs); products at most 64 columns wide use 0-3 for C,
-// 4-5 for A and 6-7 for B (two strips at a time); the K = 128 score products use tiles 4-7
-// for A, 0-1 for C and 2-3 for B.
+// 4-5 for A and 6-7 for B (two strips at a time); the K = 128 products (scores, and the p v
+// of a head dim of 128) use tiles 4-7 for A, 0-1 for C and 2-3 for B.
 //
 // Shapes: M (rows of C) a multiple of 16, N a multiple of 16, K a multiple of 32; the packs
 // zero-fill their padding so that it adds nothing.
@@ -167,7 +167,8 @@ FASTLLM_AMX_GEMM_JOB(gemm_half_job_set1_fp16, 2, 3, 5, 7, false, FASTLLM_AMX_TDP
 // and B1 H8 T4096, full and causal, one Granite Rapids-class core, old and new builds in
 // alternating processes; outputs and gradients bit-identical): forward bfloat16 1.05-1.07x,
 // float16 1.13-1.20x; forward + backward 1.00-1.05x and 1.04-1.15x. At N = 128 (the p v
-// product of D = 128) no faster, so wider products keep the jobs above.
+// product of D = 128) no faster; wider products take the jobs above or, at K = 128, the path
+// below.
 #define FASTLLM_AMX_GEMM_PAIR_JOB(NAME, DOT)                                                  \
   FASTLLM_INLINE void NAME(int K, const uint16_t* A, int64_t lda, const uint16_t* B,          \
                            int64_t ldb, float* C, int64_t ldc, bool accumulate, bool two) {   \
@@ -212,15 +213,18 @@ FASTLLM_AMX_GEMM_PAIR_JOB(gemm_pair_job_bf16, FASTLLM_AMX_TDPBF16PS)
 FASTLLM_AMX_GEMM_PAIR_JOB(gemm_pair_job_fp16, FASTLLM_AMX_TDPFP16PS)
 #undef FASTLLM_AMX_GEMM_PAIR_JOB
 
-// C = A B for K = 128 (a head dim of 128: the score products q k^T and dout v^T), one 16-row
-// strip at a time with its whole A in tiles 4-7 while the strip's C tiles (0 and 1) and B
-// tiles (2 and 3) stream past: each A tile is loaded once per strip instead of once per
-// 32 columns. Measured on a Granite Rapids-class core (one thread, 128 x 128 score tiles,
-// min of 40 runs): ~690 GFLOP/s against ~490 for the jobs above, which reload A per job.
-// (At K = 64 the same scheme gained ~5 %, at the p v products nothing: they keep the jobs.)
-#define FASTLLM_AMX_SCORES_K128(NAME, DOT)                                                  \
+// C (+)= A B for K = 128, one 16-row strip at a time with its whole A in tiles 4-7 while the
+// strip's C tiles (0 and 1) and B tiles (2 and 3) stream past: each A tile is loaded once per
+// strip instead of once per 32 columns. The score products of a head dim of 128 (q k^T and
+// dout v^T): measured on a Granite Rapids-class core (one thread, 128 x 128 score tiles, min
+// of 40 runs) ~690 GFLOP/s against ~490 for the jobs above, which reload A per job (at K = 64
+// the same scheme gained ~5 %). The forward's p v of a head dim of 128 (accumulate; K = the
+// 128 keys of a key block pair, N = 128) too: the forward's key step 1.05-1.06x (mean of 12
+// alternating runs), the whole forward 1.00-1.04x (B1 H8 T4096, bf16 and fp16, alternating
+// processes). Narrower accumulating products take the pair jobs (the same speed here).
+#define FASTLLM_AMX_GEMM_K128(NAME, DOT)                                                    \
   FASTLLM_INLINE void NAME(int M, int N, const uint16_t* A, int64_t lda, const uint16_t* B,  \
-                           int64_t ldb, float* C, int64_t ldc) {                            \
+                           int64_t ldb, float* C, int64_t ldc, bool accumulate) {           \
     const int64_t a_stride = lda * 2, b_stride = ldb * 2, c_stride = ldc * 4;               \
     const int64_t b_step = 16 * ldb; /* the pair rows of 32 more K */                       \
     for (int m = 0; m < M; m += 16) {                                                       \
@@ -233,8 +237,13 @@ FASTLLM_AMX_GEMM_PAIR_JOB(gemm_pair_job_fp16, FASTLLM_AMX_TDPFP16PS)
       int n = 0;                                                                            \
       for (; n + 32 <= N; n += 32) {                                                        \
         const uint16_t* b = B + 2 * n;                                                      \
-        _tile_zero(0);                                                                      \
-        _tile_zero(1);                                                                      \
+        if (accumulate) {                                                                   \
+          _tile_loadd(0, c + n, c_stride);                                                  \
+          _tile_loadd(1, c + n + 16, c_stride);                                             \
+        } else {                                                                            \
+          _tile_zero(0);                                                                    \
+          _tile_zero(1);                                                                    \
+        }                                                                                   \
         _tile_loadd(2, b, b_stride);                                                        \
         DOT(0, 4, 2);                                                                       \
         _tile_loadd(3, b + 32, b_stride);                                                   \
@@ -256,7 +265,11 @@ FASTLLM_AMX_GEMM_PAIR_JOB(gemm_pair_job_fp16, FASTLLM_AMX_TDPFP16PS)
       }                                                                                     \
       if (n < N) { /* 16 columns left */                                                    \
         const uint16_t* b = B + 2 * n;                                                      \
-        _tile_zero(0);                                                                      \
+        if (accumulate) {                                                                   \
+          _tile_loadd(0, c + n, c_stride);                                                  \
+        } else {                                                                            \
+          _tile_zero(0);                                                                    \
+        }                                                                                   \
         _tile_loadd(2, b, b_stride);                                                        \
         DOT(0, 4, 2);                                                                       \
         _tile_loadd(3, b + b_step, b_stride);                                               \
@@ -269,9 +282,9 @@ FASTLLM_AMX_GEMM_PAIR_JOB(gemm_pair_job_fp16, FASTLLM_AMX_TDPFP16PS)
       }                                                                                     \
     }                                                                                       \
   }
-FASTLLM_AMX_SCORES_K128(scores_k128_bf16, FASTLLM_AMX_TDPBF16PS)
-FASTLLM_AMX_SCORES_K128(scores_k128_fp16, FASTLLM_AMX_TDPFP16PS)
-#undef FASTLLM_AMX_SCORES_K128
+FASTLLM_AMX_GEMM_K128(gemm_k128_bf16, FASTLLM_AMX_TDPBF16PS)
+FASTLLM_AMX_GEMM_K128(gemm_k128_fp16, FASTLLM_AMX_TDPFP16PS)
+#undef FASTLLM_AMX_GEMM_K128
 #undef FASTLLM_AMX_TDPBF16PS
 #undef FASTLLM_AMX_TDPFP16PS
 
@@ -293,11 +306,11 @@ template <class E>
 inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint16_t* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   MemoryBarrier barrier;
-  if (K == 128 && !accumulate) {
+  if (K == 128 && (!accumulate || N > 64)) {
     if constexpr (kIsHalf<E>) {
-      scores_k128_fp16(M, N, A, lda, B, ldb, C, ldc);
+      gemm_k128_fp16(M, N, A, lda, B, ldb, C, ldc, accumulate);
     } else {
-      scores_k128_bf16(M, N, A, lda, B, ldb, C, ldc);
+      gemm_k128_bf16(M, N, A, lda, B, ldb, C, ldc, accumulate);
     }
     return;
   }

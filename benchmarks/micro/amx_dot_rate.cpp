@@ -6,25 +6,30 @@
 //      AMX-FP16), four independent accumulators, operands held in tile registers, on zero,
 //      random normal and {0.5, 1} data. On the Granite Rapids-class Xeon of 2026-12-05 a
 //      bfloat16 product took 13.1-13.2 TSC cycles (2.2 GHz TSC) whatever the data, a float16
-//      one 17.1 on any nonzero data (13.0 on zeros): float16 attention, whose products are
-//      most of its time, runs ~15 % behind bfloat16 on the same shapes for this reason.
+//      one 17.1 on any nonzero data (13.0 on zeros); in a later hour, the core clocked
+//      higher, 9.6 and 11.9 (9.6). float16 products take 1.24-1.31x the time of bfloat16
+//      ones, so float16 attention, whose products are most of its time, runs ~15 % behind
+//      bfloat16 on the same shapes.
 //   2. Tile work beside vector work: products (operands in tiles), a tile load or a tile store
 //      per iteration, alone and with 32 independent AVX-512 FMAs per iteration. There, 2
 //      products (26.5 TSC cycles) took 34 with the FMAs (11.5 alone): they mostly overlap. A
 //      tile load (6.2) took 23.9 with them and a tile store (11.8) 28.2, more than the two one
-//      after the other: no vector work runs beside a tile load or store (each likely a
-//      microcoded sequence of 16 row accesses). So the kernel keeps its float32 softmax out of
-//      the products' way instead of interleaving the two (interleaving measured 0.79-0.94x;
-//      prefetching the tiles' rows into L1 as well, slower still), and a large part of a
-//      product's cost is its share of tile loads and stores: 1.5 loads and 0.5 stores per
-//      product in a 64-deep score product, against ~1 load and few stores in a GEMM's long K.
+//      after the other (the later hour: FMAs 9.1, products 19.2 and 23.8 with them, a load
+//      4.9 and 18.1, a store 9.1 and 22.0): no vector work runs beside a tile load or store
+//      (each likely a microcoded sequence of 16 row accesses). So the kernel keeps its float32
+//      softmax out of the products' way instead of interleaving the two (interleaving
+//      measured 0.79-0.94x; prefetching the tiles' rows into L1 as well, slower still), and a
+//      large part of a product's cost is its share of tile loads and stores: 1.5 loads and 0.5
+//      stores per product in a 64-deep score product in two-set jobs (1 load in the pair jobs
+//      of two strips), against ~1 load and few stores in a GEMM's long K.
 //
-// Build and run (x86-64 Linux, GCC >= 11; the measuring code carries its own target attributes,
-// and the float16 product is written as its bytes, so no -m flags are needed), or through
-// CMakeLists.txt (target amx_dot_rate, also run by ctest):
+// Build and run (x86-64 Linux, GCC >= 11; the measuring code carries its own target
+// attributes, and the float16 product is written as its bytes, so no -m flags are needed), or
+// through CMakeLists.txt (target amx_dot_rate, also run by ctest):
 //   g++ -O2 -o /tmp/amx_dot_rate benchmarks/micro/amx_dot_rate.cpp && /tmp/amx_dot_rate
 // The figures are cycles of the time-stamp counter (rdtsc), best of several runs, and GFLOP/s
-// of wall time. A machine shared with other work moves them by a few %.
+// of wall time. A machine shared with other work moves them by a few %; its clock moved them
+// by a third between two hours of 2026-12-05 (the ratios held).
 
 #include <cpuid.h>
 #include <immintrin.h>
@@ -151,10 +156,12 @@ void product_rate(Type type, Data data) {
     }
     _tile_stored(0, sink, 64);
   });
+  const char* data_name = data == Data::kZeros    ? "zeros"
+                          : data == Data::kRandom ? "random normal"
+                                                  : "0.5 and 1";
   std::printf("  %-8s %-16s %6.2f TSC cycles per product  %7.0f GFLOP/s\n",
-              type == Type::kFloat16 ? "float16" : "bfloat16",
-              data == Data::kZeros ? "zeros" : data == Data::kRandom ? "random normal" : "0.5 and 1",
-              t.tsc_cycles, kFlopPerProduct * 4 * n / t.seconds * 1e-9);
+              type == Type::kFloat16 ? "float16" : "bfloat16", data_name, t.tsc_cycles,
+              kFlopPerProduct * 4 * n / t.seconds * 1e-9);
 }
 
 // One iteration: `products` products (accumulators 0 and 1, operands in tiles), `loads` tile

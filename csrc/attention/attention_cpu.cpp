@@ -1477,12 +1477,13 @@ void attention_bwd_with(const BwdParams& p) {
 // job per softmax row, slower with the jobs' tile rows prefetched into L1) -- the products
 // themselves run beside the softmax (the interleaved step without its tile loads and stores,
 // operands left in the tiles, took 0.6-0.7x today's step), but no vector work runs beside a
-// tile load or store (benchmarks/micro/amx_dot_rate.cpp); the query tile in 16-, 32- or 64-row slices through
-// all three steps: 0.88-1.00x; 256- or 512-row query tiles: 0.98-1.02x at D = 64, 1.00-1.05x
-// at D = 128. Replacing the softmax by a bare conversion of the scores took 11 % (D = 128) to
-// 19 % (D = 64) off the forward's time: the products bound it, at about half of torch's bf16
-// GEMM rate (their C tiles are loaded and stored every 64 or 128 keys of K; a GEMM keeps its
-// C in tiles through a long K).
+// tile load or store (benchmarks/micro/amx_dot_rate.cpp); the query tile in 16-, 32- or
+// 64-row slices through all three steps: 0.88-1.00x; 256- or 512-row query tiles: 0.98-1.02x
+// at D = 64, 1.00-1.05x at D = 128. Replacing the softmax by a bare conversion of the scores
+// took 11 % (D = 128) to 19 % (D = 64) off the forward's time (measured before the softmax
+// lost a multiplication and a compare per score vector); the rest is the products with their
+// tile loads and stores, which a 64- or 128-deep product cannot amortise as a GEMM's long K
+// does (attention_cpu_amx.h's costs).
 #if defined(FASTLLM_ATTENTION_CPU_X86)
 
 // Storage bits of a bfloat16 / float16 row.

@@ -34,9 +34,10 @@
 // Shapes: M (rows of C) a multiple of 16, N a multiple of 16, K a multiple of 32; the packs
 // zero-fill their padding so that it adds nothing.
 //
-// Costs (benchmarks/micro/amx_dot_rate.cpp, a Granite Rapids-class core): a bfloat16 product
-// ~13 TSC cycles, a float16 one ~17 on nonzero data (hence float16 attention ~15 % behind
-// bfloat16); a tile load ~6 and a tile store ~12, during which no vector instruction runs --
+// Costs (benchmarks/micro/amx_dot_rate.cpp, a Granite Rapids-class core, in two hours of
+// different clocks): a bfloat16 product 13.1 / 9.6 TSC cycles, a float16 one 17.1 / 11.9 on
+// nonzero data (1.24-1.31x: hence float16 attention ~15 % behind bfloat16); a tile load
+// 6.2 / 4.9 and a tile store 11.8 / 9.1, during which no vector instruction runs --
 // the softmax between the products cannot hide under their loads and stores, so the phases
 // run one after the other and the products are arranged for few loads and stores per product.
 //
@@ -161,7 +162,7 @@ FASTLLM_AMX_GEMM_JOB(gemm_half_job_set1_fp16, 2, 3, 5, 7, false, FASTLLM_AMX_TDP
 // backward products) run as jobs of two 16-row strips x 32 columns (16 at a ragged right edge):
 // 4 C tiles (0-3), an A tile per strip (4, 5) and 2 B tiles (6, 7), so each K step loads 2 A
 // and 2 B tiles for 4 products, against 3 loads for 2 products in the jobs above: a tile load
-// costs ~6 cycles of the time-stamp counter during which no other work runs (see the costs
+// costs about half a product's time, during which no other work runs (see the costs
 // above). With N <= 64 there are at most 2 such jobs per pair of strips, so the one set of
 // tiles waits little on its own stores. Measured against the jobs above (D = 64, B2 H8 T1024
 // and B1 H8 T4096, full and causal, one Granite Rapids-class core, old and new builds in

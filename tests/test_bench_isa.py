@@ -55,9 +55,12 @@ def allowed(cap: str, kernel_best: str) -> str:
 
 def attention_path(dtype: torch.dtype, cap: str) -> str:
     """attention_cpu.cpp: bfloat16 on AMX-BF16 tiles, float16 on AMX-FP16 tiles (where the CPU
-    has them, else AVX-512), with_best_ops otherwise."""
+    has them, else AVX-512), float32's forward as bfloat16 parts on AMX-BF16 tiles,
+    with_best_ops otherwise."""
     if dtype == torch.bfloat16:
         return allowed(cap, "amx")
+    if dtype == torch.float32 and allowed(cap, "amx") == "amx-bf16":
+        return "amx-bf16x6"
     if dtype == torch.float16 and (cpu_isa_features() or {}).get("amx_fp16"):
         return {"amx-bf16": "amx-fp16"}.get(allowed(cap, "amx"), allowed(cap, "amx"))
     return _f64_scalar("avx512")(dtype, cap)

@@ -1493,9 +1493,17 @@ const uint16_t* bits(const T* row) {
   return reinterpret_cast<const uint16_t*>(row);
 }
 
+// T = float: the split path (attention_cpu_amx.h, split3) of a forward without a backward
+// (FwdParams::no_backward): every float32 operand -- q, k, v and p -- as three bfloat16
+// parts, each product as six bfloat16 tile products, p from the float32 path's exp2;
+// otherwise as for bfloat16 (an attn_bias of float32 elements takes the general path's
+// add_bias instead of the fused softmax's).
 template <class T>
 void attention_fwd_amx(const FwdParams& p) {
   using Ops = avx512::Ops;
+  constexpr bool kSplit = std::is_same_v<T, float>;
+  using E = std::conditional_t<kSplit, BFloat16, T>;  // the tiles' element type
+  constexpr int kParts = kSplit ? amx::kSplitParts : 1;
   const int D = static_cast<int>(p.head_dim);
   const int Dk = round_up(D, 32);  // the K of q k^T and the N of p v
   const int64_t group = p.num_heads / p.num_kv_heads;
@@ -1511,10 +1519,30 @@ void attention_fwd_amx(const FwdParams& p) {
 #pragma omp parallel
   {
     amx::TileScope tile_scope;
-    cpu::AlignedVector<uint16_t> q_tile(kBlockQ * Dk), p_tile(kBlockQ * 2 * kBlockK);
+    // A split operand's parts lie q_part, p_part and tile_part elements apart.
+    const int64_t q_part = int64_t{kBlockQ} * Dk, p_part = int64_t{kBlockQ} * 2 * kBlockK,
+                  tile_part = int64_t{Dk} * kBlockK;
+    cpu::AlignedVector<uint16_t> q_tile(kParts * q_part), p_tile(kParts * p_part);
     cpu::AlignedVector<float> s_tile(kBlockQ * 2 * kBlockK), o_tile(kBlockQ * Dk);
     std::vector<float> m(kBlockQ), l(kBlockQ);
-    TileCache<uint16_t> kt_tiles(k_blocks, Dk * kBlockK), v_tiles(k_blocks, kBlockK * Dk);
+    TileCache<uint16_t> kt_tiles(k_blocks, kParts * tile_part),
+        v_tiles(k_blocks, kParts * tile_part);
+    // The split path's key rows as parts, before their packing (kBlockK rows of Dk each).
+    cpu::AlignedVector<uint16_t> key_parts(kSplit ? kParts * tile_part : 0);
+    // C (+)= A B (amx::gemm, or amx::gemm_split's six products), A and B with their parts
+    // q_part / a_part and tile_part apart; with keys (p v: K is keys), B's K in segments of
+    // kBlockK keys, a cached tile apart (the key block pair's 128 keys).
+    auto product = [&](bool keys, int M, int N, int K, const uint16_t* A, int64_t lda,
+                       int64_t a_part, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
+                       bool accumulate) {
+      if constexpr (kSplit) {
+        amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, tile_part, keys ? kBlockK : K,
+                        kParts * tile_part, C, ldc, accumulate);
+      } else {
+        (void)keys, (void)a_part;
+        amx::gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      }
+    };
     int begin[kBlockQ], end[kBlockQ];
     uint32_t row_keys[kBlockQ], col_keys[kBlockK];
 #pragma omp for schedule(dynamic)
@@ -1530,14 +1558,22 @@ void attention_fwd_amx(const FwdParams& p) {
       // softmax, which adds the bias itself (a mixed key padding block still takes the
       // general path).
       const bool plain = !(mods.softcap > 0) && !mods.alibi && !mods.dropout &&
-                         (mods.bias == nullptr || mods.bias_stride_k == 1);
+                         (mods.bias == nullptr || (mods.bias_stride_k == 1 && !kSplit));
       // Element (i0, 0) of (b, h)'s bias; rows bias_stride_q apart.
-      const uint16_t* bias_rows =
-          mods.bias == nullptr
-              ? nullptr
-              : bits(static_cast<const T*>(mods.bias) + mods.bias_offset + i0 * mods.bias_stride_q);
-      amx::pack_rows(bits(q.row(b, i0, h)), q.stride.t, q.stride.d, mq, round_up(mq, 16), D, Dk,
-                     q_tile.data());
+      const uint16_t* bias_rows = nullptr;
+      if constexpr (!kSplit) {
+        if (mods.bias != nullptr) {
+          bias_rows = bits(static_cast<const T*>(mods.bias) + mods.bias_offset +
+                           i0 * mods.bias_stride_q);
+        }
+      }
+      if constexpr (kSplit) {
+        amx::split_rows(q.row(b, i0, h), q.stride.t, q.stride.d, mq, round_up(mq, 16), D, Dk,
+                        q_tile.data(), q_part);
+      } else {
+        amx::pack_rows(bits(q.row(b, i0, h)), q.stride.t, q.stride.d, mq, round_up(mq, 16), D,
+                       Dk, q_tile.data());
+      }
       if (mods.dropout) mods.row_keys(i0, mq, row_keys);
       std::fill_n(o_tile.data(), round_up(mq, 16) * Dk, 0.0f);
       std::fill_n(m.data(), mq, neg_inf);
@@ -1545,18 +1581,37 @@ void attention_fwd_amx(const FwdParams& p) {
       const int64_t k_begin = mask.key_begin(i0);
       const int64_t k_end = mask.key_end(i0 + mq - 1);
       const int64_t slice = b * p.num_kv_heads + hk;
+      // The split path packs each part of the key rows as the 16-bit paths pack the rows.
       auto kt_of = [&](int64_t j) {
         return kt_tiles.get(slice, j / kBlockK, [&](uint16_t* dst) {
-          amx::pack_column_pairs(bits(k.row(b, j, hk)), k.stride.t, k.stride.d,
-                                 static_cast<int>(std::min<int64_t>(kBlockK, len.k - j)),
-                                 kBlockK, D, Dk, dst);
+          const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j));
+          if constexpr (kSplit) {
+            amx::split_rows(k.row(b, j, hk), k.stride.t, k.stride.d, nk, nk, D, Dk,
+                            key_parts.data(), tile_part);
+            for (int q = 0; q < kParts; ++q) {
+              amx::pack_column_pairs(key_parts.data() + q * tile_part, Dk, 1, nk, kBlockK, D, Dk,
+                                     dst + q * tile_part);
+            }
+          } else {
+            amx::pack_column_pairs(bits(k.row(b, j, hk)), k.stride.t, k.stride.d, nk, kBlockK,
+                                   D, Dk, dst);
+          }
         });
       };
       auto v_of = [&](int64_t j) {
         return v_tiles.get(slice, j / kBlockK, [&](uint16_t* dst) {
-          amx::pack_row_pairs(bits(v.row(b, j, hk)), v.stride.t, v.stride.d,
-                              static_cast<int>(std::min<int64_t>(kBlockK, len.k - j)), kBlockK,
-                              D, Dk, dst);
+          const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j));
+          if constexpr (kSplit) {
+            amx::split_rows(v.row(b, j, hk), v.stride.t, v.stride.d, nk, nk, D, Dk,
+                            key_parts.data(), tile_part);
+            for (int q = 0; q < kParts; ++q) {
+              amx::pack_row_pairs(key_parts.data() + q * tile_part, Dk, 1, nk, kBlockK, D, Dk,
+                                  dst + q * tile_part);
+            }
+          } else {
+            amx::pack_row_pairs(bits(v.row(b, j, hk)), v.stride.t, v.stride.d, nk, kBlockK, D,
+                                Dk, dst);
+          }
         });
       };
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
@@ -1580,17 +1635,16 @@ void attention_fwd_amx(const FwdParams& p) {
           const ActiveRows rows = tile_bands(mask, i0, mq, j0, nk, pair_tile, begin, end);
           if (rows.count() > 0) {
             const int lo = rows.first / 16 * 16, hi = round_up(rows.last, 16);
-            amx::gemm<T>(hi - lo, kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt0, 2 * kBlockK,
-                         s_tile.data() + lo * Ns, Ns, false);
-            amx::gemm<T>(hi - lo, Ns - kBlockK, Dk, q_tile.data() + lo * Dk, Dk, kt1, 2 * kBlockK,
-                         s_tile.data() + lo * Ns + kBlockK, Ns, false);
-            amx::online_softmax_to_p<T>(s_tile.data(), Ns, lo, hi, rows.first, rows.last, begin,
-                                        end, scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
-                                        p_tile.data(), 2 * kBlockK,
-                                        bias_rows == nullptr ? nullptr : bias_rows + j0,
-                                        mods.bias_stride_q, nk);
-            amx::gemm<T>(hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK,
-                         v0, 2 * Dk, o_tile.data() + lo * Dk, Dk, true);
+            product(false, hi - lo, kBlockK, Dk, q_tile.data() + lo * Dk, Dk, q_part, kt0,
+                    2 * kBlockK, s_tile.data() + lo * Ns, Ns, false);
+            product(false, hi - lo, Ns - kBlockK, Dk, q_tile.data() + lo * Dk, Dk, q_part, kt1,
+                    2 * kBlockK, s_tile.data() + lo * Ns + kBlockK, Ns, false);
+            amx::online_softmax_to_p<E, kSplit>(
+                s_tile.data(), Ns, lo, hi, rows.first, rows.last, begin, end, scale, m.data(),
+                l.data(), o_tile.data(), Dk, Dk, p_tile.data(), 2 * kBlockK,
+                bias_rows == nullptr ? nullptr : bias_rows + j0, mods.bias_stride_q, nk, p_part);
+            product(true, hi - lo, Dk, 2 * kBlockK, p_tile.data() + lo * 2 * kBlockK, 2 * kBlockK,
+                    p_part, v0, 2 * Dk, o_tile.data() + lo * Dk, Dk, true);
           }
           j0 += kBlockK;
           continue;
@@ -1606,16 +1660,16 @@ void attention_fwd_amx(const FwdParams& p) {
         const int r0 = rows.first, lo = r0 / 16 * 16, hi = round_up(rows.last, 16);
         const int ns = std::min(nk, Ns);
         float* s = s_tile.data() + r0 * Ns;
-        amx::gemm<T>(hi - lo, Ns, Dk, q_tile.data() + lo * Dk, Dk, kt_tile, 2 * kBlockK,
-                     s_tile.data() + lo * Ns, Ns, false);
+        product(false, hi - lo, Ns, Dk, q_tile.data() + lo * Dk, Dk, q_part, kt_tile, 2 * kBlockK,
+                s_tile.data() + lo * Ns, Ns, false);
         if (plain && key_tile.mask == nullptr) {
-          amx::online_softmax_to_p<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, begin, end,
-                                      scale, m.data(), l.data(), o_tile.data(), Dk, Dk,
-                                      p_tile.data(), kBlockK,
-                                      bias_rows == nullptr ? nullptr : bias_rows + j0,
-                                      mods.bias_stride_q, ns);
-          amx::gemm<T>(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
-                       o_tile.data() + lo * Dk, Dk, true);
+          amx::online_softmax_to_p<E, kSplit>(s_tile.data(), Ns, lo, hi, r0, rows.last, begin,
+                                              end, scale, m.data(), l.data(), o_tile.data(), Dk,
+                                              Dk, p_tile.data(), kBlockK,
+                                              bias_rows == nullptr ? nullptr : bias_rows + j0,
+                                              mods.bias_stride_q, ns, p_part);
+          product(true, hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, p_part, v_tile,
+                  2 * Dk, o_tile.data() + lo * Dk, Dk, true);
           continue;
         }
         amx::scale_scores(s_tile.data(), Ns, r0, rows.last, scale);
@@ -1628,10 +1682,15 @@ void attention_fwd_amx(const FwdParams& p) {
           dropout_col_keys(j0, nk, col_keys);
           mods.template drop<Ops>(s, rows.count(), Ns, ns, row_keys + r0, col_keys);
         }
-        amx::convert_rows<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK, p_tile.data(),
-                             kBlockK);
-        amx::gemm<T>(hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, v_tile, 2 * Dk,
-                     o_tile.data() + lo * Dk, Dk, true);
+        if constexpr (kSplit) {
+          amx::split_convert_rows(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK,
+                                  p_tile.data(), kBlockK, p_part);
+        } else {
+          amx::convert_rows<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK,
+                               p_tile.data(), kBlockK);
+        }
+        product(true, hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, p_part, v_tile,
+                2 * Dk, o_tile.data() + lo * Dk, Dk, true);
       }
       store_query_tile<Ops>(p, b, h, i0, mq, m.data(), l.data(), o_tile.data(), Dk, out);
     }
@@ -2085,6 +2144,13 @@ void attention_fwd_cpu(const FwdParams& p) {
   }
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_fwd_amx<BFloat16>(p);
+  }
+  // float32 split into bfloat16 parts only where no backward follows: the backward (AVX-512)
+  // recomputes the scores against this lse, and the split products round them differently
+  // from its FMAs (dv's error 6x torch's at scale-2 inputs, D96, against 1.4x when forward and
+  // backward form the scores alike).
+  if (p.dtype == DType::kFloat32 && p.no_backward && cpu::cpu_amx()) {
+    return attention_fwd_amx<float>(p);
   }
   if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
     return attention_fwd_amx<Half>(p);

@@ -1,7 +1,9 @@
 // The AMX building blocks of the CPU attention kernel's bfloat16 and float16 paths
 // (attention_cpu.cpp; x86 only; run only after cpu::cpu_amx() -- bfloat16 -- or
 // cpu::cpu_amx_fp16() -- float16 -- returned true): 16-bit tile products on the AMX tile unit,
-// and the packing of the operands into the layouts it reads.
+// and the packing of the operands into the layouts it reads. The float32 forward without a
+// backward runs on the same bfloat16 tiles with its operands split into three bfloat16 parts
+// (split3, gemm_split; attention_fwd_amx<float>).
 //
 // One AMX instruction, tdpbf16ps (AMX-BF16; tdpfp16ps, AMX-FP16, for float16 elements), adds
 // the product of a 16 x 32 tile A of 16-bit elements (16 rows of 64 bytes) and a 32 x 16 tile
@@ -358,6 +360,156 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
   }
 }
 
+// ---- float32 on bfloat16 tiles: each float an exact sum of three bfloat16 ---------------
+// A float x (24 significant bits) is h + m + l exactly: h = bf16(x), m = bf16(x - h),
+// l = x - h - m (8 significant bits at most, so exactly a bfloat16), each rounded to nearest
+// even. A float32 product sum_k a_k b_k then takes the six part products whose parts sum to at
+// most "m m": the three left out (m l, l m, l l) are below 2^-24 |a_k b_k| (2^-8 2^-16 each,
+// x 2 for two), float32's own rounding of each term. The part pairs run smallest first:
+// each K step's small terms are added before its large ones. Six bfloat16 tile products per
+// float32 one, against 16-lane FMAs; the tile loads bound it (see gemm_split), so the float32
+// forward gains 1.07-1.16x, not the instructions' ratio.
+// (Henry et al., "Leveraging the bfloat16 Artificial Intelligence Datatype For
+// Higher-Precision Computations", 2019: the 6-product "bf16x6".) Non-finite parts: a part
+// after an infinite or NaN h is 0, so inf and NaN pass as h alone; bfloat16 conversion
+// flushes denormals (below 2^-126 ~ 1.2e-38), so a part that small is 0 -- l of x below
+// ~2^-110 (~8e-34) loses up to 2^-16 of x; and |x| above bfloat16's largest finite value
+// (~3.39e38) has h = inf.
+constexpr int kSplitParts = 3;
+
+// 16 bfloat16 words as floats (exact).
+FASTLLM_INLINE __m512 widen_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// x = h + m + l (see above), each 16 bfloat16 words.
+FASTLLM_INLINE void split3(__m512 x, __m256i& h, __m256i& m, __m256i& l) {
+  const __m256bh hb = _mm512_cvtneps_pbh(x);
+  h = reinterpret_cast<const __m256i&>(hb);
+  const __m512 hx = widen_bf16(h);
+  // 0x99: NaN, +inf, -inf: the parts after a non-finite h are 0.
+  const __mmask16 finite = static_cast<__mmask16>(~_mm512_fpclass_ps_mask(hx, 0x99));
+  const __m512 r = _mm512_maskz_sub_ps(finite, x, hx);
+  const __m256bh mb = _mm512_cvtneps_pbh(r);
+  m = reinterpret_cast<const __m256i&>(mb);
+  const __m256bh lb = _mm512_cvtneps_pbh(_mm512_sub_ps(r, widen_bf16(m)));
+  l = reinterpret_cast<const __m256i&>(lb);
+}
+
+// Stores the three parts of 16 floats at dst, dst + part, dst + 2 part.
+FASTLLM_INLINE void store_split3(uint16_t* dst, int64_t part, __m512 x) {
+  __m256i h, m, l;
+  split3(x, h, m, l);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + part), m);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * part), l);
+}
+
+// Float rows (row r at first + r * stride_t, element d at + d * stride_d) as three
+// bfloat16 part arrays (part p at dst + p * part): dst[r * ld + d] for r < rows_padded, d < ld
+// (a multiple of 16), zero past rows x D. The split operands' pack_rows (then A operands; as
+// key-row staging for pack_column_pairs / pack_row_pairs, which take each part as 16-bit rows).
+inline void split_rows(const float* first, int64_t stride_t, int64_t stride_d, int rows,
+                       int rows_padded, int D, int ld, uint16_t* dst, int64_t part) {
+  for (int r = 0; r < rows_padded; ++r) {
+    uint16_t* out = dst + static_cast<int64_t>(r) * ld;
+    if (r >= rows) {
+      for (int p = 0; p < kSplitParts; ++p) std::memset(out + p * part, 0, sizeof(uint16_t) * ld);
+      continue;
+    }
+    const float* in = first + r * stride_t;
+    for (int d = 0; d < ld; d += 16) {
+      const int n = std::clamp(D - d, 0, 16);
+      const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      __m512 x;
+      if (stride_d == 1) {
+        x = _mm512_maskz_loadu_ps(live, in + d);
+      } else {
+        alignas(64) float g[16] = {};
+        for (int i = 0; i < n; ++i) g[i] = in[(d + i) * stride_d];
+        x = _mm512_load_ps(g);
+      }
+      store_split3(out + d, part, x);
+    }
+  }
+}
+
+// C (M x N floats) (+)= sum over the six part pairs (a, b) of A_a B_b: the float32 product of
+// the split operands, A part p at A + p * a_part (M x K, rows lda apart), B part p at
+// B + p * b_part (K x N in pairs of rows, pair rows ldb apart). B's K may lie in segments of
+// b_seg_k (a multiple of 32) rows, b_seg elements apart (two key blocks of a tile cache, each
+// with its three parts). One 16-row strip x 32 columns at a time: C tiles 0-1, the strip's
+// three A parts of a K step in tiles 2-4 (h, m) and 3 (l, then m), B parts in 4-7: 3 A and
+// 6 B loads for 12 products, the two C tiles' products alternating. Per K step the pairs run
+// l h, h l, m m, m h, h m, h h (small first). Measured against the six pairs outermost with
+// two strips (1 load per product): 1.07-1.16x the forward (D = 64 and 128, one Granite
+// Rapids-class core); the errors stayed at 0.3-1.2x torch's float32 SDPA's.
+inline void gemm_split(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
+                       const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k, int64_t b_seg,
+                       float* C, int64_t ldc, bool accumulate) {
+  MemoryBarrier barrier;
+  const int64_t c_stride = ldc * 4, a_stride = lda * 2, b_stride = ldb * 2;
+  for (int m0 = 0; m0 < M; m0 += 16) {
+    for (int n = 0; n < N; n += 32) {
+      const bool two_cols = N - n >= 32;
+      float* c0 = C + static_cast<int64_t>(m0) * ldc + n;
+      if (accumulate) {
+        _tile_loadd(0, c0, c_stride);
+        if (two_cols) _tile_loadd(1, c0 + 16, c_stride);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+      }
+      const uint16_t* a = A + static_cast<int64_t>(m0) * lda;
+      for (int k = 0; k < K; k += 32) {
+        const uint16_t* b =
+            B + 2 * n + (k / b_seg_k) * b_seg + static_cast<int64_t>(k % b_seg_k / 2) * ldb;
+        const uint16_t* ah = a + k;
+        const uint16_t* am = ah + a_part;
+        const uint16_t* al = ah + 2 * a_part;
+        if (two_cols) {
+          _tile_loadd(3, al, a_stride);
+          _tile_loadd(4, b, b_stride);
+          _tile_loadd(6, b + 32, b_stride);
+          _tile_dpbf16ps(0, 3, 4);  // l h
+          _tile_dpbf16ps(1, 3, 6);
+          _tile_loadd(2, ah, a_stride);
+          _tile_loadd(5, b + 2 * b_part, b_stride);
+          _tile_loadd(7, b + 2 * b_part + 32, b_stride);
+          _tile_dpbf16ps(0, 2, 5);  // h l
+          _tile_dpbf16ps(1, 2, 7);
+          _tile_loadd(3, am, a_stride);
+          _tile_loadd(5, b + b_part, b_stride);
+          _tile_loadd(7, b + b_part + 32, b_stride);
+          _tile_dpbf16ps(0, 3, 5);  // m m
+          _tile_dpbf16ps(1, 3, 7);
+          _tile_dpbf16ps(0, 3, 4);  // m h
+          _tile_dpbf16ps(1, 3, 6);
+          _tile_dpbf16ps(0, 2, 5);  // h m
+          _tile_dpbf16ps(1, 2, 7);
+          _tile_dpbf16ps(0, 2, 4);  // h h
+          _tile_dpbf16ps(1, 2, 6);
+        } else {
+          _tile_loadd(3, al, a_stride);
+          _tile_loadd(4, b, b_stride);
+          _tile_dpbf16ps(0, 3, 4);
+          _tile_loadd(2, ah, a_stride);
+          _tile_loadd(5, b + 2 * b_part, b_stride);
+          _tile_dpbf16ps(0, 2, 5);
+          _tile_loadd(3, am, a_stride);
+          _tile_loadd(5, b + b_part, b_stride);
+          _tile_dpbf16ps(0, 3, 5);
+          _tile_dpbf16ps(0, 3, 4);
+          _tile_dpbf16ps(0, 2, 5);
+          _tile_dpbf16ps(0, 2, 4);
+        }
+      }
+      _tile_stored(0, c0, c_stride);
+      if (two_cols) _tile_stored(1, c0 + 16, c_stride);
+    }
+  }
+}
+
 // ---- packing 16-bit storage rows (row r at first + r * stride_t, element d at + d *
 // stride_d) into the operand layouts; everything past rows x D is zero ----------------------
 
@@ -555,6 +707,24 @@ inline void convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_l
   }
 }
 
+// convert_rows for the split path: the three bfloat16 parts of X, part q at dst + q * part.
+inline void split_convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_lo,
+                               int live_hi, int N, int K, uint16_t* dst, int64_t ld,
+                               int64_t part) {
+  for (int r = lo; r < hi; ++r) {
+    uint16_t* out = dst + static_cast<int64_t>(r) * ld;
+    const bool live = r >= live_lo && r < live_hi;
+    if (live) {
+      const float* in = X + static_cast<int64_t>(r) * ldx;
+      for (int c = 0; c < N; c += 16) store_split3(out + c, part, _mm512_loadu_ps(in + c));
+    }
+    const int from = live ? N : 0;
+    for (int q = 0; q < kSplitParts; ++q) {
+      if (from < K) std::memset(out + q * part + from, 0, sizeof(uint16_t) * (K - from));
+    }
+  }
+}
+
 // In pairs of rows: dst[(r / 2) * 2 N + 2 c + r % 2] = E(X[r * ldx + c]) for rows [lo, hi)
 // (lo, hi even), c < N (a multiple of 16), zero for the rows outside [live_lo, live_hi): the
 // B operands p and ds of backward's dv^T and dk^T products, query rows along K.
@@ -619,11 +789,18 @@ FASTLLM_INLINE __m512 exp2_p(__m512 t) {
 // bias != nullptr: an additive attn_bias (E, its columns contiguous) joins the scores,
 // scale S + bias, as ScoreMods::add_bias adds it: row r's at bias + r * bias_ld, of which the
 // first nb columns exist (the rest are masked keys; never read).
-template <class E>
+//
+// kSplit (E = cpu::BFloat16, the float32 inputs' split path): p is computed with the float32
+// path's exp2 (cpu::avx512::exp2, not exp2_p) and written as its three bfloat16 parts, part q
+// at P + q * p_part (see split3).
+template <class E, bool kSplit = false>
 inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_lo, int live_hi,
                                 const int* begin, const int* end, float scale, float* m, float* l,
                                 float* O, int64_t ldo, int Dp, uint16_t* P, int64_t ldp,
-                                const uint16_t* bias = nullptr, int64_t bias_ld = 0, int nb = 0) {
+                                const uint16_t* bias = nullptr, int64_t bias_ld = 0, int nb = 0,
+                                int64_t p_part = 0) {
+  static_assert(!kSplit || !kIsHalf<E>, "the split path's parts are bfloat16");
+  constexpr int kParts = kSplit ? kSplitParts : 1;
   constexpr float kMaxGrowth = 8.0f;  // see avx512::Ops::online_softmax_row
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -644,7 +821,9 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
       sums[i] = _mm512_setzero_ps();
       uint16_t* p = P + static_cast<int64_t>(r) * ldp;
       if (r >= hi || r < live_lo || r >= live_hi || begin[r] >= end[r]) {
-        if (r < hi) std::memset(p, 0, sizeof(uint16_t) * ldp);
+        if (r < hi) {
+          for (int q = 0; q < kParts; ++q) std::memset(p + q * p_part, 0, sizeof(uint16_t) * ldp);
+        }
         continue;
       }
       const float* s = S + static_cast<int64_t>(r) * N;
@@ -671,6 +850,13 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
         if (folded) return _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm), scale_log2e);
         return _mm512_mul_ps(_mm512_sub_ps(scores(j), vm), log2e);
       };
+      auto exp2_of = [&](__m512 t) FASTLLM_INLINE_LAMBDA {
+        if constexpr (kSplit) {
+          return cpu::avx512::exp2(t);
+        } else {
+          return exp2_p(t);
+        }
+      };
       // p = 2^t of the allowed columns into p and the row's sum; true when some lane of the
       // sum exceeds e^kMaxGrowth: then some p may, and m must grow first. (A lane sums N / 16
       // of the p: a superset of the p > e^kMaxGrowth test, one compare a row instead of one
@@ -686,10 +872,13 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
           const __m512 t0 = exponent(j, vm, folded);
           const __m512 t1 = exponent(j + 16, vm, folded);
           const __mmask16 a0 = allowed(j), a1 = allowed(j + 16);
-          const __m512 p0 = _mm512_maskz_mov_ps(a0, exp2_p(t0));
-          const __m512 p1 = _mm512_maskz_mov_ps(a1, exp2_p(t1));
+          const __m512 p0 = _mm512_maskz_mov_ps(a0, exp2_of(t0));
+          const __m512 p1 = _mm512_maskz_mov_ps(a1, exp2_of(t1));
           vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
-          if constexpr (kIsHalf<E>) {  // two stores instead of joining the halves on port 5
+          if constexpr (kSplit) {
+            store_split3(p + j, p_part, p0);
+            store_split3(p + j + 16, p_part, p1);
+          } else if constexpr (kIsHalf<E>) {  // two stores instead of joining the halves on port 5
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_words<E>(p0));  // (~5 %)
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j + 16), to_words<E>(p1));
           } else {
@@ -698,9 +887,13 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
         }
         if (j < N) {  // 16 left
           const __m512 t0 = exponent(j, vm, folded);
-          const __m512 p0 = _mm512_maskz_mov_ps(allowed(j), exp2_p(t0));
+          const __m512 p0 = _mm512_maskz_mov_ps(allowed(j), exp2_of(t0));
           vsum = _mm512_add_ps(vsum, p0);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_words<E>(p0));
+          if constexpr (kSplit) {
+            store_split3(p + j, p_part, p0);
+          } else {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_words<E>(p0));
+          }
         }
         return _mm512_cmp_ps_mask(vsum, growth_limit, _CMP_GT_OQ) != 0;
       };
@@ -726,7 +919,11 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
         m[r] = m_new;
         exp_pass(vsum);
       }
-      if (N < ldp) std::memset(p + N, 0, sizeof(uint16_t) * (ldp - N));
+      if (N < ldp) {
+        for (int q = 0; q < kParts; ++q) {
+          std::memset(p + q * p_part + N, 0, sizeof(uint16_t) * (ldp - N));
+        }
+      }
       sums[i] = vsum;
     }
     const int rows = std::min(16, hi - r0);

@@ -251,6 +251,13 @@ class AttentionCase(Case):
         return {"mask": self.mask, "mode": self.mode,
                 "shape": f"B{batch} H{heads}{kv} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
 
+    def kernel_path(self, family_path: str) -> str:
+        """float32's AMX path (amx-bf16x6) is that of a forward without grad: fwd+bwd runs
+        forward and backward on AVX-512."""
+        if family_path == "amx-bf16x6" and self.mode == "fwd+bwd":
+            return "avx512"
+        return family_path
+
     def peers(self, device: torch.device) -> dict[str, Callable]:
         """On CUDA: torch's SDPA forced onto its flash and cuDNN backends."""
         if device.type != "cuda":
@@ -424,7 +431,7 @@ class DecodeAttentionCase(AttentionCase):
         """The CPU decode kernel runs on the family's AVX-512 or AVX2 path, and on AVX-512
         where the family's bfloat16 / float16 path is AMX (a CPU with AMX has AVX-512); on
         the scalar path the family's tile kernels run the case."""
-        return "avx512" if family_path in ("amx-bf16", "amx-fp16") else family_path
+        return "avx512" if family_path.startswith("amx-") else family_path
 
     def flops(self) -> int:
         batch, heads, seqlen, head_dim = self.shape

@@ -332,6 +332,10 @@ struct Run {
   }
 };
 
+// The forwards' FwdParams::no_backward (run_kernels): true runs the float32 forward's split
+// path on a CPU with AMX-BF16 (the backward then still runs, on the forward's out and lse).
+bool g_no_backward = false;
+
 // attention_fwd_cpu, then attention_bwd_cpu on its out and lse. `prepare` may change the
 // inputs first.
 template <class T>
@@ -346,6 +350,7 @@ Run<T> run_kernels(const Case& c, const std::function<void(Run<T>&)>& prepare = 
   f.num_kv_heads = c.Hkv, f.head_dim = c.D, f.softmax_scale = scale, f.causal = c.causal;
   f.window_left = c.window_left, f.window_right = c.window_right, f.softcap = c.softcap;
   f.dtype = DTypeInfo<T>::kDType;
+  f.no_backward = g_no_backward;
   f.cu_seqlens_q = geo.cu_q.empty() ? nullptr : geo.cu_q.data();
   f.cu_seqlens_k = geo.cu_k.empty() ? nullptr : geo.cu_k.data();
   f.seqused_k = geo.used_k.empty() ? nullptr : geo.used_k.data();
@@ -659,6 +664,16 @@ void check_bitwise_same_for_any_thread_count(const char* dtype) {
     CHECK(same_bits(one.dv.data, three.dv.data), "%s: dv differs", name.c_str());
     CHECK(same_bits(one.dbias, three.dbias), "%s: dbias differs", name.c_str());
   }
+}
+
+// A float32 forward without a backward (no input requiring grad) runs the split path on a
+// CPU with AMX-BF16 (attention_cpu_amx.h, split3): every case, and its bits at any thread
+// count; elsewhere the same cases again on the vector path.
+TEST_CASE(attention_float32_forward_without_backward) {
+  g_no_backward = true;
+  run_all_cases<float>();
+  check_bitwise_same_for_any_thread_count<float>("float32 (no backward)");
+  g_no_backward = false;
 }
 
 TEST_CASE(attention_bitwise_same_for_any_thread_count) {

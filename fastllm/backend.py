@@ -81,7 +81,7 @@ def triton_interpret() -> bool:
 def cpu_kernel_path(family: str, dtype: "torch.dtype") -> str:
     """The instruction-set path that the native CPU kernels of ``family`` run for ``dtype``
     in this process: ``"amx-bf16"``, ``"amx-fp16"``, ``"amx-bf16x6"`` (attention's float32
-    forward without grad as bfloat16 parts; under autograd it runs on AVX-512), ``"avx512"``, ``"avx2"`` or
+    as bfloat16 parts on AMX-BF16 tiles), ``"avx512"``, ``"avx2"`` or
     ``"scalar"``.
     ``family``: ``"attention"``, ``"norm"`` (layer_norm, rms_norm and their add_ variants),
     ``"cross_entropy"`` (linear_cross_entropy too), ``"rotary"`` or ``"gated_mlp"``. Decided by this CPU and ``FASTLLM_CPU_ISA``, as the kernels decide it (the table is

@@ -1493,11 +1493,11 @@ const uint16_t* bits(const T* row) {
   return reinterpret_cast<const uint16_t*>(row);
 }
 
-// T = float: the split path (attention_cpu_amx.h, split3) of a forward without a backward
-// (FwdParams::no_backward): every float32 operand -- q, k, v and p -- as three bfloat16
-// parts, each product as six bfloat16 tile products, p from the float32 path's exp2;
-// otherwise as for bfloat16 (an attn_bias of float32 elements takes the general path's
-// add_bias instead of the fused softmax's).
+// T = float: the split path (attention_cpu_amx.h, split3): every float32 operand -- q, k, v
+// and p -- as three bfloat16 parts, each product as six bfloat16 tile products, p from the
+// float32 path's exp2; otherwise as for bfloat16 (an attn_bias of float32 elements takes the
+// general path's add_bias instead of the fused softmax's). Its backward is
+// AmxBwdThread<float>.
 template <class T>
 void attention_fwd_amx(const FwdParams& p) {
   using Ops = avx512::Ops;
@@ -1870,16 +1870,28 @@ void store_transposed(const float* src, int64_t ld, int rows, int D, float scale
 // tiles are packed as rows (the A of s and dp) and, for the dk^T / dv^T products,
 // transposed; key tiles as k^T and v^T (the B of s and dp, pairs of columns) and k in pairs
 // of rows (the B of dq). dk and dv accumulate transposed, a key block as Dk x kBlockK floats.
+//
+// T = float: the split path (attention_fwd_amx<float>'s): every operand as three bfloat16
+// parts, each product as gemm_split's six, so the recomputed scores are the forward's, bit
+// for bit. A packed operand's parts lie q_part (query rows: kBlockQ x Dk, or transposed Dk x
+// kBlockQ), key_part (Dk x kBlockK) or score_part (kBlockQ x kBlockK: ds rows, p and ds
+// pairs) apart.
 template <class T>
 struct AmxBwdThread {
   using Elem = T;
   using Acc = float;
   using Ops = avx512::Ops;
+  static constexpr bool kSplit = std::is_same_v<T, float>;
+  using E = std::conditional_t<kSplit, BFloat16, T>;  // the tiles' element type
+  static constexpr int kParts = kSplit ? amx::kSplitParts : 1;
   amx::TileScope tile_scope;  // first: the tiles are configured before any product
   const BwdInputs<T>& in;
   const int Dk;
+  const int64_t q_part, key_part, score_part;
   cpu::AlignedVector<float> s, dp, dcap, dq, dkt, dvt;
   cpu::AlignedVector<uint16_t> q_own, dout_own, ds_rows, ds_pairs, p_pairs;
+  // The split path's key rows as parts before their packing.
+  cpu::AlignedVector<uint16_t> staging;
   TileCache<uint16_t> q_tiles, dout_tiles, qt_tiles, doutt_tiles, kt_tiles, vt_tiles, k_tiles;
   const uint16_t *q = nullptr, *dout = nullptr, *qt = nullptr, *doutt = nullptr,
                  *kt = nullptr, *vt = nullptr, *kp = nullptr;
@@ -1892,24 +1904,51 @@ struct AmxBwdThread {
   explicit AmxBwdThread(const BwdInputs<T>& inputs)
       : in(inputs),
         Dk(round_up(in.D, 32)),
+        q_part(int64_t{kBlockQ} * Dk),
+        key_part(int64_t{Dk} * kBlockK),
+        score_part(int64_t{kBlockQ} * kBlockK),
         s(kBlockQ * kBlockK),
         dp(kBlockQ * kBlockK),
         dcap(in.p.softcap > 0 ? kBlockQ * kBlockK : 0),
         dq(kBlockQ * Dk),
         dkt(Dk * kBlockK),
         dvt(Dk * kBlockK),
-        q_own(kBlockQ * Dk),
-        dout_own(kBlockQ * Dk),
-        ds_rows(kBlockQ * kBlockK),
-        ds_pairs(kBlockQ * kBlockK),
-        p_pairs(kBlockQ * kBlockK),
-        q_tiles(in.group * in.q_blocks, kBlockQ * Dk),
-        dout_tiles(in.group * in.q_blocks, kBlockQ * Dk),
-        qt_tiles(in.group * in.q_blocks, Dk * kBlockQ),
-        doutt_tiles(in.group * in.q_blocks, Dk * kBlockQ),
-        kt_tiles(in.k_blocks, Dk * kBlockK),
-        vt_tiles(in.k_blocks, Dk * kBlockK),
-        k_tiles(in.k_blocks, kBlockK * Dk) {}
+        q_own(kParts * q_part),
+        dout_own(kParts * q_part),
+        ds_rows(kParts * score_part),
+        ds_pairs(kParts * score_part),
+        p_pairs(kParts * score_part),
+        staging(kSplit ? kParts * key_part : 0),
+        q_tiles(in.group * in.q_blocks, kParts * q_part),
+        dout_tiles(in.group * in.q_blocks, kParts * q_part),
+        qt_tiles(in.group * in.q_blocks, kParts * q_part),
+        doutt_tiles(in.group * in.q_blocks, kParts * q_part),
+        kt_tiles(in.k_blocks, kParts * key_part),
+        vt_tiles(in.k_blocks, kParts * key_part),
+        k_tiles(in.k_blocks, kParts * key_part) {}
+
+  // C (+)= A B: amx::gemm, or amx::gemm_split's six products with A's and B's parts a_part
+  // and b_part apart.
+  static void product(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
+                      const uint16_t* B, int64_t ldb, int64_t b_part, float* C, int64_t ldc,
+                      bool accumulate) {
+    if constexpr (kSplit) {
+      amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, K, 0, C, ldc, accumulate);
+    } else {
+      (void)a_part, (void)b_part;
+      amx::gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    }
+  }
+
+  // Split path: the rows [0, rows) of src from row (b, t0, h) as parts into staging (rows
+  // of Dk elements, parts key_part apart; rows <= kBlockK).
+  void split_rows_to_staging(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h,
+                             int rows) {
+    if constexpr (kSplit) {
+      amx::split_rows(src.row(b, t0, h), src.stride.t, src.stride.d, rows, rows, in.D, Dk,
+                      staging.data(), key_part);
+    }
+  }
 
   uint32_t* row_keys() { return row_keys_; }
   uint32_t* col_keys() { return col_keys_; }
@@ -1919,18 +1958,48 @@ struct AmxBwdThread {
   void pack_keys(int64_t b, int64_t hk, int64_t j0, int nk, bool /*for_dq*/) {
     const int64_t slice = b * in.p.num_kv_heads + hk;
     const int64_t tile = j0 / kBlockK;
-    kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) {
-      amx::pack_column_pairs(bits(in.k.row(b, j0, hk)), in.k.stride.t, in.k.stride.d, nk,
-                             kBlockK, in.D, Dk, dst);
-    });
-    vt = vt_tiles.get(slice, tile, [&](uint16_t* dst) {
-      amx::pack_column_pairs(bits(in.v.row(b, j0, hk)), in.v.stride.t, in.v.stride.d, nk,
-                             kBlockK, in.D, Dk, dst);
-    });
-    kp = k_tiles.get(slice, tile, [&](uint16_t* dst) {
-      amx::pack_row_pairs(bits(in.k.row(b, j0, hk)), in.k.stride.t, in.k.stride.d, nk, kBlockK,
-                          in.D, Dk, dst);
-    });
+    if constexpr (kSplit) {
+      // k's rows are split once (into staging: Dk-element rows per part) for both its packs.
+      bool k_staged = false;
+      auto stage_k = [&] {
+        if (!k_staged) split_rows_to_staging(in.k, b, j0, hk, nk);
+        k_staged = true;
+      };
+      kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) {
+        stage_k();
+        for (int q = 0; q < kParts; ++q) {
+          amx::pack_column_pairs(staging.data() + q * key_part, Dk, 1, nk, kBlockK, in.D, Dk,
+                                 dst + q * key_part);
+        }
+      });
+      kp = k_tiles.get(slice, tile, [&](uint16_t* dst) {
+        stage_k();
+        for (int q = 0; q < kParts; ++q) {
+          amx::pack_row_pairs(staging.data() + q * key_part, Dk, 1, nk, kBlockK, in.D, Dk,
+                              dst + q * key_part);
+        }
+      });
+      vt = vt_tiles.get(slice, tile, [&](uint16_t* dst) {
+        split_rows_to_staging(in.v, b, j0, hk, nk);
+        for (int q = 0; q < kParts; ++q) {
+          amx::pack_column_pairs(staging.data() + q * key_part, Dk, 1, nk, kBlockK, in.D, Dk,
+                                 dst + q * key_part);
+        }
+      });
+    } else {
+      kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) {
+        amx::pack_column_pairs(bits(in.k.row(b, j0, hk)), in.k.stride.t, in.k.stride.d, nk,
+                               kBlockK, in.D, Dk, dst);
+      });
+      vt = vt_tiles.get(slice, tile, [&](uint16_t* dst) {
+        amx::pack_column_pairs(bits(in.v.row(b, j0, hk)), in.v.stride.t, in.v.stride.d, nk,
+                               kBlockK, in.D, Dk, dst);
+      });
+      kp = k_tiles.get(slice, tile, [&](uint16_t* dst) {
+        amx::pack_row_pairs(bits(in.k.row(b, j0, hk)), in.k.stride.t, in.k.stride.d, nk,
+                            kBlockK, in.D, Dk, dst);
+      });
+    }
   }
 
   // q, dout (rows) and, unless for dq alone, qt, doutt <- query tile [i0, i0 + mq) of head
@@ -1940,12 +2009,28 @@ struct AmxBwdThread {
     const int64_t slice = b * in.p.num_kv_heads + hk;
     const int64_t tile = (h - hk * in.group) * in.q_blocks + i0 / kBlockQ;
     auto rows_of = [&](const Rows<const T>& src, uint16_t* dst) {
-      amx::pack_rows(bits(src.row(b, i0, h)), src.stride.t, src.stride.d, mq, round_up(mq, 32),
-                     in.D, Dk, dst);
+      if constexpr (kSplit) {
+        amx::split_rows(src.row(b, i0, h), src.stride.t, src.stride.d, mq, round_up(mq, 32),
+                        in.D, Dk, dst, q_part);
+      } else {
+        amx::pack_rows(bits(src.row(b, i0, h)), src.stride.t, src.stride.d, mq,
+                       round_up(mq, 32), in.D, Dk, dst);
+      }
     };
-    auto transposed_of = [&](const Rows<const T>& src, uint16_t* dst) {
-      amx::pack_transposed(bits(src.row(b, i0, h)), src.stride.t, src.stride.d, mq, in.D, Dk,
-                           kBlockQ, dst);
+    // The split path transposes the parts of the packed rows (rows_of's, always packed
+    // first) instead of splitting the rows again.
+    auto transposed_of = [&](const Rows<const T>& src, const uint16_t* packed, uint16_t* dst) {
+      if constexpr (kSplit) {
+        (void)src;
+        for (int q = 0; q < kParts; ++q) {
+          amx::pack_transposed(packed + q * q_part, Dk, 1, mq, in.D, Dk, kBlockQ,
+                               dst + q * q_part);
+        }
+      } else {
+        (void)packed;
+        amx::pack_transposed(bits(src.row(b, i0, h)), src.stride.t, src.stride.d, mq, in.D, Dk,
+                             kBlockQ, dst);
+      }
     };
     if (use == QueryUse::kCached) {
       q = q_tiles.get(slice, tile, [&](uint16_t* dst) { rows_of(in.q, dst); });
@@ -1957,8 +2042,9 @@ struct AmxBwdThread {
       dout = dout_own.data();
     }
     if (use != QueryUse::kOwn) {
-      qt = qt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.q, dst); });
-      doutt = doutt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.dout, dst); });
+      qt = qt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.q, q, dst); });
+      doutt = doutt_tiles.get(slice, tile,
+                              [&](uint16_t* dst) { transposed_of(in.dout, dout, dst); });
     }
   }
 
@@ -1977,23 +2063,25 @@ struct AmxBwdThread {
     float* sr = s.data() + r0 * Ns;
     float* dpr = dp.data() + r0 * Ns;
     float* dcapr = mods.softcap > 0 ? dcap.data() + r0 * Ns : nullptr;
-    amx::gemm<T>(hi - lo, Ns, Dk, q + lo * Dk, Dk, kt, 2 * kBlockK, s.data() + lo * Ns, Ns, false);
+    product(hi - lo, Ns, Dk, q + lo * Dk, Dk, q_part, kt, 2 * kBlockK, key_part,
+            s.data() + lo * Ns, Ns, false);
     fused = !(mods.softcap > 0) && !mods.alibi && !mods.dropout && mods.bias == nullptr &&
             key_tile.mask == nullptr;
     if (fused) {  // no feature modifies the scores: p and ds go straight to their operands
-      amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
-                   false);
-      amx::softmax_grad_to_operands<T>(s.data(), dp.data(), Ns, lo, hi, r0, rows.last, begin, end,
-                                       static_cast<float>(in.scale), lse, delta, ds_rows.data(),
-                                       kBlockK, p_pairs.data(), ds_pairs.data());
+      product(hi - lo, Ns, Dk, dout + lo * Dk, Dk, q_part, vt, 2 * kBlockK, key_part,
+              dp.data() + lo * Ns, Ns, false);
+      amx::softmax_grad_to_operands<E, kSplit>(
+          s.data(), dp.data(), Ns, lo, hi, r0, rows.last, begin, end,
+          static_cast<float>(in.scale), lse, delta, ds_rows.data(), kBlockK, p_pairs.data(),
+          ds_pairs.data(), score_part, score_part);
       return {rows, nk, Ns, lo, hi};
     }
     amx::scale_scores(s.data(), Ns, r0, rows.last, static_cast<float>(in.scale));
     mods.transform(sr, dcapr, rows.count(), Ns, i0 + r0, j0);
     mods.template add_bias<T, Ops>(sr, rows.count(), Ns, ns, i0 + r0, j0);
     key_tile.mask_scores(sr, rows.count(), Ns, ns);
-    amx::gemm<T>(hi - lo, Ns, Dk, dout + lo * Dk, Dk, vt, 2 * kBlockK, dp.data() + lo * Ns, Ns,
-                 false);
+    product(hi - lo, Ns, Dk, dout + lo * Dk, Dk, q_part, vt, 2 * kBlockK, key_part,
+            dp.data() + lo * Ns, Ns, false);
     if (mods.dropout) mods.template drop<Ops>(dpr, rows.count(), Ns, ns, row_keys_ + r0, col_keys_);
     Ops::softmax_grad(sr, dpr, rows.count(), Ns, begin + r0, end + r0, lse + r0, delta + r0);
     finish_ds(dpr, dcapr, rows.count(), Ns, ns,
@@ -2006,11 +2094,16 @@ struct AmxBwdThread {
   void dq_product(const TileDone& done) {
     const int lo = done.lo, hi = done.hi, Ns = done.Ns;
     if (!fused) {
-      amx::convert_rows<T>(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns, kBlockK,
-                           ds_rows.data(), kBlockK);
+      if constexpr (kSplit) {
+        amx::split_convert_rows(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns,
+                                kBlockK, ds_rows.data(), kBlockK, score_part);
+      } else {
+        amx::convert_rows<T>(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns,
+                             kBlockK, ds_rows.data(), kBlockK);
+      }
     }
-    amx::gemm<T>(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, kp, 2 * Dk,
-                 dq.data() + lo * Dk, Dk, true);
+    product(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, score_part, kp, 2 * Dk,
+            key_part, dq.data() + lo * Dk, Dk, true);
   }
   void store_dq(int mq, int64_t b, int64_t i0, int64_t h) {
     store_rows<avx512::Ops>(dq.data(), Dk, mq, in.D, in.scale, in.dq, b, i0, h);
@@ -2036,13 +2129,20 @@ struct AmxBwdThread {
         mods.template drop<Ops>(s.data() + r0 * Ns, rows.count(), Ns, std::min(done.nk, Ns),
                                 row_keys_ + r0, col_keys_);
       }
-      amx::convert_row_pairs<T>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data());
-      amx::convert_row_pairs<T>(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
+      if constexpr (kSplit) {
+        amx::convert_row_pairs<E, true>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data(),
+                                        score_part);
+        amx::convert_row_pairs<E, true>(dp.data(), Ns, lo, hi, r0, rows.last, Ns,
+                                        ds_pairs.data(), score_part);
+      } else {
+        amx::convert_row_pairs<T>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data());
+        amx::convert_row_pairs<T>(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
+      }
     }
-    amx::gemm<T>(Dk, Ns, hi - lo, doutt + lo, kBlockQ, p_pairs.data() + lo * Ns, 2 * Ns, dvt_tile,
-                 kBlockK, true);
-    amx::gemm<T>(Dk, Ns, hi - lo, qt + lo, kBlockQ, ds_pairs.data() + lo * Ns, 2 * Ns, dkt_tile,
-                 kBlockK, true);
+    product(Dk, Ns, hi - lo, doutt + lo, kBlockQ, q_part, p_pairs.data() + lo * Ns, 2 * Ns,
+            score_part, dvt_tile, kBlockK, true);
+    product(Dk, Ns, hi - lo, qt + lo, kBlockQ, q_part, ds_pairs.data() + lo * Ns, 2 * Ns,
+            score_part, dkt_tile, kBlockK, true);
   }
   // The first n keys of the block at j0 (columns of dk^T, dv^T) into the gradients.
   void store_block(const float* dk, const float* dv, int n, int64_t b, int64_t j0, int64_t hk) {
@@ -2145,11 +2245,11 @@ void attention_fwd_cpu(const FwdParams& p) {
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_fwd_amx<BFloat16>(p);
   }
-  // float32 split into bfloat16 parts only where no backward follows: the backward (AVX-512)
-  // recomputes the scores against this lse, and the split products round them differently
-  // from its FMAs (dv's error 6x torch's at scale-2 inputs, D96, against 1.4x when forward and
-  // backward form the scores alike).
-  if (p.dtype == DType::kFloat32 && p.no_backward && cpu::cpu_amx()) {
+  // float32 split into bfloat16 parts, as its backward (AmxBwdThread<float>): the backward
+  // recomputes the scores against this lse, so both must form them alike (scores rounded by
+  // the split products in one and by FMAs in the other cost dv 6x torch's error at scale-2
+  // inputs, D96).
+  if (p.dtype == DType::kFloat32 && cpu::cpu_amx()) {
     return attention_fwd_amx<float>(p);
   }
   if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
@@ -2171,6 +2271,9 @@ void attention_bwd_cpu(const BwdParams& p) {
   }
   if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
     return attention_bwd_with<AmxBwdThread<Half>, Half>(p);
+  }
+  if (p.dtype == DType::kFloat32 && cpu::cpu_amx()) {
+    return attention_bwd_with<AmxBwdThread<float>, float>(p);
   }
 #endif
   cpu::dispatch_dtype(p.dtype, "attention_bwd_cpu", [&](auto type) {

@@ -1,9 +1,9 @@
 // The AMX building blocks of the CPU attention kernel's bfloat16 and float16 paths
 // (attention_cpu.cpp; x86 only; run only after cpu::cpu_amx() -- bfloat16 -- or
 // cpu::cpu_amx_fp16() -- float16 -- returned true): 16-bit tile products on the AMX tile unit,
-// and the packing of the operands into the layouts it reads. The float32 forward without a
-// backward runs on the same bfloat16 tiles with its operands split into three bfloat16 parts
-// (split3, gemm_split; attention_fwd_amx<float>).
+// and the packing of the operands into the layouts it reads. float32 attention runs on the
+// same bfloat16 tiles with its operands split into three bfloat16 parts (split3, gemm_split;
+// attention_fwd_amx<float>, AmxBwdThread<float>).
 //
 // One AMX instruction, tdpbf16ps (AMX-BF16; tdpfp16ps, AMX-FP16, for float16 elements), adds
 // the product of a 16 x 32 tile A of 16-bit elements (16 rows of 64 bytes) and a 32 x 16 tile
@@ -367,8 +367,8 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // most "m m": the three left out (m l, l m, l l) are below 2^-24 |a_k b_k| (2^-8 2^-16 each,
 // x 2 for two), float32's own rounding of each term. The part pairs run smallest first:
 // each K step's small terms are added before its large ones. Six bfloat16 tile products per
-// float32 one, against 16-lane FMAs; the tile loads bound it (see gemm_split), so the float32
-// forward gains 1.07-1.16x, not the instructions' ratio.
+// float32 one, against 16-lane FMAs; the tile loads bound it (see gemm_split), so float32
+// attention gains 1.0-1.16x over its FMA path, not the instructions' ratio.
 // (Henry et al., "Leveraging the bfloat16 Artificial Intelligence Datatype For
 // Higher-Precision Computations", 2019: the 6-product "bf16x6".) Non-finite parts: a part
 // after an infinite or NaN h is 0, so inf and NaN pass as h alone; bfloat16 conversion
@@ -418,6 +418,11 @@ inline void split_rows(const float* first, int64_t stride_t, int64_t stride_d, i
       continue;
     }
     const float* in = first + r * stride_t;
+    // The rows are strided (a head's row of a (B, T, H, D) tensor); the prefetchers miss
+    // them: 4 rows ahead.
+    if (stride_d == 1 && r + 4 < rows) {
+      for (int d = 0; d < D; d += 16) _mm_prefetch(in + 4 * stride_t + d, _MM_HINT_T0);
+    }
     for (int d = 0; d < ld; d += 16) {
       const int n = std::clamp(D - d, 0, 16);
       const __mmask16 live = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -725,12 +730,31 @@ inline void split_convert_rows(const float* X, int64_t ldx, int lo, int hi, int 
   }
 }
 
+// The three parts p0 of row r and p1 of row r + 1, 16 columns each, in pairs of rows (as
+// interleave_row_pair lays them out): 32 words per part at dst + q * part.
+FASTLLM_INLINE void store_parts_pairs(uint16_t* dst, int64_t part, const __m256i* p0,
+                                      const __m256i* p1) {
+  for (int q = 0; q < kSplitParts; ++q) {
+    _mm512_storeu_si512(dst + q * part, interleave_row_pair(_mm512_inserti64x4(
+                                            _mm512_castsi256_si512(p0[q]), p1[q], 1)));
+  }
+}
+// The same for the floats x0 (row r) and x1 (row r + 1), split here.
+FASTLLM_INLINE void store_split3_pairs(uint16_t* dst, int64_t part, __m512 x0, __m512 x1) {
+  __m256i p0[3], p1[3];
+  split3(x0, p0[0], p0[1], p0[2]);
+  split3(x1, p1[0], p1[1], p1[2]);
+  store_parts_pairs(dst, part, p0, p1);
+}
+
 // In pairs of rows: dst[(r / 2) * 2 N + 2 c + r % 2] = E(X[r * ldx + c]) for rows [lo, hi)
 // (lo, hi even), c < N (a multiple of 16), zero for the rows outside [live_lo, live_hi): the
-// B operands p and ds of backward's dv^T and dk^T products, query rows along K.
-template <class E>
+// B operands p and ds of backward's dv^T and dk^T products, query rows along K. kSplit
+// (E = cpu::BFloat16): the three bfloat16 parts of X instead, part q at dst + q * part.
+template <class E, bool kSplit = false>
 inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int live_lo,
-                              int live_hi, int N, uint16_t* dst) {
+                              int live_hi, int N, uint16_t* dst, int64_t part = 0) {
+  constexpr int kParts = kSplit ? kSplitParts : 1;
   const int64_t ld = 2 * static_cast<int64_t>(N);
   const __m512 zero = _mm512_setzero_ps();
   for (int r = lo; r < hi; r += 2) {
@@ -738,7 +762,7 @@ inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int l
     const bool live1 = r + 1 >= live_lo && r + 1 < live_hi;
     uint16_t* out = dst + (r / 2) * ld;
     if (!live0 && !live1) {
-      std::memset(out, 0, sizeof(uint16_t) * ld);
+      for (int q = 0; q < kParts; ++q) std::memset(out + q * part, 0, sizeof(uint16_t) * ld);
       continue;
     }
     const float* x0 = X + static_cast<int64_t>(r) * ldx;
@@ -746,10 +770,15 @@ inline void convert_row_pairs(const float* X, int64_t ldx, int lo, int hi, int l
     for (int c = 0; c < N; c += 16) {
       const __m512 a = live0 ? _mm512_loadu_ps(x0 + c) : zero;
       const __m512 b = live1 ? _mm512_loadu_ps(x1 + c) : zero;
-      _mm512_storeu_si512(out + 2 * c, interleave_row_pair(to_words<E>(a, b)));
+      if constexpr (kSplit) {
+        store_split3_pairs(out + 2 * c, part, a, b);
+      } else {
+        _mm512_storeu_si512(out + 2 * c, interleave_row_pair(to_words<E>(a, b)));
+      }
     }
   }
 }
+
 
 // s[r][c] *= scale for the rows [r0, r1) of a score tile of rows of N floats (N a multiple
 // of 16): the raw product's scores before the features that read them.
@@ -943,12 +972,18 @@ inline void online_softmax_to_p(const float* S, int N, int lo, int hi, int live_
 // products that follow: ds as rows (ds_rows, rows of ld_rows E, zero from N on), and
 // p and ds in pairs of rows (p_pairs, ds_pairs: 2 N per row pair). Rows outside [live_lo,
 // live_hi), without allowed keys or with lse = -inf (no key at all) get p = ds = 0.
-template <class E>
+//
+// kSplit (E = cpu::BFloat16, the float32 inputs' split path): each operand as its three
+// bfloat16 parts, ds_rows' part q at ds_rows + q * rows_part, p_pairs' and ds_pairs' at
+// + q * pairs_part (see split3).
+template <class E, bool kSplit = false>
 inline void softmax_grad_to_operands(const float* S, const float* dP, int N, int lo, int hi,
                                      int live_lo, int live_hi, const int* begin, const int* end,
                                      float scale, const float* lse, const float* delta,
                                      uint16_t* ds_rows, int64_t ld_rows, uint16_t* p_pairs,
-                                     uint16_t* ds_pairs) {
+                                     uint16_t* ds_pairs, int64_t rows_part = 0,
+                                     int64_t pairs_part = 0) {
+  constexpr int kParts = kSplit ? kSplitParts : 1;
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 log2e = _mm512_set1_ps(cpu::avx512::kLog2e);
   const int64_t ld_pairs = 2 * static_cast<int64_t>(N);
@@ -962,9 +997,12 @@ inline void softmax_grad_to_operands(const float* S, const float* dP, int N, int
     uint16_t* pp = p_pairs + (r / 2) * ld_pairs;
     uint16_t* dsp = ds_pairs + (r / 2) * ld_pairs;
     if (!live[0] && !live[1]) {
-      std::memset(pp, 0, sizeof(uint16_t) * ld_pairs);
-      std::memset(dsp, 0, sizeof(uint16_t) * ld_pairs);
-      std::memset(ds_rows + static_cast<int64_t>(r) * ld_rows, 0, sizeof(uint16_t) * 2 * ld_rows);
+      for (int q = 0; q < kParts; ++q) {
+        std::memset(pp + q * pairs_part, 0, sizeof(uint16_t) * ld_pairs);
+        std::memset(dsp + q * pairs_part, 0, sizeof(uint16_t) * ld_pairs);
+        std::memset(ds_rows + q * rows_part + static_cast<int64_t>(r) * ld_rows, 0,
+                    sizeof(uint16_t) * 2 * ld_rows);
+      }
       continue;
     }
     for (int c = 0; c < N; c += 16) {
@@ -983,6 +1021,19 @@ inline void softmax_grad_to_operands(const float* S, const float* dP, int N, int
                                    cpu::avx512::exp2(t));
         ds[i] = _mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_loadu_ps(dP + e), _mm512_set1_ps(delta[row])));
       }
+      if constexpr (kSplit) {  // ds split once for its pairs and its rows
+        store_split3_pairs(pp + 2 * c, pairs_part, p[0], p[1]);
+        __m256i d[2][3];
+        for (int i = 0; i < 2; ++i) {
+          split3(ds[i], d[i][0], d[i][1], d[i][2]);
+          uint16_t* row = ds_rows + static_cast<int64_t>(r + i) * ld_rows + c;
+          for (int q = 0; q < kSplitParts; ++q) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + q * rows_part), d[i][q]);
+          }
+        }
+        store_parts_pairs(dsp + 2 * c, pairs_part, d[0], d[1]);
+        continue;
+      }
       const __m512i dsi = to_words<E>(ds[0], ds[1]);
       _mm512_storeu_si512(pp + 2 * c, interleave_row_pair(to_words<E>(p[0], p[1])));
       _mm512_storeu_si512(dsp + 2 * c, interleave_row_pair(dsi));
@@ -993,9 +1044,11 @@ inline void softmax_grad_to_operands(const float* S, const float* dP, int N, int
           reinterpret_cast<__m256i*>(ds_rows + static_cast<int64_t>(r + 1) * ld_rows + c),
           _mm512_extracti64x4_epi64(dsi, 1));
     }
-    for (int i = 0; i < 2; ++i) {
-      std::memset(ds_rows + static_cast<int64_t>(r + i) * ld_rows + N, 0,
-                  sizeof(uint16_t) * (ld_rows - N));
+    for (int q = 0; q < kParts; ++q) {
+      for (int i = 0; i < 2; ++i) {
+        std::memset(ds_rows + q * rows_part + static_cast<int64_t>(r + i) * ld_rows + N, 0,
+                    sizeof(uint16_t) * (ld_rows - N));
+      }
     }
   }
 }

@@ -17,7 +17,7 @@ namespace {
 constexpr const char* kAmxBf16 = "amx-bf16";  // bfloat16 tile products (cpu_amx())
 constexpr const char* kAmxFp16 = "amx-fp16";  // float16 tile products (cpu_amx_fp16())
 // float32 as three bfloat16 parts, six bfloat16 tile products per float32 one (cpu_amx()):
-// attention's forward when no input requires grad (otherwise, and its backward, AVX-512)
+// attention
 constexpr const char* kAmxBf16x6 = "amx-bf16x6";
 constexpr const char* kAvx512 = "avx512";
 constexpr const char* kAvx2 = "avx2";
@@ -41,9 +41,8 @@ struct FamilyPath {
 // One line per family, in kCpuKernelFamilies' order.
 constexpr FamilyPath kTable[] = {
     // attention/attention_cpu.cpp attention_{fwd,bwd}_cpu: bfloat16 (AMX-BF16) and float16
-    // (AMX-FP16) on AMX tiles where allowed, float32's forward without grad split into
-    // bfloat16 parts on AMX-BF16 (under autograd, AVX-512); with_best_ops otherwise: float64
-    // scalar; AVX-512, AVX2 tiles.
+    // (AMX-FP16) on AMX tiles where allowed, float32 split into bfloat16 parts on AMX-BF16;
+    // with_best_ops otherwise: float64 scalar; AVX-512, AVX2 tiles.
     {"attention",
      [](DType d) {
        if (d == DType::kBFloat16 && cpu_amx()) return kAmxBf16;

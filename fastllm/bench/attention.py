@@ -251,13 +251,6 @@ class AttentionCase(Case):
         return {"mask": self.mask, "mode": self.mode,
                 "shape": f"B{batch} H{heads}{kv} T{seqlen} D{head_dim}", "dtype": self.dtype_name}
 
-    def kernel_path(self, family_path: str) -> str:
-        """float32's AMX path (amx-bf16x6) is that of a forward without grad: fwd+bwd runs
-        forward and backward on AVX-512."""
-        if family_path == "amx-bf16x6" and self.mode == "fwd+bwd":
-            return "avx512"
-        return family_path
-
     def peers(self, device: torch.device) -> dict[str, Callable]:
         """On CUDA: torch's SDPA forced onto its flash and cuDNN backends."""
         if device.type != "cuda":

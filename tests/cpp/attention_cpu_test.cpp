@@ -332,8 +332,8 @@ struct Run {
   }
 };
 
-// The forwards' FwdParams::no_backward (run_kernels): true runs the float32 forward's split
-// path on a CPU with AMX-BF16 (the backward then still runs, on the forward's out and lse).
+// The forwards' FwdParams::no_backward (run_kernels): true lets the decode kernel take the
+// cases it is eligible for (the backward then still runs, on the forward's out and lse).
 bool g_no_backward = false;
 
 // attention_fwd_cpu, then attention_bwd_cpu on its out and lse. `prepare` may change the
@@ -666,9 +666,10 @@ void check_bitwise_same_for_any_thread_count(const char* dtype) {
   }
 }
 
-// A float32 forward without a backward (no input requiring grad) runs the split path on a
-// CPU with AMX-BF16 (attention_cpu_amx.h, split3): every case, and its bits at any thread
-// count; elsewhere the same cases again on the vector path.
+// float32 forwards without a backward (no input requiring grad): the decode kernel where a
+// case is eligible, else the tile kernels (the split path on a CPU with AMX-BF16,
+// attention_cpu_amx.h split3; the vector path elsewhere): every case, and its bits at any
+// thread count.
 TEST_CASE(attention_float32_forward_without_backward) {
   g_no_backward = true;
   run_all_cases<float>();

@@ -364,8 +364,8 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // A float x (24 significant bits) is h + m + l exactly: h = bf16(x), m = bf16(x - h),
 // l = x - h - m (8 significant bits at most, so exactly a bfloat16), each rounded to nearest
 // even. A float32 product sum_k a_k b_k then takes the six part products whose parts sum to at
-// most "m m": the three left out (m l, l m, l l) are below 2^-24 |a_k b_k| (2^-8 2^-16 each,
-// x 2 for two), float32's own rounding of each term. The part pairs run smallest first:
+// most "m m": the three left out (m l, l m, l l) are at most 2^-24 |a_k b_k| each (|m| <=
+// 2^-8 |x|, |l| <= 2^-16 |x|), float32's own rounding of each term. The part pairs run smallest first:
 // each K step's small terms are added before its large ones. Six bfloat16 tile products per
 // float32 one, against 16-lane FMAs; the tile loads bound it (see gemm_split), so float32
 // attention gains 1.0-1.16x over its FMA path, not the instructions' ratio.
@@ -443,9 +443,10 @@ inline void split_rows(const float* first, int64_t stride_t, int64_t stride_d, i
 // the split operands, A part p at A + p * a_part (M x K, rows lda apart), B part p at
 // B + p * b_part (K x N in pairs of rows, pair rows ldb apart). B's K may lie in segments of
 // b_seg_k (a multiple of 32) rows, b_seg elements apart (two key blocks of a tile cache, each
-// with its three parts). One 16-row strip x 32 columns at a time: C tiles 0-1, the strip's
-// three A parts of a K step in tiles 2-4 (h, m) and 3 (l, then m), B parts in 4-7: 3 A and
-// 6 B loads for 12 products, the two C tiles' products alternating. Per K step the pairs run
+// with its three parts). One 16-row strip x 32 columns at a time: C tiles 0-1; per K step the
+// strip's A parts in tiles 2 (h) and 3 (l, then m), the two column tiles' B parts in 4 / 6
+// (h) and 5 / 7 (l, then m): 3 A and 6 B loads for 12 products, the two C tiles' products
+// alternating. Per K step the pairs run
 // l h, h l, m m, m h, h m, h h (small first). Measured against the six pairs outermost with
 // two strips (1 load per product): 1.07-1.16x the forward (D = 64 and 128, one Granite
 // Rapids-class core); the errors stayed at 0.3-1.2x torch's float32 SDPA's.

@@ -2017,17 +2017,11 @@ struct AmxBwdThread {
                        round_up(mq, 32), in.D, Dk, dst);
       }
     };
-    // The split path transposes the parts of the packed rows (rows_of's, always packed
-    // first) instead of splitting the rows again.
-    auto transposed_of = [&](const Rows<const T>& src, const uint16_t* packed, uint16_t* dst) {
+    auto transposed_of = [&](const Rows<const T>& src, uint16_t* dst) {
       if constexpr (kSplit) {
-        (void)src;
-        for (int q = 0; q < kParts; ++q) {
-          amx::pack_transposed(packed + q * q_part, Dk, 1, mq, in.D, Dk, kBlockQ,
-                               dst + q * q_part);
-        }
+        amx::split_transposed(src.row(b, i0, h), src.stride.t, src.stride.d, mq, in.D, Dk,
+                              kBlockQ, dst, q_part);
       } else {
-        (void)packed;
         amx::pack_transposed(bits(src.row(b, i0, h)), src.stride.t, src.stride.d, mq, in.D, Dk,
                              kBlockQ, dst);
       }
@@ -2042,9 +2036,8 @@ struct AmxBwdThread {
       dout = dout_own.data();
     }
     if (use != QueryUse::kOwn) {
-      qt = qt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.q, q, dst); });
-      doutt = doutt_tiles.get(slice, tile,
-                              [&](uint16_t* dst) { transposed_of(in.dout, dout, dst); });
+      qt = qt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.q, dst); });
+      doutt = doutt_tiles.get(slice, tile, [&](uint16_t* dst) { transposed_of(in.dout, dst); });
     }
   }
 

@@ -439,6 +439,40 @@ inline void split_rows(const float* first, int64_t stride_t, int64_t stride_d, i
   }
 }
 
+// The split path's pack_transposed, from float rows: part q of src[r][d] at dst + q * part +
+// d * ld + r for d < Dn, r < ld (zero past rows x D): 16 x 16 blocks transposed as floats
+// (avx512::transpose_16x16_epi32), then split, instead of a scalar transpose of each part.
+inline void split_transposed(const float* first, int64_t stride_t, int64_t stride_d, int rows,
+                             int D, int Dn, int ld, uint16_t* dst, int64_t part) {
+  for (int q = 0; q < kSplitParts; ++q) {
+    std::memset(dst + q * part, 0, sizeof(uint16_t) * static_cast<int64_t>(Dn) * ld);
+  }
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      const int nd = std::min(16, D - d0);
+      const __mmask16 live = nd == 16 ? __mmask16(0xFFFF) : __mmask16((1u << nd) - 1);
+      __m512i block[16];
+      for (int i = 0; i < 16; ++i) {
+        const float* in = first + (r0 + i) * stride_t + d0 * stride_d;
+        if (r0 + i >= rows) {
+          block[i] = _mm512_setzero_si512();
+        } else if (stride_d == 1) {
+          block[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(live, in));
+        } else {
+          alignas(64) float g[16] = {};
+          for (int j = 0; j < nd; ++j) g[j] = in[j * stride_d];
+          block[i] = _mm512_castps_si512(_mm512_load_ps(g));
+        }
+      }
+      avx512::transpose_16x16_epi32(block);
+      for (int j = 0; j < nd; ++j) {
+        store_split3(dst + static_cast<int64_t>(d0 + j) * ld + r0, part,
+                     _mm512_castsi512_ps(block[j]));
+      }
+    }
+  }
+}
+
 // C (M x N floats) (+)= sum over the six part pairs (a, b) of A_a B_b: the float32 product of
 // the split operands, A part p at A + p * a_part (M x K, rows lda apart), B part p at
 // B + p * b_part (K x N in pairs of rows, pair rows ldb apart). B's K may lie in segments of

@@ -1493,6 +1493,27 @@ const uint16_t* bits(const T* row) {
   return reinterpret_cast<const uint16_t*>(row);
 }
 
+// Packs the key rows [j, j + nk) of (b, hk) of src with pack(first, stride_t, stride_d, dst),
+// a packer of 16-bit rows (amx::pack_column_pairs, pack_row_pairs): bfloat16 / float16 rows
+// as stored; float rows (the split path) as their three bfloat16 parts, split into staging
+// first (nk rows of Dk elements, parts `part` apart; skipped when `staged`: src's rows are
+// there already), each part packed to dst + q * part.
+template <class T, class Pack>
+void pack_key_rows(const Rows<const T>& src, int64_t b, int64_t j, int64_t hk, int nk, int D,
+                   int Dk, uint16_t* staging, int64_t part, bool staged, uint16_t* dst,
+                   Pack&& pack) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!staged) {
+      amx::split_rows(src.row(b, j, hk), src.stride.t, src.stride.d, nk, nk, D, Dk, staging,
+                      part);
+    }
+    for (int q = 0; q < amx::kSplitParts; ++q) pack(staging + q * part, Dk, 1, dst + q * part);
+  } else {
+    (void)D, (void)Dk, (void)staging, (void)part, (void)staged;
+    pack(bits(src.row(b, j, hk)), src.stride.t, src.stride.d, dst);
+  }
+}
+
 // T = float: the split path (attention_cpu_amx.h, split3): every float32 operand -- q, k, v
 // and p -- as three bfloat16 parts, each product as six bfloat16 tile products, p from the
 // float32 path's exp2; otherwise as for bfloat16 (an attn_bias of float32 elements takes the
@@ -1581,37 +1602,22 @@ void attention_fwd_amx(const FwdParams& p) {
       const int64_t k_begin = mask.key_begin(i0);
       const int64_t k_end = mask.key_end(i0 + mq - 1);
       const int64_t slice = b * p.num_kv_heads + hk;
-      // The split path packs each part of the key rows as the 16-bit paths pack the rows.
       auto kt_of = [&](int64_t j) {
         return kt_tiles.get(slice, j / kBlockK, [&](uint16_t* dst) {
           const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j));
-          if constexpr (kSplit) {
-            amx::split_rows(k.row(b, j, hk), k.stride.t, k.stride.d, nk, nk, D, Dk,
-                            key_parts.data(), tile_part);
-            for (int q = 0; q < kParts; ++q) {
-              amx::pack_column_pairs(key_parts.data() + q * tile_part, Dk, 1, nk, kBlockK, D, Dk,
-                                     dst + q * tile_part);
-            }
-          } else {
-            amx::pack_column_pairs(bits(k.row(b, j, hk)), k.stride.t, k.stride.d, nk, kBlockK,
-                                   D, Dk, dst);
-          }
+          pack_key_rows(k, b, j, hk, nk, D, Dk, key_parts.data(), tile_part, false, dst,
+                        [&](const uint16_t* first, int64_t st, int64_t sd, uint16_t* out) {
+                          amx::pack_column_pairs(first, st, sd, nk, kBlockK, D, Dk, out);
+                        });
         });
       };
       auto v_of = [&](int64_t j) {
         return v_tiles.get(slice, j / kBlockK, [&](uint16_t* dst) {
           const int nk = static_cast<int>(std::min<int64_t>(kBlockK, len.k - j));
-          if constexpr (kSplit) {
-            amx::split_rows(v.row(b, j, hk), v.stride.t, v.stride.d, nk, nk, D, Dk,
-                            key_parts.data(), tile_part);
-            for (int q = 0; q < kParts; ++q) {
-              amx::pack_row_pairs(key_parts.data() + q * tile_part, Dk, 1, nk, kBlockK, D, Dk,
-                                  dst + q * tile_part);
-            }
-          } else {
-            amx::pack_row_pairs(bits(v.row(b, j, hk)), v.stride.t, v.stride.d, nk, kBlockK, D,
-                                Dk, dst);
-          }
+          pack_key_rows(v, b, j, hk, nk, D, Dk, key_parts.data(), tile_part, false, dst,
+                        [&](const uint16_t* first, int64_t st, int64_t sd, uint16_t* out) {
+                          amx::pack_row_pairs(first, st, sd, nk, kBlockK, D, Dk, out);
+                        });
         });
       };
       for (int64_t j0 = k_begin / kBlockK * kBlockK; j0 < k_end; j0 += kBlockK) {
@@ -1682,13 +1688,8 @@ void attention_fwd_amx(const FwdParams& p) {
           dropout_col_keys(j0, nk, col_keys);
           mods.template drop<Ops>(s, rows.count(), Ns, ns, row_keys + r0, col_keys);
         }
-        if constexpr (kSplit) {
-          amx::split_convert_rows(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK,
-                                  p_tile.data(), kBlockK, p_part);
-        } else {
-          amx::convert_rows<T>(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK,
-                               p_tile.data(), kBlockK);
-        }
+        amx::convert_rows<E, kSplit>(s_tile.data(), Ns, lo, hi, r0, rows.last, Ns, kBlockK,
+                                     p_tile.data(), kBlockK, p_part);
         product(true, hi - lo, Dk, kBlockK, p_tile.data() + lo * kBlockK, kBlockK, p_part, v_tile,
                 2 * Dk, o_tile.data() + lo * Dk, Dk, true);
       }
@@ -1940,16 +1941,6 @@ struct AmxBwdThread {
     }
   }
 
-  // Split path: the rows [0, rows) of src from row (b, t0, h) as parts into staging (rows
-  // of Dk elements, parts key_part apart; rows <= kBlockK).
-  void split_rows_to_staging(const Rows<const T>& src, int64_t b, int64_t t0, int64_t h,
-                             int rows) {
-    if constexpr (kSplit) {
-      amx::split_rows(src.row(b, t0, h), src.stride.t, src.stride.d, rows, rows, in.D, Dk,
-                      staging.data(), key_part);
-    }
-  }
-
   uint32_t* row_keys() { return row_keys_; }
   uint32_t* col_keys() { return col_keys_; }
 
@@ -1958,49 +1949,27 @@ struct AmxBwdThread {
   void pack_keys(int64_t b, int64_t hk, int64_t j0, int nk, bool /*for_dq*/) {
     const int64_t slice = b * in.p.num_kv_heads + hk;
     const int64_t tile = j0 / kBlockK;
-    if constexpr (kSplit) {
-      // k's rows are split once (into staging: Dk-element rows per part) for both its packs.
-      bool k_staged = false;
-      auto stage_k = [&] {
-        if (!k_staged) split_rows_to_staging(in.k, b, j0, hk, nk);
-        k_staged = true;
-      };
-      kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) {
-        stage_k();
-        for (int q = 0; q < kParts; ++q) {
-          amx::pack_column_pairs(staging.data() + q * key_part, Dk, 1, nk, kBlockK, in.D, Dk,
-                                 dst + q * key_part);
-        }
-      });
-      kp = k_tiles.get(slice, tile, [&](uint16_t* dst) {
-        stage_k();
-        for (int q = 0; q < kParts; ++q) {
-          amx::pack_row_pairs(staging.data() + q * key_part, Dk, 1, nk, kBlockK, in.D, Dk,
-                              dst + q * key_part);
-        }
-      });
-      vt = vt_tiles.get(slice, tile, [&](uint16_t* dst) {
-        split_rows_to_staging(in.v, b, j0, hk, nk);
-        for (int q = 0; q < kParts; ++q) {
-          amx::pack_column_pairs(staging.data() + q * key_part, Dk, 1, nk, kBlockK, in.D, Dk,
-                                 dst + q * key_part);
-        }
-      });
-    } else {
-      kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) {
-        amx::pack_column_pairs(bits(in.k.row(b, j0, hk)), in.k.stride.t, in.k.stride.d, nk,
-                               kBlockK, in.D, Dk, dst);
-      });
-      vt = vt_tiles.get(slice, tile, [&](uint16_t* dst) {
-        amx::pack_column_pairs(bits(in.v.row(b, j0, hk)), in.v.stride.t, in.v.stride.d, nk,
-                               kBlockK, in.D, Dk, dst);
-      });
-      kp = k_tiles.get(slice, tile, [&](uint16_t* dst) {
-        amx::pack_row_pairs(bits(in.k.row(b, j0, hk)), in.k.stride.t, in.k.stride.d, nk,
-                            kBlockK, in.D, Dk, dst);
-      });
-    }
+    auto column_pairs = [&](const uint16_t* first, int64_t st, int64_t sd, uint16_t* out) {
+      amx::pack_column_pairs(first, st, sd, nk, kBlockK, in.D, Dk, out);
+    };
+    auto row_pairs = [&](const uint16_t* first, int64_t st, int64_t sd, uint16_t* out) {
+      amx::pack_row_pairs(first, st, sd, nk, kBlockK, in.D, Dk, out);
+    };
+    // The split path splits k's rows once for both its packs (staging then holds them).
+    bool k_staged = false;
+    auto pack_k = [&](uint16_t* dst, auto&& pack) {
+      pack_key_rows(in.k, b, j0, hk, nk, in.D, Dk, staging.data(), key_part, k_staged, dst,
+                    pack);
+      k_staged = true;
+    };
+    kt = kt_tiles.get(slice, tile, [&](uint16_t* dst) { pack_k(dst, column_pairs); });
+    kp = k_tiles.get(slice, tile, [&](uint16_t* dst) { pack_k(dst, row_pairs); });
+    vt = vt_tiles.get(slice, tile, [&](uint16_t* dst) {
+      pack_key_rows(in.v, b, j0, hk, nk, in.D, Dk, staging.data(), key_part, false, dst,
+                    column_pairs);
+    });
   }
+
 
   // q, dout (rows) and, unless for dq alone, qt, doutt <- query tile [i0, i0 + mq) of head
   // h; cached per slice (the dk/dv pass) or packed into the thread's own rows.
@@ -2087,13 +2056,8 @@ struct AmxBwdThread {
   void dq_product(const TileDone& done) {
     const int lo = done.lo, hi = done.hi, Ns = done.Ns;
     if (!fused) {
-      if constexpr (kSplit) {
-        amx::split_convert_rows(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns,
-                                kBlockK, ds_rows.data(), kBlockK, score_part);
-      } else {
-        amx::convert_rows<T>(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns,
-                             kBlockK, ds_rows.data(), kBlockK);
-      }
+      amx::convert_rows<E, kSplit>(dp.data(), Ns, lo, hi, done.rows.first, done.rows.last, Ns,
+                                   kBlockK, ds_rows.data(), kBlockK, score_part);
     }
     product(hi - lo, Dk, kBlockK, ds_rows.data() + lo * kBlockK, kBlockK, score_part, kp, 2 * Dk,
             key_part, dq.data() + lo * Dk, Dk, true);
@@ -2122,15 +2086,10 @@ struct AmxBwdThread {
         mods.template drop<Ops>(s.data() + r0 * Ns, rows.count(), Ns, std::min(done.nk, Ns),
                                 row_keys_ + r0, col_keys_);
       }
-      if constexpr (kSplit) {
-        amx::convert_row_pairs<E, true>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data(),
-                                        score_part);
-        amx::convert_row_pairs<E, true>(dp.data(), Ns, lo, hi, r0, rows.last, Ns,
+      amx::convert_row_pairs<E, kSplit>(s.data(), Ns, lo, hi, r0, rows.last, Ns,
+                                        p_pairs.data(), score_part);
+      amx::convert_row_pairs<E, kSplit>(dp.data(), Ns, lo, hi, r0, rows.last, Ns,
                                         ds_pairs.data(), score_part);
-      } else {
-        amx::convert_row_pairs<T>(s.data(), Ns, lo, hi, r0, rows.last, Ns, p_pairs.data());
-        amx::convert_row_pairs<T>(dp.data(), Ns, lo, hi, r0, rows.last, Ns, ds_pairs.data());
-      }
     }
     product(Dk, Ns, hi - lo, doutt + lo, kBlockQ, q_part, p_pairs.data() + lo * Ns, 2 * Ns,
             score_part, dvt_tile, kBlockK, true);

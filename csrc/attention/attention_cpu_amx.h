@@ -365,10 +365,11 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // l = x - h - m (8 significant bits at most, so exactly a bfloat16), each rounded to nearest
 // even. A float32 product sum_k a_k b_k then takes the six part products whose parts sum to at
 // most "m m": the three left out (m l, l m, l l) are at most 2^-24 |a_k b_k| each (|m| <=
-// 2^-8 |x|, |l| <= 2^-16 |x|), float32's own rounding of each term. The part pairs run smallest first:
-// each K step's small terms are added before its large ones. Six bfloat16 tile products per
-// float32 one, against 16-lane FMAs; the tile loads bound it (see gemm_split), so float32
-// attention gains 1.0-1.16x over its FMA path, not the instructions' ratio.
+// 2^-8 |x|, |l| <= 2^-16 |x|), float32's own rounding of each term. The part pairs run
+// smallest first: each K step's small terms are added before its large ones. Six bfloat16
+// tile products per float32 one, against 16-lane FMAs; the tile loads bound it (see
+// gemm_split), so float32 attention gains 1.0-1.16x over its FMA path, not the instructions'
+// ratio.
 // (Henry et al., "Leveraging the bfloat16 Artificial Intelligence Datatype For
 // Higher-Precision Computations", 2019: the 6-product "bf16x6".) Non-finite parts: a part
 // after an infinite or NaN h is 0, so inf and NaN pass as h alone; bfloat16 conversion
@@ -722,45 +723,35 @@ FASTLLM_INLINE __m512i to_words(__m512 lo, __m512 hi) {
 }
 
 // dst[r * ld + c] = E(X[r * ldx + c]) for rows [lo, hi), c < N (a multiple of 16), zero for
-// the columns [N, K) and for the rows of [lo, hi) outside [live_lo, live_hi).
-template <class E>
+// the columns [N, K) and for the rows of [lo, hi) outside [live_lo, live_hi). kSplit
+// (E = cpu::BFloat16): the three bfloat16 parts of X instead, part q at dst + q * part.
+template <class E, bool kSplit = false>
 inline void convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_lo, int live_hi,
-                         int N, int K, uint16_t* dst, int64_t ld) {
+                         int N, int K, uint16_t* dst, int64_t ld, int64_t part = 0) {
+  constexpr int kParts = kSplit ? kSplitParts : 1;
   for (int r = lo; r < hi; ++r) {
     uint16_t* out = dst + static_cast<int64_t>(r) * ld;
     if (r < live_lo || r >= live_hi) {
-      std::memset(out, 0, sizeof(uint16_t) * K);
+      for (int q = 0; q < kParts; ++q) std::memset(out + q * part, 0, sizeof(uint16_t) * K);
       continue;
     }
     const float* in = X + static_cast<int64_t>(r) * ldx;
     int c = 0;
-    for (; c + 32 <= N; c += 32) {
-      _mm512_storeu_si512(out + c,
-                          to_words<E>(_mm512_loadu_ps(in + c), _mm512_loadu_ps(in + c + 16)));
+    if constexpr (kSplit) {
+      for (; c < N; c += 16) store_split3(out + c, part, _mm512_loadu_ps(in + c));
+    } else {
+      for (; c + 32 <= N; c += 32) {
+        _mm512_storeu_si512(out + c,
+                            to_words<E>(_mm512_loadu_ps(in + c), _mm512_loadu_ps(in + c + 16)));
+      }
+      if (c < N) {  // 16 left
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c),
+                            to_words<E>(_mm512_loadu_ps(in + c)));
+        c += 16;
+      }
     }
-    if (c < N) {  // 16 left
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c),
-                          to_words<E>(_mm512_loadu_ps(in + c)));
-      c += 16;
-    }
-    if (c < K) std::memset(out + c, 0, sizeof(uint16_t) * (K - c));
-  }
-}
-
-// convert_rows for the split path: the three bfloat16 parts of X, part q at dst + q * part.
-inline void split_convert_rows(const float* X, int64_t ldx, int lo, int hi, int live_lo,
-                               int live_hi, int N, int K, uint16_t* dst, int64_t ld,
-                               int64_t part) {
-  for (int r = lo; r < hi; ++r) {
-    uint16_t* out = dst + static_cast<int64_t>(r) * ld;
-    const bool live = r >= live_lo && r < live_hi;
-    if (live) {
-      const float* in = X + static_cast<int64_t>(r) * ldx;
-      for (int c = 0; c < N; c += 16) store_split3(out + c, part, _mm512_loadu_ps(in + c));
-    }
-    const int from = live ? N : 0;
-    for (int q = 0; q < kSplitParts; ++q) {
-      if (from < K) std::memset(out + q * part + from, 0, sizeof(uint16_t) * (K - from));
+    for (int q = 0; q < kParts; ++q) {
+      if (c < K) std::memset(out + q * part + c, 0, sizeof(uint16_t) * (K - c));
     }
   }
 }

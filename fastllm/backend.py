@@ -14,7 +14,7 @@ given tensor (its device, its dtype) is made in one place, ``OpFamily.select`` i
 fastllm/ops/_family.py.
 
 Under ``"native"`` on the CPU, each kernel family then picks an instruction-set path once
-per process (the best this CPU has, capped by ``FASTLLM_CPU_ISA=scalar|avx2|avx512|amx``);
+per process (the best this CPU has, capped by ``FASTLLM_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx``);
 ``cpu_kernel_path(family, dtype)`` says which.
 """
 
@@ -81,7 +81,8 @@ def triton_interpret() -> bool:
 def cpu_kernel_path(family: str, dtype: "torch.dtype") -> str:
     """The instruction-set path that the native CPU kernels of ``family`` run for ``dtype``
     in this process: ``"amx-bf16"``, ``"amx-fp16"``, ``"amx-bf16x6"`` (attention's float32
-    as bfloat16 parts on AMX-BF16 tiles), ``"avx512"``, ``"avx2"`` or
+    as bfloat16 parts on AMX-BF16 tiles), ``"avx512-bf16"`` (attention's bfloat16 products on
+    AVX512-BF16's vdpbf16ps, on CPUs without AMX), ``"avx512"``, ``"avx2"`` or
     ``"scalar"``.
     ``family``: ``"attention"``, ``"norm"`` (layer_norm, rms_norm and their add_ variants),
     ``"cross_entropy"`` (linear_cross_entropy too), ``"rotary"`` or ``"gated_mlp"``. Decided by this CPU and ``FASTLLM_CPU_ISA``, as the kernels decide it (the table is

@@ -33,9 +33,11 @@ import fastllm.functional as F
 from fastllm.ops import attention as attn_ops
 from fastllm.reference.attention import attention_ref, dropout_keep_mask, dropout_threshold
 from tests.accuracy import assert_within_torch_error, max_err
+from tests.hostile import run_isolated
 from tests.helpers import (
     assert_triton_compiles_without_spills,
     attention_options,
+    cpu_has_avx512_path,
     dropout_seed,
     generator,
     packed_qkv,
@@ -200,6 +202,56 @@ def test_attention_float32_forward_without_grad(feature):
     bias = torch.randn(b, h, tq, tk)
     for name, a, t, r in _forward_results(q, k, v, attn_bias=bias):
         assert_within_torch_error(f"bias, strided {name}", a, t, r, torch.float32)
+
+
+# The native bfloat16 paths a CPU may take besides its best one, each in a child (the path is
+# chosen once per process): avx512bf16 -- the vdpbf16ps products, the default on AVX512-BF16
+# CPUs without AMX, asked for by name on those with it -- and avx512, the widened float32
+# FMA path. (The best path runs every test of this file.)
+_BF16_PATH_SCRIPT = """
+import torch
+from fastllm.backend import cpu_kernel_path
+from tests.helpers import dropout_seed, packed_qkv, qkv
+from tests.test_attention import FEATURES, SHAPES, _alibi_slopes, check_against_reference
+print(cpu_kernel_path("attention", torch.bfloat16))
+torch.manual_seed(0)
+for causal in (False, True):
+    for shape in SHAPES["native"]:
+        check_against_reference(*qkv(*shape, torch.bfloat16), causal=causal)
+shape = SHAPES["native"][2]
+for feature, kw in FEATURES.items():
+    q, k, v = qkv(*shape, torch.bfloat16, scale=2.0)
+    check_against_reference(q, k, v, **_alibi_slopes(dict(kw), shape[0], shape[3]))
+b, tq, tk, h, hkv, d = shape
+q, k, v = qkv(*shape, torch.bfloat16)
+# an attn_bias (the forward's fused softmax adds it), a key padding mask, dropout, packed
+# sequences, and inputs strided in the head dim
+check_against_reference(q, k, v, attn_bias=torch.randn(b, h, tq, tk, dtype=torch.bfloat16))
+keep = torch.rand(b, tk) > 0.3
+keep[:, 0] = True
+check_against_reference(q, k, v, key_padding_mask=keep, causal=True)
+check_against_reference(q, k, v, dropout_p=0.3, dropout_seed=dropout_seed(7), causal=True)
+q, k, v, kw = packed_qkv([7, 1, 130], [9, 4, 140], 4, 2, 64, torch.bfloat16)
+check_against_reference(q, k, v, causal=True, **kw)
+q, k, v = (t[..., ::2] for t in qkv(b, tq, tk, h, hkv, 2 * d, torch.bfloat16))
+check_against_reference(q, k, v, causal=True)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512"])
+def test_attention_bfloat16_other_cpu_paths(isa):
+    """bfloat16 through the op and its autograd on the path FASTLLM_CPU_ISA=isa leaves this
+    CPU (every native shape, causal and not, each feature, a bias, a key padding mask,
+    dropout, packed sequences, strided inputs; the 2x rule against the float64 reference)."""
+    if not cpu_has_avx512_path():
+        pytest.skip("this CPU has no AVX-512 (F/BW/DQ/VL/BF16): its one vector path runs the "
+                    "rest of this file")
+    out = run_isolated(_BF16_PATH_SCRIPT, env={"FASTLLM_CPU_ISA": isa,
+                                               "FASTLLM_BACKEND": "native"})
+    lines = out.strip().splitlines()
+    assert lines[0] == {"avx512bf16": "avx512-bf16", "avx512": "avx512"}[isa], lines[0]
+    assert lines[-1] == "ok"
 
 
 def test_attention_fully_masked_rows_give_zeros(backend):

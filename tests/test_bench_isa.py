@@ -28,7 +28,11 @@ from tests.hostile import run_isolated
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-LEVELS = ("scalar", "avx2", "avx512", "amx")  # FASTLLM_CPU_ISA's levels, lowest first
+# FASTLLM_CPU_ISA's levels, lowest first
+LEVELS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
+# the feature group (fastllm.bench.common.CPU_ISA_FLAGS) each level needs: avx512bf16 is
+# AVX-512's group (which includes AVX512-BF16) with attention's vdpbf16ps products
+LEVEL_FEATURES = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512", "amx": "amx"}
 
 native = pytest.mark.skipif(norm_ops.IMPLS.native is None, reason="fastllm._C not built")
 
@@ -38,7 +42,7 @@ def machine_level() -> str:
     features = cpu_isa_features() or {}
     best = "scalar"
     for level in LEVELS[1:]:
-        if not features.get(level):
+        if not features.get(LEVEL_FEATURES[level]):
             break
         best = level
     return best
@@ -56,13 +60,15 @@ def allowed(cap: str, kernel_best: str) -> str:
 def attention_path(dtype: torch.dtype, cap: str) -> str:
     """attention_cpu.cpp: bfloat16 on AMX-BF16 tiles, float16 on AMX-FP16 tiles (where the CPU
     has them, else AVX-512), float32's forward as bfloat16 parts on AMX-BF16 tiles,
-    with_best_ops otherwise."""
+    bfloat16 on vdpbf16ps (AVX512-BF16) without AMX -- on a CPU with AMX-BF16 only under
+    FASTLLM_CPU_ISA=avx512bf16 --, with_best_ops otherwise."""
     if dtype == torch.bfloat16:
-        return allowed(cap, "amx")
+        return {"avx512bf16": "avx512-bf16"}.get(allowed(cap, "amx"), allowed(cap, "amx"))
     if dtype == torch.float32 and allowed(cap, "amx") == "amx-bf16":
         return "amx-bf16x6"
-    if dtype == torch.float16 and (cpu_isa_features() or {}).get("amx_fp16"):
-        return {"amx-bf16": "amx-fp16"}.get(allowed(cap, "amx"), allowed(cap, "amx"))
+    if dtype == torch.float16 and allowed(cap, "amx") == "amx-bf16" and (
+            cpu_isa_features() or {}).get("amx_fp16"):
+        return "amx-fp16"
     return _f64_scalar("avx512")(dtype, cap)
 
 
@@ -93,8 +99,7 @@ print(json.dumps({{f: [cpu_kernel_path(f, d) for d in dtypes] for f in families}
 
 
 @native
-@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512", "amx", ""],
-                         ids=["scalar", "avx2", "avx512", "amx", "unset"])
+@pytest.mark.parametrize("cap", [*LEVELS, ""], ids=[*LEVELS, "unset"])
 def test_cpu_kernel_path_at_every_isa_level(cap):
     out = run_isolated(_PATHS_SCRIPT.format(families=list(EXPECTED)),
                        env={"FASTLLM_CPU_ISA": cap})

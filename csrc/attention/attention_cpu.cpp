@@ -62,15 +62,17 @@
 //     AMX-FP16 as well: Granite Rapids and later) the AMX path (its own section below,
 //     attention_cpu_amx.h): tiles packed as stored, the products on the AMX tile unit, p and
 //     ds rounded to the input's type before theirs (as FlashAttention and torch's CPU kernel
-//     do), everything else float32. Elsewhere bfloat16 / float16 inputs are widened to fp32
-//     tiles when packed and computed like float32 (fp32 products, no rounding of p). float16
-//     stays there on AMX-BF16-only machines (Sapphire Rapids): rounding float16 inputs to
-//     bfloat16 would lose 3 bits torch keeps, and splitting them into two bfloat16 parts
-//     would triple the products.
-//     AVX512-BF16's vdpbf16ps (the bfloat16 path the issue asked for where AMX is absent)
-//     was measured and not shipped: 0.52 ns per instruction on the dev machine (Sapphire
-//     Rapids), 123 GFLOP/s against ~185 for two FMA ports, and 54 GFLOP/s in a 6 x 64
-//     micro-kernel of these tiles, below the float32 path it would replace.
+//     do), everything else float32. Elsewhere (but see vdpbf16ps below) bfloat16 / float16
+//     inputs are widened to fp32 tiles when packed and computed like float32 (fp32
+//     products, no rounding of p). float16 stays there on AMX-BF16-only machines (Sapphire
+//     Rapids): rounding float16 inputs to bfloat16 would lose 3 bits torch keeps, and
+//     splitting them into two bfloat16 parts would triple the products.
+//     On CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and later), bfloat16 runs the
+//     same AMX-path templates with their products on vdpbf16ps instead of tiles
+//     (attention_cpu_amx.h's DotEngine, path "avx512-bf16"): the same packed operands, p
+//     and ds rounded alike; on a Zen 4 core 1.7-1.9x the widened float32 path. On Sapphire
+//     Rapids vdpbf16ps measured 0.52 ns per instruction (123 GFLOP/s against ~185 for two
+//     FMA ports), so CPUs with AMX-BF16 take it only when FASTLLM_CPU_ISA=avx512bf16 asks.
 //   - Decoding (a forward without backward with at most kDecodeMaxRows query rows per
 //     (batch, kv head): a token or a few against a KV cache) takes a kernel of its own on
 //     AVX-512 and AVX2 (attention_cpu_decode.inc; its section below): scores straight from
@@ -1519,10 +1521,12 @@ void pack_key_rows(const Rows<const T>& src, int64_t b, int64_t j, int64_t hk, i
 // float32 path's exp2; otherwise as for bfloat16 (an attn_bias of float32 elements takes the
 // general path's add_bias instead of the fused softmax's). Its backward is
 // AmxBwdThread<float>.
-template <class T>
+template <class T, class Engine = amx::TileEngine>
 void attention_fwd_amx(const FwdParams& p) {
   using Ops = avx512::Ops;
   constexpr bool kSplit = std::is_same_v<T, float>;
+  static_assert(!kSplit || std::is_same_v<Engine, amx::TileEngine>,
+                "the split path's six products run on AMX tiles");
   using E = std::conditional_t<kSplit, BFloat16, T>;  // the tiles' element type
   constexpr int kParts = kSplit ? amx::kSplitParts : 1;
   const int D = static_cast<int>(p.head_dim);
@@ -1539,7 +1543,7 @@ void attention_fwd_amx(const FwdParams& p) {
   const KeyBlocks key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias));
 #pragma omp parallel
   {
-    amx::TileScope tile_scope;
+    typename Engine::Scope tile_scope;
     // A split operand's parts lie q_part, p_part and tile_part elements apart.
     const int64_t q_part = int64_t{kBlockQ} * Dk, p_part = int64_t{kBlockQ} * 2 * kBlockK,
                   tile_part = int64_t{Dk} * kBlockK;
@@ -1561,7 +1565,7 @@ void attention_fwd_amx(const FwdParams& p) {
                         kParts * tile_part, C, ldc, accumulate);
       } else {
         (void)keys, (void)a_part;
-        amx::gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+        Engine::template gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
       }
     };
     int begin[kBlockQ], end[kBlockQ];
@@ -1877,7 +1881,7 @@ void store_transposed(const float* src, int64_t ld, int rows, int D, float scale
 // for bit. A packed operand's parts lie q_part (query rows: kBlockQ x Dk, or transposed Dk x
 // kBlockQ), key_part (Dk x kBlockK) or score_part (kBlockQ x kBlockK: ds rows, p and ds
 // pairs) apart.
-template <class T>
+template <class T, class Engine = amx::TileEngine>
 struct AmxBwdThread {
   using Elem = T;
   using Acc = float;
@@ -1885,7 +1889,9 @@ struct AmxBwdThread {
   static constexpr bool kSplit = std::is_same_v<T, float>;
   using E = std::conditional_t<kSplit, BFloat16, T>;  // the tiles' element type
   static constexpr int kParts = kSplit ? amx::kSplitParts : 1;
-  amx::TileScope tile_scope;  // first: the tiles are configured before any product
+  static_assert(!kSplit || std::is_same_v<Engine, amx::TileEngine>,
+                "the split path's six products run on AMX tiles");
+  typename Engine::Scope tile_scope;  // first: the tiles are configured before any product
   const BwdInputs<T>& in;
   const int Dk;
   const int64_t q_part, key_part, score_part;
@@ -1937,7 +1943,7 @@ struct AmxBwdThread {
       amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, K, 0, C, ldc, accumulate);
     } else {
       (void)a_part, (void)b_part;
-      amx::gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      Engine::template gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
     }
   }
 
@@ -2197,6 +2203,9 @@ void attention_fwd_cpu(const FwdParams& p) {
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_fwd_amx<BFloat16>(p);
   }
+  if (p.dtype == DType::kBFloat16 && cpu::cpu_avx512_dot()) {
+    return attention_fwd_amx<BFloat16, amx::DotEngine>(p);
+  }
   // float32 split into bfloat16 parts, as its backward (AmxBwdThread<float>): the backward
   // recomputes the scores against this lse, so both must form them alike (scores rounded by
   // the split products in one and by FMAs in the other cost dv 6x torch's error at scale-2
@@ -2220,6 +2229,9 @@ void attention_bwd_cpu(const BwdParams& p) {
 #if defined(FASTLLM_ATTENTION_CPU_X86)
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_bwd_with<AmxBwdThread<BFloat16>, BFloat16>(p);
+  }
+  if (p.dtype == DType::kBFloat16 && cpu::cpu_avx512_dot()) {
+    return attention_bwd_with<AmxBwdThread<BFloat16, amx::DotEngine>, BFloat16>(p);
   }
   if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16()) {
     return attention_bwd_with<AmxBwdThread<Half>, Half>(p);

@@ -9,7 +9,11 @@
 // cpu_isa() stays kAvx2 on such a CPU and a kernel without the higher path keeps its AVX2 one:
 //   - cpu_avx512(): AVX-512 F, BW, DQ, VL and BF16 (attention, norms, cross-entropy, rotary,
 //     gated MLP);
-//   - cpu_amx(): AMX-TILE and AMX-BF16 on top of that, and the kernel's permission to use
+//   - cpu_avx512_dot(): the AVX-512 path's vdpbf16ps products (AVX512-BF16) for bfloat16
+//     attention, on CPUs without AMX-BF16 (AMD Zen 4 and later: there vdpbf16ps issues at an
+//     FMA's rate with twice its multiplies; on Sapphire Rapids it measured slower than the
+//     FMAs, so a CPU with AMX-BF16 takes it only when FASTLLM_CPU_ISA=avx512bf16 asks);
+//   - cpu_amx(): AMX-TILE and AMX-BF16 on top of AVX-512, and the kernel's permission to use
 //     the tile data state (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once per process;
 //     refused or not Linux -> false, and the AVX-512 path runs). Attention's bfloat16 tile
 //     products;
@@ -17,7 +21,8 @@
 //     tile products (without it, float16 attention takes the AVX-512 path).
 //
 // FASTLLM_CPU_ISA caps the level, so the tests cover every path on the best machine: scalar
-// (the portable path), avx2, avx512 (AVX-512 without AMX) or amx (everything; the same as
+// (the portable path), avx2, avx512 (AVX-512 FMAs: neither AMX nor the vdpbf16ps products),
+// avx512bf16 (AVX-512 with the vdpbf16ps products, no AMX) or amx (everything; the same as
 // unset or empty). A cap above what the CPU has means the best it has. Anything else is an
 // error naming the value.
 #pragma once
@@ -41,7 +46,7 @@ namespace cpu {
 enum class CpuIsa { kScalar, kAvx2 };
 
 // The level FASTLLM_CPU_ISA allows (kAmx when unset or empty).
-enum class IsaCap { kScalar, kAvx2, kAvx512, kAmx };
+enum class IsaCap { kScalar, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 
 inline IsaCap requested_isa_cap() {
   const char* requested = std::getenv("FASTLLM_CPU_ISA");
@@ -49,9 +54,11 @@ inline IsaCap requested_isa_cap() {
   if (std::strcmp(requested, "scalar") == 0) return IsaCap::kScalar;
   if (std::strcmp(requested, "avx2") == 0) return IsaCap::kAvx2;
   if (std::strcmp(requested, "avx512") == 0) return IsaCap::kAvx512;
+  if (std::strcmp(requested, "avx512bf16") == 0) return IsaCap::kAvx512Bf16;
   if (std::strcmp(requested, "amx") == 0) return IsaCap::kAmx;
   throw std::invalid_argument(
-      std::string("FASTLLM_CPU_ISA must be 'scalar', 'avx2', 'avx512' or 'amx' (or unset), got '") +
+      std::string("FASTLLM_CPU_ISA must be 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'amx' "
+                  "(or unset), got '") +
       requested + "'");
 }
 
@@ -139,6 +146,21 @@ inline bool detect_cpu_avx512() {
 inline bool cpu_avx512() {
   static const bool avx512 = detect_cpu_avx512();
   return avx512;
+}
+
+// True when bfloat16 attention may run its products on vdpbf16ps (when cpu_amx() is false:
+// the AMX path comes first): FASTLLM_CPU_ISA allows it, the AVX-512 path is on (which
+// includes AVX512-BF16), and either the CPU has no AMX-BF16 or FASTLLM_CPU_ISA=avx512bf16 asks
+// for this path by name (see above).
+inline bool detect_cpu_avx512_dot() {
+  const IsaCap cap = requested_isa_cap();
+  return cap >= IsaCap::kAvx512Bf16 && detect_cpu_avx512() &&
+         (cap == IsaCap::kAvx512Bf16 || !cpu_has_amx_bf16());
+}
+
+inline bool cpu_avx512_dot() {
+  static const bool dot = detect_cpu_avx512_dot();
+  return dot;
 }
 
 // True when the kernels that have an AMX path may run it: FASTLLM_CPU_ISA allows it, the

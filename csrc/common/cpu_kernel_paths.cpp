@@ -19,6 +19,8 @@ constexpr const char* kAmxFp16 = "amx-fp16";  // float16 tile products (cpu_amx_
 // float32 as three bfloat16 parts, six bfloat16 tile products per float32 one (cpu_amx()):
 // attention
 constexpr const char* kAmxBf16x6 = "amx-bf16x6";
+// bfloat16 products on AVX512-BF16's vdpbf16ps (cpu_avx512_dot()): attention
+constexpr const char* kAvx512Bf16 = "avx512-bf16";
 constexpr const char* kAvx512 = "avx512";
 constexpr const char* kAvx2 = "avx2";
 constexpr const char* kScalar = "scalar";
@@ -42,10 +44,12 @@ struct FamilyPath {
 constexpr FamilyPath kTable[] = {
     // attention/attention_cpu.cpp attention_{fwd,bwd}_cpu: bfloat16 (AMX-BF16) and float16
     // (AMX-FP16) on AMX tiles where allowed, float32 split into bfloat16 parts on AMX-BF16;
+    // bfloat16 on vdpbf16ps without AMX (cpu_avx512_dot);
     // with_best_ops otherwise: float64 scalar; AVX-512, AVX2 tiles.
     {"attention",
      [](DType d) {
        if (d == DType::kBFloat16 && cpu_amx()) return kAmxBf16;
+       if (d == DType::kBFloat16 && cpu_avx512_dot()) return kAvx512Bf16;
        if (d == DType::kFloat32 && cpu_amx()) return kAmxBf16x6;
        if (d == DType::kFloat16 && cpu_amx_fp16()) return kAmxFp16;
        return is_f64(d) ? kScalar : vector_path(true);

@@ -112,11 +112,23 @@ TEST_CASE(cpu_isa_switch) {
   CHECK(fastllm::cpu::detect_cpu_avx512() == fastllm::cpu::cpu_has_avx512_bf16(),
         "FASTLLM_CPU_ISA=avx512 must allow AVX-512 where the CPU has it");
   CHECK(!fastllm::cpu::detect_cpu_amx(), "FASTLLM_CPU_ISA=avx512 must exclude AMX");
+  CHECK(!fastllm::cpu::detect_cpu_avx512_dot(),
+        "FASTLLM_CPU_ISA=avx512 must exclude the vdpbf16ps products");
+  setenv("FASTLLM_CPU_ISA", "avx512bf16", 1);
+  CHECK(fastllm::cpu::detect_cpu_avx512_dot() == fastllm::cpu::cpu_has_avx512_bf16(),
+        "FASTLLM_CPU_ISA=avx512bf16 must allow the vdpbf16ps products where the CPU has them");
+  CHECK(!fastllm::cpu::detect_cpu_amx(), "FASTLLM_CPU_ISA=avx512bf16 must exclude AMX");
   setenv("FASTLLM_CPU_ISA", "avx2", 1);
   CHECK(!fastllm::cpu::detect_cpu_avx512(), "FASTLLM_CPU_ISA=avx2 must exclude AVX-512");
+  CHECK(!fastllm::cpu::detect_cpu_avx512_dot(), "FASTLLM_CPU_ISA=avx2 must exclude vdpbf16ps");
   setenv("FASTLLM_CPU_ISA", "amx", 1);
   CHECK(fastllm::cpu::detect_cpu_avx512() == fastllm::cpu::cpu_has_avx512_bf16(),
         "FASTLLM_CPU_ISA=amx must allow AVX-512 where the CPU has it");
+  // Unset or amx: the vdpbf16ps products only on CPUs without AMX-BF16 (there the tiles win).
+  CHECK(fastllm::cpu::detect_cpu_avx512_dot() ==
+            (fastllm::cpu::cpu_has_avx512_bf16() && !fastllm::cpu::cpu_has_amx_bf16()),
+        "FASTLLM_CPU_ISA=amx must take the vdpbf16ps products exactly on AVX512-BF16 CPUs "
+        "without AMX-BF16");
   setenv("FASTLLM_CPU_ISA", "avx1024", 1);
   bool threw = false;
   try {

@@ -368,7 +368,7 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // 2 elements, 64 bytes) as the vector. Each product of two bfloat16 is exact in float32; each
 // accumulation step rounds (to nearest even, denormals flushed, as the tile products).
 // On a Zen 4 core (AMD EPYC, family 25 model 17) vdpbf16ps issues at the rate of a 16-lane
-// FMA (0.27 ns each, benchmarks/micro-style loop of 12 independent chains) while doing twice
+// FMA (0.27 ns each, a loop of 12 independent chains of each) while doing twice
 // its multiplies: 234 GFLOP/s against 117. (On Sapphire Rapids it measured 0.52 ns, below the
 // float32 FMA path: there the AMX tiles take bfloat16.)
 // The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers (24: 6 x 64, 8 x 48,
@@ -377,13 +377,7 @@ template <int R, int NV>
 FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const uint16_t* B,
                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   __m512 c[R][NV];
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
-    }
-  }
+  avx512::load_block(C, ldc, accumulate, c);
 #pragma GCC unroll 2
   for (int kk = 0; kk < pairs; ++kk) {
     __m512bh b[NV];
@@ -403,11 +397,7 @@ FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const ui
       }
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
-  }
+  avx512::store_block(C, ldc, c);
 }
 
 // Rows of M past the full micro-kernels (fewer than R): the largest R' = R / 2^i that fits,

@@ -117,10 +117,10 @@ FASTLLM_INLINE __m512i dropout_mix(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
+// A micro-kernel's R x (16 NV) block of C (rows ldc floats apart) into its accumulators
+// (zeros unless accumulate), and back.
 template <int R, int NV>
-FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  __m512 c[R][NV];
+FASTLLM_INLINE void load_block(const float* C, int64_t ldc, bool accumulate, __m512 (&c)[R][NV]) {
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -128,6 +128,22 @@ FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks,
       c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
     }
   }
+}
+
+template <int R, int NV>
+FASTLLM_INLINE void store_block(float* C, int64_t ldc, const __m512 (&c)[R][NV]) {
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+  }
+}
+
+template <int R, int NV>
+FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
+                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  __m512 c[R][NV];
+  load_block(C, ldc, accumulate, c);
 #pragma GCC unroll 2
   for (int k = 0; k < K; ++k) {
     __m512 b[NV];
@@ -140,11 +156,7 @@ FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks,
       for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
     }
   }
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
-  }
+  store_block(C, ldc, c);
 }
 
 // The micro-kernel rows for NV column vectors: 24 accumulators (12 for one vector).

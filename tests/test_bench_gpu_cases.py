@@ -74,12 +74,14 @@ def test_shape_sets_compose(family):
         module.cases(False, "x")
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_linear_cross_entropy_dtypes_by_device(monkeypatch, amx):
-    """The default linear cases are float32 only on a CPU without AMX (bfloat16 GEMMs
-    emulated); a CPU with AMX and a GPU get bfloat16 at every shape too."""
+@pytest.mark.parametrize("cpu", ["avx2", "avx512", "amx"])
+def test_linear_cross_entropy_dtypes_by_device(monkeypatch, cpu):
+    """The default linear cases are float32 only on a CPU without bfloat16 dot products
+    (bfloat16 GEMMs emulated: AVX2 only); a CPU with AVX512-BF16 (the avx512 group) or AMX
+    and a GPU get bfloat16 at every shape too."""
+    bf16 = cpu != "avx2"  # bfloat16 cases expected
     monkeypatch.setattr(cross_entropy, "cpu_isa_features",
-                        lambda: {"avx2": True, "avx512": amx, "amx": amx})
+                        lambda: {"avx2": True, "avx512": cpu != "avx2", "amx": cpu == "amx"})
 
     def linear(device):
         return {(c.shape, c.dtype) for c in cross_entropy.cases(False, "default", device)
@@ -87,9 +89,9 @@ def test_linear_cross_entropy_dtypes_by_device(monkeypatch, amx):
 
     shapes = set(cross_entropy.LINEAR_SHAPES)
     every = {(s, d) for s in shapes for d in cross_entropy.DTYPES}
-    assert linear(CPU) == (every if amx else {(s, torch.float32) for s in shapes})
+    assert linear(CPU) == (every if bf16 else {(s, torch.float32) for s in shapes})
     assert linear(CUDA) == every
-    if amx:
+    if bf16:
         return
     assert {c.id for c in cross_entropy.cases(False, "default", CPU)} < {
         c.id for c in cross_entropy.cases(False, "default", CUDA)}

@@ -179,15 +179,16 @@ def cases(quick: bool = False, shapes: str = DEFAULT_SHAPES,
           device: torch.device = CPU) -> list[CrossEntropyCase]:
     """Every case, in table order: op, shape, dtype, mode. ``quick``: small shapes;
     ``shapes``: fastllm.bench.common.SHAPE_SETS. Linear + cross-entropy at the default shapes
-    is float32 only on a CPU without bfloat16 matrix units (AMX): its time is three GEMMs,
-    which such a CPU runs in bfloat16 through slow emulation, timing torch's GEMM, not
-    fastllm. At LLaMA-3-8B's shape, on a CPU with AMX and on a GPU it is float32 and
-    bfloat16."""
+    is float32 only on a CPU without bfloat16 dot products (AMX, or AVX512-BF16's vdpbf16ps:
+    the avx512 feature group): its time is three GEMMs, which such a CPU runs in bfloat16
+    through slow emulation, timing torch's GEMM, not fastllm. At LLaMA-3-8B's shape, on a CPU
+    with either and on a GPU it is float32 and bfloat16."""
     ce_shapes = pick_shapes(shapes, quick, CROSS_ENTROPY_SHAPES, QUICK_CROSS_ENTROPY_SHAPES,
                             LLAMA3_8B_CROSS_ENTROPY_SHAPES)
     linear_shapes = pick_shapes(shapes, quick, LINEAR_SHAPES, QUICK_LINEAR_SHAPES,
                                 LLAMA3_8B_LINEAR_SHAPES)
-    every_dtype = device.type != "cpu" or bool((cpu_isa_features() or {}).get("amx"))
+    features = cpu_isa_features() or {}
+    every_dtype = device.type != "cpu" or bool(features.get("amx") or features.get("avx512"))
     return [
         CrossEntropyCase("cross_entropy", mode, shape, dtype)
         for shape, dtype, mode in itertools.product(ce_shapes, DTYPES, MODES)

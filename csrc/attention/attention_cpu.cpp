@@ -1462,7 +1462,10 @@ void attention_bwd_with(const BwdParams& p) {
 // ---- the bfloat16 and float16 paths on AMX tiles ------------------------------------------
 // The same tiles, masks, score modifications, online softmax and backward schemes as the
 // generic algorithm above, with the products on the AMX tile unit (attention_cpu_amx.h):
-// bfloat16 on AMX-BF16, float16 on AMX-FP16 (tdpfp16ps, Granite Rapids and later). The inputs
+// bfloat16 on AMX-BF16, float16 on AMX-FP16 (tdpfp16ps, Granite Rapids and later). The
+// templates take the product engine: amx::TileEngine, or amx::DotEngine (bfloat16 on
+// vdpbf16ps, for AVX512-BF16 CPUs without AMX; the same operands, so the same roundings of p
+// and ds). The inputs
 // are packed as they are stored (no widening), q is not pre-scaled (its rounding would add an
 // error torch's kernels do not have: the scale multiplies the float32 scores), p and ds are
 // rounded to the input's type for their products. The score tile, the softmax and every

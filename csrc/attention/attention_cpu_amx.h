@@ -1,7 +1,9 @@
 // The AMX building blocks of the CPU attention kernel's bfloat16 and float16 paths
 // (attention_cpu.cpp; x86 only; run only after cpu::cpu_amx() -- bfloat16 -- or
 // cpu::cpu_amx_fp16() -- float16 -- returned true): 16-bit tile products on the AMX tile unit,
-// and the packing of the operands into the layouts it reads. float32 attention runs on the
+// and the packing of the operands into the layouts it reads. The packing, the softmax and
+// conversions, and DotEngine's vdpbf16ps products on the same layouts (no tile instruction)
+// also run without AMX, after cpu::cpu_avx512_dot() returned true. float32 attention runs on the
 // same bfloat16 tiles with its operands split into three bfloat16 parts (split3, gemm_split;
 // attention_fwd_amx<float>, AmxBwdThread<float>).
 //

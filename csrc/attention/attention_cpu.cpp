@@ -1519,6 +1519,24 @@ void pack_key_rows(const Rows<const T>& src, int64_t b, int64_t j, int64_t hk, i
   }
 }
 
+// C (+)= A B on the path's products, for storage type T: the engine's 16-bit product, or (T =
+// float, the split path, AMX tiles only) amx::gemm_split's six with A's parts a_part and B's
+// b_part apart, B's K in segments of b_seg_k rows b_seg elements apart (see gemm_split).
+template <class T, class Engine>
+void tile_product(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
+                  const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k, int64_t b_seg,
+                  float* C, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    static_assert(std::is_same_v<Engine, amx::TileEngine>,
+                  "the split path's six products run on AMX tiles");
+    amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, b_seg_k, b_seg, C, ldc,
+                    accumulate);
+  } else {
+    (void)a_part, (void)b_part, (void)b_seg_k, (void)b_seg;
+    Engine::template gemm<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+}
+
 // T = float: the split path (attention_cpu_amx.h, split3): every float32 operand -- q, k, v
 // and p -- as three bfloat16 parts, each product as six bfloat16 tile products, p from the
 // float32 path's exp2; otherwise as for bfloat16 (an attn_bias of float32 elements takes the
@@ -1528,8 +1546,6 @@ template <class T, class Engine = amx::TileEngine>
 void attention_fwd_amx(const FwdParams& p) {
   using Ops = avx512::Ops;
   constexpr bool kSplit = std::is_same_v<T, float>;
-  static_assert(!kSplit || std::is_same_v<Engine, amx::TileEngine>,
-                "the split path's six products run on AMX tiles");
   using E = std::conditional_t<kSplit, BFloat16, T>;  // the tiles' element type
   constexpr int kParts = kSplit ? amx::kSplitParts : 1;
   const int D = static_cast<int>(p.head_dim);
@@ -1546,7 +1562,7 @@ void attention_fwd_amx(const FwdParams& p) {
   const KeyBlocks key_blocks(p, k_blocks, static_cast<const T*>(p.attn_bias));
 #pragma omp parallel
   {
-    typename Engine::Scope tile_scope;
+    [[maybe_unused]] typename Engine::Scope tile_scope;  // DotEngine: nothing to configure
     // A split operand's parts lie q_part, p_part and tile_part elements apart.
     const int64_t q_part = int64_t{kBlockQ} * Dk, p_part = int64_t{kBlockQ} * 2 * kBlockK,
                   tile_part = int64_t{Dk} * kBlockK;
@@ -1557,19 +1573,14 @@ void attention_fwd_amx(const FwdParams& p) {
         v_tiles(k_blocks, kParts * tile_part);
     // The split path's key rows as parts, before their packing (kBlockK rows of Dk each).
     cpu::AlignedVector<uint16_t> key_parts(kSplit ? kParts * tile_part : 0);
-    // C (+)= A B (amx::gemm, or amx::gemm_split's six products), A and B with their parts
-    // q_part / a_part and tile_part apart; with keys (p v: K is keys), B's K in segments of
-    // kBlockK keys, a cached tile apart (the key block pair's 128 keys).
+    // C (+)= A B (tile_product), A's parts a_part and B's tile_part apart; with keys (p v: K
+    // is keys), B's K in segments of kBlockK keys, a cached tile apart (the key block pair's
+    // 128 keys).
     auto product = [&](bool keys, int M, int N, int K, const uint16_t* A, int64_t lda,
                        int64_t a_part, const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
                        bool accumulate) {
-      if constexpr (kSplit) {
-        amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, tile_part, keys ? kBlockK : K,
-                        kParts * tile_part, C, ldc, accumulate);
-      } else {
-        (void)keys, (void)a_part;
-        Engine::template gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-      }
+      tile_product<T, Engine>(M, N, K, A, lda, a_part, B, ldb, tile_part, keys ? kBlockK : K,
+                              kParts * tile_part, C, ldc, accumulate);
     };
     int begin[kBlockQ], end[kBlockQ];
     uint32_t row_keys[kBlockQ], col_keys[kBlockK];
@@ -1892,8 +1903,6 @@ struct AmxBwdThread {
   static constexpr bool kSplit = std::is_same_v<T, float>;
   using E = std::conditional_t<kSplit, BFloat16, T>;  // the tiles' element type
   static constexpr int kParts = kSplit ? amx::kSplitParts : 1;
-  static_assert(!kSplit || std::is_same_v<Engine, amx::TileEngine>,
-                "the split path's six products run on AMX tiles");
   typename Engine::Scope tile_scope;  // first: the tiles are configured before any product
   const BwdInputs<T>& in;
   const int Dk;
@@ -1937,17 +1946,12 @@ struct AmxBwdThread {
         vt_tiles(in.k_blocks, kParts * key_part),
         k_tiles(in.k_blocks, kParts * key_part) {}
 
-  // C (+)= A B: amx::gemm, or amx::gemm_split's six products with A's and B's parts a_part
-  // and b_part apart.
+  // C (+)= A B (tile_product), A's and B's parts a_part and b_part apart, B's K in one
+  // segment.
   static void product(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
                       const uint16_t* B, int64_t ldb, int64_t b_part, float* C, int64_t ldc,
                       bool accumulate) {
-    if constexpr (kSplit) {
-      amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, K, 0, C, ldc, accumulate);
-    } else {
-      (void)a_part, (void)b_part;
-      Engine::template gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-    }
+    tile_product<T, Engine>(M, N, K, A, lda, a_part, B, ldb, b_part, K, 0, C, ldc, accumulate);
   }
 
   uint32_t* row_keys() { return row_keys_; }
@@ -1978,7 +1982,6 @@ struct AmxBwdThread {
                     column_pairs);
     });
   }
-
 
   // q, dout (rows) and, unless for dq alone, qt, doutt <- query tile [i0, i0 + mq) of head
   // h; cached per slice (the dk/dv pass) or packed into the thread's own rows.

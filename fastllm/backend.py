@@ -14,8 +14,9 @@ given tensor (its device, its dtype) is made in one place, ``OpFamily.select`` i
 fastllm/ops/_family.py.
 
 Under ``"native"`` on the CPU, each kernel family then picks an instruction-set path once
-per process (the best this CPU has, capped by ``FASTLLM_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx``);
-``cpu_kernel_path(family, dtype)`` says which.
+per process (the best this CPU has, capped by
+``FASTLLM_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx``); ``cpu_kernel_path(family, dtype)`` says
+which.
 """
 
 from __future__ import annotations

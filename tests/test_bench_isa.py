@@ -63,7 +63,8 @@ def attention_path(dtype: torch.dtype, cap: str) -> str:
     bfloat16 on vdpbf16ps (AVX512-BF16) without AMX -- on a CPU with AMX-BF16 only under
     FASTLLM_CPU_ISA=avx512bf16 --, with_best_ops otherwise."""
     if dtype == torch.bfloat16:
-        return {"avx512bf16": "avx512-bf16"}.get(allowed(cap, "amx"), allowed(cap, "amx"))
+        path = allowed(cap, "amx")
+        return "avx512-bf16" if path == "avx512bf16" else path
     if dtype == torch.float32 and allowed(cap, "amx") == "amx-bf16":
         return "amx-bf16x6"
     if dtype == torch.float16 and allowed(cap, "amx") == "amx-bf16" and (

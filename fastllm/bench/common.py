@@ -481,9 +481,9 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> tuple[str
 def fastllm_path(kernel_family: str, dtype: torch.dtype, device: torch.device, backend: str) -> str:
     """What fastllm's row of a case ran: on the native backend's CPU kernels the instruction
     set path of ``kernel_family`` for ``dtype`` (``fastllm.backend.cpu_kernel_path``:
-    "amx-bf16", "amx-fp16", "amx-bf16x6", "avx512-bf16", "avx512", "avx2", "scalar"); otherwise the
-    implementation the family's backend choice (``OpFamily.select``) takes for such a tensor:
-    "cuda", "triton" or "reference"."""
+    "amx-bf16", "amx-fp16", "amx-bf16x6", "avx512-bf16", "avx512", "avx2", "scalar");
+    otherwise the implementation the family's backend choice (``OpFamily.select``) takes for
+    such a tensor: "cuda", "triton" or "reference"."""
     from fastllm.backend import cpu_kernel_path
     from fastllm.ops import FAMILIES
 

@@ -6,8 +6,8 @@ torch.compile's time / fastllm's time (the table's "vs eager" and "vs compile").
 logarithmic and each bar starts at the 1.0 line, so a bar to the right of it is a case where
 fastllm is faster and one to the left a case where it is slower, by the factor its length
 shows. Each bar is labelled with the path fastllm's row ran (``fastllm.bench.common.
-fastllm_path``: amx-bf16, amx-fp16, amx-bf16x6, avx512-bf16, avx512, avx2 or scalar on the CPU; cuda, triton or reference
-otherwise) and the ratio. A case whose fastllm row has no ratio (failed or n/a) gets no bar
+fastllm_path``: amx-bf16, amx-fp16, amx-bf16x6, avx512-bf16, avx512, avx2 or scalar on the
+CPU; cuda, triton or reference otherwise) and the ratio. A case whose fastllm row has no ratio (failed or n/a) gets no bar
 and says so.
 
 matplotlib is an optional dependency (``pip install 'fastllm[plot]'``), imported only here,

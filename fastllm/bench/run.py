@@ -230,8 +230,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         "vs eager / vs compile: torch eager time / this time, torch.compile time / this time "
         "(> 1 is faster); peak MiB: memory one call needs above its inputs;",
         "path (fastllm's rows): what ran: on the CPU the instruction-set path of the family's "
-        "kernels for the row's dtype (amx-bf16, amx-fp16, amx-bf16x6, avx512-bf16, avx512, avx2, scalar), else cuda, "
-        "triton or reference",
+        "kernels for the row's dtype (amx-bf16, amx-fp16, amx-bf16x6, avx512-bf16, avx512, "
+        "avx2, scalar), else cuda, triton or reference",
     ]
     return "\n".join(lines)
 

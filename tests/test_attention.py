@@ -33,7 +33,6 @@ import fastllm.functional as F
 from fastllm.ops import attention as attn_ops
 from fastllm.reference.attention import attention_ref, dropout_keep_mask, dropout_threshold
 from tests.accuracy import assert_within_torch_error, max_err
-from tests.hostile import run_isolated
 from tests.helpers import (
     assert_triton_compiles_without_spills,
     attention_options,
@@ -46,6 +45,7 @@ from tests.helpers import (
     qkv,
     triton_signature,
 )
+from tests.hostile import run_isolated
 
 FAMILY = "attention"
 BACKENDS = ("native", "triton", "cuda_emu")

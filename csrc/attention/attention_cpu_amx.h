@@ -370,8 +370,8 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // 2 elements, 64 bytes) as the vector. Each product of two bfloat16 is exact in float32; each
 // accumulation step rounds (to nearest even, denormals flushed, as the tile products).
 // On a Zen 4 core (AMD EPYC, family 25 model 17) vdpbf16ps issues at the rate of a 16-lane
-// FMA (0.27 ns each, a loop of 12 independent chains of each) while doing twice
-// its multiplies: 234 GFLOP/s against 117. (On Sapphire Rapids it measured 0.52 ns, below the
+// FMA (0.27 ns each, benchmarks/micro/vdpbf16ps_rate.cpp) while doing twice its multiplies:
+// 234 GFLOP/s against 117. (On Sapphire Rapids it measured 0.52 ns, below the
 // float32 FMA path: there the AMX tiles take bfloat16.)
 // The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers (24: 6 x 64, 8 x 48,
 // 12 x 32 or 12 x 16 floats), as avx512::gemm_tile does for float32.

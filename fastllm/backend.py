@@ -84,7 +84,9 @@ def cpu_kernel_path(family: str, dtype: "torch.dtype") -> str:
     in this process: ``"amx-bf16"``, ``"amx-fp16"``, ``"amx-bf16x6"`` (attention's float32
     as bfloat16 parts on AMX-BF16 tiles), ``"avx512-bf16"`` (attention's bfloat16 products on
     AVX512-BF16's vdpbf16ps, on CPUs without AMX), ``"avx512"``, ``"avx2"`` or
-    ``"scalar"``.
+    ``"scalar"``; ``"amx-bf16x6-emu"`` / ``"amx-fp16-emu"`` when the test-only
+    ``FASTLLM_CPU_EMULATE_AMX=1`` runs those tile paths with emulated products on a CPU
+    without the tiles.
     ``family``: ``"attention"``, ``"norm"`` (layer_norm, rms_norm and their add_ variants),
     ``"cross_entropy"`` (linear_cross_entropy too), ``"rotary"`` or ``"gated_mlp"``. Decided by this CPU and ``FASTLLM_CPU_ISA``, as the kernels decide it (the table is
     csrc/common/cpu_kernel_paths.cpp). Raises ValueError for an unknown family, TypeError for

@@ -204,39 +204,52 @@ def test_attention_float32_forward_without_grad(feature):
         assert_within_torch_error(f"bias, strided {name}", a, t, r, torch.float32)
 
 
-# The native bfloat16 paths a CPU may take besides its best one, each in a child (the path is
-# chosen once per process): avx512bf16 -- the vdpbf16ps products, the default on AVX512-BF16
-# CPUs without AMX, asked for by name on those with it -- and avx512, the widened float32
-# FMA path. (The best path runs every test of this file.)
-_BF16_PATH_SCRIPT = """
+# A path's checks in a child process (the path is chosen once per process), for DTYPE: the
+# path's name, then the op and its autograd on every native shape causal and not, each
+# feature, an attn_bias, a key padding mask, dropout, packed sequences and strided inputs.
+_PATH_SCRIPT = """
 import torch
 from fastllm.backend import cpu_kernel_path
 from tests.helpers import dropout_seed, packed_qkv, qkv
 from tests.test_attention import FEATURES, SHAPES, _alibi_slopes, check_against_reference
-print(cpu_kernel_path("attention", torch.bfloat16))
+dtype = torch.DTYPE
+print(cpu_kernel_path("attention", dtype))
 torch.manual_seed(0)
 for causal in (False, True):
     for shape in SHAPES["native"]:
-        check_against_reference(*qkv(*shape, torch.bfloat16), causal=causal)
+        check_against_reference(*qkv(*shape, dtype), causal=causal)
 shape = SHAPES["native"][2]
 for feature, kw in FEATURES.items():
-    q, k, v = qkv(*shape, torch.bfloat16, scale=2.0)
+    q, k, v = qkv(*shape, dtype, scale=2.0)
     check_against_reference(q, k, v, **_alibi_slopes(dict(kw), shape[0], shape[3]))
 b, tq, tk, h, hkv, d = shape
-q, k, v = qkv(*shape, torch.bfloat16)
+q, k, v = qkv(*shape, dtype)
 # an attn_bias (the forward's fused softmax adds it), a key padding mask, dropout, packed
 # sequences, and inputs strided in the head dim
-check_against_reference(q, k, v, attn_bias=torch.randn(b, h, tq, tk, dtype=torch.bfloat16))
+check_against_reference(q, k, v, attn_bias=torch.randn(b, h, tq, tk, dtype=dtype))
 keep = torch.rand(b, tk) > 0.3
 keep[:, 0] = True
 check_against_reference(q, k, v, key_padding_mask=keep, causal=True)
 check_against_reference(q, k, v, dropout_p=0.3, dropout_seed=dropout_seed(7), causal=True)
-q, k, v, kw = packed_qkv([7, 1, 130], [9, 4, 140], 4, 2, 64, torch.bfloat16)
+q, k, v, kw = packed_qkv([7, 1, 130], [9, 4, 140], 4, 2, 64, dtype)
 check_against_reference(q, k, v, causal=True, **kw)
-q, k, v = (t[..., ::2] for t in qkv(b, tq, tk, h, hkv, 2 * d, torch.bfloat16))
+q, k, v = (t[..., ::2] for t in qkv(b, tq, tk, h, hkv, 2 * d, dtype))
 check_against_reference(q, k, v, causal=True)
+if dtype == torch.float32:  # the stricter float32 forward check, each feature
+    from tests.test_attention import test_attention_float32_forward_without_grad
+    for feature in ("plain", *FEATURES):
+        test_attention_float32_forward_without_grad(feature)
 print("ok")
 """
+
+
+def _path_script(dtype: torch.dtype) -> str:
+    return _PATH_SCRIPT.replace("DTYPE", str(dtype).removeprefix("torch."))
+
+
+# The native bfloat16 paths a CPU may take besides its best one: avx512bf16 -- the vdpbf16ps
+# products, the default on AVX512-BF16 CPUs without AMX, asked for by name on those with it --
+# and avx512, the widened float32 FMA path. (The best path runs every test of this file.)
 
 
 @pytest.mark.parametrize("isa", ["avx512bf16", "avx512"])
@@ -247,11 +260,48 @@ def test_attention_bfloat16_other_cpu_paths(isa):
     if not cpu_has_avx512_path():
         pytest.skip("this CPU has no AVX-512 (F/BW/DQ/VL/BF16): its one vector path runs the "
                     "rest of this file")
-    out = run_isolated(_BF16_PATH_SCRIPT, env={"FASTLLM_CPU_ISA": isa,
-                                               "FASTLLM_BACKEND": "native"})
+    out = run_isolated(_path_script(torch.bfloat16), env={"FASTLLM_CPU_ISA": isa,
+                                                          "FASTLLM_BACKEND": "native"})
     lines = out.strip().splitlines()
     assert lines[0] == {"avx512bf16": "avx512-bf16", "avx512": "avx512"}[isa], lines[0]
     assert lines[-1] == "ok"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_emulated_tile_paths(dtype):
+    """The tile paths this CPU lacks -- float32 split into bfloat16 parts (amx-bf16x6) without
+    AMX-BF16, float16 tiles (amx-fp16) without AMX-FP16 -- with their products emulated on
+    AVX-512 (FASTLLM_CPU_EMULATE_AMX=1, csrc/common/cpu_features.h): all of the path but the
+    tile instructions -- the packing and splitting of the operands, the fused softmax into the
+    16-bit p, both backward schemes -- through the op and its autograd on every CPU with
+    AVX512-BF16 (the checks of the bfloat16 paths above; the 2x rule). Where the CPU has the
+    tiles, the real path runs instead (as the rest of this file does)."""
+    if not cpu_has_avx512_path():
+        pytest.skip("this CPU has no AVX-512 (F/BW/DQ/VL/BF16), which the emulation runs on")
+    real = {torch.float32: "amx-bf16x6", torch.float16: "amx-fp16"}[dtype]
+    env = {"FASTLLM_CPU_ISA": "amx", "FASTLLM_BACKEND": "native"}
+    has_tiles = run_isolated("import torch\nfrom fastllm.backend import cpu_kernel_path\n"
+                             f"print(cpu_kernel_path('attention', torch.{str(dtype)[6:]}))",
+                             env=env).strip() == real
+    out = run_isolated(_path_script(dtype), env={**env, "FASTLLM_CPU_EMULATE_AMX": "1"})
+    lines = out.strip().splitlines()
+    assert lines[0] == (real if has_tiles else real + "-emu"), lines[0]
+    assert lines[-1] == "ok"
+
+
+def test_attention_emulation_flag_is_checked():
+    """FASTLLM_CPU_EMULATE_AMX takes '1' or '0'; anything else is an error naming it (on any
+    CPU: the flag is read before what the CPU has)."""
+    script = """
+    import torch
+    from fastllm.backend import cpu_kernel_path
+    try:
+        cpu_kernel_path("attention", torch.float32)
+    except Exception as e:
+        print(e)
+    """
+    out = run_isolated(script, env={"FASTLLM_CPU_EMULATE_AMX": "yes"})
+    assert "FASTLLM_CPU_EMULATE_AMX must be '1'" in out and "got 'yes'" in out, out
 
 
 def test_attention_fully_masked_rows_give_zeros(backend):

@@ -333,3 +333,16 @@ def test_contenders_are_timed_in_alternation():
     assert isinstance(timings[1], RuntimeError) and "b broke" in str(timings[1])
     for timing in (timings[0], timings[2]):
         assert isinstance(timing, Timing) and timing.repeats == 4 and timing.median_s >= 0
+
+
+def test_attention_decode_rows_name_the_decode_kernels_path():
+    """The decode cases run the CPU decode kernel (csrc/attention/attention_cpu.cpp,
+    decode_with_best: AVX-512 or AVX2), not the tile or vdpbf16ps paths that the family takes
+    for their dtype elsewhere: their rows name the decode kernel's path."""
+    from fastllm.bench.attention import decode_cases
+
+    case = decode_cases(quick=True)[0]
+    expected = {"amx-bf16": "avx512", "amx-fp16": "avx512", "amx-bf16x6": "avx512",
+                "avx512-bf16": "avx512", "avx512": "avx512", "avx2": "avx2",
+                "scalar": "scalar"}
+    assert {path: case.kernel_path(path) for path in expected} == expected

@@ -1520,17 +1520,16 @@ void pack_key_rows(const Rows<const T>& src, int64_t b, int64_t j, int64_t hk, i
 }
 
 // C (+)= A B on the path's products, for storage type T: the engine's 16-bit product, or (T =
-// float, the split path, AMX tiles only) amx::gemm_split's six with A's parts a_part and B's
-// b_part apart, B's K in segments of b_seg_k rows b_seg elements apart (see gemm_split).
+// float, the split path) the engine's six (amx::gemm_split on AMX tiles; emulated by
+// amx::gemm_split_dot, tests only) with A's parts a_part and B's b_part apart, B's K in
+// segments of b_seg_k rows b_seg elements apart (see gemm_split).
 template <class T, class Engine>
 void tile_product(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
                   const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k, int64_t b_seg,
                   float* C, int64_t ldc, bool accumulate) {
   if constexpr (std::is_same_v<T, float>) {
-    static_assert(std::is_same_v<Engine, amx::TileEngine>,
-                  "the split path's six products run on AMX tiles");
-    amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, b_seg_k, b_seg, C, ldc,
-                    accumulate);
+    Engine::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, b_seg_k, b_seg, C, ldc,
+                       accumulate);
   } else {
     (void)a_part, (void)b_part, (void)b_seg_k, (void)b_seg;
     Engine::template gemm<T>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
@@ -2206,6 +2205,14 @@ void attention_fwd_cpu(const FwdParams& p) {
       default: break;
     }
   }
+  // Tests only (FASTLLM_CPU_EMULATE_AMX): the float32 split and float16 tile paths without
+  // their tiles, on vector products (amx::DotEngine), where the CPU lacks them.
+  if (p.dtype == DType::kFloat32 && cpu::cpu_amx_split_emulated()) {
+    return attention_fwd_amx<float, amx::DotEngine>(p);
+  }
+  if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16_emulated()) {
+    return attention_fwd_amx<Half, amx::DotEngine>(p);
+  }
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_fwd_amx<BFloat16>(p);
   }
@@ -2233,6 +2240,13 @@ void attention_bwd_cpu(const BwdParams& p) {
   check_problem("attention_bwd_cpu", p);
   if (p.batch == 0) return;
 #if defined(FASTLLM_ATTENTION_CPU_X86)
+  // Tests only (FASTLLM_CPU_EMULATE_AMX), as in forward.
+  if (p.dtype == DType::kFloat16 && cpu::cpu_amx_fp16_emulated()) {
+    return attention_bwd_with<AmxBwdThread<Half, amx::DotEngine>, Half>(p);
+  }
+  if (p.dtype == DType::kFloat32 && cpu::cpu_amx_split_emulated()) {
+    return attention_bwd_with<AmxBwdThread<float, amx::DotEngine>, float>(p);
+  }
   if (p.dtype == DType::kBFloat16 && cpu::cpu_amx()) {
     return attention_bwd_with<AmxBwdThread<BFloat16>, BFloat16>(p);
   }

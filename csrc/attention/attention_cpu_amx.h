@@ -61,6 +61,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "attention/attention_cpu_avx512.h"
 #include "common/cpu_avx512.h"
@@ -375,11 +376,36 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // float32 FMA path: there the AMX tiles take bfloat16.)
 // The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers (24: 6 x 64, 8 x 48,
 // 12 x 32 or 12 x 16 floats), as avx512::gemm_tile does for float32.
-template <int R, int NV>
+//
+// kHalf: float16 elements instead, each pair widened to two float32 vectors and added by two
+// FMAs (products exact, as tdpfp16ps's). No CPU runs this by default: it stands in for the
+// AMX-FP16 tiles when FASTLLM_CPU_EMULATE_AMX asks (cpu::cpu_amx_fp16_emulated()), so that the
+// float16 tile path's packing, conversions and schemes are tested on CPUs without AMX-FP16.
+template <int R, int NV, bool kHalf = false>
 FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const uint16_t* B,
                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   __m512 c[R][NV];
   avx512::load_block(C, ldc, accumulate, c);
+  if constexpr (kHalf) {
+    for (int kk = 0; kk < pairs; ++kk) {
+      __m512 b0[NV], b1[NV];  // rows k and k + 1 of B (the pair's low and high halves)
+      for (int v = 0; v < NV; ++v) {
+        const __m512i x = _mm512_loadu_si512(B + kk * ldb + 32 * v);
+        b0[v] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
+        b1[v] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+      }
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* a = A + r * lda + 2 * kk;
+        const __m512 a0 = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<int16_t>(a[0])));
+        const __m512 a1 = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<int16_t>(a[1])));
+        for (int v = 0; v < NV; ++v) {
+          c[r][v] = _mm512_fmadd_ps(a1, b1[v], _mm512_fmadd_ps(a0, b0[v], c[r][v]));
+        }
+      }
+    }
+    avx512::store_block(C, ldc, c);
+    return;
+  }
 #pragma GCC unroll 2
   for (int kk = 0; kk < pairs; ++kk) {
     __m512bh b[NV];
@@ -404,51 +430,93 @@ FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const ui
 
 // Rows of M past the full micro-kernels (fewer than R): the largest R' = R / 2^i that fits,
 // then the rest.
-template <int NV, int R>
+template <int NV, int R, bool kHalf>
 FASTLLM_INLINE void dot_row_tail(int rows, int pairs, const uint16_t* A, int64_t lda,
                                  const uint16_t* B, int64_t ldb, float* C, int64_t ldc,
                                  bool accumulate) {
   if constexpr (R > 0) {
     if (rows >= R) {
-      dot_tile<R, NV>(pairs, A, lda, B, ldb, C, ldc, accumulate);
+      dot_tile<R, NV, kHalf>(pairs, A, lda, B, ldb, C, ldc, accumulate);
       rows -= R;
       A += R * lda;
       C += R * ldc;
     }
-    dot_row_tail<NV, R / 2>(rows, pairs, A, lda, B, ldb, C, ldc, accumulate);
+    dot_row_tail<NV, R / 2, kHalf>(rows, pairs, A, lda, B, ldb, C, ldc, accumulate);
   }
 }
 
-template <int NV>
+template <int NV, bool kHalf>
 inline void dot_columns(int M, int pairs, const uint16_t* A, int64_t lda, const uint16_t* B,
                         int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int R = avx512::kMicroRows<NV>;
   int m = 0;
   for (; m + R <= M; m += R) {
-    dot_tile<R, NV>(pairs, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate);
+    dot_tile<R, NV, kHalf>(pairs, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate);
   }
-  dot_row_tail<NV, 8>(M - m, pairs, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate);
+  dot_row_tail<NV, 8, kHalf>(M - m, pairs, A + m * lda, lda, B, ldb, C + m * ldc, ldc,
+                             accumulate);
 }
 
-// gemm's product (the same shapes and layouts) on vdpbf16ps: bfloat16 only.
+// gemm's product (the same shapes and layouts) on vdpbf16ps (bfloat16), or for kHalf on
+// widened float16 pairs (the emulation of the float16 tiles, see dot_tile).
+template <bool kHalf = false>
 inline void gemm_dot(int M, int N, int K, const uint16_t* A, int64_t lda, const uint16_t* B,
                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   const int pairs = K / 2;
   int n = 0;
   for (; n + 64 <= N; n += 64) {
-    dot_columns<4>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
+    dot_columns<4, kHalf>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
   }
   switch ((N - n) / 16) {
-    case 3: return dot_columns<3>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
-    case 2: return dot_columns<2>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
-    case 1: return dot_columns<1>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
+    case 3:
+      return dot_columns<3, kHalf>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
+    case 2:
+      return dot_columns<2, kHalf>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
+    case 1:
+      return dot_columns<1, kHalf>(M, pairs, A, lda, B + 2 * n, ldb, C + n, ldc, accumulate);
     default: return;
+  }
+}
+
+// gemm_split's product (below) on vdpbf16ps, for tests: per K step of 32, its six part pairs in
+// its order (l h, h l, m m, m h, h m, h h), each a gemm_dot over the step into a float32
+// scratch block that starts from zero, then added to C once. (The tile unit rounds a K step's
+// sum into C less often than vdpbf16ps's pair-by-pair additions would: those, straight into
+// C, put the forward's out at 4.5x torch's float32 error at T 1023, D 32, where the split path
+// on AMX tiles measured 0.3-1.2x; summed per step as here, within the tests' rule.) Several
+// times the FMA path's time: no CPU runs it by default. It stands in for the split path's tiles
+// when FASTLLM_CPU_EMULATE_AMX asks (cpu::cpu_amx_split_emulated()), so that the float32 split
+// path's packing, conversions and schemes are tested on CPUs without AMX.
+inline void gemm_split_dot(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
+                           const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k,
+                           int64_t b_seg, float* C, int64_t ldc, bool accumulate) {
+  static constexpr int kPairs[6][2] = {{2, 0}, {0, 2}, {1, 1}, {1, 0}, {0, 1}, {0, 0}};
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(M) * N);
+  for (int k = 0; k < K; k += 32) {
+    const uint16_t* b = B + (k / b_seg_k) * b_seg + static_cast<int64_t>(k % b_seg_k / 2) * ldb;
+    for (int i = 0; i < 6; ++i) {
+      gemm_dot(M, N, 32, A + k + kPairs[i][0] * a_part, lda, b + kPairs[i][1] * b_part, ldb,
+               scratch.data(), N, i > 0);
+    }
+    const bool add = accumulate || k > 0;
+    for (int m = 0; m < M; ++m) {
+      float* c = C + static_cast<int64_t>(m) * ldc;
+      const float* t = scratch.data() + static_cast<int64_t>(m) * N;
+      for (int n = 0; n < N; n += 16) {
+        const __m512 step = _mm512_loadu_ps(t + n);
+        _mm512_storeu_ps(c + n, add ? _mm512_add_ps(_mm512_loadu_ps(c + n), step) : step);
+      }
+    }
   }
 }
 
 // The engines that run the 16-bit path's products (attention_cpu.cpp's attention_fwd_amx and
 // AmxBwdThread take one): the AMX tiles, configured per thread for the scope's lifetime, or
-// vdpbf16ps (bfloat16 only; nothing to configure).
+// vector instructions on the same packed operands (nothing to configure): vdpbf16ps for
+// bfloat16 -- the avx512-bf16 path --, and the emulations of the float16 tiles and of the
+// float32 split products (gemm_dot<true>, gemm_split_dot: tests only, see
+// cpu::amx_emulation()).
 struct TileEngine {
   using Scope = TileScope;
   template <class E>
@@ -456,14 +524,21 @@ struct TileEngine {
                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
     amx::gemm<E>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   }
+  static void gemm_split(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
+                         const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k,
+                         int64_t b_seg, float* C, int64_t ldc, bool accumulate);
 };
 struct DotEngine {
   struct Scope {};
   template <class E>
   static void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint16_t* B,
                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-    static_assert(!kIsHalf<E>, "vdpbf16ps takes bfloat16 elements only");
-    gemm_dot(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    gemm_dot<kIsHalf<E>>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+  static void gemm_split(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
+                         const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k,
+                         int64_t b_seg, float* C, int64_t ldc, bool accumulate) {
+    gemm_split_dot(M, N, K, A, lda, a_part, B, ldb, b_part, b_seg_k, b_seg, C, ldc, accumulate);
   }
 };
 
@@ -656,6 +731,13 @@ inline void gemm_split(int M, int N, int K, const uint16_t* A, int64_t lda, int6
       if (two_cols) _tile_stored(1, c0 + 16, c_stride);
     }
   }
+}
+
+inline void TileEngine::gemm_split(int M, int N, int K, const uint16_t* A, int64_t lda,
+                                   int64_t a_part, const uint16_t* B, int64_t ldb,
+                                   int64_t b_part, int b_seg_k, int64_t b_seg, float* C,
+                                   int64_t ldc, bool accumulate) {
+  amx::gemm_split(M, N, K, A, lda, a_part, B, ldb, b_part, b_seg_k, b_seg, C, ldc, accumulate);
 }
 
 // ---- packing 16-bit storage rows (row r at first + r * stride_t, element d at + d *

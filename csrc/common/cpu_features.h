@@ -181,5 +181,41 @@ inline bool cpu_amx_fp16() {
   return amx_fp16;
 }
 
+// Tests only: FASTLLM_CPU_EMULATE_AMX=1 lets attention's tile paths that this CPU cannot run
+// -- float32 split into bfloat16 parts (amx-bf16x6) without AMX-BF16, float16 tiles
+// (amx-fp16) without AMX-FP16 -- run with their products emulated by AVX-512 vector code on
+// the same packed operands (paths "amx-bf16x6-emu", "amx-fp16-emu"), so that everything of
+// those paths but the tile instructions is tested on any AVX-512 machine. Slower than the
+// paths the CPU would otherwise take: never for production. Needs the vector path that
+// carries them (the AVX-512 path with AVX512-BF16, FASTLLM_CPU_ISA at avx512bf16 or above);
+// "0" or unset: off; anything else is an error naming the value.
+inline bool requested_amx_emulation() {
+  const char* requested = std::getenv("FASTLLM_CPU_EMULATE_AMX");
+  if (requested == nullptr || *requested == '\0' || std::strcmp(requested, "0") == 0) {
+    return false;
+  }
+  if (std::strcmp(requested, "1") == 0) return true;
+  throw std::invalid_argument(
+      std::string("FASTLLM_CPU_EMULATE_AMX must be '1' (emulate the AMX tile paths this CPU "
+                  "lacks, for tests) or '0', got '") +
+      requested + "'");
+}
+
+inline bool detect_amx_emulation() {
+  return requested_amx_emulation() && requested_isa_cap() >= IsaCap::kAvx512Bf16 &&
+         detect_cpu_avx512();
+}
+
+inline bool amx_emulation() {
+  static const bool emulate = detect_amx_emulation();
+  return emulate;
+}
+
+// float32 attention on the split path's emulated products (see above).
+inline bool cpu_amx_split_emulated() { return amx_emulation() && !cpu_amx(); }
+
+// float16 attention on the float16 tile path's emulated products (see above).
+inline bool cpu_amx_fp16_emulated() { return amx_emulation() && !cpu_amx_fp16(); }
+
 }  // namespace cpu
 }  // namespace fastllm

@@ -21,6 +21,10 @@ constexpr const char* kAmxFp16 = "amx-fp16";  // float16 tile products (cpu_amx_
 constexpr const char* kAmxBf16x6 = "amx-bf16x6";
 // bfloat16 products on AVX512-BF16's vdpbf16ps (cpu_avx512_dot()): attention
 constexpr const char* kAvx512Bf16 = "avx512-bf16";
+// the two tile paths with their products emulated on AVX-512 (FASTLLM_CPU_EMULATE_AMX, tests
+// only: cpu_features.h's amx_emulation())
+constexpr const char* kAmxBf16x6Emu = "amx-bf16x6-emu";
+constexpr const char* kAmxFp16Emu = "amx-fp16-emu";
 constexpr const char* kAvx512 = "avx512";
 constexpr const char* kAvx2 = "avx2";
 constexpr const char* kScalar = "scalar";
@@ -44,10 +48,14 @@ struct FamilyPath {
 constexpr FamilyPath kTable[] = {
     // attention/attention_cpu.cpp attention_{fwd,bwd}_cpu: bfloat16 (AMX-BF16) and float16
     // (AMX-FP16) on AMX tiles where allowed, float32 split into bfloat16 parts on AMX-BF16;
-    // bfloat16 on vdpbf16ps without AMX (cpu_avx512_dot);
+    // bfloat16 on vdpbf16ps without AMX (cpu_avx512_dot); float32 split / float16 tile paths
+    // with emulated products where asked (tests only: cpu_amx_split_emulated, _fp16_emulated);
     // with_best_ops otherwise: float64 scalar; AVX-512, AVX2 tiles.
     {"attention",
      [](DType d) {
+       // (the emulation first: its flag is checked on every machine)
+       if (d == DType::kFloat32 && cpu_amx_split_emulated()) return kAmxBf16x6Emu;
+       if (d == DType::kFloat16 && cpu_amx_fp16_emulated()) return kAmxFp16Emu;
        if (d == DType::kBFloat16 && cpu_amx()) return kAmxBf16;
        if (d == DType::kBFloat16 && cpu_avx512_dot()) return kAvx512Bf16;
        if (d == DType::kFloat32 && cpu_amx()) return kAmxBf16x6;

@@ -422,9 +422,12 @@ class DecodeAttentionCase(AttentionCase):
 
     def kernel_path(self, family_path: str) -> str:
         """The CPU decode kernel runs on the family's AVX-512 or AVX2 path, and on AVX-512
-        where the family's bfloat16 / float16 path is AMX (a CPU with AMX has AVX-512); on
-        the scalar path the family's tile kernels run the case."""
-        return "avx512" if family_path.startswith("amx-") else family_path
+        where the family's path for the dtype is a tile or vdpbf16ps one (amx-*,
+        avx512-bf16: such a CPU has AVX-512); on the scalar path the family's tile kernels
+        run the case."""
+        if family_path.startswith("amx-") or family_path == "avx512-bf16":
+            return "avx512"
+        return family_path
 
     def flops(self) -> int:
         batch, heads, seqlen, head_dim = self.shape

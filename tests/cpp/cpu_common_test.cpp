@@ -98,9 +98,43 @@ TEST_CASE(float16_matches_Float16) {
 }
 #endif
 
+// Puts an environment variable back as it was (set or unset) at the end of a scope.
+class RestoredEnv {
+ public:
+  explicit RestoredEnv(const char* name) : name_(name) {
+    const char* value = std::getenv(name);
+    was_set_ = value != nullptr;
+    if (was_set_) value_ = value;
+  }
+  ~RestoredEnv() {
+    if (was_set_) {
+      setenv(name_, value_.c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  RestoredEnv(const RestoredEnv&) = delete;
+  RestoredEnv& operator=(const RestoredEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool was_set_ = false;
+  std::string value_;
+};
+
+// Whether f() throws std::invalid_argument whose message names value (quoted).
+template <class F>
+bool throws_naming(F f, const std::string& value) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return std::string(e.what()).find("'" + value + "'") != std::string::npos;
+  }
+  return false;
+}
+
 TEST_CASE(cpu_isa_switch) {
-  const char* saved = std::getenv("FASTLLM_CPU_ISA");
-  const std::string saved_value = saved ? saved : "";
+  const RestoredEnv restore("FASTLLM_CPU_ISA");
   using fastllm::cpu::CpuIsa;
   setenv("FASTLLM_CPU_ISA", "scalar", 1);
   CHECK(fastllm::cpu::detect_cpu_isa() == CpuIsa::kScalar, "FASTLLM_CPU_ISA=scalar not honoured");
@@ -130,18 +164,28 @@ TEST_CASE(cpu_isa_switch) {
         "FASTLLM_CPU_ISA=amx must take the vdpbf16ps products exactly on AVX512-BF16 CPUs "
         "without AMX-BF16");
   setenv("FASTLLM_CPU_ISA", "avx1024", 1);
-  bool threw = false;
-  try {
-    fastllm::cpu::detect_cpu_isa();
-  } catch (const std::invalid_argument& e) {
-    threw = std::string(e.what()).find("'avx1024'") != std::string::npos;
-  }
-  CHECK(threw, "FASTLLM_CPU_ISA=avx1024 must throw std::invalid_argument naming the value");
-  if (saved) {
-    setenv("FASTLLM_CPU_ISA", saved_value.c_str(), 1);
-  } else {
-    unsetenv("FASTLLM_CPU_ISA");
-  }
+  CHECK(throws_naming([] { fastllm::cpu::detect_cpu_isa(); }, "avx1024"),
+        "FASTLLM_CPU_ISA=avx1024 must throw std::invalid_argument naming the value");
+}
+
+TEST_CASE(amx_emulation_switch) {
+  const RestoredEnv restore_isa("FASTLLM_CPU_ISA");
+  const RestoredEnv restore_emulation("FASTLLM_CPU_EMULATE_AMX");
+  unsetenv("FASTLLM_CPU_ISA");
+  unsetenv("FASTLLM_CPU_EMULATE_AMX");
+  CHECK(!fastllm::cpu::detect_amx_emulation(), "the AMX emulation must be off when unset");
+  setenv("FASTLLM_CPU_EMULATE_AMX", "0", 1);
+  CHECK(!fastllm::cpu::detect_amx_emulation(), "FASTLLM_CPU_EMULATE_AMX=0 must mean off");
+  setenv("FASTLLM_CPU_EMULATE_AMX", "1", 1);
+  CHECK(fastllm::cpu::detect_amx_emulation() == fastllm::cpu::cpu_has_avx512_bf16(),
+        "FASTLLM_CPU_EMULATE_AMX=1 must turn the emulation on exactly where AVX-512 runs");
+  setenv("FASTLLM_CPU_ISA", "avx512", 1);
+  CHECK(!fastllm::cpu::detect_amx_emulation(),
+        "FASTLLM_CPU_ISA=avx512 (FMAs only) must keep the emulation off");
+  unsetenv("FASTLLM_CPU_ISA");
+  setenv("FASTLLM_CPU_EMULATE_AMX", "yes", 1);
+  CHECK(throws_naming([] { fastllm::cpu::detect_amx_emulation(); }, "yes"),
+        "FASTLLM_CPU_EMULATE_AMX=yes must throw std::invalid_argument naming the value");
 }
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -480,13 +480,14 @@ inline void gemm_dot(int M, int N, int K, const uint16_t* A, int64_t lda, const 
 
 // gemm_split's product (below) on vdpbf16ps, for tests: per K step of 32, its six part pairs in
 // its order (l h, h l, m m, m h, h m, h h), each a gemm_dot over the step into a float32
-// scratch block that starts from zero, then added to C once. (The tile unit rounds a K step's
-// sum into C less often than vdpbf16ps's pair-by-pair additions would: those, straight into
-// C, put the forward's out at 4.5x torch's float32 error at T 1023, D 32, where the split path
-// on AMX tiles measured 0.3-1.2x; summed per step as here, within the tests' rule.) Several
-// times the FMA path's time: no CPU runs it by default. It stands in for the split path's tiles
-// when FASTLLM_CPU_EMULATE_AMX asks (cpu::cpu_amx_split_emulated()), so that the float32 split
-// path's packing, conversions and schemes are tested on CPUs without AMX.
+// scratch block that starts from zero, then added to C once. (Added pair by pair straight into
+// C, as vdpbf16ps adds, the forward's out measured 4.5x torch's float32 error at T 1023, D 32,
+// where the split path on AMX tiles measured 0.3-1.2x: the tile unit evidently rounds into C
+// less often. Summed per step as here: 0.3-0.6x at the tests' shapes.) 3.2x the FMA path's
+// time (forward, B1 H8 T1024 D64, one Zen 4 thread): no CPU runs it by default. It stands in
+// for the split path's tiles when FASTLLM_CPU_EMULATE_AMX asks (cpu::cpu_amx_split_emulated()),
+// so that the float32 split path's packing, conversions and schemes are tested on CPUs without
+// AMX.
 inline void gemm_split_dot(int M, int N, int K, const uint16_t* A, int64_t lda, int64_t a_part,
                            const uint16_t* B, int64_t ldb, int64_t b_part, int b_seg_k,
                            int64_t b_seg, float* C, int64_t ldc, bool accumulate) {

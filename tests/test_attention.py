@@ -250,8 +250,6 @@ def _path_script(dtype: torch.dtype) -> str:
 # The native bfloat16 paths a CPU may take besides its best one: avx512bf16 -- the vdpbf16ps
 # products, the default on AVX512-BF16 CPUs without AMX, asked for by name on those with it --
 # and avx512, the widened float32 FMA path. (The best path runs every test of this file.)
-
-
 @pytest.mark.parametrize("isa", ["avx512bf16", "avx512"])
 def test_attention_bfloat16_other_cpu_paths(isa):
     """bfloat16 through the op and its autograd on the path FASTLLM_CPU_ISA=isa leaves this

@@ -73,6 +73,9 @@
 //     and ds rounded alike; on a Zen 4 core 1.7-1.9x the widened float32 path. On Sapphire
 //     Rapids vdpbf16ps measured 0.52 ns per instruction (123 GFLOP/s against ~185 for two
 //     FMA ports), so CPUs with AMX-BF16 take it only when FASTLLM_CPU_ISA=avx512bf16 asks.
+//     For tests, FASTLLM_CPU_EMULATE_AMX=1 runs the float32 split and float16 tile paths on
+//     a CPU without their tiles the same way, with DotEngine's emulated products (paths
+//     "amx-bf16x6-emu", "amx-fp16-emu"; never for production).
 //   - Decoding (a forward without backward with at most kDecodeMaxRows query rows per
 //     (batch, kv head): a token or a few against a KV cache) takes a kernel of its own on
 //     AVX-512 and AVX2 (attention_cpu_decode.inc; its section below): scores straight from

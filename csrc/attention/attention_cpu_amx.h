@@ -116,9 +116,13 @@ class TileScope {
 // intrinsic for it (GCC 13 added -mamx-fp16), so the instruction is written as its bytes:
 // VEX.128.F2.0F38.W0 5C /r, ModRM.reg = C, ModRM.r/m = A, VEX.vvvv = B (inverted) -- the
 // encoding of tdpbf16ps with the F2 instead of the F3 prefix. The tile numbers are literals.
+// (tests/cpp/amx_tiles_emulated_test.cpp defines its own first, as it does the GCC tile
+// intrinsics, to run the tile code below on emulated tiles.)
+#ifndef FASTLLM_AMX_TDPFP16PS
 #define FASTLLM_AMX_TDPFP16PS(C, A, B)                                               \
   __asm__ volatile(".byte 0xc4, 0xe2, %c0, 0x5c, %c1" ::"i"(0x03 | ((~(B)&15) << 3)), \
                    "i"(0xc0 | ((C) << 3) | (A)))
+#endif
 
 // The product runs as jobs of one 16-row strip x 32 columns of C (2 C tiles; 16 at a ragged
 // right edge), alternating between two sets of tile registers: C tiles 0-1 with A tile 4 and

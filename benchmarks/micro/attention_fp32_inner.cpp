@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "attention/attention_cpu_avx512.h"
+#include "chain_timing.h"
 #include "common/cpu_aligned.h"
 
 namespace {
@@ -94,33 +95,6 @@ void measure(int T, int D) {
   }
 }
 
-// 12 independent chains of 16-lane FMAs as named registers (an array of them stays in memory
-// under GCC -O2), as benchmarks/micro/vdpbf16ps_rate.cpp.
-#define FOR_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define DECLARE(i) __m512 c##i = _mm512_set1_ps(1e-3f * (i));
-#define STEP(i) c##i = _mm512_fmadd_ps(a, b, c##i);
-#define SUM(i) sum = _mm512_add_ps(sum, c##i);
-
-__attribute__((target("avx512f,fma"))) double fma_peak(float* sink) {
-  __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
-  __asm__ volatile("" : "+v"(a), "+v"(b));
-  FOR_CHAINS(DECLARE)
-  constexpr long kIterations = 20'000'000;
-  const auto start = std::chrono::steady_clock::now();
-  for (long n = 0; n < kIterations; ++n) {
-    FOR_CHAINS(STEP)
-    __asm__ volatile("" : "+v"(c0));
-  }
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  __m512 sum = _mm512_setzero_ps();
-  FOR_CHAINS(SUM)
-  float lanes[16];
-  _mm512_storeu_ps(lanes, sum);
-  for (float x : lanes) *sink += x;
-  return kIterations * 12.0 * 32.0 / seconds * 1e-9;
-}
-
 }  // namespace
 
 int main() {
@@ -131,7 +105,11 @@ int main() {
   }
   float sink = 0.0f;
   double peak = 0.0;
-  for (int run = 0; run < 5; ++run) peak = std::max(peak, fma_peak(&sink));
+  for (int run = 0; run < 5; ++run) {
+    const double seconds = chain_timing::time_fma(&sink);
+    peak = std::max(peak, chain_timing::kIterations * chain_timing::kChains * 32.0 / seconds *
+                              1e-9);
+  }
   std::printf("16-lane FMA peak:                   %6.1f GFLOP/s (sink %g)\n", peak,
               static_cast<double>(sink));
   measure(1024, 64);

@@ -19,42 +19,17 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
+
+#include "chain_timing.h"
 
 namespace {
 
-constexpr long kIterations = 20'000'000;
-constexpr int kChains = 12;
+using chain_timing::kChains;
+using chain_timing::kIterations;
+using chain_timing::time_fma;
 
 #define TARGET __attribute__((target("avx512f,avx512bf16,fma")))
-// The 12 chains as named registers (an array of them stays in memory under GCC -O2).
-#define FOR_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define DECLARE(i) __m512 c##i = _mm512_set1_ps(1e-3f * (i));
-#define STORE(i) _mm512_storeu_ps(out + 16 * (i), c##i);
-
-// Seconds for kIterations x kChains of STEP(i) (which updates c<i>); the chains' lanes are
-// added into *sink, which keeps them alive.
-#define TIMED_LOOP(STEP)                                                                 \
-  FOR_CHAINS(DECLARE)                                                                    \
-  const auto start = std::chrono::steady_clock::now();                                   \
-  for (long n = 0; n < kIterations; ++n) {                                               \
-    FOR_CHAINS(STEP)                                                                     \
-    __asm__ volatile("" : "+v"(c0));                                                     \
-  }                                                                                      \
-  const double seconds =                                                                 \
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();   \
-  float out[16 * kChains];                                                               \
-  FOR_CHAINS(STORE)                                                                      \
-  for (float x : out) *sink += x;                                                        \
-  return seconds;
-
-TARGET double time_fma(float* sink) {
-  __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
-  __asm__ volatile("" : "+v"(a), "+v"(b));
-#define FMA_STEP(i) c##i = _mm512_fmadd_ps(a, b, c##i);
-  TIMED_LOOP(FMA_STEP)
-}
 
 TARGET double time_dpbf16(float* sink) {
   __m512i a = _mm512_set1_epi32(0x3f803f80), b = _mm512_set1_epi32(0x3f7f3f7f);
@@ -62,7 +37,7 @@ TARGET double time_dpbf16(float* sink) {
 #define DOT_STEP(i)                                                              \
   c##i = _mm512_dpbf16_ps(c##i, reinterpret_cast<const __m512bh&>(a),            \
                           reinterpret_cast<const __m512bh&>(b));
-  TIMED_LOOP(DOT_STEP)
+  CHAIN_TIMING_LOOP(DOT_STEP)
 }
 
 }  // namespace

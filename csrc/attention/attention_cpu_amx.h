@@ -2,10 +2,11 @@
 // (attention_cpu.cpp; x86 only; run only after cpu::cpu_amx() -- bfloat16 -- or
 // cpu::cpu_amx_fp16() -- float16 -- returned true): 16-bit tile products on the AMX tile unit,
 // and the packing of the operands into the layouts it reads. The packing, the softmax and
-// conversions, and DotEngine's vdpbf16ps products on the same layouts (no tile instruction)
-// also run without AMX, after cpu::cpu_avx512_dot() returned true. float32 attention runs on the
-// same bfloat16 tiles with its operands split into three bfloat16 parts (split3, gemm_split;
-// attention_fwd_amx<float>, AmxBwdThread<float>).
+// conversions, and DotEngine's vector products on the same layouts (no tile instruction)
+// also run without AMX: bfloat16 on vdpbf16ps after cpu::cpu_avx512_dot() returned true, and
+// the float32 / float16 paths' emulated products under cpu::amx_emulation() (tests only).
+// float32 attention runs on the same bfloat16 tiles with its operands split into three
+// bfloat16 parts (split3, gemm_split; attention_fwd_amx<float>, AmxBwdThread<float>).
 //
 // One AMX instruction, tdpbf16ps (AMX-BF16; tdpfp16ps, AMX-FP16, for float16 elements), adds
 // the product of a 16 x 32 tile A of 16-bit elements (16 rows of 64 bytes) and a 32 x 16 tile

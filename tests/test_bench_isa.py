@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastllm.bench.common import EAGER, FASTLLM, Result, cpu_isa_features, fastllm_path
+from fastllm.bench.common import (
+    EAGER, FASTLLM, TORCH_CPU_ISA_CAPS, Result, cpu_isa_features, fastllm_path, torch_cpu_isa,
+)
 from fastllm.cli import main
 from fastllm.ops import norm as norm_ops
 from tests.hostile import run_isolated
@@ -159,9 +161,14 @@ def test_bench_shows_paths_and_plots(tmp_path):
     for isa, has in features.items():
         assert f"{isa} (" in run.stdout and f") {'yes' if has else 'no'}" in run.stdout
     assert "FASTLLM_CPU_ISA unset: each kernel takes the best path it has" in run.stdout
+    # and the level torch's own kernels run at (the child saw no ATEN_CPU_CAPABILITY cap
+    # unless this process did)
+    torch_level = torch.backends.cpu.get_cpu_capability()
+    assert f"torch's CPU kernels: {torch_level}" in run.stdout
 
     report = json.loads(out_json.read_text())
     assert report["machine"]["cpu_isa"] == features
+    assert report["machine"]["torch_cpu_isa"].startswith(torch_level)
     results = [Result(**r) for r in report["results"]]
     fastllm_rows = [r for r in results if r.contender == FASTLLM]
     assert [r.family for r in fastllm_rows] == ["norm", "mlp"]
@@ -285,3 +292,15 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypat
     assert "fastllm bench --plot needs matplotlib, which is not installed" in err
     assert "pip install 'fastllm[plot]'" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_cpu_isa_names_the_caps(monkeypatch):
+    """The header's words on torch's own level: get_cpu_capability(), and each cap that is
+    set, so a record timed with torch held to AVX2 says so."""
+    for name in TORCH_CPU_ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    level = torch.backends.cpu.get_cpu_capability()
+    assert torch_cpu_isa() == level
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert torch_cpu_isa() == f"{level} (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"

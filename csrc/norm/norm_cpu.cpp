@@ -40,7 +40,10 @@
 //     AVX2/FMA/F16C vectors of 8 floats or 4 doubles, both from one source
 //     (norm_cpu_simd.h) and with partial vectors at row tails, and a portable scalar path for
 //     every other CPU, which is also the plainest statement of the algorithm.
-//     FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones.
+//     FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones. The AVX2 path's bfloat16 forward
+//     runs the same source on 16 floats in even/odd order (common/cpu_avx2_even_odd.h: no
+//     shuffles to widen and round bfloat16, which bound it: 1.3x faster, from 0.89-1.0x
+//     torch.compile to 1.16-1.22x on a Zen 4 core with torch held to AVX2 as well).
 //   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
 //     are written: fresh pages cost more than the kernel (common/cpu_memory.h).
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
@@ -67,6 +70,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include "common/cpu_avx2.h"
+#include "common/cpu_avx2_even_odd.h"
 #include "common/cpu_avx512.h"
 #define FASTLLM_NORM_CPU_AVX2 1
 #endif
@@ -196,6 +200,8 @@ template <class T>
 using Vec = cpu::avx2::Vec<T>;
 template <class T>
 inline constexpr int kLanes = cpu::avx2::kLanes<T>;
+template <class T>
+using ParamOf = AccOf<T>;
 using cpu::avx2::broadcast;
 using cpu::avx2::fmadd;
 using cpu::avx2::fnmadd;
@@ -209,6 +215,31 @@ using cpu::avx2::storen;
 #include "norm/norm_cpu_simd.h"
 
 }  // namespace avx2_path
+
+// The bfloat16 forward on AVX2 CPUs: the same code on 16 floats held as the even and the
+// odd elements of a block (cpu_avx2_even_odd.h), which widens and rounds bfloat16 without
+// shuffles; weight and bias are read in that order from copies norm_fwd_typed makes. The
+// backward stays on avx2_path (no ParamOf there: this namespace has no float loads for it).
+namespace avx2_even_odd_path {
+
+using cpu::avx2_even_odd::EvenOddFloat;
+using cpu::avx2_even_odd::Vec;
+using cpu::avx2_even_odd::kLanes;
+template <class T>
+using ParamOf = EvenOddFloat;
+using cpu::avx2_even_odd::broadcast;
+using cpu::avx2_even_odd::fmadd;
+using cpu::avx2_even_odd::fnmadd;
+using cpu::avx2_even_odd::for_each_chunk;
+using cpu::avx2_even_odd::hsum;
+using cpu::avx2_even_odd::keep_first;
+using cpu::avx2_even_odd::kSlots;
+using cpu::avx2_even_odd::loadn;
+using cpu::avx2_even_odd::storen;
+
+#include "norm/norm_cpu_simd.h"
+
+}  // namespace avx2_even_odd_path
 FASTLLM_AVX2_END
 
 // ---- AVX-512 path -------------------------------------------------------------------------
@@ -225,6 +256,8 @@ template <class T>
 using Vec = __m512;
 template <class T>
 inline constexpr int kLanes = 16;
+template <class T>
+using ParamOf = float;
 using cpu::avx512::broadcast;
 using cpu::avx512::fmadd;
 using cpu::avx512::fnmadd;
@@ -251,9 +284,28 @@ FASTLLM_AVX512_END
 template <class T>
 void norm_fwd_typed(const FwdParams& p) {
   void (*rows_fn)(const FwdParams&, int64_t, int64_t) = &norm_fwd_rows_scalar<T>;
+  FwdParams params = p;  // what rows_fn reads: p, or p with other weight / bias arrays
 #if defined(FASTLLM_NORM_CPU_AVX2)
   if constexpr (!std::is_same_v<T, double>) {
     if (cpu::cpu_avx512()) rows_fn = &avx512_path::norm_fwd_rows<T>;
+  }
+  // bfloat16 on AVX2: the even/odd layout, its weight and bias copied into that order.
+  std::unique_ptr<cpu::avx2_even_odd::EvenOddFloat[]> even_odd;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (rows_fn == &norm_fwd_rows_scalar<T> && cpu::cpu_isa() == cpu::CpuIsa::kAvx2) {
+      namespace eo = cpu::avx2_even_odd;
+      const int64_t size = eo::even_odd_size(p.cols);
+      even_odd.reset(new eo::EvenOddFloat[2 * size]);
+      if (p.weight != nullptr) {
+        eo::to_even_odd(static_cast<const float*>(p.weight), p.cols, even_odd.get());
+        params.weight = even_odd.get();
+      }
+      if (p.bias != nullptr) {
+        eo::to_even_odd(static_cast<const float*>(p.bias), p.cols, even_odd.get() + size);
+        params.bias = even_odd.get() + size;
+      }
+      rows_fn = &avx2_even_odd_path::norm_fwd_rows<T>;
+    }
   }
   if (rows_fn == &norm_fwd_rows_scalar<T> && cpu::cpu_isa() == cpu::CpuIsa::kAvx2) {
     rows_fn = &avx2_path::norm_fwd_rows<T>;
@@ -267,7 +319,7 @@ void norm_fwd_typed(const FwdParams& p) {
   {
     const int t = omp_get_thread_num();
     const int nt = omp_get_num_threads();
-    rows_fn(p, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
+    rows_fn(params, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
   }
 }
 

@@ -1,10 +1,13 @@
 // The vector paths of norm_cpu.cpp, written once: norm_cpu.cpp includes this file inside its
-// AVX2 region (namespace avx2_path: W = 8 floats or 4 doubles, cpu_avx2.h) and inside its
-// AVX-512 region (namespace avx512_path: W = 16 floats, cpu_avx512.h), after each has
-// defined the names used here: Vec<T> and kLanes<T> (the vector of T's accumulation type and
-// its lanes), kSlots, broadcast, fmadd, fnmadd, hsum (of one vector), keep_first, loadn,
-// storen and for_each_chunk<W>. The partial vector at a row's end loads with its padding lanes
-// at zero. No include guard: it is meant to be included twice.
+// AVX2 region (namespace avx2_path: W = 8 floats or 4 doubles, cpu_avx2.h; and
+// avx2_even_odd_path, the bfloat16 forward on 16 floats in even/odd order,
+// cpu_avx2_even_odd.h) and inside its AVX-512 region (namespace avx512_path: W = 16 floats,
+// cpu_avx512.h), after each has defined the names used here: Vec<T> and kLanes<T> (the
+// vector of T's accumulation type and its lanes), ParamOf<T> (the element type of the
+// forward's weight and bias arrays: T's accumulation type, or EvenOddFloat), kSlots,
+// broadcast, fmadd, fnmadd, hsum (of one vector), keep_first, loadn, storen and
+// for_each_chunk<W>. The partial vector at a row's end loads with its padding lanes at zero.
+// No include guard: it is meant to be included more than once.
 
 // kSums vector sums over [0, n) in blocks of kSumBlock: body(j, m, acc) adds the terms of
 // chunk [j, j + m) into acc[0..kSums), one of kSlots sets of block accumulators.
@@ -42,8 +45,8 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end) {
   constexpr int W = kLanes<T>;
   const int64_t n = p.cols;
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
-  const Acc* w = static_cast<const Acc*>(p.weight);
-  const Acc* b = static_cast<const Acc*>(p.bias);
+  const ParamOf<T>* w = static_cast<const ParamOf<T>*>(p.weight);
+  const ParamOf<T>* b = static_cast<const ParamOf<T>*>(p.bias);
   const bool prefetch_rows =
       p.rows * std::max<int64_t>(p.x_row_stride, n) * static_cast<int64_t>(sizeof(T)) >=
       kPrefetchMinBytes;

@@ -356,8 +356,10 @@ def cpu_isa_features() -> Optional[dict[str, bool]]:
     return None
 
 
-def describe_cpu_isa(features: Optional[dict[str, bool]], cap: Optional[str]) -> str:
-    """The header's line on the CPU's instruction sets and the ``FASTLLM_CPU_ISA`` cap."""
+def describe_cpu_isa(features: Optional[dict[str, bool]], cap: Optional[str],
+                     torch_isa: Optional[str] = None) -> str:
+    """The header's line on the CPU's instruction sets, the ``FASTLLM_CPU_ISA`` cap and
+    (``torch_isa``: ``torch_cpu_isa()``) the level torch's own kernels run at."""
     if features is None:
         present = "unknown (no /proc/cpuinfo)"
     else:
@@ -367,7 +369,8 @@ def describe_cpu_isa(features: Optional[dict[str, bool]], cap: Optional[str]) ->
         )
     limit = f"FASTLLM_CPU_ISA={cap} caps the paths" if cap else (
         "FASTLLM_CPU_ISA unset: each kernel takes the best path it has")
-    return f"CPU instruction sets: {present}; {limit}"
+    line = f"CPU instruction sets: {present}; {limit}"
+    return line + (f"; torch's CPU kernels: {torch_isa}" if torch_isa else "")
 
 
 @dataclasses.dataclass
@@ -387,6 +390,23 @@ class Machine:
     gemm_gflops: Optional[dict[str, float]] = None
     cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
     cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
+    torch_cpu_isa: Optional[str] = None  # CPU only: torch_cpu_isa()
+
+
+# The environment variables that cap torch's own CPU code: its vectorised kernels (and
+# torch.compile's generated C++), oneDNN's and MKL's. Set all three (=avx2 / =AVX2 / =AVX2)
+# beside FASTLLM_CPU_ISA=avx2 to time both sides as an AVX2-only CPU would run them.
+TORCH_CPU_ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def torch_cpu_isa() -> str:
+    """The header's words on torch's own CPU instruction set: the level its vectorised
+    kernels run at (``torch.backends.cpu.get_cpu_capability()``) and any of
+    ``TORCH_CPU_ISA_CAPS`` that is set."""
+    get = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    level = get() if get is not None else "unknown"
+    caps = [f"{name}={os.environ[name]}" for name in TORCH_CPU_ISA_CAPS if os.environ.get(name)]
+    return f"{level}" + (f" ({', '.join(caps)})" if caps else "")
 
 
 def measure_machine(device: torch.device, quick: bool) -> Machine:
@@ -403,6 +423,7 @@ def measure_machine(device: torch.device, quick: bool) -> Machine:
         first_touch_gbs=first_touch_gbs(device, repeats=repeats) if cpu else None,
         cpu_isa=cpu_isa_features() if cpu else None,
         cpu_isa_cap=(os.environ.get("FASTLLM_CPU_ISA") or None) if cpu else None,
+        torch_cpu_isa=torch_cpu_isa() if cpu else None,
     )
 
 

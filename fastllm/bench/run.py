@@ -200,7 +200,7 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         f"fastllm timed on backend: {backend_note}",
     ]
     if not machine.device.startswith("cuda"):
-        lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap))
+        lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap, machine.torch_cpu_isa))
     n = gemm_size(torch.device(machine.device))
     for dtype, rate in (machine.gemm_gflops or {}).items():
         lines.append(f"{dtype} GEMM ceiling (torch.mm of {n} x {n} {dtype} matrices, best of "

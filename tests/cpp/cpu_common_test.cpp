@@ -16,6 +16,7 @@
 #include "common/cpu_features.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include "common/cpu_avx2.h"
+#include "common/cpu_avx2_even_odd.h"
 #endif
 
 namespace {
@@ -259,6 +260,72 @@ void check_avx2_tails() {
   CHECK(avx2::hsum(avx2::load(src_d)) == 10.0, "hsum(double)");
 }
 
+// The even/odd layout (cpu_avx2_even_odd.h): loads and stores of bfloat16 bit for bit as
+// the scalar conversions, in element order (the even/odd split undone by the store), tails,
+// keep_first, the order to_even_odd writes a float array in, and hsum.
+void check_avx2_even_odd() {
+  namespace eo = fastllm::cpu::avx2_even_odd;
+  std::vector<uint32_t> bits = sample_float_bits();
+  while (bits.size() % 16 != 0) bits.push_back(0);  // whole blocks: the specials come last
+  for (size_t i = 0; i + 16 <= bits.size(); i += 16) {
+    float in[16];
+    for (int k = 0; k < 16; ++k) in[k] = float_of(bits[i + k]);
+    // float -> bfloat16 through the layout: load the floats in even/odd order, store.
+    eo::EvenOddFloat ordered[16];
+    eo::to_even_odd(in, 16, ordered);
+    BFloat16 bf[16];
+    eo::store(bf, eo::load(ordered));
+    for (int k = 0; k < 16; ++k) {
+      const uint16_t want = fastllm::cpu::to_bfloat16(in[k]).bits;
+      CHECK(bf[k].bits == want, "even/odd float 0x%08x -> bfloat16 0x%04x, want 0x%04x",
+            bits[i + k], bf[k].bits, want);
+    }
+    // bfloat16 -> float: the even elements in .even, the odd ones in .odd, exactly.
+    const eo::Vec16 back = eo::load(bf);
+    float even[8], odd[8];
+    _mm256_storeu_ps(even, back.even);
+    _mm256_storeu_ps(odd, back.odd);
+    for (int k = 0; k < 16; ++k) {
+      const float got = k % 2 == 0 ? even[k / 2] : odd[k / 2];
+      CHECK(bits_of(got) == bits_of(fastllm::cpu::to_float(bf[k])), "even/odd bfloat16 load %d", k);
+    }
+  }
+  BFloat16 src[16];
+  float values[16];
+  for (int k = 0; k < 16; ++k) {
+    values[k] = static_cast<float>(k + 1);
+    src[k] = fastllm::cpu::to_bfloat16(values[k]);
+  }
+  for (int n = 1; n <= 16; ++n) {
+    BFloat16 dst[17];
+    std::fill(dst, dst + 17, BFloat16{0xFFFF});
+    eo::storen(dst, eo::loadn(src, n), n);
+    for (int k = 0; k < 17; ++k) {
+      CHECK(dst[k].bits == (k < n ? src[k].bits : 0xFFFF), "even/odd loadn/storen(%d) element %d",
+            n, k);
+    }
+    BFloat16 kept[16];
+    eo::store(kept, eo::keep_first(eo::load(src), n));
+    for (int k = 0; k < 16; ++k) {
+      CHECK(fastllm::cpu::to_float(kept[k]) == (k < n ? values[k] : 0.0f),
+            "even/odd keep_first(%d) element %d", n, k);
+    }
+    // A float array of n elements: padded to a block with zeros, read in the rows' order.
+    eo::EvenOddFloat ordered[16];
+    std::fill(ordered, ordered + 16, eo::EvenOddFloat{-1.0f});
+    eo::to_even_odd(values, n, ordered);
+    BFloat16 row[16];
+    eo::store(row, eo::loadn(ordered, n));
+    for (int k = 0; k < 16; ++k) {
+      CHECK(fastllm::cpu::to_float(row[k]) == (k < n ? values[k] : 0.0f),
+            "to_even_odd(%d) element %d", n, k);
+    }
+  }
+  CHECK(eo::even_odd_size(1) == 16 && eo::even_odd_size(16) == 16 && eo::even_odd_size(17) == 32,
+        "even_odd_size");
+  CHECK(eo::hsum(eo::load(src)) == 136.0f, "even/odd hsum");
+}
+
 FASTLLM_AVX2_END
 
 TEST_CASE(avx2_conversions_match_scalar) {
@@ -267,6 +334,10 @@ TEST_CASE(avx2_conversions_match_scalar) {
 
 TEST_CASE(avx2_partial_vectors) {
   if (fastllm::cpu::cpu_has_avx2_fma_f16c()) check_avx2_tails();
+}
+
+TEST_CASE(avx2_even_odd_bfloat16) {
+  if (fastllm::cpu::cpu_has_avx2_fma_f16c()) check_avx2_even_odd();
 }
 #endif
 

@@ -42,8 +42,8 @@
 //     every other CPU, which is also the plainest statement of the algorithm.
 //     FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones. The AVX2 path's bfloat16 forward
 //     runs the same source on 16 floats in even/odd order (common/cpu_avx2_even_odd.h: no
-//     shuffles to widen and round bfloat16, which bound it: 1.3x faster, from 0.89-1.0x
-//     torch.compile to 1.16-1.22x on a Zen 4 core with torch held to AVX2 as well).
+//     shuffles to widen and round bfloat16, which bound it: 1.3x faster, from 0.85-1.02x
+//     torch.compile to 1.13-1.18x on a Zen 4 core with torch held to AVX2 as well).
 //   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
 //     are written: fresh pages cost more than the kernel (common/cpu_memory.h).
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
@@ -219,7 +219,9 @@ using cpu::avx2::storen;
 // The bfloat16 forward on AVX2 CPUs: the same code on 16 floats held as the even and the
 // odd elements of a block (cpu_avx2_even_odd.h), which widens and rounds bfloat16 without
 // shuffles; weight and bias are read in that order from copies norm_fwd_typed makes. The
-// backward stays on avx2_path (no ParamOf there: this namespace has no float loads for it).
+// backward stays on avx2_path: in this layout its four-row sweep holds twice the vectors
+// (they spill) and measured no faster. It is not instantiated here, and could not be: it
+// reads float arrays (weight, the dweight / dbias partials), which this namespace cannot load.
 namespace avx2_even_odd_path {
 
 using cpu::avx2_even_odd::EvenOddFloat;

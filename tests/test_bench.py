@@ -161,6 +161,57 @@ def test_bench_processes(tmp_path, capsys):
                        "models has its own runner")
 
 
+def test_processes_isolate_a_contender_that_kills_its_process():
+    """--processes: a process that dies without results costs only the rows it takes down
+    (run._run_isolating, here over a stand-in for the subprocess that "dies" whenever
+    torch.compile runs the second case): its cases again one per process, then that case
+    once per contender alone and its survivors together; the killer's row is FAILED with its
+    process's error, every other row is timed, and ratios come from the survivors' process."""
+    from fastllm.bench.common import CPU, FASTLLM, Result
+    from fastllm.bench.norm import cases
+    from fastllm.bench.run import _run_isolating
+
+    first, second = cases(quick=True)[:2]
+    calls = []
+
+    def run(run_cases, contenders, what):
+        calls.append(([c.id for c in run_cases], contenders))
+        names = [n for c in run_cases for n in c.contenders_on(CPU)
+                 if not contenders or any(fnmatch.fnmatchcase(n, p) for p in contenders)]
+        if second in run_cases and COMPILE in names:
+            return [Result.of("norm", c, n, backend="native", device="cpu", thp="off",
+                              error=f"{what} exited with status -6") for c in run_cases
+                    for n in c.contenders_on(CPU)
+                    if not contenders or any(fnmatch.fnmatchcase(n, p) for p in contenders)
+                    ], None, None
+        rows = [Result.of("norm", c, n, backend="native", device="cpu", thp="off",
+                          time_s=1.0, speedup_vs_eager=1.0)
+                for c in run_cases for n in c.contenders_on(CPU) if n in names]
+        return rows, "machine", None
+
+    rows, machine, _ = _run_isolating(run, [first, second], CPU, None, "process 1")
+    assert machine == "machine"
+    assert [(r.case, r.contender) for r in rows] == [
+        (c.id, n) for c in (first, second) for n in (FASTLLM, EAGER, COMPILE)]
+    failed = [r for r in rows if r.error is not None]
+    assert [(r.case, r.contender) for r in failed] == [(second.id, COMPILE)]
+    assert failed[0].error == ("process 1, " + second.id + " alone, torch.compile alone exited "
+                               "with status -6 (alone; the other rows were timed without it)")
+    assert calls == [
+        ([first.id, second.id], None),  # the first process dies
+        ([first.id], None), ([second.id], None),  # one case per process: the second dies
+        ([second.id], ["fastllm"]), ([second.id], ["torch eager"]),
+        ([second.id], ["torch.compile"]),  # each contender alone: torch.compile dies
+        ([second.id], ["fastllm", "torch eager"]),  # the survivors together
+    ]
+    # no contender to blame (each survives alone, or --contenders left one): the failure
+    # stands, and no process gave results
+    calls.clear()
+    rows, machine, _ = _run_isolating(run, [second], CPU, [COMPILE], "process 2")
+    assert machine is None and [r.contender for r in rows] == [COMPILE]
+    assert calls == [([second.id], [COMPILE])]
+
+
 def test_merge_processes():
     """merge_processes: per row the median time, all the repeats, the largest peak, the
     median and range of the processes' own speedups; a failure in one process is kept."""

@@ -29,6 +29,16 @@ each other); where the allocator is started with THP_MEM_ALLOC_ENABLE=1 (every l
 2 MiB-aligned) both take 2.25-2.3 ms in all 10 processes, 1.00-1.02x: where the buffers lie
 moves both kernels, and fastllm's more.
 
+A process that dies: some peers' code crashes the process it runs in (torch 2.14.1's
+``torch.compile`` code for the rotary case in float32 corrupts the heap on a Zen 4 core, and
+for a bfloat16 cross-entropy under ``ATEN_CPU_CAPABILITY=avx2`` it segfaults), which in one
+process ends the whole run. Under ``--processes`` a fresh process that dies without results
+costs only the rows it takes down: its cases are timed again one per process, and a case
+whose process still dies is timed once per contender alone, then with the contenders that
+survived alone together (so their ratios are still of one process); the ones that died get a
+FAILED row with their process's exit status. Without ``--processes`` the run ends there, with
+the Python stack of the crash on stderr (faulthandler).
+
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
 cases whose outputs get fresh pages on every call (see
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import fnmatch
 import json
 import logging
@@ -134,12 +145,17 @@ def _matches(case_id: str, patterns: Optional[Sequence[str]]) -> bool:
 
 
 def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: str,
-               thp_rerun: bool, what: str):
+               thp_rerun: bool, what: str, contenders: Optional[Sequence[str]] = None):
     """Times ``cases`` of ``family`` in a fresh ``fastllm bench`` subprocess on ``device``
     whose torch allocator has the THP setting ``thp`` (and which re-times its page-fault-bound
-    cases with the other one if ``thp_rerun``); returns its results (FAILED rows if the
-    subprocess gave none), its machine and its other-THP machine (None where it has none)."""
+    cases with the other one if ``thp_rerun``), with the contenders that ``contenders`` (else
+    ``--contenders``) selects; returns its results (FAILED rows if the subprocess gave none),
+    its machine (None if it gave no results) and its other-THP machine (None where it has
+    none)."""
     from fastllm.bench.common import THP_ENV, Machine, Result
+
+    if contenders is None:
+        contenders = args.contenders
 
     env = dict(os.environ)
     if thp == "on":
@@ -158,7 +174,7 @@ def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: st
         ]
         for case in cases:
             command += ["--only", case.id]
-        for pattern in args.contenders or []:
+        for pattern in contenders or []:
             command += ["--contenders", pattern]
         logger.info("%s: timing %d cases %s", family, len(cases), what)
         completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=False)
@@ -173,8 +189,57 @@ def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: st
         Result.of(family, case, contender, backend=backend, device=str(device), thp=thp,
                   error=error)
         for case in cases for contender in case.contenders_on(device)
+        if _selected(contender, contenders)
     ]
     return failed, None, None
+
+
+def _selected(contender: str, patterns: Optional[Sequence[str]]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(contender, p) for p in patterns)
+
+
+def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[str]],
+                   what: str):
+    """``run(cases, contenders, what)`` (a ``_run_child`` with the rest of its arguments
+    bound), and where that process dies without results, again so that only the rows it
+    takes down are lost (the module docstring): each case in a process of its own, then a
+    case that still dies once per contender alone and its survivors together. Returns what
+    ``_run_child`` returns; the machine is None only if no process gave results."""
+    import glob
+
+
+    results, machine, other = run(cases, contenders, what)
+    if machine is not None:
+        return results, machine, other
+    if len(cases) > 1:
+        logger.warning("the process timing %s died: timing each of its %d cases in a process "
+                       "of its own", what, len(cases))
+        results, machine, other = [], None, None
+        for case in cases:
+            part, part_machine, part_other = _run_isolating(
+                run, [case], device, contenders, f"{what}, {case.id} alone")
+            results += part
+            machine, other = machine or part_machine, other or part_other
+        return results, machine, other
+    (case,) = cases
+    names = [n for n in case.contenders_on(device) if _selected(n, contenders)]
+    if len(names) < 2:
+        return results, None, None
+    logger.warning("the process timing %s died: timing each contender alone", what)
+    alone = {n: run(cases, [glob.escape(n)], f"{what}, {n} alone") for n in names}
+    survivors = [n for n in names if alone[n][1] is not None]
+    if not survivors or len(survivors) == len(names):  # none to blame: the first failure
+        return results, None, None
+    together, machine, other = run(cases, [glob.escape(n) for n in survivors],
+                                   f"{what}, without {', '.join(set(names) - set(survivors))}")
+    if machine is None:
+        return results, None, None
+    died = [dataclasses.replace(alone[n][0][0], error=f"{alone[n][0][0].error} (alone; the "
+                                "other rows were timed without it)")
+            for n in names if n not in survivors]
+    order = {n: i for i, n in enumerate(names)}
+    rows = sorted(together + died, key=lambda r: (r.thp != together[0].thp, order[r.contender]))
+    return rows, machine, other
 
 
 def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_now: str):
@@ -344,10 +409,14 @@ def run(args: argparse.Namespace) -> int:
         machine, thp_now = None, thp_setting(device)
         for name, family, selected in plan:
             runs = []
+            def run_child(cases, contenders, what, name=name):
+                return _run_child(name, cases, args, backend, device, thp_now,
+                                  thp_rerun=not args.no_thp_rerun, what=what,
+                                  contenders=contenders)
+
             for i in range(args.processes):
-                results, child, child_other = _run_child(
-                    name, selected, args, backend, device, thp_now,
-                    thp_rerun=not args.no_thp_rerun,
+                results, child, child_other = _run_isolating(
+                    run_child, selected, device, args.contenders,
                     what=f"in fresh process {i + 1} of {args.processes}")
                 machine, other_machine = machine or child, other_machine or child_other
                 runs.append(results)
@@ -356,6 +425,12 @@ def run(args: argparse.Namespace) -> int:
             sections.append((name, family.PARAM_COLUMNS, results))
         machine = machine or measure()  # every process failed: the header still has one
     else:
+        # A contender that crashes this process (see "A process that dies" above) ends the
+        # run; the Python stack on stderr then says whose code it was.
+        try:
+            faulthandler.enable(file=sys.__stderr__)
+        except (AttributeError, ValueError, OSError):  # no real stderr: go on without it
+            pass
         machine = measure()
         for name, family, selected in plan:
             logger.info("%s: %d cases (THP %s)", name, len(selected), machine.thp)

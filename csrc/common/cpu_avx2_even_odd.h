@@ -15,9 +15,9 @@
 // (to_even_odd; the last block padded with zeros).
 //
 // The names mirror cpu_avx2.h (Vec, kLanes, broadcast, fmadd, fnmadd, hsum, keep_first,
-// loadn, storen, for_each_chunk), so code written over those names, such as
-// norm/norm_cpu_simd.h, compiles on this layout too. Only for AVX2 code regions (see
-// cpu_avx2.h).
+// load, loadn, store, storen, for_each_chunk), so code written over those names, such as
+// norm/norm_cpu_simd.h and gated_mlp/gated_mlp_cpu_simd.h, compiles on this layout too. Only
+// for AVX2 code regions (see cpu_avx2.h).
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -62,6 +62,10 @@ FASTLLM_INLINE Vec16 operator-(Vec16 a, Vec16 b) {
 }
 FASTLLM_INLINE Vec16 operator*(Vec16 a, Vec16 b) {
   return {_mm256_mul_ps(a.even, b.even), _mm256_mul_ps(a.odd, b.odd)};
+}
+FASTLLM_INLINE Vec16 operator-(Vec16 a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_xor_ps(a.even, sign), _mm256_xor_ps(a.odd, sign)};
 }
 FASTLLM_INLINE Vec16& operator+=(Vec16& a, Vec16 b) { return a = a + b; }
 FASTLLM_INLINE Vec16& operator-=(Vec16& a, Vec16 b) { return a = a - b; }

@@ -324,6 +324,7 @@ void check_avx2_even_odd() {
   CHECK(eo::even_odd_size(1) == 16 && eo::even_odd_size(16) == 16 && eo::even_odd_size(17) == 32,
         "even_odd_size");
   CHECK(eo::hsum(eo::load(src)) == 136.0f, "even/odd hsum");
+  CHECK(eo::hsum(-eo::load(src)) == -136.0f, "even/odd negation");
 }
 
 FASTLLM_AVX2_END

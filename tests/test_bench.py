@@ -204,12 +204,32 @@ def test_processes_isolate_a_contender_that_kills_its_process():
         ([second.id], ["torch.compile"]),  # each contender alone: torch.compile dies
         ([second.id], ["fastllm", "torch eager"]),  # the survivors together
     ]
-    # no contender to blame (each survives alone, or --contenders left one): the failure
-    # stands, and no process gave results
+    # --contenders left one contender: no one else to time, the failure stands and no
+    # process gave results
     calls.clear()
     rows, machine, _ = _run_isolating(run, [second], CPU, [COMPILE], "process 2")
     assert machine is None and [r.contender for r in rows] == [COMPILE]
     assert calls == [([second.id], [COMPILE])]
+
+    # a crash that comes and goes (heap corruption): every contender survives alone, so the
+    # case is timed together once more, and that run's rows stand
+    deaths = iter([True])
+
+    def flaky(run_cases, contenders, what):
+        calls.append(([c.id for c in run_cases], contenders))
+        if next(deaths, False):
+            return [Result.of("norm", c, n, backend="native", device="cpu", thp="off",
+                              error=f"{what} died") for c in run_cases
+                    for n in c.contenders_on(CPU)], None, None
+        names = [n for n in run_cases[0].contenders_on(CPU)
+                 if not contenders or any(fnmatch.fnmatchcase(n, p) for p in contenders)]
+        return [Result.of("norm", run_cases[0], n, backend="native", device="cpu", thp="off",
+                          time_s=1.0) for n in names], "machine", None
+
+    calls.clear()
+    rows, machine, _ = _run_isolating(flaky, [second], CPU, None, "process 3")
+    assert machine == "machine" and [r.error for r in rows] == [None, None, None]
+    assert calls[-1] == ([second.id], None) and len(calls) == 5  # died, 3 alone, again
 
 
 def test_merge_processes():

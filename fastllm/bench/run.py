@@ -36,7 +36,8 @@ process ends the whole run. Under ``--processes`` a fresh process that dies with
 costs only the rows it takes down: its cases are timed again one per process, and a case
 whose process still dies is timed once per contender alone, then with the contenders that
 survived alone together (so their ratios are still of one process); the ones that died get a
-FAILED row with their process's exit status. Without ``--processes`` the run ends there, with
+FAILED row with their process's exit status. (Heap corruption need not crash every time:
+where every contender survives alone, the case is timed together once more.) Without ``--processes`` the run ends there, with
 the Python stack of the crash on stderr (faulthandler).
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
@@ -228,7 +229,10 @@ def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[s
     logger.warning("the process timing %s died: timing each contender alone", what)
     alone = {n: run(cases, [glob.escape(n)], f"{what}, {n} alone") for n in names}
     survivors = [n for n in names if alone[n][1] is not None]
-    if not survivors or len(survivors) == len(names):  # none to blame: the first failure
+    if len(survivors) == len(names):  # none to blame (a crash that comes and goes): once more
+        again = run(cases, contenders, f"{what}, again")
+        return again if again[1] is not None else (results, None, None)
+    if not survivors:
         return results, None, None
     together, machine, other = run(cases, [glob.escape(n) for n in survivors],
                                    f"{what}, without {', '.join(set(names) - set(survivors))}")

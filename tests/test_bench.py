@@ -196,7 +196,7 @@ def test_processes_isolate_a_contender_that_kills_its_process():
     failed = [r for r in rows if r.error is not None]
     assert [(r.case, r.contender) for r in failed] == [(second.id, COMPILE)]
     assert failed[0].error == ("process 1, " + second.id + " alone, torch.compile alone exited "
-                               "with status -6 (alone; the other rows were timed without it)")
+                               "with status -6 (the other rows were timed without it)")
     assert calls == [
         ([first.id, second.id], None),  # the first process dies
         ([first.id], None), ([second.id], None),  # one case per process: the second dies

@@ -37,8 +37,9 @@ costs only the rows it takes down: its cases are timed again one per process, an
 whose process still dies is timed once per contender alone, then with the contenders that
 survived alone together (so their ratios are still of one process); the ones that died get a
 FAILED row with their process's exit status. (Heap corruption need not crash every time:
-where every contender survives alone, the case is timed together once more.) Without ``--processes`` the run ends there, with
-the Python stack of the crash on stderr (faulthandler).
+where every contender survives alone, the case is timed together once more.) Without
+``--processes`` the run ends there, with the Python stack of the crash on stderr
+(faulthandler).
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
@@ -208,7 +209,6 @@ def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[s
     ``_run_child`` returns; the machine is None only if no process gave results."""
     import glob
 
-
     results, machine, other = run(cases, contenders, what)
     if machine is not None:
         return results, machine, other
@@ -234,15 +234,16 @@ def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[s
         return again if again[1] is not None else (results, None, None)
     if not survivors:
         return results, None, None
+    died = [n for n in names if n not in survivors]
     together, machine, other = run(cases, [glob.escape(n) for n in survivors],
-                                   f"{what}, without {', '.join(set(names) - set(survivors))}")
+                                   f"{what}, without {', '.join(died)}")
     if machine is None:
         return results, None, None
-    died = [dataclasses.replace(alone[n][0][0], error=f"{alone[n][0][0].error} (alone; the "
-                                "other rows were timed without it)")
-            for n in names if n not in survivors]
+    died_rows = [dataclasses.replace(alone[n][0][0], error=f"{alone[n][0][0].error} (the other "
+                                     "rows were timed without it)") for n in died]
     order = {n: i for i, n in enumerate(names)}
-    rows = sorted(together + died, key=lambda r: (r.thp != together[0].thp, order[r.contender]))
+    rows = sorted(together + died_rows,
+                  key=lambda r: (r.thp != together[0].thp, order[r.contender]))
     return rows, machine, other
 
 
@@ -269,7 +270,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         f"fastllm timed on backend: {backend_note}",
     ]
     if not machine.device.startswith("cuda"):
-        lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap, machine.torch_cpu_isa))
+        lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap,
+                                      machine.torch_cpu_isa))
     n = gemm_size(torch.device(machine.device))
     for dtype, rate in (machine.gemm_gflops or {}).items():
         lines.append(f"{dtype} GEMM ceiling (torch.mm of {n} x {n} {dtype} matrices, best of "
@@ -413,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
         machine, thp_now = None, thp_setting(device)
         for name, family, selected in plan:
             runs = []
+
             def run_child(cases, contenders, what, name=name):
                 return _run_child(name, cases, args, backend, device, thp_now,
                                   thp_rerun=not args.no_thp_rerun, what=what,

@@ -68,8 +68,6 @@ FASTLLM_INLINE Vec16 operator-(Vec16 a) {
   return {_mm256_xor_ps(a.even, sign), _mm256_xor_ps(a.odd, sign)};
 }
 FASTLLM_INLINE Vec16& operator+=(Vec16& a, Vec16 b) { return a = a + b; }
-FASTLLM_INLINE Vec16& operator-=(Vec16& a, Vec16 b) { return a = a - b; }
-FASTLLM_INLINE Vec16& operator*=(Vec16& a, Vec16 b) { return a = a * b; }
 
 FASTLLM_INLINE Vec16 broadcast(float v) {
   const __m256 b = _mm256_set1_ps(v);
@@ -83,9 +81,6 @@ FASTLLM_INLINE Vec16 fnmadd(Vec16 a, Vec16 b, Vec16 c) {
   return {_mm256_fnmadd_ps(a.even, b.even, c.even), _mm256_fnmadd_ps(a.odd, b.odd, c.odd)};
 }
 FASTLLM_INLINE float hsum(Vec16 v) { return avx2::hsum(_mm256_add_ps(v.even, v.odd)); }
-FASTLLM_INLINE float hsum(const Vec16 (&slots)[kSlots]) {
-  return hsum((slots[0] + slots[1]) + (slots[2] + slots[3]));
-}
 
 // Elements n.. of the block set to zero (0 <= n <= 16).
 FASTLLM_INLINE Vec16 keep_first(Vec16 v, int n) {

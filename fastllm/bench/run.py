@@ -142,8 +142,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------- run
 
 
-def _matches(case_id: str, patterns: Optional[Sequence[str]]) -> bool:
-    return not patterns or any(fnmatch.fnmatchcase(case_id, p) for p in patterns)
+def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+    """Whether a case id (--only) or contender name (--contenders) is selected by ``patterns``
+    (none: everything)."""
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: str,
@@ -191,13 +193,9 @@ def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: st
         Result.of(family, case, contender, backend=backend, device=str(device), thp=thp,
                   error=error)
         for case in cases for contender in case.contenders_on(device)
-        if _selected(contender, contenders)
+        if _matches(contender, contenders)
     ]
     return failed, None, None
-
-
-def _selected(contender: str, patterns: Optional[Sequence[str]]) -> bool:
-    return not patterns or any(fnmatch.fnmatchcase(contender, p) for p in patterns)
 
 
 def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[str]],
@@ -223,7 +221,7 @@ def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[s
             machine, other = machine or part_machine, other or part_other
         return results, machine, other
     (case,) = cases
-    names = [n for n in case.contenders_on(device) if _selected(n, contenders)]
+    names = [n for n in case.contenders_on(device) if _matches(n, contenders)]
     if len(names) < 2:
         return results, None, None
     logger.warning("the process timing %s died: timing each contender alone", what)

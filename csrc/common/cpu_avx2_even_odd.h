@@ -3,9 +3,9 @@
 //
 // cpu_avx2.h widens 8 bfloat16 to 8 floats with vpmovzxwd and narrows them back with
 // vextracti128 + vpackusdw: three shuffles per 8 values, and the shuffle ports, not the
-// arithmetic, bound a bfloat16 norm forward (~60 % of the copy bandwidth on one Zen 4
+// arithmetic, bound a bfloat16 norm forward (50-63 % of the copy bandwidth on one Zen 4
 // core restricted to AVX2, where torch.compile's code, which narrows 16 at a time, was
-// ~10 % faster). Here one 32-byte load holds 16 bfloat16 as 8 32-bit words, element 2i in
+// up to 18 % faster: benchmarks/results/, *-norm-bf16-avx2-held-before-3processes.txt). Here one 32-byte load holds 16 bfloat16 as 8 32-bit words, element 2i in
 // the low half of word i and element 2i + 1 in the high half: a shift left by 16 makes the
 // even elements floats, a mask the odd ones, and the store joins the two rounded halves with
 // an or. No shuffle at all; the rounding is cpu_avx2.h's (nearest even, NaN -> 0x7FC0),

@@ -42,7 +42,7 @@
 //     every other CPU, which is also the plainest statement of the algorithm.
 //     FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones. The AVX2 path's bfloat16 forward
 //     runs the same source on 16 floats in even/odd order (common/cpu_avx2_even_odd.h: no
-//     shuffles to widen and round bfloat16, which bound it: 1.3x faster, from 0.85-1.02x
+//     shuffles to widen and round bfloat16, which bound it: 1.2-1.4x faster, from 0.85-1.02x
 //     torch.compile to 1.13-1.18x on a Zen 4 core with torch held to AVX2 as well).
 //   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
 //     are written: fresh pages cost more than the kernel (common/cpu_memory.h).

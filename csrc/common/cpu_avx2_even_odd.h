@@ -5,10 +5,11 @@
 // vextracti128 + vpackusdw: three shuffles per 8 values, and the shuffle ports, not the
 // arithmetic, bound a bfloat16 norm forward (50-63 % of the copy bandwidth on one Zen 4
 // core restricted to AVX2, where torch.compile's code, which narrows 16 at a time, was
-// up to 18 % faster: benchmarks/results/, *-norm-bf16-avx2-held-before-3processes.txt). Here one 32-byte load holds 16 bfloat16 as 8 32-bit words, element 2i in
-// the low half of word i and element 2i + 1 in the high half: a shift left by 16 makes the
-// even elements floats, a mask the odd ones, and the store joins the two rounded halves with
-// an or. No shuffle at all; the rounding is cpu_avx2.h's (nearest even, NaN -> 0x7FC0),
+// up to 18 % faster: benchmarks/results/, *-norm-bf16-avx2-held-before-3processes.txt).
+// Here one 32-byte load holds 16 bfloat16 as 8 32-bit words, element 2i in the low half of
+// word i and element 2i + 1 in the high half: a shift left by 16 makes the even elements
+// floats, a mask the odd ones, and the store joins the two rounded halves with an or. No
+// shuffle at all; the rounding is cpu_avx2.h's (nearest even, NaN -> 0x7FC0),
 // bit for bit. Elementwise math and sums do not care about the order of the lanes; a float
 // array read beside the rows (a norm's weight and bias) is prepared once in the same order:
 // EvenOddFloat, whose blocks of 16 hold the 8 even and then the 8 odd values of the block

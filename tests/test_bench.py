@@ -10,6 +10,7 @@ loss."""
 
 import fnmatch
 import json
+import logging
 import math
 import os
 import subprocess
@@ -123,7 +124,7 @@ def test_bench_contenders_filter(tmp_path, capsys):
     """--contenders keeps the contenders whose name matches a pattern (the GPU check times
     the Triton backend alone this way), and refuses a pattern that matches none."""
     out = tmp_path / "bench.json"
-    assert main(["bench", "norm", "--quick", "--device", "cpu", "--no-thp-rerun",
+    assert main(["bench", "norm", "--quick", "--device", "cpu", "--no-thp-rerun", "--in-process",
                  "--only", "rms_norm-fwd-*-float32", "--contenders", "fastllm",
                  "--contenders", "torch e*", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
@@ -159,6 +160,33 @@ def test_bench_processes(tmp_path, capsys):
                        "--processes must be at least 1, got 0")
     assert_usage_error(capsys, ["bench", "models", "--quick", "--processes", "2"],
                        "models has its own runner")
+
+
+def test_bench_runs_each_family_in_a_fresh_process(tmp_path, capsys, caplog):
+    """By default each family's cases run in a fresh process of their own (which a contender
+    that crashes it cannot take the run down with), shown as a plain single-process run; with
+    --in-process in this one; the two do not combine with --processes N or the models."""
+    out = tmp_path / "bench.json"
+    with caplog.at_level(logging.INFO, logger="fastllm"):
+        assert main(["bench", "norm", "mlp", "--quick", "--device", "cpu", "--no-thp-rerun",
+                     "--only", "rms_norm-fwd-*-float32", "--only", "swiglu-fwd-*-float32",
+                     "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert [m for m in caplog.messages if "fresh process" in m] == [
+        "norm: timing 1 cases in a fresh process", "mlp: timing 1 cases in a fresh process"]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["family"], r["contender"]) for r in rows] == [
+        (family, n) for family in ("norm", "mlp") for n in ("fastllm", EAGER, COMPILE)]
+    for r in rows:
+        assert r["error"] is None and r["processes"] == 1 and r["speedup_vs_eager"] > 0, r
+        assert r["speedup_vs_eager_range"][0] == r["speedup_vs_eager_range"][1], r
+    assert "fresh processes" not in table and " (" not in table.split("== norm ==")[1]
+    assert_usage_error(capsys, ["bench", "norm", "--quick", "--in-process", "--processes", "2"],
+                       "--in-process times the cases in this one process; --processes 2 asks "
+                       "for 2 fresh ones")
+    assert_usage_error(capsys, ["bench", "models", "--quick", "--in-process"],
+                       "--in-process times the op families in this process; models has its "
+                       "own runner")
 
 
 def test_processes_isolate_a_contender_that_kills_its_process():

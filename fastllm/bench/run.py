@@ -2,7 +2,7 @@
 
     fastllm bench [FAMILY ...] [--quick] [--shapes {default,llama3-8b,all}] [--json FILE]
                   [--plot FILE] [--only PATTERN ...] [--device DEVICE] [--backend NAME]
-                  [--processes N] [--no-thp-rerun]
+                  [--processes N | --in-process] [--no-thp-rerun]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
@@ -18,7 +18,9 @@ torch's SDPA forced onto its flash and cuDNN backends (``sdpa[flash]``, ``sdpa[c
 backend that refuses a case shows n/a), and every family Liger-Kernel's kernels (``liger``)
 where ``liger_kernel`` is importable; the header says whether it was found.
 
-``--processes N`` times each family's cases in N fresh processes instead of this one and
+Each family's cases are timed in a fresh ``fastllm bench --in-process`` subprocess (see "A
+process that dies" below); ``--in-process`` times them in this process instead, for a
+profiler or debugger attached to it. ``--processes N`` times them in N fresh processes and
 shows per row the median time and the median of the processes' speedups with their range:
 on the CPU a cache-sized case can run at one speed in one process and at another in the
 next, which a single process cannot show. Measured (layer_norm fwd 4096 x 1024 float32, one
@@ -32,14 +34,15 @@ moves both kernels, and fastllm's more.
 A process that dies: some peers' code crashes the process it runs in (torch 2.14.1's
 ``torch.compile`` code for the rotary case in float32 corrupts the heap on a Zen 4 core, and
 for a bfloat16 cross-entropy under ``ATEN_CPU_CAPABILITY=avx2`` it segfaults), which in one
-process ends the whole run. Under ``--processes`` a fresh process that dies without results
-costs only the rows it takes down: its cases are timed again one per process, and a case
-whose process still dies is timed once per contender alone, then with the contenders that
-survived alone together (so their ratios are still of one process); the ones that died get a
-FAILED row with their process's exit status. (Heap corruption need not crash every time:
-where every contender survives alone, the case is timed together once more.) Without
-``--processes`` the run ends there, with the Python stack of the crash on stderr
-(faulthandler).
+process ends the whole run. So a fresh process that dies without results costs only the rows
+it takes down: its cases are timed again one per process, and a case whose process still dies
+is timed once per contender alone, then with the contenders that survived alone together (so
+their ratios are still of one process); the ones that died get a FAILED row with their
+process's exit status. (Heap corruption need not crash every time:
+where every contender survives alone, the case is timed together once more.) With
+``--in-process`` the run ends there, with the Python stack of the crash on stderr
+(faulthandler). A family costs its subprocess a few seconds: its start, torch's import and
+its own measurement of the ceilings.
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
@@ -128,7 +131,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="time each family's cases in N fresh processes, one after the other, and show "
         "per row the median time and the median of the processes' own speedups with their "
         "range (min-max): some CPU cases move between processes by more than within one "
-        "(default 1: this process)",
+        "(default 1)",
+    )
+    bench.add_argument(
+        "--in-process", action="store_true",
+        help="time the op families in this process instead of a fresh one per family (for a "
+        "profiler or debugger attached to it); a contender that crashes the process then "
+        "ends the run",
     )
     bench.add_argument(
         "--no-thp-rerun", action="store_true",
@@ -172,8 +181,9 @@ def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: st
     with tempfile.TemporaryDirectory(prefix="fastllm-bench-") as tmp:
         out = Path(tmp) / "results.json"
         command = [
-            sys.executable, "-m", "fastllm", "bench", family, "--device", str(device),
-            "--backend", backend, "--json", str(out), "--shapes", args.shapes,
+            sys.executable, "-m", "fastllm", "bench", family, "--in-process",
+            "--device", str(device), "--backend", backend, "--json", str(out),
+            "--shapes", args.shapes,
             *(["--quick"] if args.quick else []), *([] if thp_rerun else ["--no-thp-rerun"]),
         ]
         for case in cases:
@@ -339,6 +349,9 @@ def run(args: argparse.Namespace) -> int:
     if own_cases and args.processes != 1:
         raise UsageError(f"--processes times the op families in fresh processes; {own_cases[0]} "
                          "has its own runner (pretrain: --repeats)")
+    if own_cases and args.in_process:
+        raise UsageError(f"--in-process times the op families in this process; {own_cases[0]} "
+                         "has its own runner")
     if own_cases and args.contenders:
         raise UsageError(f"--contenders picks among the op families' contenders; {own_cases[0]} "
                          "has its own")
@@ -362,6 +375,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.processes < 1:
         raise UsageError(f"--processes must be at least 1, got {args.processes}")
+    if args.in_process and args.processes != 1:
+        raise UsageError(f"--in-process times the cases in this one process; --processes "
+                         f"{args.processes} asks for {args.processes} fresh ones")
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -407,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
     other_machine = None
     sections: list[tuple[str, Sequence[str], list[Result]]] = []
     any_rerun = False
-    if args.processes > 1:
+    if not args.in_process:
         # Every family's cases in N fresh processes, one after the other (each measures its
         # own ceilings; the header shows the first one's), merged row by row.
         machine, thp_now = None, thp_setting(device)
@@ -420,9 +436,10 @@ def run(args: argparse.Namespace) -> int:
                                   contenders=contenders)
 
             for i in range(args.processes):
+                what = (f"in fresh process {i + 1} of {args.processes}" if args.processes > 1
+                        else "in a fresh process")
                 results, child, child_other = _run_isolating(
-                    run_child, selected, device, args.contenders,
-                    what=f"in fresh process {i + 1} of {args.processes}")
+                    run_child, selected, device, args.contenders, what=what)
                 machine, other_machine = machine or child, other_machine or child_other
                 runs.append(results)
             results = merge_processes(runs)

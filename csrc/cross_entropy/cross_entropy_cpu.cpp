@@ -44,7 +44,7 @@
 //   - Three instruction paths, chosen at run time (common/cpu_features.h): AVX-512 on 16
 //     floats where the CPU has F/BW/DQ/VL/BF16 (cpu_avx512(); exp as exp2 by vreduceps, a
 //     degree-5 polynomial and vscalefps, about 1.5e-7 relative), AVX2/FMA/F16C on 8 floats
-//     with a Cephes-style exp and tanh (about 1 ulp; exp flushes results below FLT_MIN to 0),
+//     with cpu_avx2.h's exp (at most 2 ulp; 0 below -87.68) and a Cephes-style tanh,
 //     and a portable scalar path built on std::exp / std::tanh, which is also the plainest
 //     statement of the algorithm. FASTLLM_CPU_ISA=avx2 / =scalar force the lower ones.
 //     float64 logits (used for gradcheck) always take the scalar path.
@@ -374,7 +374,7 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t num_
 
 // ---- AVX2 / FMA / F16C and AVX-512 paths ------------------------------------------------
 // One source for both (cross_entropy_cpu_simd.h holds the algorithm), on vectors of 8 floats
-// with a Cephes-style exp and tanh (cpu_avx2.h), or of 16 floats (cpu_avx512.h).
+// with cpu_avx2.h's exp and a Cephes-style tanh, or of 16 floats (cpu_avx512.h).
 
 #if defined(FASTLLM_CROSS_ENTROPY_CPU_AVX2)
 
@@ -398,7 +398,7 @@ template <class Body>
 FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
   cpu::avx2::for_each_chunk<W>(len, body);
 }
-// The Cephes exp of cpu_avx2.h (about 1 ulp; 0 below ln(FLT_MIN), so also for -inf).
+// The exp of cpu_avx2.h (at most 2 ulp; 0 below -87.68, so also for -inf).
 FASTLLM_INLINE __m256 exp_nonpositive(__m256 d) { return cpu::avx2::exp_ps(d); }
 
 // tanh(x): Cephes' odd polynomial for |x| < 0.625, else (1 - e) / (1 + e) with
@@ -457,7 +457,7 @@ FASTLLM_AVX2_END
 
 // What the AVX-512 path changes besides the width (for CPUs with AVX-512 F/BW/DQ/VL/BF16,
 // cpu_avx512()): e^d is exp2 of d log2(e) (vreduceps + a degree-5 polynomial + vscalefps, 9
-// instructions with the multiply and the clamp, against 17 for the AVX2 exp); a row's
+// instructions with the multiply and the clamp, against 15 for the AVX2 exp); a row's
 // partial vector is masked (loads give 0, the sums skip the padding lanes); bfloat16
 // gradients are rounded by vcvtneps2bf16 (exactly as c10 rounds, cpu_avx512.h); rows are
 // prefetched in software. Stores are ordinary: a non-temporal store to a freshly faulted

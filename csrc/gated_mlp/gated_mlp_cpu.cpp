@@ -164,7 +164,7 @@ FASTLLM_INLINE V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 FASTLLM_INLINE V vabs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 FASTLLM_INLINE M less(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
 FASTLLM_INLINE V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
-// cpu_avx2.h's exp, which flushes results below FLT_MIN to 0 and keeps NaN. Every caller's
+// cpu_avx2.h's exp, which gives 0 below -87.68 and keeps NaN. Every caller's
 // argument is <= 0 (exp(-|z|), exp(-g^2 / 2), erfc's exp(-r)), so exp_ps's clamp at the top
 // of the range never applies.
 FASTLLM_INLINE V exp_v(V x) { return cpu::avx2::exp_ps(x); }

@@ -1,6 +1,7 @@
 // The CPU building blocks under the kernels: bfloat16 / float16 conversions (cpu_dtypes.h)
 // against independent definitions, the AVX2 loads / stores / tails (cpu_avx2.h) bit for bit
-// against the scalar conversions, and the FASTLLM_CPU_ISA switch (cpu_features.h).
+// against the scalar conversions, the AVX2 exp against exp in double, and the
+// FASTLLM_CPU_ISA switch (cpu_features.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -327,6 +328,44 @@ void check_avx2_even_odd() {
   CHECK(eo::hsum(-eo::load(src)) == -136.0f, "even/odd negation");
 }
 
+// avx2::exp_ps against exp in double: within 2 ulp over the sampled floats whose exp is a
+// normal float (the whole range, every float, measured 1.999 at most), exactly 1 at 0, 0 for
+// -inf and below -87.68 (2^n's biased exponent no longer positive), a denormal within 2^-147
+// between, NaN for NaN, and the largest result (x clamped at 88.38) for anything above.
+void check_avx2_exp() {
+  namespace avx2 = fastllm::cpu::avx2;
+  auto exp8 = [](float x) {
+    float out[8];
+    _mm256_storeu_ps(out, avx2::exp_ps(_mm256_set1_ps(x)));
+    return out[0];
+  };
+  for (uint32_t b : sample_float_bits()) {
+    const float x = float_of(b);
+    if (std::isnan(x)) {
+      CHECK(std::isnan(exp8(x)), "exp_ps(NaN 0x%08x) is not NaN", b);
+      continue;
+    }
+    const float got = exp8(x);
+    const double want = std::exp(static_cast<double>(x));
+    if (x > -87.33f && x <= 88.3762626647949f) {
+      int e = 0;
+      std::frexp(want, &e);
+      const double ulps = std::fabs(got - want) / std::ldexp(1.0, e - 24);
+      CHECK(ulps <= 2.0, "exp_ps(%.9g) = %.9g, exp %.9g: %.3f ulp", x, got, want, ulps);
+    } else if (x > 88.3762626647949f) {
+      CHECK(got == exp8(88.3762626647949f) && std::isfinite(got), "exp_ps(%.9g) = %.9g", x, got);
+    } else if (x < -87.68f) {
+      CHECK(got == 0.0f, "exp_ps(%.9g) = %.9g, not 0", x, got);
+    } else {
+      CHECK(std::fabs(got - want) <= std::ldexp(1.0, -147), "exp_ps(%.9g) = %.9g, exp %.9g", x,
+            got, want);
+    }
+  }
+  CHECK(exp8(0.0f) == 1.0f && exp8(-0.0f) == 1.0f, "exp_ps(0) is not 1");
+  CHECK(exp8(-std::numeric_limits<float>::infinity()) == 0.0f, "exp_ps(-inf) is not 0");
+  CHECK(exp8(-100.5f) == 0.0f && exp8(-87.7f) == 0.0f, "exp_ps below -87.68 is not 0");
+}
+
 FASTLLM_AVX2_END
 
 TEST_CASE(avx2_conversions_match_scalar) {
@@ -339,6 +378,10 @@ TEST_CASE(avx2_partial_vectors) {
 
 TEST_CASE(avx2_even_odd_bfloat16) {
   if (fastllm::cpu::cpu_has_avx2_fma_f16c()) check_avx2_even_odd();
+}
+
+TEST_CASE(avx2_exp) {
+  if (fastllm::cpu::cpu_has_avx2_fma_f16c()) check_avx2_exp();
 }
 #endif
 

@@ -551,9 +551,11 @@ struct Avx2Ops {
   // rescale of the output row); the rows' sums of p are added to l 8 at a time by one
   // transposing reduction. Before (a max and a sum reduced per row, every row rescaled when
   // its max moved at all) this function took 22 % of the float32 forward's gemm time at B2 H8
-  // T1024 D64 on one Zen 4 core held to AVX2, 17 % after (perf); the forward went 49-50 ->
-  // 47.5-48 ms. (With the row's trip count fixed at 64 keys, as the AVX-512 path has it, the
-  // unrolled loop spilled: 16 ymm registers do not hold the exp's constants 8 times over.)
+  // T1024 D64 on one Zen 4 core held to AVX2, 17 % after (perf); the full forwards went
+  // 1.02-1.06x -> 1.08-1.12x torch's SDPA on its AVX2 code (benchmarks/results/
+  // 2026-12-05-*-attention-fp32-avx2-held-*). (With the row's trip count fixed at 64 keys, as
+  // the AVX-512 path has it, the unrolled loop spilled: 16 ymm registers do not hold the
+  // exp's constants 8 times over.)
   static void online_softmax(float* S, int M, int N, const int* begin, const int* end,
                              float* m, float* l, float* O, int Dp) {
     const float neg_inf = -std::numeric_limits<float>::infinity();

@@ -38,11 +38,10 @@ process ends the whole run. So a fresh process that dies without results costs o
 it takes down: its cases are timed again one per process, and a case whose process still dies
 is timed once per contender alone, then with the contenders that survived alone together (so
 their ratios are still of one process); the ones that died get a FAILED row with their
-process's exit status. (Heap corruption need not crash every time:
-where every contender survives alone, the case is timed together once more.) With
-``--in-process`` the run ends there, with the Python stack of the crash on stderr
-(faulthandler). A family costs its subprocess a few seconds: its start, torch's import and
-its own measurement of the ceilings.
+process's exit status. (Heap corruption need not crash every time: where every contender
+survives alone, the case is timed together once more.) With ``--in-process`` the run ends
+there, with the Python stack of the crash on stderr (faulthandler). A family costs its
+subprocess a few seconds: its start, torch's import and its own measurement of the ceilings.
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the

@@ -582,17 +582,21 @@ struct Avx2Ops {
     }
   }
 
-  // Lane i = the sum of the 8 lanes of v[i]: pairs of rows, then quads (within 128-bit
-  // halves), then the two halves.
+  // Lane i = the sum of the 8 lanes of v[i]: pairs of rows, then quads, within 128-bit
+  // halves, then across them. (The AVX2 decode kernel's too, avx2_decode::DecodeVec.)
   FASTLLM_INLINE static __m256 row_sums(const __m256 (&v)[8]) {
-    const __m256 p01 = _mm256_hadd_ps(v[0], v[1]);
-    const __m256 p23 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 p45 = _mm256_hadd_ps(v[4], v[5]);
-    const __m256 p67 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 q0 = _mm256_hadd_ps(p01, p23);  // half h: rows 0..3, half h's lanes summed
-    const __m256 q1 = _mm256_hadd_ps(p45, p67);  // the same for rows 4..7
-    return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20),
-                         _mm256_permute2f128_ps(q0, q1, 0x31));
+    __m256 pairs[4], quads[2];
+    for (int i = 0; i < 4; ++i) {
+      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                               _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    }
+    for (int i = 0; i < 2; ++i) {
+      quads[i] = _mm256_add_ps(_mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                               _mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
+    }
+    // quads[k]: half h holds rows 4k .. 4k + 3 summed over half h's lanes.
+    return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                         _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
   }
 
   // One row of online_softmax (its masked columns already -inf). Returns the row's p summed
@@ -715,22 +719,7 @@ struct DecodeVec {
   }
   FASTLLM_INLINE static float reduce_max(R v) { return cpu::avx2::hmax(v); }
   FASTLLM_INLINE static float reduce_add(R v) { return cpu::avx2::hsum(v); }
-  // Lane i = the sum of the 8 lanes of v[i]: pairs of rows, then quads, within 128-bit
-  // halves, then across them.
-  FASTLLM_INLINE static R row_sums(const R (&v)[8]) {
-    R pairs[4], quads[2];
-    for (int i = 0; i < 4; ++i) {
-      pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                               _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    }
-    for (int i = 0; i < 2; ++i) {
-      quads[i] = _mm256_add_ps(_mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
-                               _mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE));
-    }
-    // quads[k]: half h holds rows 4k .. 4k + 3 summed over half h's lanes.
-    return _mm256_add_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
-                         _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
-  }
+  FASTLLM_INLINE static R row_sums(const R (&v)[8]) { return Avx2Ops::row_sums(v); }
   FASTLLM_INLINE static R exp(R x) { return cpu::avx2::exp_ps(x); }
   // (Never called: kBf16Dot is false.)
   static void score_bf16(const cpu::BFloat16*, const cpu::BFloat16*, int64_t, int, int, R,

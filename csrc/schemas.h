@@ -35,7 +35,11 @@
   /* CPU only: the in-place backward of a block of classes (cross_entropy.h, BwdParams) */ \
   X("cross_entropy_bwd_block_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, " \
     "Tensor? weight, Tensor lse, Tensor? lse_split, int class_offset, int num_classes, "  \
-    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> ()")
+    "int ignore_index, float label_smoothing, float z_loss, float softcap) -> ()")      \
+  /* CPU only, float32, AVX-512: out = a @ (b.T if b_transposed else b) (+ bias), fastllm's */ \
+  /* own GEMM for linear cross-entropy's chunks (common/gemm_cpu.h) */                     \
+  X("linear_mm_out(Tensor a, Tensor b, bool b_transposed, Tensor? bias, Tensor(a!) out) "  \
+    "-> ()")
 
 // q (B, Tq, H, D) / k, v (B, Tk, Hkv, D), or packed (total, heads, D) with cu_seqlens; see
 // csrc/attention/attention.h for the math and csrc/attention/attention_glue.h for the checks.

@@ -380,7 +380,7 @@ inline void gemm(int M, int N, int K, const uint16_t* A, int64_t lda, const uint
 // 234 GFLOP/s against 117. (On Sapphire Rapids it measured 0.52 ns, below the
 // float32 FMA path: there the AMX tiles take bfloat16.)
 // The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers (24: 6 x 64, 8 x 48,
-// 12 x 32 or 12 x 16 floats), as avx512::gemm_tile does for float32.
+// 12 x 32 or 12 x 16 floats), as cpu::avx512::gemm_tile does for float32.
 //
 // kHalf: float16 elements instead, each pair widened to two float32 vectors and added by two
 // FMAs (products exact, as tdpfp16ps's). No CPU runs this by default: it stands in for the
@@ -390,7 +390,7 @@ template <int R, int NV, bool kHalf = false>
 FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const uint16_t* B,
                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   __m512 c[R][NV];
-  avx512::load_block(C, ldc, accumulate, c);
+  cpu::avx512::load_block(C, ldc, accumulate, c);
   if constexpr (kHalf) {
     for (int kk = 0; kk < pairs; ++kk) {
       __m512 b0[NV], b1[NV];  // rows k and k + 1 of B (the pair's low and high halves)
@@ -408,7 +408,7 @@ FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const ui
         }
       }
     }
-    avx512::store_block(C, ldc, c);
+    cpu::avx512::store_block(C, ldc, c);
     return;
   }
 #pragma GCC unroll 2
@@ -430,7 +430,7 @@ FASTLLM_INLINE void dot_tile(int pairs, const uint16_t* A, int64_t lda, const ui
       }
     }
   }
-  avx512::store_block(C, ldc, c);
+  cpu::avx512::store_block(C, ldc, c);
 }
 
 // Rows of M past the full micro-kernels (fewer than R): the largest R' = R / 2^i that fits,
@@ -453,7 +453,7 @@ FASTLLM_INLINE void dot_row_tail(int rows, int pairs, const uint16_t* A, int64_t
 template <int NV, bool kHalf>
 inline void dot_columns(int M, int pairs, const uint16_t* A, int64_t lda, const uint16_t* B,
                         int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int R = avx512::kMicroRows<NV>;
+  constexpr int R = cpu::avx512::kMicroRows<NV>;
   int m = 0;
   for (; m + R <= M; m += R) {
     dot_tile<R, NV, kHalf>(pairs, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate);
@@ -630,7 +630,8 @@ inline void split_rows(const float* first, int64_t stride_t, int64_t stride_d, i
 
 // The split path's pack_transposed, from float rows: part q of src[r][d] at dst + q * part +
 // d * ld + r for d < Dn, r < ld (zero past rows x D): 16 x 16 blocks transposed as floats
-// (avx512::transpose_16x16_epi32), then split, instead of a scalar transpose of each part.
+// (cpu::avx512::transpose_16x16_epi32), then split, instead of a scalar transpose of each
+// part.
 inline void split_transposed(const float* first, int64_t stride_t, int64_t stride_d, int rows,
                              int D, int Dn, int ld, uint16_t* dst, int64_t part) {
   for (int q = 0; q < kSplitParts; ++q) {
@@ -653,7 +654,7 @@ inline void split_transposed(const float* first, int64_t stride_t, int64_t strid
           block[i] = _mm512_castps_si512(_mm512_load_ps(g));
         }
       }
-      avx512::transpose_16x16_epi32(block);
+      cpu::avx512::transpose_16x16_epi32(block);
       for (int j = 0; j < nd; ++j) {
         store_split3(dst + static_cast<int64_t>(d0 + j) * ld + r0, part,
                      _mm512_castsi512_ps(block[j]));
@@ -770,8 +771,8 @@ inline void pack_rows(const uint16_t* first, int64_t stride_t, int64_t stride_d,
 
 // Row c of dst (dst + c * ld_dst, c < rows), element d < D = E(scale * src[d * ld + c]): the
 // transposed float accumulators dk^T / dv^T (round_up(D, 16) rows of ld >= round_up(rows, 16)
-// floats) stored as key rows, 16 x 16 blocks through avx512::transpose_16x16_epi32, rounded as
-// from_acc rounds (cpu::avx512::store).
+// floats) stored as key rows, 16 x 16 blocks through cpu::avx512::transpose_16x16_epi32,
+// rounded as from_acc rounds (cpu::avx512::store).
 template <class E>
 inline void store_transposed_rows(const float* src, int64_t ld, int rows, int D, float scale,
                                   E* dst, int64_t ld_dst) {
@@ -785,7 +786,7 @@ inline void store_transposed_rows(const float* src, int64_t ld, int rows, int D,
         r[i] = _mm512_castps_si512(
             _mm512_loadu_ps(src + static_cast<int64_t>(d0 + i) * ld + c0));
       }
-      avx512::transpose_16x16_epi32(r);
+      cpu::avx512::transpose_16x16_epi32(r);
       for (int j = 0; j < nc; ++j) {
         E* out = dst + static_cast<int64_t>(c0 + j) * ld_dst + d0;
         const __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(r[j]), vscale);
@@ -824,7 +825,7 @@ inline void pack_column_pairs(const uint16_t* first, int64_t stride_t, int64_t s
                          ? _mm512_maskz_loadu_epi16(live, first + (r0 + i) * stride_t + 2 * u0)
                          : _mm512_setzero_si512();
         }
-        avx512::transpose_16x16_epi32(block);
+        cpu::avx512::transpose_16x16_epi32(block);
         for (int i = 0; i < 16; ++i) {
           _mm512_storeu_si512(out32 + static_cast<int64_t>(u0 + i) * cols + r0, block[i]);
         }

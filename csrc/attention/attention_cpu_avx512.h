@@ -13,12 +13,8 @@
 // about 2^-24 |m| -- with scores near 1e10 that is an exponent off by hundreds, and p = 0 or
 // inf for the largest score (issue 10, defect 1).
 // begin[r], end[r] are row r's allowed keys relative to the tile (begin >= end: none).
-// N, ldb, ldc and Dp are multiples of 16 (the tiles pad to that with zeros).
-//
-// The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers, 24 of the 32
-// (6 x 64, 8 x 48 or 12 x 32 floats): 24 independent FMA chains cover the FMA latency (4
-// cycles) on both 512-bit FMA ports, and each k step loads NV vectors of B and broadcasts
-// R scalars of A straight from memory into the FMAs ({1to16} operands).
+// N, ldb, ldc and Dp are multiples of 16 (the tiles pad to that with zeros). gemm is
+// common/gemm_avx512.h's micro-kernel loop, shared with linear cross-entropy's GEMMs.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -33,6 +29,7 @@
 #include <vector>
 
 #include "common/cpu_avx512.h"
+#include "common/gemm_avx512.h"
 
 FASTLLM_AVX512_BEGIN
 FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
@@ -117,109 +114,6 @@ FASTLLM_INLINE __m512i dropout_mix(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
-// A micro-kernel's R x (16 NV) block of C (rows ldc floats apart) into its accumulators
-// (zeros unless accumulate), and back.
-template <int R, int NV>
-FASTLLM_INLINE void load_block(const float* C, int64_t ldc, bool accumulate, __m512 (&c)[R][NV]) {
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
-    }
-  }
-}
-
-template <int R, int NV>
-FASTLLM_INLINE void store_block(float* C, int64_t ldc, const __m512 (&c)[R][NV]) {
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
-  }
-}
-
-template <int R, int NV>
-FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                              int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  __m512 c[R][NV];
-  load_block(C, ldc, accumulate, c);
-#pragma GCC unroll 2
-  for (int k = 0; k < K; ++k) {
-    __m512 b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * a_rs + k * a_ks]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
-    }
-  }
-  store_block(C, ldc, c);
-}
-
-// The micro-kernel rows for NV column vectors: 24 accumulators (12 for one vector).
-template <int NV>
-inline constexpr int kMicroRows = NV == 4 ? 6 : NV == 3 ? 8 : 12;
-
-// A tail of rows < R (the last rows of M): the largest micro-kernel that fits, then recurse.
-template <int NV, int R>
-FASTLLM_INLINE void gemm_row_tail(int rows, int K, const float* A, int64_t a_rs, int64_t a_ks,
-                                  const float* B, int64_t ldb, float* C, int64_t ldc,
-                                  bool accumulate) {
-  if constexpr (R > 0) {
-    if (rows >= R) {
-      gemm_tile<R, NV>(K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
-      rows -= R;
-      A += R * a_rs;
-      C += R * ldc;
-    }
-    gemm_row_tail<NV, R / 2>(rows, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
-  }
-}
-
-template <int NV>
-void gemm_columns(int M, int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int R = kMicroRows<NV>;
-  int m = 0;
-  for (; m + R <= M; m += R) {
-    gemm_tile<R, NV>(K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc, accumulate);
-  }
-  // R - 1 <= 11 rows left: micro-kernels of 8, 4, 2 and 1 rows (as needed) cover them.
-  gemm_row_tail<NV, 8>(M - m, K, A + m * a_rs, a_rs, a_ks, B, ldb, C + m * ldc, ldc,
-                       accumulate);
-}
-
-// In place: r[i] lane j <-> r[j] lane i, for 16 vectors of 16 32-bit units.
-FASTLLM_INLINE void transpose_16x16_epi32(__m512i r[16]) {
-  __m512i a[16];
-  for (int i = 0; i < 16; i += 2) {
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // b[4 g + c], 128-bit lane L: rows 4 g .. 4 g + 3 of column c + 4 L.
-  __m512i b[16];
-  for (int g = 0; g < 16; g += 4) {
-    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
-    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
-    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
-    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
-  }
-  // Column c + 4 L gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c].
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
-    const __m512i x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
-    const __m512i y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    r[c + 4] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
-    r[c + 8] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    r[c + 12] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
-  }
-}
-
 struct Ops {
   // out[c] = scale * float(in[c]) for c < n.
   template <class T>
@@ -265,16 +159,7 @@ struct Ops {
 
   static void gemm(int M, int N, int K, const float* A, int64_t a_rs, int64_t a_ks,
                    const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-    int n = 0;
-    for (; n + 64 <= N; n += 64) {
-      gemm_columns<4>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
-    }
-    switch ((N - n) / 16) {
-      case 3: return gemm_columns<3>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
-      case 2: return gemm_columns<2>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
-      case 1: return gemm_columns<1>(M, K, A, a_rs, a_ks, B + n, ldb, C + n, ldc, accumulate);
-      default: return;
-    }
+    cpu::avx512::gemm(M, N, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
   }
 
   // transpose_floats of contiguous rows: 16 x 16 blocks transposed in registers (16 loads
@@ -293,7 +178,7 @@ struct Ops {
                                     cols, first + static_cast<int64_t>(r0 + i) * stride_t + c0))
                               : _mm512_setzero_si512();
         }
-        transpose_16x16_epi32(block);
+        cpu::avx512::transpose_16x16_epi32(block);
         for (int j = 0; j < 16; ++j) {
           _mm512_storeu_si512(dst + static_cast<int64_t>(c0 + j) * Np + r0, block[j]);
         }

@@ -6,8 +6,13 @@
 // Registers nothing in the SIMT emulation build (FASTLLM_CPU_LIBRARY_IMPL): that build
 // registers the CUDA implementation for CPU tensors (cross_entropy_cuda_ops.cpp).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <limits>
+
+#include "common/cpu_features.h"
+#include "common/gemm_cpu.h"
 #include "common/torch_glue.h"
 #include "cross_entropy/cross_entropy.h"
 #include "cross_entropy/cross_entropy_glue.h"
@@ -56,11 +61,67 @@ void cross_entropy_bwd_block_inplace(const at::Tensor& grad_loss, const at::Tens
                                   {class_offset, split.defined() ? split.data_ptr() : nullptr});
 }
 
+// fastllm::linear_mm_out: out = a @ (b.T if b_transposed else b) (+ bias), float32 on the
+// CPU with AVX-512 (common/gemm_cpu.h), for linear cross-entropy's chunks
+// (fastllm/ops/linear_cross_entropy.py), which use torch.mm where this path is absent.
+void linear_mm_out(const at::Tensor& a, const at::Tensor& b, bool b_transposed,
+                   const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+  const char* op = "linear_mm_out";
+  TORCH_CHECK(cpu::cpu_avx512(), op,
+              ": needs the AVX-512 path (AVX-512 F/BW/DQ/VL/BF16, not capped by "
+              "FASTLLM_CPU_ISA); use torch.mm on this CPU");
+  const bool has_bias = bias.has_value() && bias->defined();
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&a, "a"},
+                                {&b, "b"}, {&out, "out"}, {has_bias ? &*bias : &a, "bias"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                     t->scalar_type());
+    check_same_device(a, "a", *t, name, op);
+  }
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, op,
+              ": a, b and out must be 2-D, got a ", shape_str(a.sizes()), ", b ",
+              shape_str(b.sizes()), ", out ", shape_str(out.sizes()));
+  const int64_t M = a.size(0), K = a.size(1);
+  const int64_t N = b_transposed ? b.size(0) : b.size(1);
+  TORCH_CHECK((b_transposed ? b.size(1) : b.size(0)) == K, op, ": b must be ",
+              b_transposed ? "(N, K)" : "(K, N)", " with K = a.size(1) = ", K, ", got b ",
+              shape_str(b.sizes()), " (b_transposed=", b_transposed, ")");
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, op, ": out must have shape [", M, ", ", N,
+              "], got ", shape_str(out.sizes()));
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), op,
+              ": bias must have shape [", N, "], got ", shape_str(bias->sizes()));
+  TORCH_CHECK(M <= std::numeric_limits<int>::max(), op, ": a has ", M, " rows, at most ",
+              std::numeric_limits<int>::max(), " are supported");
+  // Rows of contiguous elements (any row stride), as the kernel reads and writes them.
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&a, "a"},
+                                {&b, "b"}, {&out, "out"}}) {
+    TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, op, ": ", name,
+                " must have contiguous rows (stride(1) == 1), got strides ",
+                shape_str(t->strides()));
+    TORCH_CHECK(t->size(0) <= 1 || t->stride(0) >= t->size(1), op, ": ", name,
+                " must have rows that do not overlap (stride(0) >= size(1)), got strides ",
+                shape_str(t->strides()));
+  }
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, a);
+  at::assert_no_overlap(out, b);
+  at::Tensor bias_c;
+  if (has_bias) {
+    bias_c = bias->contiguous();
+    at::assert_no_overlap(out, bias_c);
+  }
+  if (M == 0 || N == 0) return;
+  auto row_stride = [](const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); };
+  cpu::gemm_f32(M, N, K, a.data_ptr<float>(), row_stride(a), b.data_ptr<float>(),
+                row_stride(b), b_transposed, has_bias ? bias_c.data_ptr<float>() : nullptr,
+                out.data_ptr<float>(), row_stride(out));
+}
+
 }  // namespace
 
 FASTLLM_CPU_LIBRARY_IMPL(m) {
   register_cross_entropy_ops<CpuKernels<cross_entropy_fwd_cpu, cross_entropy_bwd_cpu>>(m);
   m.impl("cross_entropy_bwd_block_inplace", &cross_entropy_bwd_block_inplace);
+  m.impl("linear_mm_out", &linear_mm_out);
 }
 
 }  // namespace cross_entropy

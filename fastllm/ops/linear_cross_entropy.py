@@ -65,10 +65,16 @@ _MIN_CHUNK_ROWS = 256
 # 32000 fwd+bwd, one Sapphire Rapids core: 256-row chunks ran at 0.9-1.0x torch.compile's
 # unfused time, 512-row chunks at 1.05-1.2x; 512 bf16 rows take the bytes of 256 float32).
 _MIN_CHUNK_ROWS_LOW_PRECISION = 512
+# ... and with fastllm's own GEMM (float32 on AVX-512 CPUs, see _own_gemm) at least this
+# many: it keeps ~100 GFLOP/s on 128-row chunks where torch's (MKL) drops to 75-80 for the
+# logits (one Zen 4 core, 128-160 x 1024 @ 1024 x 32000), so the chunks can shrink to the
+# aspect-ratio rule's size.
+_MIN_CHUNK_ROWS_OWN_GEMM = 128
 
 
 def default_chunk_size(rows: int, hidden: int, vocab: int,
-                       dtype: torch.dtype = torch.float32, class_blocked: bool = False) -> int:
+                       dtype: torch.dtype = torch.float32, class_blocked: bool = False,
+                       own_gemm: bool = False) -> int:
     """Rows per chunk such that a chunk's logits hold about as many elements as the input
     (rows x hidden), and at least _MIN_CHUNK_ELEMENTS and _MIN_CHUNK_ROWS (in ``dtype``
     bfloat16/float16: _MIN_CHUNK_ROWS_LOW_PRECISION) rows: torch's
@@ -83,9 +89,13 @@ def default_chunk_size(rows: int, hidden: int, vocab: int,
     class sweep fills only afterwards, so a chunk of at most ``hidden`` rows costs no memory
     of its own: the bfloat16/float16 floor is kept (512 rows ran at 1.03x torch.compile's
     unfused time at 4096 x 1024 x 32000 bfloat16 on one Granite Rapids-class core, 128 rows
-    at 0.85x), capped at ``hidden`` rows unless that is under _MIN_CHUNK_ROWS."""
+    at 0.85x), capped at ``hidden`` rows unless that is under _MIN_CHUNK_ROWS.
+    own_gemm (see _own_gemm): fastllm's GEMM keeps its rate on 128-row chunks, so the floor
+    is _MIN_CHUNK_ROWS_OWN_GEMM."""
     low_precision = dtype in (torch.bfloat16, torch.float16)
     floor = _MIN_CHUNK_ROWS_LOW_PRECISION if low_precision else _MIN_CHUNK_ROWS
+    if own_gemm:
+        floor = _MIN_CHUNK_ROWS_OWN_GEMM
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
     chunk = max(floor, -(-elements // vocab))
     if class_blocked:
@@ -127,6 +137,23 @@ def default_class_block(rows: int, hidden: int, vocab: int) -> int:
     _MIN_CHUNK_ELEMENTS), and at least _MIN_CLASS_BLOCK classes."""
     elements = max(rows * hidden, _MIN_CHUNK_ELEMENTS)
     return max(1, min(vocab, max(_MIN_CLASS_BLOCK, elements // (2 * max(rows, 1)))))
+
+
+def _own_gemm(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+              backend: str) -> bool:
+    """Whether the chunks' logits and dX products run fastllm's own GEMM
+    (fastllm::linear_mm_out, csrc/common/gemm_cpu.h) instead of torch's: float32 operands on
+    the CPU's native kernels where the cross-entropy family takes its AVX-512 path (which
+    FASTLLM_CPU_ISA caps), the weight's rows contiguous. (dW's product stays torch's, which
+    keeps its rate at these shapes.)"""
+    if not (backend == "native" and input.device.type == "cpu"
+            and input.dtype == linear_weight.dtype == torch.float32
+            and (linear_bias is None or linear_bias.dtype == torch.float32)
+            and linear_weight.stride(-1) == 1
+            and linear_weight.stride(0) >= linear_weight.shape[-1]):
+        return False
+    from fastllm.backend import cpu_kernel_path
+    return cpu_kernel_path("cross_entropy", torch.float32) == "avx512"
 
 
 def _class_blocked(input: Tensor, backend: str, need_weight: bool, need_bias: bool) -> bool:
@@ -174,8 +201,9 @@ class _ChunkedLinear:
     bfloat16 and 3.6x in float16: over the tests' 2x rule.)"""
 
     def __init__(self, input, linear_weight, linear_bias, chunk_size,
-                 need_input, need_weight, need_bias, class_blocked=False):
+                 need_input, need_weight, need_bias, class_blocked=False, own_gemm=False):
         rows, hidden = input.shape
+        self.own_gemm = own_gemm
         # class_blocked: dW and db come from class_sweep after the row chunks, which then
         # only give dX (see _class_blocked); dW is allocated now, as the row chunks' logits
         # use its memory first (the sweep writes every row of it, zeros without rows)
@@ -226,9 +254,13 @@ class _ChunkedLinear:
         return [(s, min(s + self.chunk_size, rows)) for s in range(0, rows, self.chunk_size)]
 
     def logits(self, x_chunk: Tensor) -> Tensor:
-        """(C, H) @ (V, H).T + b -> (C, V) in the input's dtype, torch's GEMM (as F.linear),
-        written into the shared buffer."""
+        """(C, H) @ (V, H).T + b -> (C, V) in the input's dtype, torch's GEMM (as F.linear)
+        or fastllm's own (see _own_gemm), written into the shared buffer."""
         out = self.logits_buffer[: x_chunk.shape[0]]
+        if self.own_gemm and x_chunk.stride(-1) == 1:
+            torch.ops.fastllm.linear_mm_out(x_chunk, self.linear_weight, True, self.linear_bias,
+                                            out)
+            return out
         if self.linear_bias is None:
             return torch.mm(x_chunk, self.linear_weight.t(), out=out)
         return torch.addmm(self.linear_bias, x_chunk, self.linear_weight.t(), out=out)
@@ -236,7 +268,11 @@ class _ChunkedLinear:
     def add_chunk(self, start: int, grad_logits: Tensor, x_chunk: Tensor) -> None:
         end = start + grad_logits.shape[0]
         if self.grad_input is not None:
-            torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
+            if self.own_gemm:
+                torch.ops.fastllm.linear_mm_out(grad_logits, self.linear_weight, False, None,
+                                                self.grad_input[start:end])
+            else:
+                torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
         if self.grad_weight is not None:
             if self.product_buffer is None:
                 if self.grad_weight_written:
@@ -527,7 +563,8 @@ def _linear_cross_entropy_fwd(
                                           with_grad and need_grad_bias)
     class_blocked = _class_blocked(input, backend, need_weight, need_bias)
     loop = _ChunkedLinear(input, linear_weight, linear_bias, chunk_size,
-                          need_input, need_weight, need_bias, class_blocked)
+                          need_input, need_weight, need_bias, class_blocked,
+                          _own_gemm(input, linear_weight, linear_bias, backend))
     # the row chunks' logit gradient: for dX, dW, db, or (class-blocked) dX only
     chunk_grads = need_input or (with_grad and not class_blocked)
     for start, end in loop.chunks(input):
@@ -604,6 +641,7 @@ def _linear_cross_entropy_bwd(
     loop = _ChunkedLinear(
         input, linear_weight, linear_bias, chunk_size,
         need_grad_input, need_grad_weight, need_grad_bias, class_blocked,
+        _own_gemm(input, linear_weight, linear_bias, backend),
     )
     grad_loss = grad_loss.to(acc_dtype(input))
     if need_grad_input or not class_blocked:
@@ -798,6 +836,7 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(
             rows, hidden, vocab, input.dtype,
             class_blocked=_class_blocked(x, backend, need_weight, need_bias),
+            own_gemm=_own_gemm(x, linear_weight, linear_bias, backend),
         )
     loss, lse, correct, *_ = _linear_cross_entropy_fwd(
         x, linear_weight, linear_bias, rows_target, weight, ignore_index, reduction,

@@ -1,0 +1,182 @@
+// gemm_cpu.h's float32 GEMM: C is computed in blocks of 64 columns, one OpenMP thread per
+// block; a block's columns of op(B) are packed, kKc rows of k at a time, into a contiguous
+// kKc x 64 panel (a transpose of 64 rows of B for b_transposed, a copy of 64-column row
+// pieces otherwise), and common/gemm_avx512.h's micro-kernel runs every 6-row block of A
+// against the panel, adding into the block of C from the second panel on. The micro-kernel
+// reads A in place (its broadcasts want no layout), so only B is packed: a panel is 64 KiB,
+// reused by every row of A while it sits in L2, and its packing is ~1 % of the block's FMAs
+// at M = 128.
+#include "common/gemm_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "common/cpu_aligned.h"
+#include "common/cpu_features.h"
+#include "common/cpu_parallel.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include "common/gemm_avx512.h"
+#endif
+
+namespace fastllm {
+namespace cpu {
+
+#if defined(__x86_64__) || defined(__i386__)
+
+namespace {
+
+// Columns of C per block: the micro-kernel's 4 vectors.
+constexpr int kNb = 64;
+// Rows of k per packed panel: 256 x 64 floats, 64 KiB.
+constexpr int64_t kKc = 256;
+
+FASTLLM_AVX512_BEGIN
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
+
+// The lanes of vector v (columns 16 v .. 16 v + 15) among the first `live` columns.
+__mmask16 live_lanes(int live, int v) {
+  return avx512::first_lanes(std::clamp(live - 16 * v, 0, 16));
+}
+
+// panel[k][j] = op(B)[k0 + k][n0 + j] for k < kc, j < nb, and 0 for j in [nb, 64).
+void pack_panel(const float* B, int64_t ldb, bool b_transposed, int64_t n0, int nb, int64_t k0,
+                int kc, float* panel) {
+  if (!b_transposed) {
+    const float* src = B + k0 * ldb + n0;
+    for (int k = 0; k < kc; ++k) {
+      for (int v = 0; v < kNb / 16; ++v) {
+        _mm512_storeu_ps(panel + k * kNb + 16 * v,
+                         _mm512_maskz_loadu_ps(live_lanes(nb, v), src + k * ldb + 16 * v));
+      }
+    }
+    return;
+  }
+  // 16 rows of B (16 columns of op(B)) by 16 elements, transposed in registers.
+  for (int j0 = 0; j0 < kNb; j0 += 16) {
+    for (int c0 = 0; c0 < kc; c0 += 16) {
+      const int cols = std::min(16, kc - c0);
+      const __mmask16 col_mask = avx512::first_lanes(cols);
+      __m512i block[16];
+      for (int i = 0; i < 16; ++i) {
+        block[i] = j0 + i < nb ? _mm512_castps_si512(_mm512_maskz_loadu_ps(
+                                     col_mask, B + (n0 + j0 + i) * ldb + k0 + c0))
+                               : _mm512_setzero_si512();
+      }
+      avx512::transpose_16x16_epi32(block);
+      for (int t = 0; t < cols; ++t) {
+        _mm512_storeu_si512(panel + (c0 + t) * kNb + j0, block[t]);
+      }
+    }
+  }
+}
+
+// C's block of columns [n0, n0 + nb) = the block's result (rows ld_block apart) + bias: in
+// place when the block was computed in C itself, else copied from the scratch block.
+void finish_block(int64_t M, const float* block, int64_t ld_block, const float* bias,
+                  int64_t n0, int nb, float* C, int64_t ldc) {
+  __m512 b[kNb / 16];
+  for (int v = 0; v < kNb / 16; ++v) {
+    b[v] = bias ? _mm512_maskz_loadu_ps(live_lanes(nb, v), bias + n0 + 16 * v)
+                : _mm512_setzero_ps();
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int v = 0; v < kNb / 16; ++v) {
+      const __mmask16 live = live_lanes(nb, v);
+      if (live == 0) break;
+      const __m512 x = _mm512_maskz_loadu_ps(live, block + m * ld_block + 16 * v);
+      _mm512_mask_storeu_ps(C + m * ldc + n0 + 16 * v, live, _mm512_add_ps(x, b[v]));
+    }
+  }
+}
+
+// The blocks [first, last) of C's columns, on one thread (see the file's comment for the
+// two loop orders).
+void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, bool b_transposed, const float* bias, float* C, int64_t ldc,
+                 int64_t first, int64_t last, float* panel, UninitAlignedVector<float>& scratch) {
+  // Where block blk is computed: in C, or in the scratch block for a last one of fewer than
+  // 64 columns (the micro-kernel writes all 64).
+  auto target = [&](int64_t blk, int64_t& ld) {
+    if (N - blk * kNb >= kNb) {
+      ld = ldc;
+      return C + blk * kNb;
+    }
+    scratch.resize(M * kNb);
+    ld = kNb;
+    return scratch.data();
+  };
+  auto product = [&](int64_t blk, int64_t k0) {
+    const int nb = static_cast<int>(std::min<int64_t>(kNb, N - blk * kNb));
+    const int kc = static_cast<int>(std::min(kKc, K - k0));
+    int64_t ld;
+    float* out = target(blk, ld);
+    pack_panel(B, ldb, b_transposed, blk * kNb, nb, k0, kc, panel);
+    avx512::gemm(static_cast<int>(M), kNb, kc, A + k0, lda, 1, panel, kNb, out, ld,
+                 /*accumulate=*/k0 > 0, /*separately=*/true);
+  };
+  auto finish = [&](int64_t blk) {
+    const int nb = static_cast<int>(std::min<int64_t>(kNb, N - blk * kNb));
+    int64_t ld;
+    float* out = target(blk, ld);
+    if (K == 0) {
+      for (int64_t m = 0; m < M; ++m) {
+        for (int v = 0; v < kNb / 16; ++v) {
+          _mm512_storeu_ps(out + m * ld + 16 * v, _mm512_setzero_ps());
+        }
+      }
+    }
+    if (bias || out != C + blk * kNb) finish_block(M, out, ld, bias, blk * kNb, nb, C, ldc);
+  };
+  if ((last - first) * kNb <= K) {
+    // k outer: the thread's columns of C stay in cache while A and B stream past.
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      for (int64_t blk = first; blk < last; ++blk) product(blk, k0);
+    }
+    for (int64_t blk = first; blk < last; ++blk) finish(blk);
+  } else {
+    // blocks outer: A stays in cache while the blocks' columns of B stream past.
+    for (int64_t blk = first; blk < last; ++blk) {
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) product(blk, k0);
+      finish(blk);
+    }
+  }
+}
+
+void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                     const float* B, int64_t ldb, bool b_transposed, const float* bias,
+                     float* C, int64_t ldc) {
+  const int64_t blocks = (N + kNb - 1) / kNb;
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), blocks)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    UninitAlignedVector<float> panel(kKc * kNb), scratch;
+    gemm_blocks(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc, block_begin(blocks, t, n),
+                block_begin(blocks, t + 1, n), panel.data(), scratch);
+  }
+}
+
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_END
+FASTLLM_AVX512_END
+
+}  // namespace
+
+#endif  // x86
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+              int64_t ldb, bool b_transposed, const float* bias, float* C, int64_t ldc) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (cpu_avx512()) {
+    gemm_f32_avx512(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc);
+    return;
+  }
+#endif
+  throw std::invalid_argument("gemm_f32 needs AVX-512 (cpu_avx512()), which this process lacks");
+}
+
+}  // namespace cpu
+}  // namespace fastllm

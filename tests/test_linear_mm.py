@@ -1,0 +1,176 @@
+"""fastllm::linear_mm_out, fastllm's own float32 GEMM for linear cross-entropy's chunks
+(csrc/common/gemm_cpu.h): against a float64 reference within twice torch's own float32
+error, on shapes that hit every tail of its blocking (rows of A past the 6-row micro-kernel,
+columns of C past 64 and past 16, k past the 256-row panels, both loop orders), strided rows,
+empty operands, thread counts, bad arguments, and the AVX2 cap, under which the op refuses
+and linear_cross_entropy keeps torch's GEMM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastllm import _native
+from fastllm.ops import linear_cross_entropy as lce
+from tests.accuracy import assert_within_torch_error
+from tests.helpers import cpu_has_avx512_path
+from tests.hostile import run_isolated
+
+pytestmark = [
+    pytest.mark.skipif(not _native.AVAILABLE, reason="fastllm's native extension is not built"),
+    pytest.mark.skipif(not cpu_has_avx512_path(),
+                       reason="linear_mm_out needs the AVX-512 path, which this CPU lacks"),
+]
+
+
+def mm_out(*args):
+    return torch.ops.fastllm.linear_mm_out(*args)
+
+
+def operands(M, N, K, b_transposed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K, generator=g)
+    # rows of B of very different sizes, so a wrongly placed column shows
+    b = torch.randn(N, K, generator=g) * torch.logspace(-2, 2, N)[:, None]
+    if not b_transposed:
+        b = b.t().contiguous()
+    bias = torch.randn(N, generator=g)
+    return a, b, bias
+
+
+# (M, N, K): M past the 6-row micro-kernel (tails of 1..5 rows), N past 64 and 16 columns,
+# K past the 256-row panels; with K >= 64 x (column blocks) the k-outer order runs.
+SHAPES = [(1, 1, 1), (5, 17, 3), (6, 64, 256), (7, 130, 257), (13, 100, 300), (25, 70, 1500),
+          (3, 200, 40), (128, 1000, 1024), (11, 48, 4096)]
+
+
+@pytest.mark.parametrize("b_transposed", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_mm_within_torch_error(shape, b_transposed, with_bias):
+    M, N, K = shape
+    a, b, bias = operands(M, N, K, b_transposed)
+    bias = bias if with_bias else None
+    b_op = b.t() if b_transposed else b
+    ref = a.double() @ b_op.double() + (0 if bias is None else bias.double())
+    theirs = torch.mm(a, b_op) if bias is None else torch.addmm(bias, a, b_op)
+    out = torch.full((M, N), float("nan"))
+    mm_out(a, b, b_transposed, bias, out)
+    assert_within_torch_error(f"linear_mm_out {shape}", out, theirs, ref, torch.float32)
+
+
+@pytest.mark.parametrize("b_transposed", [True, False])
+def test_linear_mm_strided_rows_and_untouched_neighbours(b_transposed):
+    """Operands whose rows lie further apart than their lengths (slices of wider matrices),
+    and an output slice: the columns beside it keep their values."""
+    M, N, K = 9, 75, 300
+    a_wide = torch.randn(M, K + 13)
+    b_wide = torch.randn(N, K + 5) if b_transposed else torch.randn(K, N + 7)
+    a = a_wide[:, 3:3 + K]
+    b = b_wide[:, 2:2 + K] if b_transposed else b_wide[:, 1:1 + N]
+    out_wide = torch.full((M, N + 20), 7.0)
+    out = out_wide[:, 10:10 + N]
+    bias = torch.randn(N)
+    mm_out(a, b, b_transposed, bias, out)
+    b_op = b.t() if b_transposed else b
+    ref = a.double() @ b_op.double() + bias.double()
+    assert_within_torch_error("strided", out, torch.addmm(bias, a, b_op), ref, torch.float32)
+    assert (out_wide[:, :10] == 7).all() and (out_wide[:, 10 + N:] == 7).all()
+
+
+def test_linear_mm_empty_operands():
+    """K = 0 writes the bias (or zeros) over whatever out held; M = 0 or N = 0 is a no-op."""
+    bias = torch.randn(70)
+    out = torch.full((3, 70), float("nan"))
+    mm_out(torch.empty(3, 0), torch.empty(70, 0), True, bias, out)
+    assert torch.equal(out, bias.expand(3, 70))
+    out = torch.full((3, 70), float("nan"))
+    mm_out(torch.empty(3, 0), torch.empty(0, 70), False, None, out)
+    assert torch.equal(out, torch.zeros(3, 70))
+    mm_out(torch.empty(0, 8), torch.randn(5, 8), True, None, torch.empty(0, 5))
+    mm_out(torch.randn(4, 8), torch.empty(0, 8), True, None, torch.empty(4, 0))
+
+
+@pytest.mark.parametrize("b_transposed", [True, False])
+def test_linear_mm_same_bits_for_any_thread_count(b_transposed):
+    """Each element's sum runs in the same order (panel by panel of k) whichever thread, and
+    whichever loop order, computes its block: 1, 2 and 3 threads give the same bits."""
+    a, b, bias = operands(37, 700, 600, b_transposed, seed=3)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = torch.empty(37, 700)
+            mm_out(a, b, b_transposed, bias, out)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_linear_mm_rejects_bad_arguments():
+    a, b, out = torch.randn(4, 8), torch.randn(5, 8), torch.empty(4, 5)
+    with pytest.raises(TypeError, match="a must be float32, got Double"):
+        mm_out(a.double(), b, True, None, out)
+    with pytest.raises(TypeError, match="bias must be float32"):
+        mm_out(a, b, True, torch.zeros(5, dtype=torch.bfloat16), out)
+    with pytest.raises(RuntimeError, match=r"b must be \(N, K\) with K = a.size\(1\) = 8"):
+        mm_out(a, torch.randn(5, 7), True, None, out)
+    with pytest.raises(RuntimeError, match=r"b must be \(K, N\)"):
+        mm_out(a, b, False, None, out)
+    with pytest.raises(RuntimeError, match=r"out must have shape \[4, 5\], got \[5, 4\]"):
+        mm_out(a, b, True, None, torch.empty(5, 4))
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[5\], got \[4\]"):
+        mm_out(a, b, True, torch.zeros(4), out)
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        mm_out(a[None], b, True, None, out)
+    with pytest.raises(RuntimeError, match=r"a must have contiguous rows \(stride\(1\) == 1\)"):
+        mm_out(torch.randn(8, 4).t(), b, True, None, out)
+    with pytest.raises(RuntimeError, match=r"b must have rows that do not overlap"):
+        mm_out(a, torch.randn(8).expand(5, 8), True, None, out)
+    shared = torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        mm_out(shared, torch.randn(8, 8), True, None, shared)
+
+
+def test_avx2_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
+    """Under FASTLLM_CPU_ISA=avx2 the op names the path it needs, _own_gemm says no, and the
+    chunked linear cross-entropy (torch's GEMMs) still matches the unfused reference."""
+    out = run_isolated(
+        """
+        import torch, pytest
+        import torch.nn.functional as TF
+        from fastllm import functional as F
+        from fastllm.ops import linear_cross_entropy as lce
+        with pytest.raises(RuntimeError, match="needs the AVX-512 path"):
+            torch.ops.fastllm.linear_mm_out(torch.randn(2, 3), torch.randn(4, 3), True, None,
+                                            torch.empty(2, 4))
+        x = torch.randn(13, 16, requires_grad=True)
+        w = torch.randn(300, 16, requires_grad=True)
+        t = torch.randint(0, 300, (13,))
+        assert not lce._own_gemm(x, w, None, "native")
+        ours = F.linear_cross_entropy(x, w, t, chunk_size=5)
+        ref = TF.cross_entropy(TF.linear(x, w), t)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0])
+        print("ok")
+        """,
+        env={"FASTLLM_CPU_ISA": "avx2", "FASTLLM_BACKEND": "native"},
+    )
+    assert out.strip().endswith("ok"), out
+
+
+def test_own_gemm_choice_and_chunk_floor():
+    """float32 on the native CPU kernels takes fastllm's GEMM (this CPU has the AVX-512 path),
+    other dtypes and backends torch's; with it the chunk floor is 128 rows, so 4096 x 1024 x
+    32000 runs in chunks of 132 (the aspect-ratio rule) instead of 256."""
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    assert lce._own_gemm(x, w, None, "native")
+    assert lce._own_gemm(x, w, torch.zeros(10), "native")
+    assert not lce._own_gemm(x, w, torch.zeros(10, dtype=torch.float64), "native")
+    assert not lce._own_gemm(x.bfloat16(), w.bfloat16(), None, "native")
+    assert not lce._own_gemm(x, w, None, "triton")
+    assert not lce._own_gemm(x, torch.randn(8, 10).t(), None, "native")
+    assert lce.default_chunk_size(4096, 1024, 32000, torch.float32, own_gemm=True) == 132
+    assert lce.default_chunk_size(4096, 1024, 32000, torch.float32) == 256

@@ -1,11 +1,14 @@
-// gemm_cpu.h's float32 GEMM: C is computed in blocks of 64 columns, one OpenMP thread per
-// block; a block's columns of op(B) are packed, kKc rows of k at a time, into a contiguous
-// kKc x 64 panel (a transpose of 64 rows of B for b_transposed, a copy of 64-column row
-// pieces otherwise), and common/gemm_avx512.h's micro-kernel runs every 6-row block of A
-// against the panel, adding into the block of C from the second panel on. The micro-kernel
-// reads A in place (its broadcasts want no layout), so only B is packed: a panel is 64 KiB,
-// reused by every row of A while it sits in L2, and its packing is ~1 % of the block's FMAs
-// at M = 128.
+// gemm_cpu.h's float32 GEMM: C is computed in blocks of 64 columns, each OpenMP thread taking
+// a contiguous range of blocks; a block's columns of op(B) are packed, kKc rows of k at a
+// time, into a contiguous kKc x 64 panel (a transpose of 64 rows of B for b_transposed, a copy
+// of 64-column row pieces otherwise), and common/gemm_avx512.h's micro-kernel runs every
+// 6-row block of A against the panel in its `separately` mode (sums of at most 32 products
+// added to C one by one). The micro-kernel reads A in place (its broadcasts want no layout),
+// so only B is packed: a panel is 64 KiB, reused by every row of A while it sits in L2.
+// Two loop orders (gemm_blocks): k outer when a thread's columns are fewer than K (dX =
+// dlogits @ W: the thread's 128-row x 1024-column share of C stays in L2 while A's and B's
+// k ranges pass once), blocks outer otherwise (logits = x @ W^T: A, 128 x 1024, stays in L2
+// while W's rows pass once).
 #include "common/gemm_cpu.h"
 
 #include <omp.h>
@@ -30,7 +33,13 @@ namespace {
 
 // Columns of C per block: the micro-kernel's 4 vectors.
 constexpr int kNb = 64;
-// Rows of k per packed panel: 256 x 64 floats, 64 KiB.
+// Rows of k per packed panel: 256 x 64 floats, 64 KiB. A panel reads B's rows 64-256
+// elements at a time, 256 B-1 KiB pieces 4 KiB or more apart, which the hardware prefetchers
+// do not follow: packing from memory took 11-13 % of the GEMM's time at 132 x 1024 x 32000
+// on one Zen 4 core (perf). The next panel's lines are prefetched into L2 while one is
+// packed: 95-96 -> 100 GFLOP/s (logits, B transposed) and 95 -> 96.5-97.5 (dX) there. (The
+// same prefetches spread over the panel's products instead, a share after every 24 rows of
+// A, ran at 94-96.)
 constexpr int64_t kKc = 256;
 
 FASTLLM_AVX512_BEGIN
@@ -41,12 +50,34 @@ __mmask16 live_lanes(int live, int v) {
   return avx512::first_lanes(std::clamp(live - 16 * v, 0, 16));
 }
 
-// panel[k][j] = op(B)[k0 + k][n0 + j] for k < kc, j < nb, and 0 for j in [nb, 64).
-void pack_panel(const float* B, int64_t ldb, bool b_transposed, int64_t n0, int nb, int64_t k0,
-                int kc, float* panel) {
+// Where a panel's elements come from: op(B)[k0 + k][n0 + j] for k < kc, j < nb.
+struct PanelAt {
+  int64_t n0, k0;
+  int nb, kc;
+};
+
+// Prefetches into L2 the cache line of B holding op(B)[k][n] (an address the panel reads).
+FASTLLM_INLINE void prefetch_l2(const float* B, int64_t ldb, bool b_transposed, int64_t k,
+                                int64_t n) {
+  const float* p = b_transposed ? B + n * ldb + k : B + k * ldb + n;
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+}
+
+// panel[k][j] = op(B)[at.k0 + k][at.n0 + j] for k < kc, j < nb, and 0 for j in [nb, 64);
+// meanwhile the lines of the panel `next` (kc = 0: none) are prefetched into L2, each beside
+// the line of this panel at the same place (see kKc).
+void pack_panel(const float* B, int64_t ldb, bool b_transposed, const PanelAt& at,
+                const PanelAt& next, float* panel) {
+  const int64_t n0 = at.n0, k0 = at.k0;
+  const int nb = at.nb, kc = at.kc;
   if (!b_transposed) {
     const float* src = B + k0 * ldb + n0;
     for (int k = 0; k < kc; ++k) {
+      if (k < next.kc) {  // the next panel's row k: up to 64 floats, 4 lines
+        for (int v = 0; 16 * v < next.nb; ++v) {
+          prefetch_l2(B, ldb, false, next.k0 + k, next.n0 + 16 * v);
+        }
+      }
       for (int v = 0; v < kNb / 16; ++v) {
         _mm512_storeu_ps(panel + k * kNb + 16 * v,
                          _mm512_maskz_loadu_ps(live_lanes(nb, v), src + k * ldb + 16 * v));
@@ -61,6 +92,10 @@ void pack_panel(const float* B, int64_t ldb, bool b_transposed, int64_t n0, int 
       const __mmask16 col_mask = avx512::first_lanes(cols);
       __m512i block[16];
       for (int i = 0; i < 16; ++i) {
+        // the next panel's line at the same place: row j0 + i, elements c0 .. c0 + 15
+        if (j0 + i < next.nb && c0 < next.kc) {
+          prefetch_l2(B, ldb, true, next.k0 + c0, next.n0 + j0 + i);
+        }
         block[i] = j0 + i < nb ? _mm512_castps_si512(_mm512_maskz_loadu_ps(
                                      col_mask, B + (n0 + j0 + i) * ldb + k0 + c0))
                                : _mm512_setzero_si512();
@@ -92,8 +127,7 @@ void finish_block(int64_t M, const float* block, int64_t ld_block, const float* 
   }
 }
 
-// The blocks [first, last) of C's columns, on one thread (see the file's comment for the
-// two loop orders).
+// The blocks [first, last) of C's columns, on one thread, in one of the two loop orders.
 void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                  int64_t ldb, bool b_transposed, const float* bias, float* C, int64_t ldc,
                  int64_t first, int64_t last, float* panel, UninitAlignedVector<float>& scratch) {
@@ -108,14 +142,19 @@ void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     ld = kNb;
     return scratch.data();
   };
-  auto product = [&](int64_t blk, int64_t k0) {
-    const int nb = static_cast<int>(std::min<int64_t>(kNb, N - blk * kNb));
-    const int kc = static_cast<int>(std::min(kKc, K - k0));
+  // Panel (blk, k0): its columns and k range (kc = 0 past the last block).
+  auto panel_at = [&](int64_t blk, int64_t k0) {
+    if (blk >= last || k0 >= K) return PanelAt{0, 0, 0, 0};
+    return PanelAt{blk * kNb, k0, static_cast<int>(std::min<int64_t>(kNb, N - blk * kNb)),
+                   static_cast<int>(std::min(kKc, K - k0))};
+  };
+  // The panel `at`'s products (the next one's lines prefetched while `at` is packed).
+  auto product = [&](const PanelAt& at, const PanelAt& next) {
     int64_t ld;
-    float* out = target(blk, ld);
-    pack_panel(B, ldb, b_transposed, blk * kNb, nb, k0, kc, panel);
-    avx512::gemm(static_cast<int>(M), kNb, kc, A + k0, lda, 1, panel, kNb, out, ld,
-                 /*accumulate=*/k0 > 0, /*separately=*/true);
+    float* out = target(at.n0 / kNb, ld);
+    pack_panel(B, ldb, b_transposed, at, next, panel);
+    avx512::gemm(static_cast<int>(M), kNb, at.kc, A + at.k0, lda, 1, panel, kNb, out, ld,
+                 /*accumulate=*/at.k0 > 0, /*separately=*/true);
   };
   auto finish = [&](int64_t blk) {
     const int nb = static_cast<int>(std::min<int64_t>(kNb, N - blk * kNb));
@@ -133,13 +172,19 @@ void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   if ((last - first) * kNb <= K) {
     // k outer: the thread's columns of C stay in cache while A and B stream past.
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-      for (int64_t blk = first; blk < last; ++blk) product(blk, k0);
+      for (int64_t blk = first; blk < last; ++blk) {
+        product(panel_at(blk, k0),
+                blk + 1 < last ? panel_at(blk + 1, k0) : panel_at(first, k0 + kKc));
+      }
     }
     for (int64_t blk = first; blk < last; ++blk) finish(blk);
   } else {
     // blocks outer: A stays in cache while the blocks' columns of B stream past.
     for (int64_t blk = first; blk < last; ++blk) {
-      for (int64_t k0 = 0; k0 < K; k0 += kKc) product(blk, k0);
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        product(panel_at(blk, k0),
+                k0 + kKc < K ? panel_at(blk, k0 + kKc) : panel_at(blk + 1, 0));
+      }
       finish(blk);
     }
   }

@@ -8,8 +8,8 @@
 // The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers, 24 of the 32
 // (6 x 64, 8 x 48 or 12 x 32 floats): 24 independent FMA chains cover the FMA latency (4
 // cycles) on both 512-bit FMA ports, and each k step loads NV vectors of B and broadcasts
-// R scalars of A from memory. With its operands in L1 it runs at 110-116 GFLOP/s on one Zen 4
-// core whose FMA peak is ~117 (M 128 / N 64 / K 64-512, attention's shapes).
+// R scalars of A from memory: 96-97 % of one Zen 4 core's FMA peak on attention's cached
+// tiles (benchmarks/micro/attention_fp32_inner.cpp, README's Zen 4 paragraph).
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -76,8 +76,8 @@ inline constexpr int kSeparateK = 32;
 // from zero. true: sums of at most kSeparateK products, each started from zero and added to
 // C (stored over it, the first without accumulate), so an element's rounding error grows
 // with kSeparateK plus the number of sums instead of with K; the extra loads, adds and
-// stores of C (24 each per 32 k steps of 24 FMAs) run beside the FMAs. (Sums of 16 cost
-// ~3-4 % of the rate on one Zen 4 core; sums of the 256-k panels were over the tests' 2x
+// stores of C (24 each per 32 k steps of 24 FMAs) run beside the FMAs. (Sums of 16 ran a few
+// % slower in a loop on one Zen 4 core; sums over whole 256-k panels were over the tests' 2x
 // rule against torch's error.)
 template <int R, int NV, bool kSeparately = false>
 FASTLLM_INLINE void gemm_tile(int K, const float* A, int64_t a_rs, int64_t a_ks, const float* B,

@@ -37,9 +37,10 @@ constexpr int kNb = 64;
 // elements at a time, 256 B-1 KiB pieces 4 KiB or more apart, which the hardware prefetchers
 // do not follow: packing from memory took 11-13 % of the GEMM's time at 132 x 1024 x 32000
 // on one Zen 4 core (perf). The next panel's lines are prefetched into L2 while one is
-// packed: 95-96 -> 100 GFLOP/s (logits, B transposed) and 95 -> 96.5-97.5 (dX) there. (The
-// same prefetches spread over the panel's products instead, a share after every 24 rows of
-// A, ran at 94-96.)
+// packed: the float32 linear cross-entropy forward there (the logits' product, mostly) went
+// from 2840 to 2758 ms (3-process bench records of 2026-12-06, ...-own-gemm-noprefetch- and
+// ...-own-gemm-3processes.txt). (The same prefetches spread over the panel's products, a
+// share after every 24 rows of A, ran slower in a loop.)
 constexpr int64_t kKc = 256;
 
 FASTLLM_AVX512_BEGIN

@@ -66,9 +66,11 @@ _MIN_CHUNK_ROWS = 256
 # unfused time, 512-row chunks at 1.05-1.2x; 512 bf16 rows take the bytes of 256 float32).
 _MIN_CHUNK_ROWS_LOW_PRECISION = 512
 # ... and with fastllm's own GEMM (float32 on AVX-512 CPUs, see _own_gemm) at least this
-# many: it keeps ~100 GFLOP/s on 128-row chunks where torch's (MKL) drops to 75-80 for the
-# logits (one Zen 4 core, 128-160 x 1024 @ 1024 x 32000), so the chunks can shrink to the
-# aspect-ratio rule's size.
+# many: it keeps 95-100 GFLOP/s on 128-160-row chunks where torch's (MKL) drops to 78-81 for
+# the logits and 88-91 for dX (one Zen 4 core, H 1024, V 32000: benchmarks/micro/
+# linear_mm_rates.py, record benchmarks/results/2026-12-06-cpu-linear-mm-rates-zen4.txt), so
+# the chunks can shrink to the aspect-ratio rule's size: 132 rows at 4096 x 1024 x 32000,
+# forward+backward 1.04x torch.compile's unfused time at 0.245x its peak memory.
 _MIN_CHUNK_ROWS_OWN_GEMM = 128
 
 

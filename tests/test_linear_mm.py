@@ -174,3 +174,12 @@ def test_own_gemm_choice_and_chunk_floor():
     assert not lce._own_gemm(x, torch.randn(8, 10).t(), None, "native")
     assert lce.default_chunk_size(4096, 1024, 32000, torch.float32, own_gemm=True) == 132
     assert lce.default_chunk_size(4096, 1024, 32000, torch.float32) == 256
+
+
+def test_linear_mm_opcheck():
+    """Schema (out mutated, nothing returned), fake tensor (torch's default for an op that
+    returns nothing) and AOT dispatch agree with the kernel (torch.library.opcheck)."""
+    a, b, bias = operands(13, 70, 300, True, seed=5)
+    torch.library.opcheck(torch.ops.fastllm.linear_mm_out, (a, b, True, bias, torch.empty(13, 70)))
+    a, b, _ = operands(13, 70, 300, False, seed=5)
+    torch.library.opcheck(torch.ops.fastllm.linear_mm_out, (a, b, False, None, torch.empty(13, 70)))

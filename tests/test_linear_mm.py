@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastllm import _native
+from fastllm import functional as F
 from fastllm.ops import linear_cross_entropy as lce
 from tests.accuracy import assert_within_torch_error
 from tests.helpers import cpu_has_avx512_path
@@ -141,7 +142,6 @@ def test_avx2_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
         """
         import torch, pytest
         import torch.nn.functional as TF
-        from fastllm import functional as F
         from fastllm.ops import linear_cross_entropy as lce
         with pytest.raises(RuntimeError, match="needs the AVX-512 path"):
             torch.ops.fastllm.linear_mm_out(torch.randn(2, 3), torch.randn(4, 3), True, None,
@@ -172,6 +172,7 @@ def test_own_gemm_choice_and_chunk_floor():
     assert not lce._own_gemm(x.bfloat16(), w.bfloat16(), None, "native")
     assert not lce._own_gemm(x, w, None, "triton")
     assert not lce._own_gemm(x, torch.randn(8, 10).t(), None, "native")
+    assert not lce._own_gemm(x, torch.randn(1, 8).expand(10, 8), None, "native")
     assert lce.default_chunk_size(4096, 1024, 32000, torch.float32, own_gemm=True) == 132
     assert lce.default_chunk_size(4096, 1024, 32000, torch.float32) == 256
 
@@ -183,3 +184,18 @@ def test_linear_mm_opcheck():
     torch.library.opcheck(torch.ops.fastllm.linear_mm_out, (a, b, True, bias, torch.empty(13, 70)))
     a, b, _ = operands(13, 70, 300, False, seed=5)
     torch.library.opcheck(torch.ops.fastllm.linear_mm_out, (a, b, False, None, torch.empty(13, 70)))
+
+
+def test_linear_cross_entropy_with_overlapping_rows():
+    """An expanded input (rows at stride 0) and an expanded weight, which linear_mm_out
+    refuses, take torch's GEMM for those products: the results match the unfused path."""
+    x = torch.randn(1, 16).expand(13, 16).requires_grad_()
+    w = torch.randn(300, 16, requires_grad=True)
+    t = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(0))
+    for weight in (w, torch.randn(1, 16).expand(300, 16).requires_grad_()):
+        ours = F.linear_cross_entropy(x, weight, t, chunk_size=5)
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, weight), t)
+        torch.testing.assert_close(ours, ref)
+        for got, want in zip(torch.autograd.grad(ours, (x, weight)),
+                             torch.autograd.grad(ref, (x, weight))):
+            torch.testing.assert_close(got, want)

@@ -141,18 +141,24 @@ def default_class_block(rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(vocab, max(_MIN_CLASS_BLOCK, elements // (2 * max(rows, 1)))))
 
 
+def _separate_rows(t: Tensor) -> bool:
+    """Whether the 2-D ``t``'s rows are contiguous and apart (no row overlaps the next), as
+    fastllm::linear_mm_out reads its operands (an expanded input's rows are not)."""
+    return t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[-1])
+
+
 def _own_gemm(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
               backend: str) -> bool:
     """Whether the chunks' logits and dX products run fastllm's own GEMM
     (fastllm::linear_mm_out, csrc/common/gemm_cpu.h) instead of torch's: float32 operands on
     the CPU's native kernels where the cross-entropy family takes its AVX-512 path (which
-    FASTLLM_CPU_ISA caps), the weight's rows contiguous. (dW's product stays torch's, which
-    keeps its rate at these shapes.)"""
+    FASTLLM_CPU_ISA caps), the weight's rows contiguous and apart (_separate_rows; an input
+    chunk whose rows are not takes torch's GEMM for its logits). (dW's product stays torch's,
+    which keeps its rate at these shapes.)"""
     if not (backend == "native" and input.device.type == "cpu"
             and input.dtype == linear_weight.dtype == torch.float32
             and (linear_bias is None or linear_bias.dtype == torch.float32)
-            and linear_weight.stride(-1) == 1
-            and linear_weight.stride(0) >= linear_weight.shape[-1]):
+            and _separate_rows(linear_weight)):
         return False
     from fastllm.backend import cpu_kernel_path
     return cpu_kernel_path("cross_entropy", torch.float32) == "avx512"
@@ -259,7 +265,7 @@ class _ChunkedLinear:
         """(C, H) @ (V, H).T + b -> (C, V) in the input's dtype, torch's GEMM (as F.linear)
         or fastllm's own (see _own_gemm), written into the shared buffer."""
         out = self.logits_buffer[: x_chunk.shape[0]]
-        if self.own_gemm and x_chunk.stride(-1) == 1:
+        if self.own_gemm and _separate_rows(x_chunk):
             torch.ops.fastllm.linear_mm_out(x_chunk, self.linear_weight, True, self.linear_bias,
                                             out)
             return out

@@ -142,6 +142,7 @@ def test_avx2_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
         """
         import torch, pytest
         import torch.nn.functional as TF
+        from fastllm import functional as F
         from fastllm.ops import linear_cross_entropy as lce
         with pytest.raises(RuntimeError, match="needs the AVX-512 path"):
             torch.ops.fastllm.linear_mm_out(torch.randn(2, 3), torch.randn(4, 3), True, None,

@@ -160,6 +160,15 @@ def _own_gemm(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor
             and (linear_bias is None or linear_bias.dtype == torch.float32)
             and _separate_rows(linear_weight)):
         return False
+    return _float32_path_is_avx512()
+
+
+@torch.compiler.assume_constant_result
+def _float32_path_is_avx512() -> bool:
+    """Whether the cross-entropy family's float32 CPU path is avx512 in this process (fixed
+    once the kernels have read the CPU and FASTLLM_CPU_ISA). A constant to torch.compile,
+    which cannot trace cpu_kernel_path (an op returning a string) into a graph:
+    linear_cross_entropy's default chunk size asks it while being traced."""
     from fastllm.backend import cpu_kernel_path
     return cpu_kernel_path("cross_entropy", torch.float32) == "avx512"
 

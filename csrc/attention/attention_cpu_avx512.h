@@ -167,23 +167,7 @@ struct Ops {
   // token's attention (one query row against every cached key).
   static void transpose_float_rows(const float* first, int64_t stride_t, int rows, int Np,
                                    int D, int Dp, float* dst) {
-    for (int r0 = 0; r0 < Np; r0 += 16) {
-      const int live = std::max(0, std::min(16, rows - r0));
-      for (int c0 = 0; c0 < Dp; c0 += 16) {
-        const __mmask16 cols =
-            c0 >= D ? __mmask16(0) : cpu::avx512::first_lanes(std::min(16, D - c0));
-        __m512i block[16];
-        for (int i = 0; i < 16; ++i) {
-          block[i] = i < live ? _mm512_castps_si512(_mm512_maskz_loadu_ps(
-                                    cols, first + static_cast<int64_t>(r0 + i) * stride_t + c0))
-                              : _mm512_setzero_si512();
-        }
-        cpu::avx512::transpose_16x16_epi32(block);
-        for (int j = 0; j < 16; ++j) {
-          _mm512_storeu_si512(dst + static_cast<int64_t>(c0 + j) * Np + r0, block[j]);
-        }
-      }
-    }
+    cpu::avx512::transpose_rows(first, stride_t, rows, Np, D, Dp, dst);
   }
 
   // dst[c * Np + r] = first[r * stride_t + c * stride_d] for r < rows, c < D, zeros in the

@@ -4,6 +4,7 @@
 //   gemm:                  C[m][n] (+)= sum_k A[m * a_rs + k * a_ks] * B[k * ldb + n], N a
 //                          multiple of 16 (callers pad their tiles with zeros).
 //   transpose_16x16_epi32: 16 vectors of 16 32-bit lanes transposed in registers.
+//   transpose_rows:        a zero-padded tile of strided float rows, transposed.
 //
 // The micro-kernel keeps an R x (16 NV) block of C in R * NV zmm registers, 24 of the 32
 // (6 x 64, 8 x 48 or 12 x 32 floats): 24 independent FMA chains cover the FMA latency (4
@@ -167,6 +168,36 @@ FASTLLM_INLINE void transpose_16x16_epi32(__m512i r[16]) {
     r[c + 4] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
     r[c + 8] = _mm512_shuffle_i32x4(x1, y1, 0x88);
     r[c + 12] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+}
+
+// dst[c * Np + r] = first[r * stride_t + c] for r < rows, c < D, zeros in the rest of the
+// Dp x Np tile (Np, Dp multiples of 16): 16 x 16 blocks transposed in registers. before_load(r,
+// c) runs before row r's elements c .. c + 15 are loaded (for r < rows, c < D: a prefetch).
+// Attention's packed k^T tiles and common/gemm_cpu.cpp's panels of a transposed B.
+struct NoBeforeLoad {
+  FASTLLM_INLINE void operator()(int, int) const {}
+};
+
+template <class BeforeLoad = NoBeforeLoad>
+FASTLLM_INLINE void transpose_rows(const float* first, int64_t stride_t, int rows, int Np, int D,
+                                   int Dp, float* dst, BeforeLoad before_load = {}) {
+  for (int r0 = 0; r0 < Np; r0 += 16) {
+    const int live = std::max(0, std::min(16, rows - r0));
+    for (int c0 = 0; c0 < Dp; c0 += 16) {
+      const __mmask16 cols = c0 >= D ? __mmask16(0) : first_lanes(std::min(16, D - c0));
+      __m512i block[16];
+      for (int i = 0; i < 16; ++i) {
+        if (i < live && c0 < D) before_load(r0 + i, c0);
+        block[i] = i < live ? _mm512_castps_si512(_mm512_maskz_loadu_ps(
+                                  cols, first + static_cast<int64_t>(r0 + i) * stride_t + c0))
+                            : _mm512_setzero_si512();
+      }
+      transpose_16x16_epi32(block);
+      for (int j = 0; j < 16; ++j) {
+        _mm512_storeu_si512(dst + static_cast<int64_t>(c0 + j) * Np + r0, block[j]);
+      }
+    }
   }
 }
 

@@ -86,27 +86,15 @@ void pack_panel(const float* B, int64_t ldb, bool b_transposed, const PanelAt& a
     }
     return;
   }
-  // 16 rows of B (16 columns of op(B)) by 16 elements, transposed in registers.
-  for (int j0 = 0; j0 < kNb; j0 += 16) {
-    for (int c0 = 0; c0 < kc; c0 += 16) {
-      const int cols = std::min(16, kc - c0);
-      const __mmask16 col_mask = avx512::first_lanes(cols);
-      __m512i block[16];
-      for (int i = 0; i < 16; ++i) {
-        // the next panel's line at the same place: row j0 + i, elements c0 .. c0 + 15
-        if (j0 + i < next.nb && c0 < next.kc) {
-          prefetch_l2(B, ldb, true, next.k0 + c0, next.n0 + j0 + i);
-        }
-        block[i] = j0 + i < nb ? _mm512_castps_si512(_mm512_maskz_loadu_ps(
-                                     col_mask, B + (n0 + j0 + i) * ldb + k0 + c0))
-                               : _mm512_setzero_si512();
-      }
-      avx512::transpose_16x16_epi32(block);
-      for (int t = 0; t < cols; ++t) {
-        _mm512_storeu_si512(panel + (c0 + t) * kNb + j0, block[t]);
-      }
-    }
-  }
+  // nb rows of B (nb columns of op(B)) by kc elements, transposed in 16 x 16 blocks (rows
+  // kc .. round_up(kc, 16) of the panel written with zeros, never read); before each 16
+  // elements of a row are loaded, the next panel's line at the same place.
+  avx512::transpose_rows(B + n0 * ldb + k0, ldb, nb, kNb, kc, (kc + 15) / 16 * 16, panel,
+                         [&](int j, int c) FASTLLM_INLINE_LAMBDA {
+                           if (j < next.nb && c < next.kc) {
+                             prefetch_l2(B, ldb, true, next.k0 + c, next.n0 + j);
+                           }
+                         });
 }
 
 // C's block of columns [n0, n0 + nb) = the block's result (rows ld_block apart) + bias: in

@@ -2,8 +2,10 @@
 (csrc/common/gemm_cpu.h): against a float64 reference within twice torch's own float32
 error, on shapes that hit every tail of its blocking (rows of A past the 6-row micro-kernel,
 columns of C past 64 and past 16, k past the 256-row panels, both loop orders), strided rows,
-empty operands, thread counts, bad arguments, and the AVX2 cap, under which the op refuses
-and linear_cross_entropy keeps torch's GEMM."""
+empty operands, thread counts, bad arguments; on the best path this CPU has in-process, on the
+AVX2 path in a child process (FASTLLM_CPU_ISA=avx2; the same bits as the AVX-512 path, whose
+sums run in the same order), and the scalar cap, under which the op refuses and
+linear_cross_entropy keeps torch's GEMM."""
 
 from __future__ import annotations
 
@@ -14,13 +16,22 @@ from fastllm import _native
 from fastllm import functional as F
 from fastllm.ops import linear_cross_entropy as lce
 from tests.accuracy import assert_within_torch_error
-from tests.helpers import cpu_has_avx512_path
+from tests.helpers import cpu_has_avx512_path, outputs_per_cpu_isa
 from tests.hostile import run_isolated
+
+
+def cpu_has_avx2_path() -> bool:
+    """Whether this CPU has what csrc/common/cpu_features.h's AVX2 path asks for."""
+    from fastllm.bench.common import cpu_isa_features
+
+    return bool((cpu_isa_features() or {}).get("avx2"))
+
 
 pytestmark = [
     pytest.mark.skipif(not _native.AVAILABLE, reason="fastllm's native extension is not built"),
-    pytest.mark.skipif(not cpu_has_avx512_path(),
-                       reason="linear_mm_out needs the AVX-512 path, which this CPU lacks"),
+    pytest.mark.skipif(not cpu_has_avx2_path(),
+                       reason="linear_mm_out needs the AVX-512 or AVX2 path, which this CPU "
+                              "lacks"),
 ]
 
 
@@ -135,16 +146,61 @@ def test_linear_mm_rejects_bad_arguments():
         mm_out(shared, torch.randn(8, 8), True, None, shared)
 
 
-def test_avx2_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
-    """Under FASTLLM_CPU_ISA=avx2 the op names the path it needs, _own_gemm says no, and the
-    chunked linear cross-entropy (torch's GEMMs) still matches the unfused reference."""
+# Every shape, both layouts of B, with and without bias, on the path of FASTLLM_CPU_ISA in a
+# child: within torch's error, and the outputs saved for test_avx2_and_avx512_paths_agree.
+PATH_SCRIPT = """
+import itertools, os, torch
+from fastllm.backend import cpu_kernel_path
+from tests.accuracy import assert_within_torch_error
+from tests.test_linear_mm import SHAPES, operands
+path = cpu_kernel_path("cross_entropy", torch.float32)
+assert path == (os.environ["FASTLLM_CPU_ISA"] or path), path
+outs = {"path": path}
+for shape, bt, wb in itertools.product(SHAPES, (True, False), (False, True)):
+    M, N, K = shape
+    a, b, bias = operands(M, N, K, bt)
+    bias = bias if wb else None
+    b_op = b.t() if bt else b
+    ref = a.double() @ b_op.double() + (0 if bias is None else bias.double())
+    theirs = torch.mm(a, b_op) if bias is None else torch.addmm(bias, a, b_op)
+    out = torch.full((M, N), float("nan"))
+    torch.ops.fastllm.linear_mm_out(a, b, bt, bias, out)
+    assert_within_torch_error(f"{path} {shape} {bt} {wb}", out, theirs, ref, torch.float32)
+    outs[(shape, bt, wb)] = out
+bias = torch.randn(70)
+out = torch.full((3, 70), float("nan"))
+torch.ops.fastllm.linear_mm_out(torch.empty(3, 0), torch.empty(70, 0), True, bias, out)
+assert torch.equal(out, bias.expand(3, 70))
+torch.save(outs, os.environ["OUT"])
+print("ok")
+"""
+
+
+def test_avx2_and_avx512_paths_agree(tmp_path):
+    """The AVX2 path (FASTLLM_CPU_ISA=avx2) is within torch's error on every shape, and where
+    the CPU has AVX-512 too, both paths give the same bits: each element is the same sums of
+    the same products in the same order (k panels of 256, sums of at most 32 FMAs from zero,
+    added to C one by one), only the registers that hold them differ."""
+    levels = ("avx2", "") if cpu_has_avx512_path() else ("avx2",)
+    results = outputs_per_cpu_isa(PATH_SCRIPT, tmp_path, levels=levels)
+    assert results["avx2"]["path"] == "avx2"
+    if "" in results:
+        assert results[""]["path"] == "avx512"
+        for key, out in results["avx2"].items():
+            if key != "path":
+                assert torch.equal(out, results[""][key]), key
+
+
+def test_scalar_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
+    """Under FASTLLM_CPU_ISA=scalar the op names the paths it needs, _own_gemm says no, and
+    the chunked linear cross-entropy (torch's GEMMs) still matches the unfused reference."""
     out = run_isolated(
         """
         import torch, pytest
         import torch.nn.functional as TF
         from fastllm import functional as F
         from fastllm.ops import linear_cross_entropy as lce
-        with pytest.raises(RuntimeError, match="needs the AVX-512 path"):
+        with pytest.raises(RuntimeError, match="needs the AVX-512 or AVX2 path"):
             torch.ops.fastllm.linear_mm_out(torch.randn(2, 3), torch.randn(4, 3), True, None,
                                             torch.empty(2, 4))
         x = torch.randn(13, 16, requires_grad=True)
@@ -157,15 +213,15 @@ def test_avx2_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
         torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0])
         print("ok")
         """,
-        env={"FASTLLM_CPU_ISA": "avx2", "FASTLLM_BACKEND": "native"},
+        env={"FASTLLM_CPU_ISA": "scalar", "FASTLLM_BACKEND": "native"},
     )
     assert out.strip().endswith("ok"), out
 
 
 def test_own_gemm_choice_and_chunk_floor():
-    """float32 on the native CPU kernels takes fastllm's GEMM (this CPU has the AVX-512 path),
-    other dtypes and backends torch's; with it the chunk floor is 128 rows, so 4096 x 1024 x
-    32000 runs in chunks of 132 (the aspect-ratio rule) instead of 256."""
+    """float32 on the native CPU kernels takes fastllm's GEMM (this CPU has the AVX-512 or AVX2
+    path), other dtypes and backends torch's; with it the chunk floor is 128 rows, so 4096 x
+    1024 x 32000 runs in chunks of 132 (the aspect-ratio rule) instead of 256."""
     x, w = torch.randn(4, 8), torch.randn(10, 8)
     assert lce._own_gemm(x, w, None, "native")
     assert lce._own_gemm(x, w, torch.zeros(10), "native")

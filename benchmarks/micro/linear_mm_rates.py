@@ -1,5 +1,5 @@
 """GFLOP/s of the three products of one linear cross-entropy chunk, torch's GEMM (MKL /
-oneDNN) against fastllm's own (fastllm::linear_mm_out, AVX-512 CPUs), per chunk size: what
+oneDNN) against fastllm's own (fastllm::linear_mm_out, AVX-512 and AVX2 CPUs), per chunk size: what
 fastllm/ops/linear_cross_entropy.py's _own_gemm and _MIN_CHUNK_ROWS_OWN_GEMM rest on.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/micro/linear_mm_rates.py \
@@ -40,13 +40,15 @@ def main() -> None:
     from fastllm.backend import cpu_kernel_path
 
     path = cpu_kernel_path("cross_entropy", torch.float32)
-    if path != "avx512":
-        raise SystemExit(f"linear_mm_out needs the avx512 path; this process has {path!r}")
+    if path not in ("avx512", "avx2"):
+        raise SystemExit(
+            f"linear_mm_out needs the avx512 or avx2 path; this process has {path!r}")
     mm_out = torch.ops.fastllm.linear_mm_out
     H, V = args.hidden, args.vocab
     torch.manual_seed(0)
     W = torch.randn(V, H)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), H {H}, V {V}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), H {H}, V {V}, "
+          f"fastllm path {path}; "
           "GFLOP/s, best of the rounds")
     print(f"{'rows':>5}  {'logits torch':>12} {'ours':>6}  {'dX torch':>8} {'ours':>6}  "
           f"{'dW torch':>8}")

@@ -1,10 +1,14 @@
 // gemm_cpu.h's float32 GEMM: C is computed in blocks of 64 columns, each OpenMP thread taking
 // a contiguous range of blocks; a block's columns of op(B) are packed, kKc rows of k at a
 // time, into a contiguous kKc x 64 panel (a transpose of 64 rows of B for b_transposed, a copy
-// of 64-column row pieces otherwise), and common/gemm_avx512.h's micro-kernel runs every
-// 6-row block of A against the panel in its `separately` mode (sums of at most 32 products
-// added to C one by one). The micro-kernel reads A in place (its broadcasts want no layout),
-// so only B is packed: a panel is 64 KiB, reused by every row of A while it sits in L2.
+// of 64-column row pieces otherwise), and the micro-kernel runs every 6-row block of A against
+// the panel in its `separately` mode (sums of at most 32 products added to C one by one):
+// common/gemm_avx512.h's (6 x 64 floats of C in zmm registers) on the AVX-512 path,
+// common/gemm_avx2.h's (6 x 16 in ymm registers, the panel's 64 columns 16 at a time) on the
+// AVX2 one. The loop structure (gemm_blocks) is shared; each path brings its packing, its
+// micro-kernel and its bias step (Avx512Path, Avx2Path). The micro-kernel reads A in place
+// (its broadcasts want no layout), so only B is packed: a panel is 64 KiB, reused by every
+// row of A while it sits in L2.
 // Two loop orders (gemm_blocks): k outer when a thread's columns are fewer than K (dX =
 // dlogits @ W: the thread's 128-row x 1024-column share of C stays in L2 while A's and B's
 // k ranges pass once), blocks outer otherwise (logits = x @ W^T: A, 128 x 1024, stays in L2
@@ -21,6 +25,7 @@
 #include "common/cpu_parallel.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include "common/gemm_avx2.h"
 #include "common/gemm_avx512.h"
 #endif
 
@@ -43,6 +48,29 @@ constexpr int kNb = 64;
 // share after every 24 rows of A, ran slower in a loop.)
 constexpr int64_t kKc = 256;
 
+// Where a panel's elements come from: op(B)[k0 + k][n0 + j] for k < kc, j < nb.
+struct PanelAt {
+  int64_t n0, k0;
+  int nb, kc;
+};
+
+// Prefetches into L2 the cache line of B holding op(B)[k][n] (an address the panel reads).
+inline void prefetch_l2(const float* B, int64_t ldb, bool b_transposed, int64_t k, int64_t n) {
+  const float* p = b_transposed ? B + n * ldb + k : B + k * ldb + n;
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+}
+
+// For a panel of B itself (not transposed): the next panel's row k (up to 64 floats, 4
+// lines) into L2, if it has one.
+inline void prefetch_next_row(const float* B, int64_t ldb, const PanelAt& next, int k) {
+  if (k >= next.kc) return;
+  for (int v = 0; 16 * v < next.nb; ++v) {
+    prefetch_l2(B, ldb, false, next.k0 + k, next.n0 + 16 * v);
+  }
+}
+
+// ---- the AVX-512 path -------------------------------------------------------------------
+
 FASTLLM_AVX512_BEGIN
 FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
 
@@ -51,72 +79,138 @@ __mmask16 live_lanes(int live, int v) {
   return avx512::first_lanes(std::clamp(live - 16 * v, 0, 16));
 }
 
-// Where a panel's elements come from: op(B)[k0 + k][n0 + j] for k < kc, j < nb.
-struct PanelAt {
-  int64_t n0, k0;
-  int nb, kc;
-};
-
-// Prefetches into L2 the cache line of B holding op(B)[k][n] (an address the panel reads).
-FASTLLM_INLINE void prefetch_l2(const float* B, int64_t ldb, bool b_transposed, int64_t k,
-                                int64_t n) {
-  const float* p = b_transposed ? B + n * ldb + k : B + k * ldb + n;
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
-}
-
-// panel[k][j] = op(B)[at.k0 + k][at.n0 + j] for k < kc, j < nb, and 0 for j in [nb, 64);
-// meanwhile the lines of the panel `next` (kc = 0: none) are prefetched into L2, each beside
-// the line of this panel at the same place (see kKc).
-void pack_panel(const float* B, int64_t ldb, bool b_transposed, const PanelAt& at,
-                const PanelAt& next, float* panel) {
-  const int64_t n0 = at.n0, k0 = at.k0;
-  const int nb = at.nb, kc = at.kc;
-  if (!b_transposed) {
-    const float* src = B + k0 * ldb + n0;
-    for (int k = 0; k < kc; ++k) {
-      if (k < next.kc) {  // the next panel's row k: up to 64 floats, 4 lines
-        for (int v = 0; 16 * v < next.nb; ++v) {
-          prefetch_l2(B, ldb, false, next.k0 + k, next.n0 + 16 * v);
+struct Avx512Path {
+  // panel[k][j] = op(B)[at.k0 + k][at.n0 + j] for k < kc, j < nb, and 0 for j in [nb, 64);
+  // meanwhile the lines of the panel `next` (kc = 0: none) are prefetched into L2, each beside
+  // the line of this panel at the same place (see kKc).
+  static void pack_panel(const float* B, int64_t ldb, bool b_transposed, const PanelAt& at,
+                         const PanelAt& next, float* panel) {
+    const int64_t n0 = at.n0, k0 = at.k0;
+    const int nb = at.nb, kc = at.kc;
+    if (!b_transposed) {
+      const float* src = B + k0 * ldb + n0;
+      for (int k = 0; k < kc; ++k) {
+        prefetch_next_row(B, ldb, next, k);
+        for (int v = 0; v < kNb / 16; ++v) {
+          _mm512_storeu_ps(panel + k * kNb + 16 * v,
+                           _mm512_maskz_loadu_ps(live_lanes(nb, v), src + k * ldb + 16 * v));
         }
       }
+      return;
+    }
+    // nb rows of B (nb columns of op(B)) by kc elements, transposed in 16 x 16 blocks (rows
+    // kc .. round_up(kc, 16) of the panel written with zeros, never read); before each 16
+    // elements of a row are loaded, the next panel's line at the same place.
+    avx512::transpose_rows(B + n0 * ldb + k0, ldb, nb, kNb, kc, (kc + 15) / 16 * 16, panel,
+                           [&](int j, int c) FASTLLM_INLINE_LAMBDA {
+                             if (j < next.nb && c < next.kc) {
+                               prefetch_l2(B, ldb, true, next.k0 + c, next.n0 + j);
+                             }
+                           });
+  }
+
+  // C's block of columns [n0, n0 + nb) = the block's result (rows ld_block apart) + bias: in
+  // place when the block was computed in C itself, else copied from the scratch block.
+  static void finish_block(int64_t M, const float* block, int64_t ld_block, const float* bias,
+                           int64_t n0, int nb, float* C, int64_t ldc) {
+    __m512 b[kNb / 16];
+    for (int v = 0; v < kNb / 16; ++v) {
+      b[v] = bias ? _mm512_maskz_loadu_ps(live_lanes(nb, v), bias + n0 + 16 * v)
+                  : _mm512_setzero_ps();
+    }
+    for (int64_t m = 0; m < M; ++m) {
       for (int v = 0; v < kNb / 16; ++v) {
-        _mm512_storeu_ps(panel + k * kNb + 16 * v,
-                         _mm512_maskz_loadu_ps(live_lanes(nb, v), src + k * ldb + 16 * v));
+        const __mmask16 live = live_lanes(nb, v);
+        if (live == 0) break;
+        const __m512 x = _mm512_maskz_loadu_ps(live, block + m * ld_block + 16 * v);
+        _mm512_mask_storeu_ps(C + m * ldc + n0 + 16 * v, live, _mm512_add_ps(x, b[v]));
       }
     }
-    return;
   }
-  // nb rows of B (nb columns of op(B)) by kc elements, transposed in 16 x 16 blocks (rows
-  // kc .. round_up(kc, 16) of the panel written with zeros, never read); before each 16
-  // elements of a row are loaded, the next panel's line at the same place.
-  avx512::transpose_rows(B + n0 * ldb + k0, ldb, nb, kNb, kc, (kc + 15) / 16 * 16, panel,
+
+  // M x 64 zeros (a block of C when K = 0).
+  static void zero_block(int64_t M, float* out, int64_t ld) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int v = 0; v < kNb / 16; ++v) {
+        _mm512_storeu_ps(out + m * ld + 16 * v, _mm512_setzero_ps());
+      }
+    }
+  }
+
+  // out (M x 64, rows ld apart) (+)= A's k range times the packed panel.
+  static void product(int64_t M, int kc, const float* A, int64_t lda, const float* panel,
+                      float* out, int64_t ld, bool accumulate) {
+    avx512::gemm(static_cast<int>(M), kNb, kc, A, lda, 1, panel, kNb, out, ld, accumulate,
+                 /*separately=*/true);
+  }
+};  // struct Avx512Path
+
+FASTLLM_AVX512_NO_UNDEFINED_WARNING_END
+FASTLLM_AVX512_END
+
+// ---- the AVX2 path ----------------------------------------------------------------------
+
+FASTLLM_AVX2_BEGIN
+
+struct Avx2Path {
+  // Avx512Path::pack_panel's panel, 8 columns at a time (8 x 8 transposes for b_transposed).
+  static void pack_panel(const float* B, int64_t ldb, bool b_transposed, const PanelAt& at,
+                         const PanelAt& next, float* panel) {
+    const int64_t n0 = at.n0, k0 = at.k0;
+    const int nb = at.nb, kc = at.kc;
+    if (!b_transposed) {
+      const float* src = B + k0 * ldb + n0;
+      for (int k = 0; k < kc; ++k) {
+        prefetch_next_row(B, ldb, next, k);
+        for (int v = 0; v < kNb / 8; ++v) {
+          _mm256_storeu_ps(panel + k * kNb + 8 * v,
+                           _mm256_maskload_ps(src + k * ldb + 8 * v,
+                                              avx2::first_lanes_mask(nb - 8 * v)));
+        }
+      }
+      return;
+    }
+    avx2::transpose_rows(B + n0 * ldb + k0, ldb, nb, kNb, kc, (kc + 7) / 8 * 8, panel,
                          [&](int j, int c) FASTLLM_INLINE_LAMBDA {
-                           if (j < next.nb && c < next.kc) {
+                           // one prefetch per 64-byte line of the next panel's row j
+                           if (j < next.nb && c < next.kc && c % 16 == 0) {
                              prefetch_l2(B, ldb, true, next.k0 + c, next.n0 + j);
                            }
                          });
-}
-
-// C's block of columns [n0, n0 + nb) = the block's result (rows ld_block apart) + bias: in
-// place when the block was computed in C itself, else copied from the scratch block.
-void finish_block(int64_t M, const float* block, int64_t ld_block, const float* bias,
-                  int64_t n0, int nb, float* C, int64_t ldc) {
-  __m512 b[kNb / 16];
-  for (int v = 0; v < kNb / 16; ++v) {
-    b[v] = bias ? _mm512_maskz_loadu_ps(live_lanes(nb, v), bias + n0 + 16 * v)
-                : _mm512_setzero_ps();
   }
-  for (int64_t m = 0; m < M; ++m) {
-    for (int v = 0; v < kNb / 16; ++v) {
-      const __mmask16 live = live_lanes(nb, v);
-      if (live == 0) break;
-      const __m512 x = _mm512_maskz_loadu_ps(live, block + m * ld_block + 16 * v);
-      _mm512_mask_storeu_ps(C + m * ldc + n0 + 16 * v, live, _mm512_add_ps(x, b[v]));
+
+  static void finish_block(int64_t M, const float* block, int64_t ld_block, const float* bias,
+                           int64_t n0, int nb, float* C, int64_t ldc) {
+    __m256 b[kNb / 8];
+    for (int v = 0; v < kNb / 8; ++v) {
+      b[v] = bias ? _mm256_maskload_ps(bias + n0 + 8 * v, avx2::first_lanes_mask(nb - 8 * v))
+                  : _mm256_setzero_ps();
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int v = 0; v < kNb / 8 && 8 * v < nb; ++v) {
+        const __m256i live = avx2::first_lanes_mask(nb - 8 * v);
+        const __m256 x = _mm256_maskload_ps(block + m * ld_block + 8 * v, live);
+        _mm256_maskstore_ps(C + m * ldc + n0 + 8 * v, live, _mm256_add_ps(x, b[v]));
+      }
     }
   }
-}
+
+  static void zero_block(int64_t M, float* out, int64_t ld) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int v = 0; v < kNb / 8; ++v) _mm256_storeu_ps(out + m * ld + 8 * v, _mm256_setzero_ps());
+    }
+  }
+
+  static void product(int64_t M, int kc, const float* A, int64_t lda, const float* panel,
+                      float* out, int64_t ld, bool accumulate) {
+    avx2::gemm_separately(static_cast<int>(M), kNb, kc, A, lda, panel, kNb, out, ld, accumulate);
+  }
+};  // struct Avx2Path
+
+FASTLLM_AVX2_END
 
 // The blocks [first, last) of C's columns, on one thread, in one of the two loop orders.
+template <class Path>
 void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                  int64_t ldb, bool b_transposed, const float* bias, float* C, int64_t ldc,
                  int64_t first, int64_t last, float* panel, UninitAlignedVector<float>& scratch) {
@@ -141,22 +235,17 @@ void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   auto product = [&](const PanelAt& at, const PanelAt& next) {
     int64_t ld;
     float* out = target(at.n0 / kNb, ld);
-    pack_panel(B, ldb, b_transposed, at, next, panel);
-    avx512::gemm(static_cast<int>(M), kNb, at.kc, A + at.k0, lda, 1, panel, kNb, out, ld,
-                 /*accumulate=*/at.k0 > 0, /*separately=*/true);
+    Path::pack_panel(B, ldb, b_transposed, at, next, panel);
+    Path::product(M, at.kc, A + at.k0, lda, panel, out, ld, /*accumulate=*/at.k0 > 0);
   };
   auto finish = [&](int64_t blk) {
     const int nb = static_cast<int>(std::min<int64_t>(kNb, N - blk * kNb));
     int64_t ld;
     float* out = target(blk, ld);
-    if (K == 0) {
-      for (int64_t m = 0; m < M; ++m) {
-        for (int v = 0; v < kNb / 16; ++v) {
-          _mm512_storeu_ps(out + m * ld + 16 * v, _mm512_setzero_ps());
-        }
-      }
+    if (K == 0) Path::zero_block(M, out, ld);
+    if (bias || out != C + blk * kNb) {
+      Path::finish_block(M, out, ld, bias, blk * kNb, nb, C, ldc);
     }
-    if (bias || out != C + blk * kNb) finish_block(M, out, ld, bias, blk * kNb, nb, C, ldc);
   };
   if ((last - first) * kNb <= K) {
     // k outer: the thread's columns of C stay in cache while A and B stream past.
@@ -179,9 +268,9 @@ void gemm_blocks(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   }
 }
 
-void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                     const float* B, int64_t ldb, bool b_transposed, const float* bias,
-                     float* C, int64_t ldc) {
+template <class Path>
+void gemm_f32_on(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, bool b_transposed, const float* bias, float* C, int64_t ldc) {
   const int64_t blocks = (N + kNb - 1) / kNb;
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), blocks)));
@@ -189,13 +278,11 @@ void gemm_f32_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
     UninitAlignedVector<float> panel(kKc * kNb), scratch;
-    gemm_blocks(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc, block_begin(blocks, t, n),
+    gemm_blocks<Path>(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc,
+                      block_begin(blocks, t, n),
                 block_begin(blocks, t + 1, n), panel.data(), scratch);
   }
 }
-
-FASTLLM_AVX512_NO_UNDEFINED_WARNING_END
-FASTLLM_AVX512_END
 
 }  // namespace
 
@@ -205,11 +292,17 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
               int64_t ldb, bool b_transposed, const float* bias, float* C, int64_t ldc) {
 #if defined(__x86_64__) || defined(__i386__)
   if (cpu_avx512()) {
-    gemm_f32_avx512(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc);
+    gemm_f32_on<Avx512Path>(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc);
+    return;
+  }
+  if (cpu_isa() == CpuIsa::kAvx2) {
+    gemm_f32_on<Avx2Path>(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc);
     return;
   }
 #endif
-  throw std::invalid_argument("gemm_f32 needs AVX-512 (cpu_avx512()), which this process lacks");
+  throw std::invalid_argument(
+      "gemm_f32 needs the AVX-512 or AVX2 path (cpu_avx512() or cpu_isa() == kAvx2), which "
+      "this process lacks");
 }
 
 }  // namespace cpu

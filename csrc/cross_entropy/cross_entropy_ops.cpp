@@ -62,14 +62,14 @@ void cross_entropy_bwd_block_inplace(const at::Tensor& grad_loss, const at::Tens
 }
 
 // fastllm::linear_mm_out: out = a @ (b.T if b_transposed else b) (+ bias), float32 on the
-// CPU with AVX-512 (common/gemm_cpu.h), for linear cross-entropy's chunks
-// (fastllm/ops/linear_cross_entropy.py), which use torch.mm where this path is absent.
+// CPU with AVX-512 or AVX2 (common/gemm_cpu.h), for linear cross-entropy's chunks
+// (fastllm/ops/linear_cross_entropy.py), which use torch.mm where these paths are absent.
 void linear_mm_out(const at::Tensor& a, const at::Tensor& b, bool b_transposed,
                    const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
   const char* op = "linear_mm_out";
-  TORCH_CHECK(cpu::cpu_avx512(), op,
-              ": needs the AVX-512 path (AVX-512 F/BW/DQ/VL/BF16, not capped by "
-              "FASTLLM_CPU_ISA); use torch.mm on this CPU");
+  TORCH_CHECK(cpu::cpu_avx512() || cpu::cpu_isa() == cpu::CpuIsa::kAvx2, op,
+              ": needs the AVX-512 or AVX2 path (AVX2/FMA/F16C at least, not capped below "
+              "by FASTLLM_CPU_ISA); use torch.mm on this CPU");
   const bool has_bias = bias.has_value() && bias->defined();
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&a, "a"},
                                 {&b, "b"}, {&out, "out"}, {has_bias ? &*bias : &a, "bias"}}) {

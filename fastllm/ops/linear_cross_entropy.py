@@ -151,26 +151,27 @@ def _own_gemm(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor
               backend: str) -> bool:
     """Whether the chunks' logits and dX products run fastllm's own GEMM
     (fastllm::linear_mm_out, csrc/common/gemm_cpu.h) instead of torch's: float32 operands on
-    the CPU's native kernels where the cross-entropy family takes its AVX-512 path (which
-    FASTLLM_CPU_ISA caps), the weight's rows contiguous and apart (_separate_rows; an input
-    chunk whose rows are not takes torch's GEMM for its logits). (dW's product stays torch's,
-    which keeps its rate at these shapes.)"""
+    the CPU's native kernels where the cross-entropy family takes its AVX-512 or AVX2 path
+    (which FASTLLM_CPU_ISA caps; not the scalar one), the weight's rows contiguous and apart
+    (_separate_rows; an input chunk whose rows are not takes torch's GEMM for its logits).
+    (dW's product stays torch's, which keeps its rate at these shapes.)"""
     if not (backend == "native" and input.device.type == "cpu"
             and input.dtype == linear_weight.dtype == torch.float32
             and (linear_bias is None or linear_bias.dtype == torch.float32)
             and _separate_rows(linear_weight)):
         return False
-    return _float32_path_is_avx512()
+    return _float32_path_has_own_gemm()
 
 
 @torch.compiler.assume_constant_result
-def _float32_path_is_avx512() -> bool:
-    """Whether the cross-entropy family's float32 CPU path is avx512 in this process (fixed
-    once the kernels have read the CPU and FASTLLM_CPU_ISA). A constant to torch.compile,
-    which cannot trace cpu_kernel_path (an op returning a string) into a graph:
-    linear_cross_entropy's default chunk size asks it while being traced."""
+def _float32_path_has_own_gemm() -> bool:
+    """Whether the cross-entropy family's float32 CPU path in this process (fixed once the
+    kernels have read the CPU and FASTLLM_CPU_ISA) is one linear_mm_out runs on: avx512 or
+    avx2. A constant to torch.compile, which cannot trace cpu_kernel_path (an op returning a
+    string) into a graph: linear_cross_entropy's default chunk size asks it while being
+    traced."""
     from fastllm.backend import cpu_kernel_path
-    return cpu_kernel_path("cross_entropy", torch.float32) == "avx512"
+    return cpu_kernel_path("cross_entropy", torch.float32) in ("avx512", "avx2")
 
 
 def _class_blocked(input: Tensor, backend: str, need_weight: bool, need_bias: bool) -> bool:

@@ -36,8 +36,8 @@
   X("cross_entropy_bwd_block_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, " \
     "Tensor? weight, Tensor lse, Tensor? lse_split, int class_offset, int num_classes, "  \
     "int ignore_index, float label_smoothing, float z_loss, float softcap) -> ()")      \
-  /* CPU only, float32, AVX-512: out = a @ (b.T if b_transposed else b) (+ bias), fastllm's */ \
-  /* own GEMM for linear cross-entropy's chunks (common/gemm_cpu.h) */                     \
+  /* CPU only, float32, AVX-512 or AVX2: out = a @ (b.T if b_transposed else b) (+ bias),  */ \
+  /* fastllm's own GEMM for linear cross-entropy's chunks (common/gemm_cpu.h) */            \
   X("linear_mm_out(Tensor a, Tensor b, bool b_transposed, Tensor? bias, Tensor(a!) out) "  \
     "-> ()")
 

@@ -65,12 +65,15 @@ _MIN_CHUNK_ROWS = 256
 # 32000 fwd+bwd, one Sapphire Rapids core: 256-row chunks ran at 0.9-1.0x torch.compile's
 # unfused time, 512-row chunks at 1.05-1.2x; 512 bf16 rows take the bytes of 256 float32).
 _MIN_CHUNK_ROWS_LOW_PRECISION = 512
-# ... and with fastllm's own GEMM (float32 on AVX-512 CPUs, see _own_gemm) at least this
-# many: it keeps 95-100 GFLOP/s on 128-160-row chunks where torch's (MKL) drops to 78-81 for
-# the logits and 88-91 for dX (one Zen 4 core, H 1024, V 32000: benchmarks/micro/
+# ... and with fastllm's own GEMM (float32 on AVX-512 and AVX2 CPUs, see _own_gemm) at least
+# this many: it keeps 95-100 GFLOP/s on 128-160-row chunks where torch's (MKL) drops to 78-81
+# for the logits and 88-91 for dX (one Zen 4 core, H 1024, V 32000: benchmarks/micro/
 # linear_mm_rates.py, record benchmarks/results/2026-12-06-cpu-linear-mm-rates-zen4.txt), so
 # the chunks can shrink to the aspect-ratio rule's size: 132 rows at 4096 x 1024 x 32000,
-# forward+backward 1.04x torch.compile's unfused time at 0.245x its peak memory.
+# forward+backward 1.04x torch.compile's unfused time at 0.245x its peak memory. (The AVX2
+# path, on the same core held to AVX2: logits ~91 against MKL's ~77, dX ~94 against ~88;
+# forward+backward 0.984x at 0.245x, against 0.99-1.0x at 0.27x with torch's GEMMs and
+# 256-row chunks: ...-linear-cross-entropy-fp32-avx2-held-own-gemm-3processes.txt.)
 _MIN_CHUNK_ROWS_OWN_GEMM = 128
 
 

@@ -2,7 +2,7 @@
 // after cpu::cpu_isa() said kAvx2): the AVX2 counterpart of common/gemm_avx512.h's
 // `separately` mode, for linear cross-entropy's chunk products on CPUs without AVX-512.
 //   gemm_separately: C[m][n] (+)= sum_k A[m * lda + k] * B[k * ldb + n], N a multiple of 16,
-//                    in sums of at most kSeparateK products added to C one by one.
+//                    in sums of at most kGemmSeparateK products added to C one by one.
 //   transpose_rows:  a zero-padded tile of strided float rows, transposed (8 x 8 blocks).
 //
 // The micro-kernel keeps a 6 x 16 block of C in 12 of the 16 ymm registers (attention's AVX2

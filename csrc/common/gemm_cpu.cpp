@@ -152,6 +152,9 @@ FASTLLM_AVX512_END
 
 FASTLLM_AVX2_BEGIN
 
+// The same sums as the AVX-512 path's, so the same bits (tests/test_linear_mm.py).
+static_assert(avx2::kGemmSeparateK == avx512::kSeparateK);
+
 struct Avx2Path {
   // Avx512Path::pack_panel's panel, 8 columns at a time (8 x 8 transposes for b_transposed).
   static void pack_panel(const float* B, int64_t ldb, bool b_transposed, const PanelAt& at,

@@ -56,10 +56,9 @@ SHAPES = [(1, 1, 1), (5, 17, 3), (6, 64, 256), (7, 130, 257), (13, 100, 300), (2
           (3, 200, 40), (128, 1000, 1024), (11, 48, 4096)]
 
 
-@pytest.mark.parametrize("b_transposed", [True, False])
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_mm_within_torch_error(shape, b_transposed, with_bias):
+def checked_product(shape, b_transposed, with_bias, what="linear_mm_out"):
+    """linear_mm_out of operands(shape) into a NaN-filled out, asserted within twice torch's
+    float32 error against a float64 reference; returns out."""
     M, N, K = shape
     a, b, bias = operands(M, N, K, b_transposed)
     bias = bias if with_bias else None
@@ -68,7 +67,15 @@ def test_linear_mm_within_torch_error(shape, b_transposed, with_bias):
     theirs = torch.mm(a, b_op) if bias is None else torch.addmm(bias, a, b_op)
     out = torch.full((M, N), float("nan"))
     mm_out(a, b, b_transposed, bias, out)
-    assert_within_torch_error(f"linear_mm_out {shape}", out, theirs, ref, torch.float32)
+    assert_within_torch_error(f"{what} {shape}", out, theirs, ref, torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("b_transposed", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_mm_within_torch_error(shape, b_transposed, with_bias):
+    checked_product(shape, b_transposed, with_bias)
 
 
 @pytest.mark.parametrize("b_transposed", [True, False])
@@ -151,22 +158,12 @@ def test_linear_mm_rejects_bad_arguments():
 PATH_SCRIPT = """
 import itertools, os, torch
 from fastllm.backend import cpu_kernel_path
-from tests.accuracy import assert_within_torch_error
-from tests.test_linear_mm import SHAPES, operands
+from tests.test_linear_mm import SHAPES, checked_product
 path = cpu_kernel_path("cross_entropy", torch.float32)
 assert path == (os.environ["FASTLLM_CPU_ISA"] or path), path
 outs = {"path": path}
 for shape, bt, wb in itertools.product(SHAPES, (True, False), (False, True)):
-    M, N, K = shape
-    a, b, bias = operands(M, N, K, bt)
-    bias = bias if wb else None
-    b_op = b.t() if bt else b
-    ref = a.double() @ b_op.double() + (0 if bias is None else bias.double())
-    theirs = torch.mm(a, b_op) if bias is None else torch.addmm(bias, a, b_op)
-    out = torch.full((M, N), float("nan"))
-    torch.ops.fastllm.linear_mm_out(a, b, bt, bias, out)
-    assert_within_torch_error(f"{path} {shape} {bt} {wb}", out, theirs, ref, torch.float32)
-    outs[(shape, bt, wb)] = out
+    outs[(shape, bt, wb)] = checked_product(shape, bt, wb, f"{path} {bt} {wb}")
 bias = torch.randn(70)
 out = torch.full((3, 70), float("nan"))
 torch.ops.fastllm.linear_mm_out(torch.empty(3, 0), torch.empty(70, 0), True, bias, out)

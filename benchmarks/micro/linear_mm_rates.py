@@ -1,6 +1,6 @@
 """GFLOP/s of the three products of one linear cross-entropy chunk, torch's GEMM (MKL /
-oneDNN) against fastllm's own (fastllm::linear_mm_out, AVX-512 and AVX2 CPUs), per chunk size: what
-fastllm/ops/linear_cross_entropy.py's _own_gemm and _MIN_CHUNK_ROWS_OWN_GEMM rest on.
+oneDNN) against fastllm's own (fastllm::linear_mm_out, AVX-512 and AVX2 CPUs), per chunk
+size: what fastllm/ops/linear_cross_entropy.py's _own_gemm and _MIN_CHUNK_ROWS_OWN_GEMM rest on.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/micro/linear_mm_rates.py \
         [--hidden 1024] [--vocab 32000] [--rows 256 160 132 128] [--seconds 1.5] [--rounds 2]

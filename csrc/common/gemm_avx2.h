@@ -153,9 +153,8 @@ FASTLLM_INLINE void transpose_rows(const float* first, int64_t stride_t, int row
       __m256 block[8];
       for (int i = 0; i < 8; ++i) {
         if (i < live && c0 < D) before_load(r0 + i, c0);
-        block[i] = i < live ? _mm256_maskload_ps(first + static_cast<int64_t>(r0 + i) * stride_t +
-                                                     c0, cols)
-                            : _mm256_setzero_ps();
+        const float* row = first + static_cast<int64_t>(r0 + i) * stride_t;
+        block[i] = i < live ? _mm256_maskload_ps(row + c0, cols) : _mm256_setzero_ps();
       }
       transpose_8x8(block);
       for (int j = 0; j < 8; ++j) {

@@ -55,14 +55,29 @@ struct PanelAt {
 };
 
 // Prefetches into L2 the cache line of B holding op(B)[k][n] (an address the panel reads).
-inline void prefetch_l2(const float* B, int64_t ldb, bool b_transposed, int64_t k, int64_t n) {
+FASTLLM_INLINE void prefetch_l2(const float* B, int64_t ldb, bool b_transposed, int64_t k,
+                                int64_t n) {
   const float* p = b_transposed ? B + n * ldb + k : B + k * ldb + n;
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
 }
 
+// For a transposing pack (before it loads row j of B, elements c ..): the next panel's line
+// at the same place, once per 64-byte line -- the AVX-512 pack asks every 16 elements, the
+// AVX2 one every 8.
+struct PrefetchNextPanel {
+  const float* B;
+  int64_t ldb;
+  const PanelAt& next;
+  FASTLLM_INLINE void operator()(int j, int c) const {
+    if (j < next.nb && c < next.kc && c % 16 == 0) {
+      prefetch_l2(B, ldb, true, next.k0 + c, next.n0 + j);
+    }
+  }
+};
+
 // For a panel of B itself (not transposed): the next panel's row k (up to 64 floats, 4
 // lines) into L2, if it has one.
-inline void prefetch_next_row(const float* B, int64_t ldb, const PanelAt& next, int k) {
+FASTLLM_INLINE void prefetch_next_row(const float* B, int64_t ldb, const PanelAt& next, int k) {
   if (k >= next.kc) return;
   for (int v = 0; 16 * v < next.nb; ++v) {
     prefetch_l2(B, ldb, false, next.k0 + k, next.n0 + 16 * v);
@@ -102,11 +117,7 @@ struct Avx512Path {
     // kc .. round_up(kc, 16) of the panel written with zeros, never read); before each 16
     // elements of a row are loaded, the next panel's line at the same place.
     avx512::transpose_rows(B + n0 * ldb + k0, ldb, nb, kNb, kc, (kc + 15) / 16 * 16, panel,
-                           [&](int j, int c) FASTLLM_INLINE_LAMBDA {
-                             if (j < next.nb && c < next.kc) {
-                               prefetch_l2(B, ldb, true, next.k0 + c, next.n0 + j);
-                             }
-                           });
+                           PrefetchNextPanel{B, ldb, next});
   }
 
   // C's block of columns [n0, n0 + nb) = the block's result (rows ld_block apart) + bias: in
@@ -174,12 +185,7 @@ struct Avx2Path {
       return;
     }
     avx2::transpose_rows(B + n0 * ldb + k0, ldb, nb, kNb, kc, (kc + 7) / 8 * 8, panel,
-                         [&](int j, int c) FASTLLM_INLINE_LAMBDA {
-                           // one prefetch per 64-byte line of the next panel's row j
-                           if (j < next.nb && c < next.kc && c % 16 == 0) {
-                             prefetch_l2(B, ldb, true, next.k0 + c, next.n0 + j);
-                           }
-                         });
+                         PrefetchNextPanel{B, ldb, next});
   }
 
   static void finish_block(int64_t M, const float* block, int64_t ld_block, const float* bias,
@@ -200,7 +206,9 @@ struct Avx2Path {
 
   static void zero_block(int64_t M, float* out, int64_t ld) {
     for (int64_t m = 0; m < M; ++m) {
-      for (int v = 0; v < kNb / 8; ++v) _mm256_storeu_ps(out + m * ld + 8 * v, _mm256_setzero_ps());
+      for (int v = 0; v < kNb / 8; ++v) {
+        _mm256_storeu_ps(out + m * ld + 8 * v, _mm256_setzero_ps());
+      }
     }
   }
 
@@ -282,8 +290,8 @@ void gemm_f32_on(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
     UninitAlignedVector<float> panel(kKc * kNb), scratch;
     gemm_blocks<Path>(M, N, K, A, lda, B, ldb, b_transposed, bias, C, ldc,
-                      block_begin(blocks, t, n),
-                block_begin(blocks, t + 1, n), panel.data(), scratch);
+                      block_begin(blocks, t, n), block_begin(blocks, t + 1, n), panel.data(),
+                      scratch);
   }
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/cpu_kernel_paths.h"
+#include "common/cpu_memory.h"
 #include "common/torch_glue.h"
 #include "schemas.h"
 
@@ -25,12 +26,23 @@ std::string cpu_kernel_path_op(c10::string_view family, c10::ScalarType dtype) {
   }
 }
 
+// How the CPU kernels treat the pages of their large fresh outputs in this process
+// (common/cpu_memory.h).
+std::string cpu_fresh_pages_op() {
+  try {
+    return fastllm::cpu::huge_pages_description(fastllm::cpu::huge_pages());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastllm, m) {
   FASTLLM_ALL_SCHEMAS(FASTLLM_DEF)
   // Not a kernel (no tensors, no fake or autograd rule): which CPU path each family takes.
   m.def("cpu_kernel_path(str family, ScalarType dtype) -> str", &cpu_kernel_path_op);
+  m.def("cpu_fresh_pages() -> str", &cpu_fresh_pages_op);
 }
 
 // `import fastllm._C` loads the library (running the registrations above); the module

@@ -16,7 +16,8 @@ fastllm/ops/_family.py.
 Under ``"native"`` on the CPU, each kernel family then picks an instruction-set path once
 per process (the best this CPU has, capped by
 ``FASTLLM_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx``); ``cpu_kernel_path(family, dtype)`` says
-which.
+which. ``cpu_fresh_pages()`` says whether those kernels advise huge pages on their large fresh
+outputs (``FASTLLM_CPU_HUGE_PAGES=0|1|auto``).
 """
 
 from __future__ import annotations
@@ -98,3 +99,20 @@ def cpu_kernel_path(family: str, dtype: "torch.dtype") -> str:
 
     _native.require()
     return torch.ops.fastllm.cpu_kernel_path(family, dtype)
+
+
+def cpu_fresh_pages() -> str:
+    """How the native CPU kernels treat the pages of their large fresh outputs (a
+    cross-entropy gradient, a norm's output: 4 MiB and more) in this process:
+    ``"huge pages advised (MADV_HUGEPAGE)"``, or ``"left to the system (...)"`` with the
+    reason. ``FASTLLM_CPU_HUGE_PAGES=1`` advises them, ``=0`` never; unset, empty or ``auto``
+    advises them unless the OS reports free memory to a hypervisor (virtio-balloon free page
+    reporting), which discards it, so that huge pages faulted in there cost 4-7x what 4 KiB
+    pages do (see csrc/common/cpu_memory.h). Decided once per process. Raises ValueError for
+    another value of ``FASTLLM_CPU_HUGE_PAGES``, RuntimeError when fastllm._C is not built."""
+    import torch
+
+    from fastllm import _native
+
+    _native.require()
+    return torch.ops.fastllm.cpu_fresh_pages()

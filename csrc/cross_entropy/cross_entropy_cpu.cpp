@@ -50,7 +50,8 @@
 //     float64 logits (used for gradcheck) always take the scalar path.
 //   - Backward's gradient is usually a fresh tensor: its first touch (page faults, the OS
 //     clearing each page) cost more than the kernel itself at 4096 x 32000, so the buffer
-//     gets huge pages advised first (common/cpu_memory.h).
+//     gets huge pages advised first, except where the OS hands free memory back to a
+//     hypervisor (common/cpu_memory.h).
 //   - A target outside [0, V) that is not ignore_index is never used as an index: forward
 //     gives the row a NaN loss and reports the first such row in bad_target_row (for C++
 //     callers: the torch glue checks the targets before calling); backward gives the row

@@ -45,7 +45,8 @@
 //     shuffles to widen and round bfloat16, which bound it: 1.2-1.4x faster, from 0.85-1.02x
 //     torch.compile to 1.13-1.18x on a Zen 4 core with torch held to AVX2 as well).
 //   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
-//     are written: fresh pages cost more than the kernel (common/cpu_memory.h).
+//     are written (fresh pages cost more than the kernel), except where the OS hands free
+//     memory back to a hypervisor (common/cpu_memory.h).
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
 //     fork/join costs more than the work. Large inputs are prefetched a row ahead
 //     (kPrefetchMinBytes).

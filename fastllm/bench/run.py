@@ -298,6 +298,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
             f"THP (torch's THP_MEM_ALLOC_ENABLE=1) in this run: {machine.thp}; "
             f"kernel transparent_hugepage mode: {machine.kernel_thp_mode}",
         ]
+        if machine.cpu_fresh_pages:
+            lines.append("fastllm's CPU kernels, large fresh outputs: " + machine.cpu_fresh_pages)
         if rerun_note:
             lines.append(rerun_note)
     lines += [

@@ -1,12 +1,14 @@
 // The CPU building blocks under the kernels: bfloat16 / float16 conversions (cpu_dtypes.h)
 // against independent definitions, the AVX2 loads / stores / tails (cpu_avx2.h) bit for bit
 // against the scalar conversions, the AVX2 exp against exp in double, and the
-// FASTLLM_CPU_ISA switch (cpu_features.h).
+// FASTLLM_CPU_ISA switch (cpu_features.h), and the huge-page decision for fresh outputs
+// (cpu_memory.h: FASTLLM_CPU_HUGE_PAGES and the free page reporting check, on a made-up sysfs).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -15,6 +17,7 @@
 #include "check.h"
 #include "common/cpu_dtypes.h"
 #include "common/cpu_features.h"
+#include "common/cpu_memory.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include "common/cpu_avx2.h"
 #include "common/cpu_avx2_even_odd.h"
@@ -169,6 +172,72 @@ TEST_CASE(cpu_isa_switch) {
   CHECK(throws_naming([] { fastllm::cpu::detect_cpu_isa(); }, "avx1024"),
         "FASTLLM_CPU_ISA=avx1024 must throw std::invalid_argument naming the value");
 }
+
+#if defined(__linux__)
+// A made-up sysfs under a temporary directory: the virtio_balloon driver's directory with one
+// bound device whose features file holds `features` ("" = no device), removed at the end.
+class FakeSysfs {
+ public:
+  explicit FakeSysfs(const std::string& features) {
+    char tmpl[] = "/tmp/fastllm_sysfs_XXXXXX";
+    root_ = mkdtemp(tmpl);
+    driver_ = root_ + "/bus/virtio/drivers/virtio_balloon";
+    run("mkdir -p '" + driver_ + "'");
+    std::ofstream(driver_ + "/uevent") << "";  // a file beside the devices, skipped
+    if (!features.empty()) {
+      run("mkdir -p '" + driver_ + "/virtio3'");
+      std::ofstream(driver_ + "/virtio3/features") << features << "\n";
+    }
+  }
+  ~FakeSysfs() { run("rm -rf '" + root_ + "'"); }
+  FakeSysfs(const FakeSysfs&) = delete;
+  FakeSysfs& operator=(const FakeSysfs&) = delete;
+  const std::string& root() const { return root_; }
+
+ private:
+  static void run(const std::string& command) {
+    if (std::system(command.c_str()) != 0) std::fprintf(stderr, "failed: %s\n", command.c_str());
+  }
+  std::string root_, driver_;
+};
+
+TEST_CASE(free_page_reporting_from_sysfs) {
+  using fastllm::cpu::free_page_reporting;
+  // This machine's feature string (bits 1, 2, 5, 7: stats, deflate on OOM, reporting, ...).
+  const std::string reporting = "0110010100000000000000000000000010000000";
+  const std::string no_reporting = "0110000100000000000000000000000010000000";
+  CHECK(free_page_reporting(FakeSysfs(reporting).root()), "bit 5 set must mean reporting");
+  CHECK(!free_page_reporting(FakeSysfs(no_reporting).root()), "bit 5 clear: no reporting");
+  CHECK(!free_page_reporting(FakeSysfs("01100").root()), "a short features string: no bit 5");
+  CHECK(!free_page_reporting(FakeSysfs("").root()), "a driver without devices: no reporting");
+  CHECK(!free_page_reporting("/nonexistent/sysfs"), "no virtio_balloon driver: no reporting");
+}
+
+TEST_CASE(huge_pages_switch) {
+  const RestoredEnv restore("FASTLLM_CPU_HUGE_PAGES");
+  using fastllm::cpu::detect_huge_pages;
+  using fastllm::cpu::HugePages;
+  const FakeSysfs reporting("0110010100");
+  const FakeSysfs quiet("0110000100");
+  unsetenv("FASTLLM_CPU_HUGE_PAGES");
+  CHECK(detect_huge_pages(quiet.root()) == HugePages::kAdvised, "unset: advised");
+  CHECK(detect_huge_pages(reporting.root()) == HugePages::kFreePageReporting,
+        "unset under free page reporting: left to the system");
+  for (const char* automatic : {"", "auto"}) {
+    setenv("FASTLLM_CPU_HUGE_PAGES", automatic, 1);
+    CHECK(detect_huge_pages(quiet.root()) == HugePages::kAdvised, "'%s': advised", automatic);
+    CHECK(detect_huge_pages(reporting.root()) == HugePages::kFreePageReporting,
+          "'%s' under free page reporting: left to the system", automatic);
+  }
+  setenv("FASTLLM_CPU_HUGE_PAGES", "1", 1);
+  CHECK(detect_huge_pages(reporting.root()) == HugePages::kForced, "=1 advises anyway");
+  setenv("FASTLLM_CPU_HUGE_PAGES", "0", 1);
+  CHECK(detect_huge_pages(quiet.root()) == HugePages::kOff, "=0 never advises");
+  setenv("FASTLLM_CPU_HUGE_PAGES", "yes", 1);
+  CHECK(throws_naming([&] { detect_huge_pages(quiet.root()); }, "yes"),
+        "FASTLLM_CPU_HUGE_PAGES=yes must throw std::invalid_argument naming the value");
+}
+#endif
 
 TEST_CASE(amx_emulation_switch) {
   const RestoredEnv restore_isa("FASTLLM_CPU_ISA");

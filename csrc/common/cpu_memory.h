@@ -26,13 +26,22 @@
 // reports free blocks of 2^page_reporting_order pages to the host a second or two after they
 // are freed, and the host discards them; the next touch of such a block faults in the host
 // too. Huge pages are carved from exactly those blocks, so on a Zen 4 guest of that kind
-// (page_reporting_order 9: every free 2 MiB block) filling 512 MiB on huge pages ran at
-// 7-14 GB/s when the memory had been freed a moment before and 0.3-0.5 GB/s once it had sat
-// free for 1-3 s, against 1.6-1.8 GB/s (one thread) and 2.7-3.3 GB/s (two) on 4 KiB pages
-// either way; cross-entropy forward + backward at 4096 x 32000 float32 took a median 780-890
-// ms with the advice against 180 ms without when its calls were 1-4 s apart (77-82 ms with
-// it, with outliers up to 1.6 s, when 0-0.5 s apart). So where free page reporting is on the
-// kernels leave the pages to the system. FASTLLM_CPU_HUGE_PAGES=1 advises anyway, =0 never,
+// (page_reporting_order 9: every free 2 MiB block; record
+// benchmarks/results/2026-12-06-cpu-fresh-pages-zen4.txt) filling 512 MiB on huge pages ran
+// at 10-16 GB/s (1-2 threads) when the memory had been freed just before and at 0.37-0.79
+// GB/s once it had been free for 1-3 s, against 2.5-4.2 GB/s on 4 KiB pages either way;
+// cross-entropy forward + backward at 4096 x 32000 float32 (one thread) took 110-128 ms with
+// the advice and 270-283 without when its calls were at most 1 s apart, 506 and 1870 ms
+// against 304 and 282 when 2 and 4 s apart (a training step's distance). fastllm bench
+// alternates its contenders, so it sees both: with the advice the norms at 8192 x 4096 ran
+// 2.2-3.2x faster than without, the cross-entropy forward + backward 0.27-2.3x as fast.
+// Where free page reporting is on, the kernels therefore leave the pages to the system:
+// never the loss (6.6x above), at the cost of the tight loops' gain. (Tried and left:
+// advising and faulting the huge pages in one by one before the kernel writes, timed, with
+// 4 KiB pages for the rest of a buffer from the first slow one on. It avoided the loss but
+// not the 4 KiB pages' cost: a buffer that fell back frees 4 KiB pages, which seldom rejoin
+// into free 2 MiB blocks before they are reported, so the next call falls back too.)
+// FASTLLM_CPU_HUGE_PAGES=1 advises anyway (tight loops over large outputs), =0 never,
 // unset / empty / auto decides as above.
 #pragma once
 

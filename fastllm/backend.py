@@ -107,8 +107,9 @@ def cpu_fresh_pages() -> str:
     ``"huge pages advised (MADV_HUGEPAGE)"``, or ``"left to the system (...)"`` with the
     reason. ``FASTLLM_CPU_HUGE_PAGES=1`` advises them, ``=0`` never; unset, empty or ``auto``
     advises them unless the OS reports free memory to a hypervisor (virtio-balloon free page
-    reporting), which discards it, so that huge pages faulted in there cost 4-7x what 4 KiB
-    pages do (see csrc/common/cpu_memory.h). Decided once per process. Raises ValueError for
+    reporting), which discards it, so that huge pages faulted in there, once the memory has
+    been free for a second or more, fill 5-11x slower than 4 KiB pages (see
+    csrc/common/cpu_memory.h). Decided once per process. Raises ValueError for
     another value of ``FASTLLM_CPU_HUGE_PAGES``, RuntimeError when fastllm._C is not built."""
     import torch
 

@@ -1,9 +1,9 @@
 """The CPU kernels' huge-page advice on their large fresh outputs (csrc/common/cpu_memory.h):
 FASTLLM_CPU_HUGE_PAGES=0 / 1 / auto as ``fastllm.backend.cpu_fresh_pages()`` reports it, a
-bad value refused by the kernels, naming the variable and the value, and the advice's effect: far fewer
-page faults with it, none of it in the values (the sysfs check behind ``auto`` is tested on a
-made-up sysfs in ctest's cpu_common, tests/cpp/cpu_common_test.cpp). Each setting in a
-fresh child: the decision is made once per process."""
+bad value refused by the kernels, naming the variable and the value, and the advice's
+effect: far fewer page faults with it, none of it in the values (the sysfs check behind
+``auto`` is tested on a made-up sysfs in ctest's cpu_common, tests/cpp/cpu_common_test.cpp).
+Each setting in a fresh child: the decision is made once per process."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fastllm import _native
+from fastllm.bench.common import _kernel_thp_mode
 from tests.hostile import run_isolated
 
 pytestmark = pytest.mark.skipif(not _native.AVAILABLE,
@@ -53,14 +54,6 @@ def test_bad_value_fails_the_kernels_with_its_name():
     assert "RuntimeError: rms_norm_fwd: FASTLLM_CPU_HUGE_PAGES must be" in out and "'2'" in out
 
 
-def _thp_mode() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 FAULTS = """
     import hashlib, resource, torch
     from fastllm import functional as F
@@ -75,7 +68,7 @@ FAULTS = """
 """
 
 
-@pytest.mark.skipif("[madvise]" not in _thp_mode(),
+@pytest.mark.skipif("[madvise]" not in _kernel_thp_mode(),
                     reason="needs transparent_hugepage=madvise (the advice then decides)")
 def test_advice_cuts_the_faults_and_not_the_values():
     pages = (1024 * 8192 * 4) // 4096

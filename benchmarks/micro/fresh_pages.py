@@ -91,12 +91,9 @@ def main() -> None:
     auto = subprocess.run(
         [sys.executable, "-c", "from fastllm.backend import cpu_fresh_pages as f; print(f())"],
         env=env, capture_output=True, text=True).stdout.strip() or "unknown (fastllm._C?)"
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp = f.read().strip()
-    except OSError:
-        thp = "unknown"
-    print(f"# torch threads {torch.get_num_threads()}; transparent_hugepage: {thp}; "
+    from fastllm.bench.common import _kernel_thp_mode
+
+    print(f"# torch threads {torch.get_num_threads()}; transparent_hugepage: {_kernel_thp_mode()}; "
           f"FASTLLM_CPU_HUGE_PAGES unset: {auto}")
     if args.cross_entropy:
         for gap in args.gaps or [0.0, 0.5, 1.0, 2.0, 4.0]:

@@ -119,7 +119,7 @@ inline HugePages huge_pages() {
   return decided;
 }
 
-// What huge_pages() means, for cpu_kernel_path's neighbour op and the bench's header.
+// What huge_pages() means, for the cpu_fresh_pages op (registration.cpp) and the bench's header.
 inline const char* huge_pages_description(HugePages h) {
   switch (h) {
     case HugePages::kAdvised: return "huge pages advised (MADV_HUGEPAGE)";

@@ -36,6 +36,15 @@ std::string cpu_fresh_pages_op() {
   }
 }
 
+// How the CPU kernels store their large outputs in this process (common/cpu_memory.h).
+std::string cpu_output_stores_op() {
+  try {
+    return fastllm::cpu::stream_stores_description(fastllm::cpu::stream_stores());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastllm, m) {
@@ -43,6 +52,7 @@ TORCH_LIBRARY(fastllm, m) {
   // Not a kernel (no tensors, no fake or autograd rule): which CPU path each family takes.
   m.def("cpu_kernel_path(str family, ScalarType dtype) -> str", &cpu_kernel_path_op);
   m.def("cpu_fresh_pages() -> str", &cpu_fresh_pages_op);
+  m.def("cpu_output_stores() -> str", &cpu_output_stores_op);
 }
 
 // `import fastllm._C` loads the library (running the registrations above); the module

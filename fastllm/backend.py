@@ -17,7 +17,8 @@ Under ``"native"`` on the CPU, each kernel family then picks an instruction-set 
 per process (the best this CPU has, capped by
 ``FASTLLM_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx``); ``cpu_kernel_path(family, dtype)`` says
 which. ``cpu_fresh_pages()`` says whether those kernels advise huge pages on their large fresh
-outputs (``FASTLLM_CPU_HUGE_PAGES=0|1|auto``).
+outputs (``FASTLLM_CPU_HUGE_PAGES=0|1|auto``), ``cpu_output_stores()`` when they write large
+outputs with non-temporal stores (``FASTLLM_CPU_STREAM_STORES=0|1|auto``).
 """
 
 from __future__ import annotations
@@ -117,3 +118,22 @@ def cpu_fresh_pages() -> str:
 
     _native.require()
     return torch.ops.fastllm.cpu_fresh_pages()
+
+
+def cpu_output_stores() -> str:
+    """How the native CPU kernels store their large outputs in this process. A plain store
+    reads each output line from memory before writing it; a non-temporal store writes whole
+    lines around the cache, a third less memory traffic for a norm's forward (see
+    csrc/common/cpu_memory.h). ``FASTLLM_CPU_STREAM_STORES=1`` streams every output whose
+    rows start on 64-byte boundaries, ``=0`` none; unset, empty or ``auto`` streams outputs
+    of at least half the last-level cache (at most 16 MiB) whose pages are in memory already (a reused buffer; fresh pages fault in through the
+    cache anyway). Streaming changes no value. Decided once per process; so far the norm
+    kernels (forward outputs and the backward's input gradient) use it. Raises ValueError
+    for another value of ``FASTLLM_CPU_STREAM_STORES``, RuntimeError when fastllm._C is not
+    built."""
+    import torch
+
+    from fastllm import _native
+
+    _native.require()
+    return torch.ops.fastllm.cpu_output_stores()

@@ -145,3 +145,19 @@ def cpu_has_avx512_path() -> bool:
     from fastllm.bench.common import cpu_isa_features
 
     return bool((cpu_isa_features() or {}).get("avx512"))
+
+
+def native_cpu_report(name: str, variable: str, value: str) -> str:
+    """``fastllm.backend.<name>()`` (cpu_fresh_pages, cpu_output_stores) in a fresh child with
+    the environment variable set to value (the native kernels decide once per process); a
+    ValueError comes back as the line "ValueError: <message>"."""
+    from tests.hostile import run_isolated
+
+    out = run_isolated(f"""
+        from fastllm import backend
+        try:
+            print(backend.{name}())
+        except ValueError as e:
+            print("ValueError:", e)
+    """, env={variable: value})
+    return out.strip().splitlines()[-1]

@@ -11,22 +11,15 @@ import pytest
 
 from fastllm import _native
 from fastllm.bench.common import _kernel_thp_mode
+from tests.helpers import native_cpu_report
 from tests.hostile import run_isolated
 
 pytestmark = pytest.mark.skipif(not _native.AVAILABLE,
                                 reason="fastllm's native extension is not built")
 
-REPORT = """
-    from fastllm.backend import cpu_fresh_pages
-    try:
-        print(cpu_fresh_pages())
-    except ValueError as e:
-        print("ValueError:", e)
-"""
-
 
 def fresh_pages_with(value: str) -> str:
-    return run_isolated(REPORT, env={"FASTLLM_CPU_HUGE_PAGES": value}).strip().splitlines()[-1]
+    return native_cpu_report("cpu_fresh_pages", "FASTLLM_CPU_HUGE_PAGES", value)
 
 
 def test_switch_values():

@@ -123,6 +123,30 @@ FASTLLM_INLINE void store(Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
+// A non-temporal store of a full vector (common/cpu_memory.h: stream_outputs); p is aligned
+// to the 32 (float, double) or 16 (bfloat16, float16) bytes stored.
+FASTLLM_INLINE void store_stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+FASTLLM_INLINE void store_stream(double* p, __m256d v) { _mm256_stream_pd(p, v); }
+FASTLLM_INLINE void store_stream(BFloat16* p, __m256 v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bfloat16(v));
+}
+FASTLLM_INLINE void store_stream(Half* p, __m256 v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// Copies one vector's elements (kLanes<T>) from src to dst (aligned as for store_stream)
+// non-temporally, as bits.
+template <class T>
+FASTLLM_INLINE void copy_stream(T* dst, const T* src) {
+  if constexpr (sizeof(T) * kLanes<T> == 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  } else {
+    static_assert(sizeof(T) * kLanes<T> == 16, "a vector of 32 or 16 bytes");
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  }
+}
+
 // The first n elements at p (1 <= n <= lanes); lanes n.. are zero. With n == lanes known at
 // compile time this is one plain load.
 template <class T>

@@ -108,10 +108,23 @@ FASTLLM_INLINE __m256i round_high(__m256 v) {
   const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), is_nan);
 }
-FASTLLM_INLINE void store(BFloat16* p, Vec16 v) {
+// The 16 bfloat16 values of v in memory order.
+FASTLLM_INLINE __m256i to_bfloat16(Vec16 v) {
   const __m256i even = _mm256_srli_epi32(round_high(v.even), 16);
   const __m256i odd = _mm256_and_si256(round_high(v.odd), _mm256_set1_epi32(~0xFFFF));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+  return _mm256_or_si256(even, odd);
+}
+FASTLLM_INLINE void store(BFloat16* p, Vec16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bfloat16(v));
+}
+// A non-temporal store of all 16 (common/cpu_memory.h: stream_outputs); p is 32-byte aligned.
+FASTLLM_INLINE void store_stream(BFloat16* p, Vec16 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bfloat16(v));
+}
+// Copies 16 bfloat16 from src to dst (32-byte aligned) non-temporally, as bits.
+FASTLLM_INLINE void copy_stream(BFloat16* dst, const BFloat16* src) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 }
 
 FASTLLM_INLINE Vec16 load(const EvenOddFloat* p) {

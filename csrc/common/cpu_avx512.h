@@ -131,6 +131,25 @@ FASTLLM_INLINE void storen(T* p, __m512 v, int n) {
   _mm256_mask_storeu_epi16(p, first_lanes(n), narrow(static_cast<T*>(nullptr), v));
 }
 
+// A non-temporal store of all 16 lanes (common/cpu_memory.h: stream_outputs); p is aligned
+// to the 64 (float) or 32 (bfloat16, float16) bytes stored.
+FASTLLM_INLINE void store_stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+template <class T>
+FASTLLM_INLINE void store_stream(T* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(static_cast<T*>(nullptr), v));
+}
+// Copies the 16 elements at src to dst (aligned as for store_stream) non-temporally, as bits.
+template <class T>
+FASTLLM_INLINE void copy_stream(T* dst, const T* src) {
+  if constexpr (sizeof(T) == 4) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+  } else {
+    static_assert(sizeof(T) == 2, "float32, bfloat16 or float16 elements");
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  }
+}
+
 // Lanes l of the 16 columns [j, j + 16) with begin <= j + l < end.
 FASTLLM_INLINE __mmask16 band_mask(int j, int begin, int end) {
   const __m512i col = _mm512_add_epi32(

@@ -45,16 +45,23 @@
 // unset / empty / auto decides as above.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
 #if defined(__linux__)
 #include <dirent.h>
 #include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 namespace fastllm {
@@ -146,6 +153,171 @@ inline void advise_huge_pages(void* p, int64_t bytes) {
   (void)p;
   (void)bytes;
 #endif
+}
+
+// ---- Non-temporal stores for large outputs already in memory ------------------------------
+//
+// A plain store to a line that is not in the cache first reads the line from memory (read
+// for ownership), so a memory-bound kernel moves each output byte twice. A non-temporal
+// (streaming) store writes whole lines around the cache and saves that read. On the Zen 4
+// guest (one thread; benchmarks/micro/stream_stores.cpp, record
+// benchmarks/results/2026-12-06-cpu-stream-stores-zen4.txt) y = 1.5 * x into a reused buffer
+// ran at 26-29 GB/s with plain stores and 42-49 with streaming ones over 16 MiB, 21-22 and
+// 31-32 over 128 MiB; the norms' float32 4096 x 1024 cases 1.07-1.24x faster (record
+// ...-1thread-norm-zen4-stream-stores-ab-10pairs.txt). Which outputs:
+//   - large ones: each at least half the last-level cache, at most 16 MiB (the cache could
+//     not keep such an output for the next op anyway, and writing it through the cache
+//     evicts the inputs as well); smaller outputs stay in the cache for whoever reads them
+//     (an add_* norm's two bfloat16 outputs of 8 MiB each streamed measured no faster);
+//   - whose pages are in memory already (a buffer the allocator has reused: glibc hands a
+//     16 MiB activation freed a step before back from its heap). Fresh pages are left to plain
+//     stores: the page fault clears the page through the cache just before the store, and a
+//     non-temporal store to a cached line first evicts it (on a fresh 500 MiB cross-entropy
+//     gradient with huge pages, non-temporal stores measured 2.7x slower, header above; on
+//     fresh 4 KiB pages from 10 % slower to 7 % faster in stream_stores.cpp); first touch
+//     bounds such a buffer either way. Residency is sampled with mincore() at the
+//     first, middle and last page: a reused heap block is resident throughout, a fresh
+//     mapping nowhere, a heap block past a trimmed top at its end.
+// FASTLLM_CPU_STREAM_STORES=1 streams every output whose rows allow it (tests force the path
+// with it on small shapes), =0 never, unset / empty / auto decides as above. The kernels
+// stream only full vectors of rows that start on 64-byte boundaries (torch's CPU allocator
+// aligns to 64) and fence (sfence) before the threads join, so the stores are visible to
+// the code after the kernel like plain ones.
+
+// Where the last-level cache size is unknown: what a 32 MiB L3 gives.
+inline constexpr int64_t kStreamStoresDefaultMinBytes = int64_t{16} << 20;
+
+enum class StreamStores { kAuto, kOn, kOff };
+
+// FASTLLM_CPU_STREAM_STORES (read on each call). Throws std::invalid_argument naming a value
+// other than 0, 1, auto or empty.
+inline StreamStores detect_stream_stores() {
+  const char* requested = std::getenv("FASTLLM_CPU_STREAM_STORES");
+  if (requested == nullptr || *requested == '\0' || std::strcmp(requested, "auto") == 0) {
+    return StreamStores::kAuto;
+  }
+  if (std::strcmp(requested, "1") == 0) return StreamStores::kOn;
+  if (std::strcmp(requested, "0") == 0) return StreamStores::kOff;
+  throw std::invalid_argument(
+      std::string("FASTLLM_CPU_STREAM_STORES must be '0', '1' or 'auto' (or unset), got '") +
+      requested + "'");
+}
+
+// detect_stream_stores(), decided once per process (a bad value throws again on the next call).
+inline StreamStores stream_stores() {
+  static const StreamStores decided = detect_stream_stores();
+  return decided;
+}
+
+// The largest cache level's size that the kernel reports for cpu 0 under `sysfs` (the
+// sysfs mount: <sysfs>/devices/system/cpu/cpu0/cache/index*/{level,size}, size as "32768K"),
+// 0 where it reports none. Not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc 2.36 computes that from
+// CPUID itself and gave 320 MiB for the 32 MiB L3 of the Zen 4 guest.
+inline int64_t last_level_cache_bytes(const std::string& sysfs = "/sys") {
+  const std::string cache = sysfs + "/devices/system/cpu/cpu0/cache/index";
+  int best_level = 0;
+  int64_t best_bytes = 0;
+  for (int index = 0; index < 16; ++index) {
+    std::ifstream level_file(cache + std::to_string(index) + "/level");
+    std::ifstream size_file(cache + std::to_string(index) + "/size");
+    int level = 0;
+    int64_t size = 0;
+    std::string unit;
+    if (!(level_file >> level) || !(size_file >> size) || size <= 0) continue;
+    size_file >> unit;  // the suffix directly after the number, if any
+    if (unit == "K") size <<= 10;
+    if (unit == "M") size <<= 20;
+    if (unit == "G") size <<= 30;
+    if (level > best_level || (level == best_level && size > best_bytes)) {
+      best_level = level;
+      best_bytes = size;
+    }
+  }
+  return best_bytes;
+}
+
+// The size from which auto streams an output: half the last-level cache (sysfs),
+// at most kStreamStoresDefaultMinBytes -- a VM shares a large L3 with tenants it cannot see,
+// and 16 MiB is where the gain was measured -- and that where the size is unknown.
+inline int64_t stream_stores_min_bytes_for(int64_t cache_bytes) {
+  return cache_bytes > 0 ? std::min(cache_bytes / 2, kStreamStoresDefaultMinBytes)
+                         : kStreamStoresDefaultMinBytes;
+}
+inline int64_t stream_stores_min_bytes() {
+  static const int64_t bytes = stream_stores_min_bytes_for(last_level_cache_bytes());
+  return bytes;
+}
+
+// Whether the pages of [p, p + bytes) are in memory, sampled at the first, middle and last
+// page (mincore). False where that cannot be asked.
+inline bool pages_resident(const void* p, int64_t bytes) {
+#if defined(__linux__)
+  if (p == nullptr || bytes <= 0) return false;
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t last = begin + static_cast<uintptr_t>(bytes) - 1;
+  for (const uintptr_t at : {begin, begin + (last - begin) / 2, last}) {
+    unsigned char in_core = 0;
+    if (mincore(reinterpret_cast<void*>(at & ~(page - 1)), 1, &in_core) != 0 ||
+        (in_core & 1) == 0) {
+      return false;
+    }
+  }
+  return true;
+#else
+  (void)p;
+  (void)bytes;
+  return false;
+#endif
+}
+
+// Whether a kernel call writing `outputs` (nullptr entries: absent), `bytes` each, stores
+// them non-temporally; the kernel must also check that its rows start on 64-byte boundaries.
+inline bool stream_outputs(std::initializer_list<const void*> outputs, int64_t bytes) {
+  const StreamStores mode = stream_stores();  // first: a bad value throws for any size
+  if (mode == StreamStores::kOff || bytes <= 0) return false;
+  bool any = false;
+  for (const void* p : outputs) {
+    if (p == nullptr) continue;
+    if (reinterpret_cast<uintptr_t>(p) % 64 != 0) return false;
+    any = true;
+  }
+  if (!any) return false;
+  if (mode == StreamStores::kOn) return true;
+  if (bytes < stream_stores_min_bytes()) return false;
+  for (const void* p : outputs) {
+    if (p != nullptr && !pages_resident(p, bytes)) return false;
+  }
+  return true;
+}
+
+// Orders the calling thread's non-temporal stores before what follows (x86: they are weakly
+// ordered); the kernels call it before their threads join.
+inline void fence_streaming_stores() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#endif
+}
+
+// What stream_stores() means, for the cpu_output_stores op (registration.cpp) and the bench's
+// header.
+inline std::string stream_stores_description(StreamStores mode) {
+  switch (mode) {
+    case StreamStores::kOn:
+      return "non-temporal stores for every output with 64-byte aligned rows "
+             "(FASTLLM_CPU_STREAM_STORES=1)";
+    case StreamStores::kOff: return "plain stores (FASTLLM_CPU_STREAM_STORES=0)";
+    case StreamStores::kAuto: break;
+  }
+  auto size = [](int64_t bytes) {
+    const int64_t mib = int64_t{1} << 20;
+    return bytes % mib == 0 ? std::to_string(bytes / mib) + " MiB"
+                            : std::to_string(bytes >> 10) + " KiB";
+  };
+  const int64_t cache = last_level_cache_bytes();
+  return "non-temporal stores for outputs from " + size(stream_stores_min_bytes()) + " (" +
+         (cache > 0 ? "last-level cache " + size(cache) : "last-level cache size unknown") +
+         ") where the output's pages are in memory already; plain stores otherwise";
 }
 
 }  // namespace cpu

@@ -46,7 +46,11 @@
 //     torch.compile to 1.13-1.18x on a Zen 4 core with torch held to AVX2 as well).
 //   - Outputs (out, residual_out, dx) of 4 MiB and more get huge pages advised before they
 //     are written (fresh pages cost more than the kernel), except where the OS hands free
-//     memory back to a hypervisor (common/cpu_memory.h).
+//     memory back to a hypervisor (common/cpu_memory.h). Outputs that are large and whose
+//     pages are in memory already (a reused heap block) are stored non-temporally by the
+//     vector paths (cpu_memory.h: stream_outputs), which saves reading each output line
+//     before writing it: a third of the forward's memory traffic. The add_* forward then
+//     keeps s in a scratch row for the output pass instead of reading residual_out back.
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
 //     fork/join costs more than the work. Large inputs are prefetched a row ahead
 //     (kPrefetchMinBytes).
@@ -58,6 +62,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <type_traits>
@@ -126,8 +131,9 @@ Acc sum_row_scalar(int64_t n, Term&& term) {
   return total;
 }
 
+// The scalar paths store plainly: `stream` (the vector paths' non-temporal stores) is ignored.
 template <class T>
-void norm_fwd_rows_scalar(const FwdParams& p, int64_t row_begin, int64_t row_end) {
+void norm_fwd_rows_scalar(const FwdParams& p, int64_t row_begin, int64_t row_end, bool) {
   using Acc = AccOf<T>;
   const int64_t n = p.cols;
   const Acc* w = static_cast<const Acc*>(p.weight);
@@ -161,7 +167,7 @@ void norm_fwd_rows_scalar(const FwdParams& p, int64_t row_begin, int64_t row_end
 
 template <class T>
 void norm_bwd_rows_scalar(const BwdParams& p, int64_t row_begin, int64_t row_end,
-                          AccOf<T>* dw_partial, AccOf<T>* db_partial) {
+                          AccOf<T>* dw_partial, AccOf<T>* db_partial, bool) {
   using Acc = AccOf<T>;
   const int64_t n = p.cols;
   const Acc* w = static_cast<const Acc*>(p.weight);
@@ -211,6 +217,8 @@ using cpu::avx2::hsum;
 using cpu::avx2::keep_first;
 using cpu::avx2::kSlots;
 using cpu::avx2::loadn;
+using cpu::avx2::copy_stream;
+using cpu::avx2::store_stream;
 using cpu::avx2::storen;
 
 #include "norm/norm_cpu_simd.h"
@@ -238,6 +246,8 @@ using cpu::avx2_even_odd::hsum;
 using cpu::avx2_even_odd::keep_first;
 using cpu::avx2_even_odd::kSlots;
 using cpu::avx2_even_odd::loadn;
+using cpu::avx2_even_odd::copy_stream;
+using cpu::avx2_even_odd::store_stream;
 using cpu::avx2_even_odd::storen;
 
 #include "norm/norm_cpu_simd.h"
@@ -268,6 +278,8 @@ using cpu::avx512::hsum;
 using cpu::avx512::keep_first;
 using cpu::avx512::kSlots;
 using cpu::avx512::loadn;
+using cpu::avx512::copy_stream;
+using cpu::avx512::store_stream;
 using cpu::avx512::storen;
 template <int W, class Body>
 FASTLLM_INLINE void for_each_chunk(int64_t len, Body&& body) {
@@ -284,9 +296,16 @@ FASTLLM_AVX512_END
 
 // ---- dispatch over threads and instruction sets -----------------------------------------
 
+// Whether rows of `cols` elements of `bytes` each start on 64-byte boundaries, as the vector
+// paths' non-temporal stores need (each full vector is then aligned to its own size; the
+// outputs' base is checked by stream_outputs).
+bool rows_stream(int64_t cols, size_t bytes) {
+  return (cols * static_cast<int64_t>(bytes)) % 64 == 0;
+}
+
 template <class T>
 void norm_fwd_typed(const FwdParams& p) {
-  void (*rows_fn)(const FwdParams&, int64_t, int64_t) = &norm_fwd_rows_scalar<T>;
+  void (*rows_fn)(const FwdParams&, int64_t, int64_t, bool) = &norm_fwd_rows_scalar<T>;
   FwdParams params = p;  // what rows_fn reads: p, or p with other weight / bias arrays
 #if defined(FASTLLM_NORM_CPU_AVX2)
   if constexpr (!std::is_same_v<T, double>) {
@@ -315,21 +334,27 @@ void norm_fwd_typed(const FwdParams& p) {
   }
 #endif
   const int64_t out_bytes = p.rows * p.cols * static_cast<int64_t>(sizeof(T));
-  advise_huge_pages(p.out, out_bytes);  // fresh outputs: cpu_memory.h
+  // Large outputs in memory already: non-temporal stores; fresh ones: huge pages (cpu_memory.h).
+  // (stream_outputs first: a bad FASTLLM_CPU_STREAM_STORES throws for any shape.)
+  const bool stream = cpu::stream_outputs({p.out, p.residual_out}, out_bytes) &&
+                      rows_fn != &norm_fwd_rows_scalar<T> && rows_stream(p.cols, sizeof(T));
+  advise_huge_pages(p.out, out_bytes);
   advise_huge_pages(p.residual_out, out_bytes);
   const int threads = threads_for(p.rows, p.cols, kMinElementsPerThread);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int t = omp_get_thread_num();
     const int nt = omp_get_num_threads();
-    rows_fn(params, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt));
+    rows_fn(params, block_begin(p.rows, t, nt), block_begin(p.rows, t + 1, nt), stream);
+    if (stream) cpu::fence_streaming_stores();
   }
 }
 
 template <class T>
 void norm_bwd_typed(const BwdParams& p) {
   using Acc = AccOf<T>;
-  void (*rows_fn)(const BwdParams&, int64_t, int64_t, Acc*, Acc*) = &norm_bwd_rows_scalar<T>;
+  void (*rows_fn)(const BwdParams&, int64_t, int64_t, Acc*, Acc*, bool) =
+      &norm_bwd_rows_scalar<T>;
 #if defined(FASTLLM_NORM_CPU_AVX2)
   if constexpr (!std::is_same_v<T, double>) {
     if (cpu::cpu_avx512()) rows_fn = &avx512_path::norm_bwd_rows<T>;
@@ -339,7 +364,10 @@ void norm_bwd_typed(const BwdParams& p) {
   }
 #endif
   const int64_t n = p.cols;
-  advise_huge_pages(p.dx, p.rows * n * static_cast<int64_t>(sizeof(T)));  // cpu_memory.h
+  const int64_t dx_bytes = p.rows * n * static_cast<int64_t>(sizeof(T));
+  const bool stream = cpu::stream_outputs({p.dx}, dx_bytes) &&  // as in norm_fwd_typed
+                      rows_fn != &norm_bwd_rows_scalar<T> && rows_stream(n, sizeof(T));
+  advise_huge_pages(p.dx, dx_bytes);
   const int max_threads = threads_for(p.rows, n, kMinElementsPerThread);
   Acc* dweight = static_cast<Acc*>(p.dweight);
   Acc* dbias = static_cast<Acc*>(p.dbias);
@@ -361,7 +389,8 @@ void norm_bwd_typed(const BwdParams& p) {
     const int64_t row_begin = block_begin(p.rows, t, nt);
     const int64_t row_end = block_begin(p.rows, t + 1, nt);
     if (!param_grads) {
-      rows_fn(p, row_begin, row_end, nullptr, nullptr);
+      rows_fn(p, row_begin, row_end, nullptr, nullptr, stream);
+      if (stream) cpu::fence_streaming_stores();
     } else {
       Acc* slot_ptr[4];
       for (int k = 0; k < 4; ++k) slot_ptr[k] = partials.get() + (4 * t + k) * stride;
@@ -374,10 +403,11 @@ void norm_bwd_typed(const BwdParams& p) {
       for (int64_t b = row_begin; b < row_end; b += kParamGradBlockRows) {
         if (dw_block != nullptr) std::fill_n(dw_block, n, Acc(0));
         if (db_block != nullptr) std::fill_n(db_block, n, Acc(0));
-        rows_fn(p, b, std::min(b + kParamGradBlockRows, row_end), dw_block, db_block);
+        rows_fn(p, b, std::min(b + kParamGradBlockRows, row_end), dw_block, db_block, stream);
         for (int64_t j = 0; dw_total != nullptr && j < n; ++j) dw_total[j] += dw_block[j];
         for (int64_t j = 0; db_total != nullptr && j < n; ++j) db_total[j] += db_block[j];
       }
+      if (stream) cpu::fence_streaming_stores();
 #pragma omp barrier
       // Thread t sums columns [col_begin, col_end) over all threads' totals, in thread order.
       const int64_t col_begin = block_begin(n, t, nt);

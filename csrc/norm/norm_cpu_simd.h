@@ -6,7 +6,8 @@
 // vector of T's accumulation type and its lanes), ParamOf<T> (the element type of the
 // forward's weight and bias arrays: T's accumulation type, or EvenOddFloat), kSlots,
 // broadcast, fmadd, fnmadd, hsum (of one vector), keep_first, loadn, storen and
-// for_each_chunk<W>. The partial vector at a row's end loads with its padding lanes at zero.
+// for_each_chunk<W>, and store_stream. The partial vector at a row's end loads with its
+// padding lanes at zero.
 // No include guard: it is meant to be included more than once.
 
 // kSums vector sums over [0, n) in blocks of kSumBlock: body(j, m, acc) adds the terms of
@@ -38,8 +39,22 @@ FASTLLM_INLINE constexpr bool starts_cache_line(int k) {
   return (static_cast<int64_t>(k) * W * sizeof(T)) % 64 == 0;
 }
 
+// Stores the first m lanes of v to p: non-temporally where `stream` is set and the vector is
+// full (norm_cpu.cpp checked that the rows allow it: common/cpu_memory.h, stream_outputs).
+template <class T, class V>
+FASTLLM_INLINE void store_out(T* p, V v, int m, bool stream) {
+  if (stream && m == kLanes<T>) {
+    store_stream(p, v);
+  } else {
+    storen(p, v, m);
+  }
+}
+
+// stream: the outputs (out, residual_out) are stored non-temporally. The add_* ops then keep
+// the row's s in a scratch row instead of reading it back from residual_out, which a
+// non-temporal store has sent past the cache.
 template <class T>
-void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end) {
+void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end, bool stream) {
   using Acc = AccOf<T>;
   using V = Vec<T>;
   constexpr int W = kLanes<T>;
@@ -50,19 +65,23 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end) {
   const bool prefetch_rows =
       p.rows * std::max<int64_t>(p.x_row_stride, n) * static_cast<int64_t>(sizeof(T)) >=
       kPrefetchMinBytes;
+  std::unique_ptr<T[]> s_scratch;
+  if (stream && p.residual != nullptr) s_scratch.reset(new T[n]);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.x) + r * p.x_row_stride;
     const T* res = p.residual == nullptr
                        ? nullptr
                        : static_cast<const T*>(p.residual) + r * p.residual_row_stride;
     T* s_out = res == nullptr ? nullptr : static_cast<T*>(p.residual_out) + r * n;
+    // Where the statistics pass stores s: residual_out, or the scratch row when streaming.
+    T* s_row = s_scratch ? s_scratch.get() : s_out;
     // s, chunk by chunk: x, or x + residual rounded to T as stored to residual_out.
     auto load_s = [&](int64_t j, int m) FASTLLM_INLINE_LAMBDA {
       if (res == nullptr) return loadn(x + j, m);
       const V sum = loadn(x + j, m) + loadn(res + j, m);
-      storen(s_out + j, sum, m);
+      storen(s_row + j, sum, m);
       if constexpr (std::is_same_v<T, Acc>) return sum;
-      return loadn(s_out + j, m);
+      return loadn(s_row + j, m);
     };
 
     Acc mean = 0, var = 0;
@@ -91,7 +110,7 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end) {
       mean = shift + mean_d;
       var = mean_dd - mean_d * mean_d;
       if (!(mean_dd <= kShiftedVarLimit * var)) {  // also catches var <= 0 and NaN
-        const T* s = res == nullptr ? x : s_out;
+        const T* s = res == nullptr ? x : s_row;
         const V mean_v = broadcast(mean);
         V sum_sq[1];
         sum_row_simd<W>(n, sum_sq, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
@@ -106,7 +125,8 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end) {
     const Acc rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(p.eps));
     static_cast<Acc*>(p.rstd)[r] = rstd;
 
-    const T* s = res == nullptr ? x : s_out;
+    const T* s = res == nullptr ? x : s_row;
+    T* s_copy = s_scratch ? s_out : nullptr;  // streaming: the scratch row to residual_out
     const V mean_v = broadcast(mean);
     const V rstd_v = broadcast(rstd);
     T* y = static_cast<T*>(p.out) + r * n;
@@ -119,7 +139,14 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end) {
           prefetch(next_x + j);
           if (next_res != nullptr) prefetch(next_res + j);
         }
-        storen(y + j, affine((loadn(s + j, m) - mean_v) * rstd_v, j, m), m);
+        if (s_copy != nullptr) {  // the scratch row's bits, on to residual_out
+          if (m == W) {
+            copy_stream(s_copy + j, s + j);
+          } else {
+            std::memcpy(s_copy + j, s + j, sizeof(T) * m);
+          }
+        }
+        store_out(y + j, affine((loadn(s + j, m) - mean_v) * rstd_v, j, m), m, stream);
       });
     };
     if (w != nullptr && b != nullptr) {
@@ -154,7 +181,7 @@ struct BwdRowTerms {
 // address modulo 4 KiB waits for it (4K aliasing).
 template <int kRows, class T>
 void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
-                         AccOf<T>* dw_partial, AccOf<T>* db_partial) {
+                         AccOf<T>* dw_partial, AccOf<T>* db_partial, bool stream) {
   using V = Vec<T>;
   constexpr int W = kLanes<T>;
   for_each_chunk<W>(n, [&](int64_t j, int m, int) FASTLLM_INLINE_LAMBDA {
@@ -172,15 +199,16 @@ void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
       dw_sum = fmadd(dy[i], xhat[i], dw_sum);
       db_sum += dy[i];
     }
-    for (int i = 0; i < kRows; ++i) storen(rows[i].dx + j, dx[i], m);
+    for (int i = 0; i < kRows; ++i) store_out(rows[i].dx + j, dx[i], m, stream);
     if (dw_partial != nullptr) storen(dw_partial + j, loadn(dw_partial + j, m) + dw_sum, m);
     if (db_partial != nullptr) storen(db_partial + j, loadn(db_partial + j, m) + db_sum, m);
   });
 }
 
+// stream: dx is stored non-temporally.
 template <class T>
 void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
-                        AccOf<T>* dw_partial, AccOf<T>* db_partial) {
+                        AccOf<T>* dw_partial, AccOf<T>* db_partial, bool stream) {
   using Acc = AccOf<T>;
   using V = Vec<T>;
   constexpr int W = kLanes<T>;
@@ -216,10 +244,10 @@ void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
       t.dx_xhat = broadcast(rstd * mean_g_xhat);
     }
     if (group_rows == kRowGroup) {
-      norm_bwd_sweep<kRowGroup>(rows, w, n, dw_partial, db_partial);
+      norm_bwd_sweep<kRowGroup>(rows, w, n, dw_partial, db_partial, stream);
     } else {
       for (int i = 0; i < group_rows; ++i) {
-        norm_bwd_sweep<1>(rows + i, w, n, dw_partial, db_partial);
+        norm_bwd_sweep<1>(rows + i, w, n, dw_partial, db_partial, stream);
       }
     }
   }

@@ -391,8 +391,9 @@ class Machine:
     cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
     cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
     torch_cpu_isa: Optional[str] = None  # CPU only: torch_cpu_isa()
-    # CPU only: fastllm.backend.cpu_fresh_pages(), where fastllm._C is built
+    # CPU only: fastllm.backend.cpu_fresh_pages() / cpu_output_stores(), where fastllm._C is built
     cpu_fresh_pages: Optional[str] = None
+    cpu_output_stores: Optional[str] = None
 
 
 # The environment variables that cap torch's own CPU code: its vectorised kernels (and
@@ -426,17 +427,17 @@ def measure_machine(device: torch.device, quick: bool) -> Machine:
         cpu_isa=cpu_isa_features() if cpu else None,
         cpu_isa_cap=(os.environ.get("FASTLLM_CPU_ISA") or None) if cpu else None,
         torch_cpu_isa=torch_cpu_isa() if cpu else None,
-        cpu_fresh_pages=_cpu_fresh_pages() if cpu else None,
+        cpu_fresh_pages=_native_cpu_report("cpu_fresh_pages") if cpu else None,
+        cpu_output_stores=_native_cpu_report("cpu_output_stores") if cpu else None,
     )
 
 
-def _cpu_fresh_pages() -> Optional[str]:
-    """``fastllm.backend.cpu_fresh_pages()``; None without fastllm._C (the bench then times
-    the reference backend)."""
-    from fastllm import _native
-    from fastllm.backend import cpu_fresh_pages
+def _native_cpu_report(name: str) -> Optional[str]:
+    """``fastllm.backend.<name>()`` (cpu_fresh_pages, cpu_output_stores); None without
+    fastllm._C (the bench then times the reference backend)."""
+    from fastllm import _native, backend
 
-    return cpu_fresh_pages() if _native.AVAILABLE else None
+    return getattr(backend, name)() if _native.AVAILABLE else None
 
 
 # ---------------------------------------------------------------------- peak memory

@@ -300,6 +300,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         ]
         if machine.cpu_fresh_pages:
             lines.append("fastllm's CPU kernels, large fresh outputs: " + machine.cpu_fresh_pages)
+        if machine.cpu_output_stores:
+            lines.append("fastllm's CPU kernels, large outputs: " + machine.cpu_output_stores)
         if rerun_note:
             lines.append(rerun_note)
     lines += [

@@ -1,8 +1,10 @@
 // The CPU building blocks under the kernels: bfloat16 / float16 conversions (cpu_dtypes.h)
 // against independent definitions, the AVX2 loads / stores / tails (cpu_avx2.h) bit for bit
 // against the scalar conversions, the AVX2 exp against exp in double, and the
-// FASTLLM_CPU_ISA switch (cpu_features.h), and the huge-page decision for fresh outputs
-// (cpu_memory.h: FASTLLM_CPU_HUGE_PAGES and the free page reporting check, on a made-up sysfs).
+// FASTLLM_CPU_ISA switch (cpu_features.h), the huge-page decision for fresh outputs
+// (cpu_memory.h: FASTLLM_CPU_HUGE_PAGES and the free page reporting check, on a made-up sysfs)
+// and the non-temporal stores' (FASTLLM_CPU_STREAM_STORES, the cache size from a made-up
+// sysfs, the residency samples).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,7 +14,13 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "check.h"
 #include "common/cpu_dtypes.h"
@@ -236,6 +244,106 @@ TEST_CASE(huge_pages_switch) {
   setenv("FASTLLM_CPU_HUGE_PAGES", "yes", 1);
   CHECK(throws_naming([&] { detect_huge_pages(quiet.root()); }, "yes"),
         "FASTLLM_CPU_HUGE_PAGES=yes must throw std::invalid_argument naming the value");
+}
+
+// A made-up sysfs cache description for cpu 0: one indexN directory per (level, size) entry.
+class FakeCacheSysfs {
+ public:
+  explicit FakeCacheSysfs(const std::vector<std::pair<int, std::string>>& caches) {
+    char tmpl[] = "/tmp/fastllm_sysfs_XXXXXX";
+    root_ = mkdtemp(tmpl);
+    for (size_t i = 0; i < caches.size(); ++i) {
+      const std::string dir = root_ + "/devices/system/cpu/cpu0/cache/index" + std::to_string(i);
+      if (std::system(("mkdir -p '" + dir + "'").c_str()) != 0) std::fprintf(stderr, "mkdir\n");
+      std::ofstream(dir + "/level") << caches[i].first << "\n";
+      std::ofstream(dir + "/size") << caches[i].second << "\n";
+    }
+  }
+  ~FakeCacheSysfs() {
+    if (std::system(("rm -rf '" + root_ + "'").c_str()) != 0) std::fprintf(stderr, "rm\n");
+  }
+  FakeCacheSysfs(const FakeCacheSysfs&) = delete;
+  FakeCacheSysfs& operator=(const FakeCacheSysfs&) = delete;
+  const std::string& root() const { return root_; }
+
+ private:
+  std::string root_;
+};
+
+TEST_CASE(last_level_cache_from_sysfs) {
+  using fastllm::cpu::last_level_cache_bytes;
+  using fastllm::cpu::stream_stores_min_bytes_for;
+  constexpr int64_t kMiB = int64_t{1} << 20;
+  // The Zen 4 guest's: L1d, L1i, L2, L3 (glibc's sysconf said 320 MiB for the last).
+  const FakeCacheSysfs zen4({{1, "32K"}, {1, "32K"}, {2, "1024K"}, {3, "32768K"}});
+  CHECK(last_level_cache_bytes(zen4.root()) == 32 * kMiB, "got %lld",
+        static_cast<long long>(last_level_cache_bytes(zen4.root())));
+  const FakeCacheSysfs l2_only({{1, "48K"}, {2, "2048K"}});
+  CHECK(last_level_cache_bytes(l2_only.root()) == 2 * kMiB, "no L3: the L2");
+  const FakeCacheSysfs units({{3, "8M"}, {2, "512"}});
+  CHECK(last_level_cache_bytes(units.root()) == 8 * kMiB, "an M suffix, a level out of order");
+  const FakeCacheSysfs broken({{3, "none"}});
+  CHECK(last_level_cache_bytes(broken.root()) == 0, "an unreadable size: unknown");
+  CHECK(last_level_cache_bytes("/nonexistent/sysfs") == 0, "no cache directory: unknown");
+  CHECK(stream_stores_min_bytes_for(32 * kMiB) == 16 * kMiB, "half a 32 MiB L3");
+  CHECK(stream_stores_min_bytes_for(8 * kMiB) == 4 * kMiB, "half an 8 MiB L3");
+  CHECK(stream_stores_min_bytes_for(320 * kMiB) == 16 * kMiB, "at most 16 MiB");
+  CHECK(stream_stores_min_bytes_for(0) == 16 * kMiB, "unknown: 16 MiB");
+}
+
+TEST_CASE(stream_stores_switch) {
+  const RestoredEnv restore("FASTLLM_CPU_STREAM_STORES");
+  using fastllm::cpu::detect_stream_stores;
+  using fastllm::cpu::StreamStores;
+  unsetenv("FASTLLM_CPU_STREAM_STORES");
+  CHECK(detect_stream_stores() == StreamStores::kAuto, "unset: auto");
+  for (const char* automatic : {"", "auto"}) {
+    setenv("FASTLLM_CPU_STREAM_STORES", automatic, 1);
+    CHECK(detect_stream_stores() == StreamStores::kAuto, "'%s': auto", automatic);
+  }
+  setenv("FASTLLM_CPU_STREAM_STORES", "1", 1);
+  CHECK(detect_stream_stores() == StreamStores::kOn, "=1: on");
+  setenv("FASTLLM_CPU_STREAM_STORES", "0", 1);
+  CHECK(detect_stream_stores() == StreamStores::kOff, "=0: off");
+  setenv("FASTLLM_CPU_STREAM_STORES", "always", 1);
+  CHECK(throws_naming([] { detect_stream_stores(); }, "always"),
+        "FASTLLM_CPU_STREAM_STORES=always must throw std::invalid_argument naming the value");
+}
+
+// pages_resident's samples, and what auto (the process's setting, decided at first use)
+// makes of fresh, touched and misaligned buffers.
+TEST_CASE(stream_outputs_on_fresh_and_reused_pages) {
+  using fastllm::cpu::pages_resident;
+  using fastllm::cpu::stream_outputs;
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  const int64_t bytes = std::max<int64_t>(fastllm::cpu::stream_stores_min_bytes(), 64 * page);
+  void* mapped = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(mapped != MAP_FAILED, "mmap of %lld bytes", static_cast<long long>(bytes));
+  if (mapped == MAP_FAILED) return;
+  char* buffer = static_cast<char*>(mapped);
+  CHECK(!pages_resident(buffer, bytes), "a fresh mapping is not resident");
+  buffer[0] = 1;
+  CHECK(!pages_resident(buffer, bytes), "only the first page touched: not resident");
+  buffer[bytes / 2 - 1] = 1;  // the two pages around the middle
+  buffer[bytes / 2] = 1;
+  CHECK(!pages_resident(buffer, bytes), "the last page untouched: not resident");
+  buffer[bytes - 1] = 1;
+  CHECK(pages_resident(buffer, bytes), "first, middle and last pages touched: resident");
+  CHECK(!pages_resident(nullptr, bytes) && !pages_resident(buffer, 0), "nothing to sample");
+  if (fastllm::cpu::stream_stores() == fastllm::cpu::StreamStores::kAuto) {
+    std::memset(buffer, 1, bytes);
+    CHECK(stream_outputs({buffer}, bytes), "a large resident output streams");
+    CHECK(stream_outputs({buffer, nullptr}, bytes), "absent outputs are skipped");
+    CHECK(!stream_outputs({buffer + 32}, bytes - 64), "a misaligned output does not");
+    CHECK(!stream_outputs({buffer}, page), "a small output does not");
+    const int64_t half = fastllm::cpu::stream_stores_min_bytes() / 2 / 64 * 64;
+    CHECK(!stream_outputs({buffer, buffer + half}, half),
+          "two outputs of half the size each do not: the size is per output");
+    CHECK(!stream_outputs({}, bytes) && !stream_outputs({nullptr}, bytes), "no output");
+    CHECK(madvise(buffer, bytes, MADV_DONTNEED) == 0, "madvise(MADV_DONTNEED)");
+    CHECK(!stream_outputs({buffer}, bytes), "fresh pages again: plain stores");
+  }
+  munmap(mapped, bytes);
 }
 #endif
 

@@ -126,8 +126,9 @@ def cpu_output_stores() -> str:
     lines around the cache, a third less memory traffic for a norm's forward (see
     csrc/common/cpu_memory.h). ``FASTLLM_CPU_STREAM_STORES=1`` streams every output whose
     rows start on 64-byte boundaries, ``=0`` none; unset, empty or ``auto`` streams outputs
-    of at least half the last-level cache (at most 16 MiB) whose pages are in memory already (a reused buffer; fresh pages fault in through the
-    cache anyway). Streaming changes no value. Decided once per process; so far the norm
+    of at least half the last-level cache (at most 16 MiB) whose pages are in memory already
+    (a reused buffer; fresh pages fault in through the cache anyway). Streaming changes no
+    value. Decided once per process; so far the norm
     kernels (forward outputs and the backward's input gradient) use it. Raises ValueError
     for another value of ``FASTLLM_CPU_STREAM_STORES``, RuntimeError when fastllm._C is not
     built."""

@@ -210,6 +210,7 @@ inline constexpr int kLanes = cpu::avx2::kLanes<T>;
 template <class T>
 using ParamOf = AccOf<T>;
 using cpu::avx2::broadcast;
+using cpu::avx2::copy_stream;
 using cpu::avx2::fmadd;
 using cpu::avx2::fnmadd;
 using cpu::avx2::for_each_chunk;
@@ -217,7 +218,6 @@ using cpu::avx2::hsum;
 using cpu::avx2::keep_first;
 using cpu::avx2::kSlots;
 using cpu::avx2::loadn;
-using cpu::avx2::copy_stream;
 using cpu::avx2::store_stream;
 using cpu::avx2::storen;
 
@@ -239,6 +239,7 @@ using cpu::avx2_even_odd::kLanes;
 template <class T>
 using ParamOf = EvenOddFloat;
 using cpu::avx2_even_odd::broadcast;
+using cpu::avx2_even_odd::copy_stream;
 using cpu::avx2_even_odd::fmadd;
 using cpu::avx2_even_odd::fnmadd;
 using cpu::avx2_even_odd::for_each_chunk;
@@ -246,7 +247,6 @@ using cpu::avx2_even_odd::hsum;
 using cpu::avx2_even_odd::keep_first;
 using cpu::avx2_even_odd::kSlots;
 using cpu::avx2_even_odd::loadn;
-using cpu::avx2_even_odd::copy_stream;
 using cpu::avx2_even_odd::store_stream;
 using cpu::avx2_even_odd::storen;
 
@@ -272,13 +272,13 @@ inline constexpr int kLanes = 16;
 template <class T>
 using ParamOf = float;
 using cpu::avx512::broadcast;
+using cpu::avx512::copy_stream;
 using cpu::avx512::fmadd;
 using cpu::avx512::fnmadd;
 using cpu::avx512::hsum;
 using cpu::avx512::keep_first;
 using cpu::avx512::kSlots;
 using cpu::avx512::loadn;
-using cpu::avx512::copy_stream;
 using cpu::avx512::store_stream;
 using cpu::avx512::storen;
 template <int W, class Body>

@@ -6,8 +6,8 @@
 // vector of T's accumulation type and its lanes), ParamOf<T> (the element type of the
 // forward's weight and bias arrays: T's accumulation type, or EvenOddFloat), kSlots,
 // broadcast, fmadd, fnmadd, hsum (of one vector), keep_first, loadn, storen and
-// for_each_chunk<W>, and store_stream. The partial vector at a row's end loads with its
-// padding lanes at zero.
+// for_each_chunk<W>, and store_stream and copy_stream (non-temporal stores of a full vector).
+// The partial vector at a row's end loads with its padding lanes at zero.
 // No include guard: it is meant to be included more than once.
 
 // kSums vector sums over [0, n) in blocks of kSumBlock: body(j, m, acc) adds the terms of

@@ -391,7 +391,8 @@ class Machine:
     cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
     cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
     torch_cpu_isa: Optional[str] = None  # CPU only: torch_cpu_isa()
-    # CPU only: fastllm.backend.cpu_fresh_pages() / cpu_output_stores(), where fastllm._C is built
+    # CPU only: fastllm.backend.cpu_fresh_pages() / cpu_output_stores(), where fastllm._C is
+    # built
     cpu_fresh_pages: Optional[str] = None
     cpu_output_stores: Optional[str] = None
 

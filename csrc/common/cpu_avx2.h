@@ -133,15 +133,15 @@ FASTLLM_INLINE void store_stream(BFloat16* p, __m256 v) {
 FASTLLM_INLINE void store_stream(Half* p, __m256 v) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
-// Copies one vector's elements (kLanes<T>) from src to dst (aligned as for store_stream)
-// non-temporally, as bits.
-template <class T>
-FASTLLM_INLINE void copy_stream(T* dst, const T* src) {
-  if constexpr (sizeof(T) * kLanes<T> == 32) {
+// Copies kBytes (32 or 16: one vector's elements) from src to dst, which is aligned to
+// kBytes, non-temporally, as bits.
+template <int kBytes>
+FASTLLM_INLINE void copy_stream(void* dst, const void* src) {
+  if constexpr (kBytes == 32) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
   } else {
-    static_assert(sizeof(T) * kLanes<T> == 16, "a vector of 32 or 16 bytes");
+    static_assert(kBytes == 16, "a vector of 32 or 16 bytes");
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst),
                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   }

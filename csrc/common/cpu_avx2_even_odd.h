@@ -121,11 +121,6 @@ FASTLLM_INLINE void store(BFloat16* p, Vec16 v) {
 FASTLLM_INLINE void store_stream(BFloat16* p, Vec16 v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bfloat16(v));
 }
-// Copies 16 bfloat16 from src to dst (32-byte aligned) non-temporally, as bits.
-FASTLLM_INLINE void copy_stream(BFloat16* dst, const BFloat16* src) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-}
 
 FASTLLM_INLINE Vec16 load(const EvenOddFloat* p) {
   const float* f = &p->value;

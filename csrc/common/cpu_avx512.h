@@ -138,13 +138,14 @@ template <class T>
 FASTLLM_INLINE void store_stream(T* p, __m512 v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(static_cast<T*>(nullptr), v));
 }
-// Copies the 16 elements at src to dst (aligned as for store_stream) non-temporally, as bits.
-template <class T>
-FASTLLM_INLINE void copy_stream(T* dst, const T* src) {
-  if constexpr (sizeof(T) == 4) {
+// Copies kBytes (64 or 32: 16 float32 or 16-bit elements) from src to dst, which is aligned
+// to kBytes, non-temporally, as bits.
+template <int kBytes>
+FASTLLM_INLINE void copy_stream(void* dst, const void* src) {
+  if constexpr (kBytes == 64) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
   } else {
-    static_assert(sizeof(T) == 2, "float32, bfloat16 or float16 elements");
+    static_assert(kBytes == 32, "a vector of 64 or 32 bytes");
     _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
   }

@@ -69,6 +69,21 @@ namespace cpu {
 
 inline constexpr int64_t kHugePagesMinBytes = int64_t{4} << 20;
 
+// A 0 / 1 / auto switch read from the environment variable `name`: unset, empty or "auto"
+// -> kAuto, "1" -> kOn, "0" -> kOff. Throws std::invalid_argument naming the variable and
+// any other value.
+enum class EnvSwitch { kAuto, kOn, kOff };
+inline EnvSwitch env_switch(const char* name) {
+  const char* requested = std::getenv(name);
+  if (requested == nullptr || *requested == '\0' || std::strcmp(requested, "auto") == 0) {
+    return EnvSwitch::kAuto;
+  }
+  if (std::strcmp(requested, "1") == 0) return EnvSwitch::kOn;
+  if (std::strcmp(requested, "0") == 0) return EnvSwitch::kOff;
+  throw std::invalid_argument(std::string(name) +
+                              " must be '0', '1' or 'auto' (or unset), got '" + requested + "'");
+}
+
 // Whether the kernels advise huge pages on their fresh outputs, and why.
 enum class HugePages { kAdvised, kForced, kOff, kFreePageReporting, kUnsupported };
 
@@ -103,15 +118,10 @@ inline bool free_page_reporting(const std::string& sysfs = "/sys") {
 // Throws std::invalid_argument naming a value other than 0, 1, auto or empty.
 inline HugePages detect_huge_pages(const std::string& sysfs = "/sys") {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const char* requested = std::getenv("FASTLLM_CPU_HUGE_PAGES");
-  const bool automatic =
-      requested == nullptr || *requested == '\0' || std::strcmp(requested, "auto") == 0;
-  if (!automatic && std::strcmp(requested, "1") == 0) return HugePages::kForced;
-  if (!automatic && std::strcmp(requested, "0") == 0) return HugePages::kOff;
-  if (!automatic) {
-    throw std::invalid_argument(
-        std::string("FASTLLM_CPU_HUGE_PAGES must be '0', '1' or 'auto' (or unset), got '") +
-        requested + "'");
+  switch (env_switch("FASTLLM_CPU_HUGE_PAGES")) {
+    case EnvSwitch::kOn: return HugePages::kForced;
+    case EnvSwitch::kOff: return HugePages::kOff;
+    case EnvSwitch::kAuto: break;
   }
   return free_page_reporting(sysfs) ? HugePages::kFreePageReporting : HugePages::kAdvised;
 #else
@@ -187,21 +197,10 @@ inline void advise_huge_pages(void* p, int64_t bytes) {
 // Where the last-level cache size is unknown: what a 32 MiB L3 gives.
 inline constexpr int64_t kStreamStoresDefaultMinBytes = int64_t{16} << 20;
 
-enum class StreamStores { kAuto, kOn, kOff };
+using StreamStores = EnvSwitch;
 
-// FASTLLM_CPU_STREAM_STORES (read on each call). Throws std::invalid_argument naming a value
-// other than 0, 1, auto or empty.
-inline StreamStores detect_stream_stores() {
-  const char* requested = std::getenv("FASTLLM_CPU_STREAM_STORES");
-  if (requested == nullptr || *requested == '\0' || std::strcmp(requested, "auto") == 0) {
-    return StreamStores::kAuto;
-  }
-  if (std::strcmp(requested, "1") == 0) return StreamStores::kOn;
-  if (std::strcmp(requested, "0") == 0) return StreamStores::kOff;
-  throw std::invalid_argument(
-      std::string("FASTLLM_CPU_STREAM_STORES must be '0', '1' or 'auto' (or unset), got '") +
-      requested + "'");
-}
+// FASTLLM_CPU_STREAM_STORES (read on each call; env_switch: a bad value throws).
+inline StreamStores detect_stream_stores() { return env_switch("FASTLLM_CPU_STREAM_STORES"); }
 
 // detect_stream_stores(), decided once per process (a bad value throws again on the next call).
 inline StreamStores stream_stores() {

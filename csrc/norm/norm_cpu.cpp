@@ -239,7 +239,7 @@ using cpu::avx2_even_odd::kLanes;
 template <class T>
 using ParamOf = EvenOddFloat;
 using cpu::avx2_even_odd::broadcast;
-using cpu::avx2_even_odd::copy_stream;
+using cpu::avx2::copy_stream;  // bits: the even/odd order is a register layout
 using cpu::avx2_even_odd::fmadd;
 using cpu::avx2_even_odd::fnmadd;
 using cpu::avx2_even_odd::for_each_chunk;

@@ -141,7 +141,7 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end, bool 
         }
         if (s_copy != nullptr) {  // the scratch row's bits, on to residual_out
           if (m == W) {
-            copy_stream(s_copy + j, s + j);
+            copy_stream<static_cast<int>(W * sizeof(T))>(s_copy + j, s + j);
           } else {
             std::memcpy(s_copy + j, s + j, sizeof(T) * m);
           }

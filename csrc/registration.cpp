@@ -16,33 +16,36 @@
 
 namespace {
 
-// The path `family`'s CPU kernels run for `dtype` in this process (common/cpu_kernel_paths.h).
-std::string cpu_kernel_path_op(c10::string_view family, c10::ScalarType dtype) {
-  const fastllm::DType d = fastllm::to_fastllm_dtype(dtype, "cpu_kernel_path", "dtype");
+// f(), with the std::invalid_argument it throws (a bad argument or environment value) raised
+// as torch's ValueError (TORCH_CHECK_VALUE).
+template <class F>
+std::string value_error_on_invalid(F&& f) {
   try {
-    return fastllm::cpu::cpu_kernel_path(std::string_view(family.data(), family.size()), d);
+    return f();
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, e.what());
   }
+}
+
+// The path `family`'s CPU kernels run for `dtype` in this process (common/cpu_kernel_paths.h).
+std::string cpu_kernel_path_op(c10::string_view family, c10::ScalarType dtype) {
+  const fastllm::DType d = fastllm::to_fastllm_dtype(dtype, "cpu_kernel_path", "dtype");
+  return value_error_on_invalid([&] {
+    return fastllm::cpu::cpu_kernel_path(std::string_view(family.data(), family.size()), d);
+  });
 }
 
 // How the CPU kernels treat the pages of their large fresh outputs in this process
 // (common/cpu_memory.h).
 std::string cpu_fresh_pages_op() {
-  try {
-    return fastllm::cpu::huge_pages_description(fastllm::cpu::huge_pages());
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  return value_error_on_invalid(
+      [] { return std::string(fastllm::cpu::huge_pages_description(fastllm::cpu::huge_pages())); });
 }
 
 // How the CPU kernels store their large outputs in this process (common/cpu_memory.h).
 std::string cpu_output_stores_op() {
-  try {
-    return fastllm::cpu::stream_stores_description(fastllm::cpu::stream_stores());
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  return value_error_on_invalid(
+      [] { return fastllm::cpu::stream_stores_description(fastllm::cpu::stream_stores()); });
 }
 
 }  // namespace

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from fastllm.bench import cross_entropy, load_family, models
-from fastllm.bench.common import COMPILE, EAGER, THP_ENV, _fmt, fill_ratios, resolve_backend
+from fastllm.bench.common import (
+    COMPILE, EAGER, FASTLLM, THP_ENV, TimingBudget, _fmt, fill_ratios, resolve_backend, run_cases,
+)
 from fastllm.cli import COMMANDS, main
 from fastllm.ops import cross_entropy as ce_ops
 
@@ -333,14 +335,41 @@ def test_cross_entropy_contenders_agree(case):
         if contender == COMPILE:
             continue  # compiles for seconds; the command-line run above covers it
         fn = case.function(contender, "native")
-        loss = fn(*inputs.args)
-        grads = torch.autograd.grad(loss, inputs.differentiable) if case.backward else ()
+        own = case.contender_inputs(contender, inputs)
+        loss = fn(*own.args)
+        grads = torch.autograd.grad(loss, own.differentiable) if case.backward else ()
         results[contender] = (loss.detach(), grads)
     (ref_loss, ref_grads), *others = results.values()
     for loss, grads in others:
         torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-3)
         for g, ref in zip(grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=2e-2, atol=2e-4)
+
+
+@native
+def test_cross_entropy_inplace_backward_row():
+    """fastllm's inplace_backward row runs on the timed backend with its path, gets its own
+    copy of the logits (the other contenders' stay as they were, bit for bit) and needs no
+    fresh (N, V) gradient: its peak memory is below fastllm's default row's."""
+    case = next(c for c in cross_entropy.cases(quick=True)
+                if c.op == "cross_entropy" and c.backward and c.dtype == torch.float32)
+    inputs = case.make_inputs(torch.device("cpu"))
+    original = inputs.args[0].detach().clone()
+    call = case.build(cross_entropy.FASTLLM_INPLACE_BACKWARD, inputs, "native")
+    call()
+    call()
+    assert torch.equal(inputs.args[0], original)
+    budget = TimingBudget(warmup_s=0.0, min_repeats=1, min_time_s=0.0, max_repeats=1)
+    results = {r.contender: r for r in run_cases(
+        "cross_entropy", [case], kernel_family="cross_entropy", device=torch.device("cpu"),
+        backend="native", budget=budget, copy_gbs=1.0, contenders=["fastllm*"])}
+    assert list(results) == [FASTLLM, cross_entropy.FASTLLM_INPLACE_BACKWARD]
+    inplace = results[cross_entropy.FASTLLM_INPLACE_BACKWARD]
+    assert inplace.error is None and inplace.time_s > 0
+    assert inplace.label == "fastllm[native] inplace_backward"
+    assert inplace.path == results[FASTLLM].path and inplace.path in ("avx512", "avx2", "scalar")
+    gradient_bytes = math.prod(case.shape) * 4
+    assert inplace.peak_memory_bytes < gradient_bytes / 2 <= results[FASTLLM].peak_memory_bytes
 
 
 # ----- the models family ----------------------------------------------------------------

@@ -136,9 +136,17 @@ def test_cpu_contenders_unchanged(liger, present):
     }
     for family in OP_FAMILIES:
         for case in load_family(family).cases(False, "all", CPU):
-            expected = CONTENDERS + old_peers.get(family, lambda c: ())(case)
+            expected = (FASTLLM, *inplace_variant(case), EAGER, COMPILE,
+                        *old_peers.get(family, lambda c: ())(case))
             assert case.contenders_on(CPU) == expected, case.id
             assert case.contenders == expected, case.id
+
+
+def inplace_variant(case) -> tuple[str, ...]:
+    """Cross-entropy forward+backward's fastllm inplace_backward row, on every device."""
+    if isinstance(case, cross_entropy.CrossEntropyCase) and case.backward and not case.linear:
+        return (cross_entropy.FASTLLM_INPLACE_BACKWARD,)
+    return ()
 
 
 @pytest.mark.parametrize("present", [False, True])
@@ -155,7 +163,8 @@ def test_cuda_contenders(liger, present):
         assert case.contenders_on(CUDA) == CONTENDERS + (with_liger if liger_op else ()), case.id
     for case in cross_entropy.cases(True, "all", CUDA):
         torch_chunked = (cross_entropy.TORCH_LINEAR_CROSS_ENTROPY,) if case.linear else ()
-        assert case.contenders_on(CUDA) == CONTENDERS + torch_chunked + with_liger
+        assert case.contenders_on(CUDA) == (FASTLLM, *inplace_variant(case), EAGER, COMPILE,
+                                            *torch_chunked, *with_liger)
     for module in (gated_mlp, rotary):
         for case in module.cases(True, "all", CUDA):
             assert case.contenders_on(CUDA) == CONTENDERS + with_liger

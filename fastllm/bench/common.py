@@ -570,7 +570,7 @@ class Result:
     def of(cls, family: str, case: "Case", contender: str, *, backend: str, **fields: Any) -> "Result":
         """The record of ``contender`` on ``case``, labelled as the table shows it."""
         return cls(family=family, case=case.id, params=case.params(), contender=contender,
-                   label=fastllm_label(backend) if contender == FASTLLM else contender, **fields)
+                   label=contender_label(contender, backend), **fields)
 
 
 # Result.error's prefix for a contender that cannot run here (NotImplementedError: e.g. a
@@ -779,6 +779,13 @@ class Case:
         torch's SDPA on one backend, that only CUDA has), by name, in table order."""
         return {}
 
+    def fastllm_variants(self) -> dict[str, Callable]:
+        """fastllm's implementation with a non-default option (e.g. cross-entropy's
+        ``inplace_backward=True``), by contender name (``fastllm_variant(option)``), in table
+        order: each runs on the timed backend and shows its path like fastllm's own row, and
+        is listed right after it on every device."""
+        return {}
+
     def make_inputs(self, device: torch.device) -> Any:
         """The tensors every contender of this case shares (a ``CallInputs``, or whatever
         ``contender_inputs`` takes apart)."""
@@ -826,7 +833,12 @@ class Case:
 
     def contenders_on(self, device: torch.device) -> tuple[str, ...]:
         """Who runs this case on ``device`` (the runner times exactly these, in this order)."""
-        return CONTENDERS + tuple(self.peers(device))
+        return (FASTLLM, *self.fastllm_variants(), *CONTENDERS[1:], *self.peers(device))
+
+    def runs_fastllm(self, contender: str) -> bool:
+        """Whether ``contender`` is fastllm's own row or one of its variants (they run on the
+        timed backend and show the path it ran)."""
+        return contender == FASTLLM or contender in self.fastllm_variants()
 
     @property
     def contenders(self) -> tuple[str, ...]:
@@ -841,8 +853,9 @@ class Case:
     def function(self, contender: str, backend: str, device: torch.device = CPU) -> Callable:
         """The op as ``contender`` computes it on ``device`` (compiled, but not yet run, for
         torch.compile)."""
-        if contender == FASTLLM:
-            fastllm_fn = self.fastllm_function()
+        if self.runs_fastllm(contender):
+            fastllm_fn = (self.fastllm_function() if contender == FASTLLM
+                          else self.fastllm_variants()[contender])
 
             def on_backend(*args: Any):
                 with use_backend(backend):
@@ -884,6 +897,19 @@ class Case:
 
 def fastllm_label(backend: str) -> str:
     return f"{FASTLLM}[{backend}]"
+
+
+def fastllm_variant(option: str) -> str:
+    """The contender name of fastllm run with ``option`` (``Case.fastllm_variants``)."""
+    return f"{FASTLLM} {option}"
+
+
+def contender_label(contender: str, backend: str) -> str:
+    """How the table shows ``contender``: fastllm and its variants with the backend
+    (``fastllm[native]``, ``fastllm[native] inplace_backward``), the others by name."""
+    if contender == FASTLLM or contender.startswith(fastllm_variant("")):
+        return fastllm_label(backend) + contender.removeprefix(FASTLLM)
+    return contender
 
 
 def run_cases(
@@ -945,7 +971,7 @@ def run_cases(
                     sgemm_gflops=(gemm_gflops or {}).get(dtype_name(case.dtype)),
                     flops=case.flops() if hasattr(case, "flops") else None,
                 )
-                if contender == FASTLLM:
+                if case.runs_fastllm(contender):
                     result.path = case.kernel_path(
                         fastllm_path(kernel_family, case.dtype, device, backend))
                 try:

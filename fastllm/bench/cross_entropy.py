@@ -10,6 +10,14 @@ target (N,) int64 with every 16th row ignored (ignore_index=-100, like padding),
 The contenders compute the same thing:
   fastllm                    fastllm.functional.cross_entropy / linear_cross_entropy on the
                              backend being benchmarked (linear: default chunk size);
+  fastllm inplace_backward   cross-entropy forward+backward only: the same with
+                             ``inplace_backward=True``, the gradient written over the logits
+                             (Liger-Kernel's behaviour, and flash-attn's option of that
+                             name): no fresh (N, V) gradient, so no page faults on it. It
+                             gets its own copy of the logits, made once while its call is
+                             built, so that the other contenders see the original values;
+                             later calls compute on the gradient it left there, which costs
+                             the kernels the same (values in [-1, 1]);
   torch eager                F.cross_entropy(logits, target); linear: the unfused
                              F.cross_entropy(F.linear(hidden, weight), target);
   torch.compile              the eager function through inductor (static shapes, compiled
@@ -50,8 +58,8 @@ from torch import Tensor
 
 import fastllm.functional as fastllm_functional
 from fastllm.bench.common import (
-    CPU, DEFAULT_SHAPES, CallInputs, Case, cpu_isa_features, liger_functional, liger_peer,
-    pick_shapes,
+    CPU, DEFAULT_SHAPES, CallInputs, Case, cpu_isa_features, fastllm_variant, liger_functional,
+    liger_peer, pick_shapes,
 )
 
 FAMILY = "cross_entropy"
@@ -59,6 +67,7 @@ PARAM_COLUMNS = ("op", "mode", "shape", "dtype")
 KERNEL_FAMILY = "cross_entropy"
 
 TORCH_LINEAR_CROSS_ENTROPY = "torch linear_cross_entropy"
+FASTLLM_INPLACE_BACKWARD = fastllm_variant("inplace_backward")
 
 MODES = ("fwd", "fwd+bwd")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -85,6 +94,10 @@ def torch_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 def fastllm_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return fastllm_functional.cross_entropy(logits, target)
+
+
+def fastllm_cross_entropy_inplace_backward(logits: Tensor, target: Tensor) -> Tensor:
+    return fastllm_functional.cross_entropy(logits, target, inplace_backward=True)
 
 
 def torch_linear_cross_entropy_unfused(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
@@ -136,6 +149,20 @@ class CrossEntropyCase(Case):
             return {TORCH_LINEAR_CROSS_ENTROPY: torch_linear_cross_entropy_chunked,
                     **liger_peer(device, liger_linear_cross_entropy)}
         return liger_peer(device, liger_cross_entropy)
+
+    def fastllm_variants(self) -> dict[str, Callable]:
+        """Cross-entropy forward+backward: fastllm with ``inplace_backward=True``."""
+        if self.linear or not self.backward:
+            return {}
+        return {FASTLLM_INPLACE_BACKWARD: fastllm_cross_entropy_inplace_backward}
+
+    def contender_inputs(self, contender: str, inputs: CallInputs) -> CallInputs:
+        """The in-place variant's own copy of the logits (it overwrites them)."""
+        if contender != FASTLLM_INPLACE_BACKWARD:
+            return inputs
+        logits, target = inputs.args
+        own = logits.detach().clone().requires_grad_(True)
+        return CallInputs((own, target), differentiable=(own,))
 
     def _rows_vocab(self) -> tuple[int, int]:
         return (self.shape[0], self.shape[2]) if self.linear else self.shape

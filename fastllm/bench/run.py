@@ -13,6 +13,9 @@ also draws the speed ratios as a PNG (``fastllm.bench.plot``; needs matplotlib).
 ``--shapes llama3-8b`` times the families at LLaMA-3-8B's shapes instead of their default
 ones, ``--shapes all`` at both (``fastllm.bench.common.SHAPE_SETS``).
 
+Cross-entropy's forward+backward cases also time fastllm with ``inplace_backward=True``
+(``fastllm inplace_backward``, shown as ``fastllm[<backend>] inplace_backward``: the
+gradient written over the logits, as Liger-Kernel does), on every device.
 On a CUDA device the cases have more contenders (``Case.contenders_on``): attention adds
 torch's SDPA forced onto its flash and cuDNN backends (``sdpa[flash]``, ``sdpa[cudnn]``; a
 backend that refuses a case shows n/a), and every family Liger-Kernel's kernels (``liger``)
@@ -115,8 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--contenders", action="append", metavar="PATTERN",
-        help="time only the contenders whose name matches this glob, e.g. 'fastllm' or "
-        "'sdpa*' (repeatable; default: every contender; the ratio columns need torch eager "
+        help="time only the contenders whose name matches this glob, e.g. 'fastllm', "
+        "'fastllm*' (with its variants, e.g. 'fastllm inplace_backward') or 'sdpa*' (repeatable; default: every contender; the ratio columns need torch eager "
         "and torch.compile among them)",
     )
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")

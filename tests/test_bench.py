@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,11 @@ def test_bench_quick(tmp_path, family, patterns, options, rate_keys, header):
     assert report["backend"] == backend
     for label in (f"fastllm[{backend}]", "torch eager", "torch.compile", *header):
         assert label in run.stdout
+    # the subprocess ran with the bench's heap setting (tests/test_bench_heap.py)
+    if platform.libc_ver()[0] == "glibc" and "glibc.malloc." not in os.environ.get(
+            "GLIBC_TUNABLES", ""):
+        assert report["machine"]["heap"].startswith("kept for every contender")
+        assert "C heap (glibc malloc) in this run: kept for every contender" in run.stdout
 
 
 def test_no_command_prints_help_and_fails(capsys):

@@ -143,6 +143,54 @@ def liger_functional() -> Any:
 # may not be recycled from the heap, depending on the allocation history.
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
+# The bench's CPU subprocesses keep glibc's heap (``fastllm bench --system-heap`` leaves its
+# defaults): glibc gives memory at the top of its heap back to the kernel whenever more than
+# its trim threshold lies free there (32 MiB once a 16 MiB block has been mmapped and freed),
+# so a case whose outputs are 16-32 MiB had some contenders' outputs page-faulted afresh on
+# every call and others' not, depending only on where each contender's blocks landed (float32
+# layer_norm 4096 x 1024 forward, one Zen 5 core: fastllm and torch.compile 7.2-7.7 ms with
+# 4064-4096 page faults per call, eager 1.1-1.2 ms with none; with these settings 0.7 / 1.1 /
+# 1.3 ms, none faulting). With them the heap is never trimmed and the mmap threshold is fixed
+# at its usual ceiling, so every contender's repeated outputs of up to 32 MiB reuse resident
+# memory and larger ones are fresh mappings on every call (fresh_pages_every_call), alike.
+HEAP_TUNABLES = (
+    ("glibc.malloc.trim_threshold", str(1 << 40)),
+    ("glibc.malloc.mmap_threshold", str(GLIBC_MMAP_THRESHOLD_MAX)),
+)
+GLIBC_TUNABLES_ENV = "GLIBC_TUNABLES"
+
+
+def _malloc_tunables(value: str) -> list[str]:
+    return [t for t in value.split(":") if t.startswith("glibc.malloc.")]
+
+
+def kept_heap_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with HEAP_TUNABLES added to its GLIBC_TUNABLES, unless that already sets a
+    ``glibc.malloc.*`` tunable (the user's choice then stands, and the header shows it)."""
+    current = env.get(GLIBC_TUNABLES_ENV, "")
+    if _malloc_tunables(current):
+        return dict(env)
+    ours = ":".join(f"{name}={value}" for name, value in HEAP_TUNABLES)
+    return {**env, GLIBC_TUNABLES_ENV: ":".join(filter(None, [current, ours]))}
+
+
+def heap_setting() -> str:
+    """This process's C heap, as the header shows it (glibc reads GLIBC_TUNABLES once, at
+    start-up, so the environment says what it runs with)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc: its allocator's own policy"
+    malloc = _malloc_tunables(os.environ.get(GLIBC_TUNABLES_ENV, ""))
+    if sorted(malloc) == sorted(f"{name}={value}" for name, value in HEAP_TUNABLES):
+        return (f"kept for every contender ({GLIBC_TUNABLES_ENV}={':'.join(malloc)}: never "
+                "trimmed, so repeated outputs up to 32 MiB reuse resident memory; larger ones are "
+                "fresh mappings every call; --system-heap: glibc's defaults)")
+    if malloc:
+        return f"as {GLIBC_TUNABLES_ENV} sets it: {':'.join(malloc)}"
+    return ("glibc's defaults (trimmed when 32 MiB lie free at its top: which contender's "
+            "outputs of 16-32 MiB are then page-faulted afresh on every call depends on where "
+            "they landed)")
+
+
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
@@ -395,6 +443,7 @@ class Machine:
     # built
     cpu_fresh_pages: Optional[str] = None
     cpu_output_stores: Optional[str] = None
+    heap: Optional[str] = None  # CPU only: heap_setting()
 
 
 # The environment variables that cap torch's own CPU code: its vectorised kernels (and
@@ -430,6 +479,7 @@ def measure_machine(device: torch.device, quick: bool) -> Machine:
         torch_cpu_isa=torch_cpu_isa() if cpu else None,
         cpu_fresh_pages=_native_cpu_report("cpu_fresh_pages") if cpu else None,
         cpu_output_stores=_native_cpu_report("cpu_output_stores") if cpu else None,
+        heap=heap_setting() if cpu else None,
     )
 
 

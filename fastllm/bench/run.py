@@ -2,7 +2,7 @@
 
     fastllm bench [FAMILY ...] [--quick] [--shapes {default,llama3-8b,all}] [--json FILE]
                   [--plot FILE] [--only PATTERN ...] [--device DEVICE] [--backend NAME]
-                  [--processes N | --in-process] [--no-thp-rerun]
+                  [--processes N | --in-process] [--no-thp-rerun] [--system-heap]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
@@ -45,6 +45,13 @@ process's exit status. (Heap corruption need not crash every time: where every c
 survives alone, the case is timed together once more.) With ``--in-process`` the run ends
 there, with the Python stack of the crash on stderr (faulthandler). A family costs its
 subprocess a few seconds: its start, torch's import and its own measurement of the ceilings.
+
+The C heap: on the CPU the subprocesses run with glibc's heap kept (``GLIBC_TUNABLES``: never
+trimmed, the mmap threshold fixed at 32 MiB; ``fastllm.bench.common.HEAP_TUNABLES``), so
+that where each contender's blocks land in the heap no longer decides whose outputs are
+page-faulted afresh on every call; ``--system-heap`` leaves glibc's defaults, a
+``GLIBC_TUNABLES`` that already sets a ``glibc.malloc`` tunable is kept as it is, and the
+header says which held. ``--in-process`` runs with whatever this process started with.
 
 Transparent huge pages: torch's CPU allocator reads ``THP_MEM_ALLOC_ENABLE`` once, when the
 process starts, so the two settings cannot be compared within one process. On the CPU the
@@ -142,6 +149,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ends the run",
     )
     bench.add_argument(
+        "--system-heap", action="store_true",
+        help="on the CPU, leave glibc's malloc defaults in the timing subprocesses (default: "
+        "its heap kept -- never trimmed, fixed mmap threshold -- for every contender alike, "
+        "through GLIBC_TUNABLES, unless that already sets a glibc.malloc tunable)",
+    )
+    bench.add_argument(
         "--no-thp-rerun", action="store_true",
         help="do not re-time the page-fault-bound CPU cases with the opposite "
         "THP_MEM_ALLOC_ENABLE setting",
@@ -167,12 +180,14 @@ def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: st
     ``--contenders``) selects; returns its results (FAILED rows if the subprocess gave none),
     its machine (None if it gave no results) and its other-THP machine (None where it has
     none)."""
-    from fastllm.bench.common import THP_ENV, Machine, Result
+    from fastllm.bench.common import THP_ENV, Machine, Result, kept_heap_env
 
     if contenders is None:
         contenders = args.contenders
 
     env = dict(os.environ)
+    if device.type == "cpu" and not args.system_heap:
+        env = kept_heap_env(env)
     if thp == "on":
         env[THP_ENV] = "1"
     else:
@@ -305,6 +320,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
             lines.append("fastllm's CPU kernels, large fresh outputs: " + machine.cpu_fresh_pages)
         if machine.cpu_output_stores:
             lines.append("fastllm's CPU kernels, large outputs: " + machine.cpu_output_stores)
+        if machine.heap:
+            lines.append("C heap (glibc malloc) in this run: " + machine.heap)
         if rerun_note:
             lines.append(rerun_note)
     lines += [
@@ -384,6 +401,9 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process and args.processes != 1:
         raise UsageError(f"--in-process times the cases in this one process; --processes "
                          f"{args.processes} asks for {args.processes} fresh ones")
+    if args.in_process and args.system_heap:
+        raise UsageError("--system-heap sets up the timing subprocesses; --in-process times in "
+                         "this process, whose heap is what it started with")
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -27,6 +27,10 @@ if not ON_GPU:
     # ... and every interpreted load and store is checked against the launch's tensors
     # (fastllm/triton/_bounds.py, docs/debugging.md; ~1 % of the interpreter's time).
     os.environ.setdefault("FASTLLM_CHECK_BOUNDS", "1")
+    # ... and its tl.dot rounds alike in any operand shape, as a GPU's MMA does (numpy's BLAS
+    # need not: fastllm/triton/_interpret_dot.py), which the backward kernels' recomputed
+    # scores rely on.
+    os.environ.setdefault("FASTLLM_INTERPRET_EXACT_DOT", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -148,9 +148,11 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # its trim threshold lies free there (32 MiB once a 16 MiB block has been mmapped and freed),
 # so a case whose outputs are 16-32 MiB had some contenders' outputs page-faulted afresh on
 # every call and others' not, depending only on where each contender's blocks landed (float32
-# layer_norm 4096 x 1024 forward, one Zen 5 core: fastllm and torch.compile 7.2-7.7 ms with
-# 4064-4096 page faults per call, eager 1.1-1.2 ms with none; with these settings 0.7 / 1.1 /
-# 1.3 ms, none faulting). With them the heap is never trimmed and the mmap threshold is fixed
+# layer_norm / add_layer_norm 4096 x 1024 forwards, one Zen 5 core: each fastllm and
+# torch.compile call 4060-4096 page faults and 6.6-8.9 ms, eager's none and 1.0-2.0 ms; with
+# these settings no call faults -- benchmarks/micro/bench_call_faults.py, record
+# benchmarks/results/2026-12-06-cpu-norm-call-faults-zen5.txt). With them the heap is never
+# trimmed and the mmap threshold is fixed
 # at its usual ceiling, so every contender's repeated outputs of up to 32 MiB reuse resident
 # memory and larger ones are fresh mappings on every call (fresh_pages_every_call), alike.
 HEAP_TUNABLES = (

@@ -126,7 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--contenders", action="append", metavar="PATTERN",
         help="time only the contenders whose name matches this glob, e.g. 'fastllm', "
-        "'fastllm*' (with its variants, e.g. 'fastllm inplace_backward') or 'sdpa*' (repeatable; default: every contender; the ratio columns need torch eager "
+        "'fastllm*' (with its variants, e.g. 'fastllm inplace_backward') or 'sdpa*' "
+        "(repeatable; default: every contender; the ratio columns need torch eager "
         "and torch.compile among them)",
     )
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")

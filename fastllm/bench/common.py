@@ -160,6 +160,8 @@ HEAP_TUNABLES = (
     ("glibc.malloc.mmap_threshold", str(GLIBC_MMAP_THRESHOLD_MAX)),
 )
 GLIBC_TUNABLES_ENV = "GLIBC_TUNABLES"
+# HEAP_TUNABLES as GLIBC_TUNABLES spells them
+HEAP_TUNABLES_VALUE = ":".join(f"{name}={value}" for name, value in HEAP_TUNABLES)
 
 
 def _malloc_tunables(value: str) -> list[str]:
@@ -172,8 +174,7 @@ def kept_heap_env(env: dict[str, str]) -> dict[str, str]:
     current = env.get(GLIBC_TUNABLES_ENV, "")
     if _malloc_tunables(current):
         return dict(env)
-    ours = ":".join(f"{name}={value}" for name, value in HEAP_TUNABLES)
-    return {**env, GLIBC_TUNABLES_ENV: ":".join(filter(None, [current, ours]))}
+    return {**env, GLIBC_TUNABLES_ENV: ":".join(filter(None, [current, HEAP_TUNABLES_VALUE]))}
 
 
 def heap_setting() -> str:
@@ -182,7 +183,7 @@ def heap_setting() -> str:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc: its allocator's own policy"
     malloc = _malloc_tunables(os.environ.get(GLIBC_TUNABLES_ENV, ""))
-    if sorted(malloc) == sorted(f"{name}={value}" for name, value in HEAP_TUNABLES):
+    if sorted(malloc) == sorted(_malloc_tunables(HEAP_TUNABLES_VALUE)):
         return (f"kept for every contender ({GLIBC_TUNABLES_ENV}={':'.join(malloc)}: never "
                 "trimmed, so repeated outputs up to 32 MiB reuse resident memory; larger ones are "
                 "fresh mappings every call; --system-heap: glibc's defaults)")
@@ -620,9 +621,12 @@ class Result:
 
     @classmethod
     def of(cls, family: str, case: "Case", contender: str, *, backend: str, **fields: Any) -> "Result":
-        """The record of ``contender`` on ``case``, labelled as the table shows it."""
+        """The record of ``contender`` on ``case``, labelled as the table shows it: fastllm
+        and its variants with the backend (``fastllm[native]``, ``fastllm[native]
+        inplace_backward``), the others by name."""
         return cls(family=family, case=case.id, params=case.params(), contender=contender,
-                   label=contender_label(contender, backend), **fields)
+                   label=(fastllm_label(backend) + contender.removeprefix(FASTLLM)
+                          if case.runs_fastllm(contender) else contender), **fields)
 
 
 # Result.error's prefix for a contender that cannot run here (NotImplementedError: e.g. a
@@ -955,13 +959,6 @@ def fastllm_variant(option: str) -> str:
     """The contender name of fastllm run with ``option`` (``Case.fastllm_variants``)."""
     return f"{FASTLLM} {option}"
 
-
-def contender_label(contender: str, backend: str) -> str:
-    """How the table shows ``contender``: fastllm and its variants with the backend
-    (``fastllm[native]``, ``fastllm[native] inplace_backward``), the others by name."""
-    if contender == FASTLLM or contender.startswith(fastllm_variant("")):
-        return fastllm_label(backend) + contender.removeprefix(FASTLLM)
-    return contender
 
 
 def run_cases(

@@ -64,8 +64,11 @@ def main() -> int:
     from fastllm.bench.common import GLIBC_TUNABLES_ENV, kept_heap_env
 
     env = dict(os.environ)
-    if args.system_heap:
-        env.pop(GLIBC_TUNABLES_ENV, None)
+    if args.system_heap:  # glibc's malloc defaults; other tunables stay
+        kept = [t for t in env.pop(GLIBC_TUNABLES_ENV, "").split(":")
+                if t and not t.startswith("glibc.malloc.")]
+        if kept:
+            env[GLIBC_TUNABLES_ENV] = ":".join(kept)
     else:
         env = kept_heap_env(env)
     command = [sys.executable, "-c", CHILD, args.family, str(args.last), *args.patterns]

@@ -39,6 +39,10 @@
   /* CPU only, float32, AVX-512 or AVX2: out = a @ (b.T if b_transposed else b) (+ bias),  */ \
   /* fastllm's own GEMM for linear cross-entropy's chunks (common/gemm_cpu.h) */            \
   X("linear_mm_out(Tensor a, Tensor b, bool b_transposed, Tensor? bias, Tensor(a!) out) "  \
+    "-> ()")                                                                              \
+  /* CPU only, float32, AVX-512 or AVX2: out (+)= grad.T @ input (a linear layer's weight */ \
+  /* gradient; out += when accumulate), for linear cross-entropy's chunks (gemm_cpu.h) */   \
+  X("linear_weight_grad_out(Tensor grad, Tensor input, bool accumulate, Tensor(a!) out) "  \
     "-> ()")
 
 // q (B, Tq, H, D) / k, v (B, Tk, Hkv, D), or packed (total, heads, D) with cu_seqlens; see

@@ -1,11 +1,12 @@
-"""fastllm::linear_mm_out, fastllm's own float32 GEMM for linear cross-entropy's chunks
-(csrc/common/gemm_cpu.h): against a float64 reference within twice torch's own float32
-error, on shapes that hit every tail of its blocking (rows of A past the 6-row micro-kernel,
-columns of C past 64 and past 16, k past the 256-row panels, both loop orders), strided rows,
-empty operands, thread counts, bad arguments; on the best path this CPU has in-process, on the
-AVX2 path in a child process (FASTLLM_CPU_ISA=avx2; the same bits as the AVX-512 path, whose
-sums run in the same order), and the scalar cap, under which the op refuses and
-linear_cross_entropy keeps torch's GEMM."""
+"""fastllm::linear_mm_out and fastllm::linear_weight_grad_out, fastllm's own float32 GEMMs for
+linear cross-entropy's chunks (csrc/common/gemm_cpu.h: gemm_f32 and gemm_f32_at): against a
+float64 reference within twice torch's own float32 error, on shapes that hit every tail of
+their blocking (rows of A past the 6-row micro-kernel, columns of C past 64 and past 16, k
+past the 256-row panels, both loop orders; for the weight gradient rows of C past its 96-row
+blocks), strided rows, empty operands, thread counts, bad arguments; on the best path this
+CPU has in-process, on the AVX2 path in a child process (FASTLLM_CPU_ISA=avx2; the same bits
+as the AVX-512 path, whose sums run in the same order), and the scalar cap, under which the
+ops refuse and linear_cross_entropy keeps torch's GEMMs."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ pytestmark = [
 
 def mm_out(*args):
     return torch.ops.fastllm.linear_mm_out(*args)
+
+
+def grad_out(*args):
+    return torch.ops.fastllm.linear_weight_grad_out(*args)
 
 
 def operands(M, N, K, b_transposed, seed=0):
@@ -110,22 +115,31 @@ def test_linear_mm_empty_operands():
     mm_out(torch.randn(4, 8), torch.empty(0, 8), True, None, torch.empty(4, 0))
 
 
-@pytest.mark.parametrize("b_transposed", [True, False])
-def test_linear_mm_same_bits_for_any_thread_count(b_transposed):
-    """Each element's sum runs in the same order (panel by panel of k) whichever thread, and
-    whichever loop order, computes its block: 1, 2 and 3 threads give the same bits."""
-    a, b, bias = operands(37, 700, 600, b_transposed, seed=3)
+def assert_same_bits_for_thread_counts(compute):
+    """compute() (a fresh output) under 1, 2 and 3 threads: the same bits each time."""
     previous = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            out = torch.empty(37, 700)
-            mm_out(a, b, b_transposed, bias, out)
-            outs.append(out)
+            outs.append(compute())
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("b_transposed", [True, False])
+def test_linear_mm_same_bits_for_any_thread_count(b_transposed):
+    """Each element's sum runs in the same order (panel by panel of k) whichever thread, and
+    whichever loop order, computes its block: 1, 2 and 3 threads give the same bits."""
+    a, b, bias = operands(37, 700, 600, b_transposed, seed=3)
+
+    def compute():
+        out = torch.empty(37, 700)
+        mm_out(a, b, b_transposed, bias, out)
+        return out
+
+    assert_same_bits_for_thread_counts(compute)
 
 
 def test_linear_mm_rejects_bad_arguments():
@@ -153,6 +167,129 @@ def test_linear_mm_rejects_bad_arguments():
         mm_out(shared, torch.randn(8, 8), True, None, shared)
 
 
+# linear_weight_grad_out: out (M, N) (+)= grad (K, M).T @ input (K, N). (K, M, N): K past the
+# 256-row k panels, M past the 96-row blocks and the 6-row strips, N past 64 (a short last
+# column block, computed in scratch) and not a multiple of 16.
+GRAD_SHAPES = [(1, 1, 1), (3, 5, 17), (132, 300, 64), (257, 97, 130), (7, 1000, 64),
+               (600, 200, 70), (40, 6, 1024), (1500, 13, 48)]
+
+
+def checked_grad(shape, accumulate, what="linear_weight_grad_out"):
+    """linear_weight_grad_out of random operands into a NaN-filled out (accumulate=False) or
+    one holding random values (True), asserted within twice torch's float32 error against a
+    float64 reference; returns out."""
+    K, M, N = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    grad = torch.randn(K, M, generator=g)
+    # columns of the input of very different sizes, so a wrongly placed column shows
+    inp = torch.randn(K, N, generator=g) * torch.logspace(-2, 2, N)
+    start = torch.randn(M, N, generator=g) if accumulate else torch.zeros(M, N)
+    ref = start.double() + grad.double().t() @ inp.double()
+    theirs = start.clone().addmm_(grad.t(), inp)
+    out = start.clone() if accumulate else torch.full((M, N), float("nan"))
+    grad_out(grad, inp, accumulate, out)
+    assert_within_torch_error(f"{what} {shape} accumulate={accumulate}", out, theirs, ref,
+                              torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_weight_grad_within_torch_error(shape, accumulate):
+    checked_grad(shape, accumulate)
+
+
+def test_linear_weight_grad_sums_chunks_like_one_product():
+    """Chunks of rows summed into one out (accumulate after the first), as linear
+    cross-entropy's chunks sum dW: within torch's error of the whole product, and the same
+    as the chunks' products added by torch (each chunk rounded once into out)."""
+    g = torch.Generator().manual_seed(7)
+    grad, inp = torch.randn(390, 500, generator=g), torch.randn(390, 200, generator=g)
+    out, theirs = torch.empty(500, 200), torch.zeros(500, 200)
+    for i, start in enumerate(range(0, 390, 132)):
+        grad_out(grad[start:start + 132], inp[start:start + 132], i > 0, out)
+        theirs.addmm_(grad[start:start + 132].t(), inp[start:start + 132])
+    ref = grad.double().t() @ inp.double()
+    assert_within_torch_error("chunked", out, theirs, ref, torch.float32)
+
+
+def test_linear_weight_grad_strided_rows_and_untouched_neighbours():
+    """grad, input and out as slices of wider matrices (rows further apart than their
+    lengths, grad's far apart as a chunk's logit gradient is): the columns beside out keep
+    their values, with and without accumulate."""
+    K, M, N = 150, 130, 70
+    grad_wide, inp_wide = torch.randn(K, M + 333), torch.randn(K, N + 9)
+    grad, inp = grad_wide[:, 5:5 + M], inp_wide[:, 4:4 + N]
+    ref = grad.double().t() @ inp.double()
+    for accumulate in (False, True):
+        out_wide = torch.full((M, N + 20), 7.0)
+        out = out_wide[:, 10:10 + N]
+        grad_out(grad, inp, accumulate, out)
+        want = ref + (7.0 if accumulate else 0.0)
+        theirs = torch.full((M, N), 7.0 if accumulate else 0.0).addmm_(grad.t(), inp)
+        assert_within_torch_error("strided", out, theirs, want, torch.float32)
+        assert (out_wide[:, :10] == 7).all() and (out_wide[:, 10 + N:] == 7).all()
+
+
+def test_linear_weight_grad_empty_operands():
+    """K = 0 zeroes out (accumulate=False) or leaves it (True); M = 0 or N = 0 is a no-op."""
+    out = torch.full((3, 70), float("nan"))
+    grad_out(torch.empty(0, 3), torch.empty(0, 70), False, out)
+    assert torch.equal(out, torch.zeros(3, 70))
+    out = torch.full((3, 70), 2.5)
+    grad_out(torch.empty(0, 3), torch.empty(0, 70), True, out)
+    assert torch.equal(out, torch.full((3, 70), 2.5))
+    grad_out(torch.randn(5, 0), torch.randn(5, 8), False, torch.empty(0, 8))
+    grad_out(torch.randn(5, 4), torch.randn(5, 0), False, torch.empty(4, 0))
+
+
+def test_linear_weight_grad_same_bits_for_any_thread_count():
+    """Each row block of out is one thread's, its sums in the same order whichever thread:
+    1, 2 and 3 threads give the same bits."""
+    g = torch.Generator().manual_seed(3)
+    grad, inp = torch.randn(300, 1000, generator=g), torch.randn(300, 130, generator=g)
+
+    def compute():
+        out = torch.ones(1000, 130)
+        grad_out(grad, inp, True, out)
+        return out
+
+    assert_same_bits_for_thread_counts(compute)
+
+
+def test_linear_weight_grad_rejects_bad_arguments():
+    grad, inp, out = torch.randn(4, 5), torch.randn(4, 8), torch.empty(5, 8)
+    with pytest.raises(TypeError, match="grad must be float32, got Double"):
+        grad_out(grad.double(), inp, False, out)
+    with pytest.raises(TypeError, match="out must be float32, got BFloat16"):
+        grad_out(grad, inp, False, out.bfloat16())
+    with pytest.raises(RuntimeError, match=r"input must have grad.size\(0\) = 4 rows, got input "
+                                           r"\[3, 8\]"):
+        grad_out(grad, torch.randn(3, 8), False, out)
+    with pytest.raises(RuntimeError, match=r"out must have shape \[5, 8\] \(grad.size\(1\), "
+                                           r"input.size\(1\)\), got \[8, 5\]"):
+        grad_out(grad, inp, False, torch.empty(8, 5))
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        grad_out(grad[None], inp, False, out)
+    with pytest.raises(RuntimeError, match=r"grad must have contiguous rows \(stride\(1\) == 1\)"):
+        grad_out(torch.randn(5, 4).t(), inp, False, out)
+    with pytest.raises(RuntimeError, match="input must have rows that do not overlap"):
+        grad_out(grad, torch.randn(8).expand(4, 8), False, out)
+    shared = torch.zeros(5, 5)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        grad_out(shared, torch.randn(5, 5), True, shared)
+
+
+def test_linear_weight_grad_opcheck():
+    """Schema (out mutated, nothing returned), fake tensor and AOT dispatch agree with the
+    kernel (torch.library.opcheck), with and without accumulate."""
+    g = torch.Generator().manual_seed(5)
+    grad, inp = torch.randn(300, 13, generator=g), torch.randn(300, 70, generator=g)
+    for accumulate in (False, True):
+        torch.library.opcheck(torch.ops.fastllm.linear_weight_grad_out,
+                              (grad, inp, accumulate, torch.ones(13, 70)))
+
+
 # Every shape, both layouts of B, with and without bias, on the path of FASTLLM_CPU_ISA in a
 # child: within torch's error, and the outputs saved for test_avx2_and_avx512_paths_agree.
 PATH_SCRIPT = """
@@ -164,6 +301,9 @@ assert path == (os.environ["FASTLLM_CPU_ISA"] or path), path
 outs = {"path": path}
 for shape, bt, wb in itertools.product(SHAPES, (True, False), (False, True)):
     outs[(shape, bt, wb)] = checked_product(shape, bt, wb, f"{path} {bt} {wb}")
+from tests.test_linear_mm import GRAD_SHAPES, checked_grad
+for shape, acc in itertools.product(GRAD_SHAPES, (False, True)):
+    outs[("grad", shape, acc)] = checked_grad(shape, acc, f"{path} grad")
 bias = torch.randn(70)
 out = torch.full((3, 70), float("nan"))
 torch.ops.fastllm.linear_mm_out(torch.empty(3, 0), torch.empty(70, 0), True, bias, out)
@@ -174,10 +314,10 @@ print("ok")
 
 
 def test_avx2_and_avx512_paths_agree(tmp_path):
-    """The AVX2 path (FASTLLM_CPU_ISA=avx2) is within torch's error on every shape, and where
-    the CPU has AVX-512 too, both paths give the same bits: each element is the same sums of
-    the same products in the same order (k panels of 256, sums of at most 32 FMAs from zero,
-    added to C one by one), only the registers that hold them differ."""
+    """The AVX2 path (FASTLLM_CPU_ISA=avx2) is within torch's error on every shape of both ops,
+    and where the CPU has AVX-512 too, both paths give the same bits: each element is the same
+    sums of the same products in the same order (k panels of 256, sums of at most 32 FMAs from
+    zero, added to C one by one), only the registers that hold them differ."""
     levels = ("avx2", "") if cpu_has_avx512_path() else ("avx2",)
     results = outputs_per_cpu_isa(PATH_SCRIPT, tmp_path, levels=levels)
     assert results["avx2"]["path"] == "avx2"
@@ -189,7 +329,7 @@ def test_avx2_and_avx512_paths_agree(tmp_path):
 
 
 def test_scalar_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
-    """Under FASTLLM_CPU_ISA=scalar the op names the paths it needs, _own_gemm says no, and
+    """Under FASTLLM_CPU_ISA=scalar the ops name the paths they need, _own_gemm says no, and
     the chunked linear cross-entropy (torch's GEMMs) still matches the unfused reference."""
     out = run_isolated(
         """
@@ -200,6 +340,9 @@ def test_scalar_cap_refuses_the_op_and_linear_cross_entropy_keeps_torch_gemm():
         with pytest.raises(RuntimeError, match="needs the AVX-512 or AVX2 path"):
             torch.ops.fastllm.linear_mm_out(torch.randn(2, 3), torch.randn(4, 3), True, None,
                                             torch.empty(2, 4))
+        with pytest.raises(RuntimeError, match="needs the AVX-512 or AVX2 path"):
+            torch.ops.fastllm.linear_weight_grad_out(torch.randn(2, 3), torch.randn(2, 4),
+                                                     False, torch.empty(3, 4))
         x = torch.randn(13, 16, requires_grad=True)
         w = torch.randn(300, 16, requires_grad=True)
         t = torch.randint(0, 300, (13,))
@@ -241,8 +384,8 @@ def test_linear_mm_opcheck():
 
 
 def test_linear_cross_entropy_with_overlapping_rows():
-    """An expanded input (rows at stride 0) and an expanded weight, which linear_mm_out
-    refuses, take torch's GEMM for those products: the results match the unfused path."""
+    """An expanded input (rows at stride 0) and an expanded weight, which fastllm's GEMMs
+    refuse, take torch's GEMM for those products: the results match the unfused path."""
     x = torch.randn(1, 16).expand(13, 16).requires_grad_()
     w = torch.randn(300, 16, requires_grad=True)
     t = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(0))

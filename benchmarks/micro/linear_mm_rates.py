@@ -1,13 +1,15 @@
 """GFLOP/s of the three products of one linear cross-entropy chunk, torch's GEMM (MKL /
-oneDNN) against fastllm's own (fastllm::linear_mm_out, AVX-512 and AVX2 CPUs), per chunk
-size: what fastllm/ops/linear_cross_entropy.py's _own_gemm and _MIN_CHUNK_ROWS_OWN_GEMM rest on.
+oneDNN) against fastllm's own (fastllm::linear_mm_out and, for dW, linear_weight_grad_out;
+AVX-512 and AVX2 CPUs), per chunk size: what fastllm/ops/linear_cross_entropy.py's _own_gemm
+and _MIN_CHUNK_ROWS_OWN_GEMM rest on.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/micro/linear_mm_rates.py \
         [--hidden 1024] [--vocab 32000] [--rows 256 160 132 128] [--seconds 1.5] [--rounds 2]
 
 logits = x (C, H) @ W.T (the weight (V, H) transposed), dX = dlogits (C, V) @ W, dW += dlogits.T
-@ x (torch's addmm in both columns: fastllm leaves dW's product to torch). Each rate is the
-best of --rounds timings of >= --seconds of calls, the two contenders alternating.
+@ x (added into a (V, H) float32 sum that lives in memory, as the chunks' dW does: torch's
+addmm_ against linear_weight_grad_out with accumulate). Each rate is the best of --rounds
+timings of >= --seconds of calls, the contenders alternating.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
         raise SystemExit(
             f"linear_mm_out needs the avx512 or avx2 path; this process has {path!r}")
     mm_out = torch.ops.fastllm.linear_mm_out
+    grad_out = torch.ops.fastllm.linear_weight_grad_out
     H, V = args.hidden, args.vocab
     torch.manual_seed(0)
     W = torch.randn(V, H)
@@ -51,7 +54,7 @@ def main() -> None:
           f"fastllm path {path}; "
           "GFLOP/s, best of the rounds")
     print(f"{'rows':>5}  {'logits torch':>12} {'ours':>6}  {'dX torch':>8} {'ours':>6}  "
-          f"{'dW torch':>8}")
+          f"{'dW torch':>8} {'ours':>6}")
     for C in args.rows:
         x, dl = torch.randn(C, H), torch.randn(C, V)
         logits, dx, dw = torch.empty(C, V), torch.empty(C, H), torch.zeros(V, H)
@@ -62,13 +65,15 @@ def main() -> None:
             "dX torch": lambda: torch.mm(dl, W, out=dx),
             "dX ours": lambda: mm_out(dl, W, False, None, dx),
             "dW torch": lambda: dw.addmm_(dl.t(), x),
+            "dW ours": lambda: grad_out(dl, x, True, dw),
         }
         best = {name: 0.0 for name in cases}
         for _ in range(args.rounds):
             for name, fn in cases.items():
                 best[name] = max(best[name], rate(fn, flops, args.seconds))
         print(f"{C:>5}  {best['logits torch']:>12.1f} {best['logits ours']:>6.1f}  "
-              f"{best['dX torch']:>8.1f} {best['dX ours']:>6.1f}  {best['dW torch']:>8.1f}",
+              f"{best['dX torch']:>8.1f} {best['dX ours']:>6.1f}  {best['dW torch']:>8.1f} "
+              f"{best['dW ours']:>6.1f}",
               flush=True)
 
 

@@ -61,22 +61,52 @@ void cross_entropy_bwd_block_inplace(const at::Tensor& grad_loss, const at::Tens
                                   {class_offset, split.defined() ? split.data_ptr() : nullptr});
 }
 
+// The checks of fastllm's own GEMMs' operands (linear_mm_out, linear_weight_grad_out).
+using NamedTensors = std::initializer_list<std::pair<const at::Tensor*, const char*>>;
+
+// The AVX-512 or AVX2 path, which the GEMMs need (`fallback`: what to use without it).
+void check_own_gemm_path(const char* op, const char* fallback) {
+  TORCH_CHECK(cpu::cpu_avx512() || cpu::cpu_isa() == cpu::CpuIsa::kAvx2, op,
+              ": needs the AVX-512 or AVX2 path (AVX2/FMA/F16C at least, not capped below "
+              "by FASTLLM_CPU_ISA); use ", fallback, " on this CPU");
+}
+
+// float32, all on the first one's device.
+void check_float32_same_device(const char* op, NamedTensors tensors) {
+  const auto& [first, first_name] = *tensors.begin();
+  for (const auto& [t, name] : tensors) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                     t->scalar_type());
+    check_same_device(*first, first_name, *t, name, op);
+  }
+}
+
+// 2-D tensors whose rows are contiguous elements (any row stride) and do not overlap, as the
+// GEMMs read and write them.
+void check_separate_rows(const char* op, NamedTensors tensors) {
+  for (const auto& [t, name] : tensors) {
+    TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, op, ": ", name,
+                " must have contiguous rows (stride(1) == 1), got strides ",
+                shape_str(t->strides()));
+    TORCH_CHECK(t->size(0) <= 1 || t->stride(0) >= t->size(1), op, ": ", name,
+                " must have rows that do not overlap (stride(0) >= size(1)), got strides ",
+                shape_str(t->strides()));
+  }
+}
+
+// A 2-D tensor's row stride as the GEMMs take it (a single row: its length).
+int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
+
 // fastllm::linear_mm_out: out = a @ (b.T if b_transposed else b) (+ bias), float32 on the
 // CPU with AVX-512 or AVX2 (common/gemm_cpu.h), for linear cross-entropy's chunks
 // (fastllm/ops/linear_cross_entropy.py), which use torch.mm where these paths are absent.
 void linear_mm_out(const at::Tensor& a, const at::Tensor& b, bool b_transposed,
                    const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
   const char* op = "linear_mm_out";
-  TORCH_CHECK(cpu::cpu_avx512() || cpu::cpu_isa() == cpu::CpuIsa::kAvx2, op,
-              ": needs the AVX-512 or AVX2 path (AVX2/FMA/F16C at least, not capped below "
-              "by FASTLLM_CPU_ISA); use torch.mm on this CPU");
+  check_own_gemm_path(op, "torch.mm");
   const bool has_bias = bias.has_value() && bias->defined();
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&a, "a"},
-                                {&b, "b"}, {&out, "out"}, {has_bias ? &*bias : &a, "bias"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-                     t->scalar_type());
-    check_same_device(a, "a", *t, name, op);
-  }
+  check_float32_same_device(op, {{&a, "a"}, {&b, "b"}, {&out, "out"},
+                                 {has_bias ? &*bias : &a, "bias"}});
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, op,
               ": a, b and out must be 2-D, got a ", shape_str(a.sizes()), ", b ",
               shape_str(b.sizes()), ", out ", shape_str(out.sizes()));
@@ -91,16 +121,7 @@ void linear_mm_out(const at::Tensor& a, const at::Tensor& b, bool b_transposed,
               ": bias must have shape [", N, "], got ", shape_str(bias->sizes()));
   TORCH_CHECK(M <= std::numeric_limits<int>::max(), op, ": a has ", M, " rows, at most ",
               std::numeric_limits<int>::max(), " are supported");
-  // Rows of contiguous elements (any row stride), as the kernel reads and writes them.
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&a, "a"},
-                                {&b, "b"}, {&out, "out"}}) {
-    TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, op, ": ", name,
-                " must have contiguous rows (stride(1) == 1), got strides ",
-                shape_str(t->strides()));
-    TORCH_CHECK(t->size(0) <= 1 || t->stride(0) >= t->size(1), op, ": ", name,
-                " must have rows that do not overlap (stride(0) >= size(1)), got strides ",
-                shape_str(t->strides()));
-  }
+  check_separate_rows(op, {{&a, "a"}, {&b, "b"}, {&out, "out"}});
   at::assert_no_internal_overlap(out);
   at::assert_no_overlap(out, a);
   at::assert_no_overlap(out, b);
@@ -110,10 +131,34 @@ void linear_mm_out(const at::Tensor& a, const at::Tensor& b, bool b_transposed,
     at::assert_no_overlap(out, bias_c);
   }
   if (M == 0 || N == 0) return;
-  auto row_stride = [](const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); };
   cpu::gemm_f32(M, N, K, a.data_ptr<float>(), row_stride(a), b.data_ptr<float>(),
                 row_stride(b), b_transposed, has_bias ? bias_c.data_ptr<float>() : nullptr,
                 out.data_ptr<float>(), row_stride(out));
+}
+
+// fastllm::linear_weight_grad_out: out = grad.T @ input, or out += grad.T @ input when
+// accumulate, float32 on the CPU with AVX-512 or AVX2 (common/gemm_cpu.h's gemm_f32_at), for
+// linear cross-entropy's chunks' weight gradient (fastllm/ops/linear_cross_entropy.py), which
+// use torch's addmm where these paths are absent.
+void linear_weight_grad_out(const at::Tensor& grad, const at::Tensor& input, bool accumulate,
+                            const at::Tensor& out) {
+  const char* op = "linear_weight_grad_out";
+  check_own_gemm_path(op, "torch.addmm");
+  check_float32_same_device(op, {{&grad, "grad"}, {&input, "input"}, {&out, "out"}});
+  TORCH_CHECK(grad.dim() == 2 && input.dim() == 2 && out.dim() == 2, op,
+              ": grad, input and out must be 2-D, got grad ", shape_str(grad.sizes()),
+              ", input ", shape_str(input.sizes()), ", out ", shape_str(out.sizes()));
+  const int64_t K = grad.size(0), M = grad.size(1), N = input.size(1);
+  TORCH_CHECK(input.size(0) == K, op, ": input must have grad.size(0) = ", K,
+              " rows, got input ", shape_str(input.sizes()));
+  TORCH_CHECK(out.size(0) == M && out.size(1) == N, op, ": out must have shape [", M, ", ", N,
+              "] (grad.size(1), input.size(1)), got ", shape_str(out.sizes()));
+  check_separate_rows(op, {{&grad, "grad"}, {&input, "input"}, {&out, "out"}});
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, grad);
+  at::assert_no_overlap(out, input);
+  cpu::gemm_f32_at(M, N, K, grad.data_ptr<float>(), row_stride(grad), input.data_ptr<float>(),
+                   row_stride(input), out.data_ptr<float>(), row_stride(out), accumulate);
 }
 
 }  // namespace
@@ -122,6 +167,7 @@ FASTLLM_CPU_LIBRARY_IMPL(m) {
   register_cross_entropy_ops<CpuKernels<cross_entropy_fwd_cpu, cross_entropy_bwd_cpu>>(m);
   m.impl("cross_entropy_bwd_block_inplace", &cross_entropy_bwd_block_inplace);
   m.impl("linear_mm_out", &linear_mm_out);
+  m.impl("linear_weight_grad_out", &linear_weight_grad_out);
 }
 
 }  // namespace cross_entropy

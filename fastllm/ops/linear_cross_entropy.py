@@ -152,12 +152,15 @@ def _separate_rows(t: Tensor) -> bool:
 
 def _own_gemm(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
               backend: str) -> bool:
-    """Whether the chunks' logits and dX products run fastllm's own GEMM
-    (fastllm::linear_mm_out, csrc/common/gemm_cpu.h) instead of torch's: float32 operands on
-    the CPU's native kernels where the cross-entropy family takes its AVX-512 or AVX2 path
-    (which FASTLLM_CPU_ISA caps; not the scalar one), the weight's rows contiguous and apart
-    (_separate_rows; an input chunk whose rows are not takes torch's GEMM for its logits).
-    (dW's product stays torch's, which keeps its rate at these shapes.)"""
+    """Whether the chunks' logits, dX and dW products run fastllm's own GEMMs
+    (fastllm::linear_mm_out and linear_weight_grad_out, csrc/common/gemm_cpu.h) instead of
+    torch's: float32 operands on the CPU's native kernels where the cross-entropy family takes
+    its AVX-512 or AVX2 path (which FASTLLM_CPU_ISA caps; not the scalar one), the weight's
+    rows contiguous and apart (_separate_rows; an input chunk whose rows are not takes torch's
+    GEMM for its logits and dW). dW's product, added chunk by chunk into the (V, H) float32
+    dW: 217-221 GFLOP/s against torch's (MKL) 110-111 at 128-132-row chunks of 1024 x 32000
+    on one Zen 5 core, 122-128 against 110-117 on the same core held to AVX2
+    (benchmarks/micro/linear_mm_rates.py, record ...-linear-mm-rates-zen5.txt)."""
     if not (backend == "native" and input.device.type == "cpu"
             and input.dtype == linear_weight.dtype == torch.float32
             and (linear_bias is None or linear_bias.dtype == torch.float32)
@@ -295,7 +298,11 @@ class _ChunkedLinear:
             else:
                 torch.mm(grad_logits, self.linear_weight, out=self.grad_input[start:end])
         if self.grad_weight is not None:
-            if self.product_buffer is None:
+            if self.product_buffer is None and self.own_gemm and _separate_rows(x_chunk):
+                torch.ops.fastllm.linear_weight_grad_out(grad_logits, x_chunk,
+                                                         self.grad_weight_written,
+                                                         self.grad_weight)
+            elif self.product_buffer is None:
                 if self.grad_weight_written:
                     self.grad_weight.addmm_(grad_logits.t(), x_chunk)
                 else:

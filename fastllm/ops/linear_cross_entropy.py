@@ -158,9 +158,11 @@ def _own_gemm(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor
     its AVX-512 or AVX2 path (which FASTLLM_CPU_ISA caps; not the scalar one), the weight's
     rows contiguous and apart (_separate_rows; an input chunk whose rows are not takes torch's
     GEMM for its logits and dW). dW's product, added chunk by chunk into the (V, H) float32
-    dW: 217-221 GFLOP/s against torch's (MKL) 110-111 at 128-132-row chunks of 1024 x 32000
-    on one Zen 5 core, 122-128 against 110-117 on the same core held to AVX2
-    (benchmarks/micro/linear_mm_rates.py, record ...-linear-mm-rates-zen5.txt)."""
+    dW: 225-228 GFLOP/s against torch's (MKL) 113-115 at 128-132-row chunks of 1024 x 32000
+    on one Zen 5 core, 127-132 against 118 on the same core held to AVX2
+    (benchmarks/micro/linear_mm_rates.py, record ...-linear-mm-rates-zen5.txt); forward +
+    backward at 4096 x 1024 x 32000 1.47x -> 1.91x torch.compile's unfused time there, 1.12x
+    held to AVX2 (records ...-linear-cross-entropy-fp32-own-dw-zen5[-avx2-held]-3processes)."""
     if not (backend == "native" and input.device.type == "cpu"
             and input.dtype == linear_weight.dtype == torch.float32
             and (linear_bias is None or linear_bias.dtype == torch.float32)

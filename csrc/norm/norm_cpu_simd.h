@@ -205,6 +205,14 @@ void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
   });
 }
 
+// Whether backward's first pass over a row (its two sums) prefetches the same row of the
+// next group (x, dy and dresidual_out, kRowGroup rows on): for 16-bit rows. At 4096 x 1024,
+// fwd+bwd of one Zen 5 core (kept heap, a loop of calls), bfloat16 took 0.71-0.97x the time
+// without on the AVX-512 path and 0.90-0.95x on AVX2 (the first pass's loads stalled: perf put
+// 30 % of backward's samples on them), float32 1.04-1.16x on AVX-512 and 0.93-1.05x on AVX2.
+template <class T>
+inline constexpr bool kPrefetchNextGroup = sizeof(T) == 2;
+
 // stream: dx is stored non-temporally.
 template <class T>
 void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
@@ -232,7 +240,18 @@ void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
       t.rstd = broadcast(rstd);
       // Padding lanes have dy = 0, hence g = 0: they add nothing to either sum.
       V sums[2];  // g, g * (x - mean)
+      const bool fetch_next = kPrefetchNextGroup<T> && r + kRowGroup < row_end;
+      const T* next_x = fetch_next ? t.x + kRowGroup * p.x_row_stride : nullptr;
+      const T* next_dy = fetch_next ? t.dy + kRowGroup * p.dy_row_stride : nullptr;
+      const T* next_dres = fetch_next && t.dres != nullptr
+                               ? t.dres + kRowGroup * p.dresidual_out_row_stride
+                               : nullptr;
       sum_row_simd<W>(n, sums, [&](int64_t j, int m, V* acc) FASTLLM_INLINE_LAMBDA {
+        if (fetch_next && (j * static_cast<int64_t>(sizeof(T))) % 64 == 0) {
+          prefetch(next_x + j);
+          prefetch(next_dy + j);
+          if (next_dres != nullptr) prefetch(next_dres + j);
+        }
         V g = loadn(t.dy + j, m);
         if (w != nullptr) g *= loadn(w + j, m);
         acc[0] += g;

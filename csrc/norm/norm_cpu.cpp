@@ -53,7 +53,8 @@
 //     keeps s in a scratch row for the output pass instead of reading residual_out back.
 //   - Small problems use fewer threads: under kMinElementsPerThread elements per thread the
 //     fork/join costs more than the work. Large inputs are prefetched a row ahead
-//     (kPrefetchMinBytes).
+//     (kPrefetchMinBytes); backward's 16-bit rows a row group ahead, whatever their size
+//     (norm_cpu_simd.h, kPrefetchNextGroup).
 //
 // Glossary: rows = M (product of the leading dims), cols = N (normalized size),
 // T = storage dtype, Acc = accumulation type, W = vector lanes, s = the row normalised.

@@ -152,9 +152,14 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # torch.compile call 4060-4096 page faults and 6.6-8.9 ms, eager's none and 1.0-2.0 ms; with
 # these settings no call faults -- benchmarks/micro/bench_call_faults.py, record
 # benchmarks/results/2026-12-06-cpu-norm-call-faults-zen5.txt). With them the heap is never
-# trimmed and the mmap threshold is fixed
-# at its usual ceiling, so every contender's repeated outputs of up to 32 MiB reuse resident
-# memory and larger ones are fresh mappings on every call (fresh_pages_every_call), alike.
+# trimmed and the mmap threshold is fixed at its usual ceiling, so every contender's repeated
+# outputs of up to 32 MiB reuse resident memory, alike. Larger ones are fresh mappings on
+# every call (fresh_pages_every_call) -- unless a free heap chunk fits one (glibc serves a
+# request above the mmap threshold from the heap when it can: earlier cases' freed blocks,
+# coalesced), which then stays resident for that contender's later calls while another's
+# output is mapped afresh: two bfloat16 8192 x 4096 norm forwards read 0.35x / 0.74x in a
+# whole-bench run and 1.29x / 1.19x alone (records 2026-12-06-cpu-1thread-norm-zen5-prefetch-
+# and ...-norm-8192x4096-bf16-fwd-zen5-alone-3processes.txt).
 HEAP_TUNABLES = (
     ("glibc.malloc.trim_threshold", str(1 << 40)),
     ("glibc.malloc.mmap_threshold", str(GLIBC_MMAP_THRESHOLD_MAX)),
@@ -186,7 +191,8 @@ def heap_setting() -> str:
     if sorted(malloc) == sorted(_malloc_tunables(HEAP_TUNABLES_VALUE)):
         return (f"kept for every contender ({GLIBC_TUNABLES_ENV}={':'.join(malloc)}: never "
                 "trimmed, so repeated outputs up to 32 MiB reuse resident memory; larger ones are "
-                "fresh mappings every call; --system-heap: glibc's defaults)")
+                "fresh mappings every call unless a free heap chunk left by earlier cases fits "
+                "one; --system-heap: glibc's defaults)")
     if malloc:
         return f"as {GLIBC_TUNABLES_ENV} sets it: {':'.join(malloc)}"
     return ("glibc's defaults (trimmed when 32 MiB lie free at its top: which contender's "
@@ -958,7 +964,6 @@ def fastllm_label(backend: str) -> str:
 def fastllm_variant(option: str) -> str:
     """The contender name of fastllm run with ``option`` (``Case.fastllm_variants``)."""
     return f"{FASTLLM} {option}"
-
 
 
 def run_cases(

@@ -207,9 +207,10 @@ void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
 
 // Whether backward's first pass over a row (its two sums) prefetches the same row of the
 // next group (x, dy and dresidual_out, kRowGroup rows on): for 16-bit rows. At 4096 x 1024,
-// fwd+bwd of one Zen 5 core (kept heap, a loop of calls), bfloat16 took 0.71-0.97x the time
-// without on the AVX-512 path and 0.90-0.95x on AVX2 (the first pass's loads stalled: perf put
-// 30 % of backward's samples on them), float32 1.04-1.16x on AVX-512 and 0.93-1.05x on AVX2.
+// fwd+bwd on one Zen 5 core (kept heap, benchmarks/micro/norm_fwd_bwd_loop.py without and
+// with it), bfloat16 took 0.71-0.97x the time without on the AVX-512 path and 0.90-0.95x on
+// AVX2 (the first pass's loads stalled: perf put 30 % of backward's samples on them), float32
+// 1.04-1.16x on AVX-512 and 0.93-1.05x on AVX2.
 template <class T>
 inline constexpr bool kPrefetchNextGroup = sizeof(T) == 2;
 

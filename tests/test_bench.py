@@ -268,6 +268,77 @@ def test_processes_isolate_a_contender_that_kills_its_process():
     assert calls[-1] == ([second.id], None) and len(calls) == 5  # died, 3 alone, again
 
 
+def test_process_per_case_times_each_case_in_a_process_of_its_own(capsys):
+    """--process-per-case: every round times each case in a process of its own (a stand-in
+    for the subprocess records what each process got), the results in the cases' order;
+    without it each round is one process for all; it does not combine with --in-process or
+    the models."""
+    from fastllm.bench.common import CPU, Result
+    from fastllm.bench.norm import cases
+    from fastllm.bench.run import _time_family
+
+    first, second = cases(quick=True)[:2]
+    calls = []
+
+    def run(run_cases, contenders, what):
+        calls.append(([c.id for c in run_cases], what))
+        rows = [Result.of("norm", c, n, backend="native", device="cpu", thp="off", time_s=1.0)
+                for c in run_cases for n in c.contenders_on(CPU)]
+        return rows, f"machine {len(calls)}", None
+
+    runs, machine, other = _time_family(run, [first, second], CPU, None, 2, per_case=True)
+    assert machine == "machine 1" and other is None
+    assert calls == [([first.id], f"({first.id}) in fresh process 1 of 2"),
+                     ([second.id], f"({second.id}) in fresh process 1 of 2"),
+                     ([first.id], f"({first.id}) in fresh process 2 of 2"),
+                     ([second.id], f"({second.id}) in fresh process 2 of 2")]
+    assert len(runs) == 2
+    for rows in runs:
+        assert [r.case for r in rows] == [first.id] * 3 + [second.id] * 3
+    calls.clear()
+    runs, _, _ = _time_family(run, [first, second], CPU, None, 1, per_case=False)
+    assert calls == [([first.id, second.id], "in a fresh process")] and len(runs[0]) == 6
+    assert_usage_error(capsys, ["bench", "norm", "--quick", "--in-process",
+                                "--process-per-case"],
+                       "--in-process times the cases in this one process; --process-per-case "
+                       "asks for a fresh one per case")
+    assert_usage_error(capsys, ["bench", "models", "--quick", "--process-per-case"],
+                       "--process-per-case times the op families' cases; models has its own "
+                       "runner")
+
+
+def test_touch_floor_column():
+    """% touch: the first touch of a row's required results over 32 MiB (fresh pages every
+    call) at the measured rate, against the row's time; results of 32 MiB or less, a GPU, or
+    no rate give none; cross-entropy's in-place variant returns no gradient, so none; the
+    column shows only where some row has a floor, '-' on the others."""
+    from fastllm.bench.common import MiB, Result, results_table, touch_floor_seconds
+    from fastllm.bench.cross_entropy import FASTLLM_INPLACE_BACKWARD, CrossEntropyCase
+
+    assert touch_floor_seconds(torch.device("cpu"), (64 * MiB, 16 * MiB), 2.0) == 64 * MiB / 2e9
+    assert touch_floor_seconds(torch.device("cpu"), (32 * MiB, 16 * MiB), 2.0) is None
+    assert touch_floor_seconds(torch.device("cpu"), (64 * MiB,), None) is None
+    assert touch_floor_seconds(torch.device("cuda"), (64 * MiB,), 2.0) is None
+    case = CrossEntropyCase("cross_entropy", "fwd+bwd", (4096, 32000), torch.float32)
+    assert case.required_output_sizes(FASTLLM) == (4096 * 32000 * 4,)
+    assert case.required_output_sizes(FASTLLM_INPLACE_BACKWARD) == ()
+    assert CrossEntropyCase("cross_entropy", "fwd", (4096, 32000),
+                            torch.float32).required_output_sizes(FASTLLM) == ()
+
+    def row(name: str, floor: Optional[float]) -> Result:
+        return Result(family="cross_entropy", case="c", params={"op": "ce"}, contender=name,
+                      label=name, device="cpu", thp="off", time_s=0.2, bytes_moved=10**9,
+                      touch_floor_s=floor)
+
+    rows = [row(FASTLLM, 0.15), row(FASTLLM_INPLACE_BACKWARD, None)]
+    fill_ratios(rows)
+    lines = results_table(rows, ["op"]).splitlines()
+    assert "% touch" in lines[0]
+    column = lines[0].index("% touch") + len("% touch")
+    assert lines[2][:column].endswith("75%") and lines[3][:column].endswith("-"), lines
+    assert "% touch" not in results_table([row(FASTLLM, None)], ["op"])
+
+
 def test_merge_processes():
     """merge_processes: per row the median time, all the repeats, the largest peak, the
     median and range of the processes' own speedups; a failure in one process is kept."""
@@ -443,6 +514,27 @@ def test_bench_patch_quick_train_case():
     assert case["patched"]["rotary"] == 2 and case["patched"]["fused_lm_loss"] == 1
     lines = bench_patch.floor_checks([case])
     assert len(lines) == 2 and all(("PASS" in l) or ("MISS" in l) for l in lines)
+
+
+def test_gemm_ceiling_size_bounds_a_slow_dtype():
+    """The GEMM ceiling's product is halved while its time, estimated from a 256 probe, is
+    over the limit (a dtype without matrix hardware: torch's reference loop took a minute per
+    2048 float16 product), never below the probe's size; a GPU keeps its size; the header
+    names each dtype's size."""
+    from fastllm.bench.common import (
+        CPU, GEMM_PROBE_SIZE, Machine, TimingBudget, gemm_ceiling_size, gemm_size,
+    )
+    from fastllm.bench.run import _header
+
+    assert gemm_ceiling_size(CPU, torch.float32, max_call_s=1e-9) == GEMM_PROBE_SIZE
+    assert gemm_ceiling_size(CPU, torch.float32, max_call_s=1e9) == gemm_size(CPU) == 2048
+    machine = Machine(device="cpu", device_name="x", torch_version="t", threads=1, thp="off",
+                      kernel_thp_mode="never", copy_gbs=10.0, first_touch_gbs=2.0,
+                      gemm_gflops={"float32": 100.0, "float16": 2.5},
+                      gemm_n={"float32": 2048, "float16": 512})
+    header = _header(machine, None, "native", TimingBudget.quick(), "")
+    assert "float32 GEMM ceiling (torch.mm of 2048 x 2048 float32 matrices" in header
+    assert "float16 GEMM ceiling (torch.mm of 512 x 512 float16 matrices" in header
 
 
 def test_contenders_are_timed_in_alternation():

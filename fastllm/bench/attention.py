@@ -285,6 +285,12 @@ class AttentionCase(Case):
         """out, or one of dq, dk, dv."""
         return self._elements() * self.dtype.itemsize
 
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """out; forward+backward also dq, dk and dv."""
+        e = self.dtype.itemsize
+        q, kv = self._elements() * e, self._elements(self.heads_kv) * e
+        return (q, q, kv, kv) if self.backward else (q,)
+
     def make_inputs(self, device: torch.device) -> AttentionInputs:
         generator = torch.Generator(device=device).manual_seed(0)
         batch, heads, seqlen, head_dim = self.shape
@@ -360,6 +366,11 @@ class MaskedAttentionCase(AttentionCase):
         read twice and its gradient written (forward+backward)."""
         mask_reads = 3 if self.backward and self.mask == "t5-bias" else 1
         return super().bytes_moved() + mask_reads * self.mask_bytes()
+
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """AttentionCase's, and forward+backward with a T5 bias its gradient."""
+        bias = (self.mask_bytes(),) if self.backward and self.mask == "t5-bias" else ()
+        return super().required_output_sizes(contender) + bias
 
     def largest_output_bytes(self) -> int:
         """out, one of dq, dk, dv, or the bias gradient."""
@@ -441,6 +452,10 @@ class DecodeAttentionCase(AttentionCase):
     def largest_output_bytes(self) -> int:
         batch, heads, _, head_dim = self.shape
         return batch * heads * head_dim * self.dtype.itemsize
+
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """out, one token's."""
+        return (self.largest_output_bytes(),)
 
     def make_inputs(self, device: torch.device) -> AttentionInputs:
         generator = torch.Generator(device=device).manual_seed(0)

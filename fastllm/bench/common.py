@@ -159,7 +159,8 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # coalesced), which then stays resident for that contender's later calls while another's
 # output is mapped afresh: two bfloat16 8192 x 4096 norm forwards read 0.35x / 0.74x in a
 # whole-bench run and 1.29x / 1.19x alone (records 2026-12-06-cpu-1thread-norm-zen5-prefetch-
-# and ...-norm-8192x4096-bf16-fwd-zen5-alone-3processes.txt).
+# and ...-norm-8192x4096-bf16-fwd-zen5-alone-3processes.txt). ``fastllm bench
+# --process-per-case`` gives each case a fresh process, so no earlier case leaves such chunks.
 HEAP_TUNABLES = (
     ("glibc.malloc.trim_threshold", str(1 << 40)),
     ("glibc.malloc.mmap_threshold", str(GLIBC_MMAP_THRESHOLD_MAX)),
@@ -192,7 +193,7 @@ def heap_setting() -> str:
         return (f"kept for every contender ({GLIBC_TUNABLES_ENV}={':'.join(malloc)}: never "
                 "trimmed, so repeated outputs up to 32 MiB reuse resident memory; larger ones are "
                 "fresh mappings every call unless a free heap chunk left by earlier cases fits "
-                "one; --system-heap: glibc's defaults)")
+                "one -- --process-per-case leaves none --; --system-heap: glibc's defaults)")
     if malloc:
         return f"as {GLIBC_TUNABLES_ENV} sets it: {':'.join(malloc)}"
     return ("glibc's defaults (trimmed when 32 MiB lie free at its top: which contender's "
@@ -316,6 +317,37 @@ def gemm_size(device: torch.device) -> int:
     return 2048 if device.type == "cpu" else 8192
 
 
+# The longest one product of a GEMM ceiling may take (gemm_ceiling_size). A dtype the CPU has
+# no matrix hardware for runs torch's reference loop: float16 on a Zen 5 core (no AVX512-FP16,
+# no AMX-FP16) took 65 s for one 2048 x 2048 product, 0.26 GFLOP/s, so its ceiling at the
+# usual size cost the attention bench over 6 minutes in every process.
+GEMM_CEILING_MAX_CALL_S = 0.5
+# the smallest n the ceiling falls back to, and the size it probes a dtype's rate at
+GEMM_PROBE_SIZE = 256
+
+
+def gemm_ceiling_size(device: torch.device, dtype: torch.dtype = torch.float32,
+                      max_call_s: float = GEMM_CEILING_MAX_CALL_S) -> int:
+    """n of the (n, n) GEMM that ``gemm_gflops`` times in ``dtype``: ``gemm_size(device)``,
+    halved while one product would take longer than ``max_call_s`` at the rate a
+    ``GEMM_PROBE_SIZE`` product runs (at least that size). A slow dtype's rate from a smaller
+    product is still its rate (the header names the size); a fast one keeps the full size."""
+    n = gemm_size(device)
+    if device.type != "cpu" or n <= GEMM_PROBE_SIZE:
+        return n
+    a = torch.randn(GEMM_PROBE_SIZE, GEMM_PROBE_SIZE, device=device).to(dtype)
+    out = torch.empty_like(a)
+    torch.mm(a, a, out=out)  # load the BLAS kernels
+    probe = _call_seconds(lambda: torch.mm(a, a, out=out), device)
+    # the cube law from the probe: a fast library's small products run below its large
+    # ones' rate, so a fast dtype keeps its size; torch's reference loop runs its small ones
+    # faster (float16 on the Zen 5 core: 1.6 GFLOP/s at 256, 0.26 at 2048), so a slow dtype's
+    # product can take a few times max_call_s, not minutes
+    while n > GEMM_PROBE_SIZE and probe * (n / GEMM_PROBE_SIZE) ** 3 > max_call_s:
+        n //= 2
+    return n
+
+
 def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
                 repeats: int = 5) -> float:
     """Best ``torch.mm`` rate in ``dtype`` of two preallocated (n, n) matrices into a
@@ -323,8 +355,8 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: Opt
     GEMM-bound op in that dtype (bfloat16: oneDNN on AMX tiles where the CPU has them). A
     square product this size runs near the BLAS library's peak; an op's skinnier products
     (attention's (T x D) by (D x T), D = 64) reach less, and its fraction of this includes that.
-    ``n``: ``gemm_size(device)`` unless given."""
-    n = gemm_size(device) if n is None else n
+    ``n``: ``gemm_ceiling_size(device, dtype)`` unless given."""
+    n = gemm_ceiling_size(device, dtype) if n is None else n
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
@@ -354,6 +386,18 @@ def fresh_pages_every_call(device: torch.device, largest_output_bytes: int) -> b
     page faults on every call (see GLIBC_MMAP_THRESHOLD_MAX), so that its time depends on
     the THP setting."""
     return device.type == "cpu" and largest_output_bytes > GLIBC_MMAP_THRESHOLD_MAX
+
+
+def touch_floor_seconds(device: torch.device, output_sizes: Sequence[int],
+                        first_touch_gbs: Optional[float]) -> Optional[float]:
+    """The first touch of the outputs among ``output_sizes`` (bytes) that get fresh pages on
+    every call (over GLIBC_MMAP_THRESHOLD_MAX, fresh_pages_every_call) at ``first_touch_gbs``:
+    a floor under the time of any call that must return them (the table's ``% touch``: this
+    floor against the row's time). None where none does, off the CPU, or with no rate."""
+    fresh = sum(size for size in output_sizes if fresh_pages_every_call(device, size))
+    if not fresh or not first_touch_gbs:
+        return None
+    return fresh / (first_touch_gbs * 1e9)
 
 
 def _cpu_model() -> str:
@@ -445,6 +489,7 @@ class Machine:
     # measured only for families that count FLOPs: the GEMM ceiling (gemm_gflops) in float32
     # and in each dtype those cases run, by dtype name
     gemm_gflops: Optional[dict[str, float]] = None
+    gemm_n: Optional[dict[str, int]] = None  # n of each dtype's (n, n) product (gemm_ceiling_size)
     cpu_isa: Optional[dict[str, bool]] = None  # CPU only: cpu_isa_features()
     cpu_isa_cap: Optional[str] = None  # CPU only: FASTLLM_CPU_ISA, when set
     torch_cpu_isa: Optional[str] = None  # CPU only: torch_cpu_isa()
@@ -615,6 +660,10 @@ class Result:
     flops: Optional[int] = None  # compute-bound families: the case's FLOPs per call
     gflops: Optional[float] = None
     sgemm_gflops: Optional[float] = None  # their ceiling: torch's GEMM rate in the case's dtype
+    # CPU rows whose contender must return outputs over GLIBC_MMAP_THRESHOLD_MAX (fresh pages
+    # every call): the first touch of those outputs alone, at the measured first-touch rate
+    # (Case.required_output_sizes, touch_floor_seconds); the table's "% touch" is it / time
+    touch_floor_s: Optional[float] = None
     speedup_vs_eager: Optional[float] = None  # eager time / this time
     speedup_vs_compile: Optional[float] = None  # torch.compile time / this time
     peak_memory_bytes: Optional[int] = None
@@ -747,9 +796,11 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
     the row's dtype instead of GB/s and the fraction of the copy one."""
     compute_bound = any(r.flops is not None for r in results)
     rate_headers = ["GFLOP/s", "% GEMM"] if compute_bound else ["GB/s", "% copy"]
+    # "% touch" only where some row has a first-touch floor (touch_floor_seconds)
+    touch = any(r.touch_floor_s is not None for r in results)
     headers = [*param_columns, "THP", "contender", "path", "time ms", *rate_headers,
-               "vs eager", "vs compile", "peak MiB"]
-    right = [False] * (len(param_columns) + 3) + [True] * 6
+               *(["% touch"] if touch else []), "vs eager", "vs compile", "peak MiB"]
+    right = [False] * (len(param_columns) + 3) + [True] * (7 if touch else 6)
     rows: list[list[str]] = []
     previous: Optional[tuple[str, str]] = None
     for result in results:
@@ -764,7 +815,7 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
         if result.error is not None:
             status = "n/a" if not_available(result) else "FAILED"
             rows.append([*case_cells, result.thp, result.label, result.path or "", status,
-                         *["-"] * 5, result.error])
+                         *["-"] * (6 if touch else 5), result.error])
             continue
         rate, ceiling = (
             (result.gflops, result.sgemm_gflops) if compute_bound else (result.gbs, result.copy_gbs)
@@ -779,6 +830,9 @@ def results_table(results: Sequence[Result], param_columns: Sequence[str]) -> st
             _fmt(result.time_s * 1e3),
             _fmt(rate),
             _fmt(ceiling_fraction, "%", digits=2),
+            *([_fmt(None if result.touch_floor_s is None
+                    else 100 * result.touch_floor_s / result.time_s, "%", digits=2)]
+              if touch else []),
             _fmt_speedup(result.speedup_vs_eager, result.speedup_vs_eager_range),
             _fmt_speedup(result.speedup_vs_compile, result.speedup_vs_compile_range),
             _fmt(peak, digits=1),
@@ -872,6 +926,12 @@ class Case:
     def largest_output_bytes(self) -> int:
         """Size of the largest tensor a call allocates (decides page-fault sensitivity)."""
         raise NotImplementedError
+
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """Bytes of each tensor ``contender`` must produce in a call whatever its method: the
+        op's results (forward+backward: the forward's and the gradients), not temporaries
+        (``touch_floor_seconds``). () where a family does not say."""
+        return ()
 
     # ------------------------------------------------------------------- what is shared
 
@@ -977,6 +1037,7 @@ def run_cases(
     copy_gbs: float,
     gemm_gflops: Optional[dict[str, float]] = None,
     contenders: Optional[Sequence[str]] = None,
+    first_touch_gbs: Optional[float] = None,
 ) -> list[Result]:
     """Times every contender on every case, in this process. A contender that raises is
     recorded with its error (and logged), never dropped. ``kernel_family``: the fastllm op
@@ -984,7 +1045,8 @@ def run_cases(
     record (``fastllm_path``). ``gemm_gflops``: the GEMM ceilings by dtype name
     (``Machine.gemm_gflops``), each compute-bound row's ceiling in its case's dtype.
     ``contenders``: glob patterns; only the contenders whose name matches one run (None:
-    all of them)."""
+    all of them). ``first_touch_gbs``: the process's first-touch rate (``Machine``), for
+    each row's floor (``touch_floor_seconds``)."""
     thp = thp_setting(device)
     results: list[Result] = []
 
@@ -1024,6 +1086,8 @@ def run_cases(
                     bytes_moved=case.bytes_moved(), copy_gbs=copy_gbs,
                     sgemm_gflops=(gemm_gflops or {}).get(dtype_name(case.dtype)),
                     flops=case.flops() if hasattr(case, "flops") else None,
+                    touch_floor_s=touch_floor_seconds(
+                        device, case.required_output_sizes(contender), first_touch_gbs),
                 )
                 if case.runs_fastllm(contender):
                     result.path = case.kernel_path(

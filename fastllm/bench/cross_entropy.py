@@ -182,6 +182,18 @@ class CrossEntropyCase(Case):
         n_rows, vocab = self._rows_vocab()
         return n_rows * vocab * self.dtype.itemsize
 
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """The loss (a scalar); forward+backward also the gradient of the logits (none for
+        the in-place variant: it writes it over them), or of hidden and weight."""
+        e = self.dtype.itemsize
+        if not self.backward or contender == FASTLLM_INPLACE_BACKWARD:
+            return ()
+        if self.linear:
+            n_rows, hidden, vocab = self.shape
+            return (n_rows * hidden * e, vocab * hidden * e)
+        n_rows, vocab = self.shape
+        return (n_rows * vocab * e,)
+
     def make_inputs(self, device: torch.device) -> CallInputs:
         """logits, target; or hidden, weight, target. Forward+backward: the gradients are
         taken of the logits, or of hidden and weight."""

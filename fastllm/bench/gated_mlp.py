@@ -88,6 +88,10 @@ class GatedMLPCase(Case):
     def largest_output_bytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.dtype.itemsize
 
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """out; forward+backward also the gradients of gate and up."""
+        return (self.largest_output_bytes(),) * (3 if self.backward else 1)
+
     def make_inputs(self, device: torch.device) -> CallInputs:
         """gate and up; forward+backward: their gradients from a precomputed one of out."""
         generator = torch.Generator(device=device).manual_seed(0)

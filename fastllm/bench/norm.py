@@ -175,6 +175,16 @@ class NormCase(Case):
         n_rows, d = self.shape
         return n_rows * d * self.dtype.itemsize
 
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """out (and summed); forward+backward also grad_x (which is grad_residual: one tensor
+        can be both) and the parameters' gradients."""
+        n_rows, d = self.shape
+        e = self.dtype.itemsize
+        outputs = (n_rows * d * e,) * (2 if self.has_residual else 1)
+        if self.backward:
+            outputs += (n_rows * d * e,) + (d * e,) * (2 if self.has_bias else 1)
+        return outputs
+
     def make_inputs(self, device: torch.device) -> CallInputs:
         """The op's arguments x, (residual,) weight, (bias); forward+backward: the gradients
         are taken of all of them, from precomputed gradients of out (and of summed)."""

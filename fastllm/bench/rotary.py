@@ -121,6 +121,12 @@ class RotaryCase(Case):
         b, t, h, _, d = self.shape
         return b * t * h * d * self.dtype.itemsize
 
+    def required_output_sizes(self, contender: str) -> tuple[int, ...]:
+        """The rotated q and k; forward+backward also their gradients."""
+        b, t, h, hkv, d = self.shape
+        e = self.dtype.itemsize
+        return (b * t * h * d * e, b * t * hkv * d * e) * (2 if self.backward else 1)
+
     def make_inputs(self, device: torch.device) -> CallInputs:
         """q, k and the caches; forward+backward: the gradients of q and k from precomputed
         ones of the outputs."""

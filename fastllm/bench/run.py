@@ -2,7 +2,8 @@
 
     fastllm bench [FAMILY ...] [--quick] [--shapes {default,llama3-8b,all}] [--json FILE]
                   [--plot FILE] [--only PATTERN ...] [--device DEVICE] [--backend NAME]
-                  [--processes N | --in-process] [--no-thp-rerun] [--system-heap]
+                  [--processes N] [--process-per-case | --in-process] [--no-thp-rerun]
+                  [--system-heap]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
@@ -33,6 +34,14 @@ processes fastllm's and eager's outputs land in different heap blocks, and fastl
 each other); where the allocator is started with THP_MEM_ALLOC_ENABLE=1 (every large buffer
 2 MiB-aligned) both take 2.25-2.3 ms in all 10 processes, 1.00-1.02x: where the buffers lie
 moves both kernels, and fastllm's more.
+
+``--process-per-case`` times each case in a fresh process of its own (in each of the N
+rounds): with the family's cases in one process, a case runs on the heap the earlier ones
+left behind, and glibc serves a request above its mmap threshold from a free heap chunk
+that fits it, which then stays resident for that contender's later calls while another's
+output is mapped afresh on every call (two bfloat16 8192 x 4096 norm forwards read 0.35x and
+0.74x the better torch in a whole-family run on a Zen 5 core, 1.29x and 1.19x alone). It
+costs each case a process start and the ceilings' measurement, a few seconds.
 
 A process that dies: some peers' code crashes the process it runs in (torch 2.14.1's
 ``torch.compile`` code for the rotary case in float32 corrupts the heap on a Zen 4 core, and
@@ -142,6 +151,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per row the median time and the median of the processes' own speedups with their "
         "range (min-max): some CPU cases move between processes by more than within one "
         "(default 1)",
+    )
+    bench.add_argument(
+        "--process-per-case", action="store_true",
+        help="time each case in a fresh process of its own (in each of the --processes N "
+        "rounds), so that no case runs on a heap that earlier cases left behind (on the CPU a "
+        "free heap chunk left by them can hold one contender's large output resident while "
+        "another's is mapped afresh every call); a few seconds more per case",
     )
     bench.add_argument(
         "--in-process", action="store_true",
@@ -273,6 +289,28 @@ def _run_isolating(run, cases: Sequence, device, contenders: Optional[Sequence[s
     return rows, machine, other
 
 
+def _time_family(run, cases: Sequence, device, contenders: Optional[Sequence[str]],
+                 processes: int, per_case: bool):
+    """A family's ``cases`` timed ``processes`` times over, each time in fresh processes
+    (``run``: ``_run_child`` with the rest of its arguments bound, through
+    ``_run_isolating``): all of them in one process, or with ``per_case`` each case in a
+    process of its own. Returns the runs' results (one list per round, for
+    ``merge_processes``), the first machine that gave results and the first other-THP one."""
+    runs, machine, other = [], None, None
+    for i in range(processes):
+        what = f"in fresh process {i + 1} of {processes}" if processes > 1 else "in a fresh process"
+        groups = [[case] for case in cases] if per_case else [list(cases)]
+        results = []
+        for group in groups:
+            part, part_machine, part_other = _run_isolating(
+                run, group, device, contenders,
+                what=f"({group[0].id}) {what}" if per_case else what)
+            results += part
+            machine, other = machine or part_machine, other or part_other
+        runs.append(results)
+    return runs, machine, other
+
+
 def _run_with_other_thp(family: str, cases: Sequence, args, backend: str, thp_now: str):
     """Times ``cases`` in a subprocess whose torch allocator has the opposite THP setting;
     returns its results (FAILED rows if the subprocess gave none) and its machine."""
@@ -298,8 +336,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
     if not machine.device.startswith("cuda"):
         lines.append(describe_cpu_isa(machine.cpu_isa, machine.cpu_isa_cap,
                                       machine.torch_cpu_isa))
-    n = gemm_size(torch.device(machine.device))
     for dtype, rate in (machine.gemm_gflops or {}).items():
+        n = (machine.gemm_n or {}).get(dtype, gemm_size(torch.device(machine.device)))
         lines.append(f"{dtype} GEMM ceiling (torch.mm of {n} x {n} {dtype} matrices, best of "
                      f"several; the ceiling of {dtype} rows): {rate:.1f} GFLOP/s")
     if machine.device.startswith("cuda"):
@@ -373,6 +411,9 @@ def run(args: argparse.Namespace) -> int:
     if own_cases and args.processes != 1:
         raise UsageError(f"--processes times the op families in fresh processes; {own_cases[0]} "
                          "has its own runner (pretrain: --repeats)")
+    if own_cases and args.process_per_case:
+        raise UsageError(f"--process-per-case times the op families' cases; {own_cases[0]} "
+                         "has its own runner")
     if own_cases and args.in_process:
         raise UsageError(f"--in-process times the op families in this process; {own_cases[0]} "
                          "has its own runner")
@@ -394,7 +435,8 @@ def run(args: argparse.Namespace) -> int:
     from fastllm.bench.common import (
         GLIBC_MMAP_THRESHOLD_MAX, MiB, Result, TimingBudget, fill_ratios,
         fresh_pages_every_call, measure_machine, merge_processes, not_available,
-        resolve_backend, results_table, dtype_name, gemm_gflops, run_cases, thp_setting,
+        resolve_backend, results_table, dtype_name, gemm_ceiling_size, gemm_gflops, run_cases,
+        thp_setting,
     )
 
     if args.processes < 1:
@@ -402,6 +444,9 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process and args.processes != 1:
         raise UsageError(f"--in-process times the cases in this one process; --processes "
                          f"{args.processes} asks for {args.processes} fresh ones")
+    if args.in_process and args.process_per_case:
+        raise UsageError("--in-process times the cases in this one process; --process-per-case "
+                         "asks for a fresh one per case")
     if args.in_process and args.system_heap:
         raise UsageError("--system-heap sets up the timing subprocesses; --in-process times in "
                          "this process, whose heap is what it started with")
@@ -440,11 +485,13 @@ def run(args: argparse.Namespace) -> int:
         flop_dtypes = {case.dtype for _, _, selected in plan for case in selected
                        if hasattr(case, "flops")}
         if flop_dtypes:  # float32 first, always: the reference ceiling
-            measured.gemm_gflops = {}
+            measured.gemm_gflops, measured.gemm_n = {}, {}
             for dtype in [torch.float32, *sorted(flop_dtypes - {torch.float32}, key=str)]:
                 logger.info("measuring the %s GEMM ceiling on %s", dtype_name(dtype), device)
+                n = gemm_ceiling_size(device, dtype)
+                measured.gemm_n[dtype_name(dtype)] = n
                 measured.gemm_gflops[dtype_name(dtype)] = gemm_gflops(
-                    device, dtype, repeats=2 if args.quick else 5)
+                    device, dtype, n=n, repeats=2 if args.quick else 5)
         return measured
 
     other_machine = None
@@ -455,20 +502,16 @@ def run(args: argparse.Namespace) -> int:
         # own ceilings; the header shows the first one's), merged row by row.
         machine, thp_now = None, thp_setting(device)
         for name, family, selected in plan:
-            runs = []
 
             def run_child(cases, contenders, what, name=name):
                 return _run_child(name, cases, args, backend, device, thp_now,
                                   thp_rerun=not args.no_thp_rerun, what=what,
                                   contenders=contenders)
 
-            for i in range(args.processes):
-                what = (f"in fresh process {i + 1} of {args.processes}" if args.processes > 1
-                        else "in a fresh process")
-                results, child, child_other = _run_isolating(
-                    run_child, selected, device, args.contenders, what=what)
-                machine, other_machine = machine or child, other_machine or child_other
-                runs.append(results)
+            runs, child, child_other = _time_family(
+                run_child, selected, device, args.contenders, args.processes,
+                args.process_per_case)
+            machine, other_machine = machine or child, other_machine or child_other
             results = merge_processes(runs)
             any_rerun = any_rerun or any(r.thp != thp_now for r in results)
             sections.append((name, family.PARAM_COLUMNS, results))
@@ -486,7 +529,8 @@ def run(args: argparse.Namespace) -> int:
             results = run_cases(name, selected, kernel_family=family.KERNEL_FAMILY,
                                 device=device, backend=backend, budget=budget,
                                 copy_gbs=machine.copy_gbs, gemm_gflops=machine.gemm_gflops,
-                                contenders=args.contenders)
+                                contenders=args.contenders,
+                                first_touch_gbs=machine.first_touch_gbs)
             fault_bound = [c for c in selected
                            if fresh_pages_every_call(device, c.largest_output_bytes())]
             if fault_bound and not args.no_thp_rerun:
@@ -513,6 +557,17 @@ def run(args: argparse.Namespace) -> int:
             f"cases whose outputs exceed {GLIBC_MMAP_THRESHOLD_MAX // MiB} MiB get fresh pages on "
             "every call (page-fault bound): they are shown with both THP settings"
         )
+    if any(r.touch_floor_s is not None for _, _, results in sections for r in results):
+        rerun_note = "\n".join(filter(None, [rerun_note, (
+            f"% touch (cases whose results include tensors over {GLIBC_MMAP_THRESHOLD_MAX // MiB} "
+            "MiB, which get fresh pages on every call): the first touch of those results alone, "
+            "at the process's first-touch rate, against the row's time -- how close it is to "
+            "the page-fault floor of what it must return (-: a contender that returns none, "
+            "e.g. a gradient written over its input)")]))
+    if args.process_per_case:
+        rerun_note = "\n".join(filter(None, [rerun_note, (
+            "--process-per-case: each case timed in a fresh process of its own (no heap left "
+            "behind by earlier cases)")]))
     if args.processes > 1:
         rerun_note = "\n".join(filter(None, [rerun_note, (
             f"--processes {args.processes}: each case timed in {args.processes} fresh processes; "

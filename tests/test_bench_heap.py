@@ -64,6 +64,17 @@ def test_kept_heap_env():
     assert common.kept_heap_env(users) == users  # the user's malloc setting stands
 
 
+def test_system_heap_env():
+    """system_heap_env: the malloc tunables out, the others kept; none left: no variable."""
+    base = {k: v for k, v in os.environ.items() if k != common.GLIBC_TUNABLES_ENV}
+    mixed = {**base, common.GLIBC_TUNABLES_ENV: "glibc.cpu.x86_rep_stosb_threshold=4096:" + OURS}
+    assert common.system_heap_env(mixed) == {
+        **base, common.GLIBC_TUNABLES_ENV: "glibc.cpu.x86_rep_stosb_threshold=4096"}
+    assert mixed[common.GLIBC_TUNABLES_ENV].endswith(OURS)  # a copy, the argument unchanged
+    assert common.system_heap_env(common.kept_heap_env(base)) == base
+    assert common.system_heap_env(base) == base
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc tunables")
 def test_heap_setting_says_what_holds(monkeypatch):
     monkeypatch.delenv(common.GLIBC_TUNABLES_ENV, raising=False)

@@ -61,16 +61,10 @@ def main() -> int:
     parser.add_argument("--last", type=int, default=8)
     args = parser.parse_args()
 
-    from fastllm.bench.common import GLIBC_TUNABLES_ENV, kept_heap_env
+    from fastllm.bench.common import kept_heap_env, system_heap_env
 
-    env = dict(os.environ)
-    if args.system_heap:  # glibc's malloc defaults; other tunables stay
-        kept = [t for t in env.pop(GLIBC_TUNABLES_ENV, "").split(":")
-                if t and not t.startswith("glibc.malloc.")]
-        if kept:
-            env[GLIBC_TUNABLES_ENV] = ":".join(kept)
-    else:
-        env = kept_heap_env(env)
+    # glibc's malloc defaults (other tunables stay), or the bench's kept heap
+    env = (system_heap_env if args.system_heap else kept_heap_env)(dict(os.environ))
     command = [sys.executable, "-c", CHILD, args.family, str(args.last), *args.patterns]
     return subprocess.run(command, env=env, check=False).returncode
 

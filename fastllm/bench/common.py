@@ -183,6 +183,17 @@ def kept_heap_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, GLIBC_TUNABLES_ENV: ":".join(filter(None, [current, HEAP_TUNABLES_VALUE]))}
 
 
+def system_heap_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the ``glibc.malloc.*`` tunables taken out of its GLIBC_TUNABLES (the
+    others stay): glibc's malloc defaults."""
+    env = dict(env)
+    current = env.pop(GLIBC_TUNABLES_ENV, "")
+    others = [t for t in current.split(":") if t and t not in _malloc_tunables(current)]
+    if others:
+        env[GLIBC_TUNABLES_ENV] = ":".join(others)
+    return env
+
+
 def heap_setting() -> str:
     """This process's C heap, as the header shows it (glibc reads GLIBC_TUNABLES once, at
     start-up, so the environment says what it runs with)."""

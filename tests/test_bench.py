@@ -308,15 +308,16 @@ def test_process_per_case_times_each_case_in_a_process_of_its_own(capsys):
 
 
 def test_touch_floor_column():
-    """% touch: the first touch of a row's required results over 32 MiB (fresh pages every
-    call) at the measured rate, against the row's time; results of 32 MiB or less, a GPU, or
+    """% touch: the first touch of a row's required results of 32 MiB or more (fresh pages
+    every call) at the measured rate, against the row's time; smaller results, a GPU, or
     no rate give none; cross-entropy's in-place variant returns no gradient, so none; the
     column shows only where some row has a floor, '-' on the others."""
     from fastllm.bench.common import MiB, Result, results_table, touch_floor_seconds
     from fastllm.bench.cross_entropy import FASTLLM_INPLACE_BACKWARD, CrossEntropyCase
 
     assert touch_floor_seconds(torch.device("cpu"), (64 * MiB, 16 * MiB), 2.0) == 64 * MiB / 2e9
-    assert touch_floor_seconds(torch.device("cpu"), (32 * MiB, 16 * MiB), 2.0) is None
+    assert touch_floor_seconds(torch.device("cpu"), (32 * MiB, 16 * MiB), 2.0) == 32 * MiB / 2e9
+    assert touch_floor_seconds(torch.device("cpu"), (31 * MiB, 16 * MiB), 2.0) is None
     assert touch_floor_seconds(torch.device("cpu"), (64 * MiB,), None) is None
     assert touch_floor_seconds(torch.device("cuda"), (64 * MiB,), 2.0) is None
     case = CrossEntropyCase("cross_entropy", "fwd+bwd", (4096, 32000), torch.float32)

@@ -138,9 +138,10 @@ def liger_functional() -> Any:
 
 # glibc serves an allocation above its mmap threshold with a fresh mmap and unmaps it on
 # free; the threshold adapts upwards but never beyond 32 MiB on 64-bit Linux
-# (DEFAULT_MMAP_THRESHOLD_MAX). So on the CPU an op whose output exceeds this gets fresh
-# pages, and pays their first-touch page faults, on every call. Smaller allocations may or
-# may not be recycled from the heap, depending on the allocation history.
+# (DEFAULT_MMAP_THRESHOLD_MAX). So on the CPU an op whose output reaches this (a tensor of
+# exactly 32 MiB, with its alignment and glibc's header, is above it) gets fresh pages, and
+# pays their first-touch page faults, on every call. Smaller allocations may or may not be
+# recycled from the heap, depending on the allocation history.
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
 # The bench's CPU subprocesses keep glibc's heap (``fastllm bench --system-heap`` leaves its
@@ -395,14 +396,17 @@ def thp_setting(device: torch.device) -> str:
 def fresh_pages_every_call(device: torch.device, largest_output_bytes: int) -> bool:
     """Whether an op on ``device`` whose largest fresh output has this size pays first-touch
     page faults on every call (see GLIBC_MMAP_THRESHOLD_MAX), so that its time depends on
-    the THP setting."""
-    return device.type == "cpu" and largest_output_bytes > GLIBC_MMAP_THRESHOLD_MAX
+    the THP setting. A tensor of exactly the threshold counts: its request, with the
+    allocator's alignment and glibc's chunk header, is above it (a 32 MiB torch.empty filled
+    four times under the bench's kept heap: 8193 page faults each time; 31 MiB: 0 after the
+    first)."""
+    return device.type == "cpu" and largest_output_bytes >= GLIBC_MMAP_THRESHOLD_MAX
 
 
 def touch_floor_seconds(device: torch.device, output_sizes: Sequence[int],
                         first_touch_gbs: Optional[float]) -> Optional[float]:
     """The first touch of the outputs among ``output_sizes`` (bytes) that get fresh pages on
-    every call (over GLIBC_MMAP_THRESHOLD_MAX, fresh_pages_every_call) at ``first_touch_gbs``:
+    every call (GLIBC_MMAP_THRESHOLD_MAX or more, fresh_pages_every_call) at ``first_touch_gbs``:
     a floor under the time of any call that must return them (the table's ``% touch``: this
     floor against the row's time). None where none does, off the CPU, or with no rate."""
     fresh = sum(size for size in output_sizes if fresh_pages_every_call(device, size))
@@ -671,7 +675,7 @@ class Result:
     flops: Optional[int] = None  # compute-bound families: the case's FLOPs per call
     gflops: Optional[float] = None
     sgemm_gflops: Optional[float] = None  # their ceiling: torch's GEMM rate in the case's dtype
-    # CPU rows whose contender must return outputs over GLIBC_MMAP_THRESHOLD_MAX (fresh pages
+    # CPU rows whose contender must return outputs of GLIBC_MMAP_THRESHOLD_MAX or more (fresh pages
     # every call): the first touch of those outputs alone, at the measured first-touch rate
     # (Case.required_output_sizes, touch_floor_seconds); the table's "% touch" is it / time
     touch_floor_s: Optional[float] = None

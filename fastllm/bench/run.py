@@ -554,13 +554,13 @@ def run(args: argparse.Namespace) -> int:
     rerun_note = ""
     if any_rerun:
         rerun_note = (
-            f"cases whose outputs exceed {GLIBC_MMAP_THRESHOLD_MAX // MiB} MiB get fresh pages on "
+            f"cases with outputs of {GLIBC_MMAP_THRESHOLD_MAX // MiB} MiB or more get fresh pages on "
             "every call (page-fault bound): they are shown with both THP settings"
         )
     if any(r.touch_floor_s is not None for _, _, results in sections for r in results):
         rerun_note = "\n".join(filter(None, [rerun_note, (
-            f"% touch (cases whose results include tensors over {GLIBC_MMAP_THRESHOLD_MAX // MiB} "
-            "MiB, which get fresh pages on every call): the first touch of those results alone, "
+            f"% touch (cases whose results include tensors of {GLIBC_MMAP_THRESHOLD_MAX // MiB} "
+            "MiB or more, which get fresh pages on every call): the first touch of those results alone, "
             "at the process's first-touch rate, against the row's time -- how close it is to "
             "the page-fault floor of what it must return (-: a contender that returns none, "
             "e.g. a gradient written over its input)")]))

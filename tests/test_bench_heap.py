@@ -12,11 +12,14 @@ import subprocess
 import sys
 import textwrap
 
+from pathlib import Path
+
 import pytest
 
 from fastllm.bench import common
 from fastllm.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 OURS = ":".join(f"{name}={value}" for name, value in common.HEAP_TUNABLES)
 
@@ -95,6 +98,22 @@ def test_glibc_keeps_the_heap_under_the_bench_setting():
     assert all(f >= pages * 0.9 for f in defaults), defaults
     # the bench's setting: faulted in the first round only
     assert kept[0] >= pages * 0.4 and kept[1] < pages * 0.05 and kept[2] < pages * 0.05, kept
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc tunables")
+@pytest.mark.parametrize("call", ["posix_memalign", "torch.empty"])
+def test_the_bench_setting_refits_torchs_aligned_blocks(call):
+    """torch allocates with posix_memalign(64): in a fresh process under the bench's setting
+    a freed 16 MiB block is refitted by the next one (faulted in the first round only), which
+    glibc's thread cache and fast bins prevented (benchmarks/micro/heap_refit_probe.py)."""
+    base = {k: v for k, v in os.environ.items() if k != common.GLIBC_TUNABLES_ENV}
+    probe = REPO / "benchmarks" / "micro" / "heap_refit_probe.py"
+    run = subprocess.run([sys.executable, str(probe), "--child", call, "16"],
+                         env={**common.kept_heap_env(base), "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300, check=True)
+    faults = [int(x) for x in run.stdout.split()]
+    pages = (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults[0] >= pages * 0.9 and all(f < pages * 0.05 for f in faults[2:]), faults
 
 
 def test_system_heap_and_in_process_conflict(capsys):

@@ -162,9 +162,21 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # whole-bench run and 1.29x / 1.19x alone (records 2026-12-06-cpu-1thread-norm-zen5-prefetch-
 # and ...-norm-8192x4096-bf16-fwd-zen5-alone-3processes.txt). ``fastllm bench
 # --process-per-case`` gives each case a fresh process, so no earlier case leaves such chunks.
+# glibc's thread cache and fast bins are off as well: torch allocates with posix_memalign(64),
+# whose aligned request is larger than the block it frees, with a small remainder split off
+# behind it that those caches keep allocated, so in a fresh process a freed 8-31 MiB block was
+# never refitted by the next tensor of its size (page-faulted afresh in every round) while
+# malloc's was; with both off every size refits from the second round
+# (benchmarks/micro/heap_refit_probe.py, record 2026-12-06-cpu-heap-refit-probe-zen5.txt), and
+# the float32 4096 x 1024 norm forwards' ratios moved less between processes (layer_norm
+# 1.16-1.84x eager -> 1.85-1.93x); small allocations get slower for every contender alike
+# (a 43-83 us decode attention call +4 % for fastllm and eager both: record
+# 2026-12-06-cpu-1thread-norm-decode-zen5-heap-tcache-ab-3processes.txt).
 HEAP_TUNABLES = (
     ("glibc.malloc.trim_threshold", str(1 << 40)),
     ("glibc.malloc.mmap_threshold", str(GLIBC_MMAP_THRESHOLD_MAX)),
+    ("glibc.malloc.tcache_count", "0"),
+    ("glibc.malloc.mxfast", "0"),
 )
 GLIBC_TUNABLES_ENV = "GLIBC_TUNABLES"
 # HEAP_TUNABLES as GLIBC_TUNABLES spells them
@@ -203,7 +215,8 @@ def heap_setting() -> str:
     malloc = _malloc_tunables(os.environ.get(GLIBC_TUNABLES_ENV, ""))
     if sorted(malloc) == sorted(_malloc_tunables(HEAP_TUNABLES_VALUE)):
         return (f"kept for every contender ({GLIBC_TUNABLES_ENV}={':'.join(malloc)}: never "
-                "trimmed, so repeated outputs up to 32 MiB reuse resident memory; larger ones are "
+                "trimmed, no thread cache or fast bins, so repeated outputs under 32 MiB reuse "
+                "resident memory; larger ones are "
                 "fresh mappings every call unless a free heap chunk left by earlier cases fits "
                 "one -- --process-per-case leaves none --; --system-heap: glibc's defaults)")
     if malloc:

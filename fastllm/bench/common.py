@@ -163,10 +163,10 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # and ...-norm-8192x4096-bf16-fwd-zen5-alone-3processes.txt). ``fastllm bench
 # --process-per-case`` gives each case a fresh process, so no earlier case leaves such chunks.
 # glibc's thread cache and fast bins are off as well: torch allocates with posix_memalign(64),
-# whose aligned request is larger than the block it frees, with a small remainder split off
-# behind it that those caches keep allocated, so in a fresh process a freed 8-31 MiB block was
-# never refitted by the next tensor of its size (page-faulted afresh in every round) while
-# malloc's was; with both off every size refits from the second round
+# and in a fresh process a freed 8-31 MiB block of it was never refitted by the next tensor of
+# its size (page-faulted afresh in every round) while malloc's was -- presumably as the aligned
+# request is larger than the block it frees, and a small remainder split off behind the block
+# sits in those caches, allocated, so the block cannot join the heap's top; with both off every size refits from the second round
 # (benchmarks/micro/heap_refit_probe.py, record 2026-12-06-cpu-heap-refit-probe-zen5.txt), and
 # the float32 4096 x 1024 norm forwards' ratios moved less between processes (layer_norm
 # 1.16-1.84x eager -> 1.85-1.93x); small allocations get slower for every contender alike
@@ -412,7 +412,7 @@ def fresh_pages_every_call(device: torch.device, largest_output_bytes: int) -> b
     the THP setting. A tensor of exactly the threshold counts: its request, with the
     allocator's alignment and glibc's chunk header, is above it (a 32 MiB torch.empty filled
     four times under the bench's kept heap: 8193 page faults each time; 31 MiB: 0 after the
-    first)."""
+    first; benchmarks/micro/heap_refit_probe.py)."""
     return device.type == "cpu" and largest_output_bytes >= GLIBC_MMAP_THRESHOLD_MAX
 
 

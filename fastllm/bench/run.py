@@ -56,8 +56,9 @@ there, with the Python stack of the crash on stderr (faulthandler). A family cos
 subprocess a few seconds: its start, torch's import and its own measurement of the ceilings.
 
 The C heap: on the CPU the subprocesses run with glibc's heap kept (``GLIBC_TUNABLES``: never
-trimmed, the mmap threshold fixed at 32 MiB; ``fastllm.bench.common.HEAP_TUNABLES``), so
-that where each contender's blocks land in the heap no longer decides whose outputs are
+trimmed, the mmap threshold fixed at 32 MiB, no thread cache or fast bins;
+``fastllm.bench.common.HEAP_TUNABLES``), so that where each contender's blocks land in the
+heap no longer decides whose outputs are
 page-faulted afresh on every call; ``--system-heap`` leaves glibc's defaults, a
 ``GLIBC_TUNABLES`` that already sets a ``glibc.malloc`` tunable is kept as it is, and the
 header says which held. ``--in-process`` runs with whatever this process started with.
@@ -168,8 +169,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--system-heap", action="store_true",
         help="on the CPU, leave glibc's malloc defaults in the timing subprocesses (default: "
-        "its heap kept -- never trimmed, fixed mmap threshold -- for every contender alike, "
-        "through GLIBC_TUNABLES, unless that already sets a glibc.malloc tunable)",
+        "its heap kept -- never trimmed, fixed mmap threshold, no thread cache or fast bins "
+        "-- for every contender alike, through GLIBC_TUNABLES, unless that already sets a "
+        "glibc.malloc tunable)",
     )
     bench.add_argument(
         "--no-thp-rerun", action="store_true",

@@ -525,9 +525,10 @@ struct Avx2Ops {
     }
   }
 
-  // dst[c * Np + r] = first[r * stride_t + c] (pack_transposed's float tiles: k^T, and in
-  // backward q^T, dout^T), zero-padded, by 8 x 8 register transposes (cpu::avx2::
-  // transpose_rows); false for strided columns (pack_transposed's scalar loop then). The
+  // dst[c * Np + r] = first[r * stride_t + c] (pack_transposed's tiles: k^T, and in backward
+  // k^T and v^T; 16-bit rows widened to floats first), zero-padded, by 8 x 8 register
+  // transposes (cpu::avx2::transpose_rows); false for strided columns (pack_transposed's
+  // scalar loop then). The
   // scalar loop was 5 % of the float32 forward's kernel time at B2 H8 T1024 D64 on a Zen 5
   // core held to AVX2 (perf).
   static bool transpose_floats(const float* first, int64_t stride_t, int64_t stride_d,

@@ -529,6 +529,9 @@ def test_gemm_ceiling_size_bounds_a_slow_dtype():
 
     assert gemm_ceiling_size(CPU, torch.float32, max_call_s=1e-9) == GEMM_PROBE_SIZE
     assert gemm_ceiling_size(CPU, torch.float32, max_call_s=1e9) == gemm_size(CPU) == 2048
+    # off the CPU no probe runs (no GPU is touched): the device's size
+    cuda = torch.device("cuda")
+    assert gemm_ceiling_size(cuda, torch.float16, max_call_s=1e-9) == gemm_size(cuda) == 8192
     machine = Machine(device="cpu", device_name="x", torch_version="t", threads=1, thp="off",
                       kernel_thp_mode="never", copy_gbs=10.0, first_touch_gbs=2.0,
                       gemm_gflops={"float32": 100.0, "float16": 2.5},

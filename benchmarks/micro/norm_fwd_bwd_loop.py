@@ -7,7 +7,9 @@ Peers and ratios: ``fastllm bench norm``.
     GLIBC_TUNABLES=glibc.malloc.trim_threshold=1099511627776:glibc.malloc.mmap_threshold=33554432 \\
     PYTHONPATH=. OMP_NUM_THREADS=1 [FASTLLM_CPU_ISA=avx2] python benchmarks/micro/norm_fwd_bwd_loop.py
 
-(the GLIBC_TUNABLES are the bench's kept heap, fastllm.bench.common.HEAP_TUNABLES). Prints the
+(the GLIBC_TUNABLES are the bench's kept heap as it was when the prefetch's figures were taken;
+fastllm.bench.common.HEAP_TUNABLES has since turned glibc's thread cache and fast bins off
+too). Prints the
 best of 5 timings of 30 calls (3 at 8192 x 4096) per op, shape and dtype, in ms.
 """
 

@@ -528,9 +528,9 @@ struct Avx2Ops {
   // dst[c * Np + r] = first[r * stride_t + c] (pack_transposed's tiles: k^T, and in backward
   // k^T and v^T; 16-bit rows widened to floats first), zero-padded, by 8 x 8 register
   // transposes (cpu::avx2::transpose_rows); false for strided columns (pack_transposed's
-  // scalar loop then). The
-  // scalar loop was 5 % of the float32 forward's kernel time at B2 H8 T1024 D64 on a Zen 5
-  // core held to AVX2 (perf).
+  // scalar loop then). The scalar loop was 5 % of the float32 forward's kernel time at B2 H8
+  // T1024 D64 on a Zen 5 core held to AVX2 (perf); the forward went 43.0 -> 41.4 ms
+  // (benchmarks/results/2026-12-06-cpu-attention-avx2-transpose-ab-zen5.txt).
   static bool transpose_floats(const float* first, int64_t stride_t, int64_t stride_d,
                                int rows, int Np, int D, int Dp, float* dst) {
     if (stride_d != 1) return false;

@@ -201,7 +201,8 @@ def system_heap_env(env: dict[str, str]) -> dict[str, str]:
     others stay): glibc's malloc defaults."""
     env = dict(env)
     current = env.pop(GLIBC_TUNABLES_ENV, "")
-    others = [t for t in current.split(":") if t and t not in _malloc_tunables(current)]
+    malloc = set(_malloc_tunables(current))
+    others = [t for t in current.split(":") if t and t not in malloc]
     if others:
         env[GLIBC_TUNABLES_ENV] = ":".join(others)
     return env

@@ -173,6 +173,32 @@ def test_huge_finite_gates_saturate_without_nan(backend, kind):
     torch.testing.assert_close(grad_gate, (gate > 0).float())
 
 
+SATURATED_SILU = """
+    import os, torch
+    from fastllm import functional as F
+    torch.manual_seed(0)
+    # 3 rows of 37 gates from 18 up (odd width: every path's vector loop and its tail).
+    gate = torch.cat([torch.linspace(18.0, 88.0, 30), torch.tensor([46.229881286621094, 100.0,
+                      1e3, 1e4, 3e4, 1e6, 2e7])]).repeat(3, 1)
+    up = torch.randn(3, 37) * 30
+    torch.save({"out": F.swiglu(gate, up), "gate": gate, "up": up}, os.environ["OUT"])
+    print("ok")
+"""
+
+
+def test_saturated_silu_is_exact_on_every_isa_path(tmp_path):
+    """Above g = 18 float32's sigmoid(g) rounds to 1, so silu(g) = g and swiglu is the one
+    rounding of g * up, on every instruction-set path. The AVX2 path's reciprocal (rcp_ps
+    and one Newton step) gave 1 - 2^-24 for 1 / 1 on Zen 3, an ulp off every such output
+    (the fuzz below caught it on that AVX2-only CPU, which no other path runs by default)."""
+    from tests.helpers import outputs_per_cpu_isa
+
+    for isa, got in outputs_per_cpu_isa(SATURATED_SILU, tmp_path).items():
+        expected = got["gate"] * got["up"]  # float32: one rounding
+        assert torch.equal(got["out"], expected), (
+            f"FASTLLM_CPU_ISA={isa!r}: max diff {(got['out'] - expected).abs().max().item():.3g}")
+
+
 @pytest.mark.parametrize("backend", PUBLIC_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_extremes(backend, dtype):

@@ -169,10 +169,18 @@ FASTLLM_INLINE V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
 // of the range never applies.
 FASTLLM_INLINE V exp_v(V x) { return cpu::avx2::exp_ps(x); }
 
-// 1 / d for d in [1, 2]: the 12-bit estimate and one Newton step (about 2^-23 relative).
+// 1 / d for d in [1, 2]: the 12-bit estimate and two Newton steps. One step left 906503 of
+// the floats in [1, 2] off the rounded quotient, by up to 1.86 units of 2^-24 -- d = 1 among
+// them: rcp_ps(1) is 0.999755859 on Zen 3 and one step gives 1 - 2^-24, so silu(g) = g s came
+// out an ulp under g for every g above ~17 (tests/test_gated_mlp_hostile.py's fuzz failed on
+// that AVX2-only CPU); two steps leave one, within 0.5 (benchmarks/micro/avx2_recip_sweep.cpp,
+// record benchmarks/results/2026-12-06-cpu-avx2-recip-sweep-zen3.txt). Two FMAs more per 8
+// values, in kernels bound by memory.
 FASTLLM_INLINE V recip(V d) {
-  const V r = _mm256_rcp_ps(d);
-  return fmadd(fnmadd(d, r, _mm256_set1_ps(1.0f)), r, r);
+  const V one = _mm256_set1_ps(1.0f);
+  V r = _mm256_rcp_ps(d);
+  r = fmadd(fnmadd(d, r, one), r, r);
+  return fmadd(fnmadd(d, r, one), r, r);
 }
 
 #include "gated_mlp/gated_mlp_cpu_simd.h"

@@ -12,6 +12,12 @@
 // 42-49 streaming (x stays in the 32 MiB L3 then), reused 128 MiB 21-22 and 31-32; fresh 16
 // and 128 MiB 4.1-4.5 GB/s either way (the page faults bound them; streaming 10 % slower to
 // 7 % faster).
+// The last rows of each size write y in groups of 4 rows of 1024 floats, as the norms'
+// backward sweep does: streaming the 4 rows in turn (8 floats of each at a step) against
+// sweeping them into a scratch block and streaming it out row by row. On the Zen 3 guest
+// (AMD EPYC family 25 model 1, one thread, record benchmarks/results/
+// 2026-12-06-cpu-stream-stores-zen3.txt): reused 16 MiB, 3.5-4.1 GB/s streaming in turn
+// against 17-24 plain, 15-21 streaming through the scratch block; 128 MiB 4.0 / 13.7 / 20.6.
 //
 // Build and run (x86-64, GCC >= 11; the measuring code carries its own target attribute), or
 // through CMakeLists.txt (target stream_stores, also run by ctest, which only checks that it
@@ -38,6 +44,42 @@ __attribute__((target("avx2"))) void scale(const float* x, float* y, size_t n, b
   } else {
     for (size_t i = 0; i < n; i += 8) _mm256_store_ps(y + i, _mm256_mul_ps(_mm256_load_ps(x + i), a));
   }
+}
+
+// y = 1.5 x over rows of 1024 floats in groups of 4 rows, the norms' backward sweep: "in
+// turn" stores the 4 rows' vectors one after another at each step of 8 floats (4 streams
+// open at once); "scratch" sweeps the group into a 16 KiB block with plain stores and then
+// copies it out row after row (streaming: one stream at a time; csrc/norm/norm_cpu_simd.h,
+// stream_row).
+__attribute__((target("avx2"))) void scale_rows(const float* x, float* y, size_t n, bool stream,
+                                                bool scratch) {
+  constexpr size_t kCols = 1024, kGroup = 4;
+  alignas(64) static float block[kGroup * kCols];
+  const __m256 a = _mm256_set1_ps(1.5f);
+  for (size_t r = 0; r + kGroup <= n / kCols; r += kGroup) {
+    float* out = scratch ? block : y + r * kCols;
+    for (size_t j = 0; j < kCols; j += 8) {
+      for (size_t i = 0; i < kGroup; ++i) {
+        const __m256 v = _mm256_mul_ps(_mm256_load_ps(x + (r + i) * kCols + j), a);
+        if (stream && !scratch) {
+          _mm256_stream_ps(out + i * kCols + j, v);
+        } else {
+          _mm256_store_ps(out + i * kCols + j, v);
+        }
+      }
+    }
+    if (scratch) {
+      for (size_t e = 0; e < kGroup * kCols; e += 8) {
+        const __m256 v = _mm256_load_ps(block + e);
+        if (stream) {
+          _mm256_stream_ps(y + r * kCols + e, v);
+        } else {
+          _mm256_store_ps(y + r * kCols + e, v);
+        }
+      }
+    }
+  }
+  if (stream) _mm_sfence();
 }
 
 float* map_fresh(size_t bytes) {
@@ -86,6 +128,21 @@ int main(int argc, char** argv) {
         const double s = best_seconds(x, y, n, stream, fresh, kRuns);
         std::printf("%4zu MiB  %-6s  %-9s  %8.3f ms  %6.1f GB/s\n", m, fresh ? "fresh" : "reused",
                     stream ? "streaming" : "plain", s * 1e3, 2.0 * n * sizeof(float) / s / 1e9);
+      }
+    }
+    for (const bool scratch : {false, true}) {
+      for (const bool stream : {false, true}) {
+        double best = 1e30;
+        for (int r = 0; r < kRuns; ++r) {
+          const auto t0 = std::chrono::steady_clock::now();
+          scale_rows(x, y, n, stream, scratch);
+          best = std::min(
+              best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::printf("%4zu MiB  reused  %-9s  %8.3f ms  %6.1f GB/s  (4 rows of 1024 %s)\n", m,
+                    stream ? "streaming" : "plain", best * 1e3,
+                    2.0 * n * sizeof(float) / best / 1e9,
+                    scratch ? "into a scratch block, then out row by row" : "in turn");
       }
     }
     munmap(x, n * sizeof(float));

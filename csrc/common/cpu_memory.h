@@ -188,6 +188,8 @@ inline void advise_huge_pages(void* p, int64_t bytes) {
 //     bounds such a buffer either way. Residency is sampled with mincore() at the
 //     first, middle and last page: a reused heap block is resident throughout, a fresh
 //     mapping nowhere, a heap block past a trimmed top at its end.
+// A kernel streams one row at a time: 4 rows' vectors streamed in turn ran 3-6x slower than
+// plain stores on a Zen 3 core (csrc/norm/norm_cpu_simd.h, stream_row).
 // FASTLLM_CPU_STREAM_STORES=1 streams every output whose rows allow it (tests force the path
 // with it on small shapes), =0 never, unset / empty / auto decides as above. The kernels
 // stream only full vectors of rows that start on 64-byte boundaries (torch's CPU allocator

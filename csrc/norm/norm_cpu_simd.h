@@ -50,6 +50,25 @@ FASTLLM_INLINE void store_out(T* p, V v, int m, bool stream) {
   }
 }
 
+// dst[0, n) = src[0, n): the full vectors by non-temporal stores (dst's row starts on a
+// 64-byte boundary: stream_outputs' rows), the rest plainly. The kernels stream one row at a
+// time, never several rows' vectors in turn: on a Zen 3 core (EPYC, family 25 model 1) y =
+// 1.5 x into a reused 16 MiB buffer ran at 40-55 GB/s streaming row after row (19-25 plain),
+// but at 3.5-4.1 GB/s streaming 4 rows of 1024 floats in turn, 8 floats of each at a step
+// (17-24 plain) -- the backward's 4-row sweep -- and at 15-21 through a scratch block streamed
+// out row by row (benchmarks/micro/stream_stores.cpp, record benchmarks/results/
+// 2026-12-06-cpu-stream-stores-zen3.txt); `fastllm bench norm`'s float32 4096 x 1024
+// forward+backward went 25.0 -> 10.1 ms (add_layer_norm), 11.8 -> 7.03 (layer_norm) on that
+// core (...-norm-zen3-before-3processes.txt, ...-norm-zen3-stream-row-by-row-3processes.txt).
+// (The Zen 4 guest streamed 4 rows in turn without that loss: record
+// ...-norm-zen4-avx2-held-stream-stores-ab-6pairs.txt.)
+template <int W, class T>
+FASTLLM_INLINE void stream_row(T* dst, const T* src, int64_t n) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) copy_stream<static_cast<int>(W * sizeof(T))>(dst + j, src + j);
+  if (j < n) std::memcpy(dst + j, src + j, sizeof(T) * (n - j));
+}
+
 // stream: the outputs (out, residual_out) are stored non-temporally. The add_* ops then keep
 // the row's s in a scratch row instead of reading it back from residual_out, which a
 // non-temporal store has sent past the cache.
@@ -139,15 +158,11 @@ void norm_fwd_rows(const FwdParams& p, int64_t row_begin, int64_t row_end, bool 
           prefetch(next_x + j);
           if (next_res != nullptr) prefetch(next_res + j);
         }
-        if (s_copy != nullptr) {  // the scratch row's bits, on to residual_out
-          if (m == W) {
-            copy_stream<static_cast<int>(W * sizeof(T))>(s_copy + j, s + j);
-          } else {
-            std::memcpy(s_copy + j, s + j, sizeof(T) * m);
-          }
-        }
         store_out(y + j, affine((loadn(s + j, m) - mean_v) * rstd_v, j, m), m, stream);
       });
+      // The scratch row's bits, on to residual_out: after y's row, not beside it (one
+      // non-temporal stream at a time, stream_row).
+      if (s_copy != nullptr) stream_row<W>(s_copy, s, n);
     };
     if (w != nullptr && b != nullptr) {
       write_y([&](V xhat, int64_t j, int m) FASTLLM_INLINE_LAMBDA {
@@ -214,7 +229,9 @@ void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
 template <class T>
 inline constexpr bool kPrefetchNextGroup = sizeof(T) == 2;
 
-// stream: dx is stored non-temporally.
+// stream: dx is stored non-temporally -- a row group's dx rows are swept into a scratch
+// block (plain stores: it stays in the cache) and then streamed out row after row
+// (stream_row: streaming the sweep's 4 rows in turn ran 4x slower on Zen 3).
 template <class T>
 void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
                         AccOf<T>* dw_partial, AccOf<T>* db_partial, bool stream) {
@@ -225,6 +242,8 @@ void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
   const Acc* w = static_cast<const Acc*>(p.weight);
   const Acc inv_n = Acc(1) / static_cast<Acc>(n);
   BwdRowTerms<T> rows[kRowGroup];
+  std::unique_ptr<T[]> dx_scratch;
+  if (stream) dx_scratch.reset(new T[kRowGroup * n]);
   for (int64_t group = row_begin; group < row_end; group += kRowGroup) {
     const int group_rows = static_cast<int>(std::min<int64_t>(kRowGroup, row_end - group));
     for (int i = 0; i < group_rows; ++i) {
@@ -235,7 +254,7 @@ void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
       t.dres = p.dresidual_out == nullptr
                    ? nullptr
                    : static_cast<const T*>(p.dresidual_out) + r * p.dresidual_out_row_stride;
-      t.dx = static_cast<T*>(p.dx) + r * n;
+      t.dx = stream ? dx_scratch.get() + i * n : static_cast<T*>(p.dx) + r * n;
       t.mean = broadcast(p.rms ? Acc(0) : static_cast<const Acc*>(p.mean)[r]);
       const Acc rstd = bwd_rstd<Acc>(p, r);
       t.rstd = broadcast(rstd);
@@ -264,10 +283,15 @@ void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
       t.dx_xhat = broadcast(rstd * mean_g_xhat);
     }
     if (group_rows == kRowGroup) {
-      norm_bwd_sweep<kRowGroup>(rows, w, n, dw_partial, db_partial, stream);
+      norm_bwd_sweep<kRowGroup>(rows, w, n, dw_partial, db_partial, false);
     } else {
       for (int i = 0; i < group_rows; ++i) {
-        norm_bwd_sweep<1>(rows + i, w, n, dw_partial, db_partial, stream);
+        norm_bwd_sweep<1>(rows + i, w, n, dw_partial, db_partial, false);
+      }
+    }
+    if (stream) {
+      for (int i = 0; i < group_rows; ++i) {
+        stream_row<W>(static_cast<T*>(p.dx) + (group + i) * n, rows[i].dx, n);
       }
     }
   }

@@ -13,8 +13,9 @@
 // "L1 padded": every row stride 16 floats longer than its row, so that the K rows a product
 // reads fall on all of L1's 64 sets (at strides of 64 and 128 floats they fall on 16 or 8).
 // On a Zen 3 core (32 KiB 8-way L1d; record ...-attention-avx2-gemm-zen3.txt) that raised
-// dv += p^T dout from 75 to 84 GFLOP/s in one run and not in the other; copying such operands
-// to spread strides inside the kernel measured no faster (...-spread-strides-ab-zen3.txt).
+// dv += p^T dout from 75 to 84 GFLOP/s (56 to 66 in a noisier second run); copying such
+// operands to spread strides inside the kernel measured no faster (record
+// ...-attention-avx2-spread-strides-ab-zen3.txt).
 //
 // Build and run (x86-64, GCC >= 11; the measuring code carries its own target pragma):
 //   g++ -O2 -o /tmp/aag benchmarks/micro/attention_avx2_gemm.cpp && /tmp/aag

@@ -189,8 +189,8 @@ SATURATED_SILU = """
 def test_saturated_silu_is_exact_on_every_isa_path(tmp_path):
     """Above g = 18 float32's sigmoid(g) rounds to 1, so silu(g) = g and swiglu is the one
     rounding of g * up, on every instruction-set path. The AVX2 path's reciprocal (rcp_ps
-    and one Newton step) gave 1 - 2^-24 for 1 / 1 on Zen 3, an ulp off every such output
-    (the fuzz below caught it on that AVX2-only CPU, which no other path runs by default)."""
+    and one Newton step) gave 1 - 2^-24 for 1 / 1 on Zen 3, an ulp off every such output:
+    the fuzz below caught it on that AVX2-only CPU (elsewhere it runs the AVX-512 path)."""
     from tests.helpers import outputs_per_cpu_isa
 
     for isa, got in outputs_per_cpu_isa(SATURATED_SILU, tmp_path).items():

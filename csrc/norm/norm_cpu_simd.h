@@ -193,10 +193,11 @@ struct BwdRowTerms {
 // summed contribution to the dweight/dbias partials, which are thus read and written once
 // per kRows rows. All loads of a chunk come before its stores: dx rows typically sit at a
 // multiple of 4 KiB from the x / dy rows, and a load issued behind a store to the same
-// address modulo 4 KiB waits for it (4K aliasing).
+// address modulo 4 KiB waits for it (4K aliasing). Plain stores: a streamed dx goes out row
+// by row after the sweep (norm_bwd_rows, stream_row).
 template <int kRows, class T>
 void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
-                         AccOf<T>* dw_partial, AccOf<T>* db_partial, bool stream) {
+                         AccOf<T>* dw_partial, AccOf<T>* db_partial) {
   using V = Vec<T>;
   constexpr int W = kLanes<T>;
   for_each_chunk<W>(n, [&](int64_t j, int m, int) FASTLLM_INLINE_LAMBDA {
@@ -214,7 +215,7 @@ void norm_bwd_sweep(const BwdRowTerms<T>* rows, const AccOf<T>* w, int64_t n,
       dw_sum = fmadd(dy[i], xhat[i], dw_sum);
       db_sum += dy[i];
     }
-    for (int i = 0; i < kRows; ++i) store_out(rows[i].dx + j, dx[i], m, stream);
+    for (int i = 0; i < kRows; ++i) storen(rows[i].dx + j, dx[i], m);
     if (dw_partial != nullptr) storen(dw_partial + j, loadn(dw_partial + j, m) + dw_sum, m);
     if (db_partial != nullptr) storen(db_partial + j, loadn(db_partial + j, m) + db_sum, m);
   });
@@ -283,10 +284,10 @@ void norm_bwd_rows(const BwdParams& p, int64_t row_begin, int64_t row_end,
       t.dx_xhat = broadcast(rstd * mean_g_xhat);
     }
     if (group_rows == kRowGroup) {
-      norm_bwd_sweep<kRowGroup>(rows, w, n, dw_partial, db_partial, false);
+      norm_bwd_sweep<kRowGroup>(rows, w, n, dw_partial, db_partial);
     } else {
       for (int i = 0; i < group_rows; ++i) {
-        norm_bwd_sweep<1>(rows + i, w, n, dw_partial, db_partial, false);
+        norm_bwd_sweep<1>(rows + i, w, n, dw_partial, db_partial);
       }
     }
     if (stream) {

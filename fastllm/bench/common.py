@@ -166,8 +166,9 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 # and in a fresh process a freed 8-31 MiB block of it was never refitted by the next tensor of
 # its size (page-faulted afresh in every round) while malloc's was -- presumably as the aligned
 # request is larger than the block it frees, and a small remainder split off behind the block
-# sits in those caches, allocated, so the block cannot join the heap's top; with both off every size refits from the second round
-# (benchmarks/micro/heap_refit_probe.py, record 2026-12-06-cpu-heap-refit-probe-zen5.txt), and
+# sits in those caches, allocated, so the block cannot join the heap's top; with both off
+# every size refits from the second round (benchmarks/micro/heap_refit_probe.py, record
+# 2026-12-06-cpu-heap-refit-probe-zen5.txt), and
 # the float32 4096 x 1024 norm forwards' ratios moved less between processes (layer_norm
 # 1.16-1.84x eager -> 1.85-1.93x); small allocations get slower for every contender alike
 # (a 43-83 us decode attention call +4 % for fastllm and eager both: record

@@ -45,7 +45,8 @@ def _fastllm(*args: str, env: dict) -> subprocess.CompletedProcess:
 # of its rows, what its table's header shows
 QUICK_RUNS = [
     pytest.param(
-        "norm", ("layer_norm-fwd-*-float32", "add_rms_norm-fwd+bwd-*-bfloat16"), (),
+        "norm", ("layer_norm-fwd-*-float32", "add_rms_norm-fwd+bwd-*-bfloat16"),
+        ("--statistic", "fastest"),
         ("gbs", "copy_gbs"), ("copy bandwidth ceiling",), id="norm",
     ),
     pytest.param(
@@ -92,6 +93,8 @@ def test_bench_quick(tmp_path, family, patterns, options, rate_keys, header):
     requested = options[options.index("--backend") + 1] if "--backend" in options else None
     backend, _ = resolve_backend(requested, torch.device("cpu"))
     assert report["backend"] == backend
+    statistic = options[options.index("--statistic") + 1] if "--statistic" in options else "median"
+    assert report["statistic"] == statistic and f"time: {statistic} of >= " in run.stdout
     for label in (f"fastllm[{backend}]", "torch eager", "torch.compile", *header):
         assert label in run.stdout
     # the subprocess ran with the bench's heap setting (tests/test_bench_heap.py)
@@ -563,6 +566,35 @@ def test_contenders_are_timed_in_alternation():
     assert isinstance(timings[1], RuntimeError) and "b broke" in str(timings[1])
     for timing in (timings[0], timings[2]):
         assert isinstance(timing, Timing) and timing.repeats == 4 and timing.median_s >= 0
+
+
+def test_statistic_reports_the_median_or_the_fastest_call(monkeypatch):
+    """Timing keeps the median and the fastest of a contender's timed calls; the budget's
+    statistic (``fastllm bench --statistic``) decides which one its row reports; an unknown
+    statistic is refused by name."""
+    from fastllm.bench import common, load_family
+
+    seconds = iter([0.005, 0.001, 0.009, 0.002, 0.003])
+    monkeypatch.setattr(common, "_call_seconds", lambda call, device: next(seconds))
+    budget = TimingBudget(warmup_s=0.0, min_repeats=5, min_time_s=0.0, max_repeats=5)
+    (timing,) = common.time_interleaved([lambda: None], torch.device("cpu"), budget)
+    assert (timing.median_s, timing.fastest_s, timing.repeats) == (0.003, 0.001, 5)
+    assert timing.seconds("median") == 0.003 and timing.seconds("fastest") == 0.001
+    monkeypatch.undo()
+
+    case = next(c for c in load_family("norm").cases(quick=True)
+                if fnmatch.fnmatchcase(c.id, "rms_norm-fwd-*-float32"))
+    fixed = common.Timing(median_s=0.002, fastest_s=0.001, repeats=7)
+    monkeypatch.setattr(common, "time_interleaved",
+                        lambda calls, device, budget: [fixed for _ in calls])
+    for statistic, expected in (("median", 0.002), ("fastest", 0.001)):
+        results = run_cases("norm", [case], kernel_family="norm", device=torch.device("cpu"),
+                            backend="reference", copy_gbs=1.0, contenders=[EAGER],
+                            budget=TimingBudget(0.0, 1, 0.0, 1, statistic=statistic))
+        assert [(r.contender, r.time_s, r.repeats) for r in results] == [(EAGER, expected, 7)]
+    with pytest.raises(ValueError, match=r"statistic must be one of median, fastest; "
+                                         r"got 'mean'"):
+        TimingBudget(0.0, 1, 0.0, 1, statistic="mean")
 
 
 def test_attention_decode_rows_name_the_decode_kernels_path():

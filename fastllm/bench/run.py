@@ -3,7 +3,7 @@
     fastllm bench [FAMILY ...] [--quick] [--shapes {default,llama3-8b,all}] [--json FILE]
                   [--plot FILE] [--only PATTERN ...] [--device DEVICE] [--backend NAME]
                   [--processes N] [--process-per-case | --in-process] [--no-thp-rerun]
-                  [--system-heap]
+                  [--system-heap] [--statistic {median,fastest}]
 
 ``fastllm bench`` times fastllm, torch eager and torch.compile on every case of every
 registered family (``fastllm.bench.FAMILIES``; ``fastllm bench norm`` for one) and prints
@@ -95,7 +95,7 @@ logger = logging.getLogger("fastllm")
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``fastllm bench`` to the command line."""
     from fastllm.bench import FAMILIES, STANDALONE
-    from fastllm.bench.common import DEFAULT_SHAPES, SHAPE_SETS
+    from fastllm.bench.common import DEFAULT_SHAPES, SHAPE_SETS, STATISTICS
 
     bench = subparsers.add_parser(
         "bench",
@@ -174,6 +174,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "glibc.malloc tunable)",
     )
     bench.add_argument(
+        "--statistic", choices=STATISTICS, default="median",
+        help="the time each op family's row reports of its contender's timed calls: their "
+        "median (default) or the fastest call, the steadier figure on a VM whose neighbours steal "
+        "cycles in bursts (the contenders are timed in alternation either way)",
+    )
+    bench.add_argument(
         "--no-thp-rerun", action="store_true",
         help="do not re-time the page-fault-bound CPU cases with the opposite "
         "THP_MEM_ALLOC_ENABLE setting",
@@ -219,7 +225,7 @@ def _run_child(family: str, cases: Sequence, args, backend: str, device, thp: st
         command = [
             sys.executable, "-m", "fastllm", "bench", family, "--in-process",
             "--device", str(device), "--backend", backend, "--json", str(out),
-            "--shapes", args.shapes,
+            "--shapes", args.shapes, "--statistic", args.statistic,
             *(["--quick"] if args.quick else []), *([] if thp_rerun else ["--no-thp-rerun"]),
         ]
         for case in cases:
@@ -366,7 +372,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
         if rerun_note:
             lines.append(rerun_note)
     lines += [
-        f"time: median of >= {budget.min_repeats} calls (and >= {budget.min_time_s:g} s of calls) "
+        f"time: {budget.statistic} of >= {budget.min_repeats} calls "
+        f"(and >= {budget.min_time_s:g} s of calls) "
         "after warm-up; GB/s: unavoidable bytes read + written once / time; % copy: of the ceiling "
         "measured under the row's THP setting; GFLOP/s (compute-bound families, instead of GB/s): "
         "the family's FLOP count / time; % GEMM: of torch's GEMM rate in the row's dtype;",
@@ -480,6 +487,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     budget = TimingBudget.quick() if args.quick else TimingBudget.full()
+    budget = dataclasses.replace(budget, statistic=args.statistic)
 
     def measure():
         logger.info("measuring the copy bandwidth and first-touch ceilings on %s", device)
@@ -590,6 +598,7 @@ def run(args: argparse.Namespace) -> int:
             "backend": backend,
             "quick": args.quick,
             "shapes": args.shapes,
+            "statistic": args.statistic,  # each result's time_s: the median or fastest call
             "wall_time_s": wall,
             "results": [dataclasses.asdict(r) for r in all_results],
         }

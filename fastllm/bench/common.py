@@ -236,7 +236,9 @@ THP_ENV = "THP_MEM_ALLOC_ENABLE"
 # What a row's time is of its contender's timed calls: their median (the default), or the
 # fastest: on a Firecracker guest whose neighbours stole cycles in bursts, the medians of one
 # attention forward moved 46-75 GFLOP/s from one process to the next, the fastest calls
-# 74-80 (benchmarks/results/2026-12-07-cpu-attention-fastllm-vs-sdpa-min-zen3.txt).
+# 74-80 (benchmarks/results/2026-12-07-cpu-attention-fastllm-vs-sdpa-min-zen3.txt). Not for
+# page-fault-bound cases: their calls' faults vary with the heap, and the fastest call is a
+# lucky heap (torch eager's cross-entropy fwd+bwd there: median 2901 ms, fastest 1255).
 STATISTICS = ("median", "fastest")
 
 

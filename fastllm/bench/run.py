@@ -176,8 +176,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--statistic", choices=STATISTICS, default="median",
         help="the time each op family's row reports of its contender's timed calls: their "
-        "median (default) or the fastest call, the steadier figure on a VM whose neighbours steal "
-        "cycles in bursts (the contenders are timed in alternation either way)",
+        "median (default) or the fastest call, the steadier figure for compute-bound cases on a "
+        "VM whose neighbours steal cycles in bursts (not for page-fault-bound ones, whose "
+        "fastest call is a lucky heap; the contenders are timed in alternation either way)",
     )
     bench.add_argument(
         "--no-thp-rerun", action="store_true",

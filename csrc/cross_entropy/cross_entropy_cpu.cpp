@@ -382,6 +382,31 @@ void bwd_rows_scalar(const BwdParams& p, const Consts<AccOf<T>>& c, int64_t num_
 // Logits per block of the forward: 8 KiB of float32, re-read from L1 by the second sweep.
 constexpr int64_t kBlock = 2048;
 
+// Software prefetch on both paths (prefetch_fwd / prefetch_bwd, cross_entropy_cpu_simd.h),
+// kFwdPrefetchAhead bytes ahead while the forward computes the exp-sum of a block from L1
+// (the next block, or the next row), and kPrefetchAhead bytes ahead of backward's loads: the
+// loops are too slow per line for the hardware prefetcher to run far enough ahead. On the
+// AVX-512 path it took the bfloat16 forward 42 -> 31 ms and the backward in place 86 -> 32
+// ms at 4096 x 32000 (fp32: 56 -> 55, 55 -> 51; the dev machine of the time); distances of 8, 16 and 32
+// KiB measured the same. On the AVX2 path (one Zen 3 core, fastest of 8-15 s of calls, old
+// and new build pinned side by side, then swapped): float32 forward 65 -> 44 ms, backward
+// in place 53.5 -> 50; bfloat16 forward 57 -> 49, backward unchanged at 89-90 (bound by its
+// arithmetic); forward distances of 4 KiB lost the float32 gain (55 ms), 8-16 KiB and 1-8
+// KiB for the backward measured the same. A prefetch never faults, so one past the end of a
+// row is fine. One per 64-byte line.
+constexpr int64_t kFwdPrefetchAhead = 8192;
+constexpr int64_t kPrefetchAhead = 2048;
+
+// The empty asm with a memory clobber keeps each prefetch beside its own chunk: without it
+// GCC hoists the kSlots prefetches of a group of chunks to the group's top, back to back,
+// and the float32 forward at 4096 x 32000 ran at half the read bandwidth (AVX-512 path: 57
+// ms against 28 ms with it, huge-page logits; 57 -> 50 ms on 4 KiB pages; bf16 24 -> 20.5
+// ms; 1 thread).
+FASTLLM_INLINE void prefetch(const void* p) {
+  asm volatile("" ::: "memory");
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
 FASTLLM_AVX2_BEGIN
 namespace avx2_path {
 
@@ -445,12 +470,6 @@ FASTLLM_INLINE float hmax(const __m256 (&v)[kSlots]) {
   return cpu::avx2::hmax(_mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])));
 }
 
-// No software prefetch: the 8-float loop is slow enough per line for the hardware's.
-template <class T>
-FASTLLM_INLINE void prefetch_fwd(const T*, int) {}
-template <class T>
-FASTLLM_INLINE void prefetch_bwd(const T*, int) {}
-
 #include "cross_entropy/cross_entropy_cpu_simd.h"
 
 }  // namespace avx2_path
@@ -460,10 +479,9 @@ FASTLLM_AVX2_END
 // cpu_avx512()): e^d is exp2 of d log2(e) (vreduceps + a degree-5 polynomial + vscalefps, 9
 // instructions with the multiply and the clamp, against 15 for the AVX2 exp); a row's
 // partial vector is masked (loads give 0, the sums skip the padding lanes); bfloat16
-// gradients are rounded by vcvtneps2bf16 (exactly as c10 rounds, cpu_avx512.h); rows are
-// prefetched in software. Stores are ordinary: a non-temporal store to a freshly faulted
-// page measured 2.7x slower than a plain one on the dev machine (the kernel's page clearing
-// leaves the lines in the cache).
+// gradients are rounded by vcvtneps2bf16 (exactly as c10 rounds, cpu_avx512.h). Stores are
+// ordinary: a non-temporal store to a freshly faulted page measured 2.7x slower than a plain
+// one on the dev machine (the kernel's page clearing leaves the lines in the cache).
 
 FASTLLM_AVX512_BEGIN
 FASTLLM_AVX512_NO_UNDEFINED_WARNING_BEGIN
@@ -512,39 +530,6 @@ FASTLLM_INLINE __m512 sub_first(__m512 a, __m512 b, int n) {
 FASTLLM_INLINE __m512 add_exp_first(__m512 acc, __m512 z, __m512 m, int n) {
   const __m512 e = exp_nonpositive(_mm512_sub_ps(z, m));
   return n == W ? _mm512_add_ps(acc, e) : _mm512_mask_add_ps(acc, lanes(n), acc, e);
-}
-
-// Software prefetch, kFwdPrefetchAhead bytes ahead while the forward computes the exp-sum of
-// a block from L1 (the next block, or the next row), and kPrefetchAhead bytes ahead of
-// backward's loads: without it the bfloat16 rows ran at a third of the fp32 rows' bytes per
-// second (the loop is too slow per line for the hardware prefetcher to run far enough
-// ahead); with it bf16 forward went 42 -> 31 ms, backward in place 86 -> 32 ms at 4096 x
-// 32000 on the dev machine (fp32: 56 -> 55, 55 -> 51). Distances of 8, 16 and 32 KiB
-// measured the same. A prefetch never faults, so one past the end of a row is fine. One per
-// 64-byte line: chunk slot k starts a line.
-constexpr int64_t kFwdPrefetchAhead = 8192;
-constexpr int64_t kPrefetchAhead = 2048;
-
-template <class T>
-FASTLLM_INLINE constexpr bool starts_line(int k) {
-  return (static_cast<int64_t>(k) * W * static_cast<int64_t>(sizeof(T))) % 64 == 0;
-}
-
-// The empty asm with a memory clobber keeps each prefetch beside its own chunk: without it
-// GCC hoists the kSlots prefetches of a group of chunks to the group's top, back to back,
-// and the float32 forward at 4096 x 32000 ran at half the read bandwidth (57 ms against
-// 28 ms with it, huge-page logits; 57 -> 50 ms on 4 KiB pages; bf16 24 -> 20.5 ms; 1 thread).
-FASTLLM_INLINE void prefetch(const void* p) {
-  asm volatile("" ::: "memory");
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-}
-template <class T>
-FASTLLM_INLINE void prefetch_fwd(const T* chunk, int k) {
-  if (starts_line<T>(k)) prefetch(chunk + kFwdPrefetchAhead / sizeof(T));
-}
-template <class T>
-FASTLLM_INLINE void prefetch_bwd(const T* chunk, int k) {
-  if (starts_line<T>(k)) prefetch(chunk + kPrefetchAhead / sizeof(T));
 }
 
 #include "cross_entropy/cross_entropy_cpu_simd.h"

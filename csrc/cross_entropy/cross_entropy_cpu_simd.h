@@ -5,9 +5,23 @@
 // broadcast, fmadd and fnmadd (+, - and * are GCC's vector operators); hsum (of a vector or
 // of kSlots) and hmax (of kSlots); tanh_vec, and exp_nonpositive (e^d for d <= 0, -inf or
 // NaN); the row-tail helpers max_first, sub_first and add_exp_first (an operation on the
-// first n lanes, the others left as they were or 0); prefetch_fwd and prefetch_bwd (software
-// prefetch ahead of a chunk, or nothing where the hardware prefetcher keeps up). No include
-// guard: it is meant to be included twice.
+// first n lanes, the others left as they were or 0). The software prefetch distances and
+// prefetch() are cross_entropy_cpu.cpp's, ahead of both regions. No include guard: it is
+// meant to be included twice.
+
+// Whether chunk slot k of for_each_chunk starts a 64-byte line of T (one prefetch per line).
+template <class T>
+FASTLLM_INLINE constexpr bool starts_line(int k) {
+  return (static_cast<int64_t>(k) * W * static_cast<int64_t>(sizeof(T))) % 64 == 0;
+}
+template <class T>
+FASTLLM_INLINE void prefetch_fwd(const T* chunk, int k) {
+  if (starts_line<T>(k)) prefetch(chunk + kFwdPrefetchAhead / sizeof(T));
+}
+template <class T>
+FASTLLM_INLINE void prefetch_bwd(const T* chunk, int k) {
+  if (starts_line<T>(k)) prefetch(chunk + kPrefetchAhead / sizeof(T));
+}
 //
 // The scalar path's algorithm on vectors. The forward's online max is kept per block of
 // kBlock logits rather than per element: a first sweep over the block takes its max, the

@@ -387,11 +387,12 @@ constexpr int64_t kBlock = 2048;
 // (the next block, or the next row), and kPrefetchAhead bytes ahead of backward's loads: the
 // loops are too slow per line for the hardware prefetcher to run far enough ahead. On the
 // AVX-512 path it took the bfloat16 forward 42 -> 31 ms and the backward in place 86 -> 32
-// ms at 4096 x 32000 (fp32: 56 -> 55, 55 -> 51; the dev machine of the time); distances of 8, 16 and 32
-// KiB measured the same. On the AVX2 path (one Zen 3 core, fastest of 8-15 s of calls, old
-// and new build pinned side by side, then swapped): float32 forward 65 -> 44 ms, backward
-// in place 53.5 -> 50; bfloat16 forward 57 -> 49, backward unchanged at 89-90 (bound by its
-// arithmetic); forward distances of 4 KiB lost the float32 gain (55 ms), 8-16 KiB and 1-8
+// ms at 4096 x 32000 (fp32: 56 -> 55, 55 -> 51; the dev machine of the time); distances of
+// 8, 16 and 32 KiB measured the same. On the AVX2 path (one Zen 3 core, fastest of 15 s of
+// calls, old and new builds pinned side by side, then swapped; record
+// ...-cross-entropy-avx2-prefetch-ab-zen3.txt): float32 forward 65 -> 44 ms, backward in
+// place 53 -> 49.5; bfloat16 forward 57 -> 49, backward unchanged at 89 (bound by its
+// arithmetic); a forward distance of 4 KiB lost the float32 gain (55 ms), 8-16 KiB and 1-8
 // KiB for the backward measured the same. A prefetch never faults, so one past the end of a
 // row is fine. One per 64-byte line.
 constexpr int64_t kFwdPrefetchAhead = 8192;

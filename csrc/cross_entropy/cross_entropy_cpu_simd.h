@@ -22,7 +22,7 @@ template <class T>
 FASTLLM_INLINE void prefetch_bwd(const T* chunk, int k) {
   if (starts_line<T>(k)) prefetch(chunk + kPrefetchAhead / sizeof(T));
 }
-//
+
 // The scalar path's algorithm on vectors. The forward's online max is kept per block of
 // kBlock logits rather than per element: a first sweep over the block takes its max, the
 // running sum is rescaled once if the max grew, and a second sweep, which finds the block in

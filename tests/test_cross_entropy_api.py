@@ -711,6 +711,19 @@ for threads in (1, 2):
     g, = torch.autograd.grad(loss, x)
     runs.append((loss, g))
 assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "threads"
+# An upstream gradient that is NaN, whatever its bits, makes its row's gradient NaN: the AVX2
+# path's bfloat16 row loop rounds without a NaN select, which a NaN with its low 16 bits set
+# would turn into -0.0 or 0 (0x7FFFFFFF, 0xFFFFFFFF), so such rows take the generic loop.
+# (The op itself: autograd hands it a NaN with those bits cleared.)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = torch.randn(4, 1003).to(dtype)
+    t = torch.tensor([1, 2, 3, 4])
+    _, lse, _ = torch.ops.fastllm.cross_entropy_fwd(x, t, None, -100, 0.0, 0.0, 0.0)
+    g = torch.ones(4)
+    g.view(torch.int32)[1] = 0x7FFFFFFF
+    g.view(torch.int32)[2] = -1  # 0xFFFFFFFF
+    torch.ops.fastllm.cross_entropy_bwd_inplace(g, x, t, None, lse, -100, 0.0, 0.0, 0.0)
+    assert x[1:3].isnan().all() and x[[0, 3]].isfinite().all(), f"{dtype} NaN upstream"
 torch.save(outputs, os.environ["OUT"])
 print("ok")
 """

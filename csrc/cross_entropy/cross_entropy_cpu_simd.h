@@ -3,9 +3,11 @@
 // region (namespace avx512_path: W = 16 floats), after each has defined the names used here:
 // V and W (the vector and its lanes); kSlots, loadn, storen and for_each_chunk(len, body);
 // broadcast, fmadd and fnmadd (+, - and * are GCC's vector operators); hsum (of a vector or
-// of kSlots) and hmax (of kSlots); tanh_vec, and exp_nonpositive (e^d for d <= 0, -inf or
-// NaN); the row-tail helpers max_first, sub_first and add_exp_first (an operation on the
-// first n lanes, the others left as they were or 0). The software prefetch distances and
+// of kSlots) and hmax (of kSlots); tanh_vec, exp_nonpositive (e^d for d <= 0, -inf or
+// NaN) and scaled_exp_16bit (coef * e^d, as accurate as 16-bit gradients need); bwd_row_head
+// (the path's own backward loop over a row's first elements, or none); the row-tail helpers
+// max_first, sub_first and add_exp_first (an operation on the first n lanes, the others left
+// as they were or 0). The software prefetch distances and
 // prefetch() are cross_entropy_cpu.cpp's, ahead of both regions. No include guard: it is
 // meant to be included twice.
 
@@ -122,19 +124,25 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
     const V lse_lo = broadcast(row.split.lo);
     const V coef_p = broadcast(row.k.coef_p);
     const V coef_w = broadcast(row.k.coef_w);
-    for_each_chunk(vocab, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-      prefetch_bwd(x + j, k);
-      V z = loadn(x + j, n);
+    // The path's own loop for the row's first elements, if it has one (a multiple of 64).
+    const int64_t head = bwd_row_head<T, kSoftcap, kWeighted>(x, dx, vocab, row);
+    const T* x_rest = x + head;
+    T* dx_rest = dx + head;
+    const float* weight_rest = kWeighted ? weight + head : nullptr;
+    for_each_chunk(vocab - head, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+      prefetch_bwd(x_rest + j, k);
+      V z = loadn(x_rest + j, n);
       V tanh_j = z;
       if (kSoftcap) {
         tanh_j = tanh_vec(z * inv_softcap);
         z = softcap * tanh_j;
       }
-      const V p_j = exp_nonpositive((z - lse_hi) - lse_lo);
-      V d = coef_p * p_j;
-      d = kWeighted ? fnmadd(coef_w, loadn(weight + j, n), d) : d - coef_w;
+      // coef_p * p_j, p_j = e^(z - lse); 16-bit gradients take the shorter exp.
+      V d = sizeof(T) == 2 ? scaled_exp_16bit((z - lse_hi) - lse_lo, coef_p)
+                           : coef_p * exp_nonpositive((z - lse_hi) - lse_lo);
+      d = kWeighted ? fnmadd(coef_w, loadn(weight_rest + j, n), d) : d - coef_w;
       if (kSoftcap) d = d * fnmadd(tanh_j, tanh_j, one);
-      storen(dx + j, d, n);
+      storen(dx_rest + j, d, n);
     });
     if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
   }

@@ -304,3 +304,22 @@ def test_torch_cpu_isa_names_the_caps(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     assert torch_cpu_isa() == f"{level} (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"
+
+
+def test_inductor_cache_kept_apart_per_aten_cpu_capability():
+    """torch.compile's cache does not key on ATEN_CPU_CAPABILITY, and code cached at another
+    level crashed the process that reused it: a run that sets it gets a directory of that
+    level's own -- also where TORCHINDUCTOR_CACHE_DIR is torch's default, which importing
+    torch._dynamo sets -- while a directory the user chose, or no cap, is left alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from fastllm.bench.common import INDUCTOR_CACHE_ENV, inductor_cache_for_isa
+
+    default = default_cache_dir()
+    assert inductor_cache_for_isa({}) is None
+    assert inductor_cache_for_isa({INDUCTOR_CACHE_ENV: "/somewhere"}) is None
+    assert inductor_cache_for_isa({"ATEN_CPU_CAPABILITY": "avx2"}) == default + "_aten_avx2"
+    assert inductor_cache_for_isa({"ATEN_CPU_CAPABILITY": "AVX512",
+                                   INDUCTOR_CACHE_ENV: default}) == default + "_aten_avx512"
+    assert inductor_cache_for_isa({"ATEN_CPU_CAPABILITY": "avx2",
+                                   INDUCTOR_CACHE_ENV: "/somewhere"}) is None

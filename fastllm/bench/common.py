@@ -560,6 +560,35 @@ class Machine:
 TORCH_CPU_ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
+# torch.compile's caches (torch 2.14.1) do not key their entries on ATEN_CPU_CAPABILITY,
+# though the C++ that inductor generates depends on it (its vector widths): on a Zen 5 core,
+# code cached by a run under ATEN_CPU_CAPABILITY=avx2 (16 bfloat16 per vector) and reused by
+# a run without it (32 per vector) crashed the bfloat16 cross-entropy backward's process with
+# SIGABRT / SIGSEGV, and with a fresh cache it ran (record benchmarks/results/
+# 2026-12-07-cpu-inductor-cache-isa-crash-zen5.txt). So a run that caps torch's level keeps
+# torch.compile's cache in a directory of that level's own.
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def inductor_cache_for_isa(env: dict[str, str]) -> Optional[str]:
+    """The torch.compile cache directory a run with ``env`` should use: torch's default one
+    with ``_aten_<level>`` appended where ``env`` sets ATEN_CPU_CAPABILITY; None (leave it to
+    torch) where it does not, or where ``env`` names a cache directory other than the default
+    (importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR to the default, so that one counts
+    as unset)."""
+    level = env.get("ATEN_CPU_CAPABILITY")
+    if not level:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = default_cache_dir()
+    current = env.get(INDUCTOR_CACHE_ENV)
+    if current and os.path.abspath(current) != os.path.abspath(default):
+        return None
+    safe = "".join(ch if ch.isalnum() else "_" for ch in level.lower())
+    return f"{default}_aten_{safe}"
+
+
 def torch_cpu_isa() -> str:
     """The header's words on torch's own CPU instruction set: the level its vectorised
     kernels run at (``torch.backends.cpu.get_cpu_capability()``) and any of

@@ -45,7 +45,9 @@ costs each case a process start and the ceilings' measurement, a few seconds.
 
 A process that dies: some peers' code crashes the process it runs in (torch 2.14.1's
 ``torch.compile`` code for the rotary case in float32 corrupts the heap on a Zen 4 core, and
-for a bfloat16 cross-entropy under ``ATEN_CPU_CAPABILITY=avx2`` it segfaults), which in one
+for a bfloat16 cross-entropy under ``ATEN_CPU_CAPABILITY=avx2`` it segfaulted -- perhaps,
+as seen later, code cached by a run at another level: see
+``fastllm.bench.common.inductor_cache_for_isa``), which in one
 process ends the whole run. So a fresh process that dies without results costs only the rows
 it takes down: its cases are timed again one per process, and a case whose process still dies
 is timed once per contender alone, then with the contenders that survived alone together (so
@@ -408,6 +410,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fastllm.bench import FAMILIES, STANDALONE, load_family
+    from fastllm.bench.common import INDUCTOR_CACHE_ENV, inductor_cache_for_isa
+
+    # Before anything compiles; the subprocesses inherit it.
+    isa_cache = inductor_cache_for_isa(dict(os.environ))
+    if isa_cache is not None:
+        os.environ[INDUCTOR_CACHE_ENV] = isa_cache
 
     if args.plot is not None:
         own_runners = STANDALONE | {pretrain_bench.FAMILY}

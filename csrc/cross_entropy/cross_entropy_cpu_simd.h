@@ -5,11 +5,11 @@
 // broadcast, fmadd and fnmadd (+, - and * are GCC's vector operators); hsum (of a vector or
 // of kSlots) and hmax (of kSlots); tanh_vec, exp_nonpositive (e^d for d <= 0, -inf or
 // NaN) and scaled_exp_16bit (coef * e^d, as accurate as 16-bit gradients need);
-// load_even_odd and store_even_odd_nan_free (2 W bfloat16 as two vectors); the row-tail helpers
-// max_first, sub_first and add_exp_first (an operation on the first n lanes, the others left
-// as they were or 0). The software prefetch distances and
-// prefetch() are cross_entropy_cpu.cpp's, ahead of both regions. No include guard: it is
-// meant to be included twice.
+// load_even_odd and store_even_odd_nan_free (2 W bfloat16 as two vectors); the row-tail
+// helpers max_first, sub_first and add_exp_first (an operation on the first n lanes, the
+// others left as they were or 0). The software prefetch distances and prefetch() are
+// cross_entropy_cpu.cpp's, ahead of both regions. No include guard: it is meant to be
+// included twice.
 
 // Whether chunk slot k of for_each_chunk starts a 64-byte line of T (one prefetch per line).
 template <class T>
@@ -170,7 +170,7 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
     const V lse_lo = broadcast(row.split.lo);
     const V coef_p = broadcast(row.k.coef_p);
     const V coef_w = broadcast(row.k.coef_w);
-    // The path's own loop for the row's first elements, if it has one (a multiple of 64).
+    // bfloat16 rows' own loop for the first elements (a multiple of 2 W x kSlots), if any.
     const int64_t head = bwd_row_head<T, kSoftcap, kWeighted>(x, dx, vocab, row);
     const T* x_rest = x + head;
     T* dx_rest = dx + head;

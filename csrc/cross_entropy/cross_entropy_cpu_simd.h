@@ -25,17 +25,6 @@ FASTLLM_INLINE void prefetch_bwd(const T* chunk, int k) {
   if (starts_line<T>(k)) prefetch(chunk + kPrefetchAhead / sizeof(T));
 }
 
-// The scalar path's algorithm on vectors. The forward's online max is kept per block of
-// kBlock logits rather than per element: a first sweep over the block takes its max, the
-// running sum is rescaled once if the max grew, and a second sweep, which finds the block in
-// L1, adds exp(z - max). That costs one max per element instead of a compare and an
-// unpredictable branch per vector, and the row is still read from memory once. Four
-// independent accumulator slots (for_each_chunk's k) hide the latency of the running sums;
-// the partial vector at a row's end leaves its padding lanes out of the max, the exp-sum
-// and the smoothing sum. The smoothing sum's vectors hold w_c (z_c - m) with the running
-// max m of their block; when a block raises m, the weight seen so far times (m_old - m_new)
-// goes into a double, so that their total is sum_c w_c (z_c - m) for the row's max m.
-
 // body(even, odd, j, k) on [0, len) of bfloat16 logits (len a multiple of 2 W x kSlots),
 // 2 W at a time from element j in the even/odd layout (load_even_odd), k = 0..kSlots-1 as
 // for_each_chunk's slots.
@@ -51,6 +40,17 @@ FASTLLM_INLINE void for_each_even_odd(const T* x, int64_t len, Body&& body) {
     }
   }
 }
+
+// The scalar path's algorithm on vectors. The forward's online max is kept per block of
+// kBlock logits rather than per element: a first sweep over the block takes its max, the
+// running sum is rescaled once if the max grew, and a second sweep, which finds the block in
+// L1, adds exp(z - max). That costs one max per element instead of a compare and an
+// unpredictable branch per vector, and the row is still read from memory once. Four
+// independent accumulator slots (for_each_chunk's k) hide the latency of the running sums;
+// the partial vector at a row's end leaves its padding lanes out of the max, the exp-sum
+// and the smoothing sum. The smoothing sum's vectors hold w_c (z_c - m) with the running
+// max m of their block; when a block raises m, the weight seen so far times (m_old - m_new)
+// goes into a double, so that their total is sum_c w_c (z_c - m) for the row's max m.
 
 template <class T, bool kSoftcap, Smoothing kSmooth>
 int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,

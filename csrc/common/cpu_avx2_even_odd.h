@@ -98,21 +98,34 @@ FASTLLM_INLINE Vec16 load(const BFloat16* p) {
           _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(~0xFFFF)))};
 }
 
-// v rounded to bfloat16 (nearest even, NaN -> 0x7FC0), in the high half of each 32-bit lane
-// with the low half holding rounding residue: the caller shifts or masks it away.
-FASTLLM_INLINE __m256i round_high(__m256 v) {
+// v rounded to bfloat16 (nearest even), in the high half of each 32-bit lane with the low
+// half holding rounding residue: the caller shifts or masks it away. Without a NaN select:
+// exact for every NaN whose low 16 bits are zero (the rounding increment, at most 0x8000,
+// cannot carry out of them) -- bfloat16 values widened, and every NaN that arithmetic on them
+// and on canonical NaNs produces (x86 keeps an operand NaN's payload, or makes 0xFFC00000);
+// a caller that cannot rule other NaNs out takes round_high.
+FASTLLM_INLINE __m256i round_high_nan_free(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded =
-      _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lowest_kept));
+  return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lowest_kept));
+}
+// The same for any v: a NaN gives 0x7FC0.
+FASTLLM_INLINE __m256i round_high(__m256 v) {
   const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), is_nan);
+  return _mm256_blendv_epi8(round_high_nan_free(v), _mm256_set1_epi32(0x7FC00000), is_nan);
+}
+// The even and the odd lanes' roundings (round_high's form) joined: 16 bfloat16 in memory order.
+FASTLLM_INLINE __m256i join_high(__m256i even, __m256i odd) {
+  return _mm256_or_si256(_mm256_srli_epi32(even, 16),
+                         _mm256_and_si256(odd, _mm256_set1_epi32(~0xFFFF)));
 }
 // The 16 bfloat16 values of v in memory order.
 FASTLLM_INLINE __m256i to_bfloat16(Vec16 v) {
-  const __m256i even = _mm256_srli_epi32(round_high(v.even), 16);
-  const __m256i odd = _mm256_and_si256(round_high(v.odd), _mm256_set1_epi32(~0xFFFF));
-  return _mm256_or_si256(even, odd);
+  return join_high(round_high(v.even), round_high(v.odd));
+}
+// The same without the NaN select (round_high_nan_free's condition on v's NaNs).
+FASTLLM_INLINE __m256i to_bfloat16_nan_free(Vec16 v) {
+  return join_high(round_high_nan_free(v.even), round_high_nan_free(v.odd));
 }
 FASTLLM_INLINE void store(BFloat16* p, Vec16 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bfloat16(v));

@@ -81,15 +81,20 @@ FASTLLM_INLINE __m512 widen(BFloat16*, __m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 FASTLLM_INLINE __m512 widen(Half*, __m256i bits) { return _mm512_cvtph_ps(bits); }
+// v rounded to bfloat16 (nearest even, denormals too) in the high half of each lane, the low
+// half holding rounding residue; no NaN select: exact for a NaN whose low 16 bits are zero
+// (see cpu_avx2_even_odd.h's round_high_nan_free).
+FASTLLM_INLINE __m512i round_high_nan_free(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lowest_kept));
+}
 // Round to nearest even as c10::BFloat16 (NaN -> 0x7FC0), and as F16C for float16.
 // bfloat16: vcvtneps2bf16 rounds every other float exactly as c10 does (checked over all 2^32
 // bit patterns), but flushes denormals to 0 and keeps a NaN's payload, so a vector with a
 // denormal or NaN lane takes the integer rounding below instead (narrow_exact).
 FASTLLM_INLINE __m256i narrow_exact(BFloat16*, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lowest_kept)), 16);
+  __m512i rounded = _mm512_srli_epi32(round_high_nan_free(v), 16);
   rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded,
                                     _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(rounded);

@@ -500,28 +500,17 @@ FASTLLM_INLINE float hmax(const __m256 (&v)[kSlots]) {
   return cpu::avx2::hmax(_mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])));
 }
 
-// 2 W bfloat16 at p as two vectors: the even elements (a shift left by 16 makes them floats)
-// and the odd ones (a mask), cpu_avx2_even_odd.h's layout, from one load without a shuffle.
+// 2 W bfloat16 at p as two vectors, the even and the odd elements: cpu_avx2_even_odd.h's
+// layout, from one load without a shuffle; and back, rounded without the NaN select
+// (cpu::avx2_even_odd::round_high_nan_free: the caller rules other NaNs out).
 FASTLLM_INLINE void load_even_odd(const cpu::BFloat16* p, __m256& even, __m256& odd) {
-  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  even = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
-  odd = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(~0xFFFF)));
-}
-// The inverse, rounding to nearest even as cpu::avx2_even_odd::round_high but without its NaN
-// select: exact for every NaN whose low 16 bits are zero (the rounding increment, at most
-// 0x8000, cannot carry out of them) -- bfloat16 values widened, and every NaN that arithmetic
-// on them and on canonical NaNs produces (x86 keeps an operand NaN's payload, or makes
-// 0xFFC00000). Denormals round exactly, as c10 rounds them.
-FASTLLM_INLINE __m256i round_high_nan_free(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  return _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lowest_kept));
+  const cpu::avx2_even_odd::Vec16 v = cpu::avx2_even_odd::load(p);
+  even = v.even;
+  odd = v.odd;
 }
 FASTLLM_INLINE void store_even_odd_nan_free(cpu::BFloat16* p, __m256 even, __m256 odd) {
-  const __m256i out =
-      _mm256_or_si256(_mm256_srli_epi32(round_high_nan_free(even), 16),
-                      _mm256_and_si256(round_high_nan_free(odd), _mm256_set1_epi32(~0xFFFF)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      cpu::avx2_even_odd::to_bfloat16_nan_free({even, odd}));
 }
 
 #include "cross_entropy/cross_entropy_cpu_simd.h"
@@ -612,12 +601,8 @@ FASTLLM_INLINE void load_even_odd(const cpu::BFloat16* p, __m512& even, __m512& 
   even = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(~0xFFFF)));
 }
-FASTLLM_INLINE __m512i round_high_nan_free(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lowest_kept));
-}
 FASTLLM_INLINE void store_even_odd_nan_free(cpu::BFloat16* p, __m512 even, __m512 odd) {
+  using cpu::avx512::round_high_nan_free;
   const __m512i out =
       _mm512_or_si512(_mm512_srli_epi32(round_high_nan_free(even), 16),
                       _mm512_and_si512(round_high_nan_free(odd), _mm512_set1_epi32(~0xFFFF)));

@@ -25,7 +25,7 @@ FASTLLM_INLINE void prefetch_bwd(const T* chunk, int k) {
   if (starts_line<T>(k)) prefetch(chunk + kPrefetchAhead / sizeof(T));
 }
 
-// body(even, odd, j, k) on [0, len) of bfloat16 logits (len a multiple of 2 W x kSlots),
+// body(even, odd, j, k) on [0, len) of bfloat16 values (len a multiple of 2 W x kSlots),
 // 2 W at a time from element j in the even/odd layout (load_even_odd), k = 0..kSlots-1 as
 // for_each_chunk's slots.
 template <class T, class Body>
@@ -162,22 +162,13 @@ int64_t bwd_row_head(const T* x, T* dx, int64_t len, const BwdRow<float>& row) {
     const V lse_lo = broadcast(row.split.lo);
     const V coef_p = broadcast(row.k.coef_p);
     const V coef_w = broadcast(row.k.coef_w);
-    constexpr int64_t kStep = 2 * W;  // values per load: the even and the odd lanes
-    const int64_t head = len / (kStep * kSlots) * (kStep * kSlots);
-    for (int64_t j0 = 0; j0 < head; j0 += kStep * kSlots) {
-#pragma GCC unroll 4
-      for (int k = 0; k < kSlots; ++k) {
-        const int64_t j = j0 + kStep * k;
-        if (k * kStep * sizeof(T) % 64 == 0) {  // one prefetch per 64-byte line
-          prefetch(x + j + kPrefetchAhead / sizeof(T));
-        }
-        V even, odd;
-        load_even_odd(x + j, even, odd);
-        store_even_odd_nan_free(dx + j,
-                                scaled_exp_16bit((even - lse_hi) - lse_lo, coef_p) - coef_w,
-                                scaled_exp_16bit((odd - lse_hi) - lse_lo, coef_p) - coef_w);
-      }
-    }
+    const int64_t head = len / (2 * W * kSlots) * (2 * W * kSlots);
+    for_each_even_odd(x, head, [&](V even, V odd, int64_t j, int k) FASTLLM_INLINE_LAMBDA {
+      if (k * 2 * W * sizeof(T) % 64 == 0) prefetch(x + j + kPrefetchAhead / sizeof(T));
+      store_even_odd_nan_free(dx + j,
+                              scaled_exp_16bit((even - lse_hi) - lse_lo, coef_p) - coef_w,
+                              scaled_exp_16bit((odd - lse_hi) - lse_lo, coef_p) - coef_w);
+    });
     return head;
   } else {
     return 0;

@@ -715,8 +715,9 @@ for threads in (1, 2):
     runs.append((loss, g))
 assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "threads"
 # An upstream gradient that is NaN, whatever its bits, makes its row's gradient NaN: the AVX2
-# path's bfloat16 row loop rounds without a NaN select, which a NaN with its low 16 bits set
-# would turn into -0.0 or 0 (0x7FFFFFFF, 0xFFFFFFFF), so such rows take the generic loop.
+# and AVX-512 paths' bfloat16 row loop rounds without a NaN select, which a NaN with its low
+# 16 bits set would turn into -0.0 or 0 (0x7FFFFFFF, 0xFFFFFFFF), so such rows take the
+# generic loop.
 # (The op itself: autograd hands it a NaN with those bits cleared.)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = torch.randn(4, 1003).to(dtype)

@@ -55,8 +55,14 @@ FASTLLM_INLINE void for_each_even_odd(const T* x, int64_t len, Body&& body) {
 template <class T, bool kSoftcap, Smoothing kSmooth>
 int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
                  int64_t row_end) {
+  // bfloat16 logits without softcap or class-weighted smoothing: each block's whole groups of
+  // 2 W x kSlots logits (its head) load 2 W at a time in the even/odd layout (load_even_odd;
+  // no widening shuffle) in both sweeps, the order of the lanes being nothing to a max or a
+  // sum; the rest of the block, if any, takes the generic loop. 4096 x 32000 on a Zen 5 core
+  // (record benchmarks/results/2026-12-07-cpu-cross-entropy-bf16-forward-even-odd-ab-
+  // zen5.txt): AVX2 path 32.4-32.5 -> 28.2-28.3 ms, AVX-512 path 14.7 -> 11.9.
   constexpr bool kEvenOddForward =
-      std::is_same_v<T, cpu::BFloat16> && !kSoftcap && kSmooth == Smoothing::kNone;
+      std::is_same_v<T, cpu::BFloat16> && !kSoftcap && kSmooth != Smoothing::kWeighted;
   const int64_t vocab = p.vocab;
   const V softcap = broadcast(c.softcap);
   const V inv_softcap = broadcast(c.inv_softcap);
@@ -75,24 +81,19 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
     for (int64_t begin = 0; begin < vocab; begin += kBlock) {
       const T* xb = x + begin;
       const int64_t len = std::min(kBlock, vocab - begin);
+      const int64_t head = kEvenOddForward ? len / (2 * W * kSlots) * (2 * W * kSlots) : 0;
+      const T* xt = xb + head;  // the generic loop's part of the block
       // The block's max, on the raw logits: tanh is increasing, so capping commutes with it.
       V block_max[kSlots];
       for (int k = 0; k < kSlots; ++k) block_max[k] = minus_inf;
-      // bfloat16 logits without softcap or smoothing, in whole groups of 2 W x kSlots: both
-      // sweeps load 2 W at a time in the even/odd layout (load_even_odd; no widening shuffle),
-      // the order of the lanes being nothing to a max or a sum. 4096 x 32000 on a Zen 5 core
-      // (record benchmarks/results/2026-12-07-cpu-cross-entropy-bf16-forward-even-odd-ab-
-      // zen5.txt): AVX2 path 32.4-32.5 -> 28.2-28.3 ms, AVX-512 path 14.7 -> 11.9.
-      const bool even_odd = kEvenOddForward && len % (2 * W * kSlots) == 0;
-      if (even_odd) {
-        for_each_even_odd(xb, len, [&](V even, V odd, int64_t, int k) FASTLLM_INLINE_LAMBDA {
+      if constexpr (kEvenOddForward) {
+        for_each_even_odd(xb, head, [&](V even, V odd, int64_t, int k) FASTLLM_INLINE_LAMBDA {
           block_max[k] = max_first(max_first(block_max[k], even, W), odd, W);
         });
-      } else {
-        for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-          block_max[k] = max_first(block_max[k], loadn(xb + j, n), n);
-        });
       }
+      for_each_chunk(len - head, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        block_max[k] = max_first(block_max[k], loadn(xt + j, n), n);
+      });
       const float new_max = capped_logit(hmax(block_max), c);
       if (new_max > m) {
         const V rescale = broadcast(std::exp(m - new_max));
@@ -103,24 +104,27 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
         m = new_max;
       }
       const V m_v = broadcast(m);
-      if (even_odd) {
-        for_each_even_odd(xb, len, [&](V even, V odd, int64_t j, int k) FASTLLM_INLINE_LAMBDA {
+      if constexpr (kEvenOddForward) {
+        for_each_even_odd(xb, head, [&](V even, V odd, int64_t j, int k) FASTLLM_INLINE_LAMBDA {
           if (k * 2 * W * sizeof(T) % 64 == 0) prefetch(xb + j + kFwdPrefetchAhead / sizeof(T));
+          if (kSmooth == Smoothing::kUniform) {
+            smoothing_sum[k] = smoothing_sum[k] + (even - m_v) + (odd - m_v);
+          }
           s[k] = add_exp_first(add_exp_first(s[k], even, m_v, W), odd, m_v, W);
         });
-        continue;  // kEvenOddForward: no smoothing sums to keep
       }
+      const float* wt = kSmooth == Smoothing::kWeighted ? c.weight + begin + head : nullptr;
       V block_weight = broadcast(0.0f);
-      for_each_chunk(len, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
-        prefetch_fwd(xb + j, k);
-        V z = loadn(xb + j, n);  // padding lanes load as 0
+      for_each_chunk(len - head, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
+        prefetch_fwd(xt + j, k);
+        V z = loadn(xt + j, n);  // padding lanes load as 0
         if (kSoftcap) z = softcap * tanh_vec(z * inv_softcap);
         if (kSmooth != Smoothing::kNone) {
           const V z_rel = sub_first(z, m_v, n);
           if (kSmooth == Smoothing::kUniform) {
             smoothing_sum[k] = smoothing_sum[k] + z_rel;
           } else {
-            const V w = loadn(c.weight + begin + j, n);  // padding lanes load as 0
+            const V w = loadn(wt + j, n);  // padding lanes load as 0
             smoothing_sum[k] = fmadd(w, z_rel, smoothing_sum[k]);
             block_weight = block_weight + w;
           }

@@ -687,10 +687,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = (torch.randn(6, vocab) * 3).to(dtype)
         t = torch.randint(0, vocab, (6,)); t[2] = -100
         w = torch.rand(vocab) + 0.5
-        # {} and the last: the bfloat16 rows' own loop (no weight, no softcap), the last with
-        # label smoothing's coef_w and z_loss in its coefficients.
+        # {} and the 4th: the bfloat16 rows' own loop (no weight, no softcap), the 4th with
+        # label smoothing's coef_w and z_loss in its coefficients. Softcap 4: vectors of
+        # logits below and above the tanh's 0.625 x cap; softcap 30: all below, which the
+        # vector paths' tanh_vec answers without its exp.
         for kw in ({}, {"label_smoothing": 0.1, "weight": w}, {"softcap": 4.0, "z_loss": 1e-3},
-                   {"label_smoothing": 0.1, "z_loss": 1e-3}):
+                   {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 30.0}):
             xs = {k: x.detach().to(k).requires_grad_(True) for k in (dtype, torch.float64)}
             kws = {k: {n: (v.to(k) if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
                    for k in (dtype, torch.float64)}

@@ -458,7 +458,9 @@ FASTLLM_INLINE __m256 scaled_exp_16bit(__m256 d, __m256 coef) {
 }
 
 // tanh(x): Cephes' odd polynomial for |x| < 0.625, else (1 - e) / (1 + e) with
-// e = exp(-2|x|) <= 0.29, which does not cancel; the sign is copied back from x.
+// e = exp(-2|x|) <= 0.29, which does not cancel; the sign is copied back from x. A vector
+// whose lanes are all below 0.625 (NaN is not) returns the polynomial without the exp and the
+// division: soft-capped logits are mostly far below the cap (Gemma 2's 30: |x| < 18.75).
 FASTLLM_INLINE __m256 tanh_vec(__m256 x) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
   const __m256 a = _mm256_andnot_ps(sign_mask, x);
@@ -469,10 +471,13 @@ FASTLLM_INLINE __m256 tanh_vec(__m256 x) {
   small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(1.33314422036e-1f));
   small = _mm256_fmadd_ps(small, a2, _mm256_set1_ps(-3.33332819422e-1f));
   small = _mm256_fmadd_ps(_mm256_mul_ps(small, a2), a, a);
+  const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
+  if (_mm256_movemask_ps(use_small) == 0xFF) {
+    return _mm256_or_ps(small, _mm256_and_ps(sign_mask, x));
+  }
   const __m256 e = cpu::avx2::exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-  const __m256 use_small = _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
   const __m256 t = _mm256_blendv_ps(large, small, use_small);
   return _mm256_or_ps(t, _mm256_and_ps(sign_mask, x));
 }
@@ -553,12 +558,14 @@ FASTLLM_INLINE __m512 tanh_vec(__m512 x) {
   small = _mm512_fmadd_ps(small, a2, _mm512_set1_ps(1.33314422036e-1f));
   small = _mm512_fmadd_ps(small, a2, _mm512_set1_ps(-3.33332819422e-1f));
   small = _mm512_fmadd_ps(_mm512_mul_ps(small, a2), a, a);
+  const __mmask16 use_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+  const __m512 sign = _mm512_and_ps(_mm512_set1_ps(-0.0f), x);
+  if (use_small == 0xFFFF) return _mm512_or_ps(small, sign);  // as the AVX2 path's
   const __m512 e = exp_nonpositive(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-  const __mmask16 use_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
   const __m512 t = _mm512_mask_blend_ps(use_small, large, small);
-  return _mm512_or_ps(t, _mm512_and_ps(_mm512_set1_ps(-0.0f), x));
+  return _mm512_or_ps(t, sign);
 }
 
 FASTLLM_INLINE __mmask16 lanes(int n) {

@@ -55,14 +55,14 @@ FASTLLM_INLINE void for_each_even_odd(const T* x, int64_t len, Body&& body) {
 template <class T, bool kSoftcap, Smoothing kSmooth>
 int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
                  int64_t row_end) {
-  // bfloat16 logits without softcap or class-weighted smoothing: each block's whole groups of
-  // 2 W x kSlots logits (its head) load 2 W at a time in the even/odd layout (load_even_odd;
-  // no widening shuffle) in both sweeps, the order of the lanes being nothing to a max or a
-  // sum; the rest of the block, if any, takes the generic loop. 4096 x 32000 on a Zen 5 core
+  // bfloat16 logits without class-weighted smoothing: each block's whole groups of 2 W x
+  // kSlots logits (its head) load 2 W at a time in the even/odd layout (load_even_odd; no
+  // widening shuffle) in both sweeps, the order of the lanes being nothing to a max or a sum;
+  // the rest of the block, if any, takes the generic loop. 4096 x 32000 on a Zen 5 core
   // (record benchmarks/results/2026-12-07-cpu-cross-entropy-bf16-forward-even-odd-ab-
   // zen5.txt): AVX2 path 32.4-32.5 -> 28.2-28.3 ms, AVX-512 path 14.7 -> 11.9.
   constexpr bool kEvenOddForward =
-      std::is_same_v<T, cpu::BFloat16> && !kSoftcap && kSmooth != Smoothing::kWeighted;
+      std::is_same_v<T, cpu::BFloat16> && kSmooth != Smoothing::kWeighted;
   const int64_t vocab = p.vocab;
   const V softcap = broadcast(c.softcap);
   const V inv_softcap = broadcast(c.inv_softcap);
@@ -107,6 +107,10 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
       if constexpr (kEvenOddForward) {
         for_each_even_odd(xb, head, [&](V even, V odd, int64_t j, int k) FASTLLM_INLINE_LAMBDA {
           if (k * 2 * W * sizeof(T) % 64 == 0) prefetch(xb + j + kFwdPrefetchAhead / sizeof(T));
+          if (kSoftcap) {
+            even = softcap * tanh_vec(even * inv_softcap);
+            odd = softcap * tanh_vec(odd * inv_softcap);
+          }
           if (kSmooth == Smoothing::kUniform) {
             smoothing_sum[k] = smoothing_sum[k] + (even - m_v) + (odd - m_v);
           }
@@ -142,8 +146,9 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
   return bad_row;
 }
 
-// The backward's row loop for bfloat16 logits without class weights or softcap (the common
-// case), on the row's first elements, 2 W x kSlots at a time; returns how many it did
+// The backward's row loop for bfloat16 logits but with class-weighted label smoothing (whose
+// w_c term is per element), on the row's first elements, 2 W x kSlots at a time (with
+// soft-capping, the generic loop's tanh and its derivative on each half); returns how many it did
 // (bwd_rows does the rest with the generic loop). 2 W values per step in the even/odd layout
 // of cpu_avx2_even_odd.h (load_even_odd / store_even_odd_nan_free): one load split into the
 // even and the odd elements by a shift and a mask, one store joining their roundings by an
@@ -156,8 +161,9 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
 // generic loop as it was, 46 with scaled_exp_16bit, 43 without the NaN select as well, 35-37
 // with this loop; AVX-512 path 20.1-20.8 -> 16.7-17.5.
 template <class T, bool kSoftcap, bool kWeighted>
-int64_t bwd_row_head(const T* x, T* dx, int64_t len, const BwdRow<float>& row) {
-  if constexpr (std::is_same_v<T, cpu::BFloat16> && !kSoftcap && !kWeighted) {
+int64_t bwd_row_head(const T* x, T* dx, int64_t len, const BwdRow<float>& row,
+                     const Consts<float>& c) {
+  if constexpr (std::is_same_v<T, cpu::BFloat16> && !kWeighted) {
     if (std::isnan(row.split.hi) || std::isnan(row.split.lo) || std::isnan(row.k.coef_p) ||
         std::isnan(row.k.coef_w)) {
       return 0;
@@ -166,12 +172,23 @@ int64_t bwd_row_head(const T* x, T* dx, int64_t len, const BwdRow<float>& row) {
     const V lse_lo = broadcast(row.split.lo);
     const V coef_p = broadcast(row.k.coef_p);
     const V coef_w = broadcast(row.k.coef_w);
+    const V softcap = broadcast(c.softcap);
+    const V inv_softcap = broadcast(c.inv_softcap);
+    const V one = broadcast(1.0f);
     const int64_t head = len / (2 * W * kSlots) * (2 * W * kSlots);
     for_each_even_odd(x, head, [&](V even, V odd, int64_t j, int k) FASTLLM_INLINE_LAMBDA {
       if (k * 2 * W * sizeof(T) % 64 == 0) prefetch(x + j + kPrefetchAhead / sizeof(T));
-      store_even_odd_nan_free(dx + j,
-                              scaled_exp_16bit((even - lse_hi) - lse_lo, coef_p) - coef_w,
-                              scaled_exp_16bit((odd - lse_hi) - lse_lo, coef_p) - coef_w);
+      // As the generic loop: with soft-capping, d_j (1 - tanh_j^2) at the capped z_j.
+      auto grad = [&](V z) FASTLLM_INLINE_LAMBDA {
+        V tanh_z = z;
+        if (kSoftcap) {
+          tanh_z = tanh_vec(z * inv_softcap);
+          z = softcap * tanh_z;
+        }
+        const V d = scaled_exp_16bit((z - lse_hi) - lse_lo, coef_p) - coef_w;
+        return kSoftcap ? d * fnmadd(tanh_z, tanh_z, one) : d;
+      };
+      store_even_odd_nan_free(dx + j, grad(even), grad(odd));
     });
     return head;
   } else {
@@ -203,7 +220,7 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
     const V coef_p = broadcast(row.k.coef_p);
     const V coef_w = broadcast(row.k.coef_w);
     // bfloat16 rows' own loop for the first elements (a multiple of 2 W x kSlots), if any.
-    const int64_t head = bwd_row_head<T, kSoftcap, kWeighted>(x, dx, vocab, row);
+    const int64_t head = bwd_row_head<T, kSoftcap, kWeighted>(x, dx, vocab, row, c);
     const T* x_rest = x + head;
     T* dx_rest = dx + head;
     const float* weight_rest = kWeighted ? weight + head : nullptr;

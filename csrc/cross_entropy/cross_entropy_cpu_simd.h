@@ -146,20 +146,20 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
   return bad_row;
 }
 
-// The backward's row loop for bfloat16 logits but with class-weighted label smoothing (whose
-// w_c term is per element), on the row's first elements, 2 W x kSlots at a time (with
-// soft-capping, the generic loop's tanh and its derivative on each half); returns how many it did
-// (bwd_rows does the rest with the generic loop). 2 W values per step in the even/odd layout
-// of cpu_avx2_even_odd.h (load_even_odd / store_even_odd_nan_free): one load split into the
-// even and the odd elements by a shift and a mask, one store joining their roundings by an
-// or, no widening or narrowing shuffle (vpmovzxwd, vextracti128 + vpackusdw on AVX2;
-// vpmovzxwd, and vcvtneps2bf16 behind its denormal/NaN test, on AVX-512) -- and rounding
-// without a NaN select, which is exact as the row's four constants, the only floats that do
-// not come from bfloat16 logits, are not NaN (else the row is left to the generic loop).
-// Bfloat16 backward in place at 4096 x 32000 on a Zen 5 core (record benchmarks/results/
-// 2026-12-07-cpu-cross-entropy-avx2-bf16-backward-ab-zen5.txt): AVX2 path 57-61 ms with the
-// generic loop as it was, 46 with scaled_exp_16bit, 43 without the NaN select as well, 35-37
-// with this loop; AVX-512 path 20.1-20.8 -> 16.7-17.5.
+// The backward's row loop for bfloat16 logits (all rows but those with class-weighted label
+// smoothing, whose w_c term is per element; with soft-capping, the generic loop's tanh and its
+// derivative on each half), on the row's first elements, 2 W x kSlots at a time; returns how
+// many it did (bwd_rows does the rest with the generic loop). 2 W values per step in the
+// even/odd layout of cpu_avx2_even_odd.h (load_even_odd / store_even_odd_nan_free): one load
+// split into the even and the odd elements by a shift and a mask, one store joining their
+// roundings by an or, no widening or narrowing shuffle (vpmovzxwd, vextracti128 + vpackusdw on
+// AVX2; vpmovzxwd, and vcvtneps2bf16 behind its denormal/NaN test, on AVX-512) -- and rounding
+// without a NaN select, which is exact as the row's four constants, the only floats besides
+// the finite softcap and its inverse that do not come from bfloat16 logits, are not NaN (else
+// the row is left to the generic loop). Bfloat16 backward in place at 4096 x 32000 on a Zen 5
+// core (record benchmarks/results/2026-12-07-cpu-cross-entropy-avx2-bf16-backward-ab-
+// zen5.txt): AVX2 path 57-61 ms with the generic loop as it was, 46 with scaled_exp_16bit, 43
+// without the NaN select as well, 35-37 with this loop; AVX-512 path 20.1-20.8 -> 16.7-17.5.
 template <class T, bool kSoftcap, bool kWeighted>
 int64_t bwd_row_head(const T* x, T* dx, int64_t len, const BwdRow<float>& row,
                      const Consts<float>& c) {

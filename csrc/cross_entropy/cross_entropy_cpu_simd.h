@@ -146,6 +146,28 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
   return bad_row;
 }
 
+// A row's backward constants as vectors, for logit_grad.
+struct BwdVecs {
+  V lse_hi, lse_lo, coef_p, coef_w, softcap, inv_softcap;
+};
+
+// The gradient at one vector of logits x, as the scalar path's: coef_p e^(z - lse) - coef_w w
+// (w the class weights' vector with kWeighted, else 1), z = x or softcap tanh(x / softcap),
+// and with soft-capping times 1 - tanh^2; 16-bit gradients take the shorter exp.
+template <class T, bool kSoftcap, bool kWeighted>
+FASTLLM_INLINE V logit_grad(V x, V w, const BwdVecs& v) {
+  V z = x, tanh_x = x;
+  if (kSoftcap) {
+    tanh_x = tanh_vec(x * v.inv_softcap);
+    z = v.softcap * tanh_x;
+  }
+  V d = sizeof(T) == 2 ? scaled_exp_16bit((z - v.lse_hi) - v.lse_lo, v.coef_p)
+                       : v.coef_p * exp_nonpositive((z - v.lse_hi) - v.lse_lo);
+  d = kWeighted ? fnmadd(v.coef_w, w, d) : d - v.coef_w;
+  if (kSoftcap) d = d * fnmadd(tanh_x, tanh_x, broadcast(1.0f));
+  return d;
+}
+
 // The backward's row loop for bfloat16 logits (all rows but those with class-weighted label
 // smoothing, whose w_c term is per element; with soft-capping, the generic loop's tanh and its
 // derivative on each half), on the row's first elements, 2 W x kSlots at a time; returns how
@@ -162,33 +184,17 @@ int64_t fwd_rows(const FwdParams& p, const Consts<float>& c, int64_t row_begin,
 // without the NaN select as well, 35-37 with this loop; AVX-512 path 20.1-20.8 -> 16.7-17.5.
 template <class T, bool kSoftcap, bool kWeighted>
 int64_t bwd_row_head(const T* x, T* dx, int64_t len, const BwdRow<float>& row,
-                     const Consts<float>& c) {
+                     const BwdVecs& v) {
   if constexpr (std::is_same_v<T, cpu::BFloat16> && !kWeighted) {
     if (std::isnan(row.split.hi) || std::isnan(row.split.lo) || std::isnan(row.k.coef_p) ||
         std::isnan(row.k.coef_w)) {
       return 0;
     }
-    const V lse_hi = broadcast(row.split.hi);
-    const V lse_lo = broadcast(row.split.lo);
-    const V coef_p = broadcast(row.k.coef_p);
-    const V coef_w = broadcast(row.k.coef_w);
-    const V softcap = broadcast(c.softcap);
-    const V inv_softcap = broadcast(c.inv_softcap);
-    const V one = broadcast(1.0f);
     const int64_t head = len / (2 * W * kSlots) * (2 * W * kSlots);
     for_each_even_odd(x, head, [&](V even, V odd, int64_t j, int k) FASTLLM_INLINE_LAMBDA {
       if (k * 2 * W * sizeof(T) % 64 == 0) prefetch(x + j + kPrefetchAhead / sizeof(T));
-      // As the generic loop: with soft-capping, d_j (1 - tanh_j^2) at the capped z_j.
-      auto grad = [&](V z) FASTLLM_INLINE_LAMBDA {
-        V tanh_z = z;
-        if (kSoftcap) {
-          tanh_z = tanh_vec(z * inv_softcap);
-          z = softcap * tanh_z;
-        }
-        const V d = scaled_exp_16bit((z - lse_hi) - lse_lo, coef_p) - coef_w;
-        return kSoftcap ? d * fnmadd(tanh_z, tanh_z, one) : d;
-      };
-      store_even_odd_nan_free(dx + j, grad(even), grad(odd));
+      store_even_odd_nan_free(dx + j, logit_grad<T, kSoftcap, false>(even, V{}, v),
+                              logit_grad<T, kSoftcap, false>(odd, V{}, v));
     });
     return head;
   } else {
@@ -201,9 +207,6 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
               int64_t row_begin, int64_t row_end) {
   const int64_t vocab = p.vocab;
   const float* weight = c.weight != nullptr ? c.weight + p.class_offset : nullptr;
-  const V softcap = broadcast(c.softcap);
-  const V inv_softcap = broadcast(c.inv_softcap);
-  const V one = broadcast(1.0f);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = static_cast<const T*>(p.logits) + r * p.logits_row_stride;
     T* dx = static_cast<T*>(p.grad_logits) + r * p.grad_row_stride;
@@ -215,29 +218,17 @@ void bwd_rows(const BwdParams& p, const Consts<float>& c, int64_t num_classes,
       });
       continue;
     }
-    const V lse_hi = broadcast(row.split.hi);
-    const V lse_lo = broadcast(row.split.lo);
-    const V coef_p = broadcast(row.k.coef_p);
-    const V coef_w = broadcast(row.k.coef_w);
+    const BwdVecs v{broadcast(row.split.hi), broadcast(row.split.lo), broadcast(row.k.coef_p),
+                    broadcast(row.k.coef_w), broadcast(c.softcap), broadcast(c.inv_softcap)};
     // bfloat16 rows' own loop for the first elements (a multiple of 2 W x kSlots), if any.
-    const int64_t head = bwd_row_head<T, kSoftcap, kWeighted>(x, dx, vocab, row, c);
+    const int64_t head = bwd_row_head<T, kSoftcap, kWeighted>(x, dx, vocab, row, v);
     const T* x_rest = x + head;
     T* dx_rest = dx + head;
     const float* weight_rest = kWeighted ? weight + head : nullptr;
     for_each_chunk(vocab - head, [&](int64_t j, int n, int k) FASTLLM_INLINE_LAMBDA {
       prefetch_bwd(x_rest + j, k);
-      V z = loadn(x_rest + j, n);
-      V tanh_j = z;
-      if (kSoftcap) {
-        tanh_j = tanh_vec(z * inv_softcap);
-        z = softcap * tanh_j;
-      }
-      // coef_p * p_j, p_j = e^(z - lse); 16-bit gradients take the shorter exp.
-      V d = sizeof(T) == 2 ? scaled_exp_16bit((z - lse_hi) - lse_lo, coef_p)
-                           : coef_p * exp_nonpositive((z - lse_hi) - lse_lo);
-      d = kWeighted ? fnmadd(coef_w, loadn(weight_rest + j, n), d) : d - coef_w;
-      if (kSoftcap) d = d * fnmadd(tanh_j, tanh_j, one);
-      storen(dx_rest + j, d, n);
+      const V w = kWeighted ? loadn(weight_rest + j, n) : V{};
+      storen(dx_rest + j, logit_grad<T, kSoftcap, kWeighted>(loadn(x_rest + j, n), w, v), n);
     });
     if (row.t >= 0) dx[row.t] = from_acc<T>(row.grad_t);
   }

@@ -6,9 +6,11 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/cpu_kernel_paths.h"
 #include "common/cpu_memory.h"
+#include "common/cpu_output_cache.h"
 #include "common/torch_glue.h"
 #include "schemas.h"
 
@@ -48,6 +50,28 @@ std::string cpu_output_stores_op() {
       [] { return fastllm::cpu::stream_stores_description(fastllm::cpu::stream_stores()); });
 }
 
+// The CPU output cache's counters (common/cpu_output_cache.h): limit, free and live bytes and
+// blocks, hits, misses.
+std::vector<int64_t> cpu_output_cache_op() {
+  fastllm::cpu::OutputCache::Stats s;
+  try {
+    s = fastllm::cpu::OutputCache::instance().stats();
+  } catch (const std::invalid_argument& e) {  // a bad FASTLLM_CPU_OUTPUT_CACHE_MB
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  return {s.limit_bytes, s.free_bytes, s.free_blocks, s.live_bytes, s.live_blocks, s.hits,
+          s.misses};
+}
+
+// Unmaps the CPU output cache's free blocks; the bytes given back to the system.
+int64_t empty_cpu_output_cache_op() {
+  try {
+    return fastllm::cpu::OutputCache::instance().release();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastllm, m) {
@@ -56,6 +80,8 @@ TORCH_LIBRARY(fastllm, m) {
   m.def("cpu_kernel_path(str family, ScalarType dtype) -> str", &cpu_kernel_path_op);
   m.def("cpu_fresh_pages() -> str", &cpu_fresh_pages_op);
   m.def("cpu_output_stores() -> str", &cpu_output_stores_op);
+  m.def("cpu_output_cache() -> int[]", &cpu_output_cache_op);
+  m.def("empty_cpu_output_cache() -> int", &empty_cpu_output_cache_op);
 }
 
 // `import fastllm._C` loads the library (running the registrations above); the module

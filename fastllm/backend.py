@@ -19,6 +19,8 @@ per process (the best this CPU has, capped by
 which. ``cpu_fresh_pages()`` says whether those kernels advise huge pages on their large fresh
 outputs (``FASTLLM_CPU_HUGE_PAGES=0|1|auto``), ``cpu_output_stores()`` when they write large
 outputs with non-temporal stores (``FASTLLM_CPU_STREAM_STORES=0|1|auto``).
+``cpu_output_cache()`` reports the memory those kernels keep for their large outputs
+(``FASTLLM_CPU_OUTPUT_CACHE_MB``), ``empty_cpu_output_cache()`` gives it back.
 """
 
 from __future__ import annotations
@@ -138,3 +140,42 @@ def cpu_output_stores() -> str:
 
     _native.require()
     return torch.ops.fastllm.cpu_output_stores()
+
+
+def cpu_output_cache() -> dict:
+    """The native CPU kernels' output cache in this process, as a dict of ints.
+
+    glibc maps large allocations afresh and unmaps them when freed, so without it a large
+    output (a cross-entropy gradient, a norm's or a gated MLP's output, a rotary output: 4 MiB
+    and more) is fresh memory on every training step, and the first store to each of its
+    pages faults -- most of the time of a cross-entropy forward + backward at 4096 x 32000
+    (see csrc/common/cpu_output_cache.h). Like torch.cuda's caching allocator, the kernels
+    keep the blocks of such outputs when they are freed and hand them to the next output of
+    their size, its pages already in memory.
+
+    Keys: ``limit_bytes`` (the most free memory kept: ``FASTLLM_CPU_OUTPUT_CACHE_MB`` MiB,
+    default 2048; 0 turns the cache off), ``free_bytes`` / ``free_blocks`` (kept, unused: the
+    memory held beyond the program's tensors), ``live_bytes`` / ``live_blocks`` (held by
+    tensors now), ``hits`` (outputs that took a kept block) and ``misses`` (outputs that
+    mapped a new one). Raises ValueError for a bad ``FASTLLM_CPU_OUTPUT_CACHE_MB``,
+    RuntimeError when fastllm._C is not built."""
+    import torch
+
+    from fastllm import _native
+
+    _native.require()
+    keys = ("limit_bytes", "free_bytes", "free_blocks", "live_bytes", "live_blocks", "hits",
+            "misses")
+    return dict(zip(keys, torch.ops.fastllm.cpu_output_cache()))
+
+
+def empty_cpu_output_cache() -> int:
+    """Gives the free blocks of the CPU output cache (``cpu_output_cache()``) back to the
+    system, as ``torch.cuda.empty_cache()`` does on the GPU; returns their bytes. Outputs
+    still held by tensors are not affected (their blocks are kept again when freed)."""
+    import torch
+
+    from fastllm import _native
+
+    _native.require()
+    return int(torch.ops.fastllm.empty_cpu_output_cache())

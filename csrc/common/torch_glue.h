@@ -29,6 +29,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -37,6 +39,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cpu_output_cache.h"
 #include "common/dtype.h"
 
 #if defined(FASTLLM_WITH_CUDA) || defined(FASTLLM_SIMT_EMU)
@@ -106,9 +109,64 @@ inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
 
 inline int64_t row_stride(const at::Tensor& r) { return r.size(0) > 1 ? r.stride(0) : r.size(1); }
 
-// An output with `like`'s shape and options, contiguous.
-inline at::Tensor empty_contiguous_like(const at::Tensor& like) {
-  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+// ---- outputs ---------------------------------------------------------------------------
+
+// torch's view of cpu::OutputCache (common/cpu_output_cache.h): a storage allocated here
+// holds a cached block when it is large enough and the cache is on, else torch's own CPU
+// memory; freeing the storage gives the block back. A storage resized later allocates here
+// again, so it may move between the two.
+class CpuOutputAllocator final : public c10::Allocator {
+ public:
+  static CpuOutputAllocator* get() {
+    static CpuOutputAllocator allocator;
+    return &allocator;
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    if (static_cast<int64_t>(n) >= cpu::kOutputCacheMinBytes) {
+      if (void* p = cpu::OutputCache::instance().take(static_cast<int64_t>(n))) {
+        return {p, p, &give_back, c10::Device(c10::DeviceType::CPU)};
+      }
+    }
+    return c10::GetCPUAllocator()->allocate(n);
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static void give_back(void* p) { cpu::OutputCache::instance().give_back(p); }
+};
+
+// An output of `shape` and `options`' dtype and device, contiguous: on the CPU, outputs of
+// cpu::kOutputCacheMinBytes and more come from the output cache. `op` names the op in the
+// error for a bad FASTLLM_CPU_OUTPUT_CACHE_MB.
+inline at::Tensor empty_output(const char* op, at::IntArrayRef shape,
+                               const at::TensorOptions& options) {
+  const int64_t numel = c10::multiply_integers(shape);
+  if (options.device().is_cpu() &&
+      numel * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType())) >=
+          cpu::kOutputCacheMinBytes) {
+    int64_t limit = 0;
+    try {
+      limit = cpu::output_cache_limit();
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK_VALUE(false, op, ": ", e.what());
+    }
+    if (limit > 0) {
+      return at::detail::empty_generic(shape, CpuOutputAllocator::get(),
+                                       c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                       options.dtype().toScalarType(),
+                                       at::MemoryFormat::Contiguous);
+    }
+  }
+  return at::empty(shape, options.memory_format(at::MemoryFormat::Contiguous));
+}
+
+// An output with `like`'s shape and options, contiguous (empty_output).
+inline at::Tensor empty_contiguous_like(const char* op, const at::Tensor& like) {
+  return empty_output(op, like.sizes(), like.options());
 }
 
 // ---- CPU kernels ----------------------------------------------------------------------

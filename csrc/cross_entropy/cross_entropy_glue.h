@@ -220,7 +220,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_loss, const at::Tensor& logi
                              double z_loss, double softcap) {
   const char* op = "cross_entropy_bwd";
   Checked c = check_args(op, logits, target, weight, label_smoothing, z_loss, softcap);
-  at::Tensor grad_logits = empty_contiguous_like(logits);
+  at::Tensor grad_logits = empty_contiguous_like(op, logits);
   cross_entropy_bwd_into<Kernels>(op, grad_logits, grad_loss, c, logits, lse, ignore_index,
                             label_smoothing, z_loss, softcap);
   return grad_logits;

@@ -90,7 +90,7 @@ at::Tensor gated_mlp_fwd(const at::Tensor& gate, const c10::optional<at::Tensor>
   const char* op = "gated_mlp_fwd";
   const Activation act = parse_activation(op, activation);
   Halves h = check_halves(op, gate, up);
-  at::Tensor out = at::empty(h.out_shape, gate.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output(op, h.out_shape, gate.options());
   if (h.rows == 0 || h.cols == 0) return out;
   Kernels::check_dtype(op, "gate", h.dtype);
   FwdParams p;
@@ -122,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor> gated_mlp_bwd(const at::Tensor& grad_out, con
                    grad_out.scalar_type());
   check_same_device(gate, "gate", grad_out, "grad_out", op);
   const bool packed = !up.has_value() || !up->defined();
-  at::Tensor grad_gate = empty_contiguous_like(gate);
-  at::Tensor grad_up = packed ? at::empty({0}, gate.options()) : empty_contiguous_like(*up);
+  at::Tensor grad_gate = empty_contiguous_like(op, gate);
+  at::Tensor grad_up =
+      packed ? at::empty({0}, gate.options()) : empty_contiguous_like(op, *up);
   if (h.rows == 0 || h.cols == 0) return {grad_gate, grad_up};
   Kernels::check_dtype(op, "gate", h.dtype);
   const at::Tensor dy = as_rows(grad_out, h.cols);

@@ -143,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_impl(
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   auto stat_shape = stats_shape(input, static_cast<int64_t>(normalized_shape.size()));
 
-  at::Tensor out = empty_contiguous_like(input);
-  at::Tensor residual_out = residual.has_value() ? empty_contiguous_like(input) : at::Tensor();
+  at::Tensor out = empty_contiguous_like(op, input);
+  at::Tensor residual_out =
+      residual.has_value() ? empty_contiguous_like(op, input) : at::Tensor();
   at::Tensor rstd = at::empty(stat_shape, input.options().dtype(acc));
   at::Tensor mean = rms ? at::Tensor() : at::empty(stat_shape, input.options().dtype(acc));
   Kernels::check_dtype(op, "input", c.dtype);
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_impl(
   TORCH_CHECK_VALUE(!weight_grad || c.weight.defined(), op,
                     ": weight_grad=True needs a weight, got weight=None");
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  at::Tensor dx = empty_contiguous_like(input);
+  at::Tensor dx = empty_contiguous_like(op, input);
   at::Tensor dw_acc = weight_grad ? at::empty({c.cols}, input.options().dtype(acc)) : at::Tensor();
   at::Tensor db_acc = bias_grad ? at::empty({c.cols}, input.options().dtype(acc)) : at::Tensor();
   Kernels::check_dtype(op, "input", c.dtype);

@@ -257,7 +257,7 @@ at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   Problem pr = prepare(op, x, cos, sin, position_ids, cu_seqlens, position_offset, interleaved,
                        conjugate);
   const at::Tensor in = unit_features(x) ? x : x.contiguous();
-  at::Tensor out = empty_contiguous_like(x);
+  at::Tensor out = empty_contiguous_like(op, x);
   set_in(pr.p.q, in, pr.packed);
   set_out(pr.p.q, out, pr.packed);
   pr.p.copy_rest = true;
@@ -292,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_qk_fwd(
   check_k(op, q, k, pr.packed);
   const at::Tensor q_in = unit_features(q) ? q : q.contiguous();
   const at::Tensor k_in = unit_features(k) ? k : k.contiguous();
-  at::Tensor q_out = empty_contiguous_like(q);
-  at::Tensor k_out = empty_contiguous_like(k);
+  at::Tensor q_out = empty_contiguous_like(op, q);
+  at::Tensor k_out = empty_contiguous_like(op, k);
   set_in(pr.p.q, q_in, pr.packed);
   set_out(pr.p.q, q_out, pr.packed);
   set_in(pr.p.k, k_in, pr.packed);

@@ -32,7 +32,9 @@ library's kernels and scratch space, torch.compile's compilation) count for no c
 (measured on the first call, they fell to whichever contender of a case ran first). On Linux
 CPUs, the peak resident set size (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` before that untimed call, after ``malloc_trim(0)`` has returned
-freed heap memory to the system; the increase of ``VmHWM`` over the RSS before the call
+freed heap memory to the system and ``fastllm.backend.empty_cpu_output_cache()`` the free
+blocks fastllm's CPU kernels keep for their large outputs (so a contender's outputs count
+as fresh memory, not as blocks already resident from its timed calls); the increase of ``VmHWM`` over the RSS before the call
 is what the call needed (it sees torch's CPU allocations, unlike ``ru_maxrss`` which never
 goes down). On CUDA: ``torch.cuda.max_memory_allocated`` over the allocation before.
 """
@@ -53,7 +55,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -551,6 +553,7 @@ class Machine:
     # built
     cpu_fresh_pages: Optional[str] = None
     cpu_output_stores: Optional[str] = None
+    cpu_output_cache: Optional[str] = None  # CPU only: cpu_output_cache_setting()
     heap: Optional[str] = None  # CPU only: heap_setting()
 
 
@@ -616,8 +619,35 @@ def measure_machine(device: torch.device, quick: bool) -> Machine:
         torch_cpu_isa=torch_cpu_isa() if cpu else None,
         cpu_fresh_pages=_native_cpu_report("cpu_fresh_pages") if cpu else None,
         cpu_output_stores=_native_cpu_report("cpu_output_stores") if cpu else None,
+        cpu_output_cache=cpu_output_cache_setting() if cpu else None,
         heap=heap_setting() if cpu else None,
     )
+
+
+def cpu_output_cache_limit(backend: str, device: torch.device) -> int:
+    """The bytes of free blocks fastllm's CPU kernels keep for their large outputs on
+    ``backend`` and ``device`` (fastllm.backend.cpu_output_cache): 0 off the CPU, on other
+    backends, without fastllm._C, or with the cache off."""
+    from fastllm import _native
+
+    if device.type != "cpu" or backend != "native" or not _native.AVAILABLE:
+        return 0
+    from fastllm.backend import cpu_output_cache
+
+    return cpu_output_cache()["limit_bytes"]
+
+
+def cpu_output_cache_setting() -> Optional[str]:
+    """The header's words on fastllm's CPU output cache; None without fastllm._C."""
+    limit = cpu_output_cache_limit("native", torch.device("cpu"))
+    from fastllm import _native
+
+    if not _native.AVAILABLE:
+        return None
+    if not limit:
+        return "fresh memory (output cache off: FASTLLM_CPU_OUTPUT_CACHE_MB=0)"
+    return (f"outputs of 4 MiB and more reuse freed ones' memory (output cache, up to "
+            f"{limit // MiB} MiB kept: FASTLLM_CPU_OUTPUT_CACHE_MB)")
 
 
 def _native_cpu_report(name: str) -> Optional[str]:
@@ -640,6 +670,14 @@ def _read_status_bytes(field: str) -> int:
 
 
 def _malloc_trim() -> None:
+    """Gives freed memory back to the system: glibc's heap, and fastllm's CPU output cache
+    where fastllm._C is loaded."""
+    from fastllm import _native
+
+    if _native.AVAILABLE:
+        from fastllm.backend import empty_cpu_output_cache
+
+        empty_cpu_output_cache()
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         libc = ctypes.CDLL(libc_name)
@@ -1016,6 +1054,20 @@ class Case:
         (``touch_floor_seconds``). () where a family does not say."""
         return ()
 
+    # Whether fastllm's rows of this family get their results from the CPU kernels' output
+    # cache (fastllm.backend.cpu_output_cache): those results are then not fresh pages, and
+    # a row has no first-touch floor for them (fresh_output_sizes).
+    kernel_outputs_cached: ClassVar[bool] = False
+
+    def fresh_output_sizes(self, contender: str, backend: str, device: torch.device) -> tuple[int, ...]:
+        """``required_output_sizes(contender)`` less those a fastllm row takes from the CPU
+        output cache (any up to its limit, when on; ``kernel_outputs_cached``)."""
+        sizes = self.required_output_sizes(contender)
+        if not (self.kernel_outputs_cached and self.runs_fastllm(contender)):
+            return sizes
+        limit = cpu_output_cache_limit(backend, device)
+        return tuple(size for size in sizes if size > limit)
+
     # ------------------------------------------------------------------- what is shared
 
     @property
@@ -1170,7 +1222,8 @@ def run_cases(
                     sgemm_gflops=(gemm_gflops or {}).get(dtype_name(case.dtype)),
                     flops=case.flops() if hasattr(case, "flops") else None,
                     touch_floor_s=touch_floor_seconds(
-                        device, case.required_output_sizes(contender), first_touch_gbs),
+                        device, case.fresh_output_sizes(contender, backend, device),
+                        first_touch_gbs),
                 )
                 if case.runs_fastllm(contender):
                     result.path = case.kernel_path(

@@ -182,6 +182,11 @@ class CrossEntropyCase(Case):
         n_rows, vocab = self._rows_vocab()
         return n_rows * vocab * self.dtype.itemsize
 
+    @property
+    def kernel_outputs_cached(self) -> bool:  # type: ignore[override]
+        """The logits' gradient comes from the output cache; linear's dX and dW do not."""
+        return not self.linear
+
     def required_output_sizes(self, contender: str) -> tuple[int, ...]:
         """The loss (a scalar); forward+backward also the gradient of the logits (none for
         the in-place variant: it writes it over them), or of hidden and weight."""

@@ -65,6 +65,7 @@ def liger_swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class GatedMLPCase(Case):
+    kernel_outputs_cached = True  # out and the gradients of gate and up (csrc: empty_output)
     mode: str  # one of MODES
     shape: tuple[int, int]  # (N, I)
     dtype: torch.dtype

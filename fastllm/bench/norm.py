@@ -139,6 +139,7 @@ _FASTLLM_FUNCTIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class NormCase(Case):
+    kernel_outputs_cached = True  # out, residual_out and grad_input (csrc: empty_output)
     op: str  # one of OPS
     mode: str  # one of MODES
     shape: tuple[int, int]  # (N, D)

@@ -370,6 +370,8 @@ def _header(machine, other_machine, backend_note: str, budget, rerun_note: str) 
             lines.append("fastllm's CPU kernels, large fresh outputs: " + machine.cpu_fresh_pages)
         if machine.cpu_output_stores:
             lines.append("fastllm's CPU kernels, large outputs: " + machine.cpu_output_stores)
+        if machine.cpu_output_cache:
+            lines.append("fastllm's CPU kernels, output memory: " + machine.cpu_output_cache)
         if machine.heap:
             lines.append("C heap (glibc malloc) in this run: " + machine.heap)
         if rerun_note:
@@ -582,7 +584,8 @@ def run(args: argparse.Namespace) -> int:
             "MiB or more, which get fresh pages on every call): the first touch of those results alone, "
             "at the process's first-touch rate, against the row's time -- how close it is to "
             "the page-fault floor of what it must return (-: a contender that returns none, "
-            "e.g. a gradient written over its input)")]))
+            "e.g. a gradient written over its input, or whose results reuse memory: fastllm's "
+            "CPU kernels with their output cache)")]))
     if args.process_per_case:
         rerun_note = "\n".join(filter(None, [rerun_note, (
             "--process-per-case: each case timed in a fresh process of its own (no heap left "

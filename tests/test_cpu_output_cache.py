@@ -1,0 +1,235 @@
+"""The native CPU kernels' output cache (csrc/common/cpu_output_cache.h): a large output's
+block is kept when the tensor is freed and handed to the next output of its size, so every
+kernel that writes such an output must write all of it -- a kept block holds its last
+user's data. Each case below poisons the block first (NaN, or all ones for integers),
+checks that the second call got that very block, and that its result equals the first
+call's bit for bit (the first ran on fresh, zeroed pages, so a skipped element shows).
+The process-wide settings (the limit, the cache off, a bad value) run in child processes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fastllm import _native
+from tests.hostile import run_isolated
+
+pytestmark = pytest.mark.skipif(not _native.AVAILABLE, reason="needs fastllm._C")
+
+MiB = 1 << 20
+
+
+def _cache():
+    from fastllm.backend import cpu_output_cache
+
+    return cpu_output_cache()
+
+
+def _second_call_on_poisoned_block(fn):
+    """fn() -> tuple of outputs (the first one at least 4 MiB). Runs it, keeps a copy,
+    poisons the outputs' blocks and frees them, runs it again; returns (first, second)."""
+    first = fn()
+    ptrs = {t.data_ptr() for t in first if t.numel()}
+    copies = tuple(t.clone() for t in first)
+    for out in first:
+        out.fill_(float("nan") if out.is_floating_point() else 1)
+    del first, out
+    hits = _cache()["hits"]
+    second = fn()
+    assert _cache()["hits"] > hits, "the second call took no kept block"
+    assert second[0].data_ptr() in ptrs, "the big output did not reuse the poisoned block"
+    return copies, second
+
+
+def _assert_same_bits(first, second):
+    for a, b in zip(first, second):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a,
+                           b.view(torch.uint8) if b.dtype != torch.bool else b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_backward_writes_every_element(dtype):
+    # 2048 x 1031 float32 is 8 MiB (bfloat16 4 MiB): ignored rows, label smoothing, z-loss
+    torch.manual_seed(0)
+    logits = (torch.randn(2048, 1031) * 3).to(dtype)
+    target = torch.randint(0, 1031, (2048,))
+    target[::7] = -100
+    grad_loss = torch.rand(2048)
+    lse = torch.ops.fastllm.cross_entropy_fwd(logits, target, None, -100, 0.1, 1e-4, 0.0)[1]
+
+    def bwd():
+        return (torch.ops.fastllm.cross_entropy_bwd(grad_loss, logits, target, None, lse, -100,
+                                                     0.1, 1e-4, 0.0),)
+
+    first, second = _second_call_on_poisoned_block(bwd)
+    _assert_same_bits(first, second)
+    assert not second[0][::7].any()  # ignored rows: zeros, not the poison
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_norms_write_every_element(rms):
+    ops = torch.ops.fastllm
+    torch.manual_seed(0)
+    x = torch.randn(1024, 1536)  # 6 MiB
+    res = torch.randn(1024, 1536)
+    w = torch.randn(1536)
+    b = None if rms else torch.randn(1536)
+    if rms:
+        first, second = _second_call_on_poisoned_block(
+            lambda: ops.add_rms_norm_fwd(x, res, (1536,), w, 1e-5)[:2])
+    else:
+        first, second = _second_call_on_poisoned_block(
+            lambda: ops.add_layer_norm_fwd(x, res, (1536,), w, b, 1e-5)[:2])
+    _assert_same_bits(first, second)
+
+    dy = torch.randn_like(x)
+    if rms:
+        rstd = ops.rms_norm_fwd(x, (1536,), w, 1e-5)[1]
+        backward = lambda: ops.rms_norm_bwd(dy, None, x, (1536,), w, rstd, True)[:1]  # noqa: E731
+    else:
+        _, mean, rstd = ops.layer_norm_fwd(x, (1536,), w, b, 1e-5)
+        backward = lambda: ops.layer_norm_bwd(  # noqa: E731
+            dy, None, x, (1536,), w, mean, rstd, True, True)[:1]
+    first, second = _second_call_on_poisoned_block(backward)
+    _assert_same_bits(first, second)
+
+
+def test_gated_mlp_and_rotary_write_every_element():
+    ops = torch.ops.fastllm
+    torch.manual_seed(0)
+    gate = torch.randn(1024, 2048)  # out 8 MiB, gradients 8 MiB each
+    up = torch.randn(1024, 2048)
+    first, second = _second_call_on_poisoned_block(lambda: (ops.gated_mlp_fwd(gate, up, "silu"),))
+    _assert_same_bits(first, second)
+    dy = torch.randn(1024, 2048)
+    first, second = _second_call_on_poisoned_block(lambda: ops.gated_mlp_bwd(dy, gate, up, "silu"))
+    _assert_same_bits(first, second)
+
+    q = torch.randn(2, 512, 16, 128)  # 8 MiB; rotary dim 64 of 128 leaves half to copy
+    k = torch.randn(2, 512, 8, 128)  # 4 MiB
+    angles = torch.randn(512, 32)
+    cos, sin = angles.cos(), angles.sin()
+    first, second = _second_call_on_poisoned_block(
+        lambda: ops.rotary_qk_fwd(q, k, cos, sin, None, None, 0, False, False))
+    _assert_same_bits(first, second)
+    first, second = _second_call_on_poisoned_block(
+        lambda: (ops.rotary_fwd(q, cos, sin, None, None, 0, True, False),))
+    _assert_same_bits(first, second)
+
+
+def test_small_outputs_and_other_devices_are_not_cached():
+    before = _cache()
+    x = torch.randn(64, 1024)  # 256 KiB
+    torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)
+    after = _cache()
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+
+
+def test_stats_empty_and_resize():
+    from fastllm.backend import empty_cpu_output_cache
+
+    x = torch.randn(2048, 1024)  # 8 MiB
+    out = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0]
+    stats = _cache()
+    assert stats["limit_bytes"] == 2048 * MiB
+    assert stats["live_blocks"] >= 1 and stats["live_bytes"] >= 8 * MiB
+    # a cached output is an ordinary tensor: it resizes (moving to a new block) and shares
+    ref = out.clone()
+    out.resize_(4096, 1024)
+    assert torch.equal(out[:2048], ref)
+    out.share_memory_()
+    assert out.is_shared() and torch.equal(out[:2048], ref)
+    del out
+    assert _cache()["free_bytes"] >= 8 * MiB
+    freed = empty_cpu_output_cache()
+    assert freed >= 8 * MiB
+    assert _cache()["free_bytes"] == 0 and _cache()["free_blocks"] == 0
+
+
+def test_outputs_freed_on_other_threads():
+    x = torch.randn(2048, 1024)
+    expected = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0].clone()
+    live = _cache()["live_blocks"]
+    errors = []
+
+    def loop():
+        try:
+            for _ in range(20):
+                out = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0]
+                if not torch.equal(out, expected):
+                    errors.append("wrong values")
+                del out
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert _cache()["live_blocks"] == live
+
+
+LIMIT = """
+    import torch
+    from fastllm.backend import cpu_output_cache
+    x = torch.randn(1536, 1024)  # 6 MiB outputs: 6 MiB blocks
+    y = torch.randn(4096, 1024)  # 16 MiB
+    a = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0]
+    b = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0]
+    c = torch.ops.fastllm.rms_norm_fwd(y, (1024,), None, 1e-5)[0]
+    del a, b, c  # 6 + 6 MiB kept up to the 8 MiB limit: the older one goes; 16 never kept
+    s = cpu_output_cache()
+    print(s["limit_bytes"], s["free_bytes"], s["free_blocks"], s["live_blocks"])
+"""
+
+
+def test_limit_unmaps_the_blocks_freed_longest_ago():
+    out = run_isolated(LIMIT, env={"FASTLLM_CPU_OUTPUT_CACHE_MB": "8"})
+    assert out.split() == [str(8 * MiB), str(6 * MiB), "1", "0"], out
+
+
+OFF = """
+    import torch
+    from fastllm.backend import cpu_output_cache
+    from fastllm import functional as F
+    x = torch.randn(2048, 1024, requires_grad=True)
+    t = torch.randint(0, 1024, (2048,))
+    g, = torch.autograd.grad(F.cross_entropy(x, t), (x,))
+    ref, = torch.autograd.grad(torch.nn.functional.cross_entropy(x, t), (x,))
+    print(torch.allclose(g, ref, rtol=1e-5, atol=1e-8), cpu_output_cache())
+"""
+
+
+def test_zero_turns_it_off():
+    out = run_isolated(OFF, env={"FASTLLM_CPU_OUTPUT_CACHE_MB": "0"})
+    assert out.startswith("True ") and "'hits': 0, 'misses': 0" in out, out
+
+
+BAD = """
+    import torch
+    from fastllm.backend import cpu_output_cache
+    try:
+        torch.ops.fastllm.rms_norm_fwd(torch.randn(2048, 1024), (1024,), None, 1e-5)
+    except ValueError as e:
+        print("ValueError:", e)
+    try:
+        cpu_output_cache()
+    except ValueError as e:
+        print("ValueError:", e)
+    torch.ops.fastllm.rms_norm_fwd(torch.randn(4, 8), (8,), None, 1e-5)  # small: fine
+    print("small ok")
+"""
+
+
+@pytest.mark.parametrize("value", ["-1", "2GB", "1.5"])
+def test_bad_value_is_an_error_naming_it(value):
+    out = run_isolated(BAD, env={"FASTLLM_CPU_OUTPUT_CACHE_MB": value})
+    lines = out.splitlines()
+    assert lines[0].startswith("ValueError: rms_norm_fwd: FASTLLM_CPU_OUTPUT_CACHE_MB must be"), out
+    assert f"got '{value}'" in lines[0] and f"got '{value}'" in lines[1], out
+    assert lines[2] == "small ok"

@@ -233,3 +233,37 @@ def test_bad_value_is_an_error_naming_it(value):
     assert lines[0].startswith("ValueError: rms_norm_fwd: FASTLLM_CPU_OUTPUT_CACHE_MB must be"), out
     assert f"got '{value}'" in lines[0] and f"got '{value}'" in lines[1], out
     assert lines[2] == "small ok"
+
+
+FORK = """
+    import os, threading, torch
+    import fastllm.functional  # noqa: F401 -- registers the ops
+    x = torch.randn(2048, 1024)  # 8 MiB outputs
+    stop = []
+    def churn():  # takes and gives back blocks while the main thread forks
+        while not stop:
+            out = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0]
+            del out
+    thread = threading.Thread(target=churn)
+    thread.start()
+    ok = 0
+    for _ in range(30):
+        pid = os.fork()
+        if pid == 0:  # the child's first large output: the cache must not be locked
+            out = torch.ops.fastllm.rms_norm_fwd(x, (1024,), None, 1e-5)[0]
+            os._exit(0 if out.shape == (2048, 1024) else 1)
+        _, status = os.waitpid(pid, 0)
+        ok += status == 0
+    stop.append(True)
+    thread.join()
+    print(ok)
+"""
+
+
+def test_fork_while_another_thread_uses_the_cache():
+    """A child forked while another thread held the cache's lock would hang on its first
+    large output (the timeout fails the test); the lock is held for microseconds, so any one
+    fork seldom hits that without the pthread_atfork handler: this runs fork under churn
+    rather than proving the handler."""
+    out = run_isolated(FORK, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    assert out.split()[-1] == "30", out

@@ -37,6 +37,7 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -91,7 +92,17 @@ class OutputCache {
   // One per shared library, never destroyed: a tensor freed while the process exits still
   // gives its block back.
   static OutputCache& instance() {
-    static OutputCache* cache = new OutputCache(output_cache_limit());
+    static OutputCache* cache = [] {
+      auto* created = new OutputCache(output_cache_limit());
+#if defined(__linux__)
+      // A fork() while another thread holds the lock would leave the child's copy locked for
+      // good (a DataLoader worker's first large output would hang): the forking thread takes
+      // it first, and the parent and the child each let it go.
+      pthread_atfork([] { instance().mu_.lock(); }, [] { instance().mu_.unlock(); },
+                     [] { instance().mu_.unlock(); });
+#endif
+      return created;
+    }();
     return *cache;
   }
 

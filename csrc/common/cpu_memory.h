@@ -43,6 +43,10 @@
 // into free 2 MiB blocks before they are reported, so the next call falls back too.)
 // FASTLLM_CPU_HUGE_PAGES=1 advises anyway (tight loops over large outputs), =0 never,
 // unset / empty / auto decides as above.
+//
+// Since the output cache (cpu_output_cache.h), a kernel's output of this size is fresh only
+// when no kept block fits it (the first call of a loop, or the cache off); the advice and
+// the reporting above then matter for that first touch alone.
 #pragma once
 
 #include <algorithm>

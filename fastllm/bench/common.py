@@ -33,10 +33,11 @@ library's kernels and scratch space, torch.compile's compilation) count for no c
 CPUs, the peak resident set size (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` before that untimed call, after ``malloc_trim(0)`` has returned
 freed heap memory to the system and ``fastllm.backend.empty_cpu_output_cache()`` the free
-blocks fastllm's CPU kernels keep for their large outputs (so a contender's outputs count
-as fresh memory, not as blocks already resident from its timed calls); the increase of ``VmHWM`` over the RSS before the call
-is what the call needed (it sees torch's CPU allocations, unlike ``ru_maxrss`` which never
-goes down). On CUDA: ``torch.cuda.max_memory_allocated`` over the allocation before.
+blocks fastllm's CPU kernels keep for their large outputs (so that fastllm's outputs count
+as new memory, not as blocks kept from its first call); the increase of ``VmHWM`` over the
+RSS before the call is what the call needed (it sees torch's CPU allocations, unlike
+``ru_maxrss`` which never goes down). On CUDA: ``torch.cuda.max_memory_allocated`` over the
+allocation before.
 """
 
 from __future__ import annotations
@@ -1059,7 +1060,8 @@ class Case:
     # a row has no first-touch floor for them (fresh_output_sizes).
     kernel_outputs_cached: ClassVar[bool] = False
 
-    def fresh_output_sizes(self, contender: str, backend: str, device: torch.device) -> tuple[int, ...]:
+    def fresh_output_sizes(self, contender: str, backend: str,
+                           device: torch.device) -> tuple[int, ...]:
         """``required_output_sizes(contender)`` less those a fastllm row takes from the CPU
         output cache (any up to its limit, when on; ``kernel_outputs_cached``)."""
         sizes = self.required_output_sizes(contender)

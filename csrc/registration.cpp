@@ -21,7 +21,7 @@ namespace {
 // f(), with the std::invalid_argument it throws (a bad argument or environment value) raised
 // as torch's ValueError (TORCH_CHECK_VALUE).
 template <class F>
-std::string value_error_on_invalid(F&& f) {
+auto value_error_on_invalid(F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const std::invalid_argument& e) {
@@ -53,23 +53,15 @@ std::string cpu_output_stores_op() {
 // The CPU output cache's counters (common/cpu_output_cache.h): limit, free and live bytes and
 // blocks, hits, misses.
 std::vector<int64_t> cpu_output_cache_op() {
-  fastllm::cpu::OutputCache::Stats s;
-  try {
-    s = fastllm::cpu::OutputCache::instance().stats();
-  } catch (const std::invalid_argument& e) {  // a bad FASTLLM_CPU_OUTPUT_CACHE_MB
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  const auto s =
+      value_error_on_invalid([] { return fastllm::cpu::OutputCache::instance().stats(); });
   return {s.limit_bytes, s.free_bytes, s.free_blocks, s.live_bytes, s.live_blocks, s.hits,
           s.misses};
 }
 
 // Unmaps the CPU output cache's free blocks; the bytes given back to the system.
 int64_t empty_cpu_output_cache_op() {
-  try {
-    return fastllm::cpu::OutputCache::instance().release();
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  return value_error_on_invalid([] { return fastllm::cpu::OutputCache::instance().release(); });
 }
 
 }  // namespace

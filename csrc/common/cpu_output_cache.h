@@ -26,14 +26,12 @@
 #pragma once
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
-#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -109,8 +107,6 @@ class OutputCache {
   explicit OutputCache(int64_t limit_bytes) : limit_(limit_bytes) {}
   OutputCache(const OutputCache&) = delete;
   OutputCache& operator=(const OutputCache&) = delete;
-
-  int64_t limit_bytes() const { return limit_; }
 
   // A block of at least `bytes`: a free one of the rounded size up to 5/4 of it (the
   // smallest such; of equal ones the latest freed), else a new mapping. nullptr when the

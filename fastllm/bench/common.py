@@ -640,11 +640,11 @@ def cpu_output_cache_limit(backend: str, device: torch.device) -> int:
 
 def cpu_output_cache_setting() -> Optional[str]:
     """The header's words on fastllm's CPU output cache; None without fastllm._C."""
-    limit = cpu_output_cache_limit("native", torch.device("cpu"))
     from fastllm import _native
 
     if not _native.AVAILABLE:
         return None
+    limit = cpu_output_cache_limit("native", torch.device("cpu"))
     if not limit:
         return "fresh memory (output cache off: FASTLLM_CPU_OUTPUT_CACHE_MB=0)"
     return (f"outputs of 4 MiB and more reuse freed ones' memory (output cache, up to "
@@ -670,15 +670,18 @@ def _read_status_bytes(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def _malloc_trim() -> None:
-    """Gives freed memory back to the system: glibc's heap, and fastllm's CPU output cache
-    where fastllm._C is loaded."""
+def _empty_cpu_output_cache() -> None:
+    """Gives the free blocks of fastllm's CPU output cache back to the system, where
+    fastllm._C is built."""
     from fastllm import _native
 
     if _native.AVAILABLE:
         from fastllm.backend import empty_cpu_output_cache
 
         empty_cpu_output_cache()
+
+
+def _malloc_trim() -> None:
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         libc = ctypes.CDLL(libc_name)
@@ -698,6 +701,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
         return torch.cuda.max_memory_allocated(device) - before
     try:
         gc.collect()
+        _empty_cpu_output_cache()
         _malloc_trim()
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current RSS

@@ -120,6 +120,52 @@ def test_gated_mlp_and_rotary_write_every_element():
     _assert_same_bits(first, second)
 
 
+def _attention(q, k, v, *, causal, cu_seqlens=None, max_seqlen=0, key_padding_mask=None):
+    """attention_fwd / attention_bwd's argument lists: (forward(), backward(out, lse))."""
+    ops = torch.ops.fastllm
+    scale = q.shape[-1] ** -0.5
+    opts = (cu_seqlens, cu_seqlens, None, max_seqlen, max_seqlen, scale, causal, -1, -1, 0.0,
+            None, 0.0, None, None, key_padding_mask)
+    dout = torch.randn_like(q)
+    return (lambda: ops.attention_fwd(q, k, v, *opts),
+            lambda out, lse: ops.attention_bwd(dout, q, k, v, out, lse, *opts)[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_writes_every_element(dtype):
+    # q, k, v (1, T, 8, 128): 4 MiB each (float32 T 1024, bfloat16 T 2048), so out, dq, dk
+    # and dv all come from the cache. Causal with the first and last 64 keys masked out: the
+    # first 64 query rows attend to nothing (out 0) and 128 key rows get no gradient (0).
+    torch.manual_seed(0)
+    t = 1024 if dtype == torch.float32 else 2048
+    q, k, v = (torch.randn(1, t, 8, 128).to(dtype) for _ in range(3))
+    keep = torch.ones(1, t, dtype=torch.bool)
+    keep[:, :64] = False
+    keep[:, -64:] = False
+    forward, backward = _attention(q, k, v, causal=True, key_padding_mask=keep)
+    first, second = _second_call_on_poisoned_block(forward)
+    _assert_same_bits(first, second)
+    assert not second[0][:, :64].any()
+    out, lse = second
+    first, second = _second_call_on_poisoned_block(lambda: backward(out, lse))
+    _assert_same_bits(first, second)
+    for grad in second[1:]:
+        assert not grad[:, :64].any() and not grad[:, -64:].any()
+
+
+def test_packed_attention_writes_every_element():
+    # packed (total, H, D) float32, two sequences of 300 and 724 tokens: 4 MiB outputs
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1024, 8, 128) for _ in range(3))
+    cu = torch.tensor([0, 300, 1024], dtype=torch.int32)
+    forward, backward = _attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=724)
+    first, second = _second_call_on_poisoned_block(forward)
+    _assert_same_bits(first, second)
+    out, lse = second
+    first, second = _second_call_on_poisoned_block(lambda: backward(out, lse))
+    _assert_same_bits(first, second)
+
+
 def test_small_outputs_and_other_devices_are_not_cached():
     before = _cache()
     x = torch.randn(64, 1024)  # 256 KiB

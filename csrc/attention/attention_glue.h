@@ -355,7 +355,9 @@ inline FwdCall prepare_fwd(const char* op, bool check_values, KernelInput kernel
   c.q = kernel_input(q_in);
   c.k = kernel_input(k_in);
   c.v = kernel_input(v_in);
-  c.out = at::empty(c.q.sizes(), c.q.options().memory_format(at::MemoryFormat::Contiguous));
+  // On the CPU a large output comes from the output cache (torch_glue.h's empty_output):
+  // the kernels write every element of out, dq, dk and dv.
+  c.out = empty_contiguous_like(op, c.q);
   c.lse = at::empty(lse_shape(c.prepared, c.q), c.q.options().dtype(lse_dtype(c.q)));
   bind_common(c);
   // Under autograd the inputs a backward differentiates require grad (inside a custom op's
@@ -411,11 +413,10 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, KernelInput kernel
   // Compact like forward's (a no-op for it): CUDA lays its D_i workspace out with lse's
   // strides.
   c.lse = lse_in.contiguous();
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  c.dq = at::empty(c.q.sizes(), c.q.options().memory_format(contiguous));
+  c.dq = empty_contiguous_like(op, c.q);
   // The kernels write every row of dk / dv, zeros for stored keys past seqused_k.
-  c.dk = at::empty(c.k.sizes(), c.k.options().memory_format(contiguous));
-  c.dv = at::empty(c.v.sizes(), c.v.options().memory_format(contiguous));
+  c.dk = empty_contiguous_like(op, c.k);
+  c.dv = empty_contiguous_like(op, c.v);
   const Problem& pr = c.prepared.problem;
   TORCH_CHECK(!bias_grad || pr.attn_bias != nullptr, op,
               ": bias_grad=True needs attn_bias (the bias to differentiate)");

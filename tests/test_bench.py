@@ -608,3 +608,29 @@ def test_attention_decode_rows_name_the_decode_kernels_path():
                 "avx512-bf16": "avx512", "avx512": "avx512", "avx2": "avx2",
                 "scalar": "scalar"}
     assert {path: case.kernel_path(path) for path in expected} == expected
+
+
+@pytest.mark.parametrize("family", ["norm", "cross_entropy", "attention", "mlp", "rotary"])
+def test_fastllm_rows_take_no_first_touch_floor_for_cached_outputs(family, monkeypatch):
+    """The native CPU kernels take their large outputs from the output cache, so a fastllm
+    row's results are no fresh pages (no `% touch` floor); torch's rows keep theirs, and so
+    do linear cross-entropy's dX / dW (allocated outside the cache) and results above the
+    cache's limit."""
+    from fastllm import _native
+
+    if not _native.AVAILABLE:
+        pytest.skip("needs fastllm._C")
+    cpu = torch.device("cpu")
+    for case in load_family(family).cases(quick=True):
+        required = case.required_output_sizes(FASTLLM)
+        assert case.fresh_output_sizes(EAGER, "native", cpu) == case.required_output_sizes(EAGER)
+        assert case.fresh_output_sizes(FASTLLM, "reference", cpu) == required
+        cached = required if getattr(case, "linear", False) else ()
+        assert case.fresh_output_sizes(FASTLLM, "native", cpu) == cached, case.id
+    # a limit below every result (a block larger than the limit is never kept)
+    from fastllm.bench import common
+
+    monkeypatch.setattr(common, "cpu_output_cache_limit", lambda backend, device: 1)
+    for case in load_family(family).cases(quick=True):
+        required = case.required_output_sizes(FASTLLM)
+        assert case.fresh_output_sizes(FASTLLM, "native", cpu) == required, case.id

@@ -120,15 +120,19 @@ def test_gated_mlp_and_rotary_write_every_element():
     _assert_same_bits(first, second)
 
 
-def _attention(q, k, v, *, causal, cu_seqlens=None, max_seqlen=0, key_padding_mask=None):
-    """attention_fwd / attention_bwd's argument lists: (forward(), backward(out, lse))."""
+def _attention(q, k, v, *, causal, cu_seqlens=None, max_seqlen=0, key_padding_mask=None,
+               attn_bias=None):
+    """attention_fwd / attention_bwd's calls: (forward(), backward(out, lse)); backward
+    returns (dq, dk, dv), and the bias gradient last with an attn_bias."""
     ops = torch.ops.fastllm
     scale = q.shape[-1] ** -0.5
     opts = (cu_seqlens, cu_seqlens, None, max_seqlen, max_seqlen, scale, causal, -1, -1, 0.0,
-            None, 0.0, None, None, key_padding_mask)
+            None, 0.0, None, attn_bias, key_padding_mask)
     dout = torch.randn_like(q)
+    n = 3 if attn_bias is None else 4
     return (lambda: ops.attention_fwd(q, k, v, *opts),
-            lambda out, lse: ops.attention_bwd(dout, q, k, v, out, lse, *opts)[:3])
+            lambda out, lse: ops.attention_bwd(dout, q, k, v, out, lse, *opts,
+                                               bias_grad=attn_bias is not None)[:n])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -164,6 +168,21 @@ def test_packed_attention_writes_every_element():
     out, lse = second
     first, second = _second_call_on_poisoned_block(lambda: backward(out, lse))
     _assert_same_bits(first, second)
+
+
+def test_attention_bias_gradient_is_zeroed_on_a_kept_block():
+    # the bias gradient (1, 8, 512, 512) float32 is 8 MiB: causal, so the kernels skip the
+    # tiles above the diagonal, whose gradient must be 0 and not the block's poison (q, k, v
+    # and their gradients, 2 MiB each, come from torch's allocator)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 512, 8, 128) for _ in range(3))
+    bias = torch.randn(1, 8, 512, 512)
+    forward, backward = _attention(q, k, v, causal=True, attn_bias=bias)
+    out, lse = forward()
+    first, second = _second_call_on_poisoned_block(lambda: backward(out, lse)[::-1])
+    _assert_same_bits(first, second)
+    above = torch.ones(512, 512, dtype=torch.bool).triu(1)
+    assert not second[0][..., above].any()
 
 
 def test_small_outputs_and_other_devices_are_not_cached():

@@ -422,7 +422,9 @@ inline BwdCall prepare_bwd(const char* op, bool check_values, KernelInput kernel
               ": bias_grad=True needs attn_bias (the bias to differentiate)");
   if (bias_grad) {
     // Zeroed: the kernels store the scores they compute and may skip masked tiles.
-    c.dbias = at::zeros({pr.batch, pr.num_heads, pr.seqlen_q, pr.seqlen_k}, c.q.options());
+    c.dbias =
+        empty_output(op, {pr.batch, pr.num_heads, pr.seqlen_q, pr.seqlen_k}, c.q.options());
+    c.dbias.zero_();
   } else {
     c.dbias = at::empty({0}, c.q.options());
   }

@@ -230,6 +230,8 @@ class AttentionCase(Case):
     shape: tuple[int, int, int, int]  # (B, H, T, D)
     dtype: torch.dtype
     kv_heads: Optional[int] = None  # Hkv, grouped-query attention; None: as many as H
+    # out, dq, dk, dv and a bias gradient (csrc: empty_output)
+    kernel_outputs_cached = True
 
     @property
     def op_id(self) -> str:

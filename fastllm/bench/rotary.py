@@ -83,6 +83,7 @@ class RotaryCase(Case):
     shape: tuple[int, int, int, int, int]  # (B, T, H, Hkv, D)
     dtype: torch.dtype
     op: str = "rotary-qk"
+    kernel_outputs_cached = True  # the rotated q, k and their gradients (csrc: empty_output)
 
     def torch_function(self) -> Callable:
         return torch_rotary_qk

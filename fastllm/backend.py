@@ -147,9 +147,9 @@ def cpu_output_cache() -> dict:
 
     glibc maps large allocations afresh and unmaps them when freed, so without it a large
     output (a cross-entropy gradient, a norm's or a gated MLP's output, a rotary output, an
-    attention output or gradient: 4 MiB and more) is fresh memory on every training step, and the first store to each of its
-    pages faults -- most of the time of a cross-entropy forward + backward at 4096 x 32000
-    (see csrc/common/cpu_output_cache.h). Like torch.cuda's caching allocator, the kernels
+    attention output or gradient: 4 MiB and more) is fresh memory on every training step,
+    and the first store to each of its pages faults -- most of the time of a cross-entropy
+    forward + backward at 4096 x 32000 (see csrc/common/cpu_output_cache.h). Like torch.cuda's caching allocator, the kernels
     keep the blocks of such outputs when they are freed and hand them to the next output of
     their size, its pages already in memory.
 

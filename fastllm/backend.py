@@ -149,9 +149,9 @@ def cpu_output_cache() -> dict:
     output (a cross-entropy gradient, a norm's or a gated MLP's output, a rotary output, an
     attention output or gradient: 4 MiB and more) is fresh memory on every training step,
     and the first store to each of its pages faults -- most of the time of a cross-entropy
-    forward + backward at 4096 x 32000 (see csrc/common/cpu_output_cache.h). Like torch.cuda's caching allocator, the kernels
-    keep the blocks of such outputs when they are freed and hand them to the next output of
-    their size, its pages already in memory.
+    forward + backward at 4096 x 32000 (see csrc/common/cpu_output_cache.h). Like
+    torch.cuda's caching allocator, the kernels keep the blocks of such outputs when they
+    are freed and hand them to the next output of their size, its pages already in memory.
 
     Keys: ``limit_bytes`` (the most free memory kept: ``FASTLLM_CPU_OUTPUT_CACHE_MB`` MiB,
     default 2048; 0 turns the cache off), ``free_bytes`` / ``free_blocks`` (kept, unused: the

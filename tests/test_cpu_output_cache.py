@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastllm import _native
+from tests.helpers import attention_options
 from tests.hostile import run_isolated
 
 pytestmark = pytest.mark.skipif(not _native.AVAILABLE, reason="needs fastllm._C")
@@ -120,19 +121,18 @@ def test_gated_mlp_and_rotary_write_every_element():
     _assert_same_bits(first, second)
 
 
-def _attention(q, k, v, *, causal, cu_seqlens=None, max_seqlen=0, key_padding_mask=None,
-               attn_bias=None):
-    """attention_fwd / attention_bwd's calls: (forward(), backward(out, lse)); backward
-    returns (dq, dk, dv), and the bias gradient last with an attn_bias."""
+def _attention(q, k, v, **options):
+    """attention_fwd / attention_bwd's calls with ``options`` (tests/helpers.py's
+    attention_options): (forward(), backward(out, lse)); backward returns (dq, dk, dv), and
+    the bias gradient last with an attn_bias."""
     ops = torch.ops.fastllm
-    scale = q.shape[-1] ** -0.5
-    opts = (cu_seqlens, cu_seqlens, None, max_seqlen, max_seqlen, scale, causal, -1, -1, 0.0,
-            None, 0.0, None, attn_bias, key_padding_mask)
+    opts = tuple(attention_options(q, **options).values())
     dout = torch.randn_like(q)
-    n = 3 if attn_bias is None else 4
+    bias_grad = options.get("attn_bias") is not None
+    n = 4 if bias_grad else 3
     return (lambda: ops.attention_fwd(q, k, v, *opts),
             lambda out, lse: ops.attention_bwd(dout, q, k, v, out, lse, *opts,
-                                               bias_grad=attn_bias is not None)[:n])
+                                               bias_grad=bias_grad)[:n])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -162,7 +162,8 @@ def test_packed_attention_writes_every_element():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1024, 8, 128) for _ in range(3))
     cu = torch.tensor([0, 300, 1024], dtype=torch.int32)
-    forward, backward = _attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=724)
+    forward, backward = _attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                   max_seqlen_q=724, max_seqlen_k=724)
     first, second = _second_call_on_poisoned_block(forward)
     _assert_same_bits(first, second)
     out, lse = second
